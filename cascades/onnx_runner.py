@@ -1,0 +1,111 @@
+"""Run any ONNX file with ONNX Runtime: provider choice, batching, metadata, checksum."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from visionroute.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# Preferred order: the first one this onnxruntime build offers wins.
+DEFAULT_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+def file_sha256(path: Path, chunk_bytes: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def choose_providers(requested: Sequence[str] | None = None) -> list[str]:
+    """CUDA when this onnxruntime build has it, CPU otherwise; unknown names are an error."""
+    available = ort.get_available_providers()
+    if requested:
+        unknown = [p for p in requested if p not in available]
+        if unknown:
+            raise ConfigError(
+                f"execution providers {unknown} are not available; this onnxruntime offers "
+                f"{available}",
+                field="providers",
+            )
+        return list(requested)
+    return [p for p in DEFAULT_PROVIDERS if p in available] or available[:1]
+
+
+class OnnxModel:
+    """One ONNX Runtime session over a model file, safe to call from several threads.
+
+    ``metadata`` merges the model's own metadata_props (JSON values decoded when possible)
+    with an optional sidecar ``<model>.json`` written by ``visionroute models prepare``.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        providers: Sequence[str] | None = None,
+        intra_op_threads: int = 0,
+        max_batch_size: int = 32,
+    ) -> None:
+        self.path = Path(path).expanduser()
+        if not self.path.is_file():
+            raise ConfigError(f"ONNX model file {str(self.path)!r} does not exist", field="model_path")
+        options = ort.SessionOptions()
+        if intra_op_threads:
+            options.intra_op_num_threads = intra_op_threads
+        self.providers = choose_providers(providers)
+        try:
+            self.session = ort.InferenceSession(str(self.path), options, providers=self.providers)
+        except Exception as exc:  # onnxruntime raises its own untyped errors
+            raise ConfigError(f"cannot load ONNX model {str(self.path)!r}: {exc}", field="model_path") from exc
+        self.sha256 = file_sha256(self.path)
+        self.max_batch_size = max_batch_size
+        self.input = self.session.get_inputs()[0]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.metadata = self._read_metadata()
+        log.info("loaded %s (sha256 %s) on %s", self.path.name, self.sha256[:12], self.providers)
+
+    def _read_metadata(self) -> dict:
+        props = dict(self.session.get_modelmeta().custom_metadata_map)
+        metadata: dict = {}
+        for key, value in props.items():
+            try:
+                metadata[key] = json.loads(value)
+            except (TypeError, ValueError):
+                metadata[key] = value
+        sidecar = self.path.with_suffix(".json")
+        if sidecar.is_file():
+            metadata.update(json.loads(sidecar.read_text()))
+        return metadata
+
+    @property
+    def input_hw(self) -> tuple[int, int] | None:
+        """The fixed (height, width) of the input, or None when dynamic."""
+        shape = self.input.shape
+        if len(shape) == 4 and all(isinstance(d, int) for d in shape[2:]):
+            return int(shape[2]), int(shape[3])
+        return None
+
+    @property
+    def version(self) -> str:
+        return str(self.metadata.get("version") or f"sha256:{self.sha256[:16]}")
+
+    def run(self, batch: np.ndarray) -> list[np.ndarray]:
+        """Run a (n, c, h, w) batch, in chunks of ``max_batch_size``; returns every output."""
+        if batch.ndim != 4:
+            raise ValueError(f"expected a (n, c, h, w) batch, got shape {batch.shape}")
+        chunks = []
+        for start in range(0, len(batch), self.max_batch_size):
+            part = np.ascontiguousarray(batch[start : start + self.max_batch_size], np.float32)
+            chunks.append(self.session.run(self.output_names, {self.input.name: part}))
+        return [np.concatenate([c[i] for c in chunks]) for i in range(len(self.output_names))]
