@@ -9,7 +9,9 @@ import sys
 
 from visionroute.errors import RouterError
 
-# Each module has ``register(subparsers)``; its parsers set ``func(args) -> int``.
+# Each module has ``register(subparsers, bench)``: it adds its commands to ``subparsers`` and
+# its benchmarks to ``bench`` (``visionroute bench <name>``); each parser sets
+# ``func(args) -> int``.
 COMMAND_MODULES = (
     "cascades.cli",
 )
@@ -19,8 +21,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="visionroute", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", required=True)
+    bench = subparsers.add_parser("bench", help="benchmarks: print a figure and its baseline")
+    bench_subparsers = bench.add_subparsers(dest="bench", required=True)
     for module_name in COMMAND_MODULES:
-        importlib.import_module(module_name).register(subparsers)
+        importlib.import_module(module_name).register(subparsers, bench_subparsers)
     return parser
 
 
