@@ -1,0 +1,1 @@
+"""Decisions (pure functions), cost and budgets, and the review queue (the only I/O here)."""

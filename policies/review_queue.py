@@ -1,0 +1,349 @@
+"""The human-review queue: SQLite (WAL) for items and audit, a content-addressed blob store.
+
+Durability rule: ``enqueue`` returns only after the image file is fsynced and the row is
+committed, so an acknowledged item survives a crash. Enqueue is idempotent on
+``request_id``: a client retry after a lost response never makes a second item.
+
+Leases: ``claim`` gives one reviewer an item for ``lease_s`` seconds; an expired lease puts the
+item back in the queue. ``submit_label`` is idempotent: the same label twice is one label.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from visionroute.errors import Conflict, InputError, NotFound
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS items (
+    id TEXT PRIMARY KEY,
+    request_id TEXT UNIQUE NOT NULL,
+    tenant TEXT NOT NULL,
+    task TEXT NOT NULL,
+    image_sha256 TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    priority REAL NOT NULL DEFAULT 0,
+    reason TEXT NOT NULL,
+    proposed_json TEXT NOT NULL,
+    trace_json TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'pending',
+    lease_owner TEXT,
+    lease_token TEXT,
+    lease_expires_at REAL,
+    label_json TEXT,
+    labelled_by TEXT,
+    labelled_at REAL
+);
+CREATE INDEX IF NOT EXISTS items_queue ON items (status, priority DESC, created_at);
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    item_id TEXT NOT NULL,
+    at REAL NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    previous_json TEXT,
+    new_json TEXT
+);
+"""
+
+STATUSES = ("pending", "labelled")
+
+
+@dataclass(frozen=True)
+class ReviewItem:
+    id: str
+    request_id: str
+    tenant: str
+    task: str
+    image_sha256: str
+    created_at: float
+    priority: float
+    reason: str
+    proposed: list[dict[str, Any]]
+    trace: dict[str, Any]
+    status: str
+    lease_owner: str | None
+    lease_token: str | None
+    lease_expires_at: float | None
+    label: dict[str, Any] | None
+    labelled_by: str | None
+    labelled_at: float | None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> "ReviewItem":
+        return cls(
+            id=row["id"],
+            request_id=row["request_id"],
+            tenant=row["tenant"],
+            task=row["task"],
+            image_sha256=row["image_sha256"],
+            created_at=row["created_at"],
+            priority=row["priority"],
+            reason=row["reason"],
+            proposed=json.loads(row["proposed_json"]),
+            trace=json.loads(row["trace_json"]),
+            status=row["status"],
+            lease_owner=row["lease_owner"],
+            lease_token=row["lease_token"],
+            lease_expires_at=row["lease_expires_at"],
+            label=json.loads(row["label_json"]) if row["label_json"] else None,
+            labelled_by=row["labelled_by"],
+            labelled_at=row["labelled_at"],
+        )
+
+    def is_leased(self, now: float) -> bool:
+        return self.lease_expires_at is not None and self.lease_expires_at > now
+
+    def public_dict(self, now: float | None = None) -> dict[str, Any]:
+        """Everything but the lease token, which only the claiming reviewer gets."""
+        now = time.time() if now is None else now
+        data = {k: v for k, v in self.__dict__.items() if k != "lease_token"}
+        data["age_s"] = round(now - self.created_at, 3)
+        data["is_leased"] = self.is_leased(now)
+        return data
+
+
+class BlobStore:
+    """Images by sha256: written to a temp file, fsynced, renamed; never overwritten."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, sha256: str) -> Path:
+        if len(sha256) != 64 or not all(c in "0123456789abcdef" for c in sha256):
+            raise InputError(f"not a sha256 hex digest: {sha256!r}", field="image_sha256")
+        return self.root / sha256[:2] / sha256
+
+    def put(self, sha256: str, data: bytes) -> Path:
+        target = self.path(sha256)
+        if target.exists():
+            return target
+        target.parent.mkdir(exist_ok=True)
+        tmp = target.with_name(f".{sha256}.{uuid.uuid4().hex}.tmp")
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+        directory = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+        return target
+
+    def get(self, sha256: str) -> bytes:
+        path = self.path(sha256)
+        if not path.is_file():
+            raise NotFound(f"no stored image {sha256}", field="image_sha256")
+        return path.read_bytes()
+
+
+class ReviewQueue:
+    """Thread-safe (one SQLite connection per thread) and multi-process safe (WAL + locks)."""
+
+    def __init__(self, root: str | Path, *, default_lease_s: float = 300.0) -> None:
+        self.root = Path(root).expanduser()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.db_path = self.root / "review.sqlite3"
+        self.blobs = BlobStore(self.root / "images")
+        self.default_lease_s = default_lease_s
+        self._local = threading.local()
+        with self._transaction() as db:
+            db.executescript(SCHEMA)
+
+    def _connection(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.db_path, timeout=30.0, isolation_level=None, check_same_thread=False)
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")  # a committed item survives power loss
+            db.execute("PRAGMA busy_timeout=30000")
+            self._local.db = db
+        return db
+
+    class _Tx:
+        def __init__(self, db: sqlite3.Connection) -> None:
+            self.db = db
+
+        def __enter__(self) -> sqlite3.Connection:
+            self.db.execute("BEGIN IMMEDIATE")
+            return self.db
+
+        def __exit__(self, exc_type, exc, tb) -> None:
+            self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+
+    def _transaction(self) -> "_Tx":
+        return self._Tx(self._connection())
+
+    @staticmethod
+    def _audit(db: sqlite3.Connection, item_id: str, actor: str, action: str, previous: Any, new: Any) -> None:
+        db.execute(
+            "INSERT INTO audit (item_id, at, actor, action, previous_json, new_json) VALUES (?, ?, ?, ?, ?, ?)",
+            (item_id, time.time(), actor, action, json.dumps(previous), json.dumps(new)),
+        )
+
+    # -- writers ---------------------------------------------------------------------------
+
+    def enqueue(
+        self,
+        *,
+        request_id: str,
+        image_bytes: bytes,
+        image_sha256: str,
+        tenant: str,
+        task: str,
+        reason: str,
+        proposed: list[dict[str, Any]],
+        trace: dict[str, Any],
+        priority: float = 0.0,
+    ) -> ReviewItem:
+        """Store the image, then the row; returns the existing item on a repeated request_id."""
+        self.blobs.put(image_sha256, image_bytes)
+        item_id = uuid.uuid4().hex
+        with self._transaction() as db:
+            existing = db.execute("SELECT * FROM items WHERE request_id = ?", (request_id,)).fetchone()
+            if existing is not None:
+                return ReviewItem.from_row(existing)
+            db.execute(
+                "INSERT INTO items (id, request_id, tenant, task, image_sha256, created_at, priority, reason,"
+                " proposed_json, trace_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (item_id, request_id, tenant, task, image_sha256, time.time(), priority, reason,
+                 json.dumps(proposed), json.dumps(trace)),
+            )
+            self._audit(db, item_id, "service", "enqueue", None, {"reason": reason})
+            row = db.execute("SELECT * FROM items WHERE id = ?", (item_id,)).fetchone()
+        return ReviewItem.from_row(row)
+
+    def claim(
+        self, reviewer: str, *, item_id: str | None = None, tenant: str | None = None, lease_s: float | None = None
+    ) -> ReviewItem | None:
+        """Lease the given item, or the most valuable unleased pending one; None if none waits."""
+        if not reviewer:
+            raise InputError("reviewer must be a non-empty name", field="reviewer")
+        lease_s = self.default_lease_s if lease_s is None else lease_s
+        if not 0 < lease_s <= 86400:
+            raise InputError(f"lease_s must be in (0, 86400], got {lease_s}", field="lease_s")
+        now = time.time()
+        with self._transaction() as db:
+            if item_id is not None:
+                row = db.execute("SELECT * FROM items WHERE id = ?", (item_id,)).fetchone()
+                if row is None or (tenant is not None and row["tenant"] != tenant):
+                    raise NotFound(f"no review item {item_id!r}", field="item_id")
+                item = ReviewItem.from_row(row)
+                if item.status != "pending":
+                    raise Conflict(f"item {item_id} is already {item.status}", field="item_id")
+                if item.is_leased(now) and item.lease_owner != reviewer:
+                    raise Conflict(
+                        f"item {item_id} is leased by {item.lease_owner} for another "
+                        f"{item.lease_expires_at - now:.0f} s",
+                        field="item_id",
+                    )
+            else:
+                query = "SELECT * FROM items WHERE status = 'pending' AND (lease_expires_at IS NULL OR lease_expires_at <= ?)"
+                params: list[Any] = [now]
+                if tenant is not None:
+                    query += " AND tenant = ?"
+                    params.append(tenant)
+                row = db.execute(query + " ORDER BY priority DESC, created_at LIMIT 1", params).fetchone()
+                if row is None:
+                    return None
+                item = ReviewItem.from_row(row)
+            token = uuid.uuid4().hex
+            db.execute(
+                "UPDATE items SET lease_owner = ?, lease_token = ?, lease_expires_at = ? WHERE id = ?",
+                (reviewer, token, now + lease_s, item.id),
+            )
+            self._audit(db, item.id, reviewer, "claim", item.lease_owner, {"lease_s": lease_s})
+            row = db.execute("SELECT * FROM items WHERE id = ?", (item.id,)).fetchone()
+        return ReviewItem.from_row(row)
+
+    def submit_label(
+        self, item_id: str, *, reviewer: str, lease_token: str, label: dict[str, Any], tenant: str | None = None
+    ) -> ReviewItem:
+        """Record a label under a live lease. Repeating the same label is a no-op success."""
+        now = time.time()
+        with self._transaction() as db:
+            row = db.execute("SELECT * FROM items WHERE id = ?", (item_id,)).fetchone()
+            if row is None or (tenant is not None and row["tenant"] != tenant):
+                raise NotFound(f"no review item {item_id!r}", field="item_id")
+            item = ReviewItem.from_row(row)
+            if item.status == "labelled":
+                if item.label == label:
+                    return item  # idempotent retry
+                raise Conflict(
+                    f"item {item_id} was already labelled {item.label} by {item.labelled_by}", field="label"
+                )
+            if item.lease_token != lease_token or item.lease_owner != reviewer:
+                raise Conflict(f"lease token does not match the current lease of item {item_id}; claim it again", field="lease_token")
+            if not item.is_leased(now):
+                raise Conflict(f"the lease on item {item_id} expired {now - item.lease_expires_at:.0f} s ago; claim it again", field="lease_token")
+            db.execute(
+                "UPDATE items SET status = 'labelled', label_json = ?, labelled_by = ?, labelled_at = ?,"
+                " lease_token = NULL, lease_expires_at = NULL WHERE id = ?",
+                (json.dumps(label), reviewer, now, item_id),
+            )
+            self._audit(db, item_id, reviewer, "label", item.label, label)
+            row = db.execute("SELECT * FROM items WHERE id = ?", (item_id,)).fetchone()
+        return ReviewItem.from_row(row)
+
+    # -- readers ---------------------------------------------------------------------------
+
+    def get(self, item_id: str, *, tenant: str | None = None) -> ReviewItem:
+        row = self._connection().execute("SELECT * FROM items WHERE id = ?", (item_id,)).fetchone()
+        if row is None or (tenant is not None and row["tenant"] != tenant):
+            raise NotFound(f"no review item {item_id!r}", field="item_id")
+        return ReviewItem.from_row(row)
+
+    def list_items(
+        self, *, status: str | None = "pending", tenant: str | None = None, limit: int = 50, offset: int = 0
+    ) -> list[ReviewItem]:
+        if status is not None and status not in STATUSES:
+            raise InputError(f"status must be one of {list(STATUSES)}, got {status!r}", field="status")
+        if not 1 <= limit <= 1000:
+            raise InputError(f"limit must be in [1, 1000], got {limit}", field="limit")
+        if offset < 0:
+            raise InputError(f"offset must be >= 0, got {offset}", field="offset")
+        query, params = "SELECT * FROM items WHERE 1 = 1", []
+        if status is not None:
+            query += " AND status = ?"
+            params.append(status)
+        if tenant is not None:
+            query += " AND tenant = ?"
+            params.append(tenant)
+        query += " ORDER BY priority DESC, created_at LIMIT ? OFFSET ?"
+        rows = self._connection().execute(query, [*params, limit, offset]).fetchall()
+        return [ReviewItem.from_row(row) for row in rows]
+
+    def audit_log(self, item_id: str) -> list[dict[str, Any]]:
+        rows = self._connection().execute("SELECT * FROM audit WHERE item_id = ? ORDER BY id", (item_id,)).fetchall()
+        return [dict(row) for row in rows]
+
+    def stats(self) -> dict[str, float]:
+        row = self._connection().execute(
+            "SELECT COUNT(*) AS depth, MIN(created_at) AS oldest FROM items WHERE status = 'pending'"
+        ).fetchone()
+        oldest = row["oldest"]
+        return {"depth": row["depth"], "oldest_age_s": time.time() - oldest if oldest else 0.0}
+
+    def is_writable(self) -> bool:
+        try:
+            with self._transaction() as db:
+                db.execute("SELECT 1")
+            return True
+        except sqlite3.Error:
+            return False
+
+    def iter_all(self) -> Iterator[ReviewItem]:
+        for row in self._connection().execute("SELECT * FROM items ORDER BY created_at"):
+            yield ReviewItem.from_row(row)
