@@ -1,0 +1,115 @@
+"""The ``retrieval`` section of the service config (pydantic, ``extra="forbid"``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from visionroute import paths
+
+
+def _resolve(path: Path | None) -> Path | None:
+    # Resolved at parse time, in the process that builds the app, so every replica agrees.
+    return None if path is None else Path(path).expanduser().resolve()
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ConseConfig(_Strict):
+    """Offline default: ConSE zero-shot embeddings (Norouzi et al. 2014).
+
+    An image is the probability-weighted mean of the text embeddings of its top-k ImageNet
+    class names; a text query is embedded by the same sentence model, so both share a space.
+    """
+
+    kind: Literal["conse"] = "conse"
+    # The classifier prepared by ``visionroute models prepare``; its sidecar holds the labels.
+    classifier_path: Path = Field(default_factory=lambda: paths.models_dir() / "efficientnet_lite0.onnx")
+    # A sentence-transformers model directory; None means the packaged all-MiniLM-L6-v2.
+    text_model_path: Path | None = None
+    top_k: int = Field(10, ge=1, le=1000)
+    label_template: str = "a photo of a {}."
+    device: str = "cpu"
+    # Label embeddings are cached here (encoding 1,000 names takes seconds on a CPU).
+    cache_dir: Path = Field(default_factory=lambda: paths.home() / "cache" / "retrieval")
+
+    _resolve_paths = field_validator("classifier_path", "text_model_path", "cache_dir")(_resolve)
+
+    @field_validator("label_template")
+    @classmethod
+    def _template_has_slot(cls, value: str) -> str:
+        if value.count("{}") != 1:
+            raise ValueError(f"label_template must contain exactly one '{{}}', got {value!r}")
+        return value
+
+
+class OpenClipConfig(_Strict):
+    """Any open_clip model; weights from a local checkpoint path or a hub tag."""
+
+    kind: Literal["open_clip"] = "open_clip"
+    model_name: str = "ViT-B-32"
+    # A local checkpoint file, a pretrained tag (e.g. "laion2b_s34b_b79k", needs the hub) or None
+    # for random weights (tests only).
+    pretrained: str | None = None
+    device: str = "auto"  # "auto": cuda when available
+    precision: Literal["auto", "fp32", "fp16"] = "auto"  # "auto": fp16 on GPU, fp32 on CPU
+    batch_size: int = Field(32, ge=1, le=4096)
+    # When set, images are embedded by this ONNX export of the image tower (the CPU path).
+    image_onnx_path: Path | None = None
+
+    _resolve_paths = field_validator("image_onnx_path")(_resolve)
+
+
+EmbedderConfig = Annotated[Union[ConseConfig, OpenClipConfig], Field(discriminator="kind")]
+
+IndexKind = Literal["exact", "hnsw", "ivfpq"]
+
+
+class IndexConfig(_Strict):
+    # "auto" picks by collection size: exact below exact_max_items, HNSW up to hnsw_max_items,
+    # IVF-PQ with exact re-ranking above; the choice is remade on rebuild/compaction.
+    kind: Literal["auto", "exact", "hnsw", "ivfpq"] = "auto"
+    exact_max_items: int = Field(50_000, ge=0)
+    hnsw_max_items: int = Field(2_000_000, ge=0)
+    hnsw_m: int = Field(32, ge=4, le=256)
+    hnsw_ef_construction: int = Field(80, ge=8, le=4096)
+    hnsw_ef_search: int = Field(64, ge=1, le=32768)
+    ivf_nlist: int | None = Field(None, ge=1)  # None: ~4*sqrt(n), a power of two
+    ivf_nprobe: int = Field(16, ge=1)
+    pq_m: int | None = Field(None, ge=1)  # sub-quantisers; None: dim/8; must divide dim
+    refine_k_factor: float = Field(4.0, ge=1.0, le=1000.0)
+    # IVF-PQ is trained on the collection; below this many items an explicit "ivfpq" runs exact.
+    ivf_min_items: int = Field(10_000, ge=1000)  # PQ codebooks need >= 256 points each
+    # Filters matching at most this many items are answered by an exact scan over just them.
+    exact_filter_max_items: int = Field(20_000, ge=0)
+    snapshot_every_ops: int = Field(1000, ge=1)
+    # HNSW and IVF-PQ cannot delete in place: deletes are tombstones until compaction, which
+    # runs at a snapshot once tombstones exceed this share of the stored vectors.
+    compact_tombstone_ratio: float = Field(0.2, gt=0.0, le=1.0)
+    max_k: int = Field(1000, ge=1, le=100_000)
+
+    @model_validator(mode="after")
+    def _sizes_ordered(self) -> "IndexConfig":
+        if self.hnsw_max_items < self.exact_max_items:
+            raise ValueError(
+                f"hnsw_max_items ({self.hnsw_max_items}) must be >= exact_max_items ({self.exact_max_items})"
+            )
+        return self
+
+
+class RetrievalConfig(_Strict):
+    enabled: bool = True
+    index_dir: Path = Field(default_factory=lambda: paths.data_dir() / "retrieval")
+    embedder: EmbedderConfig = Field(default_factory=ConseConfig)
+    index: IndexConfig = Field(default_factory=IndexConfig)
+    # Cascade integration: analysed images are indexed automatically (SearchService.index_analysis).
+    index_analysed: bool = False
+    embed_batch_size: int = Field(16, ge=1, le=1024)
+    max_image_bytes: int = Field(20 << 20, ge=1)
+    max_query_chars: int = Field(1000, ge=1)
+
+    _resolve_paths = field_validator("index_dir")(_resolve)

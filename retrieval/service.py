@@ -1,0 +1,199 @@
+"""``SearchService``: index images with metadata, search by text, image or item id.
+
+A plain class (no Ray): the router wraps it in a deployment. One instance owns one
+``index_dir`` for writing (run a single replica, or route writes to one).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+from cascades.images import decode_image
+from retrieval.config import RetrievalConfig
+from retrieval.embedders import Embedder, build_embedder
+from retrieval.index import SearchResult, VectorIndex
+from retrieval.schemas import Hit, ItemMetadata, SearchFilters, SearchParams, SearchResponse, parse_model
+from visionroute.errors import InputError
+from visionroute.records import Analysis
+
+log = logging.getLogger(__name__)
+
+ImageInput = np.ndarray | bytes
+
+
+class SearchService:
+    def __init__(self, config: RetrievalConfig | dict | None = None, *, embedder: Embedder | None = None) -> None:
+        """Build the embedder from config (or take ``embedder``) and open the index.
+
+        Raises ``ConfigError`` when the saved index was made by an embedder of another
+        dimension or space (the message names both).
+        """
+        if isinstance(config, dict):
+            config = RetrievalConfig.model_validate(config)
+        self.config = config or RetrievalConfig()
+        self.embedder = embedder or build_embedder(self.config.embedder)
+        self.index = VectorIndex(self.config.index_dir, self.embedder.dim, self.embedder.space, self.config.index)
+        log.info("search service on %s: %s", self.config.index_dir, self.index.stats())
+
+    # inputs -----------------------------------------------------------------------------------
+    def _image(self, image: ImageInput, field: str) -> tuple[np.ndarray, str | None]:
+        if isinstance(image, (bytes, bytearray, memoryview)):
+            decoded = decode_image(bytes(image), field=field, max_bytes=self.config.max_image_bytes)
+            return decoded.rgb, decoded.sha256
+        if isinstance(image, np.ndarray):
+            if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8 or min(image.shape[:2]) < 1:
+                raise InputError(
+                    f"image array must be (h, w, 3) uint8 RGB, got shape {image.shape} dtype {image.dtype}", field=field
+                )
+            return image, None
+        raise InputError(f"image must be encoded bytes or an RGB array, got {type(image).__name__}", field=field)
+
+    def _text(self, query: Any) -> str:
+        if not isinstance(query, str) or not query.strip():
+            raise InputError(f"query must be a non-empty string, got {query!r}", field="query")
+        if len(query) > self.config.max_query_chars:
+            raise InputError(
+                f"query is {len(query)} characters; the limit is {self.config.max_query_chars}", field="query"
+            )
+        return query.strip()
+
+    # writes -----------------------------------------------------------------------------------
+    def index_image(
+        self, image: ImageInput, metadata: ItemMetadata | dict | None = None, *, item_id: int | None = None
+    ) -> int:
+        """Embed and store one image; returns its id once the write is durable.
+
+        With ``item_id`` the existing item is replaced (upsert)."""
+        return self.index_images([image], [metadata], item_ids=[item_id])[0]
+
+    def index_images(
+        self,
+        images: Sequence[ImageInput],
+        metadatas: Sequence[ItemMetadata | dict | None] | None = None,
+        *,
+        item_ids: Sequence[int | None] | None = None,
+    ) -> list[int]:
+        """Embed a batch in one forward pass, then store each image (one durable write each)."""
+        metadatas = list(metadatas) if metadatas is not None else [None] * len(images)
+        item_ids = list(item_ids) if item_ids is not None else [None] * len(images)
+        if not (len(images) == len(metadatas) == len(item_ids)):
+            raise InputError(
+                f"got {len(images)} images, {len(metadatas)} metadata and {len(item_ids)} ids; they must match",
+                field="metadata",
+            )
+        pixels, parsed = [], []
+        for i, (image, metadata) in enumerate(zip(images, metadatas)):
+            rgb, sha = self._image(image, f"images[{i}]" if len(images) > 1 else "image")
+            metadata = parse_model(ItemMetadata, metadata, "metadata")
+            if sha and metadata.image_sha256 is None:
+                metadata = metadata.model_copy(update={"image_sha256": sha})
+            pixels.append(rgb)
+            parsed.append(metadata)
+        vectors = self.embedder.embed_images(pixels) if pixels else []
+        return [self.index.upsert(v, m, item_id) for v, m, item_id in zip(vectors, parsed, item_ids)]
+
+    def delete(self, item_id: int) -> None:
+        """Delete an item; ``NotFound`` (index intact) when there is no such id."""
+        self.index.delete(item_id)
+
+    def index_analysis(self, analysis: Analysis) -> int | None:
+        """Cascade integration: index an analysed image when ``index_analysed`` is on.
+
+        The cascade's outcome becomes filterable tags (``task:…``, ``decision:…``, ``label:…``)
+        and a review-queue item id; the same image for the same tenant is replaced, not doubled.
+        """
+        if not self.config.index_analysed:
+            return None
+        tags = [f"task:{analysis.task}"]
+        if analysis.decision is not None:
+            tags.append(f"decision:{analysis.decision.value}")
+        if analysis.detections is not None and len(analysis.detections):
+            tags.extend(sorted({f"label:{label}" for label in analysis.detections.labels if label}))
+        metadata = ItemMetadata(
+            tenant=analysis.tenant,
+            tags=tags,
+            source=f"cascade:{analysis.task}",
+            image_sha256=analysis.image_sha256,
+            review_item_id=analysis.review_item_id,
+            extra={"request_id": analysis.trace.request_id},
+        )
+        same = self.index.find(SearchFilters(tenant=analysis.tenant, image_sha256=analysis.image_sha256))
+        return self.index_image(analysis.image_rgb, metadata, item_id=same[0] if same else None)
+
+    # reads ------------------------------------------------------------------------------------
+    def get(self, item_id: int) -> dict:
+        item, _ = self.index.get(item_id)
+        return {"id": item.id, "metadata": item.metadata.model_dump()}
+
+    def _respond(self, result: SearchResult, k: int, started: float, **query: Any) -> SearchResponse:
+        return SearchResponse(
+            hits=[Hit(id=h.item.id, score=h.score, metadata=h.item.metadata) for h in result.hits],
+            k=k,
+            index_kind=self.index.kind,
+            exact=result.exact,
+            took_ms=round((time.perf_counter() - started) * 1000, 3),
+            **query,
+        )
+
+    def _search(self, vector: np.ndarray, k: int, filters: Any, params: Any, exclude=frozenset()) -> SearchResult:
+        return self.index.search(
+            vector,
+            k,
+            parse_model(SearchFilters, filters, "filters"),
+            parse_model(SearchParams, params, "params"),
+            exclude_labels=exclude,
+        )
+
+    def _validate(self, k: int, filters: Any, params: Any) -> None:
+        # Checked before any embedding work, so bad input costs nothing.
+        self.index.check_k(k)
+        parse_model(SearchFilters, filters, "filters")
+        parse_model(SearchParams, params, "params")
+
+    def search_text(self, query: str, k: int = 10, filters: SearchFilters | dict | None = None, params: SearchParams | dict | None = None) -> SearchResponse:
+        started = time.perf_counter()
+        query = self._text(query)
+        self._validate(k, filters, params)
+        vector = self.embedder.embed_texts([query])[0]
+        return self._respond(self._search(vector, k, filters, params), k, started, query=query)
+
+    def search_image(self, image: ImageInput, k: int = 10, filters: SearchFilters | dict | None = None, params: SearchParams | dict | None = None) -> SearchResponse:
+        started = time.perf_counter()
+        rgb, _ = self._image(image, "image")
+        self._validate(k, filters, params)
+        vector = self.embedder.embed_images([rgb])[0]
+        return self._respond(self._search(vector, k, filters, params), k, started)
+
+    def search_by_id(self, item_id: int, k: int = 10, filters: SearchFilters | dict | None = None, params: SearchParams | dict | None = None) -> SearchResponse:
+        """Items most like a stored one (the item itself excluded); ``NotFound`` for unknown ids."""
+        started = time.perf_counter()
+        self._validate(k, filters, params)
+        item, vector = self.index.get(item_id)
+        result = self._search(vector, k, filters, params, exclude=frozenset({item.label}))
+        return self._respond(result, k, started, query_id=item.id)
+
+    # maintenance ------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        return {**self.index.stats(), "index_dir": str(self.config.index_dir)}
+
+    def snapshot(self) -> None:
+        self.index.snapshot()
+
+    def compact(self) -> dict:
+        return self.index.compact()
+
+    def reload(self) -> None:
+        self.index.reload()
+
+    def close(self) -> None:
+        self.index.close()
+
+    def __enter__(self) -> "SearchService":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
