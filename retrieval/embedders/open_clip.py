@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -71,7 +72,9 @@ class OpenClipEmbedder:
         self.dtype = torch.float16 if precision == "fp16" else torch.float32
         self.dim = int(self._embed_dim())
         self.image_size = self._image_size()
-        self.space = f"open_clip:{self.config.model_name}:{pretrained or 'random'}"
+        # The checkpoint's file name, not its path: moving the file keeps the index usable.
+        weights = Path(pretrained).name if pretrained and Path(pretrained).is_file() else (pretrained or "random")
+        self.space = f"open_clip:{self.config.model_name}:{weights}"
         self.onnx_image = OnnxModel(self.config.image_onnx_path) if self.config.image_onnx_path else None
 
     def _embed_dim(self) -> int:
@@ -127,7 +130,9 @@ class OpenClipEmbedder:
 
         height, width = self.image_size
         try:
-            with tempfile.TemporaryDirectory(dir=path.parent) as tmp_dir:
+            with tempfile.TemporaryDirectory(dir=path.parent) as tmp_dir, warnings.catch_warnings():
+                # Shape checks inside attention are traced as constants: expected, not a problem.
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
                 tmp = Path(tmp_dir) / path.name
                 torch.onnx.export(
                     ImageTower(visual),

@@ -142,6 +142,8 @@ def test_persistence_snapshot_plus_log(tmp_path, rng):
     # Simulate a crash: drop the object without close() (which would snapshot).
     index._lock_file.close()
     reopened = VectorIndex(tmp_path, DIM, "s", config)
+    assert json.loads((tmp_path / "snapshot.json").read_text()) == manifest  # replayed, not rebuilt
+    assert reopened.stats()["ops_since_snapshot"] == reopened.store.last_seq() - manifest["applied_seq"]
     assert len(reopened) == 59
     assert reopened.get(ids[2])[0].metadata.tags == ["new"]
     assert ids[0] not in [h.item.id for h in reopened.search(vectors[0], 5).hits]
