@@ -1,0 +1,278 @@
+"""Calibrate, certify and evaluate a two-tier classifier cascade on labelled data.
+
+The data is split once (seeded) into three disjoint parts:
+- ``fit``: fits the calibrator and fixes the candidate threshold grid and its order;
+- ``certify``: the Learn-then-Test p-values (independent of ``fit``, as the guarantee needs);
+- ``test``: held out for every number in the report.
+Works on any ``TierData``: the digits tiers (``digits_tier_data``) or a user's own model
+outputs (``evals.datasets``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from cascades.calibration import Calibrator, arrays_sha256, fit_classifier
+from evals.frontier import cascade_frontier
+from evals.metrics import Accuracy, CalibrationError, PerClassPRF, RiskCoverage, TopKAccuracy
+from evals.slicing import MetricSuite, bucket
+from policies.risk_control import (
+    RiskCertificate,
+    TierCosts,
+    TierOutcomes,
+    TierPlan,
+    binomial_p_value,
+    choose_tier_thresholds,
+    learn_then_test,
+    threshold_grid,
+)
+
+
+@dataclass(frozen=True)
+class TierData:
+    """Class probabilities of both tiers on the same labelled items, plus per-item metadata."""
+
+    cheap_probabilities: np.ndarray  # (n, C)
+    strong_probabilities: np.ndarray | None  # (n, C); None when there is only one tier
+    labels: np.ndarray  # (n,)
+    class_names: tuple[str, ...]
+    metadata: list[dict[str, Any]] = field(default_factory=list)
+    name: str = "dataset"
+    models: dict[str, dict[str, str]] = field(default_factory=dict)  # tier -> {"name", "sha256"}
+
+    def subset(self, rows: np.ndarray) -> "TierData":
+        meta = [self.metadata[i] for i in rows] if self.metadata else []
+        strong = None if self.strong_probabilities is None else self.strong_probabilities[rows]
+        return TierData(self.cheap_probabilities[rows], strong, self.labels[rows],
+                        self.class_names, meta, self.name, self.models)  # fmt: skip
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def sha256(self) -> str:
+        arrays = [self.cheap_probabilities, self.labels]
+        if self.strong_probabilities is not None:
+            arrays.append(self.strong_probabilities)
+        return arrays_sha256(*(np.asarray(a, np.float32) for a in arrays))
+
+    @classmethod
+    def from_npz(cls, path: Path) -> "TierData":
+        """``probabilities`` (n, C), ``labels`` (n,) class indices; optional
+        ``strong_probabilities`` (n, C) and ``class_names`` (C,)."""
+        from visionroute.errors import InputError
+
+        with np.load(path, allow_pickle=False) as npz:
+            missing = {"probabilities", "labels"} - set(npz.files)
+            if missing:
+                raise InputError(f"{path} lacks arrays {sorted(missing)}; it has {npz.files}", field="predictions")
+            probabilities = npz["probabilities"].astype(np.float64)
+            names = tuple(str(n) for n in npz["class_names"]) if "class_names" in npz.files else tuple(map(str, range(probabilities.shape[1])))
+            strong = npz["strong_probabilities"].astype(np.float64) if "strong_probabilities" in npz.files else None
+            return cls(probabilities, strong, npz["labels"].astype(np.int64), names, [], Path(path).stem)
+
+
+@dataclass(frozen=True)
+class Splits:
+    fit: np.ndarray
+    certify: np.ndarray
+    test: np.ndarray
+
+
+def split_indices(n: int, *, seed: int, calibration_fraction: float = 0.5, fit_fraction: float = 0.5) -> Splits:
+    """Random disjoint fit / certify / test rows."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_cal = int(round(calibration_fraction * n))
+    n_fit = int(round(fit_fraction * n_cal))
+    return Splits(order[:n_fit], order[n_fit:n_cal], order[n_cal:])
+
+
+@dataclass(frozen=True)
+class Calibration:
+    calibrator: Calibrator  # with the certificate attached
+    certificate: RiskCertificate  # accept vs not, on the cheap tier alone
+    plan: TierPlan | None  # three tiers: accept / escalate to the strong tier / review; None with one tier
+
+
+def calibrate(
+    data: TierData,
+    fit_rows: np.ndarray,
+    certify_rows: np.ndarray,
+    *,
+    method: str = "temperature",
+    alpha: float = 0.05,
+    delta: float = 0.1,
+    costs: TierCosts | None = None,
+    p_value: str = "binomial",
+) -> Calibration:
+    """Fit the cheap tier's calibrator on ``fit_rows``, certify thresholds on ``certify_rows``."""
+    costs = costs or TierCosts()
+    calibrator = fit_classifier(method, data.cheap_probabilities[fit_rows], data.labels[fit_rows],
+                                data.class_names, model=data.models.get("cheap"))  # fmt: skip
+    calibrated = calibrator.calibrate_probabilities(data.cheap_probabilities)
+    prediction = data.cheap_probabilities.argmax(axis=1)
+    confidence = calibrated[np.arange(len(data)), prediction]
+    cheap_error = prediction != data.labels
+
+    grid = threshold_grid(confidence[fit_rows], n_test=len(certify_rows), alpha=alpha, delta=delta)
+    certificate = learn_then_test(confidence[certify_rows], cheap_error[certify_rows], alpha=alpha, delta=delta,
+                                  thresholds=grid, p_value=p_value)  # fmt: skip
+    document = {
+        **certificate.to_dict(),
+        "created_at": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
+        "certify_data_sha256": arrays_sha256(confidence[certify_rows].astype(np.float32), cheap_error[certify_rows]),
+    }
+    plan = None
+    if data.strong_probabilities is not None:
+        strong_error = data.strong_probabilities.argmax(axis=1) != data.labels
+        outcomes = TierOutcomes(confidence, cheap_error, strong_error)
+        plan = choose_tier_thresholds(outcomes.subset(fit_rows), outcomes.subset(certify_rows), costs=costs,
+                                      alpha=alpha, delta=delta, p_value=p_value)  # fmt: skip
+        document["three_tier"] = plan.to_dict() | {"costs": costs.model_dump()}
+    return Calibration(calibrator.with_certificate(document), certificate, plan)
+
+
+def _ink_bucket(image: np.ndarray) -> str:
+    return bucket(float(image.mean()), [0.28, 0.34], ["light", "medium", "heavy"])
+
+
+def digits_tier_data(seed: int = 0, models_dir: Path | None = None) -> TierData:
+    """Both digits tiers run through ONNX on the pool (items never used in training)."""
+    from scipy.special import softmax
+
+    from cascades.onnx_runner import file_sha256
+    from evals.digits import CLASS_NAMES, load_split, prepare_tiers, tier_logits
+
+    paths = prepare_tiers(models_dir, seed=seed)
+    split = load_split(seed)
+    logits = tier_logits(paths, split.images_pool)
+    metadata = [
+        {"ink": _ink_bucket(image), "digit": str(int(label)), "source": "sklearn-digits"}
+        for image, label in zip(split.images_pool, split.labels_pool)
+    ]
+    models = {tier: {"name": path.stem, "sha256": file_sha256(path)} for tier, path in paths.items()}
+    return TierData(softmax(logits["cheap"], axis=1), softmax(logits["strong"], axis=1), split.labels_pool,
+                    CLASS_NAMES, metadata, f"digits(seed={seed})", models)  # fmt: skip
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def _suite(class_names: Sequence[str], slice_keys: Sequence[str]) -> MetricSuite:
+    return MetricSuite(
+        {
+            "accuracy": Accuracy,
+            "top2": lambda: TopKAccuracy(2),
+            "per_class": lambda: PerClassPRF(class_names),
+            "calibration": CalibrationError,
+            "risk_coverage": RiskCoverage,
+        },
+        slice_keys,
+    )
+
+
+def certified_risk_check(certificate: dict[str, Any], confidences: np.ndarray, is_error: np.ndarray) -> dict[str, Any]:
+    """Does held-out data contradict the certificate? Violated when the observed accepted error
+    is significantly above alpha: exact one-sided binomial test at level delta."""
+    threshold = certificate.get("threshold")
+    alpha, delta = float(certificate["alpha"]), float(certificate["delta"])
+    if threshold is None:
+        return {"alpha": alpha, "delta": delta, "n_accepted": 0, "n_errors": 0, "accepted_error": 0.0,
+                "coverage": 0.0, "p_value_exceeds": 1.0, "violated": False}  # fmt: skip
+    accepted = confidences >= float(threshold)
+    n_acc, n_err = int(accepted.sum()), int(is_error[accepted].sum())
+    # P(Binomial(n, alpha) >= n_err): small when this many errors are unlikely under risk <= alpha
+    p_exceeds = 1.0 - binomial_p_value(n_err - 1, n_acc, alpha) if n_err > 0 else 1.0
+    return {
+        "alpha": alpha,
+        "delta": delta,
+        "n_accepted": n_acc,
+        "n_errors": n_err,
+        "accepted_error": n_err / n_acc if n_acc else 0.0,
+        "coverage": n_acc / len(confidences) if len(confidences) else 0.0,
+        "p_value_exceeds": p_exceeds,
+        "violated": bool(p_exceeds <= delta),
+    }
+
+
+def evaluate(
+    data: TierData,
+    calibration: Calibration,
+    test_rows: np.ndarray,
+    *,
+    out_dir: Path,
+    costs: TierCosts | None = None,
+    slice_keys: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Every number and plot of the report, on ``test_rows`` only."""
+    costs = costs or TierCosts()
+    test = data.subset(test_rows)
+    out_dir = Path(out_dir)
+    calibrator = calibration.calibrator
+    calibrated = calibrator.calibrate_probabilities(test.cheap_probabilities)
+    rows = np.arange(len(test))
+    cheap_pred = test.cheap_probabilities.argmax(axis=1)
+    cheap_error = cheap_pred != test.labels
+    cal_conf = calibrated[rows, cheap_pred]
+
+    suites = {
+        "cheap_raw": (cheap_pred, test.cheap_probabilities, test.cheap_probabilities[rows, cheap_pred]),
+        "cheap_calibrated": (cheap_pred, calibrated, cal_conf),
+    }
+    if test.strong_probabilities is not None:
+        strong_pred = test.strong_probabilities.argmax(axis=1)
+        suites["strong"] = (strong_pred, test.strong_probabilities, test.strong_probabilities[rows, strong_pred])
+    metrics: dict[str, Any] = {}
+    plots: dict[str, str] = {}
+    metadata = test.metadata or None
+    keys = slice_keys if metadata else ()
+    for name, (pred, probs, conf) in suites.items():
+        suite = _suite(test.class_names, keys)
+        suite.update(metadata=metadata, predictions=pred, targets=test.labels, probabilities=probs,
+                     confidences=conf, correct=pred == test.labels)  # fmt: skip
+        metrics[name] = suite.compute()
+        if name != "strong":
+            path = out_dir / f"reliability_{name}.png"
+            plots[f"reliability_{name}"] = str(suite.metric("calibration").plot(path, title=f"{data.name}: {name}"))
+        if name == "cheap_calibrated":
+            path = out_dir / "risk_coverage.png"
+            plots["risk_coverage"] = str(suite.metric("risk_coverage").plot(path, title=f"{data.name}: cheap tier"))
+
+    cert = calibrator.certificate or {}
+    report: dict[str, Any] = {
+        "dataset": {"name": data.name, "sha256": data.sha256, "n_test": len(test), "class_names": list(test.class_names)},
+        "models": data.models,
+        "calibration": {"artifact_id": calibrator.artifact_id, "method": calibrator.method,
+                        "temperature": calibrator.artifact.temperature},  # fmt: skip
+        "certificate": cert,
+        "certified_risk_check": {"accept_threshold": certified_risk_check(cert, cal_conf, cheap_error) if cert else None},
+        "metrics": metrics,
+        "plots": plots,
+    }
+    plan = calibration.plan
+    if test.strong_probabilities is None or plan is None:
+        return report
+
+    # The cascade under the certified three-tier plan: what users would get (review = human, right).
+    decision = np.array([plan.decide(c) for c in cal_conf])
+    cascade_pred = np.where(decision == "accept", cheap_pred, np.where(decision == "escalate", strong_pred, test.labels))
+    cascade_suite = MetricSuite({"accuracy": Accuracy}, keys)
+    cascade_suite.update(metadata=metadata, predictions=cascade_pred, targets=test.labels)
+    metrics["cascade"] = cascade_suite.compute()
+    auto = decision != "review"
+    report["certified_risk_check"]["three_tier"] = {
+        "rates": {d: float((decision == d).mean()) for d in ("accept", "escalate", "review")},
+        "auto_accepted_error": float((cascade_pred[auto] != test.labels[auto]).mean()) if auto.any() else 0.0,
+        "cost_units_per_item": float(costs.cheap + costs.escalate * (decision == "escalate").mean()
+                                     + costs.review * (decision == "review").mean()),  # fmt: skip
+    }
+    frontier = cascade_frontier(cheap_pred, cal_conf, strong_pred, test.labels,
+                                cheap_cost=costs.cheap, strong_cost=costs.escalate)  # fmt: skip
+    plots["frontier"] = str(frontier.plot(out_dir / "frontier.png", title=f"{data.name}: cost-accuracy"))
+    report["frontier"] = frontier.summary(0.99)
+    return report

@@ -1,0 +1,463 @@
+"""Accept thresholds with a finite-sample guarantee on the error rate among accepted items.
+
+The promise: with probability at least 1 - delta over the draw of the calibration set, the
+error rate among automatically accepted items, P(wrong | accepted), is at most alpha.
+
+Method: Learn then Test (Angelopoulos, Bates, Candes, Jordan and Lei, "Learn then Test:
+Calibrating Predictive Algorithms to Achieve Risk Control", arXiv:2110.01052, 2021). Each
+candidate threshold t is a null hypothesis H_t: "selective risk at t > alpha". The candidates
+are tested in a fixed order, from the most conservative (highest threshold) down, by
+fixed-sequence testing: reject H_t while its p-value is <= delta and stop at the first that is
+not. This controls the family-wise error rate at delta, so every rejected threshold, and in
+particular the lowest one, which we return, has risk <= alpha with probability >= 1 - delta.
+
+p-values, conditional on the number n_t of accepted calibration items (the errors among them
+are then Binomial(n_t, risk_t) exactly, the argument of Geifman and El-Yaniv, "Selective
+Classification for Deep Neural Networks", NeurIPS 2017):
+- ``binomial``: the exact one-sided binomial tail P(Binomial(n_t, alpha) <= errors_t);
+- ``hoeffding_bentkus``: min(exp(-n h(min(r, alpha), alpha)), e * P(Binomial(n, alpha) <= ceil(n r)))
+  (Bates, Angelopoulos, Lei, Malik and Jordan, "Distribution-Free, Risk-Controlling
+  Prediction Sets", JACM 2021, Prop. 3), valid for any loss in [0, 1] and more conservative.
+
+The candidate grid and its order must not depend on the items the p-values are computed on
+(LTT section 4 lets the ordering be learned on a separate split). ``threshold_grid`` builds it
+from an independent split (the one the calibrator was fitted on) and starts where enough test
+items are expected to be accepted to have a chance of rejecting at all.
+
+With three tiers (cheap model, VLM, human), the candidates are pairs of thresholds; they are
+ordered on the independent split by estimated risk along their risk-cost Pareto front and then
+tested the same way (Pareto Testing: Laufer-Goldshtein, Fisch, Barzilay and Jaakkola,
+"Efficiently Controlling Multiple Risks with Pareto Testing", ICLR 2023). Of the certified
+pairs we choose the one with the lowest expected cost.
+
+When no candidate is certified the target is infeasible: nothing is accepted automatically,
+and the certificate says so and reports the coverage achieved (zero).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, Sequence
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+from visionroute.errors import ConfigError, InputError
+
+PValue = Literal["binomial", "hoeffding_bentkus"]
+P_VALUES: tuple[str, ...] = ("binomial", "hoeffding_bentkus")
+
+
+# --------------------------------------------------------------------------- p-values and bounds
+
+
+def binomial_p_value(n_errors: int, n: int, alpha: float) -> float:
+    """P(Binomial(n, alpha) <= n_errors): small when n_errors is implausibly low for risk > alpha."""
+    from scipy import stats  # fitting-time only; the service imports this module without scipy
+
+    if n == 0:
+        return 1.0  # nothing accepted: no evidence either way
+    return float(stats.binom.cdf(n_errors, n, alpha))
+
+
+def hoeffding_bentkus_p_value(risk_hat: float, n: int, alpha: float) -> float:
+    """The Hoeffding-Bentkus p-value for H: mean loss > alpha (Bates et al. 2021, Prop. 3)."""
+    from scipy import stats
+
+    if n == 0:
+        return 1.0
+    r = min(risk_hat, alpha)
+    # h(a, b) = a log(a/b) + (1-a) log((1-a)/(1-b)), the binary KL divergence (0 log 0 = 0).
+    kl = (r * math.log(r / alpha) if r > 0 else 0.0) + (1 - r) * math.log((1 - r) / (1 - alpha))
+    hoeffding = math.exp(-n * kl)
+    bentkus = math.e * float(stats.binom.cdf(math.ceil(n * risk_hat), n, alpha))
+    return min(hoeffding, bentkus, 1.0)
+
+
+def clopper_pearson_upper(n_errors: int, n: int, delta: float) -> float:
+    """The exact one-sided (1 - delta) upper confidence bound on a binomial rate.
+
+    For the binomial p-value, p <= delta exactly when this bound is <= alpha.
+    """
+    from scipy import stats
+
+    if n == 0 or n_errors >= n:
+        return 1.0
+    return float(stats.beta.ppf(1 - delta, n_errors + 1, n - n_errors))
+
+
+def min_items_to_certify(alpha: float, delta: float) -> int:
+    """The fewest accepted items that can certify alpha at all (all of them correct)."""
+    return math.ceil(math.log(delta) / math.log(1 - alpha))
+
+
+def _p_value(kind: str, n_errors: int, n: int, alpha: float) -> float:
+    if kind == "binomial":
+        return binomial_p_value(n_errors, n, alpha)
+    if kind == "hoeffding_bentkus":
+        return hoeffding_bentkus_p_value(n_errors / n if n else 0.0, n, alpha)
+    raise ConfigError(f"unknown p-value {kind!r}; expected one of {list(P_VALUES)}", field="p_value")
+
+
+def _check_targets(alpha: float, delta: float) -> None:
+    if not 0 < alpha < 1:
+        raise ConfigError(f"alpha must be in (0, 1), got {alpha}", field="alpha")
+    if not 0 < delta < 1:
+        raise ConfigError(f"delta must be in (0, 1), got {delta}", field="delta")
+
+
+def _as_scores_and_errors(scores: Any, is_error: Any) -> tuple[np.ndarray, np.ndarray]:
+    scores = np.asarray(scores, np.float64)
+    is_error = np.asarray(is_error, bool)
+    if scores.ndim != 1 or scores.shape != is_error.shape:
+        raise InputError(
+            f"scores and is_error must be 1-d and equally long, got {scores.shape} and {is_error.shape}",
+            field="scores",
+        )
+    if not np.isfinite(scores).all():
+        raise InputError("scores contain NaN or infinity", field="scores")
+    return scores, is_error
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        # JSON has no infinity; "inf" / "-inf" strings round-trip through float() and pydantic.
+        return float(value) if math.isfinite(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+# --------------------------------------------------------------------------- the grid
+
+
+def threshold_grid(
+    independent_scores: Any,
+    *,
+    n_test: int,
+    alpha: float,
+    delta: float,
+    n_points: int = 100,
+    start_factor: float = 2.0,
+) -> np.ndarray:
+    """Decreasing candidate thresholds from scores that the test will NOT see.
+
+    The grid runs through the quantiles of ``independent_scores`` from the coverage at which
+    ``n_test`` items would be expected to hold ``start_factor`` times the fewest items that
+    can certify alpha, down to full coverage. Starting any higher only wastes the first test:
+    fixed-sequence testing stops at the first threshold it cannot certify.
+    """
+    _check_targets(alpha, delta)
+    scores = np.asarray(independent_scores, np.float64)
+    if scores.ndim != 1 or len(scores) == 0:
+        raise InputError(f"independent_scores must be a non-empty 1-d array, got shape {scores.shape}", field="scores")
+    start = min(1.0, start_factor * min_items_to_certify(alpha, delta) / max(n_test, 1))
+    coverages = np.linspace(start, 1.0, n_points)
+    thresholds = np.quantile(scores, 1.0 - coverages, method="higher")
+    return np.unique(thresholds)[::-1]  # unique sorts ascending; test from the highest
+
+
+# --------------------------------------------------------------------------- one threshold
+
+
+@dataclass(frozen=True)
+class RiskCertificate:
+    """What the calibration proved, in the words and numbers a user needs to trust it."""
+
+    alpha: float
+    delta: float
+    n: int  # calibration items the p-values were computed on
+    threshold: float | None  # accept when score >= threshold; None: accept nothing
+    coverage: float  # fraction of the n items accepted at the threshold
+    n_accepted: int
+    n_errors: int
+    empirical_risk: float  # errors / accepted among the n items (0 when none accepted)
+    risk_upper_bound: float  # exact (1 - delta) upper bound on the risk at this threshold
+    p_value: float
+    p_value_method: str
+    n_candidates: int
+    n_certified: int
+    method: str = "learn-then-test, fixed-sequence testing"
+    score: str = "calibrated top-1 confidence"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_feasible(self) -> bool:
+        return self.threshold is not None
+
+    def accepts(self, score: float) -> bool:
+        return self.threshold is not None and score >= self.threshold
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe: an infinite threshold is written as the string "inf" or "-inf"."""
+        out = _json_safe(asdict(self))
+        out["feasible"] = self.is_feasible
+        out["statement"] = self.statement()
+        return out
+
+    def statement(self) -> str:
+        if not self.is_feasible:
+            return (
+                f"INFEASIBLE: no threshold could be certified to keep the error among accepted items "
+                f"at or below {self.alpha:g} with confidence {1 - self.delta:g} from {self.n} calibration "
+                f"items; nothing is accepted automatically (coverage {self.coverage:.1%})."
+            )
+        which = "every item" if self.threshold == -np.inf else f"{self.score} >= {self.threshold:.6g}"
+        return (
+            f"With probability at least {1 - self.delta:g} over the calibration draw, at most "
+            f"{self.alpha:.2%} of the items accepted automatically ({which}) are wrong; "
+            f"{self.coverage:.1%} of {self.n} calibration items were accepted."
+        )
+
+    def to_text(self) -> str:
+        """The human-readable certificate ``visionroute calibrate`` writes next to the artefact."""
+        lines = [
+            "VisionRoute risk certificate",
+            "============================",
+            self.statement(),
+            "",
+            f"target error among accepted (alpha)   {self.alpha:g}",
+            f"failure probability (delta)           {self.delta:g}",
+            f"calibration items (n)                 {self.n}",
+            f"accept threshold                      {'none (accept nothing)' if self.threshold is None else f'{self.threshold:.6g}'}",
+            f"coverage (accepted / n)               {self.coverage:.4f} ({self.n_accepted} items)",
+            f"errors among accepted                 {self.n_errors} (empirical risk {self.empirical_risk:.4f})",
+            f"upper confidence bound on the risk    {self.risk_upper_bound:.4f} (exact, level {1 - self.delta:g})",
+            f"p-value at the threshold              {self.p_value:.3g} ({self.p_value_method})",
+            f"candidates certified / tested         {self.n_certified} / {self.n_candidates}",
+            f"method                                {self.method}",
+            "reference                             Angelopoulos et al., Learn then Test, arXiv:2110.01052",
+        ]
+        for key, value in self.extra.items():
+            lines.append(f"{key:<38}{value}")
+        return "\n".join(lines) + "\n"
+
+
+def learn_then_test(
+    scores: Any,
+    is_error: Any,
+    *,
+    alpha: float,
+    delta: float,
+    thresholds: Sequence[float],
+    p_value: PValue = "binomial",
+) -> RiskCertificate:
+    """Choose the lowest threshold whose selective risk is certified <= alpha at level delta.
+
+    ``scores``/``is_error``: the calibration items (confidence of the answer, whether it was
+    wrong). ``thresholds``: strictly decreasing candidates fixed before seeing these items
+    (see ``threshold_grid``). Accept means ``score >= threshold``.
+    """
+    _check_targets(alpha, delta)
+    scores, is_error = _as_scores_and_errors(scores, is_error)
+    grid = np.asarray(thresholds, np.float64)
+    if grid.ndim != 1 or len(grid) == 0 or (np.diff(grid) >= 0).any():
+        raise InputError("thresholds must be a non-empty, strictly decreasing sequence", field="thresholds")
+    _p_value(p_value, 0, 0, alpha)  # validate the name before looping
+
+    # Counts at every threshold at once: sort scores descending, errors cumulatively.
+    order = np.argsort(-scores, kind="stable")
+    sorted_scores = scores[order]
+    cum_errors = np.concatenate([[0], np.cumsum(is_error[order])])
+    n_accepted_at = np.searchsorted(-sorted_scores, -grid, side="right")  # count of scores >= t
+
+    chosen = None
+    n_certified = 0
+    for index, threshold in enumerate(grid):
+        n_acc = int(n_accepted_at[index])
+        n_err = int(cum_errors[n_acc])
+        p = _p_value(p_value, n_err, n_acc, alpha)
+        if p > delta:
+            break  # fixed-sequence testing: the first failure ends the sequence
+        n_certified += 1
+        chosen = (float(threshold), n_acc, n_err, p)
+
+    n = len(scores)
+    if chosen is None:
+        return RiskCertificate(
+            alpha, delta, n, None, 0.0, 0, 0, 0.0, 0.0, 1.0, p_value, len(grid), 0
+        )
+    threshold, n_acc, n_err, p = chosen
+    return RiskCertificate(
+        alpha=alpha,
+        delta=delta,
+        n=n,
+        threshold=threshold,
+        coverage=n_acc / n,
+        n_accepted=n_acc,
+        n_errors=n_err,
+        empirical_risk=n_err / n_acc,
+        risk_upper_bound=clopper_pearson_upper(n_err, n_acc, delta),
+        p_value=p,
+        p_value_method=p_value,
+        n_candidates=len(grid),
+        n_certified=n_certified,
+    )
+
+
+# --------------------------------------------------------------------------- three tiers
+
+
+class TierCosts(BaseModel):
+    """Cost units per item for each tier (from the policy config)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cheap: float = Field(1.0, ge=0, description="the ONNX tier; every item pays it")
+    escalate: float = Field(10.0, ge=0, description="one call to the stronger tier (the VLM)")
+    review: float = Field(100.0, ge=0, description="one human review")
+
+
+@dataclass(frozen=True)
+class TierOutcomes:
+    """Per item: the cheap tier's calibrated confidence and whether each tier's answer is wrong.
+    A human reviewer is taken to be right; the review cost is what that costs."""
+
+    cheap_score: np.ndarray
+    cheap_error: np.ndarray
+    strong_error: np.ndarray
+
+    def __post_init__(self) -> None:
+        score, cheap = _as_scores_and_errors(self.cheap_score, self.cheap_error)
+        strong = np.asarray(self.strong_error, bool)
+        if strong.shape != score.shape:
+            raise InputError(f"strong_error must have shape {score.shape}, got {strong.shape}", field="strong_error")
+        object.__setattr__(self, "cheap_score", score)
+        object.__setattr__(self, "cheap_error", cheap)
+        object.__setattr__(self, "strong_error", strong)
+
+    def __len__(self) -> int:
+        return len(self.cheap_score)
+
+    def subset(self, rows: np.ndarray) -> "TierOutcomes":
+        return TierOutcomes(self.cheap_score[rows], self.cheap_error[rows], self.strong_error[rows])
+
+
+@dataclass(frozen=True)
+class TierPlan:
+    """accept the cheap answer when score >= accept_threshold; escalate to the VLM (and accept
+    its answer) when review_threshold <= score < accept_threshold; send to a human below
+    review_threshold. Infeasible plans review everything."""
+
+    accept_threshold: float
+    review_threshold: float
+    expected_cost_units: float  # per item, on the test split
+    rates: dict[str, float]  # fraction accepted from cheap / escalated / reviewed
+    certificate: RiskCertificate
+
+    def decide(self, score: float) -> str:
+        if score >= self.accept_threshold:
+            return "accept"
+        if score >= self.review_threshold:
+            return "escalate"
+        return "review"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe: accept_threshold "inf" means never accept the cheap answer, review_threshold
+        "-inf" never send to a human."""
+        return _json_safe({
+            "accept_threshold": self.accept_threshold,
+            "review_threshold": self.review_threshold,
+            "expected_cost_units": self.expected_cost_units,
+            "rates": dict(self.rates),
+            "certificate": self.certificate.to_dict(),
+        })
+
+
+def _plan_stats(data: TierOutcomes, accept_t: np.ndarray, review_t: np.ndarray, costs: TierCosts):
+    """Vectorised over candidate pairs: (n_auto, n_errors, n_escalated, n_reviewed) per pair."""
+    s = data.cheap_score[None, :]
+    cheap_ok = s >= accept_t[:, None]
+    escalated = (s >= review_t[:, None]) & ~cheap_ok
+    reviewed = ~(cheap_ok | escalated)
+    n_err = (cheap_ok & data.cheap_error).sum(1) + (escalated & data.strong_error).sum(1)
+    n_auto = (cheap_ok | escalated).sum(1)
+    cost = costs.cheap + (costs.escalate * escalated.sum(1) + costs.review * reviewed.sum(1)) / len(data)
+    return n_auto, n_err, escalated.sum(1), reviewed.sum(1), cost
+
+
+def _pareto_order(risk: np.ndarray, cost: np.ndarray) -> np.ndarray:
+    """Indices on the risk-cost Pareto front, safest (lowest risk) first."""
+    order = np.lexsort((risk, cost))  # by cost, ties by risk
+    front, best_risk = [], np.inf
+    for i in order:
+        if risk[i] < best_risk:
+            front.append(i)
+            best_risk = risk[i]
+    return np.array(front[::-1], dtype=np.int64)  # cheapest front point has the highest risk
+
+
+def choose_tier_thresholds(
+    fit: TierOutcomes,
+    test: TierOutcomes,
+    *,
+    costs: TierCosts,
+    alpha: float,
+    delta: float,
+    n_points: int = 40,
+    p_value: PValue = "binomial",
+) -> TierPlan:
+    """Escalate and review thresholds of least expected cost whose auto-accepted error is
+    certified <= alpha at level delta (Pareto Testing over LTT; see the module docstring).
+
+    ``fit`` orders the candidates (independent of ``test``, e.g. the calibrator's fit split);
+    ``test`` carries the p-values.
+    """
+    _check_targets(alpha, delta)
+    grid = np.unique(np.quantile(fit.cheap_score, np.linspace(0, 1, n_points), method="higher"))
+    levels = np.concatenate([[-np.inf], grid, [np.inf]])  # -inf: never review; inf: never accept cheap
+    accept_t, review_t = (a.ravel() for a in np.meshgrid(levels, levels, indexing="ij"))
+    keep = review_t <= accept_t
+    accept_t, review_t = accept_t[keep], review_t[keep]
+
+    n_auto, n_err, _, _, fit_cost = _plan_stats(fit, accept_t, review_t, costs)
+    # Candidates that would accept too few test items can never be certified; drop them so
+    # they do not end the sequence (decided from fit only, so the order stays independent).
+    expected_test_auto = n_auto / len(fit) * len(test)
+    usable = expected_test_auto >= min_items_to_certify(alpha, delta)
+    fit_risk = np.where(n_auto > 0, n_err / np.maximum(n_auto, 1), 0.0)
+    candidates = np.flatnonzero(usable)[_pareto_order(fit_risk[usable], fit_cost[usable])]
+
+    t_auto, t_err, t_esc, t_rev, t_cost = _plan_stats(test, accept_t[candidates], review_t[candidates], costs)
+    certified = []
+    for k in range(len(candidates)):
+        p = _p_value(p_value, int(t_err[k]), int(t_auto[k]), alpha)
+        if p > delta:
+            break
+        certified.append((k, p))
+
+    n = len(test)
+    if not certified:
+        cert = RiskCertificate(alpha, delta, n, None, 0.0, 0, 0, 0.0, 0.0, 1.0, p_value, len(candidates), 0,
+                               method="pareto testing over learn-then-test, fixed-sequence")  # fmt: skip
+        return TierPlan(np.inf, np.inf, costs.cheap + costs.review, {"accept": 0.0, "escalate": 0.0, "review": 1.0}, cert)
+    k, p = min(certified, key=lambda kp: (t_cost[kp[0]], kp[0]))
+    index = candidates[k]
+    cert = RiskCertificate(
+        alpha=alpha,
+        delta=delta,
+        n=n,
+        threshold=float(review_t[index]),  # below it nothing is accepted automatically
+        coverage=int(t_auto[k]) / n,
+        n_accepted=int(t_auto[k]),
+        n_errors=int(t_err[k]),
+        empirical_risk=int(t_err[k]) / int(t_auto[k]),
+        risk_upper_bound=clopper_pearson_upper(int(t_err[k]), int(t_auto[k]), delta),
+        p_value=p,
+        p_value_method=p_value,
+        n_candidates=len(candidates),
+        n_certified=len(certified),
+        method="pareto testing over learn-then-test, fixed-sequence",
+        score="cheap tier's calibrated confidence (accepted by the cheap tier or the VLM)",
+        extra={"accept_threshold": float(accept_t[index]), "review_threshold": float(review_t[index])},
+    )
+    rates = {
+        "accept": float(1 - (t_esc[k] + t_rev[k]) / n),
+        "escalate": float(t_esc[k] / n),
+        "review": float(t_rev[k] / n),
+    }
+    return TierPlan(float(accept_t[index]), float(review_t[index]), float(t_cost[k]), rates, cert)
