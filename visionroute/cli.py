@@ -14,6 +14,7 @@ from visionroute.errors import RouterError
 # ``func(args) -> int``.
 COMMAND_MODULES = (
     "cascades.cli",
+    "evals.cli",
 )
 
 
