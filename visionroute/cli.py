@@ -15,6 +15,7 @@ from visionroute.errors import RouterError
 COMMAND_MODULES = (
     "cascades.cli",
     "evals.cli",
+    "retrieval.cli",
 )
 
 

@@ -1,0 +1,170 @@
+"""``visionroute index <folder>``, ``visionroute retrieval compact|stats|search``, ``bench retrieval``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import yaml
+
+from visionroute import paths
+from visionroute.errors import ConfigError, RouterError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+def load_config(args):
+    """The retrieval section from ``--config`` (a serve config or a bare section) plus flags."""
+    from retrieval.config import RetrievalConfig
+
+    section: dict = {}
+    if args.config:
+        document = yaml.safe_load(Path(args.config).read_text()) or {}
+        if "applications" in document:
+            section = (document["applications"][0].get("args") or {}).get("retrieval") or {}
+        else:
+            section = document.get("retrieval", document)
+    if args.index_dir:
+        section["index_dir"] = args.index_dir
+    if args.models_dir:
+        embedder = section.setdefault("embedder", {"kind": "conse"})
+        if embedder.get("kind", "conse") == "conse":
+            embedder["classifier_path"] = str(Path(args.models_dir) / "efficientnet_lite0.onnx")
+    try:
+        return RetrievalConfig.model_validate(section)
+    except ValueError as exc:
+        raise ConfigError(f"invalid retrieval config: {exc}", field="retrieval") from None
+
+
+def _service(args):
+    from retrieval.service import SearchService
+
+    return SearchService(load_config(args))
+
+
+def _index_folder(args) -> int:
+    from tqdm import tqdm
+
+    folder = Path(args.folder)
+    if not folder.is_dir():
+        raise ConfigError(f"{str(folder)!r} is not a folder", field="folder")
+    pattern = "**/*" if args.recursive else "*"
+    files = sorted(p for p in folder.glob(pattern) if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        print(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
+        return 1
+    counts = {"indexed": 0, "replaced": 0, "failed": 0}
+    with _service(args) as service:
+        progress = tqdm(total=len(files), desc="indexing", unit="image")
+        for start in range(0, len(files), args.batch_size):
+            batch = [_prepare_file(service, path, folder, args) for path in files[start : start + args.batch_size]]
+            try:
+                service.index_images([b[1] for b in batch], [b[2] for b in batch], item_ids=[b[3] for b in batch])
+                done = batch
+            except RouterError:
+                # One bad file must not stop the folder: index this batch one by one.
+                done = []
+                for entry in batch:
+                    try:
+                        service.index_image(entry[1], entry[2], item_id=entry[3])
+                        done.append(entry)
+                    except RouterError as exc:
+                        counts["failed"] += 1
+                        tqdm.write(f"skipped {entry[0]}: {exc.reason}")
+            counts["indexed"] += len(done)
+            counts["replaced"] += sum(entry[3] is not None for entry in done)
+            progress.update(len(batch))
+        progress.close()
+        print(json.dumps({**counts, **service.stats()}))
+    return 0 if counts["failed"] == 0 else 1
+
+
+def _prepare_file(service, path: Path, folder: Path, args) -> tuple:
+    """(path, bytes, metadata, id to replace or None)."""
+    from retrieval.schemas import SearchFilters
+
+    data = path.read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    # Re-indexing a folder replaces items by content hash instead of doubling them.
+    same = service.index.find(SearchFilters(tenant=args.tenant, image_sha256=sha))
+    metadata = {
+        "tenant": args.tenant,
+        "tags": args.tag,
+        "source": args.source or str(folder.resolve()),
+        "image_sha256": sha,
+        "extra": {"path": str(path.relative_to(folder))},
+    }
+    return path, data, metadata, (same[0] if same else None)
+
+
+def _compact(args) -> int:
+    with _service(args) as service:
+        print(json.dumps(service.compact()))
+    return 0
+
+
+def _stats(args) -> int:
+    with _service(args) as service:
+        print(json.dumps(service.stats()))
+    return 0
+
+
+def _search(args) -> int:
+    filters = json.loads(args.filters) if args.filters else None
+    with _service(args) as service:
+        response = service.search_text(args.query, k=args.k, filters=filters)
+        print(response.model_dump_json(indent=1))
+    return 0
+
+
+def _bench(args) -> int:
+    from retrieval.bench import run
+
+    return run(args)
+
+
+def _config_flags(parser) -> None:
+    parser.add_argument("--config", help="serve_config.yaml (uses applications[0].args.retrieval) or a retrieval section YAML")
+    parser.add_argument("--index-dir", help="override retrieval.index_dir")
+    parser.add_argument("--models-dir", help="where `visionroute models prepare` put efficientnet_lite0.onnx")
+
+
+def register(subparsers, bench) -> None:
+    index = subparsers.add_parser("index", help="embed and index every image in a folder (progress bar)")
+    index.add_argument("folder")
+    index.add_argument("--tenant", default="default")
+    index.add_argument("--tag", action="append", default=[], help="tag for every image (repeatable)")
+    index.add_argument("--source", help="metadata source (default: the folder's path)")
+    index.add_argument("--batch-size", type=int, default=16)
+    index.add_argument("--no-recursive", dest="recursive", action="store_false")
+    _config_flags(index)
+    index.set_defaults(func=_index_folder)
+
+    retrieval = subparsers.add_parser("retrieval", help="maintain and query the search index")
+    actions = retrieval.add_subparsers(dest="action", required=True)
+    compact = actions.add_parser("compact", help="rebuild the index from the store: drop deleted vectors, re-choose the kind")
+    _config_flags(compact)
+    compact.set_defaults(func=_compact)
+    stats = actions.add_parser("stats", help="index kind, item count, tombstones, size")
+    _config_flags(stats)
+    stats.set_defaults(func=_stats)
+    search = actions.add_parser("search", help="text search from the command line")
+    search.add_argument("query")
+    search.add_argument("-k", type=int, default=5)
+    search.add_argument("--filters", help='JSON, e.g. \'{"tenant": "acme", "tags_any": ["dock"]}\'')
+    _config_flags(search)
+    search.set_defaults(func=_search)
+
+    retrieval_bench = bench.add_parser("retrieval", help="exact vs HNSW vs IVF-PQ+refine; ONNX vs eager; zero-shot")
+    retrieval_bench.add_argument("--parts", default="ann,embed,zeroshot", help="comma list of ann, embed, zeroshot")
+    retrieval_bench.add_argument("--n", type=int, default=100_000)
+    retrieval_bench.add_argument("--dim", type=int, default=512)
+    retrieval_bench.add_argument("--queries", type=int, default=1000)
+    retrieval_bench.add_argument("--ivfpq-1m", action="store_true", help="also IVF-PQ+refine on 1M vectors (~5 GB RAM)")
+    retrieval_bench.add_argument("--clip-model", default="ViT-B-32")
+    retrieval_bench.add_argument("--clip-pretrained", default=None, help="checkpoint path or tag (default: random weights)")
+    retrieval_bench.add_argument("--images", type=int, default=64)
+    retrieval_bench.add_argument("--batch-size", type=int, default=16)
+    retrieval_bench.add_argument("--models-dir", default=str(paths.models_dir()))
+    retrieval_bench.set_defaults(func=_bench)
