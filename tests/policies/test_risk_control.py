@@ -41,6 +41,7 @@ def test_binomial_p_value_is_the_exact_lower_tail():
     assert binomial_p_value(0, 45, 0.05) <= 0.1 < binomial_p_value(0, 44, 0.05)
 
 
+@settings(deadline=None)
 @given(n=st.integers(1, 400), k_frac=st.floats(0, 1), alpha=st.floats(0.01, 0.5), delta=st.floats(0.01, 0.5))
 def test_binomial_test_agrees_with_the_clopper_pearson_bound(n, k_frac, alpha, delta):
     k = int(k_frac * n)
@@ -50,6 +51,7 @@ def test_binomial_test_agrees_with_the_clopper_pearson_bound(n, k_frac, alpha, d
         assert (p <= delta) == (bound <= alpha)
 
 
+@settings(deadline=None)
 @given(n=st.integers(1, 400), k_frac=st.floats(0, 1), alpha=st.floats(0.01, 0.5))
 def test_hoeffding_bentkus_is_never_less_conservative_than_exact(n, k_frac, alpha):
     k = int(k_frac * n)
