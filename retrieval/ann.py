@@ -51,6 +51,16 @@ def pq_m(config: IndexConfig, dim: int) -> int:
     return m
 
 
+def default_nprobe(config: IndexConfig, nlist: int) -> int:
+    return config.ivf_nprobe or max(16, nlist // 64)
+
+
+def default_params(index: faiss.Index, config: IndexConfig) -> "RequestParams":
+    """The config's search knobs for this index (nprobe follows the index's nlist)."""
+    nlist = faiss.extract_index_ivf(index).nlist if kind_of(index) == "ivfpq" else 1
+    return RequestParams(config.hnsw_ef_search, default_nprobe(config, nlist), config.refine_k_factor)
+
+
 def build_index(kind: str, dim: int, config: IndexConfig, train_vectors: np.ndarray | None = None) -> faiss.IndexIDMap2:
     """An empty (trained, for IVF-PQ) index of ``kind`` wrapped in IndexIDMap2."""
     metric = faiss.METRIC_INNER_PRODUCT
@@ -68,7 +78,7 @@ def build_index(kind: str, dim: int, config: IndexConfig, train_vectors: np.ndar
         ivf = faiss.IndexIVFPQ(quantizer, dim, nlist, pq_m(config, dim), 8, metric)
         ivf.own_fields = True
         quantizer.this.disown()  # the IVF index owns and frees its quantizer
-        ivf.nprobe = config.ivf_nprobe
+        ivf.nprobe = default_nprobe(config, nlist)
         ivf.train(np.ascontiguousarray(train_vectors, np.float32))
         # Exact re-ranking: IndexRefineFlat keeps the full vectors and re-scores the candidates.
         base = faiss.IndexRefineFlat(ivf)

@@ -79,7 +79,7 @@ class IndexConfig(_Strict):
     hnsw_ef_construction: int = Field(80, ge=8, le=4096)
     hnsw_ef_search: int = Field(64, ge=1, le=32768)
     ivf_nlist: int | None = Field(None, ge=1)  # None: ~4*sqrt(n), a power of two
-    ivf_nprobe: int = Field(16, ge=1)
+    ivf_nprobe: int | None = Field(None, ge=1)  # None: max(16, nlist/64), recall held as nlist grows
     pq_m: int | None = Field(None, ge=1)  # sub-quantisers; None: dim/8; must divide dim
     refine_k_factor: float = Field(4.0, ge=1.0, le=1000.0)
     # IVF-PQ is trained on the collection; below this many items an explicit "ivfpq" runs exact.

@@ -132,6 +132,7 @@ class VectorIndex:
                 )
             applied_seq = int(manifest["applied_seq"])
             self.kind = ann.kind_of(self.index)
+            self._default_params = ann.default_params(self.index, self.config)
             replayed = self._replay(applied_seq)
             log.info("loaded %s snapshot at seq %d, replayed %d ops", self.kind, applied_seq, replayed)
         live = self.store.live_labels()
@@ -179,6 +180,7 @@ class VectorIndex:
         for labels, vectors in self.store.iter_vectors():
             index.add_with_ids(vectors, labels)
         self.index, self.kind, self._tombstones = index, kind, set()
+        self._default_params = ann.default_params(index, self.config)
         self.snapshot()
         log.info("rebuilt %s index of %d items in %.1f s (%s)", kind, n, time.perf_counter() - started, reason)
 
@@ -319,10 +321,11 @@ class VectorIndex:
 
     # search ---------------------------------------------------------------------------------
     def _request_params(self, params: SearchParams) -> ann.RequestParams:
+        defaults = self._default_params
         return ann.RequestParams(
-            ef_search=params.ef_search or self.config.hnsw_ef_search,
-            nprobe=params.nprobe or self.config.ivf_nprobe,
-            refine_k_factor=params.refine_k_factor or self.config.refine_k_factor,
+            ef_search=params.ef_search or defaults.ef_search,
+            nprobe=params.nprobe or defaults.nprobe,
+            refine_k_factor=params.refine_k_factor or defaults.refine_k_factor,
         )
 
     def check_k(self, k: int) -> int:
