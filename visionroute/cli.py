@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "cascades.cli",
     "evals.cli",
     "retrieval.cli",
+    "cascades.vlm.cli",
 )
 
 
