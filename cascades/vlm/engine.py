@@ -45,6 +45,8 @@ class InProcessVllmBackend:
             tensor_parallel_size=engine.tensor_parallel_size,
             limit_mm_per_prompt={"image": engine.limit_images_per_prompt},
             enforce_eager=engine.enforce_eager,
+            # Engine-wide, as for the server: compact JSON, or a weak model pads it with spaces.
+            structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True},
         )
 
     def complete(self, request: VlmRequest) -> VlmCompletion:
@@ -56,7 +58,7 @@ class InProcessVllmBackend:
             max_tokens=request.max_tokens,
             temperature=request.temperature,
             logprobs=1,
-            structured_outputs=StructuredOutputsParams(json=schema, disable_any_whitespace=True),
+            structured_outputs=StructuredOutputsParams(json=schema),
         )
         started = time.monotonic()
         try:

@@ -119,7 +119,8 @@ class VlmStage:
     def run(self, analysis: Analysis) -> Analysis:
         started = time.perf_counter()
         config = self.config
-        details: dict[str, Any] = {"task": config.task, "backend": config.backend, "endpoint": config.endpoint}
+        where = config.endpoint if config.in_process is None or config.backend == "openai" else config.in_process.model_path
+        details: dict[str, Any] = {"task": config.task, "backend": config.backend, "endpoint": where}
         completion: VlmCompletion | None = None
         context: dict[str, Any] = {}
         try:
