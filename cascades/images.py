@@ -42,6 +42,10 @@ def decode_image(
         raise UnsupportedMediaType(
             f"not an image in a known format; allowed formats: {list(allowed_formats)}", field=field
         ) from None
+    except Image.DecompressionBombError as exc:  # PIL's own ceiling, above any sane limit
+        raise PayloadTooLarge(f"image is a decompression bomb: {exc}", field=field) from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InputError(f"image header is corrupt: {exc}", field=field) from None
     if image.format not in allowed_formats:
         raise UnsupportedMediaType(
             f"image format {image.format} is not allowed; allowed: {list(allowed_formats)}", field=field

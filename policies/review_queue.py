@@ -158,8 +158,7 @@ class ReviewQueue:
         self.blobs = BlobStore(self.root / "images")
         self.default_lease_s = default_lease_s
         self._local = threading.local()
-        with self._transaction() as db:
-            db.executescript(SCHEMA)
+        self._connection().executescript(SCHEMA)  # executescript manages its own transaction
 
     def _connection(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)

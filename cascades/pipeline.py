@@ -1,0 +1,76 @@
+"""Run one ``Analysis`` through the cascade: cheap tier -> thresholds -> (VLM) -> review.
+
+The tiers come in as async callables so the same code runs in-process (tests, evals) and
+behind Ray Serve handles (the router). A tier that fails becomes a recorded step that routes
+to review; it is never a silent accept.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Protocol
+
+import numpy as np
+
+from policies.thresholds import ThresholdPolicy, answer_score, decide_after_cheap_tier
+from visionroute.records import Analysis, Decision, Detections, Step
+
+
+@dataclass(frozen=True)
+class TierResult:
+    """What the cheap tier hands back across the process boundary."""
+
+    detections: Detections
+    model: str
+    model_version: str
+    latency_ms: float
+    cost_units: float
+    calibration: str | None = None
+
+
+CheapTier = Callable[[np.ndarray], Awaitable[TierResult]]
+
+
+class VlmTier(Protocol):
+    async def __call__(self, analysis: Analysis) -> Analysis: ...
+
+
+async def run_cascade(
+    analysis: Analysis,
+    *,
+    cheap_tier: CheapTier,
+    policy: ThresholdPolicy,
+    vlm: VlmTier | None = None,
+) -> Analysis:
+    """Append the cheap tier's step, the policy's step and, on escalation, the VLM's steps."""
+    started = time.perf_counter()
+    try:
+        result = await cheap_tier(analysis.image_rgb)
+    except Exception as exc:  # any backend failure must end in review, with its reason
+        analysis.trace.append(
+            Step(
+                stage=f"onnx:{analysis.task}",
+                decision=Decision.REVIEW,
+                reason="the cheap tier failed; a human decides",
+                error=f"{type(exc).__name__}: {exc}",
+                latency_ms=(time.perf_counter() - started) * 1000.0,
+            )
+        )
+        return analysis
+    analysis.detections = result.detections
+    analysis.trace.append(
+        Step(
+            stage=f"onnx:{analysis.task}",
+            model=result.model,
+            model_version=result.model_version,
+            score=answer_score(result.detections, policy.score),
+            latency_ms=result.latency_ms,
+            cost_units=result.cost_units,
+            details={"detections": len(result.detections), "calibration": result.calibration},
+        )
+    )
+    analysis.trace.append(decide_after_cheap_tier(result.detections, policy, vlm_available=vlm is not None))
+    if analysis.decision is Decision.ESCALATE and vlm is not None:
+        analysis = await vlm(analysis)
+    return analysis

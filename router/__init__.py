@@ -1,0 +1,1 @@
+"""Ray Serve wiring and the HTTP API: app builder, deployments, ingress, error mapping."""

@@ -1,0 +1,37 @@
+"""The typed Ray Serve app builder that ``serve_config.yaml`` points at.
+
+    import_path: router.app:build_app
+
+One ``.bind()`` expression shows the whole graph: an ``OnnxTier`` per configured task,
+composed behind the HTTP ``Ingress``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve import Application
+
+from router.config import parse_app_config
+from router.ingress import Ingress
+from router.tiers import OnnxTier
+
+
+def build_app(args: dict[str, Any] | None = None) -> Application:
+    config = parse_app_config(args)
+    tiers = {
+        task: OnnxTier.options(
+            name=f"onnx_{task}",
+            num_replicas=cascade.replicas,
+            ray_actor_options={"num_cpus": cascade.num_cpus},
+        ).bind(
+            cascade.tier.model_dump(),
+            str(config.models_dir),
+            cascade.max_batch_size,
+            cascade.batch_wait_timeout_ms,
+        )
+        for task, cascade in config.cascades.items()
+    }
+    return Ingress.options(
+        num_replicas=config.ingress_replicas, ray_actor_options={"num_cpus": config.ingress_num_cpus}
+    ).bind(config.model_dump(mode="json"), tiers)

@@ -1,0 +1,107 @@
+"""The one config model: ``serve_config.yaml`` -> ``applications[].args`` -> ``AppConfig``.
+
+Every section forbids unknown keys, so a typo fails at deploy time with the key's name
+instead of silently falling back to a default. ``AppConfig()`` with no args is the embedded
+default: the packaged classifier and text detector, a local review queue.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cascades.images import DEFAULT_FORMATS
+from cascades.onnx_stage import OnnxStageConfig
+from policies.thresholds import ThresholdPolicy
+from visionroute import paths
+from visionroute.errors import ConfigError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LimitsConfig(Strict):
+    max_body_bytes: int = Field(20 << 20, gt=0, description="largest request body accepted")
+    max_pixels: int = Field(40_000_000, gt=0, description="largest width*height decoded")
+    allowed_formats: list[str] = Field(default_factory=lambda: list(DEFAULT_FORMATS))
+
+    @field_validator("allowed_formats")
+    @classmethod
+    def _known_formats(cls, value: list[str]) -> list[str]:
+        value = [v.upper() for v in value]
+        unknown = sorted(set(value) - set(DEFAULT_FORMATS))
+        if unknown:
+            raise ValueError(f"unknown formats {unknown}; expected some of {list(DEFAULT_FORMATS)}")
+        return value
+
+
+class CascadeConfig(Strict):
+    """One task: the cheap ONNX tier and the thresholds that route its answers."""
+
+    tier: OnnxStageConfig
+    policy: ThresholdPolicy = Field(default_factory=ThresholdPolicy)
+    replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(0.5, gt=0)
+    max_batch_size: int = Field(8, ge=1, le=256)
+    batch_wait_timeout_ms: float = Field(5.0, ge=0, le=1000)
+
+
+class ReviewConfig(Strict):
+    path: Path = Field(default_factory=lambda: paths.data_dir() / "review")
+    lease_s: float = Field(300.0, gt=0, le=86400)
+
+
+def default_cascades() -> dict[str, CascadeConfig]:
+    return {
+        "classify": CascadeConfig(tier=OnnxStageConfig(model="efficientnet_lite0", cost_units=1.0)),
+        "text": CascadeConfig(
+            tier=OnnxStageConfig(model="ppocr_det", cost_units=2.0),
+            policy=ThresholdPolicy(version="text-thresholds-v1", score="min_box", accept_threshold=0.6, escalate_threshold=0.4),
+            max_batch_size=1,
+        ),
+    }
+
+
+class AppConfig(Strict):
+    models_dir: Path = Field(default_factory=paths.models_dir)
+    default_task: str = "classify"
+    cascades: dict[str, CascadeConfig] = Field(default_factory=default_cascades)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    review: ReviewConfig = Field(default_factory=ReviewConfig)
+    ingress_replicas: int = Field(1, ge=1)
+    ingress_num_cpus: float = Field(0.5, gt=0)
+
+    @field_validator("models_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        # Resolved in the process that builds the app, so every replica sees the same path.
+        return value.expanduser().resolve()
+
+    @model_validator(mode="after")
+    def _default_task_exists(self) -> "AppConfig":
+        if not self.cascades:
+            raise ValueError("cascades must name at least one task")
+        if self.default_task not in self.cascades:
+            raise ValueError(f"default_task {self.default_task!r} is not one of the cascades {sorted(self.cascades)}")
+        self.review.path = self.review.path.expanduser().resolve()
+        return self
+
+
+def _describe(error: dict[str, Any]) -> str:
+    where = ".".join(str(part) for part in error["loc"]) or "args"
+    if error["type"] == "extra_forbidden":
+        return f"unknown config key {where!r}"
+    return f"{where}: {error['msg']}"
+
+
+def parse_app_config(args: dict[str, Any] | None) -> AppConfig:
+    """Validate serve_config args; the error names every bad key and why."""
+    try:
+        return AppConfig.model_validate(args or {})
+    except ValidationError as exc:
+        problems = [_describe(e) for e in exc.errors()]
+        first_field = ".".join(str(p) for p in exc.errors()[0]["loc"]) or None
+        raise ConfigError("invalid VisionRoute config: " + "; ".join(problems), field=first_field) from None

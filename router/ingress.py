@@ -1,0 +1,296 @@
+"""The HTTP ingress: ``/v1/analyze``, the review endpoints, health and readiness.
+
+Only this module maps ``RouterError`` subclasses to status codes. Everything a request
+needs goes into its ``Analysis``; the cascade itself lives in ``cascades.pipeline``.
+"""
+
+
+import asyncio
+import base64
+import binascii
+import io
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from PIL import Image
+from pydantic import ValidationError
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.datastructures import UploadFile
+
+from cascades.images import decode_image
+from cascades.pipeline import TierResult, run_cascade
+from policies.review_queue import ReviewQueue
+from router.config import AppConfig
+from router.schemas import AnalyzeJson, AnalyzeResponse, ClaimRequest, LabelRequest
+from visionroute import __version__
+from visionroute.errors import (
+    BackendUnavailable,
+    BudgetExceeded,
+    ConfigError,
+    Conflict,
+    InputError,
+    NotFound,
+    PayloadTooLarge,
+    RouterError,
+    UnsupportedMediaType,
+)
+from visionroute.records import Analysis, Decision, Step, Trace
+
+log = logging.getLogger("visionroute.ingress")
+
+# Most specific first: the first isinstance match wins.
+STATUS_BY_ERROR: tuple[tuple[type[RouterError], int], ...] = (
+    (PayloadTooLarge, 413),
+    (UnsupportedMediaType, 415),
+    (InputError, 400),
+    (NotFound, 404),
+    (Conflict, 409),
+    (BudgetExceeded, 429),
+    (BackendUnavailable, 503),
+    (ConfigError, 422),
+)
+REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+
+app = FastAPI(
+    title="VisionRoute",
+    version=__version__,
+    description="Computer-vision answers from a cascade: ONNX tier, VLM, human review.",
+)
+
+
+def status_for(error: RouterError) -> int:
+    return next((status for kind, status in STATUS_BY_ERROR if isinstance(error, kind)), 500)
+
+
+@app.exception_handler(RouterError)
+async def _router_error(request: Request, error: RouterError) -> JSONResponse:
+    headers = {}
+    if isinstance(error, BudgetExceeded):
+        headers["Retry-After"] = str(max(1, round(error.retry_after_s)))
+    request_id = getattr(request.state, "request_id", None)
+    if request_id:
+        headers["X-Request-Id"] = request_id
+    return JSONResponse({**error.to_dict(), "request_id": request_id}, status_code=status_for(error), headers=headers)
+
+
+async def read_body_limited(request: Request, max_bytes: int) -> bytes:
+    """The whole body, refusing early when it is (or declares to be) over the limit."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise PayloadTooLarge(f"body is {declared} bytes; the limit is {max_bytes}", field="body")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise PayloadTooLarge(f"body exceeds the limit of {max_bytes} bytes", field="body")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    request._body = body  # lets request.form() parse what was already read
+    return body
+
+
+async def image_and_fields(request: Request, max_bytes: int) -> tuple[bytes, str | None, str]:
+    """(image bytes, task, tenant) from a multipart upload or a JSON body."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type not in ("multipart/form-data", "application/json"):
+        raise UnsupportedMediaType(
+            f"content type {content_type or 'none'!r} is not accepted; send multipart/form-data "
+            "with an 'image' file or application/json with 'image_base64'",
+            field="content-type",
+        )
+    body = await read_body_limited(request, max_bytes)
+    if not body:
+        raise InputError("request body is empty", field="body")
+    if content_type == "application/json":
+        try:
+            payload = AnalyzeJson.model_validate_json(body)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise InputError(first["msg"], field=".".join(map(str, first["loc"])) or "body") from None
+        try:
+            image = base64.b64decode(payload.image_base64, validate=True)
+        except (binascii.Error, ValueError):
+            raise InputError("not valid base64", field="image_base64") from None
+        return image, payload.task, payload.tenant
+    try:
+        form = await request.form()
+    except Exception as exc:  # starlette raises its own multipart errors
+        raise InputError(f"malformed multipart body: {exc}", field="body") from None
+    upload = form.get("image")
+    if not isinstance(upload, UploadFile):
+        raise InputError("multipart body has no 'image' file field", field="image")
+    image = await upload.read()
+    tenant = str(form.get("tenant") or "default")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,128}", tenant):
+        raise InputError("tenant must be 1-128 characters from [A-Za-z0-9_.-]", field="tenant")
+    task = form.get("task")
+    return image, (str(task) if task else None), tenant
+
+
+@serve.deployment(max_ongoing_requests=100)
+@serve.ingress(app)
+class Ingress:
+    def __init__(self, config: dict[str, Any], tiers: dict[str, DeploymentHandle]) -> None:
+        self.config = AppConfig.model_validate(config)
+        self.tiers = tiers
+        self.queue = ReviewQueue(self.config.review.path, default_lease_s=self.config.review.lease_s)
+        log.info("ingress ready: tasks %s, review queue %s", sorted(tiers), self.queue.db_path)
+
+    # -- analyse ---------------------------------------------------------------------------
+
+    @app.post("/v1/analyze", response_model=AnalyzeResponse, summary="Analyse one image")
+    async def analyze(self, request: Request) -> JSONResponse:
+        """Send ``multipart/form-data`` (``image`` file, optional ``task``, ``tenant``) or JSON
+        (``image_base64``, ``task``, ``tenant``). Returns the decision, answer and trace."""
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        if not REQUEST_ID_PATTERN.fullmatch(request_id):
+            raise InputError("X-Request-Id must be 1-128 characters from [A-Za-z0-9_.:-]", field="X-Request-Id")
+        request.state.request_id = request_id
+        limits = self.config.limits
+        image_bytes, task, tenant = await image_and_fields(request, limits.max_body_bytes)
+        task = task or self.config.default_task
+        if task not in self.tiers:
+            raise InputError(f"unknown task {task!r}; expected one of {sorted(self.tiers)}", field="task")
+        decoded = decode_image(
+            image_bytes,
+            max_bytes=limits.max_body_bytes,
+            max_pixels=limits.max_pixels,
+            allowed_formats=tuple(limits.allowed_formats),
+        )
+        analysis = Analysis(
+            image_rgb=decoded.rgb, image_sha256=decoded.sha256, task=task, tenant=tenant, trace=Trace(request_id)
+        )
+        analysis.trace.append(
+            Step(stage="input", details={"format": decoded.format, "bytes": len(image_bytes), "width": analysis.width, "height": analysis.height})
+        )
+        cascade = self.config.cascades[task]
+        tier = self.tiers[task]
+
+        async def cheap_tier(image_rgb) -> TierResult:
+            return await tier.predict.remote(image_rgb)
+
+        analysis = await run_cascade(analysis, cheap_tier=cheap_tier, policy=cascade.policy)
+        if analysis.decision in (Decision.REVIEW, Decision.ESCALATE):
+            await self._enqueue(analysis, image_bytes)
+        return JSONResponse(self._response(analysis), headers={"X-Request-Id": request_id})
+
+    async def _enqueue(self, analysis: Analysis, image_bytes: bytes) -> None:
+        """Durably queue for review; if that fails the request fails (503), never silently."""
+        reasons = [s.reason for s in analysis.trace if s.decision in (Decision.REVIEW, Decision.ESCALATE)]
+        started = time.perf_counter()
+        score = next((s.score for s in reversed(analysis.trace.steps) if s.score is not None), None)
+        try:
+            item = await asyncio.to_thread(
+                self.queue.enqueue,
+                request_id=analysis.trace.request_id,
+                image_bytes=image_bytes,
+                image_sha256=analysis.image_sha256,
+                tenant=analysis.tenant,
+                task=analysis.task,
+                reason=reasons[-1] if reasons else "review",
+                proposed=analysis.detections.to_dicts() if analysis.detections is not None else [],
+                trace=analysis.trace.to_dict(),
+                priority=1.0 - score if score is not None else 1.0,  # least sure first
+            )
+        except Exception as exc:
+            log.exception("review queue write failed for %s", analysis.trace.request_id)
+            raise BackendUnavailable(f"the review queue could not store the item: {exc}", field="review_queue") from None
+        analysis.review_item_id = item.id
+        analysis.trace.append(
+            Step(
+                stage="review_queue",
+                decision=Decision.REVIEW,
+                reason=f"queued for human review as item {item.id}",
+                latency_ms=(time.perf_counter() - started) * 1000.0,
+                details={"item_id": item.id},
+            )
+        )
+
+    @staticmethod
+    def _response(analysis: Analysis) -> dict[str, Any]:
+        trace = analysis.trace.to_dict()
+        return {
+            "request_id": analysis.trace.request_id,
+            "task": analysis.task,
+            "decision": trace["decision"],
+            "answer": analysis.detections.to_dicts() if analysis.detections is not None else [],
+            "image": {"sha256": analysis.image_sha256, "width": analysis.width, "height": analysis.height},
+            "review_item_id": analysis.review_item_id,
+            "cost_units": trace["cost_units"],
+            "trace": trace,
+        }
+
+    # -- review ----------------------------------------------------------------------------
+
+    @app.get("/v1/review/items", summary="List review items")
+    def list_review_items(self, status: str | None = "pending", limit: int = 50, offset: int = 0) -> dict[str, Any]:
+        if status == "all":
+            status = None
+        items = self.queue.list_items(status=status, limit=limit, offset=offset)
+        return {"items": [item.public_dict() for item in items], **self.queue.stats()}
+
+    @app.get("/v1/review/items/{item_id}", summary="One review item")
+    def get_review_item(self, item_id: str) -> dict[str, Any]:
+        return self.queue.get(item_id).public_dict()
+
+    @app.get("/v1/review/items/{item_id}/image", summary="The stored image of a review item")
+    def get_review_image(self, item_id: str) -> Response:
+        data = self.queue.blobs.get(self.queue.get(item_id).image_sha256)
+        image_format = Image.open(io.BytesIO(data)).format or "octet-stream"
+        return Response(data, media_type=Image.MIME.get(image_format, "application/octet-stream"))
+
+    @app.get("/v1/review/items/{item_id}/audit", summary="Who did what to an item")
+    def get_review_audit(self, item_id: str) -> dict[str, Any]:
+        self.queue.get(item_id)
+        return {"item_id": item_id, "events": self.queue.audit_log(item_id)}
+
+    @app.post("/v1/review/claim", summary="Lease the next (or a given) item to a reviewer")
+    def claim(self, body: ClaimRequest) -> dict[str, Any]:
+        item = self.queue.claim(body.reviewer, item_id=body.item_id, lease_s=body.lease_s)
+        if item is None:
+            return {"item": None, "lease_token": None}
+        return {"item": item.public_dict(), "lease_token": item.lease_token}
+
+    @app.post("/v1/review/items/{item_id}/label", summary="Submit a reviewer's label (idempotent)")
+    def label(self, item_id: str, body: LabelRequest) -> dict[str, Any]:
+        item = self.queue.get(item_id)
+        if body.verdict == "confirm":
+            label = {"verdict": "confirm", "label": item.proposed[0]["label"] if item.proposed else None, "boxes": item.proposed}
+        elif body.verdict == "correct":
+            if body.label is None and body.boxes is None:
+                raise InputError("a 'correct' verdict needs 'label' or 'boxes'", field="label")
+            label = {
+                "verdict": "correct",
+                "label": body.label,
+                "boxes": [b.model_dump() for b in body.boxes] if body.boxes is not None else None,
+            }
+        else:
+            label = {"verdict": "reject", "label": None, "boxes": None}
+        if body.note:
+            label["note"] = body.note
+        item = self.queue.submit_label(item_id, reviewer=body.reviewer, lease_token=body.lease_token, label=label)
+        return item.public_dict()
+
+    # -- health ----------------------------------------------------------------------------
+
+    @app.get("/healthz", summary="Liveness")
+    def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", summary="Readiness of every backend")
+    async def readyz(self) -> JSONResponse:
+        checks: dict[str, Any] = {}
+        for task, tier in self.tiers.items():
+            try:
+                checks[f"tier:{task}"] = await asyncio.wait_for(tier.describe.remote(), timeout=5.0)
+            except Exception as exc:
+                checks[f"tier:{task}"] = {"error": f"{type(exc).__name__}: {exc}"}
+        checks["review_queue"] = {"writable": await asyncio.to_thread(self.queue.is_writable)}
+        ready = all("error" not in v for k, v in checks.items() if k.startswith("tier:")) and checks["review_queue"]["writable"]
+        return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)

@@ -1,0 +1,52 @@
+"""Pydantic models for the HTTP edge (request bodies and documented responses)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Edge(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AnalyzeJson(Edge):
+    image_base64: str = Field(..., min_length=1, description="the image file's bytes, base64")
+    task: str | None = Field(None, description="a configured cascade; default: the config's default_task")
+    tenant: str = Field("default", min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.-]+$")
+
+
+class DetectionOut(BaseModel):
+    label: str | None
+    class_id: int
+    confidence: float
+    xyxy: list[float]
+
+
+class AnalyzeResponse(BaseModel):
+    request_id: str
+    task: str
+    decision: Literal["accept", "escalate", "review", "reject"]
+    answer: list[DetectionOut]
+    image: dict[str, Any]
+    review_item_id: str | None
+    cost_units: float
+    trace: dict[str, Any]
+
+
+class ClaimRequest(Edge):
+    reviewer: str = Field(..., min_length=1, max_length=128)
+    item_id: str | None = None
+    lease_s: float | None = Field(None, gt=0, le=86400)
+
+
+class LabelRequest(Edge):
+    reviewer: str = Field(..., min_length=1, max_length=128)
+    lease_token: str = Field(..., min_length=1)
+    verdict: Literal["confirm", "correct", "reject"] = Field(
+        ..., description="confirm the proposed answer, correct it, or reject the image"
+    )
+    label: str | None = Field(None, description="the right class (required for 'correct' on classify tasks)")
+    boxes: list[DetectionOut] | None = Field(None, description="corrected boxes for detection tasks")
+    note: str | None = Field(None, max_length=2000)

@@ -1,0 +1,43 @@
+"""The cheap tier as a Ray Serve deployment: one ONNX model, requests batched by Serve."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ray import serve
+
+from cascades.onnx_stage import OnnxStage, OnnxStageConfig
+from cascades.pipeline import TierResult
+
+
+@serve.deployment(max_ongoing_requests=64)
+class OnnxTier:
+    def __init__(self, stage_config: dict[str, Any], models_dir: str, max_batch_size: int, batch_wait_timeout_ms: float) -> None:
+        self.stage = OnnxStage(OnnxStageConfig(**stage_config), models_dir=Path(models_dir))
+        self.cost_units = self.stage.config.cost_units
+        self.predict.set_max_batch_size(max_batch_size)
+        self.predict.set_batch_wait_timeout_s(batch_wait_timeout_ms / 1000.0)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def predict(self, images: list[np.ndarray]) -> list[TierResult]:
+        # ONNX Runtime releases the GIL; a thread keeps this replica's loop free to gather
+        # the next batch while this one runs.
+        detections, latency_ms = await asyncio.to_thread(self.stage.predict, images)
+        info = self.stage.describe()
+        return [
+            TierResult(
+                detections=d,
+                model=info["model"],
+                model_version=info["model_version"],
+                latency_ms=latency_ms,
+                cost_units=self.cost_units,
+                calibration=info["calibration"],
+            )
+            for d in detections
+        ]
+
+    def describe(self) -> dict[str, Any]:
+        return self.stage.describe()
