@@ -67,7 +67,11 @@ async def run_cascade(
             score=answer_score(result.detections, policy.score),
             latency_ms=result.latency_ms,
             cost_units=result.cost_units,
-            details={"detections": len(result.detections), "calibration": result.calibration},
+            details={
+                "detections": len(result.detections),
+                "label": result.detections.labels[0] if len(result.detections) else None,
+                "calibration": result.calibration,
+            },
         )
     )
     analysis.trace.append(decide_after_cheap_tier(result.detections, policy, vlm_available=vlm is not None))

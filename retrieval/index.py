@@ -126,8 +126,10 @@ class VectorIndex:
                 self._rebuild(reason="unreadable snapshot")
                 return
             if self.index.d != self.dim:
+                saved_dim, self.index = self.index.d, None
+                self.close()
                 raise ConfigError(
-                    f"snapshot {index_path.name} holds {self.index.d}-d vectors, the embedder makes {self.dim}-d",
+                    f"snapshot {index_path.name} holds {saved_dim}-d vectors, the embedder {self.space!r} makes {self.dim}-d",
                     field="retrieval.embedder",
                 )
             applied_seq = int(manifest["applied_seq"])

@@ -182,10 +182,13 @@ class OpenAiVlmClient:
         latency_ms = (time.monotonic() - started) * 1000.0
         try:
             return completion_from_response(response, attempts=attempt, latency_ms=latency_ms)
-        except VlmBackendError:
+        except VlmBackendError as exc:
+            exc.attempts = attempt
             raise
         except Exception as exc:  # a JSON body that is not shaped like a chat completion
-            raise _classify_error(exc) from exc
+            error = _classify_error(exc)
+            error.attempts = attempt
+            raise error from exc
 
     def _attempt(self, request: VlmRequest, deadline: float) -> Any:
         remaining_s = deadline - time.monotonic()
@@ -197,7 +200,10 @@ class OpenAiVlmClient:
                 f"{self.config.queue_timeout_s}s (max_concurrency)",
                 kind="overloaded",
             )
+        remaining_s = deadline - time.monotonic()  # waiting for the slot used some of it
         try:
+            if remaining_s <= 0:
+                raise VlmBackendError(f"no time left of total_timeout_s={self.config.total_timeout_s}", kind="timeout")
             return self._openai.chat.completions.create(
                 model=self.config.model,
                 messages=request.messages,
