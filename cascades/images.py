@@ -14,6 +14,10 @@ from visionroute.errors import InputError, PayloadTooLarge, UnsupportedMediaType
 
 DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 
+# decode_image enforces its own, configurable pixel limit right after reading the header;
+# PIL's global ceiling would otherwise pre-empt it with a less useful message.
+Image.MAX_IMAGE_PIXELS = None
+
 
 @dataclass(frozen=True)
 class DecodedImage:

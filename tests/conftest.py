@@ -1,0 +1,46 @@
+"""Fixtures every test folder may use: the prepared default models and real photos."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# Ray writes an auth token on first init; without this, later `serve` CLI calls fail.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def prepared_models_dir(tmp_path_factory) -> Path:
+    """The embedded default models, prepared once per session exactly as the CLI does."""
+    from cascades.models import prepare_models
+
+    models_dir = tmp_path_factory.mktemp("models")
+    prepare_models(models_dir)
+    return models_dir
+
+
+def photo_rgb(name: str) -> np.ndarray:
+    from skimage import data
+
+    image = getattr(data, name)()
+    if image.ndim == 2:
+        image = np.stack([image] * 3, axis=-1)
+    return np.ascontiguousarray(image[..., :3]).astype(np.uint8)
+
+
+def photo_png(name: str) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(photo_rgb(name)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def photos_png() -> dict[str, bytes]:
+    return {name: photo_png(name) for name in ("coffee", "chelsea", "astronaut", "camera", "page")}
