@@ -94,7 +94,7 @@ def bench_ann(n: int, dim: int, n_queries: int, kinds: tuple[str, ...] = ann.KIN
     return rows
 
 
-def bench_embedding(model_name: str, pretrained: str | None, n_images: int, batch_size: int) -> dict:
+def bench_embedding(model_name: str, pretrained: str | None, n_images: int, batch_size: int, rounds: int = 3) -> dict:
     """Image-tower throughput of one open_clip model: PyTorch eager vs ONNX Runtime (CPU)."""
     import torch
 
@@ -108,15 +108,19 @@ def bench_embedding(model_name: str, pretrained: str | None, n_images: int, batc
     with tempfile.TemporaryDirectory() as tmp:
         onnx = OnnxModel(embedder.export_image_onnx(Path(tmp) / "image_tower.onnx"), max_batch_size=batch_size)
         batches = [pixels[i : i + batch_size] for i in range(0, n_images, batch_size)]
+        eager_rates, onnx_rates = [], []
         with torch.no_grad():
             embedder.model.encode_image(batches[0])  # warm-up
-            started = time.perf_counter()
-            eager = [embedder.model.encode_image(b).numpy() for b in batches]
-            eager_s = time.perf_counter() - started
-        onnx.run(batches[0].numpy())
-        started = time.perf_counter()
-        exported = [onnx.run(b.numpy())[0] for b in batches]
-        onnx_s = time.perf_counter() - started
+            onnx.run(batches[0].numpy())
+            # Alternating rounds, median of each: a shared CPU's load swings would otherwise
+            # favour whichever runtime happened to run in the quiet moment.
+            for _ in range(rounds):
+                started = time.perf_counter()
+                eager = [embedder.model.encode_image(b).numpy() for b in batches]
+                eager_rates.append(n_images / (time.perf_counter() - started))
+                started = time.perf_counter()
+                exported = [onnx.run(b.numpy())[0] for b in batches]
+                onnx_rates.append(n_images / (time.perf_counter() - started))
     max_diff = float(np.abs(np.concatenate(eager) - np.concatenate(exported)).max())
     return {
         "model": model_name,
@@ -124,8 +128,11 @@ def bench_embedding(model_name: str, pretrained: str | None, n_images: int, batc
         "images": n_images,
         "batch_size": batch_size,
         "torch_threads": torch.get_num_threads(),
-        "eager_images_per_s": n_images / eager_s,
-        "onnx_images_per_s": n_images / onnx_s,
+        "rounds": rounds,
+        "eager_images_per_s": float(np.median(eager_rates)),
+        "onnx_images_per_s": float(np.median(onnx_rates)),
+        "eager_range": (min(eager_rates), max(eager_rates)),
+        "onnx_range": (min(onnx_rates), max(onnx_rates)),
         "max_abs_diff": max_diff,
     }
 
@@ -196,9 +203,10 @@ def run(args) -> int:
         r = bench_embedding(args.clip_model, args.clip_pretrained, args.images, args.batch_size)
         print(f"\nImage embedding, open_clip {r['model']} image tower ({r['weights']}), {r['images']} images, "
               f"batch {r['batch_size']}, CPU, {r['torch_threads']} torch threads:")
-        print(f"  PyTorch eager : {r['eager_images_per_s']:.1f} images/s")
-        print(f"  ONNX Runtime  : {r['onnx_images_per_s']:.1f} images/s "
-              f"({r['onnx_images_per_s'] / r['eager_images_per_s']:.2f}x eager; max |diff| {r['max_abs_diff']:.1e})")
+        print(f"  PyTorch eager : {r['eager_images_per_s']:.1f} images/s (median of {r['rounds']}; "
+              f"{r['eager_range'][0]:.1f}-{r['eager_range'][1]:.1f})")
+        print(f"  ONNX Runtime  : {r['onnx_images_per_s']:.1f} images/s ({r['onnx_range'][0]:.1f}-{r['onnx_range'][1]:.1f}; "
+              f"{r['onnx_images_per_s'] / r['eager_images_per_s']:.2f}x eager; max |diff| {r['max_abs_diff']:.1e})")
     if "zeroshot" in parts:
         rows, speed = bench_zero_shot(Path(args.models_dir))
         correct = sum(r["top1"] in r["expected"] for r in rows)
