@@ -74,8 +74,6 @@ async def _router_error(request: Request, error: RouterError) -> JSONResponse:
     if isinstance(error, BudgetExceeded):
         headers["Retry-After"] = str(max(1, round(error.retry_after_s)))
     request_id = getattr(request.state, "request_id", None)
-    if request_id:
-        headers["X-Request-Id"] = request_id
     return JSONResponse({**error.to_dict(), "request_id": request_id}, status_code=status_for(error), headers=headers)
 
 
@@ -178,7 +176,8 @@ class Ingress:
         analysis = await run_cascade(analysis, cheap_tier=cheap_tier, policy=cascade.policy)
         if analysis.decision in (Decision.REVIEW, Decision.ESCALATE):
             await self._enqueue(analysis, image_bytes)
-        return JSONResponse(self._response(analysis), headers={"X-Request-Id": request_id})
+        # Ray Serve's proxy assigns X-Request-Id (or keeps the caller's) and echoes it back.
+        return JSONResponse(self._response(analysis))
 
     async def _enqueue(self, analysis: Analysis, image_bytes: bytes) -> None:
         """Durably queue for review; if that fails the request fails (503), never silently."""

@@ -1,0 +1,79 @@
+"""Start the real service the way the README does (`serve run <config>`), on a free port."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServeProcess:
+    """``serve run`` in a subprocess with a copy of serve_config.yaml (port, dirs overridden)."""
+
+    def __init__(self, workdir: Path, models_dir: Path, extra_args: dict[str, Any] | None = None) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        config = yaml.safe_load((REPO / "serve_config.yaml").read_text())
+        config["http_options"]["port"] = self.port
+        args = config["applications"][0]["args"]
+        args["models_dir"] = str(models_dir)
+        args["review"]["path"] = str(workdir / "review")
+        for key, value in (extra_args or {}).items():
+            args[key] = value
+        self.config_path = workdir / "serve_config.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 180.0) -> "ServeProcess":
+        env = {**os.environ, "RAY_AUTH_MODE": "disabled", "VISIONROUTE_HOME": str(self.workdir / "home"),
+               "PYTHONPATH": str(REPO)}
+        log = open(self.workdir / "serve.log", "ab")
+        serve_cli = Path(sys.executable).with_name("serve")
+        self.process = subprocess.Popen(
+            [str(serve_cli), "run", str(self.config_path)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"serve run exited with {self.process.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=2.0).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(1.0)
+        self.stop()
+        raise RuntimeError(f"service not ready after {timeout_s} s:\n{self.log_tail()}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        # The whole session: serve run and the local Ray cluster it started.
+        os.killpg(self.process.pid, sig)
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=30)
+
+    def log_tail(self, lines: int = 60) -> str:
+        text = (self.workdir / "serve.log").read_text(errors="replace").splitlines()
+        return "\n".join(text[-lines:])

@@ -1,0 +1,129 @@
+"""The real service end to end: Ray Serve from serve_config.yaml, real models, real photos."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import httpx
+import pytest
+from PIL import Image
+
+from tests.integration.serve_process import ServeProcess
+
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def service(prepared_models_dir, tmp_path_factory):
+    process = ServeProcess(tmp_path_factory.mktemp("service"), prepared_models_dir).start()
+    yield process
+    process.stop()
+
+
+def analyze(service, image: bytes, **fields) -> httpx.Response:
+    return httpx.post(service.url + "/v1/analyze", files={"image": ("x.png", image, "image/png")}, data=fields, timeout=60)
+
+
+@pytest.mark.parametrize("photo, label", [("coffee", "espresso"), ("chelsea", "Egyptian cat")])
+def test_clear_photos_are_accepted_with_their_imagenet_label(service, photos_png, photo, label):
+    response = analyze(service, photos_png[photo])
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["decision"] == "accept" and body["answer"][0]["label"] == label
+    assert body["review_item_id"] is None
+    stages = [step["stage"] for step in body["trace"]["steps"]]
+    assert stages == ["input", "onnx:classify", "policy:thresholds"]
+    onnx_step = body["trace"]["steps"][1]
+    assert onnx_step["model"] == "efficientnet_lite0" and "sha256:" in onnx_step["model_version"]
+    assert onnx_step["latency_ms"] > 0 and onnx_step["cost_units"] == 1.0
+    policy_step = body["trace"]["steps"][2]
+    assert policy_step["policy_version"] == "classify-thresholds-v1"
+    assert policy_step["threshold"] == {"accept": 0.7, "escalate": 0.3}
+    assert response.headers["x-request-id"] == body["request_id"]
+
+
+def test_json_base64_and_text_task(service, photos_png):
+    response = httpx.post(
+        service.url + "/v1/analyze",
+        json={"image_base64": base64.b64encode(photos_png["page"]).decode(), "task": "text"},
+        timeout=60,
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["task"] == "text" and len(body["answer"]) >= 5
+    assert all(box["label"] == "text" for box in body["answer"])
+
+
+def bomb_png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("1", (20000, 20000)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "make_request, status, field",
+    [
+        (lambda s, p: analyze(s, b"plain text, not an image"), 415, "image"),
+        (lambda s, p: analyze(s, p["coffee"][:2000]), 400, "image"),
+        (lambda s, p: httpx.post(s.url + "/v1/analyze", content=b"", headers={"content-type": "application/json"}), 400, "body"),
+        (lambda s, p: httpx.post(s.url + "/v1/analyze", content=p["coffee"], headers={"content-type": "image/png"}), 415, "content-type"),
+        (lambda s, p: analyze(s, bomb_png()), 413, "image"),
+        (lambda s, p: analyze(s, b"0" * (21 << 20)), 413, "body"),
+        (lambda s, p: analyze(s, p["coffee"], task="ocr"), 400, "task"),
+        (lambda s, p: httpx.post(s.url + "/v1/analyze", json={"image_base64": "%%%"}), 400, "image_base64"),
+        (lambda s, p: httpx.post(s.url + "/v1/analyze", json={"image_base64": "aGk=", "colour": 1}), 400, "colour"),
+    ],
+    ids=["not-an-image", "truncated-png", "empty-body", "wrong-content-type", "decompression-bomb",
+         "body-over-limit", "unknown-task", "bad-base64", "unknown-json-field"],
+)
+def test_bad_input_gets_a_4xx_naming_the_field_and_service_keeps_serving(service, photos_png, make_request, status, field):
+    response = make_request(service, photos_png)
+    assert response.status_code == status, response.text
+    assert response.json()["field"] == field and response.json()["reason"]
+    assert analyze(service, photos_png["coffee"]).status_code == 200
+
+
+def test_unsure_photo_goes_to_review_and_a_reviewer_labels_it(service, photos_png):
+    body = analyze(service, photos_png["astronaut"]).json()
+    assert body["decision"] == "review" and body["review_item_id"]
+    item_id = body["review_item_id"]
+    assert body["trace"]["steps"][-1]["stage"] == "review_queue"
+    listed = httpx.get(service.url + "/v1/review/items").json()
+    assert item_id in [item["id"] for item in listed["items"]]
+    image = httpx.get(f"{service.url}/v1/review/items/{item_id}/image")
+    assert image.content == photos_png["astronaut"] and image.headers["content-type"] == "image/png"
+    claim = httpx.post(service.url + "/v1/review/claim", json={"reviewer": "ann", "item_id": item_id}).json()
+    assert claim["item"]["id"] == item_id and "lease_token" not in claim["item"]
+    rival = httpx.post(service.url + "/v1/review/claim", json={"reviewer": "bob", "item_id": item_id})
+    assert rival.status_code == 409
+    label = {"reviewer": "ann", "lease_token": claim["lease_token"], "verdict": "correct", "label": "space shuttle"}
+    labelled = httpx.post(f"{service.url}/v1/review/items/{item_id}/label", json=label)
+    assert labelled.status_code == 200 and labelled.json()["status"] == "labelled"
+    assert httpx.post(f"{service.url}/v1/review/items/{item_id}/label", json=label).status_code == 200  # idempotent
+    pending = [i["id"] for i in httpx.get(service.url + "/v1/review/items").json()["items"]]
+    assert item_id not in pending
+
+
+def test_openapi_docs_and_readiness(service):
+    assert httpx.get(service.url + "/docs").status_code == 200
+    spec = httpx.get(service.url + "/openapi.json").json()
+    assert "/v1/analyze" in spec["paths"] and "/v1/review/claim" in spec["paths"]
+    ready = httpx.get(service.url + "/readyz").json()
+    assert ready["ready"] and ready["checks"]["review_queue"]["writable"]
+
+
+def test_review_queue_survives_a_restart(prepared_models_dir, tmp_path, photos_png):
+    first = ServeProcess(tmp_path, prepared_models_dir).start()
+    try:
+        item_id = analyze(first, photos_png["astronaut"]).json()["review_item_id"]
+        assert item_id
+    finally:
+        first.stop()
+    second = ServeProcess(tmp_path, prepared_models_dir).start()
+    try:
+        item = httpx.get(f"{second.url}/v1/review/items/{item_id}")
+        assert item.status_code == 200 and item.json()["status"] == "pending"
+        assert httpx.get(f"{second.url}/v1/review/items/{item_id}/image").content == photos_png["astronaut"]
+    finally:
+        second.stop()
