@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "evals.cli",
     "retrieval.cli",
     "cascades.vlm.cli",
+    "router.cli",
 )
 
 

@@ -1,0 +1,46 @@
+"""``visionroute serve`` (prepare models, then Ray Serve) and ``visionroute bench serve``."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from visionroute import paths
+
+REPO_CONFIG = Path(__file__).resolve().parents[1] / "serve_config.yaml"
+
+
+def _serve(args) -> int:
+    from cascades.models import prepare_models
+
+    prepare_models(Path(args.models_dir))
+    env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
+    serve_cli = Path(sys.executable).with_name("serve")
+    command = [str(serve_cli), "run", str(args.config)]
+    print("starting:", " ".join(command), flush=True)
+    # exec: SIGTERM/SIGINT reach `serve run` directly, which shuts Ray Serve down cleanly.
+    os.execve(command[0], command, env)
+    return 0  # not reached
+
+
+def _bench_serve(args) -> int:
+    from evals.bench_serve import run_bench
+
+    run_bench(Path(args.models_dir), requests=args.requests, clients=args.clients, max_batch_size=args.max_batch_size)
+    return 0
+
+
+def register(subparsers, bench) -> None:
+    serve = subparsers.add_parser("serve", help="prepare the default models and start the service on Ray Serve")
+    serve.add_argument("--config", type=Path, default=REPO_CONFIG, help="Ray Serve config (default: %(default)s)")
+    serve.add_argument("--models-dir", default=str(paths.models_dir()))
+    serve.set_defaults(func=_serve)
+
+    serve_bench = bench.add_parser("serve", help="HTTP through Ray Serve vs raw ONNX Runtime (same images)")
+    serve_bench.add_argument("--models-dir", default=str(paths.models_dir()))
+    serve_bench.add_argument("--requests", type=int, default=200)
+    serve_bench.add_argument("--clients", type=int, default=8)
+    serve_bench.add_argument("--max-batch-size", type=int, default=8)
+    serve_bench.set_defaults(func=_bench_serve)
