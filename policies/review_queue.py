@@ -5,11 +5,22 @@ committed, so an acknowledged item survives a crash. Enqueue is idempotent on
 ``request_id``: a client retry after a lost response never makes a second item.
 
 Leases: ``claim`` gives one reviewer an item for ``lease_s`` seconds; an expired lease puts the
-item back in the queue. ``submit_label`` is idempotent: the same label twice is one label.
+item back in the queue (with a ``lease_expired`` audit event). ``submit_label`` is idempotent:
+the same label twice is one label; a label naming a class outside the task's label set is
+refused.
+
+Order: overdue items (past their SLA) first, then by priority, the value of a review
+(``policies.costs.review_value``: uncertainty x the cost of an error), then oldest first.
+
+Retention: ``purge_images`` deletes stored images older than a TTL; the rows, labels and audit
+log stay. ``export_calibration`` writes reviewed items as a labelled set that
+``visionroute calibrate --images --labels`` reads.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import sqlite3
@@ -20,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from policies.audit_sampling import is_error
 from visionroute.errors import Conflict, InputError, NotFound
 
 SCHEMA = """
@@ -43,6 +55,11 @@ CREATE TABLE IF NOT EXISTS items (
     labelled_at REAL
 );
 CREATE INDEX IF NOT EXISTS items_queue ON items (status, priority DESC, created_at);
+CREATE TABLE IF NOT EXISTS label_sets (
+    task TEXT PRIMARY KEY,
+    labels_json TEXT NOT NULL,
+    updated_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     item_id TEXT NOT NULL,
@@ -54,7 +71,14 @@ CREATE TABLE IF NOT EXISTS audit (
 );
 """
 
-STATUSES = ("pending", "labelled")
+# Columns added after the first release; opened databases are migrated in place.
+ADDED_COLUMNS = {
+    "kind": "TEXT NOT NULL DEFAULT 'review'",  # review | audit (a sampled auto-accept) | budget
+    "sla_due_at": "REAL",
+    "image_deleted_at": "REAL",
+}
+STATUSES = ("pending", "labelled", "expired")
+KINDS = ("review", "audit", "budget")
 
 
 @dataclass(frozen=True)
@@ -76,6 +100,9 @@ class ReviewItem:
     label: dict[str, Any] | None
     labelled_by: str | None
     labelled_at: float | None
+    kind: str = "review"
+    sla_due_at: float | None = None
+    image_deleted_at: float | None = None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> "ReviewItem":
@@ -97,6 +124,9 @@ class ReviewItem:
             label=json.loads(row["label_json"]) if row["label_json"] else None,
             labelled_by=row["labelled_by"],
             labelled_at=row["labelled_at"],
+            kind=row["kind"],
+            sla_due_at=row["sla_due_at"],
+            image_deleted_at=row["image_deleted_at"],
         )
 
     def is_leased(self, now: float) -> bool:
@@ -108,7 +138,12 @@ class ReviewItem:
         data = {k: v for k, v in self.__dict__.items() if k != "lease_token"}
         data["age_s"] = round(now - self.created_at, 3)
         data["is_leased"] = self.is_leased(now)
+        data["is_overdue"] = self.is_overdue(now)
+        data["image_available"] = self.image_deleted_at is None
         return data
+
+    def is_overdue(self, now: float) -> bool:
+        return self.status == "pending" and self.sla_due_at is not None and self.sla_due_at <= now
 
 
 class BlobStore:
@@ -147,6 +182,13 @@ class BlobStore:
             raise NotFound(f"no stored image {sha256}", field="image_sha256")
         return path.read_bytes()
 
+    def delete(self, sha256: str) -> bool:
+        try:
+            self.path(sha256).unlink()
+            return True
+        except FileNotFoundError:
+            return False
+
 
 class ReviewQueue:
     """Thread-safe (one SQLite connection per thread) and multi-process safe (WAL + locks)."""
@@ -159,6 +201,14 @@ class ReviewQueue:
         self.default_lease_s = default_lease_s
         self._local = threading.local()
         self._connection().executescript(SCHEMA)  # executescript manages its own transaction
+        self._migrate()
+
+    def _migrate(self) -> None:
+        with self._transaction() as db:
+            have = {row["name"] for row in db.execute("PRAGMA table_info(items)")}
+            for column, spec in ADDED_COLUMNS.items():
+                if column not in have:
+                    db.execute(f"ALTER TABLE items ADD COLUMN {column} {spec}")
 
     def _connection(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
@@ -206,21 +256,32 @@ class ReviewQueue:
         proposed: list[dict[str, Any]],
         trace: dict[str, Any],
         priority: float = 0.0,
+        kind: str = "review",
+        sla_s: float | None = None,
+        label_set: tuple[str, ...] | list[str] | None = None,
     ) -> ReviewItem:
-        """Store the image, then the row; returns the existing item on a repeated request_id."""
+        """Store the image, then the row; returns the existing item on a repeated request_id.
+
+        ``label_set`` (the model's class names) registers what labels the task accepts.
+        """
+        if kind not in KINDS:
+            raise InputError(f"kind must be one of {list(KINDS)}, got {kind!r}", field="kind")
         self.blobs.put(image_sha256, image_bytes)
         item_id = uuid.uuid4().hex
+        now = time.time()
         with self._transaction() as db:
             existing = db.execute("SELECT * FROM items WHERE request_id = ?", (request_id,)).fetchone()
             if existing is not None:
                 return ReviewItem.from_row(existing)
+            if label_set:
+                self._register_label_set(db, task, list(label_set), now)
             db.execute(
                 "INSERT INTO items (id, request_id, tenant, task, image_sha256, created_at, priority, reason,"
-                " proposed_json, trace_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (item_id, request_id, tenant, task, image_sha256, time.time(), priority, reason,
-                 json.dumps(proposed), json.dumps(trace)),
+                " proposed_json, trace_json, kind, sla_due_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (item_id, request_id, tenant, task, image_sha256, now, priority, reason,
+                 json.dumps(proposed), json.dumps(trace), kind, now + sla_s if sla_s else None),
             )
-            self._audit(db, item_id, "service", "enqueue", None, {"reason": reason})
+            self._audit(db, item_id, "service", "enqueue", None, {"reason": reason, "kind": kind, "priority": priority})
             row = db.execute("SELECT * FROM items WHERE id = ?", (item_id,)).fetchone()
         return ReviewItem.from_row(row)
 
@@ -235,6 +296,7 @@ class ReviewQueue:
             raise InputError(f"lease_s must be in (0, 86400], got {lease_s}", field="lease_s")
         now = time.time()
         with self._transaction() as db:
+            self._requeue_expired(db, now)
             if item_id is not None:
                 row = db.execute("SELECT * FROM items WHERE id = ?", (item_id,)).fetchone()
                 if row is None or (tenant is not None and row["tenant"] != tenant):
@@ -254,7 +316,8 @@ class ReviewQueue:
                 if tenant is not None:
                     query += " AND tenant = ?"
                     params.append(tenant)
-                row = db.execute(query + " ORDER BY priority DESC, created_at LIMIT 1", params).fetchone()
+                order = " ORDER BY (sla_due_at IS NOT NULL AND sla_due_at <= ?) DESC, priority DESC, created_at LIMIT 1"
+                row = db.execute(query + order, [*params, now]).fetchone()
                 if row is None:
                     return None
                 item = ReviewItem.from_row(row)
@@ -283,6 +346,9 @@ class ReviewQueue:
                 raise Conflict(
                     f"item {item_id} was already labelled {item.label} by {item.labelled_by}", field="label"
                 )
+            if item.status != "pending":
+                raise Conflict(f"item {item_id} is {item.status} (its image was purged); it can no longer be labelled", field="item_id")
+            self._validate_label(db, item.task, label)
             if item.lease_token != lease_token or item.lease_owner != reviewer:
                 raise Conflict(f"lease token does not match the current lease of item {item_id}; claim it again", field="lease_token")
             if not item.is_leased(now):
@@ -295,6 +361,104 @@ class ReviewQueue:
             self._audit(db, item_id, reviewer, "label", item.label, label)
             row = db.execute("SELECT * FROM items WHERE id = ?", (item_id,)).fetchone()
         return ReviewItem.from_row(row)
+
+    @staticmethod
+    def _register_label_set(db: sqlite3.Connection, task: str, labels: list[str], now: float) -> None:
+        row = db.execute("SELECT labels_json FROM label_sets WHERE task = ?", (task,)).fetchone()
+        if row is None or json.loads(row["labels_json"]) != labels:
+            db.execute(
+                "INSERT INTO label_sets (task, labels_json, updated_at) VALUES (?, ?, ?) ON CONFLICT (task)"
+                " DO UPDATE SET labels_json = excluded.labels_json, updated_at = excluded.updated_at",
+                (task, json.dumps(labels), now),
+            )
+
+    def _validate_label(self, db: sqlite3.Connection, task: str, label: dict[str, Any]) -> None:
+        row = db.execute("SELECT labels_json FROM label_sets WHERE task = ?", (task,)).fetchone()
+        if row is None:
+            return  # the task's model declared no label set: nothing to check against
+        allowed = set(json.loads(row["labels_json"]))
+        names = [label.get("label")] + [box.get("label") for box in (label.get("boxes") or [])]
+        bad = sorted({str(n) for n in names if n is not None and n not in allowed})
+        if bad:
+            examples = sorted(allowed)[:8]
+            raise InputError(
+                f"labels {bad} are not in task {task!r}'s label set of {len(allowed)} names (e.g. {examples});"
+                f" GET /v1/review/labels/{task} lists them",
+                field="label",
+            )
+
+    def _requeue_expired(self, db: sqlite3.Connection, now: float) -> int:
+        """Clear leases that ran out (the item is claimable again) and say so in the audit log."""
+        rows = db.execute(
+            "SELECT id, lease_owner, lease_expires_at FROM items WHERE status = 'pending' AND lease_owner IS NOT NULL"
+            " AND lease_expires_at IS NOT NULL AND lease_expires_at <= ?",
+            (now,),
+        ).fetchall()
+        for row in rows:
+            db.execute(
+                "UPDATE items SET lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL WHERE id = ?", (row["id"],)
+            )
+            self._audit(db, row["id"], "service", "lease_expired", {"lease_owner": row["lease_owner"],
+                        "lease_expires_at": row["lease_expires_at"]}, None)  # fmt: skip
+        return len(rows)
+
+    def requeue_expired(self) -> int:
+        with self._transaction() as db:
+            return self._requeue_expired(db, time.time())
+
+    def release(self, item_id: str, *, reviewer: str, lease_token: str) -> ReviewItem:
+        """Give a leased item back unlabelled (a reviewer skips it)."""
+        with self._transaction() as db:
+            row = db.execute("SELECT * FROM items WHERE id = ?", (item_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"no review item {item_id!r}", field="item_id")
+            item = ReviewItem.from_row(row)
+            if item.lease_token != lease_token or item.lease_owner != reviewer:
+                raise Conflict(f"lease token does not match the current lease of item {item_id}", field="lease_token")
+            db.execute("UPDATE items SET lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL WHERE id = ?", (item_id,))
+            self._audit(db, item_id, reviewer, "release", {"lease_owner": reviewer}, None)
+            row = db.execute("SELECT * FROM items WHERE id = ?", (item_id,)).fetchone()
+        return ReviewItem.from_row(row)
+
+    def purge_images(self, ttl_s: float, *, now: float | None = None) -> dict[str, int]:
+        """Delete stored images of items older than ``ttl_s``; rows, labels and audit stay.
+
+        A pending item whose image is gone can no longer be reviewed: it becomes ``expired``.
+        A blob shared by several items (same sha256) goes when no remaining item needs it.
+        """
+        if not ttl_s > 0:
+            raise InputError(f"ttl_s must be > 0, got {ttl_s}", field="image_ttl_s")
+        now = time.time() if now is None else now
+        with self._transaction() as db:
+            rows = db.execute(
+                "SELECT id, image_sha256, status FROM items WHERE image_deleted_at IS NULL AND created_at < ?", (now - ttl_s,)
+            ).fetchall()
+            for row in rows:
+                status = "expired" if row["status"] == "pending" else row["status"]
+                db.execute(
+                    "UPDATE items SET image_deleted_at = ?, status = ?, lease_owner = NULL, lease_token = NULL,"
+                    " lease_expires_at = NULL WHERE id = ?",
+                    (now, status, row["id"]),
+                )
+                self._audit(db, row["id"], "service", "image_purged", {"status": row["status"]}, {"status": status, "ttl_s": ttl_s})
+            candidates = {row["image_sha256"] for row in rows}
+            still_needed = {
+                r["image_sha256"]
+                for r in db.execute("SELECT DISTINCT image_sha256 FROM items WHERE image_deleted_at IS NULL")
+                if r["image_sha256"] in candidates
+            }
+        deleted = sum(self.blobs.delete(sha) for sha in sorted(candidates - still_needed))
+        return {"items": len(rows), "images_deleted": deleted}
+
+    def image(self, item_id: str) -> bytes:
+        item = self.get(item_id)
+        if item.image_deleted_at is not None:
+            raise NotFound(
+                f"the image of item {item_id} was deleted by the retention policy at {item.image_deleted_at:.0f}; "
+                "its label and audit log remain",
+                field="image",
+            )
+        return self.blobs.get(item.image_sha256)
 
     # -- readers ---------------------------------------------------------------------------
 
@@ -320,8 +484,8 @@ class ReviewQueue:
         if tenant is not None:
             query += " AND tenant = ?"
             params.append(tenant)
-        query += " ORDER BY priority DESC, created_at LIMIT ? OFFSET ?"
-        rows = self._connection().execute(query, [*params, limit, offset]).fetchall()
+        query += " ORDER BY (sla_due_at IS NOT NULL AND sla_due_at <= ?) DESC, priority DESC, created_at LIMIT ? OFFSET ?"
+        rows = self._connection().execute(query, [*params, time.time(), limit, offset]).fetchall()
         return [ReviewItem.from_row(row) for row in rows]
 
     def audit_log(self, item_id: str) -> list[dict[str, Any]]:
@@ -329,11 +493,78 @@ class ReviewQueue:
         return [dict(row) for row in rows]
 
     def stats(self) -> dict[str, float]:
+        now = time.time()
         row = self._connection().execute(
-            "SELECT COUNT(*) AS depth, MIN(created_at) AS oldest FROM items WHERE status = 'pending'"
+            "SELECT COUNT(*) AS depth, MIN(created_at) AS oldest,"
+            " COALESCE(SUM(sla_due_at IS NOT NULL AND sla_due_at <= ?), 0) AS overdue,"
+            " COALESCE(SUM(lease_expires_at IS NOT NULL AND lease_expires_at > ?), 0) AS leased"
+            " FROM items WHERE status = 'pending'",
+            (now, now),
         ).fetchone()
         oldest = row["oldest"]
-        return {"depth": row["depth"], "oldest_age_s": time.time() - oldest if oldest else 0.0}
+        return {"depth": row["depth"], "oldest_age_s": now - oldest if oldest else 0.0,
+                "overdue": row["overdue"], "leased": row["leased"]}  # fmt: skip
+
+    def label_set(self, task: str) -> list[str] | None:
+        row = self._connection().execute("SELECT labels_json FROM label_sets WHERE task = ?", (task,)).fetchone()
+        return json.loads(row["labels_json"]) if row else None
+
+    def audit_outcomes(self, task: str, window_items: int) -> tuple[int, int]:
+        """(errors, labelled) over the latest ``window_items`` labelled audit samples of a task."""
+        rows = self._connection().execute(
+            "SELECT label_json, proposed_json FROM items WHERE kind = 'audit' AND status = 'labelled' AND task = ?"
+            " ORDER BY labelled_at DESC LIMIT ?",
+            (task, window_items),
+        ).fetchall()
+        errors = sum(is_error(json.loads(r["label_json"]), json.loads(r["proposed_json"])) for r in rows)
+        return errors, len(rows)
+
+    def export_calibration(self, out_dir: str | Path, *, task: str | None = None, tenant: str | None = None) -> dict[str, Any]:
+        """Write reviewed items as a labelled set: ``images/`` + ``labels.csv`` (image,label,metadata...)
+        for ``visionroute calibrate --images OUT/images --labels OUT/labels.csv``, ``labels.jsonl``
+        with every label (boxes too), and ``traces.jsonl`` (with ``ground_truth``) for
+        ``visionroute eval --traces``. Rejected items and items whose image was purged have no
+        usable image label and are counted, not written.
+        """
+        from PIL import Image
+
+        out = Path(out_dir)
+        (out / "images").mkdir(parents=True, exist_ok=True)
+        query, params = "SELECT * FROM items WHERE status = 'labelled'", []
+        if task is not None:
+            query, params = query + " AND task = ?", [*params, task]
+        if tenant is not None:
+            query, params = query + " AND tenant = ?", [*params, tenant]
+        rows = self._connection().execute(query + " ORDER BY labelled_at", params).fetchall()
+        counts = {"labelled": len(rows), "written": 0, "no_class_label": 0, "image_purged": 0}
+        columns = ["image", "label", "request_id", "item_id", "tenant", "task", "kind", "verdict", "labelled_by"]
+        with (out / "labels.csv").open("w", newline="") as labels_csv, (out / "labels.jsonl").open("w") as labels_jsonl, \
+                (out / "traces.jsonl").open("w") as traces:  # fmt: skip
+            writer = csv.DictWriter(labels_csv, fieldnames=columns)
+            writer.writeheader()
+            for item in map(ReviewItem.from_row, rows):
+                record = {"item_id": item.id, "request_id": item.request_id, "tenant": item.tenant, "task": item.task,
+                          "kind": item.kind, "label": item.label, "proposed": item.proposed,
+                          "labelled_by": item.labelled_by, "labelled_at": item.labelled_at}  # fmt: skip
+                labels_jsonl.write(json.dumps(record) + "\n")
+                class_label = (item.label or {}).get("label")
+                if class_label is None:
+                    counts["no_class_label"] += 1
+                    continue
+                traces.write(json.dumps({**item.trace, "ground_truth": class_label,
+                                         "metadata": {"tenant": item.tenant, "kind": item.kind}}) + "\n")  # fmt: skip
+                if item.image_deleted_at is not None:
+                    counts["image_purged"] += 1
+                    continue
+                data = self.blobs.get(item.image_sha256)
+                suffix = (Image.open(io.BytesIO(data)).format or "bin").lower().replace("jpeg", "jpg")
+                name = f"{item.id}.{suffix}"
+                (out / "images" / name).write_bytes(data)
+                writer.writerow({"image": name, "label": class_label, "request_id": item.request_id, "item_id": item.id,
+                                 "tenant": item.tenant, "task": item.task, "kind": item.kind,
+                                 "verdict": item.label.get("verdict"), "labelled_by": item.labelled_by})  # fmt: skip
+                counts["written"] += 1
+        return {"out": str(out), **counts}
 
     def is_writable(self) -> bool:
         try:

@@ -1,0 +1,156 @@
+"""Audit sampling: send a fraction of auto-accepted items to review, estimate the accepted-error rate.
+
+Which accepts are audited is a hash of the request id (``is_sampled``), so every replica makes
+the same choice and a retried request is sampled the same way; over many requests it is a
+uniform random sample of the accepts, which makes the audited error rate an unbiased estimate
+of the error rate among everything accepted.
+
+The estimate comes with exact (Clopper-Pearson) one-sided bounds at ``confidence``. The alert
+fires, once at least ``min_labelled`` audits are in, when
+
+- ``lower_bound_above_alpha`` (default): the lower bound is above alpha: the data show, at
+  that confidence, that more than alpha of the accepted answers are wrong; or
+- ``upper_bound_above_alpha``: the upper bound is above alpha: the data can no longer vouch
+  that the rate is at most alpha (earlier, noisier).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+from scipy.stats import beta
+
+log = logging.getLogger("visionroute.audit")
+
+
+class AuditConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    fraction: float = Field(0.02, ge=0.0, le=1.0, description="share of auto-accepts sent to review")
+    alpha: float = Field(0.05, gt=0.0, lt=1.0, description="the accepted-error rate that must not be exceeded")
+    confidence: float = Field(0.9, gt=0.0, lt=1.0, description="level of each one-sided bound (1 - delta)")
+    min_labelled: int = Field(30, ge=1, description="audits needed before an alert can fire")
+    window_items: int = Field(1000, ge=1, description="the estimate uses the latest this many labelled audits")
+    alert_when: Literal["lower_bound_above_alpha", "upper_bound_above_alpha"] = "lower_bound_above_alpha"
+
+
+def is_sampled(request_id: str, fraction: float) -> bool:
+    """Deterministic Bernoulli(fraction) draw keyed by the request id."""
+    if fraction <= 0.0:
+        return False
+    draw = int.from_bytes(hashlib.sha256(request_id.encode()).digest()[:8], "big") / 2.0**64
+    return draw < fraction
+
+
+def clopper_pearson(errors: int, n: int, confidence: float) -> tuple[float, float]:
+    """Exact one-sided lower and upper bounds (each at ``confidence``) for a binomial rate."""
+    if n == 0:
+        return 0.0, 1.0
+    lower = 0.0 if errors == 0 else float(beta.ppf(1.0 - confidence, errors, n - errors + 1))
+    upper = 1.0 if errors == n else float(beta.ppf(confidence, errors + 1, n - errors))
+    return lower, upper
+
+
+@dataclass(frozen=True)
+class AuditEstimate:
+    task: str
+    labelled: int
+    errors: int
+    rate: float | None
+    lower_bound: float
+    upper_bound: float
+    alpha: float
+    confidence: float
+    alert: bool
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def estimate(task: str, errors: int, labelled: int, config: AuditConfig) -> AuditEstimate:
+    lower, upper = clopper_pearson(errors, labelled, config.confidence)
+    rate = errors / labelled if labelled else None
+    bound = lower if config.alert_when == "lower_bound_above_alpha" else upper
+    side = "lower" if config.alert_when == "lower_bound_above_alpha" else "upper"
+    if labelled < config.min_labelled:
+        alert, reason = False, f"{labelled} of the {config.min_labelled} audits needed are labelled"
+    elif bound > config.alpha:
+        alert = True
+        reason = (
+            f"{errors}/{labelled} audited accepts were wrong; the {config.confidence:.0%} {side} bound "
+            f"{bound:.4f} is above alpha {config.alpha}"
+        )
+    else:
+        alert = False
+        reason = f"{errors}/{labelled} audited accepts were wrong; the {side} bound {bound:.4f} is within alpha {config.alpha}"
+    return AuditEstimate(task, labelled, errors, rate, lower, upper, config.alpha, config.confidence, alert, reason)
+
+
+def is_error(label: dict[str, Any] | None, proposed: list[dict[str, Any]]) -> bool:
+    """Was the accepted answer wrong, by the reviewer's label? 'reject' counts as wrong (it should
+    not have been answered); 'correct' unless it only restates the proposed top label."""
+    if not label:
+        return False
+    verdict = label.get("verdict")
+    if verdict == "confirm":
+        return False
+    if verdict == "correct" and label.get("boxes") is None and proposed:
+        return label.get("label") != proposed[0].get("label")
+    return True
+
+
+class AuditMonitor:
+    """Logs when a task's alert starts or stops (the metric is read from ``latest``)."""
+
+    def __init__(self) -> None:
+        self.latest: dict[str, AuditEstimate] = {}
+
+    def update(self, result: AuditEstimate) -> AuditEstimate:
+        previous = self.latest.get(result.task)
+        self.latest[result.task] = result
+        if result.alert and not (previous and previous.alert):
+            log.warning("AUDIT ALERT task=%s: %s", result.task, result.reason)
+        elif previous and previous.alert and not result.alert:
+            log.info("audit alert cleared task=%s: %s", result.task, result.reason)
+        return result
+
+
+def simulate_coverage(
+    error_rate: float,
+    *,
+    accepted: int = 5000,
+    fraction: float = 0.05,
+    confidence: float = 0.9,
+    runs: int = 2000,
+    seed: int = 0,
+) -> dict[str, float]:
+    """How often the bounds contain a known accepted-error rate over simulated runs.
+
+    Each run accepts ``accepted`` items, each wrong with probability ``error_rate``; a
+    ``fraction`` is audited. Returns the share of runs whose upper bound is >= the true rate,
+    whose lower bound is <= it, and whose two-sided interval holds it (nominal: confidence,
+    confidence, 2*confidence-1).
+    """
+    rng = np.random.default_rng(seed)
+    n = rng.binomial(accepted, fraction, size=runs)
+    k = rng.binomial(n, error_rate)
+    bounds = np.array([clopper_pearson(int(ki), int(ni), confidence) for ki, ni in zip(k, n)])
+    upper_ok = bounds[:, 1] >= error_rate
+    lower_ok = bounds[:, 0] <= error_rate
+    return {
+        "error_rate": error_rate,
+        "runs": runs,
+        "mean_audited": float(n.mean()),
+        "upper_coverage": float(upper_ok.mean()),
+        "lower_coverage": float(lower_ok.mean()),
+        "two_sided_coverage": float((upper_ok & lower_ok).mean()),
+        "nominal_one_sided": confidence,
+        "nominal_two_sided": 2 * confidence - 1,
+        "mean_upper_bound": float(bounds[:, 1].mean()),
+    }

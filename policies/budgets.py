@@ -1,0 +1,250 @@
+"""Budgets: hard caps on cost units per tenant and feature over a time window.
+
+Every expensive call first *reserves* its cost in a SQLite ledger, inside one ``BEGIN
+IMMEDIATE`` transaction that reads what the window has used and inserts the reservation. SQLite
+serialises those transactions across threads, processes and Ray replicas sharing the file, so
+the sum of reservations in a window can never pass the cap, however many requests race. After
+the call the reservation is *settled* at the actual cost (or *released* when the call did not
+run). A reservation never settled (the process died mid-call) keeps counting: the ledger errs
+on the side of not overspending.
+
+Windows are fixed and aligned to the epoch (``floor(now / window_s) * window_s``), so
+``Retry-After`` is exact: the seconds until the window rolls over.
+
+A rule matches a call by tenant, feature (the task, e.g. ``classify``) and tier; ``"*"`` matches
+anything and the cap is shared by everything it matches. When a reservation does not fit, the
+rule's ``degrade`` mode says what the request gets instead (applied by the caller):
+``accept_degraded`` (the cheap answer, flagged degraded), ``review`` (a human decides) or
+``reject`` (HTTP 429 with Retry-After).
+"""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from policies.costs import TIERS, Tier
+from visionroute.errors import BudgetExceeded, InputError
+
+DegradeMode = Literal["accept_degraded", "review", "reject"]
+_EPS = 1e-9  # float slack when comparing sums of units with the cap
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS reservations (
+    id TEXT NOT NULL,
+    budget TEXT NOT NULL,
+    window_start REAL NOT NULL,
+    window_end REAL NOT NULL,
+    units REAL NOT NULL,
+    state TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    request_id TEXT,
+    PRIMARY KEY (id, budget)
+);
+CREATE INDEX IF NOT EXISTS reservations_window ON reservations (budget, window_start);
+CREATE TABLE IF NOT EXISTS usage (
+    tenant TEXT NOT NULL,
+    feature TEXT NOT NULL,
+    tier TEXT NOT NULL,
+    units REAL NOT NULL,
+    calls INTEGER NOT NULL,
+    PRIMARY KEY (tenant, feature, tier)
+);
+"""
+
+
+class BudgetRule(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(..., min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
+    tenant: str = Field("*", min_length=1, description="a tenant, or '*' for all tenants together")
+    feature: str = Field("*", min_length=1, description="a task (e.g. classify), or '*' for all")
+    tiers: list[Tier] = Field(default_factory=lambda: list(TIERS), min_length=1, description="which calls it meters")
+    window_s: float = Field(..., gt=0, le=366 * 86400)
+    cap_units: float = Field(..., ge=0)
+    degrade: DegradeMode = "reject"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "BudgetRule":
+        if self.degrade == "review" and "review" in self.tiers:
+            raise ValueError(
+                f"budget {self.name!r}: degrade mode 'review' cannot apply when the budget also meters the "
+                "review tier (there would be nothing left to pay the reviewer); drop 'review' from tiers "
+                "or pick accept_degraded / reject"
+            )
+        return self
+
+    def matches(self, tenant: str, feature: str, tier: str) -> bool:
+        return self.tenant in ("*", tenant) and self.feature in ("*", feature) and tier in self.tiers
+
+    def window_start(self, now: float) -> float:
+        return math.floor(now / self.window_s) * self.window_s
+
+
+class BudgetExhausted(BudgetExceeded):
+    """A reservation did not fit; carries the rule so the caller can apply its degrade mode."""
+
+    def __init__(self, message: str, *, rule: BudgetRule, retry_after_s: float) -> None:
+        super().__init__(message, retry_after_s=retry_after_s, field=f"budget:{rule.name}")
+        self.rule = rule
+
+
+@dataclass
+class Reservation:
+    id: str
+    tenant: str
+    feature: str
+    tier: str
+    units: float
+    budgets: list[str] = field(default_factory=list)
+    done: bool = False
+
+
+class BudgetLedger:
+    """The shared ledger: one SQLite file per deployment; any number of processes may open it."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path).expanduser()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._db().executescript(SCHEMA)
+
+    def _db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")  # a lost reservation after a crash could mean overspend
+            db.execute("PRAGMA busy_timeout=30000")
+            self._local.db = db
+        return db
+
+    def _used(self, db: sqlite3.Connection, rule: BudgetRule, now: float) -> float:
+        row = db.execute(
+            "SELECT COALESCE(SUM(units), 0) FROM reservations WHERE budget = ? AND window_start = ?",
+            (rule.name, rule.window_start(now)),
+        ).fetchone()
+        return float(row[0])
+
+    def reserve(
+        self,
+        rules: list[BudgetRule],
+        *,
+        tenant: str,
+        feature: str,
+        tier: str,
+        units: float,
+        request_id: str | None = None,
+        now: float | None = None,
+    ) -> Reservation:
+        """Reserve ``units`` on every matching rule, all or nothing; raise BudgetExhausted if one is full."""
+        if tier not in TIERS:
+            raise InputError(f"unknown tier {tier!r}; expected one of {list(TIERS)}", field="tier")
+        if not units >= 0 or math.isinf(units):
+            raise InputError(f"a reservation needs finite units >= 0, got {units}", field="units")
+        now = time.time() if now is None else now
+        matching = [rule for rule in rules if rule.matches(tenant, feature, tier)]
+        reservation = Reservation(uuid.uuid4().hex, tenant, feature, tier, units, [r.name for r in matching])
+        if not matching:
+            return reservation
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for rule in matching:
+                used = self._used(db, rule, now)
+                if used + units > rule.cap_units + _EPS:
+                    retry_after = rule.window_start(now) + rule.window_s - now
+                    raise BudgetExhausted(
+                        f"budget {rule.name!r} (tenant {rule.tenant}, feature {rule.feature}) has used "
+                        f"{used:.4g} of {rule.cap_units:.4g} units in its {rule.window_s:g} s window; this "
+                        f"{tier} call needs {units:.4g}; the window resets in {retry_after:.0f} s",
+                        rule=rule,
+                        retry_after_s=retry_after,
+                    )
+            db.executemany(
+                "INSERT INTO reservations (id, budget, window_start, window_end, units, state, created_at, request_id)"
+                " VALUES (?, ?, ?, ?, ?, 'reserved', ?, ?)",
+                [(reservation.id, r.name, r.window_start(now), r.window_start(now) + r.window_s, units, now, request_id)
+                 for r in matching],
+            )
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+        return reservation
+
+    def settle(self, reservation: Reservation, actual_units: float | None = None) -> None:
+        """Charge the actual cost (default: what was reserved) and add it to the usage totals.
+
+        Charging more than was reserved would let a window pass its cap, so the charge against
+        budgets is capped at the reservation; the usage totals record the true cost.
+        """
+        if reservation.done:
+            return
+        actual = reservation.units if actual_units is None else float(actual_units)
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute(
+                "UPDATE reservations SET units = ?, state = 'settled' WHERE id = ?",
+                (min(actual, reservation.units), reservation.id),
+            )
+            db.execute(
+                "INSERT INTO usage (tenant, feature, tier, units, calls) VALUES (?, ?, ?, ?, 1)"
+                " ON CONFLICT (tenant, feature, tier) DO UPDATE SET units = units + excluded.units, calls = calls + 1",
+                (reservation.tenant, reservation.feature, reservation.tier, actual),
+            )
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+        reservation.done = True
+
+    def release(self, reservation: Reservation) -> None:
+        """The call did not run: give the units back."""
+        if reservation.done:
+            return
+        self._db().execute("DELETE FROM reservations WHERE id = ?", (reservation.id,))
+        reservation.done = True
+
+    # -- readers -------------------------------------------------------------------------------
+
+    def status(self, rules: list[BudgetRule], now: float | None = None) -> list[dict[str, Any]]:
+        now = time.time() if now is None else now
+        db = self._db()
+        out = []
+        for rule in rules:
+            used = self._used(db, rule, now)
+            start = rule.window_start(now)
+            out.append({
+                **rule.model_dump(),
+                "used_units": used,
+                "remaining_units": max(0.0, rule.cap_units - used),
+                "window_start": start,
+                "resets_in_s": start + rule.window_s - now,
+            })
+        return out
+
+    def usage(self) -> list[dict[str, Any]]:
+        rows = self._db().execute("SELECT tenant, feature, tier, units, calls FROM usage ORDER BY tenant, feature, tier")
+        return [dict(zip(("tenant", "feature", "tier", "units", "calls"), row)) for row in rows]
+
+    def window_total(self, budget: str, window_start: float) -> float:
+        row = self._db().execute(
+            "SELECT COALESCE(SUM(units), 0) FROM reservations WHERE budget = ? AND window_start = ?", (budget, window_start)
+        ).fetchone()
+        return float(row[0])
+
+    def prune(self, older_than_s: float, now: float | None = None) -> int:
+        """Drop reservations of windows that ended more than ``older_than_s`` ago (usage totals stay)."""
+        now = time.time() if now is None else now
+        cursor = self._db().execute("DELETE FROM reservations WHERE window_end < ?", (now - older_than_s,))
+        return cursor.rowcount
