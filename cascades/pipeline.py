@@ -76,5 +76,17 @@ async def run_cascade(
     )
     analysis.trace.append(decide_after_cheap_tier(result.detections, policy, vlm_available=vlm is not None))
     if analysis.decision is Decision.ESCALATE and vlm is not None:
-        analysis = await vlm(analysis)
+        started = time.perf_counter()
+        try:
+            analysis = await vlm(analysis)
+        except Exception as exc:  # the VLM stage records its own faults; this is its host failing
+            analysis.trace.append(
+                Step(
+                    stage="vlm",
+                    decision=Decision.REVIEW,
+                    reason="the VLM tier could not be reached; a human decides",
+                    error=f"{type(exc).__name__}: {exc}",
+                    latency_ms=(time.perf_counter() - started) * 1000.0,
+                )
+            )
     return analysis

@@ -2,8 +2,8 @@
 
     import_path: router.app:build_app
 
-One ``.bind()`` expression shows the whole graph: an ``OnnxTier`` per configured task,
-composed behind the HTTP ``Ingress``.
+One ``.bind()`` expression shows the whole graph: an ``OnnxTier`` per configured task (and a
+``VlmTier`` for each task with a VLM), composed behind the HTTP ``Ingress``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from ray.serve import Application
 
 from router.config import parse_app_config
 from router.ingress import Ingress
-from router.tiers import OnnxTier
+from router.tiers import OnnxTier, VlmTier
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
@@ -32,6 +32,15 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         )
         for task, cascade in config.cascades.items()
     }
+    vlm_tiers = {
+        task: VlmTier.options(
+            name=f"vlm_{task}",
+            num_replicas=cascade.vlm_replicas,
+            ray_actor_options={"num_cpus": cascade.vlm_num_cpus},
+        ).bind(cascade.vlm.model_dump(mode="json"))
+        for task, cascade in config.cascades.items()
+        if cascade.vlm is not None
+    }
     return Ingress.options(
         num_replicas=config.ingress_replicas, ray_actor_options={"num_cpus": config.ingress_num_cpus}
-    ).bind(config.model_dump(mode="json"), tiers)
+    ).bind(config.model_dump(mode="json"), tiers, vlm_tiers)

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from cascades.images import DEFAULT_FORMATS
 from cascades.onnx_stage import OnnxStageConfig
+from cascades.vlm.config import VlmConfig
 from policies.thresholds import ThresholdPolicy
 from visionroute import paths
 from visionroute.errors import ConfigError
@@ -46,7 +47,10 @@ class CascadeConfig(Strict):
     replicas: int = Field(1, ge=1)
     num_cpus: float = Field(0.5, gt=0)
     max_batch_size: int = Field(8, ge=1, le=256)
-    batch_wait_timeout_ms: float = Field(5.0, ge=0, le=1000)
+    batch_wait_timeout_ms: float = Field(2.0, ge=0, le=1000)
+    vlm: VlmConfig | None = Field(None, description="the escalation tier; without it, escalations go to review")
+    vlm_replicas: int = Field(1, ge=1)
+    vlm_num_cpus: float = Field(0.25, gt=0)
 
 
 class ReviewConfig(Strict):

@@ -134,9 +134,12 @@ async def image_and_fields(request: Request, max_bytes: int) -> tuple[bytes, str
 @serve.deployment(max_ongoing_requests=100)
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, config: dict[str, Any], tiers: dict[str, DeploymentHandle]) -> None:
+    def __init__(
+        self, config: dict[str, Any], tiers: dict[str, DeploymentHandle], vlm_tiers: dict[str, DeploymentHandle]
+    ) -> None:
         self.config = AppConfig.model_validate(config)
         self.tiers = tiers
+        self.vlm_tiers = vlm_tiers
         self.queue = ReviewQueue(self.config.review.path, default_lease_s=self.config.review.lease_s)
         log.info("ingress ready: tasks %s, review queue %s", sorted(tiers), self.queue.db_path)
 
@@ -173,7 +176,14 @@ class Ingress:
         async def cheap_tier(image_rgb) -> TierResult:
             return await tier.predict.remote(image_rgb)
 
-        analysis = await run_cascade(analysis, cheap_tier=cheap_tier, policy=cascade.policy)
+        vlm = None
+        if task in self.vlm_tiers:
+            vlm_tier = self.vlm_tiers[task]
+
+            async def vlm(escalated: Analysis) -> Analysis:
+                return await vlm_tier.run.remote(escalated)
+
+        analysis = await run_cascade(analysis, cheap_tier=cheap_tier, policy=cascade.policy, vlm=vlm)
         if analysis.decision in (Decision.REVIEW, Decision.ESCALATE):
             await self._enqueue(analysis, image_bytes)
         # Ray Serve's proxy assigns X-Request-Id (or keeps the caller's) and echoes it back.
@@ -290,6 +300,11 @@ class Ingress:
                 checks[f"tier:{task}"] = await asyncio.wait_for(tier.describe.remote(), timeout=5.0)
             except Exception as exc:
                 checks[f"tier:{task}"] = {"error": f"{type(exc).__name__}: {exc}"}
+        for task, vlm_tier in self.vlm_tiers.items():
+            try:  # informative only: a VLM that is down degrades to review, the service stays ready
+                checks[f"vlm:{task}"] = await asyncio.wait_for(vlm_tier.describe.remote(), timeout=5.0)
+            except Exception as exc:
+                checks[f"vlm:{task}"] = {"error": f"{type(exc).__name__}: {exc}"}
         checks["review_queue"] = {"writable": await asyncio.to_thread(self.queue.is_writable)}
         ready = all("error" not in v for k, v in checks.items() if k.startswith("tier:")) and checks["review_queue"]["writable"]
         return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)

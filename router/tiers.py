@@ -11,6 +11,8 @@ from ray import serve
 
 from cascades.onnx_stage import OnnxStage, OnnxStageConfig
 from cascades.pipeline import TierResult
+from cascades.vlm import VlmConfig, VlmStage
+from visionroute.records import Analysis
 
 
 @serve.deployment(max_ongoing_requests=64)
@@ -41,3 +43,18 @@ class OnnxTier:
 
     def describe(self) -> dict[str, Any]:
         return self.stage.describe()
+
+
+@serve.deployment(max_ongoing_requests=32)
+class VlmTier:
+    """The escalation tier: one VlmStage (client, slots, breaker) per replica."""
+
+    def __init__(self, vlm_config: dict[str, Any]) -> None:
+        self.stage = VlmStage(VlmConfig.model_validate(vlm_config))
+
+    async def run(self, analysis: Analysis) -> Analysis:
+        return await self.stage(analysis)
+
+    def describe(self) -> dict[str, Any]:
+        config = self.stage.config
+        return {"endpoint": config.endpoint, "model": config.model, "task": config.task}

@@ -37,13 +37,6 @@ pytestmark = [pytest.mark.server, pytest.mark.slow]
 LABELS = ("cat", "dog", "coffee cup", "rocket")
 
 
-@pytest.fixture(scope="session")
-def vllm_server():
-    server = start_tiny_vllm_server()
-    yield server
-    server.stop()
-
-
 def config_for(endpoint: str, **overrides) -> VlmConfig:
     defaults = dict(
         endpoint=endpoint,

@@ -1,0 +1,86 @@
+"""The cascade end to end through Ray Serve to a REAL vLLM server, and that server failing."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.integration.serve_process import ServeProcess
+
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
+LABELS = ["astronaut", "bobsled", "football helmet", "rocket", "cat"]
+
+
+def vlm_args(endpoint: str, **overrides) -> dict:
+    return {
+        "default_task": "classify",
+        "cascades": {
+            "classify": {
+                "tier": {"model": "efficientnet_lite0"},
+                # The astronaut photo (top-1 0.28) falls between these: it escalates.
+                "policy": {"version": "classify-vlm-v1", "accept_threshold": 0.7, "escalate_threshold": 0.1},
+                "vlm": {
+                    "endpoint": endpoint,
+                    "model": "tiny-llava",
+                    "labels": LABELS,
+                    "accept_threshold": 0.0,  # a random model is never confident; accept its valid answers
+                    "disagreement_margin": 1.0,
+                    "cost_per_1k_prompt_tokens": 0.5,
+                    "cost_per_1k_completion_tokens": 1.5,
+                    "request_timeout_s": 20.0,
+                    "total_timeout_s": 30.0,
+                    "max_attempts": 2,
+                    "backoff_initial_s": 0.05,
+                    **overrides,
+                },
+            }
+        },
+    }
+
+
+def analyze(service: ServeProcess, image: bytes) -> dict:
+    response = httpx.post(service.url + "/v1/analyze", files={"image": ("a.png", image, "image/png")}, timeout=120)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_an_escalated_image_gets_a_vlm_answer_with_tokens_cost_and_latency(vllm_server, prepared_models_dir, tmp_path, photos_png):
+    service = ServeProcess(tmp_path, prepared_models_dir, vlm_args(vllm_server.base_url)).start()
+    try:
+        body = analyze(service, photos_png["astronaut"])
+        stages = [step["stage"] for step in body["trace"]["steps"]]
+        assert stages[:4] == ["input", "onnx:classify", "policy:thresholds", "vlm"], stages
+        escalation, vlm = body["trace"]["steps"][2], body["trace"]["steps"][3]
+        assert escalation["decision"] == "escalate"
+        assert vlm["error"] is None, vlm
+        assert vlm["model"] == "tiny-llava" and vlm["latency_ms"] > 0
+        assert vlm["details"]["prompt_tokens"] > 0 and vlm["details"]["completion_tokens"] > 0
+        assert vlm["cost_units"] > 0 and body["cost_units"] == pytest.approx(1.0 + vlm["cost_units"])
+        assert vlm["decision"] == "accept" and body["decision"] == "accept"
+        assert body["answer"][0]["label"] in LABELS  # the schema holds even for a random model
+        ready = httpx.get(service.url + "/readyz").json()
+        assert ready["checks"]["vlm:classify"]["model"] == "tiny-llava"
+        # A clear photo never reaches the VLM.
+        coffee = analyze(service, photos_png["coffee"])
+        assert [s["stage"] for s in coffee["trace"]["steps"]] == ["input", "onnx:classify", "policy:thresholds"]
+    finally:
+        service.stop()
+
+
+def test_a_vlm_that_is_down_sends_escalations_to_review_with_the_reason(prepared_models_dir, tmp_path, photos_png):
+    from cascades.vlm.server import free_port
+
+    dead_endpoint = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens here
+    service = ServeProcess(tmp_path, prepared_models_dir, vlm_args(dead_endpoint, request_timeout_s=5.0, total_timeout_s=5.0)).start()
+    try:
+        body = analyze(service, photos_png["astronaut"])
+        vlm = next(step for step in body["trace"]["steps"] if step["stage"] == "vlm")
+        assert vlm["decision"] == "review" and vlm["error"]
+        assert vlm["details"]["failure"] == "connection"
+        assert body["decision"] == "review" and body["review_item_id"]
+        item = httpx.get(f"{service.url}/v1/review/items/{body['review_item_id']}").json()
+        assert item["status"] == "pending" and item["reason"] == vlm["reason"]
+        assert [s["stage"] for s in item["trace"]["steps"]][-1] == "vlm"
+    finally:
+        service.stop()
