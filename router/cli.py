@@ -12,9 +12,34 @@ from visionroute import paths
 REPO_CONFIG = Path(__file__).resolve().parents[1] / "serve_config.yaml"
 
 
+def check_serve_config(path: Path) -> None:
+    """Validate every VisionRoute application's args in a Ray Serve config (ConfigError if bad)."""
+    import yaml
+
+    from router.config import parse_app_config
+    from visionroute.errors import ConfigError
+
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist", field="config")
+    try:
+        document = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}", field="config") from None
+    for application in document.get("applications", []):
+        if application.get("import_path") == "router.app:build_app":
+            parse_app_config(application.get("args"))
+
+
+def _check(args) -> int:
+    check_serve_config(args.config)
+    print(f"{args.config}: valid")
+    return 0
+
+
 def _serve(args) -> int:
     from cascades.models import prepare_models
 
+    check_serve_config(args.config)  # a typo fails here, with the key's name, before Ray starts
     prepare_models(Path(args.models_dir))
     env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
     serve_cli = Path(sys.executable).with_name("serve")
@@ -37,6 +62,10 @@ def register(subparsers, bench) -> None:
     serve.add_argument("--config", type=Path, default=REPO_CONFIG, help="Ray Serve config (default: %(default)s)")
     serve.add_argument("--models-dir", default=str(paths.models_dir()))
     serve.set_defaults(func=_serve)
+
+    check = subparsers.add_parser("check-config", help="validate a Ray Serve config's VisionRoute args")
+    check.add_argument("config", type=Path, nargs="?", default=REPO_CONFIG)
+    check.set_defaults(func=_check)
 
     serve_bench = bench.add_parser("serve", help="HTTP through Ray Serve vs raw ONNX Runtime (same images)")
     serve_bench.add_argument("--models-dir", default=str(paths.models_dir()))
