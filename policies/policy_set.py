@@ -2,9 +2,12 @@
 
 It is the Ingress deployment's Ray Serve ``user_config``: ``serve deploy`` with a changed
 ``user_config`` calls ``Ingress.reconfigure`` on the running replicas (no restart). The new set
-is validated first; an invalid one is refused and the old set stays. Its ``version`` is
-stamped on every decision: threshold steps carry ``"<set version>/<threshold version>"``,
-budget, audit and review steps carry the set version.
+is validated first; an invalid one is refused and the old set stays.
+
+Versions: a threshold step carries its ``ThresholdPolicy.version``, and a change of thresholds
+must come with a new threshold version (``PolicyRuntime`` refuses a changed policy under an old
+name), so that string names exactly one rule. Budget, audit and review steps carry the set's
+``version``, and so does every response (``policy_version``).
 """
 
 from __future__ import annotations
@@ -58,9 +61,8 @@ class PolicySet(BaseModel):
         return self
 
     def threshold_policy(self, task: str, base: ThresholdPolicy) -> ThresholdPolicy:
-        """The task's thresholds with the set's version stamped into the decision's policy_version."""
-        policy = self.thresholds.get(task, base)
-        return policy.model_copy(update={"version": f"{self.version}/{policy.version}"})
+        """The task's thresholds: this set's override, else the cascade's own."""
+        return self.thresholds.get(task, base)
 
 
 def parse_policy_set(data: dict[str, Any] | PolicySet | None, *, tasks: Iterable[str] | None = None) -> PolicySet:

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from cascades.images import DEFAULT_FORMATS
 from cascades.onnx_stage import OnnxStageConfig
 from cascades.vlm.config import VlmConfig
+from policies.policy_set import PolicySet
 from policies.thresholds import ThresholdPolicy
 from visionroute import paths
 from visionroute.errors import ConfigError
@@ -75,6 +76,7 @@ class AppConfig(Strict):
     cascades: dict[str, CascadeConfig] = Field(default_factory=default_cascades)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     review: ReviewConfig = Field(default_factory=ReviewConfig)
+    policies: PolicySet = Field(default_factory=PolicySet, description="initial policy set; runtime changes via the Ingress user_config")
     ingress_replicas: int = Field(1, ge=1)
     ingress_num_cpus: float = Field(0.5, gt=0)
 

@@ -10,6 +10,7 @@ import base64
 import binascii
 import io
 import logging
+import os
 import re
 import time
 import uuid
@@ -25,7 +26,13 @@ from starlette.datastructures import UploadFile
 
 from cascades.images import decode_image
 from cascades.pipeline import TierResult, run_cascade
+from policies.budgets import BudgetLedger
+from policies.costs import costs_by_tier, review_value
+from policies.policy_set import PolicySet
 from policies.review_queue import ReviewQueue
+from policies.runtime import PolicyRuntime, Refusal
+from router.metrics import IngressMetrics
+from router.review_page import REVIEW_ASSETS, review_asset
 from router.config import AppConfig
 from router.schemas import AnalyzeJson, AnalyzeResponse, ClaimRequest, LabelRequest
 from visionroute import __version__
@@ -141,6 +148,14 @@ class Ingress:
         self.tiers = tiers
         self.vlm_tiers = vlm_tiers
         self.queue = ReviewQueue(self.config.review.path, default_lease_s=self.config.review.lease_s)
+        self.policies = PolicyRuntime(
+            self.config.policies,
+            BudgetLedger(self.config.review.path / "budgets.sqlite3"),
+            tasks=self.config.cascades,
+            base_thresholds={task: cascade.policy for task, cascade in self.config.cascades.items()},
+        )
+        self.metrics = IngressMetrics(self.policies, self.queue)
+        self._label_sets_stored: set[str] = set()
         log.info("ingress ready: tasks %s, review queue %s", sorted(tiers), self.queue.db_path)
 
     # -- analyse ---------------------------------------------------------------------------
@@ -183,17 +198,84 @@ class Ingress:
             async def vlm(escalated: Analysis) -> Analysis:
                 return await vlm_tier.run.remote(escalated)
 
-        analysis = await run_cascade(analysis, cheap_tier=cheap_tier, policy=cascade.policy, vlm=vlm)
+        policy = self.policies.current  # one policy version decides the whole request
+        analysis = await self._run_budgeted(analysis, policy, cascade.tier.cost_units, cheap_tier, vlm)
         if analysis.decision in (Decision.REVIEW, Decision.ESCALATE):
-            await self._enqueue(analysis, image_bytes)
+            await self._enqueue(analysis, image_bytes, policy)
+        elif self.policies.audit_sampled(policy, analysis):
+            await self._enqueue(analysis, image_bytes, policy, kind="audit")
+        self.metrics.decisions.labels(task, getattr(analysis.decision, "value", "none"), policy.version).inc()
+        degraded = any(step.details.get("degraded") for step in analysis.trace)
         # Ray Serve's proxy assigns X-Request-Id (or keeps the caller's) and echoes it back.
-        return JSONResponse(self._response(analysis))
+        return JSONResponse({**self._response(analysis), "policy_version": policy.version, "degraded": degraded})
 
-    async def _enqueue(self, analysis: Analysis, image_bytes: bytes) -> None:
-        """Durably queue for review; if that fails the request fails (503), never silently."""
+    async def _run_budgeted(self, analysis: Analysis, policy: PolicySet, units: float, cheap_tier, vlm) -> Analysis:
+        """The cascade with each paid call reserved first (policies.budgets) and settled after."""
+        reservation = await asyncio.to_thread(self.policies.reserve, policy, analysis, "onnx", units)
+        if isinstance(reservation, Refusal):
+            return self._degrade(analysis, policy, reservation, answered=False)
+        if vlm is not None:
+            vlm = self._budgeted_vlm(vlm, policy)
+        try:
+            thresholds = self.policies.thresholds(policy, analysis.task)
+            analysis = await run_cascade(analysis, cheap_tier=cheap_tier, policy=thresholds, vlm=vlm)
+        finally:
+            await asyncio.to_thread(self.policies.ledger.settle, reservation, costs_by_tier(analysis.trace)["onnx"])
+        return analysis
+
+    def _budgeted_vlm(self, vlm, policy: PolicySet):
+        async def budgeted(escalated: Analysis) -> Analysis:
+            reservation = await asyncio.to_thread(self.policies.reserve, policy, escalated, "vlm", policy.costs.vlm_reserve_units)
+            if isinstance(reservation, Refusal):
+                return self._degrade(escalated, policy, reservation, answered=True)
+            spent_before = costs_by_tier(escalated.trace)["vlm"]
+            try:
+                result = await vlm(escalated)
+            except BaseException:
+                await asyncio.to_thread(self.policies.ledger.settle, reservation)  # it may have run: charge the reservation
+                raise
+            await asyncio.to_thread(self.policies.ledger.settle, reservation, costs_by_tier(result.trace)["vlm"] - spent_before)
+            return result
+
+        return budgeted
+
+    def _degrade(self, analysis: Analysis, policy: PolicySet, refusal: Refusal, *, answered: bool) -> Analysis:
+        """Apply the exhausted budget's degrade mode; raise BudgetExceeded (429) when it is reject."""
+        name = refusal.error.rule.name
+        self.metrics.budget_refusals.labels(name, refusal.mode).inc()
+        if refusal.mode == "review":
+            analysis.trace.append(refusal.step(policy.version, Decision.REVIEW, f"budget {name!r} is exhausted; degrade mode review: a human decides"))
+            return analysis
+        if refusal.mode == "accept_degraded" and answered and analysis.detections is not None:
+            analysis.trace.append(refusal.step(
+                policy.version, Decision.ACCEPT, f"budget {name!r} is exhausted; degrade mode accept_degraded: the cheap answer stands, flagged degraded"))  # fmt: skip
+            return analysis
+        if refusal.mode == "accept_degraded":
+            refusal.error.reason += "; degrade mode accept_degraded has no cheap answer to give yet"
+        raise refusal.error
+
+    async def _enqueue(self, analysis: Analysis, image_bytes: bytes, policy: PolicySet, kind: str = "review") -> None:
+        """Durably queue for review (or audit); if that fails the request fails (503), never silently.
+
+        A review is paid work: its cost is reserved on review budgets first, and an exhausted
+        budget applies its degrade mode. Audit samples are the safety net and are never skipped.
+        """
+        if kind == "review" and any(step.stage == "policy:budget" for step in analysis.trace):
+            kind = "budget"
+        units = policy.costs.review_units
+        if kind == "audit":  # no budget gates an audit; its cost is still recorded
+            reservation = self.policies.ledger.reserve([], tenant=analysis.tenant, feature=analysis.task, tier="review", units=units)
+        else:
+            reservation = await asyncio.to_thread(self.policies.reserve, policy, analysis, "review", units)
+        if isinstance(reservation, Refusal):
+            self._degrade(analysis, policy, reservation, answered=True)
+            return
         reasons = [s.reason for s in analysis.trace if s.decision in (Decision.REVIEW, Decision.ESCALATE)]
         started = time.perf_counter()
         score = next((s.score for s in reversed(analysis.trace.steps) if s.score is not None), None)
+        detections = analysis.detections
+        label_set = detections.class_names if detections is not None and analysis.task not in self._label_sets_stored else None
+        reason = f"audit sample ({policy.audit.fraction:.1%} of auto-accepts)" if kind == "audit" else (reasons[-1] if reasons else "review")
         try:
             item = await asyncio.to_thread(
                 self.queue.enqueue,
@@ -202,22 +284,32 @@ class Ingress:
                 image_sha256=analysis.image_sha256,
                 tenant=analysis.tenant,
                 task=analysis.task,
-                reason=reasons[-1] if reasons else "review",
-                proposed=analysis.detections.to_dicts() if analysis.detections is not None else [],
+                reason=reason,
+                proposed=detections.to_dicts() if detections is not None else [],
                 trace=analysis.trace.to_dict(),
-                priority=1.0 - score if score is not None else 1.0,  # least sure first
+                priority=review_value(score, policy.review.error_cost(analysis.task)),
+                kind=kind,
+                sla_s=policy.review.sla_s,
+                label_set=label_set,
             )
         except Exception as exc:
+            await asyncio.to_thread(self.policies.ledger.release, reservation)
             log.exception("review queue write failed for %s", analysis.trace.request_id)
             raise BackendUnavailable(f"the review queue could not store the item: {exc}", field="review_queue") from None
-        analysis.review_item_id = item.id
+        await asyncio.to_thread(self.policies.ledger.settle, reservation)
+        if label_set:
+            self._label_sets_stored.add(analysis.task)
+        if kind != "audit":
+            analysis.review_item_id = item.id
         analysis.trace.append(
             Step(
-                stage="review_queue",
-                decision=Decision.REVIEW,
-                reason=f"queued for human review as item {item.id}",
+                stage="review_queue" if kind != "audit" else "review_queue:audit",
+                decision=Decision.REVIEW if kind != "audit" else None,  # an audit never changes the answer
+                reason=f"queued for human review as item {item.id}" if kind != "audit" else f"{reason}: item {item.id}",
+                policy_version=policy.version,
+                cost_units=units,
                 latency_ms=(time.perf_counter() - started) * 1000.0,
-                details={"item_id": item.id},
+                details={"item_id": item.id, "kind": kind, "priority": item.priority},
             )
         )
 
@@ -250,7 +342,7 @@ class Ingress:
 
     @app.get("/v1/review/items/{item_id}/image", summary="The stored image of a review item")
     def get_review_image(self, item_id: str) -> Response:
-        data = self.queue.blobs.get(self.queue.get(item_id).image_sha256)
+        data = self.queue.image(item_id)  # 404 naming the retention policy once the image is purged
         image_format = Image.open(io.BytesIO(data)).format or "octet-stream"
         return Response(data, media_type=Image.MIME.get(image_format, "application/octet-stream"))
 
@@ -284,7 +376,63 @@ class Ingress:
         if body.note:
             label["note"] = body.note
         item = self.queue.submit_label(item_id, reviewer=body.reviewer, lease_token=body.lease_token, label=label)
+        if item.kind == "audit":  # a new audited outcome: refresh the accepted-error estimate (logs an alert)
+            self.policies.audit_estimate(self.queue, item.task)
         return item.public_dict()
+
+    @app.get("/v1/review/labels/{task}", summary="The label set a task's reviewers may use")
+    def review_labels(self, task: str) -> dict[str, Any]:
+        if task not in self.config.cascades:
+            raise NotFound(f"unknown task {task!r}; expected one of {sorted(self.config.cascades)}", field="task")
+        return {"task": task, "labels": self.queue.label_set(task)}
+
+    @app.get("/v1/review/stats", summary="Queue depth, SLA and the audit estimates")
+    def review_stats(self) -> dict[str, Any]:
+        audits = {task: self.policies.audit_estimate(self.queue, task).to_dict() for task in self.config.cascades}
+        return {**self.queue.stats(), "sla_s": self.policies.current.review.sla_s, "audit": audits}
+
+    @app.get("/review", summary="The reviewers' web page", include_in_schema=False)
+    def review_page(self) -> Response:
+        return review_asset("review.html")
+
+    @app.get("/review/{asset}", include_in_schema=False)
+    def review_page_asset(self, asset: str) -> Response:
+        if asset not in REVIEW_ASSETS:
+            raise NotFound(f"no review page asset {asset!r}; expected one of {sorted(REVIEW_ASSETS)}", field="asset")
+        return review_asset(asset)
+
+    # -- policies ---------------------------------------------------------------------------
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Ray Serve calls this with the Ingress ``user_config`` (a PolicySet) on every change,
+        without restarting the replica. An invalid set is refused and the running set stays.
+
+        It does not raise: Ray Serve 2.60 answers a raising ``reconfigure`` by marking the
+        deployment DEPLOY_FAILED and routing nothing to it. The refusal is logged at ERROR,
+        counted in ``visionroute_policy_reconfigurations_total{result="rejected"}`` and listed
+        in ``GET /v1/policy``; ``visionroute policies check`` validates a set before deploying.
+        """
+        try:
+            self.policies.reconfigure(user_config)
+        except ConfigError:
+            self.metrics.reconfigurations.labels("rejected").inc()
+            return
+        self.metrics.reconfigurations.labels("applied").inc()
+
+    @app.get("/v1/policy", summary="The running policy set, budgets and change history")
+    def get_policy(self) -> dict[str, Any]:
+        policy = self.policies.current
+        return {
+            "version": policy.version,
+            "policy": policy.model_dump(mode="json"),
+            "budgets": self.policies.ledger.status(policy.budgets),
+            "history": self.policies.history[-20:],
+            "replica_pid": os.getpid(),  # lets a test or operator see that a change needed no restart
+        }
+
+    @app.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
+    def prometheus_metrics(self) -> Response:
+        return Response(self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     # -- health ----------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "retrieval.cli",
     "cascades.vlm.cli",
     "router.cli",
+    "policies.cli",
 )
 
 

@@ -1,0 +1,144 @@
+"""``visionroute review export|purge|stats``, ``visionroute budgets``, ``visionroute policies check``
+and ``visionroute bench audit`` (coverage of the audit estimator on simulated runs)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from visionroute import paths
+
+
+def _queue(args):
+    from policies.review_queue import ReviewQueue
+
+    return ReviewQueue(Path(args.path).expanduser())
+
+
+def _cmd_export(args) -> int:
+    summary = _queue(args).export_calibration(args.out, task=args.task, tenant=args.tenant)
+    print(json.dumps(summary, indent=2))
+    out = Path(summary["out"])
+    print(f"calibrate with: visionroute calibrate --images {out / 'images'} --labels {out / 'labels.csv'} --model MODEL")
+    return 0
+
+
+def _cmd_purge(args) -> int:
+    from policies.budgets import BudgetLedger
+
+    result = _queue(args).purge_images(args.ttl_s)
+    ledger_path = Path(args.path).expanduser() / "budgets.sqlite3"
+    if ledger_path.exists():
+        result["budget_reservations_pruned"] = BudgetLedger(ledger_path).prune(args.ledger_keep_s)
+    print(json.dumps(result))
+    return 0
+
+
+def _cmd_stats(args) -> int:
+    from policies.audit_sampling import AuditConfig, estimate
+
+    queue = _queue(args)
+    config = AuditConfig()
+    tasks = sorted({item.task for item in queue.iter_all()})
+    audits = {task: estimate(task, *queue.audit_outcomes(task, config.window_items), config).to_dict() for task in tasks}
+    print(json.dumps({**queue.stats(), "audit": audits}, indent=2))
+    return 0
+
+
+def _cmd_budgets(args) -> int:
+    import yaml
+
+    from policies.budgets import BudgetLedger
+    from policies.policy_set import parse_policy_set
+
+    ledger = BudgetLedger(Path(args.path).expanduser() / "budgets.sqlite3")
+    rules = []
+    if args.config:
+        config = yaml.safe_load(Path(args.config).read_text())
+        app = config["applications"][0]
+        policy = next((d["user_config"] for d in app.get("deployments", []) if d.get("name") == "Ingress" and "user_config" in d),
+                      app.get("args", {}).get("policies"))  # fmt: skip
+        rules = parse_policy_set(policy).budgets
+    print(json.dumps({"budgets": ledger.status(rules), "usage": ledger.usage()}, indent=2))
+    return 0
+
+
+def _cmd_check(args) -> int:
+    """Validate the policy sets in a serve config (args.policies and the Ingress user_config)."""
+    import yaml
+
+    from policies.policy_set import parse_policy_set
+
+    config = yaml.safe_load(Path(args.config).read_text())
+    for app in config.get("applications", []):
+        tasks = sorted((app.get("args") or {}).get("cascades") or {"classify": 0, "text": 0})
+        candidates = {"args.policies": (app.get("args") or {}).get("policies")}
+        for deployment in app.get("deployments", []):
+            if deployment.get("name") == "Ingress" and "user_config" in deployment:
+                candidates["deployments.Ingress.user_config"] = deployment["user_config"]
+        for where, data in candidates.items():
+            if data is None:
+                continue
+            policy = parse_policy_set(data, tasks=tasks)  # raises ConfigError: exit 2 with the reason
+            print(f"{app.get('name')}: {where}: policy set {policy.version!r} is valid ({len(policy.budgets)} budgets)")
+    return 0
+
+
+def _cmd_bench_audit(args) -> int:
+    from policies.audit_sampling import simulate_coverage
+
+    rows = [simulate_coverage(rate, accepted=args.accepted, fraction=args.fraction, confidence=args.confidence,
+                              runs=args.runs, seed=args.seed) for rate in args.error_rates]  # fmt: skip
+    print(f"audit estimator coverage: {args.runs} simulated runs, {args.accepted} accepts each, {args.fraction:.0%} audited,"
+          f" exact Clopper-Pearson bounds at {args.confidence}")  # fmt: skip
+    print(f"{'true rate':>9} {'audited':>8} {'upper>=p':>9} {'lower<=p':>9} {'two-sided':>10} {'nominal':>8} {'mean UB':>8}")
+    for r in rows:
+        print(f"{r['error_rate']:9.3f} {r['mean_audited']:8.1f} {r['upper_coverage']:9.3f} {r['lower_coverage']:9.3f} "
+              f"{r['two_sided_coverage']:10.3f} {r['nominal_one_sided']:8.2f} {r['mean_upper_bound']:8.4f}")  # fmt: skip
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+def register(subparsers, bench) -> None:
+    default_path = str(paths.data_dir() / "review")
+    review = subparsers.add_parser("review", help="the human-review queue: export labels, purge images, stats")
+    commands = review.add_subparsers(dest="review_command", required=True)
+
+    export = commands.add_parser("export", help="reviewed items as a labelled set for `visionroute calibrate`")
+    export.add_argument("--path", default=default_path, help="review folder (config review.path; default: %(default)s)")
+    export.add_argument("--out", required=True, help="folder to write images/, labels.csv, labels.jsonl, traces.jsonl")
+    export.add_argument("--task", help="only this task")
+    export.add_argument("--tenant", help="only this tenant")
+    export.set_defaults(func=_cmd_export)
+
+    purge = commands.add_parser("purge", help="delete stored images older than the TTL; labels and audit stay")
+    purge.add_argument("--path", default=default_path)
+    purge.add_argument("--ttl-s", type=float, default=30 * 86400.0, help="policy review.image_ttl_s (default: %(default)s)")
+    purge.add_argument("--ledger-keep-s", type=float, default=7 * 86400.0, help="keep budget reservations of windows ended this recently")
+    purge.set_defaults(func=_cmd_purge)
+
+    stats = commands.add_parser("stats", help="queue depth, SLA and audit estimates")
+    stats.add_argument("--path", default=default_path)
+    stats.set_defaults(func=_cmd_stats)
+
+    budgets = subparsers.add_parser("budgets", help="budget use in the current windows and cost totals")
+    budgets.add_argument("--path", default=default_path, help="review folder holding budgets.sqlite3")
+    budgets.add_argument("--config", help="serve config YAML whose policy budgets to report")
+    budgets.set_defaults(func=_cmd_budgets)
+
+    policies = subparsers.add_parser("policies", help="policy sets (thresholds, costs, budgets, review, audit)")
+    policy_commands = policies.add_subparsers(dest="policies_command", required=True)
+    check = policy_commands.add_parser("check", help="validate the policy sets in a serve config before deploying")
+    check.add_argument("config", help="serve config YAML")
+    check.set_defaults(func=_cmd_check)
+
+    audit = bench.add_parser("audit", help="coverage of the audit estimator's bounds over simulated runs")
+    audit.add_argument("--error-rates", type=float, nargs="+", default=[0.01, 0.03, 0.05, 0.1, 0.2])
+    audit.add_argument("--accepted", type=int, default=5000)
+    audit.add_argument("--fraction", type=float, default=0.05)
+    audit.add_argument("--confidence", type=float, default=0.9)
+    audit.add_argument("--runs", type=int, default=2000)
+    audit.add_argument("--seed", type=int, default=0)
+    audit.add_argument("--json")
+    audit.set_defaults(func=_cmd_bench_audit)
