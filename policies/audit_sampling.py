@@ -31,7 +31,7 @@ log = logging.getLogger("visionroute.audit")
 class AuditConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    fraction: float = Field(0.02, ge=0.0, le=1.0, description="share of auto-accepts sent to review")
+    fraction: float = Field(0.0, ge=0.0, le=1.0, description="share of auto-accepts sent to review (off unless set)")
     alpha: float = Field(0.05, gt=0.0, lt=1.0, description="the accepted-error rate that must not be exceeded")
     confidence: float = Field(0.9, gt=0.0, lt=1.0, description="level of each one-sided bound (1 - delta)")
     min_labelled: int = Field(30, ge=1, description="audits needed before an alert can fire")
