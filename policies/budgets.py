@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import sqlite3
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from policies.costs import TIERS, Tier
 from visionroute.errors import BudgetExceeded, InputError
+from visionroute.sqlite import PerThreadConnections, immediate_transaction
 
 DegradeMode = Literal["accept_degraded", "review", "reject"]
 _EPS = 1e-9  # float slack when comparing sums of units with the cap
@@ -114,18 +114,12 @@ class BudgetLedger:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path).expanduser()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._local = threading.local()
+        self._connections = PerThreadConnections(self.path)
         self._db().executescript(SCHEMA)
 
     def _db(self) -> sqlite3.Connection:
-        db = getattr(self._local, "db", None)
-        if db is None:
-            db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")  # a lost reservation after a crash could mean overspend
-            db.execute("PRAGMA busy_timeout=30000")
-            self._local.db = db
-        return db
+        # synchronous=FULL matters here: a reservation lost in a crash could mean overspend.
+        return self._connections.get()
 
     def _used(self, db: sqlite3.Connection, rule: BudgetRule, now: float) -> float:
         row = db.execute(
@@ -156,8 +150,7 @@ class BudgetLedger:
         if not matching:
             return reservation
         db = self._db()
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with immediate_transaction(db):
             for rule in matching:
                 used = self._used(db, rule, now)
                 if used + units > rule.cap_units + _EPS:
@@ -175,10 +168,6 @@ class BudgetLedger:
                 [(reservation.id, r.name, r.window_start(now), r.window_start(now) + r.window_s, units, now, request_id)
                  for r in matching],
             )
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
         return reservation
 
     def settle(self, reservation: Reservation, actual_units: float | None = None) -> None:
@@ -191,8 +180,7 @@ class BudgetLedger:
             return
         actual = reservation.units if actual_units is None else float(actual_units)
         db = self._db()
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with immediate_transaction(db):
             db.execute(
                 "UPDATE reservations SET units = ?, state = 'settled' WHERE id = ?",
                 (min(actual, reservation.units), reservation.id),
@@ -202,10 +190,6 @@ class BudgetLedger:
                 " ON CONFLICT (tenant, feature, tier) DO UPDATE SET units = units + excluded.units, calls = calls + 1",
                 (reservation.tenant, reservation.feature, reservation.tier, actual),
             )
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
         reservation.done = True
 
     def release(self, reservation: Reservation) -> None:

@@ -24,7 +24,6 @@ import io
 import json
 import os
 import sqlite3
-import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from policies.audit_sampling import is_error
+from visionroute.sqlite import PerThreadConnections, immediate_transaction
 from visionroute.errors import Conflict, InputError, NotFound
 
 SCHEMA = """
@@ -199,7 +199,7 @@ class ReviewQueue:
         self.db_path = self.root / "review.sqlite3"
         self.blobs = BlobStore(self.root / "images")
         self.default_lease_s = default_lease_s
-        self._local = threading.local()
+        self._connections = PerThreadConnections(self.db_path, rows_as_dicts=True)
         self._connection().executescript(SCHEMA)  # executescript manages its own transaction
         self._migrate()
 
@@ -211,29 +211,10 @@ class ReviewQueue:
                     db.execute(f"ALTER TABLE items ADD COLUMN {column} {spec}")
 
     def _connection(self) -> sqlite3.Connection:
-        db = getattr(self._local, "db", None)
-        if db is None:
-            db = sqlite3.connect(self.db_path, timeout=30.0, isolation_level=None, check_same_thread=False)
-            db.row_factory = sqlite3.Row
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")  # a committed item survives power loss
-            db.execute("PRAGMA busy_timeout=30000")
-            self._local.db = db
-        return db
+        return self._connections.get()
 
-    class _Tx:
-        def __init__(self, db: sqlite3.Connection) -> None:
-            self.db = db
-
-        def __enter__(self) -> sqlite3.Connection:
-            self.db.execute("BEGIN IMMEDIATE")
-            return self.db
-
-        def __exit__(self, exc_type, exc, tb) -> None:
-            self.db.execute("ROLLBACK" if exc_type else "COMMIT")
-
-    def _transaction(self) -> "_Tx":
-        return self._Tx(self._connection())
+    def _transaction(self):
+        return immediate_transaction(self._connection())
 
     @staticmethod
     def _audit(db: sqlite3.Connection, item_id: str, actor: str, action: str, previous: Any, new: Any) -> None:

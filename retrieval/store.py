@@ -17,6 +17,7 @@ from typing import Iterator
 import numpy as np
 
 from retrieval.schemas import ItemMetadata, SearchFilters
+from visionroute.sqlite import connect, immediate_transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -78,10 +79,8 @@ class MetadataStore:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        # isolation_level=None: we issue BEGIN/COMMIT ourselves, one transaction per write.
-        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")  # a commit is on disk before we acknowledge
+        # One transaction per write; a commit is on disk before we acknowledge it.
+        self.db = connect(self.path)
         self.db.execute("PRAGMA foreign_keys=ON")
         self.db.executescript(SCHEMA)
 
@@ -101,19 +100,8 @@ class MetadataStore:
             )
 
     # writes ---------------------------------------------------------------------------------
-    class _Tx:
-        def __init__(self, db: sqlite3.Connection) -> None:
-            self.db = db
-
-        def __enter__(self) -> sqlite3.Connection:
-            self.db.execute("BEGIN IMMEDIATE")
-            return self.db
-
-        def __exit__(self, exc_type, exc, tb) -> None:
-            self.db.execute("ROLLBACK" if exc_type else "COMMIT")
-
-    def _transaction(self) -> "_Tx":
-        return self._Tx(self.db)
+    def _transaction(self):
+        return immediate_transaction(self.db)
 
     def upsert(self, item_id: int | None, vector: np.ndarray, metadata: ItemMetadata) -> tuple[int, int, int | None]:
         """Store the item; returns (item id, new label, replaced label or None). One transaction."""

@@ -1,0 +1,51 @@
+"""SQLite the way every VisionRoute store uses it: WAL, durable commits, explicit transactions.
+
+The review queue, the budget ledger and the search index's metadata all keep state that must
+survive a crash once acknowledged, and all are opened by several threads and processes.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+
+def connect(path: str | Path, *, rows_as_dicts: bool = False) -> sqlite3.Connection:
+    """A connection in autocommit mode (transactions are explicit), WAL, fsync on commit."""
+    db = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
+    if rows_as_dicts:
+        db.row_factory = sqlite3.Row
+    db.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
+    db.execute("PRAGMA synchronous=FULL")  # a committed write survives power loss
+    db.execute("PRAGMA busy_timeout=30000")
+    return db
+
+
+@contextmanager
+def immediate_transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """Take the write lock up front (no upgrade deadlocks); roll back on any exception."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+class PerThreadConnections:
+    """One connection per thread: sqlite3 connections must not be shared across threads."""
+
+    def __init__(self, path: str | Path, *, rows_as_dicts: bool = False) -> None:
+        self.path = Path(path)
+        self.rows_as_dicts = rows_as_dicts
+        self._local = threading.local()
+
+    def get(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = self._local.db = connect(self.path, rows_as_dicts=self.rows_as_dicts)
+        return db
