@@ -17,6 +17,8 @@ from cascades.onnx_stage import OnnxStageConfig
 from cascades.vlm.config import VlmConfig
 from policies.policy_set import PolicySet
 from policies.thresholds import ThresholdPolicy
+from router.security import SecurityConfig
+from router.url_fetch import UrlFetchConfig
 from visionroute import paths
 from visionroute.errors import ConfigError
 
@@ -29,6 +31,7 @@ class LimitsConfig(Strict):
     max_body_bytes: int = Field(20 << 20, gt=0, description="largest request body accepted")
     max_pixels: int = Field(40_000_000, gt=0, description="largest width*height decoded")
     allowed_formats: list[str] = Field(default_factory=lambda: list(DEFAULT_FORMATS))
+    url_fetch: UrlFetchConfig = Field(default_factory=UrlFetchConfig, description="image_url: off by default, SSRF-safe")
 
     @field_validator("allowed_formats")
     @classmethod
@@ -79,6 +82,7 @@ class AppConfig(Strict):
     policies: PolicySet = Field(default_factory=PolicySet, description="initial policy set; runtime changes via the Ingress user_config")
     ingress_replicas: int = Field(1, ge=1)
     ingress_num_cpus: float = Field(0.5, gt=0)
+    security: SecurityConfig = Field(default_factory=SecurityConfig, description="API keys, roles, bind policy")
 
     @field_validator("models_dir")
     @classmethod

@@ -34,6 +34,9 @@ from policies.runtime import PolicyRuntime, Refusal
 from router.metrics import IngressMetrics
 from router.review_page import REVIEW_ASSETS, review_asset
 from router.config import AppConfig
+from router.grpc_ingress import GrpcEndpoints
+from router.security import PermissionDenied, Unauthenticated, install_security, resolve_tenant, tenant_scope
+from router.url_fetch import UrlFetchConfig, fetch_image_url
 from router.schemas import AnalyzeJson, AnalyzeResponse, ClaimRequest, LabelRequest
 from visionroute import __version__
 from visionroute.errors import (
@@ -53,6 +56,8 @@ log = logging.getLogger("visionroute.ingress")
 
 # Most specific first: the first isinstance match wins.
 STATUS_BY_ERROR: tuple[tuple[type[RouterError], int], ...] = (
+    (Unauthenticated, 401),
+    (PermissionDenied, 403),
     (PayloadTooLarge, 413),
     (UnsupportedMediaType, 415),
     (InputError, 400),
@@ -100,7 +105,9 @@ async def read_body_limited(request: Request, max_bytes: int) -> bytes:
     return body
 
 
-async def image_and_fields(request: Request, max_bytes: int) -> tuple[bytes, str | None, str]:
+async def image_and_fields(
+    request: Request, max_bytes: int, url_fetch: UrlFetchConfig | None = None
+) -> tuple[bytes, str | None, str | None]:
     """(image bytes, task, tenant) from a multipart upload or a JSON body."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type not in ("multipart/form-data", "application/json"):
@@ -118,6 +125,9 @@ async def image_and_fields(request: Request, max_bytes: int) -> tuple[bytes, str
         except ValidationError as exc:
             first = exc.errors()[0]
             raise InputError(first["msg"], field=".".join(map(str, first["loc"])) or "body") from None
+        if payload.image_url is not None:
+            image = await fetch_image_url(payload.image_url, url_fetch or UrlFetchConfig(), max_bytes)
+            return image, payload.task, payload.tenant
         try:
             image = base64.b64decode(payload.image_base64, validate=True)
         except (binascii.Error, ValueError):
@@ -131,8 +141,8 @@ async def image_and_fields(request: Request, max_bytes: int) -> tuple[bytes, str
     if not isinstance(upload, UploadFile):
         raise InputError("multipart body has no 'image' file field", field="image")
     image = await upload.read()
-    tenant = str(form.get("tenant") or "default")
-    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,128}", tenant):
+    tenant = str(form.get("tenant")) if form.get("tenant") else None  # None: the API key's tenant
+    if tenant is not None and not re.fullmatch(r"[A-Za-z0-9_.-]{1,128}", tenant):
         raise InputError("tenant must be 1-128 characters from [A-Za-z0-9_.-]", field="tenant")
     task = form.get("task")
     return image, (str(task) if task else None), tenant
@@ -140,11 +150,12 @@ async def image_and_fields(request: Request, max_bytes: int) -> tuple[bytes, str
 
 @serve.deployment(max_ongoing_requests=100)
 @serve.ingress(app)
-class Ingress:
+class Ingress(GrpcEndpoints):  # + the gRPC methods (router/grpc_ingress.py)
     def __init__(
         self, config: dict[str, Any], tiers: dict[str, DeploymentHandle], vlm_tiers: dict[str, DeploymentHandle]
     ) -> None:
         self.config = AppConfig.model_validate(config)
+        self.security = install_security(app, self.config.security)  # API keys; refuses an unsafe bind
         self.tiers = tiers
         self.vlm_tiers = vlm_tiers
         self.queue = ReviewQueue(self.config.review.path, default_lease_s=self.config.review.lease_s)
@@ -169,7 +180,13 @@ class Ingress:
             raise InputError("X-Request-Id must be 1-128 characters from [A-Za-z0-9_.:-]", field="X-Request-Id")
         request.state.request_id = request_id
         limits = self.config.limits
-        image_bytes, task, tenant = await image_and_fields(request, limits.max_body_bytes)
+        image_bytes, task, tenant = await image_and_fields(request, limits.max_body_bytes, limits.url_fetch)
+        return JSONResponse(await self.analyze_image(image_bytes, task, tenant, request_id))
+
+    async def analyze_image(self, image_bytes: bytes, task: str | None, tenant: str | None, request_id: str) -> dict[str, Any]:
+        """The cascade for one image; HTTP and gRPC (router/grpc_ingress.py) both call this."""
+        limits = self.config.limits
+        tenant = resolve_tenant(tenant)  # the key's tenant; another one only for admins
         task = task or self.config.default_task
         if task not in self.tiers:
             raise InputError(f"unknown task {task!r}; expected one of {sorted(self.tiers)}", field="task")
@@ -207,7 +224,7 @@ class Ingress:
         self.metrics.decisions.labels(task, getattr(analysis.decision, "value", "none"), policy.version).inc()
         degraded = any(step.details.get("degraded") for step in analysis.trace)
         # Ray Serve's proxy assigns X-Request-Id (or keeps the caller's) and echoes it back.
-        return JSONResponse({**self._response(analysis), "policy_version": policy.version, "degraded": degraded})
+        return {**self._response(analysis), "policy_version": policy.version, "degraded": degraded}
 
     async def _run_budgeted(self, analysis: Analysis, policy: PolicySet, units: float, cheap_tier, vlm) -> Analysis:
         """The cascade with each paid call reserved first (policies.budgets) and settled after."""
@@ -333,34 +350,35 @@ class Ingress:
     def list_review_items(self, status: str | None = "pending", limit: int = 50, offset: int = 0) -> dict[str, Any]:
         if status == "all":
             status = None
-        items = self.queue.list_items(status=status, limit=limit, offset=offset)
+        items = self.queue.list_items(status=status, tenant=tenant_scope(), limit=limit, offset=offset)
         return {"items": [item.public_dict() for item in items], **self.queue.stats()}
 
     @app.get("/v1/review/items/{item_id}", summary="One review item")
     def get_review_item(self, item_id: str) -> dict[str, Any]:
-        return self.queue.get(item_id).public_dict()
+        return self.queue.get(item_id, tenant=tenant_scope()).public_dict()
 
     @app.get("/v1/review/items/{item_id}/image", summary="The stored image of a review item")
     def get_review_image(self, item_id: str) -> Response:
+        self.queue.get(item_id, tenant=tenant_scope())  # other tenants' items do not exist
         data = self.queue.image(item_id)  # 404 naming the retention policy once the image is purged
         image_format = Image.open(io.BytesIO(data)).format or "octet-stream"
         return Response(data, media_type=Image.MIME.get(image_format, "application/octet-stream"))
 
     @app.get("/v1/review/items/{item_id}/audit", summary="Who did what to an item")
     def get_review_audit(self, item_id: str) -> dict[str, Any]:
-        self.queue.get(item_id)
+        self.queue.get(item_id, tenant=tenant_scope())
         return {"item_id": item_id, "events": self.queue.audit_log(item_id)}
 
     @app.post("/v1/review/claim", summary="Lease the next (or a given) item to a reviewer")
     def claim(self, body: ClaimRequest) -> dict[str, Any]:
-        item = self.queue.claim(body.reviewer, item_id=body.item_id, lease_s=body.lease_s)
+        item = self.queue.claim(body.reviewer, item_id=body.item_id, tenant=tenant_scope(), lease_s=body.lease_s)
         if item is None:
             return {"item": None, "lease_token": None}
         return {"item": item.public_dict(), "lease_token": item.lease_token}
 
     @app.post("/v1/review/items/{item_id}/label", summary="Submit a reviewer's label (idempotent)")
     def label(self, item_id: str, body: LabelRequest) -> dict[str, Any]:
-        item = self.queue.get(item_id)
+        item = self.queue.get(item_id, tenant=tenant_scope())
         if body.verdict == "confirm":
             label = {"verdict": "confirm", "label": item.proposed[0]["label"] if item.proposed else None, "boxes": item.proposed}
         elif body.verdict == "correct":

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import httpx
 import yaml
@@ -26,19 +26,31 @@ def free_port() -> int:
 class ServeProcess:
     """``serve run`` in a subprocess with a copy of serve_config.yaml (port, dirs overridden)."""
 
-    def __init__(self, workdir: Path, models_dir: Path, extra_args: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        models_dir: Path,
+        extra_args: dict[str, Any] | None = None,
+        edit_config: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
         self.workdir = workdir
         self.port = free_port()
+        self.grpc_port = free_port()
         config = yaml.safe_load((REPO / "serve_config.yaml").read_text())
         config["http_options"]["port"] = self.port
+        if "grpc_options" in config:
+            config["grpc_options"]["port"] = self.grpc_port
         args = config["applications"][0]["args"]
         args["models_dir"] = str(models_dir)
         args["review"]["path"] = str(workdir / "review")
         for key, value in (extra_args or {}).items():
             args[key] = value
+        if edit_config is not None:  # e.g. deployment options for overload tests
+            edit_config(config)
         self.config_path = workdir / "serve_config.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
         self.url = f"http://127.0.0.1:{self.port}"
+        self.grpc_target = f"127.0.0.1:{self.grpc_port}"
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout_s: float = 180.0) -> "ServeProcess":
