@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "cascades.vlm.cli",
     "router.cli",
     "policies.cli",
+    "router.security_cli",
 )
 
 

@@ -208,3 +208,12 @@ def test_public_addresses_are_exactly_the_global_non_special_ones(ip):
         assert unwrapped.is_global and not (unwrapped.is_private or unwrapped.is_loopback or unwrapped.is_link_local)
     if unwrapped.is_loopback or unwrapped.is_private or unwrapped.is_link_local:
         assert not is_public_address(str(ip))
+
+
+def test_keys_new_cli_prints_the_key_once_and_its_hashed_entry(capsys):
+    from visionroute.cli import main
+
+    assert main(["keys", "new", "--tenant", "acme", "--role", "reviewer"]) == 0
+    out = capsys.readouterr().out
+    key = out.split("shown once, store it in the caller's secret store): ")[1].split()[0]
+    assert hash_key(key) in out and f"sha256: {hash_key(key)}" in out and "tenant: acme" in out

@@ -1,0 +1,26 @@
+"""``visionroute keys new``: make an API key; print it once, and the config entry with its hash."""
+
+from __future__ import annotations
+
+import yaml
+
+from router.security import ApiKey, new_key
+
+
+def _new(args) -> int:
+    key, digest = new_key()
+    entry = ApiKey(sha256=digest, tenant=args.tenant, role=args.role, name=args.name)
+    print(f"API key (shown once, store it in the caller's secret store): {key}")
+    print("add under applications[].args.security.api_keys:")
+    print(yaml.safe_dump([entry.model_dump()], sort_keys=False).rstrip())
+    return 0
+
+
+def register(subparsers, bench) -> None:
+    keys = subparsers.add_parser("keys", help="API keys (stored hashed in the config)")
+    sub = keys.add_subparsers(dest="keys_command", required=True)
+    new = sub.add_parser("new", help="make a key for a tenant and role")
+    new.add_argument("--tenant", required=True)
+    new.add_argument("--role", choices=["client", "reviewer", "admin"], default="client")
+    new.add_argument("--name", default="", help="who holds it")
+    new.set_defaults(func=_new)
