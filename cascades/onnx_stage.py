@@ -32,6 +32,9 @@ class OnnxStageConfig(BaseModel):
     labels_file: str | None = Field(None, description="one label per line")
     decoder_options: dict[str, Any] = Field(default_factory=dict)
     providers: list[str] | None = None
+    intra_op_threads: int = Field(
+        0, ge=0, description="ONNX Runtime threads per inference; 0 = one per core (Ray's OMP_NUM_THREADS does not apply)"
+    )
     calibration: str | None = Field(None, description="path to a calibration artefact JSON")
     cost_units: float = Field(1.0, ge=0, description="cost of one inference in cost units")
 
@@ -66,7 +69,9 @@ class OnnxStage:
 
     def __init__(self, config: OnnxStageConfig, *, models_dir: Path | None = None) -> None:
         self.config = config
-        self.model = OnnxModel(resolve_model_path(config.model, models_dir), providers=config.providers)
+        self.model = OnnxModel(
+            resolve_model_path(config.model, models_dir), providers=config.providers, intra_op_threads=config.intra_op_threads
+        )
         metadata = self.model.metadata
         decoder_name = config.decoder or metadata.get("decoder")
         if not decoder_name:
@@ -96,7 +101,8 @@ class OnnxStage:
             "model_version": self.version,
             "decoder": self.decoder_name,
             "providers": self.model.providers,
-            "calibration": getattr(self.calibrator, "artifact_id", None),
+            # The artefact id and its risk certificate (alpha, delta, n, threshold, bound).
+            "calibration": self.calibrator.trace_details() if self.calibrator is not None else None,
         }
 
     def predict(self, images_rgb: list[np.ndarray]) -> tuple[list[Detections], float]:

@@ -26,7 +26,7 @@ class TierResult:
     model_version: str
     latency_ms: float
     cost_units: float
-    calibration: str | None = None
+    calibration: dict | None = None  # Calibrator.trace_details(): artefact id and certificate
 
 
 CheapTier = Callable[[np.ndarray], Awaitable[TierResult]]
@@ -70,7 +70,8 @@ async def run_cascade(
             details={
                 "detections": len(result.detections),
                 "label": result.detections.labels[0] if len(result.detections) else None,
-                "calibration": result.calibration,
+                "calibration": (result.calibration or {}).get("calibration"),
+                "certificate": (result.calibration or {}).get("certificate"),
             },
         )
     )

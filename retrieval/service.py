@@ -124,6 +124,20 @@ class SearchService:
         same = self.index.find(SearchFilters(tenant=analysis.tenant, image_sha256=analysis.image_sha256))
         return self.index_image(analysis.image_rgb, metadata, item_id=same[0] if same else None)
 
+    def apply_review_label(self, review_item_id: str, label: dict) -> list[int]:
+        """Labels flow back: tag the indexed images of a reviewed item with the human's verdict
+        (``reviewed:<verdict>``, ``reviewed_label:<label>``); vectors stay as they are."""
+        updated = []
+        for item_id in self.index.find(SearchFilters(review_item_ids=[review_item_id])):
+            item, vector = self.index.get(item_id)
+            tags = [t for t in item.metadata.tags if not t.startswith(("reviewed:", "reviewed_label:"))]
+            tags.append(f"reviewed:{label.get('verdict')}")
+            if label.get("label"):
+                tags.append(f"reviewed_label:{label['label']}")
+            self.index.upsert(vector, item.metadata.model_copy(update={"tags": tags}), item_id)
+            updated.append(item_id)
+        return updated
+
     # reads ------------------------------------------------------------------------------------
     def get(self, item_id: int) -> dict:
         item, _ = self.index.get(item_id)

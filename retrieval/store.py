@@ -9,7 +9,6 @@ reused, so a re-added (upserted) item never collides with its own tombstone in H
 from __future__ import annotations
 
 import json
-import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator

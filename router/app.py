@@ -3,7 +3,8 @@
     import_path: router.app:build_app
 
 One ``.bind()`` expression shows the whole graph: an ``OnnxTier`` per configured task (and a
-``VlmTier`` for each task with a VLM), composed behind the HTTP ``Ingress``.
+``VlmTier`` for each task with a VLM, and one ``SearchTier`` when retrieval is enabled), composed
+behind the HTTP ``Ingress``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from ray.serve import Application
 
 from router.config import parse_app_config
 from router.ingress import Ingress
-from router.tiers import OnnxTier, VlmTier
+from router.tiers import OnnxTier, SearchTier, VlmTier
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
@@ -41,6 +42,13 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         for task, cascade in config.cascades.items()
         if cascade.vlm is not None
     }
+    search = (
+        SearchTier.options(name="search", num_replicas=1, ray_actor_options={"num_cpus": config.search_num_cpus}).bind(
+            config.retrieval.model_dump(mode="json")
+        )
+        if config.retrieval.enabled
+        else None
+    )
     return Ingress.options(
         num_replicas=config.ingress_replicas, ray_actor_options={"num_cpus": config.ingress_num_cpus}
-    ).bind(config.model_dump(mode="json"), tiers, vlm_tiers)
+    ).bind(config.model_dump(mode="json"), tiers, vlm_tiers, search)

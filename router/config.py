@@ -17,6 +17,7 @@ from cascades.onnx_stage import OnnxStageConfig
 from cascades.vlm.config import VlmConfig
 from policies.policy_set import PolicySet
 from policies.thresholds import ThresholdPolicy
+from retrieval.config import RetrievalConfig
 from router.security import SecurityConfig
 from router.url_fetch import UrlFetchConfig
 from visionroute import paths
@@ -49,12 +50,55 @@ class CascadeConfig(Strict):
     tier: OnnxStageConfig
     policy: ThresholdPolicy = Field(default_factory=ThresholdPolicy)
     replicas: int = Field(1, ge=1)
-    num_cpus: float = Field(0.5, gt=0)
+    num_cpus: float = Field(0.25, gt=0)
     max_batch_size: int = Field(8, ge=1, le=256)
     batch_wait_timeout_ms: float = Field(2.0, ge=0, le=1000)
+    thresholds_from_certificate: bool = Field(
+        False,
+        description="take accept (and escalate) thresholds from the calibration artefact's risk certificate",
+    )
     vlm: VlmConfig | None = Field(None, description="the escalation tier; without it, escalations go to review")
     vlm_replicas: int = Field(1, ge=1)
     vlm_num_cpus: float = Field(0.25, gt=0)
+
+
+    @model_validator(mode="after")
+    def _certified_thresholds(self) -> "CascadeConfig":
+        if not self.thresholds_from_certificate:
+            return self
+        if not self.tier.calibration:
+            raise ValueError("thresholds_from_certificate needs tier.calibration (an artefact from `visionroute calibrate`)")
+        self.policy = certified_policy(self.policy, Path(self.tier.calibration))
+        return self
+
+
+def certified_policy(policy: ThresholdPolicy, artefact_path: Path) -> ThresholdPolicy:
+    """The policy with the certificate's thresholds; an infeasible certificate accepts nothing."""
+    from cascades.calibration import load_calibration
+
+    calibrator = load_calibration(artefact_path)
+    certificate = calibrator.certificate
+    if certificate is None:
+        raise ValueError(f"calibration artefact {str(artefact_path)!r} has no risk certificate")
+    def clipped(value: Any) -> float:  # the certificate writes +-inf as strings
+        return min(1.0, max(0.0, float(value)))
+
+    three_tier = certificate.get("three_tier") or {}
+    if not certificate.get("feasible", True) or certificate.get("threshold") is None:
+        accept, escalate = 1.0, min(policy.escalate_threshold, 1.0)
+    elif three_tier:
+        accept = clipped(three_tier["accept_threshold"])
+        escalate = min(clipped(three_tier["review_threshold"]), accept)
+    else:
+        accept = clipped(certificate["threshold"])
+        escalate = min(policy.escalate_threshold, accept)
+    return policy.model_copy(
+        update={
+            "accept_threshold": accept,
+            "escalate_threshold": escalate,
+            "version": f"{policy.version}+{calibrator.artifact_id}",
+        }
+    )
 
 
 class ReviewConfig(Strict):
@@ -80,6 +124,8 @@ class AppConfig(Strict):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     review: ReviewConfig = Field(default_factory=ReviewConfig)
     policies: PolicySet = Field(default_factory=PolicySet, description="initial policy set; runtime changes via the Ingress user_config")
+    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig, description="visual search (docs/retrieval.md)")
+    search_num_cpus: float = Field(0.25, gt=0)
     ingress_replicas: int = Field(1, ge=1)
     ingress_num_cpus: float = Field(0.5, gt=0)
     security: SecurityConfig = Field(default_factory=SecurityConfig, description="API keys, roles, bind policy")
@@ -97,6 +143,11 @@ class AppConfig(Strict):
         if self.default_task not in self.cascades:
             raise ValueError(f"default_task {self.default_task!r} is not one of the cascades {sorted(self.cascades)}")
         self.review.path = self.review.path.expanduser().resolve()
+        self.retrieval.index_dir = self.retrieval.index_dir.expanduser().resolve()
+        embedder = self.retrieval.embedder
+        if embedder.kind == "conse" and "classifier_path" not in embedder.model_fields_set:
+            # The offline embedder uses the prepared classifier wherever models_dir points.
+            embedder.classifier_path = self.models_dir / "efficientnet_lite0.onnx"
         return self
 
 

@@ -34,6 +34,8 @@ from policies.runtime import PolicyRuntime, Refusal
 from router.metrics import IngressMetrics
 from router.review_page import REVIEW_ASSETS, review_asset
 from router.config import AppConfig
+from router.search_api import router as search_router
+from router.search_api import search_by
 from router.grpc_ingress import GrpcEndpoints
 from router.security import PermissionDenied, Unauthenticated, install_security, resolve_tenant, tenant_scope
 from router.url_fetch import UrlFetchConfig, fetch_image_url
@@ -74,6 +76,7 @@ app = FastAPI(
     version=__version__,
     description="Computer-vision answers from a cascade: ONNX tier, VLM, human review.",
 )
+app.include_router(search_router)
 
 
 def status_for(error: RouterError) -> int:
@@ -152,9 +155,15 @@ async def image_and_fields(
 @serve.ingress(app)
 class Ingress(GrpcEndpoints):  # + the gRPC methods (router/grpc_ingress.py)
     def __init__(
-        self, config: dict[str, Any], tiers: dict[str, DeploymentHandle], vlm_tiers: dict[str, DeploymentHandle]
+        self,
+        config: dict[str, Any],
+        tiers: dict[str, DeploymentHandle],
+        vlm_tiers: dict[str, DeploymentHandle],
+        search: DeploymentHandle | None = None,
     ) -> None:
         self.config = AppConfig.model_validate(config)
+        self.search = search
+        app.state.search = search  # router/search_api.py reaches the SearchTier through this
         self.security = install_security(app, self.config.security)  # API keys; refuses an unsafe bind
         self.tiers = tiers
         self.vlm_tiers = vlm_tiers
@@ -222,9 +231,35 @@ class Ingress(GrpcEndpoints):  # + the gRPC methods (router/grpc_ingress.py)
         elif self.policies.audit_sampled(policy, analysis):
             await self._enqueue(analysis, image_bytes, policy, kind="audit")
         self.metrics.decisions.labels(task, getattr(analysis.decision, "value", "none"), policy.version).inc()
+        await self._index_for_search(analysis)
         degraded = any(step.details.get("degraded") for step in analysis.trace)
         # Ray Serve's proxy assigns X-Request-Id (or keeps the caller's) and echoes it back.
         return {**self._response(analysis), "policy_version": policy.version, "degraded": degraded}
+
+    async def search_json(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """gRPC Search (router/grpc_ingress.py): the same search, scoping and errors as HTTP."""
+        return await search_by(
+            self.search,
+            text=payload.get("query"),
+            image=payload.get("image"),
+            item_id=payload.get("item_id"),
+            k=payload.get("k", 10),
+            filters=payload.get("filters"),
+            tenant=payload.get("tenant"),
+        )
+
+    async def _index_for_search(self, analysis: Analysis) -> None:
+        """retrieval.index_analysed: make the analysed image searchable; a failure is recorded
+        in the trace and never changes the decision."""
+        if self.search is None or not self.config.retrieval.index_analysed:
+            return
+        started = time.perf_counter()
+        try:
+            item_id = await self.search.call.remote("index_analysis", analysis)
+            analysis.trace.append(Step(stage="retrieval:index", reason="indexed for visual search", details={"search_id": item_id}, latency_ms=(time.perf_counter() - started) * 1000.0))
+        except Exception as exc:
+            log.warning("indexing %s for search failed: %s", analysis.trace.request_id, exc)
+            analysis.trace.append(Step(stage="retrieval:index", reason="not indexed", error=f"{type(exc).__name__}: {exc}", latency_ms=(time.perf_counter() - started) * 1000.0))
 
     async def _run_budgeted(self, analysis: Analysis, policy: PolicySet, units: float, cheap_tier, vlm) -> Analysis:
         """The cascade with each paid call reserved first (policies.budgets) and settled after."""
@@ -396,6 +431,11 @@ class Ingress(GrpcEndpoints):  # + the gRPC methods (router/grpc_ingress.py)
         item = self.queue.submit_label(item_id, reviewer=body.reviewer, lease_token=body.lease_token, label=label)
         if item.kind == "audit":  # a new audited outcome: refresh the accepted-error estimate (logs an alert)
             self.policies.audit_estimate(self.queue, item.task)
+        if self.search is not None and self.config.retrieval.index_analysed:
+            try:  # the label is stored either way; the search tags follow when they can
+                self.search.call.remote("apply_review_label", item.id, item.label).result(timeout_s=30)
+            except Exception as exc:
+                log.warning("review label of %s not copied to the search index: %s", item.id, exc)
         return item.public_dict()
 
     @app.get("/v1/review/labels/{task}", summary="The label set a task's reviewers may use")

@@ -58,3 +58,21 @@ class VlmTier:
     def describe(self) -> dict[str, Any]:
         config = self.stage.config
         return {"endpoint": config.endpoint, "model": config.model, "task": config.task}
+
+
+@serve.deployment(max_ongoing_requests=32)
+class SearchTier:
+    """Visual search: one SearchService (embedder + FAISS index). One replica: one writer."""
+
+    def __init__(self, retrieval_config: dict[str, Any]) -> None:
+        from retrieval.config import RetrievalConfig
+        from retrieval.service import SearchService
+
+        self.service = SearchService(RetrievalConfig.model_validate(retrieval_config))
+
+    async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """One entry point so the API can reach any public SearchService method by name."""
+        if method.startswith("_") or not callable(getattr(self.service, method, None)):
+            raise AttributeError(f"SearchService has no method {method!r}")
+        result = await asyncio.to_thread(getattr(self.service, method), *args, **kwargs)
+        return result.model_dump() if hasattr(result, "model_dump") else result

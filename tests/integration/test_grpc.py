@@ -172,6 +172,32 @@ def test_review_flow_over_grpc_and_tenant_isolation(service, stub, photos_png):
     assert code == grpc.StatusCode.INVALID_ARGUMENT and details["field"] in ("reviewer", "lease_token", "verdict")
 
 
+def test_search_on_both_faces_sees_only_the_callers_tenant(service, stub, photos_png):
+    def index(name: str, photo: str) -> int:
+        response = httpx.post(service.url + "/v1/search/items", files={"image": ("p.png", photos_png[photo], "image/png")},
+                              data={"metadata": '{"tenant": "someone-else"}'}, headers={"x-api-key": key(name)}, timeout=60)
+        assert response.status_code == 200, response.text
+        return response.json()["id"]
+
+    acme_coffee, globex_coffee = index("acme_client", "coffee"), index("globex_reviewer", "coffee")
+    over_http = httpx.post(service.url + "/v1/search", json={"text": "a cup of coffee", "k": 5},
+                           headers={"x-api-key": key("acme_client")}, timeout=60).json()
+    over_grpc = json.loads(stub.Search(pb.SearchRequest(query_text="a cup of coffee", k=5), metadata=meta("acme_client"), timeout=60).result_json)
+    for result in (over_http, over_grpc):
+        ids = [hit["id"] for hit in result["hits"]]
+        assert acme_coffee in ids and globex_coffee not in ids  # the key's tenant wins over the metadata it sent
+        assert {hit["metadata"]["tenant"] for hit in result["hits"]} == {"acme"}
+    assert [h["id"] for h in over_http["hits"]] == [h["id"] for h in over_grpc["hits"]]
+    # Another tenant's entry does not exist for this key: not by id, not as a query, not to delete.
+    acme = {"x-api-key": key("acme_client")}
+    assert httpx.get(f"{service.url}/v1/search/items/{globex_coffee}", headers=acme).status_code == 404
+    assert httpx.delete(f"{service.url}/v1/search/items/{globex_coffee}", headers=acme).status_code == 404
+    code, details = grpc_error(stub.Search, pb.SearchRequest(item_id=globex_coffee, k=3), metadata=meta("acme_client"))
+    assert code == grpc.StatusCode.NOT_FOUND and details["field"] == "id"
+    code, details = grpc_error(stub.Search, pb.SearchRequest(k=3), metadata=meta("acme_client"))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and details["field"] == "query"
+
+
 def test_standard_health_checking_and_reflection(channel):
     health = health_pb2_grpc.HealthStub(channel)
     for service_name in ("", SERVICE_NAME):

@@ -33,7 +33,8 @@ def test_clear_photos_are_accepted_with_their_imagenet_label(service, photos_png
     assert body["decision"] == "accept" and body["answer"][0]["label"] == label
     assert body["review_item_id"] is None
     stages = [step["stage"] for step in body["trace"]["steps"]]
-    assert stages == ["input", "onnx:classify", "policy:thresholds"]
+    # serve_config.yaml indexes every analysed image for search (retrieval.index_analysed)
+    assert stages == ["input", "onnx:classify", "policy:thresholds", "retrieval:index"]
     onnx_step = body["trace"]["steps"][1]
     assert onnx_step["model"] == "efficientnet_lite0" and "sha256:" in onnx_step["model_version"]
     assert onnx_step["latency_ms"] > 0 and onnx_step["cost_units"] == 1.0
@@ -88,7 +89,7 @@ def test_unsure_photo_goes_to_review_and_a_reviewer_labels_it(service, photos_pn
     body = analyze(service, photos_png["astronaut"]).json()
     assert body["decision"] == "review" and body["review_item_id"]
     item_id = body["review_item_id"]
-    assert body["trace"]["steps"][-1]["stage"] == "review_queue"
+    assert [s["stage"] for s in body["trace"]["steps"]][-2:] == ["review_queue", "retrieval:index"]
     listed = httpx.get(service.url + "/v1/review/items").json()
     assert item_id in [item["id"] for item in listed["items"]]
     image = httpx.get(f"{service.url}/v1/review/items/{item_id}/image")
