@@ -232,6 +232,7 @@ class Ingress(GrpcEndpoints):  # + the gRPC methods (router/grpc_ingress.py)
             await self._enqueue(analysis, image_bytes, policy, kind="audit")
         self.metrics.decisions.labels(task, getattr(analysis.decision, "value", "none"), policy.version).inc()
         await self._index_for_search(analysis)
+        self.metrics.observe_trace(task, analysis.trace)
         degraded = any(step.details.get("degraded") for step in analysis.trace)
         # Ray Serve's proxy assigns X-Request-Id (or keeps the caller's) and echoes it back.
         return {**self._response(analysis), "policy_version": policy.version, "degraded": degraded}
@@ -489,7 +490,13 @@ class Ingress(GrpcEndpoints):  # + the gRPC methods (router/grpc_ingress.py)
         }
 
     @app.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
-    def prometheus_metrics(self) -> Response:
+    async def prometheus_metrics(self) -> Response:
+        if self.search is not None:
+            try:
+                stats = await asyncio.wait_for(self.search.call.remote("stats"), timeout=5.0)
+                self.metrics.index_items.set(float(stats["items"]))
+            except Exception as exc:  # a scrape must not fail because search is down
+                log.warning("search stats unavailable for /metrics: %s", exc)
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     # -- health ----------------------------------------------------------------------------
@@ -511,6 +518,12 @@ class Ingress(GrpcEndpoints):  # + the gRPC methods (router/grpc_ingress.py)
                 checks[f"vlm:{task}"] = await asyncio.wait_for(vlm_tier.describe.remote(), timeout=5.0)
             except Exception as exc:
                 checks[f"vlm:{task}"] = {"error": f"{type(exc).__name__}: {exc}"}
+        if self.search is not None:  # enabled search is a required backend: its index must be loaded
+            try:
+                checks["search_index"] = await asyncio.wait_for(self.search.call.remote("stats"), timeout=5.0)
+            except Exception as exc:
+                checks["search_index"] = {"error": f"{type(exc).__name__}: {exc}"}
         checks["review_queue"] = {"writable": await asyncio.to_thread(self.queue.is_writable)}
-        ready = all("error" not in v for k, v in checks.items() if k.startswith("tier:")) and checks["review_queue"]["writable"]
+        required = [v for k, v in checks.items() if k.startswith("tier:") or k == "search_index"]
+        ready = all("error" not in v for v in required) and checks["review_queue"]["writable"]
         return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from policies.review_queue import ReviewQueue
 from policies.runtime import PolicyRuntime
+from visionroute.records import Trace
 
 
 class SharedStateCollector(Collector):
@@ -67,6 +68,29 @@ class IngressMetrics:
                                        registry=self.registry)  # fmt: skip
         self.reconfigurations = Counter("visionroute_policy_reconfigurations", "policy changes", ["result"], registry=self.registry)
         self.audit_alerts = Counter("visionroute_audit_alerts", "audit alerts raised", ["task"], registry=self.registry)
+        # Per tier (trace stage): latency, what each stage decided (escalation and review rates
+        # are ratios of these), failures, and the VLM's circuit as its last call saw it.
+        self.stage_latency = Histogram(
+            "visionroute_stage_latency_seconds", "latency of each cascade stage", ["task", "stage"], registry=self.registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )  # fmt: skip
+        self.stage_decisions = Counter("visionroute_stage_decisions", "decisions taken by each stage", ["task", "stage", "decision"],
+                                       registry=self.registry)  # fmt: skip
+        self.stage_errors = Counter("visionroute_stage_errors", "failed stages (VLM errors by failure kind)", ["task", "stage", "failure"],
+                                    registry=self.registry)  # fmt: skip
+        self.vlm_breaker_open = Gauge("visionroute_vlm_breaker_open", "1 when the last VLM call found its circuit open", ["task"],
+                                      registry=self.registry)  # fmt: skip
+        self.index_items = Gauge("visionroute_search_index_items", "items in the visual search index", registry=self.registry)
+
+    def observe_trace(self, task: str, trace: Trace) -> None:
+        for step in trace:
+            self.stage_latency.labels(task, step.stage).observe(step.latency_ms / 1000.0)
+            if step.decision is not None:
+                self.stage_decisions.labels(task, step.stage, step.decision.value).inc()
+            if step.error is not None:
+                self.stage_errors.labels(task, step.stage, str(step.details.get("failure", "error"))).inc()
+            if step.stage == "vlm":
+                self.vlm_breaker_open.labels(task).set(1.0 if step.details.get("failure") == "circuit_open" else 0.0)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

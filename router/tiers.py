@@ -55,9 +55,21 @@ class VlmTier:
     async def run(self, analysis: Analysis) -> Analysis:
         return await self.stage(analysis)
 
-    def describe(self) -> dict[str, Any]:
+    async def describe(self) -> dict[str, Any]:
+        """Config plus whether the VLM server answers now (readiness reports it, informative)."""
+        import httpx
+
         config = self.stage.config
-        return {"endpoint": config.endpoint, "model": config.model, "task": config.task}
+        described = {"endpoint": config.endpoint, "model": config.model, "task": config.task}
+        if config.backend != "openai":
+            return described
+        try:
+            async with httpx.AsyncClient(timeout=2.0, trust_env=False) as client:
+                response = await client.get(config.endpoint.rstrip("/") + "/models")
+            described["reachable"] = response.status_code == 200
+        except httpx.HTTPError as exc:
+            described.update(reachable=False, error_detail=f"{type(exc).__name__}: {exc}")
+        return described
 
 
 @serve.deployment(max_ongoing_requests=32)

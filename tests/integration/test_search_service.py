@@ -50,6 +50,11 @@ def test_text_and_image_search_over_indexed_and_analysed_photos(service, photos_
     tagged = httpx.post(service.url + "/v1/search", json={"text": "a person", "k": 1, "filters": {"tags_all": ["reviewed_label:space shuttle"]}}, timeout=60).json()
     assert [hit["metadata"]["review_item_id"] for hit in tagged["hits"]] == [item_id]
 
+    metrics = httpx.get(service.url + "/metrics").text
+    assert "visionroute_search_index_items 4.0" in metrics  # three uploads and one analysed photo
+    ready = httpx.get(service.url + "/readyz").json()
+    assert ready["ready"] and ready["checks"]["search_index"]["items"] == 4
+
     deleted = httpx.delete(f"{service.url}/v1/search/items/{ids['camera']}")
     assert deleted.status_code == 200
     assert httpx.get(f"{service.url}/v1/search/items/{ids['camera']}").status_code == 404

@@ -60,10 +60,13 @@ def test_an_escalated_image_gets_a_vlm_answer_with_tokens_cost_and_latency(vllm_
         assert vlm["decision"] == "accept" and body["decision"] == "accept"
         assert body["answer"][0]["label"] in LABELS  # the schema holds even for a random model
         ready = httpx.get(service.url + "/readyz").json()
-        assert ready["checks"]["vlm:classify"]["model"] == "tiny-llava"
+        assert ready["checks"]["vlm:classify"]["model"] == "tiny-llava" and ready["checks"]["vlm:classify"]["reachable"]
+        metrics = httpx.get(service.url + "/metrics").text
+        assert 'visionroute_stage_decisions_total{decision="escalate",stage="policy:thresholds",task="classify"}' in metrics
+        assert 'visionroute_stage_latency_seconds_count{stage="vlm",task="classify"}' in metrics
         # A clear photo never reaches the VLM.
         coffee = analyze(service, photos_png["coffee"])
-        assert [s["stage"] for s in coffee["trace"]["steps"]] == ["input", "onnx:classify", "policy:thresholds"]
+        assert "vlm" not in [s["stage"] for s in coffee["trace"]["steps"]]
     finally:
         service.stop()
 
@@ -81,6 +84,10 @@ def test_a_vlm_that_is_down_sends_escalations_to_review_with_the_reason(prepared
         assert body["decision"] == "review" and body["review_item_id"]
         item = httpx.get(f"{service.url}/v1/review/items/{body['review_item_id']}").json()
         assert item["status"] == "pending" and item["reason"] == vlm["reason"]
-        assert [s["stage"] for s in item["trace"]["steps"]][-1] == "vlm"
+        assert "vlm" in [s["stage"] for s in item["trace"]["steps"]]
+        ready = httpx.get(service.url + "/readyz")
+        assert ready.status_code == 200 and ready.json()["checks"]["vlm:classify"]["reachable"] is False
+        metrics = httpx.get(service.url + "/metrics").text
+        assert 'visionroute_stage_errors_total{failure="connection",stage="vlm",task="classify"}' in metrics
     finally:
         service.stop()
