@@ -53,7 +53,6 @@ def load_split(seed: int = 0) -> DigitsSplit:
 
 
 def _build(tier: str):
-    import torch
     from torch import nn
 
     if tier == "cheap":

@@ -38,6 +38,7 @@ from router.search_api import router as search_router
 from router.search_api import search_by
 from router.grpc_ingress import GrpcEndpoints
 from router.security import PermissionDenied, Unauthenticated, install_security, resolve_tenant, tenant_scope
+from router.limits import read_limited
 from router.url_fetch import UrlFetchConfig, fetch_image_url
 from router.schemas import AnalyzeJson, AnalyzeResponse, ClaimRequest, LabelRequest
 from visionroute import __version__
@@ -94,16 +95,9 @@ async def _router_error(request: Request, error: RouterError) -> JSONResponse:
 
 async def read_body_limited(request: Request, max_bytes: int) -> bytes:
     """The whole body, refusing early when it is (or declares to be) over the limit."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise PayloadTooLarge(f"body is {declared} bytes; the limit is {max_bytes}", field="body")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise PayloadTooLarge(f"body exceeds the limit of {max_bytes} bytes", field="body")
-        chunks.append(chunk)
-    body = b"".join(chunks)
+    body = await read_limited(
+        request.stream(), declared=request.headers.get("content-length"), max_bytes=max_bytes, field="body", what="body"
+    )
     request._body = body  # lets request.form() parse what was already read
     return body
 

@@ -18,7 +18,8 @@ from typing import Awaitable, Callable, Literal
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
-from visionroute.errors import InputError, PayloadTooLarge
+from router.limits import read_limited
+from visionroute.errors import InputError
 
 Resolver = Callable[[str, int], Awaitable[list[str]]]
 
@@ -101,16 +102,10 @@ async def fetch_image_url(
                         continue
                     if response.status_code != 200:
                         raise InputError(f"image_url answered HTTP {response.status_code}", field="image_url")
-                    declared = response.headers.get("content-length")
-                    if declared and declared.isdigit() and int(declared) > max_bytes:
-                        raise PayloadTooLarge(f"image_url body is {declared} bytes; the limit is {max_bytes}", field="image_url")
-                    chunks, size = [], 0
-                    async for chunk in response.aiter_bytes():
-                        size += len(chunk)
-                        if size > max_bytes:
-                            raise PayloadTooLarge(f"image_url body exceeds the limit of {max_bytes} bytes", field="image_url")
-                        chunks.append(chunk)
-                    return b"".join(chunks)
+                    return await read_limited(
+                        response.aiter_bytes(), declared=response.headers.get("content-length"),
+                        max_bytes=max_bytes, field="image_url", what="image_url body",
+                    )  # fmt: skip
             except httpx.HTTPError as exc:
                 raise InputError(f"could not fetch image_url: {type(exc).__name__}: {exc}", field="image_url") from None
     raise InputError(f"image_url redirected more than {config.max_redirects} times", field="image_url")

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import os
-import shutil
 import socket
 import time
 from pathlib import Path

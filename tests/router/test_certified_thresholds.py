@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cascades.onnx_stage import OnnxStage, OnnxStageConfig
+from cascades.onnx_stage import OnnxStage
 from cascades.pipeline import TierResult, run_cascade
 from router.config import parse_app_config
 from visionroute.errors import ConfigError
