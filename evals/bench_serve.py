@@ -3,7 +3,8 @@
 One run, same images, same machine:
 1. raw: the classify stage in this process (ONNX Runtime + pre/post-processing), one image
    at a time (p50/p95) and in batches of 8 (images/s); also with PNG decoding included;
-2. HTTP: the real app (``router.app:build_app``) on Ray Serve, sequential requests (p50/p95)
+2. HTTP: the real app (``router.app:build_app``) on Ray Serve, for each tier placement (its own
+   deployment, or inside the ingress), sequential requests (p50/p95)
    and 8 concurrent clients (requests/s), Serve batching the classifier.
 Prints both and their ratios against the issue's targets.
 """
@@ -130,7 +131,9 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_bench(models_dir: Path, requests: int = 200, clients: int = 8, max_batch_size: int = 8) -> dict:
+def run_bench(
+    models_dir: Path, requests: int = 200, clients: int = 8, max_batch_size: int = 8, placements: tuple[str, ...] = ("deployment", "ingress")
+) -> dict:
     import ray
     from ray import serve
 
@@ -148,38 +151,43 @@ def run_bench(models_dir: Path, requests: int = 200, clients: int = 8, max_batch
         f"raw ONNX Runtime (in-process): p50 {raw['onnx_p50_ms']:.1f} ms, p95 {raw['onnx_p95_ms']:.1f} ms; "
         f"with JPEG decode p50 {raw['decode_onnx_p50_ms']:.1f} ms; batched x8 {raw['batched_images_per_s']:.1f} images/s"
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        port = _free_port()
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        try:
-            serve.start(http_options={"host": "127.0.0.1", "port": port})
-            app = build_app(
-                {
-                    "models_dir": str(models_dir),
-                    "review": {"path": str(Path(tmp) / "review")},
-                    "cascades": {
-                        "classify": {"tier": {"model": "efficientnet_lite0"}, "max_batch_size": max_batch_size, "batch_wait_timeout_ms": 5}
-                    },
-                }
-            )
-            serve.run(app, name="bench", route_prefix="/", blocking=False)
-            http = measure_http(f"http://127.0.0.1:{port}", photos, requests, clients)
-        finally:
-            serve.shutdown()
-            ray.shutdown()
-    overhead = http["http_p50_ms"] - raw["onnx_p50_ms"]
-    ratio = http["concurrent_requests_per_s"] / raw["batched_images_per_s"]
-    print(
-        f"HTTP via Ray Serve: sequential p50 {http['http_p50_ms']:.1f} ms, p95 {http['http_p95_ms']:.1f} ms; "
-        f"{clients} clients {http['concurrent_requests_per_s']:.1f} req/s (p50 {http['concurrent_p50_ms']:.1f} ms); "
-        f"decisions {http['decisions']}"
-    )
-    print(
-        f"HTTP p50 - raw p50 = {overhead:.1f} ms (target <= 15 ms: {'met' if overhead <= 15 else 'NOT met'}); "
-        f"HTTP p50 - raw(decode+ONNX) p50 = {http['http_p50_ms'] - raw['decode_onnx_p50_ms']:.1f} ms"
-    )
-    print(
-        f"{clients}-client throughput / raw batched throughput = {ratio:.2f} "
-        f"(target >= 0.7: {'met' if ratio >= 0.7 else 'NOT met'})"
-    )
-    return {"raw": raw, "http": http, "overhead_ms": overhead, "throughput_ratio": ratio}
+    results = {"raw": raw}
+    for placement in placements:
+        with tempfile.TemporaryDirectory() as tmp:
+            port = _free_port()
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+            try:
+                serve.start(http_options={"host": "127.0.0.1", "port": port})
+                app = build_app(
+                    {
+                        "models_dir": str(models_dir),
+                        "review": {"path": str(Path(tmp) / "review")},
+                        "retrieval": {"enabled": False},  # search is measured by `bench retrieval`
+                        "cascades": {
+                            "classify": {
+                                "tier": {"model": "efficientnet_lite0"},
+                                "placement": placement,
+                                "max_batch_size": max_batch_size,
+                                "batch_wait_timeout_ms": 2,
+                            }
+                        },
+                    }
+                )
+                serve.run(app, name="bench", route_prefix="/", blocking=False)
+                http = measure_http(f"http://127.0.0.1:{port}", photos, requests, clients)
+            finally:
+                serve.shutdown()
+                ray.shutdown()
+        overhead = http["http_p50_ms"] - raw["onnx_p50_ms"]
+        ratio = http["concurrent_requests_per_s"] / raw["batched_images_per_s"]
+        print(
+            f"HTTP via Ray Serve, tier placement {placement!r}: sequential p50 {http['http_p50_ms']:.1f} ms, "
+            f"p95 {http['http_p95_ms']:.1f} ms; {clients} clients {http['concurrent_requests_per_s']:.1f} req/s "
+            f"(p50 {http['concurrent_p50_ms']:.1f} ms); decisions {http['decisions']}"
+        )
+        print(
+            f"  HTTP p50 - raw p50 = {overhead:.1f} ms (target <= 15 ms: {'met' if overhead <= 15 else 'NOT met'}); "
+            f"{clients}-client throughput / raw batched = {ratio:.2f} (target >= 0.7: {'met' if ratio >= 0.7 else 'NOT met'})"
+        )
+        results[placement] = {"http": http, "overhead_ms": overhead, "throughput_ratio": ratio}
+    return results

@@ -32,6 +32,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
             cascade.batch_wait_timeout_ms,
         )
         for task, cascade in config.cascades.items()
+        if cascade.placement == "deployment"  # placement "ingress": built inside the Ingress
     }
     vlm_tiers = {
         task: VlmTier.options(

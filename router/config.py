@@ -8,7 +8,7 @@ default: the packaged classifier and text detector, a local review queue.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -49,6 +49,10 @@ class CascadeConfig(Strict):
 
     tier: OnnxStageConfig
     policy: ThresholdPolicy = Field(default_factory=ThresholdPolicy)
+    placement: Literal["deployment", "ingress"] = Field(
+        "deployment",
+        description="deployment: the tier scales on its own (one more hop); ingress: it runs inside each ingress replica",
+    )
     replicas: int = Field(1, ge=1)
     num_cpus: float = Field(0.25, gt=0)
     max_batch_size: int = Field(8, ge=1, le=256)

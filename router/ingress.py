@@ -39,6 +39,7 @@ from router.search_api import search_by
 from router.grpc_ingress import GrpcEndpoints
 from router.security import PermissionDenied, Unauthenticated, install_security, resolve_tenant, tenant_scope
 from router.limits import read_limited
+from router.tiers import BatchedOnnxTier, InProcessTier, RemoteTier
 from router.url_fetch import UrlFetchConfig, fetch_image_url
 from router.schemas import AnalyzeJson, AnalyzeResponse, ClaimRequest, LabelRequest
 from visionroute import __version__
@@ -159,7 +160,12 @@ class Ingress(GrpcEndpoints):  # + the gRPC methods (router/grpc_ingress.py)
         self.search = search
         app.state.search = search  # router/search_api.py reaches the SearchTier through this
         self.security = install_security(app, self.config.security)  # API keys; refuses an unsafe bind
-        self.tiers = tiers
+        self.tiers = {
+            task: RemoteTier(tiers[task])
+            if cascade.placement == "deployment"
+            else InProcessTier(BatchedOnnxTier(cascade.tier.model_dump(), str(self.config.models_dir), cascade.max_batch_size, cascade.batch_wait_timeout_ms))
+            for task, cascade in self.config.cascades.items()
+        }  # fmt: skip
         self.vlm_tiers = vlm_tiers
         self.queue = ReviewQueue(self.config.review.path, default_lease_s=self.config.review.lease_s)
         self.policies = PolicyRuntime(
@@ -209,7 +215,7 @@ class Ingress(GrpcEndpoints):  # + the gRPC methods (router/grpc_ingress.py)
         tier = self.tiers[task]
 
         async def cheap_tier(image_rgb) -> TierResult:
-            return await tier.predict.remote(image_rgb)
+            return await tier.predict(image_rgb)
 
         vlm = None
         if task in self.vlm_tiers:
@@ -504,7 +510,7 @@ class Ingress(GrpcEndpoints):  # + the gRPC methods (router/grpc_ingress.py)
         checks: dict[str, Any] = {}
         for task, tier in self.tiers.items():
             try:
-                checks[f"tier:{task}"] = await asyncio.wait_for(tier.describe.remote(), timeout=5.0)
+                checks[f"tier:{task}"] = await asyncio.wait_for(tier.describe(), timeout=5.0)
             except Exception as exc:
                 checks[f"tier:{task}"] = {"error": f"{type(exc).__name__}: {exc}"}
         for task, vlm_tier in self.vlm_tiers.items():

@@ -1,4 +1,10 @@
-"""The cheap tier as a Ray Serve deployment: one ONNX model, requests batched by Serve."""
+"""The tiers as Ray Serve deployments, and the clients the Ingress calls them through.
+
+The cheap tier runs either as its own deployment (``placement: deployment``: scales apart
+from the ingress, one more hop per request) or inside each Ingress replica
+(``placement: ingress``: no hop, batching still by ``serve.batch``). Both sit behind the same
+two-method client, so the cascade code does not know which.
+"""
 
 from __future__ import annotations
 
@@ -15,8 +21,9 @@ from cascades.vlm import VlmConfig, VlmStage
 from visionroute.records import Analysis
 
 
-@serve.deployment(max_ongoing_requests=64)
-class OnnxTier:
+class BatchedOnnxTier:
+    """One ONNX model; concurrent ``predict`` calls are gathered into batches by serve.batch."""
+
     def __init__(self, stage_config: dict[str, Any], models_dir: str, max_batch_size: int, batch_wait_timeout_ms: float) -> None:
         self.stage = OnnxStage(OnnxStageConfig(**stage_config), models_dir=Path(models_dir))
         self.cost_units = self.stage.config.cost_units
@@ -43,6 +50,35 @@ class OnnxTier:
 
     def describe(self) -> dict[str, Any]:
         return self.stage.describe()
+
+
+OnnxTier = serve.deployment(max_ongoing_requests=64, name="OnnxTier")(BatchedOnnxTier)
+
+
+class RemoteTier:
+    """A tier deployment reached through its handle."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+
+    async def predict(self, image_rgb: np.ndarray) -> TierResult:
+        return await self.handle.predict.remote(image_rgb)
+
+    async def describe(self) -> dict[str, Any]:
+        return await self.handle.describe.remote()
+
+
+class InProcessTier:
+    """The same tier inside the calling replica (placement: ingress)."""
+
+    def __init__(self, tier: BatchedOnnxTier) -> None:
+        self.tier = tier
+
+    async def predict(self, image_rgb: np.ndarray) -> TierResult:
+        return await self.tier.predict(image_rgb)
+
+    async def describe(self) -> dict[str, Any]:
+        return {**self.tier.describe(), "placement": "ingress"}
 
 
 @serve.deployment(max_ongoing_requests=32)

@@ -128,3 +128,23 @@ def test_review_queue_survives_a_restart(prepared_models_dir, tmp_path, photos_p
         assert httpx.get(f"{second.url}/v1/review/items/{item_id}/image").content == photos_png["astronaut"]
     finally:
         second.stop()
+
+
+def test_the_classifier_can_run_inside_the_ingress(prepared_models_dir, tmp_path, photos_png):
+    """placement: ingress (no hop to a tier deployment) gives the same answers and trace."""
+    import yaml
+
+    from tests.integration.serve_process import REPO
+
+    cascades = yaml.safe_load((REPO / "serve_config.yaml").read_text())["applications"][0]["args"]["cascades"]
+    cascades["classify"]["placement"] = "ingress"
+    service = ServeProcess(tmp_path, prepared_models_dir, {"cascades": cascades}).start()
+    try:
+        body = analyze(service, photos_png["chelsea"]).json()
+        assert body["decision"] == "accept" and body["answer"][0]["label"] == "Egyptian cat"
+        assert body["trace"]["steps"][1]["model"] == "efficientnet_lite0"
+        ready = httpx.get(service.url + "/readyz").json()
+        assert ready["checks"]["tier:classify"]["placement"] == "ingress"
+        assert "review_item_id" in analyze(service, photos_png["astronaut"]).json()
+    finally:
+        service.stop()
