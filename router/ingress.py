@@ -25,7 +25,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
 
 from cascades.images import decode_image
-from cascades.pipeline import TierResult, run_cascade
+from cascades.pipeline import run_cascade
 from policies.budgets import BudgetLedger
 from policies.costs import costs_by_tier, review_value
 from policies.policy_set import PolicySet
@@ -212,11 +212,6 @@ class Ingress(GrpcEndpoints):  # + the gRPC methods (router/grpc_ingress.py)
             Step(stage="input", details={"format": decoded.format, "bytes": len(image_bytes), "width": analysis.width, "height": analysis.height})
         )
         cascade = self.config.cascades[task]
-        tier = self.tiers[task]
-
-        async def cheap_tier(image_rgb) -> TierResult:
-            return await tier.predict(image_rgb)
-
         vlm = None
         if task in self.vlm_tiers:
             vlm_tier = self.vlm_tiers[task]
@@ -225,7 +220,7 @@ class Ingress(GrpcEndpoints):  # + the gRPC methods (router/grpc_ingress.py)
                 return await vlm_tier.run.remote(escalated)
 
         policy = self.policies.current  # one policy version decides the whole request
-        analysis = await self._run_budgeted(analysis, policy, cascade.tier.cost_units, cheap_tier, vlm)
+        analysis = await self._run_budgeted(analysis, policy, cascade.tier.cost_units, self.tiers[task].predict, vlm)
         if analysis.decision in (Decision.REVIEW, Decision.ESCALATE):
             await self._enqueue(analysis, image_bytes, policy)
         elif self.policies.audit_sampled(policy, analysis):
