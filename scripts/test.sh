@@ -11,7 +11,8 @@ fast_only=0
 [[ "$*" == *"not server"* ]] && fast_only=1
 if [[ $fast_only == 0 ]]; then
   bash "$repo/scripts/vllm_env.sh" >/dev/null           # real vLLM server for the VLM tests
-  bash "$repo/scripts/browser_deps.sh" >/dev/null         # Debian chromium for the review page
+  bash "$repo/scripts/browser_deps.sh" >/dev/null \
+    || echo "test.sh: could not install chromium; the review-page browser test will say so and skip" >&2
 fi
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled} HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
 exec "$venv/bin/python" -m pytest "$@"
