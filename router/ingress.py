@@ -41,7 +41,7 @@ from router.security import PermissionDenied, Unauthenticated, install_security,
 from router.limits import read_limited
 from router.tiers import BatchedOnnxTier, InProcessTier, RemoteTier
 from router.url_fetch import UrlFetchConfig, fetch_image_url
-from router.schemas import AnalyzeJson, AnalyzeResponse, ClaimRequest, LabelRequest
+from router.schemas import AnalyzeJson, AnalyzeResponse, ClaimRequest, LabelRequest, ReleaseRequest
 from visionroute import __version__
 from visionroute.errors import (
     BackendUnavailable,
@@ -406,6 +406,11 @@ class Ingress(GrpcEndpoints):  # + the gRPC methods (router/grpc_ingress.py)
         if item is None:
             return {"item": None, "lease_token": None}
         return {"item": item.public_dict(), "lease_token": item.lease_token}
+
+    @app.post("/v1/review/items/{item_id}/release", summary="Give a claimed item back unlabelled (skip it)")
+    def release(self, item_id: str, body: ReleaseRequest) -> dict[str, Any]:
+        self.queue.get(item_id, tenant=tenant_scope())  # another tenant's item does not exist here
+        return self.queue.release(item_id, reviewer=body.reviewer, lease_token=body.lease_token).public_dict()
 
     @app.post("/v1/review/items/{item_id}/label", summary="Submit a reviewer's label (idempotent)")
     def label(self, item_id: str, body: LabelRequest) -> dict[str, Any]:

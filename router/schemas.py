@@ -49,6 +49,11 @@ class ClaimRequest(Edge):
     lease_s: float | None = Field(None, gt=0, le=86400)
 
 
+class ReleaseRequest(Edge):
+    reviewer: str = Field(..., min_length=1, max_length=128)
+    lease_token: str = Field(..., min_length=1)
+
+
 class LabelRequest(Edge):
     reviewer: str = Field(..., min_length=1, max_length=128)
     lease_token: str = Field(..., min_length=1)

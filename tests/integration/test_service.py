@@ -106,6 +106,20 @@ def test_unsure_photo_goes_to_review_and_a_reviewer_labels_it(service, photos_pn
     assert item_id not in pending
 
 
+def test_a_reviewer_can_skip_a_claimed_item(service, photos_png):
+    response = httpx.post(service.url + "/v1/analyze", files={"image": ("a.png", photos_png["astronaut"], "image/png")},
+                          headers={"x-request-id": "skip-test-1"}, timeout=60)
+    item_id = response.json()["review_item_id"]
+    claim = httpx.post(service.url + "/v1/review/claim", json={"reviewer": "ann", "item_id": item_id}).json()
+    wrong = httpx.post(f"{service.url}/v1/review/items/{item_id}/release", json={"reviewer": "ann", "lease_token": "nope"})
+    assert wrong.status_code == 409 and wrong.json()["field"] == "lease_token"
+    released = httpx.post(f"{service.url}/v1/review/items/{item_id}/release", json={"reviewer": "ann", "lease_token": claim["lease_token"]})
+    assert released.status_code == 200 and released.json()["is_leased"] is False
+    assert httpx.post(service.url + "/v1/review/claim", json={"reviewer": "bob", "item_id": item_id}).json()["item"]["lease_owner"] == "bob"
+    events = [e["action"] for e in httpx.get(f"{service.url}/v1/review/items/{item_id}/audit").json()["events"]]
+    assert events[-3:] == ["claim", "release", "claim"]
+
+
 def test_openapi_docs_and_readiness(service):
     assert httpx.get(service.url + "/docs").status_code == 200
     spec = httpx.get(service.url + "/openapi.json").json()
