@@ -24,8 +24,9 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -55,9 +56,11 @@ class IsotonicMap(BaseModel):
     y: list[float]  # calibrated values at x; linear in between, clipped outside
 
     @model_validator(mode="after")
-    def _same_length(self) -> "IsotonicMap":
+    def _same_length(self) -> IsotonicMap:
         if len(self.x) != len(self.y) or not self.x:
-            raise ValueError(f"isotonic map needs equal, non-empty x and y, got {len(self.x)} and {len(self.y)}")
+            raise ValueError(
+                f"isotonic map needs equal, non-empty x and y, got {len(self.x)} and {len(self.y)}"
+            )
         return self
 
 
@@ -81,12 +84,16 @@ class CalibrationArtifact(BaseModel):
     certificate: dict[str, Any] | None = None
 
     @model_validator(mode="after")
-    def _params_match_method(self) -> "CalibrationArtifact":
+    def _params_match_method(self) -> CalibrationArtifact:
         given = {m for m in METHODS if getattr(self, m) is not None}
         if given != {self.method}:
-            raise ValueError(f"method {self.method!r} needs exactly its own parameters; found {sorted(given)}")
+            raise ValueError(
+                f"method {self.method!r} needs exactly its own parameters; found {sorted(given)}"
+            )
         if self.method == "temperature" and self.kind != "classifier":
-            raise ValueError("temperature scaling needs a classifier's full probability vector; use platt or isotonic for detectors")
+            raise ValueError(
+                "temperature scaling needs a classifier's full probability vector; use platt or isotonic for detectors"
+            )
         maps = self.platt or self.isotonic
         if maps is not None and GLOBAL_KEY not in maps:
             raise ValueError(f"per-class maps need the fallback key {GLOBAL_KEY!r}")
@@ -141,7 +148,7 @@ class Calibrator:
     def certificate(self) -> dict[str, Any] | None:
         return dict(self.artifact.certificate) if self.artifact.certificate is not None else None
 
-    def with_certificate(self, certificate: dict[str, Any] | None) -> "Calibrator":
+    def with_certificate(self, certificate: dict[str, Any] | None) -> Calibrator:
         return Calibrator(self.artifact.model_copy(update={"certificate": certificate}))
 
     def trace_details(self) -> dict[str, Any]:
@@ -214,7 +221,9 @@ class Calibrator:
         powered = p**inv_t
         rest_classes = n_classes - len(p)
         rest_mass = max(0.0, 1.0 - float(p.sum()))
-        rest = rest_classes * (rest_mass / rest_classes) ** inv_t if rest_classes > 0 and rest_mass > 0 else 0.0
+        rest = (
+            rest_classes * (rest_mass / rest_classes) ** inv_t if rest_classes > 0 and rest_mass > 0 else 0.0
+        )
         return powered / (powered.sum() + rest)
 
     def save(self, path: str | Path) -> Path:
@@ -238,7 +247,9 @@ def load_calibration(path: str | Path) -> Calibrator:
     try:
         return Calibrator(CalibrationArtifact.model_validate_json(path.read_text()))
     except ValidationError as exc:
-        raise ConfigError(f"calibration artefact {str(path)!r} is invalid: {exc}", field="calibration_path") from exc
+        raise ConfigError(
+            f"calibration artefact {str(path)!r} is invalid: {exc}", field="calibration_path"
+        ) from exc
 
 
 # --------------------------------------------------------------------------- fitting
@@ -271,7 +282,9 @@ def _fit_binary_map(method: str, scores: np.ndarray, outcomes: np.ndarray) -> Pl
         return PlattMap(a=float(model.coef_[0, 0]), b=float(model.intercept_[0]))
     from sklearn.isotonic import IsotonicRegression
 
-    model = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip").fit(scores, outcomes)
+    model = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip").fit(
+        scores, outcomes
+    )
     return IsotonicMap(x=model.X_thresholds_.tolist(), y=model.y_thresholds_.tolist())
 
 
@@ -290,7 +303,9 @@ def _now() -> str:
 
 def _check_method(method: str) -> None:
     if method not in METHODS:
-        raise ConfigError(f"unknown calibration method {method!r}; expected one of {list(METHODS)}", field="method")
+        raise ConfigError(
+            f"unknown calibration method {method!r}; expected one of {list(METHODS)}", field="method"
+        )
 
 
 def fit_classifier(
@@ -309,7 +324,11 @@ def fit_classifier(
     _check_method(method)
     probabilities = np.asarray(probabilities, np.float64)
     labels = np.asarray(labels, np.int64)
-    if probabilities.ndim != 2 or probabilities.shape[1] != len(class_names) or len(labels) != len(probabilities):
+    if (
+        probabilities.ndim != 2
+        or probabilities.shape[1] != len(class_names)
+        or len(labels) != len(probabilities)
+    ):
         raise InputError(
             f"expected probabilities (n, {len(class_names)}) and labels (n,), got {probabilities.shape} and {labels.shape}",
             field="probabilities",
@@ -352,7 +371,10 @@ def fit_detector(
     (matched to a ground-truth box at the chosen IoU, e.g. by ``evals.detection.match_detections``)."""
     _check_method(method)
     if method == "temperature":
-        raise ConfigError("temperature scaling is for classifiers; use 'platt' or 'isotonic' for detector scores", field="method")
+        raise ConfigError(
+            "temperature scaling is for classifiers; use 'platt' or 'isotonic' for detector scores",
+            field="method",
+        )
     scores = np.asarray(scores, np.float64)
     class_ids = np.asarray(class_ids, np.int64)
     outcomes = np.asarray(is_true_positive, bool).astype(float)

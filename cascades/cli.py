@@ -22,7 +22,9 @@ def _list(args) -> int:
     for sidecar in sorted(Path(args.dir).glob("*.json")):
         meta = json.loads(sidecar.read_text())
         if "sha256" in meta:
-            print(f"{meta.get('name', sidecar.stem)}\t{meta.get('decoder')}\t{meta.get('version')}\t{meta['sha256'][:16]}")
+            print(
+                f"{meta.get('name', sidecar.stem)}\t{meta.get('decoder')}\t{meta.get('version')}\t{meta['sha256'][:16]}"
+            )
     return 0
 
 
@@ -34,7 +36,15 @@ def _predict(args) -> int:
     for image_path in args.images:
         image = decode_image(Path(image_path).read_bytes(), field=image_path)
         (detections,), latency_ms = stage.predict([image.rgb])
-        print(json.dumps({"image": image_path, "latency_ms": round(latency_ms, 2), "detections": detections.to_dicts()[: args.top]}))
+        print(
+            json.dumps(
+                {
+                    "image": image_path,
+                    "latency_ms": round(latency_ms, 2),
+                    "detections": detections.to_dicts()[: args.top],
+                }
+            )
+        )
     return 0
 
 
@@ -43,7 +53,9 @@ def register(subparsers, bench) -> None:
     actions = models.add_subparsers(dest="action", required=True)
     prepare = actions.add_parser("prepare", help="build the embedded default models from packaged weights")
     prepare.add_argument("names", nargs="*", help="models to prepare (default: all)")
-    prepare.add_argument("--dir", default=str(paths.models_dir()), help="models directory (default: %(default)s)")
+    prepare.add_argument(
+        "--dir", default=str(paths.models_dir()), help="models directory (default: %(default)s)"
+    )
     prepare.add_argument("--force", action="store_true", help="rebuild even when already prepared")
     prepare.set_defaults(func=_prepare)
     listing = actions.add_parser("list", help="list prepared models with version and checksum")

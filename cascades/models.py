@@ -17,8 +17,8 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from cascades.onnx_runner import file_sha256
 from visionroute.errors import ConfigError
@@ -58,14 +58,14 @@ def export_efficientnet_lite0(out_dir: Path) -> Path:
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     ours = model.state_dict()
     if len(ours) != len(weights):
-        raise ConfigError(
-            f"EfficientNet-Lite0 weights have {len(weights)} tensors, timm's model {len(ours)}"
-        )
+        raise ConfigError(f"EfficientNet-Lite0 weights have {len(weights)} tensors, timm's model {len(ours)}")
     # The package's key names differ from timm's; the tensors match one to one in order.
     renamed = {}
     for (key, expected), (source_key, tensor) in zip(ours.items(), weights.items()):
         if tuple(expected.shape) != tuple(tensor.shape):
-            raise ConfigError(f"tensor {source_key} {tuple(tensor.shape)} does not fit {key} {tuple(expected.shape)}")
+            raise ConfigError(
+                f"tensor {source_key} {tuple(tensor.shape)} does not fit {key} {tuple(expected.shape)}"
+            )
         renamed[key] = tensor
     model.load_state_dict(renamed)
     model.eval()
@@ -126,7 +126,13 @@ def copy_ppocr_text_detector(out_dir: Path) -> Path:
             "licence": "Apache-2.0",
             "labels": ["text"],
             # PP-OCR det preprocessing: long side limited, both sides multiples of 32.
-            "preprocess": {"max_side": 960, "multiple": 32, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "channels": "BGR"},
+            "preprocess": {
+                "max_side": 960,
+                "multiple": 32,
+                "mean": [0.5, 0.5, 0.5],
+                "std": [0.5, 0.5, 0.5],
+                "channels": "BGR",
+            },
         },
     )
     return onnx_path
@@ -146,7 +152,9 @@ def is_prepared(models_dir: Path, name: str) -> bool:
     return json.loads(sidecar.read_text()).get("sha256") == file_sha256(onnx_path)
 
 
-def prepare_models(models_dir: Path, names: list[str] | None = None, *, force: bool = False) -> dict[str, Path]:
+def prepare_models(
+    models_dir: Path, names: list[str] | None = None, *, force: bool = False
+) -> dict[str, Path]:
     """Make each default model ready in ``models_dir``; skips models already prepared intact."""
     models_dir = Path(models_dir).expanduser()
     models_dir.mkdir(parents=True, exist_ok=True)

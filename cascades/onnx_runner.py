@@ -5,8 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -34,8 +34,7 @@ def choose_providers(requested: Sequence[str] | None = None) -> list[str]:
         unknown = [p for p in requested if p not in available]
         if unknown:
             raise ConfigError(
-                f"execution providers {unknown} are not available; this onnxruntime offers "
-                f"{available}",
+                f"execution providers {unknown} are not available; this onnxruntime offers {available}",
                 field="providers",
             )
         return list(requested)
@@ -67,7 +66,9 @@ class OnnxModel:
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=self.providers)
         except Exception as exc:  # onnxruntime raises its own untyped errors
-            raise ConfigError(f"cannot load ONNX model {str(self.path)!r}: {exc}", field="model_path") from exc
+            raise ConfigError(
+                f"cannot load ONNX model {str(self.path)!r}: {exc}", field="model_path"
+            ) from exc
         self.sha256 = file_sha256(self.path)
         self.max_batch_size = max_batch_size
         self.input = self.session.get_inputs()[0]

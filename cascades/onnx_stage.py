@@ -33,7 +33,9 @@ class OnnxStageConfig(BaseModel):
     decoder_options: dict[str, Any] = Field(default_factory=dict)
     providers: list[str] | None = None
     intra_op_threads: int = Field(
-        0, ge=0, description="ONNX Runtime threads per inference; 0 = one per core (Ray's OMP_NUM_THREADS does not apply)"
+        0,
+        ge=0,
+        description="ONNX Runtime threads per inference; 0 = one per core (Ray's OMP_NUM_THREADS does not apply)",
     )
     calibration: str | None = Field(None, description="path to a calibration artefact JSON")
     cost_units: float = Field(1.0, ge=0, description="cost of one inference in cost units")
@@ -43,7 +45,9 @@ def resolve_model_path(model: str, models_dir: Path | None = None) -> Path:
     if model.startswith("hf://"):
         repo_and_file = model.removeprefix("hf://").split("/")
         if len(repo_and_file) < 3:
-            raise ConfigError(f"hub model must look like hf://owner/repo/file.onnx, got {model!r}", field="model")
+            raise ConfigError(
+                f"hub model must look like hf://owner/repo/file.onnx, got {model!r}", field="model"
+            )
         try:
             from huggingface_hub import hf_hub_download
 
@@ -70,15 +74,21 @@ class OnnxStage:
     def __init__(self, config: OnnxStageConfig, *, models_dir: Path | None = None) -> None:
         self.config = config
         self.model = OnnxModel(
-            resolve_model_path(config.model, models_dir), providers=config.providers, intra_op_threads=config.intra_op_threads
+            resolve_model_path(config.model, models_dir),
+            providers=config.providers,
+            intra_op_threads=config.intra_op_threads,
         )
         metadata = self.model.metadata
         decoder_name = config.decoder or metadata.get("decoder")
         if not decoder_name:
-            raise ConfigError(f"model {config.model!r} names no decoder; set `decoder` in config", field="decoder")
+            raise ConfigError(
+                f"model {config.model!r} names no decoder; set `decoder` in config", field="decoder"
+            )
         labels = config.labels
         if labels is None and config.labels_file:
-            labels = [line.strip() for line in Path(config.labels_file).read_text().splitlines() if line.strip()]
+            labels = [
+                line.strip() for line in Path(config.labels_file).read_text().splitlines() if line.strip()
+            ]
         if labels is None:
             labels = metadata.get("labels") or []
         options = {**metadata.get("preprocess", {}), **config.decoder_options}
@@ -119,7 +129,9 @@ class OnnxStage:
                 chunk = indices[start : start + self.decoder.max_batch_size]
                 outputs = self.model.run(np.concatenate([prepared[i][0] for i in chunk]))
                 for row, index in enumerate(chunk):
-                    detections = self.decoder.decode([out[row : row + 1] for out in outputs], prepared[index][1])
+                    detections = self.decoder.decode(
+                        [out[row : row + 1] for out in outputs], prepared[index][1]
+                    )
                     if self.calibrator is not None:
                         detections = self.calibrator.apply(detections)
                     results[index] = detections

@@ -8,8 +8,9 @@ to review; it is never a silent accept.
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 

@@ -20,14 +20,21 @@ from typing import Any
 
 import numpy as np
 
-from evals.harness import calibrate, digits_tier_data, split_indices
 from evals.frontier import cascade_frontier
+from evals.harness import calibrate, digits_tier_data, split_indices
 from evals.metrics import expected_calibration_error
 from policies.risk_control import TierCosts
 
 
-def calibration_bench(*, seed: int = 0, n_splits: int = 200, alpha: float = 0.05, delta: float = 0.1,
-                      method: str = "temperature", costs: TierCosts | None = None) -> dict[str, Any]:  # fmt: skip
+def calibration_bench(
+    *,
+    seed: int = 0,
+    n_splits: int = 200,
+    alpha: float = 0.05,
+    delta: float = 0.1,
+    method: str = "temperature",
+    costs: TierCosts | None = None,
+) -> dict[str, Any]:
     started = time.perf_counter()
     costs = costs or TierCosts()
     data = digits_tier_data(seed)
@@ -39,50 +46,90 @@ def calibration_bench(*, seed: int = 0, n_splits: int = 200, alpha: float = 0.05
     population = []
     for split_seed in range(n_splits):
         draw = np.random.default_rng(5000 + split_seed).integers(0, len(data), len(data) // 2)
-        cal = calibrate(data, draw[: len(draw) // 2], draw[len(draw) // 2 :], method=method, alpha=alpha, delta=delta, costs=costs)
+        cal = calibrate(
+            data,
+            draw[: len(draw) // 2],
+            draw[len(draw) // 2 :],
+            method=method,
+            alpha=alpha,
+            delta=delta,
+            costs=costs,
+        )
         conf = cal.calibrator.calibrate_probabilities(data.cheap_probabilities)[rows, cheap_pred]
-        accepted = conf >= cal.certificate.threshold if cal.certificate.is_feasible else np.zeros(len(data), bool)
+        accepted = (
+            conf >= cal.certificate.threshold if cal.certificate.is_feasible else np.zeros(len(data), bool)
+        )
         population.append(float(cheap_error[accepted].mean()) if accepted.any() else 0.0)
 
     per_split = []
     for split_seed in range(n_splits):
         splits = split_indices(len(data), seed=1000 + split_seed)
-        cal = calibrate(data, splits.fit, splits.certify, method=method, alpha=alpha, delta=delta, costs=costs)
+        cal = calibrate(
+            data, splits.fit, splits.certify, method=method, alpha=alpha, delta=delta, costs=costs
+        )
         conf = cal.calibrator.calibrate_probabilities(data.cheap_probabilities)[rows, cheap_pred]
         test = splits.test
         raw = data.cheap_probabilities[test, cheap_pred[test]]
-        accepted = conf[test] >= cal.certificate.threshold if cal.certificate.is_feasible else np.zeros(len(test), bool)
+        accepted = (
+            conf[test] >= cal.certificate.threshold
+            if cal.certificate.is_feasible
+            else np.zeros(len(test), bool)
+        )
         plan = cal.plan
         decision = np.array([plan.decide(c) for c in conf[test]])
         auto_wrong = np.where(decision == "accept", cheap_error[test], strong_pred[test] != data.labels[test])
         auto = decision != "review"
-        frontier = cascade_frontier(cheap_pred[test], conf[test], strong_pred[test], data.labels[test],
-                                    cheap_cost=costs.cheap, strong_cost=costs.escalate)  # fmt: skip
+        frontier = cascade_frontier(
+            cheap_pred[test],
+            conf[test],
+            strong_pred[test],
+            data.labels[test],
+            cheap_cost=costs.cheap,
+            strong_cost=costs.escalate,
+        )
         need = frontier.escalation_needed(0.99 * frontier.strong_accuracy)
-        per_split.append({
-            "ece_before": expected_calibration_error(raw, ~cheap_error[test]),
-            "ece_after": expected_calibration_error(conf[test], ~cheap_error[test]),
-            "feasible": cal.certificate.is_feasible,
-            "coverage": float(accepted.mean()),
-            "accepted_error": float(cheap_error[test][accepted].mean()) if accepted.any() else 0.0,
-            "tier_auto_error": float(auto_wrong[auto].mean()) if auto.any() else 0.0,
-            "tier_cost": float(costs.cheap + costs.escalate * (decision == "escalate").mean() + costs.review * (decision == "review").mean()),
-            "need_cascade": need["cascade"],
-            "need_random": need["random"],
-            "need_oracle": need["oracle"],
-        })  # fmt: skip
+        per_split.append(
+            {
+                "ece_before": expected_calibration_error(raw, ~cheap_error[test]),
+                "ece_after": expected_calibration_error(conf[test], ~cheap_error[test]),
+                "feasible": cal.certificate.is_feasible,
+                "coverage": float(accepted.mean()),
+                "accepted_error": float(cheap_error[test][accepted].mean()) if accepted.any() else 0.0,
+                "tier_auto_error": float(auto_wrong[auto].mean()) if auto.any() else 0.0,
+                "tier_cost": float(
+                    costs.cheap
+                    + costs.escalate * (decision == "escalate").mean()
+                    + costs.review * (decision == "review").mean()
+                ),
+                "need_cascade": need["cascade"],
+                "need_random": need["random"],
+                "need_oracle": need["oracle"],
+            }
+        )
 
     def column(key: str) -> np.ndarray:
         return np.array([s[key] for s in per_split], dtype=float)
 
     first = per_split[0]
     return {
-        "data": {"name": data.name, "items": len(data), "test_items_per_split": len(split_indices(len(data), seed=1000).test),
-                 "cheap_accuracy": float((~cheap_error).mean()), "strong_accuracy": float((strong_pred == data.labels).mean()),
-                 "models": data.models},  # fmt: skip
-        "alpha": alpha, "delta": delta, "method": method, "n_splits": n_splits,
-        "ece": {"before": first["ece_before"], "after": first["ece_after"],
-                "before_mean": float(column("ece_before").mean()), "after_mean": float(column("ece_after").mean())},  # fmt: skip
+        "data": {
+            "name": data.name,
+            "items": len(data),
+            "test_items_per_split": len(split_indices(len(data), seed=1000).test),
+            "cheap_accuracy": float((~cheap_error).mean()),
+            "strong_accuracy": float((strong_pred == data.labels).mean()),
+            "models": data.models,
+        },
+        "alpha": alpha,
+        "delta": delta,
+        "method": method,
+        "n_splits": n_splits,
+        "ece": {
+            "before": first["ece_before"],
+            "after": first["ece_after"],
+            "before_mean": float(column("ece_before").mean()),
+            "after_mean": float(column("ece_after").mean()),
+        },
         "validity": {
             "fraction_exceeding_alpha": float((column("accepted_error") > alpha).mean()),
             "population_fraction_exceeding_alpha": float((np.array(population) > alpha).mean()),
@@ -94,27 +141,37 @@ def calibration_bench(*, seed: int = 0, n_splits: int = 200, alpha: float = 0.05
             "mean_three_tier_cost": float(column("tier_cost").mean()),
         },
         "escalation_to_reach_99pct_of_strong": {
-            "cascade": first["need_cascade"], "random": first["need_random"], "oracle": first["need_oracle"],
-            "cascade_mean": float(np.nanmean(column("need_cascade"))), "random_mean": float(np.nanmean(column("need_random"))),
-        },  # fmt: skip
+            "cascade": first["need_cascade"],
+            "random": first["need_random"],
+            "oracle": first["need_oracle"],
+            "cascade_mean": float(np.nanmean(column("need_cascade"))),
+            "random_mean": float(np.nanmean(column("need_random"))),
+        },
         "seconds": time.perf_counter() - started,
     }
 
 
 def format_bench(result: dict[str, Any]) -> str:
-    d, e, v, r = result["data"], result["ece"], result["validity"], result["escalation_to_reach_99pct_of_strong"]
-    return "\n".join([
-        f"digits: {d['items']} held-out-from-training items, {d['test_items_per_split']} test items per split; "
-        f"cheap tier accuracy {d['cheap_accuracy']:.4f}, strong tier {d['strong_accuracy']:.4f}",
-        f"1. ECE of the cheap tier on held-out items ({result['method']}): before {e['before']:.4f} -> after {e['after']:.4f}"
-        f"   (mean over {result['n_splits']} splits: {e['before_mean']:.4f} -> {e['after_mean']:.4f})",
-        f"2. validity, alpha={result['alpha']}, delta={result['delta']}, {result['n_splits']} random splits each:",
-        f"   pool as population (calibration drawn i.i.d., error exact on the pool): fraction with accepted error > alpha = "
-        f"{v['population_fraction_exceeding_alpha']:.3f} (must be <= delta = {result['delta']}); mean accepted error {v['population_mean_accepted_error']:.4f}",
-        f"   disjoint calibration/test halves (adds test noise): fraction with test accepted error > alpha = {v['fraction_exceeding_alpha']:.3f}; "
-        f"three tiers: {v['three_tier_fraction_exceeding_alpha']:.3f}; mean coverage {v['mean_coverage']:.3f}, "
-        f"mean accepted error {v['mean_accepted_error']:.4f}, feasible in {v['feasible_fraction']:.0%} of splits",
-        f"3. fraction sent to the strong tier to reach 99% of its accuracy: calibrated cascade {r['cascade']:.3f} "
-        f"vs random routing {r['random']:.3f} (oracle {r['oracle']:.3f}); mean over splits {r['cascade_mean']:.3f} vs {r['random_mean']:.3f}",
-        f"({result['seconds']:.1f} s)",
-    ])  # fmt: skip
+    d, e, v, r = (
+        result["data"],
+        result["ece"],
+        result["validity"],
+        result["escalation_to_reach_99pct_of_strong"],
+    )
+    return "\n".join(
+        [
+            f"digits: {d['items']} held-out-from-training items, {d['test_items_per_split']} test items per split; "
+            f"cheap tier accuracy {d['cheap_accuracy']:.4f}, strong tier {d['strong_accuracy']:.4f}",
+            f"1. ECE of the cheap tier on held-out items ({result['method']}): before {e['before']:.4f} -> after {e['after']:.4f}"
+            f"   (mean over {result['n_splits']} splits: {e['before_mean']:.4f} -> {e['after_mean']:.4f})",
+            f"2. validity, alpha={result['alpha']}, delta={result['delta']}, {result['n_splits']} random splits each:",
+            f"   pool as population (calibration drawn i.i.d., error exact on the pool): fraction with accepted error > alpha = "
+            f"{v['population_fraction_exceeding_alpha']:.3f} (must be <= delta = {result['delta']}); mean accepted error {v['population_mean_accepted_error']:.4f}",
+            f"   disjoint calibration/test halves (adds test noise): fraction with test accepted error > alpha = {v['fraction_exceeding_alpha']:.3f}; "
+            f"three tiers: {v['three_tier_fraction_exceeding_alpha']:.3f}; mean coverage {v['mean_coverage']:.3f}, "
+            f"mean accepted error {v['mean_accepted_error']:.4f}, feasible in {v['feasible_fraction']:.0%} of splits",
+            f"3. fraction sent to the strong tier to reach 99% of its accuracy: calibrated cascade {r['cascade']:.3f} "
+            f"vs random routing {r['random']:.3f} (oracle {r['oracle']:.3f}); mean over splits {r['cascade_mean']:.3f} vs {r['random_mean']:.3f}",
+            f"({result['seconds']:.1f} s)",
+        ]
+    )

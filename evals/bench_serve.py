@@ -20,7 +20,16 @@ from pathlib import Path
 
 import numpy as np
 
-PHOTOS = ("coffee", "chelsea", "camera", "rocket", "astronaut", "immunohistochemistry", "motorcycle_left", "cat")
+PHOTOS = (
+    "coffee",
+    "chelsea",
+    "camera",
+    "rocket",
+    "astronaut",
+    "immunohistochemistry",
+    "motorcycle_left",
+    "cat",
+)
 
 
 def bench_photos() -> dict[str, bytes]:
@@ -132,7 +141,11 @@ def _free_port() -> int:
 
 
 def run_bench(
-    models_dir: Path, requests: int = 200, clients: int = 8, max_batch_size: int = 8, placements: tuple[str, ...] = ("deployment", "ingress")
+    models_dir: Path,
+    requests: int = 200,
+    clients: int = 8,
+    max_batch_size: int = 8,
+    placements: tuple[str, ...] = ("deployment", "ingress"),
 ) -> dict:
     import ray
     from ray import serve
@@ -143,7 +156,9 @@ def run_bench(
 
     prepare_models(models_dir, ["efficientnet_lite0", "ppocr_det"])
     photos = bench_photos()
-    print(f"images: {len(photos)} skimage photos as JPEG ({', '.join(photos)}); {requests} requests per phase")
+    print(
+        f"images: {len(photos)} skimage photos as JPEG ({', '.join(photos)}); {requests} requests per phase"
+    )
     stage = OnnxStage(OnnxStageConfig(model="efficientnet_lite0"), models_dir=models_dir)
     raw = measure_raw(stage, photos, requests)
     del stage

@@ -20,7 +20,9 @@ def _costs(text: str):
         pairs = dict(part.split("=", 1) for part in text.split(",") if part)
         return TierCosts(**{k.strip(): float(v) for k, v in pairs.items()})
     except Exception as exc:
-        raise ConfigError(f"--costs must look like cheap=1,escalate=10,review=100; got {text!r} ({exc})", field="costs") from None
+        raise ConfigError(
+            f"--costs must look like cheap=1,escalate=10,review=100; got {text!r} ({exc})", field="costs"
+        ) from None
 
 
 def _load_data(args):
@@ -36,7 +38,10 @@ def _load_data(args):
             raise ConfigError("--images needs --model (the ONNX classifier to evaluate)", field="model")
         return folder_tier_data(args.images, args.labels, model=args.model, strong_model=args.strong_model)
     if args.dataset != "digits":
-        raise ConfigError(f"unknown dataset {args.dataset!r}; expected 'digits', or use --predictions / --images", field="dataset")
+        raise ConfigError(
+            f"unknown dataset {args.dataset!r}; expected 'digits', or use --predictions / --images",
+            field="dataset",
+        )
     return digits_tier_data(args.seed)
 
 
@@ -44,11 +49,24 @@ def _calibrate_data(args, data):
     from evals.harness import calibrate, split_indices
 
     splits = split_indices(len(data), seed=args.seed, calibration_fraction=args.calibration_fraction)
-    calibration = calibrate(data, splits.fit, splits.certify, method=args.method, alpha=args.alpha,
-                            delta=args.delta, costs=_costs(args.costs), p_value=args.p_value)  # fmt: skip
+    calibration = calibrate(
+        data,
+        splits.fit,
+        splits.certify,
+        method=args.method,
+        alpha=args.alpha,
+        delta=args.delta,
+        costs=_costs(args.costs),
+        p_value=args.p_value,
+    )
     # Record how the items were split, so `eval` can hold out exactly the unseen ones.
-    split = {"dataset_sha256": data.sha256, "seed": args.seed, "calibration_fraction": args.calibration_fraction,
-             "n_fit": len(splits.fit), "n_certify": len(splits.certify)}  # fmt: skip
+    split = {
+        "dataset_sha256": data.sha256,
+        "seed": args.seed,
+        "calibration_fraction": args.calibration_fraction,
+        "n_fit": len(splits.fit),
+        "n_certify": len(splits.certify),
+    }
     certificate = {**calibration.calibrator.certificate, "split": split}
     return calibration, splits, certificate
 
@@ -85,15 +103,22 @@ def _cmd_eval(args) -> int:
     elif args.coco_gt:
         from evals.detection import evaluate_coco_files
 
-        report = {"dataset": {"name": Path(args.coco_gt).stem, "n_test": None},
-                  "metrics": {"detector": evaluate_coco_files(args.coco_gt, args.coco_dt, slice_keys=_keys(args))}}  # fmt: skip
+        report = {
+            "dataset": {"name": Path(args.coco_gt).stem, "n_test": None},
+            "metrics": {"detector": evaluate_coco_files(args.coco_gt, args.coco_dt, slice_keys=_keys(args))},
+        }
     else:
         report = _tier_report(args, out_dir)
     report["created_at"] = dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
     failures = None
     if args.baseline:
         failures = compare(report, json.loads(Path(args.baseline).read_text()), ratio=args.ratio)
-        report["gate"] = {"baseline": args.baseline, "ratio": args.ratio, "passed": not failures, "failures": failures}
+        report["gate"] = {
+            "baseline": args.baseline,
+            "ratio": args.ratio,
+            "passed": not failures,
+            "failures": failures,
+        }
     written = _write(report, out_dir, write_report)
     print(f"report: {written['markdown']} and {written['json']}")
     if failures:
@@ -109,9 +134,17 @@ def _write(report, out_dir, write_report):
     # replay and COCO reports have no tier tables: JSON plus a short Markdown summary
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = [f"# Evaluation report: {report['dataset']['name']}", "", "```json", json.dumps(report.get("metrics") or report.get("replay"), indent=2), "```"]
+    lines = [
+        f"# Evaluation report: {report['dataset']['name']}",
+        "",
+        "```json",
+        json.dumps(report.get("metrics") or report.get("replay"), indent=2),
+        "```",
+    ]
     if report.get("gate"):
-        lines += ["", f"Regression gate passed: **{report['gate']['passed']}**"] + [f"- {f}" for f in report["gate"]["failures"]]
+        lines += ["", f"Regression gate passed: **{report['gate']['passed']}**"] + [
+            f"- {f}" for f in report["gate"]["failures"]
+        ]
     (out_dir / "report.md").write_text("\n".join(lines) + "\n")
     return {"json": out_dir / "report.json", "markdown": out_dir / "report.md"}
 
@@ -133,16 +166,22 @@ def _tier_report(args, out_dir: Path) -> dict:
         cert = calibrator.certificate or {}
         split = cert.get("split") or {}
         if split.get("dataset_sha256") == data.sha256:  # same data: hold out what calibration did not see
-            test_rows = split_indices(len(data), seed=split["seed"], calibration_fraction=split["calibration_fraction"]).test
+            test_rows = split_indices(
+                len(data), seed=split["seed"], calibration_fraction=split["calibration_fraction"]
+            ).test
         else:
             test_rows = np.arange(len(data))
         plan = _plan_from_certificate(cert, TierPlan, RiskCertificate)
         calibration = Calibration(calibrator, None, plan)  # type: ignore[arg-type]
     else:
         calibration, splits, certificate = _calibrate_data(args, data)
-        calibration = Calibration(calibration.calibrator.with_certificate(certificate), calibration.certificate, calibration.plan)
+        calibration = Calibration(
+            calibration.calibrator.with_certificate(certificate), calibration.certificate, calibration.plan
+        )
         test_rows = splits.test
-    keys = _keys(args) or (("ink", "digit") if args.dataset == "digits" and not (args.predictions or args.images) else ())
+    keys = _keys(args) or (
+        ("ink", "digit") if args.dataset == "digits" and not (args.predictions or args.images) else ()
+    )
     return evaluate(data, calibration, test_rows, out_dir=out_dir, costs=_costs(args.costs), slice_keys=keys)
 
 
@@ -152,9 +191,18 @@ def _plan_from_certificate(cert: dict, plan_type, certificate_type):
         return None
     inner = dict(tiers["certificate"])
     fields = certificate_type.__dataclass_fields__
-    inner = {k: (float(v) if isinstance(v, str) and v in ("inf", "-inf") else v) for k, v in inner.items() if k in fields}
-    return plan_type(float(tiers["accept_threshold"]), float(tiers["review_threshold"]), tiers["expected_cost_units"],
-                     tiers["rates"], certificate_type(**inner))  # fmt: skip
+    inner = {
+        k: (float(v) if isinstance(v, str) and v in ("inf", "-inf") else v)
+        for k, v in inner.items()
+        if k in fields
+    }
+    return plan_type(
+        float(tiers["accept_threshold"]),
+        float(tiers["review_threshold"]),
+        tiers["expected_cost_units"],
+        tiers["rates"],
+        certificate_type(**inner),
+    )
 
 
 def _replay_report(args) -> dict:
@@ -163,17 +211,29 @@ def _replay_report(args) -> dict:
     labels = load_labels(Path(args.labels)) if args.labels else None
     items = read_traces(Path(args.traces), labels)
     costs = _costs(args.costs)
-    result = replay(items, accept_threshold=args.accept_threshold, escalate_threshold=args.escalate_threshold,
-                    cheap_cost=costs.cheap, vlm_cost=costs.escalate, review_cost=costs.review, slice_keys=_keys(args))  # fmt: skip
+    result = replay(
+        items,
+        accept_threshold=args.accept_threshold,
+        escalate_threshold=args.escalate_threshold,
+        cheap_cost=costs.cheap,
+        vlm_cost=costs.escalate,
+        review_cost=costs.review,
+        slice_keys=_keys(args),
+    )
     # Expose the slices as a "replay" suite so the regression gate can compare them.
-    return {"dataset": {"name": Path(args.traces).stem, "n_test": len(items)}, "replay": result,
-            "metrics": {"replay": result["slices"]}}  # fmt: skip
+    return {
+        "dataset": {"name": Path(args.traces).stem, "n_test": len(items)},
+        "replay": result,
+        "metrics": {"replay": result["slices"]},
+    }
 
 
 def _cmd_gate(args) -> int:
     from evals.gate import compare
 
-    failures = compare(json.loads(Path(args.run).read_text()), json.loads(Path(args.baseline).read_text()), ratio=args.ratio)
+    failures = compare(
+        json.loads(Path(args.run).read_text()), json.loads(Path(args.baseline).read_text()), ratio=args.ratio
+    )
     for failure in failures:
         print(f"REGRESSION: {failure}", file=sys.stderr)
     if not failures:
@@ -184,7 +244,9 @@ def _cmd_gate(args) -> int:
 def _cmd_bench(args) -> int:
     from evals.bench import calibration_bench, format_bench
 
-    result = calibration_bench(seed=args.seed, n_splits=args.splits, alpha=args.alpha, delta=args.delta, method=args.method)
+    result = calibration_bench(
+        seed=args.seed, n_splits=args.splits, alpha=args.alpha, delta=args.delta, method=args.method
+    )
     print(format_bench(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
@@ -194,36 +256,63 @@ def _cmd_bench(args) -> int:
 def _data_args(parser: argparse.ArgumentParser) -> None:
     source = parser.add_argument_group("data (default: scikit-learn digits with the two trained tiers)")
     source.add_argument("--dataset", default="digits", help="built-in dataset (default: %(default)s)")
-    source.add_argument("--predictions", help="NPZ with probabilities (n,C), labels (n,), optional strong_probabilities, class_names")
-    source.add_argument("--images", help="folder of images (with --labels CSV image,label[,metadata...], or class subfolders)")
-    source.add_argument("--labels", help="labels file: CSV image,label for --images; request_id,label (CSV or JSON) for --traces")
+    source.add_argument(
+        "--predictions",
+        help="NPZ with probabilities (n,C), labels (n,), optional strong_probabilities, class_names",
+    )
+    source.add_argument(
+        "--images", help="folder of images (with --labels CSV image,label[,metadata...], or class subfolders)"
+    )
+    source.add_argument(
+        "--labels",
+        help="labels file: CSV image,label for --images; request_id,label (CSV or JSON) for --traces",
+    )
     source.add_argument("--model", help="ONNX classifier (path or prepared name) to run on --images")
     source.add_argument("--strong-model", help="a stronger ONNX classifier for the cascade comparison")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--calibration-fraction", type=float, default=0.5, help="share of items used to calibrate; the rest is held out")
+    parser.add_argument(
+        "--calibration-fraction",
+        type=float,
+        default=0.5,
+        help="share of items used to calibrate; the rest is held out",
+    )
     parser.add_argument("--method", default="temperature", choices=("temperature", "platt", "isotonic"))
     parser.add_argument("--alpha", type=float, default=0.05, help="target error rate among accepted items")
-    parser.add_argument("--delta", type=float, default=0.1, help="allowed probability that the guarantee fails")
+    parser.add_argument(
+        "--delta", type=float, default=0.1, help="allowed probability that the guarantee fails"
+    )
     parser.add_argument("--p-value", default="binomial", choices=("binomial", "hoeffding_bentkus"))
-    parser.add_argument("--costs", default="cheap=1,escalate=10,review=100", help="cost units per tier (default: %(default)s)")
+    parser.add_argument(
+        "--costs", default="cheap=1,escalate=10,review=100", help="cost units per tier (default: %(default)s)"
+    )
 
 
 def register(subparsers, bench) -> None:
-    calibrate = subparsers.add_parser("calibrate", help="fit a calibrator, certify thresholds, write the artefact")
+    calibrate = subparsers.add_parser(
+        "calibrate", help="fit a calibrator, certify thresholds, write the artefact"
+    )
     _data_args(calibrate)
-    calibrate.add_argument("--out", help="artefact path (default: $VISIONROUTE_HOME/calibration/<data>-<method>.json)")
+    calibrate.add_argument(
+        "--out", help="artefact path (default: $VISIONROUTE_HOME/calibration/<data>-<method>.json)"
+    )
     calibrate.set_defaults(func=_cmd_calibrate)
 
     evaluate = subparsers.add_parser("eval", help="evaluate and write a Markdown + JSON + PNG report")
     _data_args(evaluate)
-    evaluate.add_argument("--calibration", help="artefact from `visionroute calibrate` (default: calibrate in this run)")
+    evaluate.add_argument(
+        "--calibration", help="artefact from `visionroute calibrate` (default: calibrate in this run)"
+    )
     evaluate.add_argument("--slice-by", help="comma-separated metadata keys to slice by")
     evaluate.add_argument("--out", help="report folder (default: $VISIONROUTE_HOME/reports/<timestamp>)")
     evaluate.add_argument("--baseline", help="baseline report.json: exit 1 naming the slice that regressed")
-    evaluate.add_argument("--ratio", type=float, default=0.9, help="a slice fails below this share of its baseline")
+    evaluate.add_argument(
+        "--ratio", type=float, default=0.9, help="a slice fails below this share of its baseline"
+    )
     evaluate.add_argument("--traces", help="JSONL of Trace.to_dict() lines to replay a policy on")
     evaluate.add_argument("--accept-threshold", type=float, default=0.9, help="policy to replay on --traces")
-    evaluate.add_argument("--escalate-threshold", type=float, default=0.5, help="policy to replay on --traces")
+    evaluate.add_argument(
+        "--escalate-threshold", type=float, default=0.5, help="policy to replay on --traces"
+    )
     evaluate.add_argument("--coco-gt", help="COCO annotations JSON (detection evaluation)")
     evaluate.add_argument("--coco-dt", help="COCO results JSON for --coco-gt")
     evaluate.set_defaults(func=_cmd_eval)
@@ -234,7 +323,9 @@ def register(subparsers, bench) -> None:
     gate.add_argument("--ratio", type=float, default=0.9)
     gate.set_defaults(func=_cmd_gate)
 
-    calibration = bench.add_parser("calibration", help="ECE before/after, validity over random splits, escalation needed")
+    calibration = bench.add_parser(
+        "calibration", help="ECE before/after, validity over random splits, escalation needed"
+    )
     calibration.add_argument("--splits", type=int, default=200)
     calibration.add_argument("--alpha", type=float, default=0.05)
     calibration.add_argument("--delta", type=float, default=0.1)

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -36,14 +37,31 @@ class DetectionMAP:
     def count(self) -> int:
         return len(self._images)
 
-    def update(self, *, detections: Detections, gt_xyxy: Any, gt_class_id: Any, width: int, height: int, **_: Any) -> None:
+    def update(
+        self, *, detections: Detections, gt_xyxy: Any, gt_class_id: Any, width: int, height: int, **_: Any
+    ) -> None:
         image_id = len(self._images) + 1
         self._images.append({"id": image_id, "width": int(width), "height": int(height)})
         for box, cid in zip(_xywh(gt_xyxy), np.asarray(gt_class_id, np.int64)):
-            self._gt.append({"id": len(self._gt) + 1, "image_id": image_id, "category_id": int(cid) + 1,
-                             "bbox": box.tolist(), "area": float(box[2] * box[3]), "iscrowd": 0})  # fmt: skip
+            self._gt.append(
+                {
+                    "id": len(self._gt) + 1,
+                    "image_id": image_id,
+                    "category_id": int(cid) + 1,
+                    "bbox": box.tolist(),
+                    "area": float(box[2] * box[3]),
+                    "iscrowd": 0,
+                }
+            )
         for box, cid, score in zip(_xywh(detections.xyxy), detections.class_id, detections.confidence):
-            self._dt.append({"image_id": image_id, "category_id": int(cid) + 1, "bbox": box.tolist(), "score": float(score)})
+            self._dt.append(
+                {
+                    "image_id": image_id,
+                    "category_id": int(cid) + 1,
+                    "bbox": box.tolist(),
+                    "score": float(score),
+                }
+            )
 
     def _coco_eval(self):
         from pycocotools.coco import COCO
@@ -72,8 +90,14 @@ class DetectionMAP:
         stats = self._coco_eval().stats
         # COCOeval reports -1 where there is nothing to score (e.g. no large objects)
         clean = [None if s < 0 else float(s) for s in stats]
-        return {"map_50_95": clean[0], "map_50": clean[1], "map_75": clean[2],
-                "map_small": clean[3], "map_medium": clean[4], "map_large": clean[5]}  # fmt: skip
+        return {
+            "map_50_95": clean[0],
+            "map_50": clean[1],
+            "map_75": clean[2],
+            "map_small": clean[3],
+            "map_medium": clean[4],
+            "map_large": clean[5],
+        }
 
     def true_positives(self, iou: float = 0.5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(score, class_id, is_true_positive) of every detection, matched as COCOeval matches
@@ -101,7 +125,9 @@ def coco_true_positives(evaluator, iou: float = 0.5) -> tuple[np.ndarray, np.nda
     return scores, categories, np.array([matched.get(i, False) for i in ids], bool)
 
 
-def evaluate_coco_files(gt_json: str | Path, dt_json: str | Path, *, slice_keys: Sequence[str] = ()) -> dict[str, Any]:
+def evaluate_coco_files(
+    gt_json: str | Path, dt_json: str | Path, *, slice_keys: Sequence[str] = ()
+) -> dict[str, Any]:
     """mAP of a COCO results file against COCO annotations, overall and per image-level
     attribute (any key of the ``images`` entries, e.g. ``"lighting"``)."""
     from pycocotools.coco import COCO

@@ -59,10 +59,16 @@ def _build(tier: str):
         return nn.Sequential(nn.AvgPool2d(2), nn.Flatten(), nn.Linear(16, 10))
     if tier == "strong":
         return nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(32 * 16, 64), nn.ReLU(), nn.Linear(64, 10),
-        )  # fmt: skip
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(32 * 16, 64),
+            nn.ReLU(),
+            nn.Linear(64, 10),
+        )
     raise ValueError(f"unknown digits tier {tier!r}; expected one of {list(TIERS)}")
 
 
@@ -96,10 +102,15 @@ def export_onnx(model, path: Path, *, tier: str, seed: int) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     dummy = torch.zeros(1, 1, 8, 8)
     torch.onnx.export(
-        model, (dummy,), str(path), dynamo=False, opset_version=17,
-        input_names=["image"], output_names=["logits"],
+        model,
+        (dummy,),
+        str(path),
+        dynamo=False,
+        opset_version=17,
+        input_names=["image"],
+        output_names=["logits"],
         dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
-    )  # fmt: skip
+    )
     sidecar = {
         "name": f"digits-{tier}",
         "task": "classify",

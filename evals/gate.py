@@ -8,7 +8,8 @@ risk certificate. Every failure names the suite, slice and metric.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 HIGHER_IS_BETTER = ("accuracy", "macro_f1", "top2_accuracy", "map_50_95")
 
@@ -24,8 +25,13 @@ def _values(report: dict[str, Any], metric_names: Iterable[str]) -> dict[tuple[s
     return out
 
 
-def compare(run: dict[str, Any], baseline: dict[str, Any], *, ratio: float = 0.9,
-            metrics: Iterable[str] = HIGHER_IS_BETTER) -> list[str]:  # fmt: skip
+def compare(
+    run: dict[str, Any],
+    baseline: dict[str, Any],
+    *,
+    ratio: float = 0.9,
+    metrics: Iterable[str] = HIGHER_IS_BETTER,
+) -> list[str]:
     """The failures, one human sentence each; empty when the run passes."""
     metrics = tuple(metrics)
     failures = []
@@ -33,7 +39,9 @@ def compare(run: dict[str, Any], baseline: dict[str, Any], *, ratio: float = 0.9
     for key, base in sorted(_values(baseline, metrics).items()):
         suite, slice_name, name = key
         if key not in current:
-            failures.append(f"slice {slice_name!r} of {suite} has no {name} in this run (baseline {base:.4f})")
+            failures.append(
+                f"slice {slice_name!r} of {suite} has no {name} in this run (baseline {base:.4f})"
+            )
         elif current[key] < ratio * base:
             failures.append(
                 f"slice {slice_name!r} of {suite}: {name} {current[key]:.4f} < {ratio:.0%} of baseline {base:.4f}"

@@ -11,9 +11,10 @@ outputs (``evals.datasets``).
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -45,11 +46,18 @@ class TierData:
     name: str = "dataset"
     models: dict[str, dict[str, str]] = field(default_factory=dict)  # tier -> {"name", "sha256"}
 
-    def subset(self, rows: np.ndarray) -> "TierData":
+    def subset(self, rows: np.ndarray) -> TierData:
         meta = [self.metadata[i] for i in rows] if self.metadata else []
         strong = None if self.strong_probabilities is None else self.strong_probabilities[rows]
-        return TierData(self.cheap_probabilities[rows], strong, self.labels[rows],
-                        self.class_names, meta, self.name, self.models)  # fmt: skip
+        return TierData(
+            self.cheap_probabilities[rows],
+            strong,
+            self.labels[rows],
+            self.class_names,
+            meta,
+            self.name,
+            self.models,
+        )
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -62,7 +70,7 @@ class TierData:
         return arrays_sha256(*(np.asarray(a, np.float32) for a in arrays))
 
     @classmethod
-    def from_npz(cls, path: Path) -> "TierData":
+    def from_npz(cls, path: Path) -> TierData:
         """``probabilities`` (n, C), ``labels`` (n,) class indices; optional
         ``strong_probabilities`` (n, C) and ``class_names`` (C,)."""
         from visionroute.errors import InputError
@@ -70,10 +78,20 @@ class TierData:
         with np.load(path, allow_pickle=False) as npz:
             missing = {"probabilities", "labels"} - set(npz.files)
             if missing:
-                raise InputError(f"{path} lacks arrays {sorted(missing)}; it has {npz.files}", field="predictions")
+                raise InputError(
+                    f"{path} lacks arrays {sorted(missing)}; it has {npz.files}", field="predictions"
+                )
             probabilities = npz["probabilities"].astype(np.float64)
-            names = tuple(str(n) for n in npz["class_names"]) if "class_names" in npz.files else tuple(map(str, range(probabilities.shape[1])))
-            strong = npz["strong_probabilities"].astype(np.float64) if "strong_probabilities" in npz.files else None
+            names = (
+                tuple(str(n) for n in npz["class_names"])
+                if "class_names" in npz.files
+                else tuple(map(str, range(probabilities.shape[1])))
+            )
+            strong = (
+                npz["strong_probabilities"].astype(np.float64)
+                if "strong_probabilities" in npz.files
+                else None
+            )
             return cls(probabilities, strong, npz["labels"].astype(np.int64), names, [], Path(path).stem)
 
 
@@ -84,7 +102,9 @@ class Splits:
     test: np.ndarray
 
 
-def split_indices(n: int, *, seed: int, calibration_fraction: float = 0.5, fit_fraction: float = 0.5) -> Splits:
+def split_indices(
+    n: int, *, seed: int, calibration_fraction: float = 0.5, fit_fraction: float = 0.5
+) -> Splits:
     """Random disjoint fit / certify / test rows."""
     order = np.random.default_rng(seed).permutation(n)
     n_cal = int(round(calibration_fraction * n))
@@ -112,27 +132,46 @@ def calibrate(
 ) -> Calibration:
     """Fit the cheap tier's calibrator on ``fit_rows``, certify thresholds on ``certify_rows``."""
     costs = costs or TierCosts()
-    calibrator = fit_classifier(method, data.cheap_probabilities[fit_rows], data.labels[fit_rows],
-                                data.class_names, model=data.models.get("cheap"))  # fmt: skip
+    calibrator = fit_classifier(
+        method,
+        data.cheap_probabilities[fit_rows],
+        data.labels[fit_rows],
+        data.class_names,
+        model=data.models.get("cheap"),
+    )
     calibrated = calibrator.calibrate_probabilities(data.cheap_probabilities)
     prediction = data.cheap_probabilities.argmax(axis=1)
     confidence = calibrated[np.arange(len(data)), prediction]
     cheap_error = prediction != data.labels
 
     grid = threshold_grid(confidence[fit_rows], n_test=len(certify_rows), alpha=alpha, delta=delta)
-    certificate = learn_then_test(confidence[certify_rows], cheap_error[certify_rows], alpha=alpha, delta=delta,
-                                  thresholds=grid, p_value=p_value)  # fmt: skip
+    certificate = learn_then_test(
+        confidence[certify_rows],
+        cheap_error[certify_rows],
+        alpha=alpha,
+        delta=delta,
+        thresholds=grid,
+        p_value=p_value,
+    )
     document = {
         **certificate.to_dict(),
         "created_at": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
-        "certify_data_sha256": arrays_sha256(confidence[certify_rows].astype(np.float32), cheap_error[certify_rows]),
+        "certify_data_sha256": arrays_sha256(
+            confidence[certify_rows].astype(np.float32), cheap_error[certify_rows]
+        ),
     }
     plan = None
     if data.strong_probabilities is not None:
         strong_error = data.strong_probabilities.argmax(axis=1) != data.labels
         outcomes = TierOutcomes(confidence, cheap_error, strong_error)
-        plan = choose_tier_thresholds(outcomes.subset(fit_rows), outcomes.subset(certify_rows), costs=costs,
-                                      alpha=alpha, delta=delta, p_value=p_value)  # fmt: skip
+        plan = choose_tier_thresholds(
+            outcomes.subset(fit_rows),
+            outcomes.subset(certify_rows),
+            costs=costs,
+            alpha=alpha,
+            delta=delta,
+            p_value=p_value,
+        )
         document["three_tier"] = plan.to_dict() | {"costs": costs.model_dump()}
     return Calibration(calibrator.with_certificate(document), certificate, plan)
 
@@ -156,8 +195,15 @@ def digits_tier_data(seed: int = 0, models_dir: Path | None = None) -> TierData:
         for image, label in zip(split.images_pool, split.labels_pool)
     ]
     models = {tier: {"name": path.stem, "sha256": file_sha256(path)} for tier, path in paths.items()}
-    return TierData(softmax(logits["cheap"], axis=1), softmax(logits["strong"], axis=1), split.labels_pool,
-                    CLASS_NAMES, metadata, f"digits(seed={seed})", models)  # fmt: skip
+    return TierData(
+        softmax(logits["cheap"], axis=1),
+        softmax(logits["strong"], axis=1),
+        split.labels_pool,
+        CLASS_NAMES,
+        metadata,
+        f"digits(seed={seed})",
+        models,
+    )
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -176,14 +222,24 @@ def _suite(class_names: Sequence[str], slice_keys: Sequence[str]) -> MetricSuite
     )
 
 
-def certified_risk_check(certificate: dict[str, Any], confidences: np.ndarray, is_error: np.ndarray) -> dict[str, Any]:
+def certified_risk_check(
+    certificate: dict[str, Any], confidences: np.ndarray, is_error: np.ndarray
+) -> dict[str, Any]:
     """Does held-out data contradict the certificate? Violated when the observed accepted error
     is significantly above alpha: exact one-sided binomial test at level delta."""
     threshold = certificate.get("threshold")
     alpha, delta = float(certificate["alpha"]), float(certificate["delta"])
     if threshold is None:
-        return {"alpha": alpha, "delta": delta, "n_accepted": 0, "n_errors": 0, "accepted_error": 0.0,
-                "coverage": 0.0, "p_value_exceeds": 1.0, "violated": False}  # fmt: skip
+        return {
+            "alpha": alpha,
+            "delta": delta,
+            "n_accepted": 0,
+            "n_errors": 0,
+            "accepted_error": 0.0,
+            "coverage": 0.0,
+            "p_value_exceeds": 1.0,
+            "violated": False,
+        }
     accepted = confidences >= float(threshold)
     n_acc, n_err = int(accepted.sum()), int(is_error[accepted].sum())
     # P(Binomial(n, alpha) >= n_err): small when this many errors are unlikely under risk <= alpha
@@ -226,31 +282,55 @@ def evaluate(
     }
     if test.strong_probabilities is not None:
         strong_pred = test.strong_probabilities.argmax(axis=1)
-        suites["strong"] = (strong_pred, test.strong_probabilities, test.strong_probabilities[rows, strong_pred])
+        suites["strong"] = (
+            strong_pred,
+            test.strong_probabilities,
+            test.strong_probabilities[rows, strong_pred],
+        )
     metrics: dict[str, Any] = {}
     plots: dict[str, str] = {}
     metadata = test.metadata or None
     keys = slice_keys if metadata else ()
     for name, (pred, probs, conf) in suites.items():
         suite = _suite(test.class_names, keys)
-        suite.update(metadata=metadata, predictions=pred, targets=test.labels, probabilities=probs,
-                     confidences=conf, correct=pred == test.labels)  # fmt: skip
+        suite.update(
+            metadata=metadata,
+            predictions=pred,
+            targets=test.labels,
+            probabilities=probs,
+            confidences=conf,
+            correct=pred == test.labels,
+        )
         metrics[name] = suite.compute()
         if name != "strong":
             path = out_dir / f"reliability_{name}.png"
-            plots[f"reliability_{name}"] = str(suite.metric("calibration").plot(path, title=f"{data.name}: {name}"))
+            plots[f"reliability_{name}"] = str(
+                suite.metric("calibration").plot(path, title=f"{data.name}: {name}")
+            )
         if name == "cheap_calibrated":
             path = out_dir / "risk_coverage.png"
-            plots["risk_coverage"] = str(suite.metric("risk_coverage").plot(path, title=f"{data.name}: cheap tier"))
+            plots["risk_coverage"] = str(
+                suite.metric("risk_coverage").plot(path, title=f"{data.name}: cheap tier")
+            )
 
     cert = calibrator.certificate or {}
     report: dict[str, Any] = {
-        "dataset": {"name": data.name, "sha256": data.sha256, "n_test": len(test), "class_names": list(test.class_names)},
+        "dataset": {
+            "name": data.name,
+            "sha256": data.sha256,
+            "n_test": len(test),
+            "class_names": list(test.class_names),
+        },
         "models": data.models,
-        "calibration": {"artifact_id": calibrator.artifact_id, "method": calibrator.method,
-                        "temperature": calibrator.artifact.temperature},  # fmt: skip
+        "calibration": {
+            "artifact_id": calibrator.artifact_id,
+            "method": calibrator.method,
+            "temperature": calibrator.artifact.temperature,
+        },
         "certificate": cert,
-        "certified_risk_check": {"accept_threshold": certified_risk_check(cert, cal_conf, cheap_error) if cert else None},
+        "certified_risk_check": {
+            "accept_threshold": certified_risk_check(cert, cal_conf, cheap_error) if cert else None
+        },
         "metrics": metrics,
         "plots": plots,
     }
@@ -260,7 +340,9 @@ def evaluate(
 
     # The cascade under the certified three-tier plan: what users would get (review = human, right).
     decision = np.array([plan.decide(c) for c in cal_conf])
-    cascade_pred = np.where(decision == "accept", cheap_pred, np.where(decision == "escalate", strong_pred, test.labels))
+    cascade_pred = np.where(
+        decision == "accept", cheap_pred, np.where(decision == "escalate", strong_pred, test.labels)
+    )
     cascade_suite = MetricSuite({"accuracy": Accuracy}, keys)
     cascade_suite.update(metadata=metadata, predictions=cascade_pred, targets=test.labels)
     metrics["cascade"] = cascade_suite.compute()
@@ -268,11 +350,15 @@ def evaluate(
     report["certified_risk_check"]["three_tier"] = {
         "rates": {d: float((decision == d).mean()) for d in ("accept", "escalate", "review")},
         "auto_accepted_error": float((cascade_pred[auto] != test.labels[auto]).mean()) if auto.any() else 0.0,
-        "cost_units_per_item": float(costs.cheap + costs.escalate * (decision == "escalate").mean()
-                                     + costs.review * (decision == "review").mean()),  # fmt: skip
+        "cost_units_per_item": float(
+            costs.cheap
+            + costs.escalate * (decision == "escalate").mean()
+            + costs.review * (decision == "review").mean()
+        ),
     }
-    frontier = cascade_frontier(cheap_pred, cal_conf, strong_pred, test.labels,
-                                cheap_cost=costs.cheap, strong_cost=costs.escalate)  # fmt: skip
+    frontier = cascade_frontier(
+        cheap_pred, cal_conf, strong_pred, test.labels, cheap_cost=costs.cheap, strong_cost=costs.escalate
+    )
     plots["frontier"] = str(frontier.plot(out_dir / "frontier.png", title=f"{data.name}: cost-accuracy"))
     report["frontier"] = frontier.summary(0.99)
     return report

@@ -7,7 +7,8 @@ supervision's metrics/core.py). Counting is done with scikit-learn where it has 
 
 from __future__ import annotations
 
-from typing import Any, Protocol, Sequence
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -61,7 +62,10 @@ class Accuracy(_Accumulator):
 
         if self.count == 0:
             return {"accuracy": None, "n": 0}
-        return {"accuracy": float(accuracy_score(self._concat("targets"), self._concat("predictions"))), "n": self.count}
+        return {
+            "accuracy": float(accuracy_score(self._concat("targets"), self._concat("predictions"))),
+            "n": self.count,
+        }
 
 
 class TopKAccuracy(_Accumulator):
@@ -109,7 +113,12 @@ class PerClassPRF(_Accumulator):
             self._concat("targets"), self._concat("predictions"), labels=labels, zero_division=0
         )
         per_class = {
-            name: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(support[i])}
+            name: {
+                "precision": float(p[i]),
+                "recall": float(r[i]),
+                "f1": float(f[i]),
+                "support": int(support[i]),
+            }
             for i, name in enumerate(self.class_names)
         }
         present = support > 0  # macro over classes that occur, so a slice is not punished for absent ones

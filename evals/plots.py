@@ -22,10 +22,20 @@ def reliability_diagram(path, count, mean_confidence, accuracy, *, title: str) -
     edges = np.linspace(0, 1, n_bins + 1)
     centers = (edges[:-1] + edges[1:]) / 2
     filled = count > 0
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(5, 6), gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
+    fig, (top, bottom) = plt.subplots(
+        2, 1, figsize=(5, 6), gridspec_kw={"height_ratios": [3, 1]}, sharex=True
+    )
     top.bar(centers[filled], accuracy[filled], width=1 / n_bins, edgecolor="black", label="accuracy")
-    top.bar(centers[filled], (mean_confidence - accuracy)[filled], bottom=accuracy[filled], width=1 / n_bins,
-            color="tab:red", alpha=0.35, edgecolor="tab:red", label="gap to confidence")  # fmt: skip
+    top.bar(
+        centers[filled],
+        (mean_confidence - accuracy)[filled],
+        bottom=accuracy[filled],
+        width=1 / n_bins,
+        color="tab:red",
+        alpha=0.35,
+        edgecolor="tab:red",
+        label="gap to confidence",
+    )
     top.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
     top.set_ylabel("accuracy")
     top.set_ylim(0, 1)
@@ -50,7 +60,9 @@ def risk_coverage_plot(path, curves: dict, *, title: str) -> Path:
     return _save(fig, path)
 
 
-def frontier_plot(path, curves: dict, points: dict, *, title: str, x_label: str = "cost units per item") -> Path:
+def frontier_plot(
+    path, curves: dict, points: dict, *, title: str, x_label: str = "cost units per item"
+) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for label, (x, y) in curves.items():

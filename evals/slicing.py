@@ -9,7 +9,8 @@ brightness) should be binned into named buckets first (``bucket``).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -46,7 +47,9 @@ class MetricSuite:
         if not self.slice_keys:
             return
         if metadata is None or len(metadata) != n:
-            raise ValueError(f"slicing by {self.slice_keys} needs one metadata dict per item ({n}), got {None if metadata is None else len(metadata)}")
+            raise ValueError(
+                f"slicing by {self.slice_keys} needs one metadata dict per item ({n}), got {None if metadata is None else len(metadata)}"
+            )
         for key in self.slice_keys:
             values = np.array([str(m.get(key, MISSING)) for m in metadata])
             for value in np.unique(values):

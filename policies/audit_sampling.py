@@ -31,11 +31,17 @@ log = logging.getLogger("visionroute.audit")
 class AuditConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    fraction: float = Field(0.0, ge=0.0, le=1.0, description="share of auto-accepts sent to review (off unless set)")
-    alpha: float = Field(0.05, gt=0.0, lt=1.0, description="the accepted-error rate that must not be exceeded")
+    fraction: float = Field(
+        0.0, ge=0.0, le=1.0, description="share of auto-accepts sent to review (off unless set)"
+    )
+    alpha: float = Field(
+        0.05, gt=0.0, lt=1.0, description="the accepted-error rate that must not be exceeded"
+    )
     confidence: float = Field(0.9, gt=0.0, lt=1.0, description="level of each one-sided bound (1 - delta)")
     min_labelled: int = Field(30, ge=1, description="audits needed before an alert can fire")
-    window_items: int = Field(1000, ge=1, description="the estimate uses the latest this many labelled audits")
+    window_items: int = Field(
+        1000, ge=1, description="the estimate uses the latest this many labelled audits"
+    )
     alert_when: Literal["lower_bound_above_alpha", "upper_bound_above_alpha"] = "lower_bound_above_alpha"
 
 
@@ -89,7 +95,9 @@ def estimate(task: str, errors: int, labelled: int, config: AuditConfig) -> Audi
     else:
         alert = False
         reason = f"{errors}/{labelled} audited accepts were wrong; the {side} bound {bound:.4f} is within alpha {config.alpha}"
-    return AuditEstimate(task, labelled, errors, rate, lower, upper, config.alpha, config.confidence, alert, reason)
+    return AuditEstimate(
+        task, labelled, errors, rate, lower, upper, config.alpha, config.confidence, alert, reason
+    )
 
 
 def is_error(label: dict[str, Any] | None, proposed: list[dict[str, Any]]) -> bool:

@@ -67,13 +67,15 @@ class BudgetRule(BaseModel):
     name: str = Field(..., min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
     tenant: str = Field("*", min_length=1, description="a tenant, or '*' for all tenants together")
     feature: str = Field("*", min_length=1, description="a task (e.g. classify), or '*' for all")
-    tiers: list[Tier] = Field(default_factory=lambda: list(TIERS), min_length=1, description="which calls it meters")
+    tiers: list[Tier] = Field(
+        default_factory=lambda: list(TIERS), min_length=1, description="which calls it meters"
+    )
     window_s: float = Field(..., gt=0, le=366 * 86400)
     cap_units: float = Field(..., ge=0)
     degrade: DegradeMode = "reject"
 
     @model_validator(mode="after")
-    def _consistent(self) -> "BudgetRule":
+    def _consistent(self) -> BudgetRule:
         if self.degrade == "review" and "review" in self.tiers:
             raise ValueError(
                 f"budget {self.name!r}: degrade mode 'review' cannot apply when the budget also meters the "
@@ -165,8 +167,18 @@ class BudgetLedger:
             db.executemany(
                 "INSERT INTO reservations (id, budget, window_start, window_end, units, state, created_at, request_id)"
                 " VALUES (?, ?, ?, ?, ?, 'reserved', ?, ?)",
-                [(reservation.id, r.name, r.window_start(now), r.window_start(now) + r.window_s, units, now, request_id)
-                 for r in matching],
+                [
+                    (
+                        reservation.id,
+                        r.name,
+                        r.window_start(now),
+                        r.window_start(now) + r.window_s,
+                        units,
+                        now,
+                        request_id,
+                    )
+                    for r in matching
+                ],
             )
         return reservation
 
@@ -208,23 +220,32 @@ class BudgetLedger:
         for rule in rules:
             used = self._used(db, rule, now)
             start = rule.window_start(now)
-            out.append({
-                **rule.model_dump(),
-                "used_units": used,
-                "remaining_units": max(0.0, rule.cap_units - used),
-                "window_start": start,
-                "resets_in_s": start + rule.window_s - now,
-            })
+            out.append(
+                {
+                    **rule.model_dump(),
+                    "used_units": used,
+                    "remaining_units": max(0.0, rule.cap_units - used),
+                    "window_start": start,
+                    "resets_in_s": start + rule.window_s - now,
+                }
+            )
         return out
 
     def usage(self) -> list[dict[str, Any]]:
-        rows = self._db().execute("SELECT tenant, feature, tier, units, calls FROM usage ORDER BY tenant, feature, tier")
+        rows = self._db().execute(
+            "SELECT tenant, feature, tier, units, calls FROM usage ORDER BY tenant, feature, tier"
+        )
         return [dict(zip(("tenant", "feature", "tier", "units", "calls"), row)) for row in rows]
 
     def window_total(self, budget: str, window_start: float) -> float:
-        row = self._db().execute(
-            "SELECT COALESCE(SUM(units), 0) FROM reservations WHERE budget = ? AND window_start = ?", (budget, window_start)
-        ).fetchone()
+        row = (
+            self._db()
+            .execute(
+                "SELECT COALESCE(SUM(units), 0) FROM reservations WHERE budget = ? AND window_start = ?",
+                (budget, window_start),
+            )
+            .fetchone()
+        )
         return float(row[0])
 
     def prune(self, older_than_s: float, now: float | None = None) -> int:

@@ -19,7 +19,9 @@ def _cmd_export(args) -> int:
     summary = _queue(args).export_calibration(args.out, task=args.task, tenant=args.tenant)
     print(json.dumps(summary, indent=2))
     out = Path(summary["out"])
-    print(f"calibrate with: visionroute calibrate --images {out / 'images'} --labels {out / 'labels.csv'} --model MODEL")
+    print(
+        f"calibrate with: visionroute calibrate --images {out / 'images'} --labels {out / 'labels.csv'} --model MODEL"
+    )
     return 0
 
 
@@ -40,7 +42,10 @@ def _cmd_stats(args) -> int:
     queue = _queue(args)
     config = AuditConfig()
     tasks = sorted({item.task for item in queue.iter_all()})
-    audits = {task: estimate(task, *queue.audit_outcomes(task, config.window_items), config).to_dict() for task in tasks}
+    audits = {
+        task: estimate(task, *queue.audit_outcomes(task, config.window_items), config).to_dict()
+        for task in tasks
+    }
     print(json.dumps({**queue.stats(), "audit": audits}, indent=2))
     return 0
 
@@ -56,8 +61,14 @@ def _cmd_budgets(args) -> int:
     if args.config:
         config = yaml.safe_load(Path(args.config).read_text())
         app = config["applications"][0]
-        policy = next((d["user_config"] for d in app.get("deployments", []) if d.get("name") == "Ingress" and "user_config" in d),
-                      app.get("args", {}).get("policies"))  # fmt: skip
+        policy = next(
+            (
+                d["user_config"]
+                for d in app.get("deployments", [])
+                if d.get("name") == "Ingress" and "user_config" in d
+            ),
+            app.get("args", {}).get("policies"),
+        )
         rules = parse_policy_set(policy).budgets
     print(json.dumps({"budgets": ledger.status(rules), "usage": ledger.usage()}, indent=2))
     return 0
@@ -80,21 +91,38 @@ def _cmd_check(args) -> int:
             if data is None:
                 continue
             policy = parse_policy_set(data, tasks=tasks)  # raises ConfigError: exit 2 with the reason
-            print(f"{app.get('name')}: {where}: policy set {policy.version!r} is valid ({len(policy.budgets)} budgets)")
+            print(
+                f"{app.get('name')}: {where}: policy set {policy.version!r} is valid ({len(policy.budgets)} budgets)"
+            )
     return 0
 
 
 def _cmd_bench_audit(args) -> int:
     from policies.audit_sampling import simulate_coverage
 
-    rows = [simulate_coverage(rate, accepted=args.accepted, fraction=args.fraction, confidence=args.confidence,
-                              runs=args.runs, seed=args.seed) for rate in args.error_rates]  # fmt: skip
-    print(f"audit estimator coverage: {args.runs} simulated runs, {args.accepted} accepts each, {args.fraction:.0%} audited,"
-          f" exact Clopper-Pearson bounds at {args.confidence}")  # fmt: skip
-    print(f"{'true rate':>9} {'audited':>8} {'upper>=p':>9} {'lower<=p':>9} {'two-sided':>10} {'nominal':>8} {'mean UB':>8}")
+    rows = [
+        simulate_coverage(
+            rate,
+            accepted=args.accepted,
+            fraction=args.fraction,
+            confidence=args.confidence,
+            runs=args.runs,
+            seed=args.seed,
+        )
+        for rate in args.error_rates
+    ]
+    print(
+        f"audit estimator coverage: {args.runs} simulated runs, {args.accepted} accepts each, {args.fraction:.0%} audited,"
+        f" exact Clopper-Pearson bounds at {args.confidence}"
+    )
+    print(
+        f"{'true rate':>9} {'audited':>8} {'upper>=p':>9} {'lower<=p':>9} {'two-sided':>10} {'nominal':>8} {'mean UB':>8}"
+    )
     for r in rows:
-        print(f"{r['error_rate']:9.3f} {r['mean_audited']:8.1f} {r['upper_coverage']:9.3f} {r['lower_coverage']:9.3f} "
-              f"{r['two_sided_coverage']:10.3f} {r['nominal_one_sided']:8.2f} {r['mean_upper_bound']:8.4f}")  # fmt: skip
+        print(
+            f"{r['error_rate']:9.3f} {r['mean_audited']:8.1f} {r['upper_coverage']:9.3f} {r['lower_coverage']:9.3f} "
+            f"{r['two_sided_coverage']:10.3f} {r['nominal_one_sided']:8.2f} {r['mean_upper_bound']:8.4f}"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
     return 0
@@ -102,20 +130,37 @@ def _cmd_bench_audit(args) -> int:
 
 def register(subparsers, bench) -> None:
     default_path = str(paths.data_dir() / "review")
-    review = subparsers.add_parser("review", help="the human-review queue: export labels, purge images, stats")
+    review = subparsers.add_parser(
+        "review", help="the human-review queue: export labels, purge images, stats"
+    )
     commands = review.add_subparsers(dest="review_command", required=True)
 
-    export = commands.add_parser("export", help="reviewed items as a labelled set for `visionroute calibrate`")
-    export.add_argument("--path", default=default_path, help="review folder (config review.path; default: %(default)s)")
-    export.add_argument("--out", required=True, help="folder to write images/, labels.csv, labels.jsonl, traces.jsonl")
+    export = commands.add_parser(
+        "export", help="reviewed items as a labelled set for `visionroute calibrate`"
+    )
+    export.add_argument(
+        "--path", default=default_path, help="review folder (config review.path; default: %(default)s)"
+    )
+    export.add_argument(
+        "--out", required=True, help="folder to write images/, labels.csv, labels.jsonl, traces.jsonl"
+    )
     export.add_argument("--task", help="only this task")
     export.add_argument("--tenant", help="only this tenant")
     export.set_defaults(func=_cmd_export)
 
-    purge = commands.add_parser("purge", help="delete stored images older than the TTL; labels and audit stay")
+    purge = commands.add_parser(
+        "purge", help="delete stored images older than the TTL; labels and audit stay"
+    )
     purge.add_argument("--path", default=default_path)
-    purge.add_argument("--ttl-s", type=float, default=30 * 86400.0, help="policy review.image_ttl_s (default: %(default)s)")
-    purge.add_argument("--ledger-keep-s", type=float, default=7 * 86400.0, help="keep budget reservations of windows ended this recently")
+    purge.add_argument(
+        "--ttl-s", type=float, default=30 * 86400.0, help="policy review.image_ttl_s (default: %(default)s)"
+    )
+    purge.add_argument(
+        "--ledger-keep-s",
+        type=float,
+        default=7 * 86400.0,
+        help="keep budget reservations of windows ended this recently",
+    )
     purge.set_defaults(func=_cmd_purge)
 
     stats = commands.add_parser("stats", help="queue depth, SLA and audit estimates")
@@ -127,9 +172,13 @@ def register(subparsers, bench) -> None:
     budgets.add_argument("--config", help="serve config YAML whose policy budgets to report")
     budgets.set_defaults(func=_cmd_budgets)
 
-    policies = subparsers.add_parser("policies", help="policy sets (thresholds, costs, budgets, review, audit)")
+    policies = subparsers.add_parser(
+        "policies", help="policy sets (thresholds, costs, budgets, review, audit)"
+    )
     policy_commands = policies.add_subparsers(dest="policies_command", required=True)
-    check = policy_commands.add_parser("check", help="validate the policy sets in a serve config before deploying")
+    check = policy_commands.add_parser(
+        "check", help="validate the policy sets in a serve config before deploying"
+    )
     check.add_argument("config", help="serve config YAML")
     check.set_defaults(func=_cmd_check)
 

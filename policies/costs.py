@@ -25,8 +25,12 @@ class CostModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     review_units_per_minute: float = Field(2.0, ge=0, description="cost of one reviewer minute")
-    expected_review_minutes: float = Field(0.5, ge=0, description="reviewer time one queued item is expected to take")
-    vlm_reserve_units: float = Field(5.0, ge=0, description="reserved before a VLM call: the most one call may cost")
+    expected_review_minutes: float = Field(
+        0.5, ge=0, description="reviewer time one queued item is expected to take"
+    )
+    vlm_reserve_units: float = Field(
+        5.0, ge=0, description="reserved before a VLM call: the most one call may cost"
+    )
 
     @property
     def review_units(self) -> float:

@@ -12,7 +12,8 @@ name), so that string names exactly one rule. Budget, audit and review steps car
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -26,13 +27,19 @@ from visionroute.errors import ConfigError
 class ReviewPolicy(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    default_error_cost_units: float = Field(1.0, ge=0, description="cost of a wrong answer, for tasks not listed")
-    error_cost_units: dict[str, float] = Field(default_factory=dict, description="per task: cost of a wrong answer")
+    default_error_cost_units: float = Field(
+        1.0, ge=0, description="cost of a wrong answer, for tasks not listed"
+    )
+    error_cost_units: dict[str, float] = Field(
+        default_factory=dict, description="per task: cost of a wrong answer"
+    )
     sla_s: float = Field(3600.0, gt=0, description="an item should be labelled within this many seconds")
-    image_ttl_s: float = Field(30 * 86400.0, gt=0, description="stored images are deleted after this; labels stay")
+    image_ttl_s: float = Field(
+        30 * 86400.0, gt=0, description="stored images are deleted after this; labels stay"
+    )
 
     @model_validator(mode="after")
-    def _non_negative(self) -> "ReviewPolicy":
+    def _non_negative(self) -> ReviewPolicy:
         bad = {task: cost for task, cost in self.error_cost_units.items() if not cost >= 0}
         if bad:
             raise ValueError(f"error_cost_units must be >= 0, got {bad}")
@@ -46,14 +53,16 @@ class PolicySet(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     version: str = Field("policies-v1", min_length=1, max_length=128, description="stamped on every decision")
-    thresholds: dict[str, ThresholdPolicy] = Field(default_factory=dict, description="per task; overrides cascades.<task>.policy")
+    thresholds: dict[str, ThresholdPolicy] = Field(
+        default_factory=dict, description="per task; overrides cascades.<task>.policy"
+    )
     costs: CostModel = Field(default_factory=CostModel)
     budgets: list[BudgetRule] = Field(default_factory=list)
     review: ReviewPolicy = Field(default_factory=ReviewPolicy)
     audit: AuditConfig = Field(default_factory=AuditConfig)
 
     @model_validator(mode="after")
-    def _unique_budget_names(self) -> "PolicySet":
+    def _unique_budget_names(self) -> PolicySet:
         names = [rule.name for rule in self.budgets]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
@@ -65,7 +74,9 @@ class PolicySet(BaseModel):
         return self.thresholds.get(task, base)
 
 
-def parse_policy_set(data: dict[str, Any] | PolicySet | None, *, tasks: Iterable[str] | None = None) -> PolicySet:
+def parse_policy_set(
+    data: dict[str, Any] | PolicySet | None, *, tasks: Iterable[str] | None = None
+) -> PolicySet:
     """Validate a policy set (a serve ``user_config``); the error names each bad key and why."""
     if isinstance(data, PolicySet):
         policy = data
@@ -76,14 +87,21 @@ def parse_policy_set(data: dict[str, Any] | PolicySet | None, *, tasks: Iterable
             problems = []
             for error in exc.errors():
                 where = ".".join(str(part) for part in error["loc"]) or "policies"
-                problems.append(f"unknown key {where!r}" if error["type"] == "extra_forbidden" else f"{where}: {error['msg']}")
+                problems.append(
+                    f"unknown key {where!r}"
+                    if error["type"] == "extra_forbidden"
+                    else f"{where}: {error['msg']}"
+                )
             first = ".".join(str(p) for p in exc.errors()[0]["loc"]) or None
             raise ConfigError("invalid policy set: " + "; ".join(problems), field=first) from None
     if tasks is not None:
         known = set(tasks)
         unknown = sorted(set(policy.thresholds) - known)
         if unknown:
-            raise ConfigError(f"thresholds for unknown tasks {unknown}; configured tasks are {sorted(known)}", field="thresholds")
+            raise ConfigError(
+                f"thresholds for unknown tasks {unknown}; configured tasks are {sorted(known)}",
+                field="thresholds",
+            )
         for i, rule in enumerate(policy.budgets):
             if rule.feature != "*" and rule.feature not in known:
                 raise ConfigError(

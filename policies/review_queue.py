@@ -26,13 +26,14 @@ import os
 import sqlite3
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from policies.audit_sampling import is_error
-from visionroute.sqlite import PerThreadConnections, immediate_transaction
 from visionroute.errors import Conflict, InputError, NotFound
+from visionroute.sqlite import PerThreadConnections, immediate_transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -105,7 +106,7 @@ class ReviewItem:
     image_deleted_at: float | None = None
 
     @classmethod
-    def from_row(cls, row: sqlite3.Row) -> "ReviewItem":
+    def from_row(cls, row: sqlite3.Row) -> ReviewItem:
         return cls(
             id=row["id"],
             request_id=row["request_id"],
@@ -217,7 +218,9 @@ class ReviewQueue:
         return immediate_transaction(self._connection())
 
     @staticmethod
-    def _audit(db: sqlite3.Connection, item_id: str, actor: str, action: str, previous: Any, new: Any) -> None:
+    def _audit(
+        db: sqlite3.Connection, item_id: str, actor: str, action: str, previous: Any, new: Any
+    ) -> None:
         db.execute(
             "INSERT INTO audit (item_id, at, actor, action, previous_json, new_json) VALUES (?, ?, ?, ?, ?, ?)",
             (item_id, time.time(), actor, action, json.dumps(previous), json.dumps(new)),
@@ -259,15 +262,39 @@ class ReviewQueue:
             db.execute(
                 "INSERT INTO items (id, request_id, tenant, task, image_sha256, created_at, priority, reason,"
                 " proposed_json, trace_json, kind, sla_due_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (item_id, request_id, tenant, task, image_sha256, now, priority, reason,
-                 json.dumps(proposed), json.dumps(trace), kind, now + sla_s if sla_s else None),
+                (
+                    item_id,
+                    request_id,
+                    tenant,
+                    task,
+                    image_sha256,
+                    now,
+                    priority,
+                    reason,
+                    json.dumps(proposed),
+                    json.dumps(trace),
+                    kind,
+                    now + sla_s if sla_s else None,
+                ),
             )
-            self._audit(db, item_id, "service", "enqueue", None, {"reason": reason, "kind": kind, "priority": priority})
+            self._audit(
+                db,
+                item_id,
+                "service",
+                "enqueue",
+                None,
+                {"reason": reason, "kind": kind, "priority": priority},
+            )
             row = db.execute("SELECT * FROM items WHERE id = ?", (item_id,)).fetchone()
         return ReviewItem.from_row(row)
 
     def claim(
-        self, reviewer: str, *, item_id: str | None = None, tenant: str | None = None, lease_s: float | None = None
+        self,
+        reviewer: str,
+        *,
+        item_id: str | None = None,
+        tenant: str | None = None,
+        lease_s: float | None = None,
     ) -> ReviewItem | None:
         """Lease the given item, or the most valuable unleased pending one; None if none waits."""
         if not reviewer:
@@ -312,7 +339,13 @@ class ReviewQueue:
         return ReviewItem.from_row(row)
 
     def submit_label(
-        self, item_id: str, *, reviewer: str, lease_token: str, label: dict[str, Any], tenant: str | None = None
+        self,
+        item_id: str,
+        *,
+        reviewer: str,
+        lease_token: str,
+        label: dict[str, Any],
+        tenant: str | None = None,
     ) -> ReviewItem:
         """Record a label under a live lease. Repeating the same label is a no-op success."""
         now = time.time()
@@ -328,12 +361,21 @@ class ReviewQueue:
                     f"item {item_id} was already labelled {item.label} by {item.labelled_by}", field="label"
                 )
             if item.status != "pending":
-                raise Conflict(f"item {item_id} is {item.status} (its image was purged); it can no longer be labelled", field="item_id")
+                raise Conflict(
+                    f"item {item_id} is {item.status} (its image was purged); it can no longer be labelled",
+                    field="item_id",
+                )
             self._validate_label(db, item.task, label)
             if item.lease_token != lease_token or item.lease_owner != reviewer:
-                raise Conflict(f"lease token does not match the current lease of item {item_id}; claim it again", field="lease_token")
+                raise Conflict(
+                    f"lease token does not match the current lease of item {item_id}; claim it again",
+                    field="lease_token",
+                )
             if not item.is_leased(now):
-                raise Conflict(f"the lease on item {item_id} expired {now - item.lease_expires_at:.0f} s ago; claim it again", field="lease_token")
+                raise Conflict(
+                    f"the lease on item {item_id} expired {now - item.lease_expires_at:.0f} s ago; claim it again",
+                    field="lease_token",
+                )
             db.execute(
                 "UPDATE items SET status = 'labelled', label_json = ?, labelled_by = ?, labelled_at = ?,"
                 " lease_token = NULL, lease_expires_at = NULL WHERE id = ?",
@@ -377,10 +419,17 @@ class ReviewQueue:
         ).fetchall()
         for row in rows:
             db.execute(
-                "UPDATE items SET lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL WHERE id = ?", (row["id"],)
+                "UPDATE items SET lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL WHERE id = ?",
+                (row["id"],),
             )
-            self._audit(db, row["id"], "service", "lease_expired", {"lease_owner": row["lease_owner"],
-                        "lease_expires_at": row["lease_expires_at"]}, None)  # fmt: skip
+            self._audit(
+                db,
+                row["id"],
+                "service",
+                "lease_expired",
+                {"lease_owner": row["lease_owner"], "lease_expires_at": row["lease_expires_at"]},
+                None,
+            )
         return len(rows)
 
     def requeue_expired(self) -> int:
@@ -395,8 +444,13 @@ class ReviewQueue:
                 raise NotFound(f"no review item {item_id!r}", field="item_id")
             item = ReviewItem.from_row(row)
             if item.lease_token != lease_token or item.lease_owner != reviewer:
-                raise Conflict(f"lease token does not match the current lease of item {item_id}", field="lease_token")
-            db.execute("UPDATE items SET lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL WHERE id = ?", (item_id,))
+                raise Conflict(
+                    f"lease token does not match the current lease of item {item_id}", field="lease_token"
+                )
+            db.execute(
+                "UPDATE items SET lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL WHERE id = ?",
+                (item_id,),
+            )
             self._audit(db, item_id, reviewer, "release", {"lease_owner": reviewer}, None)
             row = db.execute("SELECT * FROM items WHERE id = ?", (item_id,)).fetchone()
         return ReviewItem.from_row(row)
@@ -412,7 +466,8 @@ class ReviewQueue:
         now = time.time() if now is None else now
         with self._transaction() as db:
             rows = db.execute(
-                "SELECT id, image_sha256, status FROM items WHERE image_deleted_at IS NULL AND created_at < ?", (now - ttl_s,)
+                "SELECT id, image_sha256, status FROM items WHERE image_deleted_at IS NULL AND created_at < ?",
+                (now - ttl_s,),
             ).fetchall()
             for row in rows:
                 status = "expired" if row["status"] == "pending" else row["status"]
@@ -421,7 +476,14 @@ class ReviewQueue:
                     " lease_expires_at = NULL WHERE id = ?",
                     (now, status, row["id"]),
                 )
-                self._audit(db, row["id"], "service", "image_purged", {"status": row["status"]}, {"status": status, "ttl_s": ttl_s})
+                self._audit(
+                    db,
+                    row["id"],
+                    "service",
+                    "image_purged",
+                    {"status": row["status"]},
+                    {"status": status, "ttl_s": ttl_s},
+                )
             candidates = {row["image_sha256"] for row in rows}
             still_needed = {
                 r["image_sha256"]
@@ -470,37 +532,59 @@ class ReviewQueue:
         return [ReviewItem.from_row(row) for row in rows]
 
     def audit_log(self, item_id: str) -> list[dict[str, Any]]:
-        rows = self._connection().execute("SELECT * FROM audit WHERE item_id = ? ORDER BY id", (item_id,)).fetchall()
+        rows = (
+            self._connection()
+            .execute("SELECT * FROM audit WHERE item_id = ? ORDER BY id", (item_id,))
+            .fetchall()
+        )
         return [dict(row) for row in rows]
 
     def stats(self) -> dict[str, float]:
         now = time.time()
-        row = self._connection().execute(
-            "SELECT COUNT(*) AS depth, MIN(created_at) AS oldest,"
-            " COALESCE(SUM(sla_due_at IS NOT NULL AND sla_due_at <= ?), 0) AS overdue,"
-            " COALESCE(SUM(lease_expires_at IS NOT NULL AND lease_expires_at > ?), 0) AS leased"
-            " FROM items WHERE status = 'pending'",
-            (now, now),
-        ).fetchone()
+        row = (
+            self._connection()
+            .execute(
+                "SELECT COUNT(*) AS depth, MIN(created_at) AS oldest,"
+                " COALESCE(SUM(sla_due_at IS NOT NULL AND sla_due_at <= ?), 0) AS overdue,"
+                " COALESCE(SUM(lease_expires_at IS NOT NULL AND lease_expires_at > ?), 0) AS leased"
+                " FROM items WHERE status = 'pending'",
+                (now, now),
+            )
+            .fetchone()
+        )
         oldest = row["oldest"]
-        return {"depth": row["depth"], "oldest_age_s": now - oldest if oldest else 0.0,
-                "overdue": row["overdue"], "leased": row["leased"]}  # fmt: skip
+        return {
+            "depth": row["depth"],
+            "oldest_age_s": now - oldest if oldest else 0.0,
+            "overdue": row["overdue"],
+            "leased": row["leased"],
+        }
 
     def label_set(self, task: str) -> list[str] | None:
-        row = self._connection().execute("SELECT labels_json FROM label_sets WHERE task = ?", (task,)).fetchone()
+        row = (
+            self._connection()
+            .execute("SELECT labels_json FROM label_sets WHERE task = ?", (task,))
+            .fetchone()
+        )
         return json.loads(row["labels_json"]) if row else None
 
     def audit_outcomes(self, task: str, window_items: int) -> tuple[int, int]:
         """(errors, labelled) over the latest ``window_items`` labelled audit samples of a task."""
-        rows = self._connection().execute(
-            "SELECT label_json, proposed_json FROM items WHERE kind = 'audit' AND status = 'labelled' AND task = ?"
-            " ORDER BY labelled_at DESC LIMIT ?",
-            (task, window_items),
-        ).fetchall()
+        rows = (
+            self._connection()
+            .execute(
+                "SELECT label_json, proposed_json FROM items WHERE kind = 'audit' AND status = 'labelled' AND task = ?"
+                " ORDER BY labelled_at DESC LIMIT ?",
+                (task, window_items),
+            )
+            .fetchall()
+        )
         errors = sum(is_error(json.loads(r["label_json"]), json.loads(r["proposed_json"])) for r in rows)
         return errors, len(rows)
 
-    def export_calibration(self, out_dir: str | Path, *, task: str | None = None, tenant: str | None = None) -> dict[str, Any]:
+    def export_calibration(
+        self, out_dir: str | Path, *, task: str | None = None, tenant: str | None = None
+    ) -> dict[str, Any]:
         """Write reviewed items as a labelled set: ``images/`` + ``labels.csv`` (image,label,metadata...)
         for ``visionroute calibrate --images OUT/images --labels OUT/labels.csv``, ``labels.jsonl``
         with every label (boxes too), and ``traces.jsonl`` (with ``ground_truth``) for
@@ -518,22 +602,51 @@ class ReviewQueue:
             query, params = query + " AND tenant = ?", [*params, tenant]
         rows = self._connection().execute(query + " ORDER BY labelled_at", params).fetchall()
         counts = {"labelled": len(rows), "written": 0, "no_class_label": 0, "image_purged": 0}
-        columns = ["image", "label", "request_id", "item_id", "tenant", "task", "kind", "verdict", "labelled_by"]
-        with (out / "labels.csv").open("w", newline="") as labels_csv, (out / "labels.jsonl").open("w") as labels_jsonl, \
-                (out / "traces.jsonl").open("w") as traces:  # fmt: skip
+        columns = [
+            "image",
+            "label",
+            "request_id",
+            "item_id",
+            "tenant",
+            "task",
+            "kind",
+            "verdict",
+            "labelled_by",
+        ]
+        with (
+            (out / "labels.csv").open("w", newline="") as labels_csv,
+            (out / "labels.jsonl").open("w") as labels_jsonl,
+            (out / "traces.jsonl").open("w") as traces,
+        ):
             writer = csv.DictWriter(labels_csv, fieldnames=columns)
             writer.writeheader()
             for item in map(ReviewItem.from_row, rows):
-                record = {"item_id": item.id, "request_id": item.request_id, "tenant": item.tenant, "task": item.task,
-                          "kind": item.kind, "label": item.label, "proposed": item.proposed,
-                          "labelled_by": item.labelled_by, "labelled_at": item.labelled_at}  # fmt: skip
+                record = {
+                    "item_id": item.id,
+                    "request_id": item.request_id,
+                    "tenant": item.tenant,
+                    "task": item.task,
+                    "kind": item.kind,
+                    "label": item.label,
+                    "proposed": item.proposed,
+                    "labelled_by": item.labelled_by,
+                    "labelled_at": item.labelled_at,
+                }
                 labels_jsonl.write(json.dumps(record) + "\n")
                 class_label = (item.label or {}).get("label")
                 if class_label is None:
                     counts["no_class_label"] += 1
                     continue
-                traces.write(json.dumps({**item.trace, "ground_truth": class_label,
-                                         "metadata": {"tenant": item.tenant, "kind": item.kind}}) + "\n")  # fmt: skip
+                traces.write(
+                    json.dumps(
+                        {
+                            **item.trace,
+                            "ground_truth": class_label,
+                            "metadata": {"tenant": item.tenant, "kind": item.kind},
+                        }
+                    )
+                    + "\n"
+                )
                 if item.image_deleted_at is not None:
                     counts["image_purged"] += 1
                     continue
@@ -541,9 +654,19 @@ class ReviewQueue:
                 suffix = (Image.open(io.BytesIO(data)).format or "bin").lower().replace("jpeg", "jpg")
                 name = f"{item.id}.{suffix}"
                 (out / "images" / name).write_bytes(data)
-                writer.writerow({"image": name, "label": class_label, "request_id": item.request_id, "item_id": item.id,
-                                 "tenant": item.tenant, "task": item.task, "kind": item.kind,
-                                 "verdict": item.label.get("verdict"), "labelled_by": item.labelled_by})  # fmt: skip
+                writer.writerow(
+                    {
+                        "image": name,
+                        "label": class_label,
+                        "request_id": item.request_id,
+                        "item_id": item.id,
+                        "tenant": item.tenant,
+                        "task": item.task,
+                        "kind": item.kind,
+                        "verdict": item.label.get("verdict"),
+                        "labelled_by": item.labelled_by,
+                    }
+                )
                 counts["written"] += 1
         return {"out": str(out), **counts}
 

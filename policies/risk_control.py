@@ -37,11 +37,13 @@ and the certificate says so and reports the coverage achieved (zero).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
+
 from visionroute.errors import ConfigError, InputError
 
 PValue = Literal["binomial", "hoeffding_bentkus"]
@@ -154,7 +156,9 @@ def threshold_grid(
     _check_targets(alpha, delta)
     scores = np.asarray(independent_scores, np.float64)
     if scores.ndim != 1 or len(scores) == 0:
-        raise InputError(f"independent_scores must be a non-empty 1-d array, got shape {scores.shape}", field="scores")
+        raise InputError(
+            f"independent_scores must be a non-empty 1-d array, got shape {scores.shape}", field="scores"
+        )
     start = min(1.0, start_factor * min_items_to_certify(alpha, delta) / max(n_test, 1))
     coverages = np.linspace(start, 1.0, n_points)
     thresholds = np.quantile(scores, 1.0 - coverages, method="higher")
@@ -278,9 +282,7 @@ def learn_then_test(
 
     n = len(scores)
     if chosen is None:
-        return RiskCertificate(
-            alpha, delta, n, None, 0.0, 0, 0, 0.0, 0.0, 1.0, p_value, len(grid), 0
-        )
+        return RiskCertificate(alpha, delta, n, None, 0.0, 0, 0, 0.0, 0.0, 1.0, p_value, len(grid), 0)
     threshold, n_acc, n_err, p = chosen
     return RiskCertificate(
         alpha=alpha,
@@ -325,7 +327,9 @@ class TierOutcomes:
         score, cheap = _as_scores_and_errors(self.cheap_score, self.cheap_error)
         strong = np.asarray(self.strong_error, bool)
         if strong.shape != score.shape:
-            raise InputError(f"strong_error must have shape {score.shape}, got {strong.shape}", field="strong_error")
+            raise InputError(
+                f"strong_error must have shape {score.shape}, got {strong.shape}", field="strong_error"
+            )
         object.__setattr__(self, "cheap_score", score)
         object.__setattr__(self, "cheap_error", cheap)
         object.__setattr__(self, "strong_error", strong)
@@ -333,7 +337,7 @@ class TierOutcomes:
     def __len__(self) -> int:
         return len(self.cheap_score)
 
-    def subset(self, rows: np.ndarray) -> "TierOutcomes":
+    def subset(self, rows: np.ndarray) -> TierOutcomes:
         return TierOutcomes(self.cheap_score[rows], self.cheap_error[rows], self.strong_error[rows])
 
 
@@ -359,13 +363,15 @@ class TierPlan:
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe: accept_threshold "inf" means never accept the cheap answer, review_threshold
         "-inf" never send to a human."""
-        return _json_safe({
-            "accept_threshold": self.accept_threshold,
-            "review_threshold": self.review_threshold,
-            "expected_cost_units": self.expected_cost_units,
-            "rates": dict(self.rates),
-            "certificate": self.certificate.to_dict(),
-        })
+        return _json_safe(
+            {
+                "accept_threshold": self.accept_threshold,
+                "review_threshold": self.review_threshold,
+                "expected_cost_units": self.expected_cost_units,
+                "rates": dict(self.rates),
+                "certificate": self.certificate.to_dict(),
+            }
+        )
 
 
 def _plan_stats(data: TierOutcomes, accept_t: np.ndarray, review_t: np.ndarray, costs: TierCosts):
@@ -432,9 +438,25 @@ def choose_tier_thresholds(
 
     n = len(test)
     if not certified:
-        cert = RiskCertificate(alpha, delta, n, None, 0.0, 0, 0, 0.0, 0.0, 1.0, p_value, len(candidates), 0,
-                               method="pareto testing over learn-then-test, fixed-sequence")  # fmt: skip
-        return TierPlan(np.inf, np.inf, costs.cheap + costs.review, {"accept": 0.0, "escalate": 0.0, "review": 1.0}, cert)
+        cert = RiskCertificate(
+            alpha,
+            delta,
+            n,
+            None,
+            0.0,
+            0,
+            0,
+            0.0,
+            0.0,
+            1.0,
+            p_value,
+            len(candidates),
+            0,
+            method="pareto testing over learn-then-test, fixed-sequence",
+        )
+        return TierPlan(
+            np.inf, np.inf, costs.cheap + costs.review, {"accept": 0.0, "escalate": 0.0, "review": 1.0}, cert
+        )
     k, p = min(certified, key=lambda kp: (t_cost[kp[0]], kp[0]))
     index = candidates[k]
     cert = RiskCertificate(

@@ -9,8 +9,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 from policies.audit_sampling import AuditEstimate, AuditMonitor, estimate, is_sampled
 from policies.budgets import BudgetExhausted, BudgetLedger, Reservation
@@ -35,20 +36,33 @@ class Refusal:
             decision=decision,
             reason=reason,
             policy_version=policy_version,
-            details={"budget": self.error.rule.name, "degrade": self.mode, "degraded": True,
-                     "retry_after_s": round(self.error.retry_after_s, 3), "detail": self.error.reason},
-        )  # fmt: skip
+            details={
+                "budget": self.error.rule.name,
+                "degrade": self.mode,
+                "degraded": True,
+                "retry_after_s": round(self.error.retry_after_s, 3),
+                "detail": self.error.reason,
+            },
+        )
 
 
 class PolicyRuntime:
-    def __init__(self, policy: PolicySet, ledger: BudgetLedger, tasks: Iterable[str], base_thresholds: dict[str, ThresholdPolicy]) -> None:
+    def __init__(
+        self,
+        policy: PolicySet,
+        ledger: BudgetLedger,
+        tasks: Iterable[str],
+        base_thresholds: dict[str, ThresholdPolicy],
+    ) -> None:
         self.tasks = tuple(tasks)
         self.base_thresholds = dict(base_thresholds)
         self.ledger = ledger
         self.audits = AuditMonitor()
         self._lock = threading.Lock()
         self.current = self._checked(policy, previous=None)
-        self.history: list[dict[str, Any]] = [{"version": self.current.version, "at": time.time(), "result": "initial"}]
+        self.history: list[dict[str, Any]] = [
+            {"version": self.current.version, "at": time.time(), "result": "initial"}
+        ]
 
     # -- versioning -------------------------------------------------------------------------
 
@@ -72,12 +86,25 @@ class PolicyRuntime:
             try:
                 policy = self._checked(candidate, previous=self.current)
             except ConfigError as exc:
-                self.history.append({"version": (candidate or {}).get("version"), "at": time.time(), "result": "rejected",
-                                     "error": exc.reason})  # fmt: skip
+                self.history.append(
+                    {
+                        "version": (candidate or {}).get("version"),
+                        "at": time.time(),
+                        "result": "rejected",
+                        "error": exc.reason,
+                    }
+                )
                 log.error("policy change refused, keeping %s: %s", self.current.version, exc.reason)
                 raise
             previous, self.current = self.current, policy
-            self.history.append({"version": policy.version, "at": time.time(), "result": "applied", "previous": previous.version})
+            self.history.append(
+                {
+                    "version": policy.version,
+                    "at": time.time(),
+                    "result": "applied",
+                    "previous": previous.version,
+                }
+            )
             log.info("policy %s applied (was %s)", policy.version, previous.version)
             return policy
 
@@ -86,20 +113,36 @@ class PolicyRuntime:
 
     # -- budgets ----------------------------------------------------------------------------
 
-    def reserve(self, policy: PolicySet, analysis: Analysis, tier: str, units: float) -> Reservation | Refusal:
+    def reserve(
+        self, policy: PolicySet, analysis: Analysis, tier: str, units: float
+    ) -> Reservation | Refusal:
         try:
-            return self.ledger.reserve(policy.budgets, tenant=analysis.tenant, feature=analysis.task, tier=tier,
-                                       units=units, request_id=analysis.trace.request_id)  # fmt: skip
+            return self.ledger.reserve(
+                policy.budgets,
+                tenant=analysis.tenant,
+                feature=analysis.task,
+                tier=tier,
+                units=units,
+                request_id=analysis.trace.request_id,
+            )
         except BudgetExhausted as exc:
-            log.warning("budget %s exhausted for tenant %s feature %s (%s call): degrade=%s",
-                        exc.rule.name, analysis.tenant, analysis.task, tier, exc.rule.degrade)  # fmt: skip
+            log.warning(
+                "budget %s exhausted for tenant %s feature %s (%s call): degrade=%s",
+                exc.rule.name,
+                analysis.tenant,
+                analysis.task,
+                tier,
+                exc.rule.degrade,
+            )
             return Refusal(exc.rule.degrade, exc)
 
     # -- audits -----------------------------------------------------------------------------
 
     @staticmethod
     def audit_sampled(policy: PolicySet, analysis: Analysis) -> bool:
-        return analysis.decision is Decision.ACCEPT and is_sampled(analysis.trace.request_id, policy.audit.fraction)
+        return analysis.decision is Decision.ACCEPT and is_sampled(
+            analysis.trace.request_id, policy.audit.fraction
+        )
 
     def audit_estimate(self, queue, task: str) -> AuditEstimate:
         config = self.current.audit

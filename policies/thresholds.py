@@ -29,7 +29,7 @@ class ThresholdPolicy(BaseModel):
     empty_result: Literal["accept", "review"] = "accept"
 
     @model_validator(mode="after")
-    def _ordered(self) -> "ThresholdPolicy":
+    def _ordered(self) -> ThresholdPolicy:
         if self.escalate_threshold > self.accept_threshold:
             raise ValueError(
                 f"escalate_threshold ({self.escalate_threshold}) must not exceed "
@@ -72,7 +72,9 @@ def decide_after_cheap_tier(detections: Detections, policy: ThresholdPolicy, *, 
         )
     else:
         decision = Decision.REVIEW
-        reason = f"{calibrated} score {score:.3f} < escalate threshold {policy.escalate_threshold}: human review"
+        reason = (
+            f"{calibrated} score {score:.3f} < escalate threshold {policy.escalate_threshold}: human review"
+        )
     return Step(
         stage="policy:thresholds",
         decision=decision,

@@ -55,13 +55,15 @@ def default_nprobe(config: IndexConfig, nlist: int) -> int:
     return config.ivf_nprobe or max(16, nlist // 64)
 
 
-def default_params(index: faiss.Index, config: IndexConfig) -> "RequestParams":
+def default_params(index: faiss.Index, config: IndexConfig) -> RequestParams:
     """The config's search knobs for this index (nprobe follows the index's nlist)."""
     nlist = faiss.extract_index_ivf(index).nlist if kind_of(index) == "ivfpq" else 1
     return RequestParams(config.hnsw_ef_search, default_nprobe(config, nlist), config.refine_k_factor)
 
 
-def build_index(kind: str, dim: int, config: IndexConfig, train_vectors: np.ndarray | None = None) -> faiss.IndexIDMap2:
+def build_index(
+    kind: str, dim: int, config: IndexConfig, train_vectors: np.ndarray | None = None
+) -> faiss.IndexIDMap2:
     """An empty (trained, for IVF-PQ) index of ``kind`` wrapped in IndexIDMap2."""
     metric = faiss.METRIC_INNER_PRODUCT
     if kind == "exact":
@@ -158,14 +160,21 @@ def search(
     return scores, labels
 
 
-def exact_search(vectors: np.ndarray, labels: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def exact_search(
+    vectors: np.ndarray, labels: np.ndarray, queries: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Brute force over an explicit set: (scores, labels) sorted best first, -1 padded."""
     nq = len(queries)
     out_scores = np.full((nq, k), -np.inf, np.float32)
     out_labels = np.full((nq, k), -1, np.int64)
     if len(vectors) == 0:
         return out_scores, out_labels
-    scores, positions = faiss.knn(np.ascontiguousarray(queries, np.float32), np.ascontiguousarray(vectors, np.float32), min(k, len(vectors)), metric=faiss.METRIC_INNER_PRODUCT)
+    scores, positions = faiss.knn(
+        np.ascontiguousarray(queries, np.float32),
+        np.ascontiguousarray(vectors, np.float32),
+        min(k, len(vectors)),
+        metric=faiss.METRIC_INNER_PRODUCT,
+    )
     found = positions >= 0
     out_scores[:, : scores.shape[1]] = np.where(found, scores, -np.inf)
     out_labels[:, : scores.shape[1]] = np.where(found, labels[np.clip(positions, 0, None)], -1)

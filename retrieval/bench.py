@@ -30,7 +30,20 @@ ZERO_SHOT_QUERIES = {
     "coins": "coins",
     "a page of text": ("page", "text"),  # skimage's "text" is a photo of printed text too
 }
-BUNDLED_PHOTOS = ("astronaut", "brick", "camera", "chelsea", "clock", "coffee", "coins", "horse", "moon", "page", "rocket", "text")
+BUNDLED_PHOTOS = (
+    "astronaut",
+    "brick",
+    "camera",
+    "chelsea",
+    "clock",
+    "coffee",
+    "coins",
+    "horse",
+    "moon",
+    "page",
+    "rocket",
+    "text",
+)
 
 
 def clustered(n: int, dim: int, n_clusters: int, seed: int, spread: float = 1.0) -> np.ndarray:
@@ -51,7 +64,9 @@ def recall_at(found: np.ndarray, truth: np.ndarray, k: int) -> float:
     return hits / (len(truth) * k)
 
 
-def bench_ann(n: int, dim: int, n_queries: int, kinds: tuple[str, ...] = ann.KINDS, k: int = 10, seed: int = 0) -> list[dict]:
+def bench_ann(
+    n: int, dim: int, n_queries: int, kinds: tuple[str, ...] = ann.KINDS, k: int = 10, seed: int = 0
+) -> list[dict]:
     config = IndexConfig()
     data = clustered(n + n_queries, dim, n_clusters=max(10, n // 100), seed=seed)
     base, queries = data[:n], data[n:]
@@ -59,7 +74,11 @@ def bench_ann(n: int, dim: int, n_queries: int, kinds: tuple[str, ...] = ann.KIN
     rows, truth, exact_qps = [], None, None
     for kind in ("exact", *[k_ for k_ in kinds if k_ != "exact"]):
         started = time.perf_counter()
-        train = base[np.random.default_rng(seed).choice(n, min(n, 65_536), replace=False)] if kind == "ivfpq" else None
+        train = (
+            base[np.random.default_rng(seed).choice(n, min(n, 65_536), replace=False)]
+            if kind == "ivfpq"
+            else None
+        )
         index = ann.build_index(kind, dim, config, train)
         index.add_with_ids(base, labels)
         build_s = time.perf_counter() - started
@@ -67,8 +86,15 @@ def bench_ann(n: int, dim: int, n_queries: int, kinds: tuple[str, ...] = ann.KIN
         variants = [("", params)]
         if kind == "ivfpq":  # the same index, a deeper probe asked for per request
             deeper = params.nprobe * 4
-            variants.append((f" nprobe={deeper}", ann.RequestParams(params.ef_search, deeper, params.refine_k_factor)))
-            variants.append((f" nprobe={deeper} kf={params.refine_k_factor * 4:g}", ann.RequestParams(params.ef_search, deeper, params.refine_k_factor * 4)))
+            variants.append(
+                (f" nprobe={deeper}", ann.RequestParams(params.ef_search, deeper, params.refine_k_factor))
+            )
+            variants.append(
+                (
+                    f" nprobe={deeper} kf={params.refine_k_factor * 4:g}",
+                    ann.RequestParams(params.ef_search, deeper, params.refine_k_factor * 4),
+                )
+            )
         for suffix, request in variants:
             ann.search(index, kind, queries[:10], k, request)  # warm-up
             started = time.perf_counter()
@@ -94,19 +120,25 @@ def bench_ann(n: int, dim: int, n_queries: int, kinds: tuple[str, ...] = ann.KIN
     return rows
 
 
-def bench_embedding(model_name: str, pretrained: str | None, n_images: int, batch_size: int, rounds: int = 3) -> dict:
+def bench_embedding(
+    model_name: str, pretrained: str | None, n_images: int, batch_size: int, rounds: int = 3
+) -> dict:
     """Image-tower throughput of one open_clip model: PyTorch eager vs ONNX Runtime (CPU)."""
     import torch
 
     from cascades.onnx_runner import OnnxModel
     from retrieval.embedders.open_clip import OpenClipEmbedder
 
-    embedder = OpenClipEmbedder(OpenClipConfig(model_name=model_name, pretrained=pretrained, device="cpu", batch_size=batch_size))
+    embedder = OpenClipEmbedder(
+        OpenClipConfig(model_name=model_name, pretrained=pretrained, device="cpu", batch_size=batch_size)
+    )
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (240, 320, 3), dtype=np.uint8) for _ in range(n_images)]
     pixels = embedder.preprocess(images)  # identical input for both runtimes; preprocessing not timed
     with tempfile.TemporaryDirectory() as tmp:
-        onnx = OnnxModel(embedder.export_image_onnx(Path(tmp) / "image_tower.onnx"), max_batch_size=batch_size)
+        onnx = OnnxModel(
+            embedder.export_image_onnx(Path(tmp) / "image_tower.onnx"), max_batch_size=batch_size
+        )
         batches = [pixels[i : i + batch_size] for i in range(0, n_images, batch_size)]
         eager_rates, onnx_rates = [], []
         with torch.no_grad():
@@ -183,36 +215,52 @@ def bench_zero_shot(models_dir: Path) -> tuple[list[dict], dict]:
 
 
 def print_ann(rows: list[dict], dim: int, n_queries: int) -> None:
-    print(f"\nANN on {rows[0]['n']:,} clustered {dim}-d unit vectors, {n_queries} queries, k=10 (inner product)")
+    print(
+        f"\nANN on {rows[0]['n']:,} clustered {dim}-d unit vectors, {n_queries} queries, k=10 (inner product)"
+    )
     print(f"{'index':<28} {'build s':>8} {'memory MB':>10} {'recall@10':>10} {'QPS':>9} {'QPS/exact':>10}")
     for r in rows:
-        print(f"{r['label']:<28} {r['build_s']:>8.1f} {r['index_mb']:>10.1f} {r['recall_at_10']:>10.3f} {r['qps']:>9.0f} {r['qps_vs_exact']:>9.1f}x")
+        print(
+            f"{r['label']:<28} {r['build_s']:>8.1f} {r['index_mb']:>10.1f} {r['recall_at_10']:>10.3f} {r['qps']:>9.0f} {r['qps_vs_exact']:>9.1f}x"
+        )
 
 
 def run(args) -> int:
     config = IndexConfig()
     parts = set(args.parts.split(","))
-    print(f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads; HNSW M={config.hnsw_m} "
-          f"efConstruction={config.hnsw_ef_construction} efSearch={config.hnsw_ef_search}; "
-          f"IVF-PQ nlist~4*sqrt(n) nprobe=max(16, nlist/64) pq_m=dim/8 refine k_factor={config.refine_k_factor}")
+    print(
+        f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads; HNSW M={config.hnsw_m} "
+        f"efConstruction={config.hnsw_ef_construction} efSearch={config.hnsw_ef_search}; "
+        f"IVF-PQ nlist~4*sqrt(n) nprobe=max(16, nlist/64) pq_m=dim/8 refine k_factor={config.refine_k_factor}"
+    )
     if "ann" in parts:
         print_ann(bench_ann(args.n, args.dim, args.queries), args.dim, args.queries)
         if args.ivfpq_1m:
             print_ann(bench_ann(1_000_000, args.dim, args.queries, kinds=("ivfpq",)), args.dim, args.queries)
     if "embed" in parts:
         r = bench_embedding(args.clip_model, args.clip_pretrained, args.images, args.batch_size)
-        print(f"\nImage embedding, open_clip {r['model']} image tower ({r['weights']}), {r['images']} images, "
-              f"batch {r['batch_size']}, CPU, {r['torch_threads']} torch threads:")
-        print(f"  PyTorch eager : {r['eager_images_per_s']:.1f} images/s (median of {r['rounds']}; "
-              f"{r['eager_range'][0]:.1f}-{r['eager_range'][1]:.1f})")
-        print(f"  ONNX Runtime  : {r['onnx_images_per_s']:.1f} images/s ({r['onnx_range'][0]:.1f}-{r['onnx_range'][1]:.1f}; "
-              f"{r['onnx_images_per_s'] / r['eager_images_per_s']:.2f}x eager; max |diff| {r['max_abs_diff']:.1e})")
+        print(
+            f"\nImage embedding, open_clip {r['model']} image tower ({r['weights']}), {r['images']} images, "
+            f"batch {r['batch_size']}, CPU, {r['torch_threads']} torch threads:"
+        )
+        print(
+            f"  PyTorch eager : {r['eager_images_per_s']:.1f} images/s (median of {r['rounds']}; "
+            f"{r['eager_range'][0]:.1f}-{r['eager_range'][1]:.1f})"
+        )
+        print(
+            f"  ONNX Runtime  : {r['onnx_images_per_s']:.1f} images/s ({r['onnx_range'][0]:.1f}-{r['onnx_range'][1]:.1f}; "
+            f"{r['onnx_images_per_s'] / r['eager_images_per_s']:.2f}x eager; max |diff| {r['max_abs_diff']:.1e})"
+        )
     if "zeroshot" in parts:
         rows, speed = bench_zero_shot(Path(args.models_dir))
         correct = sum(r["top1"] in r["expected"] for r in rows)
-        print(f"\nZero-shot text->image top-1, offline ConSE embedder, {speed['images']} bundled skimage photos "
-              f"(embedded at {speed['images_per_s']:.1f} images/s): {correct}/{len(rows)}")
+        print(
+            f"\nZero-shot text->image top-1, offline ConSE embedder, {speed['images']} bundled skimage photos "
+            f"(embedded at {speed['images_per_s']:.1f} images/s): {correct}/{len(rows)}"
+        )
         for r in rows:
             mark = "ok  " if r["top1"] in r["expected"] else "MISS"
-            print(f"  {mark} {r['query']!r:<24} -> {r['top1']:<10} ({r['score']:.3f}; runner-up {r['runner_up']}; expected {'/'.join(r['expected'])})")
+            print(
+                f"  {mark} {r['query']!r:<24} -> {r['top1']:<10} ({r['score']:.3f}; runner-up {r['runner_up']}; expected {'/'.join(r['expected'])})"
+            )
     return 0

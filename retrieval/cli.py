@@ -58,9 +58,13 @@ def _index_folder(args) -> int:
     with _service(args) as service:
         progress = tqdm(total=len(files), desc="indexing", unit="image")
         for start in range(0, len(files), args.batch_size):
-            batch = [_prepare_file(service, path, folder, args) for path in files[start : start + args.batch_size]]
+            batch = [
+                _prepare_file(service, path, folder, args) for path in files[start : start + args.batch_size]
+            ]
             try:
-                service.index_images([b[1] for b in batch], [b[2] for b in batch], item_ids=[b[3] for b in batch])
+                service.index_images(
+                    [b[1] for b in batch], [b[2] for b in batch], item_ids=[b[3] for b in batch]
+                )
                 done = batch
             except RouterError:
                 # One bad file must not stop the folder: index this batch one by one.
@@ -125,7 +129,9 @@ def _bench(args) -> int:
 
 
 def _config_flags(parser) -> None:
-    parser.add_argument("--config", help="serve_config.yaml (uses applications[0].args.retrieval) or a retrieval section YAML")
+    parser.add_argument(
+        "--config", help="serve_config.yaml (uses applications[0].args.retrieval) or a retrieval section YAML"
+    )
     parser.add_argument("--index-dir", help="override retrieval.index_dir")
     parser.add_argument("--models-dir", help="where `visionroute models prepare` put efficientnet_lite0.onnx")
 
@@ -143,7 +149,9 @@ def register(subparsers, bench) -> None:
 
     retrieval = subparsers.add_parser("retrieval", help="maintain and query the search index")
     actions = retrieval.add_subparsers(dest="action", required=True)
-    compact = actions.add_parser("compact", help="rebuild the index from the store: drop deleted vectors, re-choose the kind")
+    compact = actions.add_parser(
+        "compact", help="rebuild the index from the store: drop deleted vectors, re-choose the kind"
+    )
     _config_flags(compact)
     compact.set_defaults(func=_compact)
     stats = actions.add_parser("stats", help="index kind, item count, tombstones, size")
@@ -156,14 +164,22 @@ def register(subparsers, bench) -> None:
     _config_flags(search)
     search.set_defaults(func=_search)
 
-    retrieval_bench = bench.add_parser("retrieval", help="exact vs HNSW vs IVF-PQ+refine; ONNX vs eager; zero-shot")
-    retrieval_bench.add_argument("--parts", default="ann,embed,zeroshot", help="comma list of ann, embed, zeroshot")
+    retrieval_bench = bench.add_parser(
+        "retrieval", help="exact vs HNSW vs IVF-PQ+refine; ONNX vs eager; zero-shot"
+    )
+    retrieval_bench.add_argument(
+        "--parts", default="ann,embed,zeroshot", help="comma list of ann, embed, zeroshot"
+    )
     retrieval_bench.add_argument("--n", type=int, default=100_000)
     retrieval_bench.add_argument("--dim", type=int, default=512)
     retrieval_bench.add_argument("--queries", type=int, default=1000)
-    retrieval_bench.add_argument("--ivfpq-1m", action="store_true", help="also IVF-PQ+refine on 1M vectors (~5 GB RAM)")
+    retrieval_bench.add_argument(
+        "--ivfpq-1m", action="store_true", help="also IVF-PQ+refine on 1M vectors (~5 GB RAM)"
+    )
     retrieval_bench.add_argument("--clip-model", default="ViT-B-32")
-    retrieval_bench.add_argument("--clip-pretrained", default=None, help="checkpoint path or tag (default: random weights)")
+    retrieval_bench.add_argument(
+        "--clip-pretrained", default=None, help="checkpoint path or tag (default: random weights)"
+    )
     retrieval_bench.add_argument("--images", type=int, default=64)
     retrieval_bench.add_argument("--batch-size", type=int, default=16)
     retrieval_bench.add_argument("--models-dir", default=str(paths.models_dir()))

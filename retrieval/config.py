@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -64,7 +64,7 @@ class OpenClipConfig(_Strict):
     _resolve_paths = field_validator("image_onnx_path")(_resolve)
 
 
-EmbedderConfig = Annotated[Union[ConseConfig, OpenClipConfig], Field(discriminator="kind")]
+EmbedderConfig = Annotated[ConseConfig | OpenClipConfig, Field(discriminator="kind")]
 
 IndexKind = Literal["exact", "hnsw", "ivfpq"]
 
@@ -93,7 +93,7 @@ class IndexConfig(_Strict):
     max_k: int = Field(1000, ge=1, le=100_000)
 
     @model_validator(mode="after")
-    def _sizes_ordered(self) -> "IndexConfig":
+    def _sizes_ordered(self) -> IndexConfig:
         if self.hnsw_max_items < self.exact_max_items:
             raise ValueError(
                 f"hnsw_max_items ({self.hnsw_max_items}) must be >= exact_max_items ({self.exact_max_items})"

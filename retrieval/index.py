@@ -184,7 +184,9 @@ class VectorIndex:
         self.index, self.kind, self._tombstones = index, kind, set()
         self._default_params = ann.default_params(index, self.config)
         self.snapshot()
-        log.info("rebuilt %s index of %d items in %.1f s (%s)", kind, n, time.perf_counter() - started, reason)
+        log.info(
+            "rebuilt %s index of %d items in %.1f s (%s)", kind, n, time.perf_counter() - started, reason
+        )
 
     def _training_sample(self, n: int) -> np.ndarray:
         nlist = ann.ivf_nlist(self.config, n)
@@ -208,10 +210,14 @@ class VectorIndex:
             raise InputError("vector contains NaN or infinity", field=field)
         norms = np.linalg.norm(vectors, axis=1)
         if np.any(np.abs(norms - 1.0) > NORM_TOLERANCE):
-            raise InputError(f"vectors must be L2-normalised; got norms {norms.round(4).tolist()[:5]}", field=field)
+            raise InputError(
+                f"vectors must be L2-normalised; got norms {norms.round(4).tolist()[:5]}", field=field
+            )
         return vectors
 
-    def upsert(self, vector: np.ndarray, metadata: ItemMetadata | None = None, item_id: int | None = None) -> int:
+    def upsert(
+        self, vector: np.ndarray, metadata: ItemMetadata | None = None, item_id: int | None = None
+    ) -> int:
         """Add an item (or replace item ``item_id``); returns its id once the write is durable."""
         vector = self._check_vectors(vector, "vector")[0]
         metadata = metadata or ItemMetadata()
@@ -264,7 +270,11 @@ class VectorIndex:
     def compact(self) -> dict:
         """Rebuild from the store: drops tombstones, re-chooses the kind, retrains IVF-PQ."""
         with self._lock:
-            before = {"kind": self.kind, "stored_vectors": int(self.index.ntotal), "tombstones": len(self._tombstones)}
+            before = {
+                "kind": self.kind,
+                "stored_vectors": int(self.index.ntotal),
+                "tombstones": len(self._tombstones),
+            }
             self._rebuild(reason="compaction requested")
             return {"before": before, "after": self.stats()}
 
@@ -312,7 +322,11 @@ class VectorIndex:
     def close(self) -> None:
         """Snapshot pending operations (a fast next start), then release the store and lock."""
         with self._lock:
-            if getattr(self, "index", None) is not None and self.store is not None and self._ops_since_snapshot:
+            if (
+                getattr(self, "index", None) is not None
+                and self.store is not None
+                and self._ops_since_snapshot
+            ):
                 self.snapshot()
             if getattr(self, "store", None) is not None:
                 self.store.close()
@@ -377,7 +391,9 @@ class VectorIndex:
                 else:
                     selector = None
                 n_search = min(want, max(1, self.index.ntotal))
-                scores, labels = ann.search(self.index, self.kind, query, n_search, self._request_params(params), selector)
+                scores, labels = ann.search(
+                    self.index, self.kind, query, n_search, self._request_params(params), selector
+                )
                 del selector, inner
                 hits = self._hits(scores[0], labels[0], exclude_labels, k)
                 if len(hits) >= expected:
@@ -389,7 +405,9 @@ class VectorIndex:
             scores, found = ann.exact_search(vectors, labels, query, want)
             return SearchResult(self._hits(scores[0], found[0], exclude_labels, k), exact=True)
 
-    def _hits(self, scores: np.ndarray, labels: np.ndarray, exclude: frozenset[int], k: int) -> list[ScoredItem]:
+    def _hits(
+        self, scores: np.ndarray, labels: np.ndarray, exclude: frozenset[int], k: int
+    ) -> list[ScoredItem]:
         # -1 is FAISS's padding when fewer than k results exist; tombstones are deleted items.
         keep = [
             (float(score), int(label))

@@ -91,4 +91,6 @@ def parse_model(model: type[BaseModel], value: Any, field: str) -> Any:
                 f"unknown {field} field {where!r}; expected one of {sorted(model.model_fields)}",
                 field=f"{field}.{where}",
             ) from None
-        raise InputError(f"{field}.{where}: {error['msg']} (got {error.get('input')!r})", field=f"{field}.{where}") from None
+        raise InputError(
+            f"{field}.{where}: {error['msg']} (got {error.get('input')!r})", field=f"{field}.{where}"
+        ) from None

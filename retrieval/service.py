@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -26,7 +27,9 @@ ImageInput = np.ndarray | bytes
 
 
 class SearchService:
-    def __init__(self, config: RetrievalConfig | dict | None = None, *, embedder: Embedder | None = None) -> None:
+    def __init__(
+        self, config: RetrievalConfig | dict | None = None, *, embedder: Embedder | None = None
+    ) -> None:
         """Build the embedder from config (or take ``embedder``) and open the index.
 
         Raises ``ConfigError`` when the saved index was made by an embedder of another
@@ -36,7 +39,9 @@ class SearchService:
             config = RetrievalConfig.model_validate(config)
         self.config = config or RetrievalConfig()
         self.embedder = embedder or build_embedder(self.config.embedder)
-        self.index = VectorIndex(self.config.index_dir, self.embedder.dim, self.embedder.space, self.config.index)
+        self.index = VectorIndex(
+            self.config.index_dir, self.embedder.dim, self.embedder.space, self.config.index
+        )
         log.info("search service on %s: %s", self.config.index_dir, self.index.stats())
 
     # inputs -----------------------------------------------------------------------------------
@@ -47,10 +52,13 @@ class SearchService:
         if isinstance(image, np.ndarray):
             if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8 or min(image.shape[:2]) < 1:
                 raise InputError(
-                    f"image array must be (h, w, 3) uint8 RGB, got shape {image.shape} dtype {image.dtype}", field=field
+                    f"image array must be (h, w, 3) uint8 RGB, got shape {image.shape} dtype {image.dtype}",
+                    field=field,
                 )
             return image, None
-        raise InputError(f"image must be encoded bytes or an RGB array, got {type(image).__name__}", field=field)
+        raise InputError(
+            f"image must be encoded bytes or an RGB array, got {type(image).__name__}", field=field
+        )
 
     def _text(self, query: Any) -> str:
         if not isinstance(query, str) or not query.strip():
@@ -153,7 +161,9 @@ class SearchService:
             **query,
         )
 
-    def _search(self, vector: np.ndarray, k: int, filters: Any, params: Any, exclude=frozenset()) -> SearchResult:
+    def _search(
+        self, vector: np.ndarray, k: int, filters: Any, params: Any, exclude=frozenset()
+    ) -> SearchResult:
         return self.index.search(
             vector,
             k,
@@ -168,21 +178,39 @@ class SearchService:
         parse_model(SearchFilters, filters, "filters")
         parse_model(SearchParams, params, "params")
 
-    def search_text(self, query: str, k: int = 10, filters: SearchFilters | dict | None = None, params: SearchParams | dict | None = None) -> SearchResponse:
+    def search_text(
+        self,
+        query: str,
+        k: int = 10,
+        filters: SearchFilters | dict | None = None,
+        params: SearchParams | dict | None = None,
+    ) -> SearchResponse:
         started = time.perf_counter()
         query = self._text(query)
         self._validate(k, filters, params)
         vector = self.embedder.embed_texts([query])[0]
         return self._respond(self._search(vector, k, filters, params), k, started, query=query)
 
-    def search_image(self, image: ImageInput, k: int = 10, filters: SearchFilters | dict | None = None, params: SearchParams | dict | None = None) -> SearchResponse:
+    def search_image(
+        self,
+        image: ImageInput,
+        k: int = 10,
+        filters: SearchFilters | dict | None = None,
+        params: SearchParams | dict | None = None,
+    ) -> SearchResponse:
         started = time.perf_counter()
         rgb, _ = self._image(image, "image")
         self._validate(k, filters, params)
         vector = self.embedder.embed_images([rgb])[0]
         return self._respond(self._search(vector, k, filters, params), k, started)
 
-    def search_by_id(self, item_id: int, k: int = 10, filters: SearchFilters | dict | None = None, params: SearchParams | dict | None = None) -> SearchResponse:
+    def search_by_id(
+        self,
+        item_id: int,
+        k: int = 10,
+        filters: SearchFilters | dict | None = None,
+        params: SearchParams | dict | None = None,
+    ) -> SearchResponse:
         """Items most like a stored one (the item itself excluded); ``NotFound`` for unknown ids."""
         started = time.perf_counter()
         self._validate(k, filters, params)
@@ -206,7 +234,7 @@ class SearchService:
     def close(self) -> None:
         self.index.close()
 
-    def __enter__(self) -> "SearchService":
+    def __enter__(self) -> SearchService:
         return self
 
     def __exit__(self, *exc: Any) -> None:

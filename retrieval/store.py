@@ -9,9 +9,9 @@ reused, so a re-added (upserted) item never collides with its own tombstone in H
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -102,7 +102,9 @@ class MetadataStore:
     def _transaction(self):
         return immediate_transaction(self.db)
 
-    def upsert(self, item_id: int | None, vector: np.ndarray, metadata: ItemMetadata) -> tuple[int, int, int | None]:
+    def upsert(
+        self, item_id: int | None, vector: np.ndarray, metadata: ItemMetadata
+    ) -> tuple[int, int, int | None]:
         """Store the item; returns (item id, new label, replaced label or None). One transaction."""
         blob = _blob(vector)
         with self._transaction() as db:
@@ -112,7 +114,9 @@ class MetadataStore:
                 old_label = row[0] if row else None
             if old_label is not None:
                 db.execute("INSERT INTO oplog (op, label) VALUES ('remove', ?)", (old_label,))
-            label = db.execute("INSERT INTO oplog (op, label, vector) VALUES ('add', -1, ?)", (blob,)).lastrowid
+            label = db.execute(
+                "INSERT INTO oplog (op, label, vector) VALUES ('add', -1, ?)", (blob,)
+            ).lastrowid
             db.execute("UPDATE oplog SET label = seq WHERE seq = ?", (label,))
             values = (
                 label,
@@ -132,9 +136,14 @@ class MetadataStore:
                 )
                 db.execute("DELETE FROM item_tags WHERE item_id = ?", (item_id,))
             elif item_id is not None:
-                db.execute("INSERT INTO items (id, " + columns + ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", (item_id, *values))
+                db.execute(
+                    "INSERT INTO items (id, " + columns + ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (item_id, *values),
+                )
             else:
-                item_id = db.execute("INSERT INTO items (" + columns + ") VALUES (?, ?, ?, ?, ?, ?, ?, ?)", values).lastrowid
+                item_id = db.execute(
+                    "INSERT INTO items (" + columns + ") VALUES (?, ?, ?, ?, ?, ?, ?, ?)", values
+                ).lastrowid
             db.executemany(
                 "INSERT OR IGNORE INTO item_tags (item_id, tag) VALUES (?, ?)",
                 [(item_id, tag) for tag in metadata.tags],
@@ -180,7 +189,9 @@ class MetadataStore:
             yield np.array([r[0] for r in rows], np.int64), np.stack([_unblob(r[1]) for r in rows])
 
     def get(self, item_id: int) -> tuple[Item, np.ndarray] | None:
-        row = self.db.execute("SELECT " + _ITEM_COLUMNS + ", vector FROM items WHERE id = ?", (item_id,)).fetchone()
+        row = self.db.execute(
+            "SELECT " + _ITEM_COLUMNS + ", vector FROM items WHERE id = ?", (item_id,)
+        ).fetchone()
         if row is None:
             return None
         item = self._items_from_rows([row[:-1]])[0]
@@ -190,7 +201,9 @@ class MetadataStore:
         if not labels:
             return {}
         marks = ",".join("?" * len(labels))
-        rows = self.db.execute("SELECT " + _ITEM_COLUMNS + f" FROM items WHERE label IN ({marks})", labels).fetchall()
+        rows = self.db.execute(
+            "SELECT " + _ITEM_COLUMNS + f" FROM items WHERE label IN ({marks})", labels
+        ).fetchall()
         return {item.label: item for item in self._items_from_rows(rows)}
 
     def _items_from_rows(self, rows: list[tuple]) -> list[Item]:
@@ -254,7 +267,9 @@ def _where(filters: SearchFilters) -> tuple[str, list]:
         _one_or_many("source", filters.source, clauses, args)
     if filters.tags_any is not None:
         marks = ",".join("?" * len(filters.tags_any))
-        clauses.append(f"id IN (SELECT item_id FROM item_tags WHERE tag IN ({marks}))" if filters.tags_any else "0")
+        clauses.append(
+            f"id IN (SELECT item_id FROM item_tags WHERE tag IN ({marks}))" if filters.tags_any else "0"
+        )
         args.extend(filters.tags_any)
     if filters.tags_all:
         tags = sorted(set(filters.tags_all))

@@ -44,9 +44,9 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         if cascade.vlm is not None
     }
     search = (
-        SearchTier.options(name="search", num_replicas=1, ray_actor_options={"num_cpus": config.search_num_cpus}).bind(
-            config.retrieval.model_dump(mode="json")
-        )
+        SearchTier.options(
+            name="search", num_replicas=1, ray_actor_options={"num_cpus": config.search_num_cpus}
+        ).bind(config.retrieval.model_dump(mode="json"))
         if config.retrieval.enabled
         else None
     )

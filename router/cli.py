@@ -53,13 +53,23 @@ def _bench_serve(args) -> int:
     from evals.bench_serve import run_bench
 
     placements = ("deployment", "ingress") if args.placement == "both" else (args.placement,)
-    run_bench(Path(args.models_dir), requests=args.requests, clients=args.clients, max_batch_size=args.max_batch_size, placements=placements)
+    run_bench(
+        Path(args.models_dir),
+        requests=args.requests,
+        clients=args.clients,
+        max_batch_size=args.max_batch_size,
+        placements=placements,
+    )
     return 0
 
 
 def register(subparsers, bench) -> None:
-    serve = subparsers.add_parser("serve", help="prepare the default models and start the service on Ray Serve")
-    serve.add_argument("--config", type=Path, default=REPO_CONFIG, help="Ray Serve config (default: %(default)s)")
+    serve = subparsers.add_parser(
+        "serve", help="prepare the default models and start the service on Ray Serve"
+    )
+    serve.add_argument(
+        "--config", type=Path, default=REPO_CONFIG, help="Ray Serve config (default: %(default)s)"
+    )
     serve.add_argument("--models-dir", default=str(paths.models_dir()))
     serve.set_defaults(func=_serve)
 
@@ -72,6 +82,10 @@ def register(subparsers, bench) -> None:
     serve_bench.add_argument("--requests", type=int, default=200)
     serve_bench.add_argument("--clients", type=int, default=8)
     serve_bench.add_argument("--max-batch-size", type=int, default=8)
-    serve_bench.add_argument("--placement", choices=("deployment", "ingress", "both"), default="both",
-                             help="where the classifier runs: its own deployment, inside the ingress, or both in turn")
+    serve_bench.add_argument(
+        "--placement",
+        choices=("deployment", "ingress", "both"),
+        default="both",
+        help="where the classifier runs: its own deployment, inside the ingress, or both in turn",
+    )
     serve_bench.set_defaults(func=_bench_serve)

@@ -32,7 +32,9 @@ class LimitsConfig(Strict):
     max_body_bytes: int = Field(20 << 20, gt=0, description="largest request body accepted")
     max_pixels: int = Field(40_000_000, gt=0, description="largest width*height decoded")
     allowed_formats: list[str] = Field(default_factory=lambda: list(DEFAULT_FORMATS))
-    url_fetch: UrlFetchConfig = Field(default_factory=UrlFetchConfig, description="image_url: off by default, SSRF-safe")
+    url_fetch: UrlFetchConfig = Field(
+        default_factory=UrlFetchConfig, description="image_url: off by default, SSRF-safe"
+    )
 
     @field_validator("allowed_formats")
     @classmethod
@@ -61,17 +63,20 @@ class CascadeConfig(Strict):
         False,
         description="take accept (and escalate) thresholds from the calibration artefact's risk certificate",
     )
-    vlm: VlmConfig | None = Field(None, description="the escalation tier; without it, escalations go to review")
+    vlm: VlmConfig | None = Field(
+        None, description="the escalation tier; without it, escalations go to review"
+    )
     vlm_replicas: int = Field(1, ge=1)
     vlm_num_cpus: float = Field(0.25, gt=0)
 
-
     @model_validator(mode="after")
-    def _certified_thresholds(self) -> "CascadeConfig":
+    def _certified_thresholds(self) -> CascadeConfig:
         if not self.thresholds_from_certificate:
             return self
         if not self.tier.calibration:
-            raise ValueError("thresholds_from_certificate needs tier.calibration (an artefact from `visionroute calibrate`)")
+            raise ValueError(
+                "thresholds_from_certificate needs tier.calibration (an artefact from `visionroute calibrate`)"
+            )
         self.policy = certified_policy(self.policy, Path(self.tier.calibration))
         return self
 
@@ -84,6 +89,7 @@ def certified_policy(policy: ThresholdPolicy, artefact_path: Path) -> ThresholdP
     certificate = calibrator.certificate
     if certificate is None:
         raise ValueError(f"calibration artefact {str(artefact_path)!r} has no risk certificate")
+
     def clipped(value: Any) -> float:  # the certificate writes +-inf as strings
         return min(1.0, max(0.0, float(value)))
 
@@ -115,7 +121,9 @@ def default_cascades() -> dict[str, CascadeConfig]:
         "classify": CascadeConfig(tier=OnnxStageConfig(model="efficientnet_lite0", cost_units=1.0)),
         "text": CascadeConfig(
             tier=OnnxStageConfig(model="ppocr_det", cost_units=2.0),
-            policy=ThresholdPolicy(version="text-thresholds-v1", score="min_box", accept_threshold=0.6, escalate_threshold=0.4),
+            policy=ThresholdPolicy(
+                version="text-thresholds-v1", score="min_box", accept_threshold=0.6, escalate_threshold=0.4
+            ),
             max_batch_size=1,
         ),
     }
@@ -127,12 +135,19 @@ class AppConfig(Strict):
     cascades: dict[str, CascadeConfig] = Field(default_factory=default_cascades)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     review: ReviewConfig = Field(default_factory=ReviewConfig)
-    policies: PolicySet = Field(default_factory=PolicySet, description="initial policy set; runtime changes via the Ingress user_config")
-    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig, description="visual search (docs/retrieval.md)")
+    policies: PolicySet = Field(
+        default_factory=PolicySet,
+        description="initial policy set; runtime changes via the Ingress user_config",
+    )
+    retrieval: RetrievalConfig = Field(
+        default_factory=RetrievalConfig, description="visual search (docs/retrieval.md)"
+    )
     search_num_cpus: float = Field(0.25, gt=0)
     ingress_replicas: int = Field(1, ge=1)
     ingress_num_cpus: float = Field(0.5, gt=0)
-    security: SecurityConfig = Field(default_factory=SecurityConfig, description="API keys, roles, bind policy")
+    security: SecurityConfig = Field(
+        default_factory=SecurityConfig, description="API keys, roles, bind policy"
+    )
 
     @field_validator("models_dir")
     @classmethod
@@ -141,11 +156,13 @@ class AppConfig(Strict):
         return value.expanduser().resolve()
 
     @model_validator(mode="after")
-    def _default_task_exists(self) -> "AppConfig":
+    def _default_task_exists(self) -> AppConfig:
         if not self.cascades:
             raise ValueError("cascades must name at least one task")
         if self.default_task not in self.cascades:
-            raise ValueError(f"default_task {self.default_task!r} is not one of the cascades {sorted(self.cascades)}")
+            raise ValueError(
+                f"default_task {self.default_task!r} is not one of the cascades {sorted(self.cascades)}"
+            )
         self.review.path = self.review.path.expanduser().resolve()
         self.retrieval.index_dir = self.retrieval.index_dir.expanduser().resolve()
         embedder = self.retrieval.embedder

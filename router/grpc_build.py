@@ -31,15 +31,23 @@ def generate() -> list[Path]:
         from grpc_tools import protoc
     except ImportError:
         raise ConfigError(
-            "grpcio-tools is not installed; it generates the gRPC code (pip install grpcio-tools)", field="grpc"
+            "grpcio-tools is not installed; it generates the gRPC code (pip install grpcio-tools)",
+            field="grpc",
         ) from None
     relative = PROTO.relative_to(PACKAGE_ROOT)
     with tempfile.TemporaryDirectory(dir=PROTO.parent, prefix=".gen-") as tmp:
         include = str(Path(protoc.__file__).parent / "_proto")  # well-known types
         code = protoc.main(
-            ["grpc_tools.protoc", f"-I{PACKAGE_ROOT}", f"-I{include}", f"--python_out={tmp}", f"--pyi_out={tmp}",
-             f"--grpc_python_out={tmp}", str(relative)]
-        )  # fmt: skip
+            [
+                "grpc_tools.protoc",
+                f"-I{PACKAGE_ROOT}",
+                f"-I{include}",
+                f"--python_out={tmp}",
+                f"--pyi_out={tmp}",
+                f"--grpc_python_out={tmp}",
+                str(relative),
+            ]
+        )
         if code != 0:
             raise ConfigError(f"protoc failed on {PROTO} with exit code {code}", field="grpc")
         written = []

@@ -14,14 +14,22 @@ import asyncio
 import json
 import logging
 import uuid
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2
 from pydantic import ValidationError
 
 from router.grpc_build import ensure_generated
-from router.security import GRPC_ROLES, PermissionDenied, Unauthenticated, key_from_headers, reset_principal, set_principal
+from router.security import (
+    GRPC_ROLES,
+    PermissionDenied,
+    Unauthenticated,
+    key_from_headers,
+    reset_principal,
+    set_principal,
+)
 from visionroute.errors import (
     BackendUnavailable,
     BudgetExceeded,
@@ -56,7 +64,9 @@ GRPC_STATUS_BY_ERROR: tuple[tuple[type[RouterError], grpc.StatusCode], ...] = (
 
 
 def grpc_code_for(error: RouterError) -> grpc.StatusCode:
-    return next((code for kind, code in GRPC_STATUS_BY_ERROR if isinstance(error, kind)), grpc.StatusCode.INTERNAL)
+    return next(
+        (code for kind, code in GRPC_STATUS_BY_ERROR if isinstance(error, kind)), grpc.StatusCode.INTERNAL
+    )
 
 
 def input_error(exc: ValidationError, prefix: str = "") -> InputError:
@@ -71,7 +81,9 @@ def analyze_to_proto(body: dict[str, Any]) -> pb.AnalyzeResponse:
         task=body["task"],
         decision=body["decision"],
         answer=[
-            pb.Detection(label=d["label"] or "", class_id=d["class_id"], confidence=d["confidence"], xyxy=d["xyxy"])
+            pb.Detection(
+                label=d["label"] or "", class_id=d["class_id"], confidence=d["confidence"], xyxy=d["xyxy"]
+            )
             for d in body["answer"]
         ],
         image=pb.ImageInfo(**body["image"]),
@@ -96,11 +108,15 @@ class GrpcEndpoints:
     """Mixed into ``router.ingress.Ingress``; uses its ``security``, ``analyze_image``, review
     handlers and ``readyz``."""
 
-    async def _grpc(self, method: str, grpc_context, empty: Any, work: Callable[[str], Awaitable[Any]]) -> Any:
+    async def _grpc(
+        self, method: str, grpc_context, empty: Any, work: Callable[[str], Awaitable[Any]]
+    ) -> Any:
         request_id = None
         try:
             request_id = _request_id(grpc_context)
-            principal = self.security.authenticate(key_from_headers(grpc_context.invocation_metadata()), GRPC_ROLES[method])
+            principal = self.security.authenticate(
+                key_from_headers(grpc_context.invocation_metadata()), GRPC_ROLES[method]
+            )
             token = set_principal(principal)
             try:
                 return await work(request_id)
@@ -123,7 +139,9 @@ class GrpcEndpoints:
                     raise InputError("send either image or image_url, not both", field="image_url")
                 from router.url_fetch import fetch_image_url
 
-                image = await fetch_image_url(request.image_url, self.config.limits.url_fetch, self.config.limits.max_body_bytes)
+                image = await fetch_image_url(
+                    request.image_url, self.config.limits.url_fetch, self.config.limits.max_body_bytes
+                )
             body = await self.analyze_image(image, request.task or None, request.tenant or None, request_id)
             return analyze_to_proto(body)
 
@@ -140,16 +158,23 @@ class GrpcEndpoints:
                 filters = json.loads(request.filters_json) if request.filters_json else None
             except json.JSONDecodeError as exc:
                 raise InputError(f"filters_json is not JSON: {exc}", field="filters_json") from None
-            payload = {"query": request.query_text or None, "image": request.image or None,
-                       "item_id": request.item_id or None, "k": request.k or 10, "filters": filters,
-                       "tenant": request.tenant or None}  # fmt: skip
+            payload = {
+                "query": request.query_text or None,
+                "image": request.image or None,
+                "item_id": request.item_id or None,
+                "k": request.k or 10,
+                "filters": filters,
+                "tenant": request.tenant or None,
+            }
             return pb.SearchResponse(result_json=json.dumps(await search(payload)))
 
         return await self._grpc("Search", grpc_context, pb.SearchResponse(), work)
 
     # -- review ----------------------------------------------------------------------------
 
-    async def ListReviewItems(self, request: pb.ListReviewItemsRequest, grpc_context) -> pb.ListReviewItemsResponse:
+    async def ListReviewItems(
+        self, request: pb.ListReviewItemsRequest, grpc_context
+    ) -> pb.ListReviewItemsResponse:
         async def work(request_id: str) -> pb.ListReviewItemsResponse:
             body = await asyncio.to_thread(
                 self.list_review_items, request.status or "pending", request.limit or 50, request.offset
@@ -161,22 +186,32 @@ class GrpcEndpoints:
 
     async def GetReviewItem(self, request: pb.GetReviewItemRequest, grpc_context) -> pb.ReviewItem:
         async def work(request_id: str) -> pb.ReviewItem:
-            return pb.ReviewItem(item_json=json.dumps(await asyncio.to_thread(self.get_review_item, request.item_id)))
+            return pb.ReviewItem(
+                item_json=json.dumps(await asyncio.to_thread(self.get_review_item, request.item_id))
+            )
 
         return await self._grpc("GetReviewItem", grpc_context, pb.ReviewItem(), work)
 
-    async def ClaimReviewItem(self, request: pb.ClaimReviewItemRequest, grpc_context) -> pb.ClaimReviewItemResponse:
+    async def ClaimReviewItem(
+        self, request: pb.ClaimReviewItemRequest, grpc_context
+    ) -> pb.ClaimReviewItemResponse:
         from router.schemas import ClaimRequest
 
         async def work(request_id: str) -> pb.ClaimReviewItemResponse:
             try:
-                body = ClaimRequest(reviewer=request.reviewer, item_id=request.item_id or None, lease_s=request.lease_s or None)
+                body = ClaimRequest(
+                    reviewer=request.reviewer,
+                    item_id=request.item_id or None,
+                    lease_s=request.lease_s or None,
+                )
             except ValidationError as exc:
                 raise input_error(exc) from None
             claimed = await asyncio.to_thread(self.claim, body)
             if claimed["item"] is None:
                 return pb.ClaimReviewItemResponse()
-            return pb.ClaimReviewItemResponse(item=pb.ReviewItem(item_json=json.dumps(claimed["item"])), lease_token=claimed["lease_token"])
+            return pb.ClaimReviewItemResponse(
+                item=pb.ReviewItem(item_json=json.dumps(claimed["item"])), lease_token=claimed["lease_token"]
+            )
 
         return await self._grpc("ClaimReviewItem", grpc_context, pb.ClaimReviewItemResponse(), work)
 
@@ -188,13 +223,17 @@ class GrpcEndpoints:
                 body = LabelRequest.model_validate_json(request.label_json or "{}")
             except ValidationError as exc:
                 raise input_error(exc) from None
-            return pb.ReviewItem(item_json=json.dumps(await asyncio.to_thread(self.label, request.item_id, body)))
+            return pb.ReviewItem(
+                item_json=json.dumps(await asyncio.to_thread(self.label, request.item_id, body))
+            )
 
         return await self._grpc("LabelReviewItem", grpc_context, pb.ReviewItem(), work)
 
     # -- grpc.health.v1 ----------------------------------------------------------------------
 
-    async def Check(self, request: health_pb2.HealthCheckRequest, grpc_context) -> health_pb2.HealthCheckResponse:
+    async def Check(
+        self, request: health_pb2.HealthCheckRequest, grpc_context
+    ) -> health_pb2.HealthCheckResponse:
         """Standard health checking: "" (the server) and the VisionRoute service are SERVING
         when /readyz is ready (models loaded, queue writable), NOT_SERVING otherwise."""
         if request.service not in ("", SERVICE_NAME):
@@ -202,5 +241,7 @@ class GrpcEndpoints:
             grpc_context.set_details(f"unknown service {request.service!r}; known: '' and {SERVICE_NAME!r}")
             return health_pb2.HealthCheckResponse()
         ready = (await self.readyz()).status_code == 200
-        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         return health_pb2.HealthCheckResponse(status=status)

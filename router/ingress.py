@@ -4,7 +4,6 @@ Only this module maps ``RouterError`` subclasses to status codes. Everything a r
 needs goes into its ``Analysis``; the cascade itself lives in ``cascades.pipeline``.
 """
 
-
 import asyncio
 import base64
 import binascii
@@ -31,17 +30,17 @@ from policies.costs import costs_by_tier, review_value
 from policies.policy_set import PolicySet
 from policies.review_queue import ReviewQueue
 from policies.runtime import PolicyRuntime, Refusal
+from router.config import AppConfig
+from router.grpc_ingress import GrpcEndpoints
+from router.limits import read_limited
 from router.metrics import IngressMetrics
 from router.review_page import REVIEW_ASSETS, review_asset
-from router.config import AppConfig
+from router.schemas import AnalyzeJson, AnalyzeResponse, ClaimRequest, LabelRequest, ReleaseRequest
 from router.search_api import router as search_router
 from router.search_api import search_by
-from router.grpc_ingress import GrpcEndpoints
 from router.security import PermissionDenied, Unauthenticated, install_security, resolve_tenant, tenant_scope
-from router.limits import read_limited
 from router.tiers import BatchedOnnxTier, InProcessTier, RemoteTier
 from router.url_fetch import UrlFetchConfig, fetch_image_url
-from router.schemas import AnalyzeJson, AnalyzeResponse, ClaimRequest, LabelRequest, ReleaseRequest
 from visionroute import __version__
 from visionroute.errors import (
     BackendUnavailable,
@@ -91,13 +90,19 @@ async def _router_error(request: Request, error: RouterError) -> JSONResponse:
     if isinstance(error, BudgetExceeded):
         headers["Retry-After"] = str(max(1, round(error.retry_after_s)))
     request_id = getattr(request.state, "request_id", None)
-    return JSONResponse({**error.to_dict(), "request_id": request_id}, status_code=status_for(error), headers=headers)
+    return JSONResponse(
+        {**error.to_dict(), "request_id": request_id}, status_code=status_for(error), headers=headers
+    )
 
 
 async def read_body_limited(request: Request, max_bytes: int) -> bytes:
     """The whole body, refusing early when it is (or declares to be) over the limit."""
     body = await read_limited(
-        request.stream(), declared=request.headers.get("content-length"), max_bytes=max_bytes, field="body", what="body"
+        request.stream(),
+        declared=request.headers.get("content-length"),
+        max_bytes=max_bytes,
+        field="body",
+        what="body",
     )
     request._body = body  # lets request.form() parse what was already read
     return body
@@ -163,9 +168,16 @@ class Ingress(GrpcEndpoints):  # + the gRPC methods (router/grpc_ingress.py)
         self.tiers = {
             task: RemoteTier(tiers[task])
             if cascade.placement == "deployment"
-            else InProcessTier(BatchedOnnxTier(cascade.tier.model_dump(), str(self.config.models_dir), cascade.max_batch_size, cascade.batch_wait_timeout_ms))
+            else InProcessTier(
+                BatchedOnnxTier(
+                    cascade.tier.model_dump(),
+                    str(self.config.models_dir),
+                    cascade.max_batch_size,
+                    cascade.batch_wait_timeout_ms,
+                )
+            )
             for task, cascade in self.config.cascades.items()
-        }  # fmt: skip
+        }
         self.vlm_tiers = vlm_tiers
         self.queue = ReviewQueue(self.config.review.path, default_lease_s=self.config.review.lease_s)
         self.policies = PolicyRuntime(
@@ -186,13 +198,17 @@ class Ingress(GrpcEndpoints):  # + the gRPC methods (router/grpc_ingress.py)
         (``image_base64``, ``task``, ``tenant``). Returns the decision, answer and trace."""
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         if not REQUEST_ID_PATTERN.fullmatch(request_id):
-            raise InputError("X-Request-Id must be 1-128 characters from [A-Za-z0-9_.:-]", field="X-Request-Id")
+            raise InputError(
+                "X-Request-Id must be 1-128 characters from [A-Za-z0-9_.:-]", field="X-Request-Id"
+            )
         request.state.request_id = request_id
         limits = self.config.limits
         image_bytes, task, tenant = await image_and_fields(request, limits.max_body_bytes, limits.url_fetch)
         return JSONResponse(await self.analyze_image(image_bytes, task, tenant, request_id))
 
-    async def analyze_image(self, image_bytes: bytes, task: str | None, tenant: str | None, request_id: str) -> dict[str, Any]:
+    async def analyze_image(
+        self, image_bytes: bytes, task: str | None, tenant: str | None, request_id: str
+    ) -> dict[str, Any]:
         """The cascade for one image; HTTP and gRPC (router/grpc_ingress.py) both call this."""
         limits = self.config.limits
         tenant = resolve_tenant(tenant)  # the key's tenant; another one only for admins
@@ -206,10 +222,22 @@ class Ingress(GrpcEndpoints):  # + the gRPC methods (router/grpc_ingress.py)
             allowed_formats=tuple(limits.allowed_formats),
         )
         analysis = Analysis(
-            image_rgb=decoded.rgb, image_sha256=decoded.sha256, task=task, tenant=tenant, trace=Trace(request_id)
+            image_rgb=decoded.rgb,
+            image_sha256=decoded.sha256,
+            task=task,
+            tenant=tenant,
+            trace=Trace(request_id),
         )
         analysis.trace.append(
-            Step(stage="input", details={"format": decoded.format, "bytes": len(image_bytes), "width": analysis.width, "height": analysis.height})
+            Step(
+                stage="input",
+                details={
+                    "format": decoded.format,
+                    "bytes": len(image_bytes),
+                    "width": analysis.width,
+                    "height": analysis.height,
+                },
+            )
         )
         cascade = self.config.cascades[task]
         vlm = None
@@ -220,7 +248,9 @@ class Ingress(GrpcEndpoints):  # + the gRPC methods (router/grpc_ingress.py)
                 return await vlm_tier.run.remote(escalated)
 
         policy = self.policies.current  # one policy version decides the whole request
-        analysis = await self._run_budgeted(analysis, policy, cascade.tier.cost_units, self.tiers[task].predict, vlm)
+        analysis = await self._run_budgeted(
+            analysis, policy, cascade.tier.cost_units, self.tiers[task].predict, vlm
+        )
         if analysis.decision in (Decision.REVIEW, Decision.ESCALATE):
             await self._enqueue(analysis, image_bytes, policy)
         elif self.policies.audit_sampled(policy, analysis):
@@ -252,12 +282,28 @@ class Ingress(GrpcEndpoints):  # + the gRPC methods (router/grpc_ingress.py)
         started = time.perf_counter()
         try:
             item_id = await self.search.call.remote("index_analysis", analysis)
-            analysis.trace.append(Step(stage="retrieval:index", reason="indexed for visual search", details={"search_id": item_id}, latency_ms=(time.perf_counter() - started) * 1000.0))
+            analysis.trace.append(
+                Step(
+                    stage="retrieval:index",
+                    reason="indexed for visual search",
+                    details={"search_id": item_id},
+                    latency_ms=(time.perf_counter() - started) * 1000.0,
+                )
+            )
         except Exception as exc:
             log.warning("indexing %s for search failed: %s", analysis.trace.request_id, exc)
-            analysis.trace.append(Step(stage="retrieval:index", reason="not indexed", error=f"{type(exc).__name__}: {exc}", latency_ms=(time.perf_counter() - started) * 1000.0))
+            analysis.trace.append(
+                Step(
+                    stage="retrieval:index",
+                    reason="not indexed",
+                    error=f"{type(exc).__name__}: {exc}",
+                    latency_ms=(time.perf_counter() - started) * 1000.0,
+                )
+            )
 
-    async def _run_budgeted(self, analysis: Analysis, policy: PolicySet, units: float, cheap_tier, vlm) -> Analysis:
+    async def _run_budgeted(
+        self, analysis: Analysis, policy: PolicySet, units: float, cheap_tier, vlm
+    ) -> Analysis:
         """The cascade with each paid call reserved first (policies.budgets) and settled after."""
         reservation = await asyncio.to_thread(self.policies.reserve, policy, analysis, "onnx", units)
         if isinstance(reservation, Refusal):
@@ -268,41 +314,64 @@ class Ingress(GrpcEndpoints):  # + the gRPC methods (router/grpc_ingress.py)
             thresholds = self.policies.thresholds(policy, analysis.task)
             analysis = await run_cascade(analysis, cheap_tier=cheap_tier, policy=thresholds, vlm=vlm)
         finally:
-            await asyncio.to_thread(self.policies.ledger.settle, reservation, costs_by_tier(analysis.trace)["onnx"])
+            await asyncio.to_thread(
+                self.policies.ledger.settle, reservation, costs_by_tier(analysis.trace)["onnx"]
+            )
         return analysis
 
     def _budgeted_vlm(self, vlm, policy: PolicySet):
         async def budgeted(escalated: Analysis) -> Analysis:
-            reservation = await asyncio.to_thread(self.policies.reserve, policy, escalated, "vlm", policy.costs.vlm_reserve_units)
+            reservation = await asyncio.to_thread(
+                self.policies.reserve, policy, escalated, "vlm", policy.costs.vlm_reserve_units
+            )
             if isinstance(reservation, Refusal):
                 return self._degrade(escalated, policy, reservation, answered=True)
             spent_before = costs_by_tier(escalated.trace)["vlm"]
             try:
                 result = await vlm(escalated)
             except BaseException:
-                await asyncio.to_thread(self.policies.ledger.settle, reservation)  # it may have run: charge the reservation
+                await asyncio.to_thread(
+                    self.policies.ledger.settle, reservation
+                )  # it may have run: charge the reservation
                 raise
-            await asyncio.to_thread(self.policies.ledger.settle, reservation, costs_by_tier(result.trace)["vlm"] - spent_before)
+            await asyncio.to_thread(
+                self.policies.ledger.settle, reservation, costs_by_tier(result.trace)["vlm"] - spent_before
+            )
             return result
 
         return budgeted
 
-    def _degrade(self, analysis: Analysis, policy: PolicySet, refusal: Refusal, *, answered: bool) -> Analysis:
+    def _degrade(
+        self, analysis: Analysis, policy: PolicySet, refusal: Refusal, *, answered: bool
+    ) -> Analysis:
         """Apply the exhausted budget's degrade mode; raise BudgetExceeded (429) when it is reject."""
         name = refusal.error.rule.name
         self.metrics.budget_refusals.labels(name, refusal.mode).inc()
         if refusal.mode == "review":
-            analysis.trace.append(refusal.step(policy.version, Decision.REVIEW, f"budget {name!r} is exhausted; degrade mode review: a human decides"))
+            analysis.trace.append(
+                refusal.step(
+                    policy.version,
+                    Decision.REVIEW,
+                    f"budget {name!r} is exhausted; degrade mode review: a human decides",
+                )
+            )
             return analysis
         if refusal.mode == "accept_degraded" and answered and analysis.detections is not None:
-            analysis.trace.append(refusal.step(
-                policy.version, Decision.ACCEPT, f"budget {name!r} is exhausted; degrade mode accept_degraded: the cheap answer stands, flagged degraded"))  # fmt: skip
+            analysis.trace.append(
+                refusal.step(
+                    policy.version,
+                    Decision.ACCEPT,
+                    f"budget {name!r} is exhausted; degrade mode accept_degraded: the cheap answer stands, flagged degraded",
+                )
+            )
             return analysis
         if refusal.mode == "accept_degraded":
             refusal.error.reason += "; degrade mode accept_degraded has no cheap answer to give yet"
         raise refusal.error
 
-    async def _enqueue(self, analysis: Analysis, image_bytes: bytes, policy: PolicySet, kind: str = "review") -> None:
+    async def _enqueue(
+        self, analysis: Analysis, image_bytes: bytes, policy: PolicySet, kind: str = "review"
+    ) -> None:
         """Durably queue for review (or audit); if that fails the request fails (503), never silently.
 
         A review is paid work: its cost is reserved on review budgets first, and an exhausted
@@ -312,7 +381,9 @@ class Ingress(GrpcEndpoints):  # + the gRPC methods (router/grpc_ingress.py)
             kind = "budget"
         units = policy.costs.review_units
         if kind == "audit":  # no budget gates an audit; its cost is still recorded
-            reservation = self.policies.ledger.reserve([], tenant=analysis.tenant, feature=analysis.task, tier="review", units=units)
+            reservation = self.policies.ledger.reserve(
+                [], tenant=analysis.tenant, feature=analysis.task, tier="review", units=units
+            )
         else:
             reservation = await asyncio.to_thread(self.policies.reserve, policy, analysis, "review", units)
         if isinstance(reservation, Refusal):
@@ -322,8 +393,16 @@ class Ingress(GrpcEndpoints):  # + the gRPC methods (router/grpc_ingress.py)
         started = time.perf_counter()
         score = next((s.score for s in reversed(analysis.trace.steps) if s.score is not None), None)
         detections = analysis.detections
-        label_set = detections.class_names if detections is not None and analysis.task not in self._label_sets_stored else None
-        reason = f"audit sample ({policy.audit.fraction:.1%} of auto-accepts)" if kind == "audit" else (reasons[-1] if reasons else "review")
+        label_set = (
+            detections.class_names
+            if detections is not None and analysis.task not in self._label_sets_stored
+            else None
+        )
+        reason = (
+            f"audit sample ({policy.audit.fraction:.1%} of auto-accepts)"
+            if kind == "audit"
+            else (reasons[-1] if reasons else "review")
+        )
         try:
             item = await asyncio.to_thread(
                 self.queue.enqueue,
@@ -343,7 +422,9 @@ class Ingress(GrpcEndpoints):  # + the gRPC methods (router/grpc_ingress.py)
         except Exception as exc:
             await asyncio.to_thread(self.policies.ledger.release, reservation)
             log.exception("review queue write failed for %s", analysis.trace.request_id)
-            raise BackendUnavailable(f"the review queue could not store the item: {exc}", field="review_queue") from None
+            raise BackendUnavailable(
+                f"the review queue could not store the item: {exc}", field="review_queue"
+            ) from None
         await asyncio.to_thread(self.policies.ledger.settle, reservation)
         if label_set:
             self._label_sets_stored.add(analysis.task)
@@ -353,7 +434,9 @@ class Ingress(GrpcEndpoints):  # + the gRPC methods (router/grpc_ingress.py)
             Step(
                 stage="review_queue" if kind != "audit" else "review_queue:audit",
                 decision=Decision.REVIEW if kind != "audit" else None,  # an audit never changes the answer
-                reason=f"queued for human review as item {item.id}" if kind != "audit" else f"{reason}: item {item.id}",
+                reason=f"queued for human review as item {item.id}"
+                if kind != "audit"
+                else f"{reason}: item {item.id}",
                 policy_version=policy.version,
                 cost_units=units,
                 latency_ms=(time.perf_counter() - started) * 1000.0,
@@ -378,7 +461,9 @@ class Ingress(GrpcEndpoints):  # + the gRPC methods (router/grpc_ingress.py)
     # -- review ----------------------------------------------------------------------------
 
     @app.get("/v1/review/items", summary="List review items")
-    def list_review_items(self, status: str | None = "pending", limit: int = 50, offset: int = 0) -> dict[str, Any]:
+    def list_review_items(
+        self, status: str | None = "pending", limit: int = 50, offset: int = 0
+    ) -> dict[str, Any]:
         if status == "all":
             status = None
         items = self.queue.list_items(status=status, tenant=tenant_scope(), limit=limit, offset=offset)
@@ -402,7 +487,9 @@ class Ingress(GrpcEndpoints):  # + the gRPC methods (router/grpc_ingress.py)
 
     @app.post("/v1/review/claim", summary="Lease the next (or a given) item to a reviewer")
     def claim(self, body: ClaimRequest) -> dict[str, Any]:
-        item = self.queue.claim(body.reviewer, item_id=body.item_id, tenant=tenant_scope(), lease_s=body.lease_s)
+        item = self.queue.claim(
+            body.reviewer, item_id=body.item_id, tenant=tenant_scope(), lease_s=body.lease_s
+        )
         if item is None:
             return {"item": None, "lease_token": None}
         return {"item": item.public_dict(), "lease_token": item.lease_token}
@@ -416,7 +503,11 @@ class Ingress(GrpcEndpoints):  # + the gRPC methods (router/grpc_ingress.py)
     def label(self, item_id: str, body: LabelRequest) -> dict[str, Any]:
         item = self.queue.get(item_id, tenant=tenant_scope())
         if body.verdict == "confirm":
-            label = {"verdict": "confirm", "label": item.proposed[0]["label"] if item.proposed else None, "boxes": item.proposed}
+            label = {
+                "verdict": "confirm",
+                "label": item.proposed[0]["label"] if item.proposed else None,
+                "boxes": item.proposed,
+            }
         elif body.verdict == "correct":
             if body.label is None and body.boxes is None:
                 raise InputError("a 'correct' verdict needs 'label' or 'boxes'", field="label")
@@ -429,7 +520,9 @@ class Ingress(GrpcEndpoints):  # + the gRPC methods (router/grpc_ingress.py)
             label = {"verdict": "reject", "label": None, "boxes": None}
         if body.note:
             label["note"] = body.note
-        item = self.queue.submit_label(item_id, reviewer=body.reviewer, lease_token=body.lease_token, label=label)
+        item = self.queue.submit_label(
+            item_id, reviewer=body.reviewer, lease_token=body.lease_token, label=label
+        )
         if item.kind == "audit":  # a new audited outcome: refresh the accepted-error estimate (logs an alert)
             self.policies.audit_estimate(self.queue, item.task)
         if self.search is not None and self.config.retrieval.index_analysed:
@@ -442,12 +535,16 @@ class Ingress(GrpcEndpoints):  # + the gRPC methods (router/grpc_ingress.py)
     @app.get("/v1/review/labels/{task}", summary="The label set a task's reviewers may use")
     def review_labels(self, task: str) -> dict[str, Any]:
         if task not in self.config.cascades:
-            raise NotFound(f"unknown task {task!r}; expected one of {sorted(self.config.cascades)}", field="task")
+            raise NotFound(
+                f"unknown task {task!r}; expected one of {sorted(self.config.cascades)}", field="task"
+            )
         return {"task": task, "labels": self.queue.label_set(task)}
 
     @app.get("/v1/review/stats", summary="Queue depth, SLA and the audit estimates")
     def review_stats(self) -> dict[str, Any]:
-        audits = {task: self.policies.audit_estimate(self.queue, task).to_dict() for task in self.config.cascades}
+        audits = {
+            task: self.policies.audit_estimate(self.queue, task).to_dict() for task in self.config.cascades
+        }
         return {**self.queue.stats(), "sla_s": self.policies.current.review.sla_s, "audit": audits}
 
     @app.get("/review", summary="The reviewers' web page", include_in_schema=False)
@@ -457,7 +554,9 @@ class Ingress(GrpcEndpoints):  # + the gRPC methods (router/grpc_ingress.py)
     @app.get("/review/{asset}", include_in_schema=False)
     def review_page_asset(self, asset: str) -> Response:
         if asset not in REVIEW_ASSETS:
-            raise NotFound(f"no review page asset {asset!r}; expected one of {sorted(REVIEW_ASSETS)}", field="asset")
+            raise NotFound(
+                f"no review page asset {asset!r}; expected one of {sorted(REVIEW_ASSETS)}", field="asset"
+            )
         return review_asset(asset)
 
     # -- policies ---------------------------------------------------------------------------

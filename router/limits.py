@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from visionroute.errors import PayloadTooLarge
 
 
-async def read_limited(chunks: AsyncIterator[bytes], *, declared: str | None, max_bytes: int, field: str, what: str) -> bytes:
+async def read_limited(
+    chunks: AsyncIterator[bytes], *, declared: str | None, max_bytes: int, field: str, what: str
+) -> bytes:
     """Refuse early on a declared length over the limit, and stop reading once past it."""
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise PayloadTooLarge(f"{what} is {declared} bytes; the limit is {max_bytes}", field=field)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 from fastapi.responses import Response
@@ -11,7 +11,7 @@ STATIC = Path(__file__).with_name("static")
 REVIEW_ASSETS = {"review.html": "text/html; charset=utf-8", "review.js": "text/javascript; charset=utf-8"}
 
 
-@lru_cache(maxsize=None)
+@cache
 def _read(name: str) -> bytes:
     return (STATIC / name).read_bytes()
 

@@ -13,13 +13,20 @@ class Edge(BaseModel):
 
 class AnalyzeJson(Edge):
     image_base64: str | None = Field(None, min_length=1, description="the image file's bytes, base64")
-    image_url: str | None = Field(None, min_length=1, max_length=2048, description="fetch the image (if limits.url_fetch.enabled)")
+    image_url: str | None = Field(
+        None, min_length=1, max_length=2048, description="fetch the image (if limits.url_fetch.enabled)"
+    )
     task: str | None = Field(None, description="a configured cascade; default: the config's default_task")
-    tenant: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.-]+$",
-                               description="default: the API key's tenant")
+    tenant: str | None = Field(
+        None,
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="default: the API key's tenant",
+    )
 
     @model_validator(mode="after")
-    def _one_image(self) -> "AnalyzeJson":
+    def _one_image(self) -> AnalyzeJson:
         if (self.image_base64 is None) == (self.image_url is None):
             raise ValueError("send exactly one of image_base64 and image_url")
         return self

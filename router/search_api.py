@@ -28,11 +28,16 @@ class SearchRequest(BaseModel):
     image_base64: str | None = Field(None, description="query by example image (base64 file bytes)")
     id: int | None = Field(None, description="query by an indexed item's id (it is left out of the hits)")
     k: int = Field(10, description="number of hits")
-    filters: dict[str, Any] | None = Field(None, description="tenant, source, tags_any, tags_all, created_after, created_before, in_review, review_item_ids, ids")
-    params: dict[str, Any] | None = Field(None, description="this request only: ef_search, nprobe, refine_k_factor, exact")
+    filters: dict[str, Any] | None = Field(
+        None,
+        description="tenant, source, tags_any, tags_all, created_after, created_before, in_review, review_item_ids, ids",
+    )
+    params: dict[str, Any] | None = Field(
+        None, description="this request only: ef_search, nprobe, refine_k_factor, exact"
+    )
 
     @model_validator(mode="after")
-    def _one_query(self) -> "SearchRequest":
+    def _one_query(self) -> SearchRequest:
         given = [name for name in ("text", "image_base64", "id") if getattr(self, name) is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one of text, image_base64 or id; got {given or 'none'}")
@@ -56,7 +61,9 @@ def _b64(value: str, field: str) -> bytes:
 async def call_search(search: Any, method: str, *args: Any, **kwargs: Any) -> Any:
     """Call a SearchService method on the SearchTier; our own errors come back unwrapped."""
     if search is None:
-        raise BackendUnavailable("visual search is not enabled in this deployment (retrieval.enabled)", field="retrieval")
+        raise BackendUnavailable(
+            "visual search is not enabled in this deployment (retrieval.enabled)", field="retrieval"
+        )
     try:
         return await search.call.remote(method, *args, **kwargs)
     except RouterError:
@@ -65,7 +72,9 @@ async def call_search(search: Any, method: str, *args: Any, **kwargs: Any) -> An
         cause = getattr(exc, "cause", None)  # Ray wraps a replica's exception; surface ours
         if isinstance(cause, RouterError):
             raise cause from None
-        raise BackendUnavailable(f"visual search failed: {type(exc).__name__}: {exc}", field="retrieval") from None
+        raise BackendUnavailable(
+            f"visual search failed: {type(exc).__name__}: {exc}", field="retrieval"
+        ) from None
 
 
 def scoped_filters(filters: dict[str, Any] | None, tenant: str | None = None) -> dict[str, Any] | None:
@@ -132,7 +141,12 @@ async def search(request: Request) -> dict[str, Any]:
     image = _b64(body.image_base64, "image_base64") if body.image_base64 is not None else None
     return await search_by(
         getattr(request.app.state, "search", None),
-        text=body.text, image=image, item_id=body.id, k=body.k, filters=body.filters, params=body.params,
+        text=body.text,
+        image=image,
+        item_id=body.id,
+        k=body.k,
+        filters=body.filters,
+        params=body.params,
     )
 
 
@@ -154,7 +168,10 @@ async def index_item(request: Request) -> dict[str, Any]:
         except json.JSONDecodeError:
             raise InputError("metadata must be a JSON object", field="metadata") from None
     else:
-        raise InputError(f"content type {content_type or 'none'!r}: send multipart/form-data or application/json", field="content-type")
+        raise InputError(
+            f"content type {content_type or 'none'!r}: send multipart/form-data or application/json",
+            field="content-type",
+        )
     scope = tenant_scope()
     if scope is not None:  # entries belong to the caller's tenant
         metadata = {**(metadata or {}), "tenant": scope}

@@ -22,8 +22,9 @@ import json
 import logging
 import re
 import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -68,7 +69,9 @@ class PermissionDenied(RouterError):
 class ApiKey(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    sha256: str = Field(..., pattern=r"^[0-9a-f]{64}$", description="hex SHA-256 of the key; never the key itself")
+    sha256: str = Field(
+        ..., pattern=r"^[0-9a-f]{64}$", description="hex SHA-256 of the key; never the key itself"
+    )
     tenant: str = Field(..., pattern=TENANT_PATTERN)
     role: Role = "client"
     name: str = Field("", max_length=128, description="who holds it (for audit logs)")
@@ -79,11 +82,12 @@ class SecurityConfig(BaseModel):
 
     api_keys: list[ApiKey] = Field(default_factory=list)
     allow_insecure_bind: bool = Field(
-        False, description="serve on a non-loopback address (or gRPC, which listens on all interfaces) without keys"
+        False,
+        description="serve on a non-loopback address (or gRPC, which listens on all interfaces) without keys",
     )
 
     @model_validator(mode="after")
-    def _unique_keys(self) -> "SecurityConfig":
+    def _unique_keys(self) -> SecurityConfig:
         digests = [k.sha256 for k in self.api_keys]
         if len(digests) != len(set(digests)):
             raise ValueError("security.api_keys lists the same key twice")
@@ -116,7 +120,9 @@ class Principal:
 
 # The caller of the current request; None while auth is off. Set by the HTTP middleware or
 # the gRPC endpoint wrapper; handlers read it through resolve_tenant / tenant_scope.
-_principal: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("visionroute_principal", default=None)
+_principal: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
+    "visionroute_principal", default=None
+)
 
 
 class Authenticator:
@@ -161,7 +167,9 @@ def key_from_headers(headers: Iterable[tuple[str, str]]) -> str | None:
 def required_role(path: str) -> Role | None:
     if path in PUBLIC_PATHS:
         return None
-    return next((role for prefix, role in ROUTE_ROLES if path == prefix or path.startswith(prefix + "/")), "admin")
+    return next(
+        (role for prefix, role in ROUTE_ROLES if path == prefix or path.startswith(prefix + "/")), "admin"
+    )
 
 
 def set_principal(principal: Principal | None) -> contextvars.Token:
@@ -185,7 +193,8 @@ def resolve_tenant(requested: str | None) -> str:
         return requested or principal.tenant
     if requested and requested != principal.tenant:
         raise PermissionDenied(
-            f"this key belongs to tenant {principal.tenant!r}; it cannot act for tenant {requested!r}", field="tenant"
+            f"this key belongs to tenant {principal.tenant!r}; it cannot act for tenant {requested!r}",
+            field="tenant",
         )
     return principal.tenant
 
@@ -212,14 +221,21 @@ class ApiKeyMiddleware:
             return
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope.get("headers", [])]
         try:
-            principal = self.authenticator.authenticate(key_from_headers(headers), required_role(scope["path"]))
+            principal = self.authenticator.authenticate(
+                key_from_headers(headers), required_role(scope["path"])
+            )
         except RouterError as error:
             status = 401 if isinstance(error, Unauthenticated) else 403
             request_id = next((v for k, v in headers if k.lower() == "x-request-id"), None)
             body = json.dumps({**error.to_dict(), "request_id": request_id}).encode()
             extra = [(b"www-authenticate", b"ApiKey")] if status == 401 else []
-            await send({"type": "http.response.start", "status": status,
-                        "headers": [(b"content-type", b"application/json"), *extra]})  # fmt: skip
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": status,
+                    "headers": [(b"content-type", b"application/json"), *extra],
+                }
+            )
             await send({"type": "http.response.body", "body": body})
             return
         token = _principal.set(principal)

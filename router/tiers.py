@@ -24,7 +24,9 @@ from visionroute.records import Analysis
 class BatchedOnnxTier:
     """One ONNX model; concurrent ``predict`` calls are gathered into batches by serve.batch."""
 
-    def __init__(self, stage_config: dict[str, Any], models_dir: str, max_batch_size: int, batch_wait_timeout_ms: float) -> None:
+    def __init__(
+        self, stage_config: dict[str, Any], models_dir: str, max_batch_size: int, batch_wait_timeout_ms: float
+    ) -> None:
         self.stage = OnnxStage(OnnxStageConfig(**stage_config), models_dir=Path(models_dir))
         self.cost_units = self.stage.config.cost_units
         self.predict.set_max_batch_size(max_batch_size)

@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
-from typing import Awaitable, Callable, Literal
+from collections.abc import Awaitable, Callable
+from typing import Literal
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
@@ -38,7 +39,9 @@ def is_public_address(address: str) -> bool:
     ip = ipaddress.ip_address(address.split("%")[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
-    return ip.is_global and not (ip.is_multicast or ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved)
+    return ip.is_global and not (
+        ip.is_multicast or ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved
+    )
 
 
 async def system_resolver(host: str, port: int) -> list[str]:
@@ -48,14 +51,18 @@ async def system_resolver(host: str, port: int) -> list[str]:
 
 async def vetted_address(url: httpx.URL, config: UrlFetchConfig, resolve: Resolver) -> str:
     if url.scheme not in config.schemes:
-        raise InputError(f"image_url scheme {url.scheme!r} is not allowed; allowed: {config.schemes}", field="image_url")
+        raise InputError(
+            f"image_url scheme {url.scheme!r} is not allowed; allowed: {config.schemes}", field="image_url"
+        )
     if url.userinfo:
         raise InputError("image_url must not carry credentials", field="image_url")
     host = url.host
     if not host:
         raise InputError("image_url has no host", field="image_url")
     if config.allowed_hosts and host not in config.allowed_hosts:
-        raise InputError(f"image_url host {host!r} is not in limits.url_fetch.allowed_hosts", field="image_url")
+        raise InputError(
+            f"image_url host {host!r} is not in limits.url_fetch.allowed_hosts", field="image_url"
+        )
     try:
         addresses = [str(ipaddress.ip_address(host))]  # a literal address is never looked up
     except ValueError:
@@ -88,7 +95,9 @@ async def fetch_image_url(
         current = httpx.URL(url)
     except (httpx.InvalidURL, TypeError) as exc:
         raise InputError(f"image_url is not a valid URL: {exc}", field="image_url") from None
-    async with httpx.AsyncClient(transport=transport, trust_env=False, follow_redirects=False, timeout=config.timeout_s) as client:
+    async with httpx.AsyncClient(
+        transport=transport, trust_env=False, follow_redirects=False, timeout=config.timeout_s
+    ) as client:
         for _ in range(config.max_redirects + 1):
             address = await vetted_address(current, config, resolve)
             pinned = current.copy_with(host=address)
@@ -103,9 +112,14 @@ async def fetch_image_url(
                     if response.status_code != 200:
                         raise InputError(f"image_url answered HTTP {response.status_code}", field="image_url")
                     return await read_limited(
-                        response.aiter_bytes(), declared=response.headers.get("content-length"),
-                        max_bytes=max_bytes, field="image_url", what="image_url body",
-                    )  # fmt: skip
+                        response.aiter_bytes(),
+                        declared=response.headers.get("content-length"),
+                        max_bytes=max_bytes,
+                        field="image_url",
+                        what="image_url body",
+                    )
             except httpx.HTTPError as exc:
-                raise InputError(f"could not fetch image_url: {type(exc).__name__}: {exc}", field="image_url") from None
+                raise InputError(
+                    f"could not fetch image_url: {type(exc).__name__}: {exc}", field="image_url"
+                ) from None
     raise InputError(f"image_url redirected more than {config.max_redirects} times", field="image_url")

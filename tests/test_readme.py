@@ -19,7 +19,9 @@ def code_block_after(heading: str) -> str:
 
 
 def test_setup_is_two_commands_and_ci_runs_the_test_one():
-    commands = [line.split("#")[0].strip() for line in code_block_after("## Set-up").splitlines() if line.strip()]
+    commands = [
+        line.split("#")[0].strip() for line in code_block_after("## Set-up").splitlines() if line.strip()
+    ]
     assert commands == ["./scripts/serve.sh", "./scripts/test.sh"]
     ci = (REPO / ".ci" / "run").read_text()
     assert "./scripts/test.sh" in ci
@@ -47,5 +49,10 @@ def readme_commands() -> list[list[str]]:
 
 @pytest.mark.parametrize("command", readme_commands(), ids=" ".join)
 def test_every_command_in_the_readme_exists(command):
-    result = subprocess.run([sys.executable, "-m", "visionroute.cli", *command, "--help"], capture_output=True, text=True, cwd=REPO)
+    result = subprocess.run(
+        [sys.executable, "-m", "visionroute.cli", *command, "--help"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert result.returncode == 0, result.stderr

@@ -14,8 +14,9 @@ import dataclasses
 import enum
 import time
 import uuid
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -50,9 +51,7 @@ class Detections:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "xyxy", _as_array("xyxy", self.xyxy, np.float32, (4,)))
-        object.__setattr__(
-            self, "confidence", _as_array("confidence", self.confidence, np.float32, ())
-        )
+        object.__setattr__(self, "confidence", _as_array("confidence", self.confidence, np.float32, ()))
         object.__setattr__(self, "class_id", _as_array("class_id", self.class_id, np.int64, ()))
         n = len(self.xyxy)
         if len(self.confidence) != n or len(self.class_id) != n:
@@ -62,7 +61,7 @@ class Detections:
             )
 
     @classmethod
-    def empty(cls, class_names: Sequence[str] = ()) -> "Detections":
+    def empty(cls, class_names: Sequence[str] = ()) -> Detections:
         return cls(np.zeros((0, 4)), np.zeros(0), np.zeros(0), tuple(class_names))
 
     @classmethod
@@ -75,7 +74,7 @@ class Detections:
         height: int,
         top_k: int = 5,
         is_calibrated: bool = False,
-    ) -> "Detections":
+    ) -> Detections:
         """The top-k classes of one image, each as a whole-image row, best first."""
         order = np.argsort(-probabilities, kind="stable")[:top_k]
         boxes = np.tile(np.array([0, 0, width, height], np.float32), (len(order), 1))
@@ -84,7 +83,7 @@ class Detections:
     def __len__(self) -> int:
         return len(self.xyxy)
 
-    def __getitem__(self, index: Any) -> "Detections":
+    def __getitem__(self, index: Any) -> Detections:
         if isinstance(index, (int, np.integer)):
             index = [int(index)]
         return dataclasses.replace(
@@ -94,14 +93,13 @@ class Detections:
             class_id=self.class_id[index],
         )
 
-    def with_confidence(self, confidence: np.ndarray, *, is_calibrated: bool) -> "Detections":
+    def with_confidence(self, confidence: np.ndarray, *, is_calibrated: bool) -> Detections:
         return dataclasses.replace(self, confidence=confidence, is_calibrated=is_calibrated)
 
     @property
     def labels(self) -> list[str | None]:
         return [
-            self.class_names[i] if 0 <= i < len(self.class_names) else None
-            for i in self.class_id.tolist()
+            self.class_names[i] if 0 <= i < len(self.class_names) else None for i in self.class_id.tolist()
         ]
 
     def to_dicts(self) -> list[dict[str, Any]]:
@@ -144,7 +142,7 @@ class Step:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Step":
+    def from_dict(cls, data: dict[str, Any]) -> Step:
         data = dict(data)
         if data.get("decision") is not None:
             data["decision"] = Decision(data["decision"])
@@ -193,7 +191,7 @@ class Trace:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Trace":
+    def from_dict(cls, data: dict[str, Any]) -> Trace:
         return cls(data.get("request_id"), [Step.from_dict(s) for s in data.get("steps", [])])
 
 

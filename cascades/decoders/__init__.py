@@ -7,7 +7,8 @@ pixels). Config and model sidecars refer to decoders by the registry's names.
 
 from __future__ import annotations
 
-from typing import Any, Protocol, Sequence
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -40,7 +41,9 @@ def build_decoder(name: str, *, labels: Sequence[str], options: dict[str, Any]) 
         raise ConfigError(f"bad options for decoder {name!r}: {exc}", field="decoder_options") from None
 
 
-def normalise_chw(image_rgb: np.ndarray, mean: Sequence[float], std: Sequence[float], channels: str = "RGB") -> np.ndarray:
+def normalise_chw(
+    image_rgb: np.ndarray, mean: Sequence[float], std: Sequence[float], channels: str = "RGB"
+) -> np.ndarray:
     """uint8 HWC -> float32 1CHW, scaled to [0, 1] then standardised per channel."""
     if channels == "BGR":
         image_rgb = image_rgb[..., ::-1]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -36,7 +37,9 @@ class ClassifierDecoder:
         if resize not in ("stretch", "center_crop"):
             raise ConfigError(f"resize must be 'stretch' or 'center_crop', got {resize!r}", field="resize")
         if outputs not in ("logits", "probabilities"):
-            raise ConfigError(f"outputs must be 'logits' or 'probabilities', got {outputs!r}", field="outputs")
+            raise ConfigError(
+                f"outputs must be 'logits' or 'probabilities', got {outputs!r}", field="outputs"
+            )
         self.labels = labels
         self.size_hw = (int(size_hw[0]), int(size_hw[1]))
         self.resize, self.mean, self.std, self.outputs = resize, mean, std, outputs

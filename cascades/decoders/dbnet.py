@@ -6,7 +6,8 @@ region by its mean probability, expand ("unclip") the shrunk polygon with pyclip
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -56,7 +57,9 @@ class DBNetDecoder:
         if length <= 0:
             return None
         offset = pyclipper.PyclipperOffset()
-        offset.AddPath(polygon.round().astype(np.int64).tolist(), pyclipper.JT_ROUND, pyclipper.ET_CLOSEDPOLYGON)
+        offset.AddPath(
+            polygon.round().astype(np.int64).tolist(), pyclipper.JT_ROUND, pyclipper.ET_CLOSEDPOLYGON
+        )
         expanded = offset.Execute(area * self.unclip_ratio / length)
         return np.asarray(expanded[0], np.float32) if expanded else None
 

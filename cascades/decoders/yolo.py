@@ -6,7 +6,8 @@ Letterbox in (aspect kept, grey padding), confidence filter, class-aware NMS (Op
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -16,7 +17,9 @@ from visionroute.errors import ConfigError
 from visionroute.records import Detections
 
 
-def letterbox(image_rgb: np.ndarray, size_hw: tuple[int, int], pad_value: int = 114) -> tuple[np.ndarray, float, tuple[float, float]]:
+def letterbox(
+    image_rgb: np.ndarray, size_hw: tuple[int, int], pad_value: int = 114
+) -> tuple[np.ndarray, float, tuple[float, float]]:
     """Resize keeping aspect ratio and pad to ``size_hw``; returns image, scale, (pad_x, pad_y)."""
     height, width = image_rgb.shape[:2]
     out_h, out_w = size_hw
@@ -60,9 +63,13 @@ class YoloDecoder:
             raw = raw[0]
         num_classes = raw.shape[0] - 4
         if num_classes < 1:
-            raise ConfigError(f"YOLO output must be [batch, 4 + classes, anchors], got {outputs[0].shape}", field="decoder")
+            raise ConfigError(
+                f"YOLO output must be [batch, 4 + classes, anchors], got {outputs[0].shape}", field="decoder"
+            )
         if self.labels and num_classes != len(self.labels):
-            raise ConfigError(f"YOLO output has {num_classes} classes, {len(self.labels)} labels configured", field="labels")
+            raise ConfigError(
+                f"YOLO output has {num_classes} classes, {len(self.labels)} labels configured", field="labels"
+            )
         predictions = raw.T  # (anchors, 4 + classes)
         class_scores = predictions[:, 4:]
         class_id = class_scores.argmax(axis=1)
@@ -71,9 +78,15 @@ class YoloDecoder:
         if not keep.any():
             return Detections.empty(self.labels)
         cxcywh, confidence, class_id = predictions[keep, :4], confidence[keep], class_id[keep]
-        xywh = np.column_stack([cxcywh[:, 0] - cxcywh[:, 2] / 2, cxcywh[:, 1] - cxcywh[:, 3] / 2, cxcywh[:, 2], cxcywh[:, 3]])
+        xywh = np.column_stack(
+            [cxcywh[:, 0] - cxcywh[:, 2] / 2, cxcywh[:, 1] - cxcywh[:, 3] / 2, cxcywh[:, 2], cxcywh[:, 3]]
+        )
         kept = cv2.dnn.NMSBoxesBatched(
-            xywh.tolist(), confidence.tolist(), class_id.tolist(), self.confidence_threshold, self.iou_threshold
+            xywh.tolist(),
+            confidence.tolist(),
+            class_id.tolist(),
+            self.confidence_threshold,
+            self.iou_threshold,
         )
         kept = np.asarray(kept, dtype=np.int64).reshape(-1)
         kept = kept[np.argsort(-confidence[kept], kind="stable")][: self.max_detections]

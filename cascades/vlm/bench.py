@@ -88,7 +88,9 @@ def _rps(stage: VlmStage, analyses: list[Analysis], concurrency: int) -> float:
     return len(results) / elapsed
 
 
-def run_vlm_bench(endpoint: str, model: str, *, requests: int = 32, concurrency: int = 8, pairs: int = 30) -> VlmBenchResult:
+def run_vlm_bench(
+    endpoint: str, model: str, *, requests: int = 32, concurrency: int = 8, pairs: int = 30
+) -> VlmBenchResult:
     config = VlmConfig(endpoint=endpoint, model=model, labels=LABELS, max_concurrency=concurrency)
     stage = VlmStage(config)
     bare = openai.OpenAI(base_url=endpoint, api_key="EMPTY", max_retries=0)
@@ -101,7 +103,10 @@ def run_vlm_bench(endpoint: str, model: str, *, requests: int = 32, concurrency:
         stage_ms, bare_ms, build_ms = [], [], []
         analysis = _analysis(0)
         request, _ = stage.build_request(analysis)
-        fresh = [Analysis(analysis.image_rgb, analysis.image_sha256, analysis.task, detections=analysis.detections) for _ in range(pairs)]
+        fresh = [
+            Analysis(analysis.image_rgb, analysis.image_sha256, analysis.task, detections=analysis.detections)
+            for _ in range(pairs)
+        ]
         for each in fresh:
             started = time.perf_counter()
             stage.run(each)

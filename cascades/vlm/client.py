@@ -81,13 +81,19 @@ def _classify_error(exc: BaseException) -> VlmBackendError:
         return VlmBackendError(f"VLM request timed out: {exc}", kind="timeout")
     if isinstance(exc, openai.APIConnectionError):
         cause = exc.__cause__ or exc
-        return VlmBackendError(f"cannot reach the VLM server: {type(cause).__name__}: {cause}", kind="connection")
+        return VlmBackendError(
+            f"cannot reach the VLM server: {type(cause).__name__}: {cause}", kind="connection"
+        )
     if isinstance(exc, openai.APIStatusError):
         status = exc.status_code
         kind = "rate_limited" if status == 429 else "server_error" if status >= 500 else "bad_request"
-        return VlmBackendError(f"VLM server answered HTTP {status}: {exc.message}", kind=kind, status_code=status)
+        return VlmBackendError(
+            f"VLM server answered HTTP {status}: {exc.message}", kind=kind, status_code=status
+        )
     # A 200 whose body is not JSON, or not a chat completion.
-    return VlmBackendError(f"malformed response from the VLM server: {type(exc).__name__}: {exc}", kind="malformed_response")
+    return VlmBackendError(
+        f"malformed response from the VLM server: {type(exc).__name__}: {exc}", kind="malformed_response"
+    )
 
 
 def completion_from_response(response: Any, *, attempts: int, latency_ms: float) -> VlmCompletion:
@@ -138,7 +144,9 @@ class OpenAiVlmClient:
         self.breaker = circuitbreaker.CircuitBreaker(
             failure_threshold=config.breaker_failure_threshold,
             recovery_timeout=config.breaker_recovery_s,
-            expected_exception=lambda _type, exc: isinstance(exc, VlmBackendError) and exc.kind in BACKEND_FAULT_KINDS,
+            expected_exception=lambda _type, exc: (
+                isinstance(exc, VlmBackendError) and exc.kind in BACKEND_FAULT_KINDS
+            ),
             name=f"vlm:{config.endpoint}:{config.model}:{id(self)}",
         )
         self._guarded_complete = self.breaker.decorate(self._complete_with_retries)
@@ -162,9 +170,14 @@ class OpenAiVlmClient:
         started = time.monotonic()
         deadline = started + config.total_timeout_s
         retrying = tenacity.Retrying(
-            retry=tenacity.retry_if_exception(lambda exc: isinstance(exc, VlmBackendError) and exc.is_retryable),
-            stop=tenacity.stop_after_attempt(config.max_attempts) | tenacity.stop_after_delay(config.total_timeout_s),
-            wait=tenacity.wait_random_exponential(multiplier=config.backoff_initial_s, max=config.backoff_max_s),
+            retry=tenacity.retry_if_exception(
+                lambda exc: isinstance(exc, VlmBackendError) and exc.is_retryable
+            ),
+            stop=tenacity.stop_after_attempt(config.max_attempts)
+            | tenacity.stop_after_delay(config.total_timeout_s),
+            wait=tenacity.wait_random_exponential(
+                multiplier=config.backoff_initial_s, max=config.backoff_max_s
+            ),
             before_sleep=lambda state: log.warning(
                 "VLM attempt %d failed (%s); backing off", state.attempt_number, state.outcome.exception()
             ),
@@ -193,7 +206,9 @@ class OpenAiVlmClient:
     def _attempt(self, request: VlmRequest, deadline: float) -> Any:
         remaining_s = deadline - time.monotonic()
         if remaining_s <= 0:
-            raise VlmBackendError(f"no time left of total_timeout_s={self.config.total_timeout_s}", kind="timeout")
+            raise VlmBackendError(
+                f"no time left of total_timeout_s={self.config.total_timeout_s}", kind="timeout"
+            )
         if not self._slots.acquire(timeout=min(self.config.queue_timeout_s, remaining_s)):
             raise VlmBackendError(
                 f"all {self.config.max_concurrency} VLM request slots stayed busy for "
@@ -203,7 +218,9 @@ class OpenAiVlmClient:
         remaining_s = deadline - time.monotonic()  # waiting for the slot used some of it
         try:
             if remaining_s <= 0:
-                raise VlmBackendError(f"no time left of total_timeout_s={self.config.total_timeout_s}", kind="timeout")
+                raise VlmBackendError(
+                    f"no time left of total_timeout_s={self.config.total_timeout_s}", kind="timeout"
+                )
             return self._openai.chat.completions.create(
                 model=self.config.model,
                 messages=request.messages,

@@ -10,8 +10,9 @@ reading is not penalised for its length.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,8 @@ class VlmConfig(BaseModel):
     model: str = Field("tiny-llava", min_length=1, description="the served model name")
     model_version: str | None = Field(None, description="stamped on each step, e.g. a weights checksum")
     api_key_env: str | None = Field(
-        "VISIONROUTE_VLM_API_KEY", description="environment variable holding the API key (never the key itself)"
+        "VISIONROUTE_VLM_API_KEY",
+        description="environment variable holding the API key (never the key itself)",
     )
     in_process: InProcessEngineConfig | None = None
 
@@ -73,7 +74,7 @@ class VlmConfig(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _consistent(self) -> "VlmConfig":
+    def _consistent(self) -> VlmConfig:
         if self.task == "classify":
             if len(self.labels) < 2:
                 raise ValueError(f"task 'classify' needs at least 2 labels, got {list(self.labels)}")

@@ -65,7 +65,9 @@ class InProcessVllmBackend:
             with self._lock:
                 (result,) = self._llm.chat(request.messages, params, use_tqdm=False)
         except Exception as exc:  # engine errors (OOM, dead worker) are backend faults
-            raise VlmBackendError(f"in-process vLLM failed: {type(exc).__name__}: {exc}", kind="server_error") from exc
+            raise VlmBackendError(
+                f"in-process vLLM failed: {type(exc).__name__}: {exc}", kind="server_error"
+            ) from exc
         output = result.outputs[0]
         tokens = []
         for token_id, candidates in zip(output.token_ids, output.logprobs or []):

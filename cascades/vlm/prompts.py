@@ -8,9 +8,10 @@ anything. ``TASKS`` is keyed by the names ``VlmConfig.task`` accepts.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from json.decoder import scanstring
-from typing import Any, Callable
+from typing import Any
 
 from cascades.vlm.config import VlmConfig
 
@@ -79,7 +80,11 @@ def response_format(config: VlmConfig) -> dict[str, Any]:
     """The OpenAI ``response_format`` that makes vLLM decode only schema-valid JSON."""
     return {
         "type": "json_schema",
-        "json_schema": {"name": f"visionroute_{config.task}", "schema": TASKS[config.task].schema(config), "strict": True},
+        "json_schema": {
+            "name": f"visionroute_{config.task}",
+            "schema": TASKS[config.task].schema(config),
+            "strict": True,
+        },
     }
 
 

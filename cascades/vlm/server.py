@@ -18,9 +18,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import httpx
 
@@ -54,7 +54,8 @@ def ensure_vllm_venv(*, timeout_s: float = 1200.0) -> Path:
     )
     if result.returncode != 0:
         raise BackendUnavailable(
-            f"scripts/vllm_env.sh failed (exit {result.returncode}): {result.stderr[-2000:]}", field="vllm_venv"
+            f"scripts/vllm_env.sh failed (exit {result.returncode}): {result.stderr[-2000:]}",
+            field="vllm_venv",
         )
     log.info("vLLM venv ready at %s in %.1fs", venv, time.monotonic() - started)
     return venv / "bin" / "python"
@@ -139,7 +140,8 @@ class VllmServer:
                 time.sleep(0.5)
         self.stop()
         raise BackendUnavailable(
-            f"vLLM server not ready within {timeout_s}s; log {self.log_path}:\n{self.log_tail()}", field="vllm_server"
+            f"vLLM server not ready within {timeout_s}s; log {self.log_path}:\n{self.log_tail()}",
+            field="vllm_server",
         )
 
     def _signal_group(self, sig: int) -> None:
@@ -162,7 +164,7 @@ class VllmServer:
                 self.kill()
         self._signal_group(signal.SIGKILL)  # stragglers of the group, if any
 
-    def __enter__(self) -> "VllmServer":
+    def __enter__(self) -> VllmServer:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -190,20 +192,31 @@ def start_vllm_server(
     logs.mkdir(parents=True, exist_ok=True)
     log_path = logs / f"vllm-{port}.log"
     command = [
-        str(python), "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(model_dir),
-        "--served-model-name", served_model_name,
-        "--host", "127.0.0.1",
-        "--port", str(port),
-        "--max-model-len", str(max_model_len),
-        "--max-num-seqs", str(max_num_seqs),
-        "--dtype", "bfloat16",
-        "--limit-mm-per-prompt", json.dumps({"image": 1}),
+        str(python),
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model_dir),
+        "--served-model-name",
+        served_model_name,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-model-len",
+        str(max_model_len),
+        "--max-num-seqs",
+        str(max_num_seqs),
+        "--dtype",
+        "bfloat16",
+        "--limit-mm-per-prompt",
+        json.dumps({"image": 1}),
         "--enforce-eager",
         # Compact JSON: without it a weak model may pad JSON with whitespace until max_tokens.
-        "--structured-outputs-config", json.dumps({"backend": "xgrammar", "disable_any_whitespace": True}),
+        "--structured-outputs-config",
+        json.dumps({"backend": "xgrammar", "disable_any_whitespace": True}),
         *extra_args,
-    ]  # fmt: skip
+    ]
     env = {
         **os.environ,
         "VLLM_CPU_KVCACHE_SPACE": str(int(kv_cache_gib)),  # whole GiB only
@@ -216,7 +229,12 @@ def start_vllm_server(
     log_file = open(log_path, "wb")
     try:
         process = subprocess.Popen(
-            command, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=work_dir()
+            command,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            cwd=work_dir(),
         )
     finally:
         log_file.close()  # the child keeps its own descriptor

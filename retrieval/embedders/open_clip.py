@@ -11,8 +11,8 @@ import logging
 import os
 import tempfile
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -36,7 +36,9 @@ def _resolve_pretrained(pretrained: str | None) -> str | None:
     if path.is_file():
         return str(path.resolve())
     if os.sep in pretrained or path.suffix in CHECKPOINT_SUFFIXES:
-        raise ConfigError(f"checkpoint file {pretrained!r} does not exist", field="retrieval.embedder.pretrained")
+        raise ConfigError(
+            f"checkpoint file {pretrained!r} does not exist", field="retrieval.embedder.pretrained"
+        )
     return pretrained  # a tag such as "laion2b_s34b_b79k": open_clip fetches it from the hub
 
 
@@ -73,7 +75,9 @@ class OpenClipEmbedder:
         self.dim = int(self._embed_dim())
         self.image_size = self._image_size()
         # The checkpoint's file name, not its path: moving the file keeps the index usable.
-        weights = Path(pretrained).name if pretrained and Path(pretrained).is_file() else (pretrained or "random")
+        weights = (
+            Path(pretrained).name if pretrained and Path(pretrained).is_file() else (pretrained or "random")
+        )
         self.space = f"open_clip:{self.config.model_name}:{weights}"
         self.onnx_image = OnnxModel(self.config.image_onnx_path) if self.config.image_onnx_path else None
 
@@ -87,7 +91,9 @@ class OpenClipEmbedder:
         return (size, size) if isinstance(size, int) else tuple(size)
 
     def preprocess(self, images_rgb: Sequence[np.ndarray]):
-        return self.torch.stack([self.preprocess_one(Image.fromarray(check_rgb(im, i))) for i, im in enumerate(images_rgb)])
+        return self.torch.stack(
+            [self.preprocess_one(Image.fromarray(check_rgb(im, i))) for i, im in enumerate(images_rgb)]
+        )
 
     def embed_images(self, images_rgb: Sequence[np.ndarray]) -> np.ndarray:
         if len(images_rgb) == 0:

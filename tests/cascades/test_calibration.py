@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -101,7 +102,9 @@ def test_detector_maps_learn_the_true_positive_rate_per_class(method):
 
 def test_artefact_round_trips_with_a_stable_id_and_certificate(tmp_path):
     probabilities, labels = overconfident(300)
-    calibrator = fit_classifier("temperature", probabilities, labels, NAMES, model={"name": "m", "sha256": "ab"})
+    calibrator = fit_classifier(
+        "temperature", probabilities, labels, NAMES, model={"name": "m", "sha256": "ab"}
+    )
     assert re.fullmatch(r"temperature@[0-9a-f]{12}", calibrator.artifact_id)
     assert calibrator.certificate is None
     certified = calibrator.with_certificate({"alpha": 0.05, "delta": 0.1, "threshold": 0.9})
@@ -111,7 +114,9 @@ def test_artefact_round_trips_with_a_stable_id_and_certificate(tmp_path):
     assert loaded.artifact_id == certified.artifact_id
     assert loaded.certificate == {"alpha": 0.05, "delta": 0.1, "threshold": 0.9}
     assert loaded.trace_details() == {"calibration": loaded.artifact_id, "certificate": loaded.certificate}
-    np.testing.assert_allclose(loaded.calibrate_probabilities(probabilities), certified.calibrate_probabilities(probabilities))
+    np.testing.assert_allclose(
+        loaded.calibrate_probabilities(probabilities), certified.calibrate_probabilities(probabilities)
+    )
     document = json.loads(path.read_text())
     assert {"method", "created_at", "data_sha256", "n_samples", "schema_version"} <= set(document)
     assert document["n_samples"] == 300 and len(document["data_sha256"]) == 64
@@ -129,8 +134,19 @@ def test_bad_artefacts_and_inputs_fail_with_field_and_reason(tmp_path):
         load_calibration(tmp_path / "nope.json")
     assert missing.value.field == "calibration_path"
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"method": "temperature", "kind": "detector", "created_at": "x", "data_sha256": "y",
-                               "n_samples": 3, "class_names": [], "temperature": 1.5}))  # fmt: skip
+    bad.write_text(
+        json.dumps(
+            {
+                "method": "temperature",
+                "kind": "detector",
+                "created_at": "x",
+                "data_sha256": "y",
+                "n_samples": 3,
+                "class_names": [],
+                "temperature": 1.5,
+            }
+        )
+    )
     with pytest.raises(ConfigError, match="temperature scaling needs a classifier"):
         load_calibration(bad)
     with pytest.raises(ConfigError, match="expected one of"):
@@ -145,5 +161,5 @@ def test_calibrator_is_immutable():
     probabilities, labels = overconfident(100)
     calibrator = fit_classifier("temperature", probabilities, labels, NAMES)
     assert isinstance(calibrator, Calibrator)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         calibrator.artifact = None  # type: ignore[misc]

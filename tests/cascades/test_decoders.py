@@ -16,9 +16,13 @@ from visionroute.errors import ConfigError
 def constant_model(path: Path, output: np.ndarray, input_hw=(64, 64)) -> Path:
     """An ONNX graph that ignores its image and returns ``output`` (shape [1, 4+C, A])."""
     graph = helper.make_graph(
-        [helper.make_node("Constant", [], ["raw"], value=numpy_helper.from_array(output.astype(np.float32))),
-         helper.make_node("Shape", ["images"], ["shape"]),
-         helper.make_node("Identity", ["raw"], ["output0"])],
+        [
+            helper.make_node(
+                "Constant", [], ["raw"], value=numpy_helper.from_array(output.astype(np.float32))
+            ),
+            helper.make_node("Shape", ["images"], ["shape"]),
+            helper.make_node("Identity", ["raw"], ["output0"]),
+        ],
         "constant_yolo",
         [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, *input_hw])],
         [helper.make_tensor_value_info("output0", TensorProto.FLOAT, list(output.shape))],
@@ -42,8 +46,11 @@ def test_yolo_layout_nms_and_boxes_mapped_back_to_original_pixels(tmp_path):
         np.float32,
     )
     model = constant_model(tmp_path / "yolo.onnx", anchors.T[None])
-    stage = OnnxStage(OnnxStageConfig(model=str(model), decoder="yolov8", labels=["cat", "dog"],
-                                      decoder_options={"size_hw": [64, 64]}))
+    stage = OnnxStage(
+        OnnxStageConfig(
+            model=str(model), decoder="yolov8", labels=["cat", "dog"], decoder_options={"size_hw": [64, 64]}
+        )
+    )
     image = np.zeros((32, 128, 3), np.uint8)  # scale 0.5, 16 px of padding above and below
     (detections,), _ = stage.predict([image])
     assert detections.labels == ["cat", "dog"]
@@ -61,13 +68,19 @@ def test_letterbox_keeps_aspect_and_pads():
 
 def test_wrong_class_count_is_a_config_error(tmp_path):
     model = constant_model(tmp_path / "yolo.onnx", np.zeros((1, 7, 5)))
-    stage = OnnxStage(OnnxStageConfig(model=str(model), decoder="yolov8", labels=["a", "b"], decoder_options={"size_hw": [64, 64]}))
+    stage = OnnxStage(
+        OnnxStageConfig(
+            model=str(model), decoder="yolov8", labels=["a", "b"], decoder_options={"size_hw": [64, 64]}
+        )
+    )
     with pytest.raises(ConfigError, match="3 classes, 2 labels"):
         stage.predict([np.zeros((64, 64, 3), np.uint8)])
 
 
 def test_unknown_decoder_names_the_options():
-    with pytest.raises(ConfigError, match=r"unknown decoder 'ssd'; expected one of \['classifier', 'dbnet', 'yolov8'\]"):
+    with pytest.raises(
+        ConfigError, match=r"unknown decoder 'ssd'; expected one of \['classifier', 'dbnet', 'yolov8'\]"
+    ):
         build_decoder("ssd", labels=[], options={})
 
 

@@ -64,7 +64,9 @@ def test_reasons_name_the_cause():
 
 
 def _cheap(probabilities, names=("cat", "dog", "cup")) -> Detections:
-    return Detections.from_class_probabilities(np.array(probabilities), names, width=4, height=4, top_k=len(names))
+    return Detections.from_class_probabilities(
+        np.array(probabilities), names, width=4, height=4, top_k=len(names)
+    )
 
 
 def test_classify_disagreement():

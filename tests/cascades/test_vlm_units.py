@@ -114,7 +114,9 @@ def test_parse_answer_rejects_invalid_output(content, message):
 
 def test_joint_confidence_uses_only_the_answer_tokens():
     content = '{"label":"cat"}'
-    tokens = tokens_for(content, ['{"', "label", '":', '"', "c", "at", '"}'], [-5, -5, -5, 0.0, -1.0, -0.5, -5])
+    tokens = tokens_for(
+        content, ['{"', "label", '":', '"', "c", "at", '"}'], [-5, -5, -5, 0.0, -1.0, -0.5, -5]
+    )
     _, span = parse_answer(classify_config(), content)
     assert span_confidence(content, tokens, span, "joint") == pytest.approx(math.exp(-1.5))
 
@@ -160,7 +162,14 @@ def _status_error(status: int) -> openai.APIStatusError:
 
 
 @pytest.mark.parametrize(
-    "status, kind, retryable", [(500, "server_error", True), (503, "server_error", True), (429, "rate_limited", True), (400, "bad_request", False), (404, "bad_request", False)]
+    "status, kind, retryable",
+    [
+        (500, "server_error", True),
+        (503, "server_error", True),
+        (429, "rate_limited", True),
+        (400, "bad_request", False),
+        (404, "bad_request", False),
+    ],
 )
 def test_status_codes_map_to_kinds_and_only_transient_ones_retry(status, kind, retryable):
     error = _classify_error(_status_error(status))
@@ -191,25 +200,35 @@ class ScriptedBackend:
 
 
 def completion(content: str, pieces: list[str], logprobs: list[float], finish_reason="stop") -> VlmCompletion:
-    return VlmCompletion(content, finish_reason, tokens_for(content, pieces, logprobs), 100, len(pieces), "m", 1, 5.0)
+    return VlmCompletion(
+        content, finish_reason, tokens_for(content, pieces, logprobs), 100, len(pieces), "m", 1, 5.0
+    )
 
 
 def analysis_with(probabilities=(0.45, 0.35, 0.2)) -> Analysis:
     image = np.zeros((32, 48, 3), np.uint8)
-    detections = Detections.from_class_probabilities(np.array(probabilities), LABELS, width=48, height=32, top_k=3)
+    detections = Detections.from_class_probabilities(
+        np.array(probabilities), LABELS, width=48, height=32, top_k=3
+    )
     return Analysis(image, "0" * 64, "classify", detections=detections)
 
 
 def test_confident_consistent_answer_accepts_and_replaces_the_answer():
     backend = ScriptedBackend(completion('{"label":"dog"}', ['{"label":"', "dog", '"}'], [0.0, -0.1, 0.0]))
-    stage = VlmStage(classify_config(cost_per_1k_prompt_tokens=2.0, cost_per_1k_completion_tokens=4.0), backend)
+    stage = VlmStage(
+        classify_config(cost_per_1k_prompt_tokens=2.0, cost_per_1k_completion_tokens=4.0), backend
+    )
     result = stage.run(analysis_with())
     step = result.trace.steps[-1]
     assert step.stage == "vlm" and step.decision is Decision.ACCEPT, step.reason
     assert step.score == pytest.approx(math.exp(-0.1))
     assert step.cost_units == pytest.approx(100 * 2.0 / 1000 + 3 * 4.0 / 1000)
-    assert step.details["prompt_tokens"] == 100 and step.details["disagreement"] == pytest.approx(0.10, abs=1e-6)
-    assert result.detections.labels == ["dog"] and result.detections.confidence[0] == pytest.approx(math.exp(-0.1))
+    assert step.details["prompt_tokens"] == 100 and step.details["disagreement"] == pytest.approx(
+        0.10, abs=1e-6
+    )
+    assert result.detections.labels == ["dog"] and result.detections.confidence[0] == pytest.approx(
+        math.exp(-0.1)
+    )
     # the request carried the image as a data URL and the schema as response_format
     (request,) = backend.requests
     parts = request.messages[0]["content"]
@@ -219,7 +238,9 @@ def test_confident_consistent_answer_accepts_and_replaces_the_answer():
 
 
 def test_disagreeing_with_a_sure_cheap_tier_goes_to_review():
-    backend = ScriptedBackend(completion('{"label":"coffee cup"}', ['{"label":"', "coffee cup", '"}'], [0, -0.01, 0]))
+    backend = ScriptedBackend(
+        completion('{"label":"coffee cup"}', ['{"label":"', "coffee cup", '"}'], [0, -0.01, 0])
+    )
     result = VlmStage(classify_config(disagreement_margin=0.3), backend).run(analysis_with((0.69, 0.3, 0.01)))
     step = result.trace.steps[-1]
     assert step.decision is Decision.REVIEW and "disagrees" in step.reason
@@ -233,12 +254,20 @@ def test_unsure_answer_goes_to_review():
 
 
 def test_output_cut_at_max_tokens_is_invalid_and_says_so():
-    backend = ScriptedBackend(completion('{"label":"ca', ['{"label":"', "ca"], [0, 0], finish_reason="length"))
+    backend = ScriptedBackend(
+        completion('{"label":"ca', ['{"label":"', "ca"], [0, 0], finish_reason="length")
+    )
     step = VlmStage(classify_config(), backend).run(analysis_with()).trace.steps[-1]
-    assert step.decision is Decision.REVIEW and "max_tokens" in step.reason and step.error.startswith("invalid_output")
+    assert (
+        step.decision is Decision.REVIEW
+        and "max_tokens" in step.reason
+        and step.error.startswith("invalid_output")
+    )
 
 
-@pytest.mark.parametrize("kind", ["timeout", "connection", "server_error", "malformed_response", "circuit_open"])
+@pytest.mark.parametrize(
+    "kind", ["timeout", "connection", "server_error", "malformed_response", "circuit_open"]
+)
 def test_backend_faults_become_review_steps_with_the_reason(kind):
     backend = ScriptedBackend(VlmBackendError(f"{kind} happened", kind=kind, attempts=3))
     result = VlmStage(classify_config(), backend).run(analysis_with())
@@ -249,15 +278,21 @@ def test_backend_faults_become_review_steps_with_the_reason(kind):
 
 
 def test_an_unexpected_exception_still_ends_in_review():
-    step = VlmStage(classify_config(), ScriptedBackend(RuntimeError("bug"))).run(analysis_with()).trace.steps[-1]
+    step = (
+        VlmStage(classify_config(), ScriptedBackend(RuntimeError("bug"))).run(analysis_with()).trace.steps[-1]
+    )
     assert step.decision is Decision.REVIEW and "RuntimeError" in step.error
 
 
 def test_verify_crops_the_most_confident_box_and_a_no_drops_it():
     image = np.zeros((100, 100, 3), np.uint8)
-    detections = Detections(np.array([[10, 10, 30, 30], [50, 50, 90, 70]]), np.array([0.4, 0.6]), np.array([0, 1]), ("cat", "dog"))
+    detections = Detections(
+        np.array([[10, 10, 30, 30], [50, 50, 90, 70]]), np.array([0.4, 0.6]), np.array([0, 1]), ("cat", "dog")
+    )
     backend = ScriptedBackend(completion('{"verdict":"no"}', ['{"verdict":"', "no", '"}'], [0, -0.05, 0]))
-    stage = VlmStage(VlmConfig(task="verify", image_format="png", crop_padding=0.0, disagreement_margin=0.5), backend)
+    stage = VlmStage(
+        VlmConfig(task="verify", image_format="png", crop_padding=0.0, disagreement_margin=0.5), backend
+    )
     result = stage.run(Analysis(image, "0" * 64, "detect", detections=detections))
     step = result.trace.steps[-1]
     assert step.decision is Decision.ACCEPT, step.reason
@@ -268,5 +303,9 @@ def test_verify_crops_the_most_confident_box_and_a_no_drops_it():
 
 def test_verify_without_detections_is_invalid_not_a_crash():
     backend = ScriptedBackend(AssertionError("must not be called"))
-    step = VlmStage(VlmConfig(task="verify"), backend).run(Analysis(np.zeros((8, 8, 3), np.uint8), "0", "detect")).trace.steps[-1]
+    step = (
+        VlmStage(VlmConfig(task="verify"), backend)
+        .run(Analysis(np.zeros((8, 8, 3), np.uint8), "0", "detect"))
+        .trace.steps[-1]
+    )
     assert step.decision is Decision.REVIEW and "needs a detection" in step.reason and backend.requests == []

@@ -36,7 +36,9 @@ def test_calibrate_eval_gate_and_bench_on_digits(home, capsys):
     assert "VisionRoute risk certificate" in printed and "alpha" in printed
     calibrator = load_calibration(artefact)
     certificate = calibrator.certificate
-    assert certificate["feasible"] and certificate["alpha"] == 0.05 and certificate["risk_upper_bound"] <= 0.05
+    assert (
+        certificate["feasible"] and certificate["alpha"] == 0.05 and certificate["risk_upper_bound"] <= 0.05
+    )
     assert certificate["three_tier"]["certificate"]["feasible"]
     assert artefact.with_suffix(".certificate.txt").read_text().startswith("VisionRoute risk certificate")
 
@@ -48,7 +50,9 @@ def test_calibrate_eval_gate_and_bench_on_digits(home, capsys):
     assert not check["violated"] and check["n_accepted"] > 100
     metrics = report["metrics"]
     assert metrics["cheap_calibrated"]["all"]["ece"] < metrics["cheap_raw"]["all"]["ece"]
-    assert metrics["strong"]["all"]["accuracy"] > metrics["cheap_raw"]["all"]["accuracy"] + 0.05  # clearly stronger
+    assert (
+        metrics["strong"]["all"]["accuracy"] > metrics["cheap_raw"]["all"]["accuracy"] + 0.05
+    )  # clearly stronger
     assert {"ink=light", "digit=8"} <= set(metrics["cascade"])
     need = report["frontier"]["escalation_needed"]
     assert need["cascade"] < need["random"]
@@ -60,15 +64,32 @@ def test_calibrate_eval_gate_and_bench_on_digits(home, capsys):
     assert main(["gate", str(run / "report.json"), str(run / "report.json")]) == 0
     baseline = dict(report)
     baseline["metrics"] = json.loads(json.dumps(report["metrics"]))
-    baseline["metrics"]["cascade"]["ink=light"]["accuracy"] = 1.2 * report["metrics"]["cascade"]["ink=light"]["accuracy"]
+    baseline["metrics"]["cascade"]["ink=light"]["accuracy"] = (
+        1.2 * report["metrics"]["cascade"]["ink=light"]["accuracy"]
+    )
     (home / "baseline.json").write_text(json.dumps(baseline))
     capsys.readouterr()
-    assert main(["eval", "--calibration", str(artefact), "--out", str(home / "run2"), "--baseline", str(home / "baseline.json")]) == 1
+    assert (
+        main(
+            [
+                "eval",
+                "--calibration",
+                str(artefact),
+                "--out",
+                str(home / "run2"),
+                "--baseline",
+                str(home / "baseline.json"),
+            ]
+        )
+        == 1
+    )
     assert "'ink=light'" in capsys.readouterr().err
 
     assert main(["bench", "calibration", "--splits", "10"]) == 0
     printed = capsys.readouterr().out
-    assert "1. ECE" in printed and "2. validity" in printed and "3. fraction sent to the strong tier" in printed
+    assert (
+        "1. ECE" in printed and "2. validity" in printed and "3. fraction sent to the strong tier" in printed
+    )
 
 
 def test_a_users_folder_with_a_labels_file(home, capsys):
@@ -91,9 +112,21 @@ def test_a_users_folder_with_a_labels_file(home, capsys):
             return self.tier(x.mean(dim=1, keepdim=True))
 
     model_path = home / "user_model.onnx"
-    torch.onnx.export(RgbInput().eval(), (torch.zeros(1, 3, 8, 8),), str(model_path), dynamo=False, opset_version=17,
-                      input_names=["image"], output_names=["logits"], dynamic_axes={"image": {0: "n"}, "logits": {0: "n"}})  # fmt: skip
-    sidecar = {"decoder": "classifier", "labels": list(CLASS_NAMES), "preprocess": {"size_hw": [8, 8], "mean": [0, 0, 0], "std": [1, 1, 1]}}
+    torch.onnx.export(
+        RgbInput().eval(),
+        (torch.zeros(1, 3, 8, 8),),
+        str(model_path),
+        dynamo=False,
+        opset_version=17,
+        input_names=["image"],
+        output_names=["logits"],
+        dynamic_axes={"image": {0: "n"}, "logits": {0: "n"}},
+    )
+    sidecar = {
+        "decoder": "classifier",
+        "labels": list(CLASS_NAMES),
+        "preprocess": {"size_hw": [8, 8], "mean": [0, 0, 0], "std": [1, 1, 1]},
+    }
     model_path.with_suffix(".json").write_text(json.dumps(sidecar))
 
     images = home / "user_images"
@@ -109,7 +142,21 @@ def test_a_users_folder_with_a_labels_file(home, capsys):
     common = ["--images", str(images), "--labels", str(home / "labels.csv"), "--model", str(model_path)]
     assert main(["calibrate", *common, "--alpha", "0.1", "--out", str(artefact)]) == 0
     assert load_calibration(artefact).artifact.n_samples == 100  # half of the 200 calibration items fit it
-    assert main(["eval", *common, "--calibration", str(artefact), "--slice-by", "ink", "--out", str(home / "user_run")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                *common,
+                "--calibration",
+                str(artefact),
+                "--slice-by",
+                "ink",
+                "--out",
+                str(home / "user_run"),
+            ]
+        )
+        == 0
+    )
     report = json.loads((home / "user_run" / "report.json").read_text())
     assert report["metrics"]["cheap_raw"]["all"]["accuracy"] > 0.7
     assert {"ink=heavy", "ink=light"} <= set(report["metrics"]["cheap_raw"])

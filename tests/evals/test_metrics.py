@@ -39,7 +39,12 @@ def test_top_k_and_per_class_scores():
     prf = PerClassPRF(["a", "b", "c"])
     prf.update(predictions=probabilities.argmax(1), targets=targets)
     result = prf.compute()
-    assert result["per_class"]["c"] == {"precision": 1.0, "recall": 0.5, "f1": pytest.approx(2 / 3), "support": 2}
+    assert result["per_class"]["c"] == {
+        "precision": 1.0,
+        "recall": 0.5,
+        "f1": pytest.approx(2 / 3),
+        "support": 2,
+    }
     assert result["per_class"]["a"]["precision"] == 0.0  # predicted once, wrong
     assert result["macro_recall"] == pytest.approx(0.25)  # over classes present: b 0, c 0.5
 
@@ -91,9 +96,11 @@ def test_plots_are_png_files(tmp_path):
 
 def test_suite_slices_by_metadata():
     suite = MetricSuite({"accuracy": Accuracy}, slice_keys=("source", "size"))
-    metadata = [{"source": "web", "size": bucket(100, [256], ["small", "large"])},
-                {"source": "web", "size": bucket(900, [256], ["small", "large"])},
-                {"source": "phone"}]  # fmt: skip
+    metadata = [
+        {"source": "web", "size": bucket(100, [256], ["small", "large"])},
+        {"source": "web", "size": bucket(900, [256], ["small", "large"])},
+        {"source": "phone"},
+    ]
     suite.update(metadata=metadata, predictions=[1, 0, 1], targets=[1, 1, 1])
     out = suite.compute()
     assert out["all"]["accuracy"] == pytest.approx(2 / 3)

@@ -16,9 +16,18 @@ def _trace(request_id: str, score: float, label: str, vlm_label: str | None) -> 
     trace = Trace(request_id)
     trace.append(Step(stage="onnx:classify", score=score, cost_units=1.0, details={"label": label}))
     decision = Decision.ACCEPT if score >= 0.8 else Decision.ESCALATE
-    trace.append(Step(stage="policy:thresholds", decision=decision, score=score, threshold={"accept": 0.8, "escalate": 0.3}))
+    trace.append(
+        Step(
+            stage="policy:thresholds",
+            decision=decision,
+            score=score,
+            threshold={"accept": 0.8, "escalate": 0.3},
+        )
+    )
     if vlm_label is not None:
-        trace.append(Step(stage="vlm", decision=Decision.ACCEPT, cost_units=10.0, details={"label": vlm_label}))
+        trace.append(
+            Step(stage="vlm", decision=Decision.ACCEPT, cost_units=10.0, details={"label": vlm_label})
+        )
     return trace
 
 
@@ -52,7 +61,11 @@ def test_replaying_the_production_policy_reproduces_its_outcome(traces_file):
     overall = out["slices"]["all"]
     assert overall["rates"] == {"accept": 0.4, "escalate": 0.6, "review": 0.0}
     assert overall["accepted_error"] == pytest.approx(1 / 5) and overall["unscorable"] == 0
-    assert overall["cost_units_per_item"] == pytest.approx(overall["recorded_cost_units_per_item"]) == pytest.approx(7.0)
+    assert (
+        overall["cost_units_per_item"]
+        == pytest.approx(overall["recorded_cost_units_per_item"])
+        == pytest.approx(7.0)
+    )
     assert out["slices"]["source=phone"]["accepted_error"] == 0.0
     assert out["slices"]["source=<missing>"]["n"] == 1
 
@@ -79,8 +92,16 @@ def test_bad_trace_lines_name_the_line(tmp_path):
 def _report(accuracy_by_slice: dict, violated: bool = False) -> dict:
     return {
         "metrics": {"cascade": {name: {"accuracy": acc, "n": 10} for name, acc in accuracy_by_slice.items()}},
-        "certified_risk_check": {"accept_threshold": {"violated": violated, "accepted_error": 0.09, "n_accepted": 300,
-                                                      "alpha": 0.05, "delta": 0.1, "p_value_exceeds": 0.001}},  # fmt: skip
+        "certified_risk_check": {
+            "accept_threshold": {
+                "violated": violated,
+                "accepted_error": 0.09,
+                "n_accepted": 300,
+                "alpha": 0.05,
+                "delta": 0.1,
+                "p_value_exceeds": 0.001,
+            }
+        },
     }
 
 
@@ -91,5 +112,7 @@ def test_gate_names_the_slice_that_regressed():
     assert len(failures) == 1 and "'lighting=night'" in failures[0] and "0.8000" in failures[0]
     missing = compare(_report({"all": 0.95, "lighting=day": 0.97}), baseline)
     assert any("'lighting=night'" in f and "no accuracy" in f for f in missing)
-    violated = compare(_report({"all": 0.95, "lighting=night": 0.90, "lighting=day": 0.97}, violated=True), baseline)
+    violated = compare(
+        _report({"all": 0.95, "lighting=night": 0.90, "lighting=day": 0.97}, violated=True), baseline
+    )
     assert violated and "certified risk violated" in violated[0]

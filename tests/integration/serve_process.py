@@ -8,8 +8,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import httpx
 import yaml
@@ -53,13 +54,21 @@ class ServeProcess:
         self.grpc_target = f"127.0.0.1:{self.grpc_port}"
         self.process: subprocess.Popen | None = None
 
-    def start(self, timeout_s: float = 180.0) -> "ServeProcess":
-        env = {**os.environ, "RAY_AUTH_MODE": "disabled", "VISIONROUTE_HOME": str(self.workdir / "home"),
-               "PYTHONPATH": str(REPO)}
+    def start(self, timeout_s: float = 180.0) -> ServeProcess:
+        env = {
+            **os.environ,
+            "RAY_AUTH_MODE": "disabled",
+            "VISIONROUTE_HOME": str(self.workdir / "home"),
+            "PYTHONPATH": str(REPO),
+        }
         log = open(self.workdir / "serve.log", "ab")
         serve_cli = Path(sys.executable).with_name("serve")
         self.process = subprocess.Popen(
-            [str(serve_cli), "run", str(self.config_path)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+            [str(serve_cli), "run", str(self.config_path)],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         deadline = time.monotonic() + timeout_s

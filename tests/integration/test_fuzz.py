@@ -25,12 +25,31 @@ CASES = {"http": 0, "grpc": 0}
 FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=40),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=40),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
     max_leaves=12,
 )
-fields = st.sampled_from(["image_base64", "image_url", "task", "tenant", "reviewer", "lease_token", "verdict", "label",
-                          "boxes", "note", "item_id", "lease_s", "colour"])  # fmt: skip
+fields = st.sampled_from(
+    [
+        "image_base64",
+        "image_url",
+        "task",
+        "tenant",
+        "reviewer",
+        "lease_token",
+        "verdict",
+        "label",
+        "boxes",
+        "note",
+        "item_id",
+        "lease_s",
+        "colour",
+    ]
+)
 bodies = st.dictionaries(fields, json_values, max_size=5) | json_values
 path_text = st.text(alphabet=string.ascii_letters + string.digits + "-_.%~", min_size=1, max_size=40)
 
@@ -52,12 +71,17 @@ def client(service):
 @pytest.fixture(scope="module")
 def operations(client):
     spec = client.get("/openapi.json").json()
-    return [(path, method) for path, item in spec["paths"].items() for method in item if method in ("get", "post")]
+    return [
+        (path, method) for path, item in spec["paths"].items() for method in item if method in ("get", "post")
+    ]
 
 
 def check(response: httpx.Response) -> None:
     CASES["http"] += 1
-    assert response.status_code < 500 or response.status_code == 503, (response.status_code, response.text[:500])
+    assert response.status_code < 500 or response.status_code == 503, (
+        response.status_code,
+        response.text[:500],
+    )
     if response.status_code >= 400:
         assert response.headers["content-type"].startswith("application/json")
 
@@ -69,7 +93,11 @@ def test_every_openapi_operation_with_arbitrary_json(client, operations, data):
     concrete = path
     for name in [p[1:-1] for p in path.split("/") if p.startswith("{")]:
         concrete = concrete.replace("{" + name + "}", data.draw(path_text))
-    query = data.draw(st.dictionaries(st.sampled_from(["status", "limit", "offset", "k", "q"]), st.text(max_size=12), max_size=3))
+    query = data.draw(
+        st.dictionaries(
+            st.sampled_from(["status", "limit", "offset", "k", "q"]), st.text(max_size=12), max_size=3
+        )
+    )
     if method == "post":
         check(client.post(concrete, params=query, json=data.draw(bodies)))
     else:
@@ -77,18 +105,43 @@ def test_every_openapi_operation_with_arbitrary_json(client, operations, data):
 
 
 @FUZZ
-@given(image=st.binary(max_size=4096), task=st.text(max_size=20), tenant=st.text(max_size=20),
-       content_type=st.sampled_from(["image/png", "application/octet-stream", "", "text/plain"]))  # fmt: skip
+@given(
+    image=st.binary(max_size=4096),
+    task=st.text(max_size=20),
+    tenant=st.text(max_size=20),
+    content_type=st.sampled_from(["image/png", "application/octet-stream", "", "text/plain"]),
+)
 def test_analyze_multipart_with_arbitrary_bytes_and_fields(client, image, task, tenant, content_type):
     data = {k: v for k, v in {"task": task, "tenant": tenant}.items() if v}
-    check(client.post("/v1/analyze", files={"image": ("x", image, content_type or "application/octet-stream")}, data=data))
+    check(
+        client.post(
+            "/v1/analyze",
+            files={"image": ("x", image, content_type or "application/octet-stream")},
+            data=data,
+        )
+    )
 
 
 @FUZZ
-@given(body=st.binary(max_size=2048), content_type=st.sampled_from(["application/json", "multipart/form-data",
-       "multipart/form-data; boundary=x", "image/png", "", "application/json; charset=latin-1"]))  # fmt: skip
+@given(
+    body=st.binary(max_size=2048),
+    content_type=st.sampled_from(
+        [
+            "application/json",
+            "multipart/form-data",
+            "multipart/form-data; boundary=x",
+            "image/png",
+            "",
+            "application/json; charset=latin-1",
+        ]
+    ),
+)
 def test_analyze_raw_bodies(client, body, content_type):
-    check(client.post("/v1/analyze", content=body, headers={"content-type": content_type} if content_type else {}))
+    check(
+        client.post(
+            "/v1/analyze", content=body, headers={"content-type": content_type} if content_type else {}
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -106,14 +159,29 @@ def call(method, request) -> None:
 
 
 @FUZZ
-@given(image=st.binary(max_size=4096), task=st.text(max_size=20), tenant=st.text(max_size=20), url=st.text(max_size=40))
+@given(
+    image=st.binary(max_size=4096),
+    task=st.text(max_size=20),
+    tenant=st.text(max_size=20),
+    url=st.text(max_size=40),
+)
 def test_grpc_analyze_with_arbitrary_fields(stub, image, task, tenant, url):
-    call(stub.Analyze, pb.AnalyzeRequest(image=image, task=task, tenant=tenant, image_url=url if len(url) % 3 == 0 else ""))
+    call(
+        stub.Analyze,
+        pb.AnalyzeRequest(image=image, task=task, tenant=tenant, image_url=url if len(url) % 3 == 0 else ""),
+    )
 
 
 @FUZZ
-@given(item_id=st.text(max_size=40), reviewer=st.text(max_size=20), lease_s=st.floats(allow_nan=True), label=bodies,
-       status=st.text(max_size=10), limit=st.integers(-5, 5000), offset=st.integers(-5, 10))  # fmt: skip
+@given(
+    item_id=st.text(max_size=40),
+    reviewer=st.text(max_size=20),
+    lease_s=st.floats(allow_nan=True),
+    label=bodies,
+    status=st.text(max_size=10),
+    limit=st.integers(-5, 5000),
+    offset=st.integers(-5, 10),
+)
 def test_grpc_review_with_arbitrary_fields(stub, item_id, reviewer, lease_s, label, status, limit, offset):
     call(stub.ListReviewItems, pb.ListReviewItemsRequest(status=status, limit=limit, offset=offset))
     call(stub.GetReviewItem, pb.GetReviewItemRequest(item_id=item_id))

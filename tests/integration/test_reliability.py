@@ -41,14 +41,25 @@ def jpeg(png: bytes, size: int = 224) -> bytes:
 async def one(client: httpx.AsyncClient, image: bytes, request_id: str) -> dict:
     started = time.perf_counter()
     try:
-        response = await client.post("/v1/analyze", files={"image": ("x.jpg", image, "image/jpeg")},
-                                     headers={"x-request-id": request_id})  # fmt: skip
+        response = await client.post(
+            "/v1/analyze",
+            files={"image": ("x.jpg", image, "image/jpeg")},
+            headers={"x-request-id": request_id},
+        )
         body = response.json() if response.status_code == 200 else {}
-        return {"status": response.status_code, "latency_s": time.perf_counter() - started,
-                "retry_after": response.headers.get("retry-after"), "item": body.get("review_item_id"),
-                "request_id": request_id}  # fmt: skip
+        return {
+            "status": response.status_code,
+            "latency_s": time.perf_counter() - started,
+            "retry_after": response.headers.get("retry-after"),
+            "item": body.get("review_item_id"),
+            "request_id": request_id,
+        }
     except httpx.HTTPError as exc:
-        return {"status": type(exc).__name__, "latency_s": time.perf_counter() - started, "request_id": request_id}
+        return {
+            "status": type(exc).__name__,
+            "latency_s": time.perf_counter() - started,
+            "request_id": request_id,
+        }
 
 
 async def open_loop(url: str, image: bytes, rate_per_s: float, duration_s: float, during=None) -> list[dict]:
@@ -73,7 +84,9 @@ def summary(results: list[dict], rate: float) -> dict:
         "requests": len(results),
         "ok": len(ok),
         "shed": sum(r["status"] in RETRYABLE for r in results),
-        "other": sorted({str(r["status"]) for r in results if r["status"] != 200 and r["status"] not in RETRYABLE}),
+        "other": sorted(
+            {str(r["status"]) for r in results if r["status"] != 200 and r["status"] not in RETRYABLE}
+        ),
         "p50_ms": round(1000 * float(np.percentile(ok, 50)), 1) if ok else None,
         "p99_ms": round(1000 * float(np.percentile(ok, 99)), 1) if ok else None,
         "p99_all_ms": round(1000 * float(np.percentile([r["latency_s"] for r in results], 99)), 1),
@@ -137,7 +150,10 @@ def replica_processes(service: ServeProcess, deployment: str) -> list[int]:
             continue
         try:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            if os.getsid(int(entry.name)) == service.process.pid and f"ServeReplica:visionroute:{deployment}" in cmdline:
+            if (
+                os.getsid(int(entry.name)) == service.process.pid
+                and f"ServeReplica:visionroute:{deployment}" in cmdline
+            ):
                 found.append(int(entry.name))
         except (OSError, ProcessLookupError):
             continue
@@ -149,11 +165,19 @@ def test_a_replica_killed_under_load_loses_nothing_acknowledged(service, photos_
     assert victims, "no onnx_classify replica process found"
     image = jpeg(photos_png["astronaut"])  # unsure: every success is a review item
 
-    results = asyncio.run(open_loop(service.url, image, 10, 8.0, during=lambda: [os.kill(pid, signal.SIGKILL) for pid in victims]))
+    results = asyncio.run(
+        open_loop(
+            service.url, image, 10, 8.0, during=lambda: [os.kill(pid, signal.SIGKILL) for pid in victims]
+        )
+    )
     statuses = {str(r["status"]) for r in results}
     ok = [r for r in results if r["status"] == 200]
     failed = [r for r in results if r["status"] != 200]
-    figures["replica_kill"] = {"requests": len(results), "ok": len(ok), "failed": {s: sum(str(r["status"]) == s for r in failed) for s in statuses - {"200"}}}
+    figures["replica_kill"] = {
+        "requests": len(results),
+        "ok": len(ok),
+        "failed": {s: sum(str(r["status"]) == s for r in failed) for s in statuses - {"200"}},
+    }
     # Every request either succeeded or got a retryable status (the ingress maps a dead
     # replica to 503, never to a hang); and each acknowledged item is stored.
     assert all(r["status"] == 200 or r["status"] in RETRYABLE for r in results), figures["replica_kill"]
@@ -163,10 +187,15 @@ def test_a_replica_killed_under_load_loses_nothing_acknowledged(service, photos_
     while time.monotonic() < deadline and not set(replica_processes(service, "onnx_classify")) - set(victims):
         time.sleep(1)
     assert replica_processes(service, "onnx_classify"), "Ray did not restart the replica"
-    assert httpx.post(service.url + "/v1/analyze", files={"image": ("x.jpg", image)}, timeout=60).status_code == 200
+    assert (
+        httpx.post(service.url + "/v1/analyze", files={"image": ("x.jpg", image)}, timeout=60).status_code
+        == 200
+    )
 
 
-def test_kill_9_while_enqueuing_keeps_every_acknowledged_item_exactly_once(prepared_models_dir, tmp_path, photos_png, figures):
+def test_kill_9_while_enqueuing_keeps_every_acknowledged_item_exactly_once(
+    prepared_models_dir, tmp_path, photos_png, figures
+):
     image = jpeg(photos_png["astronaut"])
     first = ServeProcess(tmp_path, prepared_models_dir).start()
     killed_at = {}
@@ -185,13 +214,19 @@ def test_kill_9_while_enqueuing_keeps_every_acknowledged_item_exactly_once(prepa
     assert acknowledged and len(acknowledged) < len(results)  # some before the kill, some cut off
     second = ServeProcess(tmp_path, prepared_models_dir).start()
     try:
-        listed = httpx.get(second.url + "/v1/review/items", params={"status": "all", "limit": 1000}).json()["items"]
+        listed = httpx.get(second.url + "/v1/review/items", params={"status": "all", "limit": 1000}).json()[
+            "items"
+        ]
     finally:
         second.stop()
     by_request: dict[str, list[str]] = {}
     for item in listed:
         by_request.setdefault(item["request_id"], []).append(item["id"])
-    figures["kill_9"] = {"sent": len(results), "acknowledged": len(acknowledged), "stored_after_restart": len(listed)}
+    figures["kill_9"] = {
+        "sent": len(results),
+        "acknowledged": len(acknowledged),
+        "stored_after_restart": len(listed),
+    }
     for request_id, item_id in acknowledged.items():
         assert by_request.get(request_id) == [item_id], request_id
     assert all(len(ids) == 1 for ids in by_request.values())

@@ -21,14 +21,40 @@ from PIL import Image
 pytestmark = pytest.mark.server
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]  # fmt: skip
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 BUDGETS = [
-    {"name": "loadtest", "tenant": "loadtest", "tiers": ["onnx"], "window_s": 3600, "cap_units": 10, "degrade": "reject"},
-    {"name": "to-review", "tenant": "broke-review", "tiers": ["onnx"], "window_s": 3600, "cap_units": 0, "degrade": "review"},
-    {"name": "no-reviewers", "tenant": "broke-accept", "tiers": ["review"], "window_s": 3600, "cap_units": 0,
-     "degrade": "accept_degraded"},
-]  # fmt: skip
+    {
+        "name": "loadtest",
+        "tenant": "loadtest",
+        "tiers": ["onnx"],
+        "window_s": 3600,
+        "cap_units": 10,
+        "degrade": "reject",
+    },
+    {
+        "name": "to-review",
+        "tenant": "broke-review",
+        "tiers": ["onnx"],
+        "window_s": 3600,
+        "cap_units": 0,
+        "degrade": "review",
+    },
+    {
+        "name": "no-reviewers",
+        "tenant": "broke-accept",
+        "tiers": ["review"],
+        "window_s": 3600,
+        "cap_units": 0,
+        "degrade": "accept_degraded",
+    },
+]
 
 
 def free_port() -> int:
@@ -45,8 +71,13 @@ def noise_png(seed: int, size: int = 96) -> bytes:
 
 
 def policy_set(version: str = "policies-v1", **overrides) -> dict:
-    return {"version": version, "budgets": BUDGETS, "costs": {"review_units_per_minute": 2.0, "expected_review_minutes": 0.5},
-            "review": {"error_cost_units": {"classify": 10.0}, "sla_s": 600}, **overrides}  # fmt: skip
+    return {
+        "version": version,
+        "budgets": BUDGETS,
+        "costs": {"review_units_per_minute": 2.0, "expected_review_minutes": 0.5},
+        "review": {"error_cost_units": {"classify": 10.0}, "sla_s": 600},
+        **overrides,
+    }
 
 
 class Service:
@@ -54,12 +85,19 @@ class Service:
         self.url = f"http://127.0.0.1:{port}"
         self.args = args
 
-    def deploy(self, user_config: dict | None = None, *, expect_running: bool = True, timeout_s: float = 120) -> str:
+    def deploy(
+        self, user_config: dict | None = None, *, expect_running: bool = True, timeout_s: float = 120
+    ) -> str:
         from ray import serve
         from ray.serve.context import _get_global_client
         from ray.serve.schema import ServeDeploySchema
 
-        app = {"name": "visionroute", "route_prefix": "/", "import_path": "router.app:build_app", "args": self.args}
+        app = {
+            "name": "visionroute",
+            "route_prefix": "/",
+            "import_path": "router.app:build_app",
+            "args": self.args,
+        }
         if user_config is not None:
             app["deployments"] = [{"name": "Ingress", "user_config": user_config}]
         _get_global_client().deploy_apps(ServeDeploySchema.model_validate({"applications": [app]}))
@@ -76,7 +114,9 @@ class Service:
         return status
 
     def analyze(self, image: bytes, **fields) -> httpx.Response:
-        return httpx.post(self.url + "/v1/analyze", files={"image": ("x.png", image, "image/png")}, data=fields, timeout=60)
+        return httpx.post(
+            self.url + "/v1/analyze", files={"image": ("x.png", image, "image/png")}, data=fields, timeout=60
+        )
 
     def policy(self) -> dict:
         return httpx.get(self.url + "/v1/policy", timeout=10).json()
@@ -94,11 +134,16 @@ def service(prepared_models_dir, tmp_path_factory):
     args = {
         "models_dir": str(prepared_models_dir),
         "review": {"path": str(workdir / "review"), "lease_s": 60},
-        "cascades": {"classify": {"tier": {"model": "efficientnet_lite0", "cost_units": 1.0}, "num_cpus": 0.5,
-                                  "policy": {"version": "classify-v1", "accept_threshold": 0.7, "escalate_threshold": 0.3}}},
+        "cascades": {
+            "classify": {
+                "tier": {"model": "efficientnet_lite0", "cost_units": 1.0},
+                "num_cpus": 0.5,
+                "policy": {"version": "classify-v1", "accept_threshold": 0.7, "escalate_threshold": 0.3},
+            }
+        },
         "policies": policy_set(),
         "ingress_num_cpus": 0.25,
-    }  # fmt: skip
+    }
     svc = Service(port, args)
     svc.workdir = workdir
     assert svc.deploy() == "RUNNING"
@@ -118,20 +163,27 @@ def test_fifty_concurrent_requests_never_overspend_a_small_budget(service, photo
     async def fire() -> list[httpx.Response]:
         async with httpx.AsyncClient(timeout=120) as client:
             files = lambda: {"image": ("c.png", photos_png["coffee"], "image/png")}  # noqa: E731
-            return await asyncio.gather(*[
-                client.post(service.url + "/v1/analyze", files=files(), data={"tenant": "loadtest"}) for _ in range(50)
-            ])  # fmt: skip
+            return await asyncio.gather(
+                *[
+                    client.post(service.url + "/v1/analyze", files=files(), data={"tenant": "loadtest"})
+                    for _ in range(50)
+                ]
+            )
 
     responses = asyncio.run(fire())
     codes = sorted(r.status_code for r in responses)
     assert codes.count(200) == 10 and codes.count(429) == 40, codes
     refused = next(r for r in responses if r.status_code == 429)
     assert 1 <= int(refused.headers["retry-after"]) <= 3600
-    assert refused.json()["field"] == "budget:loadtest" and "has used 10 of 10 units" in refused.json()["reason"]
+    assert (
+        refused.json()["field"] == "budget:loadtest" and "has used 10 of 10 units" in refused.json()["reason"]
+    )
     budget = next(b for b in service.policy()["budgets"] if b["name"] == "loadtest")
     overspend = budget["used_units"] - budget["cap_units"]
-    print(f"\nFIGURE overspend under 50 concurrent requests: {overspend:g} units (cap {budget['cap_units']:g}, "
-          f"used {budget['used_units']:g}, {codes.count(200)} served, {codes.count(429)} refused)")
+    print(
+        f"\nFIGURE overspend under 50 concurrent requests: {overspend:g} units (cap {budget['cap_units']:g}, "
+        f"used {budget['used_units']:g}, {codes.count(200)} served, {codes.count(429)} refused)"
+    )
     assert overspend <= 0 and budget["used_units"] == 10
     metrics = httpx.get(service.url + "/metrics").text
     assert 'visionroute_cost_units_total{feature="classify",tenant="loadtest",tier="onnx"} 10.0' in metrics
@@ -145,9 +197,16 @@ def test_degrade_modes_review_and_accept_degraded(service, photos_png):
     item_id = to_review["review_item_id"]
     assert httpx.get(f"{service.url}/v1/review/items/{item_id}").json()["kind"] == "budget"
     claim = httpx.post(service.url + "/v1/review/claim", json={"reviewer": "eve", "item_id": item_id}).json()
-    label = {"reviewer": "eve", "lease_token": claim["lease_token"], "verdict": "correct", "label": "espresso"}
+    label = {
+        "reviewer": "eve",
+        "lease_token": claim["lease_token"],
+        "verdict": "correct",
+        "label": "espresso",
+    }
     assert httpx.post(f"{service.url}/v1/review/items/{item_id}/label", json=label).status_code == 200
-    accepted = service.analyze(photos_png["astronaut"], tenant="broke-accept").json()  # unsure: would go to review
+    accepted = service.analyze(
+        photos_png["astronaut"], tenant="broke-accept"
+    ).json()  # unsure: would go to review
     assert accepted["decision"] == "accept" and accepted["degraded"] and accepted["review_item_id"] is None
     step = accepted["trace"]["steps"][-1]
     assert step["stage"] == "policy:budget" and step["policy_version"] == "policies-v1"
@@ -163,10 +222,15 @@ def test_contention_expired_lease_and_label_outside_the_set(service):
 
     async def race():
         async with httpx.AsyncClient(timeout=30) as client:
-            return await asyncio.gather(*[
-                client.post(service.url + "/v1/review/claim", json={"reviewer": who, "item_id": item_id, "lease_s": 1})
-                for who in ("ann", "bob")
-            ])  # fmt: skip
+            return await asyncio.gather(
+                *[
+                    client.post(
+                        service.url + "/v1/review/claim",
+                        json={"reviewer": who, "item_id": item_id, "lease_s": 1},
+                    )
+                    for who in ("ann", "bob")
+                ]
+            )
 
     first, second = asyncio.run(race())
     assert sorted([first.status_code, second.status_code]) == [200, 409]
@@ -175,7 +239,9 @@ def test_contention_expired_lease_and_label_outside_the_set(service):
     assert "is leased by" in loser.json()["reason"]
     owner, token = winner.json()["item"]["lease_owner"], winner.json()["lease_token"]
     label_url = f"{service.url}/v1/review/items/{item_id}/label"
-    outside = httpx.post(label_url, json={"reviewer": owner, "lease_token": token, "verdict": "correct", "label": "unicorn"})
+    outside = httpx.post(
+        label_url, json={"reviewer": owner, "lease_token": token, "verdict": "correct", "label": "unicorn"}
+    )
     assert outside.status_code == 400 and outside.json()["field"] == "label"
     assert "not in task 'classify'" in outside.json()["reason"]
     time.sleep(1.3)  # the 1 s lease runs out
@@ -185,9 +251,19 @@ def test_contention_expired_lease_and_label_outside_the_set(service):
     assert item["status"] == "pending" and item["label"] is None
     again = httpx.post(service.url + "/v1/review/claim", json={"reviewer": "bob", "item_id": item_id}).json()
     assert again["item"]["lease_owner"] == "bob"
-    ok = httpx.post(label_url, json={"reviewer": "bob", "lease_token": again["lease_token"], "verdict": "correct", "label": "jigsaw puzzle"})
+    ok = httpx.post(
+        label_url,
+        json={
+            "reviewer": "bob",
+            "lease_token": again["lease_token"],
+            "verdict": "correct",
+            "label": "jigsaw puzzle",
+        },
+    )
     assert ok.status_code == 200 and ok.json()["label"]["label"] == "jigsaw puzzle"
-    actions = [e["action"] for e in httpx.get(f"{service.url}/v1/review/items/{item_id}/audit").json()["events"]]
+    actions = [
+        e["action"] for e in httpx.get(f"{service.url}/v1/review/items/{item_id}/audit").json()["events"]
+    ]
     assert actions == ["enqueue", "claim", "lease_expired", "claim", "label"]
 
 
@@ -198,8 +274,12 @@ def wait_until(page, expression: str) -> None:
     try:
         page.wait_for_function(expression, timeout=20000)
     except Exception as exc:
-        state = page.evaluate("JSON.stringify({...document.body.dataset, focus: document.activeElement && document.activeElement.id})")
-        raise AssertionError(f"page never reached {expression}: {state}; message {page.inner_text('#message')!r}") from exc
+        state = page.evaluate(
+            "JSON.stringify({...document.body.dataset, focus: document.activeElement && document.activeElement.id})"
+        )
+        raise AssertionError(
+            f"page never reached {expression}: {state}; message {page.inner_text('#message')!r}"
+        ) from exc
 
 
 def test_browser_reviewer_claims_labels_and_items_leave_the_queue(service):
@@ -207,7 +287,10 @@ def test_browser_reviewer_claims_labels_and_items_leave_the_queue(service):
         pytest.skip(f"{CHROMIUM} is missing: apt-get install -y --no-install-recommends chromium")
     playwright = pytest.importorskip("playwright.sync_api")
     n_items = 15
-    ids = [service.analyze(noise_png(2000 + i), tenant="browser").json()["review_item_id"] for i in range(n_items)]
+    ids = [
+        service.analyze(noise_png(2000 + i), tenant="browser").json()["review_item_id"]
+        for i in range(n_items)
+    ]
     assert all(ids)
     pending_before = httpx.get(service.url + "/v1/review/items?limit=1000").json()["depth"]
     with playwright.sync_playwright() as p:
@@ -225,7 +308,9 @@ def test_browser_reviewer_claims_labels_and_items_leave_the_queue(service):
         # first item: the keyboard (confirm); second: a correction typed into the label box; rest: keys c / r
         first = page.get_attribute("body", "data-item")
         page.keyboard.press("c")
-        wait_until(page, f"document.body.dataset.item !== '{first}' && document.body.dataset.state === 'item'")
+        wait_until(
+            page, f"document.body.dataset.item !== '{first}' && document.body.dataset.state === 'item'"
+        )
         page.keyboard.press("x")
         page.keyboard.type("unicorn")
         page.keyboard.press("Enter")
@@ -237,16 +322,23 @@ def test_browser_reviewer_claims_labels_and_items_leave_the_queue(service):
         while page.get_attribute("body", "data-state") == "item":
             page.keyboard.press("c" if done % 3 else "r")
             done += 1
-            wait_until(page, f"document.body.dataset.labelled === '{done}' && document.body.dataset.state !== 'busy'")
+            wait_until(
+                page, f"document.body.dataset.labelled === '{done}' && document.body.dataset.state !== 'busy'"
+            )
         elapsed = time.perf_counter() - started
         page.wait_for_selector("body[data-state=empty]")
         browser.close()
     assert not errors, errors
     assert done == pending_before >= n_items
-    print(f"\nFIGURE review throughput in headless Chromium: {done / elapsed * 60:.0f} items/min ({done} items in {elapsed:.1f} s)")
+    print(
+        f"\nFIGURE review throughput in headless Chromium: {done / elapsed * 60:.0f} items/min ({done} items in {elapsed:.1f} s)"
+    )
     after = httpx.get(service.url + "/v1/review/items").json()
     assert after["depth"] == 0 and after["items"] == []
-    labelled = {i["id"]: i for i in httpx.get(service.url + "/v1/review/items?status=labelled&limit=1000").json()["items"]}
+    labelled = {
+        i["id"]: i
+        for i in httpx.get(service.url + "/v1/review/items?status=labelled&limit=1000").json()["items"]
+    }
     assert set(ids) <= set(labelled) and {labelled[i]["labelled_by"] for i in ids} == {"carol"}
 
 
@@ -257,13 +349,40 @@ def test_reviewed_labels_export_and_calibrate(service, prepared_models_dir, tmp_
     from visionroute.cli import main
 
     out = tmp_path / "export"
-    assert main(["review", "export", "--path", str(service.workdir / "review"), "--task", "classify", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "review",
+                "export",
+                "--path",
+                str(service.workdir / "review"),
+                "--task",
+                "classify",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = (out / "labels.csv").read_text().splitlines()
     assert len(rows) - 1 >= 10
     artefact = tmp_path / "reviewed.json"
     model = next(Path(prepared_models_dir).rglob("efficientnet_lite0*.onnx"))
-    code = main(["calibrate", "--images", str(out / "images"), "--labels", str(out / "labels.csv"), "--model", str(model),
-                 "--method", "temperature", "--out", str(artefact)])  # fmt: skip
+    code = main(
+        [
+            "calibrate",
+            "--images",
+            str(out / "images"),
+            "--labels",
+            str(out / "labels.csv"),
+            "--model",
+            str(model),
+            "--method",
+            "temperature",
+            "--out",
+            str(artefact),
+        ]
+    )
     assert code == 0 and artefact.is_file()
     from cascades.calibration import load_calibration
 
@@ -276,8 +395,12 @@ def test_reviewed_labels_export_and_calibrate(service, prepared_models_dir, tmp_
 
 def test_reconfigure_applies_without_restart_and_invalid_change_is_refused(service, photos_png):
     before = service.policy()
-    changed = policy_set("policies-v2", thresholds={"classify": {"version": "classify-v2", "accept_threshold": 0.95,
-                                                                   "escalate_threshold": 0.3}})  # fmt: skip
+    changed = policy_set(
+        "policies-v2",
+        thresholds={
+            "classify": {"version": "classify-v2", "accept_threshold": 0.95, "escalate_threshold": 0.3}
+        },
+    )
     assert service.deploy(changed) == "RUNNING"
     after = service.policy()
     assert after["version"] == "policies-v2" and after["replica_pid"] == before["replica_pid"]
@@ -298,9 +421,13 @@ def test_reconfigure_applies_without_restart_and_invalid_change_is_refused(servi
 
 
 def test_audit_samples_accepts_and_alerts_when_the_bound_exceeds_alpha(service, photos_png):
-    audited = policy_set("policies-v4", thresholds={"classify": {"version": "classify-v4", "accept_threshold": 0.5,
-                                                                  "escalate_threshold": 0.3}},
-                         audit={"fraction": 1.0, "min_labelled": 3, "alpha": 0.05})  # fmt: skip
+    audited = policy_set(
+        "policies-v4",
+        thresholds={
+            "classify": {"version": "classify-v4", "accept_threshold": 0.5, "escalate_threshold": 0.3}
+        },
+        audit={"fraction": 1.0, "min_labelled": 3, "alpha": 0.05},
+    )
     assert service.deploy(audited) == "RUNNING" and service.policy()["version"] == "policies-v4"
     accepted = service.analyze(photos_png["coffee"]).json()
     assert accepted["decision"] == "accept"
@@ -311,11 +438,16 @@ def test_audit_samples_accepts_and_alerts_when_the_bound_exceeds_alpha(service, 
             service.analyze(photos_png["coffee"])
         claim = httpx.post(service.url + "/v1/review/claim", json={"reviewer": "dan"}).json()
         while claim["item"]["kind"] != "audit":  # label anything else in the way
-            httpx.post(f"{service.url}/v1/review/items/{claim['item']['id']}/label",
-                       json={"reviewer": "dan", "lease_token": claim["lease_token"], "verdict": "reject"})  # fmt: skip
+            httpx.post(
+                f"{service.url}/v1/review/items/{claim['item']['id']}/label",
+                json={"reviewer": "dan", "lease_token": claim["lease_token"], "verdict": "reject"},
+            )
             claim = httpx.post(service.url + "/v1/review/claim", json={"reviewer": "dan"}).json()
         wrong = {"reviewer": "dan", "lease_token": claim["lease_token"], "verdict": "correct", "label": "cup"}
-        assert httpx.post(f"{service.url}/v1/review/items/{claim['item']['id']}/label", json=wrong).status_code == 200
+        assert (
+            httpx.post(f"{service.url}/v1/review/items/{claim['item']['id']}/label", json=wrong).status_code
+            == 200
+        )
     audit = httpx.get(service.url + "/v1/review/stats").json()["audit"]["classify"]
     assert audit["labelled"] == 3 and audit["errors"] == 3 and audit["alert"] and audit["lower_bound"] > 0.05
     assert 'visionroute_audit_alert{task="classify"} 1.0' in httpx.get(service.url + "/metrics").text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 
 import httpx
 import pytest
@@ -15,7 +16,11 @@ pytestmark = [pytest.mark.server, pytest.mark.slow]
 @pytest.fixture(scope="module")
 def service(prepared_models_dir, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("search-service")
-    process = ServeProcess(workdir, prepared_models_dir, {"retrieval": {"enabled": True, "index_analysed": True, "index_dir": str(workdir / "index")}}).start()
+    process = ServeProcess(
+        workdir,
+        prepared_models_dir,
+        {"retrieval": {"enabled": True, "index_analysed": True, "index_dir": str(workdir / "index")}},
+    ).start()
     yield process
     process.stop()
 
@@ -23,31 +28,60 @@ def service(prepared_models_dir, tmp_path_factory):
 def test_text_and_image_search_over_indexed_and_analysed_photos(service, photos_png):
     ids = {}
     for name in ("coffee", "chelsea", "camera"):
-        response = httpx.post(service.url + "/v1/search/items", files={"image": (f"{name}.png", photos_png[name], "image/png")},
-                              data={"metadata": '{"tags": ["%s"], "source": "upload"}' % name}, timeout=60)
+        response = httpx.post(
+            service.url + "/v1/search/items",
+            files={"image": (f"{name}.png", photos_png[name], "image/png")},
+            data={"metadata": json.dumps({"tags": [name], "source": "upload"})},
+            timeout=60,
+        )
         assert response.status_code == 200, response.text
         ids[name] = response.json()["id"]
-    hits = httpx.post(service.url + "/v1/search", json={"text": "a cup of coffee", "k": 2}, timeout=60).json()["hits"]
+    hits = httpx.post(
+        service.url + "/v1/search", json={"text": "a cup of coffee", "k": 2}, timeout=60
+    ).json()["hits"]
     assert hits[0]["id"] == ids["coffee"] and hits[0]["score"] >= hits[1]["score"]
-    by_image = httpx.post(service.url + "/v1/search", json={"image_base64": base64.b64encode(photos_png["chelsea"]).decode(), "k": 1}, timeout=60).json()
+    by_image = httpx.post(
+        service.url + "/v1/search",
+        json={"image_base64": base64.b64encode(photos_png["chelsea"]).decode(), "k": 1},
+        timeout=60,
+    ).json()
     assert by_image["hits"][0]["id"] == ids["chelsea"]
     by_id = httpx.post(service.url + "/v1/search", json={"id": ids["coffee"], "k": 2}, timeout=60).json()
     assert ids["coffee"] not in [hit["id"] for hit in by_id["hits"]]
 
     # An analysed image that went to review is searchable, restricted to the review queue.
-    analysed = httpx.post(service.url + "/v1/analyze", files={"image": ("a.png", photos_png["astronaut"], "image/png")}, timeout=60).json()
+    analysed = httpx.post(
+        service.url + "/v1/analyze",
+        files={"image": ("a.png", photos_png["astronaut"], "image/png")},
+        timeout=60,
+    ).json()
     assert analysed["decision"] == "review"
     assert analysed["trace"]["steps"][-1]["stage"] == "retrieval:index"
-    in_review = httpx.post(service.url + "/v1/search", json={"text": "a person", "k": 5, "filters": {"in_review": True}}, timeout=60).json()
+    in_review = httpx.post(
+        service.url + "/v1/search",
+        json={"text": "a person", "k": 5, "filters": {"in_review": True}},
+        timeout=60,
+    ).json()
     assert [hit["metadata"]["review_item_id"] for hit in in_review["hits"]] == [analysed["review_item_id"]]
 
     # The reviewer's label flows back into the index metadata.
     item_id = analysed["review_item_id"]
     claim = httpx.post(service.url + "/v1/review/claim", json={"reviewer": "ann", "item_id": item_id}).json()
-    labelled = httpx.post(f"{service.url}/v1/review/items/{item_id}/label",
-                          json={"reviewer": "ann", "lease_token": claim["lease_token"], "verdict": "correct", "label": "space shuttle"})
+    labelled = httpx.post(
+        f"{service.url}/v1/review/items/{item_id}/label",
+        json={
+            "reviewer": "ann",
+            "lease_token": claim["lease_token"],
+            "verdict": "correct",
+            "label": "space shuttle",
+        },
+    )
     assert labelled.status_code == 200, labelled.text
-    tagged = httpx.post(service.url + "/v1/search", json={"text": "a person", "k": 1, "filters": {"tags_all": ["reviewed_label:space shuttle"]}}, timeout=60).json()
+    tagged = httpx.post(
+        service.url + "/v1/search",
+        json={"text": "a person", "k": 1, "filters": {"tags_all": ["reviewed_label:space shuttle"]}},
+        timeout=60,
+    ).json()
     assert [hit["metadata"]["review_item_id"] for hit in tagged["hits"]] == [item_id]
 
     metrics = httpx.get(service.url + "/metrics").text

@@ -22,7 +22,9 @@ def service(prepared_models_dir, tmp_path_factory):
 
 
 def analyze(service, image: bytes, **fields) -> httpx.Response:
-    return httpx.post(service.url + "/v1/analyze", files={"image": ("x.png", image, "image/png")}, data=fields, timeout=60)
+    return httpx.post(
+        service.url + "/v1/analyze", files={"image": ("x.png", image, "image/png")}, data=fields, timeout=60
+    )
 
 
 @pytest.mark.parametrize("photo, label", [("coffee", "espresso"), ("chelsea", "Egyptian cat")])
@@ -67,18 +69,45 @@ def bomb_png() -> bytes:
     [
         (lambda s, p: analyze(s, b"plain text, not an image"), 415, "image"),
         (lambda s, p: analyze(s, p["coffee"][:2000]), 400, "image"),
-        (lambda s, p: httpx.post(s.url + "/v1/analyze", content=b"", headers={"content-type": "application/json"}), 400, "body"),
-        (lambda s, p: httpx.post(s.url + "/v1/analyze", content=p["coffee"], headers={"content-type": "image/png"}), 415, "content-type"),
+        (
+            lambda s, p: httpx.post(
+                s.url + "/v1/analyze", content=b"", headers={"content-type": "application/json"}
+            ),
+            400,
+            "body",
+        ),
+        (
+            lambda s, p: httpx.post(
+                s.url + "/v1/analyze", content=p["coffee"], headers={"content-type": "image/png"}
+            ),
+            415,
+            "content-type",
+        ),
         (lambda s, p: analyze(s, bomb_png()), 413, "image"),
         (lambda s, p: analyze(s, b"0" * (21 << 20)), 413, "body"),
         (lambda s, p: analyze(s, p["coffee"], task="ocr"), 400, "task"),
         (lambda s, p: httpx.post(s.url + "/v1/analyze", json={"image_base64": "%%%"}), 400, "image_base64"),
-        (lambda s, p: httpx.post(s.url + "/v1/analyze", json={"image_base64": "aGk=", "colour": 1}), 400, "colour"),
+        (
+            lambda s, p: httpx.post(s.url + "/v1/analyze", json={"image_base64": "aGk=", "colour": 1}),
+            400,
+            "colour",
+        ),
     ],
-    ids=["not-an-image", "truncated-png", "empty-body", "wrong-content-type", "decompression-bomb",
-         "body-over-limit", "unknown-task", "bad-base64", "unknown-json-field"],
+    ids=[
+        "not-an-image",
+        "truncated-png",
+        "empty-body",
+        "wrong-content-type",
+        "decompression-bomb",
+        "body-over-limit",
+        "unknown-task",
+        "bad-base64",
+        "unknown-json-field",
+    ],
 )
-def test_bad_input_gets_a_4xx_naming_the_field_and_service_keeps_serving(service, photos_png, make_request, status, field):
+def test_bad_input_gets_a_4xx_naming_the_field_and_service_keeps_serving(
+    service, photos_png, make_request, status, field
+):
     response = make_request(service, photos_png)
     assert response.status_code == status, response.text
     assert response.json()["field"] == field and response.json()["reason"]
@@ -98,25 +127,48 @@ def test_unsure_photo_goes_to_review_and_a_reviewer_labels_it(service, photos_pn
     assert claim["item"]["id"] == item_id and "lease_token" not in claim["item"]
     rival = httpx.post(service.url + "/v1/review/claim", json={"reviewer": "bob", "item_id": item_id})
     assert rival.status_code == 409
-    label = {"reviewer": "ann", "lease_token": claim["lease_token"], "verdict": "correct", "label": "space shuttle"}
+    label = {
+        "reviewer": "ann",
+        "lease_token": claim["lease_token"],
+        "verdict": "correct",
+        "label": "space shuttle",
+    }
     labelled = httpx.post(f"{service.url}/v1/review/items/{item_id}/label", json=label)
     assert labelled.status_code == 200 and labelled.json()["status"] == "labelled"
-    assert httpx.post(f"{service.url}/v1/review/items/{item_id}/label", json=label).status_code == 200  # idempotent
+    assert (
+        httpx.post(f"{service.url}/v1/review/items/{item_id}/label", json=label).status_code == 200
+    )  # idempotent
     pending = [i["id"] for i in httpx.get(service.url + "/v1/review/items").json()["items"]]
     assert item_id not in pending
 
 
 def test_a_reviewer_can_skip_a_claimed_item(service, photos_png):
-    response = httpx.post(service.url + "/v1/analyze", files={"image": ("a.png", photos_png["astronaut"], "image/png")},
-                          headers={"x-request-id": "skip-test-1"}, timeout=60)
+    response = httpx.post(
+        service.url + "/v1/analyze",
+        files={"image": ("a.png", photos_png["astronaut"], "image/png")},
+        headers={"x-request-id": "skip-test-1"},
+        timeout=60,
+    )
     item_id = response.json()["review_item_id"]
     claim = httpx.post(service.url + "/v1/review/claim", json={"reviewer": "ann", "item_id": item_id}).json()
-    wrong = httpx.post(f"{service.url}/v1/review/items/{item_id}/release", json={"reviewer": "ann", "lease_token": "nope"})
+    wrong = httpx.post(
+        f"{service.url}/v1/review/items/{item_id}/release", json={"reviewer": "ann", "lease_token": "nope"}
+    )
     assert wrong.status_code == 409 and wrong.json()["field"] == "lease_token"
-    released = httpx.post(f"{service.url}/v1/review/items/{item_id}/release", json={"reviewer": "ann", "lease_token": claim["lease_token"]})
+    released = httpx.post(
+        f"{service.url}/v1/review/items/{item_id}/release",
+        json={"reviewer": "ann", "lease_token": claim["lease_token"]},
+    )
     assert released.status_code == 200 and released.json()["is_leased"] is False
-    assert httpx.post(service.url + "/v1/review/claim", json={"reviewer": "bob", "item_id": item_id}).json()["item"]["lease_owner"] == "bob"
-    events = [e["action"] for e in httpx.get(f"{service.url}/v1/review/items/{item_id}/audit").json()["events"]]
+    assert (
+        httpx.post(service.url + "/v1/review/claim", json={"reviewer": "bob", "item_id": item_id}).json()[
+            "item"
+        ]["lease_owner"]
+        == "bob"
+    )
+    events = [
+        e["action"] for e in httpx.get(f"{service.url}/v1/review/items/{item_id}/audit").json()["events"]
+    ]
     assert events[-3:] == ["claim", "release", "claim"]
 
 

@@ -54,7 +54,9 @@ def config_for(endpoint: str, **overrides) -> VlmConfig:
 
 def escalated(seed: int = 0, probabilities=(0.4, 0.3, 0.2, 0.1)) -> Analysis:
     image = (np.random.default_rng(seed).random((60, 80, 3)) * 255).astype(np.uint8)
-    detections = Detections.from_class_probabilities(np.array(probabilities), LABELS, width=80, height=60, top_k=4)
+    detections = Detections.from_class_probabilities(
+        np.array(probabilities), LABELS, width=80, height=60, top_k=4
+    )
     return Analysis(image, f"{seed:064x}", "classify", detections=detections)
 
 
@@ -71,7 +73,14 @@ class FaultProxy:
         self._fault: str | None = None
         self._times: int | None = None
         app = Starlette(routes=[Route("/{path:path}", self._handle, methods=["GET", "POST"])])
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off", timeout_graceful_shutdown=1)
+        config = uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+            lifespan="off",
+            timeout_graceful_shutdown=1,
+        )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, daemon=True)
 
@@ -102,12 +111,18 @@ class FaultProxy:
             return Response(status_code=499)
         async with httpx.AsyncClient(timeout=60) as client:
             upstream = await client.request(
-                request.method, f"{self.upstream}/{request.path_params['path'].removeprefix('v1/')}",
-                content=await request.body(), headers={"content-type": request.headers.get("content-type", "application/json")},
+                request.method,
+                f"{self.upstream}/{request.path_params['path'].removeprefix('v1/')}",
+                content=await request.body(),
+                headers={"content-type": request.headers.get("content-type", "application/json")},
             )
-        return Response(upstream.content, status_code=upstream.status_code, media_type=upstream.headers.get("content-type"))
+        return Response(
+            upstream.content,
+            status_code=upstream.status_code,
+            media_type=upstream.headers.get("content-type"),
+        )
 
-    def __enter__(self) -> "FaultProxy":
+    def __enter__(self) -> FaultProxy:
         self._thread.start()
         deadline = time.monotonic() + 10
         while not self._server.started and time.monotonic() < deadline:
@@ -130,7 +145,9 @@ def proxy(vllm_server):
 
 @pytest.mark.parametrize("task", ["classify", "verify", "read_text"])
 def test_every_task_gets_a_schema_valid_answer_with_tokens_cost_and_latency(vllm_server, task):
-    config = config_for(vllm_server.base_url, task=task, max_text_chars=32, model_version=model_version(vllm_server.model_dir))
+    config = config_for(
+        vllm_server.base_url, task=task, max_text_chars=32, model_version=model_version(vllm_server.model_dir)
+    )
     stage = VlmStage(config)
     for seed in range(3):
         step = stage.run(escalated(seed)).trace.steps[-1]
@@ -225,7 +242,9 @@ def test_a_hang_times_out_within_the_total_deadline(proxy):
 
 def test_the_circuit_opens_and_then_fails_fast_without_calling_the_server(proxy):
     proxy.inject("503")
-    stage = VlmStage(config_for(proxy.base_url, max_attempts=1, breaker_failure_threshold=2, breaker_recovery_s=60))
+    stage = VlmStage(
+        config_for(proxy.base_url, max_attempts=1, breaker_failure_threshold=2, breaker_recovery_s=60)
+    )
     failures = [stage.run(escalated()).trace.steps[-1].details["failure"] for _ in range(2)]
     assert failures == ["server_error", "server_error"] and proxy.seen == 2
     proxy.inject(None)  # the server is healthy again, but the circuit is open
@@ -236,7 +255,11 @@ def test_the_circuit_opens_and_then_fails_fast_without_calling_the_server(proxy)
 
 def test_the_concurrency_limit_turns_excess_into_overloaded_reviews(proxy):
     proxy.inject("hang", times=1)
-    stage = VlmStage(config_for(proxy.base_url, max_concurrency=1, queue_timeout_s=0.2, request_timeout_s=1.5, max_attempts=1))
+    stage = VlmStage(
+        config_for(
+            proxy.base_url, max_concurrency=1, queue_timeout_s=0.2, request_timeout_s=1.5, max_attempts=1
+        )
+    )
     holder = threading.Thread(target=stage.run, args=(escalated(),))
     holder.start()
     while proxy.seen == 0:
@@ -260,7 +283,9 @@ def test_killing_the_server_mid_request_puts_the_item_in_the_review_queue(tmp_pa
     victim = start_tiny_vllm_server(max_num_seqs=2)
     try:
         # A long reading keeps the request in flight long enough to kill the server under it.
-        config = config_for(victim.base_url, task="read_text", max_text_chars=1200, max_tokens=440, max_attempts=2)
+        config = config_for(
+            victim.base_url, task="read_text", max_text_chars=1200, max_tokens=440, max_attempts=2
+        )
         stage = VlmStage(config)
         analysis = escalated(7)
         worker = threading.Thread(target=stage.run, args=(analysis,))

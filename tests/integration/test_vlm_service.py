@@ -40,12 +40,16 @@ def vlm_args(endpoint: str, **overrides) -> dict:
 
 
 def analyze(service: ServeProcess, image: bytes) -> dict:
-    response = httpx.post(service.url + "/v1/analyze", files={"image": ("a.png", image, "image/png")}, timeout=120)
+    response = httpx.post(
+        service.url + "/v1/analyze", files={"image": ("a.png", image, "image/png")}, timeout=120
+    )
     assert response.status_code == 200, response.text
     return response.json()
 
 
-def test_an_escalated_image_gets_a_vlm_answer_with_tokens_cost_and_latency(vllm_server, prepared_models_dir, tmp_path, photos_png):
+def test_an_escalated_image_gets_a_vlm_answer_with_tokens_cost_and_latency(
+    vllm_server, prepared_models_dir, tmp_path, photos_png
+):
     service = ServeProcess(tmp_path, prepared_models_dir, vlm_args(vllm_server.base_url)).start()
     try:
         body = analyze(service, photos_png["astronaut"])
@@ -60,9 +64,15 @@ def test_an_escalated_image_gets_a_vlm_answer_with_tokens_cost_and_latency(vllm_
         assert vlm["decision"] == "accept" and body["decision"] == "accept"
         assert body["answer"][0]["label"] in LABELS  # the schema holds even for a random model
         ready = httpx.get(service.url + "/readyz").json()
-        assert ready["checks"]["vlm:classify"]["model"] == "tiny-llava" and ready["checks"]["vlm:classify"]["reachable"]
+        assert (
+            ready["checks"]["vlm:classify"]["model"] == "tiny-llava"
+            and ready["checks"]["vlm:classify"]["reachable"]
+        )
         metrics = httpx.get(service.url + "/metrics").text
-        assert 'visionroute_stage_decisions_total{decision="escalate",stage="policy:thresholds",task="classify"}' in metrics
+        assert (
+            'visionroute_stage_decisions_total{decision="escalate",stage="policy:thresholds",task="classify"}'
+            in metrics
+        )
         assert 'visionroute_stage_latency_seconds_count{stage="vlm",task="classify"}' in metrics
         # A clear photo never reaches the VLM.
         coffee = analyze(service, photos_png["coffee"])
@@ -71,11 +81,15 @@ def test_an_escalated_image_gets_a_vlm_answer_with_tokens_cost_and_latency(vllm_
         service.stop()
 
 
-def test_a_vlm_that_is_down_sends_escalations_to_review_with_the_reason(prepared_models_dir, tmp_path, photos_png):
+def test_a_vlm_that_is_down_sends_escalations_to_review_with_the_reason(
+    prepared_models_dir, tmp_path, photos_png
+):
     from cascades.vlm.server import free_port
 
     dead_endpoint = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens here
-    service = ServeProcess(tmp_path, prepared_models_dir, vlm_args(dead_endpoint, request_timeout_s=5.0, total_timeout_s=5.0)).start()
+    service = ServeProcess(
+        tmp_path, prepared_models_dir, vlm_args(dead_endpoint, request_timeout_s=5.0, total_timeout_s=5.0)
+    ).start()
     try:
         body = analyze(service, photos_png["astronaut"])
         vlm = next(step for step in body["trace"]["steps"] if step["stage"] == "vlm")

@@ -8,7 +8,15 @@ import uuid
 import pytest
 from scipy.stats import binomtest
 
-from policies.audit_sampling import AuditConfig, AuditMonitor, clopper_pearson, estimate, is_error, is_sampled, simulate_coverage
+from policies.audit_sampling import (
+    AuditConfig,
+    AuditMonitor,
+    clopper_pearson,
+    estimate,
+    is_error,
+    is_sampled,
+    simulate_coverage,
+)
 
 
 def test_sampler_rate_and_determinism():

@@ -28,7 +28,9 @@ def test_reserve_settle_release_and_exhaustion(tmp_path):
     second = ledger.reserve(rules, tenant="t", feature="classify", tier="onnx", units=6, now=100.0)
     ledger.settle(second, 4.0)  # actual below the reservation frees the rest
     assert ledger.window_total("small", 0.0) == 4.0
-    assert ledger.usage() == [{"tenant": "t", "feature": "classify", "tier": "onnx", "units": 4.0, "calls": 1}]
+    assert ledger.usage() == [
+        {"tenant": "t", "feature": "classify", "tier": "onnx", "units": 4.0, "calls": 1}
+    ]
     # the next window starts empty
     ledger.reserve(rules, tenant="t", feature="classify", tier="onnx", units=10, now=3600.0)
 
@@ -123,11 +125,16 @@ def test_bad_budget_config_names_the_field(budget, field):
 def test_review_degrade_cannot_meter_review():
     with pytest.raises(ConfigError, match="degrade mode 'review' cannot apply"):
         parse_policy_set({"budgets": [{"name": "b", "window_s": 60, "cap_units": 1, "degrade": "review"}]})
-    parse_policy_set({"budgets": [{"name": "b", "window_s": 60, "cap_units": 1, "degrade": "review", "tiers": ["onnx"]}]})
+    parse_policy_set(
+        {"budgets": [{"name": "b", "window_s": 60, "cap_units": 1, "degrade": "review", "tiers": ["onnx"]}]}
+    )
 
 
 def test_unknown_feature_and_duplicate_names():
     with pytest.raises(ConfigError, match="expected '\\*' or one of \\['classify'\\]"):
-        parse_policy_set({"budgets": [{"name": "b", "feature": "clasify", "window_s": 60, "cap_units": 1}]}, tasks=["classify"])
+        parse_policy_set(
+            {"budgets": [{"name": "b", "feature": "clasify", "window_s": 60, "cap_units": 1}]},
+            tasks=["classify"],
+        )
     with pytest.raises(ConfigError, match="repeated: \\['b'\\]"):
         parse_policy_set({"budgets": [{"name": "b", "window_s": 60, "cap_units": 1}] * 2})

@@ -16,12 +16,18 @@ BASE = {"classify": ThresholdPolicy(version="classify-v1")}
 
 
 def runtime(tmp_path, **policy) -> PolicyRuntime:
-    return PolicyRuntime(PolicySet(**policy), BudgetLedger(tmp_path / "b.sqlite3"), tasks=["classify"], base_thresholds=BASE)
+    return PolicyRuntime(
+        PolicySet(**policy), BudgetLedger(tmp_path / "b.sqlite3"), tasks=["classify"], base_thresholds=BASE
+    )
 
 
 def accepted(request_id: str) -> Analysis:
-    analysis = Analysis(np.zeros((4, 4, 3), np.uint8), "0" * 64, "classify",
-                        detections=Detections.from_class_probabilities(np.array([0.9, 0.1]), ["a", "b"], width=4, height=4))  # fmt: skip
+    analysis = Analysis(
+        np.zeros((4, 4, 3), np.uint8),
+        "0" * 64,
+        "classify",
+        detections=Detections.from_class_probabilities(np.array([0.9, 0.1]), ["a", "b"], width=4, height=4),
+    )
     analysis.trace.request_id = request_id
     analysis.trace.append(Step(stage="policy:thresholds", decision=Decision.ACCEPT))
     return analysis
@@ -29,24 +35,43 @@ def accepted(request_id: str) -> Analysis:
 
 def test_valid_change_applies_and_invalid_keeps_the_running_set(tmp_path):
     rt = runtime(tmp_path)
-    rt.reconfigure({"version": "v2", "thresholds": {"classify": {"version": "classify-v2", "accept_threshold": 0.9}}})
+    rt.reconfigure(
+        {"version": "v2", "thresholds": {"classify": {"version": "classify-v2", "accept_threshold": 0.9}}}
+    )
     assert rt.current.version == "v2" and rt.thresholds(rt.current, "classify").accept_threshold == 0.9
     for bad, field in [
-        ({"version": "v3", "budgets": [{"name": "b", "window_s": 60, "cap_units": -1}]}, "budgets.0.cap_units"),
+        (
+            {"version": "v3", "budgets": [{"name": "b", "window_s": 60, "cap_units": -1}]},
+            "budgets.0.cap_units",
+        ),
         ({"version": "v3", "thresholds": {"ocr": {}}}, "thresholds"),
         ({"version": "v3", "audit": {"fraction": 1.5}}, "audit.fraction"),
-        ({"version": "v3", "thresholds": {"classify": {"version": "classify-v2", "accept_threshold": 0.8}}},
-         "thresholds.classify.version"),  # changed thresholds under an old version name
-    ]:  # fmt: skip
+        (
+            {
+                "version": "v3",
+                "thresholds": {"classify": {"version": "classify-v2", "accept_threshold": 0.8}},
+            },
+            "thresholds.classify.version",
+        ),  # changed thresholds under an old version name
+    ]:
         with pytest.raises(ConfigError) as info:
             rt.reconfigure(bad)
         assert info.value.field == field
         assert rt.current.version == "v2"
-    assert [h["result"] for h in rt.history] == ["initial", "applied", "rejected", "rejected", "rejected", "rejected"]
+    assert [h["result"] for h in rt.history] == [
+        "initial",
+        "applied",
+        "rejected",
+        "rejected",
+        "rejected",
+        "rejected",
+    ]
 
 
 def test_refusal_carries_the_degrade_mode(tmp_path):
-    rt = runtime(tmp_path, budgets=[{"name": "zero", "window_s": 60, "cap_units": 0, "degrade": "accept_degraded"}])
+    rt = runtime(
+        tmp_path, budgets=[{"name": "zero", "window_s": 60, "cap_units": 0, "degrade": "accept_degraded"}]
+    )
     refusal = rt.reserve(rt.current, accepted("r1"), "review", 1.0)
     assert isinstance(refusal, Refusal) and refusal.mode == "accept_degraded"
     step = refusal.step("v1", Decision.ACCEPT, "degraded")

@@ -10,8 +10,15 @@ from visionroute.errors import Conflict, InputError, NotFound
 
 def enqueue(queue: ReviewQueue, request_id: str, image: bytes = b"img", priority: float = 0.0):
     return queue.enqueue(
-        request_id=request_id, image_bytes=image, image_sha256=hashlib.sha256(image).hexdigest(),
-        tenant="t", task="classify", reason="unsure", proposed=[{"label": "cat"}], trace={"steps": []}, priority=priority,
+        request_id=request_id,
+        image_bytes=image,
+        image_sha256=hashlib.sha256(image).hexdigest(),
+        tenant="t",
+        task="classify",
+        reason="unsure",
+        proposed=[{"label": "cat"}],
+        trace={"steps": []},
+        priority=priority,
     )
 
 

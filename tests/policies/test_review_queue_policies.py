@@ -29,9 +29,19 @@ def png(seed: int) -> tuple[bytes, str]:
 
 def add(queue: ReviewQueue, seed: int, *, score: float = 0.5, cost: float = 1.0, **kw):
     data, sha = png(seed)
-    return queue.enqueue(request_id=f"r{seed}", image_bytes=data, image_sha256=sha, tenant="t", task="classify",
-                         reason="low score", proposed=[{"label": "cat", "confidence": score}], trace={"steps": []},
-                         priority=review_value(score, cost), label_set=LABELS, **kw)  # fmt: skip
+    return queue.enqueue(
+        request_id=f"r{seed}",
+        image_bytes=data,
+        image_sha256=sha,
+        tenant="t",
+        task="classify",
+        reason="low score",
+        proposed=[{"label": "cat", "confidence": score}],
+        trace={"steps": []},
+        priority=review_value(score, cost),
+        label_set=LABELS,
+        **kw,
+    )
 
 
 def test_priority_is_value_of_review_and_overdue_goes_first(tmp_path):
@@ -67,7 +77,12 @@ def test_two_reviewers_claim_one_item(tmp_path):
     loser = "bob" if results[0].lease_owner == "ann" else "ann"
     with pytest.raises(Conflict, match="lease token does not match"):
         queue.submit_label(item.id, reviewer=loser, lease_token="x", label={"verdict": "confirm"})
-    queue.submit_label(item.id, reviewer=results[0].lease_owner, lease_token=results[0].lease_token, label={"verdict": "confirm"})
+    queue.submit_label(
+        item.id,
+        reviewer=results[0].lease_owner,
+        lease_token=results[0].lease_token,
+        label={"verdict": "confirm"},
+    )
     assert queue.stats()["depth"] == 0
 
 
@@ -77,12 +92,16 @@ def test_expired_lease_requeues_and_refuses_late_label(tmp_path):
     stale = queue.claim("ann", lease_s=0.05)
     time.sleep(0.1)
     with pytest.raises(Conflict, match="expired"):
-        queue.submit_label(item.id, reviewer="ann", lease_token=stale.lease_token, label={"verdict": "confirm"})
+        queue.submit_label(
+            item.id, reviewer="ann", lease_token=stale.lease_token, label={"verdict": "confirm"}
+        )
     fresh = queue.claim("bob")
     assert fresh.id == item.id and fresh.lease_owner == "bob"
     assert [e["action"] for e in queue.audit_log(item.id)] == ["enqueue", "claim", "lease_expired", "claim"]
     with pytest.raises(Conflict, match="does not match"):  # ann's old token is dead for good
-        queue.submit_label(item.id, reviewer="ann", lease_token=stale.lease_token, label={"verdict": "confirm"})
+        queue.submit_label(
+            item.id, reviewer="ann", lease_token=stale.lease_token, label={"verdict": "confirm"}
+        )
     assert queue.get(item.id).status == "pending"
 
 
@@ -91,10 +110,17 @@ def test_label_outside_the_label_set(tmp_path):
     item = add(queue, 1)
     lease = queue.claim("ann")
     with pytest.raises(InputError, match=r"labels \['zebra'\] are not in task 'classify'") as info:
-        queue.submit_label(item.id, reviewer="ann", lease_token=lease.lease_token, label={"verdict": "correct", "label": "zebra"})
+        queue.submit_label(
+            item.id,
+            reviewer="ann",
+            lease_token=lease.lease_token,
+            label={"verdict": "correct", "label": "zebra"},
+        )
     assert info.value.field == "label"
     assert queue.get(item.id).status == "pending" and queue.get(item.id).lease_owner == "ann"  # unchanged
-    queue.submit_label(item.id, reviewer="ann", lease_token=lease.lease_token, label={"verdict": "correct", "label": "dog"})
+    queue.submit_label(
+        item.id, reviewer="ann", lease_token=lease.lease_token, label={"verdict": "correct", "label": "dog"}
+    )
     assert queue.label_set("classify") == list(LABELS)
 
 
@@ -102,7 +128,12 @@ def test_retention_deletes_images_keeps_labels_and_audit(tmp_path):
     queue = ReviewQueue(tmp_path)
     labelled, pending = add(queue, 1), add(queue, 2)
     lease = queue.claim("ann", item_id=labelled.id)
-    queue.submit_label(labelled.id, reviewer="ann", lease_token=lease.lease_token, label={"verdict": "correct", "label": "dog"})
+    queue.submit_label(
+        labelled.id,
+        reviewer="ann",
+        lease_token=lease.lease_token,
+        label={"verdict": "correct", "label": "dog"},
+    )
     result = queue.purge_images(ttl_s=1.0, now=time.time() + 10)
     assert result == {"items": 2, "images_deleted": 2}
     assert not queue.blobs.path(labelled.image_sha256).exists()
@@ -117,8 +148,11 @@ def test_retention_deletes_images_keeps_labels_and_audit(tmp_path):
 
 def test_export_calibration_set(tmp_path):
     queue = ReviewQueue(tmp_path / "q")
-    for seed, label in [(1, {"verdict": "confirm", "label": "cat"}), (2, {"verdict": "correct", "label": "dog"}),
-                        (3, {"verdict": "reject", "label": None})]:  # fmt: skip
+    for seed, label in [
+        (1, {"verdict": "confirm", "label": "cat"}),
+        (2, {"verdict": "correct", "label": "dog"}),
+        (3, {"verdict": "reject", "label": None}),
+    ]:
         add(queue, seed)
         lease = queue.claim("ann")
         queue.submit_label(lease.id, reviewer="ann", lease_token=lease.lease_token, label=label)

@@ -67,8 +67,13 @@ scores_and_errors = st.integers(1, 300).flatmap(
 
 
 @settings(max_examples=150, deadline=None)
-@given(data=scores_and_errors, a1=st.floats(0.01, 0.5), a2=st.floats(0.01, 0.5), delta=st.floats(0.01, 0.3),
-       p_value=st.sampled_from(["binomial", "hoeffding_bentkus"]))  # fmt: skip
+@given(
+    data=scores_and_errors,
+    a1=st.floats(0.01, 0.5),
+    a2=st.floats(0.01, 0.5),
+    delta=st.floats(0.01, 0.3),
+    p_value=st.sampled_from(["binomial", "hoeffding_bentkus"]),
+)
 def test_a_stricter_alpha_never_accepts_more(data, a1, a2, delta, p_value):
     scores, errors = map(np.array, data)
     strict, loose = sorted([a1, a2])
@@ -84,8 +89,10 @@ def test_a_stricter_alpha_never_accepts_more(data, a1, a2, delta, p_value):
 def test_a_stricter_delta_never_accepts_more(data, d1, d2):
     scores, errors = map(np.array, data)
     strict, loose = sorted([d1, d2])
-    assert (learn_then_test(scores, errors, alpha=0.1, delta=strict, thresholds=GRID).n_accepted
-            <= learn_then_test(scores, errors, alpha=0.1, delta=loose, thresholds=GRID).n_accepted)  # fmt: skip
+    assert (
+        learn_then_test(scores, errors, alpha=0.1, delta=strict, thresholds=GRID).n_accepted
+        <= learn_then_test(scores, errors, alpha=0.1, delta=loose, thresholds=GRID).n_accepted
+    )
 
 
 @settings(max_examples=100, deadline=None)
@@ -164,7 +171,9 @@ def tiers(n: int, rng: np.random.Generator, strong_error_rate: float = 0.02) -> 
 
 def test_three_tier_plan_is_certified_and_cheaper_than_reviewing_everything():
     rng = np.random.default_rng(1)
-    plan = choose_tier_thresholds(tiers(2000, rng), tiers(2000, rng), costs=TierCosts(), alpha=0.05, delta=0.1)
+    plan = choose_tier_thresholds(
+        tiers(2000, rng), tiers(2000, rng), costs=TierCosts(), alpha=0.05, delta=0.1
+    )
     assert plan.certificate.is_feasible
     assert plan.certificate.risk_upper_bound <= 0.05
     assert plan.review_threshold <= plan.accept_threshold
@@ -178,8 +187,12 @@ def test_three_tier_plan_follows_the_costs():
     rng = np.random.default_rng(2)
     fit, test = tiers(2000, rng, 0.3), tiers(2000, rng, 0.3)  # a VLM that is often wrong
     # With a bad VLM, meeting alpha=0.02 needs humans; cheap humans get more of the work.
-    cheap_humans = choose_tier_thresholds(fit, test, costs=TierCosts(cheap=1, escalate=10, review=12), alpha=0.02, delta=0.1)
-    dear_humans = choose_tier_thresholds(fit, test, costs=TierCosts(cheap=1, escalate=10, review=1000), alpha=0.02, delta=0.1)
+    cheap_humans = choose_tier_thresholds(
+        fit, test, costs=TierCosts(cheap=1, escalate=10, review=12), alpha=0.02, delta=0.1
+    )
+    dear_humans = choose_tier_thresholds(
+        fit, test, costs=TierCosts(cheap=1, escalate=10, review=1000), alpha=0.02, delta=0.1
+    )
     assert cheap_humans.certificate.is_feasible and dear_humans.certificate.is_feasible
     assert cheap_humans.rates["review"] >= dear_humans.rates["review"]
 

@@ -8,7 +8,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-PHOTOS = ("astronaut", "camera", "chelsea", "coffee", "horse", "rocket", "brick", "clock", "coins", "moon", "page", "text")
+PHOTOS = (
+    "astronaut",
+    "camera",
+    "chelsea",
+    "coffee",
+    "horse",
+    "rocket",
+    "brick",
+    "clock",
+    "coins",
+    "moon",
+    "page",
+    "text",
+)
 
 
 def prepare_classifier(models_dir: Path) -> Path:
@@ -33,11 +46,21 @@ def _export_classifier(models_dir: Path) -> Path:
     model.eval()
     path = models_dir / "efficientnet_lite0.onnx"
     models_dir.mkdir(parents=True, exist_ok=True)
-    torch.onnx.export(model, torch.zeros(1, 3, 224, 224), str(path), dynamo=False, opset_version=17,
-                      input_names=["images"], output_names=["logits"], dynamic_axes={"images": {0: "batch"}})
+    torch.onnx.export(
+        model,
+        torch.zeros(1, 3, 224, 224),
+        str(path),
+        dynamo=False,
+        opset_version=17,
+        input_names=["images"],
+        output_names=["logits"],
+        dynamic_axes={"images": {0: "batch"}},
+    )
     info = ImageNetInfo()
-    sidecar = {"labels": [info.index_to_description(i) for i in range(1000)],
-               "preprocess": {"size_hw": [224, 224], "resize": "stretch", "mean": [0.5] * 3, "std": [0.5] * 3}}
+    sidecar = {
+        "labels": [info.index_to_description(i) for i in range(1000)],
+        "preprocess": {"size_hw": [224, 224], "resize": "stretch", "mean": [0.5] * 3, "std": [0.5] * 3},
+    }
     path.with_suffix(".json").write_text(json.dumps(sidecar))
     return path
 
@@ -83,8 +106,12 @@ def unit_vectors(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
     return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
-def clustered_vectors(rng: np.random.Generator, n: int, dim: int, n_clusters: int = 20, spread: float = 0.3) -> np.ndarray:
+def clustered_vectors(
+    rng: np.random.Generator, n: int, dim: int, n_clusters: int = 20, spread: float = 0.3
+) -> np.ndarray:
     """Unit vectors around random centres: ANN recall means something on these."""
     centres = unit_vectors(rng, n_clusters, dim)
-    points = centres[rng.integers(0, n_clusters, n)] + spread * rng.standard_normal((n, dim)).astype(np.float32) / np.sqrt(dim)
+    points = centres[rng.integers(0, n_clusters, n)] + spread * rng.standard_normal((n, dim)).astype(
+        np.float32
+    ) / np.sqrt(dim)
     return (points / np.linalg.norm(points, axis=1, keepdims=True)).astype(np.float32)

@@ -18,7 +18,16 @@ def test_index_folder_search_and_compact(tmp_path, conse_config, photos, capsys)
     Image.fromarray(photos["horse"]).save(folder / "nested" / "horse.png")
     (folder / "broken.jpg").write_bytes(b"not a jpeg")
     config = tmp_path / "retrieval.yaml"
-    config.write_text(yaml.safe_dump({"retrieval": {"index_dir": str(tmp_path / "index"), "embedder": json.loads(conse_config.model_dump_json())}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "retrieval": {
+                    "index_dir": str(tmp_path / "index"),
+                    "embedder": json.loads(conse_config.model_dump_json()),
+                }
+            }
+        )
+    )
 
     assert main(["index", str(folder), "--config", str(config), "--tag", "demo"]) == 1  # one file failed
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

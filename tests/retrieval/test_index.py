@@ -31,7 +31,9 @@ def rng():
 def fill(index: VectorIndex, vectors: np.ndarray) -> list[int]:
     ids = []
     for i, vector in enumerate(vectors):
-        metadata = ItemMetadata(tenant="a" if i % 2 else "b", tags=[f"t{i % 3}"], source="test", created_at=1000.0 + i)
+        metadata = ItemMetadata(
+            tenant="a" if i % 2 else "b", tags=[f"t{i % 3}"], source="test", created_at=1000.0 + i
+        )
         ids.append(index.upsert(vector, metadata))
     return ids
 
@@ -84,7 +86,10 @@ def test_upsert_replaces_vector_and_metadata(filled):
     [
         (SearchFilters(tenant="a"), lambda m: m.tenant == "a"),
         (SearchFilters(tenant=["a", "b"], tags_any=["t1"]), lambda m: "t1" in m.tags),
-        (SearchFilters(tags_all=["t2"], created_after=1100.0, created_before=1150.0), lambda m: "t2" in m.tags and 1100 <= m.created_at < 1150),
+        (
+            SearchFilters(tags_all=["t2"], created_after=1100.0, created_before=1150.0),
+            lambda m: "t2" in m.tags and 1100 <= m.created_at < 1150,
+        ),
         (SearchFilters(in_review=False, source="test"), lambda m: m.review_item_id is None),
     ],
 )
@@ -160,7 +165,9 @@ def test_persistence_snapshot_plus_log(tmp_path, rng):
 
 def test_compaction_drops_tombstones_and_auto_picks_kind(tmp_path, rng):
     vectors = unit_vectors(rng, 300, DIM)
-    index = VectorIndex(tmp_path, DIM, "s", IndexConfig(kind="auto", exact_max_items=200, snapshot_every_ops=10_000))
+    index = VectorIndex(
+        tmp_path, DIM, "s", IndexConfig(kind="auto", exact_max_items=200, snapshot_every_ops=10_000)
+    )
     ids = fill(index, vectors)
     assert index.kind == "exact"  # nothing triggered a rebuild yet
     report = index.compact()

@@ -65,7 +65,9 @@ def test_batched_image_embeddings_match_one_by_one(embedder, photos):
 def test_onnx_image_tower_matches_pytorch(embedder, tiny_checkpoint, tmp_path, photos):
     path, _ = tiny_checkpoint
     onnx_path = embedder.export_image_onnx(tmp_path / "tower.onnx")
-    onnx_embedder = build_embedder(OpenClipConfig(model_name="vr-tiny-clip", pretrained=str(path), image_onnx_path=onnx_path))
+    onnx_embedder = build_embedder(
+        OpenClipConfig(model_name="vr-tiny-clip", pretrained=str(path), image_onnx_path=onnx_path)
+    )
     images = [photos["coffee"], photos["astronaut"]]
     np.testing.assert_allclose(onnx_embedder.embed_images(images), embedder.embed_images(images), atol=1e-4)
 

@@ -43,11 +43,17 @@ def test_results_sorted_unpadded_filtered_and_k_when_possible(index, seed, k, te
     for op, pick in ops:
         live = index.find(SearchFilters())
         if op == "add" or not live:
-            index.upsert(unit_vectors(rng, 1, DIM)[0], ItemMetadata(tenant=TENANTS[pick % 3], tags=[f"t{pick % 4}"]))
+            index.upsert(
+                unit_vectors(rng, 1, DIM)[0], ItemMetadata(tenant=TENANTS[pick % 3], tags=[f"t{pick % 4}"])
+            )
         elif op == "delete":
             index.delete(live[pick % len(live)])
         else:
-            index.upsert(unit_vectors(rng, 1, DIM)[0], ItemMetadata(tenant=TENANTS[pick % 3]), item_id=live[pick % len(live)])
+            index.upsert(
+                unit_vectors(rng, 1, DIM)[0],
+                ItemMetadata(tenant=TENANTS[pick % 3]),
+                item_id=live[pick % len(live)],
+            )
     filters = SearchFilters(tenant=tenant, tags_any=[tag] if tag else None)
     result = index.search(unit_vectors(rng, 1, DIM)[0], k, filters)
     scores = [h.score for h in result.hits]

@@ -25,12 +25,17 @@ QUERIES = {
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory, conse_config, conse_embedder, photos):
-    config = RetrievalConfig(index_dir=tmp_path_factory.mktemp("index"), embedder=conse_config, index_analysed=True)
+    config = RetrievalConfig(
+        index_dir=tmp_path_factory.mktemp("index"), embedder=conse_config, index_analysed=True
+    )
     service = SearchService(config, embedder=conse_embedder)
     names = list(photos)
     ids = service.index_images(
         [photos[n] for n in names],
-        [{"tenant": "demo", "tags": ["animal"] if n in ("chelsea", "horse") else [], "extra": {"name": n}} for n in names],
+        [
+            {"tenant": "demo", "tags": ["animal"] if n in ("chelsea", "horse") else [], "extra": {"name": n}}
+            for n in names
+        ],
     )
     service.ids = dict(zip(names, ids))
     yield service
@@ -44,7 +49,9 @@ def top_name(response) -> str:
 @pytest.mark.parametrize("query, expected", QUERIES.items())
 def test_text_query_ranks_the_right_photo_first(service, query, expected):
     response = service.search_text(query, k=3)
-    assert top_name(response) == expected, [(h.metadata.extra["name"], round(h.score, 3)) for h in response.hits]
+    assert top_name(response) == expected, [
+        (h.metadata.extra["name"], round(h.score, 3)) for h in response.hits
+    ]
 
 
 def test_conse_embeddings_are_unit_and_discriminative(conse_embedder, photos):
@@ -110,8 +117,16 @@ def test_index_delete_and_cascade_integration(service, photos):
     with pytest.raises(NotFound):
         service.get(item_id)
 
-    analysis = Analysis(image_rgb=photos["chelsea"], image_sha256="c" * 64, task="classify", tenant="demo", review_item_id="rq-1")
-    analysis.detections = Detections.from_class_probabilities(np.eye(3)[1], ["dog", "cat", "cup"], width=10, height=10, top_k=1)
+    analysis = Analysis(
+        image_rgb=photos["chelsea"],
+        image_sha256="c" * 64,
+        task="classify",
+        tenant="demo",
+        review_item_id="rq-1",
+    )
+    analysis.detections = Detections.from_class_probabilities(
+        np.eye(3)[1], ["dog", "cat", "cup"], width=10, height=10, top_k=1
+    )
     analysis.trace.append(Step(stage="policy:thresholds", decision=Decision.REVIEW))
     first = service.index_analysis(analysis)
     assert service.index_analysis(analysis) == first  # same image, same tenant: replaced, not doubled
@@ -144,4 +159,9 @@ def test_config_rejects_unknown_keys():
         RetrievalConfig.model_validate({"index": {"kind": "exact", "colour": 1}})
     with pytest.raises(ValueError):
         RetrievalConfig.model_validate({"embedder": {"kind": "nope"}})
-    assert RetrievalConfig.model_validate({"embedder": {"kind": "open_clip", "model_name": "ViT-B-16"}}).embedder.model_name == "ViT-B-16"
+    assert (
+        RetrievalConfig.model_validate(
+            {"embedder": {"kind": "open_clip", "model_name": "ViT-B-16"}}
+        ).embedder.model_name
+        == "ViT-B-16"
+    )

@@ -37,20 +37,38 @@ def artefact(tmp_path_factory) -> Path:
     np.savez(folder / "outputs.npz", probabilities=probabilities, labels=labels)
     out = folder / "artefact.json"
     subprocess.run(
-        [sys.executable, "-m", "visionroute.cli", "calibrate", "--predictions", str(folder / "outputs.npz"), "--out", str(out)],
-        check=True, capture_output=True, cwd=REPO, env={"VISIONROUTE_HOME": str(folder), "PATH": "/usr/bin:/bin"},
+        [
+            sys.executable,
+            "-m",
+            "visionroute.cli",
+            "calibrate",
+            "--predictions",
+            str(folder / "outputs.npz"),
+            "--out",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+        cwd=REPO,
+        env={"VISIONROUTE_HOME": str(folder), "PATH": "/usr/bin:/bin"},
     )
     return out
 
 
 def cascade_args(artefact: Path, **extra) -> dict:
-    return {"cascades": {"classify": {"tier": {"model": "efficientnet_lite0", "calibration": str(artefact)}, **extra}}}
+    return {
+        "cascades": {
+            "classify": {"tier": {"model": "efficientnet_lite0", "calibration": str(artefact)}, **extra}
+        }
+    }
 
 
 def test_certified_thresholds_come_from_the_certificate(artefact):
     certificate = json.loads(artefact.read_text())["certificate"]
     assert certificate["feasible"]
-    policy = parse_app_config(cascade_args(artefact, thresholds_from_certificate=True)).cascades["classify"].policy
+    policy = (
+        parse_app_config(cascade_args(artefact, thresholds_from_certificate=True)).cascades["classify"].policy
+    )
     tiers = certificate.get("three_tier")
     expected = tiers["accept_threshold"] if tiers else certificate["threshold"]
     assert policy.accept_threshold == pytest.approx(min(1.0, float(expected)))
@@ -60,20 +78,26 @@ def test_certified_thresholds_come_from_the_certificate(artefact):
 
 def test_certified_thresholds_need_an_artefact():
     with pytest.raises(ConfigError, match="thresholds_from_certificate needs tier.calibration"):
-        parse_app_config({"cascades": {"classify": {"tier": {"model": "m"}, "thresholds_from_certificate": True}}})
+        parse_app_config(
+            {"cascades": {"classify": {"tier": {"model": "m"}, "thresholds_from_certificate": True}}}
+        )
 
 
 def test_calibrated_answer_and_certificate_appear_in_the_trace(artefact, prepared_models_dir):
     from skimage import data
 
-    config = parse_app_config({**cascade_args(artefact, thresholds_from_certificate=True), "models_dir": str(prepared_models_dir)})
+    config = parse_app_config(
+        {**cascade_args(artefact, thresholds_from_certificate=True), "models_dir": str(prepared_models_dir)}
+    )
     cascade = config.cascades["classify"]
     stage = OnnxStage(cascade.tier, models_dir=prepared_models_dir)
 
     async def cheap_tier(image):
         (detections,), latency_ms = stage.predict([image])
         info = stage.describe()
-        return TierResult(detections, info["model"], info["model_version"], latency_ms, 1.0, info["calibration"])
+        return TierResult(
+            detections, info["model"], info["model_version"], latency_ms, 1.0, info["calibration"]
+        )
 
     analysis = Analysis(image_rgb=data.coffee(), image_sha256="0" * 64, task="classify")
     analysis = asyncio.run(run_cascade(analysis, cheap_tier=cheap_tier, policy=cascade.policy))

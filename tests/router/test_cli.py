@@ -8,7 +8,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "visionroute.cli", *args], capture_output=True, text=True, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "visionroute.cli", *args], capture_output=True, text=True, cwd=REPO
+    )
 
 
 def test_check_config_accepts_the_shipped_config():

@@ -20,11 +20,24 @@ def test_serve_config_yaml_is_valid_and_matches_the_embedded_default():
     "args, message",
     [
         ({"cascadez": {}}, "unknown config key 'cascadez'"),
-        ({"cascades": {"classify": {"tier": {"model": "m", "bogus": 1}}}}, "unknown config key 'cascades.classify.tier.bogus'"),
+        (
+            {"cascades": {"classify": {"tier": {"model": "m", "bogus": 1}}}},
+            "unknown config key 'cascades.classify.tier.bogus'",
+        ),
         ({"default_task": "ocr"}, "default_task 'ocr' is not one of the cascades"),
         ({"limits": {"allowed_formats": ["PNG", "HEIC"]}}, "unknown formats \\['HEIC'\\]"),
         ({"limits": {"max_pixels": -1}}, "limits.max_pixels"),
-        ({"cascades": {"classify": {"tier": {"model": "m"}, "policy": {"accept_threshold": 0.2, "escalate_threshold": 0.5}}}}, "must not exceed"),
+        (
+            {
+                "cascades": {
+                    "classify": {
+                        "tier": {"model": "m"},
+                        "policy": {"accept_threshold": 0.2, "escalate_threshold": 0.5},
+                    }
+                }
+            },
+            "must not exceed",
+        ),
     ],
 )
 def test_bad_config_names_the_key_and_the_reason(args, message):

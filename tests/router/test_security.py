@@ -29,11 +29,17 @@ from router.security import (
 from router.url_fetch import UrlFetchConfig, fetch_image_url, is_public_address
 from visionroute.errors import ConfigError, InputError, PayloadTooLarge
 
-KEYS = {"acme-client": ("acme", "client"), "acme-reviewer": ("acme", "reviewer"), "ops-admin": ("ops", "admin")}
+KEYS = {
+    "acme-client": ("acme", "client"),
+    "acme-reviewer": ("acme", "reviewer"),
+    "ops-admin": ("ops", "admin"),
+}
 
 
 def security() -> SecurityConfig:
-    return SecurityConfig(api_keys=[ApiKey(sha256=hash_key(k), tenant=t, role=r) for k, (t, r) in KEYS.items()])
+    return SecurityConfig(
+        api_keys=[ApiKey(sha256=hash_key(k), tenant=t, role=r) for k, (t, r) in KEYS.items()]
+    )
 
 
 def test_keys_are_stored_hashed_and_roles_are_ranked():
@@ -64,7 +70,9 @@ def test_config_refuses_plain_or_duplicate_keys():
         parse_app_config({"security": {"api_keys": [{"sha256": "my-secret", "tenant": "a"}]}})
     digest = hash_key("k")
     with pytest.raises(ConfigError, match="same key twice"):
-        parse_app_config({"security": {"api_keys": [{"sha256": digest, "tenant": "a"}, {"sha256": digest, "tenant": "b"}]}})
+        parse_app_config(
+            {"security": {"api_keys": [{"sha256": digest, "tenant": "a"}, {"sha256": digest, "tenant": "b"}]}}
+        )
     with pytest.raises(ConfigError, match="security.api_keys.0.role"):
         parse_app_config({"security": {"api_keys": [{"sha256": digest, "tenant": "a", "role": "root"}]}})
 
@@ -77,10 +85,20 @@ def test_headers_and_metadata_carry_the_key():
 
 @pytest.mark.parametrize(
     "path, role",
-    [("/healthz", None), ("/readyz", None), ("/openapi.json", None), ("/v1/analyze", "client"),
-     ("/v1/review/items/x", "reviewer"), ("/review", "reviewer"), ("/review/app.js", "reviewer"),
-     ("/metrics", "admin"), ("/v1/policy", "admin"), ("/v1/analyzer", "admin"), ("/anything-new", "admin")],
-)  # fmt: skip
+    [
+        ("/healthz", None),
+        ("/readyz", None),
+        ("/openapi.json", None),
+        ("/v1/analyze", "client"),
+        ("/v1/review/items/x", "reviewer"),
+        ("/review", "reviewer"),
+        ("/review/app.js", "reviewer"),
+        ("/metrics", "admin"),
+        ("/v1/policy", "admin"),
+        ("/v1/analyzer", "admin"),
+        ("/anything-new", "admin"),
+    ],
+)
 def test_routes_are_deny_by_default(path, role):
     assert required_role(path) == role
 
@@ -89,7 +107,9 @@ def test_tenants_are_scoped_to_the_key():
     auth = Authenticator(security())
     token = set_principal(auth.authenticate("acme-client", "client"))
     try:
-        assert resolve_tenant(None) == "acme" and resolve_tenant("acme") == "acme" and tenant_scope() == "acme"
+        assert (
+            resolve_tenant(None) == "acme" and resolve_tenant("acme") == "acme" and tenant_scope() == "acme"
+        )
         with pytest.raises(PermissionDenied, match="cannot act for tenant 'globex'"):
             resolve_tenant("globex")
     finally:
@@ -104,9 +124,16 @@ def test_tenants_are_scoped_to_the_key():
 
 @pytest.mark.parametrize(
     "host, grpc, refused",
-    [("127.0.0.1", False, False), ("localhost", False, False), ("::1", False, False),
-     ("0.0.0.0", False, True), ("10.0.0.5", False, True), ("example.com", False, True), ("127.0.0.1", True, True)],
-)  # fmt: skip
+    [
+        ("127.0.0.1", False, False),
+        ("localhost", False, False),
+        ("::1", False, False),
+        ("0.0.0.0", False, True),
+        ("10.0.0.5", False, True),
+        ("example.com", False, True),
+        ("127.0.0.1", True, True),
+    ],
+)
 def test_no_public_bind_without_keys(host, grpc, refused):
     if refused:
         with pytest.raises(ConfigError, match="allow_insecure_bind"):
@@ -134,11 +161,23 @@ def test_url_fetch_is_off_by_default():
 
 @pytest.mark.parametrize(
     "url",
-    ["http://127.0.0.1/x.png", "http://localhost:8000/x", "http://[::1]/x", "http://169.254.169.254/latest/meta-data/",
-     "http://10.1.2.3/x", "http://192.168.0.1/x", "http://172.16.0.1/x", "http://0.0.0.0/x",
-     "http://[::ffff:127.0.0.1]/x", "http://[fe80::1]/x", "http://100.64.0.1/x", "http://224.0.0.1/x",
-     "http://2130706433/x", "http://0x7f000001/x"],
-)  # fmt: skip
+    [
+        "http://127.0.0.1/x.png",
+        "http://localhost:8000/x",
+        "http://[::1]/x",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://10.1.2.3/x",
+        "http://192.168.0.1/x",
+        "http://172.16.0.1/x",
+        "http://0.0.0.0/x",
+        "http://[::ffff:127.0.0.1]/x",
+        "http://[fe80::1]/x",
+        "http://100.64.0.1/x",
+        "http://224.0.0.1/x",
+        "http://2130706433/x",
+        "http://0x7f000001/x",
+    ],
+)
 def test_private_loopback_and_link_local_are_refused(url):
     with pytest.raises(InputError, match="private|does not resolve|not a valid"):
         fetch(url)
@@ -174,7 +213,10 @@ def test_connects_to_the_vetted_address_with_the_name_in_host_and_sni():
         seen.append(request)
         return httpx.Response(200, content=b"png-bytes")
 
-    assert fetch("https://images.example/cat.png", resolve=public, transport=httpx.MockTransport(handler)) == b"png-bytes"
+    assert (
+        fetch("https://images.example/cat.png", resolve=public, transport=httpx.MockTransport(handler))
+        == b"png-bytes"
+    )
     assert seen[0].url.host == "93.184.216.34" and seen[0].headers["host"] == "images.example"
     assert seen[0].extensions["sni_hostname"] == "images.example"
 
@@ -205,7 +247,9 @@ def test_body_size_is_limited_while_streaming():
 def test_public_addresses_are_exactly_the_global_non_special_ones(ip):
     unwrapped = getattr(ip, "ipv4_mapped", None) or ip
     if is_public_address(str(ip)):
-        assert unwrapped.is_global and not (unwrapped.is_private or unwrapped.is_loopback or unwrapped.is_link_local)
+        assert unwrapped.is_global and not (
+            unwrapped.is_private or unwrapped.is_loopback or unwrapped.is_link_local
+        )
     if unwrapped.is_loopback or unwrapped.is_private or unwrapped.is_link_local:
         assert not is_public_address(str(ip))
 

@@ -15,7 +15,9 @@ def test_detections_validates_shapes_with_expected_and_actual():
 
 def test_classifier_answer_is_topk_whole_image_rows_best_first():
     probabilities = np.array([0.1, 0.6, 0.3])
-    detections = Detections.from_class_probabilities(probabilities, ["a", "b", "c"], width=40, height=30, top_k=2)
+    detections = Detections.from_class_probabilities(
+        probabilities, ["a", "b", "c"], width=40, height=30, top_k=2
+    )
     assert detections.labels == ["b", "c"]
     np.testing.assert_allclose(detections.confidence, [0.6, 0.3], rtol=1e-6)
     np.testing.assert_array_equal(detections.xyxy, [[0, 0, 40, 30]] * 2)
