@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import logging
@@ -27,6 +28,24 @@ def file_sha256(path: Path, chunk_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def parse_metadata_value(text: str):
+    """A metadata_props string -> its value: JSON, else a Python literal, else the string.
+
+    Ultralytics writes Python literals (``names="{0: 'person'}"``, ``imgsz='[320, 320]'``);
+    they are read with ``ast.literal_eval``, which evaluates literals only, never code.
+    """
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError):
+        pass
+    if text.lstrip()[:1] in ("[", "{", "(") or text in ("True", "False", "None"):
+        try:
+            return ast.literal_eval(text)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            pass
+    return text
+
+
 def choose_providers(requested: Sequence[str] | None = None) -> list[str]:
     """CUDA when this onnxruntime build has it, CPU otherwise; unknown names are an error."""
     available = ort.get_available_providers()
@@ -44,8 +63,9 @@ def choose_providers(requested: Sequence[str] | None = None) -> list[str]:
 class OnnxModel:
     """One ONNX Runtime session over a model file, safe to call from several threads.
 
-    ``metadata`` merges the model's own metadata_props (JSON values decoded when possible)
-    with an optional sidecar ``<model>.json`` written by ``visionroute models prepare``.
+    ``file_metadata`` is the model's own metadata_props, values decoded (JSON or Python
+    literals); ``metadata`` is that merged with an optional sidecar ``<model>.json`` written by
+    ``visionroute models prepare`` (the sidecar wins).
     """
 
     def __init__(
@@ -70,20 +90,26 @@ class OnnxModel:
                 f"cannot load ONNX model {str(self.path)!r}: {exc}", field="model_path"
             ) from exc
         self.sha256 = file_sha256(self.path)
-        self.max_batch_size = max_batch_size
         self.input = self.session.get_inputs()[0]
-        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.outputs = self.session.get_outputs()
+        self.output_names = [o.name for o in self.outputs]
+        # A file exported with a fixed batch (Ultralytics' default is 1) runs in chunks of
+        # exactly that size, the last one padded.
+        self.static_batch = self.input.shape[0] if self._is_fixed(self.input.shape[:1]) else None
+        self.max_batch_size = self.static_batch or max_batch_size
+        self.file_metadata = {
+            key: parse_metadata_value(value)
+            for key, value in self.session.get_modelmeta().custom_metadata_map.items()
+        }
         self.metadata = self._read_metadata()
         log.info("loaded %s (sha256 %s) on %s", self.path.name, self.sha256[:12], self.providers)
 
+    @staticmethod
+    def _is_fixed(dims) -> bool:
+        return bool(dims) and all(isinstance(d, int) and d > 0 for d in dims)
+
     def _read_metadata(self) -> dict:
-        props = dict(self.session.get_modelmeta().custom_metadata_map)
-        metadata: dict = {}
-        for key, value in props.items():
-            try:
-                metadata[key] = json.loads(value)
-            except (TypeError, ValueError):
-                metadata[key] = value
+        metadata = dict(self.file_metadata)
         sidecar = self.path.with_suffix(".json")
         if sidecar.is_file():
             metadata.update(json.loads(sidecar.read_text()))
@@ -93,13 +119,21 @@ class OnnxModel:
     def input_hw(self) -> tuple[int, int] | None:
         """The fixed (height, width) of the input, or None when dynamic."""
         shape = self.input.shape
-        if len(shape) == 4 and all(isinstance(d, int) for d in shape[2:]):
+        if len(shape) == 4 and self._is_fixed(shape[2:]):
             return int(shape[2]), int(shape[3])
         return None
 
     @property
+    def output_shapes(self) -> list[list[int | str | None]]:
+        """Each output's shape as the file declares it (ints where fixed, names where not)."""
+        return [list(o.shape) for o in self.outputs]
+
+    @property
     def version(self) -> str:
-        return str(self.metadata.get("version") or f"sha256:{self.sha256[:16]}")
+        version = self.metadata.get("version")
+        if version and "ultralytics" in str(self.file_metadata.get("author", "")).lower():
+            return f"ultralytics=={version}"  # the exporter's version, not the weights'
+        return str(version or f"sha256:{self.sha256[:16]}")
 
     def run(self, batch: np.ndarray) -> list[np.ndarray]:
         """Run a (n, c, h, w) batch, in chunks of ``max_batch_size``; returns every output."""
@@ -108,5 +142,11 @@ class OnnxModel:
         chunks = []
         for start in range(0, len(batch), self.max_batch_size):
             part = np.ascontiguousarray(batch[start : start + self.max_batch_size], np.float32)
-            chunks.append(self.session.run(self.output_names, {self.input.name: part}))
+            rows = len(part)
+            if self.static_batch and rows < self.static_batch:
+                padding = np.zeros((self.static_batch - rows, *part.shape[1:]), np.float32)
+                part = np.concatenate([part, padding])
+            chunks.append(
+                [out[:rows] for out in self.session.run(self.output_names, {self.input.name: part})]
+            )
         return [np.concatenate([c[i] for c in chunks]) for i in range(len(self.output_names))]

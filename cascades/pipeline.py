@@ -2,7 +2,12 @@
 
 The tiers come in as async callables so the same code runs in-process (tests, evals) and
 behind Ray Serve handles (the router). A tier that fails becomes a recorded step that routes
-to review; it is never a silent accept.
+to review; it is never a silent accept. Every decision here comes from
+``policies.thresholds.decide``, the rule trace replay calls too.
+
+The cheap tier's step records what a replay needs to re-judge the answer under another policy:
+``details.confidences`` (every row's confidence, as the shortest decimal that reads back to the
+same float32) and ``details.is_calibrated``; the policy step records ``vlm_available``.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from typing import Protocol
 
 import numpy as np
 
-from policies.thresholds import ThresholdPolicy, answer_score, decide_after_cheap_tier
+from policies.thresholds import ThresholdPolicy, answer_score, decide, decide_after_cheap_tier
 from visionroute.records import Analysis, Decision, Detections, Step
 
 
@@ -49,11 +54,12 @@ async def run_cascade(
     try:
         result = await cheap_tier(analysis.image_rgb)
     except Exception as exc:  # any backend failure must end in review, with its reason
+        decision, reason = decide(None, policy, vlm_available=vlm is not None, cheap_tier_failed=True)
         analysis.trace.append(
             Step(
                 stage=f"onnx:{analysis.task}",
-                decision=Decision.REVIEW,
-                reason="the cheap tier failed; a human decides",
+                decision=decision,
+                reason=reason,
                 error=f"{type(exc).__name__}: {exc}",
                 latency_ms=(time.perf_counter() - started) * 1000.0,
             )
@@ -73,6 +79,8 @@ async def run_cascade(
                 "label": result.detections.labels[0] if len(result.detections) else None,
                 "calibration": (result.calibration or {}).get("calibration"),
                 "certificate": (result.calibration or {}).get("certificate"),
+                "confidences": _float32_list(result.detections.confidence),
+                "is_calibrated": result.detections.is_calibrated,
             },
         )
     )
@@ -92,3 +100,9 @@ async def run_cascade(
                 )
             )
     return analysis
+
+
+def _float32_list(values: np.ndarray) -> list[float]:
+    """JSON-ready floats that read back (as float32) to exactly ``values``: replay recomputes
+    the score from them, so a threshold right at a confidence decides the same way."""
+    return [float(str(v)) for v in np.asarray(values, np.float32)]

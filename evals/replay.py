@@ -4,42 +4,61 @@ Input: a JSONL file, one ``Trace.to_dict()`` per line, with the ground truth eit
 (``"ground_truth": "cat"``) or in a labels file mapping request ids to labels (CSV with columns
 ``request_id,label`` or a JSON object). Optional ``"metadata": {...}`` on a line feeds slices.
 
-From each trace we take the cheap tier's step (stage ``onnx:*``): its score and its answer;
-and, when the item was escalated then, the VLM's step (stage ``vlm*``) and its answer. An
-answer is read from ``step.details["label"]`` (or the first of ``details["labels"]`` /
+From each trace we take the cheap tier's step (stage ``onnx:*``): its answer, its per-row
+confidences (``details.confidences``) and whether it failed; the policy step
+(``policy:thresholds``): its decision and whether a VLM was available (``details.vlm_available``);
+and, when the item was escalated then, the VLM's step (stage ``vlm*``) and its answer. An answer
+is read from ``step.details["label"]`` (or the first of ``details["labels"]`` /
 ``details["detections"]`` when those are lists of labels or detection dicts).
 
-The candidate policy (accept and escalate thresholds on the cheap score) is replayed on those
-recorded facts. An item the candidate would escalate but that never reached the VLM in
-production has no recorded VLM answer: it is counted in ``unscorable`` rather than guessed.
+The candidate policy is replayed through ``policies.thresholds.decide``, the rule production
+runs, so replaying the live policy on its own traces reproduces every live decision: the score
+is recomputed from the recorded confidences under the candidate's score rule (top1, min_box,
+mean_box), an answer with no boxes follows the candidate's ``empty_result``, an escalation
+becomes review where no VLM was available, and a failed cheap tier is reviewed.
+
+Traces written before the confidences were recorded are replayed on the recorded score (the
+live score rule's), counted in ``recorded_score_only``; an unknown VLM availability counts as
+available. An item the candidate would escalate but that never reached the VLM in production
+has no recorded VLM answer: it is counted in ``unscorable`` rather than guessed.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 
 from evals.slicing import MISSING
+from policies.thresholds import ThresholdPolicy, answer_score, decide
 from visionroute.errors import InputError
-from visionroute.records import Trace
+from visionroute.records import Decision, Step, Trace
 
 
 @dataclass(frozen=True)
 class ReplayItem:
     request_id: str
-    cheap_score: float | None
+    cheap_score: float | None  # as recorded, under the live score rule
     cheap_label: str | None
     vlm_label: str | None
-    recorded_decision: str | None
+    recorded_decision: str | None  # the trace's final decision
     recorded_cost_units: float
     ground_truth: str | None
     metadata: dict[str, Any]
+    # What re-deciding needs (absent from traces written before they were recorded):
+    cheap_confidences: tuple[float, ...] | None = None  # every row's confidence; () for no rows
+    cheap_detections: int | None = None  # the number of rows the cheap tier answered with
+    cheap_failed: bool = False  # no cheap step, or it failed: nothing to accept
+    cheap_calibrated: bool = False  # words the reason only
+    vlm_available: bool | None = None  # None: the trace does not say
+    recorded_policy_decision: str | None = None  # what the live rule decided (before any VLM)
+    recorded_policy: dict[str, Any] = field(default_factory=dict)  # score_rule, empty_result
 
 
 def _answer(details: dict[str, Any]) -> str | None:
@@ -67,6 +86,60 @@ def load_labels(path: Path) -> dict[str, str]:
         return {row["request_id"]: row["label"] for row in reader}
 
 
+def _vlm_available(policy: Step | None, steps: tuple[Step, ...]) -> bool | None:
+    """Recorded since the policy step carries it; inferred for older traces where possible."""
+    if policy is not None and isinstance(policy.details.get("vlm_available"), bool):
+        return policy.details["vlm_available"]
+    if any(s.stage.startswith("vlm") for s in steps):
+        return True
+    if policy is not None and policy.decision is Decision.ESCALATE:
+        return True
+    if policy is not None and "no VLM is configured" in policy.reason:
+        return False
+    return None
+
+
+def _item(trace: Trace, data: dict[str, Any], labels: dict[str, str] | None) -> ReplayItem:
+    steps = trace.steps
+    cheap = next((s for s in steps if s.stage.startswith("onnx")), None)
+    policy = next((s for s in steps if s.stage == "policy:thresholds"), None)
+    vlm = next((s for s in steps if s.stage.startswith("vlm") and s.error is None), None)
+    truth = data.get("ground_truth")
+    if truth is None and labels is not None:
+        truth = labels.get(trace.request_id)
+    failed = cheap is None or cheap.error is not None
+    details = cheap.details if cheap is not None else {}
+    confidences = details.get("confidences")
+    count = details.get("detections")
+    if policy is not None:
+        recorded_policy = policy.decision
+    elif cheap is not None and cheap.error is not None:
+        recorded_policy = cheap.decision  # the failed cheap step decided (review)
+    else:
+        recorded_policy = None
+    return ReplayItem(
+        request_id=trace.request_id,
+        cheap_score=None if failed else cheap.score,
+        cheap_label=_answer(details),
+        vlm_label=_answer(vlm.details) if vlm is not None else None,
+        recorded_decision=trace.decision.value if trace.decision else None,
+        recorded_cost_units=trace.cost_units,
+        ground_truth=None if truth is None else str(truth),
+        metadata=dict(data.get("metadata") or {}),
+        cheap_confidences=None if failed or confidences is None else tuple(float(c) for c in confidences),
+        cheap_detections=count if isinstance(count, int) else None,
+        cheap_failed=failed,
+        cheap_calibrated=bool(details.get("is_calibrated", details.get("calibration") is not None)),
+        vlm_available=_vlm_available(policy, steps),
+        recorded_policy_decision=recorded_policy.value if recorded_policy is not None else None,
+        recorded_policy={
+            k: policy.details[k]
+            for k in ("score_rule", "empty_result")
+            if policy is not None and k in policy.details
+        },
+    )
+
+
 def read_traces(path: Path, labels: dict[str, str] | None = None) -> list[ReplayItem]:
     items = []
     with Path(path).open() as handle:
@@ -75,58 +148,112 @@ def read_traces(path: Path, labels: dict[str, str] | None = None) -> list[Replay
                 continue
             try:
                 data = json.loads(line)
-                trace = Trace.from_dict(data)
-            except (ValueError, TypeError) as exc:
+                items.append(_item(Trace.from_dict(data), data, labels))
+            except (ValueError, TypeError, AttributeError) as exc:
                 raise InputError(
                     f"{path}:{line_no} is not a Trace.to_dict() JSON line: {exc}", field="traces"
                 ) from exc
-            cheap = next((s for s in trace.steps if s.stage.startswith("onnx")), None)
-            vlm = next((s for s in trace.steps if s.stage.startswith("vlm") and s.error is None), None)
-            truth = data.get("ground_truth")
-            if truth is None and labels is not None:
-                truth = labels.get(trace.request_id)
-            items.append(
-                ReplayItem(
-                    request_id=trace.request_id,
-                    cheap_score=None if cheap is None or cheap.error else cheap.score,
-                    cheap_label=_answer(cheap.details) if cheap is not None else None,
-                    vlm_label=_answer(vlm.details) if vlm is not None else None,
-                    recorded_decision=trace.decision.value if trace.decision else None,
-                    recorded_cost_units=trace.cost_units,
-                    ground_truth=None if truth is None else str(truth),
-                    metadata=dict(data.get("metadata") or {}),
-                )
-            )
     return items
+
+
+def replay_decision(
+    item: ReplayItem, policy: ThresholdPolicy, *, vlm_available: bool | None = None
+) -> tuple[Decision, str]:
+    """What ``policy`` decides for this recorded item: production's rule on the recorded facts.
+
+    ``vlm_available``: None reads it from the trace (unknown counts as available).
+    """
+    if vlm_available is None:
+        vlm_available = item.vlm_available is not False
+    if item.cheap_failed:
+        return decide(None, policy, vlm_available=vlm_available, cheap_tier_failed=True)
+    if item.cheap_confidences is not None:
+        score = answer_score(item.cheap_confidences, policy.score)
+    elif item.cheap_score is None and item.cheap_detections != 0:
+        # an older item with no score that is not known to be an empty answer: nothing to accept
+        return decide(None, policy, vlm_available=vlm_available, cheap_tier_failed=True)
+    else:
+        score = item.cheap_score  # older trace: the live rule's score (None: no detections)
+    return decide(score, policy, vlm_available=vlm_available, is_calibrated=item.cheap_calibrated)
+
+
+def _checked(fields: dict[str, Any]) -> ThresholdPolicy:
+    try:
+        return ThresholdPolicy(**fields)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'policy'}: {e['msg']}" for e in exc.errors())
+        raise InputError(f"not a valid candidate policy: {problems}", field="policy") from exc
+
+
+def _candidate(
+    policy: ThresholdPolicy | None, accept_threshold: float | None, escalate_threshold: float | None
+) -> tuple[dict[str, Any], Callable[[ReplayItem], ThresholdPolicy]]:
+    """How the candidate is reported, and the policy to replay each item under.
+
+    The keyword form means these thresholds with the score and empty-result rules each trace
+    records (the ``ThresholdPolicy`` defaults where it records none)."""
+    keywords = (accept_threshold, escalate_threshold)
+    if policy is not None:
+        if keywords != (None, None):
+            raise InputError(
+                "give either a policy or accept_threshold/escalate_threshold, not both", field="policy"
+            )
+        return policy.model_dump(), lambda _item: policy
+    if None in keywords:
+        raise InputError(
+            "replay needs a ThresholdPolicy or both accept_threshold and escalate_threshold", field="policy"
+        )
+    base = _checked(
+        {
+            "version": "replay-candidate",
+            "accept_threshold": accept_threshold,
+            "escalate_threshold": escalate_threshold,
+        }
+    ).model_dump()
+    cache: dict[tuple[Any, Any], ThresholdPolicy] = {}
+
+    def for_item(item: ReplayItem) -> ThresholdPolicy:
+        key = (item.recorded_policy.get("score_rule"), item.recorded_policy.get("empty_result"))
+        if key not in cache:
+            rules = {k: v for k, v in zip(("score", "empty_result"), key) if v is not None}
+            cache[key] = _checked(base | rules)
+        return cache[key]
+
+    described = {
+        "accept_threshold": accept_threshold,
+        "escalate_threshold": escalate_threshold,
+        "score": "as recorded",
+        "empty_result": "as recorded",
+    }
+    return described, for_item
 
 
 def replay(
     items: Iterable[ReplayItem],
+    policy: ThresholdPolicy | None = None,
     *,
-    accept_threshold: float,
-    escalate_threshold: float,
+    accept_threshold: float | None = None,
+    escalate_threshold: float | None = None,
+    vlm_available: bool | None = None,
     cheap_cost: float = 1.0,
     vlm_cost: float = 10.0,
     review_cost: float = 100.0,
     slice_keys: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """The candidate policy's decisions, accepted error, coverage and cost, overall and per slice."""
-    if escalate_threshold > accept_threshold:
-        raise InputError(
-            f"escalate_threshold ({escalate_threshold}) must not exceed accept_threshold ({accept_threshold})",
-            field="escalate_threshold",
-        )
+    """The candidate policy's decisions, accepted error, coverage and cost, overall and per slice.
+
+    The candidate is a ``ThresholdPolicy`` (thresholds, score rule, empty-result rule), or just
+    ``accept_threshold``/``escalate_threshold`` with the other rules as each trace recorded them.
+    ``vlm_available``: None reads it from each trace; True / False replays as if a VLM were
+    (not) configured. ``changed_decisions`` counts items whose candidate decision differs from
+    the live policy's recorded one (0 when replaying the live policy).
+    """
+    described, policy_for = _candidate(policy, accept_threshold, escalate_threshold)
+    described["vlm_available"] = "as recorded" if vlm_available is None else vlm_available
+
     rows = []
     for item in items:
-        score = item.cheap_score
-        if score is None:
-            decision = "review"  # a failed cheap tier never auto-accepts
-        elif score >= accept_threshold:
-            decision = "accept"
-        elif score >= escalate_threshold:
-            decision = "escalate"
-        else:
-            decision = "review"
+        decision = replay_decision(item, policy_for(item), vlm_available=vlm_available)[0].value
         answer = (
             item.cheap_label if decision == "accept" else item.vlm_label if decision == "escalate" else None
         )
@@ -160,12 +287,16 @@ def replay(
             if n
             else 0.0,
             "recorded_accepted": len(recorded),
+            "changed_decisions": sum(
+                r[0].recorded_policy_decision is not None and r[1] != r[0].recorded_policy_decision
+                for r in selected
+            ),
+            "recorded_score_only": sum(
+                not r[0].cheap_failed and r[0].cheap_confidences is None for r in selected
+            ),
         }
 
-    out = {
-        "policy": {"accept_threshold": accept_threshold, "escalate_threshold": escalate_threshold},
-        "slices": {"all": summarise(rows)},
-    }
+    out = {"policy": described, "slices": {"all": summarise(rows)}}
     for key in slice_keys:
         values = sorted({str(r[0].metadata.get(key, MISSING)) for r in rows})
         for value in values:

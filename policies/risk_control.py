@@ -39,11 +39,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from policies.thresholds import decide
 from visionroute.errors import ConfigError, InputError
 
 PValue = Literal["binomial", "hoeffding_bentkus"]
@@ -345,20 +346,25 @@ class TierOutcomes:
 class TierPlan:
     """accept the cheap answer when score >= accept_threshold; escalate to the VLM (and accept
     its answer) when review_threshold <= score < accept_threshold; send to a human below
-    review_threshold. Infeasible plans review everything."""
+    review_threshold. Infeasible plans review everything.
+
+    ``decide`` is the service's rule (``policies.thresholds.decide``) with a VLM available:
+    ``review_threshold`` plays the policy's ``escalate_threshold``."""
 
     accept_threshold: float
     review_threshold: float
     expected_cost_units: float  # per item, on the test split
     rates: dict[str, float]  # fraction accepted from cheap / escalated / reviewed
     certificate: RiskCertificate
+    empty_result: ClassVar[str] = "review"  # a plan is over scores; it never sees an empty answer
+
+    @property
+    def escalate_threshold(self) -> float:
+        return self.review_threshold
 
     def decide(self, score: float) -> str:
-        if score >= self.accept_threshold:
-            return "accept"
-        if score >= self.review_threshold:
-            return "escalate"
-        return "review"
+        """The decision ("accept", "escalate" or "review") for the cheap tier's calibrated score."""
+        return decide(score, self, vlm_available=True)[0].value
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe: accept_threshold "inf" means never accept the cheap answer, review_threshold
@@ -375,7 +381,10 @@ class TierPlan:
 
 
 def _plan_stats(data: TierOutcomes, accept_t: np.ndarray, review_t: np.ndarray, costs: TierCosts):
-    """Vectorised over candidate pairs: (n_auto, n_errors, n_escalated, n_reviewed) per pair."""
+    """Vectorised over candidate pairs: (n_auto, n_errors, n_escalated, n_reviewed) per pair.
+
+    The same comparisons as ``TierPlan.decide`` (``policies.thresholds.decide`` with a VLM),
+    over arrays for speed; tests/policies/test_decide_agreement.py holds the two equal."""
     s = data.cheap_score[None, :]
     cheap_ok = s >= accept_t[:, None]
     escalated = (s >= review_t[:, None]) & ~cheap_ok

@@ -52,4 +52,4 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     )
     return Ingress.options(
         num_replicas=config.ingress_replicas, ray_actor_options={"num_cpus": config.ingress_num_cpus}
-    ).bind(config.model_dump(mode="json"), tiers, vlm_tiers, search)
+    ).bind(config, tiers, vlm_tiers, search)  # the resolved config itself: replicas never re-validate it

@@ -11,11 +11,12 @@ from visionroute import paths
 REPO_CONFIG = Path(__file__).resolve().parents[1] / "serve_config.yaml"
 
 
-def check_serve_config(path: Path) -> None:
-    """Validate every VisionRoute application's args in a Ray Serve config (ConfigError if bad)."""
+def check_serve_config(path: Path) -> list[dict]:
+    """Validate every VisionRoute application's args in a Ray Serve config (ConfigError if bad);
+    returns each application's resolved versions (router.config.resolved_versions)."""
     import yaml
 
-    from router.config import parse_app_config
+    from router.config import parse_app_config, resolved_versions
     from visionroute.errors import ConfigError
 
     if not path.is_file():
@@ -24,13 +25,19 @@ def check_serve_config(path: Path) -> None:
         document = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}", field="config") from None
+    resolved = []
     for application in document.get("applications", []):
         if application.get("import_path") == "router.app:build_app":
-            parse_app_config(application.get("args"))
+            config = parse_app_config(application.get("args"))
+            resolved.append({"application": application.get("name", "default"), **resolved_versions(config)})
+    return resolved
 
 
 def _check(args) -> int:
-    check_serve_config(args.config)
+    for app in check_serve_config(args.config):
+        print(f"application {app['application']}: policy set {app['policy_set']}")
+        for task, version in app["thresholds"].items():
+            print(f"  {task}: thresholds {version}")
     print(f"{args.config}: valid")
     return 0
 
@@ -50,7 +57,7 @@ def _serve(args) -> int:
 
 
 def _bench_serve(args) -> int:
-    from evals.bench_serve import run_bench
+    from evals.benchmarks.serve import run_bench
 
     placements = ("deployment", "ingress") if args.placement == "both" else (args.placement,)
     run_bench(

@@ -77,8 +77,7 @@ class CascadeConfig(Strict):
             raise ValueError(
                 "thresholds_from_certificate needs tier.calibration (an artefact from `visionroute calibrate`)"
             )
-        self.policy = certified_policy(self.policy, Path(self.tier.calibration))
-        return self
+        return self  # the thresholds themselves are resolved once, by resolve_certificates()
 
 
 def certified_policy(policy: ThresholdPolicy, artefact_path: Path) -> ThresholdPolicy:
@@ -179,11 +178,41 @@ def _describe(error: dict[str, Any]) -> str:
     return f"{where}: {error['msg']}"
 
 
+def resolve_certificates(config: AppConfig) -> AppConfig:
+    """A copy whose certified cascades carry the certificate's thresholds and versions.
+
+    Runs once, in the process that builds the app; replicas receive the resolved object and
+    never validate it again, so the version a trace names is the one `check-config` printed.
+    """
+    cascades = {}
+    for task, cascade in config.cascades.items():
+        if cascade.thresholds_from_certificate:
+            try:
+                policy = certified_policy(cascade.policy, Path(cascade.tier.calibration))
+            except ValueError as exc:
+                raise ConfigError(str(exc), field=f"cascades.{task}.tier.calibration") from None
+            cascade = cascade.model_copy(update={"policy": policy})
+        cascades[task] = cascade
+    return config.model_copy(update={"cascades": cascades})
+
+
 def parse_app_config(args: dict[str, Any] | None) -> AppConfig:
-    """Validate serve_config args; the error names every bad key and why."""
+    """Validate serve_config args and resolve certified thresholds; errors name every bad key."""
     try:
-        return AppConfig.model_validate(args or {})
+        config = AppConfig.model_validate(args or {})
     except ValidationError as exc:
         problems = [_describe(e) for e in exc.errors()]
         first_field = ".".join(str(p) for p in exc.errors()[0]["loc"]) or None
         raise ConfigError("invalid VisionRoute config: " + "; ".join(problems), field=first_field) from None
+    return resolve_certificates(config)
+
+
+def resolved_versions(config: AppConfig) -> dict[str, Any]:
+    """The versions a deploy of ``config`` stamps on its traces (printed by check-config)."""
+    return {
+        "policy_set": config.policies.version,
+        "thresholds": {
+            task: config.policies.threshold_policy(task, cascade.policy).version
+            for task, cascade in config.cascades.items()
+        },
+    }

@@ -1,44 +1,30 @@
-"""The gRPC face of the ingress: the RPCs of ``router/proto/visionroute.proto`` and grpc.health.v1.
+"""The gRPC face: the RPCs of ``router/proto/visionroute.proto`` and grpc.health.v1.
 
 Ray Serve's gRPC proxy (``grpc_options`` in serve_config.yaml) calls the ingress deployment's
-method named like the RPC with the decoded request message. ``Ingress`` inherits these
-methods, and each one calls the same code the HTTP route runs (``analyze_image``, the review
-handlers, ``readyz``), so both faces share semantics, limits, tenant rules and errors; only
-the envelope differs. A ``RouterError`` becomes a gRPC status whose details are the HTTP
-error body as JSON.
+method named like the RPC with the decoded request message. Each method here only
+translates: proto in, one call to the service core (``self.service``, router/services/),
+proto out. A ``RouterError`` becomes the gRPC status of router/errors.py's table, with the
+HTTP error body as JSON in the details, so both faces answer a failure the same way.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
+from router.errors import error_body, grpc_code_name, retry_after_s
 from router.grpc_build import ensure_generated
-from router.security import (
-    GRPC_ROLES,
-    PermissionDenied,
-    Unauthenticated,
-    key_from_headers,
-    reset_principal,
-    set_principal,
-)
-from visionroute.errors import (
-    BackendUnavailable,
-    BudgetExceeded,
-    ConfigError,
-    Conflict,
-    InputError,
-    NotFound,
-    RouterError,
-)
+from router.schemas import ClaimRequest, LabelRequest, ReleaseRequest
+from router.security import GRPC_ROLES, key_from_headers, reset_principal, set_principal
+from router.services import ImageRequest, response_body
+from router.services.common import checked_request_id
+from visionroute.errors import InputError, RouterError
 
 ensure_generated()
 from router.proto import visionroute_pb2 as pb  # noqa: E402  (generated just above)
@@ -50,29 +36,13 @@ log = logging.getLogger("visionroute.grpc")
 add_VisionRouteServicer_to_server = visionroute_pb2_grpc.add_VisionRouteServicer_to_server
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["VisionRoute"].full_name
 
-# Most specific first, like router.ingress.STATUS_BY_ERROR (HTTP 401/403/400/404/409/429/503/422).
-GRPC_STATUS_BY_ERROR: tuple[tuple[type[RouterError], grpc.StatusCode], ...] = (
-    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
-    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
-    (InputError, grpc.StatusCode.INVALID_ARGUMENT),
-    (NotFound, grpc.StatusCode.NOT_FOUND),
-    (Conflict, grpc.StatusCode.ABORTED),
-    (BudgetExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (BackendUnavailable, grpc.StatusCode.UNAVAILABLE),
-    (ConfigError, grpc.StatusCode.FAILED_PRECONDITION),
-)
 
-
-def grpc_code_for(error: RouterError) -> grpc.StatusCode:
-    return next(
-        (code for kind, code in GRPC_STATUS_BY_ERROR if isinstance(error, kind)), grpc.StatusCode.INTERNAL
-    )
-
-
-def input_error(exc: ValidationError, prefix: str = "") -> InputError:
-    first = exc.errors()[0]
-    field = ".".join(map(str, first["loc"])) or "body"
-    return InputError(first["msg"], field=prefix + field if prefix else field)
+def validated(model: type[BaseModel], **values: Any) -> Any:
+    try:
+        return model(**values)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise InputError(first["msg"], field=".".join(map(str, first["loc"])) or "body") from None
 
 
 def analyze_to_proto(body: dict[str, Any]) -> pb.AnalyzeResponse:
@@ -90,83 +60,87 @@ def analyze_to_proto(body: dict[str, Any]) -> pb.AnalyzeResponse:
         review_item_id=body["review_item_id"] or "",
         cost_units=body["cost_units"],
         trace_json=json.dumps(body["trace"]),
+        policy_version=body["policy_version"] or "",
+        degraded=body["degraded"],
+        text=body["text"] or "",
     )
+
+
+def item_proto(item: dict[str, Any]) -> pb.ReviewItem:
+    return pb.ReviewItem(item_json=json.dumps(item))
+
+
+def json_reply(body: Any) -> pb.JsonReply:
+    return pb.JsonReply(json=json.dumps(body))
 
 
 def _request_id(grpc_context) -> str:
     from ray.serve.context import _get_serve_request_context
 
-    from router.ingress import REQUEST_ID_PATTERN  # lazy: router.ingress imports this module
-
-    request_id = grpc_context.request_id() or _get_serve_request_context().request_id or uuid.uuid4().hex
-    if not REQUEST_ID_PATTERN.fullmatch(request_id):
-        raise InputError("request_id must be 1-128 characters from [A-Za-z0-9_.:-]", field="request_id")
-    return request_id
+    return checked_request_id(
+        grpc_context.request_id() or _get_serve_request_context().request_id, field="request_id"
+    )
 
 
 class GrpcEndpoints:
-    """Mixed into ``router.ingress.Ingress``; uses its ``security``, ``analyze_image``, review
-    handlers and ``readyz``."""
+    """Mixed into ``router.ingress.Ingress``, which sets ``service`` and ``authenticator``."""
 
-    async def _grpc(
-        self, method: str, grpc_context, empty: Any, work: Callable[[str], Awaitable[Any]]
-    ) -> Any:
+    async def _grpc(self, method: str, grpc_context, empty: Any, work: Callable[..., Awaitable[Any]]) -> Any:
         request_id = None
         try:
             request_id = _request_id(grpc_context)
-            principal = self.security.authenticate(
+            principal = self.authenticator.authenticate(
                 key_from_headers(grpc_context.invocation_metadata()), GRPC_ROLES[method]
             )
             token = set_principal(principal)
             try:
-                return await work(request_id)
+                return await work(principal, request_id)
             finally:
                 reset_principal(token)
         except RouterError as error:
-            grpc_context.set_code(grpc_code_for(error))
-            grpc_context.set_details(json.dumps({**error.to_dict(), "request_id": request_id}))
-            if isinstance(error, BudgetExceeded):
-                grpc_context.set_trailing_metadata([("retry-after", str(max(1, round(error.retry_after_s))))])
+            grpc_context.set_code(getattr(grpc.StatusCode, grpc_code_name(error)))
+            grpc_context.set_details(json.dumps(error_body(error, request_id)))
+            wait = retry_after_s(error)
+            if wait is not None:
+                grpc_context.set_trailing_metadata([("retry-after", str(wait))])
             return empty
 
     # -- analyse and search ----------------------------------------------------------------
 
     async def Analyze(self, request: pb.AnalyzeRequest, grpc_context) -> pb.AnalyzeResponse:
-        async def work(request_id: str) -> pb.AnalyzeResponse:
+        async def work(caller, request_id: str) -> pb.AnalyzeResponse:
             image = request.image
             if request.image_url:
                 if image:
                     raise InputError("send either image or image_url, not both", field="image_url")
                 from router.url_fetch import fetch_image_url
 
-                image = await fetch_image_url(
-                    request.image_url, self.config.limits.url_fetch, self.config.limits.max_body_bytes
-                )
-            body = await self.analyze_image(image, request.task or None, request.tenant or None, request_id)
-            return analyze_to_proto(body)
+                limits = self.service.config.limits
+                image = await fetch_image_url(request.image_url, limits.url_fetch, limits.max_body_bytes)
+            analysis = await self.service.analyze.analyze(
+                ImageRequest(image, request_id, task=request.task or None, tenant=request.tenant or None),
+                caller,
+            )
+            return analyze_to_proto(response_body(analysis))
 
         return await self._grpc("Analyze", grpc_context, pb.AnalyzeResponse(), work)
 
     async def Search(self, request: pb.SearchRequest, grpc_context) -> pb.SearchResponse:
-        async def work(request_id: str) -> pb.SearchResponse:
-            search = getattr(self, "search_json", None)
-            if search is None:
-                grpc_context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-                grpc_context.set_details("search is not configured on this service")
-                return pb.SearchResponse()
+        async def work(caller, request_id: str) -> pb.SearchResponse:
             try:
                 filters = json.loads(request.filters_json) if request.filters_json else None
             except json.JSONDecodeError as exc:
                 raise InputError(f"filters_json is not JSON: {exc}", field="filters_json") from None
-            payload = {
-                "query": request.query_text or None,
-                "image": request.image or None,
-                "item_id": request.item_id or None,
-                "k": request.k or 10,
-                "filters": filters,
-                "tenant": request.tenant or None,
-            }
-            return pb.SearchResponse(result_json=json.dumps(await search(payload)))
+            result = await self.service.search.search(
+                caller,
+                text=request.query_text or None,
+                image=request.image or None,
+                item_id=request.item_id or None,
+                k=request.k or 10,
+                filters=filters,
+                tenant=request.tenant or None,
+            )
+            return pb.SearchResponse(result_json=json.dumps(result))
 
         return await self._grpc("Search", grpc_context, pb.SearchResponse(), work)
 
@@ -175,59 +149,120 @@ class GrpcEndpoints:
     async def ListReviewItems(
         self, request: pb.ListReviewItemsRequest, grpc_context
     ) -> pb.ListReviewItemsResponse:
-        async def work(request_id: str) -> pb.ListReviewItemsResponse:
-            body = await asyncio.to_thread(
-                self.list_review_items, request.status or "pending", request.limit or 50, request.offset
+        async def work(caller, request_id: str) -> pb.ListReviewItemsResponse:
+            body = await self.service.review.list_items(
+                caller, request.status or "pending", request.limit or 50, request.offset
             )
-            items = [pb.ReviewItem(item_json=json.dumps(item)) for item in body.pop("items")]
+            items = [item_proto(item) for item in body.pop("items")]
             return pb.ListReviewItemsResponse(items=items, stats_json=json.dumps(body))
 
         return await self._grpc("ListReviewItems", grpc_context, pb.ListReviewItemsResponse(), work)
 
     async def GetReviewItem(self, request: pb.GetReviewItemRequest, grpc_context) -> pb.ReviewItem:
-        async def work(request_id: str) -> pb.ReviewItem:
-            return pb.ReviewItem(
-                item_json=json.dumps(await asyncio.to_thread(self.get_review_item, request.item_id))
-            )
+        async def work(caller, request_id: str) -> pb.ReviewItem:
+            return item_proto(await self.service.review.get(caller, request.item_id))
 
         return await self._grpc("GetReviewItem", grpc_context, pb.ReviewItem(), work)
 
     async def ClaimReviewItem(
         self, request: pb.ClaimReviewItemRequest, grpc_context
     ) -> pb.ClaimReviewItemResponse:
-        from router.schemas import ClaimRequest
-
-        async def work(request_id: str) -> pb.ClaimReviewItemResponse:
-            try:
-                body = ClaimRequest(
-                    reviewer=request.reviewer,
-                    item_id=request.item_id or None,
-                    lease_s=request.lease_s or None,
-                )
-            except ValidationError as exc:
-                raise input_error(exc) from None
-            claimed = await asyncio.to_thread(self.claim, body)
+        async def work(caller, request_id: str) -> pb.ClaimReviewItemResponse:
+            body = validated(
+                ClaimRequest,
+                reviewer=request.reviewer,
+                item_id=request.item_id or None,
+                lease_s=request.lease_s or None,
+            )
+            claimed = await self.service.review.claim(caller, body)
             if claimed["item"] is None:
                 return pb.ClaimReviewItemResponse()
             return pb.ClaimReviewItemResponse(
-                item=pb.ReviewItem(item_json=json.dumps(claimed["item"])), lease_token=claimed["lease_token"]
+                item=item_proto(claimed["item"]), lease_token=claimed["lease_token"]
             )
 
         return await self._grpc("ClaimReviewItem", grpc_context, pb.ClaimReviewItemResponse(), work)
 
     async def LabelReviewItem(self, request: pb.LabelReviewItemRequest, grpc_context) -> pb.ReviewItem:
-        from router.schemas import LabelRequest
-
-        async def work(request_id: str) -> pb.ReviewItem:
+        async def work(caller, request_id: str) -> pb.ReviewItem:
             try:
                 body = LabelRequest.model_validate_json(request.label_json or "{}")
             except ValidationError as exc:
-                raise input_error(exc) from None
-            return pb.ReviewItem(
-                item_json=json.dumps(await asyncio.to_thread(self.label, request.item_id, body))
-            )
+                first = exc.errors()[0]
+                raise InputError(first["msg"], field=".".join(map(str, first["loc"])) or "body") from None
+            return item_proto(await self.service.review.label(caller, request.item_id, body))
 
         return await self._grpc("LabelReviewItem", grpc_context, pb.ReviewItem(), work)
+
+    async def ReleaseReviewItem(self, request: pb.ReleaseReviewItemRequest, grpc_context) -> pb.ReviewItem:
+        async def work(caller, request_id: str) -> pb.ReviewItem:
+            body = validated(ReleaseRequest, reviewer=request.reviewer, lease_token=request.lease_token)
+            return item_proto(await self.service.review.release(caller, request.item_id, body))
+
+        return await self._grpc("ReleaseReviewItem", grpc_context, pb.ReviewItem(), work)
+
+    async def GetReviewImage(self, request: pb.GetReviewItemRequest, grpc_context) -> pb.ReviewImage:
+        async def work(caller, request_id: str) -> pb.ReviewImage:
+            data, media_type = await self.service.review.image(caller, request.item_id)
+            return pb.ReviewImage(image=data, media_type=media_type)
+
+        return await self._grpc("GetReviewImage", grpc_context, pb.ReviewImage(), work)
+
+    async def GetReviewAudit(self, request: pb.GetReviewItemRequest, grpc_context) -> pb.JsonReply:
+        async def work(caller, request_id: str) -> pb.JsonReply:
+            return json_reply(await self.service.review.audit_log(caller, request.item_id))
+
+        return await self._grpc("GetReviewAudit", grpc_context, pb.JsonReply(), work)
+
+    async def GetReviewLabels(self, request: pb.GetReviewLabelsRequest, grpc_context) -> pb.JsonReply:
+        async def work(caller, request_id: str) -> pb.JsonReply:
+            return json_reply(await self.service.review.label_set(request.task))
+
+        return await self._grpc("GetReviewLabels", grpc_context, pb.JsonReply(), work)
+
+    async def GetReviewStats(self, request: pb.Empty, grpc_context) -> pb.JsonReply:
+        async def work(caller, request_id: str) -> pb.JsonReply:
+            return json_reply(await self.service.review.stats())
+
+        return await self._grpc("GetReviewStats", grpc_context, pb.JsonReply(), work)
+
+    # -- the search index --------------------------------------------------------------------
+
+    async def IndexSearchItem(self, request: pb.IndexSearchItemRequest, grpc_context) -> pb.JsonReply:
+        async def work(caller, request_id: str) -> pb.JsonReply:
+            try:
+                metadata = json.loads(request.metadata_json) if request.metadata_json else None
+            except json.JSONDecodeError as exc:
+                raise InputError(f"metadata_json is not JSON: {exc}", field="metadata_json") from None
+            if metadata is not None and not isinstance(metadata, dict):
+                raise InputError("metadata_json must be a JSON object", field="metadata_json")
+            return json_reply(await self.service.search.index(caller, request.image, metadata))
+
+        return await self._grpc("IndexSearchItem", grpc_context, pb.JsonReply(), work)
+
+    async def GetSearchItem(self, request: pb.SearchItemRequest, grpc_context) -> pb.JsonReply:
+        async def work(caller, request_id: str) -> pb.JsonReply:
+            return json_reply(await self.service.search.get(caller, request.item_id))
+
+        return await self._grpc("GetSearchItem", grpc_context, pb.JsonReply(), work)
+
+    async def DeleteSearchItem(self, request: pb.SearchItemRequest, grpc_context) -> pb.JsonReply:
+        async def work(caller, request_id: str) -> pb.JsonReply:
+            return json_reply(await self.service.search.delete(caller, request.item_id))
+
+        return await self._grpc("DeleteSearchItem", grpc_context, pb.JsonReply(), work)
+
+    async def GetSearchStats(self, request: pb.Empty, grpc_context) -> pb.JsonReply:
+        async def work(caller, request_id: str) -> pb.JsonReply:
+            return json_reply(await self.service.search.stats())
+
+        return await self._grpc("GetSearchStats", grpc_context, pb.JsonReply(), work)
+
+    async def GetPolicy(self, request: pb.Empty, grpc_context) -> pb.JsonReply:
+        async def work(caller, request_id: str) -> pb.JsonReply:
+            return json_reply(await self.service.operations.policy())
+
+        return await self._grpc("GetPolicy", grpc_context, pb.JsonReply(), work)
 
     # -- grpc.health.v1 ----------------------------------------------------------------------
 
@@ -240,7 +275,7 @@ class GrpcEndpoints:
             grpc_context.set_code(grpc.StatusCode.NOT_FOUND)
             grpc_context.set_details(f"unknown service {request.service!r}; known: '' and {SERVICE_NAME!r}")
             return health_pb2.HealthCheckResponse()
-        ready = (await self.readyz()).status_code == 200
+        ready, _ = await self.service.operations.readiness()
         status = (
             health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
         )

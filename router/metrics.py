@@ -97,9 +97,6 @@ class IngressMetrics:
         self.reconfigurations = Counter(
             "visionroute_policy_reconfigurations", "policy changes", ["result"], registry=self.registry
         )
-        self.audit_alerts = Counter(
-            "visionroute_audit_alerts", "audit alerts raised", ["task"], registry=self.registry
-        )
         # Per tier (trace stage): latency, what each stage decided (escalation and review rates
         # are ratios of these), failures, and the VLM's circuit as its last call saw it.
         self.stage_latency = Histogram(

@@ -45,9 +45,12 @@ class AnalyzeResponse(BaseModel):
     decision: Literal["accept", "escalate", "review", "reject"]
     answer: list[DetectionOut]
     image: dict[str, Any]
+    text: str | None = Field(None, description="a text answer (the VLM's read_text), when the task gives one")
     review_item_id: str | None
     cost_units: float
     trace: dict[str, Any]
+    policy_version: str = Field(..., description="the policy set that decided this request")
+    degraded: bool = Field(..., description="answered in a degraded mode (an exhausted budget)")
 
 
 class ClaimRequest(Edge):
@@ -70,3 +73,30 @@ class LabelRequest(Edge):
     label: str | None = Field(None, description="the right class (required for 'correct' on classify tasks)")
     boxes: list[DetectionOut] | None = Field(None, description="corrected boxes for detection tasks")
     note: str | None = Field(None, max_length=2000)
+
+
+class SearchRequest(Edge):
+    text: str | None = Field(None, description="open-vocabulary text query")
+    image_base64: str | None = Field(None, description="query by example image (base64 file bytes)")
+    id: int | None = Field(None, description="query by an indexed item's id (it is left out of the hits)")
+    k: int = Field(10, description="number of hits")
+    filters: dict[str, Any] | None = Field(
+        None,
+        description="tenant, source, tags_any, tags_all, created_after, created_before, in_review, "
+        "review_item_ids, ids",
+    )
+    params: dict[str, Any] | None = Field(
+        None, description="this request only: ef_search, nprobe, refine_k_factor, exact"
+    )
+
+    @model_validator(mode="after")
+    def _one_query(self) -> SearchRequest:
+        given = [name for name in ("text", "image_base64", "id") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of text, image_base64 or id; got {given or 'none'}")
+        return self
+
+
+class IndexRequest(Edge):
+    image_base64: str
+    metadata: dict[str, Any] | None = None

@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from visionroute.errors import ConfigError, InputError, RouterError
+from visionroute.errors import ConfigError, InputError, PermissionDenied, RouterError, Unauthenticated
 
 log = logging.getLogger("visionroute.security")
 
@@ -53,17 +53,19 @@ GRPC_ROLES: dict[str, Role | None] = {
     "GetReviewItem": "reviewer",
     "ClaimReviewItem": "reviewer",
     "LabelReviewItem": "reviewer",
+    "ReleaseReviewItem": "reviewer",
+    "GetReviewImage": "reviewer",
+    "GetReviewAudit": "reviewer",
+    "GetReviewLabels": "reviewer",
+    "GetReviewStats": "reviewer",
+    "IndexSearchItem": "client",
+    "GetSearchItem": "client",
+    "DeleteSearchItem": "client",
+    "GetSearchStats": "client",
+    "GetPolicy": "admin",
     "Check": None,
     "Watch": None,
 }
-
-
-class Unauthenticated(RouterError):
-    """No API key, or one that matches no configured key (HTTP 401, gRPC UNAUTHENTICATED)."""
-
-
-class PermissionDenied(RouterError):
-    """A valid key whose role or tenant does not allow this (HTTP 403, gRPC PERMISSION_DENIED)."""
 
 
 class ApiKey(BaseModel):
@@ -184,9 +186,8 @@ def current_principal() -> Principal | None:
     return _principal.get()
 
 
-def resolve_tenant(requested: str | None) -> str:
+def resolve_tenant(principal: Principal | None, requested: str | None) -> str:
     """The tenant a request acts for: the key's own; an admin may name any; auth off: as asked."""
-    principal = _principal.get()
     if principal is None:
         return requested or "default"
     if principal.role == "admin":
@@ -199,9 +200,8 @@ def resolve_tenant(requested: str | None) -> str:
     return principal.tenant
 
 
-def tenant_scope() -> str | None:
+def tenant_scope(principal: Principal | None) -> str | None:
     """The tenant whose review items and index entries the caller may see; None: all of them."""
-    principal = _principal.get()
     return None if principal is None or principal.role == "admin" else principal.tenant
 
 
@@ -209,11 +209,18 @@ def tenant_scope() -> str | None:
 
 
 class ApiKeyMiddleware:
-    """Pure ASGI middleware (same task as the endpoint, so the contextvar reaches it)."""
+    """Pure ASGI middleware (same task as the endpoint, so the contextvar reaches it).
 
-    def __init__(self, app: Any, authenticator: Authenticator) -> None:
+    It reads the authenticator from the app's state on each request, so the service that is
+    attached last (one per replica process) is the one whose keys count."""
+
+    def __init__(self, app: Any, state: Any) -> None:
         self.app = app
-        self.authenticator = authenticator
+        self.state = state
+
+    @property
+    def authenticator(self) -> Authenticator:
+        return self.state.authenticator
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -225,9 +232,11 @@ class ApiKeyMiddleware:
                 key_from_headers(headers), required_role(scope["path"])
             )
         except RouterError as error:
-            status = 401 if isinstance(error, Unauthenticated) else 403
+            from router.errors import error_body, http_status
+
+            status = http_status(error)
             request_id = next((v for k, v in headers if k.lower() == "x-request-id"), None)
-            body = json.dumps({**error.to_dict(), "request_id": request_id}).encode()
+            body = json.dumps(error_body(error, request_id)).encode()
             extra = [(b"www-authenticate", b"ApiKey")] if status == 401 else []
             await send(
                 {
@@ -249,8 +258,9 @@ def install_security(app: Any, security: SecurityConfig) -> Authenticator:
     """Add the key check to the FastAPI app (once per process) and refuse an unsafe bind."""
     check_serve_bind(security)
     authenticator = Authenticator(security)
+    app.state.authenticator = authenticator
     if not getattr(app.state, "visionroute_security", False):
-        app.add_middleware(ApiKeyMiddleware, authenticator=authenticator)
+        app.add_middleware(ApiKeyMiddleware, state=app.state)
         app.state.visionroute_security = True
     if not security.enabled:
         log.warning("no API keys configured: authentication is off (local development only)")

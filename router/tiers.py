@@ -18,6 +18,8 @@ from ray import serve
 from cascades.onnx_stage import OnnxStage, OnnxStageConfig
 from cascades.pipeline import TierResult
 from cascades.vlm import VlmConfig, VlmStage
+from router.services.backends import LocalSearch
+from visionroute.errors import BackendUnavailable, RouterError
 from visionroute.records import Analysis
 
 
@@ -57,6 +59,12 @@ class BatchedOnnxTier:
 OnnxTier = serve.deployment(max_ongoing_requests=64, name="OnnxTier")(BatchedOnnxTier)
 
 
+def unwrapped(exc: BaseException) -> BaseException:
+    """Ray wraps a replica's exception (RayTaskError(InputError)); give back our own error."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, RouterError) else exc
+
+
 class RemoteTier:
     """A tier deployment reached through its handle."""
 
@@ -68,6 +76,39 @@ class RemoteTier:
 
     async def describe(self) -> dict[str, Any]:
         return await self.handle.describe.remote()
+
+
+class RemoteVlmTier:
+    """The VlmTier deployment reached through its handle."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+
+    async def run(self, analysis: Analysis) -> Analysis:
+        return await self.handle.run.remote(analysis)
+
+    async def describe(self) -> dict[str, Any]:
+        return await self.handle.describe.remote()
+
+
+class RemoteSearch:
+    """The SearchTier deployment; our own errors come back as themselves, others as 503."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+
+    async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await self.handle.call.remote(method, *args, **kwargs)
+        except RouterError:
+            raise
+        except Exception as exc:
+            cause = unwrapped(exc)
+            if isinstance(cause, RouterError):
+                raise cause from None
+            raise BackendUnavailable(
+                f"visual search failed: {type(exc).__name__}", field="retrieval"
+            ) from None
 
 
 class InProcessTier:
@@ -119,10 +160,8 @@ class SearchTier:
         from retrieval.service import SearchService
 
         self.service = SearchService(RetrievalConfig.model_validate(retrieval_config))
+        self.local = LocalSearch(self.service)
 
     async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """One entry point so the API can reach any public SearchService method by name."""
-        if method.startswith("_") or not callable(getattr(self.service, method, None)):
-            raise AttributeError(f"SearchService has no method {method!r}")
-        result = await asyncio.to_thread(getattr(self.service, method), *args, **kwargs)
-        return result.model_dump() if hasattr(result, "model_dump") else result
+        return await self.local.call(method, *args, **kwargs)

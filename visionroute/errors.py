@@ -19,6 +19,14 @@ class RouterError(Exception):
         return {"error": type(self).__name__, "field": self.field, "reason": self.reason}
 
 
+class Unauthenticated(RouterError):
+    """No API key, or one that matches no configured key (HTTP 401, gRPC UNAUTHENTICATED)."""
+
+
+class PermissionDenied(RouterError):
+    """A valid key whose role or tenant does not allow this (HTTP 403, gRPC PERMISSION_DENIED)."""
+
+
 class ConfigError(RouterError):
     """A config file, a serve_config arg or a reconfigure payload is invalid."""
 

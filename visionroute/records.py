@@ -209,8 +209,10 @@ class Analysis:
     tenant: str = "default"
     trace: Trace = field(default_factory=Trace)
     detections: Detections | None = None
+    answer_text: str | None = None  # a text answer (the VLM's read_text), returned beside `detections`
     metadata: dict[str, Any] = field(default_factory=dict)
     review_item_id: str | None = None
+    policy_version: str | None = None  # the policy set that decided this request, start to end
 
     @property
     def width(self) -> int:
@@ -223,3 +225,8 @@ class Analysis:
     @property
     def decision(self) -> Decision | None:
         return self.trace.decision
+
+    @property
+    def degraded(self) -> bool:
+        """True when a step answered in a degraded mode (an exhausted budget's accept_degraded)."""
+        return any(step.details.get("degraded") for step in self.trace)

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from cascades.decoders import normalise_chw
+from cascades.decoders import check_channels, normalise_chw
 from visionroute.errors import ConfigError
 from visionroute.records import Detections
 
@@ -33,6 +33,7 @@ class ClassifierDecoder:
         outputs: str = "logits",
         top_k: int = 5,
         channels: str = "RGB",
+        crop_fraction: float = 0.875,
     ) -> None:
         if resize not in ("stretch", "center_crop"):
             raise ConfigError(f"resize must be 'stretch' or 'center_crop', got {resize!r}", field="resize")
@@ -43,15 +44,19 @@ class ClassifierDecoder:
         self.labels = labels
         self.size_hw = (int(size_hw[0]), int(size_hw[1]))
         self.resize, self.mean, self.std, self.outputs = resize, mean, std, outputs
-        self.top_k, self.channels = top_k, channels
+        if not 0 < crop_fraction <= 1:
+            raise ConfigError(f"crop_fraction must be in (0, 1], got {crop_fraction}", field="crop_fraction")
+        self.top_k, self.channels = top_k, check_channels(channels)
+        self.crop_fraction = crop_fraction
 
     def preprocess(self, image_rgb: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
         height, width = image_rgb.shape[:2]
         out_h, out_w = self.size_hw
         image = Image.fromarray(image_rgb)
         if self.resize == "center_crop":
-            # timm's eval transform: shorter side to size / 0.875, then the central crop.
-            scale = (out_h / 0.875) / min(height, width)
+            # timm's eval transform: shorter side to size / crop_fraction, then the central crop
+            # (Ultralytics classifiers use crop_fraction 1.0).
+            scale = (out_h / self.crop_fraction) / min(height, width)
             image = image.resize((round(width * scale), round(height * scale)), Image.BICUBIC)
             left, top = (image.width - out_w) // 2, (image.height - out_h) // 2
             image = image.crop((left, top, left + out_w, top + out_h))

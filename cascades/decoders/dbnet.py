@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import pyclipper
 
-from cascades.decoders import normalise_chw
+from cascades.decoders import check_channels, normalise_chw
 from visionroute.records import Detections
 
 
@@ -37,7 +37,7 @@ class DBNetDecoder:
     ) -> None:
         self.labels = labels or ("text",)
         self.max_side, self.multiple = max_side, multiple
-        self.mean, self.std, self.channels = mean, std, channels
+        self.mean, self.std, self.channels = mean, std, check_channels(channels)
         self.binary_threshold, self.box_threshold = binary_threshold, box_threshold
         self.unclip_ratio, self.min_side_px, self.max_candidates = unclip_ratio, min_side_px, max_candidates
 

@@ -199,7 +199,7 @@ class VlmStage:
             return classify_disagreement(analysis.detections, answer)
         if self.config.task == "verify":
             return verify_disagreement(context["confidence"], answer)
-        return text_disagreement(analysis.metadata.get("cheap_text"), answer)
+        return text_disagreement(analysis.answer_text, answer)  # the text read so far, if any
 
     def _set_answer(self, analysis: Analysis, context: dict[str, Any], outcome: VlmOutcome) -> None:
         """Replace the answer with the accepted VLM answer (earlier answers stay in the trace)."""
@@ -221,7 +221,7 @@ class VlmStage:
                 keep = np.arange(len(analysis.detections)) != context["row"]
                 analysis.detections = analysis.detections[keep]
         else:
-            analysis.metadata["text"] = outcome.answer
+            analysis.answer_text = outcome.answer
 
 
 def make_backend(config: VlmConfig) -> VlmBackend:

@@ -40,7 +40,7 @@ def test_yolo_layout_nms_and_boxes_mapped_back_to_original_pixels(tmp_path):
             # cx, cy, w, h, class0, class1
             [32, 32, 16, 16, 0.9, 0.1],  # class 0, best
             [33, 32, 16, 16, 0.8, 0.1],  # class 0, overlaps the first: suppressed
-            [33, 32, 16, 16, 0.1, 0.7],  # class 1, same place: kept (NMS is per class)
+            [33, 32, 16, 16, 0.1, 0.7],  # class 1, same place: kept (NMS is per class by default)
             [10, 10, 4, 4, 0.1, 0.1],  # below the confidence threshold
         ],
         np.float32,
@@ -67,14 +67,19 @@ def test_letterbox_keeps_aspect_and_pads():
 
 
 def test_wrong_class_count_is_a_config_error(tmp_path):
+    # The file's output shape fixes 3 classes: caught when the stage loads, not at the first image.
     model = constant_model(tmp_path / "yolo.onnx", np.zeros((1, 7, 5)))
-    stage = OnnxStage(
-        OnnxStageConfig(
-            model=str(model), decoder="yolov8", labels=["a", "b"], decoder_options={"size_hw": [64, 64]}
+    with pytest.raises(ConfigError, match=r"model output \[1, 7, 5\] has 3 classes, 2 labels configured"):
+        OnnxStage(
+            OnnxStageConfig(
+                model=str(model), decoder="yolov8", labels=["a", "b"], decoder_options={"size_hw": [64, 64]}
+            )
         )
-    )
+    # An output whose class count is not fixed in the file is checked when decoded.
+    decoder = build_decoder("yolov8", labels=["a", "b"], options={"size_hw": [64, 64]})
+    _, meta = decoder.preprocess(np.zeros((64, 64, 3), np.uint8))
     with pytest.raises(ConfigError, match="3 classes, 2 labels"):
-        stage.predict([np.zeros((64, 64, 3), np.uint8)])
+        decoder.decode([np.zeros((1, 7, 5), np.float32)], meta)
 
 
 def test_unknown_decoder_names_the_options():

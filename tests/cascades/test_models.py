@@ -44,3 +44,21 @@ def test_missing_model_says_how_to_prepare_it(tmp_path):
         OnnxStage(OnnxStageConfig(model="efficientnet_lite0"), models_dir=tmp_path)
     with pytest.raises(ConfigError, match="does not exist"):
         OnnxStage(OnnxStageConfig(model=str(tmp_path / "nope.onnx")))
+
+
+def test_packaged_models_keep_their_sidecar_settings(prepared_models_dir):
+    classifier = OnnxStage(OnnxStageConfig(model="efficientnet_lite0"), models_dir=prepared_models_dir)
+    assert classifier.decoder_name == "classifier" and classifier.decoder.size_hw == (224, 224)
+    assert len(classifier.decoder.labels) == 1000 and classifier.decoder.resize == "stretch"
+    sources = classifier.describe()["sources"]
+    assert sources["decoder"] == sources["labels"] == sources["mean"] == "sidecar"
+    assert sources["size_hw"] == "onnx input shape"
+    with pytest.raises(ConfigError, match="size_hw 256x256 conflicts with the model file's onnx input shape"):
+        OnnxStage(OnnxStageConfig(model="efficientnet_lite0", size_hw=256), models_dir=prepared_models_dir)
+
+    text = OnnxStage(OnnxStageConfig(model="ppocr_det"), models_dir=prepared_models_dir)
+    assert text.decoder_name == "dbnet" and text.decoder.channels == "BGR"
+    assert text.describe()["input_hw"] is None  # sized per image
+    # The sidecar is VisionRoute's own default, not a fact of the file: config overrides it.
+    rgb = OnnxStage(OnnxStageConfig(model="ppocr_det", channels="RGB"), models_dir=prepared_models_dir)
+    assert rgb.decoder.channels == "RGB" and rgb.describe()["sources"]["channels"] == "config"

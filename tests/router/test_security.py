@@ -21,9 +21,7 @@ from router.security import (
     key_from_headers,
     new_key,
     required_role,
-    reset_principal,
     resolve_tenant,
-    set_principal,
     tenant_scope,
 )
 from router.url_fetch import UrlFetchConfig, fetch_image_url, is_public_address
@@ -105,21 +103,14 @@ def test_routes_are_deny_by_default(path, role):
 
 def test_tenants_are_scoped_to_the_key():
     auth = Authenticator(security())
-    token = set_principal(auth.authenticate("acme-client", "client"))
-    try:
-        assert (
-            resolve_tenant(None) == "acme" and resolve_tenant("acme") == "acme" and tenant_scope() == "acme"
-        )
-        with pytest.raises(PermissionDenied, match="cannot act for tenant 'globex'"):
-            resolve_tenant("globex")
-    finally:
-        reset_principal(token)
-    token = set_principal(auth.authenticate("ops-admin", "admin"))
-    try:
-        assert resolve_tenant("globex") == "globex" and tenant_scope() is None
-    finally:
-        reset_principal(token)
-    assert resolve_tenant(None) == "default" and tenant_scope() is None  # auth off
+    client = auth.authenticate("acme-client", "client")
+    assert resolve_tenant(client, None) == "acme" and resolve_tenant(client, "acme") == "acme"
+    assert tenant_scope(client) == "acme"
+    with pytest.raises(PermissionDenied, match="cannot act for tenant 'globex'"):
+        resolve_tenant(client, "globex")
+    admin = auth.authenticate("ops-admin", "admin")
+    assert resolve_tenant(admin, "globex") == "globex" and tenant_scope(admin) is None
+    assert resolve_tenant(None, None) == "default" and tenant_scope(None) is None  # auth off
 
 
 @pytest.mark.parametrize(

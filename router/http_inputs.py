@@ -1,0 +1,79 @@
+"""Reading HTTP request bodies into what the service core takes, with the field named on error."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any
+
+from fastapi import Request
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import UploadFile
+
+from router.limits import read_limited
+from router.schemas import AnalyzeJson
+from router.url_fetch import UrlFetchConfig, fetch_image_url
+from visionroute.errors import InputError, UnsupportedMediaType
+
+
+def parsed(model: type[BaseModel], body: bytes) -> Any:
+    """A JSON body validated into ``model``; the first problem becomes an InputError naming its field."""
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise InputError(first["msg"], field=".".join(map(str, first["loc"])) or "body") from None
+
+
+def decoded_base64(value: str, field: str) -> bytes:
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise InputError("not valid base64", field=field) from None
+
+
+async def read_body_limited(request: Request, max_bytes: int) -> bytes:
+    """The whole body, refusing early when it is (or declares to be) over the limit."""
+    body = await read_limited(
+        request.stream(),
+        declared=request.headers.get("content-length"),
+        max_bytes=max_bytes,
+        field="body",
+        what="body",
+    )
+    request._body = body  # lets request.form() parse what was already read
+    return body
+
+
+async def image_and_fields(
+    request: Request, max_bytes: int, url_fetch: UrlFetchConfig | None = None
+) -> tuple[bytes, str | None, str | None]:
+    """(image bytes, task, tenant) from a multipart upload or a JSON body."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type not in ("multipart/form-data", "application/json"):
+        raise UnsupportedMediaType(
+            f"content type {content_type or 'none'!r} is not accepted; send multipart/form-data "
+            "with an 'image' file or application/json with 'image_base64'",
+            field="content-type",
+        )
+    body = await read_body_limited(request, max_bytes)
+    if not body:
+        raise InputError("request body is empty", field="body")
+    if content_type == "application/json":
+        payload = parsed(AnalyzeJson, body)
+        if payload.image_url is not None:
+            image = await fetch_image_url(payload.image_url, url_fetch or UrlFetchConfig(), max_bytes)
+        else:
+            image = decoded_base64(payload.image_base64, "image_base64")
+        return image, payload.task, payload.tenant
+    try:
+        form = await request.form()
+    except Exception as exc:  # starlette raises its own multipart errors
+        raise InputError(f"malformed multipart body: {exc}", field="body") from None
+    upload = form.get("image")
+    if not isinstance(upload, UploadFile):
+        raise InputError("multipart body has no 'image' file field", field="image")
+    image = await upload.read()
+    tenant = str(form.get("tenant")) if form.get("tenant") else None  # None: the API key's tenant
+    task = form.get("task")
+    return image, (str(task) if task else None), tenant

@@ -1,0 +1,80 @@
+"""HTTP routes for visual search; the operations live in router/services/search.py."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import APIRouter, Request
+from starlette.datastructures import UploadFile
+
+from router.http_inputs import decoded_base64, parsed
+from router.schemas import IndexRequest, SearchRequest
+from router.security import current_principal
+from visionroute.errors import InputError
+
+router = APIRouter(prefix="/v1/search", tags=["search"])
+
+
+def _operations(request: Request):
+    return request.app.state.service.search
+
+
+@router.post("", summary="Search by text, example image or item id")
+async def search(request: Request) -> dict[str, Any]:
+    body = parsed(SearchRequest, await request.body())
+    image = decoded_base64(body.image_base64, "image_base64") if body.image_base64 is not None else None
+    return await _operations(request).search(
+        current_principal(),
+        text=body.text,
+        image=image,
+        item_id=body.id,
+        k=body.k,
+        filters=body.filters,
+        params=body.params,
+    )
+
+
+@router.post("/items", summary="Index an image with metadata")
+async def index_item(request: Request) -> dict[str, Any]:
+    """multipart (``image`` file, optional ``metadata`` JSON string) or JSON (``image_base64``, ``metadata``)."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "application/json":
+        body = parsed(IndexRequest, await request.body())
+        image, metadata = decoded_base64(body.image_base64, "image_base64"), body.metadata
+    elif content_type == "multipart/form-data":
+        try:
+            form = await request.form()
+        except Exception as exc:  # starlette raises its own multipart errors
+            raise InputError(f"malformed multipart body: {exc}", field="body") from None
+        upload = form.get("image")
+        if not isinstance(upload, UploadFile):
+            raise InputError("multipart body has no 'image' file field", field="image")
+        image = await upload.read()
+        try:
+            metadata = json.loads(form["metadata"]) if form.get("metadata") else None
+        except json.JSONDecodeError:
+            raise InputError("metadata must be a JSON object", field="metadata") from None
+        if metadata is not None and not isinstance(metadata, dict):
+            raise InputError("metadata must be a JSON object", field="metadata")
+    else:
+        raise InputError(
+            f"content type {content_type or 'none'!r}: send multipart/form-data or application/json",
+            field="content-type",
+        )
+    return await _operations(request).index(current_principal(), image, metadata)
+
+
+@router.get("/items/{item_id}", summary="One indexed item's metadata")
+async def get_item(request: Request, item_id: int) -> dict[str, Any]:
+    return await _operations(request).get(current_principal(), item_id)
+
+
+@router.delete("/items/{item_id}", summary="Delete an indexed item")
+async def delete_item(request: Request, item_id: int) -> dict[str, Any]:
+    return await _operations(request).delete(current_principal(), item_id)
+
+
+@router.get("/stats", summary="Index size, kind and embedder")
+async def stats(request: Request) -> dict[str, Any]:
+    return await _operations(request).stats()

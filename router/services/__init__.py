@@ -1,0 +1,79 @@
+"""The service core: every operation of VisionRoute as plain classes, no FastAPI, no Ray.
+
+    service = VisionRouteService.build(config, tiers=..., vlm_tiers=..., search=...)
+    analysis = await service.analyze.analyze(ImageRequest(image_bytes, request_id), caller)
+
+The faces only translate: router/http_api.py (HTTP routes) and router/grpc_ingress.py (the
+gRPC servicer) turn a request into a call here and the result or ``RouterError`` back into
+their protocol, through the one error table in router/errors.py. router/ingress.py is the
+Ray Serve deployment that builds this service from deployment handles.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from policies.budgets import BudgetLedger
+from policies.review_queue import ReviewQueue
+from policies.runtime import PolicyRuntime
+from router.config import AppConfig
+from router.metrics import IngressMetrics
+from router.services.analyze import AnalyzeService, ImageRequest, response_body
+from router.services.backends import CheapTierClient, SearchBackend, VlmTierClient
+from router.services.operations import Operations
+from router.services.review import ReviewService
+from router.services.search import SearchOperations
+
+__all__ = ["ImageRequest", "VisionRouteService", "response_body"]
+
+
+@dataclass(frozen=True)
+class VisionRouteService:
+    config: AppConfig
+    analyze: AnalyzeService
+    review: ReviewService
+    search: SearchOperations
+    operations: Operations
+
+    @classmethod
+    def build(
+        cls,
+        config: AppConfig,
+        *,
+        tiers: Mapping[str, CheapTierClient],
+        vlm_tiers: Mapping[str, VlmTierClient] | None = None,
+        search: SearchBackend | None = None,
+    ) -> VisionRouteService:
+        """Open the durable state (review queue, budget ledger) and wire the operations."""
+        vlm_tiers = vlm_tiers or {}
+        queue = ReviewQueue(config.review.path, default_lease_s=config.review.lease_s)
+        policies = PolicyRuntime(
+            config.policies,
+            BudgetLedger(config.review.path / "budgets.sqlite3"),
+            tasks=config.cascades,
+            base_thresholds={task: cascade.policy for task, cascade in config.cascades.items()},
+        )
+        metrics = IngressMetrics(policies, queue)
+        return cls(
+            config=config,
+            analyze=AnalyzeService(
+                config,
+                tiers=tiers,
+                vlm_tiers=vlm_tiers,
+                search=search,
+                queue=queue,
+                policies=policies,
+                metrics=metrics,
+            ),
+            review=ReviewService(config, queue=queue, policies=policies, search=search),
+            search=SearchOperations(search),
+            operations=Operations(
+                tiers=tiers,
+                vlm_tiers=vlm_tiers,
+                search=search,
+                queue=queue,
+                policies=policies,
+                metrics=metrics,
+            ),
+        )

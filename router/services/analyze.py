@@ -1,0 +1,310 @@
+"""Analyse one image: decode, budgeted cascade, review or audit enqueue, search indexing.
+
+No FastAPI and no Ray here: the faces hand in bytes and the caller, and get back the
+``Analysis`` (the shared record) whose ``response_body`` both faces return.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from cascades.images import decode_image
+from cascades.pipeline import run_cascade
+from policies.costs import costs_by_tier, review_value
+from policies.policy_set import PolicySet
+from policies.review_queue import ReviewQueue
+from policies.runtime import PolicyRuntime, Refusal
+from router.config import AppConfig
+from router.metrics import IngressMetrics
+from router.security import Principal, resolve_tenant
+from router.services.backends import CheapTierClient, SearchBackend, VlmTierClient
+from router.services.common import checked_tenant
+from visionroute.errors import BackendUnavailable, InputError
+from visionroute.records import Analysis, Decision, Step, Trace
+
+log = logging.getLogger("visionroute.service.analyze")
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    """One analyse request as both faces hand it in."""
+
+    image_bytes: bytes
+    request_id: str
+    task: str | None = None
+    tenant: str | None = None
+
+
+def response_body(analysis: Analysis) -> dict[str, Any]:
+    """The answer both faces return (router/schemas.py AnalyzeResponse documents it)."""
+    trace = analysis.trace.to_dict()
+    return {
+        "request_id": analysis.trace.request_id,
+        "task": analysis.task,
+        "decision": trace["decision"],
+        "answer": analysis.detections.to_dicts() if analysis.detections is not None else [],
+        "text": analysis.answer_text,
+        "image": {"sha256": analysis.image_sha256, "width": analysis.width, "height": analysis.height},
+        "review_item_id": analysis.review_item_id,
+        "cost_units": trace["cost_units"],
+        "trace": trace,
+        "policy_version": analysis.policy_version,
+        "degraded": analysis.degraded,
+    }
+
+
+class AnalyzeService:
+    def __init__(
+        self,
+        config: AppConfig,
+        *,
+        tiers: Mapping[str, CheapTierClient],
+        vlm_tiers: Mapping[str, VlmTierClient],
+        search: SearchBackend | None,
+        queue: ReviewQueue,
+        policies: PolicyRuntime,
+        metrics: IngressMetrics,
+    ) -> None:
+        self.config = config
+        self.tiers = dict(tiers)
+        self.vlm_tiers = dict(vlm_tiers)
+        self.search = search
+        self.queue = queue
+        self.policies = policies
+        self.metrics = metrics
+        self._label_sets_stored: set[str] = set()
+
+    async def analyze(self, request: ImageRequest, caller: Principal | None) -> Analysis:
+        """The cascade for one image, under one policy version from start to end."""
+        limits = self.config.limits
+        tenant = resolve_tenant(caller, checked_tenant(request.tenant))
+        task = request.task or self.config.default_task
+        if task not in self.tiers:
+            raise InputError(f"unknown task {task!r}; expected one of {sorted(self.tiers)}", field="task")
+        decoded = decode_image(
+            request.image_bytes,
+            max_bytes=limits.max_body_bytes,
+            max_pixels=limits.max_pixels,
+            allowed_formats=tuple(limits.allowed_formats),
+        )
+        policy = self.policies.current  # one policy version decides the whole request
+        analysis = Analysis(
+            image_rgb=decoded.rgb,
+            image_sha256=decoded.sha256,
+            task=task,
+            tenant=tenant,
+            trace=Trace(request.request_id),
+            policy_version=policy.version,
+        )
+        analysis.trace.append(
+            Step(
+                stage="input",
+                details={
+                    "format": decoded.format,
+                    "bytes": len(request.image_bytes),
+                    "width": analysis.width,
+                    "height": analysis.height,
+                },
+            )
+        )
+        vlm_tier = self.vlm_tiers.get(task)
+        analysis = await self._run_budgeted(
+            analysis,
+            policy,
+            self.config.cascades[task].tier.cost_units,
+            self.tiers[task].predict,
+            vlm_tier.run if vlm_tier is not None else None,
+        )
+        if analysis.decision in (Decision.REVIEW, Decision.ESCALATE):
+            await self._enqueue(analysis, request.image_bytes, policy)
+        elif self.policies.audit_sampled(policy, analysis):
+            await self._enqueue(analysis, request.image_bytes, policy, kind="audit")
+        self.metrics.decisions.labels(task, getattr(analysis.decision, "value", "none"), policy.version).inc()
+        await self._index_for_search(analysis)
+        self.metrics.observe_trace(task, analysis.trace)
+        return analysis
+
+    # -- budgets ------------------------------------------------------------------------------
+
+    async def _run_budgeted(
+        self, analysis: Analysis, policy: PolicySet, units: float, cheap_tier, vlm
+    ) -> Analysis:
+        """The cascade with each paid call reserved first (policies.budgets) and settled after."""
+        reservation = await asyncio.to_thread(self.policies.reserve, policy, analysis, "onnx", units)
+        if isinstance(reservation, Refusal):
+            return self._degrade(analysis, policy, reservation, answered=False)
+        if vlm is not None:
+            vlm = self._budgeted_vlm(vlm, policy)
+        try:
+            thresholds = self.policies.thresholds(policy, analysis.task)
+            analysis = await run_cascade(analysis, cheap_tier=cheap_tier, policy=thresholds, vlm=vlm)
+        finally:
+            await asyncio.to_thread(
+                self.policies.ledger.settle, reservation, costs_by_tier(analysis.trace)["onnx"]
+            )
+        return analysis
+
+    def _budgeted_vlm(self, vlm, policy: PolicySet):
+        async def budgeted(escalated: Analysis) -> Analysis:
+            reservation = await asyncio.to_thread(
+                self.policies.reserve, policy, escalated, "vlm", policy.costs.vlm_reserve_units
+            )
+            if isinstance(reservation, Refusal):
+                return self._degrade(escalated, policy, reservation, answered=True)
+            spent_before = costs_by_tier(escalated.trace)["vlm"]
+            try:
+                result = await vlm(escalated)
+            except BaseException:
+                # it may have run: charge the whole reservation
+                await asyncio.to_thread(self.policies.ledger.settle, reservation)
+                raise
+            await asyncio.to_thread(
+                self.policies.ledger.settle, reservation, costs_by_tier(result.trace)["vlm"] - spent_before
+            )
+            return result
+
+        return budgeted
+
+    def _degrade(
+        self, analysis: Analysis, policy: PolicySet, refusal: Refusal, *, answered: bool
+    ) -> Analysis:
+        """Apply the exhausted budget's degrade mode; raise BudgetExceeded (429) when it is reject."""
+        name = refusal.error.rule.name
+        self.metrics.budget_refusals.labels(name, refusal.mode).inc()
+        if refusal.mode == "review":
+            analysis.trace.append(
+                refusal.step(
+                    policy.version,
+                    Decision.REVIEW,
+                    f"budget {name!r} is exhausted; degrade mode review: a human decides",
+                )
+            )
+            return analysis
+        if refusal.mode == "accept_degraded" and answered and analysis.detections is not None:
+            analysis.trace.append(
+                refusal.step(
+                    policy.version,
+                    Decision.ACCEPT,
+                    f"budget {name!r} is exhausted; degrade mode accept_degraded: the cheap answer "
+                    "stands, flagged degraded",
+                )
+            )
+            return analysis
+        if refusal.mode == "accept_degraded":
+            refusal.error.reason += "; degrade mode accept_degraded has no cheap answer to give yet"
+        raise refusal.error
+
+    # -- review and audit ---------------------------------------------------------------------
+
+    async def _enqueue(
+        self, analysis: Analysis, image_bytes: bytes, policy: PolicySet, kind: str = "review"
+    ) -> None:
+        """Durably queue for review (or audit); if that fails the request fails (503), never silently.
+
+        A review is paid work: its cost is reserved on review budgets first, and an exhausted
+        budget applies its degrade mode. Audit samples are the safety net and are never skipped.
+        """
+        if kind == "review" and any(step.stage == "policy:budget" for step in analysis.trace):
+            kind = "budget"
+        units = policy.costs.review_units
+        if kind == "audit":  # no budget gates an audit; its cost is still recorded
+            reservation = await asyncio.to_thread(
+                self.policies.ledger.reserve,
+                [],
+                tenant=analysis.tenant,
+                feature=analysis.task,
+                tier="review",
+                units=units,
+            )
+        else:
+            reservation = await asyncio.to_thread(self.policies.reserve, policy, analysis, "review", units)
+        if isinstance(reservation, Refusal):
+            self._degrade(analysis, policy, reservation, answered=True)
+            return
+        reasons = [s.reason for s in analysis.trace if s.decision in (Decision.REVIEW, Decision.ESCALATE)]
+        started = time.perf_counter()
+        score = next((s.score for s in reversed(analysis.trace.steps) if s.score is not None), None)
+        detections = analysis.detections
+        label_set = (
+            detections.class_names
+            if detections is not None and analysis.task not in self._label_sets_stored
+            else None
+        )
+        reason = (
+            f"audit sample ({policy.audit.fraction:.1%} of auto-accepts)"
+            if kind == "audit"
+            else (reasons[-1] if reasons else "review")
+        )
+        try:
+            item = await asyncio.to_thread(
+                self.queue.enqueue,
+                request_id=analysis.trace.request_id,
+                image_bytes=image_bytes,
+                image_sha256=analysis.image_sha256,
+                tenant=analysis.tenant,
+                task=analysis.task,
+                reason=reason,
+                proposed=detections.to_dicts() if detections is not None else [],
+                trace=analysis.trace.to_dict(),
+                priority=review_value(score, policy.review.error_cost(analysis.task)),
+                kind=kind,
+                sla_s=policy.review.sla_s,
+                label_set=label_set,
+            )
+        except Exception as exc:
+            await asyncio.to_thread(self.policies.ledger.release, reservation)
+            log.exception("review queue write failed for %s", analysis.trace.request_id)
+            raise BackendUnavailable(
+                f"the review queue could not store the item: {exc}", field="review_queue"
+            ) from None
+        await asyncio.to_thread(self.policies.ledger.settle, reservation)
+        if label_set:
+            self._label_sets_stored.add(analysis.task)
+        audit = kind == "audit"
+        if not audit:
+            analysis.review_item_id = item.id
+        analysis.trace.append(
+            Step(
+                stage="review_queue:audit" if audit else "review_queue",
+                decision=None if audit else Decision.REVIEW,  # an audit never changes the answer
+                reason=f"{reason}: item {item.id}" if audit else f"queued for human review as item {item.id}",
+                policy_version=policy.version,
+                cost_units=units,
+                latency_ms=(time.perf_counter() - started) * 1000.0,
+                details={"item_id": item.id, "kind": kind, "priority": item.priority},
+            )
+        )
+
+    # -- search -------------------------------------------------------------------------------
+
+    async def _index_for_search(self, analysis: Analysis) -> None:
+        """retrieval.index_analysed: make the analysed image searchable; a failure is recorded
+        in the trace and never changes the decision."""
+        if self.search is None or not self.config.retrieval.index_analysed:
+            return
+        started = time.perf_counter()
+        try:
+            item_id = await self.search.call("index_analysis", analysis)
+            analysis.trace.append(
+                Step(
+                    stage="retrieval:index",
+                    reason="indexed for visual search",
+                    details={"search_id": item_id},
+                    latency_ms=(time.perf_counter() - started) * 1000.0,
+                )
+            )
+        except Exception as exc:
+            log.warning("indexing %s for search failed: %s", analysis.trace.request_id, exc)
+            analysis.trace.append(
+                Step(
+                    stage="retrieval:index",
+                    reason="not indexed",
+                    error=f"{type(exc).__name__}: {exc}",
+                    latency_ms=(time.perf_counter() - started) * 1000.0,
+                )
+            )

@@ -1,0 +1,154 @@
+"""The human-review operations: list, read, claim, release, label, label sets, stats.
+
+Every storage call runs in a worker thread (the SQLite queue blocks); every read is scoped
+to the caller's tenant, so another tenant's item answers exactly like a missing one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+from typing import Any
+
+from PIL import Image
+
+from policies.review_queue import ReviewQueue
+from policies.runtime import PolicyRuntime
+from router.config import AppConfig
+from router.schemas import ClaimRequest, LabelRequest, ReleaseRequest
+from router.security import Principal, tenant_scope
+from router.services.backends import SearchBackend
+from visionroute.errors import InputError, NotFound
+
+log = logging.getLogger("visionroute.service.review")
+
+
+def label_from(request: LabelRequest, proposed: list[dict[str, Any]]) -> dict[str, Any]:
+    """The stored label for a verdict: confirm takes the proposed answer, correct needs one."""
+    if request.verdict == "confirm":
+        label = {"verdict": "confirm", "label": proposed[0]["label"] if proposed else None, "boxes": proposed}
+    elif request.verdict == "correct":
+        if request.label is None and request.boxes is None:
+            raise InputError("a 'correct' verdict needs 'label' or 'boxes'", field="label")
+        label = {
+            "verdict": "correct",
+            "label": request.label,
+            "boxes": [b.model_dump() for b in request.boxes] if request.boxes is not None else None,
+        }
+    else:
+        label = {"verdict": "reject", "label": None, "boxes": None}
+    if request.note:
+        label["note"] = request.note
+    return label
+
+
+class ReviewService:
+    def __init__(
+        self,
+        config: AppConfig,
+        *,
+        queue: ReviewQueue,
+        policies: PolicyRuntime,
+        search: SearchBackend | None,
+    ) -> None:
+        self.config = config
+        self.queue = queue
+        self.policies = policies
+        self.search = search
+
+    async def list_items(
+        self, caller: Principal | None, status: str | None = "pending", limit: int = 50, offset: int = 0
+    ) -> dict[str, Any]:
+        status = None if status == "all" else status
+
+        def read() -> dict[str, Any]:
+            items = self.queue.list_items(
+                status=status, tenant=tenant_scope(caller), limit=limit, offset=offset
+            )
+            return {"items": [item.public_dict() for item in items], **self.queue.stats()}
+
+        return await asyncio.to_thread(read)
+
+    async def get(self, caller: Principal | None, item_id: str) -> dict[str, Any]:
+        item = await asyncio.to_thread(self.queue.get, item_id, tenant=tenant_scope(caller))
+        return item.public_dict()
+
+    async def image(self, caller: Principal | None, item_id: str) -> tuple[bytes, str]:
+        """(the stored image, its media type); 404 naming the retention policy once purged."""
+
+        def read() -> bytes:
+            self.queue.get(item_id, tenant=tenant_scope(caller))  # other tenants' items do not exist
+            return self.queue.image(item_id)
+
+        data = await asyncio.to_thread(read)
+        image_format = Image.open(io.BytesIO(data)).format or "octet-stream"
+        return data, Image.MIME.get(image_format, "application/octet-stream")
+
+    async def audit_log(self, caller: Principal | None, item_id: str) -> dict[str, Any]:
+        def read() -> list[dict[str, Any]]:
+            self.queue.get(item_id, tenant=tenant_scope(caller))
+            return self.queue.audit_log(item_id)
+
+        return {"item_id": item_id, "events": await asyncio.to_thread(read)}
+
+    async def claim(self, caller: Principal | None, request: ClaimRequest) -> dict[str, Any]:
+        item = await asyncio.to_thread(
+            self.queue.claim,
+            request.reviewer,
+            item_id=request.item_id,
+            tenant=tenant_scope(caller),
+            lease_s=request.lease_s,
+        )
+        if item is None:
+            return {"item": None, "lease_token": None}
+        return {"item": item.public_dict(), "lease_token": item.lease_token}
+
+    async def release(
+        self, caller: Principal | None, item_id: str, request: ReleaseRequest
+    ) -> dict[str, Any]:
+        def write() -> dict[str, Any]:
+            self.queue.get(item_id, tenant=tenant_scope(caller))  # another tenant's item does not exist here
+            return self.queue.release(
+                item_id, reviewer=request.reviewer, lease_token=request.lease_token
+            ).public_dict()
+
+        return await asyncio.to_thread(write)
+
+    async def label(self, caller: Principal | None, item_id: str, request: LabelRequest) -> dict[str, Any]:
+        def write():
+            item = self.queue.get(item_id, tenant=tenant_scope(caller))
+            item = self.queue.submit_label(
+                item_id,
+                reviewer=request.reviewer,
+                lease_token=request.lease_token,
+                label=label_from(request, item.proposed),
+            )
+            if item.kind == "audit":  # a new audited outcome: refresh the accepted-error estimate
+                self.policies.audit_estimate(self.queue, item.task)
+            return item
+
+        item = await asyncio.to_thread(write)
+        if self.search is not None and self.config.retrieval.index_analysed:
+            try:  # the label is stored either way; the search tags follow when they can
+                await asyncio.wait_for(self.search.call("apply_review_label", item.id, item.label), 30)
+            except Exception as exc:
+                log.warning("review label of %s not copied to the search index: %s", item.id, exc)
+        return item.public_dict()
+
+    async def label_set(self, task: str) -> dict[str, Any]:
+        if task not in self.config.cascades:
+            raise NotFound(
+                f"unknown task {task!r}; expected one of {sorted(self.config.cascades)}", field="task"
+            )
+        return {"task": task, "labels": await asyncio.to_thread(self.queue.label_set, task)}
+
+    async def stats(self) -> dict[str, Any]:
+        def read() -> dict[str, Any]:
+            audits = {
+                task: self.policies.audit_estimate(self.queue, task).to_dict()
+                for task in self.config.cascades
+            }
+            return {**self.queue.stats(), "sla_s": self.policies.current.review.sla_s, "audit": audits}
+
+        return await asyncio.to_thread(read)

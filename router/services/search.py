@@ -1,0 +1,82 @@
+"""Visual search operations: search by text, example image or id; index, read, delete, stats.
+
+A tenant's key only ever sees its own tenant's entries: filters are scoped here, whatever
+the request asks, and another tenant's id answers like a missing one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from router.security import Principal, tenant_scope
+from router.services.backends import SearchBackend
+from visionroute.errors import BackendUnavailable, InputError, NotFound
+
+
+class SearchOperations:
+    def __init__(self, backend: SearchBackend | None) -> None:
+        self.backend = backend
+
+    async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        if self.backend is None:
+            raise BackendUnavailable(
+                "visual search is not enabled in this deployment (retrieval.enabled)", field="retrieval"
+            )
+        return await self.backend.call(method, *args, **kwargs)
+
+    @staticmethod
+    def scoped_filters(
+        caller: Principal | None, filters: dict[str, Any] | None, tenant: str | None = None
+    ) -> dict[str, Any] | None:
+        scope = tenant_scope(caller)
+        if scope is not None:
+            return {**(filters or {}), "tenant": scope}
+        if tenant is not None:
+            return {**(filters or {}), "tenant": tenant}
+        return filters
+
+    async def get(self, caller: Principal | None, item_id: int) -> dict[str, Any]:
+        """The item, or NotFound when it does not exist or belongs to another tenant."""
+        item = await self._call("get", item_id)
+        scope = tenant_scope(caller)
+        if scope is not None and item["metadata"].get("tenant") != scope:
+            raise NotFound(f"no indexed item {item_id}", field="id")
+        return item
+
+    async def search(
+        self,
+        caller: Principal | None,
+        *,
+        text: str | None = None,
+        image: bytes | None = None,
+        item_id: int | None = None,
+        k: int = 10,
+        filters: dict[str, Any] | None = None,
+        params: dict[str, Any] | None = None,
+        tenant: str | None = None,
+    ) -> dict[str, Any]:
+        """One search: exactly one of text, image or item_id."""
+        given = [n for n, v in (("text", text), ("image", image), ("id", item_id)) if v is not None]
+        if len(given) != 1:
+            raise InputError(f"give exactly one of text, image or id; got {given or 'none'}", field="query")
+        options = {"k": k, "filters": self.scoped_filters(caller, filters, tenant), "params": params}
+        if text is not None:
+            return await self._call("search_text", text, **options)
+        if image is not None:
+            return await self._call("search_image", image, **options)
+        await self.get(caller, item_id)
+        return await self._call("search_by_id", item_id, **options)
+
+    async def index(self, caller: Principal | None, image: bytes, metadata: dict[str, Any] | None) -> dict:
+        scope = tenant_scope(caller)
+        if scope is not None:  # entries belong to the caller's tenant
+            metadata = {**(metadata or {}), "tenant": scope}
+        return {"id": await self._call("index_image", image, metadata)}
+
+    async def delete(self, caller: Principal | None, item_id: int) -> dict[str, Any]:
+        await self.get(caller, item_id)
+        await self._call("delete", item_id)
+        return {"id": item_id, "deleted": True}
+
+    async def stats(self) -> dict[str, Any]:
+        return await self._call("stats")
