@@ -175,9 +175,6 @@ class Calibrator:
         classes = np.broadcast_to(np.arange(probabilities.shape[1]), probabilities.shape)
         return self.calibrate_scores(probabilities.ravel(), classes.ravel()).reshape(probabilities.shape)
 
-    def calibrate_logits(self, logits: np.ndarray) -> np.ndarray:
-        return self.calibrate_probabilities(_softmax(np.asarray(logits, np.float64)))
-
     def calibrate_scores(self, scores: np.ndarray, class_ids: np.ndarray) -> np.ndarray:
         """Per-row scores with their class ids -> calibrated scores (Platt or isotonic)."""
         maps = self.artifact.platt or self.artifact.isotonic

@@ -42,7 +42,7 @@ def _package_version(name: str) -> str:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError as exc:
         raise ConfigError(
-            f"package {name!r} is not installed; install the extra: pip install 'visionroute[prepare]'"
+            f"package {name!r} is not installed; it is a visionroute dependency: reinstall visionroute"
         ) from exc
 
 

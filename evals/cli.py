@@ -1,5 +1,4 @@
-"""``visionroute calibrate``, ``visionroute eval``, ``visionroute gate`` and
-``visionroute bench calibration``."""
+"""``visionroute calibrate``, ``visionroute eval`` and ``visionroute gate``."""
 
 from __future__ import annotations
 
@@ -241,18 +240,6 @@ def _cmd_gate(args) -> int:
     return 1 if failures else 0
 
 
-def _cmd_bench(args) -> int:
-    from evals.bench import calibration_bench, format_bench
-
-    result = calibration_bench(
-        seed=args.seed, n_splits=args.splits, alpha=args.alpha, delta=args.delta, method=args.method
-    )
-    print(format_bench(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    return 0
-
-
 def _data_args(parser: argparse.ArgumentParser) -> None:
     source = parser.add_argument_group("data (default: scikit-learn digits with the two trained tiers)")
     source.add_argument("--dataset", default="digits", help="built-in dataset (default: %(default)s)")
@@ -322,14 +309,3 @@ def register(subparsers, bench) -> None:
     gate.add_argument("baseline")
     gate.add_argument("--ratio", type=float, default=0.9)
     gate.set_defaults(func=_cmd_gate)
-
-    calibration = bench.add_parser(
-        "calibration", help="ECE before/after, validity over random splits, escalation needed"
-    )
-    calibration.add_argument("--splits", type=int, default=200)
-    calibration.add_argument("--alpha", type=float, default=0.05)
-    calibration.add_argument("--delta", type=float, default=0.1)
-    calibration.add_argument("--method", default="temperature", choices=("temperature", "platt", "isotonic"))
-    calibration.add_argument("--seed", type=int, default=0)
-    calibration.add_argument("--json", help="also write the figures as JSON here")
-    calibration.set_defaults(func=_cmd_bench)

@@ -12,6 +12,8 @@ fires, once at least ``min_labelled`` audits are in, when
   that confidence, that more than alpha of the accepted answers are wrong; or
 - ``upper_bound_above_alpha``: the upper bound is above alpha: the data can no longer vouch
   that the rate is at most alpha (earlier, noisier).
+
+``visionroute bench audit`` (evals/benchmarks/audit.py) measures the bounds' coverage.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import logging
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 from scipy.stats import beta
 
@@ -127,38 +128,3 @@ class AuditMonitor:
         elif previous and previous.alert and not result.alert:
             log.info("audit alert cleared task=%s: %s", result.task, result.reason)
         return result
-
-
-def simulate_coverage(
-    error_rate: float,
-    *,
-    accepted: int = 5000,
-    fraction: float = 0.05,
-    confidence: float = 0.9,
-    runs: int = 2000,
-    seed: int = 0,
-) -> dict[str, float]:
-    """How often the bounds contain a known accepted-error rate over simulated runs.
-
-    Each run accepts ``accepted`` items, each wrong with probability ``error_rate``; a
-    ``fraction`` is audited. Returns the share of runs whose upper bound is >= the true rate,
-    whose lower bound is <= it, and whose two-sided interval holds it (nominal: confidence,
-    confidence, 2*confidence-1).
-    """
-    rng = np.random.default_rng(seed)
-    n = rng.binomial(accepted, fraction, size=runs)
-    k = rng.binomial(n, error_rate)
-    bounds = np.array([clopper_pearson(int(ki), int(ni), confidence) for ki, ni in zip(k, n)])
-    upper_ok = bounds[:, 1] >= error_rate
-    lower_ok = bounds[:, 0] <= error_rate
-    return {
-        "error_rate": error_rate,
-        "runs": runs,
-        "mean_audited": float(n.mean()),
-        "upper_coverage": float(upper_ok.mean()),
-        "lower_coverage": float(lower_ok.mean()),
-        "two_sided_coverage": float((upper_ok & lower_ok).mean()),
-        "nominal_one_sided": confidence,
-        "nominal_two_sided": 2 * confidence - 1,
-        "mean_upper_bound": float(bounds[:, 1].mean()),
-    }

@@ -237,17 +237,6 @@ class BudgetLedger:
         )
         return [dict(zip(("tenant", "feature", "tier", "units", "calls"), row)) for row in rows]
 
-    def window_total(self, budget: str, window_start: float) -> float:
-        row = (
-            self._db()
-            .execute(
-                "SELECT COALESCE(SUM(units), 0) FROM reservations WHERE budget = ? AND window_start = ?",
-                (budget, window_start),
-            )
-            .fetchone()
-        )
-        return float(row[0])
-
     def prune(self, older_than_s: float, now: float | None = None) -> int:
         """Drop reservations of windows that ended more than ``older_than_s`` ago (usage totals stay)."""
         now = time.time() if now is None else now

@@ -1,5 +1,4 @@
-"""``visionroute review export|purge|stats``, ``visionroute budgets``, ``visionroute policies check``
-and ``visionroute bench audit`` (coverage of the audit estimator on simulated runs)."""
+"""``visionroute review export|purge|stats``, ``visionroute budgets``, ``visionroute policies check``."""
 
 from __future__ import annotations
 
@@ -97,37 +96,6 @@ def _cmd_check(args) -> int:
     return 0
 
 
-def _cmd_bench_audit(args) -> int:
-    from policies.audit_sampling import simulate_coverage
-
-    rows = [
-        simulate_coverage(
-            rate,
-            accepted=args.accepted,
-            fraction=args.fraction,
-            confidence=args.confidence,
-            runs=args.runs,
-            seed=args.seed,
-        )
-        for rate in args.error_rates
-    ]
-    print(
-        f"audit estimator coverage: {args.runs} simulated runs, {args.accepted} accepts each, {args.fraction:.0%} audited,"
-        f" exact Clopper-Pearson bounds at {args.confidence}"
-    )
-    print(
-        f"{'true rate':>9} {'audited':>8} {'upper>=p':>9} {'lower<=p':>9} {'two-sided':>10} {'nominal':>8} {'mean UB':>8}"
-    )
-    for r in rows:
-        print(
-            f"{r['error_rate']:9.3f} {r['mean_audited']:8.1f} {r['upper_coverage']:9.3f} {r['lower_coverage']:9.3f} "
-            f"{r['two_sided_coverage']:10.3f} {r['nominal_one_sided']:8.2f} {r['mean_upper_bound']:8.4f}"
-        )
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
-    return 0
-
-
 def register(subparsers, bench) -> None:
     default_path = str(paths.data_dir() / "review")
     review = subparsers.add_parser(
@@ -181,13 +149,3 @@ def register(subparsers, bench) -> None:
     )
     check.add_argument("config", help="serve config YAML")
     check.set_defaults(func=_cmd_check)
-
-    audit = bench.add_parser("audit", help="coverage of the audit estimator's bounds over simulated runs")
-    audit.add_argument("--error-rates", type=float, nargs="+", default=[0.01, 0.03, 0.05, 0.1, 0.2])
-    audit.add_argument("--accepted", type=int, default=5000)
-    audit.add_argument("--fraction", type=float, default=0.05)
-    audit.add_argument("--confidence", type=float, default=0.9)
-    audit.add_argument("--runs", type=int, default=2000)
-    audit.add_argument("--seed", type=int, default=0)
-    audit.add_argument("--json")
-    audit.set_defaults(func=_cmd_bench_audit)

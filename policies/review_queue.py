@@ -432,10 +432,6 @@ class ReviewQueue:
             )
         return len(rows)
 
-    def requeue_expired(self) -> int:
-        with self._transaction() as db:
-            return self._requeue_expired(db, time.time())
-
     def release(self, item_id: str, *, reviewer: str, lease_token: str) -> ReviewItem:
         """Give a leased item back unlabelled (a reviewer skips it)."""
         with self._transaction() as db:

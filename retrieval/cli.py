@@ -1,4 +1,4 @@
-"""``visionroute index <folder>``, ``visionroute retrieval compact|stats|search``, ``bench retrieval``."""
+"""``visionroute index <folder>`` and ``visionroute retrieval compact|stats|search``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from pathlib import Path
 
 import yaml
 
-from visionroute import paths
 from visionroute.errors import ConfigError, RouterError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -122,12 +121,6 @@ def _search(args) -> int:
     return 0
 
 
-def _bench(args) -> int:
-    from retrieval.bench import run
-
-    return run(args)
-
-
 def _config_flags(parser) -> None:
     parser.add_argument(
         "--config", help="serve_config.yaml (uses applications[0].args.retrieval) or a retrieval section YAML"
@@ -163,24 +156,3 @@ def register(subparsers, bench) -> None:
     search.add_argument("--filters", help='JSON, e.g. \'{"tenant": "acme", "tags_any": ["dock"]}\'')
     _config_flags(search)
     search.set_defaults(func=_search)
-
-    retrieval_bench = bench.add_parser(
-        "retrieval", help="exact vs HNSW vs IVF-PQ+refine; ONNX vs eager; zero-shot"
-    )
-    retrieval_bench.add_argument(
-        "--parts", default="ann,embed,zeroshot", help="comma list of ann, embed, zeroshot"
-    )
-    retrieval_bench.add_argument("--n", type=int, default=100_000)
-    retrieval_bench.add_argument("--dim", type=int, default=512)
-    retrieval_bench.add_argument("--queries", type=int, default=1000)
-    retrieval_bench.add_argument(
-        "--ivfpq-1m", action="store_true", help="also IVF-PQ+refine on 1M vectors (~5 GB RAM)"
-    )
-    retrieval_bench.add_argument("--clip-model", default="ViT-B-32")
-    retrieval_bench.add_argument(
-        "--clip-pretrained", default=None, help="checkpoint path or tag (default: random weights)"
-    )
-    retrieval_bench.add_argument("--images", type=int, default=64)
-    retrieval_bench.add_argument("--batch-size", type=int, default=16)
-    retrieval_bench.add_argument("--models-dir", default=str(paths.models_dir()))
-    retrieval_bench.set_defaults(func=_bench)

@@ -66,8 +66,6 @@ class OpenClipConfig(_Strict):
 
 EmbedderConfig = Annotated[ConseConfig | OpenClipConfig, Field(discriminator="kind")]
 
-IndexKind = Literal["exact", "hnsw", "ivfpq"]
-
 
 class IndexConfig(_Strict):
     # "auto" picks by collection size: exact below exact_max_items, HNSW up to hnsw_max_items,
@@ -108,7 +106,6 @@ class RetrievalConfig(_Strict):
     index: IndexConfig = Field(default_factory=IndexConfig)
     # Cascade integration: analysed images are indexed automatically (SearchService.index_analysis).
     index_analysed: bool = False
-    embed_batch_size: int = Field(16, ge=1, le=1024)
     max_image_bytes: int = Field(20 << 20, ge=1)
     max_query_chars: int = Field(1000, ge=1)
 

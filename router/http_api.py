@@ -18,11 +18,17 @@ from router.http_inputs import image_and_fields
 from router.http_search import router as search_router
 from router.review_page import REVIEW_ASSETS, review_asset
 from router.schemas import AnalyzeResponse, ClaimRequest, LabelRequest, ReleaseRequest
-from router.security import SecurityConfig, current_principal, install_security
+from router.security import (
+    ApiKeyMiddleware,
+    Authenticator,
+    SecurityConfig,
+    current_principal,
+    make_authenticator,
+)
 from router.services import ImageRequest, VisionRouteService, response_body
 from router.services.common import checked_request_id
 from visionroute import __version__
-from visionroute.errors import InputError, NotFound, RouterError
+from visionroute.errors import BackendUnavailable, InputError, NotFound, RouterError
 
 app = FastAPI(
     title="VisionRoute",
@@ -32,14 +38,34 @@ app = FastAPI(
 app.include_router(search_router)
 
 
-def attach(service: VisionRouteService, security: SecurityConfig) -> None:
-    """Serve ``service`` from this app, behind the API-key check (refuses an unsafe bind)."""
-    app.state.service = service
-    install_security(app, security)
+class _Attached:
+    """The service this process serves. Ray Serve serves a frozen copy of ``app``, so the
+    routes and the key check reach the service through this module, not through the app."""
+
+    service: VisionRouteService | None = None
+    authenticator: Authenticator | None = None
 
 
-def service_of(request: Request) -> VisionRouteService:
-    return request.app.state.service
+def attach(service: VisionRouteService, security: SecurityConfig) -> Authenticator:
+    """Serve ``service`` behind the API-key check (refuses an unsafe bind); one per process."""
+    _Attached.authenticator = make_authenticator(security)
+    _Attached.service = service
+    return _Attached.authenticator
+
+
+def current_authenticator() -> Authenticator:
+    if _Attached.authenticator is None:
+        raise BackendUnavailable("the service is starting", field="service")
+    return _Attached.authenticator
+
+
+def service_of(request: Request | None = None) -> VisionRouteService:
+    if _Attached.service is None:
+        raise BackendUnavailable("the service is starting", field="service")
+    return _Attached.service
+
+
+app.add_middleware(ApiKeyMiddleware, authenticator=current_authenticator)
 
 
 @app.exception_handler(RouterError)

@@ -17,7 +17,9 @@ router = APIRouter(prefix="/v1/search", tags=["search"])
 
 
 def _operations(request: Request):
-    return request.app.state.service.search
+    from router.http_api import service_of  # router.http_api includes this router
+
+    return service_of(request).search
 
 
 @router.post("", summary="Search by text, example image or item id")

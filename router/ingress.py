@@ -56,8 +56,7 @@ class Ingress(GrpcEndpoints):  # + the gRPC methods (router/grpc_ingress.py)
             vlm_tiers={task: RemoteVlmTier(handle) for task, handle in vlm_tiers.items()},
             search=RemoteSearch(search) if search is not None else None,
         )
-        attach(self.service, config.security)
-        self.authenticator = app.state.authenticator
+        self.authenticator = attach(self.service, config.security)
         log.info("ingress ready: tasks %s, review queue %s", sorted(config.cascades), config.review.path)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:

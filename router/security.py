@@ -20,7 +20,6 @@ import hashlib
 import ipaddress
 import json
 import logging
-import re
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from visionroute.errors import ConfigError, InputError, PermissionDenied, RouterError, Unauthenticated
+from visionroute.errors import ConfigError, PermissionDenied, RouterError, Unauthenticated
 
 log = logging.getLogger("visionroute.security")
 
@@ -211,16 +210,12 @@ def tenant_scope(principal: Principal | None) -> str | None:
 class ApiKeyMiddleware:
     """Pure ASGI middleware (same task as the endpoint, so the contextvar reaches it).
 
-    It reads the authenticator from the app's state on each request, so the service that is
-    attached last (one per replica process) is the one whose keys count."""
+    ``authenticator`` is a function that returns the process's current authenticator: Ray
+    Serve serves a frozen copy of the FastAPI app, so the keys cannot live on the app object."""
 
-    def __init__(self, app: Any, state: Any) -> None:
+    def __init__(self, app: Any, authenticator: Any) -> None:
         self.app = app
-        self.state = state
-
-    @property
-    def authenticator(self) -> Authenticator:
-        return self.state.authenticator
+        self.current_authenticator = authenticator
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -228,7 +223,7 @@ class ApiKeyMiddleware:
             return
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope.get("headers", [])]
         try:
-            principal = self.authenticator.authenticate(
+            principal = self.current_authenticator().authenticate(
                 key_from_headers(headers), required_role(scope["path"])
             )
         except RouterError as error:
@@ -254,17 +249,12 @@ class ApiKeyMiddleware:
             _principal.reset(token)
 
 
-def install_security(app: Any, security: SecurityConfig) -> Authenticator:
-    """Add the key check to the FastAPI app (once per process) and refuse an unsafe bind."""
+def make_authenticator(security: SecurityConfig) -> Authenticator:
+    """The key check for ``security``, after refusing an unsafe bind."""
     check_serve_bind(security)
-    authenticator = Authenticator(security)
-    app.state.authenticator = authenticator
-    if not getattr(app.state, "visionroute_security", False):
-        app.add_middleware(ApiKeyMiddleware, state=app.state)
-        app.state.visionroute_security = True
     if not security.enabled:
         log.warning("no API keys configured: authentication is off (local development only)")
-    return authenticator
+    return Authenticator(security)
 
 
 # -- bind check --------------------------------------------------------------------------------
@@ -313,9 +303,3 @@ def check_serve_bind(security: SecurityConfig) -> None:
         log.debug("no Serve controller to check the bind address against: %s", exc)
         return
     check_bind(security, http.host, grpc.port > 0 and bool(grpc.grpc_servicer_functions))
-
-
-def check_input_tenant(tenant: str | None) -> str | None:
-    if tenant is not None and not re.fullmatch(TENANT_PATTERN, tenant):
-        raise InputError("tenant must be 1-128 characters from [A-Za-z0-9_.-]", field="tenant")
-    return tenant

@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "router.cli",
     "policies.cli",
     "router.security_cli",
+    "evals.benchmarks.cli",
 )
 
 

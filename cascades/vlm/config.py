@@ -11,7 +11,7 @@ VlmTask = Literal["classify", "verify", "read_text"]
 
 
 class InProcessEngineConfig(BaseModel):
-    """vLLM's engine inside the serving process (GPU deployments; needs the ``gpu`` extra)."""
+    """vLLM's engine inside the serving process (GPU deployments; needs the ``vlm-server`` extra)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

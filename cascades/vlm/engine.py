@@ -1,6 +1,6 @@
 """The same ``VlmBackend`` interface over vLLM's engine in this process (GPU deployments).
 
-Needs the ``gpu`` extra (``vllm``, CUDA build); CI never imports this module. Select it with
+Needs the ``vlm-server`` extra (``vllm``, CUDA build); CI never imports this module. Select it with
 ``VlmConfig(backend="in_process", in_process={"model_path": ...})``; see docs/vlm.md.
 ``LLM.chat`` takes the same OpenAI-style messages (image as a data URL) as the server, and
 ``StructuredOutputsParams(json=schema)`` is what ``response_format`` becomes inside vLLM, so the
@@ -28,7 +28,7 @@ class InProcessVllmBackend:
             from vllm import LLM
         except ImportError as exc:
             raise ConfigError(
-                "backend 'in_process' needs vLLM in this environment: pip install 'visionroute[gpu]' "
+                "backend 'in_process' needs vLLM in this environment: pip install 'visionroute[vlm-server]' "
                 f"({exc})",
                 field="backend",
             ) from exc

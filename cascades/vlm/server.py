@@ -1,4 +1,5 @@
-"""Start a real vLLM OpenAI-compatible server from the vLLM venv, for tests and benchmarks.
+"""Start a real vLLM OpenAI-compatible server from the vLLM venv: ``visionroute vlm serve-tiny``,
+``visionroute bench vlm`` and the integration tests use it.
 
     server = start_tiny_vllm_server()   # builds the venv and the tiny LLaVA if missing
     VlmConfig(endpoint=server.base_url, model=server.model, ...)
@@ -80,14 +81,6 @@ def ensure_tiny_llava(out_dir: Path | None = None, *, python: Path | None = None
     if result.returncode != 0:
         raise ConfigError(f"building the tiny LLaVA failed: {result.stderr[-2000:]}", field="model")
     return out_dir
-
-
-def model_version(model_dir: Path) -> str | None:
-    """The built model's weights checksum (what a step's model_version should say), if known."""
-    manifest = Path(model_dir) / "visionroute_build.json"
-    if not manifest.exists():
-        return None
-    return "sha256:" + json.loads(manifest.read_text())["weights_sha256"][:16]
 
 
 def free_port() -> int:

@@ -227,7 +227,7 @@ class VlmStage:
 def make_backend(config: VlmConfig) -> VlmBackend:
     """The backend ``config.backend`` names (the registry the YAML's ``backend`` key selects)."""
     if config.backend == "in_process":
-        from cascades.vlm.engine import InProcessVllmBackend  # needs vllm (the gpu extra)
+        from cascades.vlm.engine import InProcessVllmBackend  # needs vllm (the vlm-server extra)
 
         return InProcessVllmBackend(config)
     return OpenAiVlmClient(config)

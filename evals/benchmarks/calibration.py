@@ -15,7 +15,9 @@
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -175,3 +177,13 @@ def format_bench(result: dict[str, Any]) -> str:
             f"({result['seconds']:.1f} s)",
         ]
     )
+
+
+def run(args) -> int:
+    result = calibration_bench(
+        seed=args.seed, n_splits=args.splits, alpha=args.alpha, delta=args.delta, method=args.method
+    )
+    print(format_bench(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0

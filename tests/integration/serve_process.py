@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,13 +14,10 @@ from typing import Any
 import httpx
 import yaml
 
+from tests.support.ports import free_port
+from tests.support.service import warm_up_service
+
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class ServeProcess:
@@ -48,13 +44,18 @@ class ServeProcess:
             args[key] = value
         if edit_config is not None:  # e.g. deployment options for overload tests
             edit_config(config)
+        self.search_enabled = bool((args.get("retrieval") or {}).get("enabled", True))
         self.config_path = workdir / "serve_config.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
         self.url = f"http://127.0.0.1:{self.port}"
         self.grpc_target = f"127.0.0.1:{self.grpc_port}"
         self.process: subprocess.Popen | None = None
 
-    def start(self, timeout_s: float = 180.0) -> ServeProcess:
+    def start(self, timeout_s: float = 180.0, warm_up_headers: dict[str, str] | None = None) -> ServeProcess:
+        """Start, wait for /readyz, then warm up with real read-only requests (tests/support/service.py).
+
+        ``warm_up_headers``: credentials for the warm-up when the config has API keys (an admin key).
+        """
         env = {
             **os.environ,
             "RAY_AUTH_MODE": "disabled",
@@ -77,12 +78,19 @@ class ServeProcess:
                 raise RuntimeError(f"serve run exited with {self.process.returncode}:\n{self.log_tail()}")
             try:
                 if httpx.get(self.url + "/readyz", timeout=2.0).status_code == 200:
-                    return self
+                    break
             except httpx.HTTPError:
                 pass
             time.sleep(1.0)
-        self.stop()
-        raise RuntimeError(f"service not ready after {timeout_s} s:\n{self.log_tail()}")
+        else:
+            self.stop()
+            raise RuntimeError(f"service not ready after {timeout_s} s:\n{self.log_tail()}")
+        try:
+            warm_up_service(self.url, search=self.search_enabled, headers=warm_up_headers)
+        except RuntimeError as exc:
+            self.stop()
+            raise RuntimeError(f"{exc}\n{self.log_tail()}") from None
+        return self
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.process is None or self.process.poll() is not None:

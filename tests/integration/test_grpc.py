@@ -49,7 +49,7 @@ def service(prepared_models_dir, tmp_path_factory):
     process = ServeProcess(
         tmp_path_factory.mktemp("grpc"), prepared_models_dir, extra_args={"security": security}
     )
-    process.start()
+    process.start(warm_up_headers={"x-api-key": key("admin")})
     yield process
     process.stop()
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import socket
 import time
 from pathlib import Path
 
@@ -17,6 +16,9 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+
+from tests.support.ports import free_port
+from tests.support.service import warm_up_service
 
 pytestmark = pytest.mark.server
 
@@ -55,12 +57,6 @@ BUDGETS = [
         "degrade": "accept_degraded",
     },
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def noise_png(seed: int, size: int = 96) -> bytes:
@@ -151,6 +147,7 @@ def service(prepared_models_dir, tmp_path_factory):
         if httpx.get(svc.url + "/readyz", timeout=10).status_code == 200:
             break
         time.sleep(1)
+    warm_up_service(svc.url)  # real read-only requests: the first one through a fresh app is slow
     yield svc
     serve.shutdown()
     ray.shutdown()

@@ -7,7 +7,8 @@ server will not produce on demand (5xx, a malformed body, a hang) come from a sm
 front of it; a real crash is a SIGKILL of a second server in the middle of a request.
 
 The session fixture builds the vLLM venv (scripts/vllm_env.sh, ~2 min, once) and the model
-(~4 s) when missing, then starts the server (~20-35 s on 2 cores).
+(~4 s) when missing, then starts the server (~20-35 s on 2 cores) and warms it up with one real
+image chat completion (tests/support/vllm.py) before any test runs.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from cascades.vlm import VlmConfig, VlmStage
-from cascades.vlm.server import free_port, model_version, start_tiny_vllm_server
 from policies.review_queue import ReviewQueue
+from tests.support.ports import free_port
+from tests.support.vllm import model_version, start_warm_tiny_vllm_server
 from visionroute.records import Analysis, Decision, Detections
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
@@ -42,8 +44,9 @@ def config_for(endpoint: str, **overrides) -> VlmConfig:
         endpoint=endpoint,
         model="tiny-llava",
         labels=LABELS,
-        request_timeout_s=20.0,
-        total_timeout_s=30.0,
+        # generous: on a loaded machine a task's first call compiles its JSON schema in vLLM
+        request_timeout_s=60.0,
+        total_timeout_s=120.0,
         backoff_initial_s=0.05,
         backoff_max_s=0.2,
         cost_per_1k_prompt_tokens=0.5,
@@ -280,7 +283,7 @@ def _requests_on_server(server) -> float:
 
 
 def test_killing_the_server_mid_request_puts_the_item_in_the_review_queue(tmp_path):
-    victim = start_tiny_vllm_server(max_num_seqs=2)
+    victim = start_warm_tiny_vllm_server(max_num_seqs=2)
     try:
         # A long reading keeps the request in flight long enough to kill the server under it.
         config = config_for(
