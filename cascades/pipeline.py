@@ -12,6 +12,7 @@ same float32) and ``details.is_calibrated``; the policy step records ``vlm_avail
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -21,6 +22,9 @@ import numpy as np
 
 from policies.thresholds import ThresholdPolicy, answer_score, decide, decide_after_cheap_tier
 from visionroute.records import Analysis, Decision, Detections, Step
+from visionroute.redaction import failure_summary
+
+log = logging.getLogger("visionroute.cascade")
 
 
 @dataclass(frozen=True)
@@ -60,7 +64,7 @@ async def run_cascade(
                 stage=f"onnx:{analysis.task}",
                 decision=decision,
                 reason=reason,
-                error=f"{type(exc).__name__}: {exc}",
+                error=_step_error(analysis, "cheap tier", exc),
                 latency_ms=(time.perf_counter() - started) * 1000.0,
             )
         )
@@ -95,11 +99,19 @@ async def run_cascade(
                     stage="vlm",
                     decision=Decision.REVIEW,
                     reason="the VLM tier could not be reached; a human decides",
-                    error=f"{type(exc).__name__}: {exc}",
+                    error=_step_error(analysis, "VLM tier", exc),
                     latency_ms=(time.perf_counter() - started) * 1000.0,
                 )
             )
     return analysis
+
+
+def _step_error(analysis: Analysis, tier: str, exc: BaseException) -> str:
+    """What a failed tier's step records: the kind and a short message without paths, pids,
+    node addresses or actor ids (the trace reaches callers and reviewers); the whole error
+    goes to the log under the request id."""
+    log.warning("request %s: the %s failed: %r", analysis.trace.request_id, tier, exc)
+    return failure_summary(exc)
 
 
 def _float32_list(values: np.ndarray) -> list[float]:

@@ -24,7 +24,6 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-from scipy.stats import beta
 
 log = logging.getLogger("visionroute.audit")
 
@@ -58,6 +57,8 @@ def clopper_pearson(errors: int, n: int, confidence: float) -> tuple[float, floa
     """Exact one-sided lower and upper bounds (each at ``confidence``) for a binomial rate."""
     if n == 0:
         return 0.0, 1.0
+    from scipy.stats import beta  # ~1 s to import: only when a bound is computed, not at CLI start
+
     lower = 0.0 if errors == 0 else float(beta.ppf(1.0 - confidence, errors, n - errors + 1))
     upper = 1.0 if errors == n else float(beta.ppf(confidence, errors + 1, n - errors))
     return lower, upper

@@ -32,12 +32,19 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from policies.costs import TIERS, Tier
 from visionroute.errors import BudgetExceeded, InputError
+from visionroute.migrations import Migration, migrate
 from visionroute.sqlite import PerThreadConnections, immediate_transaction
 
 DegradeMode = Literal["accept_degraded", "review", "reject"]
 _EPS = 1e-9  # float slack when comparing sums of units with the cap
 
-SCHEMA = """
+STORE = "budget_ledger"
+# The ledger's schema, one version at a time (visionroute/migrations.py applies them at open).
+MIGRATIONS = (
+    Migration(
+        1,
+        "reservations per budget window and usage per tenant, feature and tier",
+        """
 CREATE TABLE IF NOT EXISTS reservations (
     id TEXT NOT NULL,
     budget TEXT NOT NULL,
@@ -58,7 +65,9 @@ CREATE TABLE IF NOT EXISTS usage (
     calls INTEGER NOT NULL,
     PRIMARY KEY (tenant, feature, tier)
 );
-"""
+""",
+    ),
+)
 
 
 class BudgetRule(BaseModel):
@@ -117,7 +126,7 @@ class BudgetLedger:
         self.path = Path(path).expanduser()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._connections = PerThreadConnections(self.path)
-        self._db().executescript(SCHEMA)
+        self.schema = migrate(self._db(), STORE, MIGRATIONS, location=str(self.path))
 
     def _db(self) -> sqlite3.Connection:
         # synchronous=FULL matters here: a reservation lost in a crash could mean overspend.

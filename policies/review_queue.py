@@ -2,7 +2,12 @@
 
 Durability rule: ``enqueue`` returns only after the image file is fsynced and the row is
 committed, so an acknowledged item survives a crash. Enqueue is idempotent on
-``request_id``: a client retry after a lost response never makes a second item.
+(``tenant``, ``request_id``, ``kind``): a client retry after a lost response never makes a
+second item, and another tenant's request that happens to reuse the id gets an item of its own.
+The same id with another image (or task) within a tenant is not a retry: 409, never an item
+answered for an image it does not hold.
+
+The schema is versioned (``MIGRATIONS``, applied at open by visionroute/migrations.py).
 
 Leases: ``claim`` gives one reviewer an item for ``lease_s`` seconds; an expired lease puts the
 item back in the queue (with a ``lease_expired`` audit event). ``submit_label`` is idempotent:
@@ -33,47 +38,101 @@ from typing import Any
 
 from policies.audit_sampling import is_error
 from visionroute.errors import Conflict, InputError, NotFound
+from visionroute.migrations import Migration, migrate
 from visionroute.sqlite import PerThreadConnections, immediate_transaction
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS items (
-    id TEXT PRIMARY KEY,
-    request_id TEXT UNIQUE NOT NULL,
-    tenant TEXT NOT NULL,
-    task TEXT NOT NULL,
-    image_sha256 TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    priority REAL NOT NULL DEFAULT 0,
-    reason TEXT NOT NULL,
-    proposed_json TEXT NOT NULL,
-    trace_json TEXT NOT NULL,
-    status TEXT NOT NULL DEFAULT 'pending',
-    lease_owner TEXT,
-    lease_token TEXT,
-    lease_expires_at REAL,
-    label_json TEXT,
-    labelled_by TEXT,
-    labelled_at REAL
-);
-CREATE INDEX IF NOT EXISTS items_queue ON items (status, priority DESC, created_at);
-CREATE TABLE IF NOT EXISTS label_sets (
-    task TEXT PRIMARY KEY,
-    labels_json TEXT NOT NULL,
-    updated_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS audit (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    item_id TEXT NOT NULL,
-    at REAL NOT NULL,
-    actor TEXT NOT NULL,
-    action TEXT NOT NULL,
-    previous_json TEXT,
-    new_json TEXT
-);
-"""
+STORE = "review_queue"
+ITEM_COLUMNS = (
+    "id, request_id, tenant, task, image_sha256, created_at, priority, reason, proposed_json, trace_json,"
+    " status, lease_owner, lease_token, lease_expires_at, label_json, labelled_by, labelled_at, kind,"
+    " sla_due_at, image_deleted_at"
+)
+# The schema, one version at a time (visionroute/migrations.py applies them at open). Plain SQL;
+# a new version is a new entry at the end, never an edit of one already released.
+MIGRATIONS = (
+    Migration(
+        1,
+        "items, label sets and the audit log (request_id unique across all tenants)",
+        """
+        CREATE TABLE IF NOT EXISTS items (
+            id TEXT PRIMARY KEY,
+            request_id TEXT UNIQUE NOT NULL,
+            tenant TEXT NOT NULL,
+            task TEXT NOT NULL,
+            image_sha256 TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            priority REAL NOT NULL DEFAULT 0,
+            reason TEXT NOT NULL,
+            proposed_json TEXT NOT NULL,
+            trace_json TEXT NOT NULL,
+            status TEXT NOT NULL DEFAULT 'pending',
+            lease_owner TEXT,
+            lease_token TEXT,
+            lease_expires_at REAL,
+            label_json TEXT,
+            labelled_by TEXT,
+            labelled_at REAL,
+            kind TEXT NOT NULL DEFAULT 'review',
+            sla_due_at REAL,
+            image_deleted_at REAL
+        );
+        CREATE INDEX IF NOT EXISTS items_queue ON items (status, priority DESC, created_at);
+        CREATE TABLE IF NOT EXISTS label_sets (
+            task TEXT PRIMARY KEY,
+            labels_json TEXT NOT NULL,
+            updated_at REAL NOT NULL
+        );
+        CREATE TABLE IF NOT EXISTS audit (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            item_id TEXT NOT NULL,
+            at REAL NOT NULL,
+            actor TEXT NOT NULL,
+            action TEXT NOT NULL,
+            previous_json TEXT,
+            new_json TEXT
+        );
+        """,
+    ),
+    Migration(
+        2,
+        "request ids are unique per (tenant, request_id, kind), not across tenants",
+        # SQLite cannot drop a UNIQUE constraint: rebuild the table (its rows keep their ids).
+        f"""
+        CREATE TABLE items_v2 (
+            id TEXT PRIMARY KEY,
+            request_id TEXT NOT NULL,
+            tenant TEXT NOT NULL,
+            task TEXT NOT NULL,
+            image_sha256 TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            priority REAL NOT NULL DEFAULT 0,
+            reason TEXT NOT NULL,
+            proposed_json TEXT NOT NULL,
+            trace_json TEXT NOT NULL,
+            status TEXT NOT NULL DEFAULT 'pending',
+            lease_owner TEXT,
+            lease_token TEXT,
+            lease_expires_at REAL,
+            label_json TEXT,
+            labelled_by TEXT,
+            labelled_at REAL,
+            kind TEXT NOT NULL DEFAULT 'review',
+            sla_due_at REAL,
+            image_deleted_at REAL,
+            UNIQUE (tenant, request_id, kind)
+        );
+        INSERT INTO items_v2 ({ITEM_COLUMNS}) SELECT {ITEM_COLUMNS} FROM items;
+        DROP TABLE items;
+        ALTER TABLE items_v2 RENAME TO items;
+        CREATE INDEX items_queue ON items (status, priority DESC, created_at);
+        CREATE INDEX items_tenant_queue ON items (tenant, status, priority DESC, created_at);
+        """,
+    ),
+)
 
-# Columns added after the first release; opened databases are migrated in place.
-ADDED_COLUMNS = {
+# Columns added before the schema was versioned (the first release lacked them): a database
+# with no recorded version gets any it lacks before version 1 is recorded.
+UNVERSIONED_COLUMNS = {
     "kind": "TEXT NOT NULL DEFAULT 'review'",  # review | audit (a sampled auto-accept) | budget
     "sla_due_at": "REAL",
     "image_deleted_at": "REAL",
@@ -201,15 +260,23 @@ class ReviewQueue:
         self.blobs = BlobStore(self.root / "images")
         self.default_lease_s = default_lease_s
         self._connections = PerThreadConnections(self.db_path, rows_as_dicts=True)
-        self._connection().executescript(SCHEMA)  # executescript manages its own transaction
-        self._migrate()
+        self.schema = migrate(
+            self._connection(),
+            STORE,
+            MIGRATIONS,
+            location=str(self.db_path),
+            adopt_unversioned=self._adopt_unversioned,
+        )
 
-    def _migrate(self) -> None:
-        with self._transaction() as db:
-            have = {row["name"] for row in db.execute("PRAGMA table_info(items)")}
-            for column, spec in ADDED_COLUMNS.items():
-                if column not in have:
-                    db.execute(f"ALTER TABLE items ADD COLUMN {column} {spec}")
+    @staticmethod
+    def _adopt_unversioned(db: sqlite3.Connection) -> None:
+        """A database from before versioning: add the columns its release did not have yet."""
+        have = {row["name"] for row in db.execute("PRAGMA table_info(items)")}
+        if not have:
+            return  # a new database: version 1 creates everything
+        for column, spec in UNVERSIONED_COLUMNS.items():
+            if column not in have:
+                db.execute(f"ALTER TABLE items ADD COLUMN {column} {spec}")
 
     def _connection(self) -> sqlite3.Connection:
         return self._connections.get()
@@ -244,19 +311,25 @@ class ReviewQueue:
         sla_s: float | None = None,
         label_set: tuple[str, ...] | list[str] | None = None,
     ) -> ReviewItem:
-        """Store the image, then the row; returns the existing item on a repeated request_id.
+        """Store the image, then the row; returns the existing item on a retry (the same tenant,
+        request id and kind, with the same image and task); Conflict when those differ.
 
         ``label_set`` (the model's class names) registers what labels the task accepts.
         """
         if kind not in KINDS:
             raise InputError(f"kind must be one of {list(KINDS)}, got {kind!r}", field="kind")
+        key = (tenant, request_id, kind)
+        lookup = "SELECT * FROM items WHERE tenant = ? AND request_id = ? AND kind = ?"
+        existing = self._connection().execute(lookup, key).fetchone()
+        if existing is not None:  # a retry: nothing to write
+            return self._retried(existing, image_sha256, task)
         self.blobs.put(image_sha256, image_bytes)
         item_id = uuid.uuid4().hex
         now = time.time()
         with self._transaction() as db:
-            existing = db.execute("SELECT * FROM items WHERE request_id = ?", (request_id,)).fetchone()
-            if existing is not None:
-                return ReviewItem.from_row(existing)
+            existing = db.execute(lookup, key).fetchone()
+            if existing is not None:  # a concurrent retry won the race
+                return self._retried(existing, image_sha256, task)
             if label_set:
                 self._register_label_set(db, task, list(label_set), now)
             db.execute(
@@ -287,6 +360,19 @@ class ReviewQueue:
             )
             row = db.execute("SELECT * FROM items WHERE id = ?", (item_id,)).fetchone()
         return ReviewItem.from_row(row)
+
+    @staticmethod
+    def _retried(row: sqlite3.Row, image_sha256: str, task: str) -> ReviewItem:
+        item = ReviewItem.from_row(row)
+        if item.image_sha256 != image_sha256 or item.task != task:
+            raise Conflict(
+                f"request id {item.request_id!r} already queued item {item.id} for tenant {item.tenant!r}"
+                f" (task {item.task!r}, image sha256 {item.image_sha256[:12]}...); this request has task"
+                f" {task!r} and image sha256 {image_sha256[:12]}...: a retry must resend the same"
+                " request, anything else needs a new request id",
+                field="request_id",
+            )
+        return item
 
     def claim(
         self,
@@ -535,19 +621,20 @@ class ReviewQueue:
         )
         return [dict(row) for row in rows]
 
-    def stats(self) -> dict[str, float]:
+    def stats(self, *, tenant: str | None = None) -> dict[str, float]:
+        """Pending depth, oldest age, overdue and leased counts: of one tenant, or of all (None)."""
         now = time.time()
-        row = (
-            self._connection()
-            .execute(
-                "SELECT COUNT(*) AS depth, MIN(created_at) AS oldest,"
-                " COALESCE(SUM(sla_due_at IS NOT NULL AND sla_due_at <= ?), 0) AS overdue,"
-                " COALESCE(SUM(lease_expires_at IS NOT NULL AND lease_expires_at > ?), 0) AS leased"
-                " FROM items WHERE status = 'pending'",
-                (now, now),
-            )
-            .fetchone()
+        query = (
+            "SELECT COUNT(*) AS depth, MIN(created_at) AS oldest,"
+            " COALESCE(SUM(sla_due_at IS NOT NULL AND sla_due_at <= ?), 0) AS overdue,"
+            " COALESCE(SUM(lease_expires_at IS NOT NULL AND lease_expires_at > ?), 0) AS leased"
+            " FROM items WHERE status = 'pending'"
         )
+        params: list[Any] = [now, now]
+        if tenant is not None:
+            query += " AND tenant = ?"
+            params.append(tenant)
+        row = self._connection().execute(query, params).fetchone()
         oldest = row["oldest"]
         return {
             "depth": row["depth"],
@@ -564,15 +651,17 @@ class ReviewQueue:
         )
         return json.loads(row["labels_json"]) if row else None
 
-    def audit_outcomes(self, task: str, window_items: int) -> tuple[int, int]:
-        """(errors, labelled) over the latest ``window_items`` labelled audit samples of a task."""
+    def audit_outcomes(self, task: str, window_items: int, *, tenant: str | None = None) -> tuple[int, int]:
+        """(errors, labelled) over the latest ``window_items`` labelled audit samples of a task
+        (of one tenant's requests, or of all with None)."""
+        query = "SELECT label_json, proposed_json FROM items WHERE kind = 'audit' AND status = 'labelled' AND task = ?"
+        params: list[Any] = [task]
+        if tenant is not None:
+            query += " AND tenant = ?"
+            params.append(tenant)
         rows = (
             self._connection()
-            .execute(
-                "SELECT label_json, proposed_json FROM items WHERE kind = 'audit' AND status = 'labelled' AND task = ?"
-                " ORDER BY labelled_at DESC LIMIT ?",
-                (task, window_items),
-            )
+            .execute(query + " ORDER BY labelled_at DESC LIMIT ?", [*params, window_items])
             .fetchall()
         )
         errors = sum(is_error(json.loads(r["label_json"]), json.loads(r["proposed_json"])) for r in rows)

@@ -1,20 +1,34 @@
-"""``visionroute index <folder>`` and ``visionroute retrieval compact|stats|search``."""
+"""``visionroute index <folder>`` and ``visionroute retrieval compact|stats|search``.
+
+While the service runs it owns the index (one writer per ``index_dir``), so ``index``,
+``retrieval search`` and ``retrieval stats`` go through its HTTP API when it answers at
+``--url`` (default ``$VISIONROUTE_URL`` or http://127.0.0.1:8000; ``--api-key`` or
+``$VISIONROUTE_API_KEY`` when the service has keys). ``--local`` (or ``--index-dir`` /
+``--config``) opens the index files directly instead, which needs the service stopped;
+``compact`` always does.
+"""
 
 from __future__ import annotations
 
+import base64
+import fcntl
 import hashlib
 import json
+import os
 from pathlib import Path
-
-import yaml
+from typing import Any
 
 from visionroute.errors import ConfigError, RouterError
+
+DEFAULT_URL = "http://127.0.0.1:8000"
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
 def load_config(args):
     """The retrieval section from ``--config`` (a serve config or a bare section) plus flags."""
+    import yaml
+
     from retrieval.config import RetrievalConfig
 
     section: dict = {}
@@ -36,10 +50,84 @@ def load_config(args):
         raise ConfigError(f"invalid retrieval config: {exc}", field="retrieval") from None
 
 
+class ServiceClient:
+    """The running service's search API over HTTP (what the CLI uses while the service runs)."""
+
+    def __init__(self, url: str, api_key: str | None, timeout_s: float = 120.0) -> None:
+        import httpx
+
+        self.url = url.rstrip("/")
+        headers = {"x-api-key": api_key} if api_key else {}
+        self.client = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s, trust_env=False)
+
+    def call(self, method: str, path: str, **kwargs: Any) -> dict:
+        import httpx
+
+        try:
+            response = self.client.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise ConfigError(f"{self.url}{path}: {type(exc).__name__}: {exc}", field="url") from None
+        if response.status_code >= 400:
+            try:
+                body = response.json()
+            except ValueError:
+                body = {"error": f"HTTP {response.status_code}", "reason": response.text[:200]}
+            hint = ""
+            if response.status_code in (401, 403):
+                hint = " (give a key with --api-key or VISIONROUTE_API_KEY)"
+            raise ConfigError(
+                f"{self.url}{path} answered {response.status_code} {body.get('error')}: "
+                f"{body.get('reason')}{hint}",
+                field=body.get("field") or "url",
+            )
+        return response.json()
+
+
+def service_answers(url: str) -> bool:
+    """Whether anything HTTP answers at ``url`` (a starting service answers 404 or 503)."""
+    import httpx
+
+    try:
+        httpx.get(url.rstrip("/") + "/healthz", timeout=2.0, trust_env=False)
+        return True
+    except httpx.HTTPError:
+        return False
+
+
+def remote(args) -> ServiceClient | None:
+    """The running service's client, unless the index files are asked for (or none runs)."""
+    if getattr(args, "local", False) or getattr(args, "index_dir", None) or getattr(args, "config", None):
+        return None
+    if not service_answers(args.url):
+        return None
+    return ServiceClient(args.url, args.api_key)
+
+
+def check_not_open_elsewhere(index_dir: Path, url: str) -> None:
+    """Fail at once, saying what to do, when a running service holds the index's writer lock."""
+    lock_path = Path(index_dir) / "writer.lock"
+    if not lock_path.exists():
+        return
+    with open(lock_path, "a+") as lock_file:
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
+        except BlockingIOError:
+            raise ConfigError(
+                f"index {str(index_dir)!r} is open for writing in another process (the running "
+                f"service owns it). Go through the service instead: drop --local/--index-dir/--config "
+                f"and give --url (now {url}) and --api-key (or VISIONROUTE_API_KEY) if it has keys; "
+                "or stop the service first",
+                field="index_dir",
+            ) from None
+
+
 def _service(args):
     from retrieval.service import SearchService
 
-    return SearchService(load_config(args))
+    config = load_config(args)
+    check_not_open_elsewhere(config.index_dir, getattr(args, "url", DEFAULT_URL))
+    return SearchService(config)
 
 
 def _index_folder(args) -> int:
@@ -53,6 +141,9 @@ def _index_folder(args) -> int:
     if not files:
         print(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
         return 1
+    client = remote(args)
+    if client is not None:
+        return _index_folder_remote(client, files, folder, args)
     counts = {"indexed": 0, "replaced": 0, "failed": 0}
     with _service(args) as service:
         progress = tqdm(total=len(files), desc="indexing", unit="image")
@@ -83,6 +174,46 @@ def _index_folder(args) -> int:
     return 0 if counts["failed"] == 0 else 1
 
 
+def _index_folder_remote(client: ServiceClient, files: list[Path], folder: Path, args) -> int:
+    """Index through the running service (POST /v1/search/items), replacing by content hash."""
+    from tqdm import tqdm
+
+    counts = {"indexed": 0, "replaced": 0, "failed": 0}
+    print(f"indexing through the service at {client.url}")
+    for path in tqdm(files, desc="indexing", unit="image"):
+        data = path.read_bytes()
+        sha = hashlib.sha256(data).hexdigest()
+        metadata = {
+            "tenant": args.tenant,
+            "tags": args.tag,
+            "source": args.source or str(folder.resolve()),
+            "image_sha256": sha,
+            "extra": {"path": str(path.relative_to(folder))},
+        }
+        try:
+            # a filtered search is exact once the filter matches at least k items
+            same = client.call(
+                "POST",
+                "/v1/search",
+                json={"text": "image", "k": 1, "filters": {"tenant": args.tenant, "image_sha256": sha}},
+            )["hits"]
+            if same:
+                client.call("DELETE", f"/v1/search/items/{same[0]['id']}")
+            client.call(
+                "POST",
+                "/v1/search/items",
+                json={"image_base64": base64.b64encode(data).decode(), "metadata": metadata},
+            )
+        except RouterError as exc:
+            counts["failed"] += 1
+            tqdm.write(f"skipped {path}: {exc.reason}")
+            continue
+        counts["indexed"] += 1
+        counts["replaced"] += bool(same)
+    print(json.dumps({**counts, **client.call("GET", "/v1/search/stats")}))
+    return 0 if counts["failed"] == 0 else 1
+
+
 def _prepare_file(service, path: Path, folder: Path, args) -> tuple:
     """(path, bytes, metadata, id to replace or None)."""
     from retrieval.schemas import SearchFilters
@@ -108,24 +239,53 @@ def _compact(args) -> int:
 
 
 def _stats(args) -> int:
+    client = remote(args)
+    if client is not None:
+        print(json.dumps(client.call("GET", "/v1/search/stats")))
+        return 0
     with _service(args) as service:
         print(json.dumps(service.stats()))
     return 0
 
 
 def _search(args) -> int:
-    filters = json.loads(args.filters) if args.filters else None
+    try:
+        filters = json.loads(args.filters) if args.filters else None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--filters is not valid JSON: {exc}", field="filters") from None
+    client = remote(args)
+    if client is not None:
+        body = {"text": args.query, "k": args.k, **({"filters": filters} if filters else {})}
+        print(json.dumps(client.call("POST", "/v1/search", json=body), indent=1))
+        return 0
     with _service(args) as service:
         response = service.search_text(args.query, k=args.k, filters=filters)
         print(response.model_dump_json(indent=1))
     return 0
 
 
-def _config_flags(parser) -> None:
+def _config_flags(parser, *, service: bool = True) -> None:
+    if service:
+        parser.add_argument(
+            "--url",
+            default=os.environ.get("VISIONROUTE_URL", DEFAULT_URL),
+            help="the running service; used when it answers (default: $VISIONROUTE_URL or %(default)s)",
+        )
+        parser.add_argument(
+            "--api-key",
+            default=os.environ.get("VISIONROUTE_API_KEY"),
+            help="API key for --url (default: $VISIONROUTE_API_KEY)",
+        )
+        parser.add_argument(
+            "--local",
+            action="store_true",
+            help="open the index files directly, not through the service (the service must be stopped)",
+        )
     parser.add_argument(
-        "--config", help="serve_config.yaml (uses applications[0].args.retrieval) or a retrieval section YAML"
+        "--config",
+        help="serve_config.yaml (uses applications[0].args.retrieval) or a retrieval section YAML; implies --local",
     )
-    parser.add_argument("--index-dir", help="override retrieval.index_dir")
+    parser.add_argument("--index-dir", help="override retrieval.index_dir; implies --local")
     parser.add_argument("--models-dir", help="where `visionroute models prepare` put efficientnet_lite0.onnx")
 
 
@@ -143,9 +303,10 @@ def register(subparsers, bench) -> None:
     retrieval = subparsers.add_parser("retrieval", help="maintain and query the search index")
     actions = retrieval.add_subparsers(dest="action", required=True)
     compact = actions.add_parser(
-        "compact", help="rebuild the index from the store: drop deleted vectors, re-choose the kind"
+        "compact",
+        help="rebuild the index from the store: drop deleted vectors, re-choose the kind (service stopped)",
     )
-    _config_flags(compact)
+    _config_flags(compact, service=False)
     compact.set_defaults(func=_compact)
     stats = actions.add_parser("stats", help="index kind, item count, tombstones, size")
     _config_flags(stats)

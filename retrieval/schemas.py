@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationError
 
 from visionroute.errors import InputError
+from visionroute.redaction import shown
 
-Scalar = str | int | float | bool
+# Ids are SQLite rowids and FAISS labels: signed 64-bit. Lists in filters become SQL
+# parameters (SQLite allows 32766 per statement), so they are bounded well below that.
+Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+MAX_FILTER_VALUES = 1000
+Scalar = str | int | FiniteFloat | bool
 
 
 class ItemMetadata(BaseModel):
@@ -20,7 +25,7 @@ class ItemMetadata(BaseModel):
     tenant: str = "default"
     tags: list[str] = Field(default_factory=list)
     source: str | None = None  # where the image came from: "upload", "cascade:classify", a path
-    created_at: float = Field(default_factory=time.time)  # unix seconds
+    created_at: FiniteFloat = Field(default_factory=time.time)  # unix seconds
     image_sha256: str | None = None
     review_item_id: str | None = None  # set while the image is (or was) in the review queue
     extra: dict[str, Scalar | None] = Field(default_factory=dict)  # returned, not filterable
@@ -31,16 +36,16 @@ class SearchFilters(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    tenant: str | list[str] | None = None
-    source: str | list[str] | None = None
-    tags_any: list[str] | None = None
-    tags_all: list[str] | None = None
-    created_after: float | None = None  # inclusive, unix seconds
-    created_before: float | None = None  # exclusive
+    tenant: str | Annotated[list[str], Field(max_length=MAX_FILTER_VALUES)] | None = None
+    source: str | Annotated[list[str], Field(max_length=MAX_FILTER_VALUES)] | None = None
+    tags_any: list[str] | None = Field(None, max_length=MAX_FILTER_VALUES)
+    tags_all: list[str] | None = Field(None, max_length=MAX_FILTER_VALUES)
+    created_after: FiniteFloat | None = None  # inclusive, unix seconds
+    created_before: FiniteFloat | None = None  # exclusive
     in_review: bool | None = None  # has (True) / has no (False) review_item_id
-    review_item_ids: list[str] | None = None
-    ids: list[int] | None = None
-    image_sha256: str | list[str] | None = None
+    review_item_ids: list[str] | None = Field(None, max_length=MAX_FILTER_VALUES)
+    ids: list[Int64] | None = Field(None, max_length=MAX_FILTER_VALUES)
+    image_sha256: str | Annotated[list[str], Field(max_length=MAX_FILTER_VALUES)] | None = None
 
     def is_empty(self) -> bool:
         return not self.model_dump(exclude_none=True)
@@ -88,9 +93,9 @@ def parse_model(model: type[BaseModel], value: Any, field: str) -> Any:
         where = ".".join(str(p) for p in error["loc"])
         if error["type"] == "extra_forbidden":
             raise InputError(
-                f"unknown {field} field {where!r}; expected one of {sorted(model.model_fields)}",
+                f"unknown {field} field {shown(where)}; expected one of {sorted(model.model_fields)}",
                 field=f"{field}.{where}",
             ) from None
         raise InputError(
-            f"{field}.{where}: {error['msg']} (got {error.get('input')!r})", field=f"{field}.{where}"
+            f"{field}.{where}: {error['msg']} (got {shown(error.get('input'))})", field=f"{field}.{where}"
         ) from None

@@ -7,6 +7,7 @@ A plain class (no Ray): the router wraps it in a deployment. One instance owns o
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -20,10 +21,12 @@ from retrieval.index import SearchResult, VectorIndex
 from retrieval.schemas import Hit, ItemMetadata, SearchFilters, SearchParams, SearchResponse, parse_model
 from visionroute.errors import InputError
 from visionroute.records import Analysis
+from visionroute.redaction import shown
 
 log = logging.getLogger(__name__)
 
 ImageInput = np.ndarray | bytes
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class SearchService:
@@ -60,13 +63,24 @@ class SearchService:
             f"image must be encoded bytes or an RGB array, got {type(image).__name__}", field=field
         )
 
+    @staticmethod
+    def _id(item_id: Any, field: str = "id") -> int:
+        # Ids are SQLite rowids and FAISS labels: a value outside int64 is bad input, not a crash.
+        if isinstance(item_id, bool) or not isinstance(item_id, (int, np.integer)):
+            raise InputError(f"{field} must be an integer, got {type(item_id).__name__}", field=field)
+        if not -(2**63) <= int(item_id) <= 2**63 - 1:
+            raise InputError(f"{field} must be in [-2^63, 2^63-1], got {shown(int(item_id))}", field=field)
+        return int(item_id)
+
     def _text(self, query: Any) -> str:
         if not isinstance(query, str) or not query.strip():
-            raise InputError(f"query must be a non-empty string, got {query!r}", field="query")
+            raise InputError(f"query must be a non-empty string, got {shown(query)}", field="query")
         if len(query) > self.config.max_query_chars:
             raise InputError(
                 f"query is {len(query)} characters; the limit is {self.config.max_query_chars}", field="query"
             )
+        if _SURROGATE.search(query):
+            raise InputError("query contains a lone surrogate: not valid Unicode text", field="query")
         return query.strip()
 
     # writes -----------------------------------------------------------------------------------
@@ -88,6 +102,7 @@ class SearchService:
         """Embed a batch in one forward pass, then store each image (one durable write each)."""
         metadatas = list(metadatas) if metadatas is not None else [None] * len(images)
         item_ids = list(item_ids) if item_ids is not None else [None] * len(images)
+        item_ids = [None if i is None else self._id(i) for i in item_ids]
         if not (len(images) == len(metadatas) == len(item_ids)):
             raise InputError(
                 f"got {len(images)} images, {len(metadatas)} metadata and {len(item_ids)} ids; they must match",
@@ -106,6 +121,7 @@ class SearchService:
 
     def delete(self, item_id: int) -> None:
         """Delete an item; ``NotFound`` (index intact) when there is no such id."""
+        item_id = self._id(item_id)
         self.index.delete(item_id)
 
     def index_analysis(self, analysis: Analysis) -> int | None:
@@ -132,11 +148,14 @@ class SearchService:
         same = self.index.find(SearchFilters(tenant=analysis.tenant, image_sha256=analysis.image_sha256))
         return self.index_image(analysis.image_rgb, metadata, item_id=same[0] if same else None)
 
-    def apply_review_label(self, review_item_id: str, label: dict) -> list[int]:
+    def apply_review_label(self, review_item_id: str, label: dict, *, tenant: str | None) -> list[int]:
         """Labels flow back: tag the indexed images of a reviewed item with the human's verdict
-        (``reviewed:<verdict>``, ``reviewed_label:<label>``); vectors stay as they are."""
+        (``reviewed:<verdict>``, ``reviewed_label:<label>``); vectors stay as they are.
+
+        ``tenant`` is the review item's tenant: only that tenant's entries are touched, whatever
+        review item id another tenant's entry carries (None: every tenant's, for tools)."""
         updated = []
-        for item_id in self.index.find(SearchFilters(review_item_ids=[review_item_id])):
+        for item_id in self.index.find(SearchFilters(review_item_ids=[review_item_id], tenant=tenant)):
             item, vector = self.index.get(item_id)
             tags = [t for t in item.metadata.tags if not t.startswith(("reviewed:", "reviewed_label:"))]
             tags.append(f"reviewed:{label.get('verdict')}")
@@ -148,6 +167,7 @@ class SearchService:
 
     # reads ------------------------------------------------------------------------------------
     def get(self, item_id: int) -> dict:
+        item_id = self._id(item_id)
         item, _ = self.index.get(item_id)
         return {"id": item.id, "metadata": item.metadata.model_dump()}
 
@@ -214,13 +234,18 @@ class SearchService:
         """Items most like a stored one (the item itself excluded); ``NotFound`` for unknown ids."""
         started = time.perf_counter()
         self._validate(k, filters, params)
-        item, vector = self.index.get(item_id)
+        item, vector = self.index.get(self._id(item_id))
         result = self._search(vector, k, filters, params, exclude=frozenset({item.label}))
         return self._respond(result, k, started, query_id=item.id)
 
     # maintenance ------------------------------------------------------------------------------
-    def stats(self) -> dict:
-        return {**self.index.stats(), "index_dir": str(self.config.index_dir)}
+    def stats(self, tenant: str | None = None) -> dict:
+        """The whole index (for operators: size, kind, storage, its directory), or with
+        ``tenant`` only what a tenant may know: its own item count and the embedding space."""
+        if tenant is None:
+            return {**self.index.stats(), "index_dir": str(self.config.index_dir)}
+        count = len(self.index.find(SearchFilters(tenant=tenant)))
+        return {"tenant": tenant, "items": count, "dim": self.embedder.dim, "space": self.embedder.space}
 
     def snapshot(self) -> None:
         self.index.snapshot()

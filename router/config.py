@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from cascades.decode_budget import DecodeBudgetConfig
 from cascades.images import DEFAULT_FORMATS
 from cascades.onnx_stage import OnnxStageConfig
 from cascades.vlm.config import VlmConfig
@@ -34,6 +35,10 @@ class LimitsConfig(Strict):
     allowed_formats: list[str] = Field(default_factory=lambda: list(DEFAULT_FORMATS))
     url_fetch: UrlFetchConfig = Field(
         default_factory=UrlFetchConfig, description="image_url: off by default, SSRF-safe"
+    )
+    decode: DecodeBudgetConfig = Field(
+        default_factory=DecodeBudgetConfig,
+        description="decoded pixels in flight per replica, and decoding large images at the size the model needs",
     )
 
     @field_validator("allowed_formats")
@@ -145,7 +150,8 @@ class AppConfig(Strict):
     ingress_replicas: int = Field(1, ge=1)
     ingress_num_cpus: float = Field(0.5, gt=0)
     security: SecurityConfig = Field(
-        default_factory=SecurityConfig, description="API keys, roles, bind policy"
+        default_factory=SecurityConfig,
+        description="API keys, roles, bind policy, review-page sessions, rate limits, lockout",
     )
 
     @field_validator("models_dir")

@@ -4,27 +4,32 @@ Ray Serve's gRPC proxy (``grpc_options`` in serve_config.yaml) calls the ingress
 method named like the RPC with the decoded request message. Each method here only
 translates: proto in, one call to the service core (``self.service``, router/services/),
 proto out. A ``RouterError`` becomes the gRPC status of router/errors.py's table, with the
-HTTP error body as JSON in the details, so both faces answer a failure the same way.
+HTTP error body as JSON in the details, so both faces answer a failure the same way. Any
+other exception is logged with the request id and answered generically (never its text, and
+never Ray's traceback); UNAVAILABLE carries a ``retry-after`` trailer. The details stay far
+below gRPC's 8 KiB metadata limit: echoed values are bounded.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2
 from pydantic import BaseModel, ValidationError
 
-from router.errors import error_body, grpc_code_name, retry_after_s
+from router.errors import error_body, grpc_code_name, retry_after_s, unexpected_error
 from router.grpc_build import ensure_generated
 from router.schemas import ClaimRequest, LabelRequest, ReleaseRequest
 from router.security import GRPC_ROLES, key_from_headers, reset_principal, set_principal
 from router.services import ImageRequest, response_body
-from router.services.common import checked_request_id
-from visionroute.errors import InputError, RouterError
+from router.services.common import checked_page, checked_request_id, parsed_json
+from visionroute.errors import InputError, NotFound, RouterError
+from visionroute.redaction import cut, shown
 
 ensure_generated()
 from router.proto import visionroute_pb2 as pb  # noqa: E402  (generated just above)
@@ -35,11 +40,14 @@ log = logging.getLogger("visionroute.grpc")
 # For grpc_options.grpc_servicer_functions: importing this module generates the code first.
 add_VisionRouteServicer_to_server = visionroute_pb2_grpc.add_VisionRouteServicer_to_server
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["VisionRoute"].full_name
+MAX_DETAILS_CHARS = 2048  # the status details (a JSON error body); gRPC's metadata limit is 8 KiB
+WATCH_POLL_S = 5.0  # Health/Watch: how often readiness is re-checked while a watch is open
+WATCH_MAX_S = 60.0  # ... and for how long one stream stays open (it holds an ingress slot)
 
 
-def validated(model: type[BaseModel], **values: Any) -> Any:
+def validated(model: type[BaseModel], /, **values: Any) -> Any:
     try:
-        return model(**values)
+        return model.model_validate(values)
     except ValidationError as exc:
         first = exc.errors()[0]
         raise InputError(first["msg"], field=".".join(map(str, first["loc"])) or "body") from None
@@ -82,15 +90,49 @@ def _request_id(grpc_context) -> str:
     )
 
 
+def json_field(text: str, field: str) -> Any:
+    """A ``*_json`` request field: None when empty, else bounded, checked JSON (common.parsed_json)."""
+    return parsed_json(text, field) if text else None
+
+
+def error_details(error: RouterError, request_id: str | None) -> str:
+    """The status details: the HTTP error body as JSON, within MAX_DETAILS_CHARS however long
+    the values the reason echoes."""
+    body = error_body(error, request_id)
+    details = json.dumps(body)
+    if len(details) > MAX_DETAILS_CHARS:  # non-ASCII echoes grow six-fold as \uXXXX escapes
+        body["reason"] = cut(body["reason"].encode("ascii", "backslashreplace").decode(), 512)
+        body["field"] = cut(str(body["field"]).encode("ascii", "backslashreplace").decode(), 64)
+        details = json.dumps(body)
+    return details
+
+
+def set_error(grpc_context, error: RouterError, request_id: str | None) -> None:
+    grpc_context.set_code(getattr(grpc.StatusCode, grpc_code_name(error)))
+    grpc_context.set_details(error_details(error, request_id))
+    wait = retry_after_s(error)
+    if wait is not None:
+        grpc_context.set_trailing_metadata([("retry-after", str(wait))])
+
+
 class GrpcEndpoints:
     """Mixed into ``router.ingress.Ingress``, which sets ``service`` and ``authenticator``."""
 
     async def _grpc(self, method: str, grpc_context, empty: Any, work: Callable[..., Awaitable[Any]]) -> Any:
+        """Run ``work(caller, request_id)``; every failure becomes a status (never an exception)."""
         request_id = None
         try:
-            request_id = _request_id(grpc_context)
-            principal = self.authenticator.authenticate(
-                key_from_headers(grpc_context.invocation_metadata()), GRPC_ROLES[method]
+            try:
+                request_id = _request_id(grpc_context)
+            except RouterError:
+                request_id = checked_request_id(None)  # the error below still names the bad one
+                raise
+            principal = (
+                self.authenticator.authenticate(
+                    key_from_headers(grpc_context.invocation_metadata()), GRPC_ROLES[method]
+                )
+                if GRPC_ROLES[method] is not None  # health checks: open to all, a key or not
+                else None
             )
             token = set_principal(principal)
             try:
@@ -98,11 +140,11 @@ class GrpcEndpoints:
             finally:
                 reset_principal(token)
         except RouterError as error:
-            grpc_context.set_code(getattr(grpc.StatusCode, grpc_code_name(error)))
-            grpc_context.set_details(json.dumps(error_body(error, request_id)))
-            wait = retry_after_s(error)
-            if wait is not None:
-                grpc_context.set_trailing_metadata([("retry-after", str(wait))])
+            set_error(grpc_context, error, request_id)
+            return empty
+        except Exception as exc:  # no exception text, no traceback reaches the client
+            log.exception("request %s: gRPC %s failed", request_id, method)
+            set_error(grpc_context, unexpected_error(exc), request_id)
             return empty
 
     # -- analyse and search ----------------------------------------------------------------
@@ -127,10 +169,11 @@ class GrpcEndpoints:
 
     async def Search(self, request: pb.SearchRequest, grpc_context) -> pb.SearchResponse:
         async def work(caller, request_id: str) -> pb.SearchResponse:
-            try:
-                filters = json.loads(request.filters_json) if request.filters_json else None
-            except json.JSONDecodeError as exc:
-                raise InputError(f"filters_json is not JSON: {exc}", field="filters_json") from None
+            filters = json_field(request.filters_json, "filters_json")
+            if filters is not None and not isinstance(filters, dict):
+                raise InputError(
+                    f"filters_json must be a JSON object, got {type(filters).__name__}", field="filters_json"
+                )
             result = await self.service.search.search(
                 caller,
                 text=request.query_text or None,
@@ -150,9 +193,8 @@ class GrpcEndpoints:
         self, request: pb.ListReviewItemsRequest, grpc_context
     ) -> pb.ListReviewItemsResponse:
         async def work(caller, request_id: str) -> pb.ListReviewItemsResponse:
-            body = await self.service.review.list_items(
-                caller, request.status or "pending", request.limit or 50, request.offset
-            )
+            limit, offset = checked_page(request.limit or 50, request.offset)
+            body = await self.service.review.list_items(caller, request.status or "pending", limit, offset)
             items = [item_proto(item) for item in body.pop("items")]
             return pb.ListReviewItemsResponse(items=items, stats_json=json.dumps(body))
 
@@ -185,11 +227,12 @@ class GrpcEndpoints:
 
     async def LabelReviewItem(self, request: pb.LabelReviewItemRequest, grpc_context) -> pb.ReviewItem:
         async def work(caller, request_id: str) -> pb.ReviewItem:
-            try:
-                body = LabelRequest.model_validate_json(request.label_json or "{}")
-            except ValidationError as exc:
-                first = exc.errors()[0]
-                raise InputError(first["msg"], field=".".join(map(str, first["loc"])) or "body") from None
+            label = json_field(request.label_json, "label_json")
+            if not isinstance(label, (dict, type(None))):
+                raise InputError(
+                    f"label_json must be a JSON object, got {type(label).__name__}", field="label_json"
+                )
+            body = validated(LabelRequest, **(label or {}))
             return item_proto(await self.service.review.label(caller, request.item_id, body))
 
         return await self._grpc("LabelReviewItem", grpc_context, pb.ReviewItem(), work)
@@ -222,7 +265,7 @@ class GrpcEndpoints:
 
     async def GetReviewStats(self, request: pb.Empty, grpc_context) -> pb.JsonReply:
         async def work(caller, request_id: str) -> pb.JsonReply:
-            return json_reply(await self.service.review.stats())
+            return json_reply(await self.service.review.stats(caller))
 
         return await self._grpc("GetReviewStats", grpc_context, pb.JsonReply(), work)
 
@@ -230,12 +273,12 @@ class GrpcEndpoints:
 
     async def IndexSearchItem(self, request: pb.IndexSearchItemRequest, grpc_context) -> pb.JsonReply:
         async def work(caller, request_id: str) -> pb.JsonReply:
-            try:
-                metadata = json.loads(request.metadata_json) if request.metadata_json else None
-            except json.JSONDecodeError as exc:
-                raise InputError(f"metadata_json is not JSON: {exc}", field="metadata_json") from None
+            metadata = json_field(request.metadata_json, "metadata_json")
             if metadata is not None and not isinstance(metadata, dict):
-                raise InputError("metadata_json must be a JSON object", field="metadata_json")
+                raise InputError(
+                    f"metadata_json must be a JSON object, got {type(metadata).__name__}",
+                    field="metadata_json",
+                )
             return json_reply(await self.service.search.index(caller, request.image, metadata))
 
         return await self._grpc("IndexSearchItem", grpc_context, pb.JsonReply(), work)
@@ -254,7 +297,7 @@ class GrpcEndpoints:
 
     async def GetSearchStats(self, request: pb.Empty, grpc_context) -> pb.JsonReply:
         async def work(caller, request_id: str) -> pb.JsonReply:
-            return json_reply(await self.service.search.stats())
+            return json_reply(await self.service.search.stats(caller))
 
         return await self._grpc("GetSearchStats", grpc_context, pb.JsonReply(), work)
 
@@ -266,17 +309,52 @@ class GrpcEndpoints:
 
     # -- grpc.health.v1 ----------------------------------------------------------------------
 
+    async def _health(self, request: health_pb2.HealthCheckRequest) -> int:
+        if request.service not in ("", SERVICE_NAME):
+            raise NotFound(
+                f"unknown service {shown(request.service)}; known: '' and {SERVICE_NAME!r}", field="service"
+            )
+        ready, _ = await self.service.operations.readiness()
+        return health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+
     async def Check(
         self, request: health_pb2.HealthCheckRequest, grpc_context
     ) -> health_pb2.HealthCheckResponse:
         """Standard health checking: "" (the server) and the VisionRoute service are SERVING
         when /readyz is ready (models loaded, queue writable), NOT_SERVING otherwise."""
-        if request.service not in ("", SERVICE_NAME):
-            grpc_context.set_code(grpc.StatusCode.NOT_FOUND)
-            grpc_context.set_details(f"unknown service {request.service!r}; known: '' and {SERVICE_NAME!r}")
-            return health_pb2.HealthCheckResponse()
-        ready, _ = await self.service.operations.readiness()
-        status = (
-            health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
-        return health_pb2.HealthCheckResponse(status=status)
+
+        async def work(caller, request_id: str) -> health_pb2.HealthCheckResponse:
+            return health_pb2.HealthCheckResponse(status=await self._health(request))
+
+        return await self._grpc("Check", grpc_context, health_pb2.HealthCheckResponse(), work)
+
+    async def Watch(
+        self, request: health_pb2.HealthCheckRequest, grpc_context
+    ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
+        """grpc.health.v1 Watch, server streaming through Ray Serve's gRPC proxy: the current
+        status at once, then each change (checked every WATCH_POLL_S). The stream ends after
+        WATCH_MAX_S (a watch holds one of the ingress's few request slots); clients watch again,
+        as the health-checking protocol expects of an ended stream.
+
+        Ray Serve's proxy takes a streaming call's status from the context that travels with
+        each yielded message, so a stream that yields nothing cannot fail with a status; as the
+        protocol asks, an unknown service is answered SERVICE_UNKNOWN (not NOT_FOUND), and a
+        readiness check that fails is NOT_SERVING (logged with the request id)."""
+        request_id = grpc_context.request_id() or None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + WATCH_MAX_S
+        status = None
+        while True:
+            try:
+                current = await self._health(request)
+            except NotFound:
+                current = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+            except Exception:
+                log.exception("request %s: gRPC Watch readiness check failed", request_id)
+                current = health_pb2.HealthCheckResponse.NOT_SERVING
+            if current != status:
+                status = current
+                yield health_pb2.HealthCheckResponse(status=status)
+            if loop.time() + WATCH_POLL_S >= deadline:
+                return
+            await asyncio.sleep(WATCH_POLL_S)

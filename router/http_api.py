@@ -3,19 +3,31 @@
 Each route reads its input, calls one operation of ``router.services.VisionRouteService``
 (reached through ``app.state.service``) with the caller the API-key middleware found, and
 returns its result. Errors go through the one table in router/errors.py.
+
+Every response to every route, errors included, belongs to one request id (the caller's
+``X-Request-Id`` when well-formed, Ray Serve's or a new one otherwise): ``RequestContext``
+settles it before anything else runs, and every error body carries it. An exception that is
+no project error never reaches the client as text: it is logged with the request id and the
+client gets a generic reason (router/errors.py ``unexpected_error``). Every 503 carries
+Retry-After.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from router.errors import error_body, http_status, retry_after_s
-from router.http_inputs import image_and_fields
+from router.errors import DEFAULT_RETRY_AFTER_S, error_body, http_status, retry_after_s, unexpected_error
+from router.http_docs import install_docs
+from router.http_inputs import image_and_fields, read_body_limited
 from router.http_search import router as search_router
+from router.http_session import router as session_router
 from router.review_page import REVIEW_ASSETS, review_asset
 from router.schemas import AnalyzeResponse, ClaimRequest, LabelRequest, ReleaseRequest
 from router.security import (
@@ -26,16 +38,45 @@ from router.security import (
     make_authenticator,
 )
 from router.services import ImageRequest, VisionRouteService, response_body
-from router.services.common import checked_request_id
+from router.services.common import checked_page, checked_request_id, parsed_json
 from visionroute import __version__
 from visionroute.errors import BackendUnavailable, InputError, NotFound, RouterError
+from visionroute.redaction import shown
+
+log = logging.getLogger("visionroute.http")
+
+
+class CheckedJsonRoute(APIRoute):
+    """A route whose JSON body FastAPI parses itself (``body: ClaimRequest``). FastAPI's parser
+    reads any size, any depth and lone surrogates; the body first passes the checks every other
+    body passes (router/services/common.py ``parsed_json``), so it fails as a 4xx naming the field."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+        if self.body_field is None:
+            return handler
+
+        async def checked(request: Request) -> Response:
+            content_type = request.headers.get("content-type", "application/json").split(";")[0].strip()
+            body = await read_body_limited(request, service_of(request).config.limits.max_body_bytes)
+            if body and content_type.lower() in ("application/json", ""):
+                parsed_json(body, "body")
+            return await handler(request)
+
+        return checked
+
 
 app = FastAPI(
     title="VisionRoute",
     version=__version__,
     description="Computer-vision answers from a cascade: ONNX tier, VLM, human review.",
+    docs_url=None,  # router/http_docs.py serves /docs offline (no CDN)
+    redoc_url=None,
 )
+app.router.route_class = CheckedJsonRoute
 app.include_router(search_router)
+app.include_router(session_router)
+install_docs(app)
 
 
 class _Attached:
@@ -65,24 +106,110 @@ def service_of(request: Request | None = None) -> VisionRouteService:
     return _Attached.service
 
 
+def error_response(
+    error: RouterError, request_id: str | None, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    wait = retry_after_s(error)
+    return JSONResponse(
+        error_body(error, request_id),
+        status_code=http_status(error),
+        headers={**(headers or {}), **({"Retry-After": str(wait)} if wait is not None else {})},
+    )
+
+
+class RequestContext:
+    """Outermost pure ASGI middleware: the request id, the last-resort error answer, Retry-After.
+
+    The id (a well-formed ``X-Request-Id``, else a new one) is written back into the request's
+    headers and ``request.state.request_id`` before the API-key check runs, so every error body,
+    the key check's included, carries it. An exception no handler answered is logged here with
+    the id and becomes ``unexpected_error``'s generic answer; a 503 without Retry-After gets one.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"x-request-id"]
+        given = next((v for k, v in scope.get("headers", []) if k.lower() == b"x-request-id"), None)
+        refused: RouterError | None = None
+        try:
+            request_id = checked_request_id(given.decode("latin-1") if given is not None else None)
+        except RouterError as error:
+            request_id, refused = checked_request_id(None), error
+        scope["headers"] = [*headers, (b"x-request-id", request_id.encode("ascii"))]
+        scope.setdefault("state", {})["request_id"] = request_id
+        started = False
+
+        async def send_with_retry_after(message: dict) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                names = {k.lower() for k, _ in message.get("headers", [])}
+                if message["status"] == 503 and b"retry-after" not in names:
+                    message = {
+                        **message,
+                        "headers": [
+                            *message.get("headers", []),
+                            (b"retry-after", str(DEFAULT_RETRY_AFTER_S).encode()),
+                        ],
+                    }
+            await send(message)
+
+        if refused is not None:
+            await error_response(refused, request_id)(scope, receive, send_with_retry_after)
+            return
+        try:
+            await self.app(scope, receive, send_with_retry_after)
+        except Exception as exc:
+            log.exception("request %s: %s %s failed", request_id, scope.get("method"), scope.get("path"))
+            if started:  # the answer is on its way; nothing sensible can be sent now
+                return
+            await error_response(unexpected_error(exc), request_id)(scope, receive, send_with_retry_after)
+
+
 app.add_middleware(ApiKeyMiddleware, authenticator=current_authenticator)
+app.add_middleware(RequestContext)  # added last: runs first
+
+
+def _request_id(request: Request) -> str | None:
+    return getattr(request.state, "request_id", None)
 
 
 @app.exception_handler(RouterError)
 async def _router_error(request: Request, error: RouterError) -> JSONResponse:
-    wait = retry_after_s(error)
-    return JSONResponse(
-        error_body(error, getattr(request.state, "request_id", None)),
-        status_code=http_status(error),
-        headers={"Retry-After": str(wait)} if wait is not None else None,
-    )
+    return error_response(error, _request_id(request))
 
 
 @app.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
     first = error.errors()[0]
     field = ".".join(str(p) for p in first["loc"] if p not in ("body", "query", "path")) or "body"
-    return await _router_error(request, InputError(str(first["msg"]), field=field))
+    return error_response(InputError(str(first["msg"]), field=field), _request_id(request))
+
+
+class MethodNotAllowed(InputError):
+    """No such method on this path (HTTP 405 keeps its own status; the body is ours)."""
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    """Starlette's own refusals (no such route, method not allowed) in the project's error shape."""
+    if error.status_code == 404:
+        wrapped: RouterError = NotFound(f"no route {shown(request.url.path)}; see /docs", field="path")
+    elif error.status_code == 405:
+        wrapped = MethodNotAllowed(
+            f"{request.method} is not allowed on {shown(request.url.path)}", field="method"
+        )
+    else:
+        wrapped = InputError(str(error.detail), field="request")
+    response = error_response(wrapped, _request_id(request), dict(error.headers or {}))
+    if error.status_code not in (404,):
+        response.status_code = error.status_code
+    return response
 
 
 # -- analyse -----------------------------------------------------------------------------------
@@ -92,8 +219,7 @@ async def _validation_error(request: Request, error: RequestValidationError) -> 
 async def analyze(request: Request) -> JSONResponse:
     """Send ``multipart/form-data`` (``image`` file, optional ``task``, ``tenant``) or JSON
     (``image_base64`` or ``image_url``, ``task``, ``tenant``). Returns the decision, answer and trace."""
-    request_id = checked_request_id(request.headers.get("x-request-id"))
-    request.state.request_id = request_id
+    request_id = _request_id(request) or checked_request_id(request.headers.get("x-request-id"))
     service = service_of(request)
     limits = service.config.limits
     image, task, tenant = await image_and_fields(request, limits.max_body_bytes, limits.url_fetch)
@@ -108,8 +234,12 @@ async def analyze(request: Request) -> JSONResponse:
 
 @app.get("/v1/review/items", summary="List review items")
 async def list_review_items(
-    request: Request, status: str | None = "pending", limit: int = 50, offset: int = 0
+    request: Request,
+    status: str | None = "pending",
+    limit: int = Query(50, description="items per page, 1-1000"),
+    offset: int = Query(0, description="items to skip, >= 0"),
 ) -> dict[str, Any]:
+    limit, offset = checked_page(limit, offset)
     return await service_of(request).review.list_items(current_principal(), status, limit, offset)
 
 
@@ -151,7 +281,7 @@ async def review_labels(request: Request, task: str) -> dict[str, Any]:
 
 @app.get("/v1/review/stats", summary="Queue depth, SLA and the audit estimates")
 async def review_stats(request: Request) -> dict[str, Any]:
-    return await service_of(request).review.stats()
+    return await service_of(request).review.stats(current_principal())
 
 
 @app.get("/review", summary="The reviewers' web page", include_in_schema=False)
@@ -163,7 +293,7 @@ def review_page() -> Response:
 def review_page_asset(asset: str) -> Response:
     if asset not in REVIEW_ASSETS:
         raise NotFound(
-            f"no review page asset {asset!r}; expected one of {sorted(REVIEW_ASSETS)}", field="asset"
+            f"no review page asset {shown(asset)}; expected one of {sorted(REVIEW_ASSETS)}", field="asset"
         )
     return review_asset(asset)
 
@@ -189,5 +319,5 @@ def healthz() -> dict[str, str]:
 
 @app.get("/readyz", summary="Readiness of every backend")
 async def readyz(request: Request) -> JSONResponse:
-    ready, checks = await service_of(request).operations.readiness()
+    ready, checks = await service_of(request).operations.readiness(current_principal())
     return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)

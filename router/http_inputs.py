@@ -12,14 +12,20 @@ from starlette.datastructures import UploadFile
 
 from router.limits import read_limited
 from router.schemas import AnalyzeJson
+from router.services.common import parsed_json
 from router.url_fetch import UrlFetchConfig, fetch_image_url
 from visionroute.errors import InputError, UnsupportedMediaType
+from visionroute.redaction import failure_summary, shown
 
 
 def parsed(model: type[BaseModel], body: bytes) -> Any:
-    """A JSON body validated into ``model``; the first problem becomes an InputError naming its field."""
+    """A JSON body validated into ``model``; the first problem becomes an InputError naming its
+    field: not UTF-8 or not JSON (``body``), too deep, a lone surrogate, a wrong value."""
+    if not body:
+        raise InputError("request body is empty; send a JSON object", field="body")
+    value = parsed_json(body, "body")
     try:
-        return model.model_validate_json(body)
+        return model.model_validate(value)
     except ValidationError as exc:
         first = exc.errors()[0]
         raise InputError(first["msg"], field=".".join(map(str, first["loc"])) or "body") from None
@@ -52,7 +58,7 @@ async def image_and_fields(
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type not in ("multipart/form-data", "application/json"):
         raise UnsupportedMediaType(
-            f"content type {content_type or 'none'!r} is not accepted; send multipart/form-data "
+            f"content type {shown(content_type or 'none')} is not accepted; send multipart/form-data "
             "with an 'image' file or application/json with 'image_base64'",
             field="content-type",
         )
@@ -69,7 +75,7 @@ async def image_and_fields(
     try:
         form = await request.form()
     except Exception as exc:  # starlette raises its own multipart errors
-        raise InputError(f"malformed multipart body: {exc}", field="body") from None
+        raise InputError(f"malformed multipart body: {failure_summary(exc)}", field="body") from None
     upload = form.get("image")
     if not isinstance(upload, UploadFile):
         raise InputError("multipart body has no 'image' file field", field="image")

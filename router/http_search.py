@@ -2,29 +2,38 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from fastapi import APIRouter, Request
 from starlette.datastructures import UploadFile
 
-from router.http_inputs import decoded_base64, parsed
+from router.http_inputs import decoded_base64, parsed, read_body_limited
 from router.schemas import IndexRequest, SearchRequest
 from router.security import current_principal
+from router.services.common import parsed_json
 from visionroute.errors import InputError
+from visionroute.redaction import failure_summary, shown
 
 router = APIRouter(prefix="/v1/search", tags=["search"])
 
 
-def _operations(request: Request):
+def _service(request: Request):
     from router.http_api import service_of  # router.http_api includes this router
 
-    return service_of(request).search
+    return service_of(request)
+
+
+def _operations(request: Request):
+    return _service(request).search
+
+
+async def _body(request: Request) -> bytes:
+    return await read_body_limited(request, _service(request).config.limits.max_body_bytes)
 
 
 @router.post("", summary="Search by text, example image or item id")
 async def search(request: Request) -> dict[str, Any]:
-    body = parsed(SearchRequest, await request.body())
+    body = parsed(SearchRequest, await _body(request))
     image = decoded_base64(body.image_base64, "image_base64") if body.image_base64 is not None else None
     return await _operations(request).search(
         current_principal(),
@@ -41,29 +50,32 @@ async def search(request: Request) -> dict[str, Any]:
 async def index_item(request: Request) -> dict[str, Any]:
     """multipart (``image`` file, optional ``metadata`` JSON string) or JSON (``image_base64``, ``metadata``)."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type not in ("application/json", "multipart/form-data"):
+        raise InputError(
+            f"content type {shown(content_type or 'none')}: send multipart/form-data or application/json",
+            field="content-type",
+        )
+    raw = await _body(request)
     if content_type == "application/json":
-        body = parsed(IndexRequest, await request.body())
+        body = parsed(IndexRequest, raw)
         image, metadata = decoded_base64(body.image_base64, "image_base64"), body.metadata
-    elif content_type == "multipart/form-data":
+    else:
         try:
             form = await request.form()
         except Exception as exc:  # starlette raises its own multipart errors
-            raise InputError(f"malformed multipart body: {exc}", field="body") from None
+            raise InputError(f"malformed multipart body: {failure_summary(exc)}", field="body") from None
         upload = form.get("image")
         if not isinstance(upload, UploadFile):
             raise InputError("multipart body has no 'image' file field", field="image")
         image = await upload.read()
-        try:
-            metadata = json.loads(form["metadata"]) if form.get("metadata") else None
-        except json.JSONDecodeError:
-            raise InputError("metadata must be a JSON object", field="metadata") from None
+        field = form.get("metadata")
+        if isinstance(field, UploadFile):
+            field = await field.read()  # a metadata file part: its bytes are the JSON
+        metadata = parsed_json(field, "metadata") if field else None
         if metadata is not None and not isinstance(metadata, dict):
-            raise InputError("metadata must be a JSON object", field="metadata")
-    else:
-        raise InputError(
-            f"content type {content_type or 'none'!r}: send multipart/form-data or application/json",
-            field="content-type",
-        )
+            raise InputError(
+                f"metadata must be a JSON object, got {type(metadata).__name__}", field="metadata"
+            )
     return await _operations(request).index(current_principal(), image, metadata)
 
 
@@ -79,4 +91,4 @@ async def delete_item(request: Request, item_id: int) -> dict[str, Any]:
 
 @router.get("/stats", summary="Index size, kind and embedder")
 async def stats(request: Request) -> dict[str, Any]:
-    return await _operations(request).stats()
+    return await _operations(request).stats(current_principal())

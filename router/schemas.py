@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class Edge(BaseModel):
@@ -53,19 +53,32 @@ class AnalyzeResponse(BaseModel):
     degraded: bool = Field(..., description="answered in a degraded mode (an exhausted budget)")
 
 
-class ClaimRequest(Edge):
-    reviewer: str = Field(..., min_length=1, max_length=128)
+REVIEWER_DESCRIPTION = (
+    "who acts. With API keys the key is the reviewer (its name, or key:<key id> when it has none):"
+    " leave this out or send that name; another name is 403. Without keys (local development) it"
+    " is required and names the reviewer."
+)
+
+
+class ReviewerField(Edge):
+    reviewer: str | None = Field(None, min_length=1, max_length=128, description=REVIEWER_DESCRIPTION)
+
+    @field_validator("reviewer", mode="before")
+    @classmethod
+    def _empty_is_absent(cls, value: object) -> object:
+        return None if value == "" else value  # proto3 sends "" for a field left out
+
+
+class ClaimRequest(ReviewerField):
     item_id: str | None = None
     lease_s: float | None = Field(None, gt=0, le=86400)
 
 
-class ReleaseRequest(Edge):
-    reviewer: str = Field(..., min_length=1, max_length=128)
+class ReleaseRequest(ReviewerField):
     lease_token: str = Field(..., min_length=1)
 
 
-class LabelRequest(Edge):
-    reviewer: str = Field(..., min_length=1, max_length=128)
+class LabelRequest(ReviewerField):
     lease_token: str = Field(..., min_length=1)
     verdict: Literal["confirm", "correct", "reject"] = Field(
         ..., description="confirm the proposed answer, correct it, or reject the image"

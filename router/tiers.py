@@ -9,6 +9,7 @@ two-method client, so the cascade code does not know which.
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,9 @@ from cascades.vlm import VlmConfig, VlmStage
 from router.services.backends import LocalSearch
 from visionroute.errors import BackendUnavailable, RouterError
 from visionroute.records import Analysis
+from visionroute.redaction import failure_kind, failure_summary
+
+log = logging.getLogger("visionroute.tiers")
 
 
 class BatchedOnnxTier:
@@ -60,9 +64,23 @@ OnnxTier = serve.deployment(max_ongoing_requests=64, name="OnnxTier")(BatchedOnn
 
 
 def unwrapped(exc: BaseException) -> BaseException:
-    """Ray wraps a replica's exception (RayTaskError(InputError)); give back our own error."""
+    """Ray wraps a replica's exception (RayTaskError(InputError), which is also an InputError
+    by inheritance but names itself after Ray); give back our own error, as raised."""
     cause = getattr(exc, "cause", None)
     return cause if isinstance(cause, RouterError) else exc
+
+
+async def _described(what: str, call: Any) -> dict[str, Any]:
+    """A tier's ``describe``; a failure is a BackendUnavailable whose reason keeps the kind
+    and drops the replica's pid, node address and actor id (the full error is logged)."""
+    try:
+        return await call
+    except Exception as exc:
+        cause = unwrapped(exc)
+        if isinstance(cause, RouterError):
+            raise cause from None
+        log.warning("%s describe failed: %r", what, exc)
+        raise BackendUnavailable(f"{what} is unavailable: {failure_summary(exc)}", field=what) from None
 
 
 class RemoteTier:
@@ -75,7 +93,7 @@ class RemoteTier:
         return await self.handle.predict.remote(image_rgb)
 
     async def describe(self) -> dict[str, Any]:
-        return await self.handle.describe.remote()
+        return await _described("the cheap tier", self.handle.describe.remote())
 
 
 class RemoteVlmTier:
@@ -88,7 +106,7 @@ class RemoteVlmTier:
         return await self.handle.run.remote(analysis)
 
     async def describe(self) -> dict[str, Any]:
-        return await self.handle.describe.remote()
+        return await _described("the VLM tier", self.handle.describe.remote())
 
 
 class RemoteSearch:
@@ -100,14 +118,15 @@ class RemoteSearch:
     async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         try:
             return await self.handle.call.remote(method, *args, **kwargs)
-        except RouterError:
-            raise
-        except Exception as exc:
+        except Exception as exc:  # a RayTaskError(InputError) is a RouterError too: unwrap it
             cause = unwrapped(exc)
             if isinstance(cause, RouterError):
                 raise cause from None
+            log.error("search %s failed: %r", method, exc)  # Serve's log lines carry the request id
             raise BackendUnavailable(
-                f"visual search failed: {type(exc).__name__}", field="retrieval"
+                f"visual search failed ({type(failure_kind(exc)).__name__}); "
+                "the details are logged with this request id",
+                field="retrieval",
             ) from None
 
 
@@ -147,7 +166,7 @@ class VlmTier:
                 response = await client.get(config.endpoint.rstrip("/") + "/models")
             described["reachable"] = response.status_code == 200
         except httpx.HTTPError as exc:
-            described.update(reachable=False, error_detail=f"{type(exc).__name__}: {exc}")
+            described.update(reachable=False, error_detail=failure_summary(exc))
         return described
 
 

@@ -1,4 +1,10 @@
-"""The ``visionroute`` command line: each package registers its own subcommands."""
+"""The ``visionroute`` command line: each package registers its own subcommands.
+
+Only the module that registers the command being run is imported (the others appear in
+``--help`` from the table below), and those modules import their heavy dependencies inside
+the command functions, so read-only commands (``--help``, ``models list``, ``check-config``,
+``policies check``, ``keys new``) start without Ray, torch or FAISS.
+"""
 
 from __future__ import annotations
 
@@ -22,21 +28,56 @@ COMMAND_MODULES = (
     "router.security_cli",
     "evals.benchmarks.cli",
 )
+# top-level command -> (the module that registers it, its one-line help for --help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "models": ("cascades.cli", "prepare and list the ONNX models"),
+    "predict": ("cascades.cli", "run one ONNX model on image files (no service)"),
+    "calibrate": ("evals.cli", "fit a calibrator, certify thresholds, write the artefact"),
+    "eval": ("evals.cli", "evaluate and write a Markdown + JSON + PNG report"),
+    "gate": ("evals.cli", "compare a report.json with a baseline report.json (CI)"),
+    "index": ("retrieval.cli", "embed and index every image in a folder (progress bar)"),
+    "retrieval": ("retrieval.cli", "maintain and query the search index"),
+    "vlm": ("cascades.vlm.cli", "the VLM tier's local vLLM server"),
+    "serve": ("router.cli", "prepare the default models and start the service on Ray Serve"),
+    "check-config": ("router.cli", "validate a Ray Serve config: VisionRoute args, models, bind"),
+    "review": ("policies.cli", "the human-review queue: export labels, purge images, stats"),
+    "budgets": ("policies.cli", "budget use in the current windows and cost totals"),
+    "policies": ("policies.cli", "policy sets (thresholds, costs, budgets, review, audit)"),
+    "keys": ("router.security_cli", "API keys (stored hashed in the config)"),
+}
+BENCH_HELP = "benchmarks: print a figure and its baseline"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="visionroute", description=__doc__)
+def _command_word(argv: list[str]) -> str | None:
+    return next((word for word in argv if not word.startswith("-")), None)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser for ``argv``: only the modules its command needs are imported (every module
+    when ``argv`` is None, or when the command is unknown, so argparse can list the choices)."""
+    command = _command_word(argv) if argv is not None else None
+    if command in COMMANDS:
+        modules: tuple[str, ...] = (COMMANDS[command][0],)
+    elif argv is not None and command is None:
+        modules = ()  # bare --help: the table is enough
+    else:
+        modules = COMMAND_MODULES
+    parser = argparse.ArgumentParser(prog="visionroute", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    bench = subparsers.add_parser("bench", help="benchmarks: print a figure and its baseline")
+    bench = subparsers.add_parser("bench", help=BENCH_HELP)
     bench_subparsers = bench.add_subparsers(dest="bench", required=True)
-    for module_name in COMMAND_MODULES:
+    for module_name in modules:
         importlib.import_module(module_name).register(subparsers, bench_subparsers)
+    for name, (_, help_text) in COMMANDS.items():
+        if name not in subparsers.choices:  # listed in --help; never selected (its module was not needed)
+            subparsers.add_parser(name, help=help_text)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

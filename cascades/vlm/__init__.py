@@ -6,7 +6,22 @@ per-task prompts with JSON-schema-constrained answers, confidence from token log
 benchmark; see docs/vlm.md.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from cascades.vlm.config import InProcessEngineConfig, VlmConfig
-from cascades.vlm.stage import VlmStage
+
+if TYPE_CHECKING:
+    from cascades.vlm.stage import VlmStage
 
 __all__ = ["InProcessEngineConfig", "VlmConfig", "VlmStage"]
+
+
+def __getattr__(name: str):
+    # The stage pulls in the openai client (~0.5-0.9 s); config readers and the CLI do not need it.
+    if name == "VlmStage":
+        from cascades.vlm.stage import VlmStage
+
+        return VlmStage
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -69,6 +69,7 @@ class VisionRouteService:
             review=ReviewService(config, queue=queue, policies=policies, search=search),
             search=SearchOperations(search),
             operations=Operations(
+                auth_enabled=config.security.enabled,
                 tiers=tiers,
                 vlm_tiers=vlm_tiers,
                 search=search,

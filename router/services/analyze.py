@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from cascades.images import decode_image
+from cascades.decode_budget import BudgetSession, DecodeBudget, in_file_pixels, input_need
 from cascades.pipeline import run_cascade
 from policies.costs import costs_by_tier, review_value
 from policies.policy_set import PolicySet
@@ -24,8 +24,9 @@ from router.metrics import IngressMetrics
 from router.security import Principal, resolve_tenant
 from router.services.backends import CheapTierClient, SearchBackend, VlmTierClient
 from router.services.common import checked_tenant
-from visionroute.errors import BackendUnavailable, InputError
+from visionroute.errors import BackendUnavailable, InputError, RouterError
 from visionroute.records import Analysis, Decision, Step, Trace
+from visionroute.redaction import failure_summary
 
 log = logging.getLogger("visionroute.service.analyze")
 
@@ -40,6 +41,12 @@ class ImageRequest:
     tenant: str | None = None
 
 
+def _image_size(analysis: Analysis) -> dict[str, int]:
+    """The file's own size (a large image may have been decoded smaller: cascades/decode_budget.py)."""
+    width, height = analysis.metadata.get("image_size", (analysis.width, analysis.height))
+    return {"width": width, "height": height}
+
+
 def response_body(analysis: Analysis) -> dict[str, Any]:
     """The answer both faces return (router/schemas.py AnalyzeResponse documents it)."""
     trace = analysis.trace.to_dict()
@@ -49,7 +56,7 @@ def response_body(analysis: Analysis) -> dict[str, Any]:
         "decision": trace["decision"],
         "answer": analysis.detections.to_dicts() if analysis.detections is not None else [],
         "text": analysis.answer_text,
-        "image": {"sha256": analysis.image_sha256, "width": analysis.width, "height": analysis.height},
+        "image": {"sha256": analysis.image_sha256, **_image_size(analysis)},
         "review_item_id": analysis.review_item_id,
         "cost_units": trace["cost_units"],
         "trace": trace,
@@ -78,16 +85,29 @@ class AnalyzeService:
         self.policies = policies
         self.metrics = metrics
         self._label_sets_stored: set[str] = set()
+        self.decode_budget = DecodeBudget(config.limits.decode)  # pixels in flight on this replica
+        self._input_needs = {
+            task: input_need(cascade.tier, config.models_dir, has_vlm=cascade.vlm is not None)
+            for task, cascade in config.cascades.items()
+        }
 
     async def analyze(self, request: ImageRequest, caller: Principal | None) -> Analysis:
-        """The cascade for one image, under one policy version from start to end."""
+        """The cascade for one image, under one policy version from start to end; its decoded
+        pixels count against this replica's decode budget until the answer is made."""
+        async with self.decode_budget.session() as budget:
+            return await self._analyze(request, caller, budget)
+
+    async def _analyze(
+        self, request: ImageRequest, caller: Principal | None, budget: BudgetSession
+    ) -> Analysis:
         limits = self.config.limits
         tenant = resolve_tenant(caller, checked_tenant(request.tenant))
         task = request.task or self.config.default_task
         if task not in self.tiers:
             raise InputError(f"unknown task {task!r}; expected one of {sorted(self.tiers)}", field="task")
-        decoded = decode_image(
+        decoded = await budget.decode(
             request.image_bytes,
+            need=self._input_needs.get(task),
             max_bytes=limits.max_body_bytes,
             max_pixels=limits.max_pixels,
             allowed_formats=tuple(limits.allowed_formats),
@@ -107,8 +127,13 @@ class AnalyzeService:
                 details={
                     "format": decoded.format,
                     "bytes": len(request.image_bytes),
-                    "width": analysis.width,
-                    "height": analysis.height,
+                    "width": decoded.width,
+                    "height": decoded.height,
+                    **(
+                        {"decoded_width": analysis.width, "decoded_height": analysis.height}
+                        if decoded.is_reduced
+                        else {}
+                    ),
                 },
             )
         )
@@ -120,6 +145,9 @@ class AnalyzeService:
             self.tiers[task].predict,
             vlm_tier.run if vlm_tier is not None else None,
         )
+        if decoded.is_reduced:  # boxes in the file's own pixels, as if decoded whole
+            analysis.detections = in_file_pixels(analysis.detections, decoded)
+            analysis.metadata["image_size"] = (decoded.width, decoded.height)
         if analysis.decision in (Decision.REVIEW, Decision.ESCALATE):
             await self._enqueue(analysis, request.image_bytes, policy)
         elif self.policies.audit_sampled(policy, analysis):
@@ -256,11 +284,14 @@ class AnalyzeService:
                 sla_s=policy.review.sla_s,
                 label_set=label_set,
             )
+        except RouterError:  # the caller's own mistake (a request id reused for another image): 409
+            await asyncio.to_thread(self.policies.ledger.release, reservation)
+            raise
         except Exception as exc:
             await asyncio.to_thread(self.policies.ledger.release, reservation)
             log.exception("review queue write failed for %s", analysis.trace.request_id)
             raise BackendUnavailable(
-                f"the review queue could not store the item: {exc}", field="review_queue"
+                f"the review queue could not store the item: {failure_summary(exc)}", field="review_queue"
             ) from None
         await asyncio.to_thread(self.policies.ledger.settle, reservation)
         if label_set:
@@ -304,7 +335,7 @@ class AnalyzeService:
                 Step(
                     stage="retrieval:index",
                     reason="not indexed",
-                    error=f"{type(exc).__name__}: {exc}",
+                    error=failure_summary(exc),
                     latency_ms=(time.perf_counter() - started) * 1000.0,
                 )
             )

@@ -11,8 +11,10 @@ from typing import Any
 from policies.review_queue import ReviewQueue
 from policies.runtime import PolicyRuntime
 from router.metrics import IngressMetrics
+from router.security import Principal
 from router.services.backends import CheapTierClient, SearchBackend, VlmTierClient
 from visionroute.errors import ConfigError
+from visionroute.redaction import failure_summary
 
 log = logging.getLogger("visionroute.service.operations")
 
@@ -27,7 +29,9 @@ class Operations:
         queue: ReviewQueue,
         policies: PolicyRuntime,
         metrics: IngressMetrics,
+        auth_enabled: bool = False,
     ) -> None:
+        self.auth_enabled = auth_enabled
         self.tiers = dict(tiers)
         self.vlm_tiers = dict(vlm_tiers)
         self.search = search
@@ -66,15 +70,18 @@ class Operations:
                 log.warning("search stats unavailable for /metrics: %s", exc)
         return await asyncio.to_thread(self.metrics.render)
 
-    async def readiness(self) -> tuple[bool, dict[str, Any]]:
+    async def readiness(self, caller: Principal | None = None) -> tuple[bool, dict[str, Any]]:
         """(ready, checks): every cheap tier answers, the index is loaded, the queue is writable.
-        VLM reachability is reported but does not fail readiness (a down VLM degrades to review)."""
+        VLM reachability is reported but does not fail readiness (a down VLM degrades to review).
+
+        /readyz is public, so with keys on only an admin sees each check's details (models,
+        index size and path, VLM endpoint); anyone else sees whether each check is ok."""
 
         async def check(call) -> dict[str, Any]:
             try:
                 return await asyncio.wait_for(call, timeout=5.0)
             except Exception as exc:
-                return {"error": f"{type(exc).__name__}: {exc}"}
+                return {"error": failure_summary(exc)}
 
         checks: dict[str, Any] = {}
         for task, tier in self.tiers.items():
@@ -86,4 +93,15 @@ class Operations:
         checks["review_queue"] = {"writable": await asyncio.to_thread(self.queue.is_writable)}
         required = [v for k, v in checks.items() if k.startswith("tier:") or k == "search_index"]
         ready = all("error" not in v for v in required) and checks["review_queue"]["writable"]
+        if self.auth_enabled and (caller is None or caller.role != "admin"):
+            checks = {name: summary(check) for name, check in checks.items()}
         return ready, checks
+
+
+def summary(check: dict[str, Any]) -> dict[str, Any]:
+    """What anyone may know of a readiness check: ok or not (and the queue's and VLM's flags)."""
+    out: dict[str, Any] = {"ok": "error" not in check}
+    for flag in ("writable", "reachable"):
+        if flag in check:
+            out[flag] = bool(check[flag])
+    return out

@@ -1,7 +1,15 @@
 """The human-review operations: list, read, claim, release, label, label sets, stats.
 
 Every storage call runs in a worker thread (the SQLite queue blocks); every read is scoped
-to the caller's tenant, so another tenant's item answers exactly like a missing one.
+to the caller's tenant, so another tenant's item answers exactly like a missing one, and the
+counts (queue depth, leases, audit estimates) are the caller's tenant's (an admin's: all).
+
+Who acts: with API keys the acting reviewer IS the key (``reviewer_identity``): its ``name``,
+or ``key:<first 12 hex of its sha256>`` when the name is empty. A ``reviewer`` field that
+names anyone else is refused (403, ``field: reviewer``), for admins too: nobody acts under
+someone else's name, so the audit log and the lease checks always name the key that acted
+(a stuck lease simply runs out). With auth off (local development) the field names the
+reviewer, as before, and is required.
 """
 
 from __future__ import annotations
@@ -13,15 +21,40 @@ from typing import Any
 
 from PIL import Image
 
+from policies.audit_sampling import estimate
 from policies.review_queue import ReviewQueue
 from policies.runtime import PolicyRuntime
 from router.config import AppConfig
 from router.schemas import ClaimRequest, LabelRequest, ReleaseRequest
 from router.security import Principal, tenant_scope
 from router.services.backends import SearchBackend
-from visionroute.errors import InputError, NotFound
+from visionroute.errors import InputError, NotFound, PermissionDenied
 
 log = logging.getLogger("visionroute.service.review")
+
+
+def reviewer_identity(caller: Principal) -> str:
+    """Who a key is in the review queue and its audit log: its name, else its key id."""
+    return caller.name or f"key:{caller.key_id}"
+
+
+def acting_reviewer(caller: Principal | None, requested: str | None) -> str:
+    """The reviewer a claim, release or label acts as (see the module docstring)."""
+    if caller is None:
+        if not requested:
+            raise InputError(
+                "reviewer is required when authentication is off (with API keys the key names the reviewer)",
+                field="reviewer",
+            )
+        return requested
+    identity = reviewer_identity(caller)
+    if requested and requested != identity:
+        raise PermissionDenied(
+            f"this key acts as reviewer {identity!r}; it cannot act as {requested!r}"
+            " (leave 'reviewer' out, or send the key's own name)",
+            field="reviewer",
+        )
+    return identity
 
 
 def label_from(request: LabelRequest, proposed: list[dict[str, Any]]) -> dict[str, Any]:
@@ -66,7 +99,8 @@ class ReviewService:
             items = self.queue.list_items(
                 status=status, tenant=tenant_scope(caller), limit=limit, offset=offset
             )
-            return {"items": [item.public_dict() for item in items], **self.queue.stats()}
+            stats = self.queue.stats(tenant=tenant_scope(caller))
+            return {"items": [item.public_dict() for item in items], **stats}
 
         return await asyncio.to_thread(read)
 
@@ -93,9 +127,10 @@ class ReviewService:
         return {"item_id": item_id, "events": await asyncio.to_thread(read)}
 
     async def claim(self, caller: Principal | None, request: ClaimRequest) -> dict[str, Any]:
+        reviewer = acting_reviewer(caller, request.reviewer)
         item = await asyncio.to_thread(
             self.queue.claim,
-            request.reviewer,
+            reviewer,
             item_id=request.item_id,
             tenant=tenant_scope(caller),
             lease_s=request.lease_s,
@@ -107,20 +142,24 @@ class ReviewService:
     async def release(
         self, caller: Principal | None, item_id: str, request: ReleaseRequest
     ) -> dict[str, Any]:
+        reviewer = acting_reviewer(caller, request.reviewer)
+
         def write() -> dict[str, Any]:
             self.queue.get(item_id, tenant=tenant_scope(caller))  # another tenant's item does not exist here
             return self.queue.release(
-                item_id, reviewer=request.reviewer, lease_token=request.lease_token
+                item_id, reviewer=reviewer, lease_token=request.lease_token
             ).public_dict()
 
         return await asyncio.to_thread(write)
 
     async def label(self, caller: Principal | None, item_id: str, request: LabelRequest) -> dict[str, Any]:
+        reviewer = acting_reviewer(caller, request.reviewer)
+
         def write():
             item = self.queue.get(item_id, tenant=tenant_scope(caller))
             item = self.queue.submit_label(
                 item_id,
-                reviewer=request.reviewer,
+                reviewer=reviewer,
                 lease_token=request.lease_token,
                 label=label_from(request, item.proposed),
             )
@@ -131,7 +170,9 @@ class ReviewService:
         item = await asyncio.to_thread(write)
         if self.search is not None and self.config.retrieval.index_analysed:
             try:  # the label is stored either way; the search tags follow when they can
-                await asyncio.wait_for(self.search.call("apply_review_label", item.id, item.label), 30)
+                await asyncio.wait_for(
+                    self.search.call("apply_review_label", item.id, item.label, tenant=item.tenant), 30
+                )
             except Exception as exc:
                 log.warning("review label of %s not copied to the search index: %s", item.id, exc)
         return item.public_dict()
@@ -143,12 +184,25 @@ class ReviewService:
             )
         return {"task": task, "labels": await asyncio.to_thread(self.queue.label_set, task)}
 
-    async def stats(self) -> dict[str, Any]:
+    async def stats(self, caller: Principal | None) -> dict[str, Any]:
+        """Depth, leases, SLA and audit estimates: the caller's tenant's (admins and auth off: all)."""
+        scope = tenant_scope(caller)
+
         def read() -> dict[str, Any]:
-            audits = {
-                task: self.policies.audit_estimate(self.queue, task).to_dict()
-                for task in self.config.cascades
-            }
-            return {**self.queue.stats(), "sla_s": self.policies.current.review.sla_s, "audit": audits}
+            if scope is None:  # the service-wide estimate, which also feeds the audit alerts
+                audits = {
+                    task: self.policies.audit_estimate(self.queue, task).to_dict()
+                    for task in self.config.cascades
+                }
+            else:
+                config = self.policies.current.audit
+                audits = {
+                    task: estimate(
+                        task, *self.queue.audit_outcomes(task, config.window_items, tenant=scope), config
+                    ).to_dict()
+                    for task in self.config.cascades
+                }
+            stats = self.queue.stats(tenant=scope)
+            return {**stats, "sla_s": self.policies.current.review.sla_s, "audit": audits}
 
         return await asyncio.to_thread(read)

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from retrieval.schemas import SearchFilters, SearchParams, parse_model
 from router.security import Principal, tenant_scope
 from router.services.backends import SearchBackend
+from router.services.common import checked_int64, checked_json_value, checked_text
 from visionroute.errors import BackendUnavailable, InputError, NotFound
 
 
@@ -35,9 +37,25 @@ class SearchOperations:
             return {**(filters or {}), "tenant": tenant}
         return filters
 
+    @staticmethod
+    def _checked(filters: Any, params: Any, text: Any = None, image: Any = None) -> None:
+        """Shapes the backend cannot take, refused here (before any hop or embedding work)."""
+        for name, value, model in (("filters", filters, SearchFilters), ("params", params, SearchParams)):
+            if value is not None and not isinstance(value, dict):
+                raise InputError(f"{name} must be a JSON object, got {type(value).__name__}", field=name)
+            if value is not None:
+                checked_json_value(value, name)
+                parse_model(model, value, name)  # the index checks again; this spares the hop
+        if text is not None:
+            if not isinstance(text, str):
+                raise InputError(f"text must be a string, got {type(text).__name__}", field="text")
+            checked_text(text, "text")
+        if image is not None and not isinstance(image, (bytes, bytearray)):
+            raise InputError(f"image must be bytes, got {type(image).__name__}", field="image")
+
     async def get(self, caller: Principal | None, item_id: int) -> dict[str, Any]:
         """The item, or NotFound when it does not exist or belongs to another tenant."""
-        item = await self._call("get", item_id)
+        item = await self._call("get", checked_int64(item_id, "id"))
         scope = tenant_scope(caller)
         if scope is not None and item["metadata"].get("tenant") != scope:
             raise NotFound(f"no indexed item {item_id}", field="id")
@@ -59,6 +77,9 @@ class SearchOperations:
         given = [n for n, v in (("text", text), ("image", image), ("id", item_id)) if v is not None]
         if len(given) != 1:
             raise InputError(f"give exactly one of text, image or id; got {given or 'none'}", field="query")
+        self._checked(filters, params, text, image)
+        if item_id is not None:
+            item_id = checked_int64(item_id, "id")
         options = {"k": k, "filters": self.scoped_filters(caller, filters, tenant), "params": params}
         if text is not None:
             return await self._call("search_text", text, **options)
@@ -68,15 +89,27 @@ class SearchOperations:
         return await self._call("search_by_id", item_id, **options)
 
     async def index(self, caller: Principal | None, image: bytes, metadata: dict[str, Any] | None) -> dict:
+        if metadata is not None and not isinstance(metadata, dict):
+            raise InputError(
+                f"metadata must be a JSON object, got {type(metadata).__name__}", field="metadata"
+            )
+        if metadata is not None:
+            checked_json_value(metadata, "metadata")
         scope = tenant_scope(caller)
         if scope is not None:  # entries belong to the caller's tenant
             metadata = {**(metadata or {}), "tenant": scope}
         return {"id": await self._call("index_image", image, metadata)}
 
     async def delete(self, caller: Principal | None, item_id: int) -> dict[str, Any]:
+        item_id = checked_int64(item_id, "id")
         await self.get(caller, item_id)
         await self._call("delete", item_id)
         return {"id": item_id, "deleted": True}
 
-    async def stats(self) -> dict[str, Any]:
-        return await self._call("stats")
+    async def stats(self, caller: Principal | None) -> dict[str, Any]:
+        """Admins (and auth off) get the whole index's figures and its directory; a tenant's
+        key gets its own entry count only: no other tenant's numbers, no server paths."""
+        scope = tenant_scope(caller)
+        if scope is None:
+            return await self._call("stats")
+        return await self._call("stats", tenant=scope)

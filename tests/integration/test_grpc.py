@@ -233,7 +233,7 @@ def test_review_flow_over_grpc_and_tenant_isolation(service, stub, photos_png):
     assert code == grpc.StatusCode.NOT_FOUND
     code, _ = grpc_error(
         stub.ClaimReviewItem,
-        pb.ClaimReviewItemRequest(reviewer="eve", item_id=item_id),
+        pb.ClaimReviewItemRequest(reviewer="globex_reviewer", item_id=item_id),
         metadata=meta("globex_reviewer"),
     )
     assert code == grpc.StatusCode.NOT_FOUND
@@ -253,18 +253,26 @@ def test_review_flow_over_grpc_and_tenant_isolation(service, stub, photos_png):
         == 200
     )
     # The acme reviewer works it over gRPC: claim, a rival's claim, label, the same label again.
+    # The acting reviewer is the key (its name); tests/integration/test_security_tenancy.py covers more.
     claim = stub.ClaimReviewItem(
-        pb.ClaimReviewItemRequest(reviewer="ann", item_id=item_id), metadata=meta("acme_reviewer"), timeout=30
+        pb.ClaimReviewItemRequest(reviewer="acme_reviewer", item_id=item_id),
+        metadata=meta("acme_reviewer"),
+        timeout=30,
     )
     assert json.loads(claim.item.item_json)["id"] == item_id and claim.lease_token
     code, details = grpc_error(
         stub.ClaimReviewItem,
-        pb.ClaimReviewItemRequest(reviewer="bob", item_id=item_id),
-        metadata=meta("acme_reviewer"),
+        pb.ClaimReviewItemRequest(item_id=item_id),
+        metadata=meta("admin"),
     )
     assert code == grpc.StatusCode.ABORTED and details["error"] == "Conflict"
     label = json.dumps(
-        {"reviewer": "ann", "lease_token": claim.lease_token, "verdict": "correct", "label": "space shuttle"}
+        {
+            "reviewer": "acme_reviewer",
+            "lease_token": claim.lease_token,
+            "verdict": "correct",
+            "label": "space shuttle",
+        }
     )
     for _ in range(2):  # idempotent
         done = stub.LabelReviewItem(

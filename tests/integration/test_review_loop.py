@@ -2,7 +2,9 @@
 
 One local Ray cluster (2 CPUs, no dashboard) serves ``router.app:build_app`` on a free port,
 deployed the way ``serve deploy`` does it (a declarative config), so a changed Ingress
-``user_config`` reaches the running replica through ``reconfigure``.
+``user_config`` reaches the running replica through ``reconfigure``. The service has API keys
+on, as a shared deployment must: the API calls send a key (each reviewer's own, since the key
+is the reviewer), and the browser logs in to the review page with a reviewer's key.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import io
 import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -17,10 +20,27 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from router.security import hash_key
 from tests.support.ports import free_port
 from tests.support.service import warm_up_service
 
-pytestmark = pytest.mark.server
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
+KEYS = {  # name -> (tenant, role, plain key); the service sees only the hashes
+    "ops": ("ops", "admin", "vr_ops_" + uuid.uuid4().hex),
+    # reviewers of every tenant's items (budget, audit and contention tests)
+    **{name: ("ops", "admin", f"vr_{name}_" + uuid.uuid4().hex) for name in ("eve", "ann", "bob", "dan")},
+    "carol": ("browser", "reviewer", "vr_carol_" + uuid.uuid4().hex),  # logs in to the page
+    "lena": ("leases", "reviewer", "vr_lena_" + uuid.uuid4().hex),  # walks away from the page
+}
+
+
+LOCKOUT = {"max_failures": 5, "window_s": 60, "cooldown_s": 3}
+
+
+def key(name: str = "ops") -> dict[str, str]:
+    return {"x-api-key": KEYS[name][2]}
+
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -111,11 +131,15 @@ class Service:
 
     def analyze(self, image: bytes, **fields) -> httpx.Response:
         return httpx.post(
-            self.url + "/v1/analyze", files={"image": ("x.png", image, "image/png")}, data=fields, timeout=60
+            self.url + "/v1/analyze",
+            files={"image": ("x.png", image, "image/png")},
+            data=fields,
+            headers=key(),
+            timeout=60,
         )
 
     def policy(self) -> dict:
-        return httpx.get(self.url + "/v1/policy", timeout=10).json()
+        return httpx.get(self.url + "/v1/policy", headers=key(), timeout=10).json()
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +163,13 @@ def service(prepared_models_dir, tmp_path_factory):
         },
         "policies": policy_set(),
         "ingress_num_cpus": 0.25,
+        "security": {
+            "api_keys": [
+                {"sha256": hash_key(k), "tenant": t, "role": r, "name": n} for n, (t, r, k) in KEYS.items()
+            ],
+            "session": {"secret_file": str(workdir / "session_secret")},
+            "lockout": LOCKOUT,
+        },
     }
     svc = Service(port, args)
     svc.workdir = workdir
@@ -147,7 +178,9 @@ def service(prepared_models_dir, tmp_path_factory):
         if httpx.get(svc.url + "/readyz", timeout=10).status_code == 200:
             break
         time.sleep(1)
-    warm_up_service(svc.url)  # real read-only requests: the first one through a fresh app is slow
+    warm_up_service(
+        svc.url, headers=key()
+    )  # real read-only requests: the first one through a fresh app is slow
     yield svc
     serve.shutdown()
     ray.shutdown()
@@ -158,7 +191,7 @@ def service(prepared_models_dir, tmp_path_factory):
 
 def test_fifty_concurrent_requests_never_overspend_a_small_budget(service, photos_png):
     async def fire() -> list[httpx.Response]:
-        async with httpx.AsyncClient(timeout=120) as client:
+        async with httpx.AsyncClient(timeout=120, headers=key()) as client:
             files = lambda: {"image": ("c.png", photos_png["coffee"], "image/png")}  # noqa: E731
             return await asyncio.gather(
                 *[
@@ -182,7 +215,7 @@ def test_fifty_concurrent_requests_never_overspend_a_small_budget(service, photo
         f"used {budget['used_units']:g}, {codes.count(200)} served, {codes.count(429)} refused)"
     )
     assert overspend <= 0 and budget["used_units"] == 10
-    metrics = httpx.get(service.url + "/metrics").text
+    metrics = httpx.get(service.url + "/metrics", headers=key()).text
     assert 'visionroute_cost_units_total{feature="classify",tenant="loadtest",tier="onnx"} 10.0' in metrics
     assert 'visionroute_budget_refusals_total{budget="loadtest",degrade="reject"} 40.0' in metrics
 
@@ -192,15 +225,22 @@ def test_degrade_modes_review_and_accept_degraded(service, photos_png):
     assert to_review["decision"] == "review" and to_review["degraded"] and to_review["answer"] == []
     assert [s["stage"] for s in to_review["trace"]["steps"]][-2:] == ["policy:budget", "review_queue"]
     item_id = to_review["review_item_id"]
-    assert httpx.get(f"{service.url}/v1/review/items/{item_id}").json()["kind"] == "budget"
-    claim = httpx.post(service.url + "/v1/review/claim", json={"reviewer": "eve", "item_id": item_id}).json()
+    assert httpx.get(f"{service.url}/v1/review/items/{item_id}", headers=key()).json()["kind"] == "budget"
+    claim = httpx.post(
+        service.url + "/v1/review/claim", json={"reviewer": "eve", "item_id": item_id}, headers=key("eve")
+    ).json()
     label = {
         "reviewer": "eve",
         "lease_token": claim["lease_token"],
         "verdict": "correct",
         "label": "espresso",
     }
-    assert httpx.post(f"{service.url}/v1/review/items/{item_id}/label", json=label).status_code == 200
+    assert (
+        httpx.post(
+            f"{service.url}/v1/review/items/{item_id}/label", json=label, headers=key("eve")
+        ).status_code
+        == 200
+    )
     accepted = service.analyze(
         photos_png["astronaut"], tenant="broke-accept"
     ).json()  # unsure: would go to review
@@ -224,6 +264,7 @@ def test_contention_expired_lease_and_label_outside_the_set(service):
                     client.post(
                         service.url + "/v1/review/claim",
                         json={"reviewer": who, "item_id": item_id, "lease_s": 1},
+                        headers=key(who),
                     )
                     for who in ("ann", "bob")
                 ]
@@ -237,16 +278,22 @@ def test_contention_expired_lease_and_label_outside_the_set(service):
     owner, token = winner.json()["item"]["lease_owner"], winner.json()["lease_token"]
     label_url = f"{service.url}/v1/review/items/{item_id}/label"
     outside = httpx.post(
-        label_url, json={"reviewer": owner, "lease_token": token, "verdict": "correct", "label": "unicorn"}
+        label_url,
+        json={"reviewer": owner, "lease_token": token, "verdict": "correct", "label": "unicorn"},
+        headers=key(owner),
     )
     assert outside.status_code == 400 and outside.json()["field"] == "label"
     assert "not in task 'classify'" in outside.json()["reason"]
     time.sleep(1.3)  # the 1 s lease runs out
-    late = httpx.post(label_url, json={"reviewer": owner, "lease_token": token, "verdict": "confirm"})
+    late = httpx.post(
+        label_url, json={"reviewer": owner, "lease_token": token, "verdict": "confirm"}, headers=key(owner)
+    )
     assert late.status_code == 409 and "expired" in late.json()["reason"]
-    item = httpx.get(f"{service.url}/v1/review/items/{item_id}").json()
+    item = httpx.get(f"{service.url}/v1/review/items/{item_id}", headers=key()).json()
     assert item["status"] == "pending" and item["label"] is None
-    again = httpx.post(service.url + "/v1/review/claim", json={"reviewer": "bob", "item_id": item_id}).json()
+    again = httpx.post(
+        service.url + "/v1/review/claim", json={"reviewer": "bob", "item_id": item_id}, headers=key("bob")
+    ).json()
     assert again["item"]["lease_owner"] == "bob"
     ok = httpx.post(
         label_url,
@@ -256,30 +303,58 @@ def test_contention_expired_lease_and_label_outside_the_set(service):
             "verdict": "correct",
             "label": "jigsaw puzzle",
         },
+        headers=key("bob"),
     )
     assert ok.status_code == 200 and ok.json()["label"]["label"] == "jigsaw puzzle"
     actions = [
-        e["action"] for e in httpx.get(f"{service.url}/v1/review/items/{item_id}/audit").json()["events"]
+        e["action"]
+        for e in httpx.get(f"{service.url}/v1/review/items/{item_id}/audit", headers=key()).json()["events"]
     ]
     assert actions == ["enqueue", "claim", "lease_expired", "claim", "label"]
+
+
+def ray_logs() -> str:
+    import ray
+
+    logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path())  # this test's cluster
+    return "\n".join(f.read_text(errors="replace") for f in logs.rglob("*") if f.is_file())
+
+
+def test_repeated_bad_keys_lock_the_address_out_and_no_key_is_logged(service):
+    guesses = [f"vr_guess_{uuid.uuid4().hex}" for _ in range(LOCKOUT["max_failures"])]
+    items = service.url + "/v1/review/items"
+    assert [httpx.get(items, headers={"x-api-key": g}).status_code for g in guesses] == [401] * len(guesses)
+    locked = httpx.get(items, headers=key())  # the right key too, while the cool-down lasts
+    assert locked.status_code == 429 and locked.json()["error"] == "RateLimited"
+    assert 1 <= int(locked.headers["retry-after"]) <= LOCKOUT["cooldown_s"]
+    assert httpx.get(service.url + "/healthz").status_code == 200  # no credential: not locked out
+    time.sleep(int(locked.headers["retry-after"]) + 0.5)
+    assert httpx.get(items, headers=key()).status_code == 200
+    logs = ray_logs()
+    assert "locked out client 127.0.0.1" in logs  # the replica saw the caller's real address
+    leaked = [g for g in guesses if g in logs] + [n for n, (_, _, k) in KEYS.items() if k in logs]
+    assert not leaked, f"keys in the Ray logs: {leaked}"
 
 
 # -- the web page in headless Chromium ---------------------------------------------------------------
 
 
-def wait_until(page, expression: str) -> None:
-    try:
-        page.wait_for_function(expression, timeout=20000)
-    except Exception as exc:
-        state = page.evaluate(
-            "JSON.stringify({...document.body.dataset, focus: document.activeElement && document.activeElement.id})"
-        )
-        raise AssertionError(
-            f"page never reached {expression}: {state}; message {page.inner_text('#message')!r}"
-        ) from exc
+def wait_until(page, expression: str, timeout_s: float = 20.0) -> None:
+    """Poll ``expression`` in the page. (Playwright's wait_for_function evaluates a string,
+    which the page's Content-Security-Policy forbids; page.evaluate goes through DevTools.)"""
+    deadline = time.monotonic() + timeout_s
+    while not page.evaluate(expression):
+        if time.monotonic() > deadline:
+            state = page.evaluate(
+                "JSON.stringify({...document.body.dataset, focus: document.activeElement && document.activeElement.id})"
+            )
+            raise AssertionError(
+                f"page never reached {expression}: {state}; message {page.inner_text('#message')!r}"
+            )
+        time.sleep(0.02)
 
 
-def test_browser_reviewer_claims_labels_and_items_leave_the_queue(service):
+def test_browser_reviewer_logs_in_skips_labels_and_items_leave_the_queue(service):
     if not Path(CHROMIUM).exists():
         pytest.skip(f"{CHROMIUM} is missing: apt-get install -y --no-install-recommends chromium")
     playwright = pytest.importorskip("playwright.sync_api")
@@ -289,20 +364,43 @@ def test_browser_reviewer_claims_labels_and_items_leave_the_queue(service):
         for i in range(n_items)
     ]
     assert all(ids)
-    pending_before = httpx.get(service.url + "/v1/review/items?limit=1000").json()["depth"]
+    carol_items = service.url + "/v1/review/items?limit=1000"
+    pending_before = len(httpx.get(carol_items, headers=key("carol")).json()["items"])  # her tenant's
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page()
         errors: list[str] = []
         page.on("pageerror", lambda exc: errors.append(str(exc)))
-        page.goto(service.url + "/review")
-        page.fill("#reviewer", "carol")
+        page.goto(service.url + "/review")  # no key, no cookie: the page asks for a login
+        page.wait_for_selector("body[data-state=login]")
+        page.fill("#key", KEYS["ops"][2][:-1])  # a mistyped key
+        page.keyboard.press("Enter")
+        wait_until(page, "document.getElementById('login-message').textContent.includes('401')")
+        page.fill("#key", KEYS["carol"][2])
+        page.keyboard.press("Enter")
+        page.wait_for_selector("body[data-state=idle]")
+        assert page.inner_text("#who").startswith("carol")
+        cookie = next(c for c in page.context.cookies() if c["name"] == "vr_session")
+        assert (
+            cookie["httpOnly"] and cookie["sameSite"] == "Strict" and KEYS["carol"][2] not in cookie["value"]
+        )
+        # a cookie-authenticated POST without the page's CSRF token is refused
+        forged = page.request.post(service.url + "/v1/review/claim", data={})
+        assert forged.status == 403 and forged.json()["field"] == "x-csrf-token"
         started = time.perf_counter()
-        page.click("#start")
+        page.keyboard.press("n")  # nothing is claimed until the reviewer asks
         page.wait_for_selector("body[data-state=item]")
         assert page.locator("#canvas").get_attribute("data-boxes") == "1"  # the top label drawn on the image
-        assert page.locator("#reason").inner_text()
-        # first item: the keyboard (confirm); second: a correction typed into the label box; rest: keys c / r
+        assert page.locator("#reason").inner_text() and "yours for" in page.inner_text("#lease")
+        # skip the first item: it goes back to the queue and is passed over for now
+        skipped = page.get_attribute("body", "data-item")
+        page.keyboard.press("s")
+        wait_until(
+            page, f"document.body.dataset.item !== '{skipped}' && document.body.dataset.state === 'item'"
+        )
+        held = httpx.get(f"{service.url}/v1/review/items/{skipped}", headers=key("carol")).json()
+        assert held["lease_owner"] is None and held["status"] == "pending"
+        # next item: the keyboard (confirm); then a correction typed into the label box; rest: keys c / r
         first = page.get_attribute("body", "data-item")
         page.keyboard.press("c")
         wait_until(
@@ -316,27 +414,92 @@ def test_browser_reviewer_claims_labels_and_items_leave_the_queue(service):
         page.keyboard.press("Enter")
         wait_until(page, "document.body.dataset.labelled === '2' && document.body.dataset.state !== 'busy'")
         done = 2
+        seen = set()
         while page.get_attribute("body", "data-state") == "item":
+            seen.add(page.get_attribute("body", "data-item"))
             page.keyboard.press("c" if done % 3 else "r")
             done += 1
             wait_until(
                 page, f"document.body.dataset.labelled === '{done}' && document.body.dataset.state !== 'busy'"
             )
-        elapsed = time.perf_counter() - started
+        assert skipped not in seen  # passed over while others waited
+        page.wait_for_selector("body[data-state=skipped-only]")
+        page.keyboard.press("n")  # only the skipped one is left: now it is offered
+        page.wait_for_selector("body[data-state=item]")
+        assert page.get_attribute("body", "data-item") == skipped
+        page.keyboard.press("c")
+        done += 1
         page.wait_for_selector("body[data-state=empty]")
+        elapsed = time.perf_counter() - started
+        page.click("#logout")
+        page.wait_for_selector("body[data-state=login]")
+        assert page.request.get(service.url + "/v1/session").status == 401  # the cookie is gone
         browser.close()
     assert not errors, errors
     assert done == pending_before >= n_items
     print(
         f"\nFIGURE review throughput in headless Chromium: {done / elapsed * 60:.0f} items/min ({done} items in {elapsed:.1f} s)"
     )
-    after = httpx.get(service.url + "/v1/review/items").json()
-    assert after["depth"] == 0 and after["items"] == []
+    after = httpx.get(carol_items, headers=key("carol")).json()
+    assert after["items"] == []
     labelled = {
-        i["id"]: i
-        for i in httpx.get(service.url + "/v1/review/items?status=labelled&limit=1000").json()["items"]
+        i["id"]: i for i in httpx.get(carol_items + "&status=labelled", headers=key("carol")).json()["items"]
     }
     assert set(ids) <= set(labelled) and {labelled[i]["labelled_by"] for i in ids} == {"carol"}
+    events = httpx.get(f"{service.url}/v1/review/items/{skipped}/audit", headers=key("carol")).json()[
+        "events"
+    ]
+    assert [e["action"] for e in events] == ["enqueue", "claim", "release", "claim", "label"]
+    assert {e["actor"] for e in events if e["action"] != "enqueue"} == {"carol"}
+
+
+def test_browser_holds_an_item_only_while_the_reviewer_is_there(service):
+    """The page's clock is Playwright's: minutes pass in an instant, the server's do not."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is missing: apt-get install -y --no-install-recommends chromium")
+    playwright = pytest.importorskip("playwright.sync_api")
+    for i in range(2):
+        assert service.analyze(noise_png(3000 + i), tenant="leases").json()["review_item_id"]
+
+    def audit(item_id: str) -> list[str]:
+        events = httpx.get(f"{service.url}/v1/review/items/{item_id}/audit", headers=key("lena")).json()
+        return [e["action"] for e in events["events"]]
+
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page()
+        page.clock.install()
+        page.goto(service.url + "/review")
+        page.wait_for_selector("body[data-state=login]")
+        page.fill("#key", KEYS["lena"][2])
+        page.keyboard.press("Enter")
+        page.wait_for_selector("body[data-state=idle]")
+        assert httpx.get(service.url + "/v1/review/items", headers=key("lena")).json()["leased"] == 0
+        page.keyboard.press("n")
+        page.wait_for_selector("body[data-state=item]")
+        first = page.get_attribute("body", "data-item")
+        page.clock.run_for(60_000)
+        page.mouse.move(10, 10)  # at work: near the end of the lease, the page renews it
+        page.clock.run_for(35_000)
+        wait_until(page, "document.getElementById('lease').textContent.startsWith('yours for 1')")
+        assert audit(first) == ["enqueue", "claim", "claim"]
+        page.clock.run_for(200_000)  # away: no renewal; the page lets the item go
+        page.wait_for_selector("body[data-state=expired]")
+        assert audit(first) == ["enqueue", "claim", "claim"] and page.locator("#confirm").is_disabled()
+        page.keyboard.press("n")
+        page.wait_for_selector("body[data-state=item]")
+        second = page.get_attribute("body", "data-item")
+        assert second != first  # the first is still leased on the server's clock
+        page.close(run_before_unload=True)  # closing the page gives the item back
+        deadline = time.monotonic() + 10
+        while audit(second)[-1] != "release" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        browser.close()
+    assert audit(second) == ["enqueue", "claim", "release"]
+    assert (
+        httpx.get(f"{service.url}/v1/review/items/{second}", headers=key("lena")).json()["lease_owner"]
+        is None
+    )
 
 
 # -- labels back out as a calibration set -------------------------------------------------------------
@@ -412,7 +575,7 @@ def test_reconfigure_applies_without_restart_and_invalid_change_is_refused(servi
     assert current["version"] == "policies-v2" and current["replica_pid"] == before["replica_pid"]
     rejected = [h for h in current["history"] if h["result"] == "rejected"]
     assert rejected and "budgets.0.cap_units" in rejected[-1]["error"]
-    metrics = httpx.get(service.url + "/metrics").text
+    metrics = httpx.get(service.url + "/metrics", headers=key()).text
     assert 'visionroute_policy_reconfigurations_total{result="rejected"}' in metrics
     assert service.analyze(photos_png["chelsea"]).json()["policy_version"] == "policies-v2"
 
@@ -433,18 +596,28 @@ def test_audit_samples_accepts_and_alerts_when_the_bound_exceeds_alpha(service, 
     for i in range(3):
         if i:
             service.analyze(photos_png["coffee"])
-        claim = httpx.post(service.url + "/v1/review/claim", json={"reviewer": "dan"}).json()
+        claim = httpx.post(
+            service.url + "/v1/review/claim", json={"reviewer": "dan"}, headers=key("dan")
+        ).json()
         while claim["item"]["kind"] != "audit":  # label anything else in the way
             httpx.post(
                 f"{service.url}/v1/review/items/{claim['item']['id']}/label",
                 json={"reviewer": "dan", "lease_token": claim["lease_token"], "verdict": "reject"},
+                headers=key("dan"),
             )
-            claim = httpx.post(service.url + "/v1/review/claim", json={"reviewer": "dan"}).json()
+            claim = httpx.post(
+                service.url + "/v1/review/claim", json={"reviewer": "dan"}, headers=key("dan")
+            ).json()
         wrong = {"reviewer": "dan", "lease_token": claim["lease_token"], "verdict": "correct", "label": "cup"}
         assert (
-            httpx.post(f"{service.url}/v1/review/items/{claim['item']['id']}/label", json=wrong).status_code
+            httpx.post(
+                f"{service.url}/v1/review/items/{claim['item']['id']}/label", json=wrong, headers=key("dan")
+            ).status_code
             == 200
         )
-    audit = httpx.get(service.url + "/v1/review/stats").json()["audit"]["classify"]
+    audit = httpx.get(service.url + "/v1/review/stats", headers=key()).json()["audit"]["classify"]
     assert audit["labelled"] == 3 and audit["errors"] == 3 and audit["alert"] and audit["lower_bound"] > 0.05
-    assert 'visionroute_audit_alert{task="classify"} 1.0' in httpx.get(service.url + "/metrics").text
+    assert (
+        'visionroute_audit_alert{task="classify"} 1.0'
+        in httpx.get(service.url + "/metrics", headers=key()).text
+    )

@@ -75,6 +75,38 @@ def test_config_refuses_plain_or_duplicate_keys():
         parse_app_config({"security": {"api_keys": [{"sha256": digest, "tenant": "a", "role": "root"}]}})
 
 
+def test_security_config_names_bad_limit_session_and_proxy_fields():
+    digest = hash_key("k")
+    keys = [{"sha256": digest, "tenant": "a", "role": "reviewer"}]
+    for section, value, field in [
+        ("rate_limit", {"requests_per_s": 0}, "security.rate_limit.requests_per_s"),
+        ("rate_limit", {"burst": 0}, "security.rate_limit.burst"),
+        ("lockout", {"max_failures": 0}, "security.lockout.max_failures"),
+        ("lockout", {"cooldown": 5}, "security.lockout.cooldown"),
+        ("session", {"ttl_s": 30 * 86400}, "security.session.ttl_s"),
+        ("session", {"secret_env": "not a name"}, "security.session.secret_env"),
+        ("trusted_proxies", ["not-a-network"], "security.trusted_proxies.0"),
+    ]:
+        with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+            parse_app_config({"security": {"api_keys": keys, section: value}})
+    relaxed = parse_app_config(
+        {
+            "security": {
+                "api_keys": keys,
+                "rate_limit": None,
+                "lockout": None,
+                "trusted_proxies": ["10.0.0.0/8"],
+            }
+        }
+    ).security
+    assert relaxed.rate_limit is None and relaxed.lockout is None
+    assert relaxed.session.secret_file.is_absolute()
+    defaults = parse_app_config({}).security
+    assert defaults.rate_limit.requests_per_s > 0 and defaults.lockout.max_failures > 0
+    with pytest.raises(ConfigError, match="security.api_keys.0.rate_limit.burst"):
+        parse_app_config({"security": {"api_keys": [{**keys[0], "rate_limit": {"burst": -1}}]}})
+
+
 def test_headers_and_metadata_carry_the_key():
     assert key_from_headers([("X-Api-Key", "k1")]) == "k1"
     assert key_from_headers([("authorization", "Bearer k2")]) == "k2"
@@ -91,6 +123,9 @@ def test_headers_and_metadata_carry_the_key():
         ("/v1/review/items/x", "reviewer"),
         ("/review", "reviewer"),
         ("/review/app.js", "reviewer"),
+        ("/v1/session/login", None),
+        ("/v1/session/logout", None),
+        ("/v1/session", "reviewer"),
         ("/metrics", "admin"),
         ("/v1/policy", "admin"),
         ("/v1/analyzer", "admin"),
