@@ -491,7 +491,7 @@ def test_browser_holds_an_item_only_while_the_reviewer_is_there(service):
         second = page.get_attribute("body", "data-item")
         assert second != first  # the first is still leased on the server's clock
         page.close(run_before_unload=True)  # closing the page gives the item back
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 90  # generous: a busy CI machine answers slowly
         while audit(second)[-1] != "release" and time.monotonic() < deadline:
             time.sleep(0.1)
         browser.close()
