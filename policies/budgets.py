@@ -126,6 +126,7 @@ class BudgetLedger:
         self.path = Path(path).expanduser()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._connections = PerThreadConnections(self.path)
+        self._usage_connections = PerThreadConnections(self.path)  # usage-only settles (see settle)
         self.schema = migrate(self._db(), STORE, MIGRATIONS, location=str(self.path))
 
     def _db(self) -> sqlite3.Connection:
@@ -200,18 +201,33 @@ class BudgetLedger:
         if reservation.done:
             return
         actual = reservation.units if actual_units is None else float(actual_units)
+        if not reservation.budgets:
+            # No budget rule matched, so no cap reads this call: only the usage totals change.
+            # That commit waits for the WAL write, not for fsync (synchronous=NORMAL: consistent
+            # after a crash, may lose the last totals on power loss); every reservation row,
+            # which is what enforces a cap exactly, stays synchronous=FULL.
+            db = self._usage_connections.get()
+            db.execute("PRAGMA synchronous=NORMAL")
+            with immediate_transaction(db):
+                self._add_usage(db, reservation, actual)
+            reservation.done = True
+            return
         db = self._db()
         with immediate_transaction(db):
             db.execute(
                 "UPDATE reservations SET units = ?, state = 'settled' WHERE id = ?",
                 (min(actual, reservation.units), reservation.id),
             )
-            db.execute(
-                "INSERT INTO usage (tenant, feature, tier, units, calls) VALUES (?, ?, ?, ?, 1)"
-                " ON CONFLICT (tenant, feature, tier) DO UPDATE SET units = units + excluded.units, calls = calls + 1",
-                (reservation.tenant, reservation.feature, reservation.tier, actual),
-            )
+            self._add_usage(db, reservation, actual)
         reservation.done = True
+
+    @staticmethod
+    def _add_usage(db: sqlite3.Connection, reservation: Reservation, actual: float) -> None:
+        db.execute(
+            "INSERT INTO usage (tenant, feature, tier, units, calls) VALUES (?, ?, ?, ?, 1)"
+            " ON CONFLICT (tenant, feature, tier) DO UPDATE SET units = units + excluded.units, calls = calls + 1",
+            (reservation.tenant, reservation.feature, reservation.tier, actual),
+        )
 
     def release(self, reservation: Reservation) -> None:
         """The call did not run: give the units back."""

@@ -69,17 +69,31 @@ EmbedderConfig = Annotated[ConseConfig | OpenClipConfig, Field(discriminator="ki
 
 class IndexConfig(_Strict):
     # "auto" picks by collection size: exact below exact_max_items, HNSW up to hnsw_max_items,
-    # IVF-PQ with exact re-ranking above; the choice is remade on rebuild/compaction.
+    # IVF-PQ with re-ranking above; the choice is remade on rebuild/compaction (in the background).
     kind: Literal["auto", "exact", "hnsw", "ivfpq"] = "auto"
     exact_max_items: int = Field(50_000, ge=0)
     hnsw_max_items: int = Field(2_000_000, ge=0)
     hnsw_m: int = Field(32, ge=4, le=256)
     hnsw_ef_construction: int = Field(80, ge=8, le=4096)
+    # efSearch / nprobe / refine_k_factor: the starting values. With target_recall set, every
+    # build tunes the ones not set explicitly here (ann.tune); an explicitly set one is pinned.
     hnsw_ef_search: int = Field(64, ge=1, le=32768)
     ivf_nlist: int | None = Field(None, ge=1)  # None: ~4*sqrt(n), a power of two
     ivf_nprobe: int | None = Field(None, ge=1)  # None: max(16, nlist/64), recall held as nlist grows
     pq_m: int | None = Field(None, ge=1)  # sub-quantisers; None: dim/8; must divide dim
     refine_k_factor: float = Field(4.0, ge=1.0, le=1000.0)
+    # IVF-PQ re-ranks its candidates from 8-bit scalar-quantized vectors ("sq8", a quarter of
+    # the float32 size) or from the full vectors ("flat": as much memory as the exact index).
+    refine_store: Literal["sq8", "flat"] = "sq8"
+    # Recall@10 the tuner aims for on held-out vectors (None: no tuning, the values above).
+    target_recall: float | None = Field(0.95, gt=0.0, le=1.0)
+    # Aim this much above the target: the held-out sample's estimate has sampling error.
+    tune_margin: float = Field(0.01, ge=0.0, le=0.5)
+    # Held-out vectors (at most a tenth of the collection) left out of the build as queries.
+    tune_queries: int = Field(500, ge=10, le=100_000)
+    # OpenMP threads of a background rebuild (None: all cores but one, at least one), so that
+    # searches and writes keep a core while an index is built.
+    rebuild_threads: int | None = Field(None, ge=1)
     # IVF-PQ is trained on the collection; below this many items an explicit "ivfpq" runs exact.
     ivf_min_items: int = Field(10_000, ge=1000)  # PQ codebooks need >= 256 points each
     # Filters matching at most this many items are answered by an exact scan over just them.

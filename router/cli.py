@@ -160,13 +160,19 @@ def _serve(args) -> int:
 def _bench_serve(args) -> int:
     from evals.benchmarks.serve import run_bench
 
-    placements = ("deployment", "ingress") if args.placement == "both" else (args.placement,)
+    placements = ("ingress", "deployment") if args.placement == "both" else (args.placement,)
+    indexing = {"both": (False, True), "off": (False,), "on": (True,)}[args.indexing]
     run_bench(
         Path(args.models_dir),
         requests=args.requests,
         clients=args.clients,
         max_batch_size=args.max_batch_size,
         placements=placements,
+        indexing=indexing,
+        faces=tuple(args.faces),
+        intra_op_threads=args.intra_op_threads,
+        quick=args.quick,
+        json_path=Path(args.json) if args.json else None,
     )
     return 0
 
@@ -204,7 +210,9 @@ def register(subparsers, bench) -> None:
     check.add_argument("config", type=Path, nargs="?", default=REPO_CONFIG)
     check.set_defaults(func=_check)
 
-    serve_bench = bench.add_parser("serve", help="HTTP through Ray Serve vs raw ONNX Runtime (same images)")
+    serve_bench = bench.add_parser(
+        "serve", help="the service (HTTP, gRPC) vs a minimal Ray Serve floor vs raw ONNX Runtime (one run)"
+    )
     serve_bench.add_argument("--models-dir", default=str(paths.models_dir()))
     serve_bench.add_argument("--requests", type=int, default=200)
     serve_bench.add_argument("--clients", type=int, default=8)
@@ -215,6 +223,25 @@ def register(subparsers, bench) -> None:
         default="both",
         help="where the classifier runs: its own deployment, inside the ingress, or both in turn",
     )
+    serve_bench.add_argument(
+        "--indexing",
+        choices=("off", "on", "both"),
+        default="both",
+        help="search indexing of every analysed image: off, on (the shipped config), or both in turn",
+    )
+    serve_bench.add_argument("--faces", nargs="+", choices=("http", "grpc"), default=["http", "grpc"])
+    serve_bench.add_argument(
+        "--intra-op-threads",
+        type=int,
+        default=None,
+        help="ONNX Runtime threads for raw, floor and service alike (default: the config's)",
+    )
+    serve_bench.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: few requests, the first placement and indexing setting only",
+    )
+    serve_bench.add_argument("--json", help="also write the figures as JSON here")
     serve_bench.set_defaults(func=_bench_serve)
 
     decode_bench = bench.add_parser(

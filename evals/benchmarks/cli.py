@@ -30,9 +30,18 @@ def register(subparsers, bench) -> None:
     calibration.set_defaults(func=_runner("calibration"))
 
     retrieval = bench.add_parser("retrieval", help="exact vs HNSW vs IVF-PQ+refine; ONNX vs eager; zero-shot")
-    retrieval.add_argument("--parts", default="ann,embed,zeroshot", help="comma list of ann, embed, zeroshot")
+    retrieval.add_argument(
+        "--parts", default="ann,rebuild,embed,zeroshot", help="comma list of ann, rebuild, embed, zeroshot"
+    )
     retrieval.add_argument("--n", type=int, default=100_000)
     retrieval.add_argument("--dim", type=int, default=512)
+    retrieval.add_argument(
+        "--dim2", type=int, default=384, help="dimension of the heavy-tailed second distribution"
+    )
+    retrieval.add_argument(
+        "--rebuild-n", type=int, default=100_000, help="vectors in the background-rebuild part"
+    )
+    retrieval.add_argument("--writes", type=int, default=300, help="timed writes before the rebuild")
     retrieval.add_argument("--queries", type=int, default=1000)
     retrieval.add_argument(
         "--ivfpq-1m", action="store_true", help="also IVF-PQ+refine on 1M vectors (~5 GB RAM)"

@@ -1,24 +1,33 @@
-"""``visionroute bench serve``: the HTTP path through Ray Serve against raw ONNX Runtime.
+"""``visionroute bench serve``: our service against a Ray Serve floor and raw ONNX Runtime.
 
-One run, same images, same machine:
+One run, same images, same machine, one Ray cluster (``num_cpus=2``):
 1. raw: the classify stage in this process (ONNX Runtime + pre/post-processing), one image
-   at a time (p50/p95) and in batches of 8 (images/s); also with PNG decoding included;
-2. HTTP: the real app (``router.app:build_app``) on Ray Serve, for each tier placement (its own
-   deployment, or inside the ingress), sequential requests (p50/p95)
-   and 8 concurrent clients (requests/s), Serve batching the classifier.
-Prints both and their ratios against the issue's targets.
+   at a time (p50/p95/p99) and in batches of 8 (images/s);
+2. floor: a minimal Ray Serve app (one deployment, ``serve.batch``) that reads the JPEG body,
+   decodes it the way the service does and makes the same ONNX Runtime call, nothing else (HTTP);
+3. ours: the real app (``router.app:build_app``) for each classifier placement (inside the
+   ingress, its own deployment) with search indexing off and on (the shipped config), over
+   HTTP and gRPC: sequential p50 (the overhead targets), then p50/p95/p99 and throughput under
+   ``clients`` concurrent clients, and a per-stage breakdown: the p50 of each trace step's
+   ``latency_ms`` plus the measured remainder (transport: proxy, hops, parsing, the rest),
+   so the parts sum to the total's p50.
+Every ratio is against figures measured in this run; the machine may be shared and noisy.
 """
 
 from __future__ import annotations
 
+import asyncio
 import io
+import json
 import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from ray import serve
 
 PHOTOS = (
     "coffee",
@@ -30,6 +39,7 @@ PHOTOS = (
     "motorcycle_left",
     "cat",
 )
+APP_NAME = "bench"
 
 
 def bench_photos() -> dict[str, bytes]:
@@ -42,11 +52,11 @@ def bench_photos() -> dict[str, bytes]:
         if loader is None:
             continue
         image = loader()
+        if isinstance(image, tuple):
+            continue
         if image.ndim == 2:
             image = np.stack([image] * 3, -1)
         image = image[..., :3]
-        if isinstance(image, tuple):
-            continue
         buffer = io.BytesIO()
         Image.fromarray(np.ascontiguousarray(image)).save(buffer, format="JPEG", quality=90)
         photos[name] = buffer.getvalue()
@@ -54,82 +64,208 @@ def bench_photos() -> dict[str, bytes]:
 
 
 def percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values), q))
+    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
 
 
-def measure_raw(stage, photos: dict[str, bytes], requests: int) -> dict[str, float]:
+def summary(latencies_ms: list[float]) -> dict[str, float]:
+    return {f"p{q}_ms": percentile(latencies_ms, q) for q in (50, 95, 99)}
+
+
+def _min_size(stage) -> tuple[int, int] | None:
+    size_hw = stage.describe().get("input_hw")
+    return (int(size_hw[1]), int(size_hw[0])) if size_hw else None
+
+
+def measure_raw(stage, photos: dict[str, bytes], requests: int, batch_s: float) -> dict[str, float]:
     from cascades.images import decode_image
 
-    decoded = [decode_image(data).rgb for data in photos.values()]
-    encoded = list(photos.values())
+    min_size = _min_size(stage)
+    decoded = [decode_image(data, min_size=min_size).rgb for data in photos.values()]
     for image in decoded:  # warm-up
         stage.predict([image])
-    onnx_ms, full_ms = [], []
+    onnx_ms = []
     for n in range(requests):
-        image_bytes = encoded[n % len(encoded)]
         started = time.perf_counter()
-        rgb = decode_image(image_bytes).rgb
-        after_decode = time.perf_counter()
-        stage.predict([rgb])
-        done = time.perf_counter()
-        onnx_ms.append((done - after_decode) * 1000)
-        full_ms.append((done - started) * 1000)
+        stage.predict([decoded[n % len(decoded)]])
+        onnx_ms.append((time.perf_counter() - started) * 1000)
     batch = (decoded * 2)[:8]
     started, images = time.perf_counter(), 0
-    while time.perf_counter() - started < 5.0:
+    while time.perf_counter() - started < batch_s:
         stage.predict(batch)
         images += len(batch)
-    return {
-        "onnx_p50_ms": percentile(onnx_ms, 50),
-        "onnx_p95_ms": percentile(onnx_ms, 95),
-        "decode_onnx_p50_ms": percentile(full_ms, 50),
-        "batched_images_per_s": images / (time.perf_counter() - started),
-    }
+    return {**summary(onnx_ms), "batched_images_per_s": images / (time.perf_counter() - started)}
 
 
-def measure_http(url: str, photos: dict[str, bytes], requests: int, clients: int) -> dict[str, float]:
-    import httpx
+# -- the floor: the same ONNX Runtime call behind Ray Serve, nothing else ------------------------
 
+
+@serve.deployment(name="Floor", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.5})
+class Floor:
+    """Reads the JPEG body, decodes it as the service does, batches, runs the same stage."""
+
+    def __init__(self, models_dir: str, max_batch_size: int, intra_op_threads: int) -> None:
+        from cascades.onnx_stage import OnnxStage, OnnxStageConfig
+
+        self.stage = OnnxStage(
+            OnnxStageConfig(model="efficientnet_lite0", intra_op_threads=intra_op_threads),
+            models_dir=Path(models_dir),
+        )
+        self.min_size = _min_size(self.stage)
+        self.predict.set_max_batch_size(max_batch_size)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
+    async def predict(self, images: list[np.ndarray]) -> list[Any]:
+        detections, _ = await asyncio.to_thread(self.stage.predict, images)
+        return detections
+
+    async def __call__(self, request) -> dict[str, Any]:
+        from cascades.images import decode_image
+
+        rgb = decode_image(await request.body(), min_size=self.min_size).rgb
+        detections = await self.predict(rgb)
+        return {"answer": detections.to_dicts()[:1]}
+
+
+# -- clients ----------------------------------------------------------------------------------
+
+
+def _steps_ms(body: dict[str, Any]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for step in (body.get("trace") or {}).get("steps", []):
+        stage = "onnx" if step["stage"].startswith("onnx:") else step["stage"]
+        out[stage] = out.get(stage, 0.0) + float(step.get("latency_ms") or 0.0)
+    return out
+
+
+class Face:
+    """One way in (HTTP multipart, HTTP raw body for the floor, gRPC): ``call(image) -> (ms, body)``."""
+
+    def __init__(self, kind: str, url: str, grpc_target: str | None = None) -> None:
+        self.kind, self.url, self.grpc_target = kind, url, grpc_target
+        self.local = threading.local()
+
+    def _client(self):
+        if not hasattr(self.local, "client"):
+            if self.kind == "grpc":
+                import grpc
+
+                from router.grpc_ingress import visionroute_pb2_grpc
+
+                channel = grpc.insecure_channel(self.grpc_target)
+                grpc.channel_ready_future(channel).result(timeout=60)
+                self.local.client = visionroute_pb2_grpc.VisionRouteStub(channel)
+            else:
+                import httpx
+
+                self.local.client = httpx.Client(timeout=60, trust_env=False)
+        return self.local.client
+
+    def call(self, name: str, data: bytes) -> tuple[float, dict[str, Any]]:
+        client = self._client()
+        if self.kind == "grpc":
+            from router.grpc_ingress import pb
+
+            started = time.perf_counter()
+            reply = client.Analyze(
+                pb.AnalyzeRequest(image=data), metadata=[("application", APP_NAME)], timeout=60
+            )
+            elapsed = (time.perf_counter() - started) * 1000
+            body = {
+                "decision": reply.decision,
+                "trace": json.loads(reply.trace_json) if reply.trace_json else {},
+            }
+            return elapsed, body
+        started = time.perf_counter()
+        if self.kind == "floor":
+            response = client.post(self.url + "/", content=data, headers={"content-type": "image/jpeg"})
+        else:
+            response = client.post(
+                self.url + "/v1/analyze", files={"image": (f"{name}.jpg", data, "image/jpeg")}
+            )
+        elapsed = (time.perf_counter() - started) * 1000
+        response.raise_for_status()
+        body = response.json()
+        server_ms = response.headers.get("server-timing", "")
+        if "app;dur=" in server_ms:
+            body["server_ms"] = float(server_ms.split("app;dur=")[1].split(",")[0])
+        return elapsed, body
+
+
+def breakdown(samples: list[tuple[float, dict[str, Any]]]) -> dict[str, float]:
+    """p50 of each trace step's latency; the remainder of the total's p50 is transport."""
+    stages: dict[str, list[float]] = {}
+    for _, body in samples:
+        steps = _steps_ms(body)
+        for stage, ms in steps.items():
+            stages.setdefault(stage, []).append(ms)
+        if "server_ms" in body:
+            stages.setdefault("ingress other (parse, budget, trace, JSON)", []).append(
+                max(0.0, body["server_ms"] - sum(steps.values()))
+            )
+    total = percentile([ms for ms, _ in samples], 50)
+    parts = {stage: percentile(values, 50) for stage, values in stages.items()}
+    parts["transport (proxy, hops, client; remainder)"] = total - sum(parts.values())
+    return {"total_p50_ms": total, **parts}
+
+
+def measure(face: Face, photos: dict[str, bytes], requests: int, clients: int) -> dict[str, Any]:
     encoded = list(photos.items())
     decisions: dict[str, int] = {}
     lock = threading.Lock()
 
-    def post(client: httpx.Client, n: int) -> float:
+    def one(n: int) -> tuple[float, dict[str, Any]]:
         name, data = encoded[n % len(encoded)]
-        started = time.perf_counter()
-        response = client.post(url + "/v1/analyze", files={"image": (f"{name}.jpg", data, "image/jpeg")})
-        elapsed = (time.perf_counter() - started) * 1000
-        response.raise_for_status()
+        elapsed, body = face.call(name, data)
         with lock:
-            decision = response.json()["decision"]
+            decision = str(body.get("decision", "answered"))
             decisions[decision] = decisions.get(decision, 0) + 1
-        return elapsed
+        return elapsed, body
 
-    with httpx.Client(timeout=60) as client:
-        for n in range(len(encoded)):  # warm-up
-            post(client, n)
-        sequential = [post(client, n) for n in range(requests)]
-
-    per_client = max(1, requests // clients) * 2
-    local = threading.local()
-
-    def worker(n: int) -> float:
-        if not hasattr(local, "client"):
-            local.client = httpx.Client(timeout=60)
-        return post(local.client, n)
-
+    for n in range(len(encoded)):  # warm-up
+        one(n)
+    sequential = [one(n) for n in range(requests)]
     with ThreadPoolExecutor(clients) as pool:
-        list(pool.map(worker, range(clients * 2)))  # open the connections
+        list(pool.map(one, range(clients * 2)))  # open the connections
         started = time.perf_counter()
-        concurrent = list(pool.map(worker, range(per_client * clients)))
+        loaded = list(pool.map(one, range(max(requests, clients * 4))))
         elapsed = time.perf_counter() - started
     return {
-        "http_p50_ms": percentile(sequential, 50),
-        "http_p95_ms": percentile(sequential, 95),
-        "concurrent_p50_ms": percentile(concurrent, 50),
-        "concurrent_requests_per_s": len(concurrent) / elapsed,
+        "sequential": summary([ms for ms, _ in sequential]),
+        "loaded": summary([ms for ms, _ in loaded]),
+        "requests_per_s": len(loaded) / elapsed,
+        "breakdown": breakdown(sequential),
         "decisions": decisions,
     }
+
+
+# -- the run ----------------------------------------------------------------------------------
+
+
+def service_args(
+    models_dir: Path,
+    workdir: Path,
+    placement: str,
+    indexing: bool,
+    max_batch_size: int,
+    intra_op_threads: int | None,
+) -> dict[str, Any]:
+    """The shipped serve_config.yaml's args with the bench's placement and indexing."""
+    import yaml
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[2] / "serve_config.yaml").read_text())
+    args = config["applications"][0]["args"]
+    args["models_dir"] = str(models_dir)
+    args["review"] = {**args.get("review", {}), "path": str(workdir / "review")}
+    classify = args["cascades"]["classify"]
+    classify.update(placement=placement, max_batch_size=max_batch_size)
+    if intra_op_threads is not None:
+        classify["tier"]["intra_op_threads"] = intra_op_threads
+    retrieval = args.setdefault("retrieval", {})
+    retrieval["enabled"] = indexing
+    retrieval["index_analysed"] = indexing
+    if indexing:
+        retrieval["index_dir"] = str(workdir / "search")
+    return args
 
 
 def _free_port() -> int:
@@ -140,69 +276,137 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _line(label: str, result: dict[str, Any], raw: dict[str, float], floor: dict[str, Any] | None) -> str:
+    seq, loaded = result["sequential"], result["loaded"]
+    text = (
+        f"{label:<44} seq p50 {seq['p50_ms']:6.1f} ms (over raw {seq['p50_ms'] - raw['p50_ms']:+6.1f})"
+        f" | loaded p50/p95/p99 {loaded['p50_ms']:6.1f}/{loaded['p95_ms']:6.1f}/{loaded['p99_ms']:6.1f} ms"
+        f" | {result['requests_per_s']:6.1f} req/s ({result['requests_per_s'] / raw['batched_images_per_s']:.2f}x raw batched"
+    )
+    if floor is not None:
+        text += (
+            f", {result['requests_per_s'] / floor['requests_per_s']:.2f}x floor; p50 "
+            f"{seq['p50_ms'] / floor['sequential']['p50_ms']:.2f}x floor"
+        )
+    return text + ")"
+
+
+def _targets(results: dict[str, Any]) -> list[str]:
+    raw, floor = results["raw"], results["floor"]
+    lines = []
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+
+    for placement, limit in (("ingress", 15.0), ("deployment", 20.0)):
+        key = f"{placement}/indexing off"
+        if key not in results["service"]:
+            continue
+        http = results["service"][key]["http"]
+        over = http["sequential"]["p50_ms"] - raw["p50_ms"]
+        p50_ratio = http["sequential"]["p50_ms"] / floor["sequential"]["p50_ms"]
+        tput_ratio = http["requests_per_s"] / floor["requests_per_s"]
+        lines.append(
+            f"  {key}: HTTP p50 - raw p50 = {over:.1f} ms (<= {limit:g}: {verdict(over <= limit)}); "
+            f"p50 / floor = {p50_ratio:.2f} (<= 1.3: {verdict(p50_ratio <= 1.3)}); "
+            f"throughput / floor = {tput_ratio:.2f} (>= 0.8: {verdict(tput_ratio >= 0.8)})"
+        )
+        grpc = results["service"][key].get("grpc")
+        if grpc is not None:
+            grpc_over = grpc["sequential"]["p50_ms"] - raw["p50_ms"]
+            lines.append(
+                f"  {key}: gRPC p50 overhead {grpc_over:.1f} ms vs HTTP {over:.1f} ms "
+                f"(no higher: {verdict(grpc_over <= over)})"
+            )
+    return lines
+
+
 def run_bench(
     models_dir: Path,
     requests: int = 200,
     clients: int = 8,
     max_batch_size: int = 8,
-    placements: tuple[str, ...] = ("deployment", "ingress"),
-) -> dict:
+    placements: tuple[str, ...] = ("ingress", "deployment"),
+    indexing: tuple[bool, ...] = (False, True),
+    faces: tuple[str, ...] = ("http", "grpc"),
+    intra_op_threads: int | None = None,
+    quick: bool = False,
+    json_path: Path | None = None,
+) -> dict[str, Any]:
+    import logging
+
     import ray
-    from ray import serve
 
     from cascades.models import prepare_models
     from cascades.onnx_stage import OnnxStage, OnnxStageConfig
     from router.app import build_app
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
+    if quick:  # a smoke run: every part once, few requests
+        requests, placements, indexing = min(requests, 12), placements[:1], indexing[:1]
     prepare_models(models_dir, ["efficientnet_lite0", "ppocr_det"])
     photos = bench_photos()
-    print(
-        f"images: {len(photos)} skimage photos as JPEG ({', '.join(photos)}); {requests} requests per phase"
+    print(f"images: {len(photos)} skimage photos as JPEG; {requests} requests per phase, {clients} clients")
+    print("all figures from this one run; ratios are the comparable part on a shared machine")
+    stage = OnnxStage(
+        OnnxStageConfig(model="efficientnet_lite0", intra_op_threads=intra_op_threads or 0),
+        models_dir=models_dir,
     )
-    stage = OnnxStage(OnnxStageConfig(model="efficientnet_lite0"), models_dir=models_dir)
-    raw = measure_raw(stage, photos, requests)
+    raw = measure_raw(stage, photos, requests, batch_s=1.0 if quick else 5.0)
     del stage
     print(
-        f"raw ONNX Runtime (in-process): p50 {raw['onnx_p50_ms']:.1f} ms, p95 {raw['onnx_p95_ms']:.1f} ms; "
-        f"with JPEG decode p50 {raw['decode_onnx_p50_ms']:.1f} ms; batched x8 {raw['batched_images_per_s']:.1f} images/s"
+        f"raw ONNX Runtime (in-process): p50 {raw['p50_ms']:.1f} ms, p95 {raw['p95_ms']:.1f} ms, "
+        f"p99 {raw['p99_ms']:.1f} ms; batched x8 {raw['batched_images_per_s']:.1f} images/s"
     )
-    results = {"raw": raw}
-    for placement in placements:
-        with tempfile.TemporaryDirectory() as tmp:
-            port = _free_port()
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-            try:
-                serve.start(http_options={"host": "127.0.0.1", "port": port})
-                app = build_app(
-                    {
-                        "models_dir": str(models_dir),
-                        "review": {"path": str(Path(tmp) / "review")},
-                        "retrieval": {"enabled": False},  # search is measured by `bench retrieval`
-                        "cascades": {
-                            "classify": {
-                                "tier": {"model": "efficientnet_lite0"},
-                                "placement": placement,
-                                "max_batch_size": max_batch_size,
-                                "batch_wait_timeout_ms": 2,
-                            }
-                        },
-                    }
-                )
-                serve.run(app, name="bench", route_prefix="/", blocking=False)
-                http = measure_http(f"http://127.0.0.1:{port}", photos, requests, clients)
-            finally:
-                serve.shutdown()
-                ray.shutdown()
-        overhead = http["http_p50_ms"] - raw["onnx_p50_ms"]
-        ratio = http["concurrent_requests_per_s"] / raw["batched_images_per_s"]
-        print(
-            f"HTTP via Ray Serve, tier placement {placement!r}: sequential p50 {http['http_p50_ms']:.1f} ms, "
-            f"p95 {http['http_p95_ms']:.1f} ms; {clients} clients {http['concurrent_requests_per_s']:.1f} req/s "
-            f"(p50 {http['concurrent_p50_ms']:.1f} ms); decisions {http['decisions']}"
+    results: dict[str, Any] = {"raw": raw, "service": {}}
+    port, grpc_port = _free_port(), _free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(
+            http_options={"host": "127.0.0.1", "port": port},
+            grpc_options={
+                "port": grpc_port,
+                "grpc_servicer_functions": ["router.grpc_ingress.add_VisionRouteServicer_to_server"],
+            },
         )
-        print(
-            f"  HTTP p50 - raw p50 = {overhead:.1f} ms (target <= 15 ms: {'met' if overhead <= 15 else 'NOT met'}); "
-            f"{clients}-client throughput / raw batched = {ratio:.2f} (target >= 0.7: {'met' if ratio >= 0.7 else 'NOT met'})"
+        url = f"http://127.0.0.1:{port}"
+        serve.run(
+            Floor.bind(str(models_dir), max_batch_size, intra_op_threads or 0),
+            name=APP_NAME,
+            route_prefix="/",
         )
-        results[placement] = {"http": http, "overhead_ms": overhead, "throughput_ratio": ratio}
+        floor = measure(Face("floor", url), photos, requests, clients)
+        serve.delete(APP_NAME)
+        results["floor"] = floor
+        print(_line("floor: minimal Serve app, same ORT call (HTTP)", floor, raw, None))
+        for placement in placements:
+            for index_on in indexing:
+                key = f"{placement}/indexing {'on' if index_on else 'off'}"
+                with tempfile.TemporaryDirectory() as tmp:
+                    args = service_args(
+                        models_dir, Path(tmp), placement, index_on, max_batch_size, intra_op_threads
+                    )
+                    serve.run(build_app(args), name=APP_NAME, route_prefix="/")
+                    try:
+                        entry = {}
+                        for face in faces:
+                            result = measure(
+                                Face(face, url, f"127.0.0.1:{grpc_port}"), photos, requests, clients
+                            )
+                            entry[face] = result
+                            print(_line(f"ours {key}, {face.upper()}", result, raw, floor))
+                            parts = ", ".join(f"{k} {v:.1f}" for k, v in result["breakdown"].items())
+                            print(f"    p50 breakdown (ms): {parts}; decisions {result['decisions']}")
+                        results["service"][key] = entry
+                    finally:
+                        serve.delete(APP_NAME)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    results["targets"] = _targets(results)
+    print("targets (sequential p50; throughput under load):")
+    for line in results["targets"]:
+        print(line)
+    if json_path is not None:
+        Path(json_path).write_text(json.dumps(results, indent=2, default=str))
     return results

@@ -105,6 +105,7 @@ class AnalyzeService:
         task = request.task or self.config.default_task
         if task not in self.tiers:
             raise InputError(f"unknown task {task!r}; expected one of {sorted(self.tiers)}", field="task")
+        decode_started = time.perf_counter()
         decoded = await budget.decode(
             request.image_bytes,
             need=self._input_needs.get(task),
@@ -135,6 +136,7 @@ class AnalyzeService:
                         else {}
                     ),
                 },
+                latency_ms=(time.perf_counter() - decode_started) * 1000.0,  # decode (and its budget wait)
             )
         )
         vlm_tier = self.vlm_tiers.get(task)

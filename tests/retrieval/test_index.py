@@ -55,7 +55,8 @@ def test_each_item_finds_itself_first(filled):
     for i in (0, 17, 599, 1199):
         hits = index.search(vectors[i], 5).hits
         assert hits[0].item.id == ids[i]
-        assert hits[0].score == pytest.approx(1.0, abs=1e-4)
+        # IVF-PQ's scores come from its 8-bit re-ranking store: cosine to about 1e-3.
+        assert hits[0].score == pytest.approx(1.0, abs=1e-4 if index.kind != "ivfpq" else 5e-3)
         assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
 
 

@@ -1,0 +1,93 @@
+"""``visionroute bench serve``: its flags, the per-stage breakdown's arithmetic, and a ``--quick``
+run end to end (raw ONNX Runtime, the Ray Serve floor, the real service over HTTP and gRPC).
+Figures are printed, never asserted: the machine is shared."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from evals.benchmarks.serve import breakdown, service_args
+from visionroute.cli import build_parser, main
+
+
+def test_bench_serve_flags(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "serve", "--help"])
+    usage = capsys.readouterr().out
+    flags = ["--placement", "--indexing", "--faces", "--intra-op-threads", "--quick", "--json", "--requests"]
+    assert [flag for flag in flags if flag not in usage] == []
+
+
+def test_breakdown_parts_sum_to_the_total_p50():
+    samples = [
+        (
+            total,
+            {
+                "server_ms": total - 5.0,
+                "trace": {
+                    "steps": [
+                        {"stage": "input", "latency_ms": 2.0},
+                        {"stage": "onnx:classify", "latency_ms": 9.0},
+                        {"stage": "policy:thresholds", "latency_ms": 0.0},
+                    ]
+                },
+            },
+        )
+        for total in (20.0, 24.0, 30.0)
+    ]
+    parts = breakdown(samples)
+    total = parts.pop("total_p50_ms")
+    assert total == 24.0
+    assert parts["onnx"] == 9.0 and parts["input"] == 2.0
+    assert parts["ingress other (parse, budget, trace, JSON)"] == pytest.approx(24.0 - 5.0 - 11.0)
+    assert sum(parts.values()) == pytest.approx(total)
+
+
+def test_service_args_follow_the_shipped_config(tmp_path):
+    off = service_args(tmp_path / "m", tmp_path, "ingress", False, 8, 1)
+    on = service_args(tmp_path / "m", tmp_path, "deployment", True, 8, None)
+    assert off["retrieval"]["enabled"] is False and off["cascades"]["classify"]["placement"] == "ingress"
+    assert off["cascades"]["classify"]["tier"]["intra_op_threads"] == 1
+    assert on["retrieval"] == {**on["retrieval"], "enabled": True, "index_analysed": True}
+    assert on["review"]["path"] == str(tmp_path / "review")
+    assert on["cascades"]["classify"]["tier"]["model"] == "efficientnet_lite0"
+
+
+@pytest.mark.slow
+@pytest.mark.server
+def test_bench_serve_quick_runs_end_to_end(prepared_models_dir, tmp_path, capsys):
+    out = tmp_path / "serve.json"
+    code = main(
+        [
+            "bench",
+            "serve",
+            "--quick",
+            "--requests",
+            "8",
+            "--models-dir",
+            str(prepared_models_dir),
+            "--json",
+            str(out),
+        ]
+    )
+    assert code == 0
+    results = json.loads(out.read_text())
+    assert results["raw"]["batched_images_per_s"] > 0
+    assert results["floor"]["requests_per_s"] > 0
+    ours = results["service"]["ingress/indexing off"]
+    assert set(ours) == {"http", "grpc"}
+    for face in ours.values():
+        assert sum(face["decisions"].values()) > 0 and set(face["decisions"]) <= {
+            "accept",
+            "review",
+            "escalate",
+        }
+        parts = dict(face["breakdown"])
+        total = parts.pop("total_p50_ms")
+        assert "onnx" in parts and "input" in parts
+        assert sum(parts.values()) == pytest.approx(total)
+    assert "ingress other (parse, budget, trace, JSON)" in ours["http"]["breakdown"]  # Server-Timing
+    printed = capsys.readouterr().out
+    assert "floor: minimal Serve app" in printed and "targets" in printed
