@@ -31,6 +31,7 @@ from policies.vlm_decision import (
     verify_disagreement,
 )
 from visionroute.records import Analysis, Decision, Detections, Step
+from visionroute.redaction import failure_summary, scrubbed
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +154,7 @@ class VlmStage:
             outcome = VlmOutcome(answer, confidence, disagreement)
         except VlmBackendError as exc:
             details.update(failure=exc.kind, attempts=exc.attempts, status_code=exc.status_code)
-            outcome = VlmOutcome(None, None, error=f"{exc.kind}: {exc.reason}")
+            outcome = VlmOutcome(None, None, error=f"{exc.kind}: {scrubbed(exc.reason)}")  # clients see it
         except InvalidAnswer as exc:
             if completion is not None and completion.finish_reason == "length":
                 exc = InvalidAnswer(f"{exc} (output cut at max_tokens={config.max_tokens})")
@@ -161,7 +162,7 @@ class VlmStage:
         except Exception as exc:  # a bug or an unforeseen backend behaviour must still end in review
             log.exception("VLM stage failed unexpectedly")
             details.update(failure="unexpected")
-            outcome = VlmOutcome(None, None, error=f"unexpected: {type(exc).__name__}: {exc}")
+            outcome = VlmOutcome(None, None, error=f"unexpected: {failure_summary(exc)}")
 
         decision, reason = decide_after_vlm(outcome, self.policy)
         details.update(answer=outcome.answer, disagreement=outcome.disagreement)
