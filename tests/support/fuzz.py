@@ -154,3 +154,13 @@ def check_grpc_status(code_name: str, details: str, trailers: dict[str, str], *,
     assert ERROR_KEYS <= set(body) and body["request_id"], (where, body)
     assert not body["error"].startswith("Ray") and "(" not in body["error"], (where, body)
     assert len(details) <= 4096, (where, len(details))
+
+
+def documented_operations(spec: dict) -> list[tuple[str, str]]:
+    """(path, METHOD) of every GET/POST/DELETE operation an OpenAPI document lists."""
+    return sorted(
+        (path, method.upper())
+        for path, item in spec["paths"].items()
+        for method in item
+        if method in ("get", "post", "delete")
+    )
