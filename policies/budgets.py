@@ -1,9 +1,11 @@
 """Budgets: hard caps on cost units per tenant and feature over a time window.
 
-Every expensive call first *reserves* its cost in a SQLite ledger, inside one ``BEGIN
-IMMEDIATE`` transaction that reads what the window has used and inserts the reservation. SQLite
-serialises those transactions across threads, processes and Ray replicas sharing the file, so
-the sum of reservations in a window can never pass the cap, however many requests race. After
+Every expensive call first *reserves* its cost in the ledger, inside one write transaction that
+reads what the window has used and inserts the reservation. On SQLite (one node) that is a
+``BEGIN IMMEDIATE`` transaction, which serialises every writer of the file; on PostgreSQL (any
+number of nodes) the transaction first takes an advisory lock per matching budget window, in
+sorted order, so reservations for the same window on any node run one after another. Either
+way the sum of reservations in a window can never pass the cap, however many requests race. After
 the call the reservation is *settled* at the actual cost (or *released* when the call did not
 run). A reservation never settled (the process died mid-call) keeps counting: the ledger errs
 on the side of not overspending.
@@ -21,9 +23,10 @@ rule's ``degrade`` mode says what the request gets instead (applied by the calle
 from __future__ import annotations
 
 import math
-import sqlite3
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -33,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from policies.costs import TIERS, Tier
 from visionroute.errors import BudgetExceeded, InputError
 from visionroute.migrations import Migration, migrate
-from visionroute.sqlite import PerThreadConnections, immediate_transaction
+from visionroute.state import Connection, SqliteDatabase, StateConfig, open_database
 
 DegradeMode = Literal["accept_degraded", "review", "reject"]
 _EPS = 1e-9  # float slack when comparing sums of units with the cap
@@ -120,21 +123,29 @@ class Reservation:
 
 
 class BudgetLedger:
-    """The shared ledger: one SQLite file per deployment; any number of processes may open it."""
+    """The shared ledger: one SQLite file per node, or one PostgreSQL schema for the whole cluster.
 
-    def __init__(self, path: str | Path) -> None:
+    Any number of processes (and, on PostgreSQL, nodes) may open it at once.
+    """
+
+    def __init__(self, path: str | Path, state: StateConfig | None = None) -> None:
         self.path = Path(path).expanduser()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._connections = PerThreadConnections(self.path)
-        self._usage_connections = PerThreadConnections(self.path)  # usage-only settles (see settle)
-        self.schema = migrate(self._db(), STORE, MIGRATIONS, location=str(self.path))
+        # synchronous=FULL (SQLite) / synchronous_commit=on (PostgreSQL) for every reservation row:
+        # a reservation lost in a crash could mean overspend.
+        self.database = open_database(state, "budgets", self.path)
+        self.schema = migrate(self.database, STORE, MIGRATIONS)
+        # Usage-only settles commit without waiting for fsync (see settle): on SQLite through a
+        # second set of per-thread connections, so the relaxed setting never touches a reservation.
+        self._usage_database = SqliteDatabase(self.path) if self.database.dialect.name == "sqlite" else None
 
-    def _db(self) -> sqlite3.Connection:
-        # synchronous=FULL matters here: a reservation lost in a crash could mean overspend.
-        return self._connections.get()
+    def close(self) -> None:
+        self.database.close()
+        if self._usage_database is not None:
+            self._usage_database.close()
 
-    def _used(self, db: sqlite3.Connection, rule: BudgetRule, now: float) -> float:
-        row = db.execute(
+    @staticmethod
+    def _used(conn: Connection, rule: BudgetRule, now: float) -> float:
+        row = conn.execute(
             "SELECT COALESCE(SUM(units), 0) FROM reservations WHERE budget = ? AND window_start = ?",
             (rule.name, rule.window_start(now)),
         ).fetchone()
@@ -161,10 +172,14 @@ class BudgetLedger:
         reservation = Reservation(uuid.uuid4().hex, tenant, feature, tier, units, [r.name for r in matching])
         if not matching:
             return reservation
-        db = self._db()
-        with immediate_transaction(db):
+        with self.database.write() as conn:
+            # PostgreSQL runs writers concurrently: hold each budget window's lock before reading
+            # its sum, so no two reservations (on any node) interleave read-then-insert. Sorted,
+            # so two calls sharing several windows cannot deadlock. A no-op on SQLite.
+            for key in sorted({f"budget:{r.name}:{r.window_start(now)}" for r in matching}):
+                conn.dialect.lock(conn, key)
             for rule in matching:
-                used = self._used(db, rule, now)
+                used = self._used(conn, rule, now)
                 if used + units > rule.cap_units + _EPS:
                     retry_after = rule.window_start(now) + rule.window_s - now
                     raise BudgetExhausted(
@@ -174,7 +189,7 @@ class BudgetLedger:
                         rule=rule,
                         retry_after_s=retry_after,
                     )
-            db.executemany(
+            conn.executemany(
                 "INSERT INTO reservations (id, budget, window_start, window_end, units, state, created_at, request_id)"
                 " VALUES (?, ?, ?, ?, ?, 'reserved', ?, ?)",
                 [
@@ -203,29 +218,40 @@ class BudgetLedger:
         actual = reservation.units if actual_units is None else float(actual_units)
         if not reservation.budgets:
             # No budget rule matched, so no cap reads this call: only the usage totals change.
-            # That commit waits for the WAL write, not for fsync (synchronous=NORMAL: consistent
-            # after a crash, may lose the last totals on power loss); every reservation row,
-            # which is what enforces a cap exactly, stays synchronous=FULL.
-            db = self._usage_connections.get()
-            db.execute("PRAGMA synchronous=NORMAL")
-            with immediate_transaction(db):
-                self._add_usage(db, reservation, actual)
+            with self._usage_transaction() as conn:
+                self._add_usage(conn, reservation, actual)
             reservation.done = True
             return
-        db = self._db()
-        with immediate_transaction(db):
-            db.execute(
+        with self.database.write() as conn:
+            conn.execute(
                 "UPDATE reservations SET units = ?, state = 'settled' WHERE id = ?",
                 (min(actual, reservation.units), reservation.id),
             )
-            self._add_usage(db, reservation, actual)
+            self._add_usage(conn, reservation, actual)
         reservation.done = True
 
+    @contextmanager
+    def _usage_transaction(self) -> Iterator[Connection]:
+        """A write transaction whose commit waits for the log write, not for fsync: consistent
+        after a crash, may lose the last usage totals on power loss. Every reservation row, which
+        is what enforces a cap exactly, stays fully durable."""
+        if self._usage_database is None:
+            with self.database.write() as conn:
+                # PostgreSQL's exact analogue of SQLite's synchronous=NORMAL, for this transaction only.
+                conn.execute("SET LOCAL synchronous_commit = off")
+                yield conn
+            return
+        with self._usage_database.read() as conn:
+            conn.execute("PRAGMA synchronous=NORMAL")  # SQLite refuses it inside a transaction
+        with self._usage_database.write() as conn:
+            yield conn
+
     @staticmethod
-    def _add_usage(db: sqlite3.Connection, reservation: Reservation, actual: float) -> None:
-        db.execute(
+    def _add_usage(conn: Connection, reservation: Reservation, actual: float) -> None:
+        conn.execute(
             "INSERT INTO usage (tenant, feature, tier, units, calls) VALUES (?, ?, ?, ?, 1)"
-            " ON CONFLICT (tenant, feature, tier) DO UPDATE SET units = units + excluded.units, calls = calls + 1",
+            " ON CONFLICT (tenant, feature, tier) DO UPDATE"
+            " SET units = usage.units + excluded.units, calls = usage.calls + 1",
             (reservation.tenant, reservation.feature, reservation.tier, actual),
         )
 
@@ -233,37 +259,40 @@ class BudgetLedger:
         """The call did not run: give the units back."""
         if reservation.done:
             return
-        self._db().execute("DELETE FROM reservations WHERE id = ?", (reservation.id,))
+        with self.database.write() as conn:
+            conn.execute("DELETE FROM reservations WHERE id = ?", (reservation.id,))
         reservation.done = True
 
     # -- readers -------------------------------------------------------------------------------
 
     def status(self, rules: list[BudgetRule], now: float | None = None) -> list[dict[str, Any]]:
         now = time.time() if now is None else now
-        db = self._db()
         out = []
-        for rule in rules:
-            used = self._used(db, rule, now)
-            start = rule.window_start(now)
-            out.append(
-                {
-                    **rule.model_dump(),
-                    "used_units": used,
-                    "remaining_units": max(0.0, rule.cap_units - used),
-                    "window_start": start,
-                    "resets_in_s": start + rule.window_s - now,
-                }
-            )
+        with self.database.read() as conn:
+            for rule in rules:
+                used = self._used(conn, rule, now)
+                start = rule.window_start(now)
+                out.append(
+                    {
+                        **rule.model_dump(),
+                        "used_units": used,
+                        "remaining_units": max(0.0, rule.cap_units - used),
+                        "window_start": start,
+                        "resets_in_s": start + rule.window_s - now,
+                    }
+                )
         return out
 
     def usage(self) -> list[dict[str, Any]]:
-        rows = self._db().execute(
-            "SELECT tenant, feature, tier, units, calls FROM usage ORDER BY tenant, feature, tier"
-        )
+        with self.database.read() as conn:
+            rows = conn.execute(
+                "SELECT tenant, feature, tier, units, calls FROM usage ORDER BY tenant, feature, tier"
+            ).fetchall()
         return [dict(zip(("tenant", "feature", "tier", "units", "calls"), row)) for row in rows]
 
     def prune(self, older_than_s: float, now: float | None = None) -> int:
         """Drop reservations of windows that ended more than ``older_than_s`` ago (usage totals stay)."""
         now = time.time() if now is None else now
-        cursor = self._db().execute("DELETE FROM reservations WHERE window_end < ?", (now - older_than_s,))
-        return cursor.rowcount
+        with self.database.write() as conn:
+            cursor = conn.execute("DELETE FROM reservations WHERE window_end < ?", (now - older_than_s,))
+            return cursor.rowcount

@@ -8,10 +8,31 @@ from pathlib import Path
 from visionroute import paths
 
 
+def _where(args):
+    """(review folder, StateConfig or None): from ``--config`` (a serve config: its review.path
+    and state, so a PostgreSQL deployment is reached the way the service reaches it) or ``--path``."""
+    if getattr(args, "config", None):
+        from router.db_cli import _app_config
+
+        config = _app_config(Path(args.config))
+        return config.review.path, config.state
+    return Path(args.path).expanduser(), None
+
+
 def _queue(args):
     from policies.review_queue import ReviewQueue
 
-    return ReviewQueue(Path(args.path).expanduser())
+    path, state = _where(args)
+    return ReviewQueue(path, state=state)
+
+
+def _ledger(args, *, must_exist: bool = False):
+    from policies.budgets import BudgetLedger
+
+    path, state = _where(args)
+    if must_exist and state is None and not (path / "budgets.sqlite3").exists():
+        return None
+    return BudgetLedger(path / "budgets.sqlite3", state=state)
 
 
 def _cmd_export(args) -> int:
@@ -25,12 +46,10 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_purge(args) -> int:
-    from policies.budgets import BudgetLedger
-
     result = _queue(args).purge_images(args.ttl_s)
-    ledger_path = Path(args.path).expanduser() / "budgets.sqlite3"
-    if ledger_path.exists():
-        result["budget_reservations_pruned"] = BudgetLedger(ledger_path).prune(args.ledger_keep_s)
+    ledger = _ledger(args, must_exist=True)
+    if ledger is not None:
+        result["budget_reservations_pruned"] = ledger.prune(args.ledger_keep_s)
     print(json.dumps(result))
     return 0
 
@@ -52,10 +71,9 @@ def _cmd_stats(args) -> int:
 def _cmd_budgets(args) -> int:
     import yaml
 
-    from policies.budgets import BudgetLedger
     from policies.policy_set import parse_policy_set
 
-    ledger = BudgetLedger(Path(args.path).expanduser() / "budgets.sqlite3")
+    ledger = _ledger(args)
     rules = []
     if args.config:
         config = yaml.safe_load(Path(args.config).read_text())
@@ -117,6 +135,9 @@ def _cmd_check(args) -> int:
     return 0
 
 
+CONFIG_HELP = "a serve config: read its review.path and state (PostgreSQL deployments); overrides --path"
+
+
 def register(subparsers, bench) -> None:
     default_path = str(paths.data_dir() / "review")
     review = subparsers.add_parser(
@@ -133,6 +154,7 @@ def register(subparsers, bench) -> None:
     export.add_argument(
         "--out", required=True, help="folder to write images/, labels.csv, labels.jsonl, traces.jsonl"
     )
+    export.add_argument("--config", help=CONFIG_HELP)
     export.add_argument("--task", help="only this task")
     export.add_argument("--tenant", help="only this tenant")
     export.set_defaults(func=_cmd_export)
@@ -141,6 +163,7 @@ def register(subparsers, bench) -> None:
         "purge", help="delete stored images older than the TTL; labels and audit stay"
     )
     purge.add_argument("--path", default=default_path)
+    purge.add_argument("--config", help=CONFIG_HELP)
     purge.add_argument(
         "--ttl-s", type=float, default=30 * 86400.0, help="policy review.image_ttl_s (default: %(default)s)"
     )
@@ -154,11 +177,15 @@ def register(subparsers, bench) -> None:
 
     stats = commands.add_parser("stats", help="queue depth, SLA and audit estimates")
     stats.add_argument("--path", default=default_path)
+    stats.add_argument("--config", help=CONFIG_HELP)
     stats.set_defaults(func=_cmd_stats)
 
     budgets = subparsers.add_parser("budgets", help="budget use in the current windows and cost totals")
     budgets.add_argument("--path", default=default_path, help="review folder holding budgets.sqlite3")
-    budgets.add_argument("--config", help="serve config YAML whose policy budgets to report")
+    budgets.add_argument(
+        "--config",
+        help="serve config YAML whose policy budgets to report (and whose review.path and state to read)",
+    )
     budgets.set_defaults(func=_cmd_budgets)
 
     policies = subparsers.add_parser(

@@ -1,7 +1,12 @@
-"""The human-review queue: SQLite (WAL) for items and audit, a content-addressed blob store.
+"""The human-review queue: items, label sets and audit in a state database, images by sha256.
 
-Durability rule: ``enqueue`` returns only after the image file is fsynced and the row is
-committed, so an acknowledged item survives a crash. Enqueue is idempotent on
+Where it lives (``visionroute.state``): a SQLite file (WAL) under ``root`` with images as fsynced
+files under ``root/images`` (one node), or the PostgreSQL schema ``<prefix>_review`` with images
+in its ``images`` table, so every node reads every image (a cluster).
+
+Durability rule: ``enqueue`` returns only after the image is durable (the file fsynced, or the
+``images`` row written in the item's own transaction) and the row is committed, so an
+acknowledged item survives a crash and always has its image. Enqueue is idempotent on
 (``tenant``, ``request_id``, ``kind``): a client retry after a lost response never makes a
 second item, and another tenant's request that happens to reuse the id gets an item of its own.
 The same id with another image (or task) within a tenant is not a retry: 409, never an item
@@ -10,9 +15,11 @@ answered for an image it does not hold.
 The schema is versioned (``MIGRATIONS``, applied at open by visionroute/migrations.py).
 
 Leases: ``claim`` gives one reviewer an item for ``lease_s`` seconds; an expired lease puts the
-item back in the queue (with a ``lease_expired`` audit event). ``submit_label`` is idempotent:
-the same label twice is one label; a label naming a class outside the task's label set is
-refused.
+item back in the queue (with a ``lease_expired`` audit event). No item is ever held by two
+reviewers: SQLite serialises every writer; on PostgreSQL the rows a claim reads are locked
+(``FOR UPDATE``; the "next item" skips rows another node is claiming, ``SKIP LOCKED``).
+``submit_label`` is idempotent: the same label twice is one label; a label naming a class
+outside the task's label set is refused.
 
 Order: overdue items (past their SLA) first, then by priority, the value of a review
 (``policies.costs.review_value``: uncertainty x the cost of an error), then oldest first.
@@ -32,6 +39,7 @@ import sqlite3
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +47,7 @@ from typing import Any
 from policies.audit_sampling import is_error
 from visionroute.errors import Conflict, InputError, NotFound
 from visionroute.migrations import Migration, migrate
-from visionroute.sqlite import PerThreadConnections, immediate_transaction
+from visionroute.state import Connection, Database, Row, StateConfig, StateUnavailable, open_database
 
 STORE = "review_queue"
 ITEM_COLUMNS = (
@@ -128,6 +136,19 @@ MIGRATIONS = (
         CREATE INDEX items_tenant_queue ON items (tenant, status, priority DESC, created_at);
         """,
     ),
+    Migration(
+        3,
+        "image bytes in the database, so every node reads them (SQLite keeps its fsynced files)",
+        """
+        CREATE TABLE IF NOT EXISTS images (
+            sha256 TEXT PRIMARY KEY,
+            data BLOB NOT NULL,
+            created_at REAL NOT NULL
+        );
+        """,
+        # A version on both backends, so one number describes a review store everywhere.
+        dialect_sql={"sqlite": "SELECT 1;"},
+    ),
 )
 
 # Columns added before the schema was versioned (the first release lacked them): a database
@@ -165,7 +186,7 @@ class ReviewItem:
     image_deleted_at: float | None = None
 
     @classmethod
-    def from_row(cls, row: sqlite3.Row) -> ReviewItem:
+    def from_row(cls, row: Row | sqlite3.Row) -> ReviewItem:
         return cls(
             id=row["id"],
             request_id=row["request_id"],
@@ -206,22 +227,36 @@ class ReviewItem:
         return self.status == "pending" and self.sla_due_at is not None and self.sla_due_at <= now
 
 
+def check_sha256(sha256: str) -> None:
+    if len(sha256) != 64 or not all(c in "0123456789abcdef" for c in sha256):
+        raise InputError(f"not a sha256 hex digest: {sha256!r}", field="image_sha256")
+
+
+def image_lock_key(sha256: str) -> str:
+    """Enqueue and purge both take this lock for an image (PostgreSQL): a purge deciding that no
+    item needs the image never races an enqueue that is about to need it again."""
+    return f"review-image:{sha256}"
+
+
 class BlobStore:
-    """Images by sha256: written to a temp file, fsynced, renamed; never overwritten."""
+    """Images by sha256 as files: written to a temp file, fsynced, renamed; never overwritten.
+
+    ``conn`` (the caller's transaction) is accepted for the same interface as ``DatabaseBlobs``
+    and not used: the file is durable before the transaction that names it commits.
+    """
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
 
     def path(self, sha256: str) -> Path:
-        if len(sha256) != 64 or not all(c in "0123456789abcdef" for c in sha256):
-            raise InputError(f"not a sha256 hex digest: {sha256!r}", field="image_sha256")
+        check_sha256(sha256)
         return self.root / sha256[:2] / sha256
 
-    def put(self, sha256: str, data: bytes) -> Path:
+    def put(self, sha256: str, data: bytes, conn: Connection | None = None) -> None:
         target = self.path(sha256)
         if target.exists():
-            return target
+            return
         target.parent.mkdir(exist_ok=True)
         tmp = target.with_name(f".{sha256}.{uuid.uuid4().hex}.tmp")
         with open(tmp, "wb") as handle:
@@ -234,15 +269,14 @@ class BlobStore:
             os.fsync(directory)
         finally:
             os.close(directory)
-        return target
 
-    def get(self, sha256: str) -> bytes:
+    def get(self, sha256: str, conn: Connection | None = None) -> bytes:
         path = self.path(sha256)
         if not path.is_file():
             raise NotFound(f"no stored image {sha256}", field="image_sha256")
         return path.read_bytes()
 
-    def delete(self, sha256: str) -> bool:
+    def delete(self, sha256: str, conn: Connection | None = None) -> bool:
         try:
             self.path(sha256).unlink()
             return True
@@ -250,27 +284,74 @@ class BlobStore:
             return False
 
 
-class ReviewQueue:
-    """Thread-safe (one SQLite connection per thread) and multi-process safe (WAL + locks)."""
+class DatabaseBlobs:
+    """Images by sha256 in the store's ``images`` table (PostgreSQL): every node reads them, and
+    written with ``conn`` (the item's transaction) an image commits or rolls back with its item."""
 
-    def __init__(self, root: str | Path, *, default_lease_s: float = 300.0) -> None:
+    def __init__(self, database: Database) -> None:
+        self.database = database
+
+    def _using(self, conn: Connection | None, *, write: bool) -> AbstractContextManager[Connection]:
+        if conn is not None:
+            return nullcontext(conn)
+        return self.database.write() if write else self.database.read()
+
+    def put(self, sha256: str, data: bytes, conn: Connection | None = None) -> None:
+        check_sha256(sha256)
+        with self._using(conn, write=True) as db:
+            db.execute(
+                "INSERT INTO images (sha256, data, created_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (sha256) DO NOTHING",
+                (sha256, data, time.time()),
+            )
+
+    def get(self, sha256: str, conn: Connection | None = None) -> bytes:
+        check_sha256(sha256)
+        with self._using(conn, write=False) as db:
+            row = db.execute("SELECT data FROM images WHERE sha256 = ?", (sha256,)).fetchone()
+        if row is None:
+            raise NotFound(f"no stored image {sha256}", field="image_sha256")
+        return bytes(row["data"])
+
+    def delete(self, sha256: str, conn: Connection | None = None) -> bool:
+        check_sha256(sha256)
+        with self._using(conn, write=True) as db:
+            return db.execute("DELETE FROM images WHERE sha256 = ?", (sha256,)).rowcount > 0
+
+
+class ReviewQueue:
+    """Thread-safe and multi-process safe; on PostgreSQL, safe across nodes too.
+
+    ``state`` chooses the backend (None: the SQLite file ``root/review.sqlite3``).
+    """
+
+    def __init__(
+        self, root: str | Path, *, default_lease_s: float = 300.0, state: StateConfig | None = None
+    ) -> None:
         self.root = Path(root).expanduser()
         self.root.mkdir(parents=True, exist_ok=True)
         self.db_path = self.root / "review.sqlite3"
-        self.blobs = BlobStore(self.root / "images")
         self.default_lease_s = default_lease_s
-        self._connections = PerThreadConnections(self.db_path, rows_as_dicts=True)
-        self.schema = migrate(
-            self._connection(),
-            STORE,
-            MIGRATIONS,
-            location=str(self.db_path),
-            adopt_unversioned=self._adopt_unversioned,
+        self.database = open_database(state, "review", self.db_path)
+        self.blobs: BlobStore | DatabaseBlobs = (
+            BlobStore(self.root / "images")
+            if self.database.dialect.name == "sqlite"
+            else DatabaseBlobs(self.database)
         )
+        try:
+            self.schema = migrate(self.database, STORE, MIGRATIONS, adopt_unversioned=self._adopt_unversioned)
+        except BaseException:
+            self.database.close()
+            raise
+
+    def close(self) -> None:
+        self.database.close()
 
     @staticmethod
-    def _adopt_unversioned(db: sqlite3.Connection) -> None:
+    def _adopt_unversioned(db: Connection) -> None:
         """A database from before versioning: add the columns its release did not have yet."""
+        if db.dialect.name != "sqlite":
+            return  # PostgreSQL stores were versioned from their first day
         have = {row["name"] for row in db.execute("PRAGMA table_info(items)")}
         if not have:
             return  # a new database: version 1 creates everything
@@ -278,20 +359,18 @@ class ReviewQueue:
             if column not in have:
                 db.execute(f"ALTER TABLE items ADD COLUMN {column} {spec}")
 
-    def _connection(self) -> sqlite3.Connection:
-        return self._connections.get()
-
-    def _transaction(self):
-        return immediate_transaction(self._connection())
-
     @staticmethod
-    def _audit(
-        db: sqlite3.Connection, item_id: str, actor: str, action: str, previous: Any, new: Any
-    ) -> None:
+    def _audit(db: Connection, item_id: str, actor: str, action: str, previous: Any, new: Any) -> None:
         db.execute(
             "INSERT INTO audit (item_id, at, actor, action, previous_json, new_json) VALUES (?, ?, ?, ?, ?, ?)",
             (item_id, time.time(), actor, action, json.dumps(previous), json.dumps(new)),
         )
+
+    @staticmethod
+    def _locked_item(db: Connection, item_id: str) -> Row | None:
+        """One item, locked for the rest of the transaction on PostgreSQL (waits for a claim,
+        label or release of it on another node, then reads what that one committed)."""
+        return db.execute("SELECT * FROM items WHERE id = ?" + db.dialect.for_update, (item_id,)).fetchone()
 
     # -- writers ---------------------------------------------------------------------------
 
@@ -318,23 +397,28 @@ class ReviewQueue:
         """
         if kind not in KINDS:
             raise InputError(f"kind must be one of {list(KINDS)}, got {kind!r}", field="kind")
+        check_sha256(image_sha256)
         key = (tenant, request_id, kind)
         lookup = "SELECT * FROM items WHERE tenant = ? AND request_id = ? AND kind = ?"
-        existing = self._connection().execute(lookup, key).fetchone()
+        with self.database.read() as db:
+            existing = db.execute(lookup, key).fetchone()
         if existing is not None:  # a retry: nothing to write
             return self._retried(existing, image_sha256, task)
-        self.blobs.put(image_sha256, image_bytes)
         item_id = uuid.uuid4().hex
         now = time.time()
-        with self._transaction() as db:
-            existing = db.execute(lookup, key).fetchone()
-            if existing is not None:  # a concurrent retry won the race
-                return self._retried(existing, image_sha256, task)
-            if label_set:
-                self._register_label_set(db, task, list(label_set), now)
-            db.execute(
+        if isinstance(self.blobs, BlobStore):
+            # The file's fsync outside SQLite's one write lock, so enqueues do not queue behind
+            # each other's disk flushes; the put inside the transaction then only finds it there
+            # (or rewrites it, if a purge removed it in between).
+            self.blobs.put(image_sha256, image_bytes)
+        with self.database.write() as db:
+            db.dialect.lock(db, image_lock_key(image_sha256))
+            # ON CONFLICT, not a check first: on PostgreSQL a concurrent retry on another node
+            # may insert between a check and this insert.
+            inserted = db.execute(
                 "INSERT INTO items (id, request_id, tenant, task, image_sha256, created_at, priority, reason,"
-                " proposed_json, trace_json, kind, sla_due_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " proposed_json, trace_json, kind, sla_due_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (tenant, request_id, kind) DO NOTHING RETURNING id",
                 (
                     item_id,
                     request_id,
@@ -349,7 +433,12 @@ class ReviewQueue:
                     kind,
                     now + sla_s if sla_s else None,
                 ),
-            )
+            ).fetchone()
+            if inserted is None:  # a concurrent retry won the race
+                return self._retried(db.execute(lookup, key).fetchone(), image_sha256, task)
+            self.blobs.put(image_sha256, image_bytes, db)  # durable before the row commits
+            if label_set:
+                self._register_label_set(db, task, list(label_set), now)
             self._audit(
                 db,
                 item_id,
@@ -362,7 +451,7 @@ class ReviewQueue:
         return ReviewItem.from_row(row)
 
     @staticmethod
-    def _retried(row: sqlite3.Row, image_sha256: str, task: str) -> ReviewItem:
+    def _retried(row: Row, image_sha256: str, task: str) -> ReviewItem:
         item = ReviewItem.from_row(row)
         if item.image_sha256 != image_sha256 or item.task != task:
             raise Conflict(
@@ -389,10 +478,10 @@ class ReviewQueue:
         if not 0 < lease_s <= 86400:
             raise InputError(f"lease_s must be in (0, 86400], got {lease_s}", field="lease_s")
         now = time.time()
-        with self._transaction() as db:
+        with self.database.write() as db:
             self._requeue_expired(db, now)
             if item_id is not None:
-                row = db.execute("SELECT * FROM items WHERE id = ?", (item_id,)).fetchone()
+                row = self._locked_item(db, item_id)
                 if row is None or (tenant is not None and row["tenant"] != tenant):
                     raise NotFound(f"no review item {item_id!r}", field="item_id")
                 item = ReviewItem.from_row(row)
@@ -405,16 +494,9 @@ class ReviewQueue:
                         field="item_id",
                     )
             else:
-                query = "SELECT * FROM items WHERE status = 'pending' AND (lease_expires_at IS NULL OR lease_expires_at <= ?)"
-                params: list[Any] = [now]
-                if tenant is not None:
-                    query += " AND tenant = ?"
-                    params.append(tenant)
-                order = " ORDER BY (sla_due_at IS NOT NULL AND sla_due_at <= ?) DESC, priority DESC, created_at LIMIT 1"
-                row = db.execute(query + order, [*params, now]).fetchone()
-                if row is None:
+                item = self._next_claimable(db, now, tenant)
+                if item is None:
                     return None
-                item = ReviewItem.from_row(row)
             token = uuid.uuid4().hex
             db.execute(
                 "UPDATE items SET lease_owner = ?, lease_token = ?, lease_expires_at = ? WHERE id = ?",
@@ -423,6 +505,21 @@ class ReviewQueue:
             self._audit(db, item.id, reviewer, "claim", item.lease_owner, {"lease_s": lease_s})
             row = db.execute("SELECT * FROM items WHERE id = ?", (item.id,)).fetchone()
         return ReviewItem.from_row(row)
+
+    @staticmethod
+    def _next_claimable(db: Connection, now: float, tenant: str | None) -> ReviewItem | None:
+        """The most valuable unleased pending item, locked; on PostgreSQL an item another node is
+        claiming right now is passed over (SKIP LOCKED), so concurrent claimers get different items."""
+        query = "SELECT * FROM items WHERE status = 'pending' AND (lease_expires_at IS NULL OR lease_expires_at <= ?)"
+        params: list[Any] = [now]
+        if tenant is not None:
+            query += " AND tenant = ?"
+            params.append(tenant)
+        order = (
+            " ORDER BY (sla_due_at IS NOT NULL AND sla_due_at <= ?) DESC, priority DESC, created_at LIMIT 1"
+        )
+        row = db.execute(query + order + db.dialect.skip_locked, [*params, now]).fetchone()
+        return None if row is None else ReviewItem.from_row(row)
 
     def submit_label(
         self,
@@ -435,8 +532,8 @@ class ReviewQueue:
     ) -> ReviewItem:
         """Record a label under a live lease. Repeating the same label is a no-op success."""
         now = time.time()
-        with self._transaction() as db:
-            row = db.execute("SELECT * FROM items WHERE id = ?", (item_id,)).fetchone()
+        with self.database.write() as db:
+            row = self._locked_item(db, item_id)
             if row is None or (tenant is not None and row["tenant"] != tenant):
                 raise NotFound(f"no review item {item_id!r}", field="item_id")
             item = ReviewItem.from_row(row)
@@ -472,7 +569,7 @@ class ReviewQueue:
         return ReviewItem.from_row(row)
 
     @staticmethod
-    def _register_label_set(db: sqlite3.Connection, task: str, labels: list[str], now: float) -> None:
+    def _register_label_set(db: Connection, task: str, labels: list[str], now: float) -> None:
         row = db.execute("SELECT labels_json FROM label_sets WHERE task = ?", (task,)).fetchone()
         if row is None or json.loads(row["labels_json"]) != labels:
             db.execute(
@@ -481,7 +578,7 @@ class ReviewQueue:
                 (task, json.dumps(labels), now),
             )
 
-    def _validate_label(self, db: sqlite3.Connection, task: str, label: dict[str, Any]) -> None:
+    def _validate_label(self, db: Connection, task: str, label: dict[str, Any]) -> None:
         row = db.execute("SELECT labels_json FROM label_sets WHERE task = ?", (task,)).fetchone()
         if row is None:
             return  # the task's model declared no label set: nothing to check against
@@ -496,11 +593,15 @@ class ReviewQueue:
                 field="label",
             )
 
-    def _requeue_expired(self, db: sqlite3.Connection, now: float) -> int:
-        """Clear leases that ran out (the item is claimable again) and say so in the audit log."""
+    def _requeue_expired(self, db: Connection, now: float) -> int:
+        """Clear leases that ran out (the item is claimable again) and say so in the audit log.
+
+        On PostgreSQL the expired rows are locked, and rows another claimer is requeueing or
+        claiming are skipped: clearing them from a stale read could wipe a lease just granted."""
         rows = db.execute(
             "SELECT id, lease_owner, lease_expires_at FROM items WHERE status = 'pending' AND lease_owner IS NOT NULL"
-            " AND lease_expires_at IS NOT NULL AND lease_expires_at <= ?",
+            " AND lease_expires_at IS NOT NULL AND lease_expires_at <= ? ORDER BY id"
+            + db.dialect.skip_locked,
             (now,),
         ).fetchall()
         for row in rows:
@@ -520,8 +621,8 @@ class ReviewQueue:
 
     def release(self, item_id: str, *, reviewer: str, lease_token: str) -> ReviewItem:
         """Give a leased item back unlabelled (a reviewer skips it)."""
-        with self._transaction() as db:
-            row = db.execute("SELECT * FROM items WHERE id = ?", (item_id,)).fetchone()
+        with self.database.write() as db:
+            row = self._locked_item(db, item_id)
             if row is None:
                 raise NotFound(f"no review item {item_id!r}", field="item_id")
             item = ReviewItem.from_row(row)
@@ -541,14 +642,18 @@ class ReviewQueue:
         """Delete stored images of items older than ``ttl_s``; rows, labels and audit stay.
 
         A pending item whose image is gone can no longer be reviewed: it becomes ``expired``.
-        A blob shared by several items (same sha256) goes when no remaining item needs it.
+        A blob shared by several items (same sha256) goes when no remaining item needs it. The
+        images go in the same transaction (serialised with enqueues of the same image), so a
+        concurrent enqueue never ends up with an item whose image was just deleted. On
+        PostgreSQL an item being claimed or labelled right now is left for the next purge.
         """
         if not ttl_s > 0:
             raise InputError(f"ttl_s must be > 0, got {ttl_s}", field="image_ttl_s")
         now = time.time() if now is None else now
-        with self._transaction() as db:
+        with self.database.write() as db:
             rows = db.execute(
-                "SELECT id, image_sha256, status FROM items WHERE image_deleted_at IS NULL AND created_at < ?",
+                "SELECT id, image_sha256, status FROM items WHERE image_deleted_at IS NULL AND created_at < ?"
+                " ORDER BY id" + db.dialect.skip_locked,
                 (now - ttl_s,),
             ).fetchall()
             for row in rows:
@@ -567,12 +672,14 @@ class ReviewQueue:
                     {"status": status, "ttl_s": ttl_s},
                 )
             candidates = {row["image_sha256"] for row in rows}
+            for sha in sorted(candidates):  # sorted: two purges never deadlock
+                db.dialect.lock(db, image_lock_key(sha))
             still_needed = {
                 r["image_sha256"]
                 for r in db.execute("SELECT DISTINCT image_sha256 FROM items WHERE image_deleted_at IS NULL")
                 if r["image_sha256"] in candidates
             }
-        deleted = sum(self.blobs.delete(sha) for sha in sorted(candidates - still_needed))
+            deleted = sum(self.blobs.delete(sha, db) for sha in sorted(candidates - still_needed))
         return {"items": len(rows), "images_deleted": deleted}
 
     def image(self, item_id: str) -> bytes:
@@ -588,7 +695,8 @@ class ReviewQueue:
     # -- readers ---------------------------------------------------------------------------
 
     def get(self, item_id: str, *, tenant: str | None = None) -> ReviewItem:
-        row = self._connection().execute("SELECT * FROM items WHERE id = ?", (item_id,)).fetchone()
+        with self.database.read() as db:
+            row = db.execute("SELECT * FROM items WHERE id = ?", (item_id,)).fetchone()
         if row is None or (tenant is not None and row["tenant"] != tenant):
             raise NotFound(f"no review item {item_id!r}", field="item_id")
         return ReviewItem.from_row(row)
@@ -610,31 +718,31 @@ class ReviewQueue:
             query += " AND tenant = ?"
             params.append(tenant)
         query += " ORDER BY (sla_due_at IS NOT NULL AND sla_due_at <= ?) DESC, priority DESC, created_at LIMIT ? OFFSET ?"
-        rows = self._connection().execute(query, [*params, time.time(), limit, offset]).fetchall()
+        with self.database.read() as db:
+            rows = db.execute(query, [*params, time.time(), limit, offset]).fetchall()
         return [ReviewItem.from_row(row) for row in rows]
 
     def audit_log(self, item_id: str) -> list[dict[str, Any]]:
-        rows = (
-            self._connection()
-            .execute("SELECT * FROM audit WHERE item_id = ? ORDER BY id", (item_id,))
-            .fetchall()
-        )
+        with self.database.read() as db:
+            rows = db.execute("SELECT * FROM audit WHERE item_id = ? ORDER BY id", (item_id,)).fetchall()
         return [dict(row) for row in rows]
 
     def stats(self, *, tenant: str | None = None) -> dict[str, float]:
         """Pending depth, oldest age, overdue and leased counts: of one tenant, or of all (None)."""
         now = time.time()
         query = (
+            # COUNT(CASE ...), not SUM(condition): PostgreSQL cannot sum booleans.
             "SELECT COUNT(*) AS depth, MIN(created_at) AS oldest,"
-            " COALESCE(SUM(sla_due_at IS NOT NULL AND sla_due_at <= ?), 0) AS overdue,"
-            " COALESCE(SUM(lease_expires_at IS NOT NULL AND lease_expires_at > ?), 0) AS leased"
+            " COUNT(CASE WHEN sla_due_at IS NOT NULL AND sla_due_at <= ? THEN 1 END) AS overdue,"
+            " COUNT(CASE WHEN lease_expires_at IS NOT NULL AND lease_expires_at > ? THEN 1 END) AS leased"
             " FROM items WHERE status = 'pending'"
         )
         params: list[Any] = [now, now]
         if tenant is not None:
             query += " AND tenant = ?"
             params.append(tenant)
-        row = self._connection().execute(query, params).fetchone()
+        with self.database.read() as db:
+            row = db.execute(query, params).fetchone()
         oldest = row["oldest"]
         return {
             "depth": row["depth"],
@@ -644,11 +752,8 @@ class ReviewQueue:
         }
 
     def label_set(self, task: str) -> list[str] | None:
-        row = (
-            self._connection()
-            .execute("SELECT labels_json FROM label_sets WHERE task = ?", (task,))
-            .fetchone()
-        )
+        with self.database.read() as db:
+            row = db.execute("SELECT labels_json FROM label_sets WHERE task = ?", (task,)).fetchone()
         return json.loads(row["labels_json"]) if row else None
 
     def audit_outcomes(self, task: str, window_items: int, *, tenant: str | None = None) -> tuple[int, int]:
@@ -659,11 +764,10 @@ class ReviewQueue:
         if tenant is not None:
             query += " AND tenant = ?"
             params.append(tenant)
-        rows = (
-            self._connection()
-            .execute(query + " ORDER BY labelled_at DESC LIMIT ?", [*params, window_items])
-            .fetchall()
-        )
+        with self.database.read() as db:
+            rows = db.execute(
+                query + " ORDER BY labelled_at DESC LIMIT ?", [*params, window_items]
+            ).fetchall()
         errors = sum(is_error(json.loads(r["label_json"]), json.loads(r["proposed_json"])) for r in rows)
         return errors, len(rows)
 
@@ -685,7 +789,8 @@ class ReviewQueue:
             query, params = query + " AND task = ?", [*params, task]
         if tenant is not None:
             query, params = query + " AND tenant = ?", [*params, tenant]
-        rows = self._connection().execute(query + " ORDER BY labelled_at", params).fetchall()
+        with self.database.read() as db:
+            rows = db.execute(query + " ORDER BY labelled_at", params).fetchall()
         counts = {"labelled": len(rows), "written": 0, "no_class_label": 0, "image_purged": 0}
         columns = [
             "image",
@@ -757,12 +862,14 @@ class ReviewQueue:
 
     def is_writable(self) -> bool:
         try:
-            with self._transaction() as db:
+            with self.database.write() as db:
                 db.execute("SELECT 1")
             return True
-        except sqlite3.Error:
+        except (sqlite3.Error, StateUnavailable):
             return False
 
     def iter_all(self) -> Iterator[ReviewItem]:
-        for row in self._connection().execute("SELECT * FROM items ORDER BY created_at"):
-            yield ReviewItem.from_row(row)
+        # Read whole, then yield: a pooled connection must not stay out while the caller iterates.
+        with self.database.read() as db:
+            rows = db.execute("SELECT * FROM items ORDER BY created_at").fetchall()
+        yield from map(ReviewItem.from_row, rows)

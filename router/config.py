@@ -23,6 +23,7 @@ from router.security import SecurityConfig
 from router.url_fetch import UrlFetchConfig
 from visionroute import paths
 from visionroute.errors import ConfigError
+from visionroute.state import StateConfig
 
 
 class Strict(BaseModel):
@@ -139,6 +140,10 @@ class AppConfig(Strict):
     cascades: dict[str, CascadeConfig] = Field(default_factory=default_cascades)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     review: ReviewConfig = Field(default_factory=ReviewConfig)
+    state: StateConfig = Field(
+        default_factory=StateConfig,
+        description="where the durable stores live: SQLite files (one node) or PostgreSQL (a cluster)",
+    )
     policies: PolicySet = Field(
         default_factory=PolicySet,
         description="initial policy set; runtime changes via the Ingress user_config",

@@ -14,6 +14,7 @@ Retry-After.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from typing import Any
@@ -118,6 +119,18 @@ def error_response(
     )
 
 
+@functools.cache
+def serving_node() -> str:
+    """The Ray node this replica runs on ("" outside Ray): the ``X-VisionRoute-Node`` header, so
+    a caller (and the multi-node tests) can see which node answered."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    except Exception:  # not under Ray, or no runtime context: no header
+        return ""
+
+
 class RequestContext:
     """Outermost pure ASGI middleware: the request id, the last-resort error answer, Retry-After.
 
@@ -149,15 +162,12 @@ class RequestContext:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
+                extra = [(b"x-visionroute-node", serving_node().encode("ascii"))] if serving_node() else []
                 names = {k.lower() for k, _ in message.get("headers", [])}
                 if message["status"] == 503 and b"retry-after" not in names:
-                    message = {
-                        **message,
-                        "headers": [
-                            *message.get("headers", []),
-                            (b"retry-after", str(DEFAULT_RETRY_AFTER_S).encode()),
-                        ],
-                    }
+                    extra.append((b"retry-after", str(DEFAULT_RETRY_AFTER_S).encode()))
+                if extra:
+                    message = {**message, "headers": [*message.get("headers", []), *extra]}
             await send(message)
 
         if refused is not None:

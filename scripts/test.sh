@@ -11,6 +11,8 @@ fast_only=0
 [[ "$*" == *"not server"* ]] && fast_only=1
 if [[ $fast_only == 0 ]]; then
   bash "$repo/scripts/vllm_env.sh" >/dev/null           # real vLLM server for the VLM tests
+  bash "$repo/scripts/postgres_deps.sh" >/dev/null \
+    || echo "test.sh: could not install PostgreSQL; the PostgreSQL tests will say so and skip" >&2
   bash "$repo/scripts/browser_deps.sh" >/dev/null \
     || echo "test.sh: could not install chromium; the review-page browser test will say so and skip" >&2
 fi

@@ -44,3 +44,25 @@ def photo_png(name: str) -> bytes:
 @pytest.fixture(scope="session")
 def photos_png() -> dict[str, bytes]:
     return {name: photo_png(name) for name in ("coffee", "chelsea", "astronaut", "camera", "page")}
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One throwaway PostgreSQL server for the session (visionroute/pg_local.py)."""
+    from visionroute import pg_local
+
+    reason = pg_local.available()
+    if reason:
+        pytest.skip(f"no PostgreSQL here: {reason}")
+    server = pg_local.LocalPostgres()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_dsn(postgres_server, monkeypatch) -> str:
+    """A fresh, empty database on the session's server, its DSN also in VISIONROUTE_PG_DSN."""
+    dsn = postgres_server.create_database()
+    monkeypatch.setenv("VISIONROUTE_PG_DSN", dsn)
+    return dsn

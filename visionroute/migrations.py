@@ -10,12 +10,13 @@ first one migrates, the others find the work done.
 A database whose version is newer than the code knows is refused (``ConfigError`` naming both
 versions): an older VisionRoute must not write to a schema it does not understand.
 
-Backend-neutral on purpose, so a PostgreSQL store can reuse it: the SQL is standard where it
-can be (a migration may give a dialect its own text for one version, e.g. SQLite's table
-rebuild vs PostgreSQL's ``ALTER TABLE ... DROP CONSTRAINT``), ``schema_version`` is keyed by
-store name (several stores may share one PostgreSQL database), and everything specific to a
-backend (its placeholder, how to open the locking transaction, how to run a script) is one
-``Dialect`` value. ``SQLITE`` is the one in use.
+Backend-neutral: a migration runs on a ``visionroute.state.Database`` (SQLite file or
+PostgreSQL schema). Its SQL is written once in SQLite's portable subset; on PostgreSQL the DDL
+types are translated (``state.postgres_ddl``) and a migration may give a dialect its own text
+for one version (e.g. SQLite's table rebuild vs PostgreSQL's ``ALTER TABLE ... DROP
+CONSTRAINT``). ``schema_version`` is keyed by store name, so several stores may share one
+database. On PostgreSQL the migrating transaction holds an advisory lock per store, which
+serialises concurrent openers as SQLite's write lock does.
 """
 
 from __future__ import annotations
@@ -23,12 +24,11 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
 from visionroute.errors import ConfigError
-from visionroute.sqlite import immediate_transaction
+from visionroute.state import Connection, Database, postgres_ddl
 
 SCHEMA_VERSION_TABLE = """
 CREATE TABLE IF NOT EXISTS schema_version (
@@ -54,17 +54,6 @@ class Migration:
         return self.dialect_sql.get(dialect, self.sql)
 
 
-@dataclass(frozen=True)
-class Dialect:
-    """What differs between backends: the parameter placeholder, the transaction that holds
-    the write lock for the whole migration, and how a multi-statement script is executed."""
-
-    name: str
-    placeholder: str
-    transaction: Callable[[Any], AbstractContextManager[Any]]
-    run_script: Callable[[Any, str], None]
-
-
 def sql_statements(script: str) -> Iterator[str]:
     """The complete statements of a script (``;`` inside strings or triggers stays put)."""
     pending = ""
@@ -78,13 +67,13 @@ def sql_statements(script: str) -> Iterator[str]:
         raise ValueError(f"incomplete SQL statement at the end of a migration: {pending.strip()[:80]!r}")
 
 
-def _run_sqlite_script(db: sqlite3.Connection, script: str) -> None:
-    # Not executescript: it COMMITs first, which would break the one-transaction rule.
+def run_script(conn: Connection, script: str) -> None:
+    """Each statement on its own (not executescript: it COMMITs first, which would break the
+    one-transaction rule), with PostgreSQL's column types where the connection is PostgreSQL."""
+    if conn.dialect.name == "postgres":
+        script = postgres_ddl(script)
     for statement in sql_statements(script):
-        db.execute(statement)
-
-
-SQLITE = Dialect("sqlite", "?", immediate_transaction, _run_sqlite_script)
+        conn.execute(statement)
 
 
 @dataclass(frozen=True)
@@ -104,21 +93,17 @@ def check_order(migrations: Sequence[Migration]) -> None:
         raise ValueError(f"migrations must be numbered 1, 2, 3... in order; got {versions}")
 
 
-def schema_version(db: Any, store: str, dialect: Dialect = SQLITE) -> int:
+def schema_version(conn: Connection, store: str) -> int:
     """The store's recorded version (0: none recorded)."""
-    row = db.execute(
-        f"SELECT MAX(version) FROM schema_version WHERE store = {dialect.placeholder}", (store,)
-    ).fetchone()
+    row = conn.execute("SELECT MAX(version) FROM schema_version WHERE store = ?", (store,)).fetchone()
     return int(row[0]) if row is not None and row[0] is not None else 0
 
 
 def migrate(
-    db: Any,
+    database: Database,
     store: str,
     migrations: Sequence[Migration],
     *,
-    dialect: Dialect = SQLITE,
-    location: str = "",
     adopt_unversioned: Callable[[Any], None] | None = None,
 ) -> MigrationResult:
     """Bring ``store`` in ``db`` to the latest of ``migrations`` in one transaction.
@@ -126,16 +111,16 @@ def migrate(
     ``adopt_unversioned`` runs first (same transaction) on a database with no recorded version:
     a store whose schema predates versioning uses it to bring an old database up to its
     version 1 (which is written ``CREATE ... IF NOT EXISTS``, so on such a database it changes
-    nothing and is simply recorded). ``location`` names the database in errors.
+    nothing and is simply recorded). Errors name the database's location.
     """
     check_order(migrations)
     latest = len(migrations)
-    mark = dialect.placeholder
-    with dialect.transaction(db) as tx:
-        dialect.run_script(tx, SCHEMA_VERSION_TABLE)
-        current = schema_version(tx, store, dialect)
+    with database.write() as tx:
+        tx.dialect.lock(tx, f"migrate:{store}")
+        run_script(tx, SCHEMA_VERSION_TABLE)
+        current = schema_version(tx, store)
         if current > latest:
-            where = f" ({location})" if location else ""
+            where = f" ({database.location})"
             raise ConfigError(
                 f"the {store} database{where} is at schema version {current}, but this VisionRoute "
                 f"knows versions up to {latest}; run the VisionRoute release that wrote it (or newer), "
@@ -145,10 +130,9 @@ def migrate(
         if current == 0 and adopt_unversioned is not None:
             adopt_unversioned(tx)
         for migration in migrations[current:]:
-            dialect.run_script(tx, migration.sql_for(dialect.name))
+            run_script(tx, migration.sql_for(tx.dialect.name))
             tx.execute(
-                f"INSERT INTO schema_version (store, version, description, applied_at)"
-                f" VALUES ({mark}, {mark}, {mark}, {mark})",
+                "INSERT INTO schema_version (store, version, description, applied_at) VALUES (?, ?, ?, ?)",
                 (store, migration.version, migration.description, time.time()),
             )
     return MigrationResult(store, current, max(current, latest))

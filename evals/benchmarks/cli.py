@@ -73,3 +73,5 @@ def register(subparsers, bench) -> None:
     audit.add_argument("--seed", type=int, default=0)
     audit.add_argument("--json")
     audit.set_defaults(func=_runner("audit"))
+
+    importlib.import_module("evals.benchmarks.state").register(bench)

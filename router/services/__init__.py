@@ -47,10 +47,10 @@ class VisionRouteService:
     ) -> VisionRouteService:
         """Open the durable state (review queue, budget ledger) and wire the operations."""
         vlm_tiers = vlm_tiers or {}
-        queue = ReviewQueue(config.review.path, default_lease_s=config.review.lease_s)
+        queue = ReviewQueue(config.review.path, default_lease_s=config.review.lease_s, state=config.state)
         policies = PolicyRuntime(
             config.policies,
-            BudgetLedger(config.review.path / "budgets.sqlite3"),
+            BudgetLedger(config.review.path / "budgets.sqlite3", state=config.state),
             tasks=config.cascades,
             base_thresholds={task: cascade.policy for task, cascade in config.cascades.items()},
         )

@@ -91,8 +91,14 @@ class Operations:
         if self.search is not None:
             checks["search_index"] = await check(self.search.call("stats"))
         checks["review_queue"] = {"writable": await asyncio.to_thread(self.queue.is_writable)}
+        # The ledger's database: on PostgreSQL a server every replica shares, down for all at once.
+        checks["budget_ledger"] = {"reachable": await asyncio.to_thread(self.policies.ledger.database.ping)}
         required = [v for k, v in checks.items() if k.startswith("tier:") or k == "search_index"]
-        ready = all("error" not in v for v in required) and checks["review_queue"]["writable"]
+        ready = (
+            all("error" not in v for v in required)
+            and checks["review_queue"]["writable"]
+            and checks["budget_ledger"]["reachable"]
+        )
         if self.auth_enabled and (caller is None or caller.role != "admin"):
             checks = {name: summary(check) for name, check in checks.items()}
         return ready, checks

@@ -407,6 +407,10 @@ document.addEventListener("keydown", (event) => {
 for (const type of ["pointerdown", "pointermove", "wheel"]) {
   document.addEventListener(type, () => { state.lastActivity = Date.now(); }, { passive: true });
 }
+// Leaving the page gives the held item back. beforeunload comes first, while the page is surely
+// still running (a busy browser may stop a closing page before its pagehide handlers finish);
+// pagehide covers the ways out that skip it. giveBack forgets the item, so it is sent once.
+window.addEventListener("beforeunload", () => { giveBack(true); });
 window.addEventListener("pagehide", () => { giveBack(true); });
 
 $("login-form").addEventListener("submit", login);

@@ -1,5 +1,6 @@
 """Versioned schema migrations: databases written before versioning migrate in place with their
-rows intact, a newer database is refused, a failed migration changes nothing."""
+rows intact, a newer database is refused, a failed migration changes nothing; on SQLite files
+and on PostgreSQL schemas alike."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ import threading
 import pytest
 
 from policies.budgets import BudgetLedger
-from policies.review_queue import MIGRATIONS, ReviewQueue
+from policies.review_queue import MIGRATIONS, STORE, ReviewQueue
 from visionroute.errors import ConfigError
 from visionroute.migrations import Migration, migrate, schema_version, sql_statements
-from visionroute.sqlite import connect
+from visionroute.state import Database, PostgresDatabase, SqliteDatabase, StateConfig
 
 # The review queue's DDL exactly as the release before versioning created it: SCHEMA, then the
 # columns its _migrate added at every open (ADDED_COLUMNS).
@@ -73,6 +74,41 @@ CREATE TABLE IF NOT EXISTS usage (
 """
 IMAGE = b"\x89PNG old image"
 SHA = hashlib.sha256(IMAGE).hexdigest()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database(request, tmp_path):
+    """An empty database on each backend (PostgreSQL: a schema in a fresh database)."""
+    if request.param == "sqlite":
+        db: Database = SqliteDatabase(tmp_path / "x.sqlite3")
+    else:
+        db = PostgresDatabase(request.getfixturevalue("postgres_dsn"), "migrations_test")
+    yield db
+    db.close()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def state(request) -> StateConfig | None:
+    if request.param == "sqlite":
+        return None
+    request.getfixturevalue("postgres_dsn")
+    return StateConfig(backend="postgres")
+
+
+def table_names(database: Database) -> set[str]:
+    with database.read() as conn:
+        if conn.dialect.name == "sqlite":
+            rows = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+        else:
+            rows = conn.execute(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()"
+            ).fetchall()
+    return {row[0] for row in rows}
+
+
+def version_of(database: Database, store: str) -> int:
+    with database.read() as conn:
+        return schema_version(conn, store)
 
 
 def old_database(root, *, added_columns: bool = True) -> None:
@@ -177,7 +213,7 @@ def test_an_unversioned_database_migrates_in_place_with_every_row_intact(tmp_pat
     assert retry.id == "i1"
     db = sqlite3.connect(root / "review.sqlite3")
     versions = db.execute("SELECT store, version FROM schema_version ORDER BY version").fetchall()
-    assert versions == [("review_queue", 1), ("review_queue", 2)]
+    assert versions == [(STORE, version) for version in range(1, len(MIGRATIONS) + 1)]
     assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     index_names = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
     assert {"items_queue", "items_tenant_queue"} <= index_names
@@ -209,42 +245,46 @@ def test_a_database_newer_than_the_code_is_refused_naming_both_versions(tmp_path
     assert "review.sqlite3" in error.value.reason
 
 
-def test_a_failing_migration_leaves_the_database_at_its_old_version(tmp_path):
-    db = connect(tmp_path / "x.sqlite3")
+def test_a_failing_migration_leaves_the_database_at_its_old_version(database):
     first = Migration(1, "a table", "CREATE TABLE a (x INTEGER);")
-    assert migrate(db, "thing", [first]).to_version == 1
-    db.execute("INSERT INTO a VALUES (1)")
+    assert migrate(database, "thing", [first]).to_version == 1
+    with database.write() as conn:
+        conn.execute("INSERT INTO a VALUES (1)")
     broken = Migration(
         2, "half works", "CREATE TABLE b (y INTEGER); DROP TABLE a; INSERT INTO nowhere VALUES (1);"
     )
-    with pytest.raises(sqlite3.OperationalError, match="nowhere"):
-        migrate(db, "thing", [first, broken])
-    assert schema_version(db, "thing") == 1
-    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    with pytest.raises(Exception, match="nowhere"):
+        migrate(database, "thing", [first, broken])
+    assert version_of(database, "thing") == 1
+    tables = table_names(database)
     assert "b" not in tables and "a" in tables  # the whole of version 2 rolled back
-    assert db.execute("SELECT x FROM a").fetchall() == [(1,)]
+    with database.read() as conn:
+        assert [tuple(row) for row in conn.execute("SELECT x FROM a").fetchall()] == [(1,)]
 
 
-def test_stores_keep_their_own_versions_in_one_table(tmp_path):
-    db = connect(tmp_path / "shared.sqlite3")
-    migrate(db, "one", [Migration(1, "t1", "CREATE TABLE t1 (x);")])
+def test_stores_keep_their_own_versions_in_one_table(database):
+    migrate(database, "one", [Migration(1, "t1", "CREATE TABLE t1 (x TEXT);")])
     migrate(
-        db, "two", [Migration(1, "t2", "CREATE TABLE t2 (x);"), Migration(2, "t3", "CREATE TABLE t3 (x);")]
+        database,
+        "two",
+        [Migration(1, "t2", "CREATE TABLE t2 (x TEXT);"), Migration(2, "t3", "CREATE TABLE t3 (x TEXT);")],
     )
-    assert (schema_version(db, "one"), schema_version(db, "two")) == (1, 2)
+    assert (version_of(database, "one"), version_of(database, "two")) == (1, 2)
 
 
 def test_migrations_must_be_numbered_in_order(tmp_path):
-    db = connect(tmp_path / "x.sqlite3")
+    database = SqliteDatabase(tmp_path / "x.sqlite3")
     with pytest.raises(ValueError, match=r"1, 2, 3.*\[1, 3\]"):
-        migrate(db, "x", [Migration(1, "a", "SELECT 1;"), Migration(3, "c", "SELECT 1;")])
+        migrate(database, "x", [Migration(1, "a", "SELECT 1;"), Migration(3, "c", "SELECT 1;")])
 
 
-def test_a_dialect_may_have_its_own_text_for_a_version():
+def test_a_dialect_may_have_its_own_text_for_a_version(database):
     migration = Migration(
-        2, "x", "generic;", dialect_sql={"postgresql": "ALTER TABLE items DROP CONSTRAINT c;"}
+        1, "x", "CREATE TABLE generic (x TEXT);", dialect_sql={"postgres": "CREATE TABLE own (x TEXT);"}
     )
-    assert migration.sql_for("sqlite") == "generic;" and migration.sql_for("postgresql").startswith("ALTER")
+    migrate(database, "thing", [migration])
+    expected = "own" if database.dialect.name == "postgres" else "generic"
+    assert {"generic", "own"} & table_names(database) == {expected}
 
 
 def test_scripts_split_into_statements_but_not_inside_strings_or_triggers():
@@ -261,13 +301,15 @@ def test_scripts_split_into_statements_but_not_inside_strings_or_triggers():
     assert db.execute("SELECT note FROM t").fetchall() == [("x;y",)]  # the trigger ran whole
 
 
-def test_many_processes_opening_a_new_queue_at_once_migrate_it_once(tmp_path):
+def test_many_processes_opening_a_new_queue_at_once_migrate_it_once(tmp_path, state):
     root = tmp_path / "review"
     errors, results = [], []
 
     def open_queue():
         try:
-            results.append(ReviewQueue(root).schema.applied)
+            queue = ReviewQueue(root, state=state)
+            results.append(queue.schema.applied)
+            queue.close()
         except Exception as exc:  # reported below
             errors.append(exc)
 
@@ -298,3 +340,65 @@ def test_the_budget_ledger_is_versioned_and_keeps_an_unversioned_ledgers_rows(tm
     db.close()
     with pytest.raises(ConfigError, match="version 2.*up to 1"):
         BudgetLedger(path)
+
+
+def postgres_review_versions(dsn: str) -> list[tuple]:
+    import psycopg
+
+    with psycopg.connect(dsn) as conn:
+        return conn.execute(
+            "SELECT store, version FROM visionroute_review.schema_version ORDER BY version"
+        ).fetchall()
+
+
+def test_the_review_migrations_run_on_postgresql(tmp_path, postgres_dsn):
+    import psycopg
+
+    queue = ReviewQueue(tmp_path, state=StateConfig(backend="postgres"))
+    try:
+        assert (queue.schema.from_version, queue.schema.to_version) == (0, len(MIGRATIONS))
+        assert postgres_review_versions(postgres_dsn) == [(STORE, v) for v in range(1, len(MIGRATIONS) + 1)]
+        with psycopg.connect(postgres_dsn) as conn:
+            types = dict(
+                conn.execute(
+                    "SELECT column_name, data_type FROM information_schema.columns"
+                    " WHERE table_schema = 'visionroute_review' AND table_name IN ('items', 'images')"
+                    " AND column_name IN ('created_at', 'data')"
+                ).fetchall()
+            )
+        # REAL would be 4 bytes here and round a Unix time to minutes.
+        assert types == {"created_at": "double precision", "data": "bytea"}
+        # Version 2 in force: request ids are unique per tenant, not across tenants.
+        for tenant in ("acme", "globex"):
+            queue.enqueue(
+                request_id="same",
+                image_bytes=IMAGE,
+                image_sha256=SHA,
+                tenant=tenant,
+                task="classify",
+                reason="unsure",
+                proposed=[],
+                trace={},
+            )
+        assert {item.tenant for item in queue.iter_all()} == {"acme", "globex"}
+        assert not (tmp_path / "review.sqlite3").exists()  # nothing went to the embedded default
+    finally:
+        queue.close()
+    reopened = ReviewQueue(tmp_path, state=StateConfig(backend="postgres"))
+    assert reopened.schema.applied == []
+    reopened.close()
+
+
+def test_a_postgresql_store_newer_than_the_code_is_refused_naming_both_versions(tmp_path, postgres_dsn):
+    import psycopg
+
+    ReviewQueue(tmp_path, state=StateConfig(backend="postgres")).close()
+    with psycopg.connect(postgres_dsn) as conn:
+        conn.execute(
+            "INSERT INTO visionroute_review.schema_version VALUES (%s, 7, 'from the future', 0)", (STORE,)
+        )
+    with pytest.raises(ConfigError) as error:
+        ReviewQueue(tmp_path, state=StateConfig(backend="postgres"))
+    assert error.value.field == "schema_version"
+    assert "version 7" in error.value.reason and f"up to {len(MIGRATIONS)}" in error.value.reason
+    assert "visionroute_review" in error.value.reason

@@ -1,0 +1,284 @@
+"""VisionRoute on a real two-node Ray cluster with its state on a real PostgreSQL.
+
+``ray.cluster_utils.Cluster`` starts two Ray nodes on this machine (each its own raylet with one
+CPU and its own custom resource), Serve deploys ``router.app:build_app`` declaratively with
+two ingress replicas spread one per node (``max_replicas_per_node: 1``), and every durable
+store lives in PostgreSQL (``state.backend: postgres``). Each answer names the node that
+served it (``X-VisionRoute-Node``), which is how these tests prove the work really spread.
+
+The tests run in file order and share one cluster: the PostgreSQL restart and the node kill
+come last because they disturb it.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from router.security import hash_key
+from tests.support.ports import free_port
+from tests.support.service import warm_up_service
+
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
+ADMIN = "vr_admin_" + uuid.uuid4().hex
+REVIEWERS = {name: f"vr_{name}_" + uuid.uuid4().hex for name in ("ana", "ben")}
+NODE_HEADER = "x-visionroute-node"
+
+
+def headers(key: str = ADMIN) -> dict[str, str]:
+    return {"x-api-key": key}
+
+
+def noise_png(seed: int, size: int = 64) -> bytes:
+    pixels = (np.random.default_rng(seed).random((size, size, 3)) * 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class ClusterService:
+    def __init__(self, url: str, cluster, worker, schema_dsn: str) -> None:
+        self.url = url
+        self.cluster = cluster
+        self.worker = worker
+        self.dsn = schema_dsn
+
+    def analyze(self, seed: int, tenant: str, timeout: float = 120) -> httpx.Response:
+        return httpx.post(
+            self.url + "/v1/analyze",
+            files={"image": ("x.png", noise_png(seed), "image/png")},
+            data={"tenant": tenant},
+            headers=headers(),
+            timeout=timeout,
+        )
+
+    def sql(self, query: str, *params) -> list[tuple]:
+        import psycopg
+
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            return conn.execute(query, params).fetchall()
+
+
+def _app_args(models_dir: str, workdir) -> dict:
+    api_keys = [{"sha256": hash_key(ADMIN), "tenant": "ops", "role": "admin", "name": "ops"}]
+    api_keys += [
+        {"sha256": hash_key(key), "tenant": "ops", "role": "reviewer", "name": name}
+        for name, key in REVIEWERS.items()
+    ]
+    return {
+        "models_dir": models_dir,
+        "review": {"path": str(workdir / "review"), "lease_s": 120},
+        "state": {"backend": "postgres", "connect_timeout_s": 3},
+        "cascades": {
+            "classify": {
+                "tier": {"model": "efficientnet_lite0", "cost_units": 1.0},
+                "num_cpus": 0.25,
+                # noise images land between the thresholds: every answer is a review item
+                "policy": {"version": "classify-v1", "accept_threshold": 0.99, "escalate_threshold": 0.0},
+            }
+        },
+        "policies": {
+            "version": "cluster-v1",
+            "budgets": [
+                {"name": "ten", "tenant": "metered", "tiers": ["onnx"], "window_s": 3600, "cap_units": 10}
+            ],
+        },
+        "ingress_num_cpus": 0.25,
+        "security": {"api_keys": api_keys, "session": {"secret_file": str(workdir / "session_secret")}},
+    }
+
+
+@pytest.fixture(scope="module")
+def cluster_service(prepared_models_dir, tmp_path_factory, postgres_server):
+    import ray
+    from ray import serve
+    from ray.cluster_utils import Cluster
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    workdir = tmp_path_factory.mktemp("cluster")
+    dsn = postgres_server.create_database("cluster")
+    previous = os.environ.get("VISIONROUTE_PG_DSN")
+    os.environ["VISIONROUTE_PG_DSN"] = dsn  # every node's workers inherit it, as on a real cluster
+    # On one machine only one node's proxy can own the HTTP port, and a proxy prefers replicas on
+    # its own node; a real cluster has a proxy per node behind a load balancer. Turning the
+    # preference off lets the one proxy spread requests over both nodes, as the balancer would.
+    os.environ["RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING"] = "0"
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 1, "resources": {"node_a": 1}, "include_dashboard": False},
+    )
+    worker = cluster.add_node(num_cpus=1, resources={"node_b": 1})
+    ray.init(address=cluster.address, log_to_driver=False)
+    port = free_port()
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+    app = {
+        "name": "visionroute",
+        "route_prefix": "/",
+        "import_path": "router.app:build_app",
+        "args": _app_args(str(prepared_models_dir), workdir),
+        "deployments": [
+            {"name": "Ingress", "num_replicas": 2, "max_replicas_per_node": 1},
+        ],
+    }
+    _get_global_client().deploy_apps(ServeDeploySchema.model_validate({"applications": [app]}))
+    deadline = time.monotonic() + 300
+    status = "?"
+    while time.monotonic() < deadline:
+        time.sleep(1)
+        app_status = serve.status().applications.get("visionroute")
+        status = app_status.status if app_status else "?"
+        if status == "RUNNING":
+            break
+    assert status == "RUNNING", f"the app did not start on the cluster: {status}"
+    service = ClusterService(f"http://127.0.0.1:{port}", cluster, worker, dsn)
+    warm_up_service(service.url, search=False, headers=headers(), deadline_s=300)
+    yield service
+    serve.shutdown()
+    ray.shutdown()
+    cluster.shutdown()
+    os.environ.pop("RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING", None)
+    if previous is None:
+        os.environ.pop("VISIONROUTE_PG_DSN", None)
+    else:
+        os.environ["VISIONROUTE_PG_DSN"] = previous
+
+
+def test_fifty_requests_over_two_nodes_spend_a_ten_unit_budget_exactly(cluster_service):
+    with ThreadPoolExecutor(max_workers=10) as pool:
+        answers = list(pool.map(lambda i: cluster_service.analyze(100 + i, "metered"), range(50)))
+    statuses = [a.status_code for a in answers]
+    served = statuses.count(200)
+    assert set(statuses) <= {200, 429, 503}, statuses  # never a 500
+    assert served <= 10
+    assert all("retry-after" in a.headers for a in answers if a.status_code != 200)
+    nodes = {a.headers.get(NODE_HEADER) for a in answers}
+    assert len(nodes - {None}) == 2, f"answers came from {nodes}: the ingress replicas did not spread"
+    charged = cluster_service.sql(
+        "SELECT COALESCE(SUM(units), 0), COUNT(*) FROM visionroute_budgets.reservations WHERE budget = 'ten'"
+    )[0]
+    assert (float(charged[0]), charged[1]) == (
+        float(served),
+        served,
+    )  # the ledger shows exactly what was served
+
+
+def test_two_reviewers_on_two_nodes_never_hold_one_item(cluster_service):
+    items = [cluster_service.analyze(500 + i, "ops").json()["review_item_id"] for i in range(8)]
+    across_nodes = 0
+    for item in items:
+        barrier = threading.Barrier(2)
+
+        def claim(name: str, item_id: str = item, barrier: threading.Barrier = barrier) -> httpx.Response:
+            barrier.wait()
+            return httpx.post(
+                cluster_service.url + "/v1/review/claim",
+                json={"reviewer": name, "item_id": item_id},
+                headers=headers(REVIEWERS[name]),
+                timeout=60,
+            )
+
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            answers = list(pool.map(claim, REVIEWERS))
+        assert sorted(a.status_code for a in answers) == [200, 409], [a.text for a in answers]
+        across_nodes += len({a.headers.get(NODE_HEADER) for a in answers}) == 2
+        events = httpx.get(
+            f"{cluster_service.url}/v1/review/items/{item}/audit", headers=headers(), timeout=60
+        ).json()["events"]
+        assert [e["action"] for e in events].count("claim") == 1
+    assert across_nodes >= 1, "no claim pair was served by two different nodes"
+
+
+def _load(service: ClusterService, stop: threading.Event, tenant: str, seed0: int) -> list[httpx.Response]:
+    """Analyse requests from 4 threads until ``stop``; every answer (or transport error) kept."""
+    answers: list = []
+    lock = threading.Lock()
+
+    def worker(offset: int) -> None:
+        i = 0
+        while not stop.is_set():
+            try:
+                answer = service.analyze(seed0 + offset * 10_000 + i, tenant, timeout=60)
+            except httpx.HTTPError as error:
+                answer = error
+            with lock:
+                answers.append(answer)
+            i += 1
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    stop.wait()
+    for thread in threads:
+        thread.join(timeout=120)
+    return answers
+
+
+def _acknowledged_items(answers: list) -> list[str]:
+    return [
+        a.json()["review_item_id"] for a in answers if isinstance(a, httpx.Response) and a.status_code == 200
+    ]
+
+
+def _assert_each_present_once(service: ClusterService, item_ids: list[str]) -> None:
+    rows = service.sql(
+        "SELECT id, COUNT(*) FROM visionroute_review.items WHERE id = ANY(%s) GROUP BY id", item_ids
+    )
+    assert {row[0]: row[1] for row in rows} == dict.fromkeys(item_ids, 1)
+
+
+def test_postgres_restart_under_load_answers_503_never_500_and_loses_nothing(
+    cluster_service, postgres_server
+):
+    stop = threading.Event()
+    result: list = []
+    loader = threading.Thread(target=lambda: result.extend(_load(cluster_service, stop, "ops", 20_000)))
+    loader.start()
+    time.sleep(3)
+    postgres_server.restart(down_s=4)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # until the service answers again after the restart
+        if cluster_service.analyze(99_999, "ops").status_code == 200:
+            break
+        time.sleep(1)
+    time.sleep(2)
+    stop.set()
+    loader.join(timeout=180)
+    responses = [a for a in result if isinstance(a, httpx.Response)]
+    statuses = {a.status_code for a in responses}
+    assert statuses <= {200, 503}, statuses
+    assert 503 in statuses, "the outage never showed: the restart did not overlap the load"
+    assert all("retry-after" in a.headers for a in responses if a.status_code == 503)
+    acknowledged = _acknowledged_items(result)
+    assert acknowledged
+    _assert_each_present_once(cluster_service, acknowledged)
+
+
+def test_a_worker_node_killed_under_load_loses_no_acknowledged_item(cluster_service):
+    stop = threading.Event()
+    result: list = []
+    loader = threading.Thread(target=lambda: result.extend(_load(cluster_service, stop, "ops", 40_000)))
+    loader.start()
+    time.sleep(4)
+    cluster_service.cluster.remove_node(cluster_service.worker, allow_graceful=False)  # kill -9 its processes
+    time.sleep(8)
+    stop.set()
+    loader.join(timeout=180)
+    acknowledged = _acknowledged_items(result)
+    assert acknowledged
+    _assert_each_present_once(cluster_service, acknowledged)
+    # the surviving node still serves
+    deadline = time.monotonic() + 120
+    while cluster_service.analyze(77_777, "ops").status_code != 200:
+        assert time.monotonic() < deadline, "the service did not recover on the surviving node"
+        time.sleep(1)
