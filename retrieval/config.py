@@ -103,12 +103,31 @@ class IndexConfig(_Strict):
     # runs at a snapshot once tombstones exceed this share of the stored vectors.
     compact_tombstone_ratio: float = Field(0.2, gt=0.0, le=1.0)
     max_k: int = Field(1000, ge=1, le=100_000)
+    # Replicas following the shared log (retrieval/index.py). A search on a replica whose last
+    # catch-up is older than this catches up first (0: before every search).
+    max_staleness_s: float = Field(1.0, ge=0.0, le=3600.0)
+    # The catch-up timer of each replica (None: only searches, writes and maintain() catch up).
+    follow_interval_s: float | None = Field(1.0, gt=0.0, le=3600.0)
+    # Log truncation waits for replicas whose heartbeat is younger than this; one away longer
+    # rebuilds from the items when it comes back.
+    replica_timeout_s: float = Field(60.0, gt=0.0, le=86_400.0)
 
     @model_validator(mode="after")
     def _sizes_ordered(self) -> IndexConfig:
         if self.hnsw_max_items < self.exact_max_items:
             raise ValueError(
                 f"hnsw_max_items ({self.hnsw_max_items}) must be >= exact_max_items ({self.exact_max_items})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _heartbeats_within_timeout(self) -> IndexConfig:
+        # Heartbeats ride on catch-ups: a timer slower than half the timeout would let a live,
+        # idle replica time out and rebuild for nothing.
+        if self.follow_interval_s is not None and self.follow_interval_s > self.replica_timeout_s / 2:
+            raise ValueError(
+                f"follow_interval_s ({self.follow_interval_s}) must be at most half of "
+                f"replica_timeout_s ({self.replica_timeout_s})"
             )
         return self
 

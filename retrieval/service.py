@@ -1,7 +1,10 @@
 """``SearchService``: index images with metadata, search by text, image or item id.
 
-A plain class (no Ray): the router wraps it in a deployment. One instance owns one
-``index_dir`` for writing (run a single replica, or route writes to one).
+A plain class (no Ray): the router wraps it in a deployment. Any number of instances may
+serve one index: each is a replica (its own FAISS copy in its own folder) following the shared
+store (retrieval/store.py: a SQLite file, or PostgreSQL across nodes), and any of them takes
+writes. ``shard=(s, n)`` makes an instance hold only shard ``s`` of ``n`` (by FAISS label);
+router/services/sharded_search.py scatters queries over the shards and merges them.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import logging
 import re
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,6 +26,7 @@ from retrieval.schemas import Hit, ItemMetadata, SearchFilters, SearchParams, Se
 from visionroute.errors import InputError
 from visionroute.records import Analysis
 from visionroute.redaction import shown
+from visionroute.state import StateConfig
 
 log = logging.getLogger(__name__)
 
@@ -31,21 +36,38 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 class SearchService:
     def __init__(
-        self, config: RetrievalConfig | dict | None = None, *, embedder: Embedder | None = None
+        self,
+        config: RetrievalConfig | dict | None = None,
+        *,
+        embedder: Embedder | None = None,
+        state: StateConfig | None = None,
+        replica_dir: Path | None = None,
+        replica_id: str | None = None,
+        shard: tuple[int, int] | None = None,
     ) -> None:
         """Build the embedder from config (or take ``embedder``) and open the index.
 
-        Raises ``ConfigError`` when the saved index was made by an embedder of another
-        dimension or space (the message names both).
+        The store is ``index_dir/items.sqlite`` or, with ``state`` on PostgreSQL, the schema
+        ``<prefix>_search``; this replica's FAISS copy lives in ``replica_dir`` (default
+        ``index_dir``: one replica). Raises ``ConfigError`` when the saved index was made by an
+        embedder of another dimension or space (the message names both).
         """
         if isinstance(config, dict):
             config = RetrievalConfig.model_validate(config)
         self.config = config or RetrievalConfig()
         self.embedder = embedder or build_embedder(self.config.embedder)
+        sharding = {"shard": shard} if shard is not None and shard[1] > 1 else {}
         self.index = VectorIndex(
-            self.config.index_dir, self.embedder.dim, self.embedder.space, self.config.index
+            replica_dir or self.config.index_dir,
+            self.embedder.dim,
+            self.embedder.space,
+            self.config.index,
+            state,
+            store_path=self.config.index_dir / "items.sqlite",
+            replica_id=replica_id,
+            **sharding,
         )
-        log.info("search service on %s: %s", self.config.index_dir, self.index.stats())
+        log.info("search service on %s: %s", replica_dir or self.config.index_dir, self.index.stats())
 
     # inputs -----------------------------------------------------------------------------------
     def _image(self, image: ImageInput, field: str) -> tuple[np.ndarray, str | None]:
@@ -237,6 +259,41 @@ class SearchService:
         item, vector = self.index.get(self._id(item_id))
         result = self._search(vector, k, filters, params, exclude=frozenset({item.label}))
         return self._respond(result, k, started, query_id=item.id)
+
+    # shards: the query embedded once, searched on every shard ---------------------------------
+    def query_vector(
+        self, method: str, query: Any, k: int = 10, filters: Any = None, params: Any = None
+    ) -> dict:
+        """What a ``search_text`` / ``search_image`` / ``search_by_id`` call would search with:
+        the vector, the labels to leave out and the echo fields, after the same validation."""
+        self._validate(k, filters, params)
+        if method == "search_text":
+            text = self._text(query)
+            return {
+                "vector": self.embedder.embed_texts([text])[0].tolist(),
+                "exclude": [],
+                "echo": {"query": text},
+            }
+        if method == "search_image":
+            rgb, _ = self._image(query, "image")
+            return {"vector": self.embedder.embed_images([rgb])[0].tolist(), "exclude": [], "echo": {}}
+        if method == "search_by_id":
+            item, vector = self.index.get(self._id(query))
+            return {"vector": vector.tolist(), "exclude": [item.label], "echo": {"query_id": item.id}}
+        raise InputError(f"not a search method: {shown(method)}", field="method")
+
+    def search_vector(
+        self,
+        vector: list[float],
+        k: int = 10,
+        filters: Any = None,
+        params: Any = None,
+        exclude: Sequence[int] = (),
+    ) -> SearchResponse:
+        """This replica's (shard's) top ``k`` for an already embedded query."""
+        started = time.perf_counter()
+        result = self._search(np.asarray(vector, np.float32), k, filters, params, exclude=frozenset(exclude))
+        return self._respond(result, k, started)
 
     # maintenance ------------------------------------------------------------------------------
     def stats(self, tenant: str | None = None) -> dict:

@@ -18,6 +18,21 @@ from router.ingress import Ingress
 from router.tiers import OnnxTier, SearchTier, VlmTier
 
 
+def search_shards(config: Any) -> Any:
+    """The ``search`` deployment (one shard), or ``search_0`` .. ``search_{n-1}``; each with
+    ``search_replicas`` replicas following the shared store."""
+    n = config.search_shards
+    shards = [
+        SearchTier.options(
+            name="search" if n == 1 else f"search_{s}",
+            num_replicas=config.search_replicas,
+            ray_actor_options={"num_cpus": config.search_num_cpus},
+        ).bind(config.retrieval.model_dump(mode="json"), config.state.model_dump(mode="json"), s, n)
+        for s in range(n)
+    ]
+    return shards[0] if n == 1 else shards
+
+
 def build_app(args: dict[str, Any] | None = None) -> Application:
     config = parse_app_config(args)
     tiers = {
@@ -43,13 +58,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         for task, cascade in config.cascades.items()
         if cascade.vlm is not None
     }
-    search = (
-        SearchTier.options(
-            name="search", num_replicas=1, ray_actor_options={"num_cpus": config.search_num_cpus}
-        ).bind(config.retrieval.model_dump(mode="json"))
-        if config.retrieval.enabled
-        else None
-    )
+    search = search_shards(config) if config.retrieval.enabled else None
     return Ingress.options(
         num_replicas=config.ingress_replicas, ray_actor_options={"num_cpus": config.ingress_num_cpus}
     ).bind(config, tiers, vlm_tiers, search)  # the resolved config itself: replicas never re-validate it

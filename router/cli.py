@@ -140,8 +140,20 @@ def _check(args) -> int:
             print(f"  {task}: thresholds {version}")
         for setting, found in app.models.items():
             print(f"  {setting}: {found}")
+        print(f"  state: {state_summary(app.config.state)}")
     print(f"{args.config}: valid")
     return 0
+
+
+def state_summary(state: Any) -> str:
+    """Where the stores live; for PostgreSQL whether the DSN variable is set here (check-config
+    may run on a machine that does not hold the secret; ``serve`` requires it)."""
+    import os
+
+    if state.backend == "sqlite":
+        return "SQLite files under review.path and retrieval.index_dir (one node)"
+    found = "set" if os.environ.get(state.dsn_env, "").strip() else "NOT SET here: the service will not start"
+    return f"PostgreSQL from ${state.dsn_env} ({found}), pools of {state.pool_min}-{state.pool_max} per store"
 
 
 def _serve(args) -> int:
@@ -150,6 +162,8 @@ def _serve(args) -> int:
 
     apps = check_serve_config(args.config)  # a typo, a bad model or bind fails here, before Ray starts
     for app in apps:
+        if app.config.state.backend == "postgres":
+            app.config.state.dsn()  # unset: a ConfigError naming state.dsn_env, before Ray starts
         if app.to_prepare:
             prepare_models(Path(app.config.models_dir), app.to_prepare)
     return run_serve(

@@ -152,6 +152,15 @@ class AppConfig(Strict):
         default_factory=RetrievalConfig, description="visual search (docs/retrieval.md)"
     )
     search_num_cpus: float = Field(0.25, gt=0)
+    search_replicas: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="replicas of each search shard (each its own FAISS copy following the store)",
+    )
+    search_shards: int = Field(
+        1, ge=1, le=64, description="shards of the index (each a deployment holding 1/N of the vectors)"
+    )
     ingress_replicas: int = Field(1, ge=1)
     ingress_num_cpus: float = Field(0.5, gt=0)
     security: SecurityConfig = Field(

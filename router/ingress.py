@@ -16,6 +16,7 @@ from router.config import AppConfig
 from router.grpc_ingress import GrpcEndpoints
 from router.http_api import app, attach
 from router.services import VisionRouteService
+from router.services.sharded_search import ShardedSearch
 from router.tiers import BatchedOnnxTier, InProcessTier, RemoteSearch, RemoteTier, RemoteVlmTier
 
 log = logging.getLogger("visionroute.ingress")
@@ -38,6 +39,15 @@ def cheap_tiers(config: AppConfig, handles: dict[str, DeploymentHandle]) -> dict
     }
 
 
+def search_backend(search: DeploymentHandle | list[DeploymentHandle] | None) -> Any:
+    """One SearchTier deployment, or the shards of one index (scattered and merged)."""
+    if search is None:
+        return None
+    if isinstance(search, list):
+        return ShardedSearch([RemoteSearch(handle) for handle in search])
+    return RemoteSearch(search)
+
+
 @serve.deployment(max_ongoing_requests=100)
 @serve.ingress(app)
 class Ingress(GrpcEndpoints):  # + the gRPC methods (router/grpc_ingress.py)
@@ -46,7 +56,7 @@ class Ingress(GrpcEndpoints):  # + the gRPC methods (router/grpc_ingress.py)
         config: AppConfig,
         tiers: dict[str, DeploymentHandle],
         vlm_tiers: dict[str, DeploymentHandle],
-        search: DeploymentHandle | None = None,
+        search: DeploymentHandle | list[DeploymentHandle] | None = None,
     ) -> None:
         # ``config`` arrives resolved by the app builder (router/app.py): never re-validated
         # here, so what every replica runs is exactly what `check-config` printed.
@@ -54,7 +64,7 @@ class Ingress(GrpcEndpoints):  # + the gRPC methods (router/grpc_ingress.py)
             config,
             tiers=cheap_tiers(config, tiers),
             vlm_tiers={task: RemoteVlmTier(handle) for task, handle in vlm_tiers.items()},
-            search=RemoteSearch(search) if search is not None else None,
+            search=search_backend(search),
         )
         self.authenticator = attach(self.service, config.security)
         log.info("ingress ready: tasks %s, review queue %s", sorted(config.cascades), config.review.path)

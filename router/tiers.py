@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from cascades.onnx_stage import OnnxStage, OnnxStageConfig
 from cascades.pipeline import TierResult
 from cascades.vlm import VlmConfig, VlmStage
 from router.services.backends import LocalSearch
-from visionroute.errors import BackendUnavailable, RouterError
+from visionroute.errors import BackendUnavailable, Conflict, RouterError
 from visionroute.records import Analysis
 from visionroute.redaction import failure_kind, failure_summary
 
@@ -172,14 +173,55 @@ class VlmTier:
 
 @serve.deployment(max_ongoing_requests=32)
 class SearchTier:
-    """Visual search: one SearchService (embedder + FAISS index). One replica: one writer."""
+    """Visual search: one SearchService (embedder + this replica's FAISS copy of its shard),
+    following the index's shared store; any replica takes writes (retrieval/index.py)."""
 
-    def __init__(self, retrieval_config: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        retrieval_config: dict[str, Any],
+        state_config: dict[str, Any] | None = None,
+        shard: int = 0,
+        shards: int = 1,
+    ) -> None:
         from retrieval.config import RetrievalConfig
+        from retrieval.embedders import build_embedder
+        from visionroute.state import StateConfig
+
+        config = RetrievalConfig.model_validate(retrieval_config)
+        state = StateConfig.model_validate(state_config or {})
+        embedder = build_embedder(config.embedder)
+        stable = config.index_dir if shards == 1 else config.index_dir / "replicas" / f"shard{shard}"
+        try:
+            # The first replica of a shard on a node keeps one folder across restarts: its
+            # snapshot makes the next start fast.
+            self.service = self._open(config, embedder, state, stable, (shard, shards))
+        except Conflict:
+            # Another replica on this node holds it: a folder of this replica's own, a cache it
+            # builds from the shared store.
+            own = self._own_folder(config.index_dir, shard)
+            self.service = self._open(config, embedder, state, own, (shard, shards))
+        self.local = LocalSearch(self.service)
+
+    @staticmethod
+    def _open(config: Any, embedder: Any, state: Any, folder: Any, shard: tuple[int, int]) -> Any:
+        import socket
+
         from retrieval.service import SearchService
 
-        self.service = SearchService(RetrievalConfig.model_validate(retrieval_config))
-        self.local = LocalSearch(self.service)
+        return SearchService(
+            config,
+            embedder=embedder,
+            state=state,
+            replica_dir=folder,
+            replica_id=f"{socket.gethostname()}:{folder}",
+            shard=shard,
+        )
+
+    @staticmethod
+    def _own_folder(index_dir: Any, shard: int) -> Any:
+        context = serve.get_replica_context()
+        replica = context.replica_id.unique_id if context is not None else uuid.uuid4().hex[:12]
+        return index_dir / "replicas" / f"shard{shard}-{replica}"
 
     async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """One entry point so the API can reach any public SearchService method by name."""

@@ -167,7 +167,8 @@ def bench_rebuild(n: int, dim: int, writes: int, kind: str = "hnsw", seed: int =
     with tempfile.TemporaryDirectory() as tmp:
         store = MetadataStore(Path(tmp) / "items.sqlite")
         store.set_settings({"dim": str(dim), "space": "bench"})
-        store.db.execute("PRAGMA synchronous=OFF")  # bulk load only; measured writes are durable
+        with store.database.read() as conn:  # bulk load only; measured writes are durable
+            conn.execute("PRAGMA synchronous=OFF")
         for vector in data[:n]:
             store.upsert(None, vector, ItemMetadata())
         store.close()

@@ -56,7 +56,7 @@ def measure_state(state: Any, root: Path, n: int) -> dict[str, dict[str, float]]
     image = np.random.default_rng(0).integers(0, 255, 20_000, dtype=np.uint8).tobytes()
 
     def budget(i: int) -> None:
-        reservation = ledger.reserve(rules, tenant="t", feature="classify", tier="cheap", units=1.0)
+        reservation = ledger.reserve(rules, tenant="t", feature="classify", tier="onnx", units=1.0)
         ledger.settle(reservation, 1.0)
 
     def enqueue(i: int) -> None:

@@ -94,6 +94,14 @@ def _app_args(models_dir: str, workdir) -> dict:
             ],
         },
         "ingress_num_cpus": 0.25,
+        # search: two replicas, one per node, each its own FAISS copy following PostgreSQL
+        "retrieval": {
+            "enabled": True,
+            "index_dir": str(workdir / "index"),
+            "index": {"max_staleness_s": 1.0},
+        },
+        "search_replicas": 2,
+        "search_num_cpus": 0.25,
         "security": {"api_keys": api_keys, "session": {"secret_file": str(workdir / "session_secret")}},
     }
 
@@ -129,6 +137,7 @@ def cluster_service(prepared_models_dir, tmp_path_factory, postgres_server):
         "args": _app_args(str(prepared_models_dir), workdir),
         "deployments": [
             {"name": "Ingress", "num_replicas": 2, "max_replicas_per_node": 1},
+            {"name": "search", "max_replicas_per_node": 1},
         ],
     }
     _get_global_client().deploy_apps(ServeDeploySchema.model_validate({"applications": [app]}))
@@ -142,7 +151,7 @@ def cluster_service(prepared_models_dir, tmp_path_factory, postgres_server):
             break
     assert status == "RUNNING", f"the app did not start on the cluster: {status}"
     service = ClusterService(f"http://127.0.0.1:{port}", cluster, worker, dsn)
-    warm_up_service(service.url, search=False, headers=headers(), deadline_s=300)
+    warm_up_service(service.url, search=True, headers=headers(), deadline_s=300)
     yield service
     serve.shutdown()
     ray.shutdown()
@@ -197,6 +206,36 @@ def test_two_reviewers_on_two_nodes_never_hold_one_item(cluster_service):
         ).json()["events"]
         assert [e["action"] for e in events].count("claim") == 1
     assert across_nodes >= 1, "no claim pair was served by two different nodes"
+
+
+def test_an_item_indexed_through_one_node_is_found_through_the_other_within_the_bound(cluster_service):
+    import base64
+
+    bound_s = 1.0  # retrieval.index.max_staleness_s
+    image = noise_png(900, size=96)
+    added = httpx.post(
+        cluster_service.url + "/v1/search/items",
+        json={"image_base64": base64.b64encode(image).decode(), "metadata": {"tenant": "ops", "tags": ["x"]}},
+        headers=headers(),
+        timeout=120,
+    )
+    assert added.status_code == 200, added.text
+    item_id, writer_node = added.json()["id"], added.headers[NODE_HEADER]
+    time.sleep(bound_s)  # the bound: from now on every replica on every node must find it
+    nodes = set()
+    for _ in range(12):
+        answer = httpx.post(
+            cluster_service.url + "/v1/search",
+            json={"image_base64": base64.b64encode(image).decode(), "k": 3},
+            headers=headers(),
+            timeout=120,
+        )
+        assert answer.status_code == 200, answer.text
+        assert item_id in [hit["id"] for hit in answer.json()["hits"]], answer.json()
+        nodes.add(answer.headers[NODE_HEADER])
+    assert nodes - {writer_node}, "no search was served through the other node"
+    stats = httpx.get(cluster_service.url + "/v1/search/stats", headers=headers(), timeout=60).json()
+    assert stats["backend"] == "postgres" and stats["lag_ops"] >= 0
 
 
 def _load(service: ClusterService, stop: threading.Event, tenant: str, seed0: int) -> list[httpx.Response]:

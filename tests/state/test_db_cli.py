@@ -120,7 +120,7 @@ def test_copy_moves_every_store_and_verifies_it(tmp_path, postgres_dsn):
 
     state = StateConfig(backend="postgres")
     queue = ReviewQueue(tmp_path / "elsewhere", state=state)
-    assert queue.stats()["labelled"] == 1
+    assert queue.stats()["depth"] == 5  # six enqueued, one labelled
     for item in queue.list_items(limit=100):
         assert hashlib.sha256(queue.image(item.id)).hexdigest() == item.image_sha256
     store = MetadataStore(tmp_path / "elsewhere" / "items.sqlite", state=state, name="search")
@@ -150,3 +150,11 @@ def test_a_missing_dsn_is_a_clear_error(tmp_path):
     result = run_cli("db", "status", "--config", str(pg_config), env={"NO_SUCH_DSN": ""})
     assert result.returncode == 2
     assert "state.dsn_env" in result.stderr and "NO_SUCH_DSN" in result.stderr
+
+
+def test_the_shipped_cluster_config_is_valid_and_says_where_its_state_lives():
+    result = run_cli("check-config", str(REPO / "serve_config.cluster.yaml"), env={"VISIONROUTE_PG_DSN": ""})
+    assert result.returncode == 0, result.stderr
+    assert "state: PostgreSQL from $VISIONROUTE_PG_DSN (NOT SET here" in result.stdout
+    result = run_cli("check-config", str(REPO / "serve_config.yaml"))
+    assert "state: SQLite files" in result.stdout
