@@ -42,6 +42,7 @@ are kept until the swap), so nothing acknowledged meanwhile is lost, in memory o
 
 from __future__ import annotations
 
+import atexit
 import fcntl
 import json
 import logging
@@ -68,6 +69,23 @@ from visionroute.errors import ConfigError, Conflict, InputError, NotFound
 from visionroute.state import StateConfig
 
 log = logging.getLogger(__name__)
+
+# Every open index, so the interpreter's exit can stop their background threads first: a daemon
+# thread still inside FAISS (OpenMP) while Python tears down its modules crashes the process.
+_OPEN_INDEXES: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_background_work(timeout_s: float = 30.0) -> None:
+    """Stop followers and cancel rebuilds of indexes nobody closed (nothing is written)."""
+    for index in list(_OPEN_INDEXES):
+        index._stop_following.set()
+        index._generation += 1  # a running rebuild stops at its next chunk
+    for index in list(_OPEN_INDEXES):
+        for thread in (getattr(index, "_follower", None), getattr(index, "_rebuild_thread", None)):
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(timeout_s)
+
 
 MANIFEST = "snapshot.json"
 FORMAT_VERSION = 1
@@ -280,6 +298,7 @@ class VectorIndex:
         self._heartbeat_at = float("-inf")
         self._stop_following = threading.Event()
         self._follower: threading.Thread | None = None
+        _OPEN_INDEXES.add(self)
         self.store: MetadataStore | None = None
         self._lock_file = open(self.dir / "writer.lock", "a+")
         try:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -66,3 +68,31 @@ def postgres_dsn(postgres_server, monkeypatch) -> str:
     dsn = postgres_server.create_database()
     monkeypatch.setenv("VISIONROUTE_PG_DSN", dsn)
     return dsn
+
+
+# -- the exit ---------------------------------------------------------------------------------
+# Once pytest has reported, the run's result is final. What is left is the interpreter's own
+# teardown, where native libraries that tests loaded in this process (FAISS and OpenMP,
+# ONNX Runtime, gRPC, a Ray driver) may still have threads running, and on a loaded machine
+# one of them can crash the teardown (CI once saw exit 139 after "635 passed"), which would
+# turn a passing run into a failed one. Every fixture has been torn down by then (servers
+# stopped, files closed), so the process ends with pytest's own exit status, skipping that
+# teardown.
+
+
+def pytest_sessionfinish(session, exitstatus):
+    session.config.stash[_EXIT_STATUS] = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    status = config.stash.get(_EXIT_STATUS, None)
+    if status is None:
+        return
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+_EXIT_STATUS = pytest.StashKey[int]()

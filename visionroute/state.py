@@ -333,8 +333,15 @@ class PostgresDatabase(Database):
         except psycopg.OperationalError as error:
             raise ConfigError(
                 f"cannot connect to PostgreSQL at {_redacted(dsn)} (the DSN from state.dsn_env): "
-                f"{str(error).strip().splitlines()[0] if str(error).strip() else error}",
+                f"{_first_line(error)}",
                 field="state.dsn_env",
+            ) from None
+        except psycopg.Error as error:  # e.g. the role may not create the schema
+            raise ConfigError(
+                f"cannot use the PostgreSQL schema {self.schema!r} at {_redacted(dsn)}: {_first_line(error)}; "
+                "create it (CREATE SCHEMA ... AUTHORIZATION <role>) or grant the role CREATE on the "
+                "database, or pick another state.schema_prefix",
+                field="state.schema_prefix",
             ) from None
 
     @contextmanager
@@ -361,6 +368,11 @@ class PostgresDatabase(Database):
 
     def close(self) -> None:
         self.pool.close()
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _redacted(dsn: str) -> str:

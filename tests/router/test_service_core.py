@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 
@@ -208,3 +209,32 @@ def test_an_invalid_policy_change_is_refused_and_the_running_set_stays(service):
 def test_search_without_an_index_is_unavailable_not_a_crash(service):
     with pytest.raises(BackendUnavailable, match="retrieval.enabled"):
         run(service.search.search(None, text="a cat"))
+
+
+def test_on_postgresql_an_outage_is_a_503_and_not_ready_and_nothing_acknowledged_is_lost(
+    tmp_path, postgres_server, postgres_dsn
+):
+    from visionroute.errors import BackendUnavailable
+
+    config = make_config(tmp_path)
+    config.state = config.state.model_copy(update={"backend": "postgres", "connect_timeout_s": 1})
+    service = build(config)
+    before = analyze(service, GREY, ACME, request_id="before")  # unsure: a review item
+    assert before.review_item_id and run(service.operations.readiness())[0]
+    postgres_server.stop_server()
+    try:
+        with pytest.raises(BackendUnavailable) as error:
+            analyze(service, GREY, ACME, request_id="during")
+        assert error.value.retry_after_s > 0
+        ready, checks = run(service.operations.readiness())
+        assert not ready and checks["review_queue"] == {"writable": False}
+        assert checks["budget_ledger"] == {"reachable": False}
+    finally:
+        postgres_server.start_server()
+    deadline = time.monotonic() + 60
+    while not run(service.operations.readiness())[0]:  # the pools reconnect by themselves
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    item = run(service.review.get(ACME_REVIEWER, before.review_item_id))
+    assert item["id"] == before.review_item_id  # acknowledged before the outage: still there
+    assert analyze(service, GREY, ACME, request_id="after").review_item_id

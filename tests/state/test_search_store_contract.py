@@ -205,9 +205,8 @@ def test_a_second_store_sees_every_write(store, open_store):
     assert [op.label for op in other.ops_after(0)] == [label]
 
 
+@pytest.mark.parametrize("state", ["sqlite"], indirect=True)  # files from before versioning are SQLite files
 def test_unversioned_sqlite_file_is_adopted_with_its_truncated_log(tmp_path, state):
-    if state is not None:
-        pytest.skip("files from before versioning are SQLite files")
     path = tmp_path / "items.sqlite"
     with sqlite3.connect(path) as old:
         old.executescript(SCHEMA_V1)
@@ -273,9 +272,8 @@ def test_a_new_store_holds_no_rows(store):
             assert conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] == 0, table
 
 
+@pytest.mark.parametrize("state", ["postgres"], indirect=True)  # SQLite's AUTOINCREMENT never restarts
 def test_postgres_seqs_continue_after_a_copied_truncated_log(store, open_store, state):
-    if state is None:
-        pytest.skip("SQLite's AUTOINCREMENT never restarts")
     for i in range(5):
         store.upsert(None, unit(i), ItemMetadata())
     store.truncate_log(5)

@@ -155,3 +155,26 @@ def test_the_embedded_default_is_a_sqlite_file(tmp_path):
     db = open_database(None, "review", tmp_path / "sub" / "review.sqlite3")
     assert isinstance(db, SqliteDatabase) and db.dialect.name == "sqlite"
     assert db.ping() and (tmp_path / "sub").is_dir()
+
+
+def test_a_role_that_may_not_create_the_schema_is_told_what_to_do(postgres_server, postgres_dsn, tmp_path):
+    import psycopg
+
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        conn.execute("CREATE ROLE reader LOGIN")
+        conn.execute("REVOKE CREATE ON DATABASE " + postgres_dsn.rsplit("/", 1)[1] + " FROM PUBLIC")
+    dsn = postgres_dsn.replace("postgres@", "reader@")
+    try:
+        with pytest.raises(ConfigError) as error:
+            PostgresDatabase(dsn, "visionroute_review", StateConfig(backend="postgres", connect_timeout_s=2))
+        assert error.value.field == "state.schema_prefix" and "CREATE SCHEMA" in error.value.reason
+    finally:
+        with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+            conn.execute("DROP ROLE reader")
+
+
+def test_an_unreachable_state_is_a_503_with_retry_after_and_grpc_unavailable():
+    from router.errors import grpc_code_name, http_status, retry_after_s
+
+    error = StateUnavailable("the state database cannot be reached", field="state")
+    assert (http_status(error), grpc_code_name(error), retry_after_s(error)) == (503, "UNAVAILABLE", 5)
