@@ -75,6 +75,7 @@ class OnnxModel:
         providers: Sequence[str] | None = None,
         intra_op_threads: int = 0,
         max_batch_size: int = 32,
+        thread_spinning: bool = True,
     ) -> None:
         self.path = Path(path).expanduser()
         if not self.path.is_file():
@@ -82,6 +83,11 @@ class OnnxModel:
         options = ort.SessionOptions()
         if intra_op_threads:
             options.intra_op_num_threads = intra_op_threads
+        if not thread_spinning:
+            # ORT's worker threads busy-wait between inferences by default; sleeping instead
+            # frees those cores for other work on a shared machine, at some wake-up latency.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         self.providers = choose_providers(providers)
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=self.providers)
