@@ -25,7 +25,14 @@ def test_setup_is_two_commands_and_ci_runs_the_test_one():
     assert commands == ["./scripts/serve.sh", "./scripts/test.sh"]
     ci = (REPO / ".ci" / "run").read_text()
     assert "./scripts/test.sh" in ci
-    for script in ("serve.sh", "test.sh", "bootstrap.sh", "vllm_env.sh", "browser_deps.sh", "postgres_deps.sh"):
+    for script in (
+        "serve.sh",
+        "test.sh",
+        "bootstrap.sh",
+        "vllm_env.sh",
+        "browser_deps.sh",
+        "postgres_deps.sh",
+    ):
         path = REPO / "scripts" / script
         assert path.stat().st_mode & 0o111, f"{script} is not executable"
         subprocess.run(["bash", "-n", str(path)], check=True)
