@@ -62,6 +62,18 @@ def postgres_server():
     server.stop()
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def state(request):
+    """Each store test runs on both backends: None (the embedded SQLite default) and a
+    ``StateConfig`` for a fresh PostgreSQL database (``postgres_dsn``)."""
+    from visionroute.state import StateConfig
+
+    if request.param == "sqlite":
+        return None
+    request.getfixturevalue("postgres_dsn")
+    return StateConfig(backend="postgres")
+
+
 @pytest.fixture
 def postgres_dsn(postgres_server, monkeypatch) -> str:
     """A fresh, empty database on the session's server, its DSN also in VISIONROUTE_PG_DSN."""

@@ -87,14 +87,6 @@ def database(request, tmp_path):
     db.close()
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def state(request) -> StateConfig | None:
-    if request.param == "sqlite":
-        return None
-    request.getfixturevalue("postgres_dsn")
-    return StateConfig(backend="postgres")
-
-
 def table_names(database: Database) -> set[str]:
     with database.read() as conn:
         if conn.dialect.name == "sqlite":

@@ -115,3 +115,17 @@ def clustered_vectors(
         np.float32
     ) / np.sqrt(dim)
     return (points / np.linalg.norm(points, axis=1, keepdims=True)).astype(np.float32)
+
+
+def manual_follow_config(**overrides):
+    """An exact index with no follow timer and a long staleness bound: a replica or shard test
+    says itself when an index catches up."""
+    from retrieval.config import IndexConfig
+
+    values = {
+        "kind": "exact",
+        "follow_interval_s": None,
+        "max_staleness_s": 3600.0,
+        "snapshot_every_ops": 10_000,
+    }
+    return IndexConfig(**{**values, **overrides})

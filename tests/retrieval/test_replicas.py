@@ -12,32 +12,12 @@ import time
 import numpy as np
 import pytest
 
-from retrieval.config import IndexConfig
 from retrieval.index import VectorIndex
 from retrieval.schemas import ItemMetadata, SearchFilters
+from tests.retrieval.conftest import manual_follow_config as config
 from tests.retrieval.conftest import unit_vectors
-from visionroute.state import StateConfig
 
 DIM = 8
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def state(request) -> StateConfig | None:
-    if request.param == "sqlite":
-        return None
-    request.getfixturevalue("postgres_dsn")
-    return StateConfig(backend="postgres")
-
-
-def config(**overrides) -> IndexConfig:
-    # No timer and a long staleness bound: each test says when a replica catches up.
-    values = {
-        "kind": "exact",
-        "follow_interval_s": None,
-        "max_staleness_s": 3600.0,
-        "snapshot_every_ops": 10_000,
-    }
-    return IndexConfig(**{**values, **overrides})
 
 
 @pytest.fixture

@@ -11,36 +11,16 @@ import faiss
 import numpy as np
 import pytest
 
-from retrieval.config import IndexConfig
 from retrieval.index import VectorIndex
 from retrieval.schemas import ItemMetadata, SearchFilters, SearchParams
 from retrieval.shards import merge_hits
+from tests.retrieval.conftest import manual_follow_config as config
 from tests.retrieval.conftest import unit_vectors
 from visionroute.errors import ConfigError
-from visionroute.state import StateConfig
 
 DIM = 8
 N_SHARDS = 3
 N_DISTINCT = 240
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def state(request) -> StateConfig | None:
-    if request.param == "sqlite":
-        return None
-    request.getfixturevalue("postgres_dsn")
-    return StateConfig(backend="postgres")
-
-
-def config(**overrides) -> IndexConfig:
-    # No timer and a long staleness bound: each test says when an index catches up.
-    values = {
-        "kind": "exact",
-        "follow_interval_s": None,
-        "max_staleness_s": 3600.0,
-        "snapshot_every_ops": 10_000,
-    }
-    return IndexConfig(**{**values, **overrides})
 
 
 @pytest.fixture

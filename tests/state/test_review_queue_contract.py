@@ -19,14 +19,6 @@ from visionroute.state import StateConfig, StateUnavailable
 LABELS = ["cat", "dog"]
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def state(request) -> StateConfig | None:
-    if request.param == "sqlite":
-        return None
-    request.getfixturevalue("postgres_dsn")
-    return StateConfig(backend="postgres")
-
-
 @pytest.fixture
 def open_queue(tmp_path, state):
     """Opens queues on the test's backend (each its own connections, like separate processes)

@@ -13,17 +13,8 @@ import pytest
 
 from retrieval.schemas import ItemMetadata, SearchFilters
 from retrieval.store import SCHEMA_V1, MetadataStore
-from visionroute.state import StateConfig
 
 DIM = 4
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def state(request) -> StateConfig | None:
-    if request.param == "sqlite":
-        return None
-    request.getfixturevalue("postgres_dsn")
-    return StateConfig(backend="postgres")
 
 
 @pytest.fixture
