@@ -89,3 +89,25 @@ def test_a_delete_through_any_shard_is_gone_from_every_answer(indexes):
     one = asyncio.run(whole.call("search_text", "a man with a camera", k=8))
     assert ids["camera"] not in [h for h, _ in ranked(split)]
     assert ranked(split) == ranked(one)
+
+
+@pytest.mark.parametrize(
+    "method, query, options, field",
+    [
+        ("search_text", "x" * 10_000, {}, "query"),
+        ("search_text", "a cat", {"k": 0}, "k"),
+        ("search_text", "a cat", {"filters": {"ids": [2**64]}}, "filters.ids.0"),
+        ("search_image", b"GIF89a not really", {}, "image"),
+        ("search_by_id", 2**63, {}, "id"),
+    ],
+)
+def test_bad_input_through_the_shards_is_the_same_named_error(indexes, method, query, options, field):
+    from visionroute.errors import InputError
+
+    sharded, whole, _, _ = indexes
+    errors = []
+    for backend in (sharded, whole):
+        with pytest.raises(InputError) as error:
+            asyncio.run(backend.call(method, query, **options))
+        errors.append((type(error.value), error.value.field))
+    assert errors[0] == errors[1] and errors[0][1].startswith(field.split(".")[0])
