@@ -82,6 +82,17 @@ class CalibrationArtifact(BaseModel):
     isotonic: dict[str, IsotonicMap] | None = None
     fit_metrics: dict[str, float] = Field(default_factory=dict)
     certificate: dict[str, Any] | None = None
+    # Statistics of the calibration images (policies.shift_guard.InputReference), for the shift
+    # guard. Optional: artefacts without it load as before and keep their artifact_id.
+    input_reference: dict[str, Any] | None = None
+
+    def document(self) -> dict[str, Any]:
+        """The JSON document (what ``save`` writes and ``artifact_id`` hashes); an absent
+        input_reference is left out, so artefacts written before it existed keep their id."""
+        document = self.model_dump(mode="json")
+        if document.get("input_reference") is None:
+            document.pop("input_reference", None)
+        return document
 
     @model_validator(mode="after")
     def _params_match_method(self) -> CalibrationArtifact:
@@ -141,7 +152,7 @@ class Calibrator:
     @property
     def artifact_id(self) -> str:
         """``"<method>@<first 12 hex of the artefact's sha256>"``: what traces record."""
-        canonical = json.dumps(self.artifact.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        canonical = json.dumps(self.artifact.document(), sort_keys=True, separators=(",", ":"))
         return f"{self.method}@{hashlib.sha256(canonical.encode()).hexdigest()[:12]}"
 
     @property
@@ -226,7 +237,7 @@ class Calibrator:
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.artifact.model_dump(mode="json"), indent=2) + "\n")
+        path.write_text(json.dumps(self.artifact.document(), indent=2) + "\n")
         return path
 
 

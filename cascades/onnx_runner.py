@@ -130,6 +130,14 @@ class OnnxModel:
         return None
 
     @property
+    def input_channels(self) -> int | None:
+        """The fixed channel count of an NCHW input (1: a grayscale model), or None."""
+        shape = self.input.shape
+        if len(shape) == 4 and self._is_fixed(shape[1:2]):
+            return int(shape[1])
+        return None
+
+    @property
     def output_shapes(self) -> list[list[int | str | None]]:
         """Each output's shape as the file declares it (ints where fixed, names where not)."""
         return [list(o.shape) for o in self.outputs]

@@ -50,8 +50,10 @@ class OnnxStageConfig(BaseModel):
         description="model input (height, width), or one int for a square; default: the file's fixed "
         "input shape, else its metadata imgsz, else the sidecar's or the decoder's default",
     )
-    channels: Literal["RGB", "BGR"] | None = Field(
-        None, description="channel order the model expects; default: the decoder's (dbnet: BGR, others: RGB)"
+    channels: Literal["RGB", "BGR", "GRAY"] | None = Field(
+        None,
+        description="channel order the model expects; default: GRAY for a file whose input has one "
+        "channel, else the decoder's (dbnet: BGR, others: RGB)",
     )
     nms: Literal["class_aware", "agnostic"] | None = Field(
         None, description="yolov8 only: suppress overlaps within a class (default) or across classes"
@@ -302,12 +304,35 @@ def resolve_settings(config: OnnxStageConfig, model: OnnxModel) -> StageSettings
         sources.update(dict.fromkeys(ULTRALYTICS_CLASSIFY_OPTIONS, "onnx metadata task='classify'"))
     if file_size and "size_hw" in decoder_options(decoder):
         options["size_hw"], sources["size_hw"] = file_size
+    _channels_from_file(model.input_channels, explicit, options, sources)
     options.update(explicit)
     sources.update(dict.fromkeys(explicit, "config"))
     if options.get("size_hw") is not None:
         options["size_hw"] = _hw(options["size_hw"], "size_hw")
     _check_class_count(decoder, labels, sources.get("labels", ""), facts.output_shapes)
     return StageSettings(decoder=decoder, labels=labels, options=options, sources=sources)
+
+
+def _channels_from_file(
+    file_channels: int | None, explicit: dict[str, Any], options: dict[str, Any], sources: dict[str, str]
+) -> None:
+    """A one-channel input means GRAY; a configured colour order for it (or GRAY for a 3-channel
+    input) is the conflict rule's error, not a shape error at the first request."""
+    configured = explicit.get("channels")
+    if file_channels == 1:
+        if configured not in (None, "GRAY"):
+            raise ConfigError(
+                f"configured channels {configured!r} conflicts with the model file's onnx input shape: "
+                "it takes 1 channel; drop channels or set it to 'GRAY'",
+                field="channels",
+            )
+        options["channels"], sources["channels"] = "GRAY", "onnx input shape (1 channel)"
+    elif file_channels is not None and configured == "GRAY":
+        raise ConfigError(
+            f"configured channels 'GRAY' conflicts with the model file's onnx input shape: it takes "
+            f"{file_channels} channels; drop channels or set it to 'RGB' or 'BGR'",
+            field="channels",
+        )
 
 
 def _check_class_count(decoder: str, labels: list[str], labels_source: str, output_shapes: list) -> None:

@@ -12,17 +12,21 @@ same float32) and ``details.is_calibrated``; the policy step records ``vlm_avail
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from policies.thresholds import ThresholdPolicy, answer_score, decide, decide_after_cheap_tier
 from visionroute.records import Analysis, Decision, Detections, Step
 from visionroute.redaction import failure_summary
+
+if TYPE_CHECKING:
+    from policies.shift_guard import ShiftGuard
 
 log = logging.getLogger("visionroute.cascade")
 
@@ -52,8 +56,12 @@ async def run_cascade(
     cheap_tier: CheapTier,
     policy: ThresholdPolicy,
     vlm: VlmTier | None = None,
+    shift_guard: ShiftGuard | None = None,
 ) -> Analysis:
-    """Append the cheap tier's step, the policy's step and, on escalation, the VLM's steps."""
+    """Append the cheap tier's step, the policy's step and, on escalation, the VLM's steps.
+
+    With a ``shift_guard`` (policies/shift_guard.py), a would-be accept is first checked against
+    the calibration data's input statistics; a shifted input escalates (or goes to review)."""
     started = time.perf_counter()
     try:
         result = await cheap_tier(analysis.image_rgb)
@@ -89,6 +97,12 @@ async def run_cascade(
         )
     )
     analysis.trace.append(decide_after_cheap_tier(result.detections, policy, vlm_available=vlm is not None))
+    if shift_guard is not None:
+        # every input is checked (the guard's window must see the traffic as it is); only a
+        # would-be accept can be changed
+        verdict = await asyncio.to_thread(shift_guard.check, analysis.image_rgb)
+        if analysis.decision is Decision.ACCEPT:
+            analysis.trace.append(shift_guard.step(verdict, Decision.ACCEPT, vlm_available=vlm is not None))
     if analysis.decision is Decision.ESCALATE and vlm is not None:
         started = time.perf_counter()
         try:

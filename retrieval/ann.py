@@ -181,6 +181,18 @@ def _cost(kind: str, values: dict[str, float], base: faiss.Index, k: int) -> flo
     return scanned + values["k_factor_rf"] * k * refine_bytes
 
 
+def _densified(values: list[float]) -> list[float]:
+    """ParameterSpace steps by powers of two; a step of 1.5 between them lets the tuner stop
+    nearer the target (efSearch 24 instead of 32 is about a quarter fewer distance calls)."""
+    out = set(values)
+    ordered = sorted(values)
+    for low, high in zip(ordered, ordered[1:]):
+        middle = round(low * 1.5)
+        if low >= 2 and low < middle < high:
+            out.add(float(middle))
+    return sorted(out)
+
+
 def tune(
     index: faiss.IndexIDMap2,
     queries: np.ndarray,
@@ -222,7 +234,9 @@ def tune(
             }
             values = [by_name[available.name]]
         elif available.name == "efSearch":
-            values = sorted({max(k, int(v)) for v in values} | {k})  # HNSW needs efSearch >= k
+            values = sorted({max(k, int(v)) for v in _densified(values)} | {k})  # HNSW needs efSearch >= k
+        else:
+            values = _densified(values)
         chosen_range = space.add_range(available.name)
         for v in values:
             chosen_range.values.push_back(float(v))

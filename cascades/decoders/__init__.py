@@ -34,7 +34,7 @@ OPTIONAL_MODULES: dict[str, tuple[str, ...]] = {
     "pyclipper": ("pyclipper",),
 }
 
-CHANNEL_ORDERS = ("RGB", "BGR")
+CHANNEL_ORDERS = ("RGB", "BGR", "GRAY")  # GRAY: one channel, ITU-R 601 luma
 
 _loaded: dict[str, type] = {}
 
@@ -115,6 +115,9 @@ def check_channels(channels: str) -> str:
     return channels
 
 
+_LUMA = np.asarray([0.299, 0.587, 0.114], np.float32)
+
+
 def normalise_chw(
     image_rgb: np.ndarray, mean: Sequence[float], std: Sequence[float], channels: str = "RGB"
 ) -> np.ndarray:
@@ -124,6 +127,12 @@ def normalise_chw(
     """
     if channels == "BGR":
         image_rgb = image_rgb[..., ::-1]
-    array = image_rgb.astype(np.float32) / 255.0
-    array = (array - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+    if channels == "GRAY":  # PIL's "L" conversion weights, kept in float (no rounding to uint8)
+        array = (image_rgb.astype(np.float32) @ _LUMA)[..., None] / 255.0
+        # an RGB mean/std (a decoder's default) becomes its luma: what a grey image's pixels are
+        mean, std = (v @ _LUMA if v.size == 3 else v for v in (mean, std))
+    else:
+        array = image_rgb.astype(np.float32) / 255.0
+    array = (array - mean) / std
     return array.transpose(2, 0, 1)[None]

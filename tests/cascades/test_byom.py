@@ -272,7 +272,7 @@ def test_a_box_with_negative_coordinates_does_not_suppress_another_class():
 def test_nms_and_channels_are_checked():
     with pytest.raises(ConfigError, match=r"nms must be one of \['class_aware', 'agnostic'\]"):
         build_decoder("yolov8", labels=[], options={"nms": "soft"})
-    with pytest.raises(ConfigError, match=r"channels must be one of \['RGB', 'BGR'\]"):
+    with pytest.raises(ConfigError, match=r"channels must be one of \['RGB', 'BGR', 'GRAY'\]"):
         build_decoder("classifier", labels=[], options={"channels": "rgb"})
     with pytest.raises(ConfigError, match=r"decoder 'classifier' takes no option \['nms'\]"):
         build_decoder("classifier", labels=[], options={"nms": "agnostic"})
@@ -387,3 +387,49 @@ def test_predict_cli_reads_the_file_and_refuses_a_contradicting_size(yolo_file, 
     assert [d["label"] for d in lines[0]["detections"]] == ["blue"]
     code, _, err = run_predict(capsys, image_path, "--model", yolo_file, "--size", "640")
     assert code == 2 and "640x640" in err and "320x320" in err
+
+
+# -- grayscale models -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def digits_model(tmp_path_factory):
+    """The cheap digits tier (a real model trained here on sklearn's digits): input [n, 1, 8, 8]."""
+    from evals.digits import export_onnx, load_split, train_tier
+
+    split = load_split()
+    path = tmp_path_factory.mktemp("digits") / "digits_cheap.onnx"
+    return export_onnx(train_tier("cheap", split), path, tier="cheap", seed=0), split
+
+
+def test_a_one_channel_model_gets_gray_input_and_answers_like_the_model_on_its_own_pixels(digits_model):
+    path, split = digits_model
+    # trained on pixels in [0, 1]: no standardisation (the classifier's default mean/std is 0.5)
+    stage = OnnxStage(
+        OnnxStageConfig(
+            model=str(path), labels=[str(d) for d in range(10)], decoder_options={"mean": [0.0], "std": [1.0]}
+        )
+    )
+    assert stage.settings.options["channels"] == "GRAY"
+    assert "1 channel" in stage.settings.sources["channels"]
+    direct = OnnxModel(path).run(split.images_pool[:40])[0].argmax(axis=1)
+    agreed = 0
+    for pixels, expected in zip(split.images_pool[:40], direct):
+        grey = np.round(pixels[0] * 255).astype(np.uint8)
+        rgb = np.repeat(np.kron(grey, np.ones((8, 8), np.uint8))[..., None], 3, axis=-1)  # 64x64, RGB
+        detections, _ = stage.predict([rgb])
+        agreed += detections[0].to_dicts()[0]["label"] == str(expected)
+    assert agreed >= 36  # resizing 64 -> 8 px is not exactly the original grid; nearly every answer holds
+
+
+@pytest.mark.parametrize("channels", ["RGB", "BGR"])
+def test_a_colour_order_for_a_one_channel_model_is_a_config_error(digits_model, channels):
+    with pytest.raises(ConfigError, match="takes 1 channel") as error:
+        OnnxStage(OnnxStageConfig(model=str(digits_model[0]), channels=channels))
+    assert error.value.field == "channels"
+
+
+def test_gray_for_a_three_channel_model_is_a_config_error(yolo_file):
+    with pytest.raises(ConfigError, match="takes 3 channels") as error:
+        OnnxStage(OnnxStageConfig(model=str(yolo_file), channels="GRAY"))
+    assert error.value.field == "channels"
