@@ -71,6 +71,8 @@ def _calibrate_data(args, data):
 
 
 def _cmd_calibrate(args) -> int:
+    if args.plan:
+        return _cmd_plan(args)
     data = _load_data(args)
     calibration, _, certificate = _calibrate_data(args, data)
     calibrator = calibration.calibrator.with_certificate(certificate)
@@ -92,6 +94,51 @@ def _cmd_calibrate(args) -> int:
     return 0
 
 
+def _cmd_plan(args) -> int:
+    """``calibrate --plan``: how many labelled items the target (alpha, delta) needs for a
+    certificate with the wanted probability, resampling this labelled set as a pilot. Writes
+    nothing; exit 1 when the target is out of reach."""
+    from policies.certify import certify, certify_two_halves, plan_labels
+
+    data = _load_data(args)
+    prediction = data.cheap_probabilities.argmax(axis=1)
+    # Certification depends on the order of the scores, which a monotone calibrator keeps, so
+    # the plan resamples the cheap tier's top-1 confidence as it is.
+    scores, is_error = data.cheap_probabilities.max(axis=1), prediction != data.labels
+    print(
+        f"pilot {data.name}: {len(data)} labelled items, cheap tier error rate {is_error.mean():.3f}; target: "
+        f"error among accepted <= {args.alpha:g} with confidence {1 - args.delta:g}, certified with "
+        f"probability >= {args.plan_probability:.0%} ({args.plan_reps} resamples of the pilot per size)"
+    )
+    options = dict(alpha=args.alpha, delta=args.delta, probability=args.plan_probability, reps=args.plan_reps)
+    options |= dict(max_items=args.plan_max_items, seed=args.seed, p_value=args.p_value)
+    plans = {
+        name: plan_labels(scores, is_error, procedure=proc, **options)
+        for name, proc in (("certify()", certify), ("two halves", certify_two_halves))
+    }
+    now = certify(
+        scores,
+        is_error,
+        alpha=args.alpha,
+        delta=args.delta,
+        p_value=args.p_value,
+        score_name="top-1 confidence",
+    )
+    if plans["certify()"].reachable:
+        shares = {name: dict(zip(plan.sizes, plan.certified_share)) for name, plan in plans.items()}
+        print(
+            f"\n  {'labelled items':>14}  {'P(certified), certify()':>24}  {'two halves (calibrate today)':>29}"
+        )
+        for size in sorted(set(shares["certify()"]) | set(shares["two halves"])):
+            cells = [f"{shares[name][size]:.2f}" if size in shares[name] else "-" for name in plans]
+            print(f"  {size:>14}  {cells[0]:>24}  {cells[1]:>29}")
+    print()
+    for name, plan in plans.items():
+        print(f"{name}: {plan.message}")
+    print(f"\nwith the {len(data)} pilot items themselves, certify(): {now.statement()}")
+    return 0 if plans["certify()"].needed is not None else 1
+
+
 def _cmd_eval(args) -> int:
     from evals.gate import compare
     from evals.report import write_report
@@ -99,6 +146,8 @@ def _cmd_eval(args) -> int:
     out_dir = Path(args.out or paths.home() / "reports" / dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
     if args.traces:
         report = _replay_report(args)
+    elif args.corruptions is not None:
+        report = _robustness_report(args, out_dir)
     elif args.coco_gt:
         from evals.detection import evaluate_coco_files
 
@@ -182,6 +231,77 @@ def _tier_report(args, out_dir: Path) -> dict:
         ("ink", "digit") if args.dataset == "digits" and not (args.predictions or args.images) else ()
     )
     return evaluate(data, calibration, test_rows, out_dir=out_dir, costs=_costs(args.costs), slice_keys=keys)
+
+
+def _robustness_report(args, out_dir: Path) -> dict:
+    """``eval --corruptions``: the clean report plus the robustness section (evals/corruptions.py),
+    and the calibration artefact with the shift guard's input reference (calibration.json)."""
+    from evals.corruptions import (
+        evaluate_corruptions,
+        parse_corruptions,
+        parse_severities,
+        robustness_plots,
+    )
+    from evals.harness import evaluate
+
+    if args.predictions or args.calibration:
+        flag = "--predictions" if args.predictions else "--calibration"
+        raise ConfigError(
+            f"--corruptions runs the tiers on corrupted images and calibrates on the clean ones in the same "
+            f"run; {flag} cannot be used with it (use --dataset digits|faces or --images)",
+            field="predictions" if args.predictions else "calibration",
+        )
+    corruptions, severities = parse_corruptions(args.corruptions), parse_severities(args.severities)
+    image_set = _image_set(args)
+    result, context = evaluate_corruptions(
+        image_set,
+        corruptions=corruptions,
+        severities=severities,
+        seed=args.seed,
+        calibration_fraction=args.calibration_fraction,
+        method=args.method,
+        alpha=args.alpha,
+        delta=args.delta,
+        costs=_costs(args.costs),
+        p_value=args.p_value,
+        false_alarm_rate=args.guard_false_alarm,
+        guard_window=args.guard_window,
+        progress=lambda text: print(f"corruptions: {text}", file=sys.stderr, flush=True),
+    )
+    calibration = context["calibration"]
+    report = evaluate(
+        context["clean"],
+        calibration,
+        context["test_rows"],
+        out_dir=out_dir,
+        costs=_costs(args.costs),
+        slice_keys=_keys(args),
+    )
+    artefact = calibration.calibrator.save(Path(out_dir) / "calibration.json")
+    result["calibration_artefact"] = str(artefact)
+    report["robustness"] = result
+    report["plots"].update(robustness_plots(result, out_dir))
+    return report
+
+
+def _image_set(args):
+    """The labelled images ``--corruptions`` corrupts: digits, faces or the user's --images."""
+    from evals import robustness_sets
+
+    if args.images:
+        if not args.model:
+            raise ConfigError("--images needs --model (the ONNX classifier to evaluate)", field="model")
+        return robustness_sets.folder_set(
+            args.images, args.labels, model=args.model, strong_model=args.strong_model
+        )
+    if args.dataset == "digits":
+        return robustness_sets.digits_set(args.seed)
+    if args.dataset == "faces":
+        return robustness_sets.faces_set(args.seed)
+    raise ConfigError(
+        f"unknown dataset {args.dataset!r} for --corruptions; expected 'digits' or 'faces', or use --images",
+        field="dataset",
+    )
 
 
 def _plan_from_certificate(cert: dict, plan_type, certificate_type):
@@ -282,6 +402,19 @@ def register(subparsers, bench) -> None:
     calibrate.add_argument(
         "--out", help="artefact path (default: $VISIONROUTE_HOME/calibration/<data>-<method>.json)"
     )
+    plan = calibrate.add_argument_group(
+        "planning (--plan): labelled items needed, estimated from this data as a pilot; writes nothing"
+    )
+    plan.add_argument(
+        "--plan", action="store_true", help="print how many labelled items certify --alpha/--delta"
+    )
+    plan.add_argument(
+        "--plan-probability", type=float, default=0.8, help="wanted probability of a certificate"
+    )
+    plan.add_argument("--plan-reps", type=int, default=100, help="resamples of the pilot per size")
+    plan.add_argument(
+        "--plan-max-items", type=int, default=20_000, help="the largest labelled set considered"
+    )
     calibrate.set_defaults(func=_cmd_calibrate)
 
     evaluate = subparsers.add_parser("eval", help="evaluate and write a Markdown + JSON + PNG report")
@@ -299,6 +432,29 @@ def register(subparsers, bench) -> None:
     evaluate.add_argument("--accept-threshold", type=float, default=0.9, help="policy to replay on --traces")
     evaluate.add_argument(
         "--escalate-threshold", type=float, default=0.5, help="policy to replay on --traces"
+    )
+    robustness = evaluate.add_argument_group(
+        "robustness (--corruptions): corrupted copies of the held-out images, with and without the shift guard"
+    )
+    robustness.add_argument(
+        "--corruptions",
+        nargs="?",
+        const="all",
+        help="'all' (the default with a bare --corruptions) or a comma list, e.g. gaussian_noise,jpeg; "
+        "data: --dataset digits|faces or --images",
+    )
+    robustness.add_argument("--severities", help="comma list of 1..5 (default: all five)")
+    robustness.add_argument(
+        "--guard-false-alarm",
+        type=float,
+        default=0.01,
+        help="the shift guard's false-alarm rate on clean inputs (default: %(default)s)",
+    )
+    robustness.add_argument(
+        "--guard-window",
+        type=int,
+        default=50,
+        help="inputs in the shift guard's two-sample window; 0: the per-request rule alone (default: %(default)s)",
     )
     evaluate.add_argument("--coco-gt", help="COCO annotations JSON (detection evaluation)")
     evaluate.add_argument("--coco-dt", help="COCO results JSON for --coco-gt")

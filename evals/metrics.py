@@ -86,6 +86,8 @@ class TopKAccuracy(_Accumulator):
             return {self.name: None}
         probabilities = self._concat("probabilities")
         labels = np.arange(probabilities.shape[1])
+        if probabilities.shape[1] == 2:  # scikit-learn takes a binary task's scores as one column
+            probabilities = probabilities[:, 1]
         value = top_k_accuracy_score(self._concat("targets"), probabilities, k=self.k, labels=labels)
         return {self.name: float(value)}
 

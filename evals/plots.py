@@ -84,3 +84,86 @@ def _save(fig, path) -> Path:
     fig.savefig(path, dpi=110)
     _pyplot().close(fig)
     return path
+
+
+def _grid(plt, n_panels: int, *, width: float = 3.0, height: float = 2.4):
+    columns = min(3, max(1, n_panels))
+    rows = -(-n_panels // columns)
+    fig, axes = plt.subplots(
+        rows, columns, figsize=(width * columns, height * rows), sharex=True, sharey=True, squeeze=False
+    )
+    for ax in axes.ravel()[n_panels:]:
+        ax.set_visible(False)
+    return fig, axes.ravel()
+
+
+def severity_curves(path, panels: dict, *, title: str, x_label: str = "severity (0 = clean)") -> Path:
+    """One panel per metric, one line per series: ``{panel: {series: (severities, values)}}``."""
+    plt = _pyplot()
+    columns = min(2, max(1, len(panels)))
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.5 * columns, 3.2 * rows), squeeze=False)
+    for ax in axes.ravel()[len(panels) :]:
+        ax.set_visible(False)
+    for i, (ax, (panel, series)) in enumerate(zip(axes.ravel(), panels.items())):
+        for label, (x, y) in series.items():
+            ax.plot(x, y, marker="o", markersize=3, label=label)
+        ax.set_title(panel, fontsize=9)
+        ax.set_xlabel(x_label, fontsize=8)
+        ax.grid(alpha=0.3)
+        if i == 0:
+            ax.legend(fontsize=6, ncol=2)
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def guarantee_under_shift(path, panels: dict, *, alpha: float, title: str) -> Path:
+    """Accepted error per severity, one panel per corruption, against alpha.
+
+    ``panels``: {corruption: {series: (severities, accepted_error, violated)}}; a violated point
+    (accepted error significantly above alpha) is drawn as a cross."""
+    plt = _pyplot()
+    fig, axes = _grid(plt, len(panels))
+    styles = {
+        "no guard": ("tab:red", "-"),
+        "per-request rule": ("tab:orange", ":"),
+        "shift guard": ("tab:blue", "--"),
+    }
+    for ax, (panel, series) in zip(axes, panels.items()):
+        for label, (x, y, violated) in series.items():
+            color, line = styles.get(label, (None, "-"))
+            x, y, violated = np.asarray(x), np.asarray(y), np.asarray(violated, bool)
+            ax.plot(x, y, line, color=color, marker="o", markersize=3, label=label)
+            ax.scatter(x[violated], y[violated], marker="x", s=40, color=color, zorder=3)
+        ax.axhline(alpha, color="black", linewidth=1, label=f"alpha = {alpha:g}")
+        ax.set_title(panel, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("error among accepted")
+    axes[0].legend(fontsize=6)
+    fig.suptitle(f"{title} (x: significantly above alpha)", fontsize=10)
+    return _save(fig, path)
+
+
+def routing_shares(path, panels: dict, *, title: str) -> Path:
+    """Stacked shares accepted / escalated / reviewed per severity, one panel per corruption.
+
+    ``panels``: {corruption: {"severities": [...], "accept": [...], "escalate": [...],
+    "review": [...], "accept_guard": [...]}}."""
+    plt = _pyplot()
+    fig, axes = _grid(plt, len(panels))
+    colors = {"accept": "tab:green", "escalate": "tab:orange", "review": "tab:gray"}
+    for ax, (panel, shares) in zip(axes, panels.items()):
+        x = np.asarray(shares["severities"])
+        bottom = np.zeros(len(x))
+        for decision, color in colors.items():
+            values = np.asarray(shares[decision])
+            ax.bar(x, values, bottom=bottom, color=color, width=0.8, label=decision)
+            bottom += values
+        if "accept_guard" in shares:
+            ax.plot(x, shares["accept_guard"], "k--", marker=".", label="accept, with shift guard")
+        ax.set_title(panel, fontsize=9)
+        ax.set_ylim(0, 1)
+    axes[0].set_ylabel("share of items")
+    axes[0].legend(fontsize=6)
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)

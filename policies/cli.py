@@ -1,4 +1,5 @@
-"""``visionroute review export|purge|stats``, ``visionroute budgets``, ``visionroute policies check``."""
+"""``visionroute review export|purge|stats``, ``visionroute budgets``, ``visionroute policies check``,
+``visionroute privacy erase``."""
 
 from __future__ import annotations
 
@@ -135,6 +136,55 @@ def _cmd_check(args) -> int:
     return 0
 
 
+def _cmd_erase(args) -> int:
+    """Erase one item or one subject from every store (policies/privacy_erase.py), audited."""
+    import getpass
+
+    from policies.privacy_erase import Eraser, Subject
+
+    subject = Subject.parse(args.subject) if args.subject else None  # bad input before any store opens
+    queue, ledger, search_store = _queue(args), _ledger(args, must_exist=True), _search_store(args)
+    eraser = Eraser(
+        queue, search_store=search_store, ledger=ledger, actor=args.actor or f"cli:{getpass.getuser()}"
+    )
+    try:
+        if subject is not None:
+            result = eraser.erase_subject(subject, reason=args.reason)
+        else:
+            result = eraser.erase_item(args.item, reason=args.reason)
+    finally:
+        for store in (queue, ledger, search_store):
+            if store is not None:
+                store.close()
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _cmd_privacy_audit(args) -> int:
+    """The audit events of an item or an erasure, also once the item itself is erased."""
+    queue = _queue(args)
+    try:
+        print(json.dumps(queue.audit_log(args.id), indent=2))
+    finally:
+        queue.close()
+    return 0
+
+
+def _search_store(args):
+    """The search index's store (its metadata and vectors), or None where there is none."""
+    from retrieval.store import MetadataStore
+
+    if getattr(args, "config", None):
+        from router.db_cli import _app_config
+
+        config = _app_config(Path(args.config))
+        if not config.retrieval.enabled:
+            return None
+        return MetadataStore(config.retrieval.index_dir / "items.sqlite", state=config.state, name="search")
+    path = Path(args.index_dir).expanduser() / "items.sqlite"
+    return MetadataStore(path) if path.is_file() else None
+
+
 CONFIG_HELP = "a serve config: read its review.path and state (PostgreSQL deployments); overrides --path"
 
 
@@ -179,6 +229,38 @@ def register(subparsers, bench) -> None:
     stats.add_argument("--path", default=default_path)
     stats.add_argument("--config", help=CONFIG_HELP)
     stats.set_defaults(func=_cmd_stats)
+
+    privacy = subparsers.add_parser("privacy", help="erase an item's or a subject's images and records")
+    privacy_commands = privacy.add_subparsers(dest="privacy_command", required=True)
+    erase = privacy_commands.add_parser(
+        "erase",
+        help="remove one review item, or one subject, from the review queue, search index and budget "
+        "ledger (audited)",
+    )
+    target = erase.add_mutually_exclusive_group(required=True)
+    target.add_argument("--item", help="a review item id")
+    target.add_argument(
+        "--subject",
+        help="TENANT/sha256:<hex> (everything made from that image file) or TENANT/KEY (requests whose "
+        "X-Request-Id is KEY or starts with KEY:); see docs/review.md, Privacy",
+    )
+    erase.add_argument("--path", default=default_path, help="review folder (config review.path)")
+    erase.add_argument(
+        "--index-dir",
+        default=str(paths.data_dir() / "retrieval"),
+        help="search index folder (config retrieval.index_dir; default: %(default)s)",
+    )
+    erase.add_argument("--config", help=CONFIG_HELP + " and retrieval.index_dir")
+    erase.add_argument("--actor", help="who asks, for the audit log (default: cli:<user>)")
+    erase.add_argument("--reason", default="erasure request", help="recorded in the audit log")
+    erase.set_defaults(func=_cmd_erase)
+    audit = privacy_commands.add_parser(
+        "audit", help="the audit events of an item or an erasure (erasure:<id>), erased items included"
+    )
+    audit.add_argument("id", help="a review item id or an erasure id")
+    audit.add_argument("--path", default=default_path, help="review folder (config review.path)")
+    audit.add_argument("--config", help=CONFIG_HELP)
+    audit.set_defaults(func=_cmd_privacy_audit)
 
     budgets = subparsers.add_parser("budgets", help="budget use in the current windows and cost totals")
     budgets.add_argument("--path", default=default_path, help="review folder holding budgets.sqlite3")

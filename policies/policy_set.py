@@ -15,11 +15,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from policies.audit_sampling import AuditConfig
 from policies.budgets import BudgetRule
 from policies.costs import CostModel
+from policies.privacy import PrivacyPolicy
+from policies.shift_guard import ShiftGuardConfig
 from policies.thresholds import ThresholdPolicy
 from visionroute.errors import ConfigError
 
@@ -60,6 +62,16 @@ class PolicySet(BaseModel):
     budgets: list[BudgetRule] = Field(default_factory=list)
     review: ReviewPolicy = Field(default_factory=ReviewPolicy)
     audit: AuditConfig = Field(default_factory=AuditConfig)
+    privacy: PrivacyPolicy = Field(
+        default_factory=PrivacyPolicy,
+        description="what is redacted from an image before it is stored (per tenant; policies/privacy.py)",
+    )
+    shift_guard: ShiftGuardConfig = Field(
+        default_factory=ShiftGuardConfig,
+        description="stop auto-accepting inputs unlike the calibration data (off by default)",
+    )
+    # The guards PolicyRuntime built for this set (task -> policies.shift_guard.ShiftGuard).
+    _shift_guards: dict[str, Any] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
     def _unique_budget_names(self) -> PolicySet:
@@ -108,4 +120,10 @@ def parse_policy_set(
                     f"budget {rule.name!r} names feature {rule.feature!r}; expected '*' or one of {sorted(known)}",
                     field=f"budgets.{i}.feature",
                 )
+        guarded = sorted(set(policy.shift_guard.tasks or ()) - known)
+        if guarded:
+            raise ConfigError(
+                f"shift_guard names unknown tasks {guarded}; configured tasks are {sorted(known)}",
+                field="shift_guard.tasks",
+            )
     return policy

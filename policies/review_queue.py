@@ -2,7 +2,9 @@
 
 Where it lives (``visionroute.state``): a SQLite file (WAL) under ``root`` with images as fsynced
 files under ``root/images`` (one node), or the PostgreSQL schema ``<prefix>_review`` with images
-in its ``images`` table, so every node reads every image (a cluster).
+in its ``images`` table, so every node reads every image (a cluster). Images are keyed by the
+sha256 of the bytes actually stored (the privacy-redacted image: policies/image_redaction.py)
+within the tenant's scope (policies/review_blobs.py); ``image_sha256`` names the request's file.
 
 Durability rule: ``enqueue`` returns only after the image is durable (the file fsynced, or the
 ``images`` row written in the item's own transaction) and the row is committed, so an
@@ -25,29 +27,29 @@ Order: overdue items (past their SLA) first, then by priority, the value of a re
 (``policies.costs.review_value``: uncertainty x the cost of an error), then oldest first.
 
 Retention: ``purge_images`` deletes stored images older than a TTL; the rows, labels and audit
-log stay. ``export_calibration`` writes reviewed items as a labelled set that
+log stay. Erasure: ``erase`` removes items with their images and derived records, audited. ``export_calibration`` writes reviewed items as a labelled set that
 ``visionroute calibrate --images --labels`` reads.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
-import os
 import sqlite3
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from policies.audit_sampling import is_error
+from policies.review_blobs import LEGACY_SCOPE, BlobRef, BlobStore, DatabaseBlobs, blob_scope, check_sha256
 from visionroute.errors import Conflict, InputError, NotFound
 from visionroute.migrations import Migration, migrate
-from visionroute.state import Connection, Database, Row, StateConfig, StateUnavailable, open_database
+from visionroute.state import Connection, Row, StateConfig, StateUnavailable, open_database
 
 STORE = "review_queue"
 ITEM_COLUMNS = (
@@ -149,6 +151,28 @@ MIGRATIONS = (
         # A version on both backends, so one number describes a review store everywhere.
         dialect_sql={"sqlite": "SELECT 1;"},
     ),
+    Migration(
+        4,
+        "privacy: blobs keyed by the bytes stored within the tenant's scope; withheld and kept originals",
+        # Old items keep their blobs in the legacy scope '' (stored_sha256 NULL says so).
+        """
+        ALTER TABLE items ADD COLUMN stored_sha256 TEXT;
+        ALTER TABLE items ADD COLUMN image_withheld TEXT;
+        ALTER TABLE items ADD COLUMN original_kept INTEGER NOT NULL DEFAULT 0;
+        CREATE INDEX items_tenant_image ON items (tenant, image_sha256);
+        """,
+        dialect_sql={
+            "postgres": """
+            ALTER TABLE items ADD COLUMN stored_sha256 TEXT;
+            ALTER TABLE items ADD COLUMN image_withheld TEXT;
+            ALTER TABLE items ADD COLUMN original_kept INTEGER NOT NULL DEFAULT 0;
+            CREATE INDEX items_tenant_image ON items (tenant, image_sha256);
+            ALTER TABLE images ADD COLUMN scope TEXT NOT NULL DEFAULT '';
+            ALTER TABLE images DROP CONSTRAINT images_pkey;
+            ALTER TABLE images ADD PRIMARY KEY (scope, sha256);
+            """
+        },
+    ),
 )
 
 # Columns added before the schema was versioned (the first release lacked them): a database
@@ -184,6 +208,9 @@ class ReviewItem:
     kind: str = "review"
     sla_due_at: float | None = None
     image_deleted_at: float | None = None
+    stored_sha256: str | None = None  # the bytes stored (the redacted image); None: legacy or withheld
+    image_withheld: str | None = None  # why no image was stored (a privacy detector failed)
+    original_kept: bool = False  # the unredacted file is stored too (privacy keep_original)
 
     @classmethod
     def from_row(cls, row: Row | sqlite3.Row) -> ReviewItem:
@@ -208,7 +235,27 @@ class ReviewItem:
             kind=row["kind"],
             sla_due_at=row["sla_due_at"],
             image_deleted_at=row["image_deleted_at"],
+            stored_sha256=row["stored_sha256"],
+            image_withheld=row["image_withheld"],
+            original_kept=bool(row["original_kept"]),
         )
+
+    @property
+    def blob_refs(self) -> list[BlobRef]:
+        """Every blob stored for this item: the image shown, and the kept original if any."""
+        if self.stored_sha256 is None:
+            return [] if self.image_withheld else [BlobRef(LEGACY_SCOPE, self.image_sha256)]
+        refs = [BlobRef(blob_scope(self.tenant), self.stored_sha256)]
+        if self.original_kept and self.image_sha256 != self.stored_sha256:
+            refs.append(BlobRef(blob_scope(self.tenant), self.image_sha256))
+        return refs
+
+    @property
+    def shown_ref(self) -> BlobRef | None:
+        """The blob a reviewer sees (None: no image was stored)."""
+        if self.stored_sha256 is None:
+            return None if self.image_withheld else BlobRef(LEGACY_SCOPE, self.image_sha256)
+        return BlobRef(blob_scope(self.tenant), self.stored_sha256)
 
     def is_leased(self, now: float) -> bool:
         return self.lease_expires_at is not None and self.lease_expires_at > now
@@ -220,103 +267,11 @@ class ReviewItem:
         data["age_s"] = round(now - self.created_at, 3)
         data["is_leased"] = self.is_leased(now)
         data["is_overdue"] = self.is_overdue(now)
-        data["image_available"] = self.image_deleted_at is None
+        data["image_available"] = self.image_deleted_at is None and self.image_withheld is None
         return data
 
     def is_overdue(self, now: float) -> bool:
         return self.status == "pending" and self.sla_due_at is not None and self.sla_due_at <= now
-
-
-def check_sha256(sha256: str) -> None:
-    if len(sha256) != 64 or not all(c in "0123456789abcdef" for c in sha256):
-        raise InputError(f"not a sha256 hex digest: {sha256!r}", field="image_sha256")
-
-
-def image_lock_key(sha256: str) -> str:
-    """Enqueue and purge both take this lock for an image (PostgreSQL): a purge deciding that no
-    item needs the image never races an enqueue that is about to need it again."""
-    return f"review-image:{sha256}"
-
-
-class BlobStore:
-    """Images by sha256 as files: written to a temp file, fsynced, renamed; never overwritten.
-
-    ``conn`` (the caller's transaction) is accepted for the same interface as ``DatabaseBlobs``
-    and not used: the file is durable before the transaction that names it commits.
-    """
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.root.mkdir(parents=True, exist_ok=True)
-
-    def path(self, sha256: str) -> Path:
-        check_sha256(sha256)
-        return self.root / sha256[:2] / sha256
-
-    def put(self, sha256: str, data: bytes, conn: Connection | None = None) -> None:
-        target = self.path(sha256)
-        if target.exists():
-            return
-        target.parent.mkdir(exist_ok=True)
-        tmp = target.with_name(f".{sha256}.{uuid.uuid4().hex}.tmp")
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-        directory = os.open(target.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-
-    def get(self, sha256: str, conn: Connection | None = None) -> bytes:
-        path = self.path(sha256)
-        if not path.is_file():
-            raise NotFound(f"no stored image {sha256}", field="image_sha256")
-        return path.read_bytes()
-
-    def delete(self, sha256: str, conn: Connection | None = None) -> bool:
-        try:
-            self.path(sha256).unlink()
-            return True
-        except FileNotFoundError:
-            return False
-
-
-class DatabaseBlobs:
-    """Images by sha256 in the store's ``images`` table (PostgreSQL): every node reads them, and
-    written with ``conn`` (the item's transaction) an image commits or rolls back with its item."""
-
-    def __init__(self, database: Database) -> None:
-        self.database = database
-
-    def _using(self, conn: Connection | None, *, write: bool) -> AbstractContextManager[Connection]:
-        if conn is not None:
-            return nullcontext(conn)
-        return self.database.write() if write else self.database.read()
-
-    def put(self, sha256: str, data: bytes, conn: Connection | None = None) -> None:
-        check_sha256(sha256)
-        with self._using(conn, write=True) as db:
-            db.execute(
-                "INSERT INTO images (sha256, data, created_at) VALUES (?, ?, ?)"
-                " ON CONFLICT (sha256) DO NOTHING",
-                (sha256, data, time.time()),
-            )
-
-    def get(self, sha256: str, conn: Connection | None = None) -> bytes:
-        check_sha256(sha256)
-        with self._using(conn, write=False) as db:
-            row = db.execute("SELECT data FROM images WHERE sha256 = ?", (sha256,)).fetchone()
-        if row is None:
-            raise NotFound(f"no stored image {sha256}", field="image_sha256")
-        return bytes(row["data"])
-
-    def delete(self, sha256: str, conn: Connection | None = None) -> bool:
-        check_sha256(sha256)
-        with self._using(conn, write=True) as db:
-            return db.execute("DELETE FROM images WHERE sha256 = ?", (sha256,)).rowcount > 0
 
 
 class ReviewQueue:
@@ -378,7 +333,7 @@ class ReviewQueue:
         self,
         *,
         request_id: str,
-        image_bytes: bytes,
+        image_bytes: bytes | None,
         image_sha256: str,
         tenant: str,
         task: str,
@@ -389,35 +344,55 @@ class ReviewQueue:
         kind: str = "review",
         sla_s: float | None = None,
         label_set: tuple[str, ...] | list[str] | None = None,
+        original_bytes: bytes | None = None,
+        image_withheld: str | None = None,
     ) -> ReviewItem:
         """Store the image, then the row; returns the existing item on a retry (the same tenant,
         request id and kind, with the same image and task); Conflict when those differ.
 
+        ``image_bytes`` is what is stored and shown for the item: the request's file, or its
+        redaction (policies/image_redaction.py). It is keyed by its own sha256 in the tenant's
+        scope; ``image_sha256`` names the request's file (the retry check compares it).
+        ``original_bytes`` (privacy ``keep_original``) stores the unredacted file too.
+        ``image_bytes=None`` queues the item with no image; ``image_withheld`` says why.
         ``label_set`` (the model's class names) registers what labels the task accepts.
         """
         if kind not in KINDS:
             raise InputError(f"kind must be one of {list(KINDS)}, got {kind!r}", field="kind")
         check_sha256(image_sha256)
+        if image_bytes is None and not image_withheld:
+            raise InputError("an item without an image needs image_withheld (the reason)", field="image")
+        if original_bytes is not None and hashlib.sha256(original_bytes).hexdigest() != image_sha256:
+            raise InputError("original_bytes do not hash to image_sha256", field="image_sha256")
         key = (tenant, request_id, kind)
         lookup = "SELECT * FROM items WHERE tenant = ? AND request_id = ? AND kind = ?"
         with self.database.read() as db:
             existing = db.execute(lookup, key).fetchone()
         if existing is not None:  # a retry: nothing to write
             return self._retried(existing, image_sha256, task)
+        stored_sha256 = None if image_bytes is None else hashlib.sha256(image_bytes).hexdigest()
+        blobs: dict[BlobRef, bytes] = {}
+        if image_bytes is not None:
+            blobs[BlobRef(blob_scope(tenant), stored_sha256)] = image_bytes
+        if original_bytes is not None:
+            blobs.setdefault(BlobRef(blob_scope(tenant), image_sha256), original_bytes)
         item_id = uuid.uuid4().hex
         now = time.time()
         if isinstance(self.blobs, BlobStore):
             # The file's fsync outside SQLite's one write lock, so enqueues do not queue behind
             # each other's disk flushes; the put inside the transaction then only finds it there
             # (or rewrites it, if a purge removed it in between).
-            self.blobs.put(image_sha256, image_bytes)
+            for ref, data in blobs.items():
+                self.blobs.put(ref, data)
         with self.database.write() as db:
-            db.dialect.lock(db, image_lock_key(image_sha256))
+            for ref in sorted(blobs):
+                db.dialect.lock(db, ref.lock_key())
             # ON CONFLICT, not a check first: on PostgreSQL a concurrent retry on another node
             # may insert between a check and this insert.
             inserted = db.execute(
                 "INSERT INTO items (id, request_id, tenant, task, image_sha256, created_at, priority, reason,"
-                " proposed_json, trace_json, kind, sla_due_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " proposed_json, trace_json, kind, sla_due_at, stored_sha256, image_withheld, original_kept)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (tenant, request_id, kind) DO NOTHING RETURNING id",
                 (
                     item_id,
@@ -432,11 +407,15 @@ class ReviewQueue:
                     json.dumps(trace),
                     kind,
                     now + sla_s if sla_s else None,
+                    stored_sha256,
+                    image_withheld if image_bytes is None else None,
+                    int(original_bytes is not None),
                 ),
             ).fetchone()
             if inserted is None:  # a concurrent retry won the race
                 return self._retried(db.execute(lookup, key).fetchone(), image_sha256, task)
-            self.blobs.put(image_sha256, image_bytes, db)  # durable before the row commits
+            for ref, data in blobs.items():
+                self.blobs.put(ref, data, db)  # durable before the row commits
             if label_set:
                 self._register_label_set(db, task, list(label_set), now)
             self._audit(
@@ -642,47 +621,58 @@ class ReviewQueue:
         """Delete stored images of items older than ``ttl_s``; rows, labels and audit stay.
 
         A pending item whose image is gone can no longer be reviewed: it becomes ``expired``.
-        A blob shared by several items (same sha256) goes when no remaining item needs it. The
-        images go in the same transaction (serialised with enqueues of the same image), so a
-        concurrent enqueue never ends up with an item whose image was just deleted. On
-        PostgreSQL an item being claimed or labelled right now is left for the next purge.
+        A blob shared by several items (the same bytes in one tenant's scope) goes when no
+        remaining item needs it. The images go in the same transaction (serialised with
+        enqueues of the same blob), so a concurrent enqueue never ends up with an item whose
+        image was just deleted. On PostgreSQL an item being claimed or labelled right now is
+        left for the next purge.
         """
         if not ttl_s > 0:
             raise InputError(f"ttl_s must be > 0, got {ttl_s}", field="image_ttl_s")
         now = time.time() if now is None else now
         with self.database.write() as db:
             rows = db.execute(
-                "SELECT id, image_sha256, status FROM items WHERE image_deleted_at IS NULL AND created_at < ?"
+                "SELECT * FROM items WHERE image_deleted_at IS NULL AND created_at < ?"
                 " ORDER BY id" + db.dialect.skip_locked,
                 (now - ttl_s,),
             ).fetchall()
-            for row in rows:
-                status = "expired" if row["status"] == "pending" else row["status"]
-                db.execute(
-                    "UPDATE items SET image_deleted_at = ?, status = ?, lease_owner = NULL, lease_token = NULL,"
-                    " lease_expires_at = NULL WHERE id = ?",
-                    (now, status, row["id"]),
-                )
+            purged = [ReviewItem.from_row(row) for row in rows]
+            for item in purged:
+                status = "expired" if item.status == "pending" else item.status
+                self._drop_image(db, item, now, status)
                 self._audit(
                     db,
-                    row["id"],
+                    item.id,
                     "service",
                     "image_purged",
-                    {"status": row["status"]},
+                    {"status": item.status},
                     {"status": status, "ttl_s": ttl_s},
                 )
-            candidates = {row["image_sha256"] for row in rows}
-            for sha in sorted(candidates):  # sorted: two purges never deadlock
-                db.dialect.lock(db, image_lock_key(sha))
-            still_needed = {
-                r["image_sha256"]
-                for r in db.execute("SELECT DISTINCT image_sha256 FROM items WHERE image_deleted_at IS NULL")
-                if r["image_sha256"] in candidates
-            }
-            deleted = sum(self.blobs.delete(sha, db) for sha in sorted(candidates - still_needed))
+            deleted = self._delete_unneeded_blobs(db, {ref for item in purged for ref in item.blob_refs})
         return {"items": len(rows), "images_deleted": deleted}
 
+    @staticmethod
+    def _drop_image(db: Connection, item: ReviewItem, now: float, status: str) -> None:
+        db.execute(
+            "UPDATE items SET image_deleted_at = ?, status = ?, lease_owner = NULL, lease_token = NULL,"
+            " lease_expires_at = NULL WHERE id = ?",
+            (now, status, item.id),
+        )
+
+    def _delete_unneeded_blobs(self, db: Connection, candidates: set[BlobRef]) -> int:
+        """Delete the candidate blobs that no item with a live image refers to (locked first)."""
+        for ref in sorted(candidates):  # sorted: two purges never deadlock
+            db.dialect.lock(db, ref.lock_key())
+        still_needed = {
+            ref
+            for row in db.execute("SELECT * FROM items WHERE image_deleted_at IS NULL")
+            for ref in ReviewItem.from_row(row).blob_refs
+            if ref in candidates
+        }
+        return sum(self.blobs.delete(ref, db) for ref in sorted(candidates - still_needed))
+
     def image(self, item_id: str) -> bytes:
+        """The image a reviewer sees: the stored (redacted) one."""
         item = self.get(item_id)
         if item.image_deleted_at is not None:
             raise NotFound(
@@ -690,7 +680,111 @@ class ReviewQueue:
                 "its label and audit log remain",
                 field="image",
             )
-        return self.blobs.get(item.image_sha256)
+        if item.image_withheld is not None:
+            raise NotFound(
+                f"the image of item {item_id} was not stored: {item.image_withheld}", field="image"
+            )
+        return self.blobs.get(item.shown_ref)
+
+    def original_image(self, item_id: str) -> bytes:
+        """The unredacted file, stored only under the privacy policy's ``keep_original: true``."""
+        item = self.get(item_id)
+        if not item.original_kept or item.image_deleted_at is not None:
+            raise NotFound(f"item {item_id} has no stored original image", field="image")
+        return self.blobs.get(BlobRef(blob_scope(item.tenant), item.image_sha256))
+
+    def live_blob_refs(self) -> list[BlobRef]:
+        """Every blob an item with a live image refers to (``visionroute db copy`` moves these)."""
+        return sorted(
+            {ref for item in self.iter_all() if item.image_deleted_at is None for ref in item.blob_refs}
+        )
+
+    # -- erasure -------------------------------------------------------------------------------
+
+    def record_event(self, item_id: str, actor: str, action: str, new: Any) -> None:
+        """An audit event of the service's own (e.g. an erasure's summary under ``erasure:<id>``)."""
+        with self.database.write() as db:
+            self._audit(db, item_id, actor, action, None, new)
+
+    def find_items(
+        self, tenant: str, *, request_key: str | None = None, image_sha256: str | None = None
+    ) -> list[ReviewItem]:
+        """A tenant's items of one subject (policies/privacy_erase.py): those whose request id is
+        ``request_key`` or starts with ``request_key + ":"``, or whose request file is ``image_sha256``."""
+        if (request_key is None) == (image_sha256 is None):
+            raise InputError("give exactly one of request_key and image_sha256", field="subject")
+        if image_sha256 is not None:
+            check_sha256(image_sha256)
+            query, params = "image_sha256 = ?", [image_sha256]
+        else:
+            # A range, not LIKE: '_' in a key is no wildcard, and the unique index serves it.
+            query, params = (
+                "(request_id = ? OR (request_id >= ? AND request_id < ?))",
+                [
+                    request_key,
+                    request_key + ":",
+                    request_key + ";",  # ';' sorts right after ':'
+                ],
+            )
+        with self.database.read() as db:
+            rows = db.execute(
+                f"SELECT * FROM items WHERE tenant = ? AND {query} ORDER BY created_at", [tenant, *params]
+            ).fetchall()
+        return [ReviewItem.from_row(row) for row in rows]
+
+    def erase(self, item_ids: Iterable[str], *, actor: str, reason: str) -> dict[str, Any]:
+        """Remove items and everything stored for them; an ``erased`` audit event each remains.
+
+        Gone: their images (the shown and any kept original), their rows (trace, proposed
+        answer, label) and the payloads of their earlier audit events (who did what, and when,
+        stays). An image is erased wherever it is stored: another item of the tenant holding
+        the same blob loses its image too (``image_erased`` in its audit log; pending becomes
+        expired). One transaction: all of it happens or none.
+        """
+        ids = sorted(set(item_ids))
+        now = time.time()
+        with self.database.write() as db:
+            items = [ReviewItem.from_row(row) for i in ids if (row := self._locked_item(db, i)) is not None]
+            refs = {ref for item in items for ref in item.blob_refs if item.image_deleted_at is None}
+            for ref in sorted(refs):
+                db.dialect.lock(db, ref.lock_key())
+            erased = {item.id for item in items}
+            shas = sorted({ref.sha256 for ref in refs})
+            marks = ", ".join("?" for _ in shas)
+            candidates = (
+                db.execute(
+                    f"SELECT * FROM items WHERE image_deleted_at IS NULL AND (image_sha256 IN ({marks})"
+                    f" OR stored_sha256 IN ({marks})) ORDER BY id" + db.dialect.for_update,
+                    [*shas, *shas],
+                ).fetchall()
+                if shas
+                else []
+            )
+            sharing = [
+                other
+                for row in candidates
+                if (other := ReviewItem.from_row(row)).id not in erased and refs & set(other.blob_refs)
+            ]
+            for other in sharing:
+                status = "expired" if other.status == "pending" else other.status
+                self._drop_image(db, other, now, status)
+                self._audit(db, other.id, actor, "image_erased", {"status": other.status}, {"status": status})
+            deleted = sum(self.blobs.delete(ref, db) for ref in sorted(refs))
+            for item in items:
+                db.execute("DELETE FROM items WHERE id = ?", (item.id,))
+                db.execute(
+                    "UPDATE audit SET previous_json = NULL, new_json = NULL WHERE item_id = ?", (item.id,)
+                )
+                self._audit(db, item.id, actor, "erased", None, {"reason": reason, "kind": item.kind})
+        return {
+            "items": [item.id for item in items],
+            "not_found": sorted(set(ids) - erased),
+            "images_deleted": deleted,
+            "other_items_lost_image": [other.id for other in sharing],
+            "tenants": sorted({item.tenant for item in items}),
+            "request_ids": sorted({item.request_id for item in items}),
+            "image_sha256": sorted({item.image_sha256 for item in items}),
+        }
 
     # -- readers ---------------------------------------------------------------------------
 
@@ -791,7 +885,13 @@ class ReviewQueue:
             query, params = query + " AND tenant = ?", [*params, tenant]
         with self.database.read() as db:
             rows = db.execute(query + " ORDER BY labelled_at", params).fetchall()
-        counts = {"labelled": len(rows), "written": 0, "no_class_label": 0, "image_purged": 0}
+        counts = {
+            "labelled": len(rows),
+            "written": 0,
+            "no_class_label": 0,
+            "image_purged": 0,
+            "image_withheld": 0,
+        }
         columns = [
             "image",
             "label",
@@ -840,7 +940,10 @@ class ReviewQueue:
                 if item.image_deleted_at is not None:
                     counts["image_purged"] += 1
                     continue
-                data = self.blobs.get(item.image_sha256)
+                if item.image_withheld is not None:
+                    counts["image_withheld"] += 1
+                    continue
+                data = self.blobs.get(item.shown_ref)
                 suffix = (Image.open(io.BytesIO(data)).format or "bin").lower().replace("jpeg", "jpg")
                 name = f"{item.id}.{suffix}"
                 (out / "images" / name).write_bytes(data)

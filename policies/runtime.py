@@ -9,13 +9,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from policies.audit_sampling import AuditEstimate, AuditMonitor, estimate, is_sampled
 from policies.budgets import BudgetExhausted, BudgetLedger, Reservation
 from policies.policy_set import PolicySet, parse_policy_set
+from policies.shift_guard import ShiftGuard, reference_from_artefact
 from policies.thresholds import ThresholdPolicy
 from visionroute.errors import ConfigError
 from visionroute.records import Analysis, Decision, Step
@@ -53,9 +54,12 @@ class PolicyRuntime:
         ledger: BudgetLedger,
         tasks: Iterable[str],
         base_thresholds: dict[str, ThresholdPolicy],
+        calibrations: Mapping[str, str | None] | None = None,
     ) -> None:
         self.tasks = tuple(tasks)
         self.base_thresholds = dict(base_thresholds)
+        # task -> its tier's calibration artefact, where the shift guard's input reference lives
+        self.calibrations = {task: path for task, path in (calibrations or {}).items() if path}
         self.ledger = ledger
         self.audits = AuditMonitor()
         self._lock = threading.Lock()
@@ -67,7 +71,8 @@ class PolicyRuntime:
     # -- versioning -------------------------------------------------------------------------
 
     def _checked(self, candidate: dict[str, Any] | PolicySet | None, previous: PolicySet | None) -> PolicySet:
-        policy = parse_policy_set(candidate, tasks=self.tasks)
+        policy = parse_policy_set(candidate, tasks=self.tasks).model_copy()
+        policy._shift_guards = self._shift_guards(policy)
         if previous is not None:
             for task in self.tasks:
                 old = previous.threshold_policy(task, self.base_thresholds[task])
@@ -110,6 +115,33 @@ class PolicyRuntime:
 
     def thresholds(self, policy: PolicySet, task: str) -> ThresholdPolicy:
         return policy.threshold_policy(task, self.base_thresholds[task])
+
+    # -- the shift guard --------------------------------------------------------------------
+
+    def _shift_guards(self, policy: PolicySet) -> dict[str, ShiftGuard]:
+        """One guard per guarded task, from its calibration artefact's input reference; a guarded
+        task without one is a ConfigError, so a set that cannot guard is refused, not half-applied."""
+        config = policy.shift_guard
+        guards = {}
+        for task in self.tasks:
+            if not config.guards(task):
+                continue
+            path = self.calibrations.get(task)
+            if not path:
+                raise ConfigError(
+                    f"shift_guard guards task {task!r}, but cascades.{task}.tier.calibration names no "
+                    "calibration artefact to hold its input reference; list only calibrated tasks in "
+                    "shift_guard.tasks",
+                    field="shift_guard.tasks",
+                )
+            reference = reference_from_artefact(path, field=f"cascades.{task}.tier.calibration")
+            guards[task] = ShiftGuard.from_config(config, reference, version=policy.version, source=str(path))
+        return guards
+
+    @staticmethod
+    def shift_guard(policy: PolicySet, task: str) -> ShiftGuard | None:
+        """The guard of ``task`` under ``policy`` (the request's snapshot), or None when off."""
+        return policy._shift_guards.get(task)
 
     # -- budgets ----------------------------------------------------------------------------
 

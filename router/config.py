@@ -119,6 +119,12 @@ def certified_policy(policy: ThresholdPolicy, artefact_path: Path) -> ThresholdP
 class ReviewConfig(Strict):
     path: Path = Field(default_factory=lambda: paths.data_dir() / "review")
     lease_s: float = Field(300.0, gt=0, le=86400)
+    retention_interval_s: float = Field(
+        3600.0,
+        ge=0,
+        description="purge review images past policies.review.image_ttl_s this often, inside the service "
+        "(router/services/retention.py); 0: never (run `visionroute review purge` yourself)",
+    )
 
 
 def default_cascades() -> dict[str, CascadeConfig]:

@@ -278,28 +278,23 @@ def _copy_store(spec: StoreSpec, source_config: Any, dest_config: Any, out: list
 
 
 def _copy_images(source_queue: Any, dest_queue: Any, out: list[dict]) -> None:
-    """Every image a live item refers to, checked against its sha256 on both sides."""
-    with source_queue.database.read() as src:
-        wanted = sorted(
-            {
-                r[0]
-                for r in src.execute("SELECT DISTINCT image_sha256 FROM items WHERE image_deleted_at IS NULL")
-            }
-        )
+    """Every blob an item with a live image refers to (its tenant scope and the sha256 of the
+    bytes stored), checked against that sha256 on both sides."""
+    wanted = source_queue.live_blob_refs()
     copied = verified = 0
     missing = []
-    for sha256 in wanted:
+    for ref in wanted:
         try:
-            data = source_queue.blobs.get(sha256)
+            data = source_queue.blobs.get(ref)
         except Exception:
-            missing.append(sha256)
+            missing.append(ref.sha256)
             continue
-        if hashlib.sha256(data).hexdigest() != sha256:
-            missing.append(sha256)
+        if hashlib.sha256(data).hexdigest() != ref.sha256:
+            missing.append(ref.sha256)
             continue
-        dest_queue.blobs.put(sha256, data)
+        dest_queue.blobs.put(ref, data)
         copied += 1
-        verified += hashlib.sha256(dest_queue.blobs.get(sha256)).hexdigest() == sha256
+        verified += hashlib.sha256(dest_queue.blobs.get(ref)).hexdigest() == ref.sha256
     out.append(
         {
             "store": "review",

@@ -23,5 +23,8 @@ echo "bootstrap: installing VisionRoute and its dependencies into $venv (2-3 min
 "$venv/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip >&2
 "$venv/bin/python" -m pip install -q --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1" >&2
 "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$repo[dev]" >&2
+# Packages whose metadata pins older torch/numpy but which run on ours (pyproject [tool.visionroute]).
+mapfile -t no_deps < <("$venv/bin/python" -c 'import sys, tomllib; print("\n".join(tomllib.load(open(sys.argv[1], "rb"))["tool"]["visionroute"]["no-deps"]))' "$repo/pyproject.toml")
+"$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps "${no_deps[@]}" >&2
 echo "$want" >"$stamp"
 echo "$venv"

@@ -45,6 +45,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "review": ("policies.cli", "the human-review queue: export labels, purge images, stats"),
     "budgets": ("policies.cli", "budget use in the current windows and cost totals"),
     "policies": ("policies.cli", "policy sets (thresholds, costs, budgets, review, audit)"),
+    "privacy": ("policies.cli", "erase an item's or a subject's images and records (audited)"),
     "keys": ("router.security_cli", "API keys (stored hashed in the config)"),
 }
 BENCH_HELP = "benchmarks: print a figure and its baseline"

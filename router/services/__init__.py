@@ -22,6 +22,7 @@ from router.metrics import IngressMetrics
 from router.services.analyze import AnalyzeService, ImageRequest, response_body
 from router.services.backends import CheapTierClient, SearchBackend, VlmTierClient
 from router.services.operations import Operations
+from router.services.retention import RetentionTask
 from router.services.review import ReviewService
 from router.services.search import SearchOperations
 
@@ -35,6 +36,7 @@ class VisionRouteService:
     review: ReviewService
     search: SearchOperations
     operations: Operations
+    retention: RetentionTask | None = None  # image retention on a schedule (started with the service)
 
     @classmethod
     def build(
@@ -53,8 +55,11 @@ class VisionRouteService:
             BudgetLedger(config.review.path / "budgets.sqlite3", state=config.state),
             tasks=config.cascades,
             base_thresholds={task: cascade.policy for task, cascade in config.cascades.items()},
+            calibrations={task: cascade.tier.calibration for task, cascade in config.cascades.items()},
         )
         metrics = IngressMetrics(policies, queue)
+        retention = RetentionTask(queue, policies, config.review.retention_interval_s)
+        retention.start()  # on the replica's event loop (Ray runs the constructor there); else a no-op
         return cls(
             config=config,
             analyze=AnalyzeService(
@@ -77,4 +82,5 @@ class VisionRouteService:
                 policies=policies,
                 metrics=metrics,
             ),
+            retention=retention,
         )

@@ -16,6 +16,7 @@ from typing import Any
 from cascades.decode_budget import BudgetSession, DecodeBudget, in_file_pixels, input_need
 from cascades.pipeline import run_cascade
 from policies.costs import costs_by_tier, review_value
+from policies.image_redaction import Redactor
 from policies.policy_set import PolicySet
 from policies.review_queue import ReviewQueue
 from policies.runtime import PolicyRuntime, Refusal
@@ -85,6 +86,7 @@ class AnalyzeService:
         self.policies = policies
         self.metrics = metrics
         self._label_sets_stored: set[str] = set()
+        self.redactor = Redactor(config.models_dir)  # privacy: detectors load on first use
         self.decode_budget = DecodeBudget(config.limits.decode)  # pixels in flight on this replica
         self._input_needs = {
             task: input_need(cascade.tier, config.models_dir, has_vlm=cascade.vlm is not None)
@@ -172,7 +174,13 @@ class AnalyzeService:
             vlm = self._budgeted_vlm(vlm, policy)
         try:
             thresholds = self.policies.thresholds(policy, analysis.task)
-            analysis = await run_cascade(analysis, cheap_tier=cheap_tier, policy=thresholds, vlm=vlm)
+            analysis = await run_cascade(
+                analysis,
+                cheap_tier=cheap_tier,
+                policy=thresholds,
+                vlm=vlm,
+                shift_guard=self.policies.shift_guard(policy, analysis.task),
+            )
         finally:
             await asyncio.to_thread(
                 self.policies.ledger.settle, reservation, costs_by_tier(analysis.trace)["onnx"]
@@ -256,6 +264,16 @@ class AnalyzeService:
         if isinstance(reservation, Refusal):
             self._degrade(analysis, policy, reservation, answered=True)
             return
+        # Privacy before storage: the queue gets the redacted image (or none: fail closed).
+        stored = await asyncio.to_thread(
+            self.redactor.prepare,
+            image_bytes,
+            None if "image_size" in analysis.metadata else analysis.image_rgb,  # reduced: the file's pixels
+            policy.privacy,
+            analysis.tenant,
+            policy_version=policy.version,
+        )
+        analysis.trace.append(stored.step)
         reasons = [s.reason for s in analysis.trace if s.decision in (Decision.REVIEW, Decision.ESCALATE)]
         started = time.perf_counter()
         score = next((s.score for s in reversed(analysis.trace.steps) if s.score is not None), None)
@@ -270,11 +288,15 @@ class AnalyzeService:
             if kind == "audit"
             else (reasons[-1] if reasons else "review")
         )
+        if stored.withheld:
+            reason += f"; image not stored: {stored.withheld}"
         try:
             item = await asyncio.to_thread(
                 self.queue.enqueue,
                 request_id=analysis.trace.request_id,
-                image_bytes=image_bytes,
+                image_bytes=stored.data,
+                original_bytes=stored.original,
+                image_withheld=stored.withheld,
                 image_sha256=analysis.image_sha256,
                 tenant=analysis.tenant,
                 task=analysis.task,

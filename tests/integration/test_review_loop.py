@@ -223,7 +223,11 @@ def test_fifty_concurrent_requests_never_overspend_a_small_budget(service, photo
 def test_degrade_modes_review_and_accept_degraded(service, photos_png):
     to_review = service.analyze(photos_png["coffee"], tenant="broke-review").json()
     assert to_review["decision"] == "review" and to_review["degraded"] and to_review["answer"] == []
-    assert [s["stage"] for s in to_review["trace"]["steps"]][-2:] == ["policy:budget", "review_queue"]
+    assert [s["stage"] for s in to_review["trace"]["steps"]][-3:] == [
+        "policy:budget",
+        "privacy:redact",
+        "review_queue",
+    ]
     item_id = to_review["review_item_id"]
     assert httpx.get(f"{service.url}/v1/review/items/{item_id}", headers=key()).json()["kind"] == "budget"
     claim = httpx.post(

@@ -4,6 +4,7 @@ the reviewer is the key; review and search counts are the caller's tenant's."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import uuid
@@ -98,7 +99,10 @@ def test_a_shared_request_id_makes_one_item_per_tenant_and_labels_stay_in_their_
     assert a["decision"] == b["decision"] == "review"
     assert a["review_item_id"] != b["review_item_id"]
     image = httpx.get(f"{service.url}/v1/review/items/{b['review_item_id']}/image", headers=headers("gus"))
-    assert image.status_code == 200 and image.content == globex_photo  # B's image is the one queued
+    item = httpx.get(f"{service.url}/v1/review/items/{b['review_item_id']}", headers=headers("gus")).json()
+    assert image.status_code == 200 and item["image_sha256"] == hashlib.sha256(globex_photo).hexdigest()
+    # B's image (redacted: privacy) is the one queued.
+    assert hashlib.sha256(image.content).hexdigest() == item["stored_sha256"]
     # A retry within a tenant is the same item.
     assert analyze(service, "acme_app", acme_photo, "shared-http")["review_item_id"] == a["review_item_id"]
     # A's reviewer labels A's item; only A's search entry gets the reviewed tags.

@@ -114,15 +114,32 @@ def test_bad_input_gets_a_4xx_naming_the_field_and_service_keeps_serving(
     assert analyze(service, photos_png["coffee"]).status_code == 200
 
 
+def face_sharpness(png: bytes) -> float:
+    """Laplacian variance over the astronaut's face (annotated by hand): its features' edges."""
+    import cv2
+    import numpy as np
+
+    grey = np.asarray(Image.open(io.BytesIO(png)).convert("L"))[85:160, 195:255]
+    return float(cv2.Laplacian(grey, cv2.CV_64F).var())
+
+
 def test_unsure_photo_goes_to_review_and_a_reviewer_labels_it(service, photos_png):
     body = analyze(service, photos_png["astronaut"]).json()
     assert body["decision"] == "review" and body["review_item_id"]
     item_id = body["review_item_id"]
-    assert [s["stage"] for s in body["trace"]["steps"]][-2:] == ["review_queue", "retrieval:index"]
+    assert [s["stage"] for s in body["trace"]["steps"]][-3:] == [
+        "privacy:redact",
+        "review_queue",
+        "retrieval:index",
+    ]
+    redact = body["trace"]["steps"][-3]["details"]["faces"]
+    assert redact["count"] == 1 and redact["detector_version"].startswith("facenet-pytorch==2.6.0")
     listed = httpx.get(service.url + "/v1/review/items").json()
     assert item_id in [item["id"] for item in listed["items"]]
     image = httpx.get(f"{service.url}/v1/review/items/{item_id}/image")
-    assert image.content == photos_png["astronaut"] and image.headers["content-type"] == "image/png"
+    # Privacy (policies.privacy defaults): the reviewer gets the photo with its face blurred.
+    assert image.content != photos_png["astronaut"] and image.headers["content-type"] == "image/png"
+    assert face_sharpness(image.content) < 0.05 * face_sharpness(photos_png["astronaut"])
     claim = httpx.post(service.url + "/v1/review/claim", json={"reviewer": "ann", "item_id": item_id}).json()
     assert claim["item"]["id"] == item_id and "lease_token" not in claim["item"]
     rival = httpx.post(service.url + "/v1/review/claim", json={"reviewer": "bob", "item_id": item_id})
@@ -185,13 +202,14 @@ def test_review_queue_survives_a_restart(prepared_models_dir, tmp_path, photos_p
     try:
         item_id = analyze(first, photos_png["astronaut"]).json()["review_item_id"]
         assert item_id
+        stored = httpx.get(f"{first.url}/v1/review/items/{item_id}/image").content  # face blurred
     finally:
         first.stop()
     second = ServeProcess(tmp_path, prepared_models_dir).start()
     try:
         item = httpx.get(f"{second.url}/v1/review/items/{item_id}")
         assert item.status_code == 200 and item.json()["status"] == "pending"
-        assert httpx.get(f"{second.url}/v1/review/items/{item_id}/image").content == photos_png["astronaut"]
+        assert httpx.get(f"{second.url}/v1/review/items/{item_id}/image").content == stored
     finally:
         second.stop()
 

@@ -12,7 +12,7 @@ import threading
 import pytest
 
 from policies.budgets import BudgetLedger
-from policies.review_queue import MIGRATIONS, STORE, ReviewQueue
+from policies.review_queue import ITEM_COLUMNS, MIGRATIONS, STORE, ReviewQueue
 from visionroute.errors import ConfigError
 from visionroute.migrations import Migration, migrate, schema_version, sql_statements
 from visionroute.state import Database, PostgresDatabase, SqliteDatabase, StateConfig
@@ -156,10 +156,12 @@ def old_database(root, *, added_columns: bool = True) -> None:
 
 
 def dump(path) -> dict[str, list[tuple]]:
+    """Every row of the old release's tables, in its columns (later versions add columns)."""
     db = sqlite3.connect(path)
     try:
+        columns = {"items": ITEM_COLUMNS, "audit": "*", "label_sets": "*"}
         return {
-            table: db.execute(f"SELECT * FROM {table} ORDER BY 1").fetchall()
+            table: db.execute(f"SELECT {columns[table]} FROM {table} ORDER BY 1").fetchall()
             for table in ("items", "audit", "label_sets")
         }
     finally:

@@ -26,7 +26,7 @@ def test_items_and_images_survive_reopening(tmp_path):
     item = enqueue(ReviewQueue(tmp_path), "r1", b"\x89PNG...")
     reopened = ReviewQueue(tmp_path)
     assert [i.id for i in reopened.list_items()] == [item.id]
-    assert reopened.blobs.get(item.image_sha256) == b"\x89PNG..."
+    assert reopened.blobs.get(item.shown_ref) == b"\x89PNG..."
 
 
 def test_enqueue_is_idempotent_on_request_id(tmp_path):

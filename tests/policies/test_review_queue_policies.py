@@ -136,7 +136,7 @@ def test_retention_deletes_images_keeps_labels_and_audit(tmp_path):
     )
     result = queue.purge_images(ttl_s=1.0, now=time.time() + 10)
     assert result == {"items": 2, "images_deleted": 2}
-    assert not queue.blobs.path(labelled.image_sha256).exists()
+    assert not queue.blobs.path(labelled.shown_ref).exists()
     after = queue.get(labelled.id)
     assert after.label["label"] == "dog" and after.image_deleted_at is not None
     assert queue.get(pending.id).status == "expired"

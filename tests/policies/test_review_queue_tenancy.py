@@ -6,6 +6,7 @@ import hashlib
 
 import pytest
 
+from policies.review_blobs import BlobRef, blob_scope
 from policies.review_queue import ReviewQueue
 from visionroute.errors import Conflict
 
@@ -55,7 +56,7 @@ def test_a_request_id_reused_for_other_work_is_a_conflict_and_stores_nothing(tmp
     assert error.value.field == "request_id" and first.id in error.value.reason
     assert [item.id for item in queue.iter_all()] == [first.id]
     if "image" in change:  # the refused image was never written
-        assert not queue.blobs.path(hashlib.sha256(image).hexdigest()).exists()
+        assert not queue.blobs.path(BlobRef(blob_scope("acme"), hashlib.sha256(image).hexdigest())).exists()
 
 
 def test_stats_and_audit_outcomes_of_one_tenant(tmp_path):

@@ -139,7 +139,7 @@ def test_purge_deletes_old_images_once_no_item_needs_them(queue):
     with pytest.raises(NotFound, match="retention"):
         queue.image(old_a.id)
     with pytest.raises(NotFound):
-        queue.blobs.get(old_a.image_sha256)
+        queue.blobs.get(old_a.shown_ref)
     assert queue.get(old_a.id).status == "expired"  # pending without an image: nobody can review it
     assert queue.get(old_b.id).label == {"label": "cat"}  # labels stay
     assert queue.image(fresh.id) == b"image of c"
