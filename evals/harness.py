@@ -22,6 +22,7 @@ from cascades.calibration import Calibrator, arrays_sha256, fit_classifier
 from evals.frontier import cascade_frontier
 from evals.metrics import Accuracy, CalibrationError, PerClassPRF, RiskCoverage, TopKAccuracy
 from evals.slicing import MetricSuite, bucket
+from policies.certify import certify_split
 from policies.risk_control import (
     RiskCertificate,
     TierCosts,
@@ -29,8 +30,6 @@ from policies.risk_control import (
     TierPlan,
     binomial_p_value,
     choose_tier_thresholds,
-    learn_then_test,
-    threshold_grid,
 )
 
 
@@ -144,17 +143,21 @@ def calibrate(
     confidence = calibrated[np.arange(len(data)), prediction]
     cheap_error = prediction != data.labels
 
-    grid = threshold_grid(confidence[fit_rows], n_test=len(certify_rows), alpha=alpha, delta=delta)
-    certificate = learn_then_test(
+    # The fit rows also place the sequence's start where the test is likely to pass
+    # (policies.certify): the certify rows stay untouched until the test itself.
+    certification = certify_split(
+        confidence[fit_rows],
+        cheap_error[fit_rows],
         confidence[certify_rows],
         cheap_error[certify_rows],
         alpha=alpha,
         delta=delta,
-        thresholds=grid,
         p_value=p_value,
     )
+    certificate = certification.certificate
     document = {
         **certificate.to_dict(),
+        "certify_method": certification.method,
         "created_at": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
         "certify_data_sha256": arrays_sha256(
             confidence[certify_rows].astype(np.float32), cheap_error[certify_rows]

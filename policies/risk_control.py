@@ -102,6 +102,26 @@ def _p_value(kind: str, n_errors: int, n: int, alpha: float) -> float:
     raise ConfigError(f"unknown p-value {kind!r}; expected one of {list(P_VALUES)}", field="p_value")
 
 
+def p_values(kind: str, n_errors: np.ndarray, n: np.ndarray, alpha: float) -> np.ndarray:
+    """``_p_value`` over arrays of counts at once (one scipy call instead of one per candidate)."""
+    from scipy import stats
+
+    n_errors = np.asarray(n_errors, np.int64)
+    n = np.asarray(n, np.int64)
+    if kind == "binomial":
+        p = stats.binom.cdf(n_errors, n, alpha)
+    elif kind == "hoeffding_bentkus":
+        risk_hat = n_errors / np.maximum(n, 1)
+        r = np.minimum(risk_hat, alpha)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            kl = np.where(r > 0, r * np.log(r / alpha), 0.0) + (1 - r) * np.log((1 - r) / (1 - alpha))
+        bentkus = math.e * stats.binom.cdf(np.ceil(n * risk_hat), n, alpha)
+        p = np.minimum(np.minimum(np.exp(-n * kl), bentkus), 1.0)
+    else:
+        raise ConfigError(f"unknown p-value {kind!r}; expected one of {list(P_VALUES)}", field="p_value")
+    return np.where(n > 0, p, 1.0)  # nothing accepted: no evidence either way
+
+
 def _check_targets(alpha: float, delta: float) -> None:
     if not 0 < alpha < 1:
         raise ConfigError(f"alpha must be in (0, 1), got {alpha}", field="alpha")
@@ -270,21 +290,18 @@ def learn_then_test(
     cum_errors = np.concatenate([[0], np.cumsum(is_error[order])])
     n_accepted_at = np.searchsorted(-sorted_scores, -grid, side="right")  # count of scores >= t
 
-    chosen = None
-    n_certified = 0
-    for index, threshold in enumerate(grid):
-        n_acc = int(n_accepted_at[index])
-        n_err = int(cum_errors[n_acc])
-        p = _p_value(p_value, n_err, n_acc, alpha)
-        if p > delta:
-            break  # fixed-sequence testing: the first failure ends the sequence
-        n_certified += 1
-        chosen = (float(threshold), n_acc, n_err, p)
+    p = p_values(p_value, cum_errors[n_accepted_at], n_accepted_at, alpha)
+    failed = np.flatnonzero(p > delta)
+    # fixed-sequence testing: the first failure ends the sequence
+    n_certified = int(failed[0]) if len(failed) else len(grid)
 
     n = len(scores)
-    if chosen is None:
+    if n_certified == 0:
         return RiskCertificate(alpha, delta, n, None, 0.0, 0, 0, 0.0, 0.0, 1.0, p_value, len(grid), 0)
-    threshold, n_acc, n_err, p = chosen
+    last = n_certified - 1
+    threshold, p = float(grid[last]), float(p[last])
+    n_acc = int(n_accepted_at[last])
+    n_err = int(cum_errors[n_acc])
     return RiskCertificate(
         alpha=alpha,
         delta=delta,

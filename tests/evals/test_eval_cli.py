@@ -85,7 +85,7 @@ def test_calibrate_eval_gate_and_bench_on_digits(home, capsys):
     )
     assert "'ink=light'" in capsys.readouterr().err
 
-    assert main(["bench", "calibration", "--splits", "10"]) == 0
+    assert main(["bench", "calibration", "--splits", "10", "--power-splits", "20", "--sizes", "250"]) == 0
     printed = capsys.readouterr().out
     assert (
         "1. ECE" in printed and "2. validity" in printed and "3. fraction sent to the strong tier" in printed
