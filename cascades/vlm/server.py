@@ -2,6 +2,7 @@
 ``visionroute bench vlm`` and the integration tests use it.
 
     server = start_tiny_vllm_server()   # builds the venv and the tiny LLaVA if missing
+    server = start_digits_vllm_server() # or the LLaVA trained on the digits (cascades/vlm/train_digits.py)
     VlmConfig(endpoint=server.base_url, model=server.model, ...)
     server.stop()                       # or use it as a context manager
 
@@ -11,19 +12,23 @@ loopback port, with its log in ``work_dir()/logs``. ``kill()`` is SIGKILL for fa
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import numpy as np
 
 from visionroute.errors import BackendUnavailable, ConfigError
 
@@ -31,6 +36,8 @@ log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY_LLAVA_SCRIPT = Path(__file__).with_name("tiny_llava.py")
+DIGITS_TRAINER_SCRIPT = Path(__file__).with_name("train_digits.py")
+MANIFEST = "visionroute_build.json"
 
 
 def vllm_venv_dir() -> Path:
@@ -80,6 +87,94 @@ def ensure_tiny_llava(out_dir: Path | None = None, *, python: Path | None = None
     )
     if result.returncode != 0:
         raise ConfigError(f"building the tiny LLaVA failed: {result.stderr[-2000:]}", field="model")
+    return out_dir
+
+
+def digits_llava_inputs(seed: int | None = None) -> tuple[np.ndarray, np.ndarray, str]:
+    """What the digits LLaVA learns from: the digits tiers' training images (n, 8, 8) and labels
+    (``evals.digits.load_split``), and the VLM stage's classify prompt for the labels 0..9."""
+    from cascades.vlm.config import VlmConfig
+    from cascades.vlm.prompts import TASKS
+    from cascades.vlm.train_digits import LABELS, SEED
+    from evals.digits import load_split
+
+    split = load_split(SEED if seed is None else seed)
+    prompt = TASKS["classify"].prompt(VlmConfig(task="classify", labels=LABELS), {})
+    return split.images_train[:, 0], split.labels_train, prompt
+
+
+def read_manifest(model_dir: Path) -> dict | None:
+    """A built model's ``visionroute_build.json`` (version, sha256, ...), or None if missing."""
+    path = Path(model_dir) / MANIFEST
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def model_version(model_dir: Path) -> str:
+    """``<build_version>@sha256:<16 hex>``: what ``VlmConfig.model_version`` stamps on each step."""
+    manifest = read_manifest(model_dir)
+    if manifest is None:
+        raise ConfigError(f"{Path(model_dir) / MANIFEST} is missing or unreadable", field="model")
+    return f"{manifest['build_version']}@sha256:{manifest['weights_sha256'][:16]}"
+
+
+def ensure_digits_llava(
+    out_dir: Path | None = None,
+    *,
+    python: Path | None = None,
+    seed: int | None = None,
+    timeout_s: float = 1200.0,
+) -> Path:
+    """Train the tiny LLaVA on the digits (``cascades/vlm/train_digits.py``, ~70 CPU-seconds) with
+    the vLLM venv's torch, unless ``out_dir`` holds a model of this ``BUILD_VERSION`` trained on
+    these exact inputs (images, labels, prompt: ``inputs_sha256`` in the manifest).
+
+    Trains into a sibling folder and swaps it in, under a lock, so concurrent callers train once
+    and nobody serves a half-written model.
+    """
+    from cascades.vlm.train_digits import BUILD_VERSION, SEED, inputs_sha256
+
+    seed = SEED if seed is None else seed
+    default_name = "digits-llava" if seed == SEED else f"digits-llava-seed{seed}"
+    out_dir = Path(out_dir or work_dir() / "models" / default_name)
+    images, labels, prompt = digits_llava_inputs(seed)
+    expected = inputs_sha256(images, labels, prompt, seed)
+
+    def current() -> bool:
+        manifest = read_manifest(out_dir) or {}
+        return manifest.get("build_version") == BUILD_VERSION and manifest.get("inputs_sha256") == expected
+
+    if current():
+        return out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_dir.parent / f".{out_dir.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if current():  # another process trained it while we waited
+            return out_dir
+        python = python or vllm_venv_dir() / "bin" / "python"
+        with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}-", dir=out_dir.parent) as tmp:
+            inputs, built = Path(tmp) / "inputs.npz", Path(tmp) / "model"
+            np.savez(inputs, images=images, labels=labels, prompt=np.array(prompt), seed=np.array(seed))
+            started = time.monotonic()
+            log.info("training the digits LLaVA into %s (about 70 CPU-seconds)", out_dir)
+            result = subprocess.run(
+                [str(python), str(DIGITS_TRAINER_SCRIPT), str(built), str(inputs)],
+                capture_output=True,
+                text=True,
+                timeout=timeout_s,
+                env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
+            )
+            if result.returncode != 0:
+                raise ConfigError(
+                    f"training the digits LLaVA failed (exit {result.returncode}): {result.stderr[-2000:]}",
+                    field="model",
+                )
+            if out_dir.exists():
+                shutil.rmtree(out_dir)
+            os.replace(built, out_dir)
+        log.info("digits LLaVA trained in %.1fs: %s", time.monotonic() - started, model_version(out_dir))
     return out_dir
 
 
@@ -242,6 +337,15 @@ def start_tiny_vllm_server(**kwargs) -> VllmServer:
     python = ensure_vllm_venv()
     model_dir = ensure_tiny_llava(python=python)
     return start_vllm_server(model_dir, served_model_name="tiny-llava", python=python, **kwargs)
+
+
+def start_digits_vllm_server(**kwargs) -> VllmServer:
+    """Venv and digits LLaVA (trained when missing or stale), then a server for it."""
+    from cascades.vlm.train_digits import SERVED_MODEL_NAME
+
+    python = ensure_vllm_venv()
+    model_dir = ensure_digits_llava(python=python)
+    return start_vllm_server(model_dir, served_model_name=SERVED_MODEL_NAME, python=python, **kwargs)
 
 
 if __name__ == "__main__":  # `python -m cascades.vlm.server`: start one and keep it up

@@ -90,29 +90,23 @@ def build_tokenizer(out_dir: Path):
     return fast
 
 
-def build(out_dir: Path) -> Path:
-    import torch
-    from safetensors.torch import load_file, save_file
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
+def llava_config(
+    tokenizer,
+    *,
+    image_size: int = IMAGE_SIZE,
+    patch_size: int = PATCH_SIZE,
+    vision_hidden_size: int = 32,
+):
+    """The tiny LLaVA's config; ``cascades.vlm.train_digits`` reuses it with other image sizes."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(SEED)
-    tokenizer = build_tokenizer(out_dir)
-    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=vision_hidden_size,
+        intermediate_size=2 * vision_hidden_size,
         num_hidden_layers=2,
         num_attention_heads=2,
-        image_size=IMAGE_SIZE,
-        patch_size=PATCH_SIZE,
+        image_size=image_size,
+        patch_size=patch_size,
         projection_dim=32,
     )
     text = LlamaConfig(
@@ -128,15 +122,42 @@ def build(out_dir: Path) -> Path:
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
-    config = LlavaConfig(
+    return LlavaConfig(
         vision_config=vision,
         text_config=text,
-        image_token_index=image_token_id,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
     )
-    model = LlavaForConditionalGeneration(config).eval()
+
+
+def make_processor(tokenizer, image_size: int, patch_size: int):
+    """The processor vLLM builds prompts and pixels with (resize, crop, CLIP normalisation)."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's class token, dropped by the "default" strategy
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def save_for_vllm(model, tokenizer, out_dir: Path) -> int:
+    """Write weights, processor and tokenizer the way vLLM's LLaVA loader reads them.
+
+    Returns how many vision-tower keys were renamed (see below).
+    """
+    from safetensors.torch import load_file, save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
 
     # transformers 5 writes CLIP vision keys as vision_tower.embeddings...; vLLM's LLaVA loader
@@ -166,32 +187,33 @@ def build(out_dir: Path) -> Path:
         }
         index.write_text(json.dumps(data, indent=2))
 
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": IMAGE_SIZE},
-        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-    )
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=PATCH_SIZE,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,  # CLIP's class token, dropped by the "default" strategy
-        chat_template=CHAT_TEMPLATE,
-    )
-    processor.save_pretrained(out_dir)
+    vision = model.config.vision_config
+    make_processor(tokenizer, vision.image_size, vision.patch_size).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    return renamed
 
-    params = sum(p.numel() for p in model.parameters())
+
+def weights_sha256(out_dir: Path) -> str:
+    return hashlib.sha256(b"".join(p.read_bytes() for p in sorted(out_dir.glob("*.safetensors")))).hexdigest()
+
+
+def build(out_dir: Path) -> Path:
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(SEED)
+    tokenizer = build_tokenizer(out_dir)
+    model = LlavaForConditionalGeneration(llava_config(tokenizer)).eval()
+    renamed = save_for_vllm(model, tokenizer, out_dir)
     manifest = {
         "build_version": BUILD_VERSION,
         "served_model_name": SERVED_MODEL_NAME,
-        "parameters": params,
+        "parameters": sum(p.numel() for p in model.parameters()),
         "vocab_size": len(tokenizer),
-        "image_token_id": image_token_id,
+        "image_token_id": model.config.image_token_id,
         "renamed_vision_keys": renamed,
-        "weights_sha256": hashlib.sha256(
-            b"".join(p.read_bytes() for p in sorted(out_dir.glob("*.safetensors")))
-        ).hexdigest(),
+        "weights_sha256": weights_sha256(out_dir),
     }
     (out_dir / "visionroute_build.json").write_text(json.dumps(manifest, indent=2))
     return out_dir

