@@ -185,6 +185,7 @@ def _bench_serve(args) -> int:
         indexing=indexing,
         faces=tuple(args.faces),
         intra_op_threads=args.intra_op_threads,
+        redaction=args.redaction,
         quick=args.quick,
         json_path=Path(args.json) if args.json else None,
     )
@@ -249,6 +250,12 @@ def register(subparsers, bench) -> None:
         type=int,
         default=None,
         help="ONNX Runtime threads for raw, floor and service alike (default: the config's)",
+    )
+    serve_bench.add_argument(
+        "--redaction",
+        action="store_true",
+        help="redact faces/text in stored review images as the shipped policy does (default: off, "
+        "the targets are about the cheap path; `bench privacy` measures redaction)",
     )
     serve_bench.add_argument(
         "--quick",

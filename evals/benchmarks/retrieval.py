@@ -129,9 +129,11 @@ def bench_ann(
             tune_s = time.perf_counter() - started
             request = ann.default_params(index, kind_config)
             ann.search(index, kind, queries[:10], k, request)  # warm-up
-            started = time.perf_counter()
-            _, found = ann.search(index, kind, queries, k, request)
-            qps = n_queries / (time.perf_counter() - started)
+            qps = 0.0
+            for _ in range(3):  # best of three: a shared machine's stalls are not the index's cost
+                started = time.perf_counter()
+                _, found = ann.search(index, kind, queries, k, request)
+                qps = max(qps, n_queries / (time.perf_counter() - started))
             if kind == "exact":
                 truth, exact_qps, exact_mb = found, qps, ann.index_bytes(index) / 2**20
             rows.append(

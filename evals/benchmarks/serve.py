@@ -248,8 +248,13 @@ def service_args(
     indexing: bool,
     max_batch_size: int,
     intra_op_threads: int | None,
+    redaction: bool = False,
 ) -> dict[str, Any]:
-    """The shipped serve_config.yaml's args with the bench's placement and indexing."""
+    """The shipped serve_config.yaml's args with the bench's placement and indexing.
+
+    ``redaction`` False keeps faces and text in stored review images (privacy ``keep``): the
+    targets are about the cheap path, and the face and text detectors on the review path are
+    measured by ``visionroute bench privacy``."""
     import yaml
 
     config = yaml.safe_load((Path(__file__).resolve().parents[2] / "serve_config.yaml").read_text())
@@ -260,6 +265,9 @@ def service_args(
     classify.update(placement=placement, max_batch_size=max_batch_size)
     if intra_op_threads is not None:
         classify["tier"]["intra_op_threads"] = intra_op_threads
+    if not redaction:
+        policies = args.setdefault("policies", {})
+        policies["privacy"] = {**policies.get("privacy", {}), "faces": "keep", "text": "keep"}
     retrieval = args.setdefault("retrieval", {})
     retrieval["enabled"] = indexing
     retrieval["index_analysed"] = indexing
@@ -330,6 +338,7 @@ def run_bench(
     indexing: tuple[bool, ...] = (False, True),
     faces: tuple[str, ...] = ("http", "grpc"),
     intra_op_threads: int | None = None,
+    redaction: bool = False,
     quick: bool = False,
     json_path: Path | None = None,
 ) -> dict[str, Any]:
@@ -348,6 +357,10 @@ def run_bench(
     photos = bench_photos()
     print(f"images: {len(photos)} skimage photos as JPEG; {requests} requests per phase, {clients} clients")
     print("all figures from this one run; ratios are the comparable part on a shared machine")
+    print(
+        "privacy redaction of stored review images: "
+        + ("as configured" if redaction else "off (faces/text keep; its cost: `visionroute bench privacy`)")
+    )
     stage = OnnxStage(
         OnnxStageConfig(model="efficientnet_lite0", intra_op_threads=intra_op_threads or 0),
         models_dir=models_dir,
@@ -384,7 +397,13 @@ def run_bench(
                 key = f"{placement}/indexing {'on' if index_on else 'off'}"
                 with tempfile.TemporaryDirectory() as tmp:
                     args = service_args(
-                        models_dir, Path(tmp), placement, index_on, max_batch_size, intra_op_threads
+                        models_dir,
+                        Path(tmp),
+                        placement,
+                        index_on,
+                        max_batch_size,
+                        intra_op_threads,
+                        redaction,
                     )
                     serve.run(build_app(args), name=APP_NAME, route_prefix="/")
                     try:
