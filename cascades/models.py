@@ -158,7 +158,10 @@ def train_digits_cheap(out_dir: Path) -> Path:
     onnx_path = out_dir / f"{DIGITS_NAME}.onnx"
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp_dir:
         tmp_path = export_onnx(
-            train_tier("cheap", load_split(SEED), seed=SEED), Path(tmp_dir) / onnx_path.name, tier="cheap", seed=SEED
+            train_tier("cheap", load_split(SEED), seed=SEED),
+            Path(tmp_dir) / onnx_path.name,
+            tier="cheap",
+            seed=SEED,
         )
         os.replace(tmp_path, onnx_path)
     _write_sidecar(
@@ -169,7 +172,13 @@ def train_digits_cheap(out_dir: Path) -> Path:
             "version": f"digits-cheap:seed={SEED}:train_fraction={TRAIN_FRACTION}:sklearn=={_package_version('scikit-learn')}",
             "licence": "BSD-3-Clause (scikit-learn's digits data)",
             "labels": [str(d) for d in range(10)],
-            "preprocess": {"size_hw": [8, 8], "resize": "stretch", "mean": [0.0], "std": [1.0], "channels": "GRAY"},
+            "preprocess": {
+                "size_hw": [8, 8],
+                "resize": "stretch",
+                "mean": [0.0],
+                "std": [1.0],
+                "channels": "GRAY",
+            },
         },
     )
     return onnx_path
