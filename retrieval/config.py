@@ -94,6 +94,9 @@ class IndexConfig(_Strict):
     # OpenMP threads of a background rebuild (None: all cores but one, at least one), so that
     # searches and writes keep a core while an index is built.
     rebuild_threads: int | None = Field(None, ge=1)
+    # How much a background rebuild lowers its OS priority (Linux nice, that thread only):
+    # the writes and searches beside it come first on a small machine. 0: unchanged.
+    rebuild_nice: int = Field(10, ge=0, le=19)
     # IVF-PQ is trained on the collection; below this many items an explicit "ivfpq" runs exact.
     ivf_min_items: int = Field(10_000, ge=1000)  # PQ codebooks need >= 256 points each
     # Filters matching at most this many items are answered by an exact scan over just them.

@@ -138,6 +138,19 @@ def _write_atomic(path: Path, write) -> None:
     _fsync_dir(path.parent)
 
 
+def _lower_thread_priority(nice: int) -> None:
+    """Linux applies setpriority to one thread when given its id: the rebuild yields the cores
+    to the request threads (and its OpenMP workers, started from it, inherit the value)."""
+    if nice <= 0 or not hasattr(os, "setpriority"):
+        return
+    try:
+        thread = threading.get_native_id()
+        # relative to what the thread has (Ray's workers already run niced): never raised
+        os.setpriority(os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + nice))
+    except OSError as exc:  # a container may forbid it: the rebuild still runs, unniced
+        log.info("could not lower the rebuild thread's priority: %s", exc)
+
+
 def _ops_after(view: StoreReader, seq: int):
     """The log entries after ``seq`` in ``view``; ``_LogTruncated`` when some are gone."""
     if view.truncated_through() > seq:
@@ -668,6 +681,7 @@ class VectorIndex:
         started = time.perf_counter()
         threads = self.config.rebuild_threads or max(1, faiss.omp_get_max_threads() - 1)
         faiss.omp_set_num_threads(threads)  # OpenMP settings are per thread: searches keep theirs
+        _lower_thread_priority(self.config.rebuild_nice)
         store = self._own  # thread-safe: this thread gets its own connection
         index_file = None
         try:

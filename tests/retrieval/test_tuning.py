@@ -135,3 +135,23 @@ def test_stats_report_the_tuned_parameters(tmp_path):
     assert reopened.stats()["tuning"] == tuning  # kept in the snapshot's manifest
     assert reopened.stats()["search_params"] == stats["search_params"]
     reopened.close()
+
+
+def test_the_rebuild_thread_lowers_only_its_own_priority():
+    import os
+    import threading
+
+    from retrieval.index import _lower_thread_priority
+
+    seen = {}
+
+    def rebuild_like():
+        _lower_thread_priority(7)
+        seen["thread"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    worker = threading.Thread(target=rebuild_like)
+    worker.start()
+    worker.join()
+    assert seen["thread"] == min(19, before + 7)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before  # the caller keeps its own
