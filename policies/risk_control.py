@@ -24,7 +24,9 @@ The candidate grid and its order must not depend on the items the p-values are c
 from an independent split (the one the calibrator was fitted on) and starts where enough test
 items are expected to be accepted to have a chance of rejecting at all.
 
-With three tiers (cheap model, VLM, human), the candidates are pairs of thresholds; they are
+With three tiers (cheap model, VLM, human), the candidates are pairs of thresholds (accept the
+cheap answer, send to a human), or triples when the VLM's calibrated confidence is known (a third
+threshold accepts the VLM's answer; below it the escalated item goes to a human); they are
 ordered on the independent split by estimated risk along their risk-cost Pareto front and then
 tested the same way (Pareto Testing: Laufer-Goldshtein, Fisch, Barzilay and Jaakkola,
 "Efficiently Controlling Multiple Risks with Pareto Testing", ICLR 2023). Of the certified
@@ -335,11 +337,16 @@ class TierCosts(BaseModel):
 @dataclass(frozen=True)
 class TierOutcomes:
     """Per item: the cheap tier's calibrated confidence and whether each tier's answer is wrong.
-    A human reviewer is taken to be right; the review cost is what that costs."""
+    A human reviewer is taken to be right; the review cost is what that costs.
+
+    ``strong_score`` (optional): the VLM's calibrated confidence in its answer; NaN where the VLM
+    gave no valid answer (such an item always goes to review). With it the plan also certifies
+    the VLM's accept threshold; without it every escalated VLM answer counts as accepted."""
 
     cheap_score: np.ndarray
     cheap_error: np.ndarray
     strong_error: np.ndarray
+    strong_score: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         score, cheap = _as_scores_and_errors(self.cheap_score, self.cheap_error)
@@ -351,28 +358,53 @@ class TierOutcomes:
         object.__setattr__(self, "cheap_score", score)
         object.__setattr__(self, "cheap_error", cheap)
         object.__setattr__(self, "strong_error", strong)
+        if self.strong_score is not None:
+            strong_score = np.asarray(self.strong_score, np.float64)
+            if strong_score.shape != score.shape:
+                raise InputError(
+                    f"strong_score must have shape {score.shape}, got {strong_score.shape}",
+                    field="strong_score",
+                )
+            if np.isinf(strong_score).any():
+                raise InputError(
+                    "strong_score contains infinity (NaN marks an item without a VLM answer)",
+                    field="strong_score",
+                )
+            object.__setattr__(self, "strong_score", strong_score)
 
     def __len__(self) -> int:
         return len(self.cheap_score)
 
+    @property
+    def has_strong_score(self) -> bool:
+        return self.strong_score is not None
+
     def subset(self, rows: np.ndarray) -> TierOutcomes:
-        return TierOutcomes(self.cheap_score[rows], self.cheap_error[rows], self.strong_error[rows])
+        strong_score = None if self.strong_score is None else self.strong_score[rows]
+        return TierOutcomes(
+            self.cheap_score[rows], self.cheap_error[rows], self.strong_error[rows], strong_score
+        )
 
 
 @dataclass(frozen=True)
 class TierPlan:
-    """accept the cheap answer when score >= accept_threshold; escalate to the VLM (and accept
-    its answer) when review_threshold <= score < accept_threshold; send to a human below
-    review_threshold. Infeasible plans review everything.
+    """accept the cheap answer when score >= accept_threshold; escalate to the VLM when
+    review_threshold <= score < accept_threshold; send to a human below review_threshold.
+    An escalated item's VLM answer is accepted when its calibrated confidence is at least
+    ``vlm_accept_threshold`` and goes to a human otherwise; ``vlm_accept_threshold`` None (a
+    plan made without the VLM's scores) accepts every VLM answer. Infeasible plans review
+    everything.
 
     ``decide`` is the service's rule (``policies.thresholds.decide``) with a VLM available:
-    ``review_threshold`` plays the policy's ``escalate_threshold``."""
+    ``review_threshold`` plays the policy's ``escalate_threshold``. ``decide_vlm`` is the
+    service's rule after the VLM (``policies.vlm_decision.decide_after_vlm``)."""
 
     accept_threshold: float
     review_threshold: float
     expected_cost_units: float  # per item, on the test split
     rates: dict[str, float]  # fraction accepted from cheap / escalated / reviewed
     certificate: RiskCertificate
+    vlm_accept_threshold: float | None = None  # inf: never accept the VLM's answer
     empty_result: ClassVar[str] = "review"  # a plan is over scores; it never sees an empty answer
 
     @property
@@ -383,13 +415,27 @@ class TierPlan:
         """The decision ("accept", "escalate" or "review") for the cheap tier's calibrated score."""
         return decide(score, self, vlm_available=True)[0].value
 
+    def decide_vlm(self, strong_score: float | None) -> str:
+        """The decision ("accept" or "review") for an escalated item's VLM answer, from the VLM's
+        calibrated confidence (None or NaN: no valid answer). The cheap tier's disagreement is
+        not part of the plan: a service that certifies with it sets its margin to 1."""
+        from policies.vlm_decision import VlmOutcome, VlmPolicy, decide_after_vlm
+
+        if self.vlm_accept_threshold is None:
+            return "accept"  # the plan was made without the VLM's scores: every answer counts
+        confidence = None if strong_score is None or math.isnan(strong_score) else float(strong_score)
+        policy = VlmPolicy("plan", self.vlm_accept_threshold, 1.0)
+        return decide_after_vlm(VlmOutcome("answer", confidence), policy)[0].value
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe: accept_threshold "inf" means never accept the cheap answer, review_threshold
-        "-inf" never send to a human."""
+        "-inf" never send to a human, vlm_accept_threshold "inf" never accept the VLM's answer
+        (None: a plan made without the VLM's scores, which accepts every VLM answer)."""
         return _json_safe(
             {
                 "accept_threshold": self.accept_threshold,
                 "review_threshold": self.review_threshold,
+                "vlm_accept_threshold": self.vlm_accept_threshold,
                 "expected_cost_units": self.expected_cost_units,
                 "rates": dict(self.rates),
                 "certificate": self.certificate.to_dict(),
@@ -397,11 +443,22 @@ class TierPlan:
         )
 
 
-def _plan_stats(data: TierOutcomes, accept_t: np.ndarray, review_t: np.ndarray, costs: TierCosts):
-    """Vectorised over candidate pairs: (n_auto, n_errors, n_escalated, n_reviewed) per pair.
+def _plan_stats(
+    data: TierOutcomes,
+    accept_t: np.ndarray,
+    review_t: np.ndarray,
+    costs: TierCosts,
+    vlm_t: np.ndarray | None = None,
+):
+    """Vectorised over candidates: (n_auto, n_errors, n_escalated, n_reviewed, cost per item).
 
-    The same comparisons as ``TierPlan.decide`` (``policies.thresholds.decide`` with a VLM),
-    over arrays for speed; tests/policies/test_decide_agreement.py holds the two equal."""
+    The same comparisons as ``TierPlan.decide`` (``policies.thresholds.decide`` with a VLM) and,
+    with ``vlm_t``, ``TierPlan.decide_vlm``, over arrays for speed; tests/policies/
+    test_decide_agreement.py and test_three_tier_vlm.py hold them equal. ``n_reviewed`` counts every item a
+    human sees: those below the review threshold and escalated items whose VLM answer is not
+    accepted (they pay for the VLM and the human)."""
+    if vlm_t is not None:
+        return _plan_stats_with_vlm(data, accept_t, review_t, costs, vlm_t)
     s = data.cheap_score[None, :]
     cheap_ok = s >= accept_t[:, None]
     escalated = (s >= review_t[:, None]) & ~cheap_ok
@@ -410,6 +467,51 @@ def _plan_stats(data: TierOutcomes, accept_t: np.ndarray, review_t: np.ndarray, 
     n_auto = (cheap_ok | escalated).sum(1)
     cost = costs.cheap + (costs.escalate * escalated.sum(1) + costs.review * reviewed.sum(1)) / len(data)
     return n_auto, n_err, escalated.sum(1), reviewed.sum(1), cost
+
+
+def _plan_stats_with_vlm(data: TierOutcomes, accept_t, review_t, costs: TierCosts, vlm_t):
+    """``_plan_stats`` for triples without a (candidates x items) array per triple: the cheap
+    tier's counts per distinct (accept, review) pair, the VLM's per pair and distinct VLM level
+    as one matrix product (escalated items x items whose VLM score passes), then gathered."""
+    pairs, pair_of = np.unique(np.stack([accept_t, review_t], axis=1), axis=0, return_inverse=True)
+    levels, level_of = np.unique(vlm_t, return_inverse=True)
+    pair_of, level_of = pair_of.reshape(-1), level_of.reshape(-1)
+    s = data.cheap_score[None, :]
+    cheap_ok = s >= pairs[:, :1]
+    escalated = (s >= pairs[:, 1:]) & ~cheap_ok
+    with np.errstate(invalid="ignore"):  # NaN (no VLM answer) >= t is False: review
+        passes = (data.strong_score[None, :] >= levels[:, None]).astype(np.float64).T  # items x levels
+    # exact: integer counts far below 2**53
+    vlm_ok = np.rint(escalated.astype(np.float64) @ passes).astype(np.int64)
+    vlm_err = np.rint((escalated & data.strong_error).astype(np.float64) @ passes).astype(np.int64)
+    n_cheap, cheap_err = cheap_ok.sum(1), (cheap_ok & data.cheap_error).sum(1)
+    n_auto = n_cheap[pair_of] + vlm_ok[pair_of, level_of]
+    n_err = cheap_err[pair_of] + vlm_err[pair_of, level_of]
+    n_escalated = escalated.sum(1)[pair_of]
+    n_reviewed = len(data) - n_auto
+    cost = costs.cheap + (costs.escalate * n_escalated + costs.review * n_reviewed) / len(data)
+    return n_auto, n_err, n_escalated, n_reviewed, cost
+
+
+def _candidate_thresholds(fit: TierOutcomes, n_points: int):
+    """(accept, review, vlm_accept) candidates from the fit split's quantiles; vlm_accept is None
+    without the VLM's scores. ``-inf`` / ``inf`` levels mean always / never."""
+    grid = np.unique(np.quantile(fit.cheap_score, np.linspace(0, 1, n_points), method="higher"))
+    levels = np.concatenate([[-np.inf], grid, [np.inf]])  # -inf: never review; inf: never accept cheap
+    accept_t, review_t = (a.ravel() for a in np.meshgrid(levels, levels, indexing="ij"))
+    keep = review_t <= accept_t
+    accept_t, review_t = accept_t[keep], review_t[keep]
+    if not fit.has_strong_score:
+        return accept_t, review_t, None
+    answered = fit.strong_score[~np.isnan(fit.strong_score)]
+    vlm_grid = (
+        np.unique(np.quantile(answered, np.linspace(0, 1, n_points), method="higher"))
+        if len(answered)
+        else np.array([])
+    )
+    vlm_levels = np.concatenate([[-np.inf], vlm_grid, [np.inf]])  # -inf: every answer; inf: none
+    pair = np.repeat(np.arange(len(accept_t)), len(vlm_levels))
+    return accept_t[pair], review_t[pair], np.tile(vlm_levels, len(accept_t))
 
 
 def _pareto_order(risk: np.ndarray, cost: np.ndarray) -> np.ndarray:
@@ -433,20 +535,22 @@ def choose_tier_thresholds(
     n_points: int = 40,
     p_value: PValue = "binomial",
 ) -> TierPlan:
-    """Escalate and review thresholds of least expected cost whose auto-accepted error is
+    """Escalate and review thresholds (and, when ``fit`` and ``test`` carry the VLM's calibrated
+    scores, the VLM's accept threshold) of least expected cost whose auto-accepted error is
     certified <= alpha at level delta (Pareto Testing over LTT; see the module docstring).
 
     ``fit`` orders the candidates (independent of ``test``, e.g. the calibrator's fit split);
     ``test`` carries the p-values.
     """
     _check_targets(alpha, delta)
-    grid = np.unique(np.quantile(fit.cheap_score, np.linspace(0, 1, n_points), method="higher"))
-    levels = np.concatenate([[-np.inf], grid, [np.inf]])  # -inf: never review; inf: never accept cheap
-    accept_t, review_t = (a.ravel() for a in np.meshgrid(levels, levels, indexing="ij"))
-    keep = review_t <= accept_t
-    accept_t, review_t = accept_t[keep], review_t[keep]
+    if fit.has_strong_score != test.has_strong_score:
+        raise InputError(
+            "fit and test must both carry strong_score (the VLM's calibrated confidence) or neither",
+            field="strong_score",
+        )
+    accept_t, review_t, vlm_t = _candidate_thresholds(fit, n_points)
 
-    n_auto, n_err, _, _, fit_cost = _plan_stats(fit, accept_t, review_t, costs)
+    n_auto, n_err, _, _, fit_cost = _plan_stats(fit, accept_t, review_t, costs, vlm_t)
     # Candidates that would accept too few test items can never be certified; drop them so
     # they do not end the sequence (decided from fit only, so the order stays independent).
     expected_test_auto = n_auto / len(fit) * len(test)
@@ -454,37 +558,41 @@ def choose_tier_thresholds(
     fit_risk = np.where(n_auto > 0, n_err / np.maximum(n_auto, 1), 0.0)
     candidates = np.flatnonzero(usable)[_pareto_order(fit_risk[usable], fit_cost[usable])]
 
-    t_auto, t_err, t_esc, t_rev, t_cost = _plan_stats(test, accept_t[candidates], review_t[candidates], costs)
-    certified = []
-    for k in range(len(candidates)):
-        p = _p_value(p_value, int(t_err[k]), int(t_auto[k]), alpha)
-        if p > delta:
-            break
-        certified.append((k, p))
+    t_vlm = None if vlm_t is None else vlm_t[candidates]
+    t_auto, t_err, t_esc, t_rev, t_cost = _plan_stats(
+        test, accept_t[candidates], review_t[candidates], costs, t_vlm
+    )
+    p = p_values(p_value, t_err, t_auto, alpha)
+    failed = np.flatnonzero(p > delta)
+    n_certified = int(failed[0]) if len(failed) else len(candidates)  # fixed sequence: stop at a failure
+    certified = [(k, float(p[k])) for k in range(n_certified)]
 
     n = len(test)
+    method = "pareto testing over learn-then-test, fixed-sequence"
     if not certified:
         cert = RiskCertificate(
-            alpha,
-            delta,
-            n,
-            None,
-            0.0,
-            0,
-            0,
-            0.0,
-            0.0,
-            1.0,
-            p_value,
-            len(candidates),
-            0,
-            method="pareto testing over learn-then-test, fixed-sequence",
+            alpha, delta, n, None, 0.0, 0, 0, 0.0, 0.0, 1.0, p_value, len(candidates), 0, method=method
         )
+        never_vlm = np.inf if vlm_t is not None else None
         return TierPlan(
-            np.inf, np.inf, costs.cheap + costs.review, {"accept": 0.0, "escalate": 0.0, "review": 1.0}, cert
+            np.inf,
+            np.inf,
+            costs.cheap + costs.review,
+            {"accept": 0.0, "escalate": 0.0, "review": 1.0},
+            cert,
+            never_vlm,
         )
-    k, p = min(certified, key=lambda kp: (t_cost[kp[0]], kp[0]))
+    k, p_k = min(certified, key=lambda kp: (t_cost[kp[0]], kp[0]))
     index = candidates[k]
+    vlm_accept = None if vlm_t is None else float(vlm_t[index])
+    extra = {"accept_threshold": float(accept_t[index]), "review_threshold": float(review_t[index])}
+    score = "cheap tier's calibrated confidence (accepted by the cheap tier or the VLM)"
+    if vlm_accept is not None:
+        extra["vlm_accept_threshold"] = vlm_accept
+        score = (
+            "cheap tier's calibrated confidence (accepted by the cheap tier, or by the VLM when its "
+            "calibrated confidence >= vlm_accept_threshold)"
+        )
     cert = RiskCertificate(
         alpha=alpha,
         delta=delta,
@@ -495,17 +603,21 @@ def choose_tier_thresholds(
         n_errors=int(t_err[k]),
         empirical_risk=int(t_err[k]) / int(t_auto[k]),
         risk_upper_bound=clopper_pearson_upper(int(t_err[k]), int(t_auto[k]), delta),
-        p_value=p,
+        p_value=p_k,
         p_value_method=p_value,
         n_candidates=len(candidates),
         n_certified=len(certified),
-        method="pareto testing over learn-then-test, fixed-sequence",
-        score="cheap tier's calibrated confidence (accepted by the cheap tier or the VLM)",
-        extra={"accept_threshold": float(accept_t[index]), "review_threshold": float(review_t[index])},
+        method=method,
+        score=score,
+        extra=extra,
     )
+    n_cheap = int((test.cheap_score >= accept_t[index]).sum())
     rates = {
-        "accept": float(1 - (t_esc[k] + t_rev[k]) / n),
+        "accept": n_cheap / n,  # the cheap tier's answer accepted
         "escalate": float(t_esc[k] / n),
-        "review": float(t_rev[k] / n),
+        "review": float(t_rev[k] / n),  # every item a human sees
     }
-    return TierPlan(float(accept_t[index]), float(review_t[index]), float(t_cost[k]), rates, cert)
+    if vlm_accept is not None:
+        # accept + vlm_accept + review = 1; escalate = vlm_accept + the escalated items reviewed
+        rates["vlm_accept"] = float((t_auto[k] - n_cheap) / n)
+    return TierPlan(float(accept_t[index]), float(review_t[index]), float(t_cost[k]), rates, cert, vlm_accept)

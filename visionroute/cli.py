@@ -41,6 +41,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "vlm": ("cascades.vlm.cli", "the VLM tier's local vLLM server"),
     "serve": ("router.cli", "prepare the default models and start the service on Ray Serve"),
     "check-config": ("router.cli", "validate a Ray Serve config: VisionRoute args, models, bind"),
+    "example": ("router.cli", "build, certify and serve a worked example"),
     "db": ("router.db_cli", "the durable stores: schema status, migrate, copy SQLite -> PostgreSQL"),
     "review": ("policies.cli", "the human-review queue: export labels, purge images, stats"),
     "budgets": ("policies.cli", "budget use in the current windows and cost totals"),

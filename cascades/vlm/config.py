@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 # The prompt/schema kinds the VLM tier knows (cascades.vlm.prompts.TASKS is keyed by these).
 VlmTask = Literal["classify", "verify", "read_text"]
@@ -69,12 +69,51 @@ class VlmConfig(BaseModel):
     cost_per_1k_completion_tokens: float = Field(0.0, ge=0.0)
     policy_version: str = Field("vlm-decision-v1", min_length=1)
     accept_threshold: float = Field(0.5, ge=0.0, le=1.0, description="least answer confidence that accepts")
+    calibration: str | None = Field(
+        None,
+        description="path to a calibration artefact (Platt or isotonic, cascades.calibration.fit_detector, "
+        "class names = the answers) applied to the logprob confidence before accept_threshold",
+    )
+    accept_threshold_from_certificate: bool = Field(
+        False,
+        description="take the accept threshold from the calibration artefact's three-tier certificate "
+        "(three_tier.vlm_accept_threshold) instead of accept_threshold",
+    )
     disagreement_margin: float = Field(
         0.3, ge=0.0, le=1.0, description="most the cheap tier may prefer its own answer over the VLM's"
     )
 
+    @field_validator("calibration")
+    @classmethod
+    def _loadable_calibration(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        from cascades.vlm.calibration import load_vlm_calibrator
+        from visionroute.errors import ConfigError
+
+        try:
+            load_vlm_calibrator(
+                value, task=info.data.get("task", "classify"), labels=info.data.get("labels", ())
+            )
+        except ConfigError as exc:
+            raise ValueError(exc.reason.removeprefix("calibration: ")) from None
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> VlmConfig:
+        if self.accept_threshold_from_certificate:
+            if self.calibration is None:
+                raise ValueError(
+                    "accept_threshold_from_certificate needs calibration (an artefact with a certificate)"
+                )
+            from cascades.vlm.calibration import certified_accept_threshold, load_vlm_calibrator
+            from visionroute.errors import ConfigError
+
+            try:
+                calibrator = load_vlm_calibrator(self.calibration, task=self.task, labels=self.labels)
+                certified_accept_threshold(calibrator, self.calibration)
+            except ConfigError as exc:
+                raise ValueError(exc.reason) from None
         if self.task == "classify":
             if len(self.labels) < 2:
                 raise ValueError(f"task 'classify' needs at least 2 labels, got {list(self.labels)}")

@@ -74,7 +74,16 @@ class VlmStage:
 
     def __init__(self, config: VlmConfig, backend: VlmBackend | None = None) -> None:
         self.config = config
-        self.policy = VlmPolicy(config.policy_version, config.accept_threshold, config.disagreement_margin)
+        self.calibrator = None
+        accept_threshold, version = config.accept_threshold, config.policy_version
+        if config.calibration is not None:
+            from cascades.vlm.calibration import certified_accept_threshold, load_vlm_calibrator
+
+            self.calibrator = load_vlm_calibrator(config.calibration, task=config.task, labels=config.labels)
+            if config.accept_threshold_from_certificate:
+                accept_threshold = certified_accept_threshold(self.calibrator, config.calibration)
+                version = f"{version}+{self.calibrator.artifact_id}"
+        self.policy = VlmPolicy(version, accept_threshold, config.disagreement_margin)
         self.backend = backend if backend is not None else make_backend(config)
         self._executor: ThreadPoolExecutor | None = None
 
@@ -133,6 +142,8 @@ class VlmStage:
             else config.in_process.model_path
         )
         details: dict[str, Any] = {"task": config.task, "backend": config.backend, "endpoint": where}
+        if self.calibrator is not None:  # named even when no answer came back to calibrate
+            details["calibration"] = self.calibrator.artifact_id
         completion: VlmCompletion | None = None
         context: dict[str, Any] = {}
         try:
@@ -150,6 +161,7 @@ class VlmStage:
             confidence = span_confidence(
                 completion.content, completion.tokens, span, TASKS[config.task].confidence
             )
+            confidence = self._calibrated(answer, confidence, details)
             disagreement = self._disagreement(analysis, context, answer)
             outcome = VlmOutcome(answer, confidence, disagreement)
         except VlmBackendError as exc:
@@ -186,6 +198,19 @@ class VlmStage:
         if decision is Decision.ACCEPT:
             self._set_answer(analysis, context, outcome)
         return analysis
+
+    def _calibrated(self, answer: str, raw: float | None, details: dict[str, Any]) -> float | None:
+        """The confidence the accept threshold is compared with: ``raw`` mapped by the
+        calibration artefact, if one is configured; both scores and the artefact go in the step."""
+        if self.calibrator is None or raw is None:
+            return raw
+        from cascades.vlm.calibration import answer_names, calibrated_confidence
+
+        names = answer_names(self.config.task, self.config.labels)
+        answer_id = names.index(answer) if names is not None and answer in names else -1
+        calibrated = calibrated_confidence(self.calibrator, raw, answer_id)
+        details.update(raw_score=raw, calibrated_score=calibrated, calibration=self.calibrator.artifact_id)
+        return calibrated
 
     def _cost(self, completion: VlmCompletion | None) -> float:
         if completion is None:

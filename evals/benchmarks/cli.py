@@ -87,6 +87,9 @@ def register(subparsers, bench) -> None:
     vlm_digits.add_argument("--model", default="digits-llava", help="served model name with --endpoint")
     vlm_digits.add_argument("--model-dir", help="with --endpoint: the model's folder, for its version")
     vlm_digits.add_argument("--limit", type=int, help="first N calibration and held-out items only")
+    vlm_digits.add_argument(
+        "--splits", type=int, default=200, help="random splits for the three-tier certificate (0: off)"
+    )
     vlm_digits.add_argument("--concurrency", type=int, default=8)
     vlm_digits.add_argument("--image-format", default="jpeg", choices=("jpeg", "png"))
     vlm_digits.add_argument("--models-dir", default=str(paths.models_dir()), help="the cheap tier's model")

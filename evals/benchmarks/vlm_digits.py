@@ -11,7 +11,14 @@ One run, on the same fixed split of scikit-learn's 1,797 digits as the digits ti
   answer's confidence, since the VLM reports only the chosen label's probability);
 - the model's version and sha256, and how long its training took (in this run or when built).
 
-The certification split is not used here: it is reserved for the three-tier certificate.
+The certification split is not used for the figures above: it is reserved for the three-tier
+certificate. With ``--splits N`` (default 200; off with ``--limit``) the VLM also answers it, and
+the three-tier certificate with the VLM's accept threshold (``policies.risk_control``) is
+measured as a rate over N random splits of the 1,079 non-training digits into calibration (270),
+certification (270) and the rest: the share of splits whose accepted error on the rest exceeds
+alpha (the promise: at most delta), the share certified, the coverage (share of the rest answered
+without a human) and the cost, against the previous plan (every escalated VLM answer accepted)
+on the same splits.
 """
 
 from __future__ import annotations
@@ -170,6 +177,95 @@ def calibrated_ece(
     )
 
 
+def three_tier_validity(
+    cheap_raw: np.ndarray,
+    cheap_predicted: np.ndarray,
+    vlm_raw: np.ndarray,
+    vlm_predicted: np.ndarray,
+    labels: np.ndarray,
+    *,
+    n_fit: int,
+    n_certify: int,
+    n_splits: int = 200,
+    alpha: float = 0.05,
+    delta: float = 0.1,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The three-tier certificate over ``n_splits`` random splits of these items (see the module
+    docstring): per split, Platt calibrators for both tiers on the fit rows, thresholds certified
+    on the certify rows, the plan applied to the rest. ``vlm_raw`` is NaN where the VLM gave no
+    answer. Returns the rates for the plan with the VLM threshold ("with_vlm_threshold") and for
+    the previous plan that accepts every escalated answer ("previous")."""
+    from cascades.calibration import fit_detector
+    from policies.risk_control import TierCosts, TierOutcomes, _plan_stats, choose_tier_thresholds
+
+    n = len(labels)
+    if n_fit + n_certify >= n:
+        raise ValueError(f"n_fit + n_certify ({n_fit + n_certify}) must leave items to test (of {n})")
+    costs = TierCosts()
+    cheap_error = cheap_predicted != labels
+    vlm_error = vlm_predicted != labels  # no answer (-1) counts as wrong: it is never accepted
+    answered = ~np.isnan(vlm_raw)
+    rng = np.random.default_rng(seed)
+    runs: dict[str, list[tuple[bool, float, float, float, float]]] = {
+        "with_vlm_threshold": [],
+        "previous": [],
+    }
+    for _ in range(n_splits):
+        order = rng.permutation(n)
+        fit, certify, rest = order[:n_fit], order[n_fit : n_fit + n_certify], order[n_fit + n_certify :]
+        cheap = fit_detector("platt", cheap_raw[fit], cheap_predicted[fit], ~cheap_error[fit], LABELS)
+        cheap_score = cheap.calibrate_scores(cheap_raw, cheap_predicted)
+        fit_answered = fit[answered[fit]]
+        vlm = fit_detector(
+            "platt", vlm_raw[fit_answered], vlm_predicted[fit_answered], ~vlm_error[fit_answered], LABELS
+        )
+        strong_score = np.full(n, np.nan)
+        strong_score[answered] = vlm.calibrate_scores(vlm_raw[answered], vlm_predicted[answered])
+        variants = {
+            "with_vlm_threshold": TierOutcomes(cheap_score, cheap_error, vlm_error, strong_score),
+            "previous": TierOutcomes(cheap_score, cheap_error, vlm_error),
+        }
+        for name, outcomes in variants.items():
+            plan = choose_tier_thresholds(
+                outcomes.subset(fit), outcomes.subset(certify), costs=costs, alpha=alpha, delta=delta
+            )
+            vlm_t = None if plan.vlm_accept_threshold is None else np.array([plan.vlm_accept_threshold])
+            n_auto, n_err, _, _, cost = _plan_stats(
+                outcomes.subset(rest),
+                np.array([plan.accept_threshold]),
+                np.array([plan.review_threshold]),
+                costs,
+                vlm_t,
+            )
+            risk = float(n_err[0] / n_auto[0]) if n_auto[0] else 0.0
+            vlm_share = plan.rates.get("vlm_accept", plan.rates["escalate"])
+            runs[name].append(
+                (plan.certificate.is_feasible, risk, float(n_auto[0] / len(rest)), float(cost[0]), vlm_share)
+            )
+    out: dict[str, Any] = {"n_splits": n_splits, "alpha": alpha, "delta": delta, "n_items": n}
+    out |= {"n_fit": n_fit, "n_certify": n_certify, "n_rest": n - n_fit - n_certify}
+    for name, rows in runs.items():
+        feasible, risk, coverage, cost, vlm_share = (np.array(column) for column in zip(*rows))
+        out[name] = {
+            "violation_rate": float((risk > alpha).mean()),
+            "certified_rate": float(feasible.mean()),
+            "mean_coverage": float(coverage.mean()),
+            "mean_accepted_error": float(risk[coverage > 0].mean()) if (coverage > 0).any() else 0.0,
+            "mean_cost_units": float(cost.mean()),
+            "mean_vlm_accepted_share": float(vlm_share.mean()),
+        }
+    return out
+
+
+def rendered_cheap_answers(images: np.ndarray, models_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The cheap tier's raw top-1 confidence and answer on the images the service receives
+    (``render_digit``), through the service's ``OnnxStage`` and its preprocessing."""
+    from cascades.vlm.example_digits import cheap_answers, cheap_stage, rendered
+
+    return cheap_answers(cheap_stage(models_dir), rendered(images))
+
+
 @dataclass
 class VlmDigitsResult:
     model: str
@@ -186,6 +282,7 @@ class VlmDigitsResult:
     ece_calibrated: dict[str, float] = field(default_factory=dict)  # method -> ECE
     calibrators: dict[str, dict[str, Any]] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
+    three_tier: dict[str, Any] = field(default_factory=dict)  # three_tier_validity(), when run
 
     @property
     def gain_points(self) -> float:
@@ -203,8 +300,10 @@ def run_vlm_digits(
     n_held_out: int | None = None,
     concurrency: int = 8,
     image_format: str = "jpeg",
+    validity_splits: int = 0,
 ) -> VlmDigitsResult:
-    """All figures but the training ones; ``n_*`` take the first rows of a split (smoke runs)."""
+    """All figures but the training ones; ``n_*`` take the first rows of a split (smoke runs).
+    ``validity_splits`` > 0: also the three-tier certificate over that many random splits."""
     calibration_rows = split.calibration[:n_calibration]
     held_out_rows = split.held_out[:n_held_out]
     config = digits_vlm_config(
@@ -215,6 +314,11 @@ def run_vlm_digits(
         ask_vlm(stage, split.images[calibration_rows[:concurrency]], concurrency=concurrency)  # warm-up
         calibration = ask_vlm(stage, split.images[calibration_rows], concurrency=concurrency)
         held_out = ask_vlm(stage, split.images[held_out_rows], concurrency=concurrency)
+        certification = (
+            ask_vlm(stage, split.images[split.certification], concurrency=concurrency)
+            if validity_splits > 0
+            else None
+        )
     finally:
         stage.close()
     labels = split.labels[held_out_rows]
@@ -245,6 +349,20 @@ def run_vlm_digits(
         result.ece_raw = raw
         result.ece_calibrated[method] = calibrated
         result.calibrators[method] = calibrator
+    if certification is not None:
+        rows = np.concatenate([calibration_rows, split.certification, held_out_rows])
+        answers = [calibration, certification, held_out]
+        cheap_raw, cheap_predicted = rendered_cheap_answers(split.images[rows], models_dir)
+        result.three_tier = three_tier_validity(
+            cheap_raw,
+            cheap_predicted,
+            np.concatenate([a.confidences for a in answers]),
+            np.concatenate([a.predicted() for a in answers]),
+            split.labels[rows],
+            n_fit=len(split.calibration),
+            n_certify=len(split.certification),
+            n_splits=validity_splits,
+        )
     return result
 
 
@@ -273,8 +391,32 @@ def format_result(result: VlmDigitsResult, *, server: str) -> str:
             f"(review); {result.items_per_second:.1f} items/s",
             f"  ECE ({ECE_BINS} bins, held-out): raw logprob confidence {result.ece_raw:.4f} (mean confidence "
             f"{result.mean_confidence:.3f}) -> calibrated on the calibration split: {calibrated}",
+            *format_validity(result.three_tier),
         ]
     )
+
+
+def format_validity(figures: dict[str, Any]) -> list[str]:
+    if not figures:
+        return []
+    lines = [
+        f"  three-tier certificate over {figures['n_splits']} random splits of the {figures['n_items']} "
+        f"non-training digits ({figures['n_fit']} calibration / {figures['n_certify']} certification / "
+        f"{figures['n_rest']} rest; alpha {figures['alpha']:g}, delta {figures['delta']:g}):",
+        "    plan                         accepted error > alpha   certified   coverage of rest   "
+        "mean accepted error   VLM-accepted share   cost/item",
+    ]
+    for name, label in (
+        ("with_vlm_threshold", "with the VLM threshold"),
+        ("previous", "previous (every VLM answer)"),
+    ):
+        f = figures[name]
+        lines.append(
+            f"    {label:<28} {f['violation_rate']:>10.3f} (<= delta)   {f['certified_rate']:>9.3f}   "
+            f"{f['mean_coverage']:>16.3f}   {f['mean_accepted_error']:>19.4f}   "
+            f"{f['mean_vlm_accepted_share']:>18.3f}   {f['mean_cost_units']:>9.2f}"
+        )
+    return lines
 
 
 def run(args) -> int:
@@ -293,6 +435,7 @@ def run(args) -> int:
         n_calibration=args.limit,
         concurrency=args.concurrency,
         image_format=args.image_format,
+        validity_splits=0 if args.limit else getattr(args, "splits", 200),
     )
     if args.endpoint:
         model_dir = Path(args.model_dir) if args.model_dir else None
