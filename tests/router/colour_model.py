@@ -44,3 +44,25 @@ def solid_png(rgb: tuple[int, int, int], size: int = 48) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (size, size), rgb).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def colour_app_config(tmp_path: Path, policies=None, **review):
+    """A one-task service config around the colour classifier; ``review`` adds review settings."""
+    from router.config import parse_app_config
+
+    model = write_colour_model(tmp_path / "colour.onnx")
+    return parse_app_config(
+        {
+            "models_dir": str(tmp_path),
+            "default_task": "colour",
+            "cascades": {
+                "colour": {
+                    "tier": {"model": str(model), "decoder": "classifier", "labels": LABELS, "size_hw": 32},
+                    "policy": {"version": "colour-v1", "accept_threshold": 0.9, "escalate_threshold": 0.2},
+                }
+            },
+            "review": {"path": str(tmp_path / "review"), **review},
+            "retrieval": {"enabled": False},
+            **({"policies": policies} if policies else {}),
+        }
+    )

@@ -8,12 +8,11 @@ import time
 
 import pytest
 
-from router.config import parse_app_config
 from router.schemas import AnalyzeResponse, ClaimRequest, LabelRequest, ReleaseRequest
 from router.security import Principal
 from router.services import ImageRequest, VisionRouteService, response_body
 from router.services.backends import LocalOnnxTier
-from tests.router.colour_model import LABELS, solid_png, write_colour_model
+from tests.router.colour_model import colour_app_config, solid_png
 from visionroute.errors import (
     BackendUnavailable,
     BudgetExceeded,
@@ -34,23 +33,7 @@ def run(coroutine):
     return asyncio.run(coroutine)
 
 
-def make_config(tmp_path, policies=None):
-    model = write_colour_model(tmp_path / "colour.onnx")
-    return parse_app_config(
-        {
-            "models_dir": str(tmp_path),
-            "default_task": "colour",
-            "cascades": {
-                "colour": {
-                    "tier": {"model": str(model), "decoder": "classifier", "labels": LABELS, "size_hw": 32},
-                    "policy": {"version": "colour-v1", "accept_threshold": 0.9, "escalate_threshold": 0.2},
-                }
-            },
-            "review": {"path": str(tmp_path / "review")},
-            "retrieval": {"enabled": False},
-            **({"policies": policies} if policies else {}),
-        }
-    )
+make_config = colour_app_config
 
 
 def build(config, tier=None) -> VisionRouteService:
