@@ -183,7 +183,7 @@ UNVERSIONED_COLUMNS = {
     "image_deleted_at": "REAL",
 }
 STATUSES = ("pending", "labelled", "expired")
-KINDS = ("review", "audit", "budget")
+KINDS = ("review", "audit", "budget", "shadow")  # shadow: a rollout candidate's unserved accept
 
 
 @dataclass(frozen=True)

@@ -85,6 +85,11 @@ class PolicyRuntime:
                     )
         return policy
 
+    def checked(self, candidate: dict[str, Any]) -> PolicySet:
+        """A policy set validated as ``reconfigure`` would, without applying it (a rollout's candidate)."""
+        with self._lock:
+            return self._checked(candidate, previous=self.current)
+
     def reconfigure(self, candidate: dict[str, Any] | None) -> PolicySet:
         """Validate and swap in a new set; on any error the running set stays and the error is raised."""
         with self._lock:

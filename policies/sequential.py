@@ -328,6 +328,11 @@ class _Arm:
         }
 
 
+def _json_number(value: float) -> float:
+    """Huge e-values shown as 1e300 (JSON has no infinity; either is far past any threshold)."""
+    return float(min(value, 1e300)) if math.isfinite(value) or value > 0 else 0.0
+
+
 class RolloutMonitor:
     """Consumes labelled outcomes of both arms and decides continue / promote / rollback.
 
@@ -369,6 +374,23 @@ class RolloutMonitor:
             state.cost_observations += 1
         if self.decision == "continue":
             self._decide()
+        return self.decision
+
+    def observe_costs(self, arm: str, total: float, count: int) -> str:
+        """``count`` cost observations summing to ``total`` at once (a replica flushes its served
+        requests' costs in batches; the cost test uses the sums only, so this equals ``count``
+        single observations)."""
+        if arm not in self.arms:
+            raise SequentialInputError(f"unknown arm {arm!r}; expected one of {list(ARMS)}", field="arm")
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise SequentialInputError(f"count must be an integer >= 0; got {count!r}", field="count")
+        if isinstance(total, bool) or not isinstance(total, int | float) or not 0.0 <= total < math.inf:
+            raise SequentialInputError(f"total must be a finite number >= 0; got {total!r}", field="total")
+        if count:
+            self.arms[arm].cost_units += float(total)
+            self.arms[arm].cost_observations += count
+            if self.decision == "continue":
+                self._decide()
         return self.decision
 
     def _cost_ok(self) -> tuple[bool, str]:
@@ -431,8 +453,12 @@ class RolloutMonitor:
             "evidence": {
                 # Each e-value rejects its hypothesis once it reaches the threshold (level delta/2).
                 "e_value_threshold": 2.0 / self.config.delta,
-                "candidate_e_value_vs_alpha": cand.e_value(self.config.alpha),  # H: risk = alpha
-                "candidate_worse_e_value": math.exp(self._log_e_worse()),  # H: risk <= incumbent's
+                "candidate_e_value_vs_alpha": _json_number(
+                    cand.e_value(self.config.alpha)
+                ),  # H: risk = alpha
+                "candidate_worse_e_value": _json_number(
+                    math.exp(min(self._log_e_worse(), 700.0))
+                ),  # H: <= incumbent's
                 "risk_difference_bounds": [cand.lower - inc.upper, cand.upper - inc.lower],  # level 1 - delta
             },
         }

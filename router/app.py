@@ -58,7 +58,27 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         for task, cascade in config.cascades.items()
         if cascade.vlm is not None
     }
+    candidate_tiers = {
+        task: {
+            name: OnnxTier.options(
+                name=f"onnx_{task}__{name}",  # added beside the incumbent by `serve deploy`, in place
+                num_replicas=candidate.replicas,
+                ray_actor_options={"num_cpus": candidate.num_cpus},
+            ).bind(
+                candidate.tier.model_dump(),
+                str(config.models_dir),
+                candidate.max_batch_size,
+                candidate.batch_wait_timeout_ms,
+            )
+            for name, candidate in cascade.candidates.items()
+            if candidate.placement == "deployment"
+        }
+        for task, cascade in config.cascades.items()
+        if cascade.candidates
+    }
     search = search_shards(config) if config.retrieval.enabled else None
     return Ingress.options(
         num_replicas=config.ingress_replicas, ray_actor_options={"num_cpus": config.ingress_num_cpus}
-    ).bind(config, tiers, vlm_tiers, search)  # the resolved config itself: replicas never re-validate it
+    ).bind(
+        config, tiers, vlm_tiers, search, candidate_tiers
+    )  # the resolved config itself: replicas never re-validate it

@@ -7,6 +7,7 @@ default: the packaged classifier and text detector, a local review queue.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -52,6 +53,31 @@ class LimitsConfig(Strict):
         return value
 
 
+class CandidateConfig(Strict):
+    """A candidate cheap tier for ``visionroute rollout``: another model version and/or calibration
+    artefact for the task, deployed beside the incumbent (``serve deploy`` adds it in place) and
+    served only while a rollout sends it traffic."""
+
+    tier: OnnxStageConfig
+    policy: ThresholdPolicy | None = Field(
+        None, description="the candidate's thresholds; default: the incumbent's (cascades.<task>.policy)"
+    )
+    thresholds_from_certificate: bool = Field(
+        False, description="take the candidate's thresholds from its own calibration artefact's certificate"
+    )
+    placement: Literal["deployment", "ingress"] = "deployment"
+    replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(0.25, gt=0)
+    max_batch_size: int = Field(8, ge=1, le=256)
+    batch_wait_timeout_ms: float = Field(2.0, ge=0, le=1000)
+
+    @model_validator(mode="after")
+    def _certified_thresholds(self) -> CandidateConfig:
+        if self.thresholds_from_certificate and not self.tier.calibration:
+            raise ValueError("thresholds_from_certificate needs tier.calibration")
+        return self
+
+
 class CascadeConfig(Strict):
     """One task: the cheap ONNX tier and the thresholds that route its answers."""
 
@@ -74,6 +100,18 @@ class CascadeConfig(Strict):
     )
     vlm_replicas: int = Field(1, ge=1)
     vlm_num_cpus: float = Field(0.25, gt=0)
+    candidates: dict[str, CandidateConfig] = Field(
+        default_factory=dict,
+        description="candidate tiers a rollout may send traffic to (docs/rollouts.md); names [a-z0-9_-]",
+    )
+
+    @field_validator("candidates")
+    @classmethod
+    def _candidate_names(cls, value: dict[str, CandidateConfig]) -> dict[str, CandidateConfig]:
+        for name in value:
+            if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,47}", name):
+                raise ValueError(f"candidate name {name!r} must be 1-48 characters from [a-z0-9_-]")
+        return value
 
     @model_validator(mode="after")
     def _certified_thresholds(self) -> CascadeConfig:
@@ -140,6 +178,17 @@ def default_cascades() -> dict[str, CascadeConfig]:
     }
 
 
+class RolloutSettings(Strict):
+    """How replicas follow the shared rollout state (policies/rollout_store.py)."""
+
+    refresh_s: float = Field(
+        1.0, gt=0, le=60, description="each replica re-reads the rollouts in effect at most this often"
+    )
+    cost_flush_s: float = Field(
+        2.0, gt=0, le=300, description="each replica adds its served requests' costs to the test this often"
+    )
+
+
 class AppConfig(Strict):
     models_dir: Path = Field(default_factory=paths.models_dir)
     default_task: str = "classify"
@@ -167,6 +216,7 @@ class AppConfig(Strict):
     search_shards: int = Field(
         1, ge=1, le=64, description="shards of the index (each a deployment holding 1/N of the vectors)"
     )
+    rollouts: RolloutSettings = Field(default_factory=RolloutSettings)
     ingress_replicas: int = Field(1, ge=1)
     ingress_num_cpus: float = Field(0.5, gt=0)
     security: SecurityConfig = Field(
@@ -218,7 +268,18 @@ def resolve_certificates(config: AppConfig) -> AppConfig:
             except ValueError as exc:
                 raise ConfigError(str(exc), field=f"cascades.{task}.tier.calibration") from None
             cascade = cascade.model_copy(update={"policy": policy})
-        cascades[task] = cascade
+        candidates = {}
+        for name, candidate in cascade.candidates.items():
+            base = candidate.policy or cascade.policy
+            if candidate.thresholds_from_certificate:
+                try:
+                    base = certified_policy(base, Path(candidate.tier.calibration))
+                except ValueError as exc:
+                    raise ConfigError(
+                        str(exc), field=f"cascades.{task}.candidates.{name}.tier.calibration"
+                    ) from None
+            candidates[name] = candidate.model_copy(update={"policy": base})
+        cascades[task] = cascade.model_copy(update={"candidates": candidates})
     return config.model_copy(update={"cascades": cascades})
 
 

@@ -39,6 +39,29 @@ def cheap_tiers(config: AppConfig, handles: dict[str, DeploymentHandle]) -> dict
     }
 
 
+def candidate_tiers(
+    config: AppConfig, handles: dict[str, dict[str, DeploymentHandle]]
+) -> dict[str, dict[str, Any]]:
+    """Each task's rollout candidates: their deployments' handles, or built inside this replica."""
+    return {
+        task: {
+            name: RemoteTier(handles[task][name])
+            if candidate.placement == "deployment"
+            else InProcessTier(
+                BatchedOnnxTier(
+                    candidate.tier.model_dump(),
+                    str(config.models_dir),
+                    candidate.max_batch_size,
+                    candidate.batch_wait_timeout_ms,
+                )
+            )
+            for name, candidate in cascade.candidates.items()
+        }
+        for task, cascade in config.cascades.items()
+        if cascade.candidates
+    }
+
+
 def search_backend(search: DeploymentHandle | list[DeploymentHandle] | None) -> Any:
     """One SearchTier deployment, or the shards of one index (scattered and merged)."""
     if search is None:
@@ -57,6 +80,7 @@ class Ingress(GrpcEndpoints):  # + the gRPC methods (router/grpc_ingress.py)
         tiers: dict[str, DeploymentHandle],
         vlm_tiers: dict[str, DeploymentHandle],
         search: DeploymentHandle | list[DeploymentHandle] | None = None,
+        candidates: dict[str, dict[str, DeploymentHandle]] | None = None,
     ) -> None:
         # ``config`` arrives resolved by the app builder (router/app.py): never re-validated
         # here, so what every replica runs is exactly what `check-config` printed.
@@ -65,6 +89,7 @@ class Ingress(GrpcEndpoints):  # + the gRPC methods (router/grpc_ingress.py)
             tiers=cheap_tiers(config, tiers),
             vlm_tiers={task: RemoteVlmTier(handle) for task, handle in vlm_tiers.items()},
             search=search_backend(search),
+            candidate_tiers=candidate_tiers(config, candidates or {}),
         )
         self.authenticator = attach(self.service, config.security)
         log.info("ingress ready: tasks %s, review queue %s", sorted(config.cascades), config.review.path)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from policies.budgets import BudgetLedger
 from policies.review_queue import ReviewQueue
+from policies.rollout_store import RolloutStore
 from policies.runtime import PolicyRuntime
 from router.config import AppConfig
 from router.metrics import IngressMetrics
@@ -24,6 +25,7 @@ from router.services.backends import CheapTierClient, SearchBackend, VlmTierClie
 from router.services.operations import Operations
 from router.services.retention import RetentionTask
 from router.services.review import ReviewService
+from router.services.rollouts import RolloutService
 from router.services.search import SearchOperations
 
 __all__ = ["ImageRequest", "VisionRouteService", "response_body"]
@@ -36,6 +38,7 @@ class VisionRouteService:
     review: ReviewService
     search: SearchOperations
     operations: Operations
+    rollouts: RolloutService | None = None  # candidates beside the incumbents (docs/rollouts.md)
     retention: RetentionTask | None = None  # image retention on a schedule (started with the service)
 
     @classmethod
@@ -46,6 +49,7 @@ class VisionRouteService:
         tiers: Mapping[str, CheapTierClient],
         vlm_tiers: Mapping[str, VlmTierClient] | None = None,
         search: SearchBackend | None = None,
+        candidate_tiers: Mapping[str, Mapping[str, CheapTierClient]] | None = None,
     ) -> VisionRouteService:
         """Open the durable state (review queue, budget ledger) and wire the operations."""
         vlm_tiers = vlm_tiers or {}
@@ -58,6 +62,12 @@ class VisionRouteService:
             calibrations={task: cascade.tier.calibration for task, cascade in config.cascades.items()},
         )
         metrics = IngressMetrics(policies, queue)
+        rollouts = RolloutService(
+            config,
+            RolloutStore(config.review.path / "rollouts.sqlite3", state=config.state),
+            policies,
+            candidate_tiers or {},
+        )
         retention = RetentionTask(queue, policies, config.review.retention_interval_s)
         retention.start()  # on the replica's event loop (Ray runs the constructor there); else a no-op
         return cls(
@@ -70,8 +80,9 @@ class VisionRouteService:
                 queue=queue,
                 policies=policies,
                 metrics=metrics,
+                rollouts=rollouts,
             ),
-            review=ReviewService(config, queue=queue, policies=policies, search=search),
+            review=ReviewService(config, queue=queue, policies=policies, search=search, rollouts=rollouts),
             search=SearchOperations(search),
             operations=Operations(
                 auth_enabled=config.security.enabled,
@@ -82,5 +93,6 @@ class VisionRouteService:
                 policies=policies,
                 metrics=metrics,
             ),
+            rollouts=rollouts,
             retention=retention,
         )

@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cascades.decode_budget import BudgetSession, DecodeBudget, in_file_pixels, input_need
 from cascades.pipeline import run_cascade
@@ -27,6 +27,9 @@ from router.services.backends import CheapTierClient, SearchBackend, VlmTierClie
 from router.services.common import checked_tenant
 from visionroute.errors import BackendUnavailable, InputError, RouterError
 from visionroute.records import Analysis, Decision, Step, Trace
+
+if TYPE_CHECKING:
+    from router.services.rollouts import ArmChoice, RolloutService
 from visionroute.redaction import failure_summary
 
 log = logging.getLogger("visionroute.service.analyze")
@@ -46,6 +49,10 @@ def _image_size(analysis: Analysis) -> dict[str, int]:
     """The file's own size (a large image may have been decoded smaller: cascades/decode_budget.py)."""
     width, height = analysis.metadata.get("image_size", (analysis.width, analysis.height))
     return {"width": width, "height": height}
+
+
+def _last_score(analysis: Analysis) -> float | None:
+    return next((s.score for s in reversed(analysis.trace.steps) if s.score is not None), None)
 
 
 def response_body(analysis: Analysis) -> dict[str, Any]:
@@ -77,8 +84,10 @@ class AnalyzeService:
         queue: ReviewQueue,
         policies: PolicyRuntime,
         metrics: IngressMetrics,
+        rollouts: RolloutService | None = None,
     ) -> None:
         self.config = config
+        self.rollouts = rollouts
         self.tiers = dict(tiers)
         self.vlm_tiers = dict(vlm_tiers)
         self.search = search
@@ -115,7 +124,15 @@ class AnalyzeService:
             max_pixels=limits.max_pixels,
             allowed_formats=tuple(limits.allowed_formats),
         )
-        policy = self.policies.current  # one policy version decides the whole request
+        incumbent_policy = self.policies.current  # one policy version decides the whole request
+        choice = (
+            self.rollouts.choose(await self.rollouts.in_effect(task), request.request_id, tenant)
+            if self.rollouts is not None
+            else None
+        )
+        policy = (
+            self.rollouts.policy_for(choice, incumbent_policy) if choice is not None else incumbent_policy
+        )
         analysis = Analysis(
             image_rgb=decoded.rgb,
             image_sha256=decoded.sha256,
@@ -142,20 +159,41 @@ class AnalyzeService:
             )
         )
         vlm_tier = self.vlm_tiers.get(task)
+        cheap_tier, thresholds, units = self.tiers[task], None, self.config.cascades[task].tier.cost_units
+        if choice is not None:
+            analysis.trace.append(choice.step(policy.version))
+            cheap_tier = self.rollouts.tier_for(choice, cheap_tier)
+            thresholds = self.rollouts.thresholds_for(choice, policy, task)
+            if choice.arm == "candidate" and choice.rollout.candidate is not None:
+                units = self.config.cascades[task].candidates[choice.rollout.candidate].tier.cost_units
         analysis = await self._run_budgeted(
             analysis,
             policy,
-            self.config.cascades[task].tier.cost_units,
-            self.tiers[task].predict,
+            units,
+            cheap_tier.predict,
             vlm_tier.run if vlm_tier is not None else None,
+            thresholds,
         )
         if decoded.is_reduced:  # boxes in the file's own pixels, as if decoded whole
             analysis.detections = in_file_pixels(analysis.detections, decoded)
             analysis.metadata["image_size"] = (decoded.width, decoded.height)
-        if analysis.decision in (Decision.REVIEW, Decision.ESCALATE):
+        needs_review = analysis.decision in (Decision.REVIEW, Decision.ESCALATE)
+        if needs_review:
             await self._enqueue(analysis, request.image_bytes, policy)
-        elif self.policies.audit_sampled(policy, analysis):
+        if choice is not None and choice.rollout.mode == "canary":  # the arm's cost, audits excluded
+            self.rollouts.note_cost(choice, choice.arm, analysis.trace.cost_units)
+        if not needs_review and self.policies.audit_sampled(policy, analysis):
             await self._enqueue(analysis, request.image_bytes, policy, kind="audit")
+        elif not needs_review and self.rollouts is not None and self.rollouts.audit_sampled(choice, analysis):
+            await self._enqueue(
+                analysis,
+                request.image_bytes,
+                policy,
+                kind="audit",
+                reason=f"rollout audit sample ({choice.rollout.audit_fraction:.1%} of the {choice.arm}'s accepts)",
+            )
+        if choice is not None and choice.shadow:  # off the request's path: the response does not wait
+            self.rollouts.spawn(self._shadow(choice, analysis, request.image_bytes, policy))
         self.metrics.decisions.labels(task, getattr(analysis.decision, "value", "none"), policy.version).inc()
         await self._index_for_search(analysis)
         self.metrics.observe_trace(task, analysis.trace)
@@ -164,7 +202,7 @@ class AnalyzeService:
     # -- budgets ------------------------------------------------------------------------------
 
     async def _run_budgeted(
-        self, analysis: Analysis, policy: PolicySet, units: float, cheap_tier, vlm
+        self, analysis: Analysis, policy: PolicySet, units: float, cheap_tier, vlm, thresholds=None
     ) -> Analysis:
         """The cascade with each paid call reserved first (policies.budgets) and settled after."""
         reservation = await asyncio.to_thread(self.policies.reserve, policy, analysis, "onnx", units)
@@ -173,7 +211,7 @@ class AnalyzeService:
         if vlm is not None:
             vlm = self._budgeted_vlm(vlm, policy)
         try:
-            thresholds = self.policies.thresholds(policy, analysis.task)
+            thresholds = thresholds or self.policies.thresholds(policy, analysis.task)
             analysis = await run_cascade(
                 analysis,
                 cheap_tier=cheap_tier,
@@ -240,7 +278,12 @@ class AnalyzeService:
     # -- review and audit ---------------------------------------------------------------------
 
     async def _enqueue(
-        self, analysis: Analysis, image_bytes: bytes, policy: PolicySet, kind: str = "review"
+        self,
+        analysis: Analysis,
+        image_bytes: bytes,
+        policy: PolicySet,
+        kind: str = "review",
+        reason: str | None = None,
     ) -> None:
         """Durably queue for review (or audit); if that fails the request fails (503), never silently.
 
@@ -250,7 +293,8 @@ class AnalyzeService:
         if kind == "review" and any(step.stage == "policy:budget" for step in analysis.trace):
             kind = "budget"
         units = policy.costs.review_units
-        if kind == "audit":  # no budget gates an audit; its cost is still recorded
+        audit = kind in ("audit", "shadow")  # samples for labels: they never change the answer
+        if audit:  # no budget gates an audit; its cost is still recorded
             reservation = await asyncio.to_thread(
                 self.policies.ledger.reserve,
                 [],
@@ -283,7 +327,7 @@ class AnalyzeService:
             if detections is not None and analysis.task not in self._label_sets_stored
             else None
         )
-        reason = (
+        reason = reason or (
             f"audit sample ({policy.audit.fraction:.1%} of auto-accepts)"
             if kind == "audit"
             else (reasons[-1] if reasons else "review")
@@ -320,12 +364,11 @@ class AnalyzeService:
         await asyncio.to_thread(self.policies.ledger.settle, reservation)
         if label_set:
             self._label_sets_stored.add(analysis.task)
-        audit = kind == "audit"
         if not audit:
             analysis.review_item_id = item.id
         analysis.trace.append(
             Step(
-                stage="review_queue:audit" if audit else "review_queue",
+                stage=f"review_queue:{kind}" if audit else "review_queue",
                 decision=None if audit else Decision.REVIEW,  # an audit never changes the answer
                 reason=f"{reason}: item {item.id}" if audit else f"queued for human review as item {item.id}",
                 policy_version=policy.version,
@@ -334,6 +377,70 @@ class AnalyzeService:
                 details={"item_id": item.id, "kind": kind, "priority": item.priority},
             )
         )
+
+    # -- rollouts: the shadow run ---------------------------------------------------------------
+
+    async def _shadow(
+        self, choice: ArmChoice, served: Analysis, image_bytes: bytes, policy: PolicySet
+    ) -> None:
+        """The candidate on the same decoded image, recorded beside the served answer, never served.
+        A failure is logged and recorded nowhere else: the served request is long answered."""
+        from router.services.rollouts import ArmChoice
+
+        rollout, task = choice.rollout, served.task
+        try:
+            candidate_policy = self.rollouts.policy_for(ArmChoice(rollout, "candidate", True), policy)
+            shadow = Analysis(
+                image_rgb=served.image_rgb,
+                image_sha256=served.image_sha256,
+                task=task,
+                tenant=served.tenant,
+                trace=Trace(served.trace.request_id),
+                policy_version=candidate_policy.version,
+            )
+            shadow.trace.append(ArmChoice(rollout, "candidate", True).step(candidate_policy.version))
+            shadow = await run_cascade(
+                shadow,
+                cheap_tier=self.rollouts.tier_for(choice, self.tiers[task], candidate=True).predict,
+                policy=self.rollouts.thresholds_for(choice, candidate_policy, task, candidate=True),
+                vlm=None,  # the shadow never pays for a VLM call: an escalation is costed at its reserve
+                shift_guard=self.policies.shift_guard(candidate_policy, task),
+            )
+            candidate_cost = shadow.trace.cost_units + {
+                Decision.ESCALATE: candidate_policy.costs.vlm_reserve_units,
+                Decision.REVIEW: candidate_policy.costs.review_units,
+            }.get(shadow.decision, 0.0)
+            incumbent_cost = sum(
+                s.cost_units for s in served.trace if not s.stage.startswith("review_queue:")
+            )
+            await asyncio.to_thread(
+                self.rollouts.store.record_shadow,
+                rollout.id,
+                {
+                    "request_id": served.trace.request_id,
+                    "tenant": served.tenant,
+                    "incumbent_decision": getattr(served.decision, "value", None),
+                    "incumbent_score": _last_score(served),
+                    "incumbent_cost": incumbent_cost,
+                    "candidate_decision": getattr(shadow.decision, "value", None),
+                    "candidate_score": _last_score(shadow),
+                    "candidate_cost": candidate_cost,
+                    "candidate_answer": shadow.detections.to_dicts() if shadow.detections is not None else [],
+                },
+            )
+            self.rollouts.note_cost(choice, "incumbent", incumbent_cost)  # paired: the same requests
+            self.rollouts.note_cost(choice, "candidate", candidate_cost)
+            if self.rollouts.audit_sampled(choice, shadow):
+                await self._enqueue(
+                    shadow,
+                    image_bytes,
+                    candidate_policy,
+                    kind="shadow",
+                    reason=f"rollout {rollout.id}: shadow candidate's accept, audit sample "
+                    f"({rollout.audit_fraction:.1%})",
+                )
+        except Exception:
+            log.exception("shadow run of rollout %s on %s failed", rollout.id, served.trace.request_id)
 
     # -- search -------------------------------------------------------------------------------
 

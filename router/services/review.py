@@ -84,11 +84,13 @@ class ReviewService:
         queue: ReviewQueue,
         policies: PolicyRuntime,
         search: SearchBackend | None,
+        rollouts: Any = None,  # router.services.rollouts.RolloutService: labels are its evidence
     ) -> None:
         self.config = config
         self.queue = queue
         self.policies = policies
         self.search = search
+        self.rollouts = rollouts
 
     async def list_items(
         self, caller: Principal | None, status: str | None = "pending", limit: int = 50, offset: int = 0
@@ -168,6 +170,11 @@ class ReviewService:
             return item
 
         item = await asyncio.to_thread(write)
+        if self.rollouts is not None:
+            try:  # the label is stored either way; a rollout item's label is also the test's evidence
+                await self.rollouts.observe_label(item)
+            except Exception as exc:
+                log.error("label of %s not added to its rollout's evidence: %s", item.id, exc)
         if self.search is not None and self.config.retrieval.index_analysed:
             try:  # the label is stored either way; the search tags follow when they can
                 await asyncio.wait_for(

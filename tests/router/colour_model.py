@@ -13,11 +13,14 @@ import numpy as np
 LABELS = ["red", "green", "blue"]
 
 
-def write_colour_model(path: Path) -> Path:
+def write_colour_model(path: Path, weights: np.ndarray | None = None) -> Path:
+    """``weights``: the 3x3 matrix from channel means to logits (default 4 * identity; a permuted
+    one makes a confidently wrong model, the worse candidate of the rollout tests)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    weight = numpy_helper.from_array((4.0 * np.eye(3)).astype(np.float32), "weight")
+    matrix = 4.0 * np.eye(3) if weights is None else np.asarray(weights, dtype=np.float64)
+    weight = numpy_helper.from_array(matrix.astype(np.float32), "weight")
     graph = helper.make_graph(
         [
             helper.make_node("ReduceMean", ["images"], ["means"], axes=[2, 3], keepdims=0),

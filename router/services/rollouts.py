@@ -1,0 +1,428 @@
+"""Rollouts at run time: which arm serves a request, the shadow runs, the evidence, the admin API.
+
+The durable state (policies/rollout_store.py) is shared by every replica; each replica re-reads
+the rollouts in effect at most every ``rollouts.refresh_s`` seconds, so a start, promotion or
+rollback made through any replica (or by the sequential test after a label) reaches every
+replica that quickly, with no restart and no redeploy.
+
+- **canary**: a sticky share of traffic is *served* by the candidate: the first ``fraction`` of
+  hash(rollout id, tenant or request id) space. The trace names the arm.
+- **shadow**: the incumbent serves; on a sampled ``fraction`` of requests the candidate also
+  runs (after the response is made, off the request's path), its decision, score and cost are
+  recorded beside the incumbent's and never served. The shadow runs the candidate's cheap tier
+  and thresholds only (no VLM call: an escalation is recorded as one, costed at the VLM's
+  reserve units).
+- **promoted**: the candidate serves every request of the task until the operator deploys it
+  as the incumbent and finishes the rollout.
+
+Labels: both arms' accepts are audit-sampled at the rollout's ``audit_fraction`` (a hash of the
+request id, so each arm's labelled accepts are a uniform sample of its accepts); a shadow accept
+is queued as a ``shadow`` item carrying the candidate's answer. A reviewer's label on such an item
+is one observation for its arm (``observe_label``; each item counts once). Each served request's
+cost (audits excluded) is one cost observation, flushed in batches every ``cost_flush_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from policies.audit_sampling import is_error, is_sampled
+from policies.policy_set import PolicySet
+from policies.rollout_store import Rollout, RolloutStore
+from policies.runtime import PolicyRuntime
+from policies.sequential import RolloutConfig
+from policies.thresholds import ThresholdPolicy
+from router.config import AppConfig
+from router.security import Principal
+from router.services.backends import CheapTierClient
+from visionroute.errors import ConfigError, InputError, NotFound
+from visionroute.records import Analysis, Decision, Step
+
+log = logging.getLogger("visionroute.rollouts")
+
+ROLLOUT_STAGE = "rollout"
+
+
+class RolloutRequest(BaseModel):
+    """``POST /v1/rollouts`` and ``visionroute rollout start``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task: str = Field(description="the task whose incumbent the candidate runs beside")
+    candidate: str | None = Field(
+        None,
+        description="a candidate tier declared under cascades.<task>.candidates (a model or calibration)",
+    )
+    policy: dict[str, Any] | None = Field(
+        None, description="a candidate policy set (same schema as /v1/policy)"
+    )
+    mode: Literal["shadow", "canary"] = Field(
+        "shadow", description="shadow: recorded, never served; canary: served to a share"
+    )
+    fraction: float = Field(
+        0.1, gt=0.0, le=1.0, description="share of requests (shadow) or of tenants/requests (canary)"
+    )
+    sticky_by: Literal["tenant", "request"] = Field(
+        "tenant", description="canary: keep a tenant (or each request id) on one arm"
+    )
+    audit_fraction: float = Field(
+        0.1, gt=0.0, le=1.0, description="share of each arm's accepts sent for audit labels"
+    )
+    alpha: float = Field(0.05, description="the accepted-error risk the candidate must be shown below")
+    delta: float = Field(0.05, description="error level of the sequential test")
+    cost_tolerance: float = Field(0.0, ge=0.0, description="promote if mean cost <= incumbent's x (1 + this)")
+    min_cost_observations: int = Field(30, ge=1, description="served requests per arm before promotion")
+    reason: str = Field("", max_length=500, description="why (kept in the audit log)")
+
+    @model_validator(mode="after")
+    def _something_to_try(self) -> RolloutRequest:
+        if self.candidate is None and self.policy is None:
+            raise ValueError("name a candidate (cascades.<task>.candidates) or give a candidate policy set, or both")
+        return self
+
+
+def rollout_request(body: Any) -> RolloutRequest:
+    """The parsed body, or an InputError naming the first bad field and why."""
+    if not isinstance(body, dict):
+        raise InputError("the body must be a JSON object", field="body")
+    try:
+        return RolloutRequest.model_validate(body)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"]) or "candidate"  # the model-level check: no candidate, no policy
+        message = str(error["msg"]).removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = f"unknown field {where!r}"
+        raise InputError(f"{where}: {message}", field=where) from None
+
+
+def _draw(*parts: str) -> float:
+    """A uniform [0, 1) draw keyed by the parts: the same everywhere, every time."""
+    digest = hashlib.sha256("\x1f".join(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+@dataclass(frozen=True)
+class ArmChoice:
+    """How one request meets the task's rollout (None outside a rollout)."""
+
+    rollout: Rollout
+    arm: str  # who serves: incumbent | candidate
+    shadow: bool  # the candidate also runs, unserved
+
+    def step(self, policy_version: str | None) -> Step:
+        rollout = self.rollout
+        reason = (
+            "served by the candidate (rollout promoted)"
+            if rollout.status == "promoted"
+            else f"canary: served by the {self.arm} ({rollout.fraction:.0%} of {rollout.sticky_by}s to the candidate)"
+            if rollout.mode == "canary"
+            else "shadow: the incumbent serves; the candidate also runs, unserved"
+            if self.shadow
+            else "shadow: the incumbent serves (this request not sampled for the candidate)"
+        )
+        return Step(
+            stage=ROLLOUT_STAGE,
+            reason=reason,
+            policy_version=policy_version,
+            details={
+                "rollout_id": rollout.id,
+                "arm": self.arm,
+                "mode": rollout.mode,
+                "status": rollout.status,
+                "candidate": rollout.candidate,
+                "candidate_policy_version": (rollout.policy or {}).get("version"),
+                "shadow": self.shadow,
+            },
+        )
+
+
+def rollout_step(trace: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The rollout step's details in a stored trace (a review item's), or None."""
+    for step in (trace or {}).get("steps", []):
+        if step.get("stage") == ROLLOUT_STAGE:
+            return step.get("details") or None
+    return None
+
+
+class RolloutService:
+    def __init__(
+        self,
+        config: AppConfig,
+        store: RolloutStore,
+        policies: PolicyRuntime,
+        candidate_tiers: Mapping[str, Mapping[str, CheapTierClient]],
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.policies = policies
+        self.candidate_tiers = {task: dict(tiers) for task, tiers in candidate_tiers.items()}
+        self._in_effect: dict[str, Rollout] = {}
+        self._read_at = 0.0
+        self._refresh_lock = asyncio.Lock()
+        self._candidate_policies: dict[str, PolicySet] = {}
+        self._costs: dict[tuple[str, str], list[float]] = {}
+        self._flushed_at = time.monotonic()
+        self._background: set[asyncio.Task] = set()
+
+    # -- which rollouts are in effect --------------------------------------------------------
+
+    async def in_effect(self, task: str) -> Rollout | None:
+        if time.monotonic() - self._read_at >= self.config.rollouts.refresh_s:
+            async with self._refresh_lock:
+                if time.monotonic() - self._read_at >= self.config.rollouts.refresh_s:
+                    await self.refresh()
+        return self._in_effect.get(task)
+
+    async def refresh(self) -> None:
+        try:
+            rollouts = await asyncio.to_thread(self.store.in_effect)
+        except Exception as exc:  # the state database is down: keep the last view, retry next time
+            log.warning("rollout state could not be read, keeping the last view: %s", exc)
+            self._read_at = time.monotonic()
+            return
+        usable = {}
+        for rollout in rollouts:
+            if rollout.candidate is not None and rollout.candidate not in self.candidate_tiers.get(
+                rollout.task, {}
+            ):
+                log.error(
+                    "rollout %s names candidate %r, which this deployment no longer has: the incumbent serves",
+                    rollout.id,
+                    rollout.candidate,
+                )
+                continue
+            usable[rollout.task] = rollout
+        self._in_effect, self._read_at = usable, time.monotonic()
+
+    def choose(self, rollout: Rollout | None, request_id: str, tenant: str) -> ArmChoice | None:
+        if rollout is None:
+            return None
+        if rollout.status == "promoted":
+            return ArmChoice(rollout, "candidate", shadow=False)
+        if rollout.mode == "canary":
+            key = tenant if rollout.sticky_by == "tenant" else request_id
+            arm = "candidate" if _draw(rollout.id, "arm", key) < rollout.fraction else "incumbent"
+            return ArmChoice(rollout, arm, shadow=False)
+        return ArmChoice(
+            rollout, "incumbent", shadow=_draw(rollout.id, "shadow", request_id) < rollout.fraction
+        )
+
+    # -- what an arm runs ----------------------------------------------------------------------
+
+    def policy_for(self, choice: ArmChoice | None, incumbent: PolicySet) -> PolicySet:
+        if choice is None or choice.arm == "incumbent" or choice.rollout.policy is None:
+            return incumbent
+        return self.candidate_policy(choice.rollout)
+
+    def candidate_policy(self, rollout: Rollout) -> PolicySet:
+        if rollout.policy is None:
+            return self.policies.current
+        cached = self._candidate_policies.get(rollout.id)
+        if cached is None:
+            cached = self._candidate_policies[rollout.id] = self.policies.checked(rollout.policy)
+        return cached
+
+    def tier_for(self, choice: ArmChoice | None, incumbent: CheapTierClient, *, candidate: bool = False):
+        rollout = choice.rollout if choice is not None else None
+        if rollout is None or rollout.candidate is None or not (candidate or choice.arm == "candidate"):
+            return incumbent
+        return self.candidate_tiers[rollout.task][rollout.candidate]
+
+    def thresholds_for(
+        self, choice: ArmChoice | None, policy: PolicySet, task: str, *, candidate: bool = False
+    ) -> ThresholdPolicy:
+        rollout = choice.rollout if choice is not None else None
+        if rollout is None or rollout.candidate is None or not (candidate or choice.arm == "candidate"):
+            return self.policies.thresholds(policy, task)
+        base = self.config.cascades[task].candidates[rollout.candidate].policy
+        return policy.threshold_policy(task, base or self.policies.base_thresholds[task])
+
+    def audit_sampled(self, choice: ArmChoice | None, analysis: Analysis) -> bool:
+        """The rollout's audit sampling of an arm's accepts (on top of the policy's own)."""
+        return (
+            choice is not None
+            and choice.rollout.status == "running"
+            and analysis.decision is Decision.ACCEPT
+            and is_sampled(f"{choice.rollout.id}:{analysis.trace.request_id}", choice.rollout.audit_fraction)
+        )
+
+    # -- evidence ------------------------------------------------------------------------------
+
+    def note_cost(self, choice: ArmChoice | None, arm: str, cost: float) -> None:
+        """One served request's cost for an arm; flushed to the shared test in batches."""
+        if choice is None or choice.rollout.status != "running":
+            return
+        total = self._costs.setdefault((choice.rollout.id, arm), [0.0, 0])
+        total[0] += float(cost)
+        total[1] += 1
+        if time.monotonic() - self._flushed_at >= self.config.rollouts.cost_flush_s:
+            self.spawn(self.flush_costs())
+
+    async def flush_costs(self) -> None:
+        self._flushed_at = time.monotonic()
+        pending, self._costs = self._costs, {}
+        for (rollout_id, arm), (total, count) in pending.items():
+            try:
+                await asyncio.to_thread(
+                    self.store.observe, rollout_id, arm, cost_total=total, cost_count=int(count)
+                )
+            except NotFound:
+                continue
+            except Exception as exc:  # costs are point estimates: a lost batch only delays the test
+                log.warning("rollout %s: %d cost observations not recorded: %s", rollout_id, count, exc)
+        self._read_at = 0.0  # a flush may have decided the rollout: re-read before the next request
+
+    async def observe_label(self, item: Any) -> None:
+        """A reviewer's label on an audit or shadow item of a rollout arm: one observation."""
+        if item.kind not in ("audit", "shadow") or not item.label:
+            return
+        details = rollout_step(item.trace)
+        if details is None:
+            return
+        arm = "candidate" if item.kind == "shadow" else details["arm"]
+        wrong = is_error(item.label, item.proposed)
+        rollout = await asyncio.to_thread(
+            self.store.observe, details["rollout_id"], arm, is_error=wrong, item_id=item.id
+        )
+        if rollout.status in ("promoted", "rolled_back"):
+            self._read_at = 0.0
+        log.info(
+            "rollout %s: label on %s item %s (%s): %s",
+            rollout.id,
+            arm,
+            item.id,
+            "wrong" if wrong else "right",
+            rollout.monitor.reason,
+        )
+
+    def spawn(self, coroutine) -> None:
+        """Background work that must not be garbage-collected half-way (asyncio keeps weak refs)."""
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def drain(self) -> None:
+        """Wait for the shadow runs and flushes started so far (tests, shutdown)."""
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
+        await self.flush_costs()
+
+    # -- the admin API -------------------------------------------------------------------------
+
+    async def start(self, caller: Principal | None, body: Any) -> dict[str, Any]:
+        request = rollout_request(body)
+        cascade = self.config.cascades.get(request.task)
+        if cascade is None:
+            raise InputError(
+                f"unknown task {request.task!r}; expected one of {sorted(self.config.cascades)}", field="task"
+            )
+        if request.candidate is not None and request.candidate not in cascade.candidates:
+            declared = sorted(cascade.candidates) or "none"
+            raise InputError(
+                f"task {request.task!r} has no candidate {request.candidate!r} (declared under "
+                f"cascades.{request.task}.candidates: {declared}); add it to the config and `serve deploy` first",
+                field="candidate",
+            )
+        if request.candidate is not None and request.candidate not in self.candidate_tiers.get(
+            request.task, {}
+        ):
+            raise InputError(
+                f"candidate {request.candidate!r} is declared but not deployed in this replica",
+                field="candidate",
+            )
+        policy = None
+        if request.policy is not None:
+            try:
+                policy = self.policies.checked(request.policy)
+            except ConfigError as exc:
+                raise InputError(
+                    f"policy: {exc.reason}", field=f"policy.{exc.field}" if exc.field else "policy"
+                ) from None
+            if policy.version == self.policies.current.version:
+                raise InputError(
+                    f"the candidate policy set has the running set's version {policy.version!r}; give it its own",
+                    field="policy.version",
+                )
+        try:
+            config = RolloutConfig(
+                alpha=request.alpha,
+                delta=request.delta,
+                cost_tolerance=request.cost_tolerance,
+                min_cost_observations=request.min_cost_observations,
+            )
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            where = ".".join(str(part) for part in error["loc"])
+            raise InputError(f"{where}: {error['msg']}", field=where) from None
+        rollout = await asyncio.to_thread(
+            self.store.start,
+            task=request.task,
+            candidate=request.candidate,
+            policy=policy.model_dump(mode="json") if policy is not None else None,
+            mode=request.mode,
+            fraction=request.fraction,
+            sticky_by=request.sticky_by,
+            audit_fraction=request.audit_fraction,
+            config=config,
+            actor=actor_of(caller),
+            reason=request.reason or "started",
+        )
+        self._read_at = 0.0
+        log.info("rollout %s started by %s: %s", rollout.id, actor_of(caller), rollout.to_dict()["serving"])
+        return await self.status(rollout.id)
+
+    async def status(self, rollout_id: str) -> dict[str, Any]:
+        rollout = await asyncio.to_thread(self.store.get, rollout_id)
+        events = await asyncio.to_thread(self.store.events, rollout_id)
+        body = {**rollout.to_dict(), "events": events}
+        if rollout.mode == "shadow":
+            body["shadow"] = await asyncio.to_thread(self.store.shadow_summary, rollout_id)
+        return body
+
+    async def list(self, task: str | None = None) -> dict[str, Any]:
+        if task is not None and task not in self.config.cascades:
+            raise InputError(
+                f"unknown task {task!r}; expected one of {sorted(self.config.cascades)}", field="task"
+            )
+        rollouts = await asyncio.to_thread(self.store.list, task)
+        return {"rollouts": [rollout.to_dict() for rollout in rollouts]}
+
+    async def decide(
+        self, caller: Principal | None, rollout_id: str, action: str, body: Any
+    ) -> dict[str, Any]:
+        reason = ""
+        if body is not None:
+            if not isinstance(body, dict) or set(body) - {"reason"}:
+                raise InputError('the body must be {"reason": "..."} or empty', field="body")
+            reason = body.get("reason") or ""
+            if not isinstance(reason, str) or len(reason) > 500:
+                raise InputError("reason must be text of at most 500 characters", field="reason")
+        await self.flush_costs()
+        rollout = await asyncio.to_thread(
+            self.store.decide,
+            rollout_id,
+            action,
+            actor=actor_of(caller),
+            reason=reason or f"{action} by an operator",
+        )
+        self._read_at = 0.0
+        log.warning(
+            "rollout %s: %s by %s (%s)", rollout.id, action, actor_of(caller), reason or "no reason given"
+        )
+        return await self.status(rollout.id)
+
+
+def actor_of(caller: Principal | None) -> str:
+    """Who acts, for the audit log: the key's name and tenant (auth off: the local operator)."""
+    if caller is None:
+        return "local-operator (auth off)"
+    return f"{caller.name or caller.key_id}@{caller.tenant}"
