@@ -84,6 +84,9 @@ def check_application(name: str, args: Any, endpoints: Any) -> AppCheck:
     settings = {
         f"cascades.{task}.tier.model": cascade.tier.model for task, cascade in config.cascades.items()
     }
+    for task, cascade in config.cascades.items():  # rollout candidates are deployed too
+        for name, candidate in cascade.candidates.items():
+            settings[f"cascades.{task}.candidates.{name}.tier.model"] = candidate.tier.model
     embedder = config.retrieval.embedder
     if config.retrieval.enabled and embedder.kind == "conse" and embedder.classifier_path:
         classifier = Path(embedder.classifier_path)
@@ -237,6 +240,18 @@ def register(subparsers, bench) -> None:
     )
     check.add_argument("config", type=Path, nargs="?", default=REPO_CONFIG)
     check.set_defaults(func=_check)
+
+    from router.card_cli import add_card_command
+
+    add_card_command(subparsers, REPO_CONFIG)  # visionroute card NAME | --list
+
+    from router.drift_cli import register as register_drift
+
+    register_drift(subparsers)  # visionroute drift report
+
+    from router.rollout_cli import register as register_rollout
+
+    register_rollout(subparsers)  # visionroute rollout start|status|promote|rollback|finish
 
     serve_bench = bench.add_parser(
         "serve", help="the service (HTTP, gRPC) vs a minimal Ray Serve floor vs raw ONNX Runtime (one run)"

@@ -20,6 +20,7 @@ from cascades.vlm.config import VlmConfig
 from policies.policy_set import PolicySet
 from policies.thresholds import ThresholdPolicy
 from retrieval.config import RetrievalConfig
+from router.drift_config import DriftConfig
 from router.security import SecurityConfig
 from router.url_fetch import UrlFetchConfig
 from visionroute import paths
@@ -217,6 +218,9 @@ class AppConfig(Strict):
         1, ge=1, le=64, description="shards of the index (each a deployment holding 1/N of the vectors)"
     )
     rollouts: RolloutSettings = Field(default_factory=RolloutSettings)
+    drift: DriftConfig = Field(
+        default_factory=DriftConfig, description="per-replica drift monitors (docs/rollouts.md)"
+    )
     ingress_replicas: int = Field(1, ge=1)
     ingress_num_cpus: float = Field(0.5, gt=0)
     security: SecurityConfig = Field(

@@ -49,6 +49,12 @@ def _budgets(config: Any) -> Any:
     return BudgetLedger(config.review.path / "budgets.sqlite3", state=config.state)
 
 
+def _rollouts(config: Any) -> Any:
+    from policies.rollout_store import RolloutStore
+
+    return RolloutStore(config.review.path / "rollouts.sqlite3", state=config.state)
+
+
 def _search(config: Any) -> Any:
     from retrieval.store import MetadataStore
 
@@ -78,6 +84,13 @@ STORES = (
         lambda c: c.review.path / "budgets.sqlite3",
         _budgets,
         _migrations("policies.budgets"),
+    ),
+    StoreSpec(
+        "rollouts",
+        "rollouts",
+        lambda c: c.review.path / "rollouts.sqlite3",
+        _rollouts,
+        _migrations("policies.rollout_store"),
     ),
     StoreSpec(
         "search",

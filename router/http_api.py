@@ -27,7 +27,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from router.errors import DEFAULT_RETRY_AFTER_S, error_body, http_status, retry_after_s, unexpected_error
 from router.http_docs import install_docs
+from router.http_drift import router as drift_router
 from router.http_inputs import image_and_fields, read_body_limited
+from router.http_rollouts import router as rollouts_router
 from router.http_search import router as search_router
 from router.http_session import router as session_router
 from router.review_page import REVIEW_ASSETS, review_asset
@@ -77,6 +79,8 @@ app = FastAPI(
 )
 app.router.route_class = CheckedJsonRoute
 app.include_router(search_router)
+app.include_router(rollouts_router)
+app.include_router(drift_router)
 app.include_router(session_router)
 install_docs(app)
 

@@ -22,6 +22,7 @@ from router.config import AppConfig
 from router.metrics import IngressMetrics
 from router.services.analyze import AnalyzeService, ImageRequest, response_body
 from router.services.backends import CheapTierClient, SearchBackend, VlmTierClient
+from router.services.drift import DriftService
 from router.services.operations import Operations
 from router.services.retention import RetentionTask
 from router.services.review import ReviewService
@@ -39,6 +40,7 @@ class VisionRouteService:
     search: SearchOperations
     operations: Operations
     rollouts: RolloutService | None = None  # candidates beside the incumbents (docs/rollouts.md)
+    drift: DriftService | None = None  # drift monitors of this replica (GET /v1/drift)
     retention: RetentionTask | None = None  # image retention on a schedule (started with the service)
 
     @classmethod
@@ -62,6 +64,8 @@ class VisionRouteService:
             calibrations={task: cascade.tier.calibration for task, cascade in config.cascades.items()},
         )
         metrics = IngressMetrics(policies, queue)
+        drift = DriftService.from_app_config(config)
+        metrics.registry.register(drift)  # visionroute_drift_score / _p_value / _alarm on /metrics
         rollouts = RolloutService(
             config,
             RolloutStore(config.review.path / "rollouts.sqlite3", state=config.state),
@@ -81,8 +85,11 @@ class VisionRouteService:
                 policies=policies,
                 metrics=metrics,
                 rollouts=rollouts,
+                drift=drift,
             ),
-            review=ReviewService(config, queue=queue, policies=policies, search=search, rollouts=rollouts),
+            review=ReviewService(
+                config, queue=queue, policies=policies, search=search, rollouts=rollouts, drift=drift
+            ),
             search=SearchOperations(search),
             operations=Operations(
                 auth_enabled=config.security.enabled,
@@ -94,5 +101,6 @@ class VisionRouteService:
                 metrics=metrics,
             ),
             rollouts=rollouts,
+            drift=drift,
             retention=retention,
         )

@@ -85,7 +85,9 @@ class AnalyzeService:
         policies: PolicyRuntime,
         metrics: IngressMetrics,
         rollouts: RolloutService | None = None,
+        drift: Any = None,  # router.services.drift.DriftService
     ) -> None:
+        self.drift = drift
         self.config = config
         self.rollouts = rollouts
         self.tiers = dict(tiers)
@@ -197,6 +199,10 @@ class AnalyzeService:
         self.metrics.decisions.labels(task, getattr(analysis.decision, "value", "none"), policy.version).inc()
         await self._index_for_search(analysis)
         self.metrics.observe_trace(task, analysis.trace)
+        if self.drift is not None:  # never waits: statistics and tests run on the drift worker
+            self.drift.observe_request(
+                analysis, request.image_bytes, count_score=choice is None or choice.arm != "candidate"
+            )
         return analysis
 
     # -- budgets ------------------------------------------------------------------------------

@@ -85,7 +85,9 @@ class ReviewService:
         policies: PolicyRuntime,
         search: SearchBackend | None,
         rollouts: Any = None,  # router.services.rollouts.RolloutService: labels are its evidence
+        drift: Any = None,  # router.services.drift.DriftService: verdicts feed its verdict monitor
     ) -> None:
+        self.drift = drift
         self.config = config
         self.queue = queue
         self.policies = policies
@@ -170,6 +172,8 @@ class ReviewService:
             return item
 
         item = await asyncio.to_thread(write)
+        if self.drift is not None and item.kind != "audit" and item.label:  # audits: a separate mix
+            self.drift.observe_verdict(item.task, item.label["verdict"])
         if self.rollouts is not None:
             try:  # the label is stored either way; a rollout item's label is also the test's evidence
                 await self.rollouts.observe_label(item)

@@ -76,6 +76,15 @@ def fill_sqlite_deployment(workdir: Path) -> dict:
     rules = [BudgetRule(name="b", window_s=3600, cap_units=100)]
     for _ in range(3):
         ledger.settle(ledger.reserve(rules, tenant="t0", feature="classify", tier="onnx", units=2.0))
+    from policies.rollout_store import RolloutStore
+    from policies.sequential import RolloutConfig
+
+    rollouts = RolloutStore(workdir / "review" / "rollouts.sqlite3")
+    started = rollouts.start(
+        task="classify", candidate="next", policy=None, mode="canary", fraction=0.5, sticky_by="tenant",
+        audit_fraction=1.0, config=RolloutConfig(), actor="ana", reason="copy test",
+    )
+    rollouts.observe(started.id, "candidate", is_error=False, item_id="i1")
     store = MetadataStore(workdir / "index" / "items.sqlite")
     for i in range(5):
         store.upsert(
@@ -97,6 +106,7 @@ def test_copy_moves_every_store_and_verifies_it(tmp_path, postgres_dsn):
     assert {s["store"]: s["database_version"] for s in json.loads(status.stdout)["stores"]} == {
         "review": 0,
         "budgets": 0,
+        "rollouts": 0,
         "search": 0,
     }
 
@@ -108,6 +118,7 @@ def test_copy_moves_every_store_and_verifies_it(tmp_path, postgres_dsn):
     assert report[("review", "images")]["rows"] == 6
     assert report[("budgets", "reservations")]["rows"] == 3
     assert report[("search", "items")]["rows"] == 4
+    assert report[("rollouts", "rollouts")]["rows"] == 1 and report[("rollouts", "rollout_events")]["rows"] == 1
 
     status = json.loads(run_cli("db", "status", "--config", str(pg_config)).stdout)
     assert all(s["state"] == "current" for s in status["stores"])

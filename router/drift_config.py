@@ -1,0 +1,31 @@
+"""``drift:`` in the app config (``DriftConfig``), apart from router/services/drift.py so that
+router/config.py can import it: importing anything under router.services imports router.config."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class DriftConfig(BaseModel):
+    """``drift:`` in the app config: the per-replica drift monitors (docs/rollouts.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(True, description="watch confidence, inputs, embeddings and verdicts per task")
+    reference_size: int = Field(
+        200,
+        ge=20,
+        le=100_000,
+        description="observations in a reference taken from live traffic (the first after start)",
+    )
+    window_size: int = Field(
+        100, ge=20, le=100_000, description="the latest observations each test compares with the reference"
+    )
+    every: int = Field(25, ge=1, le=100_000, description="test a monitor every this many new observations")
+    level: float = Field(
+        0.01,
+        gt=0.0,
+        lt=0.5,
+        description="alarm when a window's p-value is below this (false alarms per window)",
+    )
+    tasks: list[str] | None = Field(None, description="tasks to watch (default: every task)")

@@ -1,0 +1,25 @@
+"""HTTP route for the drift monitors; the monitors live in router/services/drift.py.
+
+``GET /v1/drift`` needs the admin role (router/security.py: a route not listed there is admin).
+The report is this replica's: behind several ingress replicas each answers with its own windows.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+
+from visionroute.errors import BackendUnavailable
+
+router = APIRouter(prefix="/v1/drift", tags=["drift"])
+
+
+@router.get("", summary="Drift monitors of this replica: reference, window, latest test, alarm")
+async def drift_report(request: Request) -> dict[str, Any]:
+    from router.http_api import service_of  # router.http_api includes this router
+
+    drift = getattr(service_of(request), "drift", None)
+    if drift is None:
+        raise BackendUnavailable("the drift monitors are not running on this replica", field="drift")
+    return drift.report()
