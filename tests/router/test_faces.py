@@ -42,6 +42,13 @@ HTTP_ONLY = {
     ("GET", "/review/{asset}"): "the reviewers' web page, for a browser",
     ("POST", "/v1/session/login"): "the review page's cookie login, for a browser (gRPC sends a key)",
     ("GET", "/v1/session"): "the review page's cookie session, for a browser",
+    ("GET", "/v1/rollouts"): "operator admin API, driven by `visionroute rollout` over HTTP",
+    ("POST", "/v1/rollouts"): "operator admin API, driven by `visionroute rollout` over HTTP",
+    ("GET", "/v1/rollouts/{rollout_id}"): "operator admin API, driven by `visionroute rollout` over HTTP",
+    ("POST", "/v1/rollouts/{rollout_id}/promote"): "operator admin API (`visionroute rollout promote`)",
+    ("POST", "/v1/rollouts/{rollout_id}/rollback"): "operator admin API (`visionroute rollout rollback`)",
+    ("POST", "/v1/rollouts/{rollout_id}/finish"): "operator admin API (`visionroute rollout finish`)",
+    ("GET", "/v1/drift"): "operator report, read by `visionroute drift report`; alerts come from /metrics",
     ("POST", "/v1/session/logout"): "the review page's cookie session, for a browser",
 }
 

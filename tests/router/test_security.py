@@ -128,6 +128,8 @@ def test_headers_and_metadata_carry_the_key():
         ("/v1/session", "reviewer"),
         ("/metrics", "admin"),
         ("/v1/policy", "admin"),
+        ("/v1/rollouts", "admin"),
+        ("/v1/rollouts/ro_1/promote", "admin"),
         ("/v1/analyzer", "admin"),
         ("/anything-new", "admin"),
     ],
