@@ -67,8 +67,9 @@ def add_card_command(subparsers, default_config: Path) -> None:
         "card",
         help="a deployed model's or policy set's card (Markdown or JSON), from the config",
         description="Model cards, generated offline from a serve config: each task's cheap tier "
-        "(<task>.<model>), each VLM tier (<task>.vlm.<model>) and the policy set "
-        "(policy-set.<version>). The same cards as GET /v1/models/{name}/card (docs/rollouts.md).",
+        "(<task>.<model>), rollout candidate (<task>.candidate.<name>) and VLM tier "
+        "(<task>.vlm.<model>), and the policy set (policy-set.<version>). The same cards as "
+        "GET /v1/models/{name}/card (docs/rollouts.md).",
     )
     card.add_argument("name", nargs="?", help="the card's name (see --list)")
     card.add_argument("--list", action="store_true", help="list the cards' names")

@@ -29,6 +29,7 @@ from router.errors import DEFAULT_RETRY_AFTER_S, error_body, http_status, retry_
 from router.http_docs import install_docs
 from router.http_drift import router as drift_router
 from router.http_inputs import image_and_fields, read_body_limited
+from router.http_models import router as models_router
 from router.http_rollouts import router as rollouts_router
 from router.http_search import router as search_router
 from router.http_session import router as session_router
@@ -81,6 +82,7 @@ app.router.route_class = CheckedJsonRoute
 app.include_router(search_router)
 app.include_router(rollouts_router)
 app.include_router(drift_router)
+app.include_router(models_router)
 app.include_router(session_router)
 install_docs(app)
 

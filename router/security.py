@@ -71,6 +71,7 @@ PUBLIC_PATHS = frozenset(
 ROUTE_ROLES: tuple[tuple[str, Role], ...] = (
     ("/v1/analyze", "client"),
     ("/v1/search", "client"),
+    ("/v1/models", "client"),  # model cards: what answers a client's requests, and its limits
     ("/v1/review", "reviewer"),
     ("/v1/session", "reviewer"),
     ("/review", "reviewer"),

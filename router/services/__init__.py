@@ -23,6 +23,7 @@ from router.metrics import IngressMetrics
 from router.services.analyze import AnalyzeService, ImageRequest, response_body
 from router.services.backends import CheapTierClient, SearchBackend, VlmTierClient
 from router.services.drift import DriftService
+from router.services.model_cards import ModelCards
 from router.services.operations import Operations
 from router.services.retention import RetentionTask
 from router.services.review import ReviewService
@@ -41,6 +42,7 @@ class VisionRouteService:
     operations: Operations
     rollouts: RolloutService | None = None  # candidates beside the incumbents (docs/rollouts.md)
     drift: DriftService | None = None  # drift monitors of this replica (GET /v1/drift)
+    models: ModelCards | None = None  # model cards (GET /v1/models)
     retention: RetentionTask | None = None  # image retention on a schedule (started with the service)
 
     @classmethod
@@ -102,5 +104,6 @@ class VisionRouteService:
             ),
             rollouts=rollouts,
             drift=drift,
+            models=ModelCards(config, lambda: policies.current),
             retention=retention,
         )

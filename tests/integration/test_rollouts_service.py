@@ -172,3 +172,20 @@ def test_an_equal_cheaper_canary_is_promoted_and_then_serves_everything(service)
         assert all(rollout_steps(r)[0]["details"]["arm"] == "candidate" for _, r in later.values())
     finished = cli(service, "rollout", "finish", rollout_id, "--reason", "deployed as incumbent")
     assert finished.returncode == 0 and "finished" in finished.stdout
+
+
+def test_cards_and_drift_reports_are_served(service):
+    with httpx.Client(base_url=service.url, timeout=120) as client:
+        listing = client.get("/v1/models")
+        assert listing.status_code == 200, listing.text
+        names = [model["name"] for model in listing.json()["models"]]
+        assert "colour.candidate.swapped" in names and "colour.candidate.cheaper" in names
+        card = client.get(f"/v1/models/{names[0]}/card", headers={"accept": "text/markdown"})
+        assert card.status_code == 200 and card.headers["content-type"].startswith("text/markdown")
+        assert "sha256" in card.text
+        missing = client.get("/v1/models/nope/card")
+        assert missing.status_code == 404 and missing.json()["field"] == "name"
+        drift = client.get("/v1/drift")
+        assert drift.status_code == 200 and "colour" in json.dumps(drift.json())
+        metrics = client.get("/metrics").text
+        assert "visionroute_drift_alarm" in metrics

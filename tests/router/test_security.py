@@ -129,6 +129,7 @@ def test_headers_and_metadata_carry_the_key():
         ("/metrics", "admin"),
         ("/v1/policy", "admin"),
         ("/v1/rollouts", "admin"),
+        ("/v1/models/classify.efficientnet_lite0/card", "client"),
         ("/v1/rollouts/ro_1/promote", "admin"),
         ("/v1/analyzer", "admin"),
         ("/anything-new", "admin"),
