@@ -305,6 +305,9 @@ def _image_set(args):
 
 
 def _plan_from_certificate(cert: dict, plan_type, certificate_type):
+    """The ``TierPlan`` an artefact's certificate holds (``three_tier``, as ``TierPlan.to_dict``
+    wrote it), with the strong tier's accept threshold: None (absent, or a plan made without the
+    strong tier's scores) accepts every escalated answer; "inf" none."""
     tiers = cert.get("three_tier")
     if not tiers:
         return None
@@ -315,12 +318,14 @@ def _plan_from_certificate(cert: dict, plan_type, certificate_type):
         for k, v in inner.items()
         if k in fields
     }
+    vlm_accept = tiers.get("vlm_accept_threshold")
     return plan_type(
         float(tiers["accept_threshold"]),
         float(tiers["review_threshold"]),
         tiers["expected_cost_units"],
         tiers["rates"],
         certificate_type(**inner),
+        None if vlm_accept is None else float(vlm_accept),
     )
 
 

@@ -111,6 +111,9 @@ def split_indices(
     return Splits(order[:n_fit], order[n_fit:n_cal], order[n_cal:])
 
 
+STRONG_SCORE = "the strong tier's top-1 probability (uncalibrated)"  # what vlm_accept_threshold compares
+
+
 @dataclass(frozen=True)
 class Calibration:
     calibrator: Calibrator  # with the certificate attached
@@ -165,8 +168,13 @@ def calibrate(
     }
     plan = None
     if data.strong_probabilities is not None:
-        strong_error = data.strong_probabilities.argmax(axis=1) != data.labels
-        outcomes = TierOutcomes(confidence, cheap_error, strong_error)
+        strong_prediction = data.strong_probabilities.argmax(axis=1)
+        strong_error = strong_prediction != data.labels
+        # With the strong tier's score the plan also certifies its accept threshold (low-confidence
+        # strong answers go to a human). Its top-1 probability as the tier reports it: the
+        # certificate needs only a score fixed before the certify rows, and eval replays this one.
+        strong_score = data.strong_probabilities[np.arange(len(data)), strong_prediction]
+        outcomes = TierOutcomes(confidence, cheap_error, strong_error, strong_score)
         plan = choose_tier_thresholds(
             outcomes.subset(fit_rows),
             outcomes.subset(certify_rows),
@@ -175,7 +183,10 @@ def calibrate(
             delta=delta,
             p_value=p_value,
         )
-        document["three_tier"] = plan.to_dict() | {"costs": costs.model_dump()}
+        document["three_tier"] = plan.to_dict() | {
+            "costs": costs.model_dump(),
+            "strong_score": STRONG_SCORE,
+        }
     return Calibration(calibrator.with_certificate(document), certificate, plan)
 
 
@@ -342,21 +353,30 @@ def evaluate(
         return report
 
     # The cascade under the certified three-tier plan: what users would get (review = human, right).
+    # An escalated item's strong answer is accepted as the plan decides (``decide_vlm``: every
+    # answer for a plan without a strong-tier threshold); otherwise a human sees it too.
     decision = np.array([plan.decide(c) for c in cal_conf])
-    cascade_pred = np.where(
-        decision == "accept", cheap_pred, np.where(decision == "escalate", strong_pred, test.labels)
-    )
+    escalated = decision == "escalate"
+    strong_conf = test.strong_probabilities[rows, strong_pred]
+    strong_accepted = escalated & np.array([plan.decide_vlm(s) == "accept" for s in strong_conf], bool)
+    cheap_accepted = decision == "accept"
+    cascade_pred = np.where(cheap_accepted, cheap_pred, np.where(strong_accepted, strong_pred, test.labels))
     cascade_suite = MetricSuite({"accuracy": Accuracy}, keys)
     cascade_suite.update(metadata=metadata, predictions=cascade_pred, targets=test.labels)
     metrics["cascade"] = cascade_suite.compute()
-    auto = decision != "review"
+    auto = cheap_accepted | strong_accepted
+    reviewed = ~auto  # every item a human sees, escalated or not
     report["certified_risk_check"]["three_tier"] = {
-        "rates": {d: float((decision == d).mean()) for d in ("accept", "escalate", "review")},
+        "rates": {
+            "accept": float(cheap_accepted.mean()),
+            "escalate": float(escalated.mean()),
+            "review": float(reviewed.mean()),
+            "vlm_accept": float(strong_accepted.mean()),
+        },
+        "vlm_accept_threshold": plan.to_dict()["vlm_accept_threshold"],  # JSON-safe: "-inf", "inf"
         "auto_accepted_error": float((cascade_pred[auto] != test.labels[auto]).mean()) if auto.any() else 0.0,
         "cost_units_per_item": float(
-            costs.cheap
-            + costs.escalate * (decision == "escalate").mean()
-            + costs.review * (decision == "review").mean()
+            costs.cheap + costs.escalate * escalated.mean() + costs.review * reviewed.mean()
         ),
     }
     frontier = cascade_frontier(

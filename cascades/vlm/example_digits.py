@@ -135,6 +135,9 @@ class ExampleBuild:
     certificate: dict[str, Any]  # the document both artefacts carry
     split_sizes: dict[str, int]
     accuracy: dict[str, float] = field(default_factory=dict)  # on calibration + certification
+    # What the plan was certified from (policies.risk_control.TierOutcomes), per split: re-plan
+    # at another alpha or cost with choose_tier_thresholds without asking the VLM again.
+    outcomes: dict[str, Any] = field(default_factory=dict)  # "calibration", "certification"
 
     def summary(self) -> str:
         plan = self.plan
@@ -250,6 +253,7 @@ def build_example(
         document,
         split.sizes(),
         {"cheap": float((~cheap_error).mean()), "vlm": float((~strong_error).mean())},
+        {"calibration": outcomes.subset(fit), "certification": outcomes.subset(test)},
     )
 
 

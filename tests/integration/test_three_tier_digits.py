@@ -2,11 +2,16 @@
 on a REAL vLLM server, and human review, through Ray Serve, with both accept thresholds and the
 review threshold from the certificate (``visionroute example digits``, cascades/vlm/example_digits.py).
 
-One vLLM server and one service for the module. The model is the one test_vlm_digits.py uses
-(``ensure_digits_llava``: trained once per machine, reused when current). Beside the real
-``digits`` cascade the service has two fault-injection cascades that share its tier and
+The trained model, its vLLM server and the prepared cheap tier are the session fixtures
+test_vlm_digits.py uses too (tests/integration/conftest.py); one service for the module. Beside
+the real ``digits`` cascade the service has two fault-injection cascades that share its tier and
 certified thresholds but whose VLM endpoint is a stub in this process: one answers 500, one
 answers a valid label with low confidence.
+
+The certificate is built at alpha 0.04 (``E2E_ALPHA``), not the example's default 0.05: at 0.05
+the cheapest certified plan for this seed accepts every VLM answer (VLM accept threshold -inf),
+so "low VLM confidence goes to review" would not be shown; at 0.04 the certified plan needs a
+finite VLM accept threshold, and real held-out digits fall on both sides of it.
 
 Statistical claims are seeded regression checks here: for this seed, the error among the
 held-out digits the service accepted is within alpha. How often that holds over many splits is
@@ -39,9 +44,10 @@ from cascades.vlm.example_digits import (
 from cascades.vlm.train_digits import SERVED_MODEL_NAME
 from evals.benchmarks.vlm_digits import digits_vlm_split
 from tests.integration.serve_process import ServeProcess
-from tests.support.vllm import warm_up
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
+
+E2E_ALPHA = 0.04  # stricter than the example's 0.05: the certified VLM accept threshold is finite
 
 UNSURE_LOGPROB = math.log(0.12)  # the stub's answer confidence before calibration
 
@@ -103,15 +109,8 @@ def stub_vlm():
 
 
 @pytest.fixture(scope="module")
-def digits_vllm():
-    python = vllm_server.ensure_vllm_venv()
-    model_dir = vllm_server.ensure_digits_llava(python=python)
-    running = vllm_server.start_vllm_server(model_dir, served_model_name=SERVED_MODEL_NAME, python=python)
-    try:
-        warm_up(running)
-        yield running, vllm_server.model_version(model_dir)
-    finally:
-        running.stop()
+def digits_vllm(digits_vllm_server):
+    return digits_vllm_server, vllm_server.model_version(digits_vllm_server.model_dir)
 
 
 @pytest.fixture(scope="module")
@@ -120,10 +119,15 @@ def work(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def build(digits_vllm, work):
+def build(digits_vllm, digits_models_dir, work):
     running, version = digits_vllm
     return build_example(
-        work / "example", vlm_endpoint=running.base_url, vlm_model=running.model, vlm_model_version=version
+        work / "example",
+        vlm_endpoint=running.base_url,
+        vlm_model=running.model,
+        vlm_model_version=version,
+        models_dir=digits_models_dir,
+        alpha=E2E_ALPHA,
     )
 
 
@@ -190,8 +194,11 @@ def answered_label(body: dict) -> int:
 def test_the_certificate_is_feasible_and_uses_all_three_thresholds(build):
     plan = build.plan
     assert build.split_sizes == {"training": 718, "calibration": 270, "certification": 270, "held_out": 539}
-    assert plan.certificate.is_feasible and plan.certificate.risk_upper_bound <= plan.certificate.alpha
-    assert plan.review_threshold < plan.accept_threshold and plan.vlm_accept_threshold is not None
+    assert plan.certificate.alpha == E2E_ALPHA and plan.certificate.is_feasible
+    assert plan.certificate.risk_upper_bound <= plan.certificate.alpha
+    assert plan.review_threshold < plan.accept_threshold
+    # A real, certified, finite VLM threshold: some VLM answers are not confident enough.
+    assert plan.vlm_accept_threshold is not None and 0.0 < plan.vlm_accept_threshold < 1.0
     assert plan.rates["vlm_accept"] > 0  # the VLM answers part of the traffic
     for path in (build.cheap_calibration, build.vlm_calibration):
         written = json.loads(path.read_text())["certificate"]["three_tier"]
@@ -236,6 +243,32 @@ def test_a_hard_digit_is_answered_by_the_vlm(build, held_out):
     assert np.mean(right) > 0.9  # the trained VLM answers what the cheap tier could not
 
 
+def test_a_low_confidence_vlm_answer_goes_to_review_and_a_confident_one_is_answered(build, held_out):
+    """Real held-out digits escalated to the trained VLM: those whose calibrated VLM confidence is
+    below the certified VLM threshold go to a human, with the reason and the threshold in the
+    trace; those at or above it are answered by the VLM."""
+    _, _, scores, bodies = held_out
+    plan = build.plan
+    threshold = plan.vlm_accept_threshold
+    escalated = [
+        (bodies[i], step(bodies[i], "vlm"))
+        for i in range(len(bodies))
+        if plan.review_threshold <= scores[i] < plan.accept_threshold
+    ]
+    answered = [(b, v) for b, v in escalated if v["error"] is None]
+    below = [(b, v) for b, v in answered if v["details"]["calibrated_score"] < threshold]
+    above = [(b, v) for b, v in answered if v["details"]["calibrated_score"] >= threshold]
+    assert below and above, (len(below), len(above))
+    for body, vlm in below:
+        assert vlm["decision"] == "review" and body["decision"] == "review" and body["review_item_id"]
+        assert vlm["threshold"]["accept"] == pytest.approx(threshold)
+        assert vlm["reason"].startswith(f"VLM answer {vlm['details']['answer']!r} confidence ")
+        assert f"< accept threshold {vlm['threshold']['accept']}" in vlm["reason"]
+    for body, vlm in above:
+        assert vlm["decision"] == "accept" and body["decision"] == "accept"
+        assert body["review_item_id"] is None and answered_label(body) == int(vlm["details"]["answer"])
+
+
 def test_a_failing_vlm_sends_the_escalation_to_review(build, held_out, service):
     _, images, scores, _ = held_out
     plan = build.plan
@@ -248,9 +281,7 @@ def test_a_failing_vlm_sends_the_escalation_to_review(build, held_out, service):
 
 def test_a_low_confidence_vlm_answer_is_judged_by_the_certified_threshold(build, held_out, service):
     """The stub answers "3" at 0.12: the service calibrates it with the VLM's artefact and
-    compares it with the certificate's VLM threshold (review below it, as the plan decides).
-    Which side it falls on is the certificate's choice for this seed; tests/cascades/
-    test_vlm_calibration.py covers both sides with a scripted backend."""
+    compares it with the certificate's VLM threshold: below it, so a human reviews it."""
     from cascades.calibration import load_calibration
     from cascades.vlm.calibration import calibrated_confidence
 
@@ -265,9 +296,9 @@ def test_a_low_confidence_vlm_answer_is_judged_by_the_certified_threshold(build,
     assert details["calibrated_score"] == pytest.approx(calibrated) and vlm["score"] == pytest.approx(
         calibrated
     )
-    expected = plan.decide_vlm(calibrated)
-    assert vlm["decision"] == expected and body["decision"] == expected
-    assert (body["review_item_id"] is not None) == (expected == "review")
+    assert calibrated < plan.vlm_accept_threshold and plan.decide_vlm(calibrated) == "review"
+    assert vlm["decision"] == "review" and body["decision"] == "review" and body["review_item_id"]
+    assert "< accept threshold" in vlm["reason"]
 
 
 def test_the_accepted_error_through_the_service_is_within_the_certificate(build, held_out):

@@ -5,8 +5,9 @@ says: held-out digits (never seen in training) come back as the JSON label, far 
 How far above the cheap tier, and how calibrated, are figures for ``visionroute bench
 vlm-digits``, not assertions here.
 
-The module fixture trains the model when it is missing or stale (about 2 CPU-minutes, once;
-CI has no cache) and starts one server for every test here (~30-60 s on 2 cores).
+The model and its vLLM server are session fixtures (tests/integration/conftest.py), shared with
+test_three_tier_digits.py: trained when missing or stale (about 2 CPU-minutes, once; CI has no
+cache), and one server started for both modules (~40-80 s on 2 cores).
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from cascades.vlm import server as vllm_server
 from cascades.vlm.client import OpenAiVlmClient
 from cascades.vlm.train_digits import BUILD_VERSION, LABELS, SERVED_MODEL_NAME, answer_json, inputs_sha256
 from evals.benchmarks.vlm_digits import digits_vlm_config, digits_vlm_split, run_vlm_digits
-from tests.support.vllm import warm_up
 from visionroute.errors import ConfigError
 from visionroute.records import Analysis, Decision
 
@@ -40,19 +40,13 @@ HELD_OUT_CHECKED = 120  # first rows of the held-out split: a seeded regression 
 
 
 @pytest.fixture(scope="module")
-def digits_model_dir() -> Path:
-    python = vllm_server.ensure_vllm_venv()
-    return vllm_server.ensure_digits_llava(python=python)
+def digits_model_dir(digits_llava_dir) -> Path:
+    return digits_llava_dir
 
 
 @pytest.fixture(scope="module")
-def digits_server(digits_model_dir):
-    running = vllm_server.start_vllm_server(digits_model_dir, served_model_name=SERVED_MODEL_NAME)
-    try:
-        warm_up(running)
-        yield running
-    finally:
-        running.stop()
+def digits_server(digits_vllm_server):
+    return digits_vllm_server
 
 
 @pytest.fixture(scope="module")
@@ -193,12 +187,12 @@ def test_an_answer_outside_the_label_set_goes_to_review_with_the_raw_output(digi
     assert step.details["answer"] is None and step.score is None
 
 
-def test_the_benchmark_figures_come_out_of_one_small_run(digits_server, split, tmp_path):
+def test_the_benchmark_figures_come_out_of_one_small_run(digits_server, split, digits_models_dir):
     result = run_vlm_digits(
         digits_server.base_url,
         digits_server.model,
         split=split,
-        models_dir=tmp_path / "models",
+        models_dir=digits_models_dir,
         n_calibration=40,
         n_held_out=40,
         concurrency=4,
