@@ -89,8 +89,15 @@ def calibration_bench(
         )
         plan = cal.plan
         decision = np.array([plan.decide(c) for c in conf[test]])
+        if data.strong_probabilities is not None:  # an escalated answer is accepted at the VLM threshold
+            strong_score = data.strong_probabilities[test, strong_pred[test]]
+            vlm_review = (decision == "escalate") & np.array(
+                [plan.decide_vlm(s) == "review" for s in strong_score]
+            )
+        else:
+            vlm_review = np.zeros(len(test), bool)
         auto_wrong = np.where(decision == "accept", cheap_error[test], strong_pred[test] != data.labels[test])
-        auto = decision != "review"
+        auto = (decision != "review") & ~vlm_review
         frontier = cascade_frontier(
             cheap_pred[test],
             conf[test],
@@ -111,7 +118,7 @@ def calibration_bench(
                 "tier_cost": float(
                     costs.cheap
                     + costs.escalate * (decision == "escalate").mean()
-                    + costs.review * (decision == "review").mean()
+                    + costs.review * ((decision == "review") | vlm_review).mean()
                 ),
                 "need_cascade": need["cascade"],
                 "need_random": need["random"],
