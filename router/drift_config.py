@@ -29,3 +29,10 @@ class DriftConfig(BaseModel):
         description="alarm when a window's p-value is below this (false alarms per window)",
     )
     tasks: list[str] | None = Field(None, description="tasks to watch (default: every task)")
+    embedding_fraction: float = Field(
+        0.2,
+        ge=0.0,
+        le=1.0,
+        description="share of requests indexed for search whose embedding feeds the embeddings monitor "
+        "(read back from the search tier after the response; 0: off)",
+    )

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from cascades.decode_budget import BudgetSession, DecodeBudget, in_file_pixels, input_need
 from cascades.pipeline import run_cascade
+from policies.audit_sampling import is_sampled
 from policies.costs import costs_by_tier, review_value
 from policies.image_redaction import Redactor
 from policies.policy_set import PolicySet
@@ -448,6 +449,24 @@ class AnalyzeService:
         except Exception:
             log.exception("shadow run of rollout %s on %s failed", rollout.id, served.trace.request_id)
 
+    def _feed_embedding(self, analysis: Analysis, item_id: int | None) -> None:
+        """A sampled share of indexed images: their embedding (the search tier computed it) read
+        back off the request's path, for the drift monitor of embeddings."""
+        fraction = self.config.drift.embedding_fraction
+        if self.drift is None or item_id is None or self.rollouts is None:
+            return
+        if not is_sampled(f"drift-embedding:{analysis.trace.request_id}", fraction):
+            return
+
+        async def feed() -> None:
+            try:
+                asked = await self.search.call("query_vector", "search_by_id", item_id, 1)
+                self.drift.observe_embedding(analysis.task, asked["vector"])
+            except Exception as exc:  # e.g. another shard holds the item: this sample is skipped
+                log.debug("no embedding for drift from search item %s: %s", item_id, exc)
+
+        self.rollouts.spawn(feed())
+
     # -- search -------------------------------------------------------------------------------
 
     async def _index_for_search(self, analysis: Analysis) -> None:
@@ -458,6 +477,7 @@ class AnalyzeService:
         started = time.perf_counter()
         try:
             item_id = await self.search.call("index_analysis", analysis)
+            self._feed_embedding(analysis, item_id)
             analysis.trace.append(
                 Step(
                     stage="retrieval:index",
