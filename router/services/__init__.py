@@ -74,6 +74,8 @@ class VisionRouteService:
             policies,
             candidate_tiers or {},
         )
+        rollouts.on_promotion = drift.reset  # a promoted candidate's scores become the new reference
+        metrics.registry.register(rollouts)  # visionroute_rollout_* on /metrics
         retention = RetentionTask(queue, policies, config.review.retention_interval_s)
         retention.start()  # on the replica's event loop (Ray runs the constructor there); else a no-op
         return cls(

@@ -202,7 +202,11 @@ class AnalyzeService:
         self.metrics.observe_trace(task, analysis.trace)
         if self.drift is not None:  # never waits: statistics and tests run on the drift worker
             self.drift.observe_request(
-                analysis, request.image_bytes, count_score=choice is None or choice.arm != "candidate"
+                analysis,
+                request.image_bytes,
+                count_score=choice is None
+                or choice.arm != "candidate"
+                or choice.rollout.status == "promoted",
             )
         return analysis
 

@@ -28,7 +28,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -85,7 +85,9 @@ class RolloutRequest(BaseModel):
     @model_validator(mode="after")
     def _something_to_try(self) -> RolloutRequest:
         if self.candidate is None and self.policy is None:
-            raise ValueError("name a candidate (cascades.<task>.candidates) or give a candidate policy set, or both")
+            raise ValueError(
+                "name a candidate (cascades.<task>.candidates) or give a candidate policy set, or both"
+            )
         return self
 
 
@@ -97,7 +99,9 @@ def rollout_request(body: Any) -> RolloutRequest:
         return RolloutRequest.model_validate(body)
     except ValidationError as exc:
         error = exc.errors()[0]
-        where = ".".join(str(part) for part in error["loc"]) or "candidate"  # the model-level check: no candidate, no policy
+        where = (
+            ".".join(str(part) for part in error["loc"]) or "candidate"
+        )  # the model-level check: no candidate, no policy
         message = str(error["msg"]).removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
             message = f"unknown field {where!r}"
@@ -172,6 +176,9 @@ class RolloutService:
         self._costs: dict[tuple[str, str], list[float]] = {}
         self._flushed_at = time.monotonic()
         self._background: set[asyncio.Task] = set()
+        # Called with the task when this replica first sees its rollout promoted (the drift
+        # monitors restart their confidence reference: the candidate's scores are the new normal).
+        self.on_promotion: Callable[[str], None] | None = None
 
     # -- which rollouts are in effect --------------------------------------------------------
 
@@ -201,7 +208,23 @@ class RolloutService:
                 )
                 continue
             usable[rollout.task] = rollout
+        newly_promoted = [
+            task
+            for task, rollout in usable.items()
+            if rollout.status == "promoted"
+            and not (
+                task in self._in_effect
+                and self._in_effect[task].id == rollout.id
+                and self._in_effect[task].status == "promoted"
+            )
+        ]
         self._in_effect, self._read_at = usable, time.monotonic()
+        for task in newly_promoted:
+            if self.on_promotion is not None:
+                try:
+                    self.on_promotion(task)
+                except Exception as exc:
+                    log.warning("after the promotion on task %s: %s", task, exc)
 
     def choose(self, rollout: Rollout | None, request_id: str, tenant: str) -> ArmChoice | None:
         if rollout is None:
@@ -315,6 +338,40 @@ class RolloutService:
         while self._background:
             await asyncio.gather(*list(self._background), return_exceptions=True)
         await self.flush_costs()
+
+    # -- metrics -------------------------------------------------------------------------------
+
+    def collect(self):
+        """Prometheus families for the rollouts this replica serves (registered on /metrics):
+        which rollout is in effect, and each arm's labels, errors and risk bounds."""
+        from prometheus_client.core import GaugeMetricFamily
+
+        info = GaugeMetricFamily(
+            "visionroute_rollout_in_effect",
+            "1 for each rollout in effect (running or promoted) as this replica last read it",
+            labels=["task", "rollout", "mode", "status", "candidate"],
+        )
+        labelled = GaugeMetricFamily(
+            "visionroute_rollout_labels", "audit labels of each arm so far", labels=["task", "rollout", "arm"]
+        )
+        errors = GaugeMetricFamily(
+            "visionroute_rollout_errors",
+            "labelled accepts that were wrong",
+            labels=["task", "rollout", "arm"],
+        )
+        bounds = GaugeMetricFamily(
+            "visionroute_rollout_risk_bound",
+            "the anytime-valid confidence sequence of each arm's accepted-error risk",
+            labels=["task", "rollout", "arm", "side"],
+        )
+        for task, rollout in sorted(self._in_effect.items()):
+            info.add_metric([task, rollout.id, rollout.mode, rollout.status, rollout.candidate or ""], 1.0)
+            for arm, state in rollout.monitor.arms.items():
+                labelled.add_metric([task, rollout.id, arm], float(state.cs.labelled))
+                errors.add_metric([task, rollout.id, arm], float(state.cs.errors))
+                bounds.add_metric([task, rollout.id, arm, "lower"], float(state.cs.lower))
+                bounds.add_metric([task, rollout.id, arm, "upper"], float(state.cs.upper))
+        return [info, labelled, errors, bounds]
 
     # -- the admin API -------------------------------------------------------------------------
 

@@ -186,6 +186,12 @@ def test_an_equal_cheaper_candidate_in_canary_serves_its_share_and_is_promoted(s
     # promoted: every request now goes to the candidate (no restart), until the rollout is finished
     later = run(traffic(service, 6, "later"))
     assert all(steps(a["analysis"], "rollout")[0].details["arm"] == "candidate" for a in later)
+    metrics = run(service.operations.metrics_text()).decode()
+    assert f'visionroute_rollout_in_effect{{candidate="cheaper",mode="canary",rollout="{rollout_id}"' in metrics
+    assert 'status="promoted"' in metrics and "visionroute_rollout_risk_bound" in metrics
+    service.drift.drain()  # the promotion restarted the confidence reference, fed by the candidate now
+    (confidence,) = [r for r in service.drift.report()["monitors"] if r["monitor"] == "confidence"]
+    assert 0 < confidence["observed"] <= 6
     finished = run(service.rollouts.decide(ADMIN, rollout_id, "finish", {"reason": "deployed as incumbent"}))
     assert finished["status"] == "finished"
     assert not steps(run(traffic(service, 1, "done"))[0]["analysis"], "rollout")
