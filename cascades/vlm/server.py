@@ -327,7 +327,11 @@ def start_vllm_server(
     finally:
         log_file.close()  # the child keeps its own descriptor
     server = VllmServer(process, port, served_model_name, Path(model_dir), log_path)
-    server.wait_ready(ready_timeout_s)
+    try:
+        server.wait_ready(ready_timeout_s)
+    except BaseException:  # Ctrl-C or SIGTERM while waiting must not leave the server behind
+        server.stop()
+        raise
     log.info("vLLM server for %s ready on %s in %.1fs", served_model_name, server.base_url, server.ready_s)
     return server
 

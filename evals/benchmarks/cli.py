@@ -96,6 +96,29 @@ def register(subparsers, bench) -> None:
     vlm_digits.add_argument("--json", help="also write the figures as JSON here")
     vlm_digits.set_defaults(func=_runner("vlm_digits"))
 
+    cascade = bench.add_parser(
+        "cascade",
+        help="three-tier digits cascade through the service: accuracy, tier shares, cost/1000 per policy",
+    )
+    cascade.add_argument(
+        "--work-dir",
+        default=str(paths.data_dir() / "bench-cascade"),
+        help="the example's artefacts, serve config, review queue (default: %(default)s)",
+    )
+    cascade.add_argument("--json", help="also write the figures (and every item's record) as JSON here")
+    cascade.add_argument(
+        "--plot", help="PNG of the cost-accuracy frontier (default: WORK_DIR/cascade_frontier.png)"
+    )
+    cascade.add_argument("--concurrency", type=int, default=8, help="clients / VLM requests in flight")
+    cascade.add_argument("--limit", type=int, help="first N held-out items only (a quick run)")
+    cascade.add_argument(
+        "--alpha",
+        type=float,
+        default=0.04,
+        help="certificate's target error among accepted items (default %(default)s: all three tiers in use)",
+    )
+    cascade.set_defaults(func=_runner("cascade"))
+
     audit = bench.add_parser("audit", help="coverage of the audit estimator's bounds over simulated runs")
     audit.add_argument("--error-rates", type=float, nargs="+", default=[0.01, 0.03, 0.05, 0.1, 0.2])
     audit.add_argument("--accepted", type=int, default=5000)

@@ -27,6 +27,7 @@ BENCH_FLAGS = {
         "--models-dir",
     ],
     "vlm": ["--endpoint", "--model", "--requests", "--concurrency"],
+    "cascade": ["--work-dir", "--json", "--plot", "--concurrency", "--limit", "--alpha"],
     "audit": ["--error-rates", "--accepted", "--fraction", "--confidence", "--runs", "--seed", "--json"],
 }
 

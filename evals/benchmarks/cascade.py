@@ -1,0 +1,686 @@
+"""``visionroute bench cascade``: the three-tier digits cascade's cost-accuracy frontier, one run.
+
+One run builds the digits example as ``visionroute example digits`` does (the trained LLaVA on
+its real vLLM server, both calibrators, the three certified thresholds, the serve config;
+cascades/vlm/example_digits.py), starts that service (``serve run``: Ray Serve), then:
+
+1. **through the service**: sends the held-out digits over HTTP (``--concurrency`` clients) and
+   records per item the decision, the path (cheap-accepted / VLM-answered / review), the answer,
+   the cost units the service charged, the client-side latency, and from the trace the cheap
+   tier's answer and calibrated confidence and, when escalated, the VLM's;
+2. **counterfactual**: asks the same vLLM server directly (``VlmStage``, as ``vlm-digits`` does)
+   for the items the service did not escalate, so that every held-out item has a VLM answer;
+3. **policies** from those per-item records (``policy_rows``): cheap only; VLM only; cheap ->
+   VLM by confidence (the certified cheap accept threshold only, every VLM answer accepted);
+   the certified three-tier policy (what the service did); random routing at the service's VLM
+   share (expected value); an oracle router (cheap when it is right, else the VLM when it is
+   right, else a human). Only the certified row is measured through the service; the others
+   are computed from the same items' recorded answers.
+
+Costs per item follow the cascade's cost model (policies.risk_control.TierCosts): every item
+pays the cheap tier (VLM only excepted), each VLM call pays the VLM, each human review pays the
+review. Two price lists: the certificate's (the costs the three-tier plan was chosen under,
+read from the artefact) and the units the service charged (read from the traces: the digits
+config prices VLM tokens at 0 and a review at the policy set's ``review_units``).
+
+Also: the accepted error on held-out items against alpha and the certificate's bound, and
+latency p50/p95 per path. docs/vlm.md, "bench cascade".
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from visionroute import paths
+
+log = logging.getLogger(__name__)
+
+PATHS = ("cheap", "vlm", "review")  # how the service answered an item
+NO_ANSWER = -1
+
+
+# The e2e test's alpha (tests/integration/test_three_tier_digits.py): at the example's 0.05 the
+# certified plan for seed 0 accepts every VLM answer and reviews nothing, so the three-tier row
+# would equal cheap -> VLM and the review path would have no latency to measure.
+DEFAULT_ALPHA = 0.04
+
+
+def default_work_dir() -> Path:
+    return paths.data_dir() / "bench-cascade"
+
+
+# --------------------------------------------------------------------------- per-item records
+
+
+@dataclass(frozen=True)
+class ItemRecord:
+    """One held-out digit: what the service did with it, and both tiers' answers.
+
+    Class ids are indices into the label set; ``NO_ANSWER`` (-1) where a tier gave no valid
+    answer. Scores are calibrated confidences (NaN where there is none)."""
+
+    label: int
+    path: str  # "cheap" | "vlm" | "review" (the service's decision)
+    escalated: bool  # the service called the VLM
+    answer: int  # the service's answer; NO_ANSWER for review
+    cost_units: float  # what the service charged (response ``cost_units``)
+    latency_ms: float  # client-side, request to response
+    cheap_answer: int
+    cheap_score: float
+    vlm_answer: int
+    vlm_score: float
+    vlm_source: str  # "service" (from the trace) or "direct" (asked the vLLM server directly)
+    cheap_cost_units: float = 0.0  # per step, as the trace charged them
+    vlm_cost_units: float = 0.0
+    review_cost_units: float = 0.0
+
+
+@dataclass(frozen=True)
+class Prices:
+    """Cost units per item for each tier: the cheap tier, one VLM call, one human review."""
+
+    cheap: float
+    vlm: float
+    review: float
+
+
+@dataclass(frozen=True)
+class PolicyRow:
+    name: str
+    measured: str  # "service" or "counterfactual" / "expected" (computed from the records)
+    n_items: int
+    n_auto: float  # answered without a human (expected, for random routing)
+    accuracy: float  # of the automatically answered items; NaN when none
+    share: dict[str, float]  # "cheap" / "vlm" / "human": share of items answered by each
+    vlm_call_share: float  # share of items the VLM was asked about (and paid for)
+    cost_per_1000: float  # at the certificate's prices
+    cost_per_1000_service: float  # at the service's prices (for the service row: as charged)
+
+    @property
+    def accepted_error(self) -> float:
+        return 1.0 - self.accuracy
+
+
+class Records:
+    """Per-item records as parallel arrays (validated once), for the policy arithmetic."""
+
+    def __init__(self, records: Sequence[ItemRecord]) -> None:
+        if not records:
+            raise ValueError("records: need at least one held-out item, got none")
+        bad = sorted({r.path for r in records} - set(PATHS))
+        if bad:
+            raise ValueError(f"records: path must be one of {list(PATHS)}, got {bad}")
+        self.items = list(records)
+        self.n = len(records)
+
+        def column(name: str, dtype) -> np.ndarray:
+            return np.array([getattr(r, name) for r in records], dtype)
+
+        self.label = column("label", np.int64)
+        self.path = np.array([r.path for r in records])
+        self.escalated = column("escalated", bool)
+        self.answer = column("answer", np.int64)
+        self.cost_units = column("cost_units", np.float64)
+        self.latency_ms = column("latency_ms", np.float64)
+        self.cheap_score = column("cheap_score", np.float64)
+        self.cheap_valid = column("cheap_answer", np.int64) != NO_ANSWER
+        self.cheap_ok = column("cheap_answer", np.int64) == self.label
+        self.vlm_valid = column("vlm_answer", np.int64) != NO_ANSWER
+        self.vlm_ok = column("vlm_answer", np.int64) == self.label
+        self.step_costs = {
+            tier: column(f"{tier}_cost_units", np.float64) for tier in ("cheap", "vlm", "review")
+        }
+
+
+def service_prices(records: Records, *, review_default: float) -> Prices:
+    """The unit prices the service charged, read from the traces: the mean cost of each tier's
+    step where that step ran (``review_default``, the policy set's review units, if no item
+    went to review)."""
+    reviewed = records.path == "review"
+    return Prices(
+        cheap=float(records.step_costs["cheap"].mean()),
+        vlm=float(records.step_costs["vlm"][records.escalated].mean()) if records.escalated.any() else 0.0,
+        review=float(records.step_costs["review"][reviewed].mean()) if reviewed.any() else review_default,
+    )
+
+
+def _row(
+    name: str,
+    measured: str,
+    records: Records,
+    *,
+    w_cheap: np.ndarray,
+    w_vlm: np.ndarray,
+    vlm_called: np.ndarray,
+    correct: np.ndarray,
+    prices: Prices,
+    service_prices: Prices,
+    pays_cheap: bool = True,
+    charged_per_1000: float | None = None,
+) -> PolicyRow:
+    """Figures of a routing given per item (possibly fractional, for expectations): the weight
+    of the cheap and the VLM answer (the rest goes to a human), the chance the VLM is called,
+    and whether the automatic answer is right."""
+    n = records.n
+    w_human = 1.0 - w_cheap - w_vlm
+    n_auto = float((w_cheap + w_vlm).sum())
+    n_correct = float(correct.sum())
+
+    def cost_per_1000(p: Prices) -> float:
+        total = (p.cheap * n if pays_cheap else 0.0) + p.vlm * vlm_called.sum() + p.review * w_human.sum()
+        return 1000.0 * float(total) / n
+
+    return PolicyRow(
+        name=name,
+        measured=measured,
+        n_items=n,
+        n_auto=n_auto,
+        accuracy=n_correct / n_auto if n_auto > 0 else math.nan,
+        share={
+            "cheap": float(w_cheap.sum()) / n,
+            "vlm": float(w_vlm.sum()) / n,
+            "human": float(w_human.sum()) / n,
+        },
+        vlm_call_share=float(vlm_called.sum()) / n,
+        cost_per_1000=cost_per_1000(prices),
+        cost_per_1000_service=cost_per_1000(service_prices) if charged_per_1000 is None else charged_per_1000,
+    )
+
+
+def policy_rows(
+    records: Records, *, accept_threshold: float, prices: Prices, service: Prices
+) -> list[PolicyRow]:
+    """The six policies of the module docstring on the same items. ``accept_threshold``: the
+    certified cheap accept threshold (calibrated cheap score), used by cheap -> VLM."""
+    r = records
+    one, zero = np.ones(r.n), np.zeros(r.n)
+    common = dict(prices=prices, service_prices=service)
+    vlm_answered = r.vlm_valid.astype(float)
+    rows = [
+        _row(
+            "cheap only",
+            "counterfactual",
+            r,
+            w_cheap=r.cheap_valid.astype(float),
+            w_vlm=zero,
+            vlm_called=zero,
+            correct=r.cheap_ok.astype(float),
+            **common,
+        ),
+        _row(
+            "VLM only",
+            "counterfactual",
+            r,
+            w_cheap=zero,
+            w_vlm=vlm_answered,
+            vlm_called=one,
+            correct=r.vlm_ok.astype(float),
+            pays_cheap=False,
+            **common,
+        ),
+    ]
+    cheap_accepts = r.cheap_valid & (r.cheap_score >= accept_threshold)  # NaN >= t: False
+    rows.append(
+        _row(
+            "cheap -> VLM by confidence",
+            "counterfactual",
+            r,
+            w_cheap=cheap_accepts.astype(float),
+            w_vlm=(~cheap_accepts & r.vlm_valid).astype(float),
+            vlm_called=(~cheap_accepts).astype(float),
+            correct=(cheap_accepts & r.cheap_ok) | (~cheap_accepts & r.vlm_ok),
+            **common,
+        )
+    )
+    served_cheap, served_vlm = r.path == "cheap", r.path == "vlm"
+    rows.append(
+        _row(
+            "certified three-tier",
+            "service",
+            r,
+            w_cheap=served_cheap.astype(float),
+            w_vlm=served_vlm.astype(float),
+            vlm_called=r.escalated.astype(float),
+            correct=(served_cheap | served_vlm) & (r.answer == r.label),
+            charged_per_1000=1000.0 * float(r.cost_units.sum()) / r.n,
+            **common,
+        )
+    )
+    # Random routing: each item to the VLM with the service's VLM-call share s, else the cheap
+    # answer; the expected counts (ratio of expectations), so no sampling noise enters.
+    s = float(r.escalated.mean())
+    rows.append(
+        _row(
+            f"random routing (VLM share {s:.3f})",
+            "expected",
+            r,
+            w_cheap=(1.0 - s) * r.cheap_valid,
+            w_vlm=s * vlm_answered,
+            vlm_called=s * one,
+            correct=(1.0 - s) * r.cheap_ok + s * r.vlm_ok,
+            **common,
+        )
+    )
+    oracle_vlm = ~r.cheap_ok & r.vlm_ok
+    rows.append(
+        _row(
+            "oracle router",
+            "counterfactual",
+            r,
+            w_cheap=r.cheap_ok.astype(float),
+            w_vlm=oracle_vlm.astype(float),
+            vlm_called=oracle_vlm.astype(float),
+            correct=r.cheap_ok | oracle_vlm,
+            **common,
+        )
+    )
+    return rows
+
+
+def threshold_sweep(records: Records, prices: Prices) -> tuple[np.ndarray, np.ndarray]:
+    """Cheap -> VLM (every VLM answer accepted) at every cheap accept threshold the items allow:
+    (cost per item, accuracy of the automatic answers), for the frontier plot."""
+    scores = records.cheap_score[records.cheap_valid]
+    levels = np.concatenate([[-np.inf], np.unique(scores), [np.inf]])
+    cost, accuracy = [], []
+    for level in levels:
+        row = policy_rows(records, accept_threshold=level, prices=prices, service=prices)[2]
+        cost.append(row.cost_per_1000 / 1000.0)
+        accuracy.append(row.accuracy)
+    return np.array(cost), np.array(accuracy)
+
+
+def latency_by_path(records: Records) -> dict[str, dict[str, float]]:
+    """Client-side latency p50/p95 (ms) per path, measured through the service."""
+    out = {}
+    for path in PATHS:
+        values = records.latency_ms[records.path == path]
+        out[path] = {
+            "n": int(len(values)),
+            "p50_ms": float(np.percentile(values, 50)) if len(values) else math.nan,
+            "p95_ms": float(np.percentile(values, 95)) if len(values) else math.nan,
+        }
+    return out
+
+
+def replay_agreement(records: Records, plan) -> int:
+    """How many items the service routed as the certified plan (``TierPlan``) routes them when
+    replayed on the trace's calibrated scores: the service and the plan share one rule."""
+    agree = 0
+    for item in records.items:
+        expected = {"accept": "cheap", "review": "review"}.get(plan.decide(item.cheap_score))
+        if expected is None:  # escalated: the VLM's confidence as the service saw it
+            vlm_score = item.vlm_score if item.vlm_source == "service" else math.nan
+            expected = "vlm" if plan.decide_vlm(vlm_score) == "accept" else "review"
+        agree += expected == item.path
+    return agree
+
+
+def accepted_error(records: Records) -> tuple[int, int]:
+    """(wrong, accepted) among the items the service answered without a human."""
+    accepted = records.path != "review"
+    return int((accepted & (records.answer != records.label)).sum()), int(accepted.sum())
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def _threshold(value: float | None) -> str:
+    return "any answer (no VLM threshold)" if value is None else f"{value:.4g}"
+
+
+def format_report(figures: dict[str, Any]) -> str:
+    rows: list[PolicyRow] = figures["rows"]
+    p, s = figures["prices"], figures["service_prices"]
+    lines = [
+        f"three-tier digits cascade, {figures['n_items']} held-out digits, one run "
+        f"(service {figures['service_url']}, vLLM {figures['vlm_model']} {figures['vlm_model_version']})",
+        f"  thresholds (certified, calibrated scores): cheap accept >= {figures['thresholds']['accept']:.4g}, "
+        f"review below {figures['thresholds']['review']:.4g}, VLM accept >= {_threshold(figures['thresholds']['vlm_accept'])}",
+        f"  prices per item: certificate cheap {p.cheap:g} / VLM call {p.vlm:g} / review {p.review:g}; "
+        f"service-charged cheap {s.cheap:g} / VLM call {s.vlm:g} / review {s.review:g}",
+        "",
+        f"  {'policy':<34} {'measured':<15} {'accuracy (auto)':>15} {'cheap':>7} {'VLM':>7} {'human':>7} "
+        f"{'cost/1000':>10} {'cost/1000 service units':>24}",
+    ]
+    for row in rows:
+        lines.append(
+            f"  {row.name:<34} {row.measured:<15} {row.accuracy:>15.4f} {row.share['cheap']:>7.3f} "
+            f"{row.share['vlm']:>7.3f} {row.share['human']:>7.3f} {row.cost_per_1000:>10.0f} "
+            f"{row.cost_per_1000_service:>24.0f}"
+        )
+    err = figures["accepted_error"]
+    lat = figures["latency"]
+    lines += [
+        "",
+        "  measured: service = sent through the running service (its decisions, answers, charged units);",
+        "  counterfactual = computed from the same items' recorded cheap and VLM answers (the VLM asked",
+        f"  directly for the {figures['n_direct']} items the service did not escalate); expected = random routing's",
+        "  expected value. accuracy (auto) = share right among the items answered without a human;",
+        "  cheap / VLM / human = share of items answered by each; cost/1000 at the certificate's prices;",
+        "  the service row's service units are as charged (sum of response cost_units).",
+        f"  routing replayed from the traces' scores with the certified plan agrees on "
+        f"{figures['replay_agreement']}/{figures['n_items']} items",
+        "",
+        f"  accepted error through the service: {err['rate']:.4f} ({err['errors']} wrong of {err['accepted']} "
+        f"accepted) vs alpha {err['alpha']:g}; certificate (certification split, delta {err['delta']:g}): "
+        f"empirical {err['certified_empirical']:.4f}, upper bound {err['certified_upper_bound']:.4f}",
+        "",
+        f"  latency through the service ({figures['concurrency']} clients, client-side):",
+    ]
+    for path, label in (("cheap", "cheap-accepted"), ("vlm", "VLM-answered"), ("review", "review")):
+        f = lat[path]
+        lines.append(f"    {label:<15} n={f['n']:<4} p50 {f['p50_ms']:8.1f} ms   p95 {f['p95_ms']:8.1f} ms")
+    return "\n".join(lines)
+
+
+def plot_frontier(path: Path, records: Records, rows: list[PolicyRow], prices: Prices) -> Path:
+    from evals.plots import frontier_plot
+
+    curves = {"cheap -> VLM, cheap threshold swept": threshold_sweep(records, prices)}
+    points = {f"{row.name} ({row.measured})": (row.cost_per_1000 / 1000.0, row.accuracy) for row in rows}
+    return frontier_plot(
+        path,
+        curves,
+        points,
+        title=f"Digits cascade, {records.n} held-out items (accuracy of automatic answers)",
+        x_label=f"cost units per item (cheap {prices.cheap:g}, VLM {prices.vlm:g}, review {prices.review:g})",
+    )
+
+
+# --------------------------------------------------------------------------- the service
+
+
+@contextmanager
+def running_service(config: Path, log_path: Path, *, ready_timeout_s: float = 600.0) -> Iterator[str]:
+    """``serve run config`` in the background, as ``visionroute serve`` starts it
+    (router/serve_runner.py: its environment and stop sequence); yields the base URL."""
+    from router.cli import load_serve_document
+    from router.serve_runner import _preexec, _stop, child_environment, endpoints_of, ready
+
+    endpoints = endpoints_of(load_serve_document(config))
+    env, notes = child_environment()
+    for note in notes:
+        print(f"note: {note}", flush=True)
+    command = [str(Path(sys.executable).with_name("serve")), "run", str(config)]
+    with open(log_path, "ab") as out:
+        child = subprocess.Popen(
+            command,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_preexec,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + ready_timeout_s
+        while not ready(endpoints.probe_url):
+            if child.poll() is not None:
+                raise RuntimeError(f"serve run exited with {child.returncode}; log {log_path}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"service not ready after {ready_timeout_s:g} s; log {log_path}")
+            time.sleep(1.0)
+        yield endpoints.probe_url.removesuffix("/readyz")
+    finally:
+        _stop(child)
+
+
+def _png(image_rgb: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image_rgb).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _step(body: dict[str, Any], stage: str) -> dict[str, Any] | None:
+    return next((s for s in body["trace"]["steps"] if s["stage"] == stage), None)
+
+
+def _label_id(label: Any) -> int:
+    from cascades.vlm.train_digits import LABELS
+
+    return LABELS.index(str(label)) if str(label) in LABELS else NO_ANSWER
+
+
+def record_from_response(body: dict[str, Any], label: int, latency_ms: float, task: str) -> ItemRecord:
+    """An ``ItemRecord`` from one /v1/analyze response (its trace)."""
+    onnx, policy, vlm = _step(body, f"onnx:{task}"), _step(body, "policy:thresholds"), _step(body, "vlm")
+    review = _step(body, "review_queue")
+    accepted = body["decision"] == "accept"
+    path = ("vlm" if vlm is not None else "cheap") if accepted else "review"
+    answer = _label_id(max(body["answer"], key=lambda a: a["confidence"])["label"]) if accepted else NO_ANSWER
+    vlm_answer, vlm_score = NO_ANSWER, math.nan
+    if vlm is not None and vlm["error"] is None:
+        vlm_answer = _label_id(vlm["details"].get("answer"))
+        vlm_score = float(vlm["details"].get("calibrated_score", math.nan))
+    cheap_ok = onnx is not None and onnx.get("error") is None
+    return ItemRecord(
+        label=int(label),
+        path=path,
+        escalated=vlm is not None,
+        answer=answer,
+        cost_units=float(body["cost_units"]),
+        latency_ms=latency_ms,
+        cheap_answer=_label_id(onnx["details"]["label"]) if cheap_ok else NO_ANSWER,
+        cheap_score=float(policy["score"]) if policy and policy.get("score") is not None else math.nan,
+        vlm_answer=vlm_answer,
+        vlm_score=vlm_score,
+        vlm_source="service",
+        cheap_cost_units=float(onnx["cost_units"]) if onnx else 0.0,
+        vlm_cost_units=float(vlm["cost_units"]) if vlm else 0.0,
+        review_cost_units=float(review["cost_units"]) if review else 0.0,
+    )
+
+
+def send_through_service(url: str, images_rgb, labels, *, task: str, concurrency: int) -> list[ItemRecord]:
+    import httpx
+
+    with httpx.Client(timeout=300.0, limits=httpx.Limits(max_connections=concurrency)) as client:
+
+        def one(item: tuple[np.ndarray, int]) -> ItemRecord:
+            image, label = item
+            data = _png(image)
+            started = time.perf_counter()
+            response = client.post(
+                f"{url}/v1/analyze", files={"image": ("digit.png", data, "image/png")}, data={"task": task}
+            )
+            latency_ms = (time.perf_counter() - started) * 1000.0
+            if response.status_code != 200:
+                raise RuntimeError(f"/v1/analyze answered {response.status_code}: {response.text[:500]}")
+            return record_from_response(response.json(), label, latency_ms, task)
+
+        with ThreadPoolExecutor(concurrency) as pool:
+            return list(pool.map(one, zip(images_rgb, labels)))
+
+
+def with_direct_vlm_answers(
+    records: list[ItemRecord],
+    images_rgb,
+    *,
+    endpoint: str,
+    model: str,
+    version: str,
+    calibration: Path,
+    concurrency: int,
+) -> list[ItemRecord]:
+    """Fill in the VLM's answer (and calibrated confidence) for the items the service did not
+    escalate, asking the same vLLM server through ``VlmStage`` (``example_digits.vlm_answers``)."""
+    from dataclasses import replace
+
+    from cascades.calibration import load_calibration
+    from cascades.vlm.calibration import calibrated_confidence
+    from cascades.vlm.example_digits import vlm_answers
+
+    missing = [i for i, r in enumerate(records) if not r.escalated]
+    if not missing:
+        return records
+    raw, predicted = vlm_answers(
+        endpoint, model, version, [images_rgb[i] for i in missing], concurrency=concurrency
+    )
+    calibrator = load_calibration(calibration)
+    out = list(records)
+    for i, score, answer in zip(missing, raw, predicted):
+        valid = not math.isnan(score) and answer >= 0
+        out[i] = replace(
+            records[i],
+            vlm_answer=int(answer) if valid else NO_ANSWER,
+            vlm_score=calibrated_confidence(calibrator, float(score), int(answer)) if valid else math.nan,
+            vlm_source="direct",
+        )
+    return out
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def measure(build, url: str, *, vlm_endpoint: str, vlm_model: str, vlm_version: str, limit, concurrency: int):
+    """Steps 1-3 of the module docstring against a running service; the figures as a dict."""
+    from cascades.vlm.example_digits import TASK, rendered
+    from cascades.vlm.train_digits import SEED
+    from evals.benchmarks.vlm_digits import digits_vlm_split
+    from policies.costs import CostModel
+
+    split = digits_vlm_split(SEED)
+    held_out = split.held_out[:limit]
+    images, labels = rendered(split.images[held_out]), split.labels[held_out]
+    # Warm-up on calibration digits (not held-out): the first requests pay one-off start costs.
+    warm = split.calibration[:concurrency]
+    send_through_service(
+        url, rendered(split.images[warm]), split.labels[warm], task=TASK, concurrency=concurrency
+    )
+    started = time.perf_counter()
+    items = send_through_service(url, images, labels, task=TASK, concurrency=concurrency)
+    service_s = time.perf_counter() - started
+    items = with_direct_vlm_answers(
+        items,
+        images,
+        endpoint=vlm_endpoint,
+        model=vlm_model,
+        version=vlm_version,
+        calibration=build.vlm_calibration,
+        concurrency=concurrency,
+    )
+    records = Records(items)
+    plan, cert = build.plan, build.plan.certificate
+    costs = build.certificate["three_tier"]["costs"]
+    prices = Prices(cheap=costs["cheap"], vlm=costs["escalate"], review=costs["review"])
+    service = service_prices(records, review_default=CostModel().review_units)
+    rows = policy_rows(records, accept_threshold=plan.accept_threshold, prices=prices, service=service)
+    wrong, accepted = accepted_error(records)
+    return {
+        "n_items": records.n,
+        "service_url": url,
+        "service_seconds": service_s,
+        "concurrency": concurrency,
+        "vlm_model": vlm_model,
+        "vlm_model_version": vlm_version,
+        "thresholds": {
+            "accept": plan.accept_threshold,
+            "review": plan.review_threshold,
+            "vlm_accept": plan.vlm_accept_threshold,
+        },
+        "prices": prices,
+        "service_prices": service,
+        "rows": rows,
+        "n_direct": int((~records.escalated).sum()),
+        "replay_agreement": replay_agreement(records, plan),
+        "accepted_error": {
+            "rate": wrong / accepted if accepted else math.nan,
+            "errors": wrong,
+            "accepted": accepted,
+            "alpha": cert.alpha,
+            "delta": cert.delta,
+            "certified_empirical": cert.empirical_risk,
+            "certified_upper_bound": cert.risk_upper_bound,
+        },
+        "latency": latency_by_path(records),
+        "records": records,
+    }
+
+
+def run(args) -> int:
+    """Build the example, start vLLM and the service, measure, stop both (also on error/Ctrl-C)."""
+    from cascades.vlm import server as vllm_server
+    from cascades.vlm.example_digits import build_example, serve_document, write_serve_config
+    from cascades.vlm.train_digits import SERVED_MODEL_NAME
+
+    for noisy in ("httpx", "httpx2"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.limit is not None and args.limit < 1:
+        raise SystemExit(f"--limit must be at least 1, got {args.limit}")
+    work_dir = Path(args.work_dir).expanduser().resolve()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM unwinds like Ctrl-C
+    try:
+        python = vllm_server.ensure_vllm_venv()
+        model_dir = vllm_server.ensure_digits_llava(python=python)
+        version = vllm_server.model_version(model_dir)
+        with vllm_server.start_vllm_server(
+            model_dir, served_model_name=SERVED_MODEL_NAME, python=python, max_num_seqs=args.concurrency
+        ) as vllm:
+            print(f"vLLM server for {SERVED_MODEL_NAME} ({version}) ready on {vllm.base_url}", flush=True)
+            build = build_example(
+                work_dir,
+                vlm_endpoint=vllm.base_url,
+                vlm_model=SERVED_MODEL_NAME,
+                vlm_model_version=version,
+                alpha=getattr(args, "alpha", DEFAULT_ALPHA),
+                concurrency=args.concurrency,
+            )
+            print(build.summary(), flush=True)
+            document = serve_document(
+                build,
+                http_port=vllm_server.free_port(),
+                vlm_endpoint=vllm.base_url,
+                vlm_model=SERVED_MODEL_NAME,
+                vlm_model_version=version,
+            )
+            config = write_serve_config(document, work_dir / "serve_config.yaml")
+            with running_service(config, work_dir / "serve.log") as url:
+                print(f"service ready on {url}; sending the held-out digits", flush=True)
+                figures = measure(
+                    build,
+                    url,
+                    vlm_endpoint=vllm.base_url,
+                    vlm_model=SERVED_MODEL_NAME,
+                    vlm_version=version,
+                    limit=args.limit,
+                    concurrency=args.concurrency,
+                )
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print(format_report(figures))
+    plot = Path(args.plot).expanduser() if args.plot else work_dir / "cascade_frontier.png"
+    plot_frontier(plot, figures["records"], figures["rows"], figures["prices"])
+    print(f"  frontier plot: {plot}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(to_json(figures), indent=2, default=float))
+        print(f"  figures: {args.json}")
+    return 0
+
+
+def to_json(figures: dict[str, Any]) -> dict[str, Any]:
+    records: Records = figures["records"]
+    out = {k: v for k, v in figures.items() if k not in ("records", "rows", "prices", "service_prices")}
+    return out | {
+        "prices": asdict(figures["prices"]),
+        "service_prices": asdict(figures["service_prices"]),
+        "rows": [asdict(row) for row in figures["rows"]],
+        "items": [asdict(item) for item in records.items],
+    }
