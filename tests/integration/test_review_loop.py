@@ -51,12 +51,15 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
+LOADTEST_WINDOW_S = 366 * 86400
 BUDGETS = [
     {
         "name": "loadtest",
         "tenant": "loadtest",
         "tiers": ["onnx"],
-        "window_s": 3600,
+        # Windows are aligned to the epoch: with 3600 s, a run crossing the hour served 10 in each
+        # window (20 of 50). The longest window makes a boundary inside the test all but impossible.
+        "window_s": LOADTEST_WINDOW_S,
         "cap_units": 10,
         "degrade": "reject",
     },
@@ -204,7 +207,7 @@ def test_fifty_concurrent_requests_never_overspend_a_small_budget(service, photo
     codes = sorted(r.status_code for r in responses)
     assert codes.count(200) == 10 and codes.count(429) == 40, codes
     refused = next(r for r in responses if r.status_code == 429)
-    assert 1 <= int(refused.headers["retry-after"]) <= 3600
+    assert 1 <= int(refused.headers["retry-after"]) <= LOADTEST_WINDOW_S
     assert (
         refused.json()["field"] == "budget:loadtest" and "has used 10 of 10 units" in refused.json()["reason"]
     )
