@@ -29,6 +29,7 @@ from typing import Any, Literal
 from policies.sequential import RolloutConfig, RolloutMonitor
 from visionroute.errors import Conflict, InputError, NotFound
 from visionroute.migrations import Migration, migrate
+from visionroute.redaction import shown
 from visionroute.state import Connection, StateConfig, open_database
 
 STORE = "rollouts"
@@ -193,7 +194,7 @@ class RolloutStore:
         with self.database.read() as conn:
             row = conn.execute("SELECT * FROM rollouts WHERE id = ?", (rollout_id,)).fetchone()
         if row is None:
-            raise NotFound(f"no rollout {rollout_id!r}", field="rollout_id")
+            raise NotFound(f"no rollout {shown(rollout_id)}", field="rollout_id")
         return _rollout(row)
 
     def in_effect(self) -> list[Rollout]:
@@ -336,13 +337,7 @@ class RolloutStore:
         if arm not in ("incumbent", "candidate"):
             raise InputError(f"arm must be 'incumbent' or 'candidate', got {arm!r}", field="arm")
         with self.database.write() as tx:
-            tx.dialect.lock(tx, f"rollout:{rollout_id}")
-            row = tx.execute(
-                "SELECT status, monitor_json FROM rollouts WHERE id = ?" + tx.dialect.for_update,
-                (rollout_id,),
-            ).fetchone()
-            if row is None:
-                raise NotFound(f"no rollout {rollout_id!r}", field="rollout_id")
+            row = self._locked(tx, rollout_id)
             monitor = RolloutMonitor.from_json(row["monitor_json"])
             if is_error is not None and item_id is not None:
                 counted = tx.execute(
@@ -376,13 +371,7 @@ class RolloutStore:
             raise InputError(f"action must be one of {sorted(allowed)}, got {action!r}", field="action")
         target = {"promote": "promoted", "rollback": "rolled_back", "finish": "finished"}[action]
         with self.database.write() as tx:
-            tx.dialect.lock(tx, f"rollout:{rollout_id}")
-            row = tx.execute(
-                "SELECT task, status, monitor_json FROM rollouts WHERE id = ?" + tx.dialect.for_update,
-                (rollout_id,),
-            ).fetchone()
-            if row is None:
-                raise NotFound(f"no rollout {rollout_id!r}", field="rollout_id")
+            row = self._locked(tx, rollout_id)
             if row["status"] not in allowed[action]:
                 raise Conflict(
                     f"rollout {rollout_id} is {row['status']}; {action} needs it to be "
@@ -416,6 +405,18 @@ class RolloutStore:
             )
 
     # -- helpers --------------------------------------------------------------------------------
+
+    @staticmethod
+    def _locked(tx: Connection, rollout_id: str) -> Any:
+        """The rollout's row, held for the rest of the transaction (NotFound when there is none)."""
+        tx.dialect.lock(tx, f"rollout:{rollout_id}")
+        row = tx.execute(
+            "SELECT task, status, monitor_json FROM rollouts WHERE id = ?" + tx.dialect.for_update,
+            (rollout_id,),
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"no rollout {shown(rollout_id)}", field="rollout_id")
+        return row
 
     @staticmethod
     def _set_status(tx: Connection, rollout_id: str, status: str) -> None:

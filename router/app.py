@@ -33,19 +33,17 @@ def search_shards(config: Any) -> Any:
     return shards[0] if n == 1 else shards
 
 
+def onnx_deployment(name: str, cheap: Any, config: Any) -> Any:
+    """The ``OnnxTier`` deployment of one cheap tier (a task's or a rollout candidate's)."""
+    return OnnxTier.options(
+        name=name, num_replicas=cheap.replicas, ray_actor_options={"num_cpus": cheap.num_cpus}
+    ).bind(cheap.tier.model_dump(), str(config.models_dir), cheap.max_batch_size, cheap.batch_wait_timeout_ms)
+
+
 def build_app(args: dict[str, Any] | None = None) -> Application:
     config = parse_app_config(args)
     tiers = {
-        task: OnnxTier.options(
-            name=f"onnx_{task}",
-            num_replicas=cascade.replicas,
-            ray_actor_options={"num_cpus": cascade.num_cpus},
-        ).bind(
-            cascade.tier.model_dump(),
-            str(config.models_dir),
-            cascade.max_batch_size,
-            cascade.batch_wait_timeout_ms,
-        )
+        task: onnx_deployment(f"onnx_{task}", cascade, config)
         for task, cascade in config.cascades.items()
         if cascade.placement == "deployment"  # placement "ingress": built inside the Ingress
     }
@@ -58,18 +56,9 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         for task, cascade in config.cascades.items()
         if cascade.vlm is not None
     }
-    candidate_tiers = {
+    candidate_tiers = {  # added beside the incumbent by `serve deploy`, in place
         task: {
-            name: OnnxTier.options(
-                name=f"onnx_{task}__{name}",  # added beside the incumbent by `serve deploy`, in place
-                num_replicas=candidate.replicas,
-                ray_actor_options={"num_cpus": candidate.num_cpus},
-            ).bind(
-                candidate.tier.model_dump(),
-                str(config.models_dir),
-                candidate.max_batch_size,
-                candidate.batch_wait_timeout_ms,
-            )
+            name: onnx_deployment(f"onnx_{task}__{name}", candidate, config)
             for name, candidate in cascade.candidates.items()
             if candidate.placement == "deployment"
         }

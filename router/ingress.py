@@ -22,39 +22,30 @@ from router.tiers import BatchedOnnxTier, InProcessTier, RemoteSearch, RemoteTie
 log = logging.getLogger("visionroute.ingress")
 
 
-def cheap_tiers(config: AppConfig, handles: dict[str, DeploymentHandle]) -> dict[str, Any]:
-    """Each task's cheap tier: its own deployment's handle, or built inside this replica."""
-    return {
-        task: RemoteTier(handles[task])
-        if cascade.placement == "deployment"
-        else InProcessTier(
-            BatchedOnnxTier(
-                cascade.tier.model_dump(),
-                str(config.models_dir),
-                cascade.max_batch_size,
-                cascade.batch_wait_timeout_ms,
-            )
+def _tier(config: AppConfig, cheap: Any, handle: DeploymentHandle | None) -> Any:
+    """A cheap tier (a task's or a rollout candidate's): its deployment's handle, or built inside
+    this replica (placement ``ingress``)."""
+    if cheap.placement == "deployment":
+        return RemoteTier(handle)
+    return InProcessTier(
+        BatchedOnnxTier(
+            cheap.tier.model_dump(), str(config.models_dir), cheap.max_batch_size, cheap.batch_wait_timeout_ms
         )
-        for task, cascade in config.cascades.items()
-    }
+    )
+
+
+def cheap_tiers(config: AppConfig, handles: dict[str, DeploymentHandle]) -> dict[str, Any]:
+    """Each task's cheap tier."""
+    return {task: _tier(config, cascade, handles.get(task)) for task, cascade in config.cascades.items()}
 
 
 def candidate_tiers(
     config: AppConfig, handles: dict[str, dict[str, DeploymentHandle]]
 ) -> dict[str, dict[str, Any]]:
-    """Each task's rollout candidates: their deployments' handles, or built inside this replica."""
+    """Each task's rollout candidates."""
     return {
         task: {
-            name: RemoteTier(handles[task][name])
-            if candidate.placement == "deployment"
-            else InProcessTier(
-                BatchedOnnxTier(
-                    candidate.tier.model_dump(),
-                    str(config.models_dir),
-                    candidate.max_batch_size,
-                    candidate.batch_wait_timeout_ms,
-                )
-            )
+            name: _tier(config, candidate, handles.get(task, {}).get(name))
             for name, candidate in cascade.candidates.items()
         }
         for task, cascade in config.cascades.items()

@@ -45,6 +45,7 @@ from router.security import Principal
 from router.services.backends import CheapTierClient
 from visionroute.errors import ConfigError, InputError, NotFound
 from visionroute.records import Analysis, Decision, Step
+from visionroute.redaction import shown
 
 log = logging.getLogger("visionroute.rollouts")
 
@@ -79,7 +80,9 @@ class RolloutRequest(BaseModel):
     alpha: float = Field(0.05, description="the accepted-error risk the candidate must be shown below")
     delta: float = Field(0.05, description="error level of the sequential test")
     cost_tolerance: float = Field(0.0, ge=0.0, description="promote if mean cost <= incumbent's x (1 + this)")
-    min_cost_observations: int = Field(30, ge=1, description="served requests per arm before promotion")
+    min_cost_observations: int = Field(
+        30, ge=1, le=1_000_000, description="served requests per arm before promotion"
+    )
     reason: str = Field("", max_length=500, description="why (kept in the audit log)")
 
     @model_validator(mode="after")
@@ -380,12 +383,13 @@ class RolloutService:
         cascade = self.config.cascades.get(request.task)
         if cascade is None:
             raise InputError(
-                f"unknown task {request.task!r}; expected one of {sorted(self.config.cascades)}", field="task"
+                f"unknown task {shown(request.task)}; expected one of {sorted(self.config.cascades)}",
+                field="task",
             )
         if request.candidate is not None and request.candidate not in cascade.candidates:
             declared = sorted(cascade.candidates) or "none"
             raise InputError(
-                f"task {request.task!r} has no candidate {request.candidate!r} (declared under "
+                f"task {request.task!r} has no candidate {shown(request.candidate)} (declared under "
                 f"cascades.{request.task}.candidates: {declared}); add it to the config and `serve deploy` first",
                 field="candidate",
             )
@@ -448,7 +452,7 @@ class RolloutService:
     async def list(self, task: str | None = None) -> dict[str, Any]:
         if task is not None and task not in self.config.cascades:
             raise InputError(
-                f"unknown task {task!r}; expected one of {sorted(self.config.cascades)}", field="task"
+                f"unknown task {shown(task)}; expected one of {sorted(self.config.cascades)}", field="task"
             )
         rollouts = await asyncio.to_thread(self.store.list, task)
         return {"rollouts": [rollout.to_dict() for rollout in rollouts]}
