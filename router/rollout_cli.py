@@ -27,7 +27,9 @@ def _print_status(status: dict[str, Any]) -> None:
     print(f"rollout {status['id']}  task {status['task']}  {status['mode']}  status {status['status']}")
     print(f"  candidate: {status['candidate'] or '-'}  policy: {status['policy_version'] or '-'}")
     print(f"  serving:   {status['serving']}")
-    print(f"  test:      {test['decision']}: {test['reason']}  (alpha {test['alpha']}, delta {test['delta']})")
+    print(
+        f"  test:      {test['decision']}: {test['reason']}  (alpha {test['alpha']}, delta {test['delta']})"
+    )
     for arm, figures in test["arms"].items():
         rate = "-" if figures["rate"] is None else f"{figures['rate']:.4f}"
         cost = "-" if figures["mean_cost"] is None else f"{figures['mean_cost']:.4g}"
@@ -144,7 +146,9 @@ def register(subparsers) -> None:
     start.add_argument("--mode", choices=["shadow", "canary"], default="shadow")
     start.add_argument("--fraction", type=float, default=0.1, help="share of traffic, in (0, 1]")
     start.add_argument("--sticky-by", choices=["tenant", "request"], default="tenant")
-    start.add_argument("--audit-fraction", type=float, default=0.1, help="share of each arm's accepts audited")
+    start.add_argument(
+        "--audit-fraction", type=float, default=0.1, help="share of each arm's accepts audited"
+    )
     start.add_argument("--alpha", type=float, default=0.05)
     start.add_argument("--delta", type=float, default=0.05)
     start.add_argument("--reason", default="", help="why (kept in the audit log)")

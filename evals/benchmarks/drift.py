@@ -48,10 +48,28 @@ from visionroute.drift import (
 )
 
 PHOTOS = (
-    "astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "moon", "page", "text", "brick",
-    "grass", "gravel", "colorwheel", "hubble_deep_field", "immunohistochemistry", "retina", "cat",
-    "horse", "logo", "clock", "cell",
-)  # fmt: skip
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "camera",
+    "coins",
+    "moon",
+    "page",
+    "text",
+    "brick",
+    "grass",
+    "gravel",
+    "colorwheel",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+    "cat",
+    "horse",
+    "logo",
+    "clock",
+    "cell",
+)
 SHIFTS = ("blur", "noise", "brightness", "jpeg")
 SHIFT_DESCRIPTIONS = {
     "blur": "Gaussian blur, radius 1.5 px",
@@ -273,8 +291,12 @@ def drift_bench(args) -> dict[str, Any]:
     models_dir = Path(args.models_dir) if args.models_dir else None
     pools, note = cached_pools(sizes, seed=args.seed, models_dir=models_dir)
     features_s = time.perf_counter() - started
-    common = dict(references=args.references, reference_size=args.reference_size, level=args.level,
-                  permutations=args.permutations)  # fmt: skip
+    common = dict(
+        references=args.references,
+        reference_size=args.reference_size,
+        level=args.level,
+        permutations=args.permutations,
+    )
     out: dict[str, Any] = {"note": note, "level": args.level, "window_sizes": args.window_sizes, "rows": []}
     for w in args.window_sizes:
         # Independent draws for every window size and traffic kind.
@@ -296,13 +318,21 @@ def drift_bench(args) -> dict[str, Any]:
             )
             out["rows"].append({"traffic": shift, "window": w, "alarm_rate": shifted})
         verdict_null = verdict_alarm_rate(
-            REFERENCE_VERDICTS, window=w, windows=args.windows, reference_size=args.reference_size,
-            level=args.level, seed=seeds["verdicts"],
-        )  # fmt: skip
+            REFERENCE_VERDICTS,
+            window=w,
+            windows=args.windows,
+            reference_size=args.reference_size,
+            level=args.level,
+            seed=seeds["verdicts"],
+        )
         verdict_shift = verdict_alarm_rate(
-            SHIFTED_VERDICTS, window=w, windows=args.shifted_windows, reference_size=args.reference_size,
-            level=args.level, seed=seeds["verdicts"] + 1,
-        )  # fmt: skip
+            SHIFTED_VERDICTS,
+            window=w,
+            windows=args.shifted_windows,
+            reference_size=args.reference_size,
+            level=args.level,
+            seed=seeds["verdicts"] + 1,
+        )
         out["rows"].append({"traffic": "unshifted", "window": w, "alarm_rate": {"verdicts": verdict_null}})
         out["rows"].append({"traffic": "verdict mix", "window": w, "alarm_rate": {"verdicts": verdict_shift}})
     out["seconds"] = time.perf_counter() - started

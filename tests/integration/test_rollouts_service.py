@@ -39,7 +39,10 @@ def service(tmp_path_factory):
         "policy": {"version": "colour-v1", "accept_threshold": 0.9, "escalate_threshold": 0.2},
         "placement": "ingress",
         "candidates": {
-            "swapped": {"tier": {"model": str(swapped), **tier, "cost_units": 1.0}, "placement": "deployment"},
+            "swapped": {
+                "tier": {"model": str(swapped), **tier, "cost_units": 1.0},
+                "placement": "deployment",
+            },
             "cheaper": {"tier": {"model": str(incumbent), **tier, "cost_units": 0.5}, "placement": "ingress"},
         },
     }
@@ -117,9 +120,26 @@ def rollout_steps(response: dict) -> list[dict]:
 
 def test_a_worse_shadow_candidate_is_rolled_back_and_never_served(service):
     started = cli(
-        service, "rollout", "start", "--task", "colour", "--candidate", "swapped", "--mode", "shadow",
-        "--fraction", "1", "--audit-fraction", "1", "--alpha", "0.1", "--delta", "0.1",
-        "--reason", "swapped weights", "--json",
+        service,
+        "rollout",
+        "start",
+        "--task",
+        "colour",
+        "--candidate",
+        "swapped",
+        "--mode",
+        "shadow",
+        "--fraction",
+        "1",
+        "--audit-fraction",
+        "1",
+        "--alpha",
+        "0.1",
+        "--delta",
+        "0.1",
+        "--reason",
+        "swapped weights",
+        "--json",
     )
     assert started.returncode == 0, started.stderr
     rollout_id = json.loads(started.stdout)["id"]
@@ -146,9 +166,17 @@ def test_an_equal_cheaper_canary_is_promoted_and_then_serves_everything(service)
         assert refused.status_code == 400 and refused.json()["field"] == "fraction"
         response = client.post(
             "/v1/rollouts",
-            json={"task": "colour", "candidate": "cheaper", "mode": "canary", "fraction": 0.6,
-                  "sticky_by": "request", "audit_fraction": 1.0, "alpha": 0.3, "delta": 0.2,
-                  "min_cost_observations": 5},
+            json={
+                "task": "colour",
+                "candidate": "cheaper",
+                "mode": "canary",
+                "fraction": 0.6,
+                "sticky_by": "request",
+                "audit_fraction": 1.0,
+                "alpha": 0.3,
+                "delta": 0.2,
+                "min_cost_observations": 5,
+            },
         )
         assert response.status_code == 200, response.text
         rollout_id = response.json()["id"]

@@ -49,7 +49,10 @@ HTTP_ONLY = {
     ("POST", "/v1/rollouts/{rollout_id}/rollback"): "operator admin API (`visionroute rollout rollback`)",
     ("POST", "/v1/rollouts/{rollout_id}/finish"): "operator admin API (`visionroute rollout finish`)",
     ("GET", "/v1/models"): "documentation for people (JSON and Markdown), read by `visionroute card` too",
-    ("GET", "/v1/models/{name}/card"): "documentation for people (JSON and Markdown), read by `visionroute card` too",
+    (
+        "GET",
+        "/v1/models/{name}/card",
+    ): "documentation for people (JSON and Markdown), read by `visionroute card` too",
     ("GET", "/v1/drift"): "operator report, read by `visionroute drift report`; alerts come from /metrics",
     ("POST", "/v1/session/logout"): "the review page's cookie session, for a browser",
 }

@@ -122,8 +122,16 @@ def test_a_worse_candidate_in_shadow_is_never_served_and_is_rolled_back_by_the_t
     async def scenario():
         started = await service.rollouts.start(
             ADMIN,
-            {"task": "colour", "candidate": "swapped", "mode": "shadow", "fraction": 1.0, "audit_fraction": 1.0,
-             "alpha": 0.1, "delta": 0.1, "reason": "try the swapped model"},
+            {
+                "task": "colour",
+                "candidate": "swapped",
+                "mode": "shadow",
+                "fraction": 1.0,
+                "audit_fraction": 1.0,
+                "alpha": 0.1,
+                "delta": 0.1,
+                "reason": "try the swapped model",
+            },
         )
         assert started["status"] == "running" and started["serving"].startswith("incumbent")
         answers = await traffic(service, 12, "shadow")
@@ -142,7 +150,9 @@ def test_a_worse_candidate_in_shadow_is_never_served_and_is_rolled_back_by_the_t
     rollout_id = run(scenario())
     status = run(service.rollouts.status(rollout_id))
     assert status["status"] == "rolled_back", status["test"]
-    assert status["test"]["arms"]["candidate"]["errors"] == status["test"]["arms"]["candidate"]["labelled"] > 0
+    assert (
+        status["test"]["arms"]["candidate"]["errors"] == status["test"]["arms"]["candidate"]["labelled"] > 0
+    )
     assert "shown above" in status["test"]["reason"]
     actions = [(e["action"], e["actor"]) for e in status["events"]]
     assert actions == [("start", "alice@ops"), ("rollback", "sequential-test")]
@@ -156,8 +166,17 @@ def test_an_equal_cheaper_candidate_in_canary_serves_its_share_and_is_promoted(s
     async def scenario():
         started = await service.rollouts.start(
             ADMIN,
-            {"task": "colour", "candidate": "cheaper", "mode": "canary", "fraction": 0.6, "sticky_by": "request",
-             "audit_fraction": 1.0, "alpha": 0.3, "delta": 0.2, "min_cost_observations": 5},
+            {
+                "task": "colour",
+                "candidate": "cheaper",
+                "mode": "canary",
+                "fraction": 0.6,
+                "sticky_by": "request",
+                "audit_fraction": 1.0,
+                "alpha": 0.3,
+                "delta": 0.2,
+                "min_cost_observations": 5,
+            },
         )
         answers: list = []
         while len(answers) < 120:  # the split hashes a random rollout id: serve until the candidate has 24
@@ -187,7 +206,9 @@ def test_an_equal_cheaper_candidate_in_canary_serves_its_share_and_is_promoted(s
     later = run(traffic(service, 6, "later"))
     assert all(steps(a["analysis"], "rollout")[0].details["arm"] == "candidate" for a in later)
     metrics = run(service.operations.metrics_text()).decode()
-    assert f'visionroute_rollout_in_effect{{candidate="cheaper",mode="canary",rollout="{rollout_id}"' in metrics
+    assert (
+        f'visionroute_rollout_in_effect{{candidate="cheaper",mode="canary",rollout="{rollout_id}"' in metrics
+    )
     assert 'status="promoted"' in metrics and "visionroute_rollout_risk_bound" in metrics
     service.drift.drain()  # the promotion restarted the confidence reference, fed by the candidate now
     (confidence,) = [r for r in service.drift.report()["monitors"] if r["monitor"] == "confidence"]
@@ -203,8 +224,15 @@ def test_labels_count_once_and_the_evidence_is_shared_by_replicas(tmp_path):
 
     async def scenario():
         started = await first.rollouts.start(
-            ADMIN, {"task": "colour", "candidate": "cheaper", "mode": "canary", "fraction": 1.0,
-                    "sticky_by": "tenant", "audit_fraction": 1.0},
+            ADMIN,
+            {
+                "task": "colour",
+                "candidate": "cheaper",
+                "mode": "canary",
+                "fraction": 1.0,
+                "sticky_by": "tenant",
+                "audit_fraction": 1.0,
+            },
         )
         served = await traffic(second, 3, "replica")  # the other replica sees the rollout
         assert all(steps(a["analysis"], "rollout")[0].details["arm"] == "candidate" for a in served)
@@ -235,9 +263,15 @@ def test_operators_promote_and_roll_back_by_hand_with_an_audit_trail(service):
 
 
 def test_a_candidate_policy_set_is_served_to_the_canary_share(service):
-    policy = {"version": "policies-v2", "thresholds": {"colour": {"version": "colour-v2", "accept_threshold": 0.99999,
-                                                                 "escalate_threshold": 0.2}}}
-    run(service.rollouts.start(ADMIN, {"task": "colour", "policy": policy, "mode": "canary", "fraction": 1.0}))
+    policy = {
+        "version": "policies-v2",
+        "thresholds": {
+            "colour": {"version": "colour-v2", "accept_threshold": 0.99999, "escalate_threshold": 0.2}
+        },
+    }
+    run(
+        service.rollouts.start(ADMIN, {"task": "colour", "policy": policy, "mode": "canary", "fraction": 1.0})
+    )
     analysis = run(traffic(service, 1, "policy"))[0]["analysis"]
     assert analysis.policy_version == "policies-v2"
     assert steps(analysis, "rollout")[0].details["candidate_policy_version"] == "policies-v2"

@@ -81,8 +81,16 @@ def fill_sqlite_deployment(workdir: Path) -> dict:
 
     rollouts = RolloutStore(workdir / "review" / "rollouts.sqlite3")
     started = rollouts.start(
-        task="classify", candidate="next", policy=None, mode="canary", fraction=0.5, sticky_by="tenant",
-        audit_fraction=1.0, config=RolloutConfig(), actor="ana", reason="copy test",
+        task="classify",
+        candidate="next",
+        policy=None,
+        mode="canary",
+        fraction=0.5,
+        sticky_by="tenant",
+        audit_fraction=1.0,
+        config=RolloutConfig(),
+        actor="ana",
+        reason="copy test",
     )
     rollouts.observe(started.id, "candidate", is_error=False, item_id="i1")
     store = MetadataStore(workdir / "index" / "items.sqlite")
@@ -118,7 +126,9 @@ def test_copy_moves_every_store_and_verifies_it(tmp_path, postgres_dsn):
     assert report[("review", "images")]["rows"] == 6
     assert report[("budgets", "reservations")]["rows"] == 3
     assert report[("search", "items")]["rows"] == 4
-    assert report[("rollouts", "rollouts")]["rows"] == 1 and report[("rollouts", "rollout_events")]["rows"] == 1
+    assert (
+        report[("rollouts", "rollouts")]["rows"] == 1 and report[("rollouts", "rollout_events")]["rows"] == 1
+    )
 
     status = json.loads(run_cli("db", "status", "--config", str(pg_config)).stdout)
     assert all(s["state"] == "current" for s in status["stores"])

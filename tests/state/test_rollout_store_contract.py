@@ -101,7 +101,10 @@ def test_an_item_counts_once_and_the_first_decision_is_final_and_audited(open_st
     store.observe(rollout.id, "candidate", is_error=False, item_id="late")  # evidence still recorded
     assert store.get(rollout.id).status == "rolled_back"
     events = store.events(rollout.id)
-    assert [(e["action"], e["actor"]) for e in events] == [("start", "alice@ops"), ("rollback", "sequential-test")]
+    assert [(e["action"], e["actor"]) for e in events] == [
+        ("start", "alice@ops"),
+        ("rollback", "sequential-test"),
+    ]
     assert events[1]["evidence"]["arms"]["candidate"]["errors"] == i - 1
 
 
