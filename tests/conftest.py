@@ -83,28 +83,33 @@ def postgres_dsn(postgres_server, monkeypatch) -> str:
 
 
 # -- the exit ---------------------------------------------------------------------------------
-# Once pytest has reported, the run's result is final. What is left is the interpreter's own
-# teardown, where native libraries that tests loaded in this process (FAISS and OpenMP,
+# Once pytest has finished (every test, every fixture teardown, the terminal summary, junit
+# and cache files, unconfigure), the run's result is final. What is left is the interpreter's
+# own teardown, where native libraries that tests loaded in this process (FAISS and OpenMP,
 # ONNX Runtime, gRPC, a Ray driver) may still have threads running, and on a loaded machine
 # one of them can crash the teardown (CI once saw exit 139 after "635 passed"), which would
-# turn a passing run into a failed one. Every fixture has been torn down by then (servers
-# stopped, files closed), so the process ends with pytest's own exit status, skipping that
-# teardown.
+# turn a passing run into a failed one. So the process ends with pytest's own final exit code,
+# skipping that teardown. The code is taken where pytest returns it (around
+# ``pytest_cmdline_main``, which spans the whole session), never earlier: a failure raised in a
+# later hook (a session teardown, the summary) still fails the run. An exception out of pytest
+# itself is not caught here: Python reports it and exits non-zero. An xdist worker is left alone: its
+# controller owns the exit and the channel to it must close normally.
 
 
-def pytest_sessionfinish(session, exitstatus):
-    session.config.stash[_EXIT_STATUS] = int(exitstatus)
+def _in_xdist_worker(config: pytest.Config) -> bool:
+    return hasattr(config, "workerinput") or "PYTEST_XDIST_WORKER" in os.environ
 
 
-@pytest.hookimpl(trylast=True)
-def pytest_unconfigure(config):
-    status = config.stash.get(_EXIT_STATUS, None)
-    if status is None:
-        return
+def _end_process(code: int) -> None:
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(status)
+    os._exit(code)
 
 
-_EXIT_STATUS = pytest.StashKey[int]()
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_cmdline_main(config: pytest.Config):
+    if _in_xdist_worker(config):
+        return (yield)
+    code = yield  # an exception out of pytest itself propagates: the run fails as usual
+    _end_process(int(code))
