@@ -9,3 +9,7 @@ sudo_cmd=""
 [[ $(id -u) == 0 ]] || sudo_cmd="sudo"
 $sudo_cmd apt-get update -qq >&2
 DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq chromium >&2
+if [[ ! -x /usr/bin/chromium ]]; then
+  echo "browser_deps.sh: chromium installed, but /usr/bin/chromium is still missing" >&2
+  exit 1
+fi

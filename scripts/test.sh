@@ -1,20 +1,49 @@
 #!/usr/bin/env bash
-# Run the test suite: installs what it needs (project venv, the vLLM server venv, Chromium for
-# the review-page test), then pytest. Extra arguments go to pytest:
+# Run the test suite: installs what it needs (project venv, the vLLM server venv, PostgreSQL and
+# Chromium for the state and review-page tests), lints (ruff check, ruff format --check), then
+# pytest. Extra arguments go to pytest:
 #   ./scripts/test.sh                               # everything (what CI runs)
 #   ./scripts/test.sh -m "not slow and not server"  # the fast part, no servers, ~1 min
+# The full run sets VISIONROUTE_REQUIRE_SERVERS=1: a missing PostgreSQL or Chromium is then a
+# failure (of this script, or of the tests that need it), never a skip. Set it to 0 to let
+# those tests skip on a machine that cannot install them.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv=$("$repo/scripts/bootstrap.sh")
 cd "$repo"
 fast_only=0
 [[ "$*" == *"not server"* ]] && fast_only=1
+require_servers=${VISIONROUTE_REQUIRE_SERVERS:-$((1 - fast_only))}
+[[ $require_servers == 0 ]] || require_servers=1
+export VISIONROUTE_REQUIRE_SERVERS=$require_servers
+
+install_or_fail() {  # script, what it installs
+  bash "$repo/scripts/$1" >/dev/null && return 0
+  if [[ $require_servers == 1 ]]; then
+    echo "test.sh: could not install $2 (scripts/$1); the full run needs it" \
+      "(VISIONROUTE_REQUIRE_SERVERS=0 lets its tests skip instead)" >&2
+    exit 1
+  fi
+  echo "test.sh: could not install $2; its tests will say so and skip" >&2
+}
+
 if [[ $fast_only == 0 ]]; then
-  bash "$repo/scripts/vllm_env.sh" >/dev/null           # real vLLM server for the VLM tests
-  bash "$repo/scripts/postgres_deps.sh" >/dev/null \
-    || echo "test.sh: could not install PostgreSQL; the PostgreSQL tests will say so and skip" >&2
-  bash "$repo/scripts/browser_deps.sh" >/dev/null \
-    || echo "test.sh: could not install chromium; the review-page browser test will say so and skip" >&2
+  bash "$repo/scripts/vllm_env.sh" >/dev/null # real vLLM server for the VLM tests
+  install_or_fail postgres_deps.sh PostgreSQL
+  install_or_fail browser_deps.sh Chromium
 fi
+
+# Lint first: the venv's ruff (a test dependency), else one on PATH.
+if [[ -x $venv/bin/ruff ]]; then
+  ruff=$venv/bin/ruff
+elif command -v ruff >/dev/null; then
+  ruff=$(command -v ruff)
+else
+  echo "test.sh: ruff is missing from $venv (it is a test dependency; rerun scripts/bootstrap.sh)" >&2
+  exit 1
+fi
+"$ruff" check --quiet . || { echo "test.sh: ruff check failed (ruff check --fix . fixes some)" >&2; exit 1; }
+"$ruff" format --check --quiet . || { echo "test.sh: unformatted files (ruff format . formats them)" >&2; exit 1; }
+
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled} HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
 exec "$venv/bin/python" -m pytest "$@"

@@ -6,7 +6,9 @@ import io
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import pytest
@@ -48,6 +50,29 @@ def photos_png() -> dict[str, bytes]:
     return {name: photo_png(name) for name in ("coffee", "chelsea", "astronaut", "camera", "page")}
 
 
+# A server or browser a test needs (PostgreSQL, Chromium) and cannot find: a skip that says why
+# on a developer's machine, a failure where the run must cover everything (scripts/test.sh's
+# full run, which CI runs, sets VISIONROUTE_REQUIRE_SERVERS=1).
+REQUIRE_SERVERS = "VISIONROUTE_REQUIRE_SERVERS"
+
+
+def servers_required() -> bool:
+    return os.environ.get(REQUIRE_SERVERS, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def skip_or_fail_missing(reason: str) -> NoReturn:
+    if servers_required():
+        pytest.fail(f"{reason} ({REQUIRE_SERVERS} is set: a missing server fails the run)", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def missing_server() -> Callable[[str], NoReturn]:
+    """``missing_server(reason)``: the test's server or browser is missing; it skips, or fails
+    under VISIONROUTE_REQUIRE_SERVERS=1."""
+    return skip_or_fail_missing
+
+
 @pytest.fixture(scope="session")
 def postgres_server():
     """One throwaway PostgreSQL server for the session (visionroute/pg_local.py)."""
@@ -55,7 +80,7 @@ def postgres_server():
 
     reason = pg_local.available()
     if reason:
-        pytest.skip(f"no PostgreSQL here: {reason}")
+        skip_or_fail_missing(f"no PostgreSQL here: {reason}")
     server = pg_local.LocalPostgres()
     server.start()
     yield server

@@ -1,7 +1,8 @@
 """The exit hook in tests/conftest.py, run for real: pytest in a subprocess with that conftest
 loaded ends with pytest's final exit code, taken after the whole session (the terminal summary
 and every hook after the tests included), and skips the interpreter's teardown, except in an
-xdist worker, which ends normally."""
+xdist worker, which ends normally. And a missing server or browser (``missing_server``) is a skip,
+or a failure under VISIONROUTE_REQUIRE_SERVERS=1 (scripts/test.sh's full run)."""
 
 from __future__ import annotations
 
@@ -104,3 +105,11 @@ def test_an_xdist_worker_is_left_to_end_normally(inner, monkeypatch):
     result = inner("def test_ok():\n    assert True\n")
     assert result.ret == 0, result.stdout.str()
     assert inner.teardown_ran(), "the hook ended an xdist worker's process itself"
+
+
+@pytest.mark.parametrize("required, code", [("", 0), ("0", 0), ("1", 1)])
+def test_a_missing_server_skips_or_under_require_servers_fails(inner, monkeypatch, required, code):
+    monkeypatch.setenv("VISIONROUTE_REQUIRE_SERVERS", required)
+    result = inner("def test_needs_it(missing_server):\n    missing_server('no frobnicator here')\n", "-rs")
+    assert result.ret == code, result.stdout.str()
+    result.stdout.fnmatch_lines(["*no frobnicator here*", "*1 failed*" if code else "*1 skipped*"])

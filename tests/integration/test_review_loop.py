@@ -361,10 +361,20 @@ def wait_until(page, expression: str, timeout_s: float = 20.0) -> None:
         time.sleep(0.02)
 
 
-def test_browser_reviewer_logs_in_skips_labels_and_items_leave_the_queue(service):
+@pytest.fixture(scope="module")
+def playwright(missing_server):
+    """Playwright's sync API, with Debian's Chromium to drive (scripts/browser_deps.sh). Missing,
+    the browser tests skip, or fail under VISIONROUTE_REQUIRE_SERVERS=1 (the full run)."""
     if not Path(CHROMIUM).exists():
-        pytest.skip(f"{CHROMIUM} is missing: apt-get install -y --no-install-recommends chromium")
-    playwright = pytest.importorskip("playwright.sync_api")
+        missing_server(f"{CHROMIUM} is missing: scripts/browser_deps.sh installs it")
+    try:
+        from playwright import sync_api
+    except ImportError as error:
+        missing_server(f"playwright is not installed ({error}): it is in the test dependencies")
+    return sync_api
+
+
+def test_browser_reviewer_logs_in_skips_labels_and_items_leave_the_queue(playwright, service):
     n_items = 15
     ids = [
         service.analyze(noise_png(2000 + i), tenant="browser").json()["review_item_id"]
@@ -460,11 +470,8 @@ def test_browser_reviewer_logs_in_skips_labels_and_items_leave_the_queue(service
     assert {e["actor"] for e in events if e["action"] != "enqueue"} == {"carol"}
 
 
-def test_browser_holds_an_item_only_while_the_reviewer_is_there(service):
+def test_browser_holds_an_item_only_while_the_reviewer_is_there(playwright, service):
     """The page's clock is Playwright's: minutes pass in an instant, the server's do not."""
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"{CHROMIUM} is missing: apt-get install -y --no-install-recommends chromium")
-    playwright = pytest.importorskip("playwright.sync_api")
     for i in range(2):
         assert service.analyze(noise_png(3000 + i), tenant="leases").json()["review_item_id"]
 
