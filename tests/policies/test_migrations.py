@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing as mp
 import sqlite3
-import threading
+from pathlib import Path
 
 import pytest
 
@@ -295,25 +296,41 @@ def test_scripts_split_into_statements_but_not_inside_strings_or_triggers():
     assert db.execute("SELECT note FROM t").fetchall() == [("x;y",)]  # the trigger ran whole
 
 
+def _open_queue_at_the_barrier(root: str, state, barrier, out) -> None:
+    """One process: wait for the others, open the queue (migrating it if no one has), report
+    the migrations it applied, or its error."""
+    try:
+        barrier.wait(timeout=120)
+        queue = ReviewQueue(Path(root), state=state)
+        out.put(("applied", list(queue.schema.applied)))
+        queue.close()
+    except BaseException as error:  # reported in the parent
+        out.put(("error", repr(error)))
+
+
 def test_many_processes_opening_a_new_queue_at_once_migrate_it_once(tmp_path, state):
-    root = tmp_path / "review"
-    errors, results = [], []
-
-    def open_queue():
-        try:
-            queue = ReviewQueue(root, state=state)
-            results.append(queue.schema.applied)
-            queue.close()
-        except Exception as exc:  # reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=open_queue) for _ in range(6)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not errors
-    assert sorted(map(len, results)) == [0] * 5 + [len(MIGRATIONS)]  # one migrated, five found it done
+    n = 6
+    ctx = mp.get_context("spawn")  # real processes, each its own interpreter and connections
+    barrier, out = ctx.Barrier(n), ctx.Queue()
+    processes = [
+        ctx.Process(target=_open_queue_at_the_barrier, args=(str(tmp_path / "review"), state, barrier, out))
+        for _ in range(n)
+    ]
+    for process in processes:
+        process.start()
+    try:
+        reports = [out.get(timeout=180) for _ in processes]
+    finally:
+        for process in processes:
+            process.join(timeout=60)
+            if process.is_alive():
+                process.kill()
+    errors = [detail for kind, detail in reports if kind == "error"]
+    assert not errors, errors
+    applied = [detail for _, detail in reports]
+    # one migrated, five found it done
+    assert sorted(map(len, applied)) == [0] * (n - 1) + [len(MIGRATIONS)], applied
+    assert [process.exitcode for process in processes] == [0] * n
 
 
 def test_the_budget_ledger_is_versioned_and_keeps_an_unversioned_ledgers_rows(tmp_path):

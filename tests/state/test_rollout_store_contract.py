@@ -47,13 +47,17 @@ def start(store: RolloutStore, task: str = "colour", **overrides):
 def test_one_rollout_in_effect_per_task_even_when_replicas_start_at_once(open_store):
     stores = [open_store() for _ in range(4)]
     outcomes: list[str] = []
+    barrier = threading.Barrier(len(stores))  # every replica's start is in flight together
 
     def try_start(store):
+        barrier.wait(timeout=30)
         try:
             start(store)
             outcomes.append("started")
         except Conflict:
             outcomes.append("refused")
+        except Exception as error:  # shown in the assertion below
+            outcomes.append(repr(error))
 
     threads = [threading.Thread(target=try_start, args=(store,)) for store in stores]
     for thread in threads:
