@@ -290,7 +290,7 @@ def write_serve_config(document: dict[str, Any], path: Path) -> Path:
     """Write and validate (as ``visionroute check-config``): a bad artefact fails here, naming it."""
     import yaml
 
-    from router.cli import check_serve_config
+    from router.serve_config import check_serve_config
 
     path = Path(path)
     path.write_text(yaml.safe_dump(document, sort_keys=False))
@@ -305,7 +305,7 @@ def run(args) -> int:
     """``visionroute example digits``: build everything, then serve until SIGTERM / Ctrl-C."""
     from cascades.vlm import server as vllm_server
     from cascades.vlm.train_digits import SERVED_MODEL_NAME
-    from router.cli import load_serve_document
+    from router.serve_config import load_serve_document
     from router.serve_runner import endpoints_of, run_serve
 
     for noisy in ("httpx", "httpx2"):  # one line per VLM request otherwise

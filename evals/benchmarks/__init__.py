@@ -1,6 +1,6 @@
 """Benchmarks: each prints its figure next to a baseline measured in the same run.
 
-``visionroute bench <name>`` runs them (``evals/benchmarks/cli.py``):
+``visionroute bench <name>`` runs them (visionroute/cli/bench.py):
 
 - ``serve``: HTTP through Ray Serve vs raw ONNX Runtime (``serve.py``);
 - ``calibration``: ECE before/after, validity over random splits, escalation needed (``calibration.py``);

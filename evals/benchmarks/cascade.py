@@ -410,7 +410,7 @@ def plot_frontier(path: Path, records: Records, rows: list[PolicyRow], prices: P
 def running_service(config: Path, log_path: Path, *, ready_timeout_s: float = 600.0) -> Iterator[str]:
     """``serve run config`` in the background, as ``visionroute serve`` starts it
     (router/serve_runner.py: its environment and stop sequence); yields the base URL."""
-    from router.cli import load_serve_document
+    from router.serve_config import load_serve_document
     from router.serve_runner import _preexec, _stop, child_environment, endpoints_of, ready
 
     endpoints = endpoints_of(load_serve_document(config))

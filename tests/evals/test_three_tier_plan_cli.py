@@ -1,6 +1,6 @@
 """``visionroute calibrate`` / ``eval --calibration`` with the strong tier's accept threshold:
 ``evals.harness.calibrate`` certifies it (the strong tier's scores go into the plan),
-``evals.cli._plan_from_certificate`` reads it back from the artefact, and ``evaluate`` replays
+``visionroute.cli.calibrate._plan_from_certificate`` reads it back from the artefact, and ``evaluate`` replays
 the three-tier policy with it. Synthetic tiers, seeded: fast."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from cascades.calibration import load_calibration
-from evals.cli import _plan_from_certificate
 from evals.harness import TierData, calibrate, evaluate, split_indices
 from policies.risk_control import RiskCertificate, TierPlan
+from visionroute.cli.calibrate import _plan_from_certificate
 
 N, CLASSES = 3000, 10
 

@@ -245,10 +245,10 @@ def test_get_v1_drift_and_the_cli_report(service, monkeypatch, tmp_path, capsys)
     from fastapi.testclient import TestClient
 
     import router.http_api
-    from router.drift_cli import fetch_report, format_report
     from router.http_drift import router as drift_router
     from router.security import required_role
     from visionroute.cli import main
+    from visionroute.cli.drift import fetch_report, format_report
 
     _, pool, _ = _digits()
     _feed(service, pool[:200])
@@ -266,7 +266,7 @@ def test_get_v1_drift_and_the_cli_report(service, monkeypatch, tmp_path, capsys)
     assert inputs[2] == "alarm" and inputs[5:] == ["ALARM", "200", "100"]
     assert any(line.split()[:3] == ["other", "embeddings", "no"] for line in table.splitlines())
 
-    monkeypatch.setattr("router.drift_cli.fetch_report", lambda url, key: report)
+    monkeypatch.setattr("visionroute.cli.drift.fetch_report", lambda url, key: report)
     plot = tmp_path / "drift.png"
     assert main(["drift", "report", "--key", "k", "--plot", str(plot)]) == 1  # 1 while a monitor alarms
     assert "ALARM" in capsys.readouterr().out

@@ -1,4 +1,5 @@
-"""``visionroute bench calibration|retrieval|vlm|audit`` (``bench serve`` is registered by router/cli.py).
+"""``visionroute bench NAME``: every benchmark (evals/benchmarks/), each printing a figure and its
+baseline.
 
 Each benchmark module has ``run(args) -> int`` and is imported only when its command runs.
 """
@@ -6,6 +7,7 @@ Each benchmark module has ``run(args) -> int`` and is imported only when its com
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 from visionroute import paths
 
@@ -15,6 +17,33 @@ def _runner(module: str):
         return importlib.import_module(f"evals.benchmarks.{module}").run(args)
 
     return run
+
+
+def _bench_serve(args) -> int:
+    from evals.benchmarks.serve import run_bench
+
+    placements = ("ingress", "deployment") if args.placement == "both" else (args.placement,)
+    indexing = {"both": (False, True), "off": (False,), "on": (True,)}[args.indexing]
+    run_bench(
+        Path(args.models_dir),
+        requests=args.requests,
+        clients=args.clients,
+        max_batch_size=args.max_batch_size,
+        placements=placements,
+        indexing=indexing,
+        faces=tuple(args.faces),
+        intra_op_threads=args.intra_op_threads,
+        redaction=args.redaction,
+        quick=args.quick,
+        json_path=Path(args.json) if args.json else None,
+    )
+    return 0
+
+
+def _bench_decode(args) -> int:
+    from evals.benchmarks.decode import run
+
+    return run(args)
 
 
 def register(subparsers, bench) -> None:
@@ -182,3 +211,52 @@ def register(subparsers, bench) -> None:
     privacy.set_defaults(func=_runner("privacy"))
 
     importlib.import_module("evals.benchmarks.state").register(bench)
+
+    serve_bench = bench.add_parser(
+        "serve", help="the service (HTTP, gRPC) vs a minimal Ray Serve floor vs raw ONNX Runtime (one run)"
+    )
+    serve_bench.add_argument("--models-dir", default=str(paths.models_dir()))
+    serve_bench.add_argument("--requests", type=int, default=200)
+    serve_bench.add_argument("--clients", type=int, default=8)
+    serve_bench.add_argument("--max-batch-size", type=int, default=8)
+    serve_bench.add_argument(
+        "--placement",
+        choices=("deployment", "ingress", "both"),
+        default="both",
+        help="where the classifier runs: its own deployment, inside the ingress, or both in turn",
+    )
+    serve_bench.add_argument(
+        "--indexing",
+        choices=("off", "on", "both"),
+        default="both",
+        help="search indexing of every analysed image: off, on (the shipped config), or both in turn",
+    )
+    serve_bench.add_argument("--faces", nargs="+", choices=("http", "grpc"), default=["http", "grpc"])
+    serve_bench.add_argument(
+        "--intra-op-threads",
+        type=int,
+        default=None,
+        help="ONNX Runtime threads for raw, floor and service alike (default: the config's)",
+    )
+    serve_bench.add_argument(
+        "--redaction",
+        action="store_true",
+        help="redact faces/text in stored review images as the shipped policy does (default: off, "
+        "the targets are about the cheap path; `bench privacy` measures redaction)",
+    )
+    serve_bench.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: few requests, the first placement and indexing setting only",
+    )
+    serve_bench.add_argument("--json", help="also write the figures as JSON here")
+    serve_bench.set_defaults(func=_bench_serve)
+
+    decode_bench = bench.add_parser(
+        "decode", help="peak RSS of 8 concurrent 6320x6320 images: unbounded vs decode budget"
+    )
+    decode_bench.add_argument("--clients", type=int, default=8)
+    decode_bench.add_argument("--side", type=int, default=6320, help="image width = height in pixels")
+    decode_bench.add_argument("--variants", nargs="+", default=["unbounded", "budgeted", "budgeted-jpeg"])
+    decode_bench.add_argument("--json", help="also write the figures as JSON here")
+    decode_bench.set_defaults(func=_bench_decode)

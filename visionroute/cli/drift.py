@@ -8,22 +8,17 @@ replica keeps its own windows, so the report is the replica that answered (its `
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-DEFAULT_URL = "http://127.0.0.1:8000"
+from visionroute.client import ServiceClient, add_service_arguments
+
 COLUMNS = ("task", "monitor", "status", "score", "p_value", "alarm", "n_ref", "n_window")
 
 
 def fetch_report(url: str, api_key: str | None, *, client=None) -> dict[str, Any]:
     """The report from ``url``; ``client`` (an httpx.Client, e.g. FastAPI's TestClient) for tests."""
-    from retrieval.cli import ServiceClient
-
-    service = ServiceClient(url, api_key, timeout_s=30.0)
-    if client is not None:
-        service.client = client
-    return service.call("GET", "/v1/drift")
+    return ServiceClient(url, api_key, timeout_s=30.0, client=client).call("GET", "/v1/drift")
 
 
 def _number(value: Any, spec: str) -> str:
@@ -98,7 +93,7 @@ def _report(args) -> int:
     return 1 if any(row.get("alarm") for row in report.get("monitors", [])) else 0
 
 
-def register(subparsers) -> None:
+def register(subparsers, bench) -> None:
     drift = subparsers.add_parser("drift", help="the running service's drift monitors")
     commands = drift.add_subparsers(dest="drift_command", required=True, metavar="COMMAND")
     report = commands.add_parser(
@@ -107,18 +102,7 @@ def register(subparsers) -> None:
         description="Fetch GET /v1/drift (admin) from the running service and print one row per task "
         "and monitor. The report is the answering ingress replica's own windows.",
     )
-    report.add_argument(
-        "--url",
-        default=os.environ.get("VISIONROUTE_URL", DEFAULT_URL),
-        help="the running service (default: $VISIONROUTE_URL or %(default)s)",
-    )
-    report.add_argument(
-        "--api-key",
-        "--key",
-        dest="api_key",
-        default=os.environ.get("VISIONROUTE_API_KEY"),
-        help="an admin API key (default: $VISIONROUTE_API_KEY)",
-    )
+    add_service_arguments(report, key_help="an admin API key")
     report.add_argument("--json", action="store_true", help="print the whole report as JSON")
     report.add_argument("--plot", metavar="PNG", help="also draw each monitor's p-values over its tests")
     report.set_defaults(func=_report)

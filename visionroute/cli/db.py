@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from router.serve_config import REPO_CONFIG, app_config
 from visionroute.errors import ConfigError
 
 
@@ -102,21 +103,6 @@ STORES = (
 )
 
 
-def _app_config(path: Path) -> Any:
-    """The AppConfig of the (single) VisionRoute application in a Ray Serve config."""
-    from router.cli import load_serve_document
-    from router.config import parse_app_config
-
-    document = load_serve_document(Path(path))
-    apps = [a for a in document.get("applications") or [] if a.get("import_path") == "router.app:build_app"]
-    if len(apps) != 1:
-        raise ConfigError(
-            f"{path}: expected exactly one application with import_path router.app:build_app, found {len(apps)}",
-            field="config",
-        )
-    return parse_app_config(apps[0].get("args"))
-
-
 def _recorded_version(spec: StoreSpec, config: Any) -> int:
     from visionroute.migrations import schema_version
     from visionroute.state import open_database
@@ -137,7 +123,7 @@ def _recorded_version(spec: StoreSpec, config: Any) -> int:
 
 
 def _cmd_status(args) -> int:
-    config = _app_config(args.config)
+    config = app_config(args.config)
     rows = []
     for spec in STORES:
         known = len(spec.migrations())
@@ -154,7 +140,7 @@ def _cmd_status(args) -> int:
 
 
 def _cmd_migrate(args) -> int:
-    config = _app_config(args.config)
+    config = app_config(args.config)
     for spec in STORES:
         before = _recorded_version(spec, config)
         store = spec.open(config)
@@ -321,8 +307,8 @@ def _copy_images(source_queue: Any, dest_queue: Any, out: list[dict]) -> None:
 
 
 def _cmd_copy(args) -> int:
-    source = _app_config(args.source)
-    dest = _app_config(args.dest)
+    source = app_config(args.source)
+    dest = app_config(args.dest)
     if source.state.backend != "sqlite":
         raise ConfigError(
             f"{args.source}: copy reads a SQLite deployment (state.backend: sqlite)", field="copy.from"
@@ -354,8 +340,6 @@ def _cmd_copy(args) -> int:
 
 
 def register(subparsers, bench) -> None:
-    from router.cli import REPO_CONFIG
-
     db = subparsers.add_parser(
         "db", help="the durable stores: schema status, migrate, copy SQLite -> PostgreSQL"
     )

@@ -9,17 +9,14 @@ every replica within ``rollouts.refresh_s``, with no restart.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-DEFAULT_URL = "http://127.0.0.1:8000"
+from visionroute.client import ServiceClient, add_service_arguments, client_of
 
 
-def _client(args):
-    from retrieval.cli import ServiceClient
-
-    return ServiceClient(args.url, args.api_key, timeout_s=60.0)
+def _client(args) -> ServiceClient:
+    return client_of(args, timeout_s=60.0)
 
 
 def _print_status(status: dict[str, Any]) -> None:
@@ -116,22 +113,12 @@ def _decide(args) -> int:
     return _show(args, _client(args).call("POST", path, json=body))
 
 
-def register(subparsers) -> None:
+def register(subparsers, bench) -> None:
     rollout = subparsers.add_parser("rollout", help="shadow and canary rollouts in the running service")
     commands = rollout.add_subparsers(dest="rollout_command", required=True, metavar="COMMAND")
 
     def common(parser) -> None:
-        parser.add_argument(
-            "--url",
-            default=os.environ.get("VISIONROUTE_URL", DEFAULT_URL),
-            help="the running service (default: $VISIONROUTE_URL or %(default)s)",
-        )
-        parser.add_argument(
-            "--api-key",
-            dest="api_key",
-            default=os.environ.get("VISIONROUTE_API_KEY"),
-            help="an admin API key (default: $VISIONROUTE_API_KEY)",
-        )
+        add_service_arguments(parser, key_help="an admin API key")
         parser.add_argument("--json", action="store_true", help="print the service's whole answer as JSON")
 
     start = commands.add_parser(

@@ -3,7 +3,7 @@
 While the service runs it owns the index (one writer per ``index_dir``), so ``index``,
 ``retrieval search`` and ``retrieval stats`` go through its HTTP API when it answers at
 ``--url`` (default ``$VISIONROUTE_URL`` or http://127.0.0.1:8000; ``--api-key`` or
-``$VISIONROUTE_API_KEY`` when the service has keys). ``--local`` (or ``--index-dir`` /
+``$VISIONROUTE_API_KEY`` when the service has keys), through visionroute/client.py. ``--local`` (or ``--index-dir`` /
 ``--config``) opens the index files directly instead, which needs the service stopped;
 ``compact`` always does.
 """
@@ -14,13 +14,10 @@ import base64
 import fcntl
 import hashlib
 import json
-import os
 from pathlib import Path
-from typing import Any
 
+from visionroute.client import DEFAULT_URL, ServiceClient, add_service_arguments, service_answers
 from visionroute.errors import ConfigError, RouterError
-
-DEFAULT_URL = "http://127.0.0.1:8000"
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -48,50 +45,6 @@ def load_config(args):
         return RetrievalConfig.model_validate(section)
     except ValueError as exc:
         raise ConfigError(f"invalid retrieval config: {exc}", field="retrieval") from None
-
-
-class ServiceClient:
-    """The running service's search API over HTTP (what the CLI uses while the service runs)."""
-
-    def __init__(self, url: str, api_key: str | None, timeout_s: float = 120.0) -> None:
-        import httpx
-
-        self.url = url.rstrip("/")
-        headers = {"x-api-key": api_key} if api_key else {}
-        self.client = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s, trust_env=False)
-
-    def call(self, method: str, path: str, **kwargs: Any) -> dict:
-        import httpx
-
-        try:
-            response = self.client.request(method, path, **kwargs)
-        except httpx.HTTPError as exc:
-            raise ConfigError(f"{self.url}{path}: {type(exc).__name__}: {exc}", field="url") from None
-        if response.status_code >= 400:
-            try:
-                body = response.json()
-            except ValueError:
-                body = {"error": f"HTTP {response.status_code}", "reason": response.text[:200]}
-            hint = ""
-            if response.status_code in (401, 403):
-                hint = " (give a key with --api-key or VISIONROUTE_API_KEY)"
-            raise ConfigError(
-                f"{self.url}{path} answered {response.status_code} {body.get('error')}: "
-                f"{body.get('reason')}{hint}",
-                field=body.get("field") or "url",
-            )
-        return response.json()
-
-
-def service_answers(url: str) -> bool:
-    """Whether anything HTTP answers at ``url`` (a starting service answers 404 or 503)."""
-    import httpx
-
-    try:
-        httpx.get(url.rstrip("/") + "/healthz", timeout=2.0, trust_env=False)
-        return True
-    except httpx.HTTPError:
-        return False
 
 
 def remote(args) -> ServiceClient | None:
@@ -266,16 +219,7 @@ def _search(args) -> int:
 
 def _config_flags(parser, *, service: bool = True) -> None:
     if service:
-        parser.add_argument(
-            "--url",
-            default=os.environ.get("VISIONROUTE_URL", DEFAULT_URL),
-            help="the running service; used when it answers (default: $VISIONROUTE_URL or %(default)s)",
-        )
-        parser.add_argument(
-            "--api-key",
-            default=os.environ.get("VISIONROUTE_API_KEY"),
-            help="API key for --url (default: $VISIONROUTE_API_KEY)",
-        )
+        add_service_arguments(parser, key_help="API key", url_help="; used when it answers")
         parser.add_argument(
             "--local",
             action="store_true",
