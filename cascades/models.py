@@ -151,9 +151,9 @@ def copy_ppocr_text_detector(out_dir: Path) -> Path:
 
 
 def train_digits_cheap(out_dir: Path) -> Path:
-    """The cheap digits tier of evals.digits (seeded, trained here in seconds) as a service model:
+    """The cheap digits tier of cascades.digits (seeded, trained here in seconds) as a service model:
     8x8 grey input in [0, 1], white ink on black as sklearn's digits are stored."""
-    from evals.digits import SEED, TRAIN_FRACTION, export_onnx, load_split, train_tier
+    from cascades.digits import SEED, TRAIN_FRACTION, export_onnx, load_split, train_tier
 
     onnx_path = out_dir / f"{DIGITS_NAME}.onnx"
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp_dir:

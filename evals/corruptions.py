@@ -425,7 +425,8 @@ def evaluate_corruptions(
     ``context`` has the clean ``TierData``, the ``Calibration`` (its calibrator carrying the
     input reference) and the held-out rows, for the clean report (``evals.harness.evaluate``).
     """
-    from evals.harness import Calibration, calibrate, split_indices
+    from evals.harness import Calibration, calibrate
+    from policies.certify import split_indices
     from policies.risk_control import TierCosts
     from policies.shift_guard import InputReference, ShiftGuard, attach_reference, statistics_matrix
 

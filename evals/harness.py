@@ -94,23 +94,6 @@ class TierData:
             return cls(probabilities, strong, npz["labels"].astype(np.int64), names, [], Path(path).stem)
 
 
-@dataclass(frozen=True)
-class Splits:
-    fit: np.ndarray
-    certify: np.ndarray
-    test: np.ndarray
-
-
-def split_indices(
-    n: int, *, seed: int, calibration_fraction: float = 0.5, fit_fraction: float = 0.5
-) -> Splits:
-    """Random disjoint fit / certify / test rows."""
-    order = np.random.default_rng(seed).permutation(n)
-    n_cal = int(round(calibration_fraction * n))
-    n_fit = int(round(fit_fraction * n_cal))
-    return Splits(order[:n_fit], order[n_fit:n_cal], order[n_cal:])
-
-
 STRONG_SCORE = "the strong tier's top-1 probability (uncalibrated)"  # what vlm_accept_threshold compares
 
 
@@ -198,8 +181,8 @@ def digits_tier_data(seed: int = 0, models_dir: Path | None = None) -> TierData:
     """Both digits tiers run through ONNX on the pool (items never used in training)."""
     from scipy.special import softmax
 
+    from cascades.digits import CLASS_NAMES, load_split, prepare_tiers, tier_logits
     from cascades.onnx_runner import file_sha256
-    from evals.digits import CLASS_NAMES, load_split, prepare_tiers, tier_logits
 
     paths = prepare_tiers(models_dir, seed=seed)
     split = load_split(seed)

@@ -65,8 +65,8 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def digits_set(seed: int = 0, models_dir: Path | None = None) -> ImageSet:
+    from cascades.digits import CLASS_NAMES, load_split, prepare_tiers, tier_logits
     from cascades.onnx_runner import file_sha256
-    from evals.digits import CLASS_NAMES, load_split, prepare_tiers, tier_logits
 
     paths = prepare_tiers(models_dir, seed=seed)
     split = load_split(seed)

@@ -189,6 +189,29 @@ def min_labelled_items(alpha: float, delta: float) -> int:
     return MIN_FIT + min_items_to_certify(alpha, delta)
 
 
+# --------------------------------------------------------------------------- the rows
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Disjoint rows of one labelled set: fit (choose the candidates), certify (test them), test
+    (held out: what the certificate's promise is measured on)."""
+
+    fit: np.ndarray
+    certify: np.ndarray
+    test: np.ndarray
+
+
+def split_indices(
+    n: int, *, seed: int, calibration_fraction: float = 0.5, fit_fraction: float = 0.5
+) -> Splits:
+    """Random disjoint fit / certify / test rows."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_cal = int(round(calibration_fraction * n))
+    n_fit = int(round(fit_fraction * n_cal))
+    return Splits(order[:n_fit], order[n_fit:n_cal], order[n_cal:])
+
+
 # --------------------------------------------------------------------------- the start
 
 

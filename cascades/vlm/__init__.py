@@ -2,8 +2,8 @@
 per-task prompts with JSON-schema-constrained answers, confidence from token logprobs, and
 ``VlmStage``, which appends one ``vlm`` step and never raises for a backend fault.
 
-``tiny_llava.py`` and ``server.py`` build and start a real vLLM server on CPU for tests and the
-benchmark; see docs/vlm.md.
+The small LLaVA models and the launcher that serves them with a real vLLM server on CPU (for
+tests, examples and benchmarks) live in examples/; see docs/vlm.md.
 """
 
 from __future__ import annotations

@@ -33,8 +33,9 @@ from typing import Any
 import numpy as np
 
 from evals.frontier import cascade_frontier
-from evals.harness import calibrate, digits_tier_data, split_indices
+from evals.harness import calibrate, digits_tier_data
 from evals.metrics import expected_calibration_error
+from policies.certify import split_indices
 from policies.risk_control import TierCosts
 
 

@@ -2,7 +2,7 @@
 
 One run builds the digits example as ``visionroute example digits`` does (the trained LLaVA on
 its real vLLM server, both calibrators, the three certified thresholds, the serve config;
-cascades/vlm/example_digits.py), starts that service (``serve run``: Ray Serve), then:
+examples/digits.py), starts that service (``serve run``: Ray Serve), then:
 
 1. **through the service**: sends the held-out digits over HTTP (``--concurrency`` clients) and
    records per item the decision, the path (cheap-accepted / VLM-answered / review), the answer,
@@ -453,7 +453,7 @@ def _step(body: dict[str, Any], stage: str) -> dict[str, Any] | None:
 
 
 def _label_id(label: Any) -> int:
-    from cascades.vlm.train_digits import LABELS
+    from examples.train_digits import LABELS
 
     return LABELS.index(str(label)) if str(label) in LABELS else NO_ANSWER
 
@@ -525,7 +525,7 @@ def with_direct_vlm_answers(
 
     from cascades.calibration import load_calibration
     from cascades.vlm.calibration import calibrated_confidence
-    from cascades.vlm.example_digits import vlm_answers
+    from examples.digits import vlm_answers
 
     missing = [i for i, r in enumerate(records) if not r.escalated]
     if not missing:
@@ -551,9 +551,8 @@ def with_direct_vlm_answers(
 
 def measure(build, url: str, *, vlm_endpoint: str, vlm_model: str, vlm_version: str, limit, concurrency: int):
     """Steps 1-3 of the module docstring against a running service; the figures as a dict."""
-    from cascades.vlm.example_digits import TASK, rendered
-    from cascades.vlm.train_digits import SEED
-    from evals.benchmarks.vlm_digits import digits_vlm_split
+    from examples.digits import TASK, digits_vlm_split, rendered
+    from examples.train_digits import SEED
     from policies.costs import CostModel
 
     split = digits_vlm_split(SEED)
@@ -616,9 +615,9 @@ def measure(build, url: str, *, vlm_endpoint: str, vlm_model: str, vlm_version: 
 
 def run(args) -> int:
     """Build the example, start vLLM and the service, measure, stop both (also on error/Ctrl-C)."""
-    from cascades.vlm import server as vllm_server
-    from cascades.vlm.example_digits import build_example, serve_document, write_serve_config
-    from cascades.vlm.train_digits import SERVED_MODEL_NAME
+    from examples import vllm_server
+    from examples.digits import build_example, serve_document, write_serve_config
+    from examples.train_digits import SERVED_MODEL_NAME
 
     for noisy in ("httpx", "httpx2"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -171,7 +171,7 @@ def run(args) -> int:
         )
         print(format_result(result, server=args.endpoint))
         return 0
-    from cascades.vlm.server import start_tiny_vllm_server
+    from examples.vllm_server import start_tiny_vllm_server
 
     started = time.monotonic()
     with start_tiny_vllm_server(max_num_seqs=args.concurrency) as server:

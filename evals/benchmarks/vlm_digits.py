@@ -33,70 +33,15 @@ from typing import Any
 
 import numpy as np
 
-from cascades.vlm.config import VlmConfig
 from cascades.vlm.stage import VlmStage
-from cascades.vlm.train_digits import LABELS, SEED, render_digit
+from examples.digits import DigitsVlmSplit, digits_vlm_config, digits_vlm_split
+from examples.train_digits import LABELS, render_digit
 from visionroute.records import Analysis
 
 log = logging.getLogger(__name__)
 
 CALIBRATION_METHODS = ("platt", "isotonic")
 ECE_BINS = 15
-
-
-@dataclass(frozen=True)
-class DigitsVlmSplit:
-    """The 1,797 digits, split once by ``seed``: ``evals.digits.load_split`` takes the training
-    share (the one the digits tiers and the VLM learn from), ``evals.harness.split_indices``
-    divides the rest into calibration (fit), certification and held-out traffic, as the
-    harness does for the digits tiers."""
-
-    seed: int
-    n_train: int
-    images: np.ndarray  # (n_pool, 8, 8) float32 in [0, 1]: every item not used in training
-    labels: np.ndarray  # (n_pool,) int64
-    calibration: np.ndarray  # rows of images/labels
-    certification: np.ndarray
-    held_out: np.ndarray
-
-    def sizes(self) -> dict[str, int]:
-        return {
-            "training": self.n_train,
-            "calibration": len(self.calibration),
-            "certification": len(self.certification),
-            "held_out": len(self.held_out),
-        }
-
-
-def digits_vlm_split(seed: int = SEED) -> DigitsVlmSplit:
-    from evals.digits import load_split
-    from evals.harness import split_indices
-
-    split = load_split(seed)
-    rows = split_indices(len(split.labels_pool), seed=seed)
-    return DigitsVlmSplit(
-        seed,
-        len(split.labels_train),
-        split.images_pool[:, 0],
-        split.labels_pool,
-        rows.fit,
-        rows.certify,
-        rows.test,
-    )
-
-
-def digits_vlm_config(endpoint: str, model: str, **overrides: Any) -> VlmConfig:
-    """The classify task over the labels "0".."9": the request the digits LLaVA was trained on."""
-    settings: dict[str, Any] = dict(
-        endpoint=endpoint,
-        model=model,
-        task="classify",
-        labels=LABELS,
-        max_tokens=16,
-        request_timeout_s=60.0,  # generous: a loaded CI machine, and the first call compiles the schema
-        total_timeout_s=120.0,
-    )
-    return VlmConfig(**{**settings, **overrides})
 
 
 @dataclass(frozen=True)
@@ -261,7 +206,7 @@ def three_tier_validity(
 def rendered_cheap_answers(images: np.ndarray, models_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     """The cheap tier's raw top-1 confidence and answer on the images the service receives
     (``render_digit``), through the service's ``OnnxStage`` and its preprocessing."""
-    from cascades.vlm.example_digits import cheap_answers, cheap_stage, rendered
+    from examples.digits import cheap_answers, cheap_stage, rendered
 
     return cheap_answers(cheap_stage(models_dir), rendered(images))
 
@@ -421,8 +366,8 @@ def format_validity(figures: dict[str, Any]) -> list[str]:
 
 def run(args) -> int:
     """Train (or reuse) the digits LLaVA, serve it with vLLM unless ``--endpoint``, print figures."""
-    from cascades.vlm import server as vllm_server
-    from cascades.vlm.train_digits import SERVED_MODEL_NAME
+    from examples import vllm_server
+    from examples.train_digits import SERVED_MODEL_NAME
 
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpx2").setLevel(logging.WARNING)

@@ -189,7 +189,7 @@ def cheap_tier_facts(tier: OnnxStageConfig, models_dir: Path) -> CheapTierFacts:
 
 def vlm_facts(vlm: VlmConfig) -> tuple[Provenance, list[str]]:
     """Served model, where, version; a local model directory's ``visionroute_build.json``."""
-    from cascades.vlm.server import MANIFEST, read_manifest
+    from cascades.vlm.manifest import MANIFEST, read_manifest
 
     location = (
         vlm.endpoint if vlm.backend == "openai" or vlm.in_process is None else vlm.in_process.model_path

@@ -395,7 +395,7 @@ def test_predict_cli_reads_the_file_and_refuses_a_contradicting_size(yolo_file, 
 @pytest.fixture(scope="module")
 def digits_model(tmp_path_factory):
     """The cheap digits tier (a real model trained here on sklearn's digits): input [n, 1, 8, 8]."""
-    from evals.digits import export_onnx, load_split, train_tier
+    from cascades.digits import export_onnx, load_split, train_tier
 
     split = load_split()
     path = tmp_path_factory.mktemp("digits") / "digits_cheap.onnx"

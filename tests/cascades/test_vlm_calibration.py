@@ -146,8 +146,8 @@ def test_bad_calibration_is_a_config_error_naming_the_field(tmp_path):
 
 def test_the_example_serve_config_takes_both_thresholds_from_the_certificate(tmp_path):
     """serve_config.digits.yaml, filled in by the example, resolves to the certified thresholds."""
-    from cascades.vlm.example_digits import ExampleBuild, serve_document, write_serve_config
-    from cascades.vlm.train_digits import LABELS as DIGITS
+    from examples.digits import ExampleBuild, serve_document, write_serve_config
+    from examples.train_digits import LABELS as DIGITS
 
     rng = np.random.default_rng(1)
     document = certificate(0.42)

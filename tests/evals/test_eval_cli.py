@@ -98,7 +98,7 @@ def test_a_users_folder_with_a_labels_file(home, capsys):
     import torch
     from PIL import Image
 
-    from evals.digits import CLASS_NAMES, load_split, train_tier
+    from cascades.digits import CLASS_NAMES, load_split, train_tier
 
     split = load_split(0)
     cheap = train_tier("cheap", split, epochs=20)

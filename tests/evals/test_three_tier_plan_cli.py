@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from cascades.calibration import load_calibration
-from evals.harness import TierData, calibrate, evaluate, split_indices
+from evals.harness import TierData, calibrate, evaluate
+from policies.certify import split_indices
 from policies.risk_control import RiskCertificate, TierPlan
 from visionroute.cli.calibrate import _plan_from_certificate
 

@@ -1,4 +1,4 @@
-"""The LLaVA trained on the digits (cascades/vlm/train_digits.py), served by a REAL vLLM server.
+"""The LLaVA trained on the digits (examples/train_digits.py), served by a REAL vLLM server.
 
 Unlike the random tiny LLaVA, this model's answers mean something, so these tests check what it
 says: held-out digits (never seen in training) come back as the JSON label, far above chance.
@@ -26,10 +26,11 @@ import numpy as np
 import pytest
 
 from cascades.vlm import VlmStage
-from cascades.vlm import server as vllm_server
 from cascades.vlm.client import OpenAiVlmClient
-from cascades.vlm.train_digits import BUILD_VERSION, LABELS, SERVED_MODEL_NAME, answer_json, inputs_sha256
-from evals.benchmarks.vlm_digits import digits_vlm_config, digits_vlm_split, run_vlm_digits
+from evals.benchmarks.vlm_digits import run_vlm_digits
+from examples import vllm_server
+from examples.digits import digits_vlm_config, digits_vlm_split
+from examples.train_digits import BUILD_VERSION, LABELS, SERVED_MODEL_NAME, answer_json, inputs_sha256
 from visionroute.errors import ConfigError
 from visionroute.records import Analysis, Decision
 
@@ -55,7 +56,7 @@ def split():
 
 
 def held_out_analysis(split, row: int) -> Analysis:
-    from cascades.vlm.train_digits import render_digit
+    from examples.train_digits import render_digit
 
     return Analysis(render_digit(split.images[row]), f"{row:064x}", "classify")
 
@@ -98,7 +99,7 @@ def test_training_is_seeded(tmp_path):
         import json, sys
         import numpy as np
         sys.path.insert(0, {str(REPO_ROOT)!r})
-        from cascades.vlm.train_digits import train
+        from examples.train_digits import train
         data = np.load({str(inputs)!r})
         shas = [
             train(data["images"], data["labels"], str(data["prompt"]), __import__("pathlib").Path({str(tmp_path)!r}) / name,
@@ -205,7 +206,7 @@ def test_the_benchmark_figures_come_out_of_one_small_run(digits_server, split, d
 
 
 def test_render_digit_names_the_field_and_the_reason_for_bad_input():
-    from cascades.vlm.train_digits import IMAGE_SIZE, render_digit
+    from examples.train_digits import IMAGE_SIZE, render_digit
 
     assert render_digit(np.zeros((1, 8, 8))).shape == (IMAGE_SIZE, IMAGE_SIZE, 3)
     with pytest.raises(ValueError, match=r"image: expected an 8x8 digit .* got shape \(28, 28\)"):

@@ -20,7 +20,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from cascades.vlm.server import VllmServer, start_tiny_vllm_server
+from examples.vllm_server import VllmServer, start_tiny_vllm_server
 
 log = logging.getLogger(__name__)
 

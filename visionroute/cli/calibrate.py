@@ -45,7 +45,8 @@ def _load_data(args):
 
 
 def _calibrate_data(args, data):
-    from evals.harness import calibrate, split_indices
+    from evals.harness import calibrate
+    from policies.certify import split_indices
 
     splits = split_indices(len(data), seed=args.seed, calibration_fraction=args.calibration_fraction)
     calibration = calibrate(
@@ -205,7 +206,8 @@ def _tier_report(args, out_dir: Path) -> dict:
     import numpy as np
 
     from cascades.calibration import load_calibration
-    from evals.harness import Calibration, evaluate, split_indices
+    from evals.harness import Calibration, evaluate
+    from policies.certify import split_indices
     from policies.risk_control import RiskCertificate, TierPlan
 
     data = _load_data(args)

@@ -13,6 +13,6 @@ def register(subparsers, bench) -> None:
         "calibrate both tiers, certify the cheap and VLM accept thresholds and the review threshold, "
         "write serve_config.digits.yaml's copy with the artefacts and serve it (docs/vlm.md).",
     )
-    from cascades.vlm.example_digits import add_arguments as add_example_digits_arguments
+    from examples.digits import add_arguments as add_example_digits_arguments
 
     add_example_digits_arguments(digits_example)

@@ -6,7 +6,7 @@ import logging
 
 
 def _serve_tiny(args) -> int:
-    from cascades.vlm.server import start_tiny_vllm_server
+    from examples.vllm_server import start_tiny_vllm_server
 
     logging.getLogger("httpx").setLevel(logging.WARNING)
     with start_tiny_vllm_server(port=args.port, max_num_seqs=args.max_num_seqs) as server:

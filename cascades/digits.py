@@ -10,6 +10,10 @@ harness prints come from the artefacts a deployment would load.
 
 The split is fixed by ``seed``: ``train`` fits the tiers; ``pool`` is never seen in training and
 is what calibration, threshold selection and evaluation split among themselves.
+
+It lives beside cascades/models.py because the packaged ``digits_cheap`` model is this cheap
+tier (``visionroute models prepare digits_cheap`` trains it); evals/ and examples/ use the same
+split and tiers.
 """
 
 from __future__ import annotations

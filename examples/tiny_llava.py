@@ -8,9 +8,9 @@ routing, never what it says.
 
 Run it with the vLLM venv's Python (its transformers is the one vLLM loads the files with)::
 
-    .venv-vllm/bin/python cascades/vlm/tiny_llava.py OUT_DIR
+    .venv-vllm/bin/python examples/tiny_llava.py OUT_DIR
 
-From the service venv, ``cascades.vlm.server.ensure_tiny_llava()`` does that for you. This file
+From the service venv, ``examples.vllm_server.ensure_tiny_llava()`` does that for you. This file
 imports only the standard library at module level, so it runs without the project installed.
 """
 
@@ -97,7 +97,7 @@ def llava_config(
     patch_size: int = PATCH_SIZE,
     vision_hidden_size: int = 32,
 ):
-    """The tiny LLaVA's config; ``cascades.vlm.train_digits`` reuses it with other image sizes."""
+    """The tiny LLaVA's config; ``examples.train_digits`` reuses it with other image sizes."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     vision = CLIPVisionConfig(
@@ -222,5 +222,5 @@ def build(out_dir: Path) -> Path:
 if __name__ == "__main__":
     sys.path.pop(0)  # run by path: keep this folder's modules (config.py, ...) from shadowing others
     if len(sys.argv) != 2:
-        sys.exit("usage: python cascades/vlm/tiny_llava.py OUT_DIR")
+        sys.exit("usage: python examples/tiny_llava.py OUT_DIR")
     print(json.dumps(json.loads((build(Path(sys.argv[1])) / "visionroute_build.json").read_text())))
