@@ -1,4 +1,10 @@
-"""Run one ``Analysis`` through the cascade: cheap tier -> thresholds -> (VLM) -> review.
+"""Run one ``Analysis`` through the cascade: cheap tier -> thresholds -> shift guard -> (VLM).
+
+The cascade is four small stages (``CASCADE_STAGES``) over one state: the cheap tier's step,
+the threshold decision, the shift guard's check of a would-be accept, and the VLM on an
+escalation. ``run_cascade`` runs them in order for the callers that hold an ``Analysis`` and
+the tiers (evals, benchmarks, tests); the service runs the same stage objects inside its analyse
+pipeline (router/services/analyze/pipeline.py), whose request context is a ``CascadeState`` too.
 
 The tiers come in as async callables so the same code runs in-process (tests, evals) and
 behind Ray Serve handles (the router). A tier that fails becomes a recorded step that routes
@@ -50,6 +56,147 @@ class VlmTier(Protocol):
     async def __call__(self, analysis: Analysis) -> Analysis: ...
 
 
+class CascadeState(Protocol):
+    """What the cascade's stages read and write. ``analysis`` may be replaced by the VLM;
+    ``cheap_tier_failed`` is set by the cheap tier's stage (the stages after it then have no
+    answer to judge)."""
+
+    analysis: Analysis
+    cheap_tier_failed: bool
+
+    @property
+    def cheap_tier(self) -> CheapTier: ...
+
+    @property
+    def thresholds(self) -> ThresholdPolicy: ...
+
+    @property
+    def vlm(self) -> VlmTier | None: ...
+
+    @property
+    def shift_guard(self) -> ShiftGuard | None: ...
+
+
+@dataclass(eq=False)
+class CascadeRun:
+    """The state of one ``run_cascade`` call."""
+
+    analysis: Analysis
+    cheap_tier: CheapTier
+    thresholds: ThresholdPolicy
+    vlm: VlmTier | None = None
+    shift_guard: ShiftGuard | None = None
+    cheap_tier_failed: bool = False
+
+
+class CheapTierStage:
+    """The cheap tier's answer and its ``onnx:<task>`` step; a failing tier is a review step
+    with its reason (there is no answer to accept)."""
+
+    name = "cheap_tier"
+
+    async def run(self, state: CascadeState) -> None:
+        analysis, vlm_available = state.analysis, state.vlm is not None
+        started = time.perf_counter()
+        try:
+            result = await state.cheap_tier(analysis.image_rgb)
+        except Exception as exc:  # any backend failure must end in review, with its reason
+            state.cheap_tier_failed = True
+            decision, reason = decide(
+                None, state.thresholds, vlm_available=vlm_available, cheap_tier_failed=True
+            )
+            analysis.trace.append(
+                Step(
+                    stage=f"onnx:{analysis.task}",
+                    decision=decision,
+                    reason=reason,
+                    error=_step_error(analysis, "cheap tier", exc),
+                    latency_ms=(time.perf_counter() - started) * 1000.0,
+                )
+            )
+            return
+        analysis.detections = result.detections
+        analysis.trace.append(
+            Step(
+                stage=f"onnx:{analysis.task}",
+                model=result.model,
+                model_version=result.model_version,
+                score=answer_score(result.detections, state.thresholds.score),
+                latency_ms=result.latency_ms,
+                cost_units=result.cost_units,
+                details={
+                    "detections": len(result.detections),
+                    "label": result.detections.labels[0] if len(result.detections) else None,
+                    "calibration": (result.calibration or {}).get("calibration"),
+                    "certificate": (result.calibration or {}).get("certificate"),
+                    "confidences": _float32_list(result.detections.confidence),
+                    "is_calibrated": result.detections.is_calibrated,
+                },
+            )
+        )
+
+
+class DecideStage:
+    """The thresholds' decision on the cheap answer: accept, escalate or review
+    (``policy:thresholds``, from ``policies.thresholds``, the rule replay calls too)."""
+
+    name = "decide"
+
+    async def run(self, state: CascadeState) -> None:
+        analysis = state.analysis
+        if state.cheap_tier_failed:
+            return
+        analysis.trace.append(
+            decide_after_cheap_tier(
+                analysis.detections, state.thresholds, vlm_available=state.vlm is not None
+            )
+        )
+
+
+class ShiftGuardStage:
+    """The calibration data's input statistics against this input (policies/shift_guard.py):
+    every input is checked (the guard's window must see the traffic as it is); only a would-be
+    accept gets a ``policy:shift_guard`` step, which escalates (or reviews) a shifted input."""
+
+    name = "shift_guard"
+
+    async def run(self, state: CascadeState) -> None:
+        guard, analysis = state.shift_guard, state.analysis
+        if guard is None or state.cheap_tier_failed:
+            return
+        verdict = await asyncio.to_thread(guard.check, analysis.image_rgb)
+        if analysis.decision is Decision.ACCEPT:
+            analysis.trace.append(guard.step(verdict, Decision.ACCEPT, vlm_available=state.vlm is not None))
+
+
+class VlmStage:
+    """An escalated request asks the VLM, which appends its own steps; a VLM host that cannot
+    be reached is a ``vlm`` review step with its reason."""
+
+    name = "vlm"
+
+    async def run(self, state: CascadeState) -> None:
+        vlm, analysis = state.vlm, state.analysis
+        if vlm is None or analysis.decision is not Decision.ESCALATE:
+            return
+        started = time.perf_counter()
+        try:
+            state.analysis = await vlm(analysis)
+        except Exception as exc:  # the VLM stage records its own faults; this is its host failing
+            analysis.trace.append(
+                Step(
+                    stage="vlm",
+                    decision=Decision.REVIEW,
+                    reason="the VLM tier could not be reached; a human decides",
+                    error=_step_error(analysis, "VLM tier", exc),
+                    latency_ms=(time.perf_counter() - started) * 1000.0,
+                )
+            )
+
+
+CASCADE_STAGES = (CheapTierStage(), DecideStage(), ShiftGuardStage(), VlmStage())
+
+
 async def run_cascade(
     analysis: Analysis,
     *,
@@ -62,62 +209,10 @@ async def run_cascade(
 
     With a ``shift_guard`` (policies/shift_guard.py), a would-be accept is first checked against
     the calibration data's input statistics; a shifted input escalates (or goes to review)."""
-    started = time.perf_counter()
-    try:
-        result = await cheap_tier(analysis.image_rgb)
-    except Exception as exc:  # any backend failure must end in review, with its reason
-        decision, reason = decide(None, policy, vlm_available=vlm is not None, cheap_tier_failed=True)
-        analysis.trace.append(
-            Step(
-                stage=f"onnx:{analysis.task}",
-                decision=decision,
-                reason=reason,
-                error=_step_error(analysis, "cheap tier", exc),
-                latency_ms=(time.perf_counter() - started) * 1000.0,
-            )
-        )
-        return analysis
-    analysis.detections = result.detections
-    analysis.trace.append(
-        Step(
-            stage=f"onnx:{analysis.task}",
-            model=result.model,
-            model_version=result.model_version,
-            score=answer_score(result.detections, policy.score),
-            latency_ms=result.latency_ms,
-            cost_units=result.cost_units,
-            details={
-                "detections": len(result.detections),
-                "label": result.detections.labels[0] if len(result.detections) else None,
-                "calibration": (result.calibration or {}).get("calibration"),
-                "certificate": (result.calibration or {}).get("certificate"),
-                "confidences": _float32_list(result.detections.confidence),
-                "is_calibrated": result.detections.is_calibrated,
-            },
-        )
-    )
-    analysis.trace.append(decide_after_cheap_tier(result.detections, policy, vlm_available=vlm is not None))
-    if shift_guard is not None:
-        # every input is checked (the guard's window must see the traffic as it is); only a
-        # would-be accept can be changed
-        verdict = await asyncio.to_thread(shift_guard.check, analysis.image_rgb)
-        if analysis.decision is Decision.ACCEPT:
-            analysis.trace.append(shift_guard.step(verdict, Decision.ACCEPT, vlm_available=vlm is not None))
-    if analysis.decision is Decision.ESCALATE and vlm is not None:
-        started = time.perf_counter()
-        try:
-            analysis = await vlm(analysis)
-        except Exception as exc:  # the VLM stage records its own faults; this is its host failing
-            analysis.trace.append(
-                Step(
-                    stage="vlm",
-                    decision=Decision.REVIEW,
-                    reason="the VLM tier could not be reached; a human decides",
-                    error=_step_error(analysis, "VLM tier", exc),
-                    latency_ms=(time.perf_counter() - started) * 1000.0,
-                )
-            )
-    return analysis
+    state = CascadeRun(analysis, cheap_tier, policy, vlm, shift_guard)
+    for stage in CASCADE_STAGES:
+        await stage.run(state)
+    return state.analysis
 
 
 def _step_error(analysis: Analysis, tier: str, exc: BaseException) -> str:
