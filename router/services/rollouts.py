@@ -20,6 +20,10 @@ request id, so each arm's labelled accepts are a uniform sample of its accepts);
 is queued as a ``shadow`` item carrying the candidate's answer. A reviewer's label on such an item
 is one observation for its arm (``observe_label``; each item counts once). Each served request's
 cost (audits excluded) is one cost observation, flushed in batches every ``cost_flush_s``.
+
+The analyse path meets a rollout twice: at its start, where ``RolloutService.arm`` chooses the
+``Arm`` that serves the request (router/services/analyze ``ArmStage``), and after the response,
+where the request's evidence is gathered (router/services/analyze/rollout.py).
 """
 
 from __future__ import annotations
@@ -152,6 +156,48 @@ class ArmChoice:
         )
 
 
+@dataclass(frozen=True)
+class Arm:
+    """What serves one request: the policy set in force, the cheap tier, its thresholds and its
+    price. ``choice`` is the rollout arm (None outside a rollout), chosen once at the start of
+    the request (``RolloutService.arm``); the rest of the request reads it from here."""
+
+    policy: PolicySet
+    cheap_tier: CheapTierClient
+    thresholds: ThresholdPolicy
+    cost_units: float  # what one cheap-tier call reserves on the budgets
+    choice: ArmChoice | None = None
+
+    def step(self) -> Step | None:
+        """The ``rollout`` step naming the rollout and the arm, or None outside a rollout."""
+        return self.choice.step(self.policy.version) if self.choice is not None else None
+
+    @property
+    def counts_for_drift(self) -> bool:
+        """Whether the answer's score is the incumbent's normal (a candidate's is not, until
+        it is promoted)."""
+        choice = self.choice
+        return choice is None or choice.arm != "candidate" or choice.rollout.status == "promoted"
+
+    def audit_sample_reason(self, analysis: Analysis) -> str | None:
+        """The rollout's audit sampling of its arm's accepts (on top of the policy's own): the
+        review item's reason when this answer is sampled, else None."""
+        choice = self.choice
+        if not is_arm_audit_sampled(choice, analysis):
+            return None
+        return f"rollout audit sample ({choice.rollout.audit_fraction:.1%} of the {choice.arm}'s accepts)"
+
+
+def is_arm_audit_sampled(choice: ArmChoice | None, analysis: Analysis) -> bool:
+    """The rollout's audit sampling of an arm's accepts (on top of the policy's own)."""
+    return (
+        choice is not None
+        and choice.rollout.status == "running"
+        and analysis.decision is Decision.ACCEPT
+        and is_sampled(f"{choice.rollout.id}:{analysis.trace.request_id}", choice.rollout.audit_fraction)
+    )
+
+
 def rollout_step(trace: Mapping[str, Any] | None) -> dict[str, Any] | None:
     """The rollout step's details in a stored trace (a review item's), or None."""
     for step in (trace or {}).get("steps", []):
@@ -244,6 +290,43 @@ class RolloutService:
 
     # -- what an arm runs ----------------------------------------------------------------------
 
+    async def arm(self, task: str, incumbent: Arm, request_id: str, tenant: str) -> Arm:
+        """The arm that serves this request: the incumbent outside a rollout, else the arm the
+        task's rollout chooses (its policy, cheap tier, thresholds and price)."""
+        choice = self.choose(await self.in_effect(task), request_id, tenant)
+        if choice is None:
+            return incumbent
+        policy = self.policy_for(choice, incumbent.policy)
+        cost_units = incumbent.cost_units
+        if choice.arm == "candidate" and choice.rollout.candidate is not None:
+            cost_units = self.config.cascades[task].candidates[choice.rollout.candidate].tier.cost_units
+        return Arm(
+            policy,
+            self.tier_for(choice, incumbent.cheap_tier),
+            self.thresholds_for(choice, policy, task),
+            cost_units,
+            choice,
+        )
+
+    def shadow_arm(self, served: Arm, task: str) -> Arm:
+        """The candidate as a shadow-sampled request runs it beside the served incumbent: its
+        policy, cheap tier and thresholds (never served, never paid for)."""
+        choice = served.choice
+        if choice is None:
+            raise ValueError("a shadow arm needs the served request's rollout arm; this request has none")
+        candidate = ArmChoice(choice.rollout, "candidate", True)
+        policy = self.policy_for(candidate, served.policy)
+        cost_units = served.cost_units
+        if choice.rollout.candidate is not None:
+            cost_units = self.config.cascades[task].candidates[choice.rollout.candidate].tier.cost_units
+        return Arm(
+            policy,
+            self.tier_for(choice, served.cheap_tier, candidate=True),
+            self.thresholds_for(choice, policy, task, candidate=True),
+            cost_units,
+            candidate,
+        )
+
     def policy_for(self, choice: ArmChoice | None, incumbent: PolicySet) -> PolicySet:
         if choice is None or choice.arm == "incumbent" or choice.rollout.policy is None:
             return incumbent
@@ -274,12 +357,7 @@ class RolloutService:
 
     def audit_sampled(self, choice: ArmChoice | None, analysis: Analysis) -> bool:
         """The rollout's audit sampling of an arm's accepts (on top of the policy's own)."""
-        return (
-            choice is not None
-            and choice.rollout.status == "running"
-            and analysis.decision is Decision.ACCEPT
-            and is_sampled(f"{choice.rollout.id}:{analysis.trace.request_id}", choice.rollout.audit_fraction)
-        )
+        return is_arm_audit_sampled(choice, analysis)
 
     # -- evidence ------------------------------------------------------------------------------
 
