@@ -8,8 +8,8 @@
   rapidocr-onnxruntime: detection only, nothing is recognised (no text content is ever read).
 
 Both return ``Detections`` (boxes in the image's own pixels) and carry a ``version`` string
-that the trace records. ``FACE_DETECTORS`` / ``TEXT_DETECTORS`` name them without importing
-torch, so a policy can be validated cheaply; ``face_detector`` / ``text_detector`` build each
+that the trace records. ``FACE_DETECTORS`` / ``TEXT_DETECTORS`` (policies/privacy.py) name them
+without importing torch, so a policy can be validated cheaply; ``face_detector`` / ``text_detector`` build each
 once per process (loading MTCNN costs seconds) and share it between threads.
 """
 
@@ -22,15 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from policies.privacy import FACE_DETECTORS, TEXT_DETECTORS  # the names a privacy policy may give
 from visionroute.records import Detections
-
-# name -> what it is (names only: validating a policy must not import torch)
-FACE_DETECTORS: dict[str, str] = {
-    "mtcnn": "MTCNN (Zhang et al. 2016) from facenet-pytorch, weights inside the package",
-}
-TEXT_DETECTORS: dict[str, str] = {
-    "ppocr_det": "PP-OCRv4 DBNet text detector (Liao et al. 2020), prepared from rapidocr-onnxruntime",
-}
 
 
 class MtcnnFaceDetector:

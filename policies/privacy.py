@@ -12,7 +12,8 @@ Part of the versioned policy set (``policies.policy_set.PolicySet.privacy``)::
         acme: {text: box}
 
 Redaction applies only to images that will be stored (review and audit items, and so their
-exports); the accept path never runs a detector. ``policies.image_redaction`` does the work.
+exports); the accept path never runs a detector. ``cascades.image_redaction`` does the work, with
+the detectors of cascades/detectors_privacy.py that the tables below name.
 
 Default ``faces: blur, text: keep, keep_original: false``: a face is personal data that no
 review label needs to read, and a blurred face still shows that there is a person; text stays
@@ -26,8 +27,14 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from cascades.detectors_privacy import FACE_DETECTORS, TEXT_DETECTORS
-
+# The detectors a policy may name: name -> what it is. The policy is validated against these
+# names without importing a detector (nor torch); cascades/detectors_privacy.py builds them.
+FACE_DETECTORS: dict[str, str] = {
+    "mtcnn": "MTCNN (Zhang et al. 2016) from facenet-pytorch, weights inside the package",
+}
+TEXT_DETECTORS: dict[str, str] = {
+    "ppocr_det": "PP-OCRv4 DBNet text detector (Liao et al. 2020), prepared from rapidocr-onnxruntime",
+}
 FaceMode = Literal["blur", "pixelate", "box", "keep"]
 TextMode = Literal["blur", "box", "keep"]
 

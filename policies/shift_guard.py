@@ -215,10 +215,23 @@ def attach_reference(calibrator, reference: InputReference):
 
 
 def reference_from_artefact(path: str, *, field: str = "shift_guard") -> InputReference:
-    """The reference stored in a calibration artefact; ConfigError when it has none."""
-    from cascades.calibration import load_calibration
+    """The reference stored in a calibration artefact; ConfigError when it has none.
 
-    stored = load_calibration(path).artifact.input_reference
+    Only this section is read here (the guard owns its schema); the rest of the artefact is the
+    calibrator's (``cascades.calibration.load_calibration`` validates it where the tier loads it)."""
+    import json
+    from pathlib import Path
+
+    artefact = Path(path).expanduser()
+    if not artefact.is_file():
+        raise ConfigError(f"calibration artefact {str(path)!r} does not exist", field=field)
+    try:
+        document = json.loads(artefact.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"calibration artefact {str(path)!r} is not readable JSON: {exc}", field=field
+        ) from None
+    stored = document.get("input_reference") if isinstance(document, dict) else None
     if stored is None:
         raise ConfigError(
             f"calibration artefact {str(path)!r} has no input_reference; write one with "

@@ -96,8 +96,8 @@ def _png(name: str) -> bytes:
 
 
 def enqueue_latency(models_dir: Path, repeats: int) -> list[dict[str, Any]]:
+    from cascades.image_redaction import Redactor
     from cascades.images import decode_image
-    from policies.image_redaction import Redactor
     from policies.privacy import PrivacyPolicy
     from policies.review_queue import ReviewQueue
 

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cascades.image_redaction import Redactor
 from policies.budgets import BudgetLedger, BudgetRule
-from policies.image_redaction import Redactor
 from policies.policy_set import parse_policy_set
 from policies.privacy import PrivacyPolicy
-from policies.privacy_erase import Eraser, Subject
 from policies.review_blobs import BlobRef, blob_scope
 from policies.review_queue import ReviewQueue
+from router.services.erasure import Eraser, Subject
 from visionroute.errors import ConfigError, InputError, NotFound
 
 # The astronaut's face in skimage's photo, annotated by hand (eyes to chin, inside the head).

@@ -93,10 +93,10 @@ def _cmd_budgets(args) -> int:
 
 
 def _cmd_erase(args) -> int:
-    """Erase one item or one subject from every store (policies/privacy_erase.py), audited."""
+    """Erase one item or one subject from every store (router/services/erasure.py), audited."""
     import getpass
 
-    from policies.privacy_erase import Eraser, Subject
+    from router.services.erasure import Eraser, Subject
 
     subject = Subject.parse(args.subject) if args.subject else None  # bad input before any store opens
     queue, ledger, search_store = _queue(args), _ledger(args, must_exist=True), _search_store(args)

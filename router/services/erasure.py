@@ -19,6 +19,10 @@ What goes, in every store (``Eraser``):
   embedding stays in the database;
 - budget ledger: the request ids on reservations are cleared (units stay: they are accounting).
 
+It is an operation over every durable store (the review queue and ledger of policies/, the
+search store of retrieval/), so it lives with the service's other operations, above both.
+``visionroute privacy erase`` runs it offline, against the stores a serve config names.
+
 Audited: each erased item keeps an ``erased`` event (actor, time, reason), and one ``erasure``
 event (under item id ``erasure:<id>``) records the selector, the counts and the sha256 of the
 subject key, never the key itself.
