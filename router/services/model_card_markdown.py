@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from router.services.model_card_schema import CertificateSummary, ModelCard
+if TYPE_CHECKING:  # annotations only: model_card_schema imports this module to render a card
+    from router.services.model_card_schema import CertificateSummary, ModelCard
 
 LABELS_SHOWN = 20
 SLICE_COLUMNS = ("n", "accuracy", "ece", "mce", "mean_confidence", "aurc", "top5_accuracy")
