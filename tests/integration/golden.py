@@ -8,11 +8,19 @@ behaviour shows up as a diff of ``golden_responses.json`` that someone has to ac
 The exchange runs in a fixed order on a fresh service (serve_config.yaml, no API keys), so
 review-item ids and search ids are stable once renamed by order of first appearance. Request
 ids, timings, lease tokens and wall-clock times are volatile and replaced; floats are rounded.
+
+Model digests are replaced too (``sha256:<model-sha256>``): an exported model's bytes differ
+across package versions and CPUs, so the file pins none. ``model_version_mismatches`` checks
+them instead: every ``<version>;sha256:<hex>`` a response names must be the sha256 of the file
+the service actually served (the prepared ONNX file and its sidecar, MTCNN's weight files), so
+a user can reproduce a trace's model version from the file.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
+import importlib.metadata
 import io
 import json
 import re
@@ -42,16 +50,135 @@ VOLATILE_KEYS = {
     "stored_sha256",
 }
 UUID_HEX = re.compile(r"^[0-9a-f]{32}$")
+ROLLOUT_ID = re.compile(r"\bro_[0-9a-f]{16}\b")
+MODEL_SHA256 = "<model-sha256>"
+# "<version>;sha256:<hex>" (ONNX tiers, MTCNN) or "<build>@sha256:<hex>" (a VLM), optionally
+# behind "<detector>=" ("mtcnn=facenet-pytorch==2.6.0;sha256:...").
+VERSION_DIGEST = re.compile(r"^(?:[\w.-]+=(?!=))?(?P<version>.+?)[;@]sha256:(?P<hex>[0-9a-f]{16,64})$")
+DIGEST_IN_TEXT = re.compile(r"sha256:[0-9a-f]{16,64}")
+HEX_RUN = re.compile(r"\b[0-9a-f]{16,64}\b")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def mtcnn_weights_sha256() -> tuple[str, str]:
+    """(version, sha256) of the MTCNN face detector: the package and its three weight files, in
+    the order cascades/detectors_privacy.py hashes them."""
+    import facenet_pytorch
+
+    data = Path(facenet_pytorch.__file__).parent / "data"
+    digest = hashlib.sha256()
+    for name in ("pnet.pt", "rnet.pt", "onet.pt"):
+        digest.update((data / name).read_bytes())
+    return f"facenet-pytorch=={importlib.metadata.version('facenet-pytorch')}", digest.hexdigest()
+
+
+def served_model_digests(models_dir: Path) -> dict[str, str]:
+    """Model version -> the sha256 of the file served under it: each prepared ONNX file in
+    ``models_dir`` (its sidecar names the version and records the sha256, which must agree with
+    the file) and MTCNN's weights."""
+    digests = {}
+    for onnx_path in sorted(Path(models_dir).glob("*.onnx")):
+        sidecar = json.loads(onnx_path.with_suffix(".json").read_text())
+        actual = file_sha256(onnx_path)
+        if sidecar.get("sha256") != actual:
+            raise AssertionError(
+                f"{onnx_path.name}: its sidecar records {sidecar.get('sha256')}, the file is {actual}"
+            )
+        digests[sidecar["version"]] = actual
+    version, digest = mtcnn_weights_sha256()
+    digests[version] = digest
+    return digests
+
+
+def model_version_mismatches(results: Any, models_dir: Path) -> tuple[list[str], set[str]]:
+    """Every ``<version>;sha256:<hex>`` in the raw results (and every model card's sha256, in
+    JSON and Markdown) checked against the file served under that version. Returns (the
+    mismatches, the versions seen)."""
+    digests = served_model_digests(models_dir)
+    problems: list[str] = []
+    seen: set[str] = set()
+
+    def check_card(version: Any, sha256s: dict[str, Any], where: str) -> None:
+        # a model card's model section: the digest computed now and the one its sidecar recorded
+        if not isinstance(version, str):
+            return
+        seen.add(version)
+        served = digests.get(version)
+        for key, sha256 in sha256s.items():
+            if served is None or sha256 != served:
+                problems.append(f"{where}.{key}: {sha256!r}, but the file served as {version} has {served}")
+
+    def walk(value: Any, where: str) -> None:
+        if isinstance(value, dict):
+            if "sha256_recorded" in value and "version" in value:
+                check_card(value["version"], {k: value.get(k) for k in ("sha256", "sha256_recorded")}, where)
+            if isinstance(value.get("text"), list):  # a Markdown card: its "| field | value |" rows
+                rows = dict(
+                    (cells[1].strip(), cells[2].strip())
+                    for cells in (line.split("|") for line in value["text"] if isinstance(line, str))
+                    if len(cells) == 4
+                )
+                if "sha256_recorded" in rows and "version" in rows:
+                    check_card(
+                        rows["version"], {k: rows.get(k) for k in ("sha256", "sha256_recorded")}, where
+                    )
+            for key, item in value.items():
+                walk(item, f"{where}.{key}")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                walk(item, f"{where}[{i}]")
+        elif isinstance(value, str) and "sha256:" in value:
+            match = VERSION_DIGEST.match(value)
+            if match is None:
+                return
+            version, hex_digest = match["version"], match["hex"]
+            seen.add(version)
+            served = digests.get(version)
+            if served is None:
+                problems.append(f"{where}: {value!r} names no served model (served: {sorted(digests)})")
+            elif not served.startswith(hex_digest):
+                problems.append(f"{where}: {value!r}, but the file served as {version} has sha256 {served}")
+
+    for result in results:
+        walk(result, result["name"])
+    return problems, seen
 
 
 class Normaliser:
-    """Replaces what changes from run to run; names review items by first appearance."""
+    """Replaces what changes from run to run; names review items by first appearance.
 
-    def __init__(self) -> None:
+    ``model_digests``: the sha256 of each served model file, replaced wherever it appears (a model
+    card names the full digest); ``paths``: directories of this run, replaced by a placeholder.
+    """
+
+    def __init__(self, model_digests: list[str] = (), paths: dict[str, str] | None = None) -> None:
         self.names: dict[str, str] = {}
+        self.rollouts: dict[str, str] = {}
+        self.model_digests = list(model_digests)
+        self.paths = dict(paths or {})
+
+    def _model_digest(self, hex_run: str) -> bool:
+        return any(digest.startswith(hex_run) for digest in self.model_digests)
+
+    def _text(self, value: str) -> str:
+        for path, placeholder in self.paths.items():
+            value = value.replace(path, placeholder)
+        value = DIGEST_IN_TEXT.sub("sha256:" + MODEL_SHA256, value)
+        value = ROLLOUT_ID.sub(lambda m: self._rollout(m.group()), value)
+        return HEX_RUN.sub(lambda m: MODEL_SHA256 if self._model_digest(m.group()) else m.group(), value)
 
     def _name(self, value: str) -> str:
         return self.names.setdefault(value, f"<item-{len(self.names) + 1}>")
+
+    def _rollout(self, value: str) -> str:
+        return self.rollouts.setdefault(value, f"<rollout-{len(self.rollouts) + 1}>")
 
     def __call__(self, value: Any, key: str = "") -> Any:
         if key in VOLATILE_KEYS or key.endswith("_at") or key.endswith("_expires_at"):
@@ -63,6 +190,7 @@ class Normaliser:
         if isinstance(value, float):
             return round(value, 3)
         if isinstance(value, str):
+            value = self._text(value)
             if UUID_HEX.match(value):
                 return self._name(value)
             for raw in set(re.findall(r"\b[0-9a-f]{32}\b", value)):
@@ -85,13 +213,20 @@ def _bomb_png() -> bytes:
 
 def _http(client: httpx.Client, name: str, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
     response = client.request(method, path, **kwargs)
+    content_type = response.headers.get("content-type") or ""
+    if content_type.startswith("text/markdown"):  # a model card: the text itself is compared
+        return {
+            "name": name,
+            "face": "http",
+            "status": response.status_code,
+            "body": {"content_type": content_type, "text": response.text.splitlines()},
+        }
     try:
         body = response.json()
     except ValueError:
-        content_type = response.headers.get("content-type")
         # a stored review image is the redacted one: its size follows the detector's boxes
-        size = "<volatile>" if (content_type or "").startswith("image/") else len(response.content)
-        body = {"content_type": content_type, "bytes": size}
+        size = "<volatile>" if content_type.startswith("image/") else len(response.content)
+        body = {"content_type": content_type or None, "bytes": size}
     return {"name": name, "face": "http", "status": response.status_code, "body": body}
 
 
@@ -272,12 +407,104 @@ def exchange(url: str, grpc_target: str) -> list[dict[str, Any]]:
                 health_pb2.HealthCheckRequest(service=""),
             )
         )
+    # model cards (docs/rollouts.md, "Model cards"): the list, cards as JSON and as Markdown (JSON
+    # for the text detector: the classifier's JSON card lists all its 1000 labels)
+    models = _http(client, "model cards", "GET", "/v1/models")
+    out.append(models)
+    out.append(_http(client, "model card", "GET", "/v1/models/text.ppocr_det/card"))
+    card = "classify.efficientnet_lite0"
+    out.append(
+        _http(client, "model card markdown", "GET", f"/v1/models/{card}/card", params={"format": "md"})
+    )
+    policy_cards = [
+        m["name"] for m in models["body"].get("models", []) if m["name"].startswith("policy-set.")
+    ]
+    for name in policy_cards[:1]:
+        out.append(_http(client, "policy set card", "GET", f"/v1/models/{name}/card"))
+        out.append(
+            _http(
+                client,
+                "policy set card markdown by accept",
+                "GET",
+                f"/v1/models/{name}/card",
+                headers={"accept": "text/markdown"},
+            )
+        )
+    out.append(_http(client, "model card unknown", "GET", "/v1/models/classify.nope/card"))
+    out.append(
+        _http(client, "model card bad format", "GET", f"/v1/models/{card}/card", params={"format": "xml"})
+    )
+    # a rollout: serve_config.yaml declares no model candidate, so a policy-set candidate (no
+    # deploy needed; docs/rollouts.md). A canary for every tenant (fraction 1) with every accept
+    # audited (audit_fraction 1) makes each request's arm and audit the same on every run.
+    candidate = {
+        "version": "golden-candidate-v1",
+        "thresholds": {
+            "classify": {
+                "version": "classify-thresholds-v2",
+                "accept_threshold": 0.6,
+                "escalate_threshold": 0.3,
+            }
+        },
+    }
+    rollout = {
+        "task": "classify",
+        "policy": candidate,
+        "mode": "canary",
+        "fraction": 1.0,
+        "sticky_by": "tenant",
+        "audit_fraction": 1.0,
+        "alpha": 0.05,
+        "delta": 0.05,
+        "reason": "golden: a looser accept threshold",
+    }
+    started = _http(client, "rollout start", "POST", "/v1/rollouts", json=rollout)
+    out.append(started)
+    rollout_id = started["body"].get("id") or "none"
+    out.append(_http(client, "rollout status", "GET", f"/v1/rollouts/{rollout_id}"))
+    out.append(_http(client, "rollout second for the task", "POST", "/v1/rollouts", json=rollout))
+    out.append(
+        _http(
+            client,
+            "rollout unknown candidate",
+            "POST",
+            "/v1/rollouts",
+            json={"task": "classify", "candidate": "v9", "mode": "shadow"},
+        )
+    )
+    out.append(_http(client, "rollout bad fraction", "POST", "/v1/rollouts", json={**rollout, "fraction": 0}))
+    out.append(_http(client, "rollouts of the task", "GET", "/v1/rollouts", params={"task": "classify"}))
+    # served by the candidate's thresholds, each accept audited; the rollback flushes the
+    # replica's cost sums first, so its answer counts both requests (a status read in between
+    # would race the periodic flush)
+    analyze("analyze coffee in the canary", photos["coffee"])
+    analyze("analyze chelsea in the canary", photos["chelsea"])
+    out.append(
+        _http(
+            client,
+            "rollout rollback",
+            "POST",
+            f"/v1/rollouts/{rollout_id}/rollback",
+            json={"reason": "golden: end of the exchange"},
+        )
+    )
+    out.append(_http(client, "rollout unknown", "GET", "/v1/rollouts/" + "0" * 32))
     client.close()
     return out
 
 
-def normalised(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return Normaliser()(results)
+def normalised(
+    results: list[dict[str, Any]], models_dir: Path | None = None, workdir: Path | None = None
+) -> list[dict[str, Any]]:
+    """``models_dir``: the prepared models the service served (their digests and path are
+    replaced); ``workdir``: the service's working directory (its path is replaced)."""
+    digests = list(served_model_digests(models_dir).values()) if models_dir is not None else []
+    paths = {}
+    if models_dir is not None:
+        paths[str(models_dir)] = "<models_dir>"
+    if workdir is not None:
+        paths[str(workdir)] = "<workdir>"
+    return Normaliser(digests, paths)(results)
 
 
 def record(path: Path = GOLDEN_FILE) -> None:
@@ -287,11 +514,15 @@ def record(path: Path = GOLDEN_FILE) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         models = Path(tmp) / "models"
         prepare_models(models)
-        service = ServeProcess(Path(tmp), models).start()
+        service = ServeProcess(Path(tmp), models).start(timeout_s=600)
         try:
-            results = normalised(exchange(service.url, service.grpc_target))
+            raw = exchange(service.url, service.grpc_target)
         finally:
             service.stop()
+        problems, _ = model_version_mismatches(raw, models)
+        if problems:
+            sys.exit("model versions that name no served file:\n" + "\n".join(problems))
+        results = normalised(raw, models, Path(tmp))
     path.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
     print(f"wrote {len(results)} responses to {path}")
 
