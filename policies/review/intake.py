@@ -1,0 +1,170 @@
+"""Queueing an item: its image made durable, then its row, once per request.
+
+Durability rule: ``enqueue`` returns only after the image is durable (the file fsynced, or the
+``images`` row written in the item's own transaction) and the row is committed, so an
+acknowledged item survives a crash and always has its image. Enqueue is idempotent on
+(``tenant``, ``request_id``, ``kind``): a client retry after a lost response never makes a
+second item, and another tenant's request that happens to reuse the id gets an item of its own.
+The same id with another image (or task) within a tenant is not a retry: 409, never an item
+answered for an image it does not hold.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from typing import Any
+
+from policies.review.blobs import BlobRef, BlobStore, DatabaseBlobs, blob_scope, check_sha256
+from policies.review.items import KINDS, ReviewItem, audit, read_item
+from policies.review.labels import register_label_set
+from visionroute.errors import Conflict, InputError
+from visionroute.state import Database, Row
+
+LOOKUP = "SELECT * FROM items WHERE tenant = ? AND request_id = ? AND kind = ?"
+INSERT = (
+    "INSERT INTO items (id, request_id, tenant, task, image_sha256, created_at, priority, reason,"
+    " proposed_json, trace_json, kind, sla_due_at, stored_sha256, image_withheld, original_kept)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (tenant, request_id, kind) DO NOTHING RETURNING id"
+)
+
+
+class Intake:
+    def __init__(self, database: Database, blobs: BlobStore | DatabaseBlobs) -> None:
+        self.database = database
+        self.blobs = blobs
+
+    def enqueue(
+        self,
+        *,
+        request_id: str,
+        image_bytes: bytes | None,
+        image_sha256: str,
+        tenant: str,
+        task: str,
+        reason: str,
+        proposed: list[dict[str, Any]],
+        trace: dict[str, Any],
+        priority: float = 0.0,
+        kind: str = "review",
+        sla_s: float | None = None,
+        label_set: tuple[str, ...] | list[str] | None = None,
+        original_bytes: bytes | None = None,
+        image_withheld: str | None = None,
+    ) -> ReviewItem:
+        """Store the image, then the row; returns the existing item on a retry (the same tenant,
+        request id and kind, with the same image and task); Conflict when those differ.
+
+        ``image_bytes`` is what is stored and shown for the item: the request's file, or its
+        redaction (policies/image_redaction.py). It is keyed by its own sha256 in the tenant's
+        scope; ``image_sha256`` names the request's file (the retry check compares it).
+        ``original_bytes`` (privacy ``keep_original``) stores the unredacted file too.
+        ``image_bytes=None`` queues the item with no image; ``image_withheld`` says why.
+        ``label_set`` (the model's class names) registers what labels the task accepts.
+        """
+        check_request(kind, image_sha256, image_bytes, original_bytes, image_withheld)
+        key = (tenant, request_id, kind)
+        with self.database.read() as db:
+            existing = db.execute(LOOKUP, key).fetchone()
+        if existing is not None:  # a retry: nothing to write
+            return retried(existing, image_sha256, task)
+        stored_sha256 = None if image_bytes is None else hashlib.sha256(image_bytes).hexdigest()
+        blobs = blobs_to_store(tenant, image_bytes, stored_sha256, original_bytes, image_sha256)
+        item_id = uuid.uuid4().hex
+        now = time.time()
+        if isinstance(self.blobs, BlobStore):
+            # The file's fsync outside SQLite's one write lock, so enqueues do not queue behind
+            # each other's disk flushes; the put inside the transaction then only finds it there
+            # (or rewrites it, if a purge removed it in between).
+            for ref, data in blobs.items():
+                self.blobs.put(ref, data)
+        with self.database.write() as db:
+            for ref in sorted(blobs):
+                db.dialect.lock(db, ref.lock_key())
+            # ON CONFLICT, not a check first: on PostgreSQL a concurrent retry on another node
+            # may insert between a check and this insert.
+            inserted = db.execute(
+                INSERT,
+                (
+                    item_id,
+                    request_id,
+                    tenant,
+                    task,
+                    image_sha256,
+                    now,
+                    priority,
+                    reason,
+                    json.dumps(proposed),
+                    json.dumps(trace),
+                    kind,
+                    now + sla_s if sla_s else None,
+                    stored_sha256,
+                    image_withheld if image_bytes is None else None,
+                    int(original_bytes is not None),
+                ),
+            ).fetchone()
+            if inserted is None:  # a concurrent retry won the race
+                return retried(db.execute(LOOKUP, key).fetchone(), image_sha256, task)
+            for ref, data in blobs.items():
+                self.blobs.put(ref, data, db)  # durable before the row commits
+            if label_set:
+                register_label_set(db, task, list(label_set), now)
+            audit(
+                db,
+                item_id,
+                "service",
+                "enqueue",
+                None,
+                {"reason": reason, "kind": kind, "priority": priority},
+            )
+            return read_item(db, item_id)
+
+
+def check_request(
+    kind: str,
+    image_sha256: str,
+    image_bytes: bytes | None,
+    original_bytes: bytes | None,
+    image_withheld: str | None,
+) -> None:
+    if kind not in KINDS:
+        raise InputError(f"kind must be one of {list(KINDS)}, got {kind!r}", field="kind")
+    check_sha256(image_sha256)
+    if image_bytes is None and not image_withheld:
+        raise InputError("an item without an image needs image_withheld (the reason)", field="image")
+    if original_bytes is not None and hashlib.sha256(original_bytes).hexdigest() != image_sha256:
+        raise InputError("original_bytes do not hash to image_sha256", field="image_sha256")
+
+
+def blobs_to_store(
+    tenant: str,
+    image_bytes: bytes | None,
+    stored_sha256: str | None,
+    original_bytes: bytes | None,
+    image_sha256: str,
+) -> dict[BlobRef, bytes]:
+    """The blobs an item keeps in its tenant's scope: the image shown, and the unredacted
+    original when kept (one blob when they are the same bytes)."""
+    blobs: dict[BlobRef, bytes] = {}
+    if image_bytes is not None:
+        blobs[BlobRef(blob_scope(tenant), stored_sha256)] = image_bytes
+    if original_bytes is not None:
+        blobs.setdefault(BlobRef(blob_scope(tenant), image_sha256), original_bytes)
+    return blobs
+
+
+def retried(row: Row, image_sha256: str, task: str) -> ReviewItem:
+    """The item a retry names; Conflict when the request differs (another image or task)."""
+    item = ReviewItem.from_row(row)
+    if item.image_sha256 != image_sha256 or item.task != task:
+        raise Conflict(
+            f"request id {item.request_id!r} already queued item {item.id} for tenant {item.tenant!r}"
+            f" (task {item.task!r}, image sha256 {item.image_sha256[:12]}...); this request has task"
+            f" {task!r} and image sha256 {image_sha256[:12]}...: a retry must resend the same"
+            " request, anything else needs a new request id",
+            field="request_id",
+        )
+    return item
