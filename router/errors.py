@@ -1,6 +1,6 @@
 """The one table from project errors to HTTP status and gRPC status code.
 
-Both faces (router/http_api.py, router/grpc_ingress.py) map errors through it, so the same
+Both faces (router/http/api.py, router/grpc/ingress.py) map errors through it, so the same
 failure is the same answer on either protocol. Most specific first: the first match wins.
 gRPC codes are named, not imported, so this module needs neither grpc nor FastAPI.
 

@@ -1,5 +1,5 @@
 """The Ray Serve ingress deployment: builds the service core from deployment handles and
-serves it through both faces (HTTP: router/http_api.py, gRPC: router/grpc_ingress.py).
+serves it through both faces (HTTP: router/http/api.py, gRPC: router/grpc/ingress.py).
 
 Nothing here decides anything: the operations live in router/services/.
 """
@@ -13,8 +13,9 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from router.config import AppConfig
-from router.grpc_ingress import GrpcEndpoints
-from router.http_api import app, attach
+from router.grpc.ingress import GrpcEndpoints
+from router.http.api import app
+from router.http.deps import attach
 from router.services import VisionRouteService
 from router.services.sharded_search import ShardedSearch
 from router.tiers import BatchedOnnxTier, InProcessTier, RemoteSearch, RemoteTier, RemoteVlmTier
@@ -64,7 +65,7 @@ def search_backend(search: DeploymentHandle | list[DeploymentHandle] | None) -> 
 
 @serve.deployment(max_ongoing_requests=100)
 @serve.ingress(app)
-class Ingress(GrpcEndpoints):  # + the gRPC methods (router/grpc_ingress.py)
+class Ingress(GrpcEndpoints):  # + the gRPC methods (router/grpc/ingress.py)
     def __init__(
         self,
         config: AppConfig,

@@ -96,8 +96,8 @@ def _model_status(setting: str, model: str, models_dir: Path, packaged: set[str]
 
 def check_application(name: str, args: Any, endpoints: Any) -> AppCheck:
     from cascades.models import PACKAGED_MODELS
+    from router.auth.keys import check_bind
     from router.config import parse_app_config, resolved_versions
-    from router.security import check_bind
 
     config = parse_app_config(args)
     checked = AppCheck(name, config, resolved_versions(config))

@@ -149,7 +149,7 @@ class Face:
             if self.kind == "grpc":
                 import grpc
 
-                from router.grpc_ingress import visionroute_pb2_grpc
+                from router.grpc.ingress import visionroute_pb2_grpc
 
                 channel = grpc.insecure_channel(self.grpc_target)
                 grpc.channel_ready_future(channel).result(timeout=60)
@@ -163,7 +163,7 @@ class Face:
     def call(self, name: str, data: bytes) -> tuple[float, dict[str, Any]]:
         client = self._client()
         if self.kind == "grpc":
-            from router.grpc_ingress import pb
+            from router.grpc.ingress import pb
 
             started = time.perf_counter()
             reply = client.Analyze(
@@ -379,7 +379,7 @@ def run_bench(
             http_options={"host": "127.0.0.1", "port": port},
             grpc_options={
                 "port": grpc_port,
-                "grpc_servicer_functions": ["router.grpc_ingress.add_VisionRouteServicer_to_server"],
+                "grpc_servicer_functions": ["router.grpc.ingress.add_VisionRouteServicer_to_server"],
             },
         )
         url = f"http://127.0.0.1:{port}"

@@ -3,7 +3,7 @@
     service = VisionRouteService.build(config, tiers=..., vlm_tiers=..., search=...)
     analysis = await service.analyze.analyze(ImageRequest(image_bytes, request_id), caller)
 
-The faces only translate: router/http_api.py (HTTP routes) and router/grpc_ingress.py (the
+The faces only translate: router/http/api.py (HTTP routes) and router/grpc/ingress.py (the
 gRPC servicer) turn a request into a call here and the result or ``RouterError`` back into
 their protocol, through the one error table in router/errors.py. router/ingress.py is the
 Ray Serve deployment that builds this service from deployment handles.

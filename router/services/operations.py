@@ -10,8 +10,8 @@ from typing import Any
 
 from policies.review_queue import ReviewQueue
 from policies.runtime import PolicyRuntime
+from router.auth.principal import Principal
 from router.metrics import IngressMetrics
-from router.security import Principal
 from router.services.backends import CheapTierClient, SearchBackend, VlmTierClient
 from visionroute.errors import ConfigError
 from visionroute.redaction import failure_summary

@@ -24,9 +24,9 @@ from PIL import Image
 from policies.audit_sampling import estimate
 from policies.review_queue import ReviewQueue
 from policies.runtime import PolicyRuntime
+from router.auth.principal import Principal, tenant_scope
 from router.config import AppConfig
 from router.schemas import ClaimRequest, LabelRequest, ReleaseRequest
-from router.security import Principal, tenant_scope
 from router.services.backends import SearchBackend
 from visionroute.errors import InputError, NotFound, PermissionDenied
 

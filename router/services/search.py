@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from retrieval.schemas import SearchFilters, SearchParams, parse_model
-from router.security import Principal, tenant_scope
+from router.auth.principal import Principal, tenant_scope
 from router.services.backends import SearchBackend
 from router.services.common import checked_int64, checked_json_value, checked_text
 from visionroute.errors import BackendUnavailable, InputError, NotFound

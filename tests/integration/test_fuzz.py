@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from router.grpc_ingress import MAX_DETAILS_CHARS, pb, visionroute_pb2_grpc
+from router.grpc.ingress import MAX_DETAILS_CHARS, pb, visionroute_pb2_grpc
 from tests.integration.serve_process import ServeProcess
 from tests.router.colour_model import solid_png
 from tests.support.fuzz import (

@@ -21,8 +21,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
-from router.grpc_ingress import SERVICE_NAME, pb, visionroute_pb2_grpc
-from router.security import hash_key
+from router.auth.keys import hash_key
+from router.grpc.ingress import SERVICE_NAME, pb, visionroute_pb2_grpc
 from tests.integration.serve_process import ServeProcess
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]

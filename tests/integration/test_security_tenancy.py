@@ -14,8 +14,8 @@ import httpx
 import pytest
 from PIL import Image, ImageOps
 
-from router.grpc_ingress import pb, visionroute_pb2_grpc
-from router.security import hash_key
+from router.auth.keys import hash_key
+from router.grpc.ingress import pb, visionroute_pb2_grpc
 from tests.integration.serve_process import ServeProcess
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]

@@ -13,10 +13,12 @@ import pytest
 from fastapi.testclient import TestClient
 from grpc_health.v1 import health_pb2
 
+from router.auth.keys import SecurityConfig
 from router.errors import error_body, grpc_code_name, http_status, retry_after_s, unexpected_error
-from router.grpc_ingress import MAX_DETAILS_CHARS, GrpcEndpoints, pb
-from router.http_api import app, attach
-from router.security import SecurityConfig, make_authenticator
+from router.grpc.ingress import MAX_DETAILS_CHARS, GrpcEndpoints, pb
+from router.http.api import app
+from router.http.deps import attach
+from router.serve_context import make_authenticator
 from router.services.backends import LocalSearch
 from router.services.common import parsed_json
 from router.tiers import RemoteSearch, RemoteTier, RemoteVlmTier

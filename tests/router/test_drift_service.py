@@ -244,9 +244,9 @@ def test_get_v1_drift_and_the_cli_report(service, monkeypatch, tmp_path, capsys)
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
-    import router.http_api
-    from router.http_drift import router as drift_router
-    from router.security import required_role
+    import router.http.deps
+    from router.http.auth import required_role
+    from router.http.drift import router as drift_router
     from visionroute.cli import main
     from visionroute.cli.drift import fetch_report, format_report
 
@@ -256,7 +256,7 @@ def test_get_v1_drift_and_the_cli_report(service, monkeypatch, tmp_path, capsys)
     assert required_role("/v1/drift") == "admin"
     app = FastAPI()
     app.include_router(drift_router)
-    monkeypatch.setattr(router.http_api._Attached, "service", SimpleNamespace(drift=service))
+    monkeypatch.setattr(router.http.deps._Attached, "service", SimpleNamespace(drift=service))
     report = fetch_report("http://testserver", None, client=TestClient(app))
     assert report["monitors"] == service.report()["monitors"]
     table = format_report(report)

@@ -6,11 +6,12 @@ import pytest
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 
+from router.auth.keys import SecurityConfig, hash_key
 from router.errors import ERROR_TABLE, grpc_code_name, http_status
-from router.grpc_ingress import GrpcEndpoints, pb
-from router.http_api import app, attach
+from router.grpc.ingress import GRPC_ROLES, GrpcEndpoints, pb
+from router.http.api import app
+from router.http.deps import attach
 from router.schemas import AnalyzeResponse
-from router.security import GRPC_ROLES, SecurityConfig, hash_key
 from tests.router.colour_model import solid_png
 from tests.router.test_service_core import build, make_config
 from visionroute import errors

@@ -1,7 +1,7 @@
 """Hostile input against both faces over the Ray-free service core: never a 500, never a leak.
 
-The HTTP face is router.http_api.app under FastAPI's TestClient; the gRPC face is the real
-servicer (router.grpc_ingress.GrpcEndpoints) called with a recording context. Behind both is
+The HTTP face is router.http.api.app under FastAPI's TestClient; the gRPC face is the real
+servicer (router.grpc.ingress.GrpcEndpoints) called with a recording context. Behind both is
 the real core (tests/router/test_service_core.py's tiny ONNX classifier, SQLite review queue
 and budget ledger) with visual search through a real LocalSearch over a real SearchService
 (FAISS + SQLite index, a tiny open_clip model built here). Hypothesis generates the inputs
@@ -19,10 +19,12 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from router.auth.keys import SecurityConfig, hash_key
 from router.config import parse_app_config
-from router.grpc_ingress import GrpcEndpoints, pb
-from router.http_api import app, attach
-from router.security import SecurityConfig, hash_key, make_authenticator
+from router.grpc.ingress import GrpcEndpoints, pb
+from router.http.api import app
+from router.http.deps import attach
+from router.serve_context import make_authenticator
 from router.services import VisionRouteService
 from router.services.backends import LocalOnnxTier, LocalSearch
 from tests.router.colour_model import LABELS, solid_png, write_colour_model
@@ -117,7 +119,7 @@ def core(tmp_path_factory):
 @pytest.fixture(scope="module")
 def security():
     # No rate limit or lockout: thousands of requests a minute from one address, many with
-    # wrong keys, are the point here (router/auth_limits.py has its own tests).
+    # wrong keys, are the point here (router/auth/limits.py has its own tests).
     return SecurityConfig(
         api_keys=[
             {"sha256": hash_key(k), "tenant": t, "role": r, "name": n} for n, (t, r, k) in KEYS.items()

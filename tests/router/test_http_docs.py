@@ -7,8 +7,9 @@ import re
 import pytest
 from fastapi.testclient import TestClient
 
-from router.http_api import app, attach
-from router.security import SecurityConfig, hash_key
+from router.auth.keys import SecurityConfig, hash_key
+from router.http.api import app
+from router.http.deps import attach
 from tests.router.colour_model import solid_png
 from tests.router.test_service_core import build, make_config
 

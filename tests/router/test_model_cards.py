@@ -1,5 +1,5 @@
 """Model cards (router/services/model_cards.py): built from a config in-process (no Ray), served
-by router/http_models.py (FastAPI TestClient) and printed by `visionroute card`.
+by router/http/models.py (FastAPI TestClient) and printed by `visionroute card`.
 
 The calibrated world is real: the colour classifier (tests/router/colour_model.py) with a
 sidecar, `visionroute calibrate` on 300 coloured images for its artefact and certificate, and
@@ -301,7 +301,7 @@ def client(colour_model, tmp_path):
     from fastapi.testclient import TestClient
 
     from router.errors import error_body, http_status
-    from router.http_models import router
+    from router.http.models import router
     from visionroute.errors import RouterError
 
     app = FastAPI()

@@ -9,19 +9,13 @@ import os
 import pytest
 from fastapi.testclient import TestClient
 
-from router.auth_limits import KeyRateLimiter, Lockout, LockoutConfig, RateLimitConfig, RateLimited
-from router.grpc_ingress import GrpcEndpoints, pb
-from router.http_api import app, attach
-from router.security import (
-    SESSION_COOKIE,
-    ApiKey,
-    Authenticator,
-    SecurityConfig,
-    client_address,
-    hash_key,
-    session_from_cookies,
-)
-from router.sessions import InvalidSession, SessionConfig, SessionSigner, load_secret
+from router.auth.keys import ApiKey, Authenticator, SecurityConfig, hash_key
+from router.auth.limits import KeyRateLimiter, Lockout, LockoutConfig, RateLimitConfig, RateLimited
+from router.auth.sessions import SESSION_COOKIE, InvalidSession, SessionConfig, SessionSigner, load_secret
+from router.grpc.ingress import GrpcEndpoints, pb
+from router.http.api import app
+from router.http.auth import client_address, session_from_cookies
+from router.http.deps import attach
 from tests.router.colour_model import solid_png
 from tests.router.test_service_core import build, make_config
 from visionroute.errors import ConfigError, PermissionDenied, Unauthenticated
@@ -403,10 +397,14 @@ def test_grpc_calls_count_towards_the_same_lockout_and_rate_limit(service):
     import grpc
     from ray.serve.context import _RequestContext, _serve_request_context
 
+    from router.serve_context import serve_client_address
+
     endpoints = GrpcEndpoints()
     endpoints.service = service
-    endpoints.authenticator = Authenticator(
-        security(lockout=LockoutConfig(max_failures=2, window_s=60, cooldown_s=60)), session_secret=SECRET
+    endpoints.authenticator = Authenticator(  # as router.serve_context.make_authenticator builds it
+        security(lockout=LockoutConfig(max_failures=2, window_s=60, cooldown_s=60)),
+        session_secret=SECRET,
+        client_address=serve_client_address,
     )
 
     def stats(key: str, client: str = "", peer: str = "ipv4:192.0.2.77:5555") -> FakeGrpcContext:

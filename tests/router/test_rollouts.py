@@ -13,9 +13,9 @@ import asyncio
 import numpy as np
 import pytest
 
+from router.auth.principal import Principal
 from router.config import parse_app_config
 from router.schemas import ClaimRequest, LabelRequest
-from router.security import Principal
 from router.services import ImageRequest, VisionRouteService
 from router.services.backends import LocalOnnxTier
 from tests.router.colour_model import LABELS, solid_png, write_colour_model

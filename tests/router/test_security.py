@@ -9,23 +9,20 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from router.config import parse_app_config
-from router.security import (
+from router.auth.keys import (
     ApiKey,
     Authenticator,
-    PermissionDenied,
     SecurityConfig,
-    Unauthenticated,
     check_bind,
     hash_key,
     key_from_headers,
     new_key,
-    required_role,
-    resolve_tenant,
-    tenant_scope,
 )
+from router.auth.principal import resolve_tenant, tenant_scope
+from router.config import parse_app_config
+from router.http.auth import required_role
 from router.url_fetch import UrlFetchConfig, fetch_image_url, is_public_address
-from visionroute.errors import ConfigError, InputError, PayloadTooLarge
+from visionroute.errors import ConfigError, InputError, PayloadTooLarge, PermissionDenied, Unauthenticated
 
 KEYS = {
     "acme-client": ("acme", "client"),

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
+from router.auth.principal import Principal
 from router.schemas import AnalyzeResponse, ClaimRequest, LabelRequest, ReleaseRequest
-from router.security import Principal
 from router.services import ImageRequest, VisionRouteService, response_body
 from router.services.backends import LocalOnnxTier
 from tests.router.colour_model import colour_app_config, solid_png

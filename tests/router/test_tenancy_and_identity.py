@@ -12,10 +12,12 @@ from fastapi.testclient import TestClient
 
 from retrieval.embedders.base import l2_normalise
 from retrieval.service import SearchService
+from router.auth.keys import Authenticator, SecurityConfig, hash_key
+from router.auth.principal import Principal
 from router.config import parse_app_config
-from router.http_api import app, attach
+from router.http.api import app
+from router.http.deps import attach
 from router.schemas import ClaimRequest, LabelRequest, ReleaseRequest
-from router.security import Authenticator, Principal, SecurityConfig, hash_key
 from router.services import ImageRequest, VisionRouteService
 from router.services.backends import LocalOnnxTier, LocalSearch
 from tests.router.colour_model import LABELS, solid_png, write_colour_model

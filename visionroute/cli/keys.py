@@ -7,8 +7,8 @@ import secrets
 
 import yaml
 
-from router.security import ApiKey, new_key
-from router.sessions import SessionConfig
+from router.auth.keys import ApiKey, new_key
+from router.auth.sessions import SessionConfig
 
 
 def _new(args) -> int:

@@ -1,6 +1,6 @@
 """``visionroute rollout start|status|promote|rollback|finish``: the running service's rollouts.
 
-Every command goes through the admin API (router/http_rollouts.py) of the running service at
+Every command goes through the admin API (router/http/rollouts.py) of the running service at
 ``--url`` (default ``$VISIONROUTE_URL`` or http://127.0.0.1:8000) with an admin key
 (``--api-key`` or ``$VISIONROUTE_API_KEY`` when the service has keys): a change takes effect on
 every replica within ``rollouts.refresh_s``, with no restart.

@@ -4,7 +4,7 @@ FastAPI's own /docs page loads Swagger UI from a CDN, so it is blank where no CD
 reachable. Here the page and its assets come from the ``swagger-ui-bundle-v2`` package
 (Swagger UI 5, Apache-2.0, renders OpenAPI 3.1): ``/docs`` is the page and
 ``/docs?asset=<file>`` its scripts and styles. Both are the one public path ``/docs``
-(router/security.py PUBLIC_PATHS), so the page loads whether or not API keys are configured;
+(router/http/auth.py PUBLIC_PATHS), so the page loads whether or not API keys are configured;
 only the files of that one Swagger UI release are served, by exact name.
 
 The routes that read their body themselves (``/v1/analyze``: multipart or JSON;

@@ -7,9 +7,10 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.datastructures import UploadFile
 
-from router.http_inputs import decoded_base64, parsed, read_body_limited
+from router.auth.principal import current_principal
+from router.http.deps import service_of
+from router.http.inputs import decoded_base64, parsed, read_body_limited
 from router.schemas import IndexRequest, SearchRequest
-from router.security import current_principal
 from router.services.common import parsed_json
 from visionroute.errors import InputError
 from visionroute.redaction import failure_summary, shown
@@ -18,8 +19,6 @@ router = APIRouter(prefix="/v1/search", tags=["search"])
 
 
 def _service(request: Request):
-    from router.http_api import service_of  # router.http_api includes this router
-
     return service_of(request)
 
 

@@ -1,6 +1,6 @@
 """HTTP route for the drift monitors; the monitors live in router/services/drift.py.
 
-``GET /v1/drift`` needs the admin role (router/security.py: a route not listed there is admin).
+``GET /v1/drift`` needs the admin role (router/http/auth.py ROUTE_ROLES: a route not listed there is admin).
 The report is this replica's: behind several ingress replicas each answers with its own windows.
 """
 
@@ -10,6 +10,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
+from router.http.deps import service_of
 from visionroute.errors import BackendUnavailable
 
 router = APIRouter(prefix="/v1/drift", tags=["drift"])
@@ -17,8 +18,6 @@ router = APIRouter(prefix="/v1/drift", tags=["drift"])
 
 @router.get("", summary="Drift monitors of this replica: reference, window, latest test, alarm")
 async def drift_report(request: Request) -> dict[str, Any]:
-    from router.http_api import service_of  # router.http_api includes this router
-
     drift = getattr(service_of(request), "drift", None)
     if drift is None:
         raise BackendUnavailable("the drift monitors are not running on this replica", field="drift")

@@ -1,6 +1,6 @@
 """Per-key rate limits (token buckets) and the lockout of addresses that keep failing to log in.
 
-Both live in the ``Authenticator`` of each ingress replica (router/security.py), so the HTTP
+Both live in the ``Authenticator`` of each ingress replica (router/auth/keys.py), so the HTTP
 and the gRPC face share them, and both are per replica: with N ingress replicas a key may
 reach N times its rate, and an address locked out by one replica can still try on another
 until it is locked out there too. Nothing here ever sees or logs a presented key: buckets are

@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
+from router.http.deps import service_of
 from visionroute.errors import InputError, NotFound
 from visionroute.redaction import shown
 
@@ -25,8 +26,6 @@ def _cards(request: Request):
     one (an app built around a service object), else the service this process serves."""
     service = getattr(request.app.state, "service", None)
     if service is None:
-        from router.http_api import service_of  # router.http_api includes this router
-
         service = service_of(request)
     cards = getattr(service, "models", None)
     if cards is None:

@@ -2,7 +2,8 @@
 
 Each route reads its input, calls one operation of ``router.services.VisionRouteService``
 (reached through ``app.state.service``) with the caller the API-key middleware found, and
-returns its result. Errors go through the one table in router/errors.py.
+returns its result. Errors go through the one table in router/errors.py; the service and the key check come from
+router/http/deps.py, so the sub-routers never import this module.
 
 Every response to every route, errors included, belongs to one request id (the caller's
 ``X-Request-Id`` when well-formed, Ray Serve's or a new one otherwise): ``RequestContext``
@@ -14,7 +15,6 @@ Retry-After.
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from typing import Any
@@ -25,27 +25,24 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from router.auth.principal import current_principal
 from router.errors import DEFAULT_RETRY_AFTER_S, error_body, http_status, retry_after_s, unexpected_error
-from router.http_docs import install_docs
-from router.http_drift import router as drift_router
-from router.http_inputs import image_and_fields, read_body_limited
-from router.http_models import router as models_router
-from router.http_rollouts import router as rollouts_router
-from router.http_search import router as search_router
-from router.http_session import router as session_router
-from router.review_page import REVIEW_ASSETS, review_asset
+from router.http.auth import ApiKeyMiddleware
+from router.http.deps import current_authenticator, service_of
+from router.http.docs import install_docs
+from router.http.drift import router as drift_router
+from router.http.inputs import image_and_fields, read_body_limited
+from router.http.models import router as models_router
+from router.http.review_page import REVIEW_ASSETS, review_asset
+from router.http.rollouts import router as rollouts_router
+from router.http.search import router as search_router
+from router.http.session import router as session_router
 from router.schemas import AnalyzeResponse, ClaimRequest, LabelRequest, ReleaseRequest
-from router.security import (
-    ApiKeyMiddleware,
-    Authenticator,
-    SecurityConfig,
-    current_principal,
-    make_authenticator,
-)
-from router.services import ImageRequest, VisionRouteService, response_body
+from router.serve_context import serving_node
+from router.services import ImageRequest, response_body
 from router.services.common import checked_page, checked_request_id, parsed_json
 from visionroute import __version__
-from visionroute.errors import BackendUnavailable, InputError, NotFound, RouterError
+from visionroute.errors import InputError, NotFound, RouterError
 from visionroute.redaction import shown
 
 log = logging.getLogger("visionroute.http")
@@ -75,7 +72,7 @@ app = FastAPI(
     title="VisionRoute",
     version=__version__,
     description="Computer-vision answers from a cascade: ONNX tier, VLM, human review.",
-    docs_url=None,  # router/http_docs.py serves /docs offline (no CDN)
+    docs_url=None,  # router/http/docs.py serves /docs offline (no CDN)
     redoc_url=None,
 )
 app.router.route_class = CheckedJsonRoute
@@ -87,33 +84,6 @@ app.include_router(session_router)
 install_docs(app)
 
 
-class _Attached:
-    """The service this process serves. Ray Serve serves a frozen copy of ``app``, so the
-    routes and the key check reach the service through this module, not through the app."""
-
-    service: VisionRouteService | None = None
-    authenticator: Authenticator | None = None
-
-
-def attach(service: VisionRouteService, security: SecurityConfig) -> Authenticator:
-    """Serve ``service`` behind the API-key check (refuses an unsafe bind); one per process."""
-    _Attached.authenticator = make_authenticator(security)
-    _Attached.service = service
-    return _Attached.authenticator
-
-
-def current_authenticator() -> Authenticator:
-    if _Attached.authenticator is None:
-        raise BackendUnavailable("the service is starting", field="service")
-    return _Attached.authenticator
-
-
-def service_of(request: Request | None = None) -> VisionRouteService:
-    if _Attached.service is None:
-        raise BackendUnavailable("the service is starting", field="service")
-    return _Attached.service
-
-
 def error_response(
     error: RouterError, request_id: str | None, headers: dict[str, str] | None = None
 ) -> JSONResponse:
@@ -123,18 +93,6 @@ def error_response(
         status_code=http_status(error),
         headers={**(headers or {}), **({"Retry-After": str(wait)} if wait is not None else {})},
     )
-
-
-@functools.cache
-def serving_node() -> str:
-    """The Ray node this replica runs on ("" outside Ray): the ``X-VisionRoute-Node`` header, so
-    a caller (and the multi-node tests) can see which node answered."""
-    try:
-        import ray
-
-        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
-    except Exception:  # not under Ray, or no runtime context: no header
-        return ""
 
 
 class RequestContext:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from visionroute.errors import ConfigError
 
-PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # holds router/
-PROTO = Path(__file__).resolve().parent / "proto" / "visionroute.proto"
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # holds router/
+PROTO = PACKAGE_ROOT / "router" / "proto" / "visionroute.proto"
 OUTPUTS = ("visionroute_pb2.py", "visionroute_pb2.pyi", "visionroute_pb2_grpc.py")
 
 

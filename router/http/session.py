@@ -5,7 +5,7 @@
     POST /v1/session/logout  deletes the cookie
 
 The cookie is HttpOnly, SameSite=Strict, Secure over https, and expires after
-``security.session.ttl_s``; the middleware (router/security.py) accepts it on the review
+``security.session.ttl_s``; the middleware (router/http/auth.py) accepts it on the review
 routes only, and a POST made with it needs the ``x-csrf-token`` header. API clients keep
 sending ``x-api-key`` and never need any of this.
 """
@@ -18,20 +18,18 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from router.http_inputs import parsed, read_body_limited
-from router.security import (
-    CSRF_HEADER,
-    Authenticator,
-    Principal,
-    Session,
+from router.auth.keys import Authenticator
+from router.auth.principal import Principal, current_principal, current_session
+from router.auth.sessions import CSRF_HEADER, Session
+from router.http.auth import (
     check_same_origin,
     cleared_session_cookie,
     client_address,
-    current_principal,
-    current_session,
     is_https,
     session_cookie,
 )
+from router.http.deps import current_authenticator
+from router.http.inputs import parsed, read_body_limited
 
 router = APIRouter(prefix="/v1/session", tags=["session"])
 MAX_LOGIN_BODY_BYTES = 4096
@@ -44,8 +42,6 @@ class LoginRequest(BaseModel):
 
 
 def _authenticator() -> Authenticator:
-    from router.http_api import current_authenticator  # router.http_api includes this router
-
     return current_authenticator()
 
 

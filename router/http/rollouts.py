@@ -1,4 +1,4 @@
-"""HTTP routes for rollouts (admin only: not listed in router/security.py ROUTE_ROLES, so the
+"""HTTP routes for rollouts (admin only: not listed in router/http/auth.py ROUTE_ROLES, so the
 default applies); the operations live in router/services/rollouts.py."""
 
 from __future__ import annotations
@@ -7,8 +7,9 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from router.http_inputs import read_body_limited
-from router.security import current_principal
+from router.auth.principal import current_principal
+from router.http.deps import service_of
+from router.http.inputs import read_body_limited
 from router.services.common import parsed_json
 from visionroute.errors import BackendUnavailable
 
@@ -16,8 +17,6 @@ router = APIRouter(prefix="/v1/rollouts", tags=["rollouts"])
 
 
 def _rollouts(request: Request):
-    from router.http_api import service_of  # router.http_api includes this router
-
     service = service_of(request)
     if service.rollouts is None:
         raise BackendUnavailable("rollouts are not available in this service", field="rollouts")
@@ -25,8 +24,6 @@ def _rollouts(request: Request):
 
 
 async def _json(request: Request, *, optional: bool = False) -> Any:
-    from router.http_api import service_of
-
     raw = await read_body_limited(request, min(service_of(request).config.limits.max_body_bytes, 1 << 20))
     if optional and not raw.strip():
         return None

@@ -1,7 +1,7 @@
-"""The reviewers' web page (``GET /review``): static files shipped in ``router/static``.
+"""The reviewers' web page (``GET /review``): static files shipped in ``router/http/static``.
 
 The page and its script hold no data, so they are served without credentials: the page asks
-for a login (router/http_session.py) when it has no session. They carry a strict Content
+for a login (router/http/session.py) when it has no session. They carry a strict Content
 Security Policy (scripts and requests only from this origin, no framing: no clickjacking of
 the login form) and are never cached by shared caches.
 """

@@ -1,5 +1,8 @@
 """The gRPC face: the RPCs of ``router/proto/visionroute.proto`` and grpc.health.v1.
 
+``serve_config.yaml`` names ``router.grpc.ingress.add_VisionRouteServicer_to_server`` in
+``grpc_options.grpc_servicer_functions`` (``router.grpc_ingress`` still works for one release).
+
 Ray Serve's gRPC proxy (``grpc_options`` in serve_config.yaml) calls the ingress deployment's
 method named like the RPC with the decoded request message. Each method here only
 translates: proto in, one call to the service core (``self.service``, router/services/),
@@ -22,10 +25,12 @@ import grpc
 from grpc_health.v1 import health_pb2
 from pydantic import BaseModel, ValidationError
 
+from router.auth.keys import key_from_headers
+from router.auth.principal import Role, reset_principal, set_principal
 from router.errors import error_body, grpc_code_name, retry_after_s, unexpected_error
-from router.grpc_build import ensure_generated
+from router.grpc.build import ensure_generated
 from router.schemas import ClaimRequest, LabelRequest, ReleaseRequest
-from router.security import GRPC_ROLES, key_from_headers, reset_principal, set_principal
+from router.serve_context import serve_request_id
 from router.services import ImageRequest, response_body
 from router.services.common import checked_page, checked_request_id, parsed_json
 from visionroute.errors import InputError, NotFound, RouterError
@@ -36,6 +41,28 @@ from router.proto import visionroute_pb2 as pb  # noqa: E402  (generated just ab
 from router.proto import visionroute_pb2_grpc  # noqa: E402
 
 log = logging.getLogger("visionroute.grpc")
+
+# gRPC methods of router/proto/visionroute.proto and grpc.health.v1.
+GRPC_ROLES: dict[str, Role | None] = {
+    "Analyze": "client",
+    "Search": "client",
+    "ListReviewItems": "reviewer",
+    "GetReviewItem": "reviewer",
+    "ClaimReviewItem": "reviewer",
+    "LabelReviewItem": "reviewer",
+    "ReleaseReviewItem": "reviewer",
+    "GetReviewImage": "reviewer",
+    "GetReviewAudit": "reviewer",
+    "GetReviewLabels": "reviewer",
+    "GetReviewStats": "reviewer",
+    "IndexSearchItem": "client",
+    "GetSearchItem": "client",
+    "DeleteSearchItem": "client",
+    "GetSearchStats": "client",
+    "GetPolicy": "admin",
+    "Check": None,
+    "Watch": None,
+}
 
 # For grpc_options.grpc_servicer_functions: importing this module generates the code first.
 add_VisionRouteServicer_to_server = visionroute_pb2_grpc.add_VisionRouteServicer_to_server
@@ -83,11 +110,7 @@ def json_reply(body: Any) -> pb.JsonReply:
 
 
 def _request_id(grpc_context) -> str:
-    from ray.serve.context import _get_serve_request_context
-
-    return checked_request_id(
-        grpc_context.request_id() or _get_serve_request_context().request_id, field="request_id"
-    )
+    return checked_request_id(grpc_context.request_id() or serve_request_id(), field="request_id")
 
 
 def json_field(text: str, field: str) -> Any:
