@@ -21,7 +21,7 @@ from policies.policy_set import PolicySet
 from policies.thresholds import ThresholdPolicy
 from retrieval.config import RetrievalConfig
 from router.auth.keys import SecurityConfig
-from router.drift_config import DriftConfig
+from router.drift.config import DriftConfig
 from router.url_fetch import UrlFetchConfig
 from visionroute import paths
 from visionroute.errors import ConfigError

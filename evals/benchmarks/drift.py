@@ -6,7 +6,7 @@ JPEG at a quality drawn from 80-95 (a camera's) and decoded with Pillow, as the 
 an upload. Shifted traffic applies, before that JPEG step: Gaussian blur, Gaussian pixel noise,
 brightness, or JPEG at a low quality instead (all with Pillow).
 
-Per request: ``visionroute.drift.image_statistics``; the confidence (top-1 softmax) and the ConSE
+Per request: ``router.drift.monitors.image_statistics``; the confidence (top-1 softmax) and the ConSE
 embedding of the service's classifier (EfficientNet-Lite0 ONNX + MiniLM, ``retrieval``'s
 embedder), computed once per request and cached. Reviewers' verdicts have no image source, so
 that monitor gets simulated verdict mixes.
@@ -36,8 +36,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
-from visionroute import paths
-from visionroute.drift import (
+from router.drift.monitors import (
     VERDICTS,
     ConfidenceDriftMonitor,
     EmbeddingDriftMonitor,
@@ -46,6 +45,7 @@ from visionroute.drift import (
     image_statistics,
     statistics_matrix,
 )
+from visionroute import paths
 
 PHOTOS = (
     "astronaut",

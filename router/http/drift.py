@@ -1,4 +1,4 @@
-"""HTTP route for the drift monitors; the monitors live in router/services/drift.py.
+"""HTTP route for the drift monitors; the monitors live in router/drift/service.py.
 
 ``GET /v1/drift`` needs the admin role (router/http/auth.py ROUTE_ROLES: a route not listed there is admin).
 The report is this replica's: behind several ingress replicas each answers with its own windows.

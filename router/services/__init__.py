@@ -19,10 +19,10 @@ from policies.review_queue import ReviewQueue
 from policies.rollout_store import RolloutStore
 from policies.runtime import PolicyRuntime
 from router.config import AppConfig
+from router.drift.service import DriftService
 from router.metrics import IngressMetrics
 from router.services.analyze import AnalyzeService, ImageRequest, response_body
 from router.services.backends import CheapTierClient, SearchBackend, VlmTierClient
-from router.services.drift import DriftService
 from router.services.model_cards import ModelCards
 from router.services.operations import Operations
 from router.services.retention import RetentionTask

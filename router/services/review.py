@@ -85,7 +85,7 @@ class ReviewService:
         policies: PolicyRuntime,
         search: SearchBackend | None,
         rollouts: Any = None,  # router.services.rollouts.RolloutService: labels are its evidence
-        drift: Any = None,  # router.services.drift.DriftService: verdicts feed its verdict monitor
+        drift: Any = None,  # router.drift.service.DriftService: verdicts feed its verdict monitor
     ) -> None:
         self.drift = drift
         self.config = config

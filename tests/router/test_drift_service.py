@@ -1,4 +1,4 @@
-"""The service's drift monitors (router/services/drift.py) fed with real traffic, no Ray.
+"""The service's drift monitors (router/drift/service.py) fed with real traffic, no Ray.
 
 Traffic: scikit-learn's digits upsampled to 32x32, sent as JPEG uploads (quality 90) and decoded
 like the service decodes them; the confidence is a real classifier's (a logistic regression fit
@@ -18,8 +18,8 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from router.services.drift import DriftConfig, DriftService
-from visionroute.drift import DriftInputError
+from router.drift.monitors import DriftInputError
+from router.drift.service import DriftConfig, DriftService
 from visionroute.errors import ConfigError
 from visionroute.records import Analysis, Step, Trace
 
@@ -231,7 +231,7 @@ def test_bad_config_and_disabled_monitors(monkeypatch):
     assert off.report()["monitors"] == [] and off.report()["enabled"] is False
     off.close()
     # A backlog of pixels past the bound drops the image (counted); the score is still seen.
-    monkeypatch.setattr("router.services.drift.MAX_PENDING_PIXELS", 0)
+    monkeypatch.setattr("router.drift.service.MAX_PENDING_PIXELS", 0)
     busy = DriftService(CONFIG, tasks=[TASK])
     busy.observe_request(*_request(_digits()[1][0]))
     busy.drain()

@@ -11,8 +11,7 @@ from PIL import Image, ImageEnhance, ImageFilter
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.registry import Collector
 
-from tests.conftest import photo_rgb
-from visionroute.drift import (
+from router.drift.monitors import (
     ConfidenceDriftMonitor,
     DriftInputError,
     DriftMetrics,
@@ -24,6 +23,7 @@ from visionroute.drift import (
     estimate_jpeg_quality,
     image_statistics,
 )
+from tests.conftest import photo_rgb
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins")
 

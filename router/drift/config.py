@@ -1,5 +1,5 @@
-"""``drift:`` in the app config (``DriftConfig``), apart from router/services/drift.py so that
-router/config.py can import it: importing anything under router.services imports router.config."""
+"""``drift:`` in the app config (``DriftConfig``): pydantic only, so router/config.py imports it
+without the monitors' numpy, Pillow and prometheus_client (``check-config`` starts light)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Drift monitors in the running service: has a task's live traffic moved since its reference?
 
-``DriftService`` feeds the monitors of visionroute/drift.py (the statistics, their tests and
+``DriftService`` feeds the monitors of router/drift/monitors.py (the statistics, their tests and
 their benchmark live there) from live traffic, per task, in this ingress replica's memory:
 
 - ``confidence``: the cheap tier's score (the ``onnx:<task>`` step of each trace);
@@ -8,7 +8,7 @@ their benchmark live there) from live traffic, per task, in this ingress replica
   ``input_reference`` (policies/shift_guard.py: the statistics of its held-out calibration
   images), that is the reference, and live requests are measured the same way
   (``shift_guard.input_statistics``: log2 pixels, brightness, contrast, sharpness, JPEG
-  blockiness); otherwise ``visionroute.drift.image_statistics`` (pixels of the file, and
+  blockiness); otherwise ``router.drift.monitors.image_statistics`` (pixels of the file, and
   brightness, contrast, sharpness on a copy shrunk to a shorter side of 224, as the shift guard
   measures them; JPEG quality from the file's quantisation tables) against the first requests;
 - ``embeddings``: image embeddings, when something calls ``observe_embedding``;
@@ -44,8 +44,8 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
-from router.drift_config import DriftConfig
-from visionroute.drift import (
+from router.drift.config import DriftConfig
+from router.drift.monitors import (
     INPUT_STATISTICS,
     MIN_SAMPLE,
     VERDICTS,
@@ -80,7 +80,7 @@ class _Monitor:
     name: str
     reference_size: int
     window_size: int
-    build: Callable[[Any], Any]  # reference observations -> a visionroute.drift monitor
+    build: Callable[[Any], Any]  # reference observations -> a router.drift.monitors monitor
     reference_source: str = "first requests after start"
     reference: list[Any] = field(default_factory=list)
     monitor: Any = None
