@@ -1,4 +1,8 @@
-"""Pydantic models for the HTTP edge (request bodies and documented responses)."""
+"""Pydantic request and response models shared by the core and its faces.
+
+The review requests (``ClaimRequest``, ``LabelRequest``, ``ReleaseRequest``) are what the service
+core (router/services/review.py) takes from both faces; the others are the HTTP edge's bodies
+and documented responses (router/http/). Transport-free: pydantic only."""
 
 from __future__ import annotations
 
