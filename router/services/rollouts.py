@@ -355,10 +355,6 @@ class RolloutService:
         base = self.config.cascades[task].candidates[rollout.candidate].policy
         return policy.threshold_policy(task, base or self.policies.base_thresholds[task])
 
-    def audit_sampled(self, choice: ArmChoice | None, analysis: Analysis) -> bool:
-        """The rollout's audit sampling of an arm's accepts (on top of the policy's own)."""
-        return is_arm_audit_sampled(choice, analysis)
-
     # -- evidence ------------------------------------------------------------------------------
 
     def note_cost(self, choice: ArmChoice | None, arm: str, cost: float) -> None:

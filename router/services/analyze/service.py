@@ -1,0 +1,63 @@
+"""Analyse one image: the declared pipeline of stages (pipeline.py) over one request context.
+
+No FastAPI and no Ray here: the faces hand in bytes and the caller, and get back the
+``Analysis`` (the shared record) whose ``response_body`` both faces return.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from cascades.decode_budget import DecodeBudget, input_need
+from policies.image_redaction import Redactor
+from policies.review_queue import ReviewQueue
+from policies.runtime import PolicyRuntime
+from router.config import AppConfig
+from router.metrics import IngressMetrics
+from router.security import Principal
+from router.services.analyze.context import ImageRequest, RequestContext
+from router.services.analyze.pipeline import analyze_pipeline
+from router.services.backends import CheapTierClient, SearchBackend, VlmTierClient
+from visionroute.records import Analysis
+
+if TYPE_CHECKING:
+    from router.services.rollouts import RolloutService
+
+
+class AnalyzeService:
+    def __init__(
+        self,
+        config: AppConfig,
+        *,
+        tiers: Mapping[str, CheapTierClient],
+        vlm_tiers: Mapping[str, VlmTierClient],
+        search: SearchBackend | None,
+        queue: ReviewQueue,
+        policies: PolicyRuntime,
+        metrics: IngressMetrics,
+        rollouts: RolloutService | None = None,
+        drift: Any = None,  # router.services.drift.DriftService
+    ) -> None:
+        self.config = config
+        self.tiers = dict(tiers)
+        self.vlm_tiers = dict(vlm_tiers)
+        self.search = search
+        self.queue = queue
+        self.policies = policies
+        self.metrics = metrics
+        self.rollouts = rollouts
+        self.drift = drift
+        self.redactor = Redactor(config.models_dir)  # privacy: detectors load on first use
+        self.decode_budget = DecodeBudget(config.limits.decode)  # pixels in flight on this replica
+        self.input_needs = {
+            task: input_need(cascade.tier, config.models_dir, has_vlm=cascade.vlm is not None)
+            for task, cascade in config.cascades.items()
+        }
+        self.pipeline = analyze_pipeline(self)
+
+    async def analyze(self, request: ImageRequest, caller: Principal | None) -> Analysis:
+        """The pipeline for one image, under one policy version from start to end; its decoded
+        pixels count against this replica's decode budget until the answer is made."""
+        async with self.decode_budget.session() as session:
+            return await self.pipeline.run(RequestContext(request, caller, session))

@@ -1,0 +1,360 @@
+"""The analyse path's own stages (the cascade's are in cascades/pipeline.py, the budget's
+wrappers in budget.py, the rollout's evidence in rollout.py); their order is declared in
+pipeline.py. Each has one job; the trace step it appends, if any, is named in its docstring.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping, Set
+from typing import TYPE_CHECKING, Any
+
+from cascades.decode_budget import InputNeed, in_file_pixels
+from policies.audit_sampling import is_sampled
+from policies.costs import review_value
+from policies.image_redaction import Redactor
+from policies.review_queue import ReviewQueue
+from policies.runtime import PolicyRuntime
+from router.config import AppConfig
+from router.metrics import IngressMetrics
+from router.security import resolve_tenant
+from router.services.analyze.context import QueueTicket, RequestContext
+from router.services.backends import CheapTierClient, SearchBackend, VlmTierClient
+from router.services.common import checked_tenant
+from router.services.rollouts import Arm
+from visionroute.errors import BackendUnavailable, InputError, RouterError
+from visionroute.records import Analysis, Decision, Step, Trace
+from visionroute.redaction import failure_summary
+
+if TYPE_CHECKING:
+    from router.services.rollouts import RolloutService
+
+log = logging.getLogger("visionroute.service.analyze")
+
+
+def last_score(analysis: Analysis) -> float | None:
+    """The score of the last step that had one (the answer's, as the last tier judged it)."""
+    return next((s.score for s in reversed(analysis.trace.steps) if s.score is not None), None)
+
+
+class DecodeStage:
+    """Check the request's tenant and task, decode the image under this replica's decode budget
+    (at a smaller size when the task's model allows it) and start the ``Analysis``. Step:
+    ``input`` (format, bytes, the file's size; the decoded size when smaller)."""
+
+    name = "input"
+
+    def __init__(self, config: AppConfig, tasks: Set[str], input_needs: Mapping[str, InputNeed]) -> None:
+        self.config = config
+        self.tasks = frozenset(tasks)
+        self.input_needs = dict(input_needs)
+
+    async def run(self, ctx: RequestContext) -> None:
+        request, limits = ctx.request, self.config.limits
+        ctx.tenant = resolve_tenant(ctx.caller, checked_tenant(request.tenant))
+        ctx.task = task = request.task or self.config.default_task
+        if task not in self.tasks:
+            raise InputError(f"unknown task {task!r}; expected one of {sorted(self.tasks)}", field="task")
+        started = time.perf_counter()
+        ctx.decoded = decoded = await ctx.decode_session.decode(
+            request.image_bytes,
+            need=self.input_needs.get(task),
+            max_bytes=limits.max_body_bytes,
+            max_pixels=limits.max_pixels,
+            allowed_formats=tuple(limits.allowed_formats),
+        )
+        ctx.analysis = analysis = Analysis(
+            image_rgb=decoded.rgb,
+            image_sha256=decoded.sha256,
+            task=task,
+            tenant=ctx.tenant,
+            trace=Trace(request.request_id),
+        )
+        analysis.trace.append(
+            Step(
+                stage="input",
+                details={
+                    "format": decoded.format,
+                    "bytes": len(request.image_bytes),
+                    "width": decoded.width,
+                    "height": decoded.height,
+                    **(
+                        {"decoded_width": analysis.width, "decoded_height": analysis.height}
+                        if decoded.is_reduced
+                        else {}
+                    ),
+                },
+                latency_ms=(time.perf_counter() - started) * 1000.0,  # decode (and its budget wait)
+            )
+        )
+
+
+class ArmStage:
+    """What serves this request, chosen once: the policy set in force (one version decides the
+    whole request), and the task's rollout arm if a rollout is in effect (its policy, cheap tier,
+    thresholds and price); the task's VLM. Step: ``rollout`` (the rollout and the arm), only
+    inside a rollout."""
+
+    name = "arm"
+
+    def __init__(
+        self,
+        config: AppConfig,
+        policies: PolicyRuntime,
+        tiers: Mapping[str, CheapTierClient],
+        vlm_tiers: Mapping[str, VlmTierClient],
+        rollouts: RolloutService | None,
+    ) -> None:
+        self.config = config
+        self.policies = policies
+        self.tiers = dict(tiers)
+        self.vlm_tiers = dict(vlm_tiers)
+        self.rollouts = rollouts
+
+    async def run(self, ctx: RequestContext) -> None:
+        task, policy = ctx.task, self.policies.current
+        arm = Arm(
+            policy,
+            self.tiers[task],
+            self.policies.thresholds(policy, task),
+            self.config.cascades[task].tier.cost_units,
+        )
+        if self.rollouts is not None:
+            arm = await self.rollouts.arm(task, arm, ctx.request.request_id, ctx.tenant)
+        ctx.arm = arm
+        ctx.analysis.policy_version = arm.policy.version
+        vlm_tier = self.vlm_tiers.get(task)
+        ctx.vlm = vlm_tier.run if vlm_tier is not None else None
+        step = arm.step()
+        if step is not None:
+            ctx.analysis.trace.append(step)
+
+
+class FilePixelsStage:
+    """An image decoded smaller than its file: the answer's boxes in the file's own pixels, as
+    if decoded whole, and the file's size for the response. No step (``input`` has both sizes)."""
+
+    name = "file_pixels"
+
+    async def run(self, ctx: RequestContext) -> None:
+        decoded, analysis = ctx.decoded, ctx.analysis
+        if decoded.is_reduced:
+            analysis.detections = in_file_pixels(analysis.detections, decoded)
+            analysis.metadata["image_size"] = (decoded.width, decoded.height)
+
+
+class QueueSelectStage:
+    """What this request sends to the review queue, if anything: the cascade's review or
+    escalation (``budget`` when a budget's degrade mode sent it), else a sampled accept for
+    audit labels (the policy's sampling, then the rollout arm's). No step: the queue write's."""
+
+    name = "review_select"
+
+    def __init__(self, policies: PolicyRuntime) -> None:
+        self.policies = policies
+
+    async def run(self, ctx: RequestContext) -> None:
+        analysis = ctx.analysis
+        if analysis.decision in (Decision.REVIEW, Decision.ESCALATE):
+            degraded = any(step.stage == "policy:budget" for step in analysis.trace)
+            ctx.ticket = QueueTicket("budget" if degraded else "review")
+        elif self.policies.audit_sampled(ctx.policy, analysis):
+            ctx.ticket = QueueTicket("audit")
+        elif (reason := ctx.arm.audit_sample_reason(analysis)) is not None:
+            ctx.ticket = QueueTicket("audit", reason)
+
+
+class PrivacyStage:
+    """Privacy before storage: the image the queue may keep, redacted under the tenant's rule
+    (or none: a failing detector withholds it). Step: ``privacy:redact``."""
+
+    name = "privacy"
+
+    def __init__(self, redactor: Redactor) -> None:
+        self.redactor = redactor
+
+    async def run(self, ctx: RequestContext) -> None:
+        if ctx.ticket is None:
+            return
+        analysis, policy = ctx.analysis, ctx.policy
+        ctx.stored = await asyncio.to_thread(
+            self.redactor.prepare,
+            ctx.request.image_bytes,
+            None if "image_size" in analysis.metadata else analysis.image_rgb,  # reduced: the file's pixels
+            policy.privacy,
+            analysis.tenant,
+            policy_version=policy.version,
+        )
+        analysis.trace.append(ctx.stored.step)
+
+
+class StoreStage:
+    """Durably queue the request for review (or audit); if that fails the request fails (503),
+    never silently. Step: ``review_queue`` (decides review), or ``review_queue:<kind>`` for an
+    audit sample, which never changes the answer."""
+
+    name = "store"
+
+    def __init__(self, queue: ReviewQueue) -> None:
+        self.queue = queue
+        self._label_sets_stored: set[str] = set()  # tasks whose label set the queue has
+
+    async def run(self, ctx: RequestContext) -> None:
+        ticket, stored = ctx.ticket, ctx.stored
+        if ticket is None or stored is None:
+            return
+        analysis, policy, kind = ctx.analysis, ctx.policy, ticket.kind
+        reasons = [s.reason for s in analysis.trace if s.decision in (Decision.REVIEW, Decision.ESCALATE)]
+        started = time.perf_counter()
+        detections = analysis.detections
+        label_set = (
+            detections.class_names
+            if detections is not None and analysis.task not in self._label_sets_stored
+            else None
+        )
+        reason = ticket.reason or (
+            f"audit sample ({policy.audit.fraction:.1%} of auto-accepts)"
+            if kind == "audit"
+            else (reasons[-1] if reasons else "review")
+        )
+        if stored.withheld:
+            reason += f"; image not stored: {stored.withheld}"
+        try:
+            item = await asyncio.to_thread(
+                self.queue.enqueue,
+                request_id=analysis.trace.request_id,
+                image_bytes=stored.data,
+                original_bytes=stored.original,
+                image_withheld=stored.withheld,
+                image_sha256=analysis.image_sha256,
+                tenant=analysis.tenant,
+                task=analysis.task,
+                reason=reason,
+                proposed=detections.to_dicts() if detections is not None else [],
+                trace=analysis.trace.to_dict(),
+                priority=review_value(last_score(analysis), policy.review.error_cost(analysis.task)),
+                kind=kind,
+                sla_s=policy.review.sla_s,
+                label_set=label_set,
+            )
+        except RouterError:  # the caller's own mistake (a request id reused for another image): 409
+            raise
+        except Exception as exc:
+            log.exception("review queue write failed for %s", analysis.trace.request_id)
+            raise BackendUnavailable(
+                f"the review queue could not store the item: {failure_summary(exc)}", field="review_queue"
+            ) from None
+        if label_set:
+            self._label_sets_stored.add(analysis.task)
+        audit = ticket.is_audit
+        if not audit:
+            analysis.review_item_id = item.id
+        analysis.trace.append(
+            Step(
+                stage=f"review_queue:{kind}" if audit else "review_queue",
+                decision=None if audit else Decision.REVIEW,  # an audit never changes the answer
+                reason=f"{reason}: item {item.id}" if audit else f"queued for human review as item {item.id}",
+                policy_version=policy.version,
+                cost_units=policy.costs.review_units,
+                latency_ms=(time.perf_counter() - started) * 1000.0,
+                details={"item_id": item.id, "kind": kind, "priority": item.priority},
+            )
+        )
+
+
+class SearchIndexStage:
+    """``retrieval.index_analysed``: make the analysed image searchable. Step:
+    ``retrieval:index``; a failure is recorded there and never changes the decision."""
+
+    name = "search_index"
+
+    def __init__(self, config: AppConfig, search: SearchBackend | None) -> None:
+        self.enabled = search is not None and config.retrieval.index_analysed
+        self.search = search
+
+    async def run(self, ctx: RequestContext) -> None:
+        if not self.enabled:
+            return
+        analysis = ctx.analysis
+        started = time.perf_counter()
+        try:
+            ctx.search_id = await self.search.call("index_analysis", analysis)
+            analysis.trace.append(
+                Step(
+                    stage="retrieval:index",
+                    reason="indexed for visual search",
+                    details={"search_id": ctx.search_id},
+                    latency_ms=(time.perf_counter() - started) * 1000.0,
+                )
+            )
+        except Exception as exc:
+            log.warning("indexing %s for search failed: %s", analysis.trace.request_id, exc)
+            analysis.trace.append(
+                Step(
+                    stage="retrieval:index",
+                    reason="not indexed",
+                    error=failure_summary(exc),
+                    latency_ms=(time.perf_counter() - started) * 1000.0,
+                )
+            )
+
+
+class MetricsStage:
+    """The final decision under its policy version, and each step's latency, decision and
+    failure (``/metrics``). No step."""
+
+    name = "metrics"
+
+    def __init__(self, metrics: IngressMetrics) -> None:
+        self.metrics = metrics
+
+    async def run(self, ctx: RequestContext) -> None:
+        analysis = ctx.analysis
+        decision = getattr(analysis.decision, "value", "none")
+        self.metrics.decisions.labels(ctx.task, decision, ctx.policy.version).inc()
+        self.metrics.observe_trace(ctx.task, analysis.trace)
+
+
+class DriftStage:
+    """The request's statistics for this replica's drift monitors (never waits: statistics and
+    tests run on the drift worker). A candidate arm's score is not the incumbent's normal and is
+    left out until promoted. No step."""
+
+    name = "drift"
+
+    def __init__(self, drift: Any) -> None:  # router.services.drift.DriftService
+        self.drift = drift
+
+    async def run(self, ctx: RequestContext) -> None:
+        if self.drift is not None:
+            self.drift.observe_request(
+                ctx.analysis, ctx.request.image_bytes, count_score=ctx.arm.counts_for_drift
+            )
+
+
+class DriftEmbeddingStage:
+    """After the response: a sampled share (``drift.embedding_fraction``) of the indexed images'
+    embeddings, read back from the search tier (which computed them) for the embeddings monitor."""
+
+    name = "drift_embedding"
+
+    def __init__(self, config: AppConfig, drift: Any, search: SearchBackend | None) -> None:
+        self.fraction = config.drift.embedding_fraction
+        self.drift = drift
+        self.search = search
+
+    def wants(self, ctx: RequestContext) -> bool:
+        return (
+            self.drift is not None
+            and ctx.search_id is not None
+            and is_sampled(f"drift-embedding:{ctx.analysis.trace.request_id}", self.fraction)
+        )
+
+    async def run(self, ctx: RequestContext) -> None:
+        try:
+            asked = await self.search.call("query_vector", "search_by_id", ctx.search_id, 1)
+            self.drift.observe_embedding(ctx.analysis.task, asked["vector"])
+        except Exception as exc:  # e.g. another shard holds the item: this sample is skipped
+            log.debug("no embedding for drift from search item %s: %s", ctx.search_id, exc)
