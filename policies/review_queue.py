@@ -3,7 +3,7 @@
 Where it lives (``visionroute.state``): a SQLite file (WAL) under ``root`` with images as fsynced
 files under ``root/images`` (one node), or the PostgreSQL schema ``<prefix>_review`` with images
 in its ``images`` table, so every node reads every image (a cluster). Images are keyed by the
-sha256 of the bytes actually stored (the privacy-redacted image: policies/image_redaction.py)
+sha256 of the bytes actually stored (the privacy-redacted image: cascades/image_redaction.py)
 within the tenant's scope (policies/review/blobs.py); ``image_sha256`` names the request's file.
 
 ``ReviewQueue`` is the facade; each part of ``policies/review/`` has one job:
@@ -195,7 +195,7 @@ class ReviewQueue:
     def find_items(
         self, tenant: str, *, request_key: str | None = None, image_sha256: str | None = None
     ) -> list[ReviewItem]:
-        """A tenant's items of one subject (policies/privacy_erase.py)."""
+        """A tenant's items of one subject (router/services/erasure.py)."""
         return self._erasure.find_items(tenant, request_key=request_key, image_sha256=image_sha256)
 
     def erase(self, item_ids: Iterable[str], *, actor: str, reason: str) -> dict[str, Any]:

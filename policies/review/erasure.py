@@ -3,7 +3,7 @@
 ``find_items`` names a tenant's items of one subject (by request key or request file);
 ``erase`` removes them in one transaction: their images wherever stored, their rows, and the
 payloads of their earlier audit events, leaving an ``erased`` event each (who did what, and
-when, stays). policies/privacy_erase.py drives it across the stores.
+when, stays). router/services/erasure.py drives it across the stores.
 """
 
 from __future__ import annotations

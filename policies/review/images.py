@@ -1,7 +1,7 @@
 """The items' images: reading the one a reviewer sees, and retention (``purge``).
 
 Images are keyed by the sha256 of the bytes actually stored (the privacy-redacted image:
-policies/image_redaction.py) within the tenant's scope (``blobs``); ``image_sha256`` names the
+cascades/image_redaction.py) within the tenant's scope (``blobs``); ``image_sha256`` names the
 request's file. A blob shared by several items (the same bytes in one tenant's scope) goes
 when no item with a live image needs it any more; the blob's lock (``BlobRef.lock_key``)
 serialises that decision with enqueues of the same blob.

@@ -59,7 +59,7 @@ class Intake:
         request id and kind, with the same image and task); Conflict when those differ.
 
         ``image_bytes`` is what is stored and shown for the item: the request's file, or its
-        redaction (policies/image_redaction.py). It is keyed by its own sha256 in the tenant's
+        redaction (cascades/image_redaction.py). It is keyed by its own sha256 in the tenant's
         scope; ``image_sha256`` names the request's file (the retry check compares it).
         ``original_bytes`` (privacy ``keep_original``) stores the unredacted file too.
         ``image_bytes=None`` queues the item with no image; ``image_withheld`` says why.

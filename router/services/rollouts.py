@@ -44,8 +44,8 @@ from policies.rollout_store import Rollout, RolloutStore
 from policies.runtime import PolicyRuntime
 from policies.sequential import RolloutConfig
 from policies.thresholds import ThresholdPolicy
+from router.auth.principal import Principal
 from router.config import AppConfig
-from router.security import Principal
 from router.services.backends import CheapTierClient
 from visionroute.errors import ConfigError, InputError, NotFound
 from visionroute.records import Analysis, Decision, Step

@@ -18,7 +18,7 @@ from cascades.image_redaction import Redactor
 from policies.budgets import BudgetLedger, BudgetRule
 from policies.policy_set import parse_policy_set
 from policies.privacy import PrivacyPolicy
-from policies.review_blobs import BlobRef, blob_scope
+from policies.review.blobs import BlobRef, blob_scope
 from policies.review_queue import ReviewQueue
 from router.services.erasure import Eraser, Subject
 from visionroute.errors import ConfigError, InputError, NotFound

@@ -6,7 +6,7 @@ import hashlib
 
 import pytest
 
-from policies.review_blobs import BlobRef, blob_scope
+from policies.review.blobs import BlobRef, blob_scope
 from policies.review_queue import ReviewQueue
 from visionroute.errors import Conflict
 

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 from cascades.decode_budget import DecodeBudget
+from cascades.image_redaction import StoredImage
 from cascades.images import DecodedImage
 from cascades.pipeline import CheapTierStage, DecideStage, ShiftGuardStage, TierResult, VlmStage
 from policies.budgets import BudgetLedger
-from policies.image_redaction import StoredImage
 from policies.policy_set import PolicySet
 from policies.runtime import PolicyRuntime
 from policies.thresholds import ThresholdPolicy

@@ -15,13 +15,13 @@ from policies.runtime import PolicyRuntime
 
 if TYPE_CHECKING:
     from cascades.decode_budget import BudgetSession
+    from cascades.image_redaction import StoredImage
     from cascades.images import DecodedImage
     from cascades.pipeline import CheapTier, VlmTier
-    from policies.image_redaction import StoredImage
     from policies.policy_set import PolicySet
     from policies.shift_guard import ShiftGuard
     from policies.thresholds import ThresholdPolicy
-    from router.security import Principal
+    from router.auth.principal import Principal
     from router.services.rollouts import Arm
     from visionroute.records import Analysis
 

@@ -10,12 +10,12 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from cascades.decode_budget import DecodeBudget, input_need
-from policies.image_redaction import Redactor
+from cascades.image_redaction import Redactor
 from policies.review_queue import ReviewQueue
 from policies.runtime import PolicyRuntime
+from router.auth.principal import Principal
 from router.config import AppConfig
 from router.metrics import IngressMetrics
-from router.security import Principal
 from router.services.analyze.context import ImageRequest, RequestContext
 from router.services.analyze.pipeline import analyze_pipeline
 from router.services.backends import CheapTierClient, SearchBackend, VlmTierClient

@@ -12,14 +12,14 @@ from collections.abc import Mapping, Set
 from typing import TYPE_CHECKING, Any
 
 from cascades.decode_budget import InputNeed, in_file_pixels
+from cascades.image_redaction import Redactor
 from policies.audit_sampling import is_sampled
 from policies.costs import review_value
-from policies.image_redaction import Redactor
 from policies.review_queue import ReviewQueue
 from policies.runtime import PolicyRuntime
+from router.auth.principal import resolve_tenant
 from router.config import AppConfig
 from router.metrics import IngressMetrics
-from router.security import resolve_tenant
 from router.services.analyze.context import QueueTicket, RequestContext
 from router.services.backends import CheapTierClient, SearchBackend, VlmTierClient
 from router.services.common import checked_tenant
