@@ -23,6 +23,7 @@ import hashlib
 import importlib.metadata
 import io
 import json
+import os
 import re
 import sys
 import tempfile
@@ -511,6 +512,8 @@ def record(path: Path = GOLDEN_FILE) -> None:
     from cascades.models import prepare_models
     from tests.integration.serve_process import ServeProcess
 
+    # a fresh local Ray, never a cluster another process left in /tmp/ray/ray_current_cluster
+    os.environ.setdefault("RAY_ADDRESS", "local")
     with tempfile.TemporaryDirectory() as tmp:
         models = Path(tmp) / "models"
         prepare_models(models)

@@ -58,7 +58,9 @@ def test_model_versions_are_checked_against_the_served_files(tmp_path):
 
 @pytest.mark.server
 @pytest.mark.slow
-def test_http_and_grpc_answers_match_the_golden_responses(prepared_models_dir, tmp_path):
+def test_http_and_grpc_answers_match_the_golden_responses(prepared_models_dir, tmp_path, monkeypatch):
+    # a fresh local Ray, never a cluster another process left in /tmp/ray/ray_current_cluster
+    monkeypatch.setenv("RAY_ADDRESS", "local")
     service = ServeProcess(tmp_path, prepared_models_dir).start()
     try:
         raw = exchange(service.url, service.grpc_target)
