@@ -34,6 +34,8 @@ rm -f "$stamp"
 [[ -x $venv/bin/python ]] || "$python" -m venv "$venv"
 pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check --require-hashes)
 "${pip[@]}" --no-deps -r "$repo/requirements/pip.txt" >&2
+# (Updating a venv that already holds the no-deps packages, pip lists their unmet metadata
+# requirements as "dependency conflicts": expected, see below.)
 "${pip[@]}" -r "$repo/requirements/dev.txt" >&2
 # Packages whose metadata pins older torch/numpy (or a second cv2) but which run on ours.
 "${pip[@]}" --no-deps -r "$repo/requirements/no-deps.txt" >&2
