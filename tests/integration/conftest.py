@@ -1,8 +1,95 @@
-"""Real servers shared by the integration tests (each started once per session, warm before use)."""
+"""Real servers shared by the integration tests (each started once per session, warm before use).
+
+Starting a service is most of what an end-to-end test costs (a Ray cluster, the Serve controller
+and proxies, a replica per tier: about a minute on 2 loaded cores); a request is milliseconds. So a
+test that needs *a* running service takes one of the session's shared services below, and only a
+test that needs a config of its own, or restarts or kills the service, starts its own
+(tests/integration/serve_process.py ``ServeProcess``):
+
+- ``default_service``: ``serve run`` with the shipped serve_config.yaml and the prepared default
+  models (no API keys, search on, every analysed image indexed);
+- ``keyed_service``: the same with API keys on (tests/support/keys.py: two tenants, reviewers,
+  admins), for both faces' key, role and tenant checks;
+- ``restartable_service``: the shipped config on a work dir of its own, for the tests that stop,
+  kill and restart the service (each restart a new ``serve run`` on that work dir); the next such
+  test takes the service the previous one restarted instead of starting two of its own.
+
+A shared service carries what earlier tests left in it (review items, search entries, spent
+leases): a test on one must not depend on an empty queue or index. It scopes what it asserts to
+what it created: its own tenant (tenant field, metadata and search filter when auth is off; a
+key's tenant when it is on), its own request ids, item ids, or counts taken before and after.
+
+Each shared server is stopped right after the last test that uses it rather than at the end of
+the session (``pytest_runtest_teardown`` below), so it does not sit in memory and on the CPUs
+through the rest of the suite.
+"""
 
 from __future__ import annotations
 
 import pytest
+
+# fixture name -> the running server it yielded (anything with .stop()), until stopped below
+_stop_after_last_use: dict[str, object] = {}
+
+
+def _shared(name: str, server):
+    """Yield ``server`` as the session fixture ``name``; stop it after its last test."""
+    _stop_after_last_use[name] = server
+    try:
+        yield server
+    finally:
+        if _stop_after_last_use.pop(name, None) is not None:  # not stopped by the hook yet
+            server.stop()
+
+
+def pytest_runtest_teardown(item, nextitem):
+    """Stop a shared server after the last test that uses it."""
+    if not _stop_after_last_use:
+        return
+    used = [name for name in _stop_after_last_use if name in item.fixturenames]
+    if not used:
+        return
+    later = item.session.items[item.session.items.index(item) + 1 :]
+    for name in used:
+        if not any(name in other.fixturenames for other in later):
+            _stop_after_last_use.pop(name).stop()
+
+
+@pytest.fixture(scope="session")
+def default_service(prepared_models_dir, tmp_path_factory):
+    """``serve run`` of the shipped serve_config.yaml on free ports, with the prepared default
+    models: one per session, warm before the first test uses it."""
+    from tests.integration.serve_process import ServeProcess
+
+    process = ServeProcess(tmp_path_factory.mktemp("default-service"), prepared_models_dir).start()
+    yield from _shared("default_service", process)
+
+
+@pytest.fixture(scope="session")
+def keyed_service(prepared_models_dir, tmp_path_factory):
+    """The shipped config with API keys on (tests/support/keys.py ``KEYS``): one per session."""
+    from tests.integration.serve_process import ServeProcess
+    from tests.support.keys import key, security_args
+
+    process = ServeProcess(
+        tmp_path_factory.mktemp("keyed-service"),
+        prepared_models_dir,
+        extra_args={"security": security_args()},
+    )
+    process.start(warm_up_headers={"x-api-key": key("admin")})
+    yield from _shared("keyed_service", process)
+
+
+@pytest.fixture(scope="session")
+def restartable_service(prepared_models_dir, tmp_path_factory):
+    """A service of its own (the shipped config) for the tests that stop, kill and restart it
+    (tests/integration/serve_process.py ``RestartableService``); shared by those tests only, so a
+    restart test starts one service, not two."""
+    from tests.integration.serve_process import RestartableService
+
+    yield from _shared(
+        "restartable_service", RestartableService(tmp_path_factory.mktemp("restarts"), prepared_models_dir)
+    )
 
 
 @pytest.fixture(scope="session")
@@ -25,42 +112,28 @@ def vllm_server():
 
 @pytest.fixture(scope="session")
 def digits_llava_dir():
-    """The LLaVA trained on the digits (cascades/vlm/train_digits.py): trained once per machine
+    """The LLaVA trained on the digits (examples/train_digits.py): trained once per machine
     (CI has no cache: about 2 minutes, here), reused while its inputs and build version match."""
-    from cascades.vlm import server
+    from examples import vllm_server
 
-    return server.ensure_digits_llava(python=server.ensure_vllm_venv())
+    return vllm_server.ensure_digits_llava(python=vllm_server.ensure_vllm_venv())
 
 
 @pytest.fixture(scope="session")
 def digits_vllm_server(digits_llava_dir):
-    """One real vLLM server for the digits LLaVA, warmed up like ``vllm_server``."""
-    from cascades.vlm import server
-    from cascades.vlm.train_digits import SERVED_MODEL_NAME
+    """One real vLLM server for the digits LLaVA, warmed up like ``vllm_server``; stopped after
+    the last test that uses it."""
+    from examples import vllm_server
+    from examples.train_digits import SERVED_MODEL_NAME
     from tests.support.vllm import warm_up
 
-    running = server.start_vllm_server(digits_llava_dir, served_model_name=SERVED_MODEL_NAME)
-    _digits_servers.append(running)
+    running = vllm_server.start_vllm_server(digits_llava_dir, served_model_name=SERVED_MODEL_NAME)
     try:
         warm_up(running)
-        yield running
-    finally:
-        if running in _digits_servers:  # not stopped by the hook below yet
-            _digits_servers.remove(running)
-            running.stop()
-
-
-_digits_servers: list = []  # the running digits server, for the hook below
-
-
-def pytest_runtest_teardown(item, nextitem):
-    """Stop the digits vLLM server after the last test that uses it rather than at the end of
-    the session, so it does not sit in memory through the rest of the suite."""
-    if not _digits_servers or "digits_vllm_server" not in item.fixturenames:
-        return
-    later = item.session.items[item.session.items.index(item) + 1 :]
-    if not any("digits_vllm_server" in other.fixturenames for other in later):
-        _digits_servers.pop().stop()
+    except BaseException:
+        running.stop()
+        raise
+    yield from _shared("digits_vllm_server", running)
 
 
 @pytest.fixture(scope="session")

@@ -106,3 +106,31 @@ class ServeProcess:
     def log_tail(self, lines: int = 60) -> str:
         text = (self.workdir / "serve.log").read_text(errors="replace").splitlines()
         return "\n".join(text[-lines:])
+
+
+class RestartableService:
+    """A service of its own for the tests that stop, kill and restart it (never the session's
+    shared ones): each restart is a new ``serve run`` on the same work dir, so the review queue,
+    the index and the blobs carry over, as they do for an operator. Tests that use it leave it
+    running for the next one and look only at what they created."""
+
+    def __init__(self, workdir: Path, models_dir: Path) -> None:
+        self.workdir = workdir
+        self.models_dir = models_dir
+        self.current: ServeProcess | None = None
+
+    def running(self) -> ServeProcess:
+        """The running service, started (on the same work dir) if there is none."""
+        if self.current is None or self.current.process is None or self.current.process.poll() is not None:
+            self.current = ServeProcess(self.workdir, self.models_dir).start()
+        return self.current
+
+    def restart(self, sig: int = signal.SIGTERM) -> ServeProcess:
+        """Stop the running service with ``sig`` (nothing to do if it is gone) and start a new one."""
+        self.stop(sig)
+        return self.running()
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.current is not None:
+            self.current.stop(sig)
+            self.current = None

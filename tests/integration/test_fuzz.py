@@ -1,13 +1,13 @@
 """Hostile input against the running service, HTTP and gRPC through Ray Serve's own proxies.
 
-One real service (``serve run``, the shipped config: analyse, search on the ConSE index, review)
-takes generated input on every route and RPC: bodies shaped like each request plus arbitrary
-JSON, JSON nested thousands deep, lone surrogates, non-UTF-8 bytes, ids beyond int64, values of
-10,000 characters, multipart with arbitrary bytes, arbitrary path, query and header values, and
-arbitrary gRPC messages (tests/support/fuzz.py). Every answer must pass the same checks as the
-Ray-free suite (tests/router/test_fuzz_core.py): no 500 / INTERNAL, every 503 (ours or the
-proxy's) with Retry-After, our error shape with the request id, no traceback or process
-internals in any body. The case count is printed (at least 1,000).
+The session's shared service (tests/integration/conftest.py: ``serve run``, the shipped config:
+analyse, search on the ConSE index, review) takes generated input on every route and RPC: bodies
+shaped like each request plus arbitrary JSON, JSON nested thousands deep, lone surrogates,
+non-UTF-8 bytes, ids beyond int64, values of 10,000 characters, multipart with arbitrary bytes,
+arbitrary path, query and header values, and arbitrary gRPC messages (tests/support/fuzz.py).
+Every answer must pass the same checks as the Ray-free suite (tests/router/test_fuzz_core.py): no
+500 / INTERNAL, every 503 (ours or the proxy's) with Retry-After, our error shape with the request
+id, no traceback or process internals in any body. The case count is printed (at least 1,000).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from router.grpc.ingress import MAX_DETAILS_CHARS, pb, visionroute_pb2_grpc
-from tests.integration.serve_process import ServeProcess
 from tests.router.colour_model import solid_png
 from tests.support.fuzz import (
     Cases,
@@ -57,10 +56,9 @@ def fuzz(n: int):
 
 
 @pytest.fixture(scope="module")
-def service(prepared_models_dir, tmp_path_factory):
-    process = ServeProcess(tmp_path_factory.mktemp("fuzz"), prepared_models_dir).start()
-    yield process
-    process.stop()
+def service(default_service):
+    """The session's shared service (tests/integration/conftest.py): the shipped config."""
+    yield default_service
     print(f"\nfuzz cases through the real proxies: {dict(CASES.counts)} = {CASES.total}")
 
 

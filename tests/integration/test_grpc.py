@@ -21,37 +21,18 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
-from router.auth.keys import hash_key
 from router.grpc.ingress import SERVICE_NAME, pb, visionroute_pb2_grpc
-from tests.integration.serve_process import ServeProcess
+from tests.support.keys import KEYS, key
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
-KEYS = {  # plain keys exist only in the test; the service sees their hashes
-    "acme_client": ("acme", "client", "vr_acme_client_" + uuid.uuid4().hex),
-    "acme_reviewer": ("acme", "reviewer", "vr_acme_reviewer_" + uuid.uuid4().hex),
-    "globex_reviewer": ("globex", "reviewer", "vr_globex_reviewer_" + uuid.uuid4().hex),
-    "admin": ("ops", "admin", "vr_admin_" + uuid.uuid4().hex),
-}
-
-
-def key(name: str) -> str:
-    return KEYS[name][2]
-
 
 @pytest.fixture(scope="module")
-def service(prepared_models_dir, tmp_path_factory):
-    security = {
-        "api_keys": [
-            {"sha256": hash_key(k), "tenant": t, "role": r, "name": n} for n, (t, r, k) in KEYS.items()
-        ]
-    }
-    process = ServeProcess(
-        tmp_path_factory.mktemp("grpc"), prepared_models_dir, extra_args={"security": security}
-    )
-    process.start(warm_up_headers={"x-api-key": key("admin")})
-    yield process
-    process.stop()
+def service(keyed_service):
+    """The session's shared service with API keys (tests/integration/conftest.py; the keys:
+    tests/support/keys.py). Other modules' items and entries may be in it: these tests look only
+    at what they created, under their own keys' tenants and request ids."""
+    return keyed_service
 
 
 @pytest.fixture(scope="module")
@@ -220,11 +201,14 @@ def test_review_flow_over_grpc_and_tenant_isolation(service, stub, photos_png):
     )
     assert reply.decision == "review" and reply.review_item_id
     item_id = reply.review_item_id
-    listed = stub.ListReviewItems(pb.ListReviewItemsRequest(), metadata=meta("acme_reviewer"), timeout=30)
+    # limit: a shared queue may hold other tests' items (oldest first)
+    listed = stub.ListReviewItems(
+        pb.ListReviewItemsRequest(limit=1000), metadata=meta("acme_reviewer"), timeout=30
+    )
     assert item_id in [json.loads(i.item_json)["id"] for i in listed.items]
     # Another tenant's reviewer sees nothing of it, on either face; an admin sees it.
     other = stub.ListReviewItems(
-        pb.ListReviewItemsRequest(status="all"), metadata=meta("globex_reviewer"), timeout=30
+        pb.ListReviewItemsRequest(status="all", limit=1000), metadata=meta("globex_reviewer"), timeout=30
     )
     assert item_id not in [json.loads(i.item_json)["id"] for i in other.items]
     code, _ = grpc_error(
@@ -246,7 +230,9 @@ def test_review_flow_over_grpc_and_tenant_isolation(service, stub, photos_png):
         assert httpx.get(service.url + path, headers=globex).status_code == 404, path
     assert item_id not in [
         i["id"]
-        for i in httpx.get(service.url + "/v1/review/items?status=all", headers=globex).json()["items"]
+        for i in httpx.get(service.url + "/v1/review/items?status=all&limit=1000", headers=globex).json()[
+            "items"
+        ]
     ]
     assert (
         httpx.get(f"{service.url}/v1/review/items/{item_id}", headers={"x-api-key": key("admin")}).status_code

@@ -94,10 +94,9 @@ def summary(results: list[dict], rate: float) -> dict:
 
 
 @pytest.fixture(scope="module")
-def service(prepared_models_dir, tmp_path_factory):
-    process = ServeProcess(tmp_path_factory.mktemp("reliability"), prepared_models_dir).start()
-    yield process
-    process.stop()
+def service(default_service):
+    """The session's shared service (tests/integration/conftest.py); the kill -9 test starts its own."""
+    return default_service
 
 
 @pytest.fixture(scope="module")
@@ -193,11 +192,23 @@ def test_a_replica_killed_under_load_loses_nothing_acknowledged(service, photos_
     )
 
 
+def listed_items(url: str) -> list[dict]:
+    """Every review item the service lists (all statuses), page by page."""
+    items: list[dict] = []
+    while True:
+        page = httpx.get(
+            url + "/v1/review/items", params={"status": "all", "limit": 1000, "offset": len(items)}
+        )
+        if not page.json()["items"]:
+            return items
+        items += page.json()["items"]
+
+
 def test_kill_9_while_enqueuing_keeps_every_acknowledged_item_exactly_once(
-    prepared_models_dir, tmp_path, photos_png, figures
+    restartable_service, photos_png, figures
 ):
     image = jpeg(photos_png["astronaut"])
-    first = ServeProcess(tmp_path, prepared_models_dir).start()
+    first = restartable_service.running()  # the restart tests' own service, not the shared one
     killed_at = {}
 
     def kill() -> None:
@@ -212,20 +223,16 @@ def test_kill_9_while_enqueuing_keeps_every_acknowledged_item_exactly_once(
         first.process.wait(timeout=30)
     acknowledged = {r["request_id"]: r["item"] for r in results if r["status"] == 200}
     assert acknowledged and len(acknowledged) < len(results)  # some before the kill, some cut off
-    second = ServeProcess(tmp_path, prepared_models_dir).start()
-    try:
-        listed = httpx.get(second.url + "/v1/review/items", params={"status": "all", "limit": 1000}).json()[
-            "items"
-        ]
-    finally:
-        second.stop()
+    second = restartable_service.restart()  # a new `serve run` on the killed one's work dir
+    listed = listed_items(second.url)  # with what earlier restart tests left (other request ids)
     by_request: dict[str, list[str]] = {}
     for item in listed:
         by_request.setdefault(item["request_id"], []).append(item["id"])
+    sent = {r["request_id"] for r in results}
     figures["kill_9"] = {
         "sent": len(results),
         "acknowledged": len(acknowledged),
-        "stored_after_restart": len(listed),
+        "stored_after_restart": sum(len(by_request.get(request_id, [])) for request_id in sent),
     }
     for request_id, item_id in acknowledged.items():
         assert by_request.get(request_id) == [item_id], request_id

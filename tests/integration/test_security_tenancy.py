@@ -14,20 +14,15 @@ import httpx
 import pytest
 from PIL import Image, ImageOps
 
-from router.auth.keys import hash_key
 from router.grpc.ingress import pb, visionroute_pb2_grpc
-from tests.integration.serve_process import ServeProcess
+from tests.support.keys import KEYS
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
+RUN = uuid.uuid4().hex[:8]  # request ids of this run: the shared service may have seen others
 
-KEYS = {  # who -> (tenant, role, plain key); the key's name in the config is `who`
-    "acme_app": ("acme", "client", "vr_acme_app_" + uuid.uuid4().hex),
-    "ann": ("acme", "reviewer", "vr_ann_" + uuid.uuid4().hex),
-    "bob": ("acme", "reviewer", "vr_bob_" + uuid.uuid4().hex),
-    "globex_app": ("globex", "client", "vr_globex_app_" + uuid.uuid4().hex),
-    "gus": ("globex", "reviewer", "vr_gus_" + uuid.uuid4().hex),
-    "root": ("ops", "admin", "vr_root_" + uuid.uuid4().hex),
-}
+
+def rid(name: str) -> str:
+    return f"{name}-{RUN}"
 
 
 def headers(who: str, **extra: str) -> dict[str, str]:
@@ -39,19 +34,11 @@ def meta(who: str, **extra: str) -> list[tuple[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def service(prepared_models_dir, tmp_path_factory):
-    security = {
-        "api_keys": [
-            {"sha256": hash_key(key), "tenant": tenant, "role": role, "name": who}
-            for who, (tenant, role, key) in KEYS.items()
-        ]
-    }
-    process = ServeProcess(
-        tmp_path_factory.mktemp("tenancy"), prepared_models_dir, extra_args={"security": security}
-    )
-    process.start(warm_up_headers=headers("root"))
-    yield process
-    process.stop()
+def service(keyed_service):
+    """The session's shared service with API keys (tests/integration/conftest.py; the keys, who
+    acts here: acme_app, ann, bob, globex_app, gus, root in tests/support/keys.py). Other modules'
+    items may be in it: counts are compared between tenants and faces, never to a fixed number."""
+    return keyed_service
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +81,8 @@ def test_a_shared_request_id_makes_one_item_per_tenant_and_labels_stay_in_their_
     service, unsure_photos
 ):
     acme_photo, globex_photo = unsure_photos
-    a = analyze(service, "acme_app", acme_photo, "shared-http")
-    b = analyze(service, "globex_app", globex_photo, "shared-http")
+    a = analyze(service, "acme_app", acme_photo, rid("shared-http"))
+    b = analyze(service, "globex_app", globex_photo, rid("shared-http"))
     assert a["decision"] == b["decision"] == "review"
     assert a["review_item_id"] != b["review_item_id"]
     image = httpx.get(f"{service.url}/v1/review/items/{b['review_item_id']}/image", headers=headers("gus"))
@@ -104,7 +91,9 @@ def test_a_shared_request_id_makes_one_item_per_tenant_and_labels_stay_in_their_
     # B's image (redacted: privacy) is the one queued.
     assert hashlib.sha256(image.content).hexdigest() == item["stored_sha256"]
     # A retry within a tenant is the same item.
-    assert analyze(service, "acme_app", acme_photo, "shared-http")["review_item_id"] == a["review_item_id"]
+    assert (
+        analyze(service, "acme_app", acme_photo, rid("shared-http"))["review_item_id"] == a["review_item_id"]
+    )
     # A's reviewer labels A's item; only A's search entry gets the reviewed tags.
     claim = httpx.post(
         service.url + "/v1/review/claim", json={"item_id": a["review_item_id"]}, headers=headers("ann")
@@ -126,7 +115,9 @@ def test_a_shared_request_id_makes_one_item_per_tenant_and_labels_stay_in_their_
 def test_a_shared_request_id_over_grpc(stub, unsure_photos):
     acme_photo, globex_photo = unsure_photos
     replies = [
-        stub.Analyze(pb.AnalyzeRequest(image=photo), metadata=meta(who, request_id="shared-grpc"), timeout=60)
+        stub.Analyze(
+            pb.AnalyzeRequest(image=photo), metadata=meta(who, request_id=rid("shared-grpc")), timeout=60
+        )
         for who, photo in (("acme_app", acme_photo), ("globex_app", globex_photo))
     ]
     assert [r.decision for r in replies] == ["review", "review"]
@@ -138,7 +129,7 @@ def test_a_shared_request_id_over_grpc(stub, unsure_photos):
 
 
 def test_the_key_is_the_reviewer_on_both_faces(service, stub, unsure_photos):
-    item_id = analyze(service, "acme_app", unsure_photos[0], "identity-1")["review_item_id"]
+    item_id = analyze(service, "acme_app", unsure_photos[0], rid("identity-1"))["review_item_id"]
     refused = httpx.post(
         service.url + "/v1/review/claim", json={"reviewer": "ann", "item_id": item_id}, headers=headers("bob")
     )
@@ -171,8 +162,8 @@ def test_the_key_is_the_reviewer_on_both_faces(service, stub, unsure_photos):
 
 
 def test_counts_are_the_callers_tenants_on_both_faces(service, stub, unsure_photos):
-    analyze(service, "globex_app", unsure_photos[1], "counts-1")  # at least one pending item each
-    analyze(service, "acme_app", unsure_photos[0], "counts-2")
+    analyze(service, "globex_app", unsure_photos[1], rid("counts-1"))  # at least one pending item each
+    analyze(service, "acme_app", unsure_photos[0], rid("counts-2"))
 
     def pending(who: str) -> int:
         items = httpx.get(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import uuid
 
 import httpx
 import pytest
@@ -15,10 +16,22 @@ pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def service(prepared_models_dir, tmp_path_factory):
-    process = ServeProcess(tmp_path_factory.mktemp("service"), prepared_models_dir).start()
-    yield process
-    process.stop()
+def service(default_service):
+    """The session's shared service (tests/integration/conftest.py): other tests' review items
+    and search entries may be in it, so these tests look only at what they created."""
+    return default_service
+
+
+def review_item_ids(service, status: str = "pending") -> list[str]:
+    """Every listed review item's id, page by page (a shared queue may hold more than a page)."""
+    ids: list[str] = []
+    while True:
+        page = httpx.get(
+            service.url + "/v1/review/items", params={"status": status, "limit": 1000, "offset": len(ids)}
+        ).json()["items"]
+        if not page:
+            return ids
+        ids += [item["id"] for item in page]
 
 
 def analyze(service, image: bytes, **fields) -> httpx.Response:
@@ -134,8 +147,7 @@ def test_unsure_photo_goes_to_review_and_a_reviewer_labels_it(service, photos_pn
     ]
     redact = body["trace"]["steps"][-3]["details"]["faces"]
     assert redact["count"] == 1 and redact["detector_version"].startswith("facenet-pytorch==2.6.0")
-    listed = httpx.get(service.url + "/v1/review/items").json()
-    assert item_id in [item["id"] for item in listed["items"]]
+    assert item_id in review_item_ids(service)
     image = httpx.get(f"{service.url}/v1/review/items/{item_id}/image")
     # Privacy (policies.privacy defaults): the reviewer gets the photo with its face blurred.
     assert image.content != photos_png["astronaut"] and image.headers["content-type"] == "image/png"
@@ -155,15 +167,14 @@ def test_unsure_photo_goes_to_review_and_a_reviewer_labels_it(service, photos_pn
     assert (
         httpx.post(f"{service.url}/v1/review/items/{item_id}/label", json=label).status_code == 200
     )  # idempotent
-    pending = [i["id"] for i in httpx.get(service.url + "/v1/review/items").json()["items"]]
-    assert item_id not in pending
+    assert item_id not in review_item_ids(service)
 
 
 def test_a_reviewer_can_skip_a_claimed_item(service, photos_png):
     response = httpx.post(
         service.url + "/v1/analyze",
         files={"image": ("a.png", photos_png["astronaut"], "image/png")},
-        headers={"x-request-id": "skip-test-1"},
+        headers={"x-request-id": f"skip-test-{uuid.uuid4().hex}"},
         timeout=60,
     )
     item_id = response.json()["review_item_id"]
@@ -197,21 +208,15 @@ def test_openapi_docs_and_readiness(service):
     assert ready["ready"] and ready["checks"]["review_queue"]["writable"]
 
 
-def test_review_queue_survives_a_restart(prepared_models_dir, tmp_path, photos_png):
-    first = ServeProcess(tmp_path, prepared_models_dir).start()
-    try:
-        item_id = analyze(first, photos_png["astronaut"]).json()["review_item_id"]
-        assert item_id
-        stored = httpx.get(f"{first.url}/v1/review/items/{item_id}/image").content  # face blurred
-    finally:
-        first.stop()
-    second = ServeProcess(tmp_path, prepared_models_dir).start()
-    try:
-        item = httpx.get(f"{second.url}/v1/review/items/{item_id}")
-        assert item.status_code == 200 and item.json()["status"] == "pending"
-        assert httpx.get(f"{second.url}/v1/review/items/{item_id}/image").content == stored
-    finally:
-        second.stop()
+def test_review_queue_survives_a_restart(restartable_service, photos_png):
+    first = restartable_service.running()  # the restart tests' own service, not the shared one
+    item_id = analyze(first, photos_png["astronaut"]).json()["review_item_id"]
+    assert item_id
+    stored = httpx.get(f"{first.url}/v1/review/items/{item_id}/image").content  # face blurred
+    second = restartable_service.restart()  # SIGTERM, then a new `serve run` on the same work dir
+    item = httpx.get(f"{second.url}/v1/review/items/{item_id}")
+    assert item.status_code == 200 and item.json()["status"] == "pending"
+    assert httpx.get(f"{second.url}/v1/review/items/{item_id}/image").content == stored
 
 
 def test_the_classifier_can_run_inside_the_ingress(prepared_models_dir, tmp_path, photos_png):
