@@ -1,10 +1,10 @@
 """Real servers shared by the integration tests (each started once per session, warm before use).
 
 Starting a service is most of what an end-to-end test costs (a Ray cluster, the Serve controller
-and proxies, a replica per tier: about a minute on 2 loaded cores); a request is milliseconds. So a
-test that needs *a* running service takes one of the session's shared services below, and only a
-test that needs a config of its own, or restarts or kills the service, starts its own
-(tests/integration/serve_process.py ``ServeProcess``):
+and proxies, a replica per tier: about 25 s on 2 quiet cores, a minute or more on loaded ones); a
+request is milliseconds. So a test that needs *a* running service takes one of the session's
+shared services below, and only a test that needs a config of its own, or restarts or kills the
+service, starts its own (tests/integration/serve_process.py ``ServeProcess``):
 
 - ``default_service``: ``serve run`` with the shipped serve_config.yaml and the prepared default
   models (no API keys, search on, every analysed image indexed);
@@ -16,8 +16,11 @@ test that needs a config of its own, or restarts or kills the service, starts it
 
 A shared service carries what earlier tests left in it (review items, search entries, spent
 leases): a test on one must not depend on an empty queue or index. It scopes what it asserts to
-what it created: its own tenant (tenant field, metadata and search filter when auth is off; a
-key's tenant when it is on), its own request ids, item ids, or counts taken before and after.
+what it created: its own tenant (``fresh_tenant`` when auth is off: analyze's tenant field, search
+metadata and filter; a key's tenant when it is on), its own request ids and item ids, counts
+taken before and after, listings read page by page. An end-to-end test of a new capability that
+the shipped config serves is then a few requests on ``default_service`` (seconds); one that needs
+other config keys starts its own ``ServeProcess`` (the start above).
 
 Each shared server is stopped right after the last test that uses it rather than at the end of
 the session (``pytest_runtest_teardown`` below), so it does not sit in memory and on the CPUs
@@ -25,6 +28,8 @@ through the rest of the suite.
 """
 
 from __future__ import annotations
+
+import uuid
 
 import pytest
 
@@ -53,6 +58,14 @@ def pytest_runtest_teardown(item, nextitem):
     for name in used:
         if not any(name in other.fixturenames for other in later):
             _stop_after_last_use.pop(name).stop()
+
+
+@pytest.fixture
+def fresh_tenant() -> str:
+    """A tenant no other test uses. On ``default_service`` (no API keys) the caller names it:
+    analyze's ``tenant`` field, search metadata and the search filter ``tenant``; a test then
+    sees only what it created."""
+    return "t-" + uuid.uuid4().hex[:12]
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import json
 import re
-import uuid
 
 import httpx
 import pytest
@@ -22,18 +21,14 @@ def service(default_service):
     return default_service
 
 
-@pytest.fixture(scope="module")
-def tenant() -> str:
-    return "search-" + uuid.uuid4().hex[:12]
-
-
 def index_items_metric(service) -> float:
     """``visionroute_search_index_items`` from /metrics (the whole index, every tenant)."""
     text = httpx.get(service.url + "/metrics").text
     return float(re.search(r"^visionroute_search_index_items (\S+)$", text, re.MULTILINE).group(1))
 
 
-def test_text_and_image_search_over_indexed_and_analysed_photos(service, tenant, photos_png):
+def test_text_and_image_search_over_indexed_and_analysed_photos(service, fresh_tenant, photos_png):
+    tenant = fresh_tenant
     before = index_items_metric(service)
     assert httpx.get(service.url + "/readyz").json()["checks"]["search_index"]["items"] == before
     ids = {}
