@@ -23,8 +23,10 @@ def synthetic_tiers(n: int, seed: int):
 
 
 def test_the_validity_run_reports_both_plans_over_every_split():
-    figures = three_tier_validity(*synthetic_tiers(1079, 0), n_fit=270, n_certify=270, n_splits=20)
-    assert figures["n_splits"] == 20 and figures["n_rest"] == 1079 - 540
+    # A few seeded splits: nothing here is a rate over splits (`bench vlm-digits --splits 200`
+    # measures those on the real tiers).
+    figures = three_tier_validity(*synthetic_tiers(1079, 0), n_fit=270, n_certify=270, n_splits=5)
+    assert figures["n_splits"] == 5 and figures["n_rest"] == 1079 - 540
     with_threshold, previous = figures["with_vlm_threshold"], figures["previous"]
     for rates in (with_threshold, previous):
         assert 0.0 <= rates["violation_rate"] <= 1.0 and 0.0 <= rates["certified_rate"] <= 1.0
