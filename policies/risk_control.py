@@ -405,6 +405,8 @@ class TierPlan:
     rates: dict[str, float]  # fraction accepted from cheap / escalated / reviewed
     certificate: RiskCertificate
     vlm_accept_threshold: float | None = None  # inf: never accept the VLM's answer
+    # with a review-capacity constraint: {"max_review_share", "feasible", "smallest_feasible_review_share"}
+    capacity: dict[str, Any] | None = None
     empty_result: ClassVar[str] = "review"  # a plan is over scores; it never sees an empty answer
 
     @property
@@ -431,16 +433,17 @@ class TierPlan:
         """JSON-safe: accept_threshold "inf" means never accept the cheap answer, review_threshold
         "-inf" never send to a human, vlm_accept_threshold "inf" never accept the VLM's answer
         (None: a plan made without the VLM's scores, which accepts every VLM answer)."""
-        return _json_safe(
-            {
-                "accept_threshold": self.accept_threshold,
-                "review_threshold": self.review_threshold,
-                "vlm_accept_threshold": self.vlm_accept_threshold,
-                "expected_cost_units": self.expected_cost_units,
-                "rates": dict(self.rates),
-                "certificate": self.certificate.to_dict(),
-            }
-        )
+        document = {
+            "accept_threshold": self.accept_threshold,
+            "review_threshold": self.review_threshold,
+            "vlm_accept_threshold": self.vlm_accept_threshold,
+            "expected_cost_units": self.expected_cost_units,
+            "rates": dict(self.rates),
+            "certificate": self.certificate.to_dict(),
+        }
+        if self.capacity is not None:
+            document["capacity"] = dict(self.capacity)
+        return _json_safe(document)
 
 
 def _plan_stats(
@@ -534,6 +537,7 @@ def choose_tier_thresholds(
     delta: float,
     n_points: int = 40,
     p_value: PValue = "binomial",
+    max_review_share: float | None = None,
 ) -> TierPlan:
     """Escalate and review thresholds (and, when ``fit`` and ``test`` carry the VLM's calibrated
     scores, the VLM's accept threshold) of least expected cost whose auto-accepted error is
@@ -541,8 +545,20 @@ def choose_tier_thresholds(
 
     ``fit`` orders the candidates (independent of ``test``, e.g. the calibrator's fit split);
     ``test`` carries the p-values.
+
+    ``max_review_share`` (h, optional): the review capacity. Of the certified candidates only
+    those that send at most h of the certification items to a human are eligible (the
+    certificate is untouched: every candidate certified by the fixed sequence is valid at once,
+    so choosing among them by any rule keeps the guarantee). When none is, the plan is infeasible
+    for h: it reviews everything and ``plan.capacity`` gives the smallest h that works (the least
+    review share of any certified candidate; 1.0 when none is certified). Review shares are
+    measured on the certification items, as the plan's ``rates`` are.
     """
     _check_targets(alpha, delta)
+    if max_review_share is not None and not 0.0 <= max_review_share <= 1.0:
+        raise InputError(
+            f"max_review_share must be in [0, 1], got {max_review_share}", field="max_review_share"
+        )
     if fit.has_strong_score != test.has_strong_score:
         raise InputError(
             "fit and test must both carry strong_score (the VLM's calibrated confidence) or neither",
@@ -568,6 +584,16 @@ def choose_tier_thresholds(
     certified = [(k, float(p[k])) for k in range(n_certified)]
 
     n = len(test)
+    capacity = None
+    if max_review_share is not None:
+        review_share = t_rev / n
+        smallest = min([float(review_share[k]) for k, _ in certified] + [1.0])
+        certified = [(k, p_k) for k, p_k in certified if review_share[k] <= max_review_share]
+        capacity = {
+            "max_review_share": float(max_review_share),
+            "feasible": bool(certified) or max_review_share >= 1.0,
+            "smallest_feasible_review_share": smallest,
+        }
     method = "pareto testing over learn-then-test, fixed-sequence"
     if not certified:
         cert = RiskCertificate(
@@ -581,6 +607,7 @@ def choose_tier_thresholds(
             {"accept": 0.0, "escalate": 0.0, "review": 1.0},
             cert,
             never_vlm,
+            capacity,
         )
     k, p_k = min(certified, key=lambda kp: (t_cost[kp[0]], kp[0]))
     index = candidates[k]
@@ -620,4 +647,6 @@ def choose_tier_thresholds(
     if vlm_accept is not None:
         # accept + vlm_accept + review = 1; escalate = vlm_accept + the escalated items reviewed
         rates["vlm_accept"] = float((t_auto[k] - n_cheap) / n)
-    return TierPlan(float(accept_t[index]), float(review_t[index]), float(t_cost[k]), rates, cert, vlm_accept)
+    return TierPlan(
+        float(accept_t[index]), float(review_t[index]), float(t_cost[k]), rates, cert, vlm_accept, capacity
+    )

@@ -1,0 +1,198 @@
+"""The learned router: features (``cascades.router_features``) -> a logistic score
+(``policies.router_learner``) of P(the cheap answer is correct), fitted on the fit share, with
+the frozen reference index it was fitted against, in one JSON artefact (issue 22).
+
+``fit_router`` does the whole fit from the fit share's items:
+1. the reference index is built from the fit share's embeddings and labels;
+2. each fit item's neighbour features are computed leave-one-out (its own row excluded by id),
+   so it sees the index as a request that is not in it would;
+3. the logistic score is fitted on those features against "cheap answer correct";
+4. out-of-fold scores of the fit items (``cross_fitted_scores``) are returned for the plan's
+   candidate grid (``policies.risk_control.choose_tier_thresholds`` places and orders its
+   candidates on the fit share; the certificate is then computed on items the learner and the
+   index never saw).
+
+``RouterArtefact`` is what a deployment loads: the class names of the tier it routes for, the
+feature spec, the learner, the reference index, and its version (sha256 of the canonical
+document); ``from_document`` checks every part and raises ConfigError naming the field.
+The certified plans themselves (learned and the confidence-only fallback) live in the
+calibration artefact beside it; wiring both into ``visionroute calibrate`` and the served stage
+is the next step of issue 22.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cascades.router_features import FeatureSpec, ReferenceIndex
+from policies.router_learner import LearnedScore, cross_fitted_scores
+from visionroute.errors import ConfigError
+
+FORMAT = "visionroute.router/1"
+
+
+@dataclass(frozen=True, eq=False)
+class RouterArtefact:
+    class_names: tuple[str, ...]
+    spec: FeatureSpec
+    learner: LearnedScore
+    index: ReferenceIndex | None  # None when spec.neighbours_k == 0
+    embedding: str = ""  # what the embedding is, e.g. "cheap tier input pixels (8x8), L2-normalised"
+
+    def features(
+        self,
+        *,
+        output,
+        cheap_answers: np.ndarray,
+        input_statistics: np.ndarray | None = None,
+        embeddings: np.ndarray | None = None,
+        exclude_ids: np.ndarray | None = None,
+    ) -> np.ndarray:
+        return self.spec.extract(
+            output=output,
+            cheap_answers=cheap_answers,
+            input_statistics=input_statistics,
+            embeddings=embeddings,
+            index=self.index,
+            exclude_ids=exclude_ids,
+        )
+
+    def score(self, **kwargs) -> np.ndarray:
+        """The router score (P(cheap answer correct)) of each item; keyword arguments as ``features``."""
+        return self.learner.score(self.features(**kwargs))
+
+    # -- the stored form ----------------------------------------------------------------------
+
+    def to_document(self) -> dict[str, Any]:
+        document = {
+            "format": FORMAT,
+            "class_names": list(self.class_names),
+            "features": self.spec.to_document(),
+            "embedding": self.embedding,
+            "learner": self.learner.to_document(),
+            "learner_sha256": self.learner.sha256,
+            "reference_index": None if self.index is None else self.index.to_document(),
+        }
+        return document
+
+    @property
+    def sha256(self) -> str:
+        canonical = json.dumps(self.to_document(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    @property
+    def version(self) -> str:
+        return f"router@{self.sha256[:12]}"
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps({**self.to_document(), "sha256": self.sha256}))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, *, class_names: Sequence[str] | None = None) -> RouterArtefact:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"router artefact {str(path)!r} does not exist", field="router")
+        try:
+            document = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"router artefact {str(path)!r} is not JSON: {exc}", field="router") from exc
+        return cls.from_document(document, class_names=class_names)
+
+    @classmethod
+    def from_document(cls, document: Any, *, class_names: Sequence[str] | None = None) -> RouterArtefact:
+        """Check and rebuild; ``class_names``: the labels of the tier this router is deployed with
+        (a mismatch is a ConfigError naming ``router.class_names``)."""
+        if not isinstance(document, dict):
+            raise ConfigError("router: expected an object", field="router")
+        for key in ("format", "class_names", "features", "learner"):
+            if key not in document:
+                raise ConfigError(f"router.{key} is missing", field=f"router.{key}")
+        if document["format"] != FORMAT:
+            raise ConfigError(
+                f"router.format is {document['format']!r}; expected {FORMAT!r}", field="router.format"
+            )
+        names = tuple(str(n) for n in document["class_names"])
+        if class_names is not None and names != tuple(class_names):
+            raise ConfigError(
+                f"router.class_names {list(names)} do not match the cheap tier's labels {list(class_names)}",
+                field="router.class_names",
+            )
+        spec = FeatureSpec.from_document(document["features"], field="router.features")
+        learner = LearnedScore.from_document(
+            document["learner"], feature_names=spec.names, field="router.learner"
+        )
+        if "learner_sha256" in document and document["learner_sha256"] != learner.sha256:
+            raise ConfigError(
+                f"router.learner_sha256 is {document['learner_sha256']!r}; the learner hashes to {learner.sha256!r}",
+                field="router.learner_sha256",
+            )
+        index = None
+        if spec.neighbours_k > 0:
+            if document.get("reference_index") is None:
+                raise ConfigError(
+                    f"router.reference_index is missing; the features use {spec.neighbours_k} neighbours",
+                    field="router.reference_index",
+                )
+            index = ReferenceIndex.from_document(document["reference_index"], field="router.reference_index")
+            if index.n_classes != len(names):
+                raise ConfigError(
+                    f"router.reference_index has {index.n_classes} classes, the router {len(names)}",
+                    field="router.reference_index.n_classes",
+                )
+        artefact = cls(names, spec, learner, index, str(document.get("embedding", "")))
+        if "sha256" in document and document["sha256"] != artefact.sha256:
+            raise ConfigError(
+                f"router.sha256 is {document['sha256']!r}; the document hashes to {artefact.sha256!r}",
+                field="router.sha256",
+            )
+        return artefact
+
+
+@dataclass(frozen=True)
+class FittedRouter:
+    artefact: RouterArtefact
+    fit_scores: np.ndarray  # out-of-fold scores of the fit items (for the plan's candidate grid)
+
+
+def fit_router(
+    *,
+    class_names: Sequence[str],
+    spec: FeatureSpec,
+    output,
+    cheap_answers: np.ndarray,
+    labels: np.ndarray,
+    input_statistics: np.ndarray | None = None,
+    embeddings: np.ndarray | None = None,
+    embedding: str = "",
+    folds: int = 5,
+    seed: int = 0,
+) -> FittedRouter:
+    """Fit the router on the fit share's items (see the module docstring)."""
+    labels = np.asarray(labels, np.int64)
+    cheap_answers = np.asarray(cheap_answers, np.int64)
+    index = None
+    if spec.neighbours_k > 0:
+        if embeddings is None:
+            raise ConfigError("the router uses neighbours but no embeddings were given", field="embeddings")
+        index = ReferenceIndex.from_items(embeddings, labels, len(class_names))
+    features = spec.extract(
+        output=output,
+        cheap_answers=cheap_answers,
+        input_statistics=input_statistics,
+        embeddings=embeddings,
+        index=index,
+        exclude_ids=np.arange(len(labels)) if index is not None else None,  # leave-one-out
+    )
+    correct = cheap_answers == labels
+    learner = LearnedScore.fit(features, correct, spec.names)
+    fit_scores = cross_fitted_scores(features, correct, spec.names, folds=folds, seed=seed)
+    return FittedRouter(RouterArtefact(tuple(class_names), spec, learner, index, embedding), fit_scores)

@@ -1,0 +1,355 @@
+"""What a learned router sees of one request: the cheap tier's whole output, the input's
+statistics and its nearest labelled neighbours (issue 22, item 1).
+
+Three groups of features, each a block of named columns (``FeatureSpec.names`` gives the order):
+
+- **output** (``classifier_features``): the top-k probabilities of the cheap classifier, the
+  margin between the first two, the entropy (divided by log C, so in [0, 1]); for detectors
+  (``detector_features``): the box count and the boxes' score statistics (max, mean, std, the
+  count above 0.5).
+- **input** (``input_features``): the image statistics the shift guard computes per request
+  (``policies.shift_guard.input_statistics``: size, brightness, contrast, sharpness, blockiness),
+  reused as they are.
+- **neighbours** (``ReferenceIndex.neighbour_features``): the k nearest labelled items of the
+  request's embedding in a frozen *reference index* (exact FAISS search, in-process), with their
+  agreement with the cheap answer (share of the k, and weighted by 1 / (distance + eps)), the
+  nearest distance, the mean distance, and the distance to the nearest neighbour that agrees
+  and to the nearest that does not (``NO_NEIGHBOUR_DISTANCE`` when none of the k does).
+
+The reference index holds labelled items disjoint from the items a certificate is computed on
+(the fit share). It is frozen and versioned: ``sha256`` covers the embeddings, the labels and the
+metric, and the router artefact stores it (``cascades.learned_router``). When the index's own
+items train the learner they are scored leave-one-out (``exclude_ids``: each item's own row is
+dropped by id, never by distance, so an exact duplicate of it still counts), so the training
+rows see the index as a new request would and certification items and live requests see the
+same index.
+
+The embedding is the caller's: the search embedder's where it fits the task, else the cheap
+tier's own input or features (for the 8x8 digits, the 64 pixels the cheap tier reads). Rows are
+L2-normalised once here (clip-retrieval's rule), and the search is exact (``IndexFlatL2``): a
+reference index is a few hundred to a few thousand items, where exact search costs microseconds.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from visionroute.errors import ConfigError, InputError
+
+OUTPUT_TOP_K = 3
+NEIGHBOURS_K = 10
+NO_NEIGHBOUR_DISTANCE = 2.0  # the largest distance between two unit vectors
+INPUT_NAMES = ("log2_pixels", "brightness", "contrast", "sharpness", "blockiness")  # shift guard's order
+DETECTOR_NAMES = ("box_count", "box_score_max", "box_score_mean", "box_score_std", "box_count_above_half")
+NEIGHBOUR_NAMES = (
+    "nn_agreement",
+    "nn_agreement_weighted",
+    "nn_distance_min",
+    "nn_distance_mean",
+    "nn_distance_agree",
+    "nn_distance_disagree",
+)
+INDEX_FORMAT = "visionroute.reference_index/1"
+
+
+# --------------------------------------------------------------------------- the cheap tier's output
+
+
+def classifier_feature_names(top_k: int = OUTPUT_TOP_K) -> tuple[str, ...]:
+    return (*(f"p_top{i + 1}" for i in range(top_k)), "margin", "entropy")
+
+
+def classifier_features(probabilities: np.ndarray, top_k: int = OUTPUT_TOP_K) -> np.ndarray:
+    """(n, C) class probabilities -> (n, top_k + 2): top-k probabilities, margin, entropy / log C."""
+    p = np.asarray(probabilities, np.float64)
+    if p.ndim != 2 or p.shape[1] < 2:
+        raise InputError(f"expected probabilities of shape (n, C >= 2), got {p.shape}", field="probabilities")
+    if not 1 <= top_k <= p.shape[1]:
+        raise InputError(f"top_k must be in [1, {p.shape[1]}], got {top_k}", field="top_k")
+    top = -np.sort(-p, axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        entropy = -np.where(p > 0, p * np.log(p), 0.0).sum(1) / np.log(p.shape[1])
+    return np.column_stack([top[:, :top_k], top[:, 0] - top[:, 1], entropy])
+
+
+def detector_features(box_scores: Sequence[np.ndarray]) -> np.ndarray:
+    """Per image the boxes' calibrated scores -> (n, 5) in ``DETECTOR_NAMES`` order (zeros for none)."""
+    rows = []
+    for scores in box_scores:
+        s = np.asarray(scores, np.float64).reshape(-1)
+        if len(s) == 0:
+            rows.append((0.0, 0.0, 0.0, 0.0, 0.0))
+        else:
+            rows.append((len(s), s.max(), s.mean(), s.std(), float((s > 0.5).sum())))
+    return np.array(rows, np.float64).reshape(len(rows), len(DETECTOR_NAMES))
+
+
+def input_features(images: Sequence[np.ndarray]) -> np.ndarray:
+    """The shift guard's per-image statistics (``INPUT_NAMES`` order), (n, 5)."""
+    from policies.shift_guard import statistics_matrix
+
+    return statistics_matrix(images)
+
+
+# --------------------------------------------------------------------------- the reference index
+
+
+def _normalised(embeddings: np.ndarray, field: str) -> np.ndarray:
+    x = np.ascontiguousarray(np.asarray(embeddings, np.float32))
+    if x.ndim != 2 or x.shape[1] < 1:
+        raise InputError(f"expected embeddings of shape (n, d), got {x.shape}", field=field)
+    if not np.isfinite(x).all():
+        raise InputError("embeddings contain NaN or infinity", field=field)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.ascontiguousarray(x / np.maximum(norms, 1e-12), dtype=np.float32)
+
+
+@dataclass(frozen=True, eq=False)
+class ReferenceIndex:
+    """Labelled, L2-normalised embeddings under exact L2 search. Immutable after construction
+    (the FAISS index is built once; nothing changes per request)."""
+
+    embeddings: np.ndarray  # (n, d) float32, unit rows
+    labels: np.ndarray  # (n,) int64 class ids
+    n_classes: int
+
+    def __post_init__(self) -> None:
+        import faiss
+
+        labels = np.asarray(self.labels, np.int64)
+        if labels.shape != (len(self.embeddings),):
+            raise InputError(
+                f"labels must have shape ({len(self.embeddings)},), got {labels.shape}", field="labels"
+            )
+        if len(labels) and (labels.min() < 0 or labels.max() >= self.n_classes):
+            raise InputError(f"labels must be class ids in [0, {self.n_classes})", field="labels")
+        index = faiss.IndexFlatL2(self.embeddings.shape[1])
+        index.add(self.embeddings)
+        object.__setattr__(self, "labels", labels)
+        object.__setattr__(self, "_index", index)
+
+    @classmethod
+    def from_items(cls, embeddings: np.ndarray, labels: np.ndarray, n_classes: int) -> ReferenceIndex:
+        return cls(_normalised(embeddings, "embeddings"), np.asarray(labels, np.int64), int(n_classes))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def dim(self) -> int:
+        return int(self.embeddings.shape[1])
+
+    @property
+    def sha256(self) -> str:
+        """The version: the embeddings' bytes, the labels and the metric."""
+        h = hashlib.sha256(f"{INDEX_FORMAT}:l2:{self.dim}:{self.n_classes}".encode())
+        h.update(self.embeddings.astype("<f4").tobytes())
+        h.update(self.labels.astype("<i8").tobytes())
+        return h.hexdigest()
+
+    def search(
+        self, queries: np.ndarray, k: int, *, exclude_ids: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(distances (n, k) Euclidean between unit vectors, ids (n, k)); ``exclude_ids[i]`` (a row
+        of this index, or -1) is never among row i's neighbours. Where fewer than k items remain,
+        the tail is padded with id -1 and ``NO_NEIGHBOUR_DISTANCE`` (FAISS's own -1 padding is
+        replaced, never returned as a row)."""
+        q = _normalised(queries, "queries")
+        if q.shape[1] != self.dim:
+            raise InputError(f"queries have dimension {q.shape[1]}, the index {self.dim}", field="queries")
+        extra = 0 if exclude_ids is None else 1
+        width = min(k + extra, len(self))
+        if width == 0:
+            return np.full((len(q), k), NO_NEIGHBOUR_DISTANCE), np.full((len(q), k), -1, np.int64)
+        squared, ids = self._index.search(q, width)
+        distances = np.sqrt(np.maximum(squared, 0.0)).astype(np.float64)
+        ids = ids.astype(np.int64)
+        if exclude_ids is not None:
+            exclude = np.asarray(exclude_ids, np.int64).reshape(-1, 1)
+            keep = ids != exclude
+            # each row keeps its first k kept neighbours, in order
+            order = np.argsort(~keep, axis=1, kind="stable")
+            ids = np.take_along_axis(np.where(keep, ids, -1), order, axis=1)
+            distances = np.take_along_axis(np.where(keep, distances, NO_NEIGHBOUR_DISTANCE), order, axis=1)
+        distances = np.where(ids < 0, NO_NEIGHBOUR_DISTANCE, distances)
+        if distances.shape[1] < k:
+            pad = k - distances.shape[1]
+            distances = np.pad(distances, ((0, 0), (0, pad)), constant_values=NO_NEIGHBOUR_DISTANCE)
+            ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
+        return distances[:, :k], ids[:, :k]
+
+    def neighbour_features(
+        self,
+        queries: np.ndarray,
+        cheap_answers: np.ndarray,
+        k: int = NEIGHBOURS_K,
+        *,
+        exclude_ids: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """(n, 6) in ``NEIGHBOUR_NAMES`` order: the k neighbours' agreement with each cheap answer
+        and their distances (see the module docstring). ``exclude_ids``: leave-one-out rows."""
+        distances, ids = self.search(queries, k, exclude_ids=exclude_ids)
+        # few numpy calls: one request is one row, where per-call overhead is the cost
+        valid = ids >= 0  # padding sits at the end of a row with NO_NEIGHBOUR_DISTANCE
+        agree = valid & (self.labels[ids] == np.asarray(cheap_answers, np.int64).reshape(-1, 1))
+        weights = valid / (distances + 1e-3)
+        n_valid = np.maximum(valid.sum(1), 1)
+        return np.column_stack(
+            [
+                agree.sum(1) / n_valid,
+                (weights * agree).sum(1) / np.maximum(weights.sum(1), 1e-12),
+                distances[:, 0],
+                (distances * valid).sum(1) / n_valid,
+                np.where(agree, distances, NO_NEIGHBOUR_DISTANCE).min(1),
+                np.where(valid > agree, distances, NO_NEIGHBOUR_DISTANCE).min(1),
+            ]
+        )
+
+    # -- the stored form: JSON, no pickle ------------------------------------------------------
+
+    def to_document(self) -> dict[str, Any]:
+        return {
+            "format": INDEX_FORMAT,
+            "metric": "l2_unit",
+            "dim": self.dim,
+            "n_classes": self.n_classes,
+            "n_items": len(self),
+            "labels": self.labels.tolist(),
+            "embeddings_f32le_b64": base64.b64encode(self.embeddings.astype("<f4").tobytes()).decode(),
+            "sha256": self.sha256,
+        }
+
+    @classmethod
+    def from_document(cls, document: Any, *, field: str = "reference_index") -> ReferenceIndex:
+        """Rebuild and verify; a missing or mismatched part is a ConfigError naming its field."""
+        if not isinstance(document, dict):
+            raise ConfigError(f"{field}: expected an object, got {type(document).__name__}", field=field)
+        for key in ("format", "dim", "n_classes", "labels", "embeddings_f32le_b64", "sha256"):
+            if key not in document:
+                raise ConfigError(f"{field}.{key} is missing", field=f"{field}.{key}")
+        if document["format"] != INDEX_FORMAT:
+            raise ConfigError(
+                f"{field}.format is {document['format']!r}; expected {INDEX_FORMAT!r}",
+                field=f"{field}.format",
+            )
+        try:
+            raw = base64.b64decode(document["embeddings_f32le_b64"], validate=True)
+        except ValueError as exc:
+            raise ConfigError(
+                f"{field}.embeddings_f32le_b64 is not base64: {exc}", field=f"{field}.embeddings_f32le_b64"
+            ) from exc
+        dim, labels = int(document["dim"]), np.asarray(document["labels"], np.int64)
+        if dim < 1 or len(raw) != 4 * dim * len(labels):
+            raise ConfigError(
+                f"{field}.embeddings_f32le_b64 holds {len(raw)} bytes; expected {4 * dim * len(labels)} "
+                f"({len(labels)} labels x dim {dim} x 4)",
+                field=f"{field}.embeddings_f32le_b64",
+            )
+        embeddings = np.frombuffer(raw, "<f4").reshape(len(labels), dim).astype(np.float32)
+        try:
+            index = cls(np.ascontiguousarray(embeddings), labels, int(document["n_classes"]))
+        except InputError as exc:
+            raise ConfigError(f"{field}: {exc}", field=f"{field}.labels") from exc
+        if index.sha256 != document["sha256"]:
+            raise ConfigError(
+                f"{field}.sha256 is {document['sha256']!r} but the stored items hash to {index.sha256!r}",
+                field=f"{field}.sha256",
+            )
+        return index
+
+
+# --------------------------------------------------------------------------- all features
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Which feature blocks a router uses, in this order: output, input, neighbours."""
+
+    output: str = "classifier"  # "classifier" or "detector"
+    top_k: int = OUTPUT_TOP_K
+    use_input: bool = True
+    neighbours_k: int = NEIGHBOURS_K  # 0: no reference index
+
+    def __post_init__(self) -> None:
+        if self.output not in ("classifier", "detector"):
+            raise ConfigError(
+                f"unknown output kind {self.output!r}; expected one of ['classifier', 'detector']",
+                field="features.output",
+            )
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        out = classifier_feature_names(self.top_k) if self.output == "classifier" else DETECTOR_NAMES
+        return (
+            *out,
+            *(INPUT_NAMES if self.use_input else ()),
+            *(NEIGHBOUR_NAMES if self.neighbours_k > 0 else ()),
+        )
+
+    def to_document(self) -> dict[str, Any]:
+        return {
+            "output": self.output,
+            "top_k": self.top_k,
+            "use_input": self.use_input,
+            "neighbours_k": self.neighbours_k,
+        }
+
+    @classmethod
+    def from_document(cls, document: Any, *, field: str = "features") -> FeatureSpec:
+        if not isinstance(document, dict):
+            raise ConfigError(f"{field}: expected an object", field=field)
+        unknown = set(document) - {"output", "top_k", "use_input", "neighbours_k"}
+        if unknown:
+            raise ConfigError(
+                f"{field}: unknown keys {sorted(unknown)}", field=f"{field}.{sorted(unknown)[0]}"
+            )
+        return cls(**document)
+
+    def extract(
+        self,
+        *,
+        output: np.ndarray | Sequence[np.ndarray],
+        cheap_answers: np.ndarray,
+        input_statistics: np.ndarray | None = None,
+        embeddings: np.ndarray | None = None,
+        index: ReferenceIndex | None = None,
+        exclude_ids: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """The (n, len(names)) feature matrix. ``output``: (n, C) probabilities for a classifier,
+        per-image box scores for a detector. ``input_statistics``: (n, 5) from ``input_features``
+        (computed once per request; the shift guard computes the same)."""
+        blocks = [
+            classifier_features(output, self.top_k)
+            if self.output == "classifier"
+            else detector_features(output)
+        ]
+        n = len(blocks[0])
+        if self.use_input:
+            if input_statistics is None:
+                raise InputError(
+                    "this router uses the input statistics; none were given", field="input_statistics"
+                )
+            stats = np.asarray(input_statistics, np.float64)
+            if stats.shape != (n, len(INPUT_NAMES)):
+                raise InputError(
+                    f"input_statistics must have shape ({n}, {len(INPUT_NAMES)}), got {stats.shape}",
+                    field="input_statistics",
+                )
+            blocks.append(stats)
+        if self.neighbours_k > 0:
+            if index is None or embeddings is None:
+                raise InputError(
+                    "this router uses the reference index; no index or embeddings given", field="index"
+                )
+            blocks.append(
+                index.neighbour_features(
+                    embeddings, cheap_answers, self.neighbours_k, exclude_ids=exclude_ids
+                )
+            )
+        return np.column_stack(blocks)
