@@ -195,7 +195,10 @@ class ReferenceIndex:
         """(n, 6) in ``NEIGHBOUR_NAMES`` order: the k neighbours' agreement with each cheap answer
         and their distances (see the module docstring). ``exclude_ids``: leave-one-out rows."""
         distances, ids = self.search(queries, k, exclude_ids=exclude_ids)
-        # few numpy calls: one request is one row, where per-call overhead is the cost
+        if len(ids) == 1:  # one request: plain Python over k numbers beats numpy's per-call cost
+            return _neighbour_row(
+                distances[0].tolist(), ids[0].tolist(), self.labels, int(np.ravel(cheap_answers)[0])
+            )
         valid = ids >= 0  # padding sits at the end of a row with NO_NEIGHBOUR_DISTANCE
         agree = valid & (self.labels[ids] == np.asarray(cheap_answers, np.int64).reshape(-1, 1))
         weights = valid / (distances + 1e-3)
@@ -262,6 +265,39 @@ class ReferenceIndex:
                 field=f"{field}.sha256",
             )
         return index
+
+
+def _neighbour_row(distances: list[float], ids: list[int], labels: np.ndarray, answer: int) -> np.ndarray:
+    """``ReferenceIndex.neighbour_features`` for one row (the same numbers; a test holds them equal)."""
+    n_valid = agree = 0
+    weight_sum = weight_agree = distance_sum = 0.0
+    nearest_agree = nearest_disagree = NO_NEIGHBOUR_DISTANCE
+    for distance, i in zip(distances, ids):
+        if i < 0:
+            continue
+        n_valid += 1
+        distance_sum += distance
+        weight = 1.0 / (distance + 1e-3)
+        weight_sum += weight
+        if labels[i] == answer:
+            agree += 1
+            weight_agree += weight
+            nearest_agree = min(nearest_agree, distance)
+        else:
+            nearest_disagree = min(nearest_disagree, distance)
+    n = max(n_valid, 1)
+    return np.array(
+        [
+            [
+                agree / n,
+                weight_agree / max(weight_sum, 1e-12),
+                distances[0],
+                distance_sum / n,
+                nearest_agree,
+                nearest_disagree,
+            ]
+        ]
+    )
 
 
 # --------------------------------------------------------------------------- all features

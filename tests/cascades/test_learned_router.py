@@ -54,6 +54,18 @@ def test_search_pads_never_returns_faiss_padding():
     assert np.isfinite(features).all() and ((features[:, 0] >= 0) & (features[:, 0] <= 1)).all()
 
 
+def test_one_request_path_computes_the_batch_numbers():
+    embeddings, labels, probabilities = clustered(80)
+    index = ReferenceIndex.from_items(embeddings[:60], labels[:60], 4)
+    answers = probabilities.argmax(1)
+    batch = index.neighbour_features(embeddings[60:], answers[60:], 10)
+    rows = [index.neighbour_features(embeddings[i : i + 1], answers[i : i + 1], 10)[0] for i in range(60, 80)]
+    np.testing.assert_allclose(np.array(rows), batch, rtol=1e-12, atol=1e-12)
+    loo = index.neighbour_features(embeddings[:60], answers[:60], 10, exclude_ids=np.arange(60))
+    one = index.neighbour_features(embeddings[5:6], answers[5:6], 10, exclude_ids=np.array([5]))
+    np.testing.assert_allclose(one[0], loo[5], rtol=1e-12, atol=1e-12)
+
+
 def test_output_features():
     p = np.array([[0.7, 0.2, 0.1, 0.0], [0.25, 0.25, 0.25, 0.25]])
     f = classifier_features(p, 3)

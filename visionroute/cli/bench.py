@@ -125,6 +125,21 @@ def register(subparsers, bench) -> None:
     vlm_digits.add_argument("--json", help="also write the figures as JSON here")
     vlm_digits.set_defaults(func=_runner("vlm_digits"))
 
+    router = bench.add_parser(
+        "router",
+        help="learned vs confidence router through the same certificate: cost/1000 median and IQR over draws",
+    )
+    router.add_argument("--seeds", default="0,1,2", help="training seeds of the digits tiers (comma list)")
+    router.add_argument("--draws", type=int, default=500, help="fit/certification draws per seed")
+    router.add_argument("--alpha", type=float, default=0.04)
+    router.add_argument("--delta", type=float, default=0.1)
+    router.add_argument("--work-dir", default=None, help="trained tiers and the JSON (default: data dir)")
+    router.add_argument("--json", default=None, help="figures, per-item and per-draw records (JSON)")
+    router.add_argument(
+        "--input-features", action="store_true", help="add the shift guard's input statistics to the features"
+    )
+    router.set_defaults(func=_runner("router"))
+
     cascade = bench.add_parser(
         "cascade",
         help="three-tier digits cascade through the service: accuracy, tier shares, cost/1000 per policy",
