@@ -130,7 +130,9 @@ def register(subparsers, bench) -> None:
         help="learned vs confidence router through the same certificate: cost/1000 median and IQR over draws",
     )
     router.add_argument("--seeds", default="0,1,2", help="training seeds of the digits tiers (comma list)")
-    router.add_argument("--draws", type=int, default=500, help="fit/certification draws per seed")
+    router.add_argument(
+        "--draws", type=int, default=170, help="fit/certification draws per seed (3 seeds x 170 >= 500)"
+    )
     router.add_argument("--alpha", type=float, default=0.04)
     router.add_argument("--delta", type=float, default=0.1)
     router.add_argument("--work-dir", default=None, help="trained tiers and the JSON (default: data dir)")
