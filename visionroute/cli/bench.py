@@ -46,7 +46,7 @@ def _bench_decode(args) -> int:
     return run(args)
 
 
-def register(subparsers, bench) -> None:
+def _add_calibration(bench) -> None:
     calibration = bench.add_parser(
         "calibration",
         help="ECE before/after, validity over random splits, escalation needed, the certificate's power",
@@ -70,6 +70,8 @@ def register(subparsers, bench) -> None:
     )
     calibration.set_defaults(func=_runner("calibration"))
 
+
+def _add_retrieval(bench) -> None:
     retrieval = bench.add_parser("retrieval", help="exact vs HNSW vs IVF-PQ+refine; ONNX vs eager; zero-shot")
     retrieval.add_argument(
         "--parts", default="ann,rebuild,embed,zeroshot", help="comma list of ann, rebuild, embed, zeroshot"
@@ -98,6 +100,8 @@ def register(subparsers, bench) -> None:
     retrieval.add_argument("--models-dir", default=str(paths.models_dir()))
     retrieval.set_defaults(func=_runner("retrieval"))
 
+
+def _add_vlm(bench) -> None:
     vlm = bench.add_parser("vlm", help="vLLM server: sequential vs concurrent throughput, client overhead")
     vlm.add_argument(
         "--endpoint", help="an already running OpenAI-compatible server (default: start the tiny one)"
@@ -107,6 +111,8 @@ def register(subparsers, bench) -> None:
     vlm.add_argument("--concurrency", type=int, default=8)
     vlm.set_defaults(func=_runner("vlm"))
 
+
+def _add_vlm_digits(bench) -> None:
     vlm_digits = bench.add_parser(
         "vlm-digits", help="the LLaVA trained on the digits via vLLM: held-out accuracy vs cheap tier, ECE"
     )
@@ -125,6 +131,8 @@ def register(subparsers, bench) -> None:
     vlm_digits.add_argument("--json", help="also write the figures as JSON here")
     vlm_digits.set_defaults(func=_runner("vlm_digits"))
 
+
+def _add_router(bench) -> None:
     router = bench.add_parser(
         "router",
         help="learned vs confidence router through the same certificate: cost/1000 median and IQR over draws",
@@ -142,6 +150,8 @@ def register(subparsers, bench) -> None:
     )
     router.set_defaults(func=_runner("router"))
 
+
+def _add_cascade(bench) -> None:
     cascade = bench.add_parser(
         "cascade",
         help="three-tier digits cascade through the service: accuracy, tier shares, cost/1000 per policy",
@@ -165,6 +175,8 @@ def register(subparsers, bench) -> None:
     )
     cascade.set_defaults(func=_runner("cascade"))
 
+
+def _add_audit(bench) -> None:
     audit = bench.add_parser("audit", help="coverage of the audit estimator's bounds over simulated runs")
     audit.add_argument("--error-rates", type=float, nargs="+", default=[0.01, 0.03, 0.05, 0.1, 0.2])
     audit.add_argument("--accepted", type=int, default=5000)
@@ -175,6 +187,8 @@ def register(subparsers, bench) -> None:
     audit.add_argument("--json")
     audit.set_defaults(func=_runner("audit"))
 
+
+def _add_rollout(bench) -> None:
     rollout = bench.add_parser(
         "rollout", help="anytime-valid rollout test: false promotion/rollback rates, labels to decide"
     )
@@ -198,6 +212,8 @@ def register(subparsers, bench) -> None:
     rollout.add_argument("--json", help="also write the figures as JSON here")
     rollout.set_defaults(func=_runner("rollout"))
 
+
+def _add_drift(bench) -> None:
     drift = bench.add_parser("drift", help="drift monitors: false alarms per 1000 windows, requests to alarm")
     drift.add_argument("--window-sizes", type=int, nargs="+", default=[10, 25, 50, 100])
     drift.add_argument("--windows", type=int, default=1000, help="unshifted windows per window size")
@@ -215,6 +231,8 @@ def register(subparsers, bench) -> None:
     drift.add_argument("--json", help="also write the figures as JSON here")
     drift.set_defaults(func=_runner("drift"))
 
+
+def _add_privacy(bench) -> None:
     privacy = bench.add_parser(
         "privacy", help="face detector on lfw_subset and the astronaut; redaction latency vs plain enqueue"
     )
@@ -227,8 +245,8 @@ def register(subparsers, bench) -> None:
     privacy.add_argument("--json", help="also write the figures as JSON here")
     privacy.set_defaults(func=_runner("privacy"))
 
-    importlib.import_module("evals.benchmarks.state").register(bench)
 
+def _add_serve(bench) -> None:
     serve_bench = bench.add_parser(
         "serve", help="the service (HTTP, gRPC) vs a minimal Ray Serve floor vs raw ONNX Runtime (one run)"
     )
@@ -269,6 +287,8 @@ def register(subparsers, bench) -> None:
     serve_bench.add_argument("--json", help="also write the figures as JSON here")
     serve_bench.set_defaults(func=_bench_serve)
 
+
+def _add_decode(bench) -> None:
     decode_bench = bench.add_parser(
         "decode", help="peak RSS of 8 concurrent 6320x6320 images: unbounded vs decode budget"
     )
@@ -277,3 +297,20 @@ def register(subparsers, bench) -> None:
     decode_bench.add_argument("--variants", nargs="+", default=["unbounded", "budgeted", "budgeted-jpeg"])
     decode_bench.add_argument("--json", help="also write the figures as JSON here")
     decode_bench.set_defaults(func=_bench_decode)
+
+
+def register(subparsers, bench) -> None:
+    """Every benchmark's parser, in the order --help lists them."""
+    _add_calibration(bench)
+    _add_retrieval(bench)
+    _add_vlm(bench)
+    _add_vlm_digits(bench)
+    _add_router(bench)
+    _add_cascade(bench)
+    _add_audit(bench)
+    _add_rollout(bench)
+    _add_drift(bench)
+    _add_privacy(bench)
+    importlib.import_module("evals.benchmarks.state").register(bench)
+    _add_serve(bench)
+    _add_decode(bench)
