@@ -105,6 +105,11 @@ class SearchRequest(Edge):
     params: dict[str, Any] | None = Field(
         None, description="this request only: ef_search, nprobe, refine_k_factor, exact"
     )
+    tenant: str | None = Field(
+        None,
+        description="search this tenant's entries only ([A-Za-z0-9_.-], 1-128 characters): an admin may "
+        "name any tenant; a tenant's key only its own (its entries are all it ever sees)",
+    )
 
     @model_validator(mode="after")
     def _one_query(self) -> SearchRequest:

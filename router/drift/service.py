@@ -28,6 +28,7 @@ All state changes happen on that worker; readers take a lock.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import math
@@ -64,7 +65,7 @@ from visionroute.records import Analysis
 
 log = logging.getLogger("visionroute.service.drift")
 
-__all__ = ["DriftConfig", "DriftService"]
+__all__ = ["DriftConfig", "DriftMonitorRow", "DriftReport", "DriftService"]
 
 MONITOR_NAMES: tuple[str, ...] = ("confidence", "inputs", "embeddings", "verdicts")
 MAX_PENDING_PIXELS = 64_000_000  # decoded pixels waiting for the worker (~190 MB of RGB) at most
@@ -141,6 +142,55 @@ def _renamed(result: DriftResult, names: Sequence[str]) -> DriftResult:
     mapping = dict(zip(INPUT_STATISTICS, names))
     statistics = {mapping[k]: v for k, v in result.details.get("statistics", {}).items()}
     return replace(result, details={**result.details, "statistics": statistics})
+
+
+@dataclass(frozen=True)
+class DriftMonitorRow:
+    """One (task, monitor) in the report: its reference, its window and its latest test."""
+
+    task: str
+    monitor: str
+    status: str  # no data | collecting reference | filling window | ok | alarm
+    reference_source: str
+    reference_size: int
+    n_reference: int
+    n_window: int
+    observed: int
+    tests: int
+    score: float | None
+    p_value: float | None
+    alarm: bool
+    level: float
+    alarm_since_unix: float | None
+    checked_at_unix: float | None
+    details: dict[str, Any]  # the test's own details, JSON-safe (NaN and infinities are None)
+    history: list[Any]  # the latest tests, for the report's plot
+    note: str
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class DriftReport:
+    """What ``GET /v1/drift`` returns (``to_json``): every monitor of every watched task."""
+
+    enabled: bool
+    replica: str
+    scope: str
+    config: DriftConfig
+    dropped_requests: int
+    monitors: list[DriftMonitorRow]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "enabled": self.enabled,
+            "replica": self.replica,
+            "scope": self.scope,
+            "config": self.config.model_dump(),
+            "dropped_requests": self.dropped_requests,
+            "monitors": [row.to_json() for row in self.monitors],
+        }
 
 
 class DriftService:
@@ -459,42 +509,42 @@ class DriftService:
         with self._lock:
             return {key: entry.latest for key, entry in self._monitors.items() if entry.latest is not None}
 
-    def report(self) -> dict[str, Any]:
-        """What ``GET /v1/drift`` returns: every monitor of every watched task, JSON-able."""
+    def report(self) -> DriftReport:
+        """What ``GET /v1/drift`` returns (``DriftReport.to_json``): every monitor of every watched task."""
         with self._lock:
             rows = [self._row(entry) for entry in self._monitors.values()]
             dropped = self.dropped
-        return {
-            "enabled": self.config.enabled,
-            "replica": self.replica,
-            "scope": "this ingress replica, in memory since it started",
-            "config": self.config.model_dump(),
-            "dropped_requests": dropped,
-            "monitors": rows,
-        }
+        return DriftReport(
+            enabled=self.config.enabled,
+            replica=self.replica,
+            scope="this ingress replica, in memory since it started",
+            config=self.config,
+            dropped_requests=dropped,
+            monitors=rows,
+        )
 
-    def _row(self, entry: _Monitor) -> dict[str, Any]:
+    def _row(self, entry: _Monitor) -> DriftMonitorRow:
         latest = entry.latest
-        return {
-            "task": entry.task,
-            "monitor": entry.name,
-            "status": entry.status(),
-            "reference_source": entry.reference_source,
-            "reference_size": entry.reference_size,
-            "n_reference": entry.n_reference if entry.monitor is not None else len(entry.reference),
-            "n_window": len(entry.window),
-            "observed": entry.observed,
-            "tests": entry.tests,
-            "score": latest.score if latest is not None else None,
-            "p_value": latest.p_value if latest is not None else None,
-            "alarm": bool(latest.alarm) if latest is not None else False,
-            "level": self.config.level,
-            "alarm_since_unix": entry.alarm_since,
-            "checked_at_unix": entry.checked_at,
-            "details": _json_safe(latest.details) if latest is not None else {},
-            "history": list(entry.history),
-            "note": entry.note,
-        }
+        return DriftMonitorRow(
+            task=entry.task,
+            monitor=entry.name,
+            status=entry.status(),
+            reference_source=entry.reference_source,
+            reference_size=entry.reference_size,
+            n_reference=entry.n_reference if entry.monitor is not None else len(entry.reference),
+            n_window=len(entry.window),
+            observed=entry.observed,
+            tests=entry.tests,
+            score=latest.score if latest is not None else None,
+            p_value=latest.p_value if latest is not None else None,
+            alarm=bool(latest.alarm) if latest is not None else False,
+            level=self.config.level,
+            alarm_since_unix=entry.alarm_since,
+            checked_at_unix=entry.checked_at,
+            details=_json_safe(latest.details) if latest is not None else {},
+            history=list(entry.history),
+            note=entry.note,
+        )
 
     def metric_families(self):
         """``visionroute_drift_score``, ``_p_value`` and ``_alarm`` per tested (task, monitor)."""

@@ -6,7 +6,9 @@
 Ray Serve's gRPC proxy (``grpc_options`` in serve_config.yaml) calls the ingress deployment's
 method named like the RPC with the decoded request message. Each method here only
 translates: proto in, one call to the service core (``self.service``, router/services/),
-proto out. A ``RouterError`` becomes the gRPC status of router/errors.py's table, with the
+its typed result to proto out (router/grpc/messages.py: the typed fields, and for one release
+the deprecated JSON fields too). A request's typed fields and its deprecated JSON field give the
+core the same dict, validated as HTTP's body is; both at once is an InputError. A ``RouterError`` becomes the gRPC status of router/errors.py's table, with the
 HTTP error body as JSON in the details, so both faces answer a failure the same way. Any
 other exception is logged with the request id and answered generically (never its text, and
 never Ray's traceback); UNAVAILABLE carries a ``retry-after`` trailer. The details stay far
@@ -28,6 +30,7 @@ from pydantic import BaseModel, ValidationError
 from router.auth.keys import key_from_headers
 from router.auth.principal import Role, reset_principal, set_principal
 from router.errors import error_body, grpc_code_name, retry_after_s, unexpected_error
+from router.grpc import messages
 from router.grpc.build import ensure_generated
 from router.schemas import ClaimRequest, LabelRequest, ReleaseRequest
 from router.serve_context import serve_request_id
@@ -80,33 +83,7 @@ def validated(model: type[BaseModel], /, **values: Any) -> Any:
         raise InputError(first["msg"], field=".".join(map(str, first["loc"])) or "body") from None
 
 
-def analyze_to_proto(body: dict[str, Any]) -> pb.AnalyzeResponse:
-    return pb.AnalyzeResponse(
-        request_id=body["request_id"],
-        task=body["task"],
-        decision=body["decision"],
-        answer=[
-            pb.Detection(
-                label=d["label"] or "", class_id=d["class_id"], confidence=d["confidence"], xyxy=d["xyxy"]
-            )
-            for d in body["answer"]
-        ],
-        image=pb.ImageInfo(**body["image"]),
-        review_item_id=body["review_item_id"] or "",
-        cost_units=body["cost_units"],
-        trace_json=json.dumps(body["trace"]),
-        policy_version=body["policy_version"] or "",
-        degraded=body["degraded"],
-        text=body["text"] or "",
-    )
-
-
-def item_proto(item: dict[str, Any]) -> pb.ReviewItem:
-    return pb.ReviewItem(item_json=json.dumps(item))
-
-
-def json_reply(body: Any) -> pb.JsonReply:
-    return pb.JsonReply(json=json.dumps(body))
+analyze_to_proto = messages.analyze_response  # its old name
 
 
 def _request_id(grpc_context) -> str:
@@ -186,7 +163,7 @@ class GrpcEndpoints:
                 ImageRequest(image, request_id, task=request.task or None, tenant=request.tenant or None),
                 caller,
             )
-            return analyze_to_proto(response_body(analysis))
+            return messages.analyze_response(response_body(analysis))
 
         return await self._grpc("Analyze", grpc_context, pb.AnalyzeResponse(), work)
 
@@ -197,16 +174,18 @@ class GrpcEndpoints:
                 raise InputError(
                     f"filters_json must be a JSON object, got {type(filters).__name__}", field="filters_json"
                 )
+            typed = messages.search_filters(request.filters) if request.HasField("filters") else None
             result = await self.service.search.search(
                 caller,
                 text=request.query_text or None,
                 image=request.image or None,
                 item_id=request.item_id or None,
                 k=request.k or 10,
-                filters=filters,
+                filters=messages.one_of("filters_json", filters, "filters", typed),
+                params=messages.search_params(request.params) if request.HasField("params") else None,
                 tenant=request.tenant or None,
             )
-            return pb.SearchResponse(result_json=json.dumps(result))
+            return messages.search_response(result)
 
         return await self._grpc("Search", grpc_context, pb.SearchResponse(), work)
 
@@ -217,15 +196,14 @@ class GrpcEndpoints:
     ) -> pb.ListReviewItemsResponse:
         async def work(caller, request_id: str) -> pb.ListReviewItemsResponse:
             limit, offset = checked_page(request.limit or 50, request.offset)
-            body = await self.service.review.list_items(caller, request.status or "pending", limit, offset)
-            items = [item_proto(item) for item in body.pop("items")]
-            return pb.ListReviewItemsResponse(items=items, stats_json=json.dumps(body))
+            page = await self.service.review.list_items(caller, request.status or "pending", limit, offset)
+            return messages.review_page(page)
 
         return await self._grpc("ListReviewItems", grpc_context, pb.ListReviewItemsResponse(), work)
 
     async def GetReviewItem(self, request: pb.GetReviewItemRequest, grpc_context) -> pb.ReviewItem:
         async def work(caller, request_id: str) -> pb.ReviewItem:
-            return item_proto(await self.service.review.get(caller, request.item_id))
+            return messages.review_item(await self.service.review.get(caller, request.item_id))
 
         return await self._grpc("GetReviewItem", grpc_context, pb.ReviewItem(), work)
 
@@ -239,12 +217,7 @@ class GrpcEndpoints:
                 item_id=request.item_id or None,
                 lease_s=request.lease_s or None,
             )
-            claimed = await self.service.review.claim(caller, body)
-            if claimed["item"] is None:
-                return pb.ClaimReviewItemResponse()
-            return pb.ClaimReviewItemResponse(
-                item=item_proto(claimed["item"]), lease_token=claimed["lease_token"]
-            )
+            return messages.claim(await self.service.review.claim(caller, body))
 
         return await self._grpc("ClaimReviewItem", grpc_context, pb.ClaimReviewItemResponse(), work)
 
@@ -255,15 +228,16 @@ class GrpcEndpoints:
                 raise InputError(
                     f"label_json must be a JSON object, got {type(label).__name__}", field="label_json"
                 )
-            body = validated(LabelRequest, **(label or {}))
-            return item_proto(await self.service.review.label(caller, request.item_id, body))
+            typed = messages.label_fields(request) or None
+            body = validated(LabelRequest, **(messages.one_of("label_json", label, "label", typed) or {}))
+            return messages.review_item(await self.service.review.label(caller, request.item_id, body))
 
         return await self._grpc("LabelReviewItem", grpc_context, pb.ReviewItem(), work)
 
     async def ReleaseReviewItem(self, request: pb.ReleaseReviewItemRequest, grpc_context) -> pb.ReviewItem:
         async def work(caller, request_id: str) -> pb.ReviewItem:
             body = validated(ReleaseRequest, reviewer=request.reviewer, lease_token=request.lease_token)
-            return item_proto(await self.service.review.release(caller, request.item_id, body))
+            return messages.review_item(await self.service.review.release(caller, request.item_id, body))
 
         return await self._grpc("ReleaseReviewItem", grpc_context, pb.ReviewItem(), work)
 
@@ -274,61 +248,67 @@ class GrpcEndpoints:
 
         return await self._grpc("GetReviewImage", grpc_context, pb.ReviewImage(), work)
 
-    async def GetReviewAudit(self, request: pb.GetReviewItemRequest, grpc_context) -> pb.JsonReply:
-        async def work(caller, request_id: str) -> pb.JsonReply:
-            return json_reply(await self.service.review.audit_log(caller, request.item_id))
+    async def GetReviewAudit(self, request: pb.GetReviewItemRequest, grpc_context) -> pb.ReviewAudit:
+        async def work(caller, request_id: str) -> pb.ReviewAudit:
+            return messages.review_audit(await self.service.review.audit_log(caller, request.item_id))
 
-        return await self._grpc("GetReviewAudit", grpc_context, pb.JsonReply(), work)
+        return await self._grpc("GetReviewAudit", grpc_context, pb.ReviewAudit(), work)
 
-    async def GetReviewLabels(self, request: pb.GetReviewLabelsRequest, grpc_context) -> pb.JsonReply:
-        async def work(caller, request_id: str) -> pb.JsonReply:
-            return json_reply(await self.service.review.label_set(request.task))
+    async def GetReviewLabels(self, request: pb.GetReviewLabelsRequest, grpc_context) -> pb.ReviewLabels:
+        async def work(caller, request_id: str) -> pb.ReviewLabels:
+            return messages.review_labels(await self.service.review.label_set(request.task))
 
-        return await self._grpc("GetReviewLabels", grpc_context, pb.JsonReply(), work)
+        return await self._grpc("GetReviewLabels", grpc_context, pb.ReviewLabels(), work)
 
-    async def GetReviewStats(self, request: pb.Empty, grpc_context) -> pb.JsonReply:
-        async def work(caller, request_id: str) -> pb.JsonReply:
-            return json_reply(await self.service.review.stats(caller))
+    async def GetReviewStats(self, request: pb.Empty, grpc_context) -> pb.ReviewStats:
+        async def work(caller, request_id: str) -> pb.ReviewStats:
+            return messages.review_stats(await self.service.review.stats(caller))
 
-        return await self._grpc("GetReviewStats", grpc_context, pb.JsonReply(), work)
+        return await self._grpc("GetReviewStats", grpc_context, pb.ReviewStats(), work)
 
     # -- the search index --------------------------------------------------------------------
 
-    async def IndexSearchItem(self, request: pb.IndexSearchItemRequest, grpc_context) -> pb.JsonReply:
-        async def work(caller, request_id: str) -> pb.JsonReply:
+    async def IndexSearchItem(
+        self, request: pb.IndexSearchItemRequest, grpc_context
+    ) -> pb.IndexSearchItemResponse:
+        async def work(caller, request_id: str) -> pb.IndexSearchItemResponse:
             metadata = json_field(request.metadata_json, "metadata_json")
             if metadata is not None and not isinstance(metadata, dict):
                 raise InputError(
                     f"metadata_json must be a JSON object, got {type(metadata).__name__}",
                     field="metadata_json",
                 )
-            return json_reply(await self.service.search.index(caller, request.image, metadata))
+            typed = messages.metadata_fields(request.metadata) if request.HasField("metadata") else None
+            metadata = messages.one_of("metadata_json", metadata, "metadata", typed)
+            return messages.indexed(await self.service.search.index(caller, request.image, metadata))
 
-        return await self._grpc("IndexSearchItem", grpc_context, pb.JsonReply(), work)
+        return await self._grpc("IndexSearchItem", grpc_context, pb.IndexSearchItemResponse(), work)
 
-    async def GetSearchItem(self, request: pb.SearchItemRequest, grpc_context) -> pb.JsonReply:
-        async def work(caller, request_id: str) -> pb.JsonReply:
-            return json_reply(await self.service.search.get(caller, request.item_id))
+    async def GetSearchItem(self, request: pb.SearchItemRequest, grpc_context) -> pb.SearchItem:
+        async def work(caller, request_id: str) -> pb.SearchItem:
+            return messages.search_item(await self.service.search.get(caller, request.item_id))
 
-        return await self._grpc("GetSearchItem", grpc_context, pb.JsonReply(), work)
+        return await self._grpc("GetSearchItem", grpc_context, pb.SearchItem(), work)
 
-    async def DeleteSearchItem(self, request: pb.SearchItemRequest, grpc_context) -> pb.JsonReply:
-        async def work(caller, request_id: str) -> pb.JsonReply:
-            return json_reply(await self.service.search.delete(caller, request.item_id))
+    async def DeleteSearchItem(
+        self, request: pb.SearchItemRequest, grpc_context
+    ) -> pb.DeleteSearchItemResponse:
+        async def work(caller, request_id: str) -> pb.DeleteSearchItemResponse:
+            return messages.deleted(await self.service.search.delete(caller, request.item_id))
 
-        return await self._grpc("DeleteSearchItem", grpc_context, pb.JsonReply(), work)
+        return await self._grpc("DeleteSearchItem", grpc_context, pb.DeleteSearchItemResponse(), work)
 
-    async def GetSearchStats(self, request: pb.Empty, grpc_context) -> pb.JsonReply:
-        async def work(caller, request_id: str) -> pb.JsonReply:
-            return json_reply(await self.service.search.stats(caller))
+    async def GetSearchStats(self, request: pb.Empty, grpc_context) -> pb.SearchStats:
+        async def work(caller, request_id: str) -> pb.SearchStats:
+            return messages.search_stats(await self.service.search.stats(caller))
 
-        return await self._grpc("GetSearchStats", grpc_context, pb.JsonReply(), work)
+        return await self._grpc("GetSearchStats", grpc_context, pb.SearchStats(), work)
 
-    async def GetPolicy(self, request: pb.Empty, grpc_context) -> pb.JsonReply:
-        async def work(caller, request_id: str) -> pb.JsonReply:
-            return json_reply(await self.service.operations.policy())
+    async def GetPolicy(self, request: pb.Empty, grpc_context) -> pb.PolicyView:
+        async def work(caller, request_id: str) -> pb.PolicyView:
+            return messages.policy_view(await self.service.operations.policy())
 
-        return await self._grpc("GetPolicy", grpc_context, pb.JsonReply(), work)
+        return await self._grpc("GetPolicy", grpc_context, pb.PolicyView(), work)
 
     # -- grpc.health.v1 ----------------------------------------------------------------------
 
@@ -337,8 +317,9 @@ class GrpcEndpoints:
             raise NotFound(
                 f"unknown service {shown(request.service)}; known: '' and {SERVICE_NAME!r}", field="service"
             )
-        ready, _ = await self.service.operations.readiness()
-        return health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        readiness = await self.service.operations.readiness()
+        serving = health_pb2.HealthCheckResponse.SERVING
+        return serving if readiness.ready else health_pb2.HealthCheckResponse.NOT_SERVING
 
     async def Check(
         self, request: health_pb2.HealthCheckRequest, grpc_context

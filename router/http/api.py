@@ -2,7 +2,7 @@
 
 Each route reads its input, calls one operation of ``router.services.VisionRouteService``
 (reached through ``app.state.service``) with the caller the API-key middleware found, and
-returns its result. Errors go through the one table in router/errors.py; the service and the key check come from
+returns its typed result's JSON form (``to_json()``, router/services/results.py). Errors go through the one table in router/errors.py; the service and the key check come from
 router/http/deps.py, so the sub-routers never import this module.
 
 Every response to every route, errors included, belongs to one request id (the caller's
@@ -219,12 +219,13 @@ async def list_review_items(
     offset: int = Query(0, description="items to skip, >= 0"),
 ) -> dict[str, Any]:
     limit, offset = checked_page(limit, offset)
-    return await service_of(request).review.list_items(current_principal(), status, limit, offset)
+    page = await service_of(request).review.list_items(current_principal(), status, limit, offset)
+    return page.to_json()
 
 
 @app.get("/v1/review/items/{item_id}", summary="One review item")
 async def get_review_item(request: Request, item_id: str) -> dict[str, Any]:
-    return await service_of(request).review.get(current_principal(), item_id)
+    return (await service_of(request).review.get(current_principal(), item_id)).to_json()
 
 
 @app.get("/v1/review/items/{item_id}/image", summary="The stored image of a review item")
@@ -235,32 +236,32 @@ async def get_review_image(request: Request, item_id: str) -> Response:
 
 @app.get("/v1/review/items/{item_id}/audit", summary="Who did what to an item")
 async def get_review_audit(request: Request, item_id: str) -> dict[str, Any]:
-    return await service_of(request).review.audit_log(current_principal(), item_id)
+    return (await service_of(request).review.audit_log(current_principal(), item_id)).to_json()
 
 
 @app.post("/v1/review/claim", summary="Lease the next (or a given) item to a reviewer")
 async def claim(request: Request, body: ClaimRequest) -> dict[str, Any]:
-    return await service_of(request).review.claim(current_principal(), body)
+    return (await service_of(request).review.claim(current_principal(), body)).to_json()
 
 
 @app.post("/v1/review/items/{item_id}/release", summary="Give a claimed item back unlabelled (skip it)")
 async def release(request: Request, item_id: str, body: ReleaseRequest) -> dict[str, Any]:
-    return await service_of(request).review.release(current_principal(), item_id, body)
+    return (await service_of(request).review.release(current_principal(), item_id, body)).to_json()
 
 
 @app.post("/v1/review/items/{item_id}/label", summary="Submit a reviewer's label (idempotent)")
 async def label(request: Request, item_id: str, body: LabelRequest) -> dict[str, Any]:
-    return await service_of(request).review.label(current_principal(), item_id, body)
+    return (await service_of(request).review.label(current_principal(), item_id, body)).to_json()
 
 
 @app.get("/v1/review/labels/{task}", summary="The label set a task's reviewers may use")
 async def review_labels(request: Request, task: str) -> dict[str, Any]:
-    return await service_of(request).review.label_set(task)
+    return (await service_of(request).review.label_set(task)).to_json()
 
 
 @app.get("/v1/review/stats", summary="Queue depth, SLA and the audit estimates")
 async def review_stats(request: Request) -> dict[str, Any]:
-    return await service_of(request).review.stats(current_principal())
+    return (await service_of(request).review.stats(current_principal())).to_json()
 
 
 @app.get("/review", summary="The reviewers' web page", include_in_schema=False)
@@ -282,7 +283,7 @@ def review_page_asset(asset: str) -> Response:
 
 @app.get("/v1/policy", summary="The running policy set, budgets and change history")
 async def get_policy(request: Request) -> dict[str, Any]:
-    return await service_of(request).operations.policy()
+    return (await service_of(request).operations.policy()).to_json()
 
 
 @app.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
@@ -298,5 +299,5 @@ def healthz() -> dict[str, str]:
 
 @app.get("/readyz", summary="Readiness of every backend")
 async def readyz(request: Request) -> JSONResponse:
-    ready, checks = await service_of(request).operations.readiness(current_principal())
-    return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+    readiness = await service_of(request).operations.readiness(current_principal())
+    return JSONResponse(readiness.to_json(), status_code=200 if readiness.ready else 503)

@@ -21,4 +21,4 @@ async def drift_report(request: Request) -> dict[str, Any]:
     drift = getattr(service_of(request), "drift", None)
     if drift is None:
         raise BackendUnavailable("the drift monitors are not running on this replica", field="drift")
-    return drift.report()
+    return drift.report().to_json()

@@ -48,7 +48,7 @@ def _wants_markdown(requested: str | None, accept: str) -> bool:
 
 @router.get("", summary="The model cards of this deployment")
 def list_models(request: Request) -> dict[str, Any]:
-    return {"models": _cards(request).list()}
+    return {"models": [entry.to_json() for entry in _cards(request).list()]}
 
 
 @router.get(

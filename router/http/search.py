@@ -1,4 +1,5 @@
-"""HTTP routes for visual search; the operations live in router/services/search.py."""
+"""HTTP routes for visual search; the operations live in router/services/search.py, which
+returns typed results (router/services/results.py) that these routes send as JSON."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ async def _body(request: Request) -> bytes:
 async def search(request: Request) -> dict[str, Any]:
     body = parsed(SearchRequest, await _body(request))
     image = decoded_base64(body.image_base64, "image_base64") if body.image_base64 is not None else None
-    return await _operations(request).search(
+    result = await _operations(request).search(
         current_principal(),
         text=body.text,
         image=image,
@@ -42,7 +43,9 @@ async def search(request: Request) -> dict[str, Any]:
         k=body.k,
         filters=body.filters,
         params=body.params,
+        tenant=body.tenant,
     )
+    return result.model_dump()
 
 
 @router.post("/items", summary="Index an image with metadata")
@@ -75,19 +78,19 @@ async def index_item(request: Request) -> dict[str, Any]:
             raise InputError(
                 f"metadata must be a JSON object, got {type(metadata).__name__}", field="metadata"
             )
-    return await _operations(request).index(current_principal(), image, metadata)
+    return (await _operations(request).index(current_principal(), image, metadata)).to_json()
 
 
 @router.get("/items/{item_id}", summary="One indexed item's metadata")
 async def get_item(request: Request, item_id: int) -> dict[str, Any]:
-    return await _operations(request).get(current_principal(), item_id)
+    return (await _operations(request).get(current_principal(), item_id)).to_json()
 
 
 @router.delete("/items/{item_id}", summary="Delete an indexed item")
 async def delete_item(request: Request, item_id: int) -> dict[str, Any]:
-    return await _operations(request).delete(current_principal(), item_id)
+    return (await _operations(request).delete(current_principal(), item_id)).to_json()
 
 
 @router.get("/stats", summary="Index size, kind and embedder")
 async def stats(request: Request) -> dict[str, Any]:
-    return await _operations(request).stats(current_principal())
+    return (await _operations(request).stats(current_principal())).to_json()

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from policies.review_queue import ReviewQueue
+from router.services.results import ErasureSummary
 from visionroute.errors import InputError
 
 TENANT = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
@@ -86,6 +87,14 @@ class Subject:
         )
 
 
+@dataclass(frozen=True)
+class _SearchErased:
+    """The search store's part of an erasure; None when no search store is deployed."""
+
+    entries: int | None
+    log_vectors: int | None
+
+
 class Eraser:
     """Erases across the stores it is given (``search_store``/``ledger`` None: not deployed)."""
 
@@ -97,11 +106,11 @@ class Eraser:
         self.ledger = ledger  # policies.budgets.BudgetLedger
         self.actor = actor
 
-    def erase_item(self, item_id: str, *, reason: str = "erasure request") -> dict[str, Any]:
+    def erase_item(self, item_id: str, *, reason: str = "erasure request") -> ErasureSummary:
         item = self.queue.get(item_id)  # NotFound names the item
         return self._erase([item], item.tenant, None, reason, {"selector": "item", "item_id": item_id})
 
-    def erase_subject(self, subject: Subject, *, reason: str = "erasure request") -> dict[str, Any]:
+    def erase_subject(self, subject: Subject, *, reason: str = "erasure request") -> ErasureSummary:
         items = self.queue.find_items(
             subject.tenant, request_key=subject.request_key, image_sha256=subject.image_sha256
         )
@@ -113,32 +122,34 @@ class Eraser:
         return self._erase(items, subject.tenant, subject, reason, selector)
 
     def _erase(
-        self, items, tenant: str, subject: Subject | None, reason: str, selector: dict
-    ) -> dict[str, Any]:
+        self, items, tenant: str, subject: Subject | None, reason: str, selector: dict[str, str]
+    ) -> ErasureSummary:
         review = self.queue.erase([item.id for item in items], actor=self.actor, reason=reason)
         image_shas = set(review["image_sha256"])
         if subject is not None and subject.image_sha256:
             image_shas.add(subject.image_sha256)
         request_ids = set(review["request_ids"])
         search = self._erase_search(tenant, review["items"], sorted(image_shas), subject)
-        ledger = self._clear_ledger(request_ids, subject)
-        summary = {
+        summary = ErasureSummary(
+            erasure_id=f"erasure:{uuid.uuid4().hex}",
             **selector,
-            "tenant": tenant,
-            "review_items_erased": len(review["items"]),
-            "images_deleted": review["images_deleted"],
-            "other_items_lost_image": len(review["other_items_lost_image"]),
-            "search_entries_erased": search["entries"],
-            "search_log_vectors_zeroed": search["log_vectors"],
-            "ledger_request_ids_cleared": ledger,
-        }
-        erasure_id = f"erasure:{uuid.uuid4().hex}"
-        self.queue.record_event(erasure_id, self.actor, "erasure", {**summary, "reason": reason})
-        return {"erasure_id": erasure_id, **summary, "review_item_ids": review["items"]}
+            tenant=tenant,
+            review_items_erased=len(review["items"]),
+            images_deleted=review["images_deleted"],
+            other_items_lost_image=len(review["other_items_lost_image"]),
+            search_entries_erased=search.entries,
+            search_log_vectors_zeroed=search.log_vectors,
+            ledger_request_ids_cleared=self._clear_ledger(request_ids, subject),
+            review_item_ids=list(review["items"]),
+        )
+        self.queue.record_event(summary.erasure_id, self.actor, "erasure", summary.event_json(reason))
+        return summary
 
-    def _erase_search(self, tenant: str, item_ids: list[str], image_shas: list[str], subject: Subject | None):
+    def _erase_search(
+        self, tenant: str, item_ids: list[str], image_shas: list[str], subject: Subject | None
+    ) -> _SearchErased:
         if self.search_store is None:
-            return {"entries": None, "log_vectors": None}
+            return _SearchErased(entries=None, log_vectors=None)
         from retrieval.schemas import SearchFilters
 
         store = self.search_store
@@ -159,7 +170,7 @@ class Eraser:
             vector_bytes = found[1].astype("float32").tobytes()
             store.delete_logged(item_id)
             zeroed += self._zero_logged_vector(vector_bytes)
-        return {"entries": len(ids), "log_vectors": zeroed}
+        return _SearchErased(entries=len(ids), log_vectors=zeroed)
 
     def _zero_logged_vector(self, vector_bytes: bytes) -> int:
         """Overwrite every copy of this embedding in the index's operation log with zeros: a

@@ -54,6 +54,7 @@ from router.services.model_card_schema import (
     LabelSet,
     ModelCard,
 )
+from router.services.results import ModelCardEntry
 from visionroute import paths
 from visionroute.errors import ConfigError, NotFound
 
@@ -158,16 +159,16 @@ class ModelCards:
     def names(self) -> list[str]:
         return list(self._entries())
 
-    def list(self) -> list[dict[str, Any]]:
+    def list(self) -> list[ModelCardEntry]:
         """One line per card: its name, kind, task and what it describes (no file is read)."""
         return [
-            {
-                "name": name,
-                "kind": entry.kind,
-                "task": entry.task,
-                "describes": entry.describes,
-                "card": f"/v1/models/{name}/card",
-            }
+            ModelCardEntry(
+                name=name,
+                kind=entry.kind,
+                task=entry.task,
+                describes=entry.describes,
+                card=f"/v1/models/{name}/card",
+            )
             for name, entry in self._entries().items()
         ]
 

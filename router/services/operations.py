@@ -13,6 +13,7 @@ from policies.runtime import PolicyRuntime
 from router.auth.principal import Principal
 from router.metrics import IngressMetrics
 from router.services.backends import CheapTierClient, SearchBackend, VlmTierClient
+from router.services.results import PolicyView, Readiness
 from visionroute.errors import ConfigError
 from visionroute.redaction import failure_summary
 
@@ -50,16 +51,16 @@ class Operations:
         self.metrics.reconfigurations.labels("applied").inc()
         return True
 
-    async def policy(self) -> dict[str, Any]:
+    async def policy(self) -> PolicyView:
         policy = self.policies.current
         budgets = await asyncio.to_thread(self.policies.ledger.status, policy.budgets)
-        return {
-            "version": policy.version,
-            "policy": policy.model_dump(mode="json"),
-            "budgets": budgets,
-            "history": self.policies.history[-20:],
-            "replica_pid": os.getpid(),  # lets a test or operator see that a change needed no restart
-        }
+        return PolicyView(
+            version=policy.version,
+            policy=policy.model_dump(mode="json"),
+            budgets=budgets,
+            history=self.policies.history[-20:],
+            replica_pid=os.getpid(),
+        )
 
     async def metrics_text(self) -> bytes:
         if self.search is not None:
@@ -70,8 +71,8 @@ class Operations:
                 log.warning("search stats unavailable for /metrics: %s", exc)
         return await asyncio.to_thread(self.metrics.render)
 
-    async def readiness(self, caller: Principal | None = None) -> tuple[bool, dict[str, Any]]:
-        """(ready, checks): every cheap tier answers, the index is loaded, the queue is writable.
+    async def readiness(self, caller: Principal | None = None) -> Readiness:
+        """Ready when every cheap tier answers, the index is loaded, the queue is writable.
         VLM reachability is reported but does not fail readiness (a down VLM degrades to review).
 
         /readyz is public, so with keys on only an admin sees each check's details (models,
@@ -101,7 +102,7 @@ class Operations:
         )
         if self.auth_enabled and (caller is None or caller.role != "admin"):
             checks = {name: summary(check) for name, check in checks.items()}
-        return ready, checks
+        return Readiness(ready=ready, checks=checks)
 
 
 def summary(check: dict[str, Any]) -> dict[str, Any]:

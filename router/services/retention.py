@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
 
 from policies.review_queue import ReviewQueue
 from policies.runtime import PolicyRuntime
+from router.services.results import RetentionRun
 
 log = logging.getLogger("visionroute.service.retention")
 
@@ -28,17 +28,18 @@ class RetentionTask:
         self.policies = policies
         self.interval_s = interval_s
         self.runs = 0
-        self.last_result: dict[str, Any] | None = None
+        self.last_result: RetentionRun | None = None
         self._task: asyncio.Task | None = None
 
-    def run_once(self) -> dict[str, int]:
+    def run_once(self) -> RetentionRun:
         """One purge under the current policy's TTL (blocking: call it in a thread)."""
         ttl_s = self.policies.current.review.image_ttl_s
-        result = self.queue.purge_images(ttl_s)
+        purged = self.queue.purge_images(ttl_s)
+        result = RetentionRun(items=purged["items"], images_deleted=purged["images_deleted"], ttl_s=ttl_s)
         self.runs += 1
-        self.last_result = {**result, "ttl_s": ttl_s}
-        if result["items"]:
-            log.info("retention: %s", self.last_result)
+        self.last_result = result
+        if result.items:
+            log.info("retention: %s", result.to_json())
         return result
 
     async def _loop(self) -> None:

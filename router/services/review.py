@@ -28,6 +28,16 @@ from router.auth.principal import Principal, tenant_scope
 from router.config import AppConfig
 from router.schemas import ClaimRequest, LabelRequest, ReleaseRequest
 from router.services.backends import SearchBackend
+from router.services.results import (
+    AuditEvent,
+    AuditLog,
+    Claim,
+    LabelSet,
+    QueueStats,
+    ReviewItemView,
+    ReviewPage,
+    ReviewStats,
+)
 from visionroute.errors import InputError, NotFound, PermissionDenied
 
 log = logging.getLogger("visionroute.service.review")
@@ -96,21 +106,21 @@ class ReviewService:
 
     async def list_items(
         self, caller: Principal | None, status: str | None = "pending", limit: int = 50, offset: int = 0
-    ) -> dict[str, Any]:
+    ) -> ReviewPage:
         status = None if status == "all" else status
 
-        def read() -> dict[str, Any]:
+        def read() -> ReviewPage:
             items = self.queue.list_items(
                 status=status, tenant=tenant_scope(caller), limit=limit, offset=offset
             )
-            stats = self.queue.stats(tenant=tenant_scope(caller))
-            return {"items": [item.public_dict() for item in items], **stats}
+            stats = QueueStats(**self.queue.stats(tenant=tenant_scope(caller)))
+            return ReviewPage([ReviewItemView.from_item(item) for item in items], stats)
 
         return await asyncio.to_thread(read)
 
-    async def get(self, caller: Principal | None, item_id: str) -> dict[str, Any]:
+    async def get(self, caller: Principal | None, item_id: str) -> ReviewItemView:
         item = await asyncio.to_thread(self.queue.get, item_id, tenant=tenant_scope(caller))
-        return item.public_dict()
+        return ReviewItemView.from_item(item)
 
     async def image(self, caller: Principal | None, item_id: str) -> tuple[bytes, str]:
         """(the stored image, its media type); 404 naming the retention policy once purged."""
@@ -123,14 +133,15 @@ class ReviewService:
         image_format = Image.open(io.BytesIO(data)).format or "octet-stream"
         return data, Image.MIME.get(image_format, "application/octet-stream")
 
-    async def audit_log(self, caller: Principal | None, item_id: str) -> dict[str, Any]:
+    async def audit_log(self, caller: Principal | None, item_id: str) -> AuditLog:
         def read() -> list[dict[str, Any]]:
             self.queue.get(item_id, tenant=tenant_scope(caller))
             return self.queue.audit_log(item_id)
 
-        return {"item_id": item_id, "events": await asyncio.to_thread(read)}
+        events = await asyncio.to_thread(read)
+        return AuditLog(item_id, [AuditEvent(**event) for event in events])
 
-    async def claim(self, caller: Principal | None, request: ClaimRequest) -> dict[str, Any]:
+    async def claim(self, caller: Principal | None, request: ClaimRequest) -> Claim:
         reviewer = acting_reviewer(caller, request.reviewer)
         item = await asyncio.to_thread(
             self.queue.claim,
@@ -140,23 +151,22 @@ class ReviewService:
             lease_s=request.lease_s,
         )
         if item is None:
-            return {"item": None, "lease_token": None}
-        return {"item": item.public_dict(), "lease_token": item.lease_token}
+            return Claim(item=None, lease_token=None)
+        return Claim(item=ReviewItemView.from_item(item), lease_token=item.lease_token)
 
     async def release(
         self, caller: Principal | None, item_id: str, request: ReleaseRequest
-    ) -> dict[str, Any]:
+    ) -> ReviewItemView:
         reviewer = acting_reviewer(caller, request.reviewer)
 
-        def write() -> dict[str, Any]:
+        def write() -> ReviewItemView:
             self.queue.get(item_id, tenant=tenant_scope(caller))  # another tenant's item does not exist here
-            return self.queue.release(
-                item_id, reviewer=reviewer, lease_token=request.lease_token
-            ).public_dict()
+            item = self.queue.release(item_id, reviewer=reviewer, lease_token=request.lease_token)
+            return ReviewItemView.from_item(item)
 
         return await asyncio.to_thread(write)
 
-    async def label(self, caller: Principal | None, item_id: str, request: LabelRequest) -> dict[str, Any]:
+    async def label(self, caller: Principal | None, item_id: str, request: LabelRequest) -> ReviewItemView:
         reviewer = acting_reviewer(caller, request.reviewer)
 
         def write():
@@ -186,34 +196,33 @@ class ReviewService:
                 )
             except Exception as exc:
                 log.warning("review label of %s not copied to the search index: %s", item.id, exc)
-        return item.public_dict()
+        return ReviewItemView.from_item(item)
 
-    async def label_set(self, task: str) -> dict[str, Any]:
+    async def label_set(self, task: str) -> LabelSet:
         if task not in self.config.cascades:
             raise NotFound(
                 f"unknown task {task!r}; expected one of {sorted(self.config.cascades)}", field="task"
             )
-        return {"task": task, "labels": await asyncio.to_thread(self.queue.label_set, task)}
+        return LabelSet(task, await asyncio.to_thread(self.queue.label_set, task))
 
-    async def stats(self, caller: Principal | None) -> dict[str, Any]:
+    async def stats(self, caller: Principal | None) -> ReviewStats:
         """Depth, leases, SLA and audit estimates: the caller's tenant's (admins and auth off: all)."""
         scope = tenant_scope(caller)
 
-        def read() -> dict[str, Any]:
+        def read() -> ReviewStats:
             if scope is None:  # the service-wide estimate, which also feeds the audit alerts
                 audits = {
-                    task: self.policies.audit_estimate(self.queue, task).to_dict()
-                    for task in self.config.cascades
+                    task: self.policies.audit_estimate(self.queue, task) for task in self.config.cascades
                 }
             else:
                 config = self.policies.current.audit
                 audits = {
                     task: estimate(
                         task, *self.queue.audit_outcomes(task, config.window_items, tenant=scope), config
-                    ).to_dict()
+                    )
                     for task in self.config.cascades
                 }
-            stats = self.queue.stats(tenant=scope)
-            return {**stats, "sla_s": self.policies.current.review.sla_s, "audit": audits}
+            stats = QueueStats(**self.queue.stats(tenant=scope))
+            return ReviewStats(stats, self.policies.current.review.sla_s, audits)
 
         return await asyncio.to_thread(read)

@@ -10,6 +10,10 @@ holding the vectors whose FAISS label falls in its shard, over ONE shared store.
   the shard holding the new label applies it when it next catches up (within the index's
   ``max_staleness_s``);
 - maintenance (snapshot, compact, reload) runs on every shard; ``stats`` adds them up.
+
+It is a ``SearchBackend`` like any other, so ``call`` answers what a single index answers
+(JSON values, as they cross a Ray hop); inside, the shards' answers are validated into
+retrieval's ``SearchResponse`` and merged as typed hits.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from retrieval.schemas import SearchResponse
 from retrieval.shards import merge_hits
 from router.services.backends import SearchBackend
 
@@ -40,7 +45,7 @@ class ShardedSearch:
 
     async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         if method in SEARCHES:
-            return await self._search(method, *args, **kwargs)
+            return (await self._search(method, *args, **kwargs)).model_dump()
         if method in EVERY_SHARD:
             return await asyncio.gather(*(shard.call(method, *args, **kwargs) for shard in self.shards))
         if method == "stats":
@@ -49,27 +54,28 @@ class ShardedSearch:
 
     async def _search(
         self, method: str, query: Any, k: int = 10, filters: Any = None, params: Any = None
-    ) -> dict[str, Any]:
+    ) -> SearchResponse:
         started = time.perf_counter()
         asked = await self._one().call("query_vector", method, query, k, filters, params)
-        answers = await asyncio.gather(
-            *(
-                shard.call("search_vector", asked["vector"], k, filters, params, asked["exclude"])
-                for shard in self.shards
+        answers = [
+            SearchResponse.model_validate(answer)
+            for answer in await asyncio.gather(
+                *(
+                    shard.call("search_vector", asked["vector"], k, filters, params, asked["exclude"])
+                    for shard in self.shards
+                )
             )
+        ]
+        hits = merge_hits([a.hits for a in answers], k, score=lambda h: h.score, item_id=lambda h: h.id)
+        return SearchResponse(
+            hits=hits,
+            k=k,
+            index_kind=answers[0].index_kind,
+            exact=all(a.exact for a in answers),
+            took_ms=round((time.perf_counter() - started) * 1000, 3),
+            query=asked["echo"].get("query"),
+            query_id=asked["echo"].get("query_id"),
         )
-        hits = merge_hits(
-            [a["hits"] for a in answers], k, score=lambda h: h["score"], item_id=lambda h: h["id"]
-        )
-        return {
-            "hits": hits,
-            "k": k,
-            "index_kind": answers[0]["index_kind"],
-            "exact": all(a["exact"] for a in answers),
-            "took_ms": round((time.perf_counter() - started) * 1000, 3),
-            "query": asked["echo"].get("query"),
-            "query_id": asked["echo"].get("query_id"),
-        }
 
     async def _stats(self, tenant: str | None = None) -> dict[str, Any]:
         if tenant is not None:  # a tenant's view is store-level: every shard gives the same

@@ -322,6 +322,45 @@ def test_search_on_both_faces_sees_only_the_callers_tenant(service, stub, photos
     assert code == grpc.StatusCode.INVALID_ARGUMENT and details["field"] == "query"
 
 
+def test_search_takes_tenant_and_params_on_both_faces_with_typed_hits(service, stub):
+    """The same request fields on both faces (issue 21), checked alike; typed hits beside the
+    deprecated result_json, through Ray Serve's gRPC proxy."""
+    acme = {"x-api-key": key("acme_client")}
+    typed = stub.Search(
+        pb.SearchRequest(
+            query_text="a cup of coffee", k=5, tenant="acme", params=pb.SearchParams(exact=True)
+        ),
+        metadata=meta("acme_client"),
+        timeout=60,
+    )
+    as_json = json.loads(typed.result_json)
+    assert [h.id for h in typed.hits] == [h["id"] for h in as_json["hits"]] and typed.exact
+    assert {h.metadata.tenant for h in typed.hits} <= {"acme"} and typed.query == "a cup of coffee"
+    over_http = httpx.post(
+        service.url + "/v1/search",
+        json={"text": "a cup of coffee", "k": 5, "tenant": "acme", "params": {"exact": True}},
+        headers=acme,
+        timeout=60,
+    ).json()
+    assert [h["id"] for h in over_http["hits"]] == [h.id for h in typed.hits]
+    for body, fields, status, code, field in (
+        ({"tenant": "globex"}, {"tenant": "globex"}, 403, grpc.StatusCode.PERMISSION_DENIED, "tenant"),
+        (
+            {"params": {"ef_search": 0}},
+            {"params": pb.SearchParams(ef_search=0)},
+            400,
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "params.ef_search",
+        ),
+    ):
+        http = httpx.post(service.url + "/v1/search", json={"text": "cup", **body}, headers=acme, timeout=60)
+        got, details = grpc_error(
+            stub.Search, pb.SearchRequest(query_text="cup", **fields), metadata=meta("acme_client")
+        )
+        assert (http.status_code, http.json()["field"]) == (status, field)
+        assert (got, details["field"]) == (code, field) and details["reason"] == http.json()["reason"]
+
+
 def test_standard_health_checking_and_reflection(channel):
     health = health_pb2_grpc.HealthStub(channel)
     for service_name in ("", SERVICE_NAME):

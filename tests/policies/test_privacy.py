@@ -349,9 +349,9 @@ def test_erasing_a_subject_removes_it_from_every_store_with_an_audit_trail(tmp_p
     eraser = Eraser(queue, search_store=store, ledger=ledger, actor="dpo@acme")
     result = eraser.erase_subject(Subject.parse("acme/u-42"), reason="GDPR art. 17")
     erased = {items["acme", "u-42:1"].id, items["acme", "u-42:2"].id}
-    assert set(result["review_item_ids"]) == erased
-    assert result["review_items_erased"] == 2 and result["images_deleted"] == 2
-    assert result["search_entries_erased"] == 3 and result["search_log_vectors_zeroed"] >= 3
+    assert set(result.review_item_ids) == erased
+    assert result.review_items_erased == 2 and result.images_deleted == 2
+    assert result.search_entries_erased == 3 and result.search_log_vectors_zeroed >= 3
     # Review queue: rows and images gone; others (acme's u-420, globex's u-42) untouched.
     remaining = {(i.tenant, i.request_id) for i in queue.iter_all()}
     assert remaining == {
@@ -369,8 +369,10 @@ def test_erasing_a_subject_removes_it_from_every_store_with_an_audit_trail(tmp_p
     with pytest.raises(NotFound):
         queue.blobs.get(items["acme", "u-42:1"].shown_ref)
     assert queue.image(items["globex", "u-42:1"].id) == images["u-42:1"]
-    summary = queue.audit_log(result["erasure_id"])
+    summary = queue.audit_log(result.erasure_id)
     assert summary[0]["action"] == "erasure" and "u-42" not in json.dumps(summary)  # the key's hash only
+    counts = {k: v for k, v in result.to_json().items() if k not in ("erasure_id", "review_item_ids")}
+    assert summary[0]["new_json"] == json.dumps({**counts, "reason": "GDPR art. 17"})  # the event as before
     # Search: the subject's entries and every logged copy of their vectors are gone.
     left = {
         (m.tenant, m.extra.get("request_id"))
@@ -408,7 +410,7 @@ def test_erasing_an_image_takes_it_from_the_tenants_other_items_too(tmp_path):
     first = queue.enqueue(request_id="a", tenant="acme", **fields)
     second = queue.enqueue(request_id="b", tenant="acme", **fields)
     result = Eraser(queue, actor="dpo").erase_item(first.id)
-    assert result["review_items_erased"] == 1 and result["other_items_lost_image"] == 1
+    assert result.review_items_erased == 1 and result.other_items_lost_image == 1
     after = queue.get(second.id)
     assert after.status == "expired" and queue.audit_log(second.id)[-1]["action"] == "image_erased"
     assert not stored_files(tmp_path / "review" / "images")

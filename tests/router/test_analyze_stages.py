@@ -629,7 +629,7 @@ def test_through_the_service_an_exhausted_budget_in_review_mode_queues_the_reque
     assert [s.stage for s in second.trace] == ["input", "policy:budget", "privacy:redact", "review_queue"]
     assert second.degraded and second.detections is None and second.review_item_id
     item = run(service.review.get(None, second.review_item_id))
-    assert item["kind"] == "budget"
+    assert item.kind == "budget"
 
 
 # -- rollouts: the shadow after the response --------------------------------------------------------

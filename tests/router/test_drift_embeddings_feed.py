@@ -43,7 +43,7 @@ def test_indexed_images_feed_the_embeddings_monitor(tmp_path):
     try:
         asyncio.run(scenario())
         service.drift.drain()
-        (row,) = [r for r in service.drift.report()["monitors"] if r["monitor"] == "embeddings"]
+        (row,) = [r for r in service.drift.report().to_json()["monitors"] if r["monitor"] == "embeddings"]
         assert row["observed"] == 30 and row["n_window"] >= 10, row
     finally:
         service.drift.close()

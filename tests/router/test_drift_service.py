@@ -72,7 +72,7 @@ def _feed(service: DriftService, indices, shift=None) -> None:
 
 
 def _rows(service: DriftService) -> dict[str, dict]:
-    return {row["monitor"]: row for row in service.report()["monitors"] if row["task"] == TASK}
+    return {row["monitor"]: row for row in service.report().to_json()["monitors"] if row["task"] == TASK}
 
 
 @pytest.fixture
@@ -228,14 +228,14 @@ def test_bad_config_and_disabled_monitors(monkeypatch):
     off = DriftService(DriftConfig(enabled=False), tasks=[TASK])
     off.observe_request(*_request(_digits()[1][0]))
     off.drain()
-    assert off.report()["monitors"] == [] and off.report()["enabled"] is False
+    assert off.report().monitors == [] and off.report().enabled is False
     off.close()
     # A backlog of pixels past the bound drops the image (counted); the score is still seen.
     monkeypatch.setattr("router.drift.service.MAX_PENDING_PIXELS", 0)
     busy = DriftService(CONFIG, tasks=[TASK])
     busy.observe_request(*_request(_digits()[1][0]))
     busy.drain()
-    assert busy.report()["dropped_requests"] == 1
+    assert busy.report().dropped_requests == 1
     assert _rows(busy)["confidence"]["observed"] == 1 and _rows(busy)["inputs"]["observed"] == 0
     busy.close()
 
@@ -258,7 +258,8 @@ def test_get_v1_drift_and_the_cli_report(service, monkeypatch, tmp_path, capsys)
     app.include_router(drift_router)
     monkeypatch.setattr(router.http.deps._Attached, "service", SimpleNamespace(drift=service))
     report = fetch_report("http://testserver", None, client=TestClient(app))
-    assert report["monitors"] == service.report()["monitors"]
+    assert report == service.report().to_json() | {"monitors": report["monitors"]}
+    assert report["monitors"] == service.report().to_json()["monitors"]
     table = format_report(report)
     header = next(line for line in table.splitlines() if line.startswith("task"))
     assert header.split() == ["task", "monitor", "status", "score", "p_value", "alarm", "n_ref", "n_window"]

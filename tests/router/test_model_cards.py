@@ -99,7 +99,7 @@ def colour_cards(world: SimpleNamespace, **config_changes) -> ModelCards:
 def test_default_config_has_a_card_per_task_and_the_policy_set(prepared_models_dir, tmp_path):
     cards = ModelCards(AppConfig(models_dir=prepared_models_dir), reports_dir=tmp_path / "reports")
     assert cards.names() == ["classify.efficientnet_lite0", "text.ppocr_det", "policy-set.policies-v1"]
-    assert [row["kind"] for row in cards.list()] == ["cheap_tier", "cheap_tier", "policy_set"]
+    assert [row.kind for row in cards.list()] == ["cheap_tier", "cheap_tier", "policy_set"]
 
     classifier = cards.card("classify.efficientnet_lite0").to_dict()
     model = classifier["model"]
@@ -262,7 +262,7 @@ def test_a_rollout_candidate_gets_its_own_card(colour_model, tmp_path):
     }
     cards = ModelCards(parse_app_config(args), reports_dir=tmp_path)
     assert cards.names() == ["colour.colour", "colour.candidate.v2", "policy-set.policies-v1"]
-    assert cards.list()[1]["describes"] == str(candidate)
+    assert cards.list()[1].describes == str(candidate)
     card = cards.card("colour.candidate.v2")
     assert card.kind == "candidate_tier" and card.routing["incumbent"] == "colour.colour"
     assert card.model.sha256 == sha256_of(candidate) != cards.card("colour.colour").model.sha256

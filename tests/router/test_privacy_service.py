@@ -56,7 +56,7 @@ def test_a_review_item_stores_the_redacted_photo_and_the_trace_says_what_was_red
     assert redact["policy_version"] == "privacy-v7" and redact["latency_ms"] > 0
     assert redact["details"]["faces"]["count"] == 1 and "facenet-pytorch==2.6.0" in redact["model_version"]
     item = asyncio.run(service.review.get(None, analysis.review_item_id))
-    assert [s["stage"] for s in item["trace"]["steps"]][-1] == "privacy:redact"  # the stored trace says so
+    assert [s["stage"] for s in item.trace["steps"]][-1] == "privacy:redact"  # the stored trace says so
     middle = astronaut[len(astronaut) // 2 :][:64]
     assert all(middle not in p.read_bytes() for p in (tmp_path / "review").rglob("*") if p.is_file())
 
@@ -73,10 +73,9 @@ def test_a_failing_detector_queues_the_item_for_review_without_its_image(tmp_pat
     assert analysis.decision.value == "review" and analysis.review_item_id
     item = asyncio.run(service.review.get(None, analysis.review_item_id))
     assert (
-        "image not stored: privacy redaction failed at mtcnn: RuntimeError: detector crashed"
-        in item["reason"]
+        "image not stored: privacy redaction failed at mtcnn: RuntimeError: detector crashed" in item.reason
     )
-    assert item["image_available"] is False and item["status"] == "pending"
+    assert item.image_available is False and item.status == "pending"
     step = next(s for s in response_body(analysis)["trace"]["steps"] if s["stage"] == "privacy:redact")
     assert step["error"] and "fail closed" in step["reason"]
     with pytest.raises(NotFound, match="not stored"):
@@ -112,23 +111,23 @@ def test_retention_runs_inside_the_service_and_keeps_labels(tmp_path):
         analysis = await service.analyze.analyze(ImageRequest(GREY, "r1"), None)
         item_id = analysis.review_item_id
         claim = await service.review.claim(None, ClaimRequest(reviewer="ann", item_id=item_id))
-        label = LabelRequest(reviewer="ann", lease_token=claim["lease_token"], verdict="correct", label="red")
+        label = LabelRequest(reviewer="ann", lease_token=claim.lease_token, verdict="correct", label="red")
         await service.review.label(None, item_id, label)
         await asyncio.sleep(0.3)
-        assert (await service.review.get(None, item_id))["image_deleted_at"] is None  # 30-day TTL
+        assert (await service.review.get(None, item_id)).image_deleted_at is None  # 30-day TTL
         # A new policy set with a short TTL applies at the next run, without a restart.
         assert service.operations.reconfigure({"version": "short-ttl", "review": {"image_ttl_s": 0.01}})
         deadline = time.monotonic() + 30
-        while (await service.review.get(None, item_id))["image_deleted_at"] is None:
+        while (await service.review.get(None, item_id)).image_deleted_at is None:
             assert time.monotonic() < deadline, "the retention task did not purge the image"
             await asyncio.sleep(0.05)
         item = await service.review.get(None, item_id)
-        assert item["label"]["label"] == "red" and item["status"] == "labelled"
-        events = (await service.review.audit_log(None, item_id))["events"]
-        assert events[-1]["action"] == "image_purged"
+        assert item.label["label"] == "red" and item.status == "labelled"
+        events = (await service.review.audit_log(None, item_id)).events
+        assert events[-1].action == "image_purged"
         with pytest.raises(NotFound, match="retention"):
             await service.review.image(None, item_id)
-        assert service.retention.runs >= 1 and service.retention.last_result["ttl_s"] == 0.01
+        assert service.retention.runs >= 1 and service.retention.last_result.ttl_s == 0.01
         await service.retention.stop()
         assert not service.retention.is_running
 

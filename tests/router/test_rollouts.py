@@ -91,18 +91,18 @@ async def review_everything(service, truth_of: dict[str, str]) -> int:
     labelled = 0
     while True:
         claim = await service.review.claim(None, ClaimRequest(reviewer="rita"))
-        item = claim["item"]
+        item = claim.item
         if item is None:
             return labelled
-        truth = truth_of[item["request_id"]]
-        proposed = item["proposed"][0]["label"] if item["proposed"] else None
+        truth = truth_of[item.request_id]
+        proposed = item.proposed[0]["label"] if item.proposed else None
         verdict = "confirm" if proposed == truth else "correct"
         await service.review.label(
             None,
-            item["id"],
+            item.id,
             LabelRequest(
                 reviewer="rita",
-                lease_token=claim["lease_token"],
+                lease_token=claim.lease_token,
                 verdict=verdict,
                 label=None if verdict == "confirm" else truth,
             ),
@@ -211,7 +211,7 @@ def test_an_equal_cheaper_candidate_in_canary_serves_its_share_and_is_promoted(s
     )
     assert 'status="promoted"' in metrics and "visionroute_rollout_risk_bound" in metrics
     service.drift.drain()  # the promotion restarted the confidence reference, fed by the candidate now
-    (confidence,) = [r for r in service.drift.report()["monitors"] if r["monitor"] == "confidence"]
+    (confidence,) = [r for r in service.drift.report().to_json()["monitors"] if r["monitor"] == "confidence"]
     assert 0 < confidence["observed"] <= 6
     finished = run(service.rollouts.decide(ADMIN, rollout_id, "finish", {"reason": "deployed as incumbent"}))
     assert finished["status"] == "finished"
@@ -237,9 +237,9 @@ def test_labels_count_once_and_the_evidence_is_shared_by_replicas(tmp_path):
         served = await traffic(second, 3, "replica")  # the other replica sees the rollout
         assert all(steps(a["analysis"], "rollout")[0].details["arm"] == "candidate" for a in served)
         claim = await first.review.claim(None, ClaimRequest(reviewer="rita"))
-        label = LabelRequest(reviewer="rita", lease_token=claim["lease_token"], verdict="confirm")
-        await first.review.label(None, claim["item"]["id"], label)
-        await second.review.label(None, claim["item"]["id"], label)  # a retry through another replica
+        label = LabelRequest(reviewer="rita", lease_token=claim.lease_token, verdict="confirm")
+        await first.review.label(None, claim.item.id, label)
+        await second.review.label(None, claim.item.id, label)  # a retry through another replica
         return started["id"]
 
     rollout_id = run(scenario())

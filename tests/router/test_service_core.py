@@ -66,14 +66,14 @@ def test_an_unsure_answer_is_queued_and_the_review_flow_runs_through_the_core(se
     assert analysis.decision.value == "review" and analysis.review_item_id
     item_id = analysis.review_item_id
     listed = run(service.review.list_items(None))
-    assert [item["id"] for item in listed["items"]] == [item_id] and listed["depth"] == 1
+    assert [item.id for item in listed.items] == [item_id] and listed.stats.depth == 1
     claim = run(service.review.claim(None, ClaimRequest(reviewer="ann", item_id=item_id)))
-    assert claim["item"]["id"] == item_id and claim["lease_token"]
+    assert claim.item.id == item_id and claim.lease_token
     with pytest.raises(Conflict):
         run(service.review.claim(None, ClaimRequest(reviewer="bob", item_id=item_id)))
-    label = LabelRequest(reviewer="ann", lease_token=claim["lease_token"], verdict="correct", label="green")
-    assert run(service.review.label(None, item_id, label))["status"] == "labelled"
-    assert run(service.review.label(None, item_id, label))["status"] == "labelled"  # idempotent
+    label = LabelRequest(reviewer="ann", lease_token=claim.lease_token, verdict="correct", label="green")
+    assert run(service.review.label(None, item_id, label)).status == "labelled"
+    assert run(service.review.label(None, item_id, label)).status == "labelled"  # idempotent
     with pytest.raises(InputError, match="needs 'label' or 'boxes'"):
         run(
             service.review.label(
@@ -82,8 +82,8 @@ def test_an_unsure_answer_is_queued_and_the_review_flow_runs_through_the_core(se
         )
     data, media_type = run(service.review.image(None, item_id))
     assert data == GREY and media_type == "image/png"
-    events = run(service.review.audit_log(None, item_id))["events"]
-    assert [e["action"] for e in events][:2] == ["enqueue", "claim"]
+    events = run(service.review.audit_log(None, item_id)).events
+    assert [e.action for e in events][:2] == ["enqueue", "claim"]
 
 
 def test_a_released_item_can_be_claimed_by_another_reviewer(service):
@@ -91,15 +91,8 @@ def test_a_released_item_can_be_claimed_by_another_reviewer(service):
     claim = run(service.review.claim(None, ClaimRequest(reviewer="ann", item_id=item_id)))
     with pytest.raises(Conflict):
         run(service.review.release(None, item_id, ReleaseRequest(reviewer="ann", lease_token="nope")))
-    run(
-        service.review.release(
-            None, item_id, ReleaseRequest(reviewer="ann", lease_token=claim["lease_token"])
-        )
-    )
-    assert (
-        run(service.review.claim(None, ClaimRequest(reviewer="bob", item_id=item_id)))["item"]["id"]
-        == item_id
-    )
+    run(service.review.release(None, item_id, ReleaseRequest(reviewer="ann", lease_token=claim.lease_token)))
+    assert run(service.review.claim(None, ClaimRequest(reviewer="bob", item_id=item_id))).item.id == item_id
 
 
 def test_bad_input_is_an_error_naming_the_field(service):
@@ -116,12 +109,12 @@ def test_bad_input_is_an_error_naming_the_field(service):
 
 def test_tenants_see_only_their_own_review_items(service):
     item_id = analyze(service, GREY, caller=ACME).review_item_id
-    assert run(service.review.get(ACME_REVIEWER, item_id))["id"] == item_id
+    assert run(service.review.get(ACME_REVIEWER, item_id)).id == item_id
     with pytest.raises(NotFound):
         run(service.review.get(GLOBEX_REVIEWER, item_id))
     with pytest.raises(NotFound):
         run(service.review.claim(GLOBEX_REVIEWER, ClaimRequest(reviewer="gus", item_id=item_id)))
-    assert run(service.review.list_items(GLOBEX_REVIEWER))["items"] == []
+    assert run(service.review.list_items(GLOBEX_REVIEWER)).items == []
     with pytest.raises(PermissionDenied):
         analyze(service, RED, caller=ACME, tenant="globex")
 
@@ -168,14 +161,14 @@ def test_a_failing_cheap_tier_ends_in_review_and_fails_readiness(tmp_path):
     service = build(make_config(tmp_path), tier=DownTier())
     analysis = analyze(service, RED)
     assert analysis.decision.value == "review" and analysis.review_item_id
-    ready, checks = run(service.operations.readiness())
-    assert not ready and "error" in checks["tier:colour"]
+    readiness = run(service.operations.readiness())
+    assert not readiness.ready and "error" in readiness.checks["tier:colour"]
 
 
 def test_readiness_and_metrics_of_a_healthy_service(service):
     analyze(service, RED)
-    ready, checks = run(service.operations.readiness())
-    assert ready and checks["review_queue"] == {"writable": True}
+    readiness = run(service.operations.readiness())
+    assert readiness.ready and readiness.checks["review_queue"] == {"writable": True}
     text = run(service.operations.metrics_text()).decode()
     assert (
         'visionroute_decisions_total{decision="accept",policy_version="policies-v1",task="colour"} 1.0'
@@ -186,7 +179,7 @@ def test_readiness_and_metrics_of_a_healthy_service(service):
 def test_an_invalid_policy_change_is_refused_and_the_running_set_stays(service):
     assert service.operations.reconfigure({"version": "policy-v2"}) is True
     assert service.operations.reconfigure({"version": "policy-v3", "nonsense": 1}) is False
-    assert run(service.operations.policy())["version"] == "policy-v2"
+    assert run(service.operations.policy()).version == "policy-v2"
 
 
 def test_search_without_an_index_is_unavailable_not_a_crash(service):
@@ -203,21 +196,21 @@ def test_on_postgresql_an_outage_is_a_503_and_not_ready_and_nothing_acknowledged
     config.state = config.state.model_copy(update={"backend": "postgres", "connect_timeout_s": 1})
     service = build(config)
     before = analyze(service, GREY, ACME, request_id="before")  # unsure: a review item
-    assert before.review_item_id and run(service.operations.readiness())[0]
+    assert before.review_item_id and run(service.operations.readiness()).ready
     postgres_server.stop_server()
     try:
         with pytest.raises(BackendUnavailable) as error:
             analyze(service, GREY, ACME, request_id="during")
         assert error.value.retry_after_s > 0
-        ready, checks = run(service.operations.readiness())
-        assert not ready and checks["review_queue"] == {"writable": False}
-        assert checks["budget_ledger"] == {"reachable": False}
+        readiness = run(service.operations.readiness())
+        assert not readiness.ready and readiness.checks["review_queue"] == {"writable": False}
+        assert readiness.checks["budget_ledger"] == {"reachable": False}
     finally:
         postgres_server.start_server()
     deadline = time.monotonic() + 60
-    while not run(service.operations.readiness())[0]:  # the pools reconnect by themselves
+    while not run(service.operations.readiness()).ready:  # the pools reconnect by themselves
         assert time.monotonic() < deadline
         time.sleep(0.5)
     item = run(service.review.get(ACME_REVIEWER, before.review_item_id))
-    assert item["id"] == before.review_item_id  # acknowledged before the outage: still there
+    assert item.id == before.review_item_id  # acknowledged before the outage: still there
     assert analyze(service, GREY, ACME, request_id="after").review_item_id

@@ -90,15 +90,15 @@ def analyze(service, image: bytes, who: str, request_id: str):
     return run(service.analyze.analyze(ImageRequest(image, request_id), principal(who)))
 
 
-def search_entry(service, analysis) -> dict:
+def search_entry(service, analysis):
     search_id = next(s.details["search_id"] for s in analysis.trace if s.stage == "retrieval:index")
     return run(service.search.get(None, search_id))
 
 
-def claim_and_label(service, who: str, item_id: str, label: str = "green") -> dict:
+def claim_and_label(service, who: str, item_id: str, label: str = "green"):
     caller = principal(who)
     claim = run(service.review.claim(caller, ClaimRequest(item_id=item_id)))
-    request = LabelRequest(lease_token=claim["lease_token"], verdict="correct", label=label)
+    request = LabelRequest(lease_token=claim.lease_token, verdict="correct", label=label)
     return run(service.review.label(caller, item_id, request))
 
 
@@ -112,12 +112,12 @@ def test_two_tenants_with_one_request_id_each_get_their_own_item_and_tags(servic
     assert (
         run(service.review.image(principal("gus"), b.review_item_id))[0] == DARK_GREY
     )  # B's image is queued
-    assert [i["id"] for i in run(service.review.list_items(principal("gus")))["items"]] == [b.review_item_id]
-    assert search_entry(service, b)["metadata"]["review_item_id"] == b.review_item_id
+    assert [i.id for i in run(service.review.list_items(principal("gus"))).items] == [b.review_item_id]
+    assert search_entry(service, b).metadata.review_item_id == b.review_item_id
     claim_and_label(service, "ann", a.review_item_id)
     tags_a, tags_b = (
-        search_entry(service, a)["metadata"]["tags"],
-        search_entry(service, b)["metadata"]["tags"],
+        search_entry(service, a).metadata.tags,
+        search_entry(service, b).metadata.tags,
     )
     assert "reviewed:correct" in tags_a and "reviewed_label:green" in tags_a
     assert not [t for t in tags_b if t.startswith("reviewed")]
@@ -134,7 +134,7 @@ def test_a_label_never_tags_another_tenants_entry_that_names_the_same_review_ite
     search = service.search.backend.service
     stray = search.index_image(RED, {"tenant": "globex", "review_item_id": a.review_item_id})
     claim_and_label(service, "ann", a.review_item_id)
-    assert "reviewed:correct" in search_entry(service, a)["metadata"]["tags"]
+    assert "reviewed:correct" in search_entry(service, a).metadata.tags
     assert not [t for t in search.get(stray)["metadata"]["tags"] if t.startswith("reviewed")]
 
 
@@ -148,11 +148,11 @@ def test_the_key_is_the_reviewer_and_another_name_is_refused(service):
         run(service.review.claim(bob, ClaimRequest(reviewer="ann", item_id=item_id)))
     assert error.value.field == "reviewer" and "'bob'" in error.value.reason
     claim = run(service.review.claim(ann, ClaimRequest(item_id=item_id)))  # no name needed
-    assert claim["item"]["lease_owner"] == "ann"
+    assert claim.item.lease_owner == "ann"
     # bob cannot take ann's lease over, under his name or hers, nor label or release with it
     with pytest.raises(Conflict, match="leased by ann"):
         run(service.review.claim(bob, ClaimRequest(item_id=item_id)))
-    token = claim["lease_token"]
+    token = claim.lease_token
     with pytest.raises(PermissionDenied):
         run(
             service.review.label(
@@ -166,9 +166,9 @@ def test_the_key_is_the_reviewer_and_another_name_is_refused(service):
     done = run(
         service.review.label(ann, item_id, LabelRequest(reviewer="ann", lease_token=token, verdict="confirm"))
     )
-    assert done["status"] == "labelled" and done["labelled_by"] == "ann"
-    events = run(service.review.audit_log(ann, item_id))["events"]
-    assert [(e["action"], e["actor"]) for e in events] == [
+    assert done.status == "labelled" and done.labelled_by == "ann"
+    events = run(service.review.audit_log(ann, item_id)).events
+    assert [(e.action, e.actor) for e in events] == [
         ("enqueue", "service"),
         ("claim", "ann"),
         ("label", "ann"),
@@ -180,22 +180,21 @@ def test_a_key_without_a_name_acts_as_its_key_id_and_admins_cannot_impersonate(s
     nameless = principal("nameless")
     identity = f"key:{hash_key(KEYS['nameless'][3])[:12]}"
     claim = run(service.review.claim(nameless, ClaimRequest(reviewer=identity, item_id=item_id)))
-    assert claim["item"]["lease_owner"] == identity
-    run(service.review.release(nameless, item_id, ReleaseRequest(lease_token=claim["lease_token"])))
+    assert claim.item.lease_owner == identity
+    run(service.review.release(nameless, item_id, ReleaseRequest(lease_token=claim.lease_token)))
     with pytest.raises(PermissionDenied):
         run(service.review.claim(principal("root"), ClaimRequest(reviewer="ann", item_id=item_id)))
     assert (
-        run(service.review.claim(principal("root"), ClaimRequest(item_id=item_id)))["item"]["lease_owner"]
-        == "root"
+        run(service.review.claim(principal("root"), ClaimRequest(item_id=item_id))).item.lease_owner == "root"
     )
-    events = run(service.review.audit_log(None, item_id))["events"]
-    assert [e["actor"] for e in events] == ["service", identity, identity, "root"]
+    events = run(service.review.audit_log(None, item_id)).events
+    assert [e.actor for e in events] == ["service", identity, identity, "root"]
 
 
 def test_without_keys_the_field_names_the_reviewer_and_is_required(service):
     item_id = analyze(service, GREY, "acme_app", "r1").review_item_id
     assert (
-        run(service.review.claim(None, ClaimRequest(reviewer="eve", item_id=item_id)))["item"]["lease_owner"]
+        run(service.review.claim(None, ClaimRequest(reviewer="eve", item_id=item_id))).item.lease_owner
         == "eve"
     )
     with pytest.raises(InputError) as error:
@@ -217,18 +216,19 @@ def test_review_and_search_counts_are_the_callers_tenants(service):
     stats = {
         who: run(service.review.stats(p)) for who, p in (("acme", acme), ("globex", globex), ("root", root))
     }
-    assert [stats[w]["depth"] for w in ("acme", "globex", "root")] == [2, 1, 3]
-    assert [stats[w]["leased"] for w in ("acme", "globex", "root")] == [0, 1, 1]
-    assert stats["globex"]["audit"]["colour"]["labelled"] == 0
-    assert run(service.review.stats(None))["depth"] == 3  # auth off: everything
+    assert [stats[w].stats.depth for w in ("acme", "globex", "root")] == [2, 1, 3]
+    assert [stats[w].stats.leased for w in ("acme", "globex", "root")] == [0, 1, 1]
+    assert stats["globex"].audit["colour"].labelled == 0
+    assert run(service.review.stats(None)).stats.depth == 3  # auth off: everything
     listed = run(service.review.list_items(globex))
-    assert (listed["depth"], listed["leased"]) == (1, 1)
-    assert run(service.review.list_items(root))["depth"] == 3
+    assert (listed.stats.depth, listed.stats.leased) == (1, 1)
+    assert run(service.review.list_items(root)).stats.depth == 3
     mine = run(service.search.stats(principal("globex_app")))
-    assert mine == {"tenant": "globex", "items": 1, "dim": 4, "space": "test-mean-colour"}
-    assert run(service.search.stats(principal("acme_app")))["items"] == 3
+    assert mine.to_json() == {"tenant": "globex", "items": 1, "dim": 4, "space": "test-mean-colour"}
+    assert (mine.tenant, mine.items, mine.dim) == ("globex", 1, 4)
+    assert run(service.search.stats(principal("acme_app"))).items == 3
     everything = run(service.search.stats(root))
-    assert everything["items"] == 4 and "index_dir" in everything
+    assert everything.items == 4 and everything.tenant is None and "index_dir" in everything.report
 
 
 def test_the_http_face_passes_the_caller_to_stats_and_refuses_another_reviewer(service):

@@ -23,10 +23,10 @@ def _card(args) -> int:
     if args.list:
         rows = cards.list()
         if args.format == "json":
-            print(json.dumps(rows, indent=2))
+            print(json.dumps([row.to_json() for row in rows], indent=2))
         else:
             for row in rows:
-                print(f"{row['name']}\t{row['kind']}\t{row['describes']}")
+                print(f"{row.name}\t{row.kind}\t{row.describes}")
         return 0
     card = cards.card(args.name)
     print(

@@ -112,7 +112,7 @@ def _cmd_erase(args) -> int:
         for store in (queue, ledger, search_store):
             if store is not None:
                 store.close()
-    print(json.dumps(result, indent=2))
+    print(json.dumps(result.to_json(), indent=2))
     return 0
 
 
