@@ -257,7 +257,7 @@ def exchange(url: str, grpc_target: str) -> list[dict[str, Any]]:
     """The fixed request set, in order, with raw (not yet normalised) results."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from router.grpc_ingress import pb, visionroute_pb2_grpc
+    from router.grpc.ingress import pb, visionroute_pb2_grpc
 
     photos = {name: _png(name) for name in ("coffee", "chelsea", "astronaut", "camera", "page")}
     out: list[dict[str, Any]] = []

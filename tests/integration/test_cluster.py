@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from router.security import hash_key
+from router.auth.keys import hash_key
 from tests.support.ports import free_port
 from tests.support.service import warm_up_service
 
