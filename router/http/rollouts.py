@@ -30,39 +30,38 @@ async def _json(request: Request, *, optional: bool = False) -> Any:
     return parsed_json(raw)
 
 
+async def _decide(request: Request, rollout_id: str, action: str) -> dict[str, Any]:
+    body = await _json(request, optional=True)
+    return (await _rollouts(request).decide(current_principal(), rollout_id, action, body)).to_json()
+
+
 @router.get("", summary="Rollouts, newest first (optionally of one task)")
 async def list_rollouts(request: Request, task: str | None = None) -> dict[str, Any]:
-    return await _rollouts(request).list(task)
+    return (await _rollouts(request).list(task)).to_json()
 
 
 @router.post("", summary="Start a shadow or canary rollout of a candidate")
 async def start_rollout(request: Request) -> dict[str, Any]:
-    return await _rollouts(request).start(current_principal(), await _json(request))
+    return (await _rollouts(request).start(current_principal(), await _json(request))).to_json()
 
 
 @router.get("/{rollout_id}", summary="A rollout's status: arms, bounds, evidence, audit log")
 async def rollout_status(request: Request, rollout_id: str) -> dict[str, Any]:
-    return await _rollouts(request).status(rollout_id)
+    return (await _rollouts(request).status(rollout_id)).to_json()
 
 
 @router.post("/{rollout_id}/promote", summary="Promote the candidate now (audited operator override)")
 async def promote(request: Request, rollout_id: str) -> dict[str, Any]:
-    return await _rollouts(request).decide(
-        current_principal(), rollout_id, "promote", await _json(request, optional=True)
-    )
+    return await _decide(request, rollout_id, "promote")
 
 
 @router.post("/{rollout_id}/rollback", summary="Roll the candidate back now")
 async def rollback(request: Request, rollout_id: str) -> dict[str, Any]:
-    return await _rollouts(request).decide(
-        current_principal(), rollout_id, "rollback", await _json(request, optional=True)
-    )
+    return await _decide(request, rollout_id, "rollback")
 
 
 @router.post(
     "/{rollout_id}/finish", summary="End a promoted rollout once its candidate is the deployed incumbent"
 )
 async def finish(request: Request, rollout_id: str) -> dict[str, Any]:
-    return await _rollouts(request).decide(
-        current_principal(), rollout_id, "finish", await _json(request, optional=True)
-    )
+    return await _decide(request, rollout_id, "finish")

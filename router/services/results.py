@@ -25,6 +25,7 @@ from pydantic import BaseModel
 
 from policies.audit_sampling import AuditEstimate
 from policies.review.items import ReviewItem
+from policies.rollout_store import Rollout
 from retrieval.schemas import ItemMetadata, SearchResponse
 
 __all__ = [
@@ -42,6 +43,8 @@ __all__ = [
     "Readiness",
     "Result",
     "RetentionRun",
+    "RolloutList",
+    "RolloutView",
     "ReviewItemView",
     "ReviewPage",
     "ReviewStats",
@@ -306,3 +309,41 @@ class ModelCardEntry(Result):
     task: str | None
     describes: str
     card: str
+
+
+# -- rollouts -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RolloutView(Result):
+    """A rollout's status (``start``, ``status``, ``promote|rollback|finish`` answer it): the
+    stored rollout (arms, bounds, evidence: policies.rollout_store owns that report), its audit
+    log and, for a shadow rollout, the paired shadow summary."""
+
+    rollout: Rollout
+    events: list[dict[str, Any]]
+    shadow: dict[str, Any] | None = None
+
+    @property
+    def id(self) -> str:
+        return self.rollout.id
+
+    @property
+    def status(self) -> str:
+        return self.rollout.status
+
+    def to_json(self) -> dict[str, Any]:
+        body = {**self.rollout.to_dict(), "events": self.events}
+        if self.shadow is not None:
+            body["shadow"] = self.shadow
+        return body
+
+
+@dataclass(frozen=True)
+class RolloutList(Result):
+    """``GET /v1/rollouts``: the rollouts, newest first."""
+
+    rollouts: tuple[Rollout, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"rollouts": [rollout.to_dict() for rollout in self.rollouts]}

@@ -47,6 +47,7 @@ from policies.thresholds import ThresholdPolicy
 from router.auth.principal import Principal
 from router.config import AppConfig
 from router.services.backends import CheapTierClient
+from router.services.results import RolloutList, RolloutView
 from visionroute.errors import ConfigError, InputError, NotFound
 from visionroute.records import Analysis, Decision, Step
 from visionroute.redaction import shown
@@ -452,7 +453,7 @@ class RolloutService:
 
     # -- the admin API -------------------------------------------------------------------------
 
-    async def start(self, caller: Principal | None, body: Any) -> dict[str, Any]:
+    async def start(self, caller: Principal | None, body: Any) -> RolloutView:
         request = rollout_request(body)
         cascade = self.config.cascades.get(request.task)
         if cascade is None:
@@ -515,25 +516,23 @@ class RolloutService:
         log.info("rollout %s started by %s: %s", rollout.id, actor_of(caller), rollout.to_dict()["serving"])
         return await self.status(rollout.id)
 
-    async def status(self, rollout_id: str) -> dict[str, Any]:
+    async def status(self, rollout_id: str) -> RolloutView:
         rollout = await asyncio.to_thread(self.store.get, rollout_id)
         events = await asyncio.to_thread(self.store.events, rollout_id)
-        body = {**rollout.to_dict(), "events": events}
+        shadow = None
         if rollout.mode == "shadow":
-            body["shadow"] = await asyncio.to_thread(self.store.shadow_summary, rollout_id)
-        return body
+            shadow = await asyncio.to_thread(self.store.shadow_summary, rollout_id)
+        return RolloutView(rollout, events, shadow)
 
-    async def list(self, task: str | None = None) -> dict[str, Any]:
+    async def list(self, task: str | None = None) -> RolloutList:
         if task is not None and task not in self.config.cascades:
             raise InputError(
                 f"unknown task {shown(task)}; expected one of {sorted(self.config.cascades)}", field="task"
             )
         rollouts = await asyncio.to_thread(self.store.list, task)
-        return {"rollouts": [rollout.to_dict() for rollout in rollouts]}
+        return RolloutList(tuple(rollouts))
 
-    async def decide(
-        self, caller: Principal | None, rollout_id: str, action: str, body: Any
-    ) -> dict[str, Any]:
+    async def decide(self, caller: Principal | None, rollout_id: str, action: str, body: Any) -> RolloutView:
         reason = ""
         if body is not None:
             if not isinstance(body, dict) or set(body) - {"reason"}:

@@ -678,10 +678,10 @@ def test_the_shadow_run_never_delays_the_response(tmp_path):
         assert step.details["shadow"] is True and analysis.decision is Decision.ACCEPT
         # answered while the candidate is still held: the shadow runs off the request's path
         await asyncio.wait_for(held.called.wait(), 30)
-        assert (await service.rollouts.status(started["id"]))["shadow"]["requests"] == 0
+        assert (await service.rollouts.status(started.id)).shadow["requests"] == 0
         held.release.set()
         await service.rollouts.drain()
-        shadow = (await service.rollouts.status(started["id"]))["shadow"]
+        shadow = (await service.rollouts.status(started.id)).shadow
         assert shadow["requests"] == 1 and shadow["candidate_accepts"] == 1
 
     run(scenario())

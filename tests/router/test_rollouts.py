@@ -133,22 +133,22 @@ def test_a_worse_candidate_in_shadow_is_never_served_and_is_rolled_back_by_the_t
                 "reason": "try the swapped model",
             },
         )
-        assert started["status"] == "running" and started["serving"].startswith("incumbent")
+        assert started.status == "running" and started.to_json()["serving"].startswith("incumbent")
         answers = await traffic(service, 12, "shadow")
         for a in answers:  # the incumbent served every request; the trace names the rollout and arm
             analysis = a["analysis"]
             assert analysis.detections.to_dicts()[0]["label"] == a["truth"]
             (step,) = steps(analysis, "rollout")
             assert step.details["arm"] == "incumbent" and step.details["shadow"] is True
-            assert step.details["rollout_id"] == started["id"]
-        status = await service.rollouts.status(started["id"])
+            assert step.details["rollout_id"] == started.id
+        status = (await service.rollouts.status(started.id)).to_json()
         assert status["shadow"]["requests"] == 12 and status["shadow"]["same_decision"] == 12  # both accept
         assert status["shadow"]["candidate_accepts"] == 12
         await review_everything(service, truths(answers))
-        return started["id"]
+        return started.id
 
     rollout_id = run(scenario())
-    status = run(service.rollouts.status(rollout_id))
+    status = run(service.rollouts.status(rollout_id)).to_json()
     assert status["status"] == "rolled_back", status["test"]
     assert (
         status["test"]["arms"]["candidate"]["errors"] == status["test"]["arms"]["candidate"]["labelled"] > 0
@@ -194,10 +194,10 @@ def test_an_equal_cheaper_candidate_in_canary_serves_its_share_and_is_promoted(s
         assert steps(again, "rollout")[0].details["arm"] == arms[0]
         await review_everything(service, truths(answers))
         await service.rollouts.flush_costs()
-        return started["id"]
+        return started.id
 
     rollout_id = run(scenario())
-    status = run(service.rollouts.status(rollout_id))
+    status = run(service.rollouts.status(rollout_id)).to_json()
     assert status["status"] == "promoted", status["test"]
     assert status["test"]["arms"]["candidate"]["errors"] == 0
     assert status["test"]["arms"]["candidate"]["upper"] < 0.3
@@ -213,7 +213,9 @@ def test_an_equal_cheaper_candidate_in_canary_serves_its_share_and_is_promoted(s
     service.drift.drain()  # the promotion restarted the confidence reference, fed by the candidate now
     (confidence,) = [r for r in service.drift.report().to_json()["monitors"] if r["monitor"] == "confidence"]
     assert 0 < confidence["observed"] <= 6
-    finished = run(service.rollouts.decide(ADMIN, rollout_id, "finish", {"reason": "deployed as incumbent"}))
+    finished = run(
+        service.rollouts.decide(ADMIN, rollout_id, "finish", {"reason": "deployed as incumbent"})
+    ).to_json()
     assert finished["status"] == "finished"
     assert not steps(run(traffic(service, 1, "done"))[0]["analysis"], "rollout")
 
@@ -240,20 +242,20 @@ def test_labels_count_once_and_the_evidence_is_shared_by_replicas(tmp_path):
         label = LabelRequest(reviewer="rita", lease_token=claim.lease_token, verdict="confirm")
         await first.review.label(None, claim.item.id, label)
         await second.review.label(None, claim.item.id, label)  # a retry through another replica
-        return started["id"]
+        return started.id
 
     rollout_id = run(scenario())
-    assert run(second.rollouts.status(rollout_id))["test"]["arms"]["candidate"]["labelled"] == 1
+    assert run(second.rollouts.status(rollout_id)).to_json()["test"]["arms"]["candidate"]["labelled"] == 1
 
 
 def test_operators_promote_and_roll_back_by_hand_with_an_audit_trail(service):
     started = run(service.rollouts.start(ADMIN, {"task": "colour", "candidate": "cheaper", "mode": "canary"}))
-    promoted = run(service.rollouts.decide(ADMIN, started["id"], "promote", {"reason": "looks fine"}))
+    promoted = run(service.rollouts.decide(ADMIN, started.id, "promote", {"reason": "looks fine"})).to_json()
     assert promoted["status"] == "promoted"
     with pytest.raises(Conflict) as refused:
-        run(service.rollouts.decide(ADMIN, started["id"], "promote", None))
+        run(service.rollouts.decide(ADMIN, started.id, "promote", None))
     assert refused.value.field == "status"
-    rolled = run(service.rollouts.decide(None, started["id"], "rollback", None))
+    rolled = run(service.rollouts.decide(None, started.id, "rollback", None)).to_json()
     assert rolled["status"] == "rolled_back"
     assert [(e["action"], e["actor"], e["reason"]) for e in rolled["events"]] == [
         ("start", "alice@ops", "started"),
@@ -298,7 +300,7 @@ def test_bad_rollouts_are_refused_with_the_field_and_the_incumbent_keeps_serving
     with pytest.raises(InputError) as refused:
         run(service.rollouts.start(ADMIN, body))
     assert refused.value.field == field, refused.value.reason
-    assert run(service.rollouts.list())["rollouts"] == []
+    assert run(service.rollouts.list()).rollouts == ()
     assert not steps(run(traffic(service, 1, "still"))[0]["analysis"], "rollout")
 
 
