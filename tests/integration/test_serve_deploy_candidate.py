@@ -5,6 +5,7 @@ rolled out without a restart. A real Ray head (`ray start`) on free ports, `serv
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -54,6 +55,11 @@ def serve_config(path: Path, port: int, models: Path, review: Path, candidates: 
 
 @pytest.fixture
 def ray_head(tmp_path):
+    """``ray start --head --block`` in a session of its own; stopped by killing that session.
+
+    Never ``ray stop``: it stops every Ray process on the machine, so the session's shared
+    services (tests/integration/conftest.py) and any other run's clusters would go with it.
+    """
     gcs, dashboard = free_port(), free_port()
     env = {
         **os.environ,
@@ -62,32 +68,73 @@ def ray_head(tmp_path):
         "PYTHONPATH": str(REPO),
         "RAY_ADDRESS": f"127.0.0.1:{gcs}",
     }
-    started = subprocess.run(
-        [
-            str(BIN / "ray"),
-            "start",
-            "--head",
-            "--port",
-            str(gcs),
-            "--dashboard-port",
-            str(dashboard),
-            "--dashboard-host",
-            "127.0.0.1",
-            "--num-cpus",
-            "2",
-            "--disable-usage-stats",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        cwd=REPO,
-    )
-    assert started.returncode == 0, started.stdout + started.stderr
+    log_path = tmp_path / "ray_head.log"
+    with open(log_path, "wb") as log:
+        head = subprocess.Popen(
+            [
+                str(BIN / "ray"),
+                "start",
+                "--head",
+                "--block",
+                "--port",
+                str(gcs),
+                "--dashboard-port",
+                str(dashboard),
+                "--dashboard-host",
+                "127.0.0.1",
+                "--num-cpus",
+                "2",
+                "--disable-usage-stats",
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{dashboard}"
     try:
-        yield env, f"http://127.0.0.1:{dashboard}"
+        deadline = time.monotonic() + 180
+        while True:  # the head is up when its dashboard (serve deploy's address) answers
+            assert head.poll() is None, log_path.read_text(errors="replace")[-3000:]
+            assert time.monotonic() < deadline, (
+                "no Ray head within 180 s:\n" + log_path.read_text(errors="replace")[-3000:]
+            )
+            try:
+                if httpx.get(url + "/api/version", timeout=2.0).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        yield env, url
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        stop_session(head)
+
+
+def session_pids(sid: int) -> list[int]:
+    """The processes still in session ``sid`` (/proc: Linux only, like the CI machines)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getsid(int(entry.name)) == sid:
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def stop_session(process: subprocess.Popen) -> None:
+    """SIGKILL to the process's whole session (the head, its GCS, raylet, dashboard, workers), as
+    ``ray stop --force`` would send to every Ray process here; waits until none is left."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while session_pids(process.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
 
 
 def deploy(env, dashboard: str, config: Path) -> None:
