@@ -15,13 +15,15 @@ the frozen reference index it was fitted against, in one JSON artefact (issue 22
 ``RouterArtefact`` is what a deployment loads: the class names of the tier it routes for, the
 feature spec, the learner, the reference index, and its version (sha256 of the canonical
 document); ``from_document`` checks every part and raises ConfigError naming the field.
-The certified plans themselves (learned and the confidence-only fallback) live in the
-calibration artefact beside it; wiring both into ``visionroute calibrate`` and the served stage
-is the next step of issue 22.
+The artefact also ships the certified plans the served stage decides with (``RouterPlans``):
+the three-tier thresholds certified on the learned score, and the confidence-only thresholds the
+request falls back to when a feature fails at run time (``certify_router_plans`` certifies both
+from one certification split). Both are part of the document, so its sha256 covers them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Sequence
@@ -32,10 +34,101 @@ from typing import Any
 import numpy as np
 
 from cascades.router_features import FeatureSpec, ReferenceIndex
+from policies.risk_control import TierCosts, TierOutcomes, TierPlan, choose_tier_thresholds
 from policies.router_learner import LearnedScore, cross_fitted_scores
 from visionroute.errors import ConfigError
 
 FORMAT = "visionroute.router/1"
+PLAN_NAMES = ("learned", "fallback")
+
+
+def _threshold(document: dict[str, Any], key: str, field: str, *, optional: bool = False) -> float | None:
+    value = document.get(key)
+    if value is None and optional:
+        return None
+    try:
+        number = float(value)  # TierPlan.to_dict writes +-inf as the strings "inf" / "-inf"
+    except (TypeError, ValueError):
+        raise ConfigError(f"{field}.{key} must be a number, got {value!r}", field=f"{field}.{key}") from None
+    if number != number:  # NaN
+        raise ConfigError(f"{field}.{key} is NaN", field=f"{field}.{key}")
+    return number
+
+
+@dataclass(frozen=True)
+class CertifiedThresholds:
+    """One certified three-tier plan as ``policies.thresholds.decide`` reads it: accept when the
+    score >= ``accept_threshold``, escalate down to ``escalate_threshold``, review below; an
+    answer with no score (no detections) goes to review. Thresholds may be infinite (``inf``:
+    never accept). ``score`` names what the thresholds are on: ``learned`` (the router's score)
+    or ``top1`` (the cheap tier's calibrated top-1 confidence, the fallback)."""
+
+    score: str
+    accept_threshold: float
+    escalate_threshold: float
+    vlm_accept_threshold: float | None
+    document: dict[str, Any]  # the TierPlan's to_dict(): certificate, rates, capacity
+    empty_result: str = "review"
+
+    @property
+    def feasible(self) -> bool:
+        """False: the certificate certified nothing, so this plan accepts no cheap answer."""
+        return self.accept_threshold != float("inf")
+
+    @classmethod
+    def from_plan(cls, plan: TierPlan, score: str) -> CertifiedThresholds:
+        return cls.from_document(plan.to_dict(), score=score, field="router.plans")
+
+    @classmethod
+    def from_document(cls, document: Any, *, score: str, field: str) -> CertifiedThresholds:
+        if not isinstance(document, dict):
+            raise ConfigError(f"{field}: expected an object", field=field)
+        for key in ("accept_threshold", "review_threshold", "certificate"):
+            if key not in document:
+                raise ConfigError(f"{field}.{key} is missing", field=f"{field}.{key}")
+        accept = _threshold(document, "accept_threshold", field)
+        escalate = _threshold(document, "review_threshold", field)
+        if escalate > accept:
+            raise ConfigError(
+                f"{field}.review_threshold ({escalate}) exceeds accept_threshold ({accept})",
+                field=f"{field}.review_threshold",
+            )
+        vlm = _threshold(document, "vlm_accept_threshold", field, optional=True)
+        return cls(score, accept, escalate, vlm, dict(document))
+
+
+@dataclass(frozen=True)
+class RouterPlans:
+    """The plans a served router decides with: ``learned`` on the router's score, ``fallback``
+    on the calibrated top-1 confidence (when a feature fails at run time); ``alpha``/``delta``
+    their common target."""
+
+    learned: CertifiedThresholds
+    fallback: CertifiedThresholds
+    alpha: float
+    delta: float
+
+    def to_document(self) -> dict[str, Any]:
+        return {
+            "alpha": self.alpha,
+            "delta": self.delta,
+            "learned": self.learned.document,
+            "fallback": self.fallback.document,
+        }
+
+    @classmethod
+    def from_document(cls, document: Any, *, field: str = "router.plans") -> RouterPlans:
+        if not isinstance(document, dict):
+            raise ConfigError(f"{field}: expected an object", field=field)
+        for key in ("alpha", "delta", *PLAN_NAMES):
+            if key not in document:
+                raise ConfigError(f"{field}.{key} is missing", field=f"{field}.{key}")
+        return cls(
+            CertifiedThresholds.from_document(document["learned"], score="learned", field=f"{field}.learned"),
+            CertifiedThresholds.from_document(document["fallback"], score="top1", field=f"{field}.fallback"),
+            float(document["alpha"]),
+            float(document["delta"]),
+        )
 
 
 @dataclass(frozen=True, eq=False)
@@ -45,6 +138,7 @@ class RouterArtefact:
     learner: LearnedScore
     index: ReferenceIndex | None  # None when spec.neighbours_k == 0
     embedding: str = ""  # what the embedding is, e.g. "cheap tier input pixels (8x8), L2-normalised"
+    plans: RouterPlans | None = None  # the certified thresholds it is served with (certify_router_plans)
 
     def features(
         self,
@@ -80,6 +174,8 @@ class RouterArtefact:
             "learner_sha256": self.learner.sha256,
             "reference_index": None if self.index is None else self.index.to_document(),
         }
+        if self.plans is not None:  # absent from plan-less documents, so their sha256 is unchanged
+            document["plans"] = self.plans.to_document()
         return document
 
     @property
@@ -148,7 +244,10 @@ class RouterArtefact:
                     f"router.reference_index has {index.n_classes} classes, the router {len(names)}",
                     field="router.reference_index.n_classes",
                 )
-        artefact = cls(names, spec, learner, index, str(document.get("embedding", "")))
+        plans = None
+        if document.get("plans") is not None:
+            plans = RouterPlans.from_document(document["plans"], field="router.plans")
+        artefact = cls(names, spec, learner, index, str(document.get("embedding", "")), plans)
         if "sha256" in document and document["sha256"] != artefact.sha256:
             raise ConfigError(
                 f"router.sha256 is {document['sha256']!r}; the document hashes to {artefact.sha256!r}",
@@ -196,3 +295,42 @@ def fit_router(
     learner = LearnedScore.fit(features, correct, spec.names)
     fit_scores = cross_fitted_scores(features, correct, spec.names, folds=folds, seed=seed)
     return FittedRouter(RouterArtefact(tuple(class_names), spec, learner, index, embedding), fit_scores)
+
+
+def certify_router_plans(
+    artefact: RouterArtefact,
+    *,
+    learned_fit: TierOutcomes,
+    learned_certification: TierOutcomes,
+    confidence_fit: TierOutcomes,
+    confidence_certification: TierOutcomes,
+    costs: TierCosts,
+    alpha: float,
+    delta: float,
+    max_review_share: float | None = None,
+    n_points: int = 40,
+) -> RouterArtefact:
+    """The artefact with both served plans certified on one certification split
+    (``policies.risk_control.choose_tier_thresholds``, the same certificate as today's plan):
+    ``learned`` on the router's score (``learned_fit``: the fit share's out-of-fold scores, which
+    order the candidates; ``learned_certification``: the certification items, which the learner
+    and the reference index never saw) and ``fallback`` on the calibrated top-1 confidence of
+    the same items. Errors (``cheap_error``, ``strong_error``) are the same items' in both."""
+    plans = {}
+    for name, fit, certification in (
+        ("learned", learned_fit, learned_certification),
+        ("fallback", confidence_fit, confidence_certification),
+    ):
+        plan = choose_tier_thresholds(
+            fit,
+            certification,
+            costs=costs,
+            alpha=alpha,
+            delta=delta,
+            n_points=n_points,
+            max_review_share=max_review_share,
+        )
+        plans[name] = CertifiedThresholds.from_plan(plan, "learned" if name == "learned" else "top1")
+    return dataclasses.replace(
+        artefact, plans=RouterPlans(plans["learned"], plans["fallback"], float(alpha), float(delta))
+    )

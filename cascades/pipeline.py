@@ -32,6 +32,7 @@ from visionroute.records import Analysis, Decision, Detections, Step
 from visionroute.redaction import failure_summary
 
 if TYPE_CHECKING:
+    from cascades.router_stage import Route
     from policies.shift_guard import ShiftGuard
 
 log = logging.getLogger("visionroute.cascade")
@@ -87,6 +88,7 @@ class CascadeRun:
     vlm: VlmTier | None = None
     shift_guard: ShiftGuard | None = None
     cheap_tier_failed: bool = False
+    route: Route | None = None  # set by cascades.router_stage.RouterScoreStage, when one runs
 
 
 class CheapTierStage:
@@ -138,13 +140,24 @@ class CheapTierStage:
 
 class DecideStage:
     """The thresholds' decision on the cheap answer: accept, escalate or review
-    (``policy:thresholds``, from ``policies.thresholds``, the rule replay calls too)."""
+    (``policy:thresholds``, from ``policies.thresholds``, the rule replay calls too). When a
+    learned router ran (``cascades.router_stage.RouterScoreStage`` set ``state.route``), its
+    score and the thresholds certified on it decide instead."""
 
     name = "decide"
 
     async def run(self, state: CascadeState) -> None:
         analysis = state.analysis
         if state.cheap_tier_failed:
+            return
+        route = getattr(state, "route", None)
+        if route is not None:
+            analysis.trace.append(
+                route.decide_step(
+                    vlm_available=state.vlm is not None,
+                    is_calibrated=analysis.detections.is_calibrated,
+                )
+            )
             return
         analysis.trace.append(
             decide_after_cheap_tier(

@@ -79,6 +79,13 @@ class CandidateConfig(Strict):
         return self
 
 
+class RouterConfig(Strict):
+    """A learned router for the task (docs/learned_router.md): its artefact, with the plans
+    certified on its score and the confidence-only fallback plan."""
+
+    path: Path = Field(description="a router artefact (cascades.learned_router.RouterArtefact, JSON)")
+
+
 class CascadeConfig(Strict):
     """One task: the cheap ONNX tier and the thresholds that route its answers."""
 
@@ -104,6 +111,10 @@ class CascadeConfig(Strict):
     candidates: dict[str, CandidateConfig] = Field(
         default_factory=dict,
         description="candidate tiers a rollout may send traffic to (docs/rollouts.md); names [a-z0-9_-]",
+    )
+    router: RouterConfig | None = Field(
+        None,
+        description="a learned router scoring the cheap answer (none: the thresholds decide on its confidence)",
     )
 
     @field_validator("candidates")
@@ -287,6 +298,36 @@ def resolve_certificates(config: AppConfig) -> AppConfig:
     return config.model_copy(update={"cascades": cascades})
 
 
+def served_router(task: str, cascade: CascadeConfig) -> Any:
+    """The task's learned router, loaded and checked (``cascades.router_stage.ServedRouter``), or
+    None without one. A missing or mismatched artefact (labels against the tier's configured
+    labels, feature names, the reference index's sha256, the plans) is a ConfigError naming
+    ``cascades.<task>.router.<field>``."""
+    if cascade.router is None:
+        return None
+    from cascades.learned_router import RouterArtefact
+    from cascades.onnx_stage import read_labels_file
+    from cascades.router_stage import ServedRouter
+
+    field = f"cascades.{task}"
+    try:
+        tier = cascade.tier
+        labels = tier.labels
+        if labels is None and tier.labels_file is not None:
+            labels = read_labels_file(tier.labels_file)
+        artefact = RouterArtefact.load(cascade.router.path.expanduser(), class_names=labels)
+        return ServedRouter.from_artefact(artefact)
+    except ConfigError as exc:
+        where = f"{field}.{exc.field}" if exc.field else f"{field}.router"
+        raise ConfigError(f"{field}.{exc.reason}", field=where) from None
+
+
+def served_routers(config: AppConfig) -> dict[str, Any]:
+    """Every task's learned router (tasks without one are absent)."""
+    routers = {task: served_router(task, cascade) for task, cascade in config.cascades.items()}
+    return {task: router for task, router in routers.items() if router is not None}
+
+
 def parse_app_config(args: dict[str, Any] | None) -> AppConfig:
     """Validate serve_config args and resolve certified thresholds; errors name every bad key."""
     try:
@@ -295,7 +336,9 @@ def parse_app_config(args: dict[str, Any] | None) -> AppConfig:
         problems = [_describe(e) for e in exc.errors()]
         first_field = ".".join(str(p) for p in exc.errors()[0]["loc"]) or None
         raise ConfigError("invalid VisionRoute config: " + "; ".join(problems), field=first_field) from None
-    return resolve_certificates(config)
+    config = resolve_certificates(config)
+    served_routers(config)  # a bad router artefact fails here, at start-up, naming its field
+    return config
 
 
 def resolved_versions(config: AppConfig) -> dict[str, Any]:

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from cascades.image_redaction import StoredImage
     from cascades.images import DecodedImage
     from cascades.pipeline import CheapTier, VlmTier
+    from cascades.router_stage import Route
     from policies.policy_set import PolicySet
     from policies.shift_guard import ShiftGuard
     from policies.thresholds import ThresholdPolicy
@@ -70,6 +71,7 @@ class RequestContext:
     arm: Arm = field(init=False)  # ArmStage: policy version, cheap tier, thresholds, rollout arm
     vlm: VlmTier | None = None  # ArmStage: the task's VLM (behind the budget guard when called)
     cheap_tier_failed: bool = False  # CheapTierStage
+    route: Route | None = None  # RouterScoreStage (a task with a learned router): DecideStage's score
     ticket: QueueTicket | None = None  # QueueSelectStage
     stored: StoredImage | None = None  # PrivacyStage: what the queue may store
     search_id: int | None = None  # SearchIndexStage

@@ -1,6 +1,6 @@
 """The analyse path, declared in one place: ``analyze_pipeline`` lists its stages in order.
 
-    input -> arm -> [budget:onnx: cheap_tier -> decide -> shift_guard -> [budget:vlm: vlm]]
+    input -> arm -> [budget:onnx: cheap_tier -> (router) -> decide -> shift_guard -> [budget:vlm: vlm]]
           -> file_pixels -> review_select -> [budget:review: privacy -> store]
           -> search_index -> metrics -> drift
     after the response (spawned, off the request's path): rollout_evidence, drift_embedding
@@ -8,8 +8,9 @@
 Each stage is a small object with one job and an ``async run(ctx)`` over the one
 ``RequestContext`` (context.py); it appends its own trace step, if it has one. The rollout arm is
 chosen once, at ``arm``; budgets and degrade modes are the ``BudgetGuard``'s (budget.py), which
-wraps the paid stages here. A new capability is one more stage object in this list (a learned
-router's score between ``cheap_tier`` and ``decide``; a bulk mode's own stage).
+wraps the paid stages here. A new capability is one more stage object in this list: the learned
+router's score (``router``, cascades/router_stage.py) sits between ``cheap_tier`` and ``decide``
+when a cascade names a router artefact (``cascades.<task>.router``), and is absent otherwise.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from cascades.pipeline import CheapTierStage, DecideStage, ShiftGuardStage, VlmStage
+from cascades.router_stage import RouterScoreStage
 from router.services.analyze.budget import BudgetGuard
 from router.services.analyze.context import AfterResponseStage, RequestContext, Spawn, Stage
 from router.services.analyze.rollout import RolloutEvidenceStage
@@ -52,6 +54,7 @@ def analyze_pipeline(service: AnalyzeService) -> Pipeline:
             budget.paid(
                 "onnx",
                 CheapTierStage(),
+                *((RouterScoreStage(service.routers),) if service.routers else ()),
                 DecideStage(),
                 ShiftGuardStage(),
                 budget.paid_calls("vlm", VlmStage()),

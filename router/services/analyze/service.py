@@ -14,7 +14,7 @@ from cascades.image_redaction import Redactor
 from policies.review_queue import ReviewQueue
 from policies.runtime import PolicyRuntime
 from router.auth.principal import Principal
-from router.config import AppConfig
+from router.config import AppConfig, served_routers
 from router.metrics import IngressMetrics
 from router.services.analyze.context import ImageRequest, RequestContext
 from router.services.analyze.pipeline import analyze_pipeline
@@ -54,6 +54,7 @@ class AnalyzeService:
             task: input_need(cascade.tier, config.models_dir, has_vlm=cascade.vlm is not None)
             for task, cascade in config.cascades.items()
         }
+        self.routers = served_routers(config)  # the tasks' learned routers (cascades.router_stage)
         self.pipeline = analyze_pipeline(self)
 
     async def analyze(self, request: ImageRequest, caller: Principal | None) -> Analysis:
