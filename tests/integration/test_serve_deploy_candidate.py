@@ -5,9 +5,11 @@ rolled out without a restart. A real Ray head (`ray start`) on free ports, `serv
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -58,9 +60,13 @@ def ray_head(tmp_path):
     """``ray start --head --block`` in a session of its own; stopped by killing that session.
 
     Never ``ray stop``: it stops every Ray process on the machine, so the session's shared
-    services (tests/integration/conftest.py) and any other run's clusters would go with it.
+    services (tests/integration/conftest.py) and any other run's clusters would go with it. And a
+    temp dir of its own: ``ray start`` writes its address to ``<temp dir>/ray_current_cluster``,
+    and with the default /tmp/ray every ``serve run`` (``ray.init()``) on the machine would join
+    this head while it runs, or try to reach it after it is gone.
     """
     gcs, dashboard = free_port(), free_port()
+    temp_dir = tempfile.mkdtemp(prefix="vr-ray-")  # short: Ray's socket paths must fit 107 bytes
     env = {
         **os.environ,
         "RAY_AUTH_MODE": "disabled",
@@ -85,6 +91,8 @@ def ray_head(tmp_path):
                 "--num-cpus",
                 "2",
                 "--disable-usage-stats",
+                "--temp-dir",
+                temp_dir,
             ],
             env=env,
             stdout=log,
@@ -109,6 +117,7 @@ def ray_head(tmp_path):
         yield env, url
     finally:
         stop_session(head)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def session_pids(sid: int) -> list[int]:
