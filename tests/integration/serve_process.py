@@ -59,6 +59,8 @@ class ServeProcess:
         env = {
             **os.environ,
             "RAY_AUTH_MODE": "disabled",
+            # its own local Ray: never a cluster another run left in /tmp/ray/ray_current_cluster
+            "RAY_ADDRESS": os.environ.get("VISIONROUTE_TEST_RAY_ADDRESS", "local"),
             "VISIONROUTE_HOME": str(self.workdir / "home"),
             "PYTHONPATH": str(REPO),
         }
