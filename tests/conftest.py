@@ -12,10 +12,18 @@ from typing import NoReturn
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, settings
 
 # Ray writes an auth token on first init; without this, later `serve` CLI calls fail.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# Property tests assert behaviour, never speed: on a busy 2-core CI machine an example may take
+# longer than hypothesis's 200 ms default deadline, or generate slowly, without anything wrong.
+settings.register_profile(
+    "visionroute", deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
+settings.load_profile("visionroute")
 
 
 @pytest.fixture(scope="session")
