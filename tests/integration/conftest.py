@@ -9,7 +9,7 @@ service, starts its own (tests/integration/serve_process.py ``ServeProcess``):
 - ``default_service``: ``serve run`` with the shipped serve_config.yaml and the prepared default
   models (no API keys, search on, every analysed image indexed);
 - ``keyed_service``: the same with API keys on (tests/support/keys.py: two tenants, reviewers,
-  admins), for both faces' key, role and tenant checks;
+  admins), for both faces' key, role and tenant checks, and the classifier inside the ingress;
 - ``restartable_service``: the shipped config on a work dir of its own, for the tests that stop,
   kill and restart the service (each restart a new ``serve run`` on that work dir); the next such
   test takes the service the previous one restarted instead of starting two of its own.
@@ -23,13 +23,15 @@ the shipped config serves is then a few requests on ``default_service`` (seconds
 other config keys starts its own ``ServeProcess`` (the start above).
 
 Each shared server is stopped right after the last test that uses it rather than at the end of
-the session (``pytest_runtest_teardown`` below), so it does not sit in memory and on the CPUs
+the session (``pytest_runtest_teardown`` below), and the modules that use one run next to each
+other (``pytest_collection_modifyitems``), so a service does not sit in memory and on the CPUs
 through the rest of the suite.
 """
 
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -45,6 +47,34 @@ def _shared(name: str, server):
     finally:
         if _stop_after_last_use.pop(name, None) is not None:  # not stopped by the hook yet
             server.stop()
+
+
+_SHARED_SERVICES = ("default_service", "keyed_service", "restartable_service")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Run the modules that use a shared service next to each other, so each service's life
+    (first user to last) spans only its users: the no-key service's users first, the module that
+    uses all three in the middle, the keyed service's after it, every other module later in its
+    usual order. Whole modules move, never single tests; nothing outside this folder moves."""
+    here = Path(__file__).parent
+    mine = [i for i, item in enumerate(items) if here in Path(str(item.path)).parents]
+    if not mine or mine != list(range(mine[0], mine[-1] + 1)):
+        return  # not one contiguous block: leave the order alone
+    modules: dict[Path, list] = {}
+    for item in items[mine[0] : mine[-1] + 1]:
+        modules.setdefault(Path(str(item.path)), []).append(item)
+
+    def rank(path: Path) -> tuple[int, int]:
+        used = {name for item in modules[path] for name in _SHARED_SERVICES if name in item.fixturenames}
+        if not used:
+            return (3, 0)
+        if "default_service" in used:
+            return (1 if "keyed_service" in used else 0, "restartable_service" in used)
+        return (2, 0)
+
+    ordered = sorted(modules, key=rank)  # stable: alphabetical within a rank
+    items[mine[0] : mine[-1] + 1] = [item for path in ordered for item in modules[path]]
 
 
 def pytest_runtest_teardown(item, nextitem):
@@ -80,14 +110,19 @@ def default_service(prepared_models_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def keyed_service(prepared_models_dir, tmp_path_factory):
-    """The shipped config with API keys on (tests/support/keys.py ``KEYS``): one per session."""
-    from tests.integration.serve_process import ServeProcess
+    """The shipped config with API keys on (tests/support/keys.py ``KEYS``) and the classifier
+    placed inside the ingress (``placement: ingress``, the config's other placement; the
+    default service keeps its own deployment): one per session. No test on it depends on the
+    placement but the one that checks it (test_service.py)."""
+    from tests.integration.serve_process import ServeProcess, shipped_args
     from tests.support.keys import key, security_args
 
+    cascades = shipped_args()["cascades"]
+    cascades["classify"]["placement"] = "ingress"
     process = ServeProcess(
         tmp_path_factory.mktemp("keyed-service"),
         prepared_models_dir,
-        extra_args={"security": security_args()},
+        extra_args={"security": security_args(), "cascades": cascades},
     )
     process.start(warm_up_headers={"x-api-key": key("admin")})
     yield from _shared("keyed_service", process)

@@ -20,6 +20,11 @@ from tests.support.service import warm_up_service
 REPO = Path(__file__).resolve().parents[2]
 
 
+def shipped_args() -> dict[str, Any]:
+    """A fresh copy of the VisionRoute args in the shipped serve_config.yaml."""
+    return yaml.safe_load((REPO / "serve_config.yaml").read_text())["applications"][0]["args"]
+
+
 class ServeProcess:
     """``serve run`` in a subprocess with a copy of serve_config.yaml (port, dirs overridden)."""
 

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.integration.serve_process import ServeProcess
+from tests.support.keys import key
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -34,9 +34,13 @@ def review_item_ids(service, status: str = "pending") -> list[str]:
         ids += [item["id"] for item in page]
 
 
-def analyze(service, image: bytes, **fields) -> httpx.Response:
+def analyze(service, image: bytes, headers: dict[str, str] | None = None, **fields) -> httpx.Response:
     return httpx.post(
-        service.url + "/v1/analyze", files={"image": ("x.png", image, "image/png")}, data=fields, timeout=60
+        service.url + "/v1/analyze",
+        files={"image": ("x.png", image, "image/png")},
+        data=fields,
+        headers=headers,
+        timeout=60,
     )
 
 
@@ -219,21 +223,13 @@ def test_review_queue_survives_a_restart(restartable_service, photos_png):
     assert httpx.get(f"{second.url}/v1/review/items/{item_id}/image").content == stored
 
 
-def test_the_classifier_can_run_inside_the_ingress(prepared_models_dir, tmp_path, photos_png):
-    """placement: ingress (no hop to a tier deployment) gives the same answers and trace."""
-    import yaml
-
-    from tests.integration.serve_process import REPO
-
-    cascades = yaml.safe_load((REPO / "serve_config.yaml").read_text())["applications"][0]["args"]["cascades"]
-    cascades["classify"]["placement"] = "ingress"
-    service = ServeProcess(tmp_path, prepared_models_dir, {"cascades": cascades}).start()
-    try:
-        body = analyze(service, photos_png["chelsea"]).json()
-        assert body["decision"] == "accept" and body["answer"][0]["label"] == "Egyptian cat"
-        assert body["trace"]["steps"][1]["model"] == "efficientnet_lite0"
-        ready = httpx.get(service.url + "/readyz").json()
-        assert ready["checks"]["tier:classify"]["placement"] == "ingress"
-        assert "review_item_id" in analyze(service, photos_png["astronaut"]).json()
-    finally:
-        service.stop()
+def test_the_classifier_can_run_inside_the_ingress(keyed_service, photos_png):
+    """placement: ingress (no hop to a tier deployment) gives the same answers and trace. The
+    session's keyed service places the classifier so (tests/integration/conftest.py)."""
+    client, admin = {"x-api-key": key("acme_client")}, {"x-api-key": key("admin")}
+    body = analyze(keyed_service, photos_png["chelsea"], headers=client).json()
+    assert body["decision"] == "accept" and body["answer"][0]["label"] == "Egyptian cat"
+    assert body["trace"]["steps"][1]["model"] == "efficientnet_lite0"
+    ready = httpx.get(keyed_service.url + "/readyz", headers=admin).json()  # an admin sees details
+    assert ready["checks"]["tier:classify"]["placement"] == "ingress"
+    assert "review_item_id" in analyze(keyed_service, photos_png["astronaut"], headers=client).json()
