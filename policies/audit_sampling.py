@@ -53,6 +53,31 @@ def is_sampled(request_id: str, fraction: float) -> bool:
     return draw < fraction
 
 
+AUDIT_SOURCES = ("policy", "rollout", "none")  # "none": not an audit sample (the cascade asked a human)
+
+
+def inclusion_probability(*fractions: float) -> float:
+    """The probability that an accept is audited when each source samples it independently at
+    its own fraction: 1 - prod(1 - f). The policy's draw is keyed by the request id and a
+    rollout's by ``<rollout id>:<request id>``, two independent hash draws, and an accept that
+    either picks becomes one audit item, so the item's chance of being in the audit sample is the
+    union's, whichever source picked it (``policies.production_certify`` weights by its inverse)."""
+    missed = 1.0
+    for fraction in fractions:
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"an audit fraction must be in [0, 1], got {fraction!r}")
+        missed *= 1.0 - fraction
+    return 1.0 - missed
+
+
+def rollout_audit_fraction(choice: Any) -> float:
+    """The fraction at which a rollout arm's accepts are audit-sampled (``rollouts.
+    is_arm_audit_sampled``): the rollout's ``audit_fraction`` while it runs, else 0."""
+    if choice is None or choice.rollout.status != "running":
+        return 0.0
+    return float(choice.rollout.audit_fraction)
+
+
 def clopper_pearson(errors: int, n: int, confidence: float) -> tuple[float, float]:
     """Exact one-sided lower and upper bounds (each at ``confidence``) for a binomial rate."""
     if n == 0:

@@ -114,6 +114,8 @@ class ReviewQueue:
         label_set: tuple[str, ...] | list[str] | None = None,
         original_bytes: bytes | None = None,
         image_withheld: str | None = None,
+        audit_source: str | None = None,
+        inclusion_probability: float | None = None,
     ) -> ReviewItem:
         """Queue an item with its image (``intake.Intake.enqueue``); a retry returns the item
         it queued, another request under the same id is a Conflict."""
@@ -132,6 +134,8 @@ class ReviewQueue:
             label_set=label_set,
             original_bytes=original_bytes,
             image_withheld=image_withheld,
+            audit_source=audit_source,
+            inclusion_probability=inclusion_probability,
         )
 
     def claim(

@@ -17,6 +17,7 @@ import time
 import uuid
 from typing import Any
 
+from policies.audit_sampling import AUDIT_SOURCES
 from policies.review.blobs import BlobRef, BlobStore, DatabaseBlobs, blob_scope, check_sha256
 from policies.review.items import KINDS, ReviewItem, audit, read_item
 from policies.review.labels import register_label_set
@@ -26,8 +27,9 @@ from visionroute.state import Database, Row
 LOOKUP = "SELECT * FROM items WHERE tenant = ? AND request_id = ? AND kind = ?"
 INSERT = (
     "INSERT INTO items (id, request_id, tenant, task, image_sha256, created_at, priority, reason,"
-    " proposed_json, trace_json, kind, sla_due_at, stored_sha256, image_withheld, original_kept)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " proposed_json, trace_json, kind, sla_due_at, stored_sha256, image_withheld, original_kept,"
+    " audit_source, inclusion_probability)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
     " ON CONFLICT (tenant, request_id, kind) DO NOTHING RETURNING id"
 )
 
@@ -54,6 +56,8 @@ class Intake:
         label_set: tuple[str, ...] | list[str] | None = None,
         original_bytes: bytes | None = None,
         image_withheld: str | None = None,
+        audit_source: str | None = None,
+        inclusion_probability: float | None = None,
     ) -> ReviewItem:
         """Store the image, then the row; returns the existing item on a retry (the same tenant,
         request id and kind, with the same image and task); Conflict when those differ.
@@ -64,8 +68,11 @@ class Intake:
         ``original_bytes`` (privacy ``keep_original``) stores the unredacted file too.
         ``image_bytes=None`` queues the item with no image; ``image_withheld`` says why.
         ``label_set`` (the model's class names) registers what labels the task accepts.
+        ``audit_source`` / ``inclusion_probability``: who sampled the item and its chance of
+        being queued (``policies.audit_sampling.inclusion_probability``); None: unknown.
         """
         check_request(kind, image_sha256, image_bytes, original_bytes, image_withheld)
+        check_provenance(audit_source, inclusion_probability)
         key = (tenant, request_id, kind)
         with self.database.read() as db:
             existing = db.execute(LOOKUP, key).fetchone()
@@ -104,6 +111,8 @@ class Intake:
                     stored_sha256,
                     image_withheld if image_bytes is None else None,
                     int(original_bytes is not None),
+                    audit_source,
+                    inclusion_probability,
                 ),
             ).fetchone()
             if inserted is None:  # a concurrent retry won the race
@@ -137,6 +146,18 @@ def check_request(
         raise InputError("an item without an image needs image_withheld (the reason)", field="image")
     if original_bytes is not None and hashlib.sha256(original_bytes).hexdigest() != image_sha256:
         raise InputError("original_bytes do not hash to image_sha256", field="image_sha256")
+
+
+def check_provenance(audit_source: str | None, inclusion_probability: float | None) -> None:
+    if audit_source is not None and audit_source not in AUDIT_SOURCES:
+        raise InputError(
+            f"audit_source must be one of {list(AUDIT_SOURCES)}, got {audit_source!r}", field="audit_source"
+        )
+    if inclusion_probability is not None and not 0.0 < inclusion_probability <= 1.0:
+        raise InputError(
+            f"inclusion_probability must be in (0, 1], got {inclusion_probability!r}",
+            field="inclusion_probability",
+        )
 
 
 def blobs_to_store(

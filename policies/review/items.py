@@ -45,6 +45,8 @@ class ReviewItem:
     stored_sha256: str | None = None  # the bytes stored (the redacted image); None: legacy or withheld
     image_withheld: str | None = None  # why no image was stored (a privacy detector failed)
     original_kept: bool = False  # the unredacted file is stored too (privacy keep_original)
+    audit_source: str | None = None  # policy | rollout | none (not an audit); None: unknown (old row)
+    inclusion_probability: float | None = None  # P(this item was queued): 1 for a review; None: unknown
 
     @classmethod
     def from_row(cls, row: Row | sqlite3.Row) -> ReviewItem:
@@ -72,6 +74,8 @@ class ReviewItem:
             stored_sha256=row["stored_sha256"],
             image_withheld=row["image_withheld"],
             original_kept=bool(row["original_kept"]),
+            audit_source=row["audit_source"],
+            inclusion_probability=row["inclusion_probability"],
         )
 
     @property

@@ -133,6 +133,17 @@ MIGRATIONS = (
             """
         },
     ),
+    Migration(
+        5,
+        "audit provenance: which source sampled an item and its inclusion probability (old rows NULL)",
+        # audit_source: policy | rollout | none (not an audit sample); inclusion_probability: the
+        # chance the item entered the queue (an audit: both sources' union; a review: 1), the
+        # Horvitz-Thompson weight's inverse (policies/production_certify.py). NULL: unknown.
+        """
+        ALTER TABLE items ADD COLUMN audit_source TEXT;
+        ALTER TABLE items ADD COLUMN inclusion_probability REAL;
+        """,
+    ),
 )
 
 # Columns added before the schema was versioned (the first release lacked them): a database

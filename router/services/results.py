@@ -90,6 +90,8 @@ class ReviewItemView(Result):
     stored_sha256: str | None
     image_withheld: str | None
     original_kept: bool
+    audit_source: str | None  # policy | rollout | none (not an audit); None: queued before it was kept
+    inclusion_probability: float | None  # the chance the item was queued (1 for a review)
     age_s: float
     is_leased: bool
     is_overdue: bool

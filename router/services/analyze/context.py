@@ -46,6 +46,8 @@ class QueueTicket:
 
     kind: str
     reason: str | None = None
+    audit_source: str = "none"  # policy | rollout for a sample (stored with the item)
+    inclusion_probability: float = 1.0  # P(queued): the cascade queues every review
 
     @property
     def is_audit(self) -> bool:

@@ -101,4 +101,6 @@ class RolloutEvidenceStage:
         self.rollouts.note_cost(choice, "candidate", candidate_cost)
         if is_arm_audit_sampled(choice, shadow):
             reason = f"rollout {rollout.id}: shadow candidate's accept, audit sample ({rollout.audit_fraction:.1%})"
-            await self.queue_write.run(ctx.derived(shadow, arm, QueueTicket("shadow", reason)))
+            await self.queue_write.run(
+                ctx.derived(shadow, arm, QueueTicket("shadow", reason, "rollout", rollout.audit_fraction))
+            )

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from cascades.decode_budget import InputNeed, in_file_pixels
 from cascades.image_redaction import Redactor
-from policies.audit_sampling import is_sampled
+from policies.audit_sampling import inclusion_probability, is_sampled, rollout_audit_fraction
 from policies.costs import review_value
 from policies.review_queue import ReviewQueue
 from policies.runtime import PolicyRuntime
@@ -160,10 +160,12 @@ class QueueSelectStage:
         if analysis.decision in (Decision.REVIEW, Decision.ESCALATE):
             degraded = any(step.stage == "policy:budget" for step in analysis.trace)
             ctx.ticket = QueueTicket("budget" if degraded else "review")
-        elif self.policies.audit_sampled(ctx.policy, analysis):
-            ctx.ticket = QueueTicket("audit")
-        elif (reason := ctx.arm.audit_sample_reason(analysis)) is not None:
-            ctx.ticket = QueueTicket("audit", reason)
+        else:  # either source may sample an accept: its chance is the union's
+            chance = inclusion_probability(ctx.policy.audit.fraction, rollout_audit_fraction(ctx.arm.choice))
+            if self.policies.audit_sampled(ctx.policy, analysis):
+                ctx.ticket = QueueTicket("audit", None, "policy", chance)
+            elif (reason := ctx.arm.audit_sample_reason(analysis)) is not None:
+                ctx.ticket = QueueTicket("audit", reason, "rollout", chance)
 
 
 class PrivacyStage:
@@ -238,6 +240,8 @@ class StoreStage:
                 kind=kind,
                 sla_s=policy.review.sla_s,
                 label_set=label_set,
+                audit_source=ticket.audit_source,
+                inclusion_probability=ticket.inclusion_probability,
             )
         except RouterError:  # the caller's own mistake (a request id reused for another image): 409
             raise
