@@ -16,19 +16,33 @@ confidence) and the ``router`` step says so, with the error: never an uncertifie
 What is served is what was fitted, with two choices stated here:
 - the classifier output block is read from the answer's rows (``Detections.from_class_probabilities``
   keeps the top 5): with at most 5 classes the probability vector is exact; with more, the
-  classes not in the answer share the remaining mass equally (``output_probabilities``), so a
-  router for more than 5 classes should be fitted through the same function;
+  classes not in the answer share the remaining mass equally (``output_probabilities``). A
+  router is therefore fitted on ``served_output``: the full probability vectors put through the
+  served path itself (top-k rows, the tier's calibrator, ``output_probabilities``), so the
+  features served for an image are the features fitted for it, for any number of classes;
 - the reference index's embedding is the input pixels, resized to the index's dimension (grey
   ``s x s`` for d = s^2, RGB for d = 3 s^2; rows are L2-normalised by the index), the embedding
   the digits router is fitted on. Another embedding is a ConfigError at start-up.
+
+The plan decides the VLM's answer too: when the plan certified a VLM accept threshold, the stage
+hands it to the VLM stage with the request (``analysis.metadata[VLM_ACCEPT_KEY]``), which applies
+it instead of its configured one and names the plan in its step (``cascades.vlm.stage``).
+
+The features cost something, and the ``router`` step carries it in ``cost_units`` (counted in the
+cheap tier's cost: ``policies.costs.tier_of_stage``). The price is the bench's rule: the features'
+measured time on this request over the cheap tier's, times the cheap tier's price
+(``cost_units = cheap_cost_units * features_ms / cheap_latency_ms``); a configured price
+(``cascades.<task>.router.cost_units``) replaces it with a fixed one. ``timeout_ms`` bounds the
+features: a request whose features take longer takes the fallback plan (0: every request does).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +58,10 @@ if TYPE_CHECKING:
     from cascades.pipeline import CascadeState
 
 ROUTER_STAGE = "router"
+# The key under which a learned router's plan hands the VLM stage its certified accept threshold.
+VLM_ACCEPT_KEY = "router_vlm_accept"
+# The served classifier's answer rows (cascades.decoders.classifier: top_k)
+SERVED_ROWS = 5
 
 
 def _finite(value: float | None) -> float | None:
@@ -62,6 +80,45 @@ def output_probabilities(detections: Detections, n_classes: int) -> np.ndarray:
     if len(missing):
         p[missing] = max(0.0, 1.0 - float(p.sum())) / len(missing)
     return p.reshape(1, -1)
+
+
+def served_output(
+    probabilities: np.ndarray,
+    class_names: Sequence[str],
+    *,
+    calibrator: Any = None,
+    top_k: int = SERVED_ROWS,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The classifier output as the served router sees it, from the model's full (n, C)
+    probabilities: each row through the served path (the top ``top_k`` classes as answer rows,
+    ``calibrator.apply`` when the tier is calibrated, then ``output_probabilities``). Returns the
+    (n, C) probabilities the features are computed on, the answers (class ids) and the top-1
+    confidences (the fallback plan's score), all as the service computes them."""
+    p = np.asarray(probabilities, np.float64)
+    if p.ndim != 2 or p.shape[1] != len(class_names):
+        raise InputError(
+            f"expected probabilities of shape (n, {len(class_names)}), got {p.shape}", field="probabilities"
+        )
+    rows, answers, top1 = [], [], []
+    for row in p:
+        detections = Detections.from_class_probabilities(row, class_names, width=1, height=1, top_k=top_k)
+        if calibrator is not None:
+            detections = calibrator.apply(detections)
+        rows.append(output_probabilities(detections, len(class_names))[0])
+        answers.append(int(detections.class_id[0]))
+        top1.append(answer_score(detections, "top1"))
+    return np.array(rows).reshape(p.shape), np.array(answers, np.int64), np.array(top1, np.float64)
+
+
+def vlm_accept_threshold(plan: CertifiedThresholds) -> float | None:
+    """The plan's VLM accept threshold as the VLM stage applies it (None: the plan has none, the
+    stage's own threshold applies): ``inf`` (no VLM answer is accepted) becomes the smallest
+    number above 1, ``-inf`` (every answer) 0; the VLM's confidence lies in [0, 1]."""
+    from cascades.vlm.calibration import NEVER_ACCEPT
+
+    if plan.vlm_accept_threshold is None:
+        return None
+    return min(NEVER_ACCEPT, max(0.0, plan.vlm_accept_threshold))
 
 
 def pixel_embedder(
@@ -134,19 +191,32 @@ class Route:
                 "empty_result": self.thresholds.empty_result,
                 "router_version": self.router_version,
                 "fallback": self.fallback,
+                # the plan's VLM accept threshold, which the VLM stage applies (None: its own)
+                "vlm_accept_threshold": vlm_accept_threshold(self.thresholds),
             },
         )
 
 
 @dataclass(frozen=True, eq=False)
 class ServedRouter:
-    """A loaded, checked artefact and what serving it needs (the embedder)."""
+    """A loaded, checked artefact and what serving it needs (the embedder), with its price and
+    time limit: ``cost_units`` None prices each request's features by their measured time
+    (module docstring); ``timeout_s`` None lets them take as long as they take."""
 
     artefact: RouterArtefact
     embed: Callable[[np.ndarray], np.ndarray] | None  # None: the router uses no neighbours
+    cost_units: float | None = None
+    timeout_s: float | None = None
 
     @classmethod
-    def from_artefact(cls, artefact: RouterArtefact, *, field: str = "router") -> ServedRouter:
+    def from_artefact(
+        cls,
+        artefact: RouterArtefact,
+        *,
+        field: str = "router",
+        cost_units: float | None = None,
+        timeout_s: float | None = None,
+    ) -> ServedRouter:
         if artefact.plans is None:
             raise ConfigError(
                 f"{field}.plans is missing: a served router needs its certified plans "
@@ -156,11 +226,15 @@ class ServedRouter:
         embed = None
         if artefact.index is not None:
             embed = pixel_embedder(artefact.index.dim, field=f"{field}.reference_index.dim")
-        return cls(artefact, embed)
+        return cls(artefact, embed, cost_units, timeout_s)
 
-    @property
-    def sha256(self) -> str:
+    @functools.cached_property
+    def sha256(self) -> str:  # computed once: the artefact hashes its whole document
         return self.artefact.sha256
+
+    @functools.cached_property
+    def index_sha256(self) -> str | None:
+        return None if self.artefact.index is None else self.artefact.index.sha256
 
     def features(self, analysis: Analysis) -> np.ndarray:
         """(1, d) features of this request (raises on any feature that cannot be computed)."""
@@ -183,6 +257,30 @@ class ServedRouter:
         return artefact.features(
             output=output, cheap_answers=answer, input_statistics=statistics, embeddings=embeddings
         )
+
+    def scored(self, analysis: Analysis) -> tuple[np.ndarray, float, float]:
+        """(features (1, d), score, milliseconds both took) of this request; raises on a feature
+        that cannot be computed or a score that is not finite."""
+        started = time.perf_counter()
+        features = self.features(analysis)
+        score = float(self.artefact.learner.score(features)[0])
+        if not math.isfinite(score):
+            raise ValueError("the router's score is not finite")
+        return features, score, (time.perf_counter() - started) * 1000.0
+
+    def price(self, features_ms: float, cheap: Step | None) -> tuple[float, dict[str, Any]]:
+        """The features' cost units on this request and how they were priced (module docstring)."""
+        if self.cost_units is not None:
+            return self.cost_units, {"rule": "configured", "cost_units": self.cost_units}
+        if cheap is None or not cheap.latency_ms or cheap.latency_ms <= 0:
+            return 0.0, {"rule": "measured", "note": "no cheap-tier latency to price against"}
+        units = cheap.cost_units * features_ms / cheap.latency_ms
+        return units, {
+            "rule": "measured",
+            "features_ms": features_ms,
+            "cheap_latency_ms": cheap.latency_ms,
+            "cheap_cost_units": cheap.cost_units,
+        }
 
 
 class RouterScoreStage:
@@ -216,19 +314,23 @@ class RouterScoreStage:
         detections = analysis.detections
         started = time.perf_counter()
         if detections is None or len(detections) == 0:
-            state.route = Route(None, plans.learned, router.sha256, fallback=False)
+            self._route(state, Route(None, plans.learned, router.sha256, fallback=False))
             analysis.trace.append(
                 self._step(router, None, None, started, reason="no answer rows: nothing to score")
             )
             return
         try:
-            features = await asyncio.to_thread(router.features, analysis)
-            score = float(router.artefact.learner.score(features)[0])
-            if not math.isfinite(score):
-                raise ValueError("the router's score is not finite")
+            work = asyncio.to_thread(router.scored, analysis)
+            if router.timeout_s is not None:
+                work = asyncio.wait_for(work, router.timeout_s)
+            features, score, features_ms = await work
         except Exception as exc:  # any feature failure: the certified confidence-only plan decides
+            if isinstance(exc, asyncio.TimeoutError):
+                error = f"TimeoutError: the features took longer than {router.timeout_s * 1000.0:g} ms"
+            else:
+                error = failure_summary(exc)
             top1 = answer_score(detections, "top1")
-            state.route = Route(top1, plans.fallback, router.sha256, fallback=True)
+            self._route(state, Route(top1, plans.fallback, router.sha256, fallback=True))
             analysis.trace.append(
                 self._step(
                     router,
@@ -236,12 +338,14 @@ class RouterScoreStage:
                     None,
                     started,
                     reason="a router feature failed; the confidence-only certified thresholds decide",
-                    error=failure_summary(exc),
+                    error=error,
                     fallback=True,
                 )
             )
             return
-        state.route = Route(score, plans.learned, router.sha256, fallback=False)
+        self._route(state, Route(score, plans.learned, router.sha256, fallback=False))
+        cheap = next((s for s in reversed(analysis.trace.steps) if s.stage.startswith("onnx:")), None)
+        cost_units, pricing = router.price(features_ms, cheap)
         analysis.trace.append(
             self._step(
                 router,
@@ -249,8 +353,18 @@ class RouterScoreStage:
                 dict(zip(router.artefact.spec.names, (float(v) for v in features[0]))),
                 started,
                 reason="the router's score; the thresholds certified on it decide",
+                cost_units=cost_units,
+                pricing=pricing,
             )
         )
+
+    @staticmethod
+    def _route(state: CascadeState, route: Route) -> None:
+        """Decide with ``route``, and hand the VLM stage the plan's VLM accept threshold."""
+        state.route = route
+        threshold = vlm_accept_threshold(route.thresholds)
+        if threshold is not None:
+            state.analysis.metadata[VLM_ACCEPT_KEY] = {"threshold": threshold, "source": route.version}
 
     @staticmethod
     def _step(
@@ -262,6 +376,8 @@ class RouterScoreStage:
         reason: str,
         error: str | None = None,
         fallback: bool = False,
+        cost_units: float = 0.0,
+        pricing: dict[str, Any] | None = None,
     ) -> Step:
         plans = router.artefact.plans
         plan = plans.fallback if fallback else plans.learned
@@ -272,6 +388,7 @@ class RouterScoreStage:
             model_version=router.sha256,
             score=score,
             error=error,
+            cost_units=cost_units,
             latency_ms=(time.perf_counter() - started) * 1000.0,
             details={
                 "applied": True,
@@ -284,8 +401,11 @@ class RouterScoreStage:
                 "thresholds": {
                     "accept": _finite(plan.accept_threshold),
                     "escalate": _finite(plan.escalate_threshold),
+                    "vlm_accept": vlm_accept_threshold(plan),
                 },
                 "alpha": plans.alpha,
                 "delta": plans.delta,
+                "reference_index_sha256": router.index_sha256,
+                "pricing": pricing,
             },
         )

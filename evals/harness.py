@@ -368,3 +368,79 @@ def evaluate(
     plots["frontier"] = str(frontier.plot(out_dir / "frontier.png", title=f"{data.name}: cost-accuracy"))
     report["frontier"] = frontier.summary(0.99)
     return report
+
+
+# --------------------------------------------------------------------------- the learned router's data
+
+
+def router_data_from_npz(path: Path):
+    """``cascades.router_calibration.RouterData`` from an NPZ: ``TierData.from_npz``'s arrays
+    (``probabilities``, ``labels``, optional ``class_names``), the VLM's answers as either
+    ``strong_answers`` (n,) class ids (-1: no answer) with ``strong_scores`` (n,) confidences
+    (NaN: no answer), or ``strong_probabilities`` (n, C) (answer: the arg max, score: its
+    probability), and optionally ``images`` (n, H, W) or (n, H, W, 3) uint8, the uploads (for
+    the input and neighbour features)."""
+    from cascades.router_calibration import RouterData
+    from visionroute.errors import ConfigError
+
+    data = TierData.from_npz(Path(path))
+    with np.load(path, allow_pickle=False) as npz:
+        files = set(npz.files)
+        if {"strong_answers", "strong_scores"} <= files:
+            answers = npz["strong_answers"].astype(np.int64)
+            scores = npz["strong_scores"].astype(np.float64)
+            score_name = "strong_scores (the VLM's confidence as given)"
+        elif data.strong_probabilities is not None:
+            answers = data.strong_probabilities.argmax(axis=1)
+            scores = data.strong_probabilities[np.arange(len(data)), answers]
+            score_name = STRONG_SCORE
+        else:
+            raise ConfigError(
+                f"{path}: the three-tier plan needs the VLM's answers: strong_answers + strong_scores, or "
+                f"strong_probabilities; it has {sorted(files)}",
+                field="predictions.strong_answers",
+            )
+        images = None
+        if "images" in files:
+            images = npz["images"]
+            if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[3] != 3):
+                raise ConfigError(
+                    f"{path}: images must have shape (n, H, W) or (n, H, W, 3), got {images.shape}",
+                    field="predictions.images",
+                )
+            if images.dtype != np.uint8:
+                raise ConfigError(
+                    f"{path}: images must be uint8 pixels as uploaded, got {images.dtype}",
+                    field="predictions.images",
+                )
+    return RouterData(
+        data.class_names,
+        data.cheap_probabilities,
+        data.labels,
+        answers,
+        scores,
+        None if images is None else list(images),
+        data.name,
+        score_name,
+    )
+
+
+def digits_router_data(seed: int = 0):
+    """The digits tiers (``digits_tier_data``; the digits CNN stands in for the VLM, its top-1
+    probability as its confidence) with the images a client uploads (28x28 RGB renders)."""
+    from cascades.digits import load_split
+    from cascades.router_calibration import RouterData
+    from examples.digits import rendered
+
+    data = digits_tier_data(seed)
+    answers = data.strong_probabilities.argmax(axis=1)
+    return RouterData(
+        data.class_names,
+        data.cheap_probabilities,
+        data.labels,
+        answers,
+        data.strong_probabilities[np.arange(len(data)), answers],
+        rendered(load_split(seed).images_pool),
+        data.name,
+        STRONG_SCORE,
+    )

@@ -1,6 +1,7 @@
 """The cost model: what each tier's work costs, in one unit (``cost_units``).
 
-- ONNX inference: each task's tier config sets ``cost_units`` per image (router config).
+- ONNX inference: each task's tier config sets ``cost_units`` per image (router config); a
+  learned router's features (the ``router`` step, cascades/router_stage.py) count in this tier.
 - VLM: ``cascades.vlm`` prices tokens (``cost_per_1k_*_tokens``); before a call the budget
   reserves ``vlm_reserve_units``, the most one call may cost.
 - Human review: ``review_units_per_minute`` x ``expected_review_minutes`` per queued item.
@@ -39,9 +40,10 @@ class CostModel(BaseModel):
 
 
 def tier_of_stage(stage: str) -> str | None:
-    """``onnx:classify`` -> onnx, ``vlm``/``vlm:*`` -> vlm, ``review_queue`` -> review."""
+    """``onnx:classify`` and ``router`` (the learned router's features) -> onnx, ``vlm``/``vlm:*``
+    -> vlm, ``review_queue`` -> review."""
     head = stage.split(":", 1)[0]
-    if head == "onnx":
+    if head in ("onnx", "router"):
         return "onnx"
     if head.startswith("vlm"):
         return "vlm"

@@ -84,6 +84,18 @@ class RouterConfig(Strict):
     certified on its score and the confidence-only fallback plan."""
 
     path: Path = Field(description="a router artefact (cascades.learned_router.RouterArtefact, JSON)")
+    cost_units: float | None = Field(
+        None,
+        ge=0,
+        description="the features' price per request, counted in the cheap tier's cost (none: their "
+        "measured time over the cheap tier's, times its price; docs/learned_router.md)",
+    )
+    timeout_ms: float | None = Field(
+        None,
+        ge=0,
+        description="the most the features may take; beyond it the request takes the certified "
+        "confidence-only fallback plan (0: every request does; none: no limit)",
+    )
 
 
 class CascadeConfig(Strict):
@@ -316,7 +328,12 @@ def served_router(task: str, cascade: CascadeConfig) -> Any:
         if labels is None and tier.labels_file is not None:
             labels = read_labels_file(tier.labels_file)
         artefact = RouterArtefact.load(cascade.router.path.expanduser(), class_names=labels)
-        return ServedRouter.from_artefact(artefact)
+        timeout_ms = cascade.router.timeout_ms
+        return ServedRouter.from_artefact(
+            artefact,
+            cost_units=cascade.router.cost_units,
+            timeout_s=None if timeout_ms is None else timeout_ms / 1000.0,
+        )
     except ConfigError as exc:
         where = f"{field}.{exc.field}" if exc.field else f"{field}.router"
         raise ConfigError(f"{field}.{exc.reason}", field=where) from None

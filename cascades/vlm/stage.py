@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from cascades.router_stage import VLM_ACCEPT_KEY
 from cascades.vlm.client import OpenAiVlmClient, VlmBackend, VlmBackendError, VlmCompletion, VlmRequest
 from cascades.vlm.confidence import span_confidence
 from cascades.vlm.config import VlmConfig
@@ -100,6 +101,18 @@ class VlmStage:
         if close is not None:
             close()
 
+    def policy_for(self, analysis: Analysis) -> tuple[VlmPolicy, str | None]:
+        """The policy this request is judged under, and where its accept threshold came from:
+        a learned router's certified plan, when it handed one over (cascades/router_stage.py),
+        replaces the configured threshold; None: the configured policy."""
+        routed = analysis.metadata.get(VLM_ACCEPT_KEY)
+        if routed is None:
+            return self.policy, None
+        version = f"{self.policy.version}+{routed['source']}"
+        return VlmPolicy(version, float(routed["threshold"]), self.policy.disagreement_margin), routed[
+            "source"
+        ]
+
     def build_request(self, analysis: Analysis) -> tuple[VlmRequest, dict[str, Any]]:
         """The chat request for this analysis, and the context the answer is judged in."""
         config = self.config
@@ -176,8 +189,11 @@ class VlmStage:
             details.update(failure="unexpected")
             outcome = VlmOutcome(None, None, error=f"unexpected: {failure_summary(exc)}")
 
-        decision, reason = decide_after_vlm(outcome, self.policy)
+        policy, threshold_source = self.policy_for(analysis)
+        decision, reason = decide_after_vlm(outcome, policy)
         details.update(answer=outcome.answer, disagreement=outcome.disagreement)
+        if threshold_source is not None:
+            details["accept_threshold_source"] = threshold_source
         analysis.trace.append(
             Step(
                 stage=STAGE,
@@ -185,9 +201,9 @@ class VlmStage:
                 reason=reason,
                 model=completion.model if completion is not None else config.model,
                 model_version=config.model_version,
-                policy_version=self.policy.version,
+                policy_version=policy.version,
                 score=outcome.confidence,
-                threshold=self.policy.thresholds,
+                threshold=policy.thresholds,
                 cost_units=self._cost(completion),
                 latency_ms=(time.perf_counter() - started) * 1000.0,
                 error=outcome.error

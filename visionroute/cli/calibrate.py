@@ -74,6 +74,8 @@ def _calibrate_data(args, data):
 def _cmd_calibrate(args) -> int:
     if args.plan:
         return _cmd_plan(args)
+    if args.router:
+        return _cmd_router(args)
     data = _load_data(args)
     calibration, _, certificate = _calibrate_data(args, data)
     calibrator = calibration.calibrator.with_certificate(certificate)
@@ -92,6 +94,150 @@ def _cmd_calibrate(args) -> int:
     cert_path = out.with_suffix(".certificate.txt")
     cert_path.write_text(text)
     print(text, end="")
+    return 0
+
+
+def _router_data(args):
+    """The labelled items with both tiers' answers (and the uploads, where there are some)."""
+    from evals.harness import digits_router_data, router_data_from_npz
+
+    if args.predictions:
+        return router_data_from_npz(Path(args.predictions))
+    if args.images:
+        raise ConfigError(
+            "--router takes --predictions (an NPZ with the VLM's answers) or --dataset digits; "
+            "--images has no VLM answers",
+            field="images",
+        )
+    if args.dataset != "digits":
+        raise ConfigError(
+            f"unknown dataset {args.dataset!r}; expected 'digits', or use --predictions", field="dataset"
+        )
+    return digits_router_data(args.seed)
+
+
+def _router_spec(args, data):
+    """The feature blocks: --router-features, or every block the data allows."""
+    from cascades.router_features import OUTPUT_TOP_K, FeatureSpec
+
+    if args.neighbours < 1:
+        raise ConfigError(f"--neighbours must be at least 1, got {args.neighbours}", field="neighbours")
+    if args.served_rows < 1:
+        raise ConfigError(f"--served-rows must be at least 1, got {args.served_rows}", field="served-rows")
+    if args.router_features is None:
+        features = {"output", "input", "neighbours"} if data.images is not None else {"output"}
+    else:
+        features = {f.strip() for f in args.router_features.split(",") if f.strip()}
+    unknown = features - {"output", "input", "neighbours"}
+    if unknown or "output" not in features:
+        raise ConfigError(
+            f"--router-features must list output and any of input, neighbours; got {args.router_features!r}",
+            field="router-features",
+        )
+    if features - {"output"} and data.images is None:
+        raise ConfigError(
+            f"--router-features {args.router_features!r} needs the uploads (an 'images' array in the "
+            "NPZ); the data has none: use --router-features output",
+            field="router-features",
+        )
+    return FeatureSpec(
+        output="classifier",
+        top_k=min(OUTPUT_TOP_K, len(data.class_names), args.served_rows),
+        use_input="input" in features,
+        neighbours_k=args.neighbours if "neighbours" in features else 0,
+    )
+
+
+def _describe_plan(name: str, plan, held_out) -> list[str]:
+    def threshold(value):
+        return "never" if value is None or value == float("inf") else f"{value:.4g}"
+
+    vlm = "its own" if plan.vlm_accept_threshold is None else f">= {threshold(plan.vlm_accept_threshold)}"
+    cert = plan.document["certificate"]
+    rates = {k: round(v, 4) for k, v in plan.document["rates"].items()}
+    lines = [
+        f"  {name} ({'router score' if plan.score == 'learned' else 'calibrated top-1 confidence'}): "
+        f"accept >= {threshold(plan.accept_threshold)}, escalate >= {threshold(plan.escalate_threshold)}, "
+        f"VLM accept {vlm}",
+        f"    certification: rates {json.dumps(rates)}, accepted error {cert.get('empirical_risk', 0):.4f} "
+        f"(upper bound {cert.get('risk_upper_bound', 1):.4f}), {plan.document['expected_cost_units']:.3f} units/item",
+    ]
+    if held_out is not None:
+        lines.append(
+            f"    held out ({held_out.n}): rates {json.dumps({k: round(v, 4) for k, v in held_out.rates.items()})}, "
+            f"accepted error {held_out.accepted_error:.4f}, {held_out.cost_per_item:.3f} units/item"
+        )
+    return lines
+
+
+def _cmd_router(args) -> int:
+    """``calibrate --router``: fit and certify the learned router and both three-tier plans
+    (cascades/router_calibration.py); write the router and the cheap tier's calibration, and
+    print the serve-config lines that use them."""
+    from cascades.router_calibration import calibrate_router
+    from policies.certify import split_indices
+
+    if args.max_review_share is not None and not 0.0 <= args.max_review_share <= 1.0:
+        raise ConfigError(
+            f"--max-review-share must be in [0, 1], got {args.max_review_share}", field="max-review-share"
+        )
+    data = _router_data(args)
+    splits = split_indices(len(data.labels), seed=args.seed, calibration_fraction=args.calibration_fraction)
+    result = calibrate_router(
+        data,
+        splits.fit,
+        splits.certify,
+        splits.test,
+        alpha=args.alpha,
+        delta=args.delta,
+        costs=_costs(args.costs),
+        max_review_share=args.max_review_share,
+        method=args.method,
+        spec=_router_spec(args, data),
+        embedding_dim=args.embedding_dim,
+        served_rows=args.served_rows,
+        seed=args.seed,
+    )
+    home = paths.home() / "calibration"
+    out = Path(args.router_out or home / f"{data.name}-router.json")
+    calibration_out = Path(
+        args.out or out.with_name(out.stem.removesuffix("-router") + "-cheap-calibration.json")
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    calibration_out.parent.mkdir(parents=True, exist_ok=True)
+    fallback = result.artefact.plans.fallback
+    certificate = {
+        **fallback.document["certificate"],
+        "three_tier": fallback.document | {"costs": _costs(args.costs).model_dump()},
+        "split": {"seed": args.seed, "calibration_fraction": args.calibration_fraction, **result.sizes},
+        "router": result.artefact.sha256,
+    }
+    calibration_path = result.calibrator.with_certificate(certificate).save(calibration_out)
+    result.artefact.save(out)
+    task = args.task or ("digits" if args.dataset == "digits" and not args.predictions else "classify")
+    spec = result.artefact.spec
+    lines = [
+        f"learned router for {data.name}: {len(data.labels)} items split {json.dumps(result.sizes)}",
+        f"  features: {', '.join(spec.names)}",
+        f"  VLM score: {data.strong_score_name}",
+        f"  alpha {args.alpha:g}, delta {args.delta:g}, costs {args.costs}"
+        + (f", max review share {args.max_review_share:g}" if args.max_review_share is not None else ""),
+    ]
+    for name, plan in result.plans.items():
+        lines += _describe_plan(name, plan, result.held_out.get(name))
+        if not plan.feasible:
+            lines.append(f"    WARNING: the {name} plan certified nothing: it accepts no cheap answer")
+    lines += [
+        f"router artefact {out} ({result.artefact.version})",
+        f"cheap tier calibration {calibration_path} ({result.calibrator.artifact_id}); the router was fitted "
+        "on this calibration: serve the tier with it",
+        "serve config (cascades.<task>):",
+        "  cascades:",
+        f"    {task}:",
+        f"      tier: {{calibration: {calibration_path}}}",
+        f"      router: {{path: {out}}}",
+    ]
+    print("\n".join(lines))
     return 0
 
 
@@ -421,6 +567,44 @@ def register(subparsers, bench) -> None:
     plan.add_argument("--plan-reps", type=int, default=100, help="resamples of the pilot per size")
     plan.add_argument(
         "--plan-max-items", type=int, default=20_000, help="the largest labelled set considered"
+    )
+    router = calibrate.add_argument_group(
+        "learned router (--router): fit the router and certify its three-tier plan and the "
+        "confidence-only fallback with the VLM's answers (docs/learned_router.md, Calibrate)"
+    )
+    router.add_argument(
+        "--router", action="store_true", help="fit and certify the learned router; write its artefact"
+    )
+    router.add_argument(
+        "--max-review-share",
+        type=float,
+        help="review capacity h: certified plans send at most this share to humans (infeasible: "
+        "exit 2 with the smallest h that works)",
+    )
+    router.add_argument(
+        "--router-out",
+        help="router artefact path (default: $VISIONROUTE_HOME/calibration/<data>-router.json)",
+    )
+    router.add_argument("--task", help="the cascade the printed serve-config lines name (default: classify)")
+    router.add_argument(
+        "--router-features",
+        help="feature blocks: output plus any of input, neighbours, which need the uploads "
+        "(default: every block the data allows)",
+    )
+    router.add_argument(
+        "--neighbours", type=int, default=10, help="k nearest reference items (default: %(default)s)"
+    )
+    router.add_argument(
+        "--embedding-dim",
+        type=int,
+        default=64,
+        help="reference embedding: the upload's pixels, grey s*s or RGB 3*s*s (default: %(default)s)",
+    )
+    router.add_argument(
+        "--served-rows",
+        type=int,
+        default=5,
+        help="answer rows the served classifier keeps (its decoder's top_k) (default: %(default)s)",
     )
     calibrate.set_defaults(func=_cmd_calibrate)
 
