@@ -20,6 +20,8 @@ The layers, bottom to top; a module may import its own layer and the layers belo
 6. ``router.http``, ``router.grpc``: the two faces, which only translate to the core.
 7. ``router.app``, ``router.ingress``, ``router.tiers``, ``router.serve_runner``,
    ``router.serve_config``: the Ray Serve application and how a serve config is checked and run.
+7b. ``visionroute.client``: the Python client of a running service (both faces' wire formats,
+   the service's typed results); the service never calls it, the layers above may.
 8. ``examples``: worked examples (the digits cascade, the tiny LLaVA and its vLLM server), built
    from the product only.
 9. ``evals``: measurement; its benchmarks drive the service and the examples.
@@ -50,6 +52,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("router core", ("router",)),
     ("faces", ("router.http", "router.grpc")),
     ("app", ("router.app", "router.ingress", "router.tiers", "router.serve_runner", "router.serve_config")),
+    ("client", ("visionroute.client",)),
     ("examples", ("examples",)),
     ("evals", ("evals",)),
     ("cli", ("visionroute.cli",)),
@@ -73,7 +76,7 @@ TRANSPORT = (
     "router.grpc",
     "router.serve_context",
 )
-NOT_TRANSPORT_FREE = ("visionroute.cli",)  # the entry points, under visionroute/ but on top
+NOT_TRANSPORT_FREE = ("visionroute.cli", "visionroute.client")  # under visionroute/ but on top
 # old path -> where it moved; removed in the next release
 SHIMS = {
     "router.security": "router.auth (keys, roles, Principal) and router.http.auth (middleware, cookies)",

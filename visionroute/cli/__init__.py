@@ -20,7 +20,7 @@ from visionroute.errors import RouterError
 # One module per command group, each with ``register(subparsers, bench)``: it adds its commands to
 # ``subparsers`` (bench.py adds the benchmarks to ``bench``: ``visionroute bench <name>``); each
 # parser sets ``func(args) -> int``. Commands that call the running service use
-# visionroute/client.py.
+# visionroute/client/ (VisionRouteClient).
 COMMAND_MODULES = tuple(
     f"visionroute.cli.{name}"
     for name in (

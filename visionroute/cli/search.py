@@ -3,14 +3,13 @@
 While the service runs it owns the index (one writer per ``index_dir``), so ``index``,
 ``retrieval search`` and ``retrieval stats`` go through its HTTP API when it answers at
 ``--url`` (default ``$VISIONROUTE_URL`` or http://127.0.0.1:8000; ``--api-key`` or
-``$VISIONROUTE_API_KEY`` when the service has keys), through visionroute/client.py. ``--local`` (or ``--index-dir`` /
+``$VISIONROUTE_API_KEY`` when the service has keys), through visionroute/client/. ``--local`` (or ``--index-dir`` /
 ``--config``) opens the index files directly instead, which needs the service stopped;
 ``compact`` always does.
 """
 
 from __future__ import annotations
 
-import base64
 import fcntl
 import hashlib
 import json
@@ -145,25 +144,17 @@ def _index_folder_remote(client: ServiceClient, files: list[Path], folder: Path,
         }
         try:
             # a filtered search is exact once the filter matches at least k items
-            same = client.call(
-                "POST",
-                "/v1/search",
-                json={"text": "image", "k": 1, "filters": {"tenant": args.tenant, "image_sha256": sha}},
-            )["hits"]
+            same = client.search("image", k=1, filters={"tenant": args.tenant, "image_sha256": sha}).hits
             if same:
-                client.call("DELETE", f"/v1/search/items/{same[0]['id']}")
-            client.call(
-                "POST",
-                "/v1/search/items",
-                json={"image_base64": base64.b64encode(data).decode(), "metadata": metadata},
-            )
+                client.delete_search_item(same[0].id)
+            client.index_item(data, metadata)
         except RouterError as exc:
             counts["failed"] += 1
             tqdm.write(f"skipped {path}: {exc.reason}")
             continue
         counts["indexed"] += 1
         counts["replaced"] += bool(same)
-    print(json.dumps({**counts, **client.call("GET", "/v1/search/stats")}))
+    print(json.dumps({**counts, **client.search_stats().to_json()}))
     return 0 if counts["failed"] == 0 else 1
 
 
@@ -194,7 +185,7 @@ def _compact(args) -> int:
 def _stats(args) -> int:
     client = remote(args)
     if client is not None:
-        print(json.dumps(client.call("GET", "/v1/search/stats")))
+        print(json.dumps(client.search_stats().to_json()))
         return 0
     with _service(args) as service:
         print(json.dumps(service.stats()))
@@ -208,12 +199,11 @@ def _search(args) -> int:
         raise ConfigError(f"--filters is not valid JSON: {exc}", field="filters") from None
     client = remote(args)
     if client is not None:
-        body = {"text": args.query, "k": args.k, **({"filters": filters} if filters else {})}
-        print(json.dumps(client.call("POST", "/v1/search", json=body), indent=1))
-        return 0
-    with _service(args) as service:
-        response = service.search_text(args.query, k=args.k, filters=filters)
-        print(response.model_dump_json(indent=1))
+        response = client.search(args.query, k=args.k, filters=filters or None)
+    else:
+        with _service(args) as service:
+            response = service.search_text(args.query, k=args.k, filters=filters)
+    print(response.model_dump_json(indent=1))
     return 0
 
 
