@@ -1,5 +1,6 @@
-"""``visionroute review export|purge|stats``, ``visionroute privacy erase|audit``, ``visionroute budgets``:
-the review side's durable stores (queue, search entries, budget ledger), opened directly."""
+"""``visionroute review export|import-label-studio|purge|stats``, ``visionroute privacy
+erase|audit``, ``visionroute budgets``: the review side's durable stores (queue, search entries,
+budget ledger), opened directly."""
 
 from __future__ import annotations
 
@@ -37,13 +38,71 @@ def _ledger(args, *, must_exist: bool = False):
 
 
 def _cmd_export(args) -> int:
-    summary = _queue(args).export_calibration(args.out, task=args.task, tenant=args.tenant)
+    from policies.review.export import Export
+
+    queue = _queue(args)
+    try:
+        summary = Export(queue.database, queue.blobs).export(
+            args.out,
+            args.format,
+            task=args.task,
+            tenant=args.tenant,
+            status=None if args.status == "all" else args.status,
+            image_url=args.image_url,
+        )
+    finally:
+        queue.close()
     print(json.dumps(summary, indent=2))
     out = Path(summary["out"])
-    print(
-        f"calibrate with: visionroute calibrate --images {out / 'images'} --labels {out / 'labels.csv'} --model MODEL"
-    )
+    if args.format in ("calibration", "csv"):
+        print(
+            f"calibrate with: visionroute calibrate --images {out / 'images'} --labels {out / 'labels.csv'}"
+            " --model MODEL"
+        )
+    elif args.format == "label-studio":
+        print(
+            "import into Label Studio (docs/review.md, 'Label Studio'), then bring the labels back with:"
+            " visionroute review import-label-studio EXPORT.json"
+        )
     return 0
+
+
+def _cmd_import_label_studio(args) -> int:
+    """A Label Studio JSON export back in as labels: per task imported, unchanged, skipped or
+    refused (with the field and the reason); exit 1 when any task was refused."""
+    from policies.review.label_import import LabelImport, summary
+    from policies.review.label_studio import parse_export
+    from visionroute.errors import InputError
+
+    document = _read_json(args.file, "file")
+    reviewers = _read_json(args.reviewers, "reviewers") if args.reviewers else None
+    if reviewers is not None and not (
+        isinstance(reviewers, dict) and all(isinstance(v, str) and v for v in reviewers.values())
+    ):
+        raise InputError(
+            "the reviewer map is a JSON object from Label Studio user id or email to reviewer name",
+            field="reviewers",
+        )
+    read = parse_export(document, reviewers)  # bad input is refused before the queue opens
+    queue = _queue(args)
+    try:
+        outcomes = LabelImport(queue.database).apply(read, tenant=args.tenant)
+    finally:
+        queue.close()
+    result = summary(outcomes)
+    print(json.dumps(result, indent=2))
+    return 1 if result["refused"] else 0
+
+
+def _read_json(path: str, field: str):
+    from visionroute.errors import InputError
+
+    try:
+        return json.loads(Path(path).expanduser().read_text())
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror}", field=field) from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path} is not JSON: {exc}", field=field) from None
 
 
 def _cmd_purge(args) -> int:
@@ -141,29 +200,68 @@ def _search_store(args):
     return MetadataStore(path) if path.is_file() else None
 
 
+# Mirrors policies.review.export (FORMATS, LOCAL_FILES_URL): this module imports nothing heavy at
+# registration, so `visionroute --help` stays fast; a test checks they agree.
+EXPORT_FORMATS = ["calibration", "csv", "jsonl", "label-studio", "coco"]
+LOCAL_FILES_URL = "/data/local-files/?d=images/"
 CONFIG_HELP = "a serve config: read its review.path and state (PostgreSQL deployments); overrides --path"
 
 
 def register(subparsers, bench) -> None:
     default_path = str(paths.data_dir() / "review")
     review = subparsers.add_parser(
-        "review", help="the human-review queue: export labels, purge images, stats"
+        "review", help="the human-review queue: export and import labels, purge images, stats"
     )
     commands = review.add_subparsers(dest="review_command", required=True)
 
     export = commands.add_parser(
-        "export", help="reviewed items as a labelled set for `visionroute calibrate`"
+        "export",
+        help="review items as a labelled set (calibrate, eval), Label Studio tasks, COCO, CSV or JSONL",
     )
     export.add_argument(
         "--path", default=default_path, help="review folder (config review.path; default: %(default)s)"
     )
+    export.add_argument("--out", required=True, help="folder to write the files and images/ into")
     export.add_argument(
-        "--out", required=True, help="folder to write images/, labels.csv, labels.jsonl, traces.jsonl"
+        "--format",
+        choices=EXPORT_FORMATS,
+        default="calibration",
+        help="calibration: images/, labels.csv, labels.jsonl, traces.jsonl (default); csv: images/ +"
+        " labels.csv (classes); jsonl: labels.jsonl + traces.jsonl; label-studio: import tasks with the"
+        " cascade's answer as a prediction + the labelling interface, per task; coco: boxes, per task",
+    )
+    export.add_argument(
+        "--status",
+        choices=["pending", "labelled", "all"],
+        default="pending",
+        help="label-studio only: which items become tasks (default: %(default)s; the other formats"
+        " export labelled items)",
+    )
+    export.add_argument(
+        "--image-url",
+        default=LOCAL_FILES_URL,
+        help="label-studio only: data.image is this + the image's file name in OUT/images/ (default:"
+        " %(default)s, Label Studio's local files with OUT as its document root)",
     )
     export.add_argument("--config", help=CONFIG_HELP)
     export.add_argument("--task", help="only this task")
     export.add_argument("--tenant", help="only this tenant")
     export.set_defaults(func=_cmd_export)
+
+    imports = commands.add_parser(
+        "import-label-studio",
+        help="a Label Studio JSON export back in as labels (reviewer and item version checked)",
+    )
+    imports.add_argument("file", help="Label Studio's JSON export of tasks that `review export` wrote")
+    imports.add_argument("--path", default=default_path, help="review folder (config review.path)")
+    imports.add_argument("--config", help=CONFIG_HELP)
+    imports.add_argument(
+        "--reviewers",
+        help="JSON object: Label Studio user id or email -> reviewer name; users not in it are refused"
+        " (default: the user's email, else label-studio:<id>)",
+    )
+    imports.add_argument("--tenant", help="only this tenant's items (others are refused as unknown)")
+    imports.set_defaults(func=_cmd_import_label_studio)
 
     purge = commands.add_parser(
         "purge", help="delete stored images older than the TTL; labels and audit stay"
