@@ -277,16 +277,30 @@ def held_out_images(split):
     return rendered(split.images[split.held_out])
 
 
+ACCEPTED_SAMPLE = 60  # cheap accepts sent through the service beside every other held-out digit
+
+
 @pytest.fixture(scope="module")
 def held_out(builds, service, split, held_out_images):
-    """Every held-out digit through each cascade of the service (8 at a time): per cascade,
-    (labels, cheap scores, response bodies)."""
+    """Held-out digits through each cascade of the service (8 at a time): per cascade, (labels,
+    cheap scores, response bodies, images) of every digit the plan does not accept at the cheap
+    tier (the escalations and reviews, where the tiers differ) and of ``ACCEPTED_SAMPLE`` cheap
+    accepts (the most confident among them, then a seeded sample), aligned by position."""
+    labels = split.labels[split.held_out]
+    rng = np.random.default_rng(0)
     out = {}
     for task, build in builds.items():
         scores, _ = cheap_answers(cheap_stage(build.models_dir, build.cheap_calibration), held_out_images)
+        cheap_accepts = np.flatnonzero(scores >= build.plan.accept_threshold)
+        ranked = cheap_accepts[np.argsort(-scores[cheap_accepts])]
+        sampled = rng.permutation(ranked[5:])[: ACCEPTED_SAMPLE - 5]
+        chosen = np.sort(
+            np.concatenate([np.flatnonzero(scores < build.plan.accept_threshold), ranked[:5], sampled])
+        )
+        images = [held_out_images[i] for i in chosen]
         with ThreadPoolExecutor(8) as pool:
-            bodies = list(pool.map(lambda image, t=task: analyze(service, image, t), held_out_images))
-        out[task] = (split.labels[split.held_out], scores, bodies)
+            bodies = list(pool.map(lambda image, t=task: analyze(service, image, t), images))
+        out[task] = (labels[chosen], scores[chosen], bodies, images)
     return out
 
 
@@ -368,10 +382,11 @@ def test_the_known_vlm_plan_uses_all_three_tiers(builds):
 
 
 def test_the_service_routes_every_held_out_digit_as_its_plan(builds, held_out):
-    """Both cascades, every held-out digit: the service's decision is the certified plan's (the
+    """Both cascades, every held-out digit the cheap tier does not accept and a sample of those it
+    does: the service's decision is the certified plan's (the
     cheap tier's calibrated score, then the VLM's calibrated confidence), with the plan's
     thresholds in the trace."""
-    for task, (_, scores, bodies) in held_out.items():
+    for task, (_, scores, bodies, _) in held_out.items():
         plan = builds[task].plan
         for body, score in zip(bodies, scores):
             policy, vlm = step(body, "policy:thresholds"), step(body, "vlm")
@@ -389,7 +404,7 @@ def test_the_service_routes_every_held_out_digit_as_its_plan(builds, held_out):
 
 
 def test_an_easy_digit_is_accepted_by_the_cheap_tier(builds, held_out):
-    labels, scores, bodies = held_out[KNOWN]
+    labels, scores, bodies, _ = held_out[KNOWN]
     plan = builds[KNOWN].plan
     easy = [i for i in np.argsort(-scores) if scores[i] >= plan.accept_threshold][:5]
     assert easy, "no held-out digit reaches the certified cheap accept threshold"
@@ -417,7 +432,7 @@ def test_the_trained_vlm_answers_the_digits_the_cheap_tier_could_not(builds, hel
 def test_an_escalated_digit_reaches_the_real_vlm(builds, held_out):
     """In the ``digits`` cascade every escalated digit is answered by the real server through the
     service's VLM client: answer, raw and calibrated confidence in the trace."""
-    _, scores, bodies = held_out[TASK]
+    _, scores, bodies, _ = held_out[TASK]
     plan = builds[TASK].plan
     escalated = [b for b, s in zip(bodies, scores) if plan.decide(s) == "escalate"]
     for body in escalated:
@@ -433,7 +448,7 @@ def test_a_low_confidence_vlm_answer_goes_to_review_and_a_confident_one_is_answe
     """Held-out digits escalated to the known VLM: those whose calibrated VLM confidence is below
     the certified VLM threshold go to a human, with the reason and the threshold in the trace;
     those at or above it are answered by the VLM. Both happen by construction."""
-    _, scores, bodies = held_out[KNOWN]
+    _, scores, bodies, _ = held_out[KNOWN]
     plan = builds[KNOWN].plan
     threshold = plan.vlm_accept_threshold
     escalated = [(b, step(b, "vlm")) for b, s in zip(bodies, scores) if plan.decide(s) == "escalate"]
@@ -452,9 +467,9 @@ def test_a_low_confidence_vlm_answer_goes_to_review_and_a_confident_one_is_answe
 
 
 def _escalated_image(builds, held_out, held_out_images):
-    _, scores, _ = held_out[KNOWN]
+    _, scores, _, images = held_out[KNOWN]
     plan = builds[KNOWN].plan
-    return held_out_images[next(i for i, s in enumerate(scores) if plan.decide(s) == "escalate")]
+    return images[next(i for i, s in enumerate(scores) if plan.decide(s) == "escalate")]
 
 
 def test_a_failing_vlm_sends_the_escalation_to_review(builds, held_out, held_out_images, service):
