@@ -221,17 +221,14 @@ class Export:
         counts = {"items": len(items), "written": 0, "image_purged": 0, "image_withheld": 0}
         files: list[str] = []
         for task_name, group in self._with_images(items, counts):
-            kind = label_studio.answer_kind((item, size) for item, _, size in group)
+            kind = label_studio.answer_kind(group)
             tasks = [
                 label_studio.task(
-                    item,
-                    image_url=image_url + self._write_image(item, out / "images", data),
-                    kind=kind,
-                    size=size,
+                    item, image_url=image_url + self._write_image(item, out / "images"), kind=kind, size=size
                 )
-                for item, data, size in group
+                for item, size in group
             ]
-            labels = self._label_names(task_name, [item for item, _, _ in group])
+            labels = self._label_names(task_name, [item for item, _ in group])
             (out / f"label-studio-{task_name}.json").write_text(json.dumps(tasks, indent=1))
             (out / f"label-studio-{task_name}.xml").write_text(label_studio.label_config(kind, labels))
             files += [f"label-studio-{task_name}.json", f"label-studio-{task_name}.xml"]
@@ -252,14 +249,14 @@ class Export:
         counts["rejected"] = sum(1 for item in items if (item.label or {}).get("verdict") == "reject")
         counts["class_task"] = len(items) - len(usable) - counts["rejected"]  # a class chosen, no boxes
         for task_name, group in self._with_images(usable, counts):
-            if label_studio.answer_kind((item, size) for item, _, size in group) != label_studio.BOXES:
+            if label_studio.answer_kind(group) != label_studio.BOXES:
                 counts["class_task"] += len(group)  # a classifier's whole-image rows are no boxes
                 continue
-            names = self._label_names(task_name, [item for item, _, _ in group])
+            names = self._label_names(task_name, [item for item, _ in group])
             category_ids = {name: n + 1 for n, name in enumerate(names)}
             images, annotations = [], []
-            for image_id, (item, data, size) in enumerate(group, start=1):
-                name = self._write_image(item, out / "images", data)
+            for image_id, (item, size) in enumerate(group, start=1):
+                name = self._write_image(item, out / "images")
                 width, height = size or (None, None)
                 images.append(
                     {
@@ -288,26 +285,25 @@ class Export:
 
     def _with_images(
         self, items: list[ReviewItem], counts: dict[str, int]
-    ) -> Iterator[tuple[str, list[tuple[ReviewItem, bytes, tuple[int, int] | None]]]]:
-        """Items by task, each as (item, its stored image, the image's size); items without a
-        stored image are counted in ``counts`` and left out."""
-        by_task: dict[str, list[tuple[ReviewItem, bytes, tuple[int, int] | None]]] = {}
+    ) -> Iterator[tuple[str, list[tuple[ReviewItem, tuple[int, int] | None]]]]:
+        """Items by task, each with its stored image's size (read now, not kept: an export may
+        hold thousands); items without a stored image are counted in ``counts`` and left out."""
+        by_task: dict[str, list[tuple[ReviewItem, tuple[int, int] | None]]] = {}
         for item in items:
             missing = self._missing_image(item)
             if missing:
                 counts[missing] += 1
                 continue
-            data = self.blobs.get(item.shown_ref)
-            by_task.setdefault(item.task, []).append((item, data, label_studio.image_size(item, data)))
+            size = label_studio.image_size(item, self.blobs.get(item.shown_ref))
+            by_task.setdefault(item.task, []).append((item, size))
         yield from by_task.items()
 
     def _label_names(self, task: str, items: list[ReviewItem]) -> list[str]:
-        """The task's label set, else every label its items' answers and labels name."""
+        """The task's label set, then any other label its items' answers and labels name (a
+        label set replaced by a new model's keeps the old labels exportable)."""
         with self.database.read() as db:
             row = db.execute("SELECT labels_json FROM label_sets WHERE task = ?", (task,)).fetchone()
-        if row is not None:
-            return json.loads(row["labels_json"])
-        seen: dict[str, None] = {}
+        seen: dict[str, None] = dict.fromkeys(json.loads(row["labels_json"]) if row else [])
         for item in items:
             rows = list(item.proposed) + list((item.label or {}).get("boxes") or [])
             names = [row.get("label") for row in rows] + [(item.label or {}).get("label")]
@@ -322,11 +318,11 @@ class Export:
             return "image_withheld"
         return None
 
-    def _write_image(self, item: ReviewItem, folder: Path, data: bytes | None = None) -> str:
+    def _write_image(self, item: ReviewItem, folder: Path) -> str:
         """The item's shown image as ``<item id>.<format>`` in ``folder``; returns the name."""
         from PIL import Image
 
-        data = self.blobs.get(item.shown_ref) if data is None else data
+        data = self.blobs.get(item.shown_ref)
         suffix = (Image.open(io.BytesIO(data)).format or "bin").lower().replace("jpeg", "jpg")
         name = f"{item.id}.{suffix}"
         (folder / name).write_bytes(data)

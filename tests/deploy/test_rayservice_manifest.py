@@ -38,7 +38,7 @@ def strict(schema: Any) -> Any:
 
 @pytest.fixture(scope="module")
 def validator() -> jsonschema.protocols.Validator:
-    crd = yaml.safe_load(CRD.read_text())
+    crd = yaml.load(CRD.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # 1 MB
     assert crd["spec"]["names"]["kind"] == "RayService"
     (v1,) = [version for version in crd["spec"]["versions"] if version["name"] == "v1"]
     schema = strict(v1["schema"]["openAPIV3Schema"])

@@ -93,7 +93,16 @@ def key_paths(value: Any, prefix: str = "") -> set[str]:
 
 
 @pytest.fixture
-def queue(tmp_path):
+def queue(tmp_path, state):
+    """A queue on SQLite and on PostgreSQL (the ``state`` fixture): export and import read and
+    write through the store's own connections."""
+    queue = ReviewQueue(tmp_path / "review", state=state)
+    yield queue
+    queue.close()
+
+
+@pytest.fixture
+def sqlite_queue(tmp_path):
     queue = ReviewQueue(tmp_path / "review")
     yield queue
     queue.close()
@@ -275,7 +284,8 @@ def test_bad_exports_are_refused_naming_the_field():
     assert outcome.status == "refused" and outcome.field == "[0]"
 
 
-def test_cli_export_and_import_with_a_reviewer_map(queue, tmp_path, capsys):
+def test_cli_export_and_import_with_a_reviewer_map(sqlite_queue, tmp_path, capsys):
+    queue = sqlite_queue
     assert review_cli.EXPORT_FORMATS == list(FORMATS) and review_cli.LOCAL_FILES_URL == LOCAL_FILES_URL
     items = {str(n): enqueue(queue, n, "classify") for n in range(1, 3)}
     path = str(queue.root)
@@ -299,3 +309,12 @@ def test_cli_export_and_import_with_a_reviewer_map(queue, tmp_path, capsys):
     assert refused["task_id"] == 102 and refused["field"] == "completed_by"
     assert queue.get(items["1"].id).labelled_by == "ann"
     assert main(["review", "import-label-studio", str(tmp_path / "missing.json"), "--path", path]) == 2
+
+
+def test_the_labelling_interface_escapes_label_names():
+    from policies.review.label_studio import BOXES, CHOICES, label_config
+
+    names = ['a "quoted" name', "fish & chips", "<tag>"]
+    for kind, tag in ((CHOICES, "Choices"), (BOXES, "RectangleLabels")):
+        control = ET.fromstring(label_config(kind, names)).find(f"{tag}[@name='label']")
+        assert [option.get("value") for option in control] == names
