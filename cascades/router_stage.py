@@ -320,15 +320,9 @@ class RouterScoreStage:
             )
             return
         try:
-            work = asyncio.to_thread(router.scored, analysis)
-            if router.timeout_s is not None:
-                work = asyncio.wait_for(work, router.timeout_s)
-            features, score, features_ms = await work
+            features, score, features_ms = await self._scored(router, analysis)
         except Exception as exc:  # any feature failure: the certified confidence-only plan decides
-            if isinstance(exc, asyncio.TimeoutError):
-                error = f"TimeoutError: the features took longer than {router.timeout_s * 1000.0:g} ms"
-            else:
-                error = failure_summary(exc)
+            error = failure_summary(exc)
             top1 = answer_score(detections, "top1")
             self._route(state, Route(top1, plans.fallback, router.sha256, fallback=True))
             analysis.trace.append(
@@ -357,6 +351,17 @@ class RouterScoreStage:
                 pricing=pricing,
             )
         )
+
+    @staticmethod
+    async def _scored(router: ServedRouter, analysis: Analysis) -> tuple[np.ndarray, float, float]:
+        """``router.scored`` off the event loop, within the router's time limit, if it has one."""
+        work = asyncio.to_thread(router.scored, analysis)
+        if router.timeout_s is None:
+            return await work
+        try:
+            return await asyncio.wait_for(work, router.timeout_s)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"the features took longer than {router.timeout_s * 1000.0:g} ms") from None
 
     @staticmethod
     def _route(state: CascadeState, route: Route) -> None:

@@ -21,6 +21,17 @@ Traces written before the confidences were recorded are replayed on the recorded
 live score rule's), counted in ``recorded_score_only``; an unknown VLM availability counts as
 available. An item the candidate would escalate but that never reached the VLM in production
 has no recorded VLM answer: it is counted in ``unscorable`` rather than guessed.
+
+``replay_router`` scores a new learned router on the same traces: the ``router`` step logs the
+served router's feature vector (names and values), so the candidate's learner rescores it and
+the candidate's certified plans decide (``policies.thresholds.decide`` again; after an
+escalation, the plan's VLM accept threshold against the logged VLM confidence). An item whose
+features were not logged (no router, or the served one fell back) or lack a feature the
+candidate uses is decided as the service would then decide: the candidate's fallback plan on
+the calibrated top-1 confidence (counted in ``router.fallback``). Neighbour features are only
+the candidate's own when it keeps the logged reference index (same sha256); otherwise the
+logged ones stand in for them and the items are counted in ``router.other_reference_index``.
+The report puts the new decisions beside the logged ones (``router.transitions``).
 """
 
 from __future__ import annotations
@@ -59,6 +70,11 @@ class ReplayItem:
     vlm_available: bool | None = None  # None: the trace does not say
     recorded_policy_decision: str | None = None  # what the live rule decided (before any VLM)
     recorded_policy: dict[str, Any] = field(default_factory=dict)  # score_rule, empty_result
+    # The learned router's step, where one ran (cascades/router_stage.py):
+    router_features: dict[str, float] | None = None  # None: no router, or it fell back
+    router_version: str | None = None
+    router_index_sha256: str | None = None
+    vlm_score: float | None = None  # the logged VLM step's confidence (None: no valid answer)
 
 
 def _answer(details: dict[str, Any]) -> str | None:
@@ -104,6 +120,9 @@ def _item(trace: Trace, data: dict[str, Any], labels: dict[str, str] | None) -> 
     cheap = next((s for s in steps if s.stage.startswith("onnx")), None)
     policy = next((s for s in steps if s.stage == "policy:thresholds"), None)
     vlm = next((s for s in steps if s.stage.startswith("vlm") and s.error is None), None)
+    router = next((s for s in steps if s.stage == "router"), None)
+    router_details = router.details if router is not None else {}
+    router_features = router_details.get("features") if router is not None and router.error is None else None
     truth = data.get("ground_truth")
     if truth is None and labels is not None:
         truth = labels.get(trace.request_id)
@@ -137,6 +156,10 @@ def _item(trace: Trace, data: dict[str, Any], labels: dict[str, str] | None) -> 
             for k in ("score_rule", "empty_result")
             if policy is not None and k in policy.details
         },
+        router_features=dict(router_features) if isinstance(router_features, dict) else None,
+        router_version=router_details.get("version"),
+        router_index_sha256=router_details.get("reference_index_sha256"),
+        vlm_score=vlm.score if vlm is not None else None,
     )
 
 
@@ -254,53 +277,163 @@ def replay(
     rows = []
     for item in items:
         decision = replay_decision(item, policy_for(item), vlm_available=vlm_available)[0].value
-        answer = (
-            item.cheap_label if decision == "accept" else item.vlm_label if decision == "escalate" else None
-        )
-        scorable = item.ground_truth is not None and (decision == "review" or answer is not None)
-        wrong = decision != "review" and scorable and answer != item.ground_truth
-        cost = (
-            cheap_cost
-            + (vlm_cost if decision == "escalate" else 0.0)
-            + (review_cost if decision == "review" else 0.0)
-        )
-        rows.append((item, decision, scorable, wrong, cost))
+        rows.append(_row(item, decision, None, cheap_cost, vlm_cost, review_cost))
+    return {"policy": described, "slices": _slices(rows, slice_keys)}
 
-    def summarise(selected: list) -> dict[str, Any]:
+
+@dataclass(frozen=True)
+class _Row:
+    item: ReplayItem
+    decision: str  # the routing decision after the cheap tier: accept / escalate / review
+    scorable: bool
+    auto: bool  # answered without a human (the cheap answer, or an accepted VLM answer)
+    wrong: bool
+    cost: float
+
+
+def _row(
+    item: ReplayItem,
+    decision: str,
+    vlm_accept: float | None,
+    cheap_cost: float,
+    vlm_cost: float,
+    review_cost: float,
+) -> _Row:
+    """One item under a decision; ``vlm_accept``: the VLM accept threshold an escalation's
+    logged confidence must reach (None: every VLM answer is accepted, as ``replay`` counts)."""
+    vlm_rejected = (
+        decision == "escalate"
+        and vlm_accept is not None
+        and item.vlm_label is not None
+        and (item.vlm_score is None or item.vlm_score < vlm_accept)
+    )
+    answer = item.cheap_label if decision == "accept" else item.vlm_label if decision == "escalate" else None
+    auto = decision != "review" and not vlm_rejected
+    scorable = item.ground_truth is not None and (not auto or answer is not None)
+    wrong = auto and scorable and answer != item.ground_truth
+    cost = (
+        cheap_cost
+        + (vlm_cost if decision == "escalate" else 0.0)
+        + (review_cost if decision == "review" or vlm_rejected else 0.0)
+    )
+    return _Row(item, decision, scorable, auto, wrong, cost)
+
+
+def _slices(rows: list[_Row], slice_keys: tuple[str, ...]) -> dict[str, Any]:
+    def summarise(selected: list[_Row]) -> dict[str, Any]:
         n = len(selected)
-        auto = [r for r in selected if r[1] != "review" and r[2]]
+        auto = [r for r in selected if r.auto and r.scorable]
         recorded = [
-            r for r in selected if r[0].ground_truth is not None and r[0].recorded_decision == "accept"
+            r for r in selected if r.item.ground_truth is not None and r.item.recorded_decision == "accept"
         ]
         return {
             "n": n,
             "rates": {
-                d: sum(r[1] == d for r in selected) / n if n else 0.0
+                d: sum(r.decision == d for r in selected) / n if n else 0.0
                 for d in ("accept", "escalate", "review")
             },
-            "unscorable": sum(not r[2] for r in selected),
+            "unscorable": sum(not r.scorable for r in selected),
             "auto_accepted_scored": len(auto),
-            "accepted_error": sum(r[3] for r in auto) / len(auto) if auto else 0.0,
-            "accuracy": 1.0 - (sum(r[3] for r in selected if r[2]) / max(1, sum(r[2] for r in selected))),
-            "cost_units_per_item": float(np.mean([r[4] for r in selected])) if n else 0.0,
-            "recorded_cost_units_per_item": float(np.mean([r[0].recorded_cost_units for r in selected]))
+            "accepted_error": sum(r.wrong for r in auto) / len(auto) if auto else 0.0,
+            "accuracy": 1.0
+            - (sum(r.wrong for r in selected if r.scorable) / max(1, sum(r.scorable for r in selected))),
+            "cost_units_per_item": float(np.mean([r.cost for r in selected])) if n else 0.0,
+            "recorded_cost_units_per_item": float(np.mean([r.item.recorded_cost_units for r in selected]))
             if n
             else 0.0,
             "recorded_accepted": len(recorded),
             "changed_decisions": sum(
-                r[0].recorded_policy_decision is not None and r[1] != r[0].recorded_policy_decision
+                r.item.recorded_policy_decision is not None and r.decision != r.item.recorded_policy_decision
                 for r in selected
             ),
             "recorded_score_only": sum(
-                not r[0].cheap_failed and r[0].cheap_confidences is None for r in selected
+                not r.item.cheap_failed and r.item.cheap_confidences is None for r in selected
             ),
         }
 
-    out = {"policy": described, "slices": {"all": summarise(rows)}}
+    out = {"all": summarise(rows)}
     for key in slice_keys:
-        values = sorted({str(r[0].metadata.get(key, MISSING)) for r in rows})
+        values = sorted({str(r.item.metadata.get(key, MISSING)) for r in rows})
         for value in values:
-            out["slices"][f"{key}={value}"] = summarise(
-                [r for r in rows if str(r[0].metadata.get(key, MISSING)) == value]
+            out[f"{key}={value}"] = summarise(
+                [r for r in rows if str(r.item.metadata.get(key, MISSING)) == value]
             )
     return out
+
+
+def router_decision(
+    item: ReplayItem, artefact: Any, *, vlm_available: bool | None = None
+) -> tuple[Decision, str, str]:
+    """What the candidate router (``cascades.learned_router.RouterArtefact`` with plans) decides
+    for this logged item, and how: ``learned`` (its score on the logged features), ``fallback``
+    (its fallback plan on the calibrated top-1 confidence), or ``failed`` (no cheap answer)."""
+    if vlm_available is None:
+        vlm_available = item.vlm_available is not False
+    plans = artefact.plans
+    if item.cheap_failed:
+        decision, reason = decide(None, plans.fallback, vlm_available=vlm_available, cheap_tier_failed=True)
+        return decision, reason, "failed"
+    names = artefact.spec.names
+    features = item.router_features
+    if features is not None and all(name in features for name in names):
+        score = float(artefact.learner.score(np.array([[float(features[name]) for name in names]]))[0])
+        decision, reason = decide(score, plans.learned, vlm_available=vlm_available, is_calibrated=True)
+        return decision, f"router {reason}", "learned"
+    if item.cheap_confidences is not None:
+        score = answer_score(item.cheap_confidences, "top1")
+    else:
+        score = item.cheap_score
+    decision, reason = decide(
+        score, plans.fallback, vlm_available=vlm_available, is_calibrated=item.cheap_calibrated
+    )
+    return decision, reason, "fallback"
+
+
+def replay_router(
+    items: Iterable[ReplayItem],
+    artefact: Any,
+    *,
+    vlm_available: bool | None = None,
+    cheap_cost: float = 1.0,
+    vlm_cost: float = 10.0,
+    review_cost: float = 100.0,
+    slice_keys: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """A candidate learned router (its artefact, with certified plans) on logged traces: its
+    decisions, accepted error, coverage and cost as ``replay`` reports them, and beside the
+    logged decisions (module docstring)."""
+    from cascades.router_stage import vlm_accept_threshold
+
+    if getattr(artefact, "plans", None) is None:
+        raise InputError("the candidate router has no certified plans (certify_router_plans)", field="router")
+    items = list(items)
+    index_sha = None if artefact.index is None else artefact.index.sha256
+    rows, how_counts, transitions = [], {"learned": 0, "fallback": 0, "failed": 0}, {}
+    other_index, missing = 0, set()
+    for item in items:
+        decision, _, how = router_decision(item, artefact, vlm_available=vlm_available)
+        how_counts[how] += 1
+        if how == "learned" and artefact.spec.neighbours_k > 0 and item.router_index_sha256 != index_sha:
+            other_index += 1
+        if how == "fallback" and item.router_features is not None:
+            missing |= set(artefact.spec.names) - set(item.router_features)
+        plan = artefact.plans.learned if how == "learned" else artefact.plans.fallback
+        rows.append(_row(item, decision.value, vlm_accept_threshold(plan), cheap_cost, vlm_cost, review_cost))
+        old = item.recorded_policy_decision or "none"
+        key = f"{old}->{decision.value}"
+        transitions[key] = transitions.get(key, 0) + 1
+    logged = sorted({item.router_version for item in items if item.router_version})
+    return {
+        "router": {
+            "candidate": artefact.sha256,
+            "logged_versions": logged,
+            "decided_by": how_counts,
+            "missing_features": sorted(missing),
+            "other_reference_index": other_index,
+            "transitions": dict(sorted(transitions.items())),
+            "changed_decisions": sum(
+                n for key, n in transitions.items() if key.split("->")[0] != key.split("->")[1]
+            ),
+        },
+        "slices": _slices(rows, slice_keys),
+    }

@@ -289,3 +289,201 @@ def test_certify_router_plans_certifies_both_and_round_trips(tmp_path, artefact)
     loaded = RouterArtefact.load(certified.save(tmp_path / "certified.json"), class_names=LABELS)
     assert loaded.sha256 == certified.sha256
     assert loaded.plans.fallback.accept_threshold == plans.fallback.accept_threshold
+
+
+# -- the plan's VLM threshold, the router's price, its time limit --------------------------------
+
+
+def vlm_plan(vlm_accept) -> dict:
+    """Every answer escalates (accept never, review never); the VLM's answer by ``vlm_accept``."""
+    return {
+        "accept_threshold": "inf",
+        "review_threshold": "-inf",
+        "vlm_accept_threshold": vlm_accept,
+        "certificate": {"n": 0},
+    }
+
+
+def escalating_service(tmp_path, vlm_accept, logprob):
+    """The colour service with a router whose plan escalates everything, and a scripted VLM that
+    answers "red" with confidence exp(logprob); the VLM config's own accept threshold is 0.5."""
+    from cascades.vlm import VlmConfig, VlmStage
+    from cascades.vlm.client import VlmCompletion
+    from cascades.vlm.confidence import TokenLogprob
+    from router.services.backends import LocalVlmTier
+
+    base = fitted_artefact()
+    plans = RouterPlans(
+        CertifiedThresholds.from_document(vlm_plan(vlm_accept), score="learned", field="learned"),
+        CertifiedThresholds.from_document(vlm_plan(vlm_accept), score="top1", field="fallback"),
+        0.05,
+        0.1,
+    )
+    artefact = RouterArtefact(base.class_names, base.spec, base.learner, base.index, base.embedding, plans)
+    config = colour_config(tmp_path, artefact.save(tmp_path / "router.json"))
+    pieces = ['{"label":"', "red", '"}']
+    tokens = tuple(TokenLogprob(p, lp, p.encode()) for p, lp in zip(pieces, [0.0, logprob, 0.0]))
+
+    class Scripted:
+        def complete(self, request):
+            return VlmCompletion("".join(pieces), "stop", tokens, 100, 3, "m", 1, 5.0)
+
+    stage = VlmStage(VlmConfig(task="classify", labels=LABELS, accept_threshold=0.5), backend=Scripted())
+    tier = LocalOnnxTier(config.cascades["colour"].tier.model_dump(), config.models_dir)
+    service = VisionRouteService.build(
+        config, tiers={"colour": tier}, vlm_tiers={"colour": LocalVlmTier(stage)}
+    )
+    return service, artefact
+
+
+@pytest.mark.parametrize("vlm_accept, expected", [(0.8, Decision.REVIEW), (0.6, Decision.ACCEPT)])
+def test_the_vlm_stage_applies_the_plans_vlm_threshold(tmp_path, vlm_accept, expected):
+    service, artefact = escalating_service(tmp_path, vlm_accept, logprob=float(np.log(0.7)))
+    analysis = run(service.analyze.analyze(ImageRequest(solid_png((255, 0, 0)), "v1"), None))
+    by_stage = steps(analysis)
+    assert by_stage["policy:thresholds"].decision is Decision.ESCALATE
+    assert by_stage["policy:thresholds"].details["vlm_accept_threshold"] == vlm_accept
+    vlm = by_stage["vlm"]
+    assert vlm.score == pytest.approx(0.7)
+    assert vlm.threshold["accept"] == vlm_accept  # the plan's, not the VLM config's 0.5
+    source = f"router@{artefact.sha256[:12]}:learned"
+    assert vlm.details["accept_threshold_source"] == source and vlm.policy_version.endswith(source)
+    assert vlm.decision is expected and analysis.decision is expected
+
+
+def test_an_infeasible_vlm_threshold_accepts_no_vlm_answer(tmp_path):
+    service, _ = escalating_service(tmp_path, "inf", logprob=0.0)  # confidence 1.0
+    analysis = run(service.analyze.analyze(ImageRequest(solid_png((255, 0, 0)), "v2"), None))
+    vlm = steps(analysis)["vlm"]
+    assert vlm.score == pytest.approx(1.0) and vlm.decision is Decision.REVIEW
+    assert vlm.threshold["accept"] > 1.0
+    json.dumps(analysis.trace.to_dict(), allow_nan=False)
+
+
+def test_the_router_step_is_priced_in_the_cheap_tier(routed):
+    from policies.costs import costs_by_tier
+
+    red = run(routed.analyze.analyze(ImageRequest(solid_png((255, 0, 0)), "p1"), None))
+    by_stage = steps(red)
+    cheap, router = by_stage["onnx:colour"], by_stage["router"]
+    pricing = router.details["pricing"]
+    assert pricing["rule"] == "measured" and pricing["cheap_latency_ms"] == cheap.latency_ms
+    expected = cheap.cost_units * pricing["features_ms"] / cheap.latency_ms
+    assert router.cost_units == pytest.approx(expected) and router.cost_units > 0
+    assert costs_by_tier(red.trace)["onnx"] == pytest.approx(cheap.cost_units + router.cost_units)
+    assert red.trace.cost_units == pytest.approx(sum(s.cost_units for s in red.trace))
+
+
+def test_a_configured_price_and_a_zero_time_limit(tmp_path, artefact):
+    """``cost_units`` fixes the features' price; ``timeout_ms: 0`` never waits for them: every
+    request takes the certified fallback plan, unpriced (no features were computed)."""
+    path = artefact.save(tmp_path / "router.json")
+    config = colour_config(tmp_path, path)
+    priced = config.model_copy(
+        update={
+            "cascades": {
+                "colour": config.cascades["colour"].model_copy(
+                    update={
+                        "router": config.cascades["colour"].router.model_copy(update={"cost_units": 0.25})
+                    }
+                )
+            }
+        }
+    )
+    red = run(service_for(priced).analyze.analyze(ImageRequest(solid_png((255, 0, 0)), "c1"), None))
+    assert steps(red)["router"].cost_units == 0.25
+    assert steps(red)["router"].details["pricing"] == {"rule": "configured", "cost_units": 0.25}
+
+    drill_args = {
+        "models_dir": str(tmp_path),
+        "default_task": "colour",
+        "cascades": {
+            "colour": {
+                **config.cascades["colour"].model_dump(mode="json", include={"tier", "policy"}),
+                "router": {"path": str(path), "timeout_ms": 0},
+            }
+        },
+        "review": {"path": str(tmp_path / "review-drill")},
+        "retrieval": {"enabled": False},
+    }
+    drill = service_for(parse_app_config(drill_args))
+    red = run(drill.analyze.analyze(ImageRequest(solid_png((255, 0, 0)), "c2"), None))
+    by_stage = steps(red)
+    assert by_stage["router"].details["fallback"] is True and "TimeoutError" in by_stage["router"].error
+    assert by_stage["router"].cost_units == 0.0
+    assert by_stage["policy:thresholds"].policy_version.endswith(":fallback")
+    with pytest.raises(ConfigError) as error:
+        parse_app_config(
+            {
+                **drill_args,
+                "cascades": {
+                    "colour": {
+                        **drill_args["cascades"]["colour"],
+                        "router": {"path": str(path), "timeout_ms": -1},
+                    }
+                },
+            }
+        )
+    assert "router.timeout_ms" in error.value.field
+
+
+# -- more than 5 classes: the served features are the fitted ones -------------------------------
+
+
+def test_a_served_score_equals_the_offline_score_for_the_same_image(tmp_path):
+    """An 8-class tier answers with its top 5 rows; the router was fitted through the same served
+    path (``served_output``), so the score served for an upload is the score computed offline
+    from the model's whole probability vector for it."""
+    import io
+
+    from PIL import Image
+
+    from cascades.router_stage import served_output
+    from tests.support.router_artefact import LABELS as LABELS8
+    from tests.support.router_artefact import calibrated_router, tier_config
+
+    model, result, images, data = calibrated_router(tmp_path, n=600)
+    calibration = result.calibrator.save(tmp_path / "calibration.json")
+    config = parse_app_config(
+        {
+            "models_dir": str(tmp_path),
+            "default_task": "colour8",
+            "cascades": {
+                "colour8": {
+                    "tier": tier_config(model, calibration),
+                    "router": {"path": str(result.artefact.save(tmp_path / "router8.json"))},
+                }
+            },
+            "review": {"path": str(tmp_path / "review")},
+            "retrieval": {"enabled": False},
+        }
+    )
+    tier = LocalOnnxTier(config.cascades["colour8"].tier.model_dump(), config.models_dir)
+    service = VisionRouteService.build(config, tiers={"colour8": tier})
+    artefact = result.artefact
+    embed = pixel_embedder(artefact.index.dim)
+    for row in (0, 1, 2, 3):
+        buffer = io.BytesIO()
+        Image.fromarray(images[row]).save(buffer, format="PNG")
+        served = run(service.analyze.analyze(ImageRequest(buffer.getvalue(), f"s{row}"), None))
+        step = steps(served)["router"]
+        assert step.error is None and len(served.detections) == 5 < len(LABELS8)
+        output, answers, _ = served_output(
+            data.probabilities[row : row + 1], LABELS8, calibrator=result.calibrator
+        )
+        offline = artefact.score(
+            output=output,
+            cheap_answers=answers,
+            input_statistics=input_features([images[row]]),
+            embeddings=embed(images[row]),
+        )[0]
+        assert step.score == pytest.approx(offline, abs=1e-6)
+        names = artefact.spec.names
+        logged = np.array([step.details["features"][name] for name in names])
+        offline_features = artefact.features(
+            output=output,
+            cheap_answers=answers,
+            input_statistics=input_features([images[row]]),
+            embeddings=embed(images[row]),
+        )[0]
+        np.testing.assert_allclose(logged, offline_features, rtol=1e-5, atol=1e-6)

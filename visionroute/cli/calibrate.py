@@ -483,6 +483,23 @@ def _replay_report(args) -> dict:
     labels = load_labels(Path(args.labels)) if args.labels else None
     items = read_traces(Path(args.traces), labels)
     costs = _costs(args.costs)
+    if args.router:
+        from cascades.learned_router import RouterArtefact
+        from evals.replay import replay_router
+
+        result = replay_router(
+            items,
+            RouterArtefact.load(Path(args.router)),
+            cheap_cost=costs.cheap,
+            vlm_cost=costs.escalate,
+            review_cost=costs.review,
+            slice_keys=_keys(args),
+        )
+        return {
+            "dataset": {"name": Path(args.traces).stem, "n_test": len(items)},
+            "replay": result,
+            "metrics": {"replay": result["slices"]},
+        }
     result = replay(
         items,
         accept_threshold=args.accept_threshold,
@@ -623,6 +640,11 @@ def register(subparsers, bench) -> None:
     evaluate.add_argument("--accept-threshold", type=float, default=0.9, help="policy to replay on --traces")
     evaluate.add_argument(
         "--escalate-threshold", type=float, default=0.5, help="policy to replay on --traces"
+    )
+    evaluate.add_argument(
+        "--router",
+        help="a learned router artefact to replay on --traces: its score on the logged router features "
+        "and its certified plans, beside the logged decisions",
     )
     robustness = evaluate.add_argument_group(
         "robustness (--corruptions): corrupted copies of the held-out images, with and without the shift guard"

@@ -115,11 +115,14 @@ class ArmStage:
 
     async def run(self, ctx: RequestContext) -> None:
         task, policy = ctx.task, self.policies.current
+        cascade = self.config.cascades[task]
+        # a learned router's configured price is part of the cheap tier's reservation
+        router_units = (cascade.router.cost_units or 0.0) if cascade.router is not None else 0.0
         arm = Arm(
             policy,
             self.tiers[task],
             self.policies.thresholds(policy, task),
-            self.config.cascades[task].tier.cost_units,
+            cascade.tier.cost_units + router_units,
         )
         if self.rollouts is not None:
             arm = await self.rollouts.arm(task, arm, ctx.request.request_id, ctx.tenant)
