@@ -4,7 +4,7 @@
 #
 #   requirements/pip.txt      pip itself (from requirements/pip.in), installed first
 #   requirements/dev.txt      the service + test venv: pyproject.toml's dependencies and the
-#                             extras openclip, evals and test (what `pip install -e .[dev]` pulls)
+#                             extras openclip, evals, test and data (what `pip install -e .[dev]` pulls)
 #   requirements/no-deps.txt  pyproject.toml's [tool.visionroute] no-deps, installed --no-deps
 #   requirements/vllm.txt     the vLLM server venv (from requirements/vllm.in)
 #
@@ -48,8 +48,8 @@ common=(--generate-hashes --allow-unsafe --strip-extras --no-emit-index-url --no
 echo "update_locks: requirements/pip.txt" >&2
 "$pip_compile" "${common[@]}" -o requirements/pip.txt requirements/pip.in
 
-echo "update_locks: requirements/dev.txt (pyproject.toml + openclip, evals, test)" >&2
-"$pip_compile" "${common[@]}" --extra openclip --extra evals --extra test \
+echo "update_locks: requirements/dev.txt (pyproject.toml + openclip, evals, test, data)" >&2
+"$pip_compile" "${common[@]}" --extra openclip --extra evals --extra test --extra data \
   -c requirements/local-wheels.in -o requirements/dev.txt pyproject.toml
 
 echo "update_locks: requirements/vllm.txt" >&2
