@@ -117,6 +117,17 @@ def test_analyse_search_and_review_through_the_client(default_service, face, kin
     asyncio.run(scenario())
 
 
+def test_the_readme_lines_run(default_service, photos_png, tmp_path, monkeypatch, capsys):
+    """The README's three lines of the client, as written, but for the test service's port."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = re.search(r"From Python .*?```python\n(.*?)```", readme, re.S).group(1)
+    assert len(block.strip().splitlines()) == 3
+    (tmp_path / "coffee.png").write_bytes(photos_png["coffee"])
+    monkeypatch.chdir(tmp_path)
+    exec(block.replace("http://127.0.0.1:8000", default_service.url), {})
+    assert capsys.readouterr().out.strip() in ("accept", "escalate", "review")
+
+
 @pytest.mark.parametrize("face", FACES)
 def test_keys_roles_and_typed_admin_answers(keyed_service, face, photos_png):
     url = url_of(keyed_service, face)
@@ -152,14 +163,3 @@ def test_both_faces_give_the_same_typed_answer(keyed_service, photos_png):
     assert one.answer[0].confidence == pytest.approx(other.answer[0].confidence, abs=1e-5)
     assert [s["stage"] for s in one.trace["steps"]] == [s["stage"] for s in other.trace["steps"]]
     assert set(one.trace["steps"][0]) == set(other.trace["steps"][0])  # the same step fields
-
-
-def test_the_readme_lines_run(default_service, photos_png, tmp_path, monkeypatch, capsys):
-    """The README's three lines of the client, as written, but for the test service's port."""
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    block = re.search(r"From Python .*?```python\n(.*?)```", readme, re.S).group(1)
-    assert len(block.strip().splitlines()) == 3
-    (tmp_path / "coffee.png").write_bytes(photos_png["coffee"])
-    monkeypatch.chdir(tmp_path)
-    exec(block.replace("http://127.0.0.1:8000", default_service.url), {})
-    assert capsys.readouterr().out.strip() in ("accept", "escalate", "review")

@@ -8,6 +8,7 @@ through the ingress's own request translation, as the HTTP body of the same call
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from policies.audit_sampling import AuditEstimate
@@ -88,7 +89,9 @@ def an_item(**changes) -> ReviewItemView:
         "is_overdue": False,
         "image_available": True,
     }
-    return ReviewItemView(**{**fields, **changes})
+    # a field added since (the gRPC message may not carry it yet): unset, as a stored item before it
+    unset = {f.name: None for f in dataclasses.fields(ReviewItemView) if f.name not in fields}
+    return ReviewItemView(**{**unset, **fields, **changes})
 
 
 def test_an_analysis_reads_back_as_http_sends_it():

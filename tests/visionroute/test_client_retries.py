@@ -117,7 +117,7 @@ class HttpStub:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
 
     def __enter__(self) -> HttpStub:
         self.thread.start()
@@ -240,7 +240,12 @@ def test_refusals_are_the_projects_error_kinds_and_the_cli_client_adds_a_key_hin
     denied = Answer(401, error_body("Unauthenticated", "x-api-key", "no API key"))
     with HttpStub(denied) as stub, pytest.raises(ServiceError) as raised:
         ServiceClient(stub.url, None).call("GET", "/v1/rollouts")
-    assert raised.value.reason == "no API key" + KEY_HINT and raised.value.field == "x-api-key"
+    reason = raised.value.reason  # what the command line prints after "error (x-api-key): "
+    assert (
+        reason.startswith(f"{stub.url}: GET /v1/rollouts answered 401 Unauthenticated")
+        and "no API key" in reason
+    )
+    assert reason.endswith(KEY_HINT) and raised.value.field == "x-api-key" and raised.value.status == 401
 
 
 def test_bad_arguments_name_the_field():

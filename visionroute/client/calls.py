@@ -8,9 +8,11 @@ that types the answer; a transport sends whichever it speaks. gRPC messages are 
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from visionroute.client import grpc_replies as replies
@@ -19,6 +21,9 @@ from visionroute.errors import InputError
 
 T = TypeVar("T")
 LIST_FILTERS = ("tenant", "source", "tags_any", "tags_all", "review_item_ids", "ids", "image_sha256")
+FILTERS = (*LIST_FILTERS, "created_after", "created_before", "in_review")  # retrieval SearchFilters
+SEARCH_PARAMS = ("ef_search", "nprobe", "refine_k_factor", "exact")  # retrieval/schemas.py SearchParams
+METADATA_FIELDS = ("tenant", "tags", "source", "created_at", "image_sha256", "review_item_id", "extra")
 
 
 @dataclass(frozen=True)
@@ -59,8 +64,6 @@ def _image_bytes(image: bytes | str | Any, field: str = "image") -> bytes:
     """Bytes as given, or a path's file."""
     if isinstance(image, bytes | bytearray | memoryview):
         return bytes(image)
-    from pathlib import Path
-
     if isinstance(image, str | Path):
         path = Path(image)
         if not path.is_file():
@@ -111,8 +114,8 @@ def search(
     if len(given) != 1:
         raise InputError(f"give exactly one of text, image or item_id; got {given or 'none'}", field="query")
     data = _image_bytes(image) if image is not None else None
-    import base64
-
+    _known(filters, FILTERS, "filters")
+    _known(params, SEARCH_PARAMS, "params")
     body = _given(
         text=text,
         image_base64=base64.b64encode(data).decode() if data is not None else None,
@@ -146,13 +149,7 @@ def search(
 
 def search_filters(pb: Any, filters: Mapping[str, Any]) -> Any:
     """HTTP's ``filters`` object as the typed message: a single value where a list is allowed
-    becomes a one-element list; an unknown name is refused here, naming it."""
-    known = set(LIST_FILTERS) | {"created_after", "created_before", "in_review"}
-    unknown = sorted(set(filters) - known)
-    if unknown:
-        raise InputError(
-            f"unknown search filter {unknown[0]!r}; expected one of {sorted(known)}", field="filters"
-        )
+    becomes a one-element list."""
     values = {}
     for name, value in filters.items():
         if value is None:
@@ -163,8 +160,17 @@ def search_filters(pb: Any, filters: Mapping[str, Any]) -> Any:
     return pb.SearchFilters(**values)
 
 
+def _known(values: Mapping[str, Any] | None, names: tuple[str, ...], field: str) -> None:
+    """Refuse a name the service does not know before anything is sent (gRPC's typed messages
+    could not carry it), naming it and the valid ones."""
+    unknown = sorted(set(values or ()) - set(names))
+    if unknown:
+        raise InputError(f"unknown {field} name {unknown[0]!r}; expected one of {sorted(names)}", field=field)
+
+
 def index_item(image: bytes | str, metadata: Mapping[str, Any] | None) -> Call:
     data = _image_bytes(image)
+    _known(metadata, METADATA_FIELDS, "metadata")
 
     def message(pb: Any) -> Any:
         if metadata is None:

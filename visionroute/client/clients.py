@@ -219,6 +219,18 @@ class _Settings:
         self.application = application
         self.transport_name = "grpc" if self.url.startswith("grpc") else "http"
 
+    def transport(self, http_client: Any, grpc_channel: Any, *, asyncio: bool) -> Any:
+        """The transport the URL's scheme names (modules imported here: httpx or grpc, not both)."""
+        if self.transport_name == "grpc":
+            from visionroute.client import grpc_transport
+
+            kind = grpc_transport.AsyncGrpcTransport if asyncio else grpc_transport.GrpcTransport
+            return kind(self.url, self.api_key, self.timeout_s, self.application, grpc_channel)
+        from visionroute.client import http_transport
+
+        kind = http_transport.AsyncHttpTransport if asyncio else http_transport.HttpTransport
+        return kind(self.url, self.api_key, self.timeout_s, USER_AGENT, http_client)
+
 
 class VisionRouteClient(Operations):
     """The running service, blocking. ``VisionRouteClient("http://127.0.0.1:8000", api_key=...)``
@@ -243,14 +255,7 @@ class VisionRouteClient(Operations):
         settings = _Settings(url, api_key, timeout_s, retry, application)
         self.url, self.timeout_s, self.retry = settings.url, settings.timeout_s, settings.retry
         self.transport_name = settings.transport_name
-        if self.transport_name == "grpc":
-            from visionroute.client.grpc_transport import GrpcTransport
-
-            self.transport: Any = GrpcTransport(self.url, api_key, self.timeout_s, application, grpc_channel)
-        else:
-            from visionroute.client.http_transport import HttpTransport
-
-            self.transport = HttpTransport(self.url, api_key, self.timeout_s, USER_AGENT, http_client)
+        self.transport = settings.transport(http_client, grpc_channel, asyncio=False)
 
     def _execute(self, call: Call, request_id: str | None) -> Any:
         import tenacity
@@ -289,16 +294,7 @@ class AsyncVisionRouteClient(Operations):
         settings = _Settings(url, api_key, timeout_s, retry, application)
         self.url, self.timeout_s, self.retry = settings.url, settings.timeout_s, settings.retry
         self.transport_name = settings.transport_name
-        if self.transport_name == "grpc":
-            from visionroute.client.grpc_transport import AsyncGrpcTransport
-
-            self.transport: Any = AsyncGrpcTransport(
-                self.url, api_key, self.timeout_s, application, grpc_channel
-            )
-        else:
-            from visionroute.client.http_transport import AsyncHttpTransport
-
-            self.transport = AsyncHttpTransport(self.url, api_key, self.timeout_s, USER_AGENT, http_client)
+        self.transport = settings.transport(http_client, grpc_channel, asyncio=True)
 
     async def _execute(self, call: Call, request_id: str | None) -> Any:
         import tenacity

@@ -20,7 +20,8 @@ KEY_HINT = f" (give a key with --api-key or {KEY_ENV})"
 
 class ServiceClient(VisionRouteClient):
     """``VisionRouteClient`` with its old constructor (``client=``: an httpx.Client to send
-    through, e.g. FastAPI's TestClient) and a key hint on a 401/403."""
+    through, e.g. FastAPI's TestClient). A refusal's ``reason`` is the whole story the command
+    line prints: the URL, operation, status and the service's reason (a key hint on 401/403)."""
 
     def __init__(
         self, url: str, api_key: str | None, timeout_s: float = 120.0, *, client: Any = None
@@ -31,8 +32,8 @@ class ServiceClient(VisionRouteClient):
         try:
             return super()._execute(call, request_id)
         except ServiceError as error:
-            if error.status in (401, 403) and KEY_HINT not in error.reason:
-                error.reason += KEY_HINT
+            hint = KEY_HINT if error.status in (401, 403) else ""
+            error.reason = f"{self.url}: {error.args[0]}{hint}"
             raise
 
 

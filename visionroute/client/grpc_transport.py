@@ -52,14 +52,14 @@ def request_message(call: Call, pb: Any) -> Any:
     try:
         return call.grpc.message(pb)
     except (TypeError, ValueError) as exc:  # protobuf refuses a field it does not have, or a wrong type
-        raise InputError(f"{call.name}: {exc}", field=call.name.split()[-1]) from None
+        raise InputError(f"{call.name}: {exc}", field="request") from None
 
 
 def error_of(call: Call, exc: Any, target: str, timeout_s: float, request_id: str) -> ServiceError:
     """The ServiceError (or ServiceUnreachable) a failed RPC is."""
     code = exc.code().name if exc.code() is not None else "UNKNOWN"
     details = exc.details() or ""
-    trailers = dict(exc.trailing_metadata() or ())
+    trailers = {key: value for key, value in exc.trailing_metadata() or ()}
     if code == "UNAVAILABLE" and not details.startswith("{") and "retry-after" not in trailers:
         # the channel's own UNAVAILABLE: nothing listened (never sent), or the connection broke
         never_sent = any(sign in details.lower() for sign in NEVER_SENT)

@@ -109,8 +109,12 @@ class HttpTransport:
         self.url = url.rstrip("/")
         self.timeout_s = timeout_s
         self.owned = client is None
-        self.client = client or httpx.Client(
-            base_url=self.url, headers=headers(api_key, user_agent), timeout=timeout_s, trust_env=False
+        self.client = (
+            client
+            if client is not None
+            else httpx.Client(
+                base_url=self.url, headers=headers(api_key, user_agent), timeout=timeout_s, trust_env=False
+            )
         )
 
     def send(self, call: Call, request_id: str) -> Any:
@@ -139,8 +143,12 @@ class AsyncHttpTransport:
         self.url = url.rstrip("/")
         self.timeout_s = timeout_s
         self.owned = client is None
-        self.client = client or httpx.AsyncClient(
-            base_url=self.url, headers=headers(api_key, user_agent), timeout=timeout_s, trust_env=False
+        self.client = (
+            client
+            if client is not None
+            else httpx.AsyncClient(
+                base_url=self.url, headers=headers(api_key, user_agent), timeout=timeout_s, trust_env=False
+            )
         )
 
     async def send(self, call: Call, request_id: str) -> Any:
