@@ -37,6 +37,7 @@ COMMAND_MODULES = tuple(
         "review",
         "policies",
         "keys",
+        "batch",
         "bench",
     )
 )
@@ -66,6 +67,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "policies": ("visionroute.cli.policies", "policy sets (thresholds, costs, budgets, review, audit)"),
     "privacy": ("visionroute.cli.review", "erase an item's or a subject's images and records (audited)"),
     "keys": ("visionroute.cli.keys", "API keys (stored hashed in the config)"),
+    "batch": ("visionroute.cli.batch", "analyse a folder or a manifest of images on Ray Data"),
 }
 BENCH_HELP = "benchmarks: print a figure and its baseline"
 
