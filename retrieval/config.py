@@ -135,6 +135,22 @@ class IndexConfig(_Strict):
         return self
 
 
+class IndexQueueConfig(_Strict):
+    """How the service indexes analysed images (``index_analysed``): after the response, in
+    batches (one embedding pass and one durable write each), through a bounded queue.
+
+    ``durable`` (the default): the response waits for its batch's durable write and carries the
+    search id. ``eventual`` (the shipped serve_config.yaml): the response never waits; an image
+    is searchable once its batch is written (milliseconds on an idle replica; searches through
+    the same ingress replica wait for what it acknowledged before them). Either way a full queue
+    sheds the indexing, never the request: the trace says so and
+    ``visionroute_after_response_shed_total`` counts it."""
+
+    mode: Literal["eventual", "durable"] = "durable"
+    max_pending: int = Field(1024, ge=1, le=1_000_000)  # images waiting on one ingress replica
+    max_batch: int = Field(32, ge=1, le=1024)  # images per embedding pass and durable write
+
+
 class RetrievalConfig(_Strict):
     enabled: bool = True
     index_dir: Path = Field(default_factory=lambda: paths.data_dir() / "retrieval")
@@ -142,6 +158,7 @@ class RetrievalConfig(_Strict):
     index: IndexConfig = Field(default_factory=IndexConfig)
     # Cascade integration: analysed images are indexed automatically (SearchService.index_analysis).
     index_analysed: bool = False
+    index_queue: IndexQueueConfig = Field(default_factory=IndexQueueConfig)
     max_image_bytes: int = Field(20 << 20, ge=1)
     max_query_chars: int = Field(1000, ge=1)
 

@@ -121,7 +121,7 @@ class SearchService:
         *,
         item_ids: Sequence[int | None] | None = None,
     ) -> list[int]:
-        """Embed a batch in one forward pass, then store each image (one durable write each)."""
+        """Embed a batch in one forward pass, then store them all in one durable write."""
         metadatas = list(metadatas) if metadatas is not None else [None] * len(images)
         item_ids = list(item_ids) if item_ids is not None else [None] * len(images)
         item_ids = [None if i is None else self._id(i) for i in item_ids]
@@ -138,8 +138,9 @@ class SearchService:
                 metadata = metadata.model_copy(update={"image_sha256": sha})
             pixels.append(rgb)
             parsed.append(metadata)
-        vectors = self.embedder.embed_images(pixels) if pixels else []
-        return [self.index.upsert(v, m, item_id) for v, m, item_id in zip(vectors, parsed, item_ids)]
+        if not pixels:
+            return []
+        return self.index.upsert_many(self.embedder.embed_images(pixels), parsed, item_ids)
 
     def delete(self, item_id: int) -> None:
         """Delete an item; ``NotFound`` (index intact) when there is no such id."""
@@ -152,23 +153,27 @@ class SearchService:
         The cascade's outcome becomes filterable tags (``task:…``, ``decision:…``, ``label:…``)
         and a review-queue item id; the same image for the same tenant is replaced, not doubled.
         """
-        if not self.config.index_analysed:
-            return None
-        tags = [f"task:{analysis.task}"]
-        if analysis.decision is not None:
-            tags.append(f"decision:{analysis.decision.value}")
-        if analysis.detections is not None and len(analysis.detections):
-            tags.extend(sorted({f"label:{label}" for label in analysis.detections.labels if label}))
-        metadata = ItemMetadata(
-            tenant=analysis.tenant,
-            tags=tags,
-            source=f"cascade:{analysis.task}",
-            image_sha256=analysis.image_sha256,
-            review_item_id=analysis.review_item_id,
-            extra={"request_id": analysis.trace.request_id},
-        )
-        same = self.index.find(SearchFilters(tenant=analysis.tenant, image_sha256=analysis.image_sha256))
-        return self.index_image(analysis.image_rgb, metadata, item_id=same[0] if same else None)
+        return self.index_analyses([analysis])[0]
+
+    def index_analyses(self, analyses: Sequence[Analysis]) -> list[int | None]:
+        """``index_analysis`` for many: one embedding pass and one durable write for them all;
+        their ids in order (None each when ``index_analysed`` is off). The same image of the
+        same tenant twice in one batch is one entry (the later analysis's metadata wins)."""
+        if not self.config.index_analysed or not analyses:
+            return [None] * len(analyses)
+        last_of: dict[tuple[str | None, str | None], int] = {}
+        for position, analysis in enumerate(analyses):
+            last_of[(analysis.tenant, analysis.image_sha256)] = position
+        written = sorted(last_of.values())
+        metadatas, item_ids = [], []
+        for position in written:
+            analysis = analyses[position]
+            metadatas.append(_analysis_metadata(analysis))
+            same = self.index.find(SearchFilters(tenant=analysis.tenant, image_sha256=analysis.image_sha256))
+            item_ids.append(same[0] if same else None)
+        ids = self.index_images([analyses[p].image_rgb for p in written], metadatas, item_ids=item_ids)
+        id_of = {key: ids[written.index(position)] for key, position in last_of.items()}
+        return [id_of[(a.tenant, a.image_sha256)] for a in analyses]
 
     def apply_review_label(self, review_item_id: str, label: dict, *, tenant: str | None) -> list[int]:
         """Labels flow back: tag the indexed images of a reviewed item with the human's verdict
@@ -321,3 +326,20 @@ class SearchService:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _analysis_metadata(analysis: Analysis) -> ItemMetadata:
+    """An analysed image's search metadata: its outcome as tags, its tenant, review item and request."""
+    tags = [f"task:{analysis.task}"]
+    if analysis.decision is not None:
+        tags.append(f"decision:{analysis.decision.value}")
+    if analysis.detections is not None and len(analysis.detections):
+        tags.extend(sorted({f"label:{label}" for label in analysis.detections.labels if label}))
+    return ItemMetadata(
+        tenant=analysis.tenant,
+        tags=tags,
+        source=f"cascade:{analysis.task}",
+        image_sha256=analysis.image_sha256,
+        review_item_id=analysis.review_item_id,
+        extra={"request_id": analysis.trace.request_id},
+    )

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -446,56 +446,21 @@ class MetadataStore:
 
     def upsert_logged(self, item_id: int | None, vector: np.ndarray, metadata: ItemMetadata) -> Written:
         """``upsert`` returning the log entries it wrote (a follower applies them in seq order)."""
-        vector = np.ascontiguousarray(vector, np.float32)
-        blob = _blob(vector)
-        ops: list[Op] = []
+        return self.upsert_many_logged([(item_id, vector, metadata)])[0]
+
+    def upsert_many_logged(
+        self, entries: Sequence[tuple[int | None, np.ndarray, ItemMetadata]]
+    ) -> list[Written]:
+        """Store many items in ONE transaction (one durable write, one fsync): each entry's
+        ``Written`` in order, chained (each one's ``previous_seq`` is the seq before its ops)."""
+        written: list[Written] = []
         with self._writer() as conn:
             previous_seq = StoreReader(conn).last_seq()
-            old_label = None
-            if item_id is not None:
-                row = conn.execute("SELECT label FROM items WHERE id = ?", (int(item_id),)).fetchone()
-                old_label = int(row[0]) if row else None
-            if old_label is not None:
-                seq = _returned(
-                    conn, "INSERT INTO oplog (op, label) VALUES ('remove', ?) RETURNING seq", (old_label,)
-                )
-                ops.append(Op(seq, "remove", old_label, None))
-            label = _returned(
-                conn, "INSERT INTO oplog (op, label, vector) VALUES ('add', -1, ?) RETURNING seq", (blob,)
-            )
-            conn.execute("UPDATE oplog SET label = seq WHERE seq = ?", (label,))
-            ops.append(Op(label, "add", label, vector))
-            values = (
-                label,
-                metadata.tenant,
-                metadata.source,
-                metadata.created_at,
-                metadata.image_sha256,
-                metadata.review_item_id,
-                json.dumps(metadata.extra),
-                blob,
-            )
-            columns = ", ".join(_WRITE_COLUMNS)
-            marks = ", ".join("?" * len(_WRITE_COLUMNS))
-            if old_label is not None:
-                assignments = ", ".join(f"{c} = ?" for c in _WRITE_COLUMNS)
-                conn.execute(f"UPDATE items SET {assignments} WHERE id = ?", (*values, int(item_id)))
-                conn.execute("DELETE FROM item_tags WHERE item_id = ?", (int(item_id),))
-            elif item_id is not None:
-                conn.execute(
-                    f"INSERT INTO items (id, {columns}) VALUES (?, {marks})", (int(item_id), *values)
-                )
-                _advance_item_ids(conn, int(item_id))
-            else:
-                item_id = _returned(
-                    conn, f"INSERT INTO items ({columns}) VALUES ({marks}) RETURNING id", values
-                )
-            if metadata.tags:
-                conn.executemany(
-                    "INSERT INTO item_tags (item_id, tag) VALUES (?, ?) ON CONFLICT (item_id, tag) DO NOTHING",
-                    [(int(item_id), tag) for tag in metadata.tags],
-                )
-        return Written(int(item_id), ops, previous_seq)
+            for item_id, vector, metadata in entries:
+                one = _upsert_in(conn, item_id, vector, metadata, previous_seq)
+                written.append(one)
+                previous_seq = one.ops[-1].seq
+        return written
 
     def delete(self, item_id: int) -> int | None:
         """Remove the item; returns its label, or None when there is no such item."""
@@ -626,6 +591,56 @@ class MetadataStore:
     def count_matching(self, filters: SearchFilters) -> int:
         with self._reader() as reader:
             return reader.count_matching(filters)
+
+
+def _upsert_in(
+    conn: Connection, item_id: int | None, vector: np.ndarray, metadata: ItemMetadata, previous_seq: int
+) -> Written:
+    """One item's upsert inside the caller's write transaction (under the index's write lock)."""
+    vector = np.ascontiguousarray(vector, np.float32)
+    blob = _blob(vector)
+    ops: list[Op] = []
+    old_label = None
+    if item_id is not None:
+        row = conn.execute("SELECT label FROM items WHERE id = ?", (int(item_id),)).fetchone()
+        old_label = int(row[0]) if row else None
+    if old_label is not None:
+        seq = _returned(
+            conn, "INSERT INTO oplog (op, label) VALUES ('remove', ?) RETURNING seq", (old_label,)
+        )
+        ops.append(Op(seq, "remove", old_label, None))
+    label = _returned(
+        conn, "INSERT INTO oplog (op, label, vector) VALUES ('add', -1, ?) RETURNING seq", (blob,)
+    )
+    conn.execute("UPDATE oplog SET label = seq WHERE seq = ?", (label,))
+    ops.append(Op(label, "add", label, vector))
+    values = (
+        label,
+        metadata.tenant,
+        metadata.source,
+        metadata.created_at,
+        metadata.image_sha256,
+        metadata.review_item_id,
+        json.dumps(metadata.extra),
+        blob,
+    )
+    columns = ", ".join(_WRITE_COLUMNS)
+    marks = ", ".join("?" * len(_WRITE_COLUMNS))
+    if old_label is not None:
+        assignments = ", ".join(f"{c} = ?" for c in _WRITE_COLUMNS)
+        conn.execute(f"UPDATE items SET {assignments} WHERE id = ?", (*values, int(item_id)))
+        conn.execute("DELETE FROM item_tags WHERE item_id = ?", (int(item_id),))
+    elif item_id is not None:
+        conn.execute(f"INSERT INTO items (id, {columns}) VALUES (?, {marks})", (int(item_id), *values))
+        _advance_item_ids(conn, int(item_id))
+    else:
+        item_id = _returned(conn, f"INSERT INTO items ({columns}) VALUES ({marks}) RETURNING id", values)
+    if metadata.tags:
+        conn.executemany(
+            "INSERT INTO item_tags (item_id, tag) VALUES (?, ?) ON CONFLICT (item_id, tag) DO NOTHING",
+            [(int(item_id), tag) for tag in metadata.tags],
+        )
+    return Written(int(item_id), ops, previous_seq)
 
 
 def _advance_item_ids(conn: Connection, item_id: int) -> None:

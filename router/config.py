@@ -43,6 +43,16 @@ class LimitsConfig(Strict):
         default_factory=DecodeBudgetConfig,
         description="decoded pixels in flight per replica, and decoding large images at the size the model needs",
     )
+    batch_max_images: int = Field(
+        32, ge=1, le=1024, description="images per batch request (POST /v1/analyze/batch)"
+    )
+    batch_max_body_bytes: int = Field(64 << 20, gt=0, description="largest batch request body")
+    batch_concurrency: int = Field(8, ge=1, le=256, description="images of one batch analysed at once")
+    after_response_max_tasks: int = Field(
+        256,
+        ge=1,
+        description="work spawned after responses (shadow runs...) in flight per replica; more is shed",
+    )
 
     @field_validator("allowed_formats")
     @classmethod

@@ -416,6 +416,26 @@ class VectorIndex:
             self._after_ops()
         return written.item_id
 
+    def upsert_many(
+        self,
+        vectors: np.ndarray,
+        metadatas: list[ItemMetadata],
+        item_ids: list[int | None],
+    ) -> list[int]:
+        """``upsert`` for many items in one durable write (one transaction); their ids in order."""
+        vectors = check_unit_vectors(vectors, self.dim, "vector")
+        if not (len(vectors) == len(metadatas) == len(item_ids)):
+            raise InputError(
+                f"got {len(vectors)} vectors, {len(metadatas)} metadata and {len(item_ids)} ids; they must match",
+                field="vector",
+            )
+        with self._lock:
+            written = self.store.upsert_many_logged(list(zip(item_ids, vectors, metadatas)))
+            for one in written:  # durable from here, as upsert's
+                self._apply_written(one)
+            self._after_ops()
+        return [one.item_id for one in written]
+
     def delete(self, item_id: int) -> None:
         with self._lock:
             written = self.store.delete_logged(int(item_id))

@@ -78,23 +78,25 @@ class VisionRouteService:
         metrics.registry.register(rollouts)  # visionroute_rollout_* on /metrics
         retention = RetentionTask(queue, policies, config.review.retention_interval_s)
         retention.start()  # on the replica's event loop (Ray runs the constructor there); else a no-op
+        analyze = AnalyzeService(
+            config,
+            tiers=tiers,
+            vlm_tiers=vlm_tiers,
+            search=search,
+            queue=queue,
+            policies=policies,
+            metrics=metrics,
+            rollouts=rollouts,
+            drift=drift,
+        )
+        read_search = analyze.searched_after_indexing(search)  # sees this replica's queued indexing
         return cls(
             config=config,
-            analyze=AnalyzeService(
-                config,
-                tiers=tiers,
-                vlm_tiers=vlm_tiers,
-                search=search,
-                queue=queue,
-                policies=policies,
-                metrics=metrics,
-                rollouts=rollouts,
-                drift=drift,
-            ),
+            analyze=analyze,
             review=ReviewService(
-                config, queue=queue, policies=policies, search=search, rollouts=rollouts, drift=drift
+                config, queue=queue, policies=policies, search=read_search, rollouts=rollouts, drift=drift
             ),
-            search=SearchOperations(search),
+            search=SearchOperations(read_search),
             operations=Operations(
                 auth_enabled=config.security.enabled,
                 tiers=tiers,

@@ -23,6 +23,7 @@ from policies.runtime import PolicyRuntime
 from policies.thresholds import ThresholdPolicy
 from router.services import ImageRequest, VisionRouteService
 from router.services.analyze import RequestContext
+from router.services.analyze.after_response import AfterResponseMetrics, IndexQueue
 from router.services.analyze.budget import BudgetGuard
 from router.services.analyze.context import QueueTicket
 from router.services.analyze.pipeline import Pipeline
@@ -455,7 +456,7 @@ class FakeSearch:
         self.calls.append(method)
         if self.fails:
             raise ConnectionError("search replica gone")
-        return 7
+        return [7] * len(args[0]) if method == "index_analyses" else 7
 
 
 def test_search_index_records_the_id_or_the_failure_and_never_decides(tmp_path):
@@ -464,14 +465,17 @@ def test_search_index_records_the_id_or_the_failure_and_never_decides(tmp_path):
         update={"retrieval": config.retrieval.model_copy(update={"index_analysed": True})}
     )
     ok, failed = context(), context()
-    run(SearchIndexStage(config, FakeSearch()).run(ok))
-    run(SearchIndexStage(config, FakeSearch(fails=True)).run(failed))
+    metrics = AfterResponseMetrics(None)
+    run(SearchIndexStage(IndexQueue(FakeSearch(), config.retrieval, metrics)).run(ok))
+    run(SearchIndexStage(IndexQueue(FakeSearch(fails=True), config.retrieval, metrics)).run(failed))
     (step,) = ok.analysis.trace
-    assert step.stage == "retrieval:index" and step.details == {"search_id": 7} and ok.search_id == 7
+    durable = {"mode": "durable", "status": "indexed"}  # retrieval.index_queue.mode's default
+    assert step.stage == "retrieval:index" and ok.search_id == 7
+    assert step.details == {"search_id": 7, "search_index": durable}
     (step,) = failed.analysis.trace
     assert step.stage == "retrieval:index" and "ConnectionError" in step.error and step.decision is None
     off = context()
-    run(SearchIndexStage(config, None).run(off))
+    run(SearchIndexStage(IndexQueue(None, config.retrieval, metrics)).run(off))
     assert stages_of(off) == [] and off.search_id is None
 
 

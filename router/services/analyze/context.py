@@ -76,7 +76,8 @@ class RequestContext:
     route: Route | None = None  # RouterScoreStage (a task with a learned router): DecideStage's score
     ticket: QueueTicket | None = None  # QueueSelectStage
     stored: StoredImage | None = None  # PrivacyStage: what the queue may store
-    search_id: int | None = None  # SearchIndexStage
+    search_id: int | None = None  # SearchIndexStage (durable indexing)
+    search_indexed: Any = None  # SearchIndexStage (eventual): a future of after_response.Indexed
 
     # -- what the request runs under (the arm) --------------------------------------------------
 

@@ -62,7 +62,7 @@ def analyze_pipeline(service: AnalyzeService) -> Pipeline:
             FilePixelsStage(),
             QueueSelectStage(service.policies),
             queue_write,
-            SearchIndexStage(service.config, service.search),
+            SearchIndexStage(service.indexer),
             MetricsStage(service.metrics),
             DriftStage(service.drift),
         ),
@@ -70,7 +70,7 @@ def analyze_pipeline(service: AnalyzeService) -> Pipeline:
             *((RolloutEvidenceStage(rollouts, queue_write),) if rollouts is not None else ()),
             DriftEmbeddingStage(service.config, service.drift, service.search),
         ),
-        spawn=rollouts.spawn if rollouts is not None else None,
+        spawn=service.after_response.spawn,  # bounded (after_response.py)
     )
 
 

@@ -16,6 +16,12 @@ from policies.runtime import PolicyRuntime
 from router.auth.principal import Principal
 from router.config import AppConfig, served_routers
 from router.metrics import IngressMetrics
+from router.services.analyze.after_response import (
+    AfterResponseMetrics,
+    AfterResponseWork,
+    IndexQueue,
+    ReadYourWrites,
+)
 from router.services.analyze.context import ImageRequest, RequestContext
 from router.services.analyze.pipeline import analyze_pipeline
 from router.services.backends import CheapTierClient, SearchBackend, VlmTierClient
@@ -55,10 +61,37 @@ class AnalyzeService:
             for task, cascade in config.cascades.items()
         }
         self.routers = served_routers(config)  # the tasks' learned routers (cascades.router_stage)
+        after_metrics = _after_response_metrics(metrics)
+        # work the answer does not need, bounded: spawned stages, and indexing (batched)
+        self.after_response = AfterResponseWork(
+            config.limits.after_response_max_tasks,
+            after_metrics,
+            rollouts.spawn if rollouts is not None else None,
+        )
+        self.indexer = IndexQueue(search, config.retrieval, after_metrics)
         self.pipeline = analyze_pipeline(self)
+
+    def searched_after_indexing(self, search: SearchBackend | None) -> SearchBackend | None:
+        """``search`` for the other operations of this replica: each call first waits for the
+        analysed images this replica queued for indexing (read your own writes)."""
+        if search is None or not self.indexer.enabled or self.indexer.mode != "eventual":
+            return search  # durable: every acknowledged image is written before its response
+        return ReadYourWrites(search, self.indexer)
 
     async def analyze(self, request: ImageRequest, caller: Principal | None) -> Analysis:
         """The pipeline for one image, under one policy version from start to end; its decoded
         pixels count against this replica's decode budget until the answer is made."""
         async with self.decode_budget.session() as session:
             return await self.pipeline.run(RequestContext(request, caller, session))
+
+
+def _after_response_metrics(metrics: IngressMetrics) -> AfterResponseMetrics:
+    """One set per metrics registry (several services may share one in tests)."""
+    found = getattr(metrics, "after_response", None)
+    if found is None:
+        found = AfterResponseMetrics(getattr(metrics, "registry", None))
+        try:
+            metrics.after_response = found
+        except AttributeError:  # a stand-in without attributes: unregistered metrics
+            pass
+    return found

@@ -29,6 +29,7 @@ from visionroute.records import Analysis, Decision, Step, Trace
 from visionroute.redaction import failure_summary
 
 if TYPE_CHECKING:
+    from router.services.analyze.after_response import IndexQueue
     from router.services.rollouts import RolloutService
 
 log = logging.getLogger("visionroute.service.analyze")
@@ -272,40 +273,57 @@ class StoreStage:
 
 
 class SearchIndexStage:
-    """``retrieval.index_analysed``: make the analysed image searchable. Step:
-    ``retrieval:index``; a failure is recorded there and never changes the decision."""
+    """``retrieval.index_analysed``: make the analysed image searchable, through the replica's
+    batched ``IndexQueue`` (after_response.py). Step: ``retrieval:index``, whose
+    ``details.search_index`` says what was promised: ``{"mode": "durable", "status": "indexed"}``
+    (the write is durable before the response; ``search_id`` is set), ``{"mode": "eventual",
+    "status": "queued"}`` (searchable once its batch is written; ``search_id`` null), or
+    ``status`` ``shed`` (the queue was full) / ``failed``. A failure never changes the decision."""
 
     name = "search_index"
 
-    def __init__(self, config: AppConfig, search: SearchBackend | None) -> None:
-        self.enabled = search is not None and config.retrieval.index_analysed
-        self.search = search
+    def __init__(self, indexer: IndexQueue) -> None:
+        self.enabled = indexer.enabled
+        self.indexer = indexer
 
     async def run(self, ctx: RequestContext) -> None:
         if not self.enabled:
             return
-        analysis = ctx.analysis
+        analysis, mode = ctx.analysis, self.indexer.mode
         started = time.perf_counter()
-        try:
-            ctx.search_id = await self.search.call("index_analysis", analysis)
-            analysis.trace.append(
-                Step(
-                    stage="retrieval:index",
-                    reason="indexed for visual search",
-                    details={"search_id": ctx.search_id},
-                    latency_ms=(time.perf_counter() - started) * 1000.0,
-                )
+        future = self.indexer.submit(analysis)
+        if future is None:
+            self._step(
+                ctx, started, "shed", "not indexed: the index queue is full (shed)", "index queue full"
             )
-        except Exception as exc:
-            log.warning("indexing %s for search failed: %s", analysis.trace.request_id, exc)
-            analysis.trace.append(
-                Step(
-                    stage="retrieval:index",
-                    reason="not indexed",
-                    error=failure_summary(exc),
-                    latency_ms=(time.perf_counter() - started) * 1000.0,
-                )
+            return
+        if mode == "eventual":
+            ctx.search_indexed = future  # the drift embedding sample reads the id once written
+            self._step(ctx, started, "queued", "queued for visual search (eventual: searchable once written)")
+            return
+        indexed = await future
+        if indexed.error is not None:
+            log.warning("indexing %s for search failed: %s", analysis.trace.request_id, indexed.error)
+            self._step(ctx, started, "failed", "not indexed", indexed.error)
+            return
+        ctx.search_id = indexed.search_id
+        self._step(ctx, started, "indexed", "indexed for visual search")
+
+    def _step(
+        self, ctx: RequestContext, started: float, status: str, reason: str, error: str | None = None
+    ) -> None:
+        ctx.analysis.trace.append(
+            Step(
+                stage="retrieval:index",
+                reason=reason,
+                error=error,
+                details={
+                    "search_id": ctx.search_id,
+                    "search_index": {"mode": self.indexer.mode, "status": status},
+                },
+                latency_ms=(time.perf_counter() - started) * 1000.0,
             )
+        )
 
 
 class MetricsStage:
@@ -343,7 +361,8 @@ class DriftStage:
 
 class DriftEmbeddingStage:
     """After the response: a sampled share (``drift.embedding_fraction``) of the indexed images'
-    embeddings, read back from the search tier (which computed them) for the embeddings monitor."""
+    embeddings, read back from the search tier (which computed them) for the embeddings monitor;
+    an image indexed eventually is read once its batch is written."""
 
     name = "drift_embedding"
 
@@ -355,13 +374,18 @@ class DriftEmbeddingStage:
     def wants(self, ctx: RequestContext) -> bool:
         return (
             self.drift is not None
-            and ctx.search_id is not None
+            and (ctx.search_id is not None or ctx.search_indexed is not None)
             and is_sampled(f"drift-embedding:{ctx.analysis.trace.request_id}", self.fraction)
         )
 
     async def run(self, ctx: RequestContext) -> None:
+        search_id = ctx.search_id
+        if search_id is None and ctx.search_indexed is not None:
+            search_id = (await ctx.search_indexed).search_id
+        if search_id is None:
+            return  # shed or failed: no embedding to read
         try:
-            asked = await self.search.call("query_vector", "search_by_id", ctx.search_id, 1)
+            asked = await self.search.call("query_vector", "search_by_id", search_id, 1)
             self.drift.observe_embedding(ctx.analysis.task, asked["vector"])
         except Exception as exc:  # e.g. another shard holds the item: this sample is skipped
-            log.debug("no embedding for drift from search item %s: %s", ctx.search_id, exc)
+            log.debug("no embedding for drift from search item %s: %s", search_id, exc)

@@ -1,0 +1,193 @@
+"""Work the answer does not need, off the request's path and bounded (docs/architecture.md).
+
+- ``AfterResponseWork``: what a request spawns after its response (a rollout's shadow run, a
+  drift embedding sample), at most ``limits.after_response_max_tasks`` in flight per replica;
+  beyond that the work is shed and counted, never the request.
+- ``IndexQueue``: analysed images on their way into the search index, written in batches (one
+  ``SearchService.index_analyses`` call: one embedding pass and one durable write for many
+  images) by one worker per replica, behind a queue of at most ``retrieval.index_queue.
+  max_pending`` images; a full queue sheds the indexing and counts it.
+
+Both count what they shed in ``visionroute_after_response_shed_total{work}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from retrieval.config import RetrievalConfig
+from router.services.analyze.context import Spawn
+from router.services.backends import SearchBackend
+from visionroute.records import Analysis
+from visionroute.redaction import failure_summary
+
+log = logging.getLogger("visionroute.service.analyze")
+
+FLUSH_WAIT_S = 5.0  # a read waits at most this long for the replica's acknowledged index writes
+
+
+class AfterResponseMetrics:
+    """The shed counter and the index queue's depth, on the ingress's /metrics registry."""
+
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        self.shed = Counter(
+            "visionroute_after_response_shed",
+            "work after the response shed because its bound was reached (the request was served)",
+            ["work"],
+            registry=registry,
+        )
+        self.index_pending = Gauge(
+            "visionroute_search_index_pending",
+            "analysed images waiting on this replica to be written to the search index",
+            registry=registry,
+        )
+        self.index_failed = Counter(
+            "visionroute_search_index_failed",
+            "analysed images whose batched index write failed (not indexed; the request was served)",
+            registry=registry,
+        )
+
+
+def _work_name(coroutine: Coroutine[Any, Any, Any]) -> str:
+    """A spawned stage's class name (``RolloutEvidenceStage.run`` -> ``RolloutEvidenceStage``)."""
+    parts = getattr(coroutine, "__qualname__", "work").split(".")
+    return parts[-2] if len(parts) > 1 else parts[0]
+
+
+class AfterResponseWork:
+    """A bounded ``Spawn``: at most ``limit`` spawned coroutines run at once on this replica;
+    one more is closed unrun and counted (``work``: the spawned stage's class). ``inner`` is
+    where admitted work runs (``RolloutService.spawn``, so its ``drain`` waits for it too);
+    None: tasks of this object's own."""
+
+    def __init__(self, limit: int, metrics: AfterResponseMetrics, inner: Spawn | None = None) -> None:
+        self.limit = limit
+        self.metrics = metrics
+        self.inner = inner
+        self.in_flight = 0
+        self._tasks: set[asyncio.Task] = set()
+
+    def spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        if self.in_flight >= self.limit:
+            work = _work_name(coroutine)
+            coroutine.close()  # never started: nothing half-done
+            self.metrics.shed.labels(work).inc()
+            log.debug("after-response work %s shed: %d in flight (the limit)", work, self.in_flight)
+            return
+        self.in_flight += 1
+
+        async def counted() -> None:
+            try:
+                await coroutine
+            finally:
+                self.in_flight -= 1
+
+        if self.inner is not None:
+            self.inner(counted())
+            return
+        task = asyncio.get_running_loop().create_task(counted())
+        self._tasks.add(task)  # asyncio keeps only weak references to tasks
+        task.add_done_callback(self._tasks.discard)
+
+    async def drain(self) -> None:
+        """Wait for the work spawned so far (tests, shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+
+@dataclass(frozen=True)
+class Indexed:
+    """What became of one queued image: its search id, or why it has none."""
+
+    search_id: int | None
+    error: str | None = None
+
+
+class IndexQueue:
+    """Analysed images to index, written in batches by one worker task per replica.
+
+    ``submit`` never waits: it returns a future of the image's ``Indexed`` (never an exception),
+    or None when the queue is full (shed, counted). The worker takes up to ``max_batch`` images
+    per ``index_analyses`` call, in submission order, so a future resolving means every image
+    submitted before it is written too (``flushed``)."""
+
+    def __init__(
+        self, search: SearchBackend | None, config: RetrievalConfig, metrics: AfterResponseMetrics
+    ) -> None:
+        self.enabled = search is not None and config.index_analysed
+        self.search = search
+        self.mode = config.index_queue.mode
+        self.max_pending = config.index_queue.max_pending
+        self.max_batch = config.index_queue.max_batch
+        self.metrics = metrics
+        self._pending: deque[tuple[Analysis, asyncio.Future]] = deque()
+        self._worker: asyncio.Task | None = None
+        self._last: asyncio.Future | None = None  # the newest submitted image's future
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def submit(self, analysis: Analysis) -> asyncio.Future | None:
+        if len(self._pending) >= self.max_pending:
+            self.metrics.shed.labels("search_index").inc()
+            return None
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._pending.append((analysis, future))
+        self._last = future
+        self.metrics.index_pending.set(len(self._pending))
+        worker = self._worker
+        if worker is None or worker.done() or worker.get_loop() is not loop:
+            self._worker = loop.create_task(self._write_batches())
+        return future
+
+    async def _write_batches(self) -> None:
+        while self._pending:
+            batch = [self._pending.popleft() for _ in range(min(self.max_batch, len(self._pending)))]
+            self.metrics.index_pending.set(len(self._pending))
+            try:
+                ids = await self.search.call("index_analyses", [analysis for analysis, _ in batch])
+                outcomes = [Indexed(None if i is None else int(i)) for i in ids]
+            except Exception as exc:  # the requests are long answered: recorded, counted, logged
+                error = failure_summary(exc)
+                log.warning("indexing %d analysed images for search failed: %s", len(batch), error)
+                self.metrics.index_failed.inc(len(batch))
+                outcomes = [Indexed(None, error)] * len(batch)
+            for (_, future), outcome in zip(batch, outcomes):
+                if not future.done():
+                    future.set_result(outcome)
+
+    async def flushed(self, timeout_s: float = FLUSH_WAIT_S) -> None:
+        """Wait (at most ``timeout_s``) until every image submitted so far is written or failed:
+        a read after this sees what this replica acknowledged before it."""
+        last = self._last
+        if last is None or last.done():
+            return
+        if last.get_loop() is not asyncio.get_running_loop():
+            return  # another loop's queue (tests); nothing to wait for here
+        try:
+            await asyncio.wait_for(asyncio.shield(last), timeout_s)
+        except asyncio.TimeoutError:
+            log.warning("search read went ahead with %d images still waiting to be indexed", self.pending)
+
+
+class ReadYourWrites:
+    """A ``SearchBackend`` whose every call first waits for this replica's queued index writes
+    (``IndexQueue.flushed``): a search, a read or a review label through the same ingress replica
+    sees every analysed image it acknowledged before the call (eventual across replicas)."""
+
+    def __init__(self, backend: SearchBackend, queue: IndexQueue) -> None:
+        self.backend = backend
+        self.queue = queue
+
+    async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        await self.queue.flushed()
+        return await self.backend.call(method, *args, **kwargs)
