@@ -66,6 +66,7 @@ FIT_FRACTION, MIN_FIT, MAX_FIT = 0.1, 20, 200  # as policies.certify
 BET_GRID = np.geomspace(1 / 64, 1.0, 7)  # the fixed half of the mixture: 1/64, 1/32, ..., 1
 PREDICTABLE_SHARE = 0.5  # the mixture's weight on the predictable bets
 MAX_BET = 0.95  # a predictable bet never stakes everything on one item
+TEST_BLOCK = 16  # candidates tested at once (the sequence usually ends within a few blocks)
 # A VLM score the sample lacks: above every finite VLM threshold, below "inf" (never accept).
 UNKNOWN_PASSES = 1e300
 NONRESPONSE_RULE = "worst case: a sampled item without a label counts as an error"
@@ -287,19 +288,26 @@ def log_evidence(auto: np.ndarray, wrong: np.ndarray, u: np.ndarray, alpha: floa
     return np.logaddexp(math.log(PREDICTABLE_SHARE) + log_own, math.log(1 - PREDICTABLE_SHARE) + spread)
 
 
-def _weighted_fit_stats(fit: _Outcomes, fit_u: np.ndarray, candidates, costs: TierCosts):
+def _weighted_fit_stats(fit: _Outcomes, fit_u: np.ndarray, candidates, costs: TierCosts, alpha: float):
     """Per candidate on the fit share, Horvitz-Thompson weighted: a smoothed risk (a Beta(1, 1)
     posterior mean in effective items, so few items never look safe), the cost per item and the
-    masks of the fit items it accepts and gets wrong."""
-    auto, wrong, reviewed, escalated = _decisions(fit, *candidates)
+    masks of the fit items it accepts and gets wrong, and the best-case evidence (every accepted
+    item right) per fit item. One matrix product per mask: thousands of candidates."""
+    auto, wrong, _, escalated = _decisions(fit, *candidates)
     w = 1.0 / fit_u  # proportional to 1 / pi
-    mass = auto @ w
-    n_eff = np.where(mass > 0, mass**2 / np.maximum(auto @ w**2, 1e-300), 0.0)
-    raw = np.where(mass > 0, (wrong @ w) / np.maximum(mass, 1e-300), 0.0)
+    gain = np.log1p(fit_u * alpha / (1 - alpha))  # a right accepted item's evidence at c = 1
+    # float32: thousands of candidates x the fit share; the sums only order and filter them
+    w32 = w.astype(np.float32)
+    sums = auto.astype(np.float32) @ np.stack([w32, w32**2, gain.astype(np.float32)], axis=1)
+    mass, mass2, best_case = (sums[:, i].astype(np.float64) for i in range(3))
+    n_eff = np.where(mass > 0, mass**2 / np.maximum(mass2, 1e-30), 0.0)
+    raw = np.where(mass > 0, (wrong.astype(np.float32) @ w32) / np.maximum(mass, 1e-30), 0.0)
     risk = (raw * n_eff + 1.0) / (n_eff + 2.0)
     total = w.sum()
-    cost = costs.cheap + (costs.escalate * (escalated @ w) + costs.review * (reviewed @ w)) / total
-    return risk, cost, auto, wrong
+    reviewed = total - mass  # every item not accepted automatically is reviewed
+    escalated_mass = escalated.astype(np.float32) @ w32
+    cost = costs.cheap + (costs.escalate * escalated_mass + costs.review * reviewed) / total
+    return risk, cost, auto, wrong, best_case
 
 
 def split(sample: ProductionSample, seed: int) -> tuple[ProductionSample, ProductionSample]:
@@ -372,11 +380,12 @@ def _certify_candidates(
     fit, test = split(sample, seed)
     fit_out, test_out = fit.worst_case(), test.worst_case()
     candidates = candidates_of(fit_out)
-    risk, cost, fit_auto, fit_wrong = _weighted_fit_stats(fit_out, fit.unit_weight, candidates, costs)
+    risk, cost, fit_auto, fit_wrong, best_case = _weighted_fit_stats(
+        fit_out, fit.unit_weight, candidates, costs, alpha
+    )
     # drop the candidates whose test share could not certify even if every item were right, as
     # the fit share predicts it (power only: decided on fit, so the order stays independent of
     # the test share's labels); the smoothed risk puts thinly observed ones off the front anyway
-    best_case = fit_auto @ np.log1p(fit.unit_weight * alpha / (1 - alpha))
     usable = best_case * len(test) / len(fit) >= math.log(1.0 / (PREDICTABLE_SHARE * delta))
     if descending:  # the error falls with the threshold: the classic LTT order, from a start
         order = np.flatnonzero(usable)
@@ -387,12 +396,19 @@ def _certify_candidates(
         order = order[int(np.argmax(predicted)) :] if len(order) else order  # where a pass is likeliest
     else:
         order = np.flatnonzero(usable)[_pareto_order(risk[usable], cost[usable])]
-    chosen = tuple(None if c is None else c[order] for c in candidates)
-    auto, wrong, reviewed, escalated = _decisions(test_out, *chosen)
-    log_k = log_evidence(auto, wrong, test.unit_weight, alpha)
-    p = np.minimum(1.0, np.exp(-log_k))
+    n_candidates = len(order)
+    # the fixed sequence ends at its first failure: test in blocks, stop after the failing one
+    tested, p = 0, np.zeros(0)
+    while tested < len(order) and not (p > delta).any():
+        block = order[tested : tested + TEST_BLOCK]
+        auto, wrong, _, _ = _decisions(test_out, *(None if c is None else c[block] for c in candidates))
+        p = np.r_[p, np.minimum(1.0, np.exp(-log_evidence(auto, wrong, test.unit_weight, alpha)))]
+        tested += len(block)
     failed = np.flatnonzero(p > delta)
     n_certified = int(failed[0]) if len(failed) else len(order)
+    order = order[:tested]
+    chosen = tuple(None if c is None else c[order] for c in candidates)
+    auto, wrong, reviewed, escalated = _decisions(test_out, *chosen)
     w = 1.0 / test.unit_weight
     total = w.sum()
     review_share = (reviewed @ w) / total
@@ -417,7 +433,7 @@ def _certify_candidates(
         best=best,
         test_cost=test_cost,
         smallest_review_share=smallest,
-        n_candidates=len(order),
+        n_candidates=n_candidates,
         weights=w,
     )
 
