@@ -22,6 +22,7 @@ import grpc
 import pytest
 
 from router.schemas import AnalyzeResponse
+from visionroute.cli import main
 from visionroute.client import (
     AsyncVisionRouteClient,
     RetryPolicy,
@@ -75,6 +76,7 @@ class Seen:
     path: str
     request_id: str | None
     api_key: str | None
+    user_agent: str | None
 
 
 class HttpStub:
@@ -90,7 +92,14 @@ class HttpStub:
                 self.rfile.read(int(self.headers.get("content-length") or 0))
                 request_id = self.headers.get("x-request-id")
                 stub.seen.append(
-                    Seen(time.monotonic(), self.command, self.path, request_id, self.headers.get("x-api-key"))
+                    Seen(
+                        time.monotonic(),
+                        self.command,
+                        self.path,
+                        request_id,
+                        self.headers.get("x-api-key"),
+                        self.headers.get("user-agent"),
+                    )
                 )
                 answer = stub.answers.pop(0) if stub.answers else Answer()
                 time.sleep(answer.delay_s)
@@ -246,6 +255,23 @@ def test_refusals_are_the_projects_error_kinds_and_the_cli_client_adds_a_key_hin
         and "no API key" in reason
     )
     assert reason.endswith(KEY_HINT) and raised.value.field == "x-api-key" and raised.value.status == 401
+
+
+def test_the_commands_that_call_the_service_go_through_the_client(capsys):
+    answers = [
+        Answer(body={"rollouts": []}),  # rollout status
+        Answer(body={"replica": "r1", "monitors": []}),  # drift report
+        Answer(body={"status": "ok"}),  # retrieval stats: does the service answer?
+        Answer(body={"tenant": None, "items": 3, "kind": "flat"}),  # ... its index's stats
+    ]
+    with HttpStub(*answers) as stub:
+        for argv in (["rollout", "status"], ["drift", "report", "--json"], ["retrieval", "stats"]):
+            assert main([*argv, "--url", stub.url, "--api-key", "vr_key"]) == 0, argv
+    assert [s.path for s in stub.seen] == ["/v1/rollouts", "/v1/drift", "/healthz", "/v1/search/stats"]
+    through_client = [s for s in stub.seen if s.path != "/healthz"]  # the probe is a bare GET
+    assert all(s.user_agent.startswith("visionroute-client/") for s in through_client)
+    assert all(s.api_key == "vr_key" and s.request_id for s in through_client)
+    assert '"items": 3' in capsys.readouterr().out
 
 
 def test_bad_arguments_name_the_field():
