@@ -10,6 +10,8 @@ service, starts its own (tests/integration/serve_process.py ``ServeProcess``):
   models (no API keys, search on, every analysed image indexed);
 - ``keyed_service``: the same with API keys on (tests/support/keys.py: two tenants, reviewers,
   admins), for both faces' key, role and tenant checks, and the classifier inside the ingress;
+  it also serves two small tasks with a learned router (``colour8``, ``colour8_fallback``:
+  tests/support/router_artefact.py), which the shipped tasks do not have;
 - ``restartable_service``: the shipped config on a work dir of its own, for the tests that stop,
   kill and restart the service (each restart a new ``serve run`` on that work dir); the next such
   test takes the service the previous one restarted instead of starting two of its own.
@@ -116,9 +118,12 @@ def keyed_service(prepared_models_dir, tmp_path_factory):
     placement but the one that checks it (test_service.py)."""
     from tests.integration.serve_process import ServeProcess, shipped_args
     from tests.support.keys import key, security_args
+    from tests.support.router_artefact import routed_cascades
 
     cascades = shipped_args()["cascades"]
     cascades["classify"]["placement"] = "ingress"
+    # two small tasks with a learned router (test_router_service.py); the shipped ones have none
+    cascades.update(routed_cascades(tmp_path_factory.mktemp("router")))
     process = ServeProcess(
         tmp_path_factory.mktemp("keyed-service"),
         prepared_models_dir,

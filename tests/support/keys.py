@@ -30,6 +30,8 @@ KEYS: dict[str, tuple[str, str, str]] = {
     "globex_app": ("globex", "client", _key("globex_app")),
     "gus": ("globex", "reviewer", _key("gus")),
     "root": ("ops", "admin", _key("root")),
+    # tests/integration/test_router_service.py (a tenant of its own)
+    "router_client": ("routing", "client", _key("router_client")),
 }
 
 
