@@ -312,5 +312,6 @@ def register(subparsers, bench) -> None:
     _add_drift(bench)
     _add_privacy(bench)
     importlib.import_module("evals.benchmarks.state").register(bench)
+    importlib.import_module("evals.benchmarks.batch").register(bench)
     _add_serve(bench)
     _add_decode(bench)
