@@ -62,12 +62,12 @@ def inclusion_probability(*fractions: float) -> float:
     rollout's by ``<rollout id>:<request id>``, two independent hash draws, and an accept that
     either picks becomes one audit item, so the item's chance of being in the audit sample is the
     union's, whichever source picked it (``policies.production_certify`` weights by its inverse)."""
-    missed = 1.0
+    chance = 0.0
     for fraction in fractions:
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"an audit fraction must be in [0, 1], got {fraction!r}")
-        missed *= 1.0 - fraction
-    return 1.0 - missed
+        chance += fraction - chance * fraction  # 1 - (1 - chance)(1 - f), exact for one source
+    return chance
 
 
 def rollout_audit_fraction(choice: Any) -> float:

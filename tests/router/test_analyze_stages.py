@@ -364,8 +364,14 @@ def test_file_pixels_maps_a_reduced_decode_back_to_the_files_size():
     [
         (Decision.REVIEW, False, 0.0, None, QueueTicket("review")),
         (Decision.ESCALATE, True, 0.0, None, QueueTicket("budget")),
-        (Decision.ACCEPT, False, 1.0, "rollout sample", QueueTicket("audit")),
-        (Decision.ACCEPT, False, 0.0, "rollout sample", QueueTicket("audit", "rollout sample")),
+        (Decision.ACCEPT, False, 1.0, "rollout sample", QueueTicket("audit", None, "policy", 1.0)),
+        (
+            Decision.ACCEPT,
+            False,
+            0.0,
+            "rollout sample",
+            QueueTicket("audit", "rollout sample", "rollout", 0.2),
+        ),
         (Decision.ACCEPT, False, 0.0, None, None),
     ],
 )
@@ -374,7 +380,12 @@ def test_review_select_picks_what_goes_to_the_queue(
 ):
     policies = runtime(tmp_path, audit={"fraction": audit_fraction})
     ctx = context(policies)
-    ctx.arm = SimpleNamespace(policy=policies.current, audit_sample_reason=lambda analysis: arm_reason)
+    rollout = SimpleNamespace(status="running", audit_fraction=0.2)  # its audits: 20% of the arm's accepts
+    ctx.arm = SimpleNamespace(
+        policy=policies.current,
+        audit_sample_reason=lambda analysis: arm_reason,
+        choice=SimpleNamespace(rollout=rollout),
+    )
     if budget_step:
         ctx.analysis.trace.append(Step(stage="policy:budget", decision=Decision.REVIEW))
     ctx.analysis.trace.append(Step(stage="policy:thresholds", decision=decision))
