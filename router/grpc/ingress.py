@@ -31,6 +31,7 @@ from router.auth.keys import key_from_headers
 from router.auth.principal import Role, reset_principal, set_principal
 from router.errors import error_body, grpc_code_name, retry_after_s, unexpected_error
 from router.grpc import messages
+from router.grpc.batch import batch_image, batch_response
 from router.grpc.build import ensure_generated
 from router.schemas import ClaimRequest, LabelRequest, ReleaseRequest
 from router.serve_context import serve_request_id
@@ -48,6 +49,7 @@ log = logging.getLogger("visionroute.grpc")
 # gRPC methods of router/proto/visionroute.proto and grpc.health.v1.
 GRPC_ROLES: dict[str, Role | None] = {
     "Analyze": "client",
+    "AnalyzeBatch": "client",
     "Search": "client",
     "ListReviewItems": "reviewer",
     "GetReviewItem": "reviewer",
@@ -166,6 +168,25 @@ class GrpcEndpoints:
             return messages.analyze_response(response_body(analysis))
 
         return await self._grpc("Analyze", grpc_context, pb.AnalyzeResponse(), work)
+
+    async def AnalyzeBatch(self, request: pb.AnalyzeBatchRequest, grpc_context) -> pb.AnalyzeBatchResponse:
+        async def work(caller, request_id: str) -> pb.AnalyzeBatchResponse:
+            batch, limits = self.service.batch, self.service.config.limits
+            batch.check_count(len(request.images), "images")
+            images = await asyncio.gather(
+                *(batch_image(image, limits.max_body_bytes, limits.url_fetch) for image in request.images)
+            )
+            result = await batch.analyze_batch(
+                images,
+                request_id,
+                caller,
+                task=request.task or None,
+                tenant=request.tenant or None,
+                request_id_field="request_id",
+            )
+            return batch_response(result)
+
+        return await self._grpc("AnalyzeBatch", grpc_context, pb.AnalyzeBatchResponse(), work)
 
     async def Search(self, request: pb.SearchRequest, grpc_context) -> pb.SearchResponse:
         async def work(caller, request_id: str) -> pb.SearchResponse:

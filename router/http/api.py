@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from router.auth.principal import current_principal
 from router.errors import DEFAULT_RETRY_AFTER_S, error_body, http_status, retry_after_s, unexpected_error
 from router.http.auth import ApiKeyMiddleware
+from router.http.batch import AnalyzeBatchResponse, batch_images, batch_json
 from router.http.deps import current_authenticator, service_of
 from router.http.docs import install_docs
 from router.http.drift import router as drift_router
@@ -204,6 +205,27 @@ async def analyze(request: Request) -> JSONResponse:
     )
     response = JSONResponse(response_body(analysis))
     # time inside this handler (body read to JSON encoded): `bench serve` splits it from transport
+    response.headers["server-timing"] = f"app;dur={(time.perf_counter() - started) * 1000.0:.2f}"
+    return response
+
+
+@app.post("/v1/analyze/batch", response_model=AnalyzeBatchResponse, summary="Analyse several images")
+async def analyze_batch(request: Request) -> JSONResponse:
+    """Up to ``limits.batch_max_images`` images, each as /v1/analyze takes one: ``multipart/form-data``
+    with one ``image`` file part per image, or JSON ``{"images": [{"image_base64"|"image_url"}...]}``;
+    optional ``task`` and ``tenant`` for all. 200 with one result per image, in order, each with its
+    own status, response or error (docs/api.md); 400 naming the field when the batch itself is wrong."""
+    started = time.perf_counter()
+    request_id = _request_id(request) or checked_request_id(request.headers.get("x-request-id"))
+    service = service_of(request)
+    limits = service.config.limits
+    images, task, tenant = await batch_images(
+        request, service.batch, limits.batch_max_body_bytes, limits.max_body_bytes, limits.url_fetch
+    )
+    result = await service.batch.analyze_batch(
+        images, request_id, current_principal(), task=task, tenant=tenant
+    )
+    response = JSONResponse(batch_json(result))
     response.headers["server-timing"] = f"app;dur={(time.perf_counter() - started) * 1000.0:.2f}"
     return response
 

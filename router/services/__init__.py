@@ -23,6 +23,7 @@ from router.drift.service import DriftService
 from router.metrics import IngressMetrics
 from router.services.analyze import AnalyzeService, ImageRequest, response_body
 from router.services.backends import CheapTierClient, SearchBackend, VlmTierClient
+from router.services.batch import BatchService
 from router.services.model_cards import ModelCards
 from router.services.operations import Operations
 from router.services.retention import RetentionTask
@@ -44,6 +45,7 @@ class VisionRouteService:
     drift: DriftService | None = None  # drift monitors of this replica (GET /v1/drift)
     models: ModelCards | None = None  # model cards (GET /v1/models)
     retention: RetentionTask | None = None  # image retention on a schedule (started with the service)
+    batch: BatchService | None = None  # several images per request (POST /v1/analyze/batch)
 
     @classmethod
     def build(
@@ -110,4 +112,5 @@ class VisionRouteService:
             drift=drift,
             models=ModelCards(config, lambda: policies.current),
             retention=retention,
+            batch=BatchService(analyze, config.limits),
         )
