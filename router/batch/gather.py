@@ -32,6 +32,7 @@ class GatheredOnnxTier:
         self.info = self.stage.describe()
         self._waiting: list[tuple[np.ndarray, asyncio.Future]] = []
         self._expected = 0  # analyses that may still call predict
+        self._running: set[asyncio.Task] = set()  # asyncio holds tasks weakly: these are ours
         self.runs = 0  # ONNX Runtime calls made (the tests and the summary read it)
 
     # -- the actor's side ----------------------------------------------------------------------
@@ -68,7 +69,9 @@ class GatheredOnnxTier:
     def _flush_if_ready(self) -> None:
         while self._waiting and (len(self._waiting) >= self.max_batch_size or self._expected <= 0):
             batch, self._waiting = self._waiting[: self.max_batch_size], self._waiting[self.max_batch_size :]
-            asyncio.get_running_loop().create_task(self._run(batch))
+            task = asyncio.get_running_loop().create_task(self._run(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
 
     async def _run(self, batch: list[tuple[np.ndarray, asyncio.Future]]) -> None:
         self.runs += 1
