@@ -186,6 +186,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--delta", type=float, default=0.1)
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--items", type=int, default=Scenario.items, help="stream items per window")
+    parser.add_argument("--miss-if-right", type=float, default=Scenario.miss_if_right, help="non-response")
+    parser.add_argument("--miss-if-wrong", type=float, default=Scenario.miss_if_wrong, help="non-response")
     parser.add_argument("--json", help="also write the result here")
 
 
@@ -197,7 +200,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """``visionroute bench``'s convention: run with parsed arguments, print the table."""
-    result = recert_validity(alpha=args.alpha, delta=args.delta, runs=args.runs, seed=args.seed)
+    scenario = Scenario(items=args.items, miss_if_right=args.miss_if_right, miss_if_wrong=args.miss_if_wrong)
+    result = recert_validity(
+        alpha=args.alpha, delta=args.delta, runs=args.runs, seed=args.seed, scenario=scenario
+    )
     print(format_result(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
