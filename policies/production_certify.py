@@ -25,8 +25,10 @@ random variables by betting", JRSS-B 2024) on the Horvitz-Thompson terms, exact 
 samples, for pi that changes over time (a fraction set from past data is predictable), and it
 needs no count of the unsampled traffic. With every pi equal and no errors it needs at least
 the exact binomial test's log(1/delta) / -log(1 - alpha) items, plus what the mixture costs.
-The mixture: half on the bet that grew the fit share's evidence most (``fit_bets``: with
-heavy-tailed weights the best bet is small), half spread over c = 1/64, 1/32, ..., 1.
+The mixture: half on predictable bets (``predictable_bets``: each item's bet, in the order the
+items were queued, is the growth-optimal bet estimated from the earlier ones, so heavy-tailed
+weights get the small bets they need), half spread over fixed c = 1/64, 1/32, ..., 1.
+Rows must be in the order the items were queued (``sample_from_items`` sorts them).
 
 **Non-response.** A sampled item without a label (an expired or still pending audit) counts
 as an error: the bound then holds whatever made it go unlabelled. Reviewers skip the hard
@@ -35,10 +37,12 @@ missing at random would be optimistic exactly where it matters. The price: a non
 near alpha makes certification impossible, and the refusal says so.
 
 **Thresholds.** As in ``policies.risk_control.choose_tier_thresholds`` (Learn then Test with
-Pareto Testing): a random fit share (10%, 20 to 200 items) places the candidates and orders them
-along their estimated risk-cost front; the test share's p-values are tested in that fixed order
-at level delta, and the cheapest certified candidate wins. One threshold is the plan with no
-escalation (``certify_production``); ``certify_production_plan`` gives the three-tier plan.
+Pareto Testing): a fit share (an independent coin per item, about 10%, 20 to 200 items) places
+the candidates and orders them along their weighted risk-cost front; the test share's p-values
+are tested in that fixed order at level delta, and the cheapest certified candidate wins.
+``certify_production_plan`` gives the three-tier plan. One threshold (``certify_production``) is
+the plan with no escalation, tested downwards from the threshold where the fit share predicts
+the most evidence (the classic Learn then Test order, from a start chosen on the fit share).
 
 **Too few labels** is a refusal (``TooFewLabels``, a ``ValueError`` naming the field), never a
 weaker certificate: it says how many more audit labels could certify at best.
@@ -659,13 +663,15 @@ def sample_from_items(items: Any, *, task: str | None = None) -> QueueSample:
     score in their trace. The cheap score is the ``policy:thresholds`` step's; an unlabelled
     item (pending or expired) has NaN errors. When a VLM step answered, the label judges the
     VLM's answer (``strong_error``, the step's score as ``strong_score``) and the cheap answer's
-    correctness is unknown (NaN: counted as wrong wherever a candidate accepts it).
+    correctness is unknown (NaN: counted as wrong wherever a candidate accepts it). Rows come
+    out in the order the items were queued (``created_at``).
     """
     from policies.audit_sampling import is_error
 
     rows: list[tuple[float, float, float, float, float]] = []
     left_out = {"shadow": 0, "unknown_inclusion_probability": 0, "no_score": 0, "other_task": 0}
-    for item in items:
+    # in the order they were queued: the predictable bets may only look back in time
+    for item in sorted(items, key=lambda i: getattr(i, "created_at", 0.0)):
         if task is not None and item.task != task:
             left_out["other_task"] += 1
             continue
