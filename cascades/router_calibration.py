@@ -23,6 +23,7 @@ share that works, for whichever plan needs the larger one; nothing is written th
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -260,10 +261,18 @@ def _check_capacity(artefact: RouterArtefact, max_review_share: float | None) ->
             needs[name] = float(capacity["smallest_feasible_review_share"])
     if needs:
         smallest = max(needs.values())
-        which = ", ".join(f"{name} plan needs >= {share:.4g}" for name, share in needs.items())
+        which = ", ".join(f"{name} plan needs >= {share:.6g}" for name, share in needs.items())
+        if smallest >= 1.0:
+            raise ConfigError(
+                f"max_review_share {max_review_share:g} is infeasible: no plan certified at this alpha and "
+                f"delta with these items sends less than everything to human review ({which}); the smallest "
+                "review share that works is 1: raise alpha or label more items",
+                field="max_review_share",
+            )
+        rounded_up = math.ceil(smallest * 10_000) / 10_000  # printed, it must still work
         raise ConfigError(
             f"max_review_share {max_review_share:g} is infeasible: no certified plan sends that few items "
-            f"to human review ({which}); the smallest review share that works is {smallest:.4g} "
-            f"(rerun with --max-review-share {smallest:.4g} or more, or more labelled items)",
+            f"to human review ({which}); the smallest review share that works is {rounded_up:g} "
+            f"(rerun with --max-review-share {rounded_up:g} or more, or more labelled items)",
             field="max_review_share",
         )
