@@ -10,7 +10,10 @@ One run, same images, same machine, one Ray cluster (``num_cpus=2``):
    HTTP and gRPC: sequential p50 (the overhead targets), then p50/p95/p99 and throughput under
    ``clients`` concurrent clients, and a per-stage breakdown: the p50 of each trace step's
    ``latency_ms`` plus the measured remainder (transport: proxy, hops, parsing, the rest),
-   so the parts sum to the total's p50.
+   so the parts sum to the total's p50;
+4. the batch API (``batch_images`` > 0): POST /v1/analyze/batch with that many images per
+   request from ``clients`` clients over HTTP, its images/s against the single-image API's
+   requests/s measured just before on the same service (target >= 2x).
 Every ratio is against figures measured in this run; the machine may be shared and noisy.
 """
 
@@ -191,6 +194,46 @@ class Face:
         return elapsed, body
 
 
+def measure_batch(
+    url: str, photos: dict[str, bytes], requests: int, clients: int, batch_images: int
+) -> dict[str, Any]:
+    """Per-image throughput of POST /v1/analyze/batch: ``batch_images`` images per request from
+    ``clients`` clients (one connection each), over at least ``requests`` images."""
+    import httpx
+
+    encoded = list(photos.items())
+    local = threading.local()
+
+    def one(n: int) -> tuple[float, int, int]:
+        if not hasattr(local, "client"):
+            local.client = httpx.Client(timeout=120, trust_env=False)
+        files = [
+            ("image", (f"{name}.jpg", data, "image/jpeg"))
+            for name, data in (encoded[(n * batch_images + i) % len(encoded)] for i in range(batch_images))
+        ]
+        started = time.perf_counter()
+        response = local.client.post(url + "/v1/analyze/batch", files=files)
+        elapsed = (time.perf_counter() - started) * 1000
+        response.raise_for_status()
+        body = response.json()
+        return elapsed, body["succeeded"], body["failed"]
+
+    rounds = max(clients * 2, -(-requests // batch_images))
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(one, range(clients)))  # warm-up: open the connections
+        started = time.perf_counter()
+        done = list(pool.map(one, range(rounds)))
+        elapsed = time.perf_counter() - started
+    images = sum(ok + failed for _, ok, failed in done)
+    return {
+        "images_per_request": batch_images,
+        "requests": rounds,
+        "images_per_s": images / elapsed,
+        "request_p50_ms": percentile([ms for ms, _, _ in done], 50),
+        "failed_images": sum(failed for _, _, failed in done),
+    }
+
+
 def breakdown(samples: list[tuple[float, dict[str, Any]]]) -> dict[str, float]:
     """p50 of each trace step's latency; the remainder of the total's p50 is transport."""
     stages: dict[str, list[float]] = {}
@@ -306,6 +349,23 @@ def _targets(results: dict[str, Any]) -> list[str]:
     def verdict(ok: bool) -> str:
         return "met" if ok else "NOT met"
 
+    for key, entry in results["service"].items():
+        batch = entry.get("batch")
+        if batch is not None:
+            lines.append(
+                f"  {key}: batch API per-image throughput / single-image API (HTTP) = {batch['vs_single']:.2f} "
+                f"(>= 2: {verdict(batch['vs_single'] >= 2.0)})"
+            )
+        if key.endswith("indexing on"):  # the shipped config
+            for face in ("http", "grpc"):
+                if face in entry:
+                    p50_ratio = entry[face]["sequential"]["p50_ms"] / floor["sequential"]["p50_ms"]
+                    tput_ratio = entry[face]["requests_per_s"] / floor["requests_per_s"]
+                    lines.append(
+                        f"  {key} (shipped), {face.upper()}: p50 / floor = {p50_ratio:.2f} (<= 1.2: "
+                        f"{verdict(p50_ratio <= 1.2)}); throughput / floor = {tput_ratio:.2f} (>= 0.9: "
+                        f"{verdict(tput_ratio >= 0.9)})"
+                    )
     for placement, limit in (("ingress", 15.0), ("deployment", 20.0)):
         key = f"{placement}/indexing off"
         if key not in results["service"]:
@@ -341,6 +401,7 @@ def run_bench(
     redaction: bool = False,
     quick: bool = False,
     json_path: Path | None = None,
+    batch_images: int = 16,
 ) -> dict[str, Any]:
     import logging
 
@@ -353,6 +414,7 @@ def run_bench(
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     if quick:  # a smoke run: every part once, few requests
         requests, placements, indexing = min(requests, 12), placements[:1], indexing[:1]
+        batch_images = min(batch_images, 4)
     prepare_models(models_dir, ["efficientnet_lite0", "ppocr_det"])
     photos = bench_photos()
     print(f"images: {len(photos)} skimage photos as JPEG; {requests} requests per phase, {clients} clients")
@@ -416,6 +478,16 @@ def run_bench(
                             print(_line(f"ours {key}, {face.upper()}", result, raw, floor))
                             parts = ", ".join(f"{k} {v:.1f}" for k, v in result["breakdown"].items())
                             print(f"    p50 breakdown (ms): {parts}; decisions {result['decisions']}")
+                        if batch_images > 0 and "http" in entry:
+                            batch = measure_batch(url, photos, requests, clients, batch_images)
+                            batch["vs_single"] = batch["images_per_s"] / entry["http"]["requests_per_s"]
+                            entry["batch"] = batch
+                            print(
+                                f"ours {key}, HTTP batch API ({batch_images} images/request, {clients} clients): "
+                                f"{batch['images_per_s']:.1f} images/s = {batch['vs_single']:.2f}x the single-image "
+                                f"API's {entry['http']['requests_per_s']:.1f}; request p50 "
+                                f"{batch['request_p50_ms']:.0f} ms; failed images {batch['failed_images']}"
+                            )
                         results["service"][key] = entry
                     finally:
                         serve.delete(APP_NAME)

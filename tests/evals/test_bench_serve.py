@@ -17,6 +17,7 @@ def test_bench_serve_flags(capsys):
         build_parser().parse_args(["bench", "serve", "--help"])
     usage = capsys.readouterr().out
     flags = ["--placement", "--indexing", "--faces", "--intra-op-threads", "--quick", "--json", "--requests"]
+    flags.append("--batch-images")
     assert [flag for flag in flags if flag not in usage] == []
 
 
@@ -77,6 +78,8 @@ def test_bench_serve_quick_runs_end_to_end(prepared_models_dir, tmp_path, capsys
     assert results["raw"]["batched_images_per_s"] > 0
     assert results["floor"]["requests_per_s"] > 0
     ours = results["service"]["ingress/indexing off"]
+    batch = ours.pop("batch")  # the batch API's images/s against the single-image API's (HTTP)
+    assert batch["images_per_s"] > 0 and batch["failed_images"] == 0 and batch["vs_single"] > 0
     assert set(ours) == {"http", "grpc"}
     for face in ours.values():
         assert sum(face["decisions"].values()) > 0 and set(face["decisions"]) <= {

@@ -36,6 +36,7 @@ def _bench_serve(args) -> int:
         redaction=args.redaction,
         quick=args.quick,
         json_path=Path(args.json) if args.json else None,
+        batch_images=args.batch_images,
     )
     return 0
 
@@ -283,6 +284,13 @@ def _add_serve(bench) -> None:
         "--quick",
         action="store_true",
         help="smoke run: few requests, the first placement and indexing setting only",
+    )
+    serve_bench.add_argument(
+        "--batch-images",
+        type=int,
+        default=16,
+        help="images per POST /v1/analyze/batch: its per-image throughput against the single-image "
+        "API's over HTTP at --clients clients (0: not measured; default: %(default)s)",
     )
     serve_bench.add_argument("--json", help="also write the figures as JSON here")
     serve_bench.set_defaults(func=_bench_serve)
