@@ -18,6 +18,22 @@ anything and the cap is shared by everything it matches. When a reservation does
 rule's ``degrade`` mode says what the request gets instead (applied by the caller):
 ``accept_degraded`` (the cheap answer, flagged degraded), ``review`` (a human decides) or
 ``reject`` (HTTP 429 with Retry-After).
+
+Retries charge once. A client resends a request under the same ``X-Request-Id`` (the client's
+retries, a resend after a crash, a batch rerun), so a reservation with a request id is keyed on
+(tenant, feature, tier, request id) per budget (schema version 2, a unique index). ``reserve``
+with a key that already has a reservation returns that reservation as it stands (its units, its
+state, ``replayed`` set) and charges nothing: a settled one stays settled; one still
+``reserved`` (the first send in flight, or a process that died) is the first send's to settle
+or release, so the replay comes back done. A *released* reservation left no row (the call did
+not run), so a retry of it is charged as a new call when it runs. Race-free: the reserving
+transaction also holds the key's lock (SQLite: the file's write lock; PostgreSQL: an advisory
+lock on the key, taken with the window locks in one sorted order), and the unique index is the
+backstop (``INSERT ... ON CONFLICT DO NOTHING``; a lost insert rolls back and reads the winner).
+A key lasts as long as its rows: after ``prune`` drops its window, or after an erasure clears
+its request id (router/services/erasure.py, deliberately), a retry is a new charge. Without a
+request id every call is charged. Rows written at schema version 1 carry no tenant, feature or
+tier and so never match a key: a retry that straddles the upgrade is charged once more.
 """
 
 from __future__ import annotations
@@ -70,6 +86,19 @@ CREATE TABLE IF NOT EXISTS usage (
 );
 """,
     ),
+    Migration(
+        2,
+        "idempotent reservations: tenant, feature and tier on each row; one per request id, budget and tier",
+        # Rows from version 1 keep NULLs here, and NULLs never collide in a unique index, so the
+        # index cannot fail on an existing ledger. Erasure nulls request_id: the key goes with it.
+        """
+ALTER TABLE reservations ADD COLUMN tenant TEXT;
+ALTER TABLE reservations ADD COLUMN feature TEXT;
+ALTER TABLE reservations ADD COLUMN tier TEXT;
+CREATE UNIQUE INDEX IF NOT EXISTS reservations_request
+    ON reservations (tenant, feature, tier, request_id, budget);
+""",
+    ),
 )
 
 
@@ -120,6 +149,14 @@ class Reservation:
     units: float
     budgets: list[str] = field(default_factory=list)
     done: bool = False
+    # A retry's reservation: the one its request id already had (settled or in flight), charged
+    # nothing again; ``state`` is that reservation's (``reserved`` or ``settled``).
+    replayed: bool = False
+    state: str = "reserved"
+
+
+class _LostInsert(Exception):
+    """Another transaction inserted this request's reservation first: roll back, read it."""
 
 
 class BudgetLedger:
@@ -162,7 +199,11 @@ class BudgetLedger:
         request_id: str | None = None,
         now: float | None = None,
     ) -> Reservation:
-        """Reserve ``units`` on every matching rule, all or nothing; raise BudgetExhausted if one is full."""
+        """Reserve ``units`` on every matching rule, all or nothing; raise BudgetExhausted if one is full.
+
+        With a ``request_id`` that already has a reservation for this tenant, feature and tier,
+        return that one (``replayed``, done) instead of charging again (the module docstring).
+        """
         if tier not in TIERS:
             raise InputError(f"unknown tier {tier!r}; expected one of {list(TIERS)}", field="tier")
         if not units >= 0 or math.isinf(units):
@@ -172,12 +213,35 @@ class BudgetLedger:
         reservation = Reservation(uuid.uuid4().hex, tenant, feature, tier, units, [r.name for r in matching])
         if not matching:
             return reservation
+        # Two tries: the unique index can only turn away an insert whose key appeared after this
+        # transaction looked (PostgreSQL, were the key lock bypassed); the second try reads it.
+        for _ in range(2):
+            try:
+                return self._reserve(matching, reservation, request_id, now)
+            except _LostInsert:
+                continue
+        raise RuntimeError(f"reservation of request {request_id!r} lost its insert twice")  # pragma: no cover
+
+    def _reserve(
+        self, matching: list[BudgetRule], reservation: Reservation, request_id: str | None, now: float
+    ) -> Reservation:
+        tenant, feature = reservation.tenant, reservation.feature
+        tier, units = reservation.tier, reservation.units
         with self.database.write() as conn:
             # PostgreSQL runs writers concurrently: hold each budget window's lock before reading
-            # its sum, so no two reservations (on any node) interleave read-then-insert. Sorted,
-            # so two calls sharing several windows cannot deadlock. A no-op on SQLite.
-            for key in sorted({f"budget:{r.name}:{r.window_start(now)}" for r in matching}):
-                conn.dialect.lock(conn, key)
+            # its sum, so no two reservations (on any node) interleave read-then-insert, and the
+            # request's own lock before looking its key up, so concurrent retries (even in two
+            # windows) see each other. Sorted, so two calls sharing locks cannot deadlock. A
+            # no-op on SQLite, whose write transaction already serialises every writer.
+            locks = {f"budget:{r.name}:{r.window_start(now)}" for r in matching}
+            if request_id is not None:
+                locks.add("budget-request:" + "\x1f".join((tenant, feature, tier, request_id)))
+            for lock in sorted(locks):
+                conn.dialect.lock(conn, lock)
+            if request_id is not None:
+                existing = self._existing(conn, reservation, request_id)
+                if existing is not None:
+                    return existing
             for rule in matching:
                 used = self._used(conn, rule, now)
                 if used + units > rule.cap_units + _EPS:
@@ -189,10 +253,11 @@ class BudgetLedger:
                         rule=rule,
                         retry_after_s=retry_after,
                     )
-            conn.executemany(
-                "INSERT INTO reservations (id, budget, window_start, window_end, units, state, created_at, request_id)"
-                " VALUES (?, ?, ?, ?, ?, 'reserved', ?, ?)",
-                [
+            for r in matching:
+                inserted = conn.execute(
+                    "INSERT INTO reservations (id, budget, window_start, window_end, units, state, created_at,"
+                    " request_id, tenant, feature, tier) VALUES (?, ?, ?, ?, ?, 'reserved', ?, ?, ?, ?, ?)"
+                    " ON CONFLICT (tenant, feature, tier, request_id, budget) DO NOTHING",
                     (
                         reservation.id,
                         r.name,
@@ -201,11 +266,37 @@ class BudgetLedger:
                         units,
                         now,
                         request_id,
-                    )
-                    for r in matching
-                ],
-            )
+                        tenant,
+                        feature,
+                        tier,
+                    ),
+                ).rowcount
+                if inserted == 0:
+                    raise _LostInsert  # rolls back this transaction's inserts
         return reservation
+
+    @staticmethod
+    def _existing(conn: Connection, reservation: Reservation, request_id: str) -> Reservation | None:
+        """The reservation this tenant, feature and tier already hold under ``request_id``."""
+        rows = conn.execute(
+            "SELECT id, budget, units, state FROM reservations"
+            " WHERE tenant = ? AND feature = ? AND tier = ? AND request_id = ? ORDER BY budget",
+            (reservation.tenant, reservation.feature, reservation.tier, request_id),
+        ).fetchall()
+        if not rows:
+            return None
+        first = rows[0]
+        return Reservation(
+            first[0],
+            reservation.tenant,
+            reservation.feature,
+            reservation.tier,
+            float(first[2]),
+            [row[1] for row in rows if row[0] == first[0]],
+            done=True,
+            replayed=True,
+            state=first[3],
+        )
 
     def settle(self, reservation: Reservation, actual_units: float | None = None) -> None:
         """Charge the actual cost (default: what was reserved) and add it to the usage totals.

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from policies.budgets import MIGRATIONS as BUDGET_MIGRATIONS
 from policies.budgets import BudgetLedger
 from policies.review_queue import ITEM_COLUMNS, MIGRATIONS, STORE, ReviewQueue
 from visionroute.errors import ConfigError
@@ -341,15 +342,16 @@ def test_the_budget_ledger_is_versioned_and_keeps_an_unversioned_ledgers_rows(tm
     db.commit()
     db.close()
     ledger = BudgetLedger(path)
-    assert ledger.schema.applied == [1]
+    latest = len(BUDGET_MIGRATIONS)
+    assert ledger.schema.applied == list(range(1, latest + 1))
     assert sqlite3.connect(path).execute("SELECT * FROM usage").fetchall() == [
         ("acme", "classify", "onnx", 3.0, 3)
     ]
     db = sqlite3.connect(path)
-    db.execute("INSERT INTO schema_version VALUES ('budget_ledger', 2, 'from the future', 0)")
+    db.execute("INSERT INTO schema_version VALUES ('budget_ledger', ?, 'from the future', 0)", (latest + 1,))
     db.commit()
     db.close()
-    with pytest.raises(ConfigError, match="version 2.*up to 1"):
+    with pytest.raises(ConfigError, match=f"version {latest + 1}.*up to {latest}"):
         BudgetLedger(path)
 
 
