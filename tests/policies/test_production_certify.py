@@ -177,3 +177,11 @@ def test_review_items_become_a_production_sample():
     assert sample.cheap_error[:2].tolist() == [0.0, 1.0] and np.isnan(sample.cheap_error[2:]).all()
     assert sample.strong_error[3] == 0.0 and sample.strong_score[3] == 0.7
     assert sample.n_unlabelled == 1  # the expired audit (the VLM's answer was labelled)
+
+
+def test_simulation_of_the_three_tier_plan_weighted_against_naive():
+    from evals.benchmarks.recert import recert_validity_plan
+
+    result = recert_validity_plan(alpha=0.1, delta=0.1, runs=6, scenario=Scenario(items=30_000), seed=3)
+    assert result["weighted"]["violation_rate"] <= 1 / 6 and result["weighted"]["certified_share"] > 0
+    assert result["naive"]["violation_rate"] >= 0.5
