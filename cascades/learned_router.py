@@ -274,15 +274,23 @@ def fit_router(
     embedding: str = "",
     folds: int = 5,
     seed: int = 0,
+    reference_embeddings: np.ndarray | None = None,
+    reference_labels: np.ndarray | None = None,
 ) -> FittedRouter:
-    """Fit the router on the fit share's items (see the module docstring)."""
+    """Fit the router on the fit share's items (see the module docstring). ``reference_*``:
+    more labelled items for the reference index only (e.g. the tiers' training items; never
+    the certification items), after the fit items, which stay its first rows."""
     labels = np.asarray(labels, np.int64)
     cheap_answers = np.asarray(cheap_answers, np.int64)
     index = None
     if spec.neighbours_k > 0:
         if embeddings is None:
             raise ConfigError("the router uses neighbours but no embeddings were given", field="embeddings")
-        index = ReferenceIndex.from_items(embeddings, labels, len(class_names))
+        items, item_labels = np.asarray(embeddings), labels
+        if reference_embeddings is not None:
+            items = np.concatenate([items, np.asarray(reference_embeddings, items.dtype)])
+            item_labels = np.concatenate([labels, np.asarray(reference_labels, np.int64)])
+        index = ReferenceIndex.from_items(items, item_labels, len(class_names))
     features = spec.extract(
         output=output,
         cheap_answers=cheap_answers,

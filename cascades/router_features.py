@@ -14,7 +14,14 @@ Three groups of features, each a block of named columns (``FeatureSpec.names`` g
   request's embedding in a frozen *reference index* (exact FAISS search, in-process), with their
   agreement with the cheap answer (share of the k, and weighted by 1 / (distance + eps)), the
   nearest distance, the mean distance, and the distance to the nearest neighbour that agrees
-  and to the nearest that does not (``NO_NEIGHBOUR_DISTANCE`` when none of the k does).
+  and to the nearest that does not (``NO_NEIGHBOUR_DISTANCE`` when none of the k does);
+  with ``FeatureSpec.neighbour_votes`` (classifiers only) also the neighbours' class vote
+  (``VOTE_NAMES``): the top vote share, the cheap answer's vote margin over the best other class,
+  and the log-odds of the cheap answer under the cheap probabilities times the neighbours'
+  Laplace-smoothed vote counts (a naive-Bayes combination of the two opinions, which a linear
+  learner cannot form from the separate columns).
+- **output log-odds** (``FeatureSpec.output_log_odds``): log p1 / (1 - p1) and log p1 / p2, the
+  output block on a scale where a linear learner separates 0.99 from 0.9999.
 
 The reference index holds labelled items disjoint from the items a certificate is computed on
 (the fit share). It is frozen and versioned: ``sha256`` covers the embeddings, the labels and the
@@ -34,6 +41,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -55,6 +63,9 @@ NEIGHBOUR_NAMES = (
     "nn_distance_agree",
     "nn_distance_disagree",
 )
+VOTE_NAMES = ("nn_vote_top", "nn_vote_margin", "nn_posterior_log_odds")
+LOG_ODDS_NAMES = ("log_odds_top1", "log_ratio_top12")
+LOG_ODDS_CLIP = 12.0  # |log-odds| beyond this carries no ranking a 270-item fit can use
 INDEX_FORMAT = "visionroute.reference_index/1"
 
 
@@ -72,10 +83,39 @@ def classifier_features(probabilities: np.ndarray, top_k: int = OUTPUT_TOP_K) ->
         raise InputError(f"expected probabilities of shape (n, C >= 2), got {p.shape}", field="probabilities")
     if not 1 <= top_k <= p.shape[1]:
         raise InputError(f"top_k must be in [1, {p.shape[1]}], got {top_k}", field="top_k")
+    if len(p) == 1:  # one request: plain Python over C numbers beats numpy's per-call cost
+        row = p[0].tolist()
+        top1 = sorted(row, reverse=True)
+        entropy1 = -sum(v * math.log(v) for v in row if v > 0) / math.log(len(row))
+        return np.array([[*top1[:top_k], top1[0] - top1[1], entropy1]])
     top = -np.sort(-p, axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):
         entropy = -np.where(p > 0, p * np.log(p), 0.0).sum(1) / np.log(p.shape[1])
     return np.column_stack([top[:, :top_k], top[:, 0] - top[:, 1], entropy])
+
+
+def _log_odds(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore"):
+        return np.clip(np.log(p) - np.log(q), -LOG_ODDS_CLIP, LOG_ODDS_CLIP)
+
+
+def output_log_odds(probabilities: np.ndarray) -> np.ndarray:
+    """(n, C) -> (n, 2) in ``LOG_ODDS_NAMES`` order: log p1 / (1 - p1) and log p1 / p2, clipped."""
+    p = np.asarray(probabilities, np.float64)
+    if len(p) == 1:  # one request (the same numbers; a test holds them equal)
+        first, second = sorted(p[0].tolist(), reverse=True)[:2]
+        return np.array([[_log_odds1(first, 1.0 - first), _log_odds1(first, second)]])
+    top = -np.sort(-p, axis=1)
+    return np.column_stack([_log_odds(top[:, 0], 1.0 - top[:, 0]), _log_odds(top[:, 0], top[:, 1])])
+
+
+def _log_odds1(p: float, q: float) -> float:
+    """``_log_odds`` of two floats."""
+    log_p = math.log(p) if p > 0 else -math.inf
+    log_q = math.log(q) if q > 0 else -math.inf
+    if log_p == log_q:  # both 0 (never for a top probability) or equal
+        return 0.0
+    return min(LOG_ODDS_CLIP, max(-LOG_ODDS_CLIP, log_p - log_q))
 
 
 def detector_features(box_scores: Sequence[np.ndarray]) -> np.ndarray:
@@ -191,14 +231,56 @@ class ReferenceIndex:
         k: int = NEIGHBOURS_K,
         *,
         exclude_ids: np.ndarray | None = None,
+        probabilities: np.ndarray | None = None,
     ) -> np.ndarray:
         """(n, 6) in ``NEIGHBOUR_NAMES`` order: the k neighbours' agreement with each cheap answer
-        and their distances (see the module docstring). ``exclude_ids``: leave-one-out rows."""
+        and their distances (see the module docstring). ``exclude_ids``: leave-one-out rows.
+        With ``probabilities`` ((n, C), the cheap tier's), (n, 9): ``VOTE_NAMES`` follow."""
         distances, ids = self.search(queries, k, exclude_ids=exclude_ids)
         if len(ids) == 1:  # one request: plain Python over k numbers beats numpy's per-call cost
-            return _neighbour_row(
-                distances[0].tolist(), ids[0].tolist(), self.labels, int(np.ravel(cheap_answers)[0])
+            answer = int(np.ravel(cheap_answers)[0])
+            row = _neighbour_row(distances[0].tolist(), ids[0].tolist(), self.labels, answer)
+            if probabilities is None:
+                return row
+            votes = _vote_row(
+                distances[0].tolist(),
+                ids[0].tolist(),
+                self.labels,
+                np.asarray(probabilities, np.float64).reshape(-1).tolist(),
+                answer,
             )
+            return np.concatenate([row, np.array([votes])], axis=1)
+        block = self._neighbour_block(distances, ids, cheap_answers)
+        if probabilities is None:
+            return block
+        return np.column_stack([block, self._vote_block(distances, ids, cheap_answers, probabilities)])
+
+    def _vote_block(self, distances, ids, cheap_answers, probabilities) -> np.ndarray:
+        """(n, 3) in ``VOTE_NAMES`` order (the module docstring)."""
+        p = np.asarray(probabilities, np.float64)
+        n, c = p.shape
+        if c != self.n_classes:
+            raise InputError(
+                f"probabilities have {c} classes, the reference index {self.n_classes}", field="probabilities"
+            )
+        answers = np.asarray(cheap_answers, np.int64).reshape(-1)
+        valid = ids >= 0
+        one_hot = np.zeros((n, ids.shape[1], c))
+        rows, cols = np.nonzero(valid)
+        one_hot[rows, cols, self.labels[ids[rows, cols]]] = 1.0
+        weights = valid / (distances + 1e-3)
+        weighted = (weights[:, :, None] * one_hot).sum(1)
+        total = weighted.sum(1, keepdims=True)
+        vote = np.where(total > 0, weighted / np.maximum(total, 1e-12), 1.0 / c)
+        at = np.arange(n)
+        others = vote.copy()
+        others[at, answers] = -np.inf
+        counts = one_hot.sum(1)
+        posterior = p * (counts + 1.0) / (valid.sum(1, keepdims=True) + c)
+        q = posterior[at, answers] / np.maximum(posterior.sum(1), 1e-300)
+        return np.column_stack([vote.max(1), vote[at, answers] - others.max(1), _log_odds(q, 1.0 - q)])
+
+    def _neighbour_block(self, distances, ids, cheap_answers) -> np.ndarray:
         valid = ids >= 0  # padding sits at the end of a row with NO_NEIGHBOUR_DISTANCE
         agree = valid & (self.labels[ids] == np.asarray(cheap_answers, np.int64).reshape(-1, 1))
         weights = valid / (distances + 1e-3)
@@ -300,6 +382,28 @@ def _neighbour_row(distances: list[float], ids: list[int], labels: np.ndarray, a
     )
 
 
+def _vote_row(
+    distances: list[float], ids: list[int], labels: np.ndarray, p: list[float], answer: int
+) -> list[float]:
+    """``ReferenceIndex._vote_block`` for one row (the same numbers; a test holds them equal)."""
+    c = len(p)
+    weighted, counts = [0.0] * c, [0.0] * c
+    n_valid = 0
+    for distance, i in zip(distances, ids):
+        if i < 0:
+            continue
+        label = int(labels[i])
+        weighted[label] += 1.0 / (distance + 1e-3)
+        counts[label] += 1.0
+        n_valid += 1
+    total = sum(weighted)
+    vote = [w / total for w in weighted] if total > 0 else [1.0 / c] * c
+    best_other = max(v for j, v in enumerate(vote) if j != answer)
+    posterior = [p[j] * (counts[j] + 1.0) / (n_valid + c) for j in range(c)]
+    q = posterior[answer] / max(sum(posterior), 1e-300)
+    return [max(vote), vote[answer] - best_other, _log_odds1(q, 1.0 - q)]
+
+
 # --------------------------------------------------------------------------- all features
 
 
@@ -311,6 +415,8 @@ class FeatureSpec:
     top_k: int = OUTPUT_TOP_K
     use_input: bool = True
     neighbours_k: int = NEIGHBOURS_K  # 0: no reference index
+    neighbour_votes: bool = False  # the neighbours' class vote (VOTE_NAMES); classifiers only
+    output_log_odds: bool = False  # LOG_ODDS_NAMES after the output block; classifiers only
 
     def __post_init__(self) -> None:
         if self.output not in ("classifier", "detector"):
@@ -318,29 +424,48 @@ class FeatureSpec:
                 f"unknown output kind {self.output!r}; expected one of ['classifier', 'detector']",
                 field="features.output",
             )
+        for flag in ("neighbour_votes", "output_log_odds"):
+            if getattr(self, flag) and self.output != "classifier":
+                raise ConfigError(
+                    f"features.{flag} needs class probabilities; output is {self.output!r}",
+                    field=f"features.{flag}",
+                )
+        if self.neighbour_votes and self.neighbours_k < 1:
+            raise ConfigError(
+                "features.neighbour_votes needs neighbours (neighbours_k >= 1)",
+                field="features.neighbour_votes",
+            )
 
     @property
     def names(self) -> tuple[str, ...]:
         out = classifier_feature_names(self.top_k) if self.output == "classifier" else DETECTOR_NAMES
         return (
             *out,
+            *(LOG_ODDS_NAMES if self.output_log_odds else ()),
             *(INPUT_NAMES if self.use_input else ()),
             *(NEIGHBOUR_NAMES if self.neighbours_k > 0 else ()),
+            *(VOTE_NAMES if self.neighbour_votes else ()),
         )
 
     def to_document(self) -> dict[str, Any]:
-        return {
+        document: dict[str, Any] = {
             "output": self.output,
             "top_k": self.top_k,
             "use_input": self.use_input,
             "neighbours_k": self.neighbours_k,
         }
+        # written only when on, so a router stored before these existed keeps its sha256
+        for flag in ("neighbour_votes", "output_log_odds"):
+            if getattr(self, flag):
+                document[flag] = True
+        return document
 
     @classmethod
     def from_document(cls, document: Any, *, field: str = "features") -> FeatureSpec:
         if not isinstance(document, dict):
             raise ConfigError(f"{field}: expected an object", field=field)
-        unknown = set(document) - {"output", "top_k", "use_input", "neighbours_k"}
+        known = {"output", "top_k", "use_input", "neighbours_k", "neighbour_votes", "output_log_odds"}
+        unknown = set(document) - known
         if unknown:
             raise ConfigError(
                 f"{field}: unknown keys {sorted(unknown)}", field=f"{field}.{sorted(unknown)[0]}"
@@ -366,6 +491,8 @@ class FeatureSpec:
             else detector_features(output)
         ]
         n = len(blocks[0])
+        if self.output_log_odds:
+            blocks.append(output_log_odds(output))
         if self.use_input:
             if input_statistics is None:
                 raise InputError(
@@ -385,7 +512,11 @@ class FeatureSpec:
                 )
             blocks.append(
                 index.neighbour_features(
-                    embeddings, cheap_answers, self.neighbours_k, exclude_ids=exclude_ids
+                    embeddings,
+                    cheap_answers,
+                    self.neighbours_k,
+                    exclude_ids=exclude_ids,
+                    probabilities=output if self.neighbour_votes else None,
                 )
             )
         return np.column_stack(blocks)

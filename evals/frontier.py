@@ -6,7 +6,8 @@ The cascade escalates the items its cheap tier is least confident about. Baselin
   (1 - r) * cheap accuracy + r * strong accuracy, so no sampling noise enters the comparison;
 - the oracle router: escalates exactly the items the cheap tier gets wrong and the strong tier
   gets right, first; no router can do better at the same escalation rate.
-An escalated item pays both tiers (the cheap tier already ran).
+An escalated item pays both tiers (the cheap tier already ran). ``summary`` also gives RouteLLM's
+APGR and CPT of each curve (the escalation rate is RouteLLM's share of strong-model calls).
 """
 
 from __future__ import annotations
@@ -53,6 +54,24 @@ class Frontier:
             "aufc_cascade": float(np.mean(self.cascade_accuracy)),  # area under the accuracy-vs-rate curve
             "aufc_random": float(np.mean(self.random_accuracy)),
             "aufc_oracle": float(np.mean(self.oracle_accuracy)),
+            "routellm": self.routellm(),
+        }
+
+    def routellm(self) -> dict[str, Any] | None:
+        """RouteLLM's APGR and CPT(50%, 80%, 95%) of each router's curve (``evals.metrics``);
+        None when the tiers are equally accurate (no gap to recover)."""
+        from evals.metrics import routing_summary
+
+        if self.strong_accuracy == self.cheap_accuracy:
+            return None
+        curves = {
+            "cascade": self.cascade_accuracy,
+            "random": self.random_accuracy,
+            "oracle": self.oracle_accuracy,
+        }
+        return {
+            name: routing_summary(self.escalation_rate, accuracy, self.cheap_accuracy, self.strong_accuracy)
+            for name, accuracy in curves.items()
         }
 
     def plot(self, path, *, title: str = "Cost-accuracy frontier"):

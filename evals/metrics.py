@@ -7,6 +7,7 @@ supervision's metrics/core.py). Counting is done with scikit-learn where it has 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -223,3 +224,119 @@ class RiskCoverage(_Accumulator):
 
         curves = {"model": self.curve(), **(others or {})}
         return risk_coverage_plot(path, curves, title=title)
+
+
+# --------------------------------------------------------------------------- routing (RouteLLM)
+#
+# RouteLLM (Ong et al., ICLR 2025; lm-sys/RouteLLM routellm/evals/evaluate.py) measures a router
+# between a weak and a strong model by sweeping its threshold: at each share x of calls to the
+# strong model, the quality of all answers. With q_w and q_s the weak and strong models' own
+# quality, PGR(x) = (q(x) - q_w) / (q_s - q_w) (performance gap recovered); APGR is the area
+# under PGR over x in [0, 1] (their (AUC - AUC_weak) / (AUC_strong - AUC_weak)); CPT(p) is the
+# least share of strong calls at which PGR reaches p. Here the weak model is the cheap tier, the
+# strong one the VLM, and quality is accuracy over all items. The human tier is not on these
+# curves (RouteLLM routes between two models; every answer is accepted on them): reviews enter
+# the certified rows' cost and shares instead.
+
+
+def routing_curve(router_score: Any, cheap_correct: Any, vlm_correct: Any) -> tuple[np.ndarray, np.ndarray]:
+    """A router's two-model curve: the k items it trusts least (lowest ``router_score``, an
+    estimate of P(cheap answer right)) go to the VLM, k = 0..n: (VLM call share k/n, accuracy)."""
+    score = np.asarray(router_score, np.float64)
+    cheap = np.asarray(cheap_correct, bool)
+    vlm = np.asarray(vlm_correct, bool)
+    if not (len(score) == len(cheap) == len(vlm)) or len(score) == 0:
+        raise ValueError(f"need equal, non-empty lengths; got {len(score)}, {len(cheap)}, {len(vlm)}")
+    gain = vlm.astype(float) - cheap.astype(float)
+    order = np.argsort(score, kind="stable")
+    n = len(score)
+    accuracy = cheap.mean() + np.concatenate([[0.0], np.cumsum(gain[order])]) / n
+    return np.arange(n + 1) / n, accuracy
+
+
+def random_routing_curve(cheap_correct: Any, vlm_correct: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Random routing's expected curve: accuracy (1 - x) q_cheap + x q_vlm (no sampling noise)."""
+    cheap, vlm = np.asarray(cheap_correct, bool), np.asarray(vlm_correct, bool)
+    x = np.arange(len(cheap) + 1) / len(cheap)
+    return x, (1 - x) * cheap.mean() + x * vlm.mean()
+
+
+def oracle_routing_curve(cheap_correct: Any, vlm_correct: Any) -> tuple[np.ndarray, np.ndarray]:
+    """RouteLLM's optimal router (``get_optimal_accuracy``): with a budget of x n VLM calls it
+    spends them only where the cheap answer is wrong and the VLM's right: q_cheap + min(x, g)."""
+    cheap, vlm = np.asarray(cheap_correct, bool), np.asarray(vlm_correct, bool)
+    n = len(cheap)
+    x = np.arange(n + 1) / n
+    return x, cheap.mean() + np.minimum(x, float((~cheap & vlm).mean()))
+
+
+def performance_gap_recovered(accuracy: Any, cheap_accuracy: float, vlm_accuracy: float) -> np.ndarray:
+    """PGR: 0 at the cheap tier's accuracy, 1 at the VLM's (NaN when they are equal)."""
+    gap = vlm_accuracy - cheap_accuracy
+    if gap == 0:
+        return np.full(np.shape(accuracy), np.nan)
+    return (np.asarray(accuracy, np.float64) - cheap_accuracy) / gap
+
+
+def apgr(call_share: Any, accuracy: Any, cheap_accuracy: float, vlm_accuracy: float) -> float:
+    """Average PGR: the trapezoid area under PGR over the call shares (0 to 1), RouteLLM's APGR.
+    Random routing scores 0.5; RouteLLM's optimal router 1 - g/2 when the cheap tier is never
+    right where the VLM is wrong (g: the share the VLM alone gets right)."""
+    x = np.asarray(call_share, np.float64)
+    pgr = performance_gap_recovered(accuracy, cheap_accuracy, vlm_accuracy)
+    width = x[-1] - x[0]
+    return float(np.sum((pgr[1:] + pgr[:-1]) * np.diff(x)) / 2 / width) if width > 0 else math.nan
+
+
+def calls_to_performance(
+    call_share: Any, accuracy: Any, cheap_accuracy: float, vlm_accuracy: float, level: float
+) -> float:
+    """CPT(level): the least VLM call share at which PGR reaches ``level`` (linear between the
+    curve's points; the first crossing, so a curve that dips later is not credited twice); NaN
+    when it never does."""
+    x = np.asarray(call_share, np.float64)
+    pgr = performance_gap_recovered(accuracy, cheap_accuracy, vlm_accuracy)
+    hit = np.flatnonzero(pgr >= level - 1e-12)
+    if len(hit) == 0:
+        return math.nan
+    i = int(hit[0])
+    if i == 0:
+        return float(x[0])
+    x0, x1, p0, p1 = x[i - 1], x[i], pgr[i - 1], pgr[i]
+    return float(x0 + (x1 - x0) * (level - p0) / (p1 - p0))
+
+
+CPT_LEVELS = (0.5, 0.8, 0.95)
+
+
+class RoutingCurve(_Accumulator):
+    """APGR and CPT(50%, 80%, 95%) of a router's score (``routing_curve``) on the items given."""
+
+    name = "routing"
+    fields = ("router_score", "cheap_correct", "vlm_correct")
+
+    def update(self, *, router_score: Any, cheap_correct: Any, vlm_correct: Any, **_: Any) -> None:
+        self._add(router_score=router_score, cheap_correct=cheap_correct, vlm_correct=vlm_correct)
+
+    def compute(self) -> dict[str, Any]:
+        if self.count == 0:
+            return {"apgr": None, "cpt": {}}
+        cheap, vlm = self._concat("cheap_correct").astype(bool), self._concat("vlm_correct").astype(bool)
+        x, accuracy = routing_curve(self._concat("router_score"), cheap, vlm)
+        return routing_summary(x, accuracy, float(cheap.mean()), float(vlm.mean()))
+
+
+def routing_summary(
+    call_share: Any, accuracy: Any, cheap_accuracy: float, vlm_accuracy: float
+) -> dict[str, Any]:
+    return {
+        "apgr": apgr(call_share, accuracy, cheap_accuracy, vlm_accuracy),
+        "cpt": {
+            f"{round(100 * level)}%": calls_to_performance(
+                call_share, accuracy, cheap_accuracy, vlm_accuracy, level
+            )
+            for level in CPT_LEVELS
+        },
+        "cheap_accuracy": cheap_accuracy,
+        "vlm_accuracy": vlm_accuracy,
+    }

@@ -167,3 +167,31 @@ def routing_shares(path, panels: dict, *, title: str) -> Path:
     axes[0].legend(fontsize=6)
     fig.suptitle(title, fontsize=10)
     return _save(fig, path)
+
+
+def router_frontier(path, *, certified: dict, sweeps: dict, points: dict, alpha: float, title: str) -> Path:
+    """Cost per item (log) against the accuracy of accepted answers.
+
+    ``certified``: {router: (costs, accuracies, alphas)}, one point per alpha (lines with
+    markers, the plan's alpha marked); ``sweeps``: {router: (costs, accuracies)}, two-model
+    threshold sweeps (thin lines); ``points``: {name: (cost, accuracy)}; a dotted line at
+    1 - ``alpha``, the bench's target."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for label, (x, y) in sweeps.items():
+        ax.plot(x, y, linewidth=0.9, alpha=0.6, label=f"{label} (sweep, all accepted)")
+    for label, (x, y, alphas) in certified.items():
+        (line,) = ax.plot(x, y, marker="o", markersize=4, linewidth=2, label=f"{label} (per alpha)")
+        for xi, yi, a in zip(x, y, alphas):
+            if abs(a - alpha) < 1e-12:
+                ax.scatter([xi], [yi], s=90, facecolors="none", edgecolors=line.get_color(), zorder=4)
+    for label, (x, y) in points.items():
+        ax.scatter([x], [y], marker="s", zorder=3, label=label)
+    ax.axhline(1 - alpha, color="black", linestyle=":", linewidth=1, label=f"1 - alpha ({1 - alpha:g})")
+    ax.set_xscale("log")
+    ax.set_xlabel("cost units per item (cheap 1, VLM 10, review 100; log scale)")
+    ax.set_ylabel("accuracy of accepted answers")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=6, loc="lower right")
+    ax.grid(alpha=0.3, which="both")
+    return _save(fig, path)

@@ -67,6 +67,8 @@ class LearnedScore:
             raise ConfigError("learner.feature_names has duplicates", field="learner.feature_names")
         if not math.isfinite(self.intercept):
             raise ConfigError("learner.intercept must be finite", field="learner.intercept")
+        # one request's score in plain Python (numpy's per-call cost dominates a 20-number dot)
+        object.__setattr__(self, "_one_row", (self.mean.tolist(), self.scale.tolist(), self.coef.tolist()))
 
     # -- fitting ------------------------------------------------------------------------------
 
@@ -91,7 +93,9 @@ class LearnedScore:
             return cls(
                 tuple(feature_names), mean, scale, np.zeros(x.shape[1]), math.log(p / (1 - p)), len(y), c
             )
-        model = LogisticRegression(C=c, max_iter=1000).fit(z, y)
+        # Newton-Cholesky: the same L2-penalised objective as lbfgs, exact for a few dozen
+        # features and ~10x faster here (the bench fits 6 learners per draw, 500+ draws)
+        model = LogisticRegression(C=c, max_iter=1000, solver="newton-cholesky").fit(z, y)
         return cls(tuple(feature_names), mean, scale, model.coef_[0], float(model.intercept_[0]), len(y), c)
 
     def score(self, features: np.ndarray) -> np.ndarray:
@@ -100,6 +104,10 @@ class LearnedScore:
             raise InputError(
                 f"expected features of shape (n, {len(self.feature_names)}), got {x.shape}", field="features"
             )
+        if len(x) == 1:
+            mean, scale, coef = self._one_row
+            z = self.intercept + sum((v - m) / s * c for v, m, s, c in zip(x[0].tolist(), mean, scale, coef))
+            return np.array([0.5 * (1.0 + math.tanh(0.5 * z))])
         return _sigmoid(self.intercept + ((x - self.mean) / self.scale) @ self.coef)
 
     # -- the stored form ----------------------------------------------------------------------

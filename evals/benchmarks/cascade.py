@@ -23,8 +23,9 @@ review. Two price lists: the certificate's (the costs the three-tier plan was ch
 read from the artefact) and the units the service charged (read from the traces: the digits
 config prices VLM tokens at 0 and a review at the policy set's ``review_units``).
 
-Also: the accepted error on held-out items against alpha and the certificate's bound, and
-latency p50/p95 per path. docs/vlm.md, "bench cascade".
+Also: the accepted error on held-out items against alpha and the certificate's bound,
+RouteLLM's APGR and CPT(50%, 80%, 95%) of the confidence ranking beside random and optimal
+routing (``routing_figures``), and latency p50/p95 per path. docs/vlm.md, "bench cascade".
 """
 
 from __future__ import annotations
@@ -305,6 +306,24 @@ def threshold_sweep(records: Records, prices: Prices) -> tuple[np.ndarray, np.nd
     return np.array(cost), np.array(accuracy)
 
 
+def routing_figures(records: Records) -> dict[str, dict[str, Any]]:
+    """RouteLLM's APGR and CPT(50%, 80%, 95%) on the held-out items (``evals.metrics``) for the
+    confidence ranking (the cheap tier's calibrated score; an item without a cheap answer ranks
+    first to the VLM), random routing and RouteLLM's optimal router. Two-model curves: cheap vs
+    VLM, every answer accepted (a missing answer counts as wrong); the human tier is not on them."""
+    from evals.metrics import oracle_routing_curve, random_routing_curve, routing_curve, routing_summary
+
+    cheap_ok, vlm_ok = records.cheap_ok & records.cheap_valid, records.vlm_ok & records.vlm_valid
+    score = np.where(records.cheap_valid & np.isfinite(records.cheap_score), records.cheap_score, -np.inf)
+    a_cheap, a_vlm = float(cheap_ok.mean()), float(vlm_ok.mean())
+    curves = {
+        "confidence": routing_curve(score, cheap_ok, vlm_ok),
+        "random": random_routing_curve(cheap_ok, vlm_ok),
+        "oracle": oracle_routing_curve(cheap_ok, vlm_ok),
+    }
+    return {name: routing_summary(x, accuracy, a_cheap, a_vlm) for name, (x, accuracy) in curves.items()}
+
+
 def latency_by_path(records: Records) -> dict[str, dict[str, float]]:
     """Client-side latency p50/p95 (ms) per path, measured through the service."""
     out = {}
@@ -366,6 +385,15 @@ def format_report(figures: dict[str, Any]) -> str:
         )
     err = figures["accepted_error"]
     lat = figures["latency"]
+    routing = figures.get("routing")
+    if routing:
+        lines += [
+            "",
+            "  RouteLLM's figures (two-model curves, cheap vs VLM, every answer accepted; no human tier):",
+        ]
+        for name, r in routing.items():
+            cpt = "  ".join(f"CPT({k}) {v:.3f}" for k, v in r["cpt"].items())
+            lines.append(f"    {name:<11} APGR {r['apgr']:.3f}  {cpt}")
     lines += [
         "",
         "  measured: service = sent through the running service (its decisions, answers, charged units);",
@@ -609,6 +637,7 @@ def measure(build, url: str, *, vlm_endpoint: str, vlm_model: str, vlm_version: 
             "certified_upper_bound": cert.risk_upper_bound,
         },
         "latency": latency_by_path(records),
+        "routing": routing_figures(records),
         "records": records,
     }
 

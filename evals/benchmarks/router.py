@@ -1,69 +1,90 @@
 """``visionroute bench router``: what the certificate costs with a learned router score against
-the cheap tier's confidence, as distributions over resampled fit/certification draws (issue 22).
+the cheap tier's confidence, as distributions over resampled fit/certification draws and
+training seeds, with the figures the routing literature reports (issue 22).
 
-The task is the digits (scikit-learn's 1,797), with tiers trained here per seed
-(``cascades.digits``: the cheap tier is the linear model on 4x4-pooled pixels that ships as
-``digits_cheap``; the second tier is the digits CNN, ``strong``). **The second tier stands in for
-the VLM**: its answers and calibrated-or-not top-1 confidences take the VLM's place in the
-three-tier plan, priced as a VLM call. (The LLaVA tier needs the vLLM venv and a server; there is
-no recorded-answers path yet, so ``bench cascade`` remains the through-the-service figure.)
+**Tasks.** ``--task`` names one or more tasks (``TASKS``, or ``module:function`` for a loader
+elsewhere). A task's loader has the ``TaskLoader`` signature, ``load(seed, work_dir) ->
+RouterTask``: per training seed, the population (labelled items the tiers never saw) with both
+tiers' answers, the embeddings of its reference index, labelled reference items outside the
+population, and the cheap tier's latency. ``digits`` (``digits_task``): scikit-learn's digits
+with tiers trained here per seed (``cascades.digits``: the cheap tier is the linear model on
+4x4-pooled pixels that ships as ``digits_cheap``; the second tier is the digits CNN, which
+**stands in for the VLM**, priced as a VLM call; there is no recorded-answers path for the LLaVA
+yet, so ``bench cascade`` remains the through-the-service figure).
 
-Per training seed, the 1,079 digits the tiers never saw form the population. Each draw splits
-it at random into a fit share (270), a certification share (270) and the rest (539), the sizes
-of the digits example. On each draw:
+**Draws.** Each draw splits the population at random into a fit share (270), a certification
+share (270) and the rest (the sizes of the digits example). Plans are chosen with
+``choose_tier_thresholds`` (fit share orders the candidates, certification share tests them)
+and applied to the rest, where every figure is measured (``evals.routing``):
 
-- **confidence-certified** (today): ``choose_tier_thresholds`` on the cheap tier's top-1
-  probability (fit share orders the candidates, certification share tests them);
-- **learned-certified**: the router (``cascades.learned_router.fit_router``: logistic score on
-  output, input and neighbour features; the reference index is the fit share, embedded as the
-  cheap tier's 64 input pixels) is fitted on the fit share only; the fit share's out-of-fold
-  scores order the candidates; the certification share (never seen by the learner or the index)
-  tests them. Its cheap price includes the features' measured cost (below);
-- **learned, features free**: the same plans with the features' cost left out (to show what
-  the pricing of the features below does to the figure);
+- **cheap only**, **VLM only**: every answer of one tier accepted;
+- **random (alpha-tuned)**: the least random VLM share whose expected accepted error <= alpha;
+- **confidence-certified** (today): the plan on the cheap tier's top-1 probability;
+- **learned-certified**: the router (``cascades.learned_router.fit_router``: a logistic score on
+  the cheap output, its log-odds, and the k nearest labelled neighbours' agreement, distances and
+  class vote) fitted on the fit share only. Its reference index holds the fit share (scored
+  leave-one-out) and the task's reference items (for the digits, the tiers' 718 training
+  digits); never a certification item. The fit share's out-of-fold scores order the candidates;
+  the certification share (never seen by the learner or the index) tests them. Its cheap price
+  includes the features' measured cost (below); **learned, features free** leaves it out;
 - **certified oracle**: a perfect cheap ranking (every right answer above every wrong one, ties
-  broken at random) through the same certificate with the same items;
-- **alpha-oracle**: knows every answer, needs no certificate: the cheapest routing of the rest
-  whose accepted error is <= alpha (accept wrong cheap answers where the VLM is wrong too, then
-  where it is right, while the budget alpha * accepted lasts);
-- **zero-error oracle** (``bench cascade``'s oracle router): the cheap answer when right, else
-  the VLM's when right, else a human (without a VLM call).
+  at random) through the same certificate with the same items;
+- **alpha-oracle**: knows every answer, needs no certificate (the cheapest routing of the rest
+  whose accepted error <= alpha); **zero-error oracle**: cheap when right, else the VLM when
+  right, else a human.
 
-Each plan is applied to the rest: cost per 1000 at the certificate's prices (cheap 1, VLM 10,
-review 100), accepted error, tier shares, and violation (accepted error on the rest > alpha;
-the promise is that this happens in at most delta of the draws, up to the rest's own sampling
-noise). The features: the cheap tier's output (top-3, margin, entropy) and 10 neighbours in the
-reference index; the shift guard's input statistics are left out by default (``--input-features``
-adds them): on the digits they cost 85 us per request (cv2 on the upload) and did not lower the
-learned router's cost (30 draws, seed 0: 2,707 with them, 2,633 without, features unpriced),
-while the neighbours carry the signal (output only: 5,972). The figure is the median and IQR over draws and seeds; the baseline ratio is the
-learned row's median cost over the certified oracle's (target <= 1.5x; the confidence router's
-was ~2.3x in issue 22's measurement).
+Per row: cost per 1000 at the certificate's prices (cheap 1, VLM 10, review 100), accuracy of
+the accepted answers, tier shares, violation (accepted error on the rest > alpha; the promise is
+at most delta of the draws, up to the rest's own sampling noise), and for the rows that rank
+items, RouteLLM's APGR and CPT(50%, 80%, 95%) on the rest (``evals.metrics``: two-model curves,
+cheap vs VLM, every answer accepted; the human tier is not on them). The figure is the median
+and IQR over every draw of every seed; the baseline ratio is the learned row's median cost over
+the certified oracle's (target <= 1.5x).
 
-Feature cost: per request, the output features, the shift guard's input statistics of the
-uploaded image (28x28 RGB), the k-NN lookup and the logistic score, timed one request at a time
-(median, microseconds), beside the cheap stage the service runs (``OnnxStage.predict`` on one
-uploaded image) in the same run. The features are priced at the cheap tier's rate:
-``feature_units = cheap_units * feature_us / cheap_stage_us``.
+**Feature cost.** Per request, one at a time (median microseconds, in the same run): the
+embedding of the upload for the lookup (the served stage's ``pixel_embedder``), the router's
+whole score (``RouterArtefact.score``: output block, k-NN lookup and votes, logistic score),
+against the cheap tier the service runs on one upload (``OnnxStage.predict``). The features are
+priced at the cheap tier's rate: ``feature_units = cheap_units * feature_us / cheap_stage_us``.
+
+**Frontier.** For the first ``--frontier-draws`` draws of each seed the certified plans are also
+chosen at several alphas (``FRONTIER_ALPHAS``); the plot (``evals.plots.router_frontier``) shows
+the median (cost, accepted accuracy) of both certified routers and the oracles per alpha, beside
+the two-model sweeps of each router's ranking and the single tiers.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
+from evals.routing import (  # noqa: F401  (apply_plan and the oracles are this bench's arithmetic)
+    Outcome,
+    alpha_oracle,
+    apply_plan,
+    cheap_only,
+    random_at_alpha,
+    vlm_only,
+    zero_error_oracle,
+)
 from visionroute import paths
+from visionroute.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
 
 METHODS = (
+    "cheap only",
+    "VLM only",
+    "random (alpha-tuned)",
     "confidence-certified",
     "learned-certified",
     "learned, features free",
@@ -71,315 +92,470 @@ METHODS = (
     "alpha-oracle",
     "zero-error oracle",
 )
+RANKED = {  # rows whose routing curve (APGR, CPT) is a ranking of the items
+    "random (alpha-tuned)": "random",
+    "confidence-certified": "confidence",
+    "learned-certified": "learned",
+    "learned, features free": "learned",
+    "certified oracle": "perfect",
+    "alpha-oracle": "optimal",
+    "zero-error oracle": "optimal",
+}
 N_FIT, N_CERT = 270, 270
-EMBEDDING = "cheap tier input pixels (8x8 digits), L2-normalised"
+FRONTIER_ALPHAS = (0.01, 0.02, 0.03, 0.04, 0.05, 0.07, 0.1, 0.15)
+DEFAULT_SPEC = {
+    "top_k": 3,
+    "use_input": False,
+    "neighbours_k": 10,
+    "neighbour_votes": True,
+    "output_log_odds": True,
+}
 
 
 def default_work_dir() -> Path:
     return paths.data_dir() / "bench-router"
 
 
-# --------------------------------------------------------------------------- the population
+# --------------------------------------------------------------------------- the task interface
 
 
-@dataclass(frozen=True)
-class Population:
-    """Per item of the population (the digits the tiers never saw), both tiers' outputs."""
+@dataclass(frozen=True, eq=False)
+class RouterTask:
+    """What ``bench router`` needs of one task for one training seed (a loader returns one).
 
+    The population is n labelled items the tiers never saw; C classes; d the embedding size.
+    Class ids index ``class_names``. Scores need not be calibrated (the certificate needs only a
+    ranking), but they are what the served router would see."""
+
+    name: str
     seed: int
-    labels: np.ndarray  # (n,)
-    cheap_probabilities: np.ndarray  # (n, 10)
-    strong_probabilities: np.ndarray  # (n, 10)
-    input_statistics: np.ndarray  # (n, 5) of the rendered upload
-    embeddings: np.ndarray  # (n, 64)
-    pool_index: np.ndarray  # row in load_digits()
+    class_names: tuple[str, ...]
+    labels: np.ndarray  # (n,) int class ids
+    cheap_probabilities: np.ndarray  # (n, C) the cheap tier's class probabilities
+    vlm_answers: np.ndarray  # (n,) the VLM's class id; -1 where it gave no valid answer
+    vlm_scores: np.ndarray  # (n,) the VLM's confidence in its answer; NaN where none
+    embeddings: np.ndarray  # (n, d) what the reference index is searched with
+    reference_embeddings: (
+        np.ndarray
+    )  # (m, d) labelled items outside the population (e.g. the tiers' training items); m may be 0
+    reference_labels: np.ndarray  # (m,)
+    item_ids: np.ndarray  # (n,) provenance: the item's row in its source dataset
+    cheap_stage_us: Callable[[], float]  # times the cheap tier on one request: median microseconds
+    embedding: str = ""  # what the embedding is
+    second_tier: str = ""  # what answers as the VLM
+    embed_us: Callable[[], float] | None = None  # times embedding one upload (None: the embedding is free)
+    input_statistics: np.ndarray | None = None  # (n, 5) the shift guard's statistics of each upload
+    extra: dict[str, Any] = field(default_factory=dict)  # anything the loader wants in the JSON
+
+    def __post_init__(self) -> None:
+        n, c = len(self.labels), len(self.class_names)
+        shapes = {
+            "labels": (np.shape(self.labels), (n,)),
+            "cheap_probabilities": (np.shape(self.cheap_probabilities), (n, c)),
+            "vlm_answers": (np.shape(self.vlm_answers), (n,)),
+            "vlm_scores": (np.shape(self.vlm_scores), (n,)),
+            "item_ids": (np.shape(self.item_ids), (n,)),
+        }
+        d = np.shape(self.embeddings)[1] if np.ndim(self.embeddings) == 2 else -1
+        shapes["embeddings"] = (np.shape(self.embeddings), (n, d))
+        m = len(self.reference_labels)
+        shapes["reference_embeddings"] = (np.shape(self.reference_embeddings), (m, d))
+        if self.input_statistics is not None:
+            shapes["input_statistics"] = (np.shape(self.input_statistics), (n, 5))
+        for name, (got, expected) in shapes.items():
+            if tuple(got) != expected or d < 1:
+                raise InputError(
+                    f"task {self.name!r}: {name} has shape {tuple(got)}, expected {expected}", field=name
+                )
+        for name, values in (("labels", self.labels), ("reference_labels", self.reference_labels)):
+            values = np.asarray(values)
+            if len(values) and (values.min() < 0 or values.max() >= c):
+                raise InputError(f"task {self.name!r}: {name} must be class ids in [0, {c})", field=name)
+        if n < N_FIT + N_CERT + 10:
+            raise InputError(
+                f"task {self.name!r}: the population has {n} items; a draw needs {N_FIT} + {N_CERT} + >= 10",
+                field="labels",
+            )
 
     @property
     def cheap_answer(self) -> np.ndarray:
         return self.cheap_probabilities.argmax(1)
 
     @property
-    def strong_answer(self) -> np.ndarray:
-        return self.strong_probabilities.argmax(1)
-
-    @property
     def cheap_score(self) -> np.ndarray:
         return self.cheap_probabilities.max(1)
 
-    @property
-    def strong_score(self) -> np.ndarray:
-        return self.strong_probabilities.max(1)
+
+class TaskLoader(Protocol):
+    def __call__(self, seed: int, work_dir: Path) -> RouterTask: ...
 
 
-def digits_population(seed: int, work_dir: Path) -> Population:
+TASKS: dict[str, str] = {"digits": "evals.benchmarks.router:digits_task"}
+
+
+def task_loader(name: str) -> TaskLoader:
+    """A registered task's loader, or ``module:function`` for one defined elsewhere."""
+    target = TASKS.get(name, name)
+    if ":" not in target:
+        raise ConfigError(
+            f"unknown task {name!r}; expected one of {sorted(TASKS)} or 'module:function'", field="task"
+        )
+    module, _, function = target.partition(":")
+    try:
+        loader = getattr(importlib.import_module(module), function)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"task {name!r}: cannot load {target!r}: {exc}", field="task") from exc
+    return loader
+
+
+# --------------------------------------------------------------------------- digits
+
+
+def digits_task(seed: int, work_dir: Path) -> RouterTask:
     from scipy.special import softmax
 
-    from cascades.digits import load_split, prepare_tiers, tier_logits
+    from cascades.digits import CLASS_NAMES, load_split, prepare_tiers, tier_logits
     from cascades.router_features import input_features
+    from cascades.router_stage import pixel_embedder
     from examples.digits import rendered
 
     split = load_split(seed)
     tiers = prepare_tiers(work_dir / "models", seed=seed)
     logits = tier_logits(tiers, split.images_pool)
-    return Population(
-        seed,
-        split.labels_pool,
-        softmax(logits["cheap"].astype(np.float64), axis=1),
-        softmax(logits["strong"].astype(np.float64), axis=1),
-        input_features(rendered(split.images_pool)),
-        split.images_pool.reshape(len(split.labels_pool), -1),
-        split.pool_index,
+    strong = softmax(logits["strong"].astype(np.float64), axis=1)
+    # the embedding the served stage computes: the upload resized back to 8x8 grey
+    embed = pixel_embedder(64)
+    uploads = rendered(split.images_pool)
+    reference_uploads = rendered(split.images_train)
+    return RouterTask(
+        name="digits",
+        seed=seed,
+        class_names=tuple(CLASS_NAMES),
+        labels=split.labels_pool,
+        cheap_probabilities=softmax(logits["cheap"].astype(np.float64), axis=1),
+        vlm_answers=strong.argmax(1),
+        vlm_scores=strong.max(1),
+        embeddings=np.vstack([embed(image) for image in uploads]),
+        reference_embeddings=np.vstack([embed(image) for image in reference_uploads]),
+        reference_labels=split.labels_train,
+        item_ids=split.pool_index,
+        cheap_stage_us=lambda: _digits_cheap_stage_us(work_dir, uploads[:300]),
+        embedding="the upload resized to 8x8 grey (router_stage.pixel_embedder), L2-normalised",
+        second_tier="digits CNN (stand-in for the VLM)",
+        embed_us=lambda: _median_us(embed, uploads[:300]),
+        input_statistics=input_features(uploads),
     )
 
 
-# --------------------------------------------------------------------------- one draw
-
-
-@dataclass(frozen=True)
-class Outcome:
-    cost_per_1000: float
-    accepted_error: float  # NaN when nothing is accepted
-    violation: bool
-    shares: dict[str, float]  # cheap / vlm / human: who answered
-
-
-def apply_plan(
-    plan, score, strong_score, cheap_error, strong_error, *, alpha: float, cheap_price: float, prices
-) -> Outcome:
-    """The plan's decisions on items it was not certified on, as ``TierPlan.decide`` makes them."""
-    cheap_ok = score >= plan.accept_threshold
-    escalated = (score >= plan.review_threshold) & ~cheap_ok
-    vlm_t = -np.inf if plan.vlm_accept_threshold is None else plan.vlm_accept_threshold
-    vlm_ok = escalated & (strong_score >= vlm_t)
-    reviewed = ~(cheap_ok | vlm_ok)
-    n = len(score)
-    n_auto = int((cheap_ok | vlm_ok).sum())
-    n_err = int((cheap_ok & cheap_error).sum() + (vlm_ok & strong_error).sum())
-    error = n_err / n_auto if n_auto else math.nan
-    cost = cheap_price + (prices.escalate * escalated.sum() + prices.review * reviewed.sum()) / n
-    shares = {"cheap": cheap_ok.mean(), "vlm": vlm_ok.mean(), "human": reviewed.mean()}
-    return Outcome(
-        1000 * cost, error, bool(n_auto and error > alpha), {k: float(v) for k, v in shares.items()}
-    )
-
-
-def alpha_oracle(cheap_error, strong_error, *, alpha: float, prices) -> Outcome:
-    right = ~cheap_error
-    vlm_only = cheap_error & ~strong_error
-    both = cheap_error & strong_error
-    n, n0 = len(right), int(right.sum() + vlm_only.sum())
-    b = min(
-        int(both.sum()), math.floor(alpha * n0 / (1 - alpha) + 1e-9)
-    )  # wrong answers where a human was due
-    w = min(
-        int(vlm_only.sum()), max(0, math.floor(alpha * (n0 + b) + 1e-9) - b)
-    )  # then where the VLM was due
-    n_vlm, n_human = int(vlm_only.sum()) - w, int(both.sum()) - b
-    cost = prices.cheap + (prices.escalate * n_vlm + prices.review * n_human) / n
-    n_auto = n - n_human
-    error = (b + w) / n_auto if n_auto else math.nan
-    shares = {"cheap": (right.sum() + b + w) / n, "vlm": n_vlm / n, "human": n_human / n}
-    return Outcome(1000 * cost, error, False, {k: float(v) for k, v in shares.items()})
-
-
-def zero_error_oracle(cheap_error, strong_error, *, prices) -> Outcome:
-    vlm = cheap_error & ~strong_error
-    human = cheap_error & strong_error
-    n = len(vlm)
-    cost = prices.cheap + (prices.escalate * vlm.sum() + prices.review * human.sum()) / n
-    shares = {"cheap": float((~cheap_error).mean()), "vlm": float(vlm.mean()), "human": float(human.mean())}
-    return Outcome(1000 * float(cost), 0.0, False, shares)
-
-
-def run_draw(
-    pop: Population, rng: np.random.Generator, *, alpha: float, delta: float, feature_units: float, spec
-) -> tuple[dict[str, Outcome], dict[str, Any]]:
-    from cascades.learned_router import fit_router
-    from policies.risk_control import TierCosts, TierOutcomes, choose_tier_thresholds
-
-    prices = TierCosts()
-    order = rng.permutation(len(pop.labels))
-    fit, cert, rest = order[:N_FIT], order[N_FIT : N_FIT + N_CERT], order[N_FIT + N_CERT :]
-    cheap_error = pop.cheap_answer != pop.labels
-    strong_error = pop.strong_answer != pop.labels
-    strong_score = pop.strong_score
-
-    def plan_on(score_fit, score_cert):
-        return choose_tier_thresholds(
-            TierOutcomes(score_fit, cheap_error[fit], strong_error[fit], strong_score[fit]),
-            TierOutcomes(score_cert, cheap_error[cert], strong_error[cert], strong_score[cert]),
-            costs=prices,
-            alpha=alpha,
-            delta=delta,
-        )
-
-    def outcome(plan, score_rest, cheap_price):
-        return apply_plan(
-            plan,
-            score_rest,
-            strong_score[rest],
-            cheap_error[rest],
-            strong_error[rest],
-            alpha=alpha,
-            cheap_price=cheap_price,
-            prices=prices,
-        )
-
-    out: dict[str, Outcome] = {}
-    conf = pop.cheap_score
-    out["confidence-certified"] = outcome(plan_on(conf[fit], conf[cert]), conf[rest], prices.cheap)
-
-    fitted = fit_router(
-        class_names=[str(d) for d in range(10)],
-        spec=spec,
-        output=pop.cheap_probabilities[fit],
-        cheap_answers=pop.cheap_answer[fit],
-        labels=pop.labels[fit],
-        input_statistics=pop.input_statistics[fit],
-        embeddings=pop.embeddings[fit],
-        embedding=EMBEDDING,
-        seed=int(rng.integers(2**31)),
-    )
-    router = fitted.artefact
-
-    def router_score(rows):
-        return router.score(
-            output=pop.cheap_probabilities[rows],
-            cheap_answers=pop.cheap_answer[rows],
-            input_statistics=pop.input_statistics[rows],
-            embeddings=pop.embeddings[rows],
-        )
-
-    learned_cert, learned_rest = router_score(cert), router_score(rest)
-    learned_plan = plan_on(fitted.fit_scores, learned_cert)
-    out["learned-certified"] = outcome(learned_plan, learned_rest, prices.cheap + feature_units)
-    out["learned, features free"] = outcome(learned_plan, learned_rest, prices.cheap)
-
-    perfect = (~cheap_error).astype(np.float64) + 0.5 * rng.uniform(size=len(cheap_error))
-    out["certified oracle"] = outcome(plan_on(perfect[fit], perfect[cert]), perfect[rest], prices.cheap)
-    out["alpha-oracle"] = alpha_oracle(cheap_error[rest], strong_error[rest], alpha=alpha, prices=prices)
-    out["zero-error oracle"] = zero_error_oracle(cheap_error[rest], strong_error[rest], prices=prices)
-
-    router_scores = np.full(len(pop.labels), np.nan)
-    router_scores[fit], router_scores[cert], router_scores[rest] = (
-        fitted.fit_scores,
-        learned_cert,
-        learned_rest,
-    )
-    role = np.empty(len(pop.labels), object)
-    role[fit], role[cert], role[rest] = "fit (out-of-fold)", "certification", "held-out"
-    detail = {"router_score": router_scores, "role": role, "router_version": router.version}
-    return out, detail
-
-
-# --------------------------------------------------------------------------- the feature cost
-
-
-def feature_cost_us(pop: Population, spec, *, repeats: int = 300) -> dict[str, float]:
-    """Median microseconds per request of each part, one request at a time (no batching)."""
-    from cascades.learned_router import fit_router
-    from cascades.router_features import classifier_features, input_features
-    from examples.digits import rendered
-
-    rows = np.arange(N_FIT)
-    router = fit_router(
-        class_names=[str(d) for d in range(10)],
-        spec=spec,
-        output=pop.cheap_probabilities[rows],
-        cheap_answers=pop.cheap_answer[rows],
-        labels=pop.labels[rows],
-        input_statistics=pop.input_statistics[rows],
-        embeddings=pop.embeddings[rows],
-    ).artefact
-    uploads = rendered(np.asarray(pop.embeddings[N_FIT : N_FIT + repeats]).reshape(-1, 8, 8))
-    parts = {"output": [], "input": [], "neighbours": [], "score": [], "total": []}
-    for i, image in enumerate(uploads):
-        row = N_FIT + i
-        probs, answer, emb = (
-            pop.cheap_probabilities[row : row + 1],
-            pop.cheap_answer[row : row + 1],
-            pop.embeddings[row : row + 1],
-        )
+def _median_us(function, items) -> float:
+    function(items[0])  # warm
+    times = []
+    for item in items:
         t0 = time.perf_counter()
-        blocks = [classifier_features(probs, spec.top_k)]
-        t1 = time.perf_counter()
-        if spec.use_input:
-            blocks.append(input_features([image]))
-        t2 = time.perf_counter()
-        blocks.append(router.index.neighbour_features(emb, answer, spec.neighbours_k))
-        t3 = time.perf_counter()
-        router.learner.score(np.column_stack(blocks))
-        t4 = time.perf_counter()
-        for key, value in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0)):
-            parts[key].append(value * 1e6)
-    return {key: float(np.median(values)) for key, values in parts.items()}
+        function(item)
+        times.append((time.perf_counter() - t0) * 1e6)
+    return float(np.median(times))
 
 
-def cheap_stage_us(work_dir: Path, pop: Population, *, repeats: int = 300) -> float:
+def _digits_cheap_stage_us(work_dir: Path, uploads) -> float:
     """Median microseconds of the service's cheap stage (``OnnxStage.predict``) on one upload."""
     from cascades.models import DIGITS_NAME, train_digits_cheap
-    from examples.digits import cheap_stage, rendered
+    from examples.digits import cheap_stage
 
     models = work_dir / "service_models"
     if not (models / f"{DIGITS_NAME}.onnx").is_file():
         models.mkdir(parents=True, exist_ok=True)
         train_digits_cheap(models)
     stage = cheap_stage(models)
-    uploads = rendered(np.asarray(pop.embeddings[:repeats]).reshape(-1, 8, 8))
-    stage.predict(uploads[:1])  # warm
-    times = []
-    for image in uploads:
+    return _median_us(lambda image: stage.predict([image]), uploads)
+
+
+# --------------------------------------------------------------------------- one draw
+
+
+def fit_on(task: RouterTask, rows: np.ndarray, spec, *, seed: int):
+    from cascades.learned_router import fit_router
+
+    return fit_router(
+        class_names=task.class_names,
+        spec=spec,
+        output=task.cheap_probabilities[rows],
+        cheap_answers=task.cheap_answer[rows],
+        labels=task.labels[rows],
+        input_statistics=None if task.input_statistics is None else task.input_statistics[rows],
+        embeddings=task.embeddings[rows],
+        embedding=task.embedding,
+        seed=seed,
+        reference_embeddings=task.reference_embeddings,
+        reference_labels=task.reference_labels,
+    )
+
+
+def routing_figures(kind: str, score, cheap_correct, vlm_correct) -> dict[str, Any]:
+    """APGR and CPT of one ranking on the items (``evals.metrics``)."""
+    from evals.metrics import oracle_routing_curve, random_routing_curve, routing_curve, routing_summary
+
+    if kind == "random":
+        x, accuracy = random_routing_curve(cheap_correct, vlm_correct)
+    elif kind == "optimal":
+        x, accuracy = oracle_routing_curve(cheap_correct, vlm_correct)
+    else:
+        x, accuracy = routing_curve(score, cheap_correct, vlm_correct)
+    return routing_summary(x, accuracy, float(np.mean(cheap_correct)), float(np.mean(vlm_correct)))
+
+
+@dataclass
+class Draw:
+    outcomes: dict[str, Outcome]
+    routing: dict[str, dict[str, Any]]  # ranking kind -> APGR/CPT on the rest
+    frontier: dict[str, dict[float, Outcome]]  # router -> alpha -> outcome (frontier draws only)
+    router_score: np.ndarray  # per population item (fit: out-of-fold)
+    role: np.ndarray
+    router_version: str
+
+
+def run_draw(
+    task: RouterTask,
+    rng: np.random.Generator,
+    *,
+    alpha: float,
+    delta: float,
+    feature_units: float,
+    spec,
+    frontier_alphas: tuple[float, ...] = (),
+) -> Draw:
+    from policies.risk_control import TierCosts, TierOutcomes, choose_tier_thresholds
+
+    prices = TierCosts()
+    order = rng.permutation(len(task.labels))
+    fit, cert, rest = order[:N_FIT], order[N_FIT : N_FIT + N_CERT], order[N_FIT + N_CERT :]
+    cheap_error = task.cheap_answer != task.labels
+    strong_error = np.asarray(task.vlm_answers) != task.labels
+    strong_score = np.asarray(task.vlm_scores, np.float64)
+
+    def plan_on(score_fit, score_cert, a):
+        return choose_tier_thresholds(
+            TierOutcomes(score_fit, cheap_error[fit], strong_error[fit], strong_score[fit]),
+            TierOutcomes(score_cert, cheap_error[cert], strong_error[cert], strong_score[cert]),
+            costs=prices,
+            alpha=a,
+            delta=delta,
+        )
+
+    def outcome(plan, score_rest, cheap_price, a):
+        return apply_plan(
+            plan,
+            score_rest,
+            strong_score[rest],
+            cheap_error[rest],
+            strong_error[rest],
+            alpha=a,
+            cheap_price=cheap_price,
+            prices=prices,
+        )
+
+    fitted = fit_on(task, fit, spec, seed=int(rng.integers(2**31)))
+    router = fitted.artefact
+
+    def router_score(rows):
+        return router.score(
+            output=task.cheap_probabilities[rows],
+            cheap_answers=task.cheap_answer[rows],
+            input_statistics=None if task.input_statistics is None else task.input_statistics[rows],
+            embeddings=task.embeddings[rows],
+        )
+
+    learned = np.full(len(task.labels), np.nan)
+    learned[fit], learned[cert], learned[rest] = fitted.fit_scores, router_score(cert), router_score(rest)
+    perfect = (~cheap_error).astype(np.float64) + 0.5 * rng.uniform(size=len(cheap_error))
+    scores = {"confidence": task.cheap_score, "learned": learned, "perfect": perfect}
+    cheap_prices = {
+        "confidence": prices.cheap,
+        "learned": prices.cheap + feature_units,
+        "perfect": prices.cheap,
+    }
+
+    def certified(kind: str, a: float, cheap_price: float | None = None) -> Outcome:
+        s = scores[kind]  # the learned score's fit rows are its out-of-fold scores
+        plan = plan_on(s[fit], s[cert], a)
+        return outcome(plan, s[rest], cheap_prices[kind] if cheap_price is None else cheap_price, a)
+
+    e_rest, s_rest = cheap_error[rest], strong_error[rest]
+    out = {
+        "cheap only": cheap_only(e_rest, alpha=alpha, prices=prices),
+        "VLM only": vlm_only(s_rest, np.asarray(task.vlm_answers)[rest] >= 0, alpha=alpha, prices=prices),
+        "random (alpha-tuned)": random_at_alpha(e_rest, s_rest, alpha=alpha, prices=prices),
+        "confidence-certified": certified("confidence", alpha),
+        "learned-certified": certified("learned", alpha),
+    }
+    free = out["learned-certified"]
+    out["learned, features free"] = Outcome(
+        free.cost_per_1000 - 1000 * feature_units, free.accepted_error, free.violation, free.shares
+    )
+    out["certified oracle"] = certified("perfect", alpha)
+    out["alpha-oracle"] = alpha_oracle(e_rest, s_rest, alpha=alpha, prices=prices)
+    out["zero-error oracle"] = zero_error_oracle(e_rest, s_rest, prices=prices)
+
+    cheap_ok, vlm_ok = ~e_rest, ~s_rest
+    routing = {
+        kind: routing_figures(
+            kind, None if kind in ("random", "optimal") else scores[kind][rest], cheap_ok, vlm_ok
+        )
+        for kind in ("random", "confidence", "learned", "perfect", "optimal")
+    }
+    frontier: dict[str, dict[float, Outcome]] = {}
+    if frontier_alphas:
+        frontier = {
+            "confidence-certified": {a: certified("confidence", a) for a in frontier_alphas},
+            "learned-certified": {a: certified("learned", a) for a in frontier_alphas},
+            "certified oracle": {a: certified("perfect", a) for a in frontier_alphas},
+            "alpha-oracle": {
+                a: alpha_oracle(e_rest, s_rest, alpha=a, prices=prices) for a in frontier_alphas
+            },
+        }
+    role = np.empty(len(task.labels), object)
+    role[fit], role[cert], role[rest] = "fit (out-of-fold)", "certification", "held-out"
+    return Draw(out, routing, frontier, learned, role, router.version)
+
+
+# --------------------------------------------------------------------------- the feature cost
+
+
+def feature_cost_us(task: RouterTask, spec, *, repeats: int = 300) -> dict[str, float]:
+    """Median microseconds per request, one request at a time (no batching): the whole served
+    score (``RouterArtefact.score``) and its parts, plus the embedding of the upload."""
+    from cascades.router_features import classifier_features, output_log_odds
+
+    router = fit_on(task, np.arange(N_FIT), spec, seed=0).artefact
+    rows = range(N_FIT, min(len(task.labels), N_FIT + repeats))
+    parts: dict[str, list[float]] = {"output": [], "neighbours": [], "score": [], "router": []}
+    for row in rows:
+        probs = task.cheap_probabilities[row : row + 1]
+        answer = task.cheap_answer[row : row + 1]
+        emb = task.embeddings[row : row + 1]
+        stats = None if task.input_statistics is None else task.input_statistics[row : row + 1]
         t0 = time.perf_counter()
-        stage.predict([image])
-        times.append((time.perf_counter() - t0) * 1e6)
-    return float(np.median(times))
+        blocks = [classifier_features(probs, spec.top_k)]
+        if spec.output_log_odds:
+            blocks.append(output_log_odds(probs))
+        if spec.use_input:
+            blocks.append(stats)
+        t1 = time.perf_counter()
+        blocks.append(
+            router.index.neighbour_features(
+                emb, answer, spec.neighbours_k, probabilities=probs if spec.neighbour_votes else None
+            )
+        )
+        t2 = time.perf_counter()
+        router.learner.score(np.column_stack(blocks))
+        t3 = time.perf_counter()
+        router.score(output=probs, cheap_answers=answer, input_statistics=stats, embeddings=emb)
+        t4 = time.perf_counter()
+        for key, value in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            parts[key].append(value * 1e6)
+    cost = {key: float(np.median(values)) for key, values in parts.items()}
+    cost["embed"] = task.embed_us() if task.embed_us is not None else 0.0
+    cost["total"] = cost["router"] + cost["embed"]
+    return cost
 
 
 # --------------------------------------------------------------------------- the figure
 
 
-def summarise(outcomes: dict[str, list[Outcome]], *, alpha: float) -> dict[str, dict[str, Any]]:
+def _quantiles(values, *, nan_as: float | None = None) -> dict[str, float]:
+    """Median and quartiles; NaN values are dropped, or counted as ``nan_as`` (CPT: a level never
+    reached counts as infinitely many calls, so it is not dropped in the router's favour)."""
+    v = np.asarray(values, np.float64)
+    v = np.where(np.isnan(v), nan_as, v) if nan_as is not None else v[np.isfinite(v)]
+    if len(v) == 0:
+        return {"median": math.nan, "q25": math.nan, "q75": math.nan}
+    return {
+        "median": float(np.median(v)),
+        "q25": float(np.quantile(v, 0.25)),
+        "q75": float(np.quantile(v, 0.75)),
+    }
+
+
+def summarise(draws: list[Draw]) -> dict[str, dict[str, Any]]:
     table = {}
-    for name, rows in outcomes.items():
-        cost = np.array([o.cost_per_1000 for o in rows])
-        error = np.array([o.accepted_error for o in rows])
-        table[name] = {
+    for name in METHODS:
+        rows = [d.outcomes[name] for d in draws]
+        kind = RANKED.get(name)
+        entry = {
             "draws": len(rows),
-            "cost_median": float(np.median(cost)),
-            "cost_q25": float(np.quantile(cost, 0.25)),
-            "cost_q75": float(np.quantile(cost, 0.75)),
+            "cost_per_1000": _quantiles([o.cost_per_1000 for o in rows]),
+            "accepted_accuracy": _quantiles([o.accepted_accuracy for o in rows]),
             "violation_rate": float(np.mean([o.violation for o in rows])),
-            "accepted_error_median": float(np.nanmedian(error)) if np.isfinite(error).any() else math.nan,
             "shares_median": {
                 k: float(np.median([o.shares[k] for o in rows])) for k in ("cheap", "vlm", "human")
             },
+            "ranking": kind,
+            "apgr": None,
+            "cpt": None,
         }
+        if kind is not None:
+            entry["apgr"] = _quantiles([d.routing[kind]["apgr"] for d in draws])
+            entry["cpt"] = {
+                level: _quantiles([d.routing[kind]["cpt"][level] for d in draws], nan_as=math.inf)
+                for level in draws[0].routing[kind]["cpt"]
+            }
+        table[name] = entry
     return table
 
 
+def summarise_frontier(draws: list[Draw]) -> dict[str, list[dict[str, float]]]:
+    with_frontier = [d for d in draws if d.frontier]
+    if not with_frontier:
+        return {}
+    out = {}
+    for router, by_alpha in with_frontier[0].frontier.items():
+        out[router] = [
+            {
+                "alpha": a,
+                "draws": len(with_frontier),
+                "cost_per_1000": _quantiles([d.frontier[router][a].cost_per_1000 for d in with_frontier])[
+                    "median"
+                ],
+                "accepted_accuracy": _quantiles(
+                    [d.frontier[router][a].accepted_accuracy for d in with_frontier]
+                )["median"],
+                "violation_rate": float(np.mean([d.frontier[router][a].violation for d in with_frontier])),
+            }
+            for a in by_alpha
+        ]
+    return out
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None or not math.isfinite(value) else format(value, spec)
+
+
 def format_table(figures: dict[str, Any]) -> str:
-    table = figures["table"]
+    table, fu = figures["table"], figures["feature_us"]
     lines = [
-        f"bench router: digits, alpha {figures['alpha']:g}, delta {figures['delta']:g}; prices cheap 1 / VLM 10 / "
-        f"review 100; {figures['draws_total']} draws over seeds {figures['seeds']} "
-        f"({figures['draws_per_seed']} per seed); second tier: {figures['second_tier']}",
-        f"features per request: {figures['feature_us']['total']:.0f} us median "
-        f"(output {figures['feature_us']['output']:.0f}, input {figures['feature_us']['input']:.0f}, "
-        f"neighbours {figures['feature_us']['neighbours']:.0f}, score {figures['feature_us']['score']:.0f}); "
-        f"cheap stage {figures['cheap_stage_us']:.0f} us -> +{figures['feature_units']:.3f} units on the learned "
-        "router's cheap tier",
+        f"bench router [{figures['task']}]: alpha {figures['alpha']:g}, delta {figures['delta']:g}; prices cheap 1 / "
+        f"VLM 10 / review 100; {figures['draws_total']} draws over seeds {figures['seeds']} "
+        f"({figures['draws_per_seed']} per seed; fit {N_FIT} / certification {N_CERT} / rest "
+        f"{figures['n_rest']}); second tier: {figures['second_tier']}",
+        f"features per request: {fu['total']:.0f} us median (embed {fu['embed']:.0f}, router score "
+        f"{fu['router']:.0f}: output {fu['output']:.0f}, neighbours {fu['neighbours']:.0f}, learner "
+        f"{fu['score']:.0f}); cheap stage {figures['cheap_stage_us']:.0f} us -> +{figures['feature_units']:.3f} "
+        "units on the learned router's cheap tier",
         "",
-        f"{'router':<22}{'cost/1000 median':>17}{'IQR':>18}{'violation':>11}{'acc. error':>11}"
-        f"{'cheap':>7}{'VLM':>7}{'human':>7}",
+        f"{'router':<24}{'cost/1000':>10}{'IQR':>14}{'viol.':>7}{'acc.':>7}{'cheap':>7}{'VLM':>7}"
+        f"{'human':>7}{'APGR':>7}{'CPT50':>7}{'CPT80':>7}{'CPT95':>7}",
     ]
     for name in METHODS:
         row = table[name]
-        s = row["shares_median"]
-        iqr = f"{row['cost_q25']:,.0f}-{row['cost_q75']:,.0f}"
+        s, c = row["shares_median"], row["cost_per_1000"]
+        iqr = f"{c['q25']:,.0f}-{c['q75']:,.0f}"
+        apgr = row["apgr"]["median"] if row["apgr"] else None
+        cpt = {k: v["median"] for k, v in row["cpt"].items()} if row["cpt"] else {}
         lines.append(
-            f"{name:<22}{row['cost_median']:>17,.0f}{iqr:>18}"
-            f"{row['violation_rate']:>11.3f}{row['accepted_error_median']:>11.3f}"
-            f"{s['cheap']:>7.3f}{s['vlm']:>7.3f}{s['human']:>7.3f}"
+            f"{name:<24}{c['median']:>10,.0f}{iqr:>14}{row['violation_rate']:>7.3f}"
+            f"{_fmt(row['accepted_accuracy']['median'], '.3f'):>7}"
+            f"{s['cheap']:>7.3f}{s['vlm']:>7.3f}{s['human']:>7.3f}{_fmt(apgr, '.3f'):>7}"
+            + "".join(f"{_fmt(cpt.get(k), '.3f'):>7}" for k in ("50%", "80%", "95%"))
         )
     lines += [
         "",
@@ -388,104 +564,209 @@ def format_table(figures: dict[str, Any]) -> str:
         f"confidence {figures['ratio_confidence']:.2f}x",
         f"violation allowance: delta {figures['delta']:g} (+ binomial 2-sigma over the draws: "
         f"{figures['violation_allowance']:.3f})",
+        "acc. = accuracy of the answers accepted without a human (median); viol. = share of draws whose "
+        "accepted error on the rest > alpha; APGR/CPT: RouteLLM's, two-model (cheap vs VLM) curves of the "
+        "row's ranking on the rest, every answer accepted, the human tier not on them",
     ]
     return "\n".join(lines)
 
 
-def run_bench(
+def run_task(
+    name: str,
     *,
     seeds: list[int],
     draws: int,
     alpha: float,
     delta: float,
     work_dir: Path,
-    json_path: Path | None,
-    input_features: bool = False,
+    spec,
+    frontier_draws: int,
 ) -> dict[str, Any]:
-    from cascades.router_features import FeatureSpec
-
-    spec = FeatureSpec(use_input=input_features)
-    outcomes: dict[str, list[Outcome]] = {name: [] for name in METHODS}
+    loader = task_loader(name)
+    all_draws: list[Draw] = []
     items: list[dict[str, Any]] = []
     per_draw: list[dict[str, Any]] = []
     feature_us = stage_us = None
     started = time.monotonic()
+    n_rest = 0
+    second_tier = ""
     for seed in seeds:
-        pop = digits_population(seed, work_dir)
+        task = loader(seed, work_dir)
+        second_tier = task.second_tier
+        n_rest = len(task.labels) - N_FIT - N_CERT
         if feature_us is None:
-            feature_us = feature_cost_us(pop, spec)
-            stage_us = cheap_stage_us(work_dir, pop)
+            feature_us = feature_cost_us(task, spec)
+            stage_us = task.cheap_stage_us()
         feature_units = feature_us["total"] / stage_us
         rng = np.random.default_rng([seed, 22])
         for d in range(draws):
-            out, detail = run_draw(pop, rng, alpha=alpha, delta=delta, feature_units=feature_units, spec=spec)
-            for name, o in out.items():
-                outcomes[name].append(o)
-            per_draw.append({"seed": seed, "draw": d, **{n: o.__dict__ for n, o in out.items()}})
+            draw = run_draw(
+                task,
+                rng,
+                alpha=alpha,
+                delta=delta,
+                feature_units=feature_units,
+                spec=spec,
+                frontier_alphas=FRONTIER_ALPHAS if d < frontier_draws else (),
+            )
+            all_draws.append(draw)
+            per_draw.append(
+                {
+                    "seed": seed,
+                    "draw": d,
+                    "router_version": draw.router_version,
+                    **{n: o.__dict__ for n, o in draw.outcomes.items()},
+                    "routing": draw.routing,
+                }
+            )
             if d == 0:
-                for i in range(len(pop.labels)):
-                    items.append(
-                        {
-                            "seed": seed,
-                            "digits_row": int(pop.pool_index[i]),
-                            "label": int(pop.labels[i]),
-                            "cheap_answer": int(pop.cheap_answer[i]),
-                            "cheap_score": float(pop.cheap_score[i]),
-                            "vlm_answer": int(pop.strong_answer[i]),
-                            "vlm_score": float(pop.strong_score[i]),
-                            "router_score": float(detail["router_score"][i]),
-                            "router_role_draw0": detail["role"][i],
-                        }
-                    )
-        log.info("seed %d: %d draws, %.0fs so far", seed, draws, time.monotonic() - started)
-    table = summarise(outcomes, alpha=alpha)
-    n_total = draws * len(seeds)
-    figures = {
+                items += _items(task, draw)
+        log.info("%s seed %d: %d draws, %.0fs so far", name, seed, draws, time.monotonic() - started)
+    table = summarise(all_draws)
+    oracle = table["certified oracle"]["cost_per_1000"]["median"]
+    n_total = len(all_draws)
+    return {
+        "task": name,
         "alpha": alpha,
         "delta": delta,
         "seeds": seeds,
         "draws_per_seed": draws,
         "draws_total": n_total,
-        "second_tier": "digits CNN (stand-in for the VLM)",
+        "n_rest": n_rest,
+        "second_tier": second_tier,
         "feature_us": feature_us,
         "cheap_stage_us": stage_us,
         "feature_units": feature_us["total"] / stage_us,
         "table": table,
-        "ratio_learned": table["learned-certified"]["cost_median"] / table["certified oracle"]["cost_median"],
-        "ratio_learned_features_free": table["learned, features free"]["cost_median"]
-        / table["certified oracle"]["cost_median"],
-        "ratio_confidence": table["confidence-certified"]["cost_median"]
-        / table["certified oracle"]["cost_median"],
+        "frontier": summarise_frontier(all_draws),
+        "sweeps": _sweeps(task, all_draws[-1], feature_us["total"] / stage_us) if all_draws else {},
+        "ratio_learned": table["learned-certified"]["cost_per_1000"]["median"] / oracle,
+        "ratio_learned_features_free": table["learned, features free"]["cost_per_1000"]["median"] / oracle,
+        "ratio_confidence": table["confidence-certified"]["cost_per_1000"]["median"] / oracle,
         "violation_allowance": delta + 2 * math.sqrt(delta * (1 - delta) / n_total),
         "seconds": time.monotonic() - started,
         "feature_spec": spec.to_document(),
+        "items": items,
+        "draws": per_draw,
     }
-    if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(
-            json.dumps({**figures, "items": items, "draws": per_draw}, default=_json_default)
+
+
+def _items(task: RouterTask, draw: Draw) -> list[dict[str, Any]]:
+    """Per item (draw 0 of a seed): the label, both tiers' answers and scores, the router's score."""
+    return [
+        {
+            "task": task.name,
+            "seed": task.seed,
+            "item_id": int(task.item_ids[i]),
+            "label": int(task.labels[i]),
+            "cheap_answer": int(task.cheap_answer[i]),
+            "cheap_score": float(task.cheap_score[i]),
+            "vlm_answer": int(task.vlm_answers[i]),
+            "vlm_score": float(task.vlm_scores[i]),
+            "router_score": float(draw.router_score[i]),
+            "router_role_draw0": draw.role[i],
+        }
+        for i in range(len(task.labels))
+    ]
+
+
+def _sweeps(task: RouterTask, draw: Draw, feature_units: float) -> dict[str, Any]:
+    """The two-model sweeps of the last draw's rest (cost per item, accuracy), for the plot."""
+    from evals.metrics import oracle_routing_curve, random_routing_curve, routing_curve
+
+    rest = draw.role == "held-out"
+    cheap_ok = (task.cheap_answer == task.labels)[rest]
+    vlm_ok = (np.asarray(task.vlm_answers) == task.labels)[rest]
+    curves = {
+        "confidence ranking": (routing_curve(task.cheap_score[rest], cheap_ok, vlm_ok), 1.0),
+        "learned ranking (features priced)": (
+            routing_curve(draw.router_score[rest], cheap_ok, vlm_ok),
+            1.0 + feature_units,
+        ),
+        "random routing": (random_routing_curve(cheap_ok, vlm_ok), 1.0),
+        "oracle (RouteLLM optimal)": (oracle_routing_curve(cheap_ok, vlm_ok), 1.0),
+    }
+    return {
+        name: {"cost": (cheap + 10.0 * x).tolist(), "accuracy": acc.tolist()}
+        for name, ((x, acc), cheap) in curves.items()
+    }
+
+
+def plot_task(figures: dict[str, Any], path: Path) -> Path:
+    from evals.plots import router_frontier
+
+    table = figures["table"]
+    points = {
+        name: (table[name]["cost_per_1000"]["median"] / 1000, table[name]["accepted_accuracy"]["median"])
+        for name in ("cheap only", "VLM only", "random (alpha-tuned)")
+    }
+    certified = {
+        name: (
+            [p["cost_per_1000"] / 1000 for p in rows],
+            [p["accepted_accuracy"] for p in rows],
+            [p["alpha"] for p in rows],
         )
-    return figures
+        for name, rows in figures["frontier"].items()
+    }
+    sweeps = {name: (c["cost"], c["accuracy"]) for name, c in figures["sweeps"].items()}
+    return router_frontier(
+        path,
+        certified=certified,
+        sweeps=sweeps,
+        points=points,
+        alpha=figures["alpha"],
+        title=f"bench router [{figures['task']}]: certified (median over draws, per alpha) and two-model sweeps",
+    )
+
+
+def run(args) -> int:
+    from cascades.router_features import FeatureSpec
+
+    seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
+    tasks = [t.strip() for t in str(args.task).split(",") if t.strip()]
+    if not seeds or not tasks:
+        raise ConfigError(
+            "--seeds and --task need at least one value each", field="seeds" if not seeds else "task"
+        )
+    if len(seeds) * args.draws < 1:
+        raise ConfigError(f"--draws must be at least 1, got {args.draws}", field="draws")
+    for name in tasks:
+        task_loader(name)  # a bad name fails before any training
+    work_dir = Path(args.work_dir) if args.work_dir else default_work_dir()
+    spec = FeatureSpec(**{**DEFAULT_SPEC, "use_input": bool(args.input_features)})
+    out: dict[str, Any] = {}
+    for name in tasks:
+        figures = run_task(
+            name,
+            seeds=seeds,
+            draws=args.draws,
+            alpha=args.alpha,
+            delta=args.delta,
+            work_dir=work_dir,
+            spec=spec,
+            frontier_draws=args.frontier_draws,
+        )
+        plot = (
+            Path(args.plot_dir or work_dir)
+            / f"router_frontier_{name.replace(':', '_').replace('.', '_')}.png"
+        )
+        if figures["frontier"]:
+            plot_task(figures, plot)
+        print(format_table(figures))
+        print(
+            f"({figures['seconds']:.0f}s; frontier plot: {plot if figures['frontier'] else 'none (--frontier-draws 0)'})\n"
+        )
+        out[name] = figures
+    json_path = Path(args.json) if args.json else work_dir / "router.json"
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps({"tasks": out}, default=_json_default))
+    print(f"per-item and per-draw JSON: {json_path}")
+    return 0
 
 
 def _json_default(value: Any):
     if isinstance(value, np.generic):
         return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
     raise TypeError(type(value).__name__)
-
-
-def run(args) -> int:
-    seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
-    work_dir = Path(args.work_dir) if args.work_dir else default_work_dir()
-    figures = run_bench(
-        seeds=seeds,
-        draws=args.draws,
-        alpha=args.alpha,
-        delta=args.delta,
-        work_dir=work_dir,
-        json_path=Path(args.json) if args.json else work_dir / "router.json",
-        input_features=args.input_features,
-    )
-    print(format_table(figures))
-    print(f"({figures['seconds']:.0f}s; per-item and per-draw JSON: {args.json or work_dir / 'router.json'})")
-    return 0

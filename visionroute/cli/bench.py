@@ -136,16 +136,34 @@ def _add_vlm_digits(bench) -> None:
 def _add_router(bench) -> None:
     router = bench.add_parser(
         "router",
-        help="learned vs confidence router through the same certificate: cost/1000 median and IQR over draws",
+        help="learned vs confidence router through the same certificate: cost/1000, accepted accuracy, "
+        "tier shares, APGR/CPT; median and IQR over draws and seeds",
     )
-    router.add_argument("--seeds", default="0,1,2", help="training seeds of the digits tiers (comma list)")
+    router.add_argument(
+        "--task",
+        default="digits",
+        help="comma list of tasks: registered names (evals.benchmarks.router.TASKS) or module:function "
+        "loaders (default: %(default)s)",
+    )
+    router.add_argument("--seeds", default="0,1,2", help="training seeds of the tiers (comma list)")
     router.add_argument(
         "--draws", type=int, default=170, help="fit/certification draws per seed (3 seeds x 170 >= 500)"
     )
+    router.add_argument(
+        "--frontier-draws",
+        type=int,
+        default=10,
+        help="draws per seed that also certify at every frontier alpha, for the plot (0: no plot)",
+    )
     router.add_argument("--alpha", type=float, default=0.04)
     router.add_argument("--delta", type=float, default=0.1)
-    router.add_argument("--work-dir", default=None, help="trained tiers and the JSON (default: data dir)")
+    router.add_argument(
+        "--work-dir", default=None, help="trained tiers, plots and the JSON (default: data dir)"
+    )
     router.add_argument("--json", default=None, help="figures, per-item and per-draw records (JSON)")
+    router.add_argument(
+        "--plot-dir", default=None, help="where router_frontier_<task>.png go (default: work dir)"
+    )
     router.add_argument(
         "--input-features", action="store_true", help="add the shift guard's input statistics to the features"
     )
