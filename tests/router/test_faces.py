@@ -19,6 +19,7 @@ from visionroute import errors
 # Each HTTP operation and the RPC that does the same. HTTP-only routes say why.
 RPC_FOR_ROUTE = {
     ("POST", "/v1/analyze"): "Analyze",
+    ("POST", "/v1/analyze/batch"): "AnalyzeBatch",
     ("POST", "/v1/search"): "Search",
     ("POST", "/v1/search/items"): "IndexSearchItem",
     ("GET", "/v1/search/items/{item_id}"): "GetSearchItem",
