@@ -153,8 +153,10 @@ class PolicyRuntime:
     def reserve(
         self, policy: PolicySet, analysis: Analysis, tier: str, units: float
     ) -> Reservation | Refusal:
+        """Reserve ``tier``'s call of this request; a resend under the same request id gets the
+        first send's reservation back, charged nothing again (policies/budgets.py)."""
         try:
-            return self.ledger.reserve(
+            reservation = self.ledger.reserve(
                 policy.budgets,
                 tenant=analysis.tenant,
                 feature=analysis.task,
@@ -172,6 +174,9 @@ class PolicyRuntime:
                 exc.rule.degrade,
             )
             return Refusal(exc.rule.degrade, exc)
+        if reservation.replayed:
+            log.debug("%s call of a resent request is already %s: not charged again", tier, reservation.state)
+        return reservation
 
     # -- audits -----------------------------------------------------------------------------
 

@@ -236,3 +236,68 @@ def test_a_ledger_at_version_1_upgrades_and_keeps_its_rows(tmp_path, state):
     reopened = BudgetLedger(path, state)
     assert reopened.schema.applied == []
     reopened.close()
+
+
+def test_the_policy_runtime_charges_a_resent_request_once(tmp_path):
+    """Through PolicyRuntime.reserve, which every paid stage calls with the request's trace id."""
+    import numpy as np
+
+    from policies.policy_set import PolicySet
+    from policies.runtime import PolicyRuntime, Refusal
+    from policies.thresholds import ThresholdPolicy
+    from visionroute.records import Analysis
+
+    budget = {"name": "small", "tiers": ["onnx", "vlm"], "window_s": 3600, "cap_units": 2.0}
+    runtime = PolicyRuntime(
+        PolicySet(budgets=[budget]),
+        BudgetLedger(tmp_path / "b.sqlite3"),
+        tasks=["classify"],
+        base_thresholds={"classify": ThresholdPolicy(version="classify-v1")},
+    )
+
+    def send(request_id: str, tier: str = "onnx"):
+        analysis = Analysis(np.zeros((4, 4, 3), np.uint8), "0" * 64, "classify", tenant="acme")
+        analysis.trace.request_id = request_id
+        reservation = runtime.reserve(runtime.current, analysis, tier, 1.0)
+        if not isinstance(reservation, Refusal):
+            runtime.ledger.settle(reservation)
+        return reservation
+
+    assert not send("req-1").replayed and send("req-1").replayed
+    assert not send("req-1", "vlm").replayed  # the request's VLM call is a charge of its own
+    assert isinstance(send("req-2"), Refusal)  # the cap of 2 holds 2 calls, not 3
+    assert runtime.current.budgets and runtime.ledger.status(runtime.current.budgets)[0]["used_units"] == 2.0
+    runtime.ledger.close()
+
+
+def test_through_the_analyse_pipeline_a_resent_request_is_charged_once_per_tier(tmp_path):
+    """The service's own analyse path (in process, the real colour model): a resend of an
+    accepted request and of one queued for review pays neither its cheap tier nor its review
+    again, and gets the same review item (the queue's own idempotency) instead of a 429."""
+    import asyncio
+
+    from router.services import ImageRequest, VisionRouteService
+    from router.services.backends import LocalOnnxTier
+    from tests.router.colour_model import colour_app_config, solid_png
+    from visionroute.errors import BudgetExceeded
+    from visionroute.records import Decision
+
+    budgets = [
+        {"name": "cheap", "tiers": ["onnx"], "window_s": 3600, "cap_units": 2.0},
+        {"name": "reviews", "tiers": ["review"], "window_s": 3600, "cap_units": 1.0},
+    ]
+    config = colour_app_config(tmp_path, policies={"budgets": budgets})
+    tier = LocalOnnxTier(config.cascades["colour"].tier.model_dump(), config.models_dir)
+    service = VisionRouteService.build(config, tiers={"colour": tier})
+    red, grey = solid_png((255, 0, 0)), solid_png((128, 128, 128))  # grey is unsure: it goes to review
+
+    def analyze(image: bytes, request_id: str):
+        return asyncio.run(service.analyze.analyze(ImageRequest(image, request_id), None))
+
+    assert [analyze(red, "req-1").decision for _ in range(2)] == [Decision.ACCEPT] * 2
+    first, resent = analyze(grey, "req-2"), analyze(grey, "req-2")
+    assert first.decision is Decision.REVIEW and resent.review_item_id == first.review_item_id
+    with pytest.raises(BudgetExceeded):  # two requests filled the cheap tier's cap of 2
+        analyze(red, "req-3")
+    ledger, rules = service.analyze.policies.ledger, service.analyze.policies.current.budgets
+    assert {s["name"]: s["used_units"] for s in ledger.status(rules)} == {"cheap": 2.0, "reviews": 1.0}
