@@ -413,16 +413,19 @@ def router_data_from_npz(path: Path):
                     f"{path}: images must be uint8 pixels as uploaded, got {images.dtype}",
                     field="predictions.images",
                 )
-    return RouterData(
-        data.class_names,
-        data.cheap_probabilities,
-        data.labels,
-        answers,
-        scores,
-        None if images is None else list(images),
-        data.name,
-        score_name,
-    )
+    try:
+        return RouterData(
+            data.class_names,
+            data.cheap_probabilities,
+            data.labels,
+            answers,
+            scores,
+            None if images is None else list(images),
+            data.name,
+            score_name,
+        )
+    except ConfigError as exc:  # an array of the file: name it as the file's
+        raise ConfigError(f"{path}: {exc.reason}", field=f"predictions.{exc.field}") from None
 
 
 def digits_router_data(seed: int = 0):

@@ -56,14 +56,17 @@ def test_an_infeasible_review_capacity_gives_the_smallest_share_that_works(tmp_p
         assert plan.document["rates"]["review"] <= smallest + 1e-12
 
 
-def write_predictions(path, data, *, strong=True, images=True):
+def write_predictions(path, data, *, strong=True, images=True, scores=None):
     arrays = {
         "probabilities": data.probabilities,
         "labels": data.labels,
         "class_names": np.array(LABELS),
     }
     if strong:
-        arrays |= {"strong_answers": data.strong_answers, "strong_scores": data.strong_scores}
+        arrays |= {
+            "strong_answers": data.strong_answers,
+            "strong_scores": data.strong_scores if scores is None else scores,
+        }
     if images:
         arrays["images"] = np.stack(data.images)
     np.savez(path, **arrays)
@@ -120,6 +123,7 @@ def test_the_command_writes_artefacts_that_serve(tmp_path, calibrated, capsys):
         ({}, ["--max-review-share", "1.5"], "max-review-share"),
         ({}, ["--router-features", "output,colour"], "router-features"),
         ({}, ["--embedding-dim", "10"], "embedding-dim"),
+        ({"scores": np.full(900, 1.5)}, [], "predictions.strong_scores"),
     ],
 )
 def test_bad_input_is_an_error_naming_the_field(tmp_path, calibrated, capsys, arrays, flags, field):
