@@ -99,6 +99,13 @@ def bench_config(config_path: Path, models_dir: Path, workdir: Path, shipped_thr
     return parse_app_config(args)
 
 
+def _load() -> str:
+    """The machine's load average: the figures of a shared machine are read beside it."""
+    import os
+
+    return "load average {:.1f} {:.1f} {:.1f}, {} CPUs".format(*os.getloadavg(), os.cpu_count())
+
+
 def run(args) -> int:
     import ray
 
@@ -129,7 +136,7 @@ def run(args) -> int:
         del stage
         print(
             f"raw ONNX Runtime, batched x{cascade.max_batch_size}, read + decode included: "
-            f"{raw['images_per_s']:.1f} images/s ({raw['seconds']:.1f} s)"
+            f"{raw['images_per_s']:.1f} images/s ({raw['seconds']:.1f} s; {_load()})"
         )
         ray.init(address="local", num_cpus=args.local_cpus, include_dashboard=False)
         try:
@@ -155,7 +162,7 @@ def run(args) -> int:
     print(
         f"batch job (Ray Data, {args.actors} actor(s), the service's pipeline; {decisions}; "
         f"{summary.errors} errors): {job:.1f} images/s ({summary.seconds:.1f} s, first record after "
-        f"{summary.first_result_s or 0:.1f} s); after the first record {steady:.1f} images/s"
+        f"{summary.first_result_s or 0:.1f} s); after the first record {steady:.1f} images/s; {_load()}"
     )
     ratio = job / raw["images_per_s"]
     verdict = "met" if ratio >= TARGET_RATIO else "NOT met"
