@@ -293,3 +293,43 @@ def test_a_jsonl_manifests_bad_rows_are_their_own_errors_and_the_job_goes_on(tmp
     assert errors[6][0] == "task" and "unknown task 'text'" in errors[6][1]
     assert errors[7][0] == "manifest"
     assert summary.error_fields == {"path": 1, "url": 1, "id": 1, "task": 1, "manifest": 1}
+
+
+def test_an_escalation_goes_to_the_vlm_stage_with_the_actors_share_of_its_concurrency(tmp_path):
+    from tests.router.colour_model import solid_png
+
+    args = colour_args(tmp_path)
+    args["cascades"]["colour"]["vlm"] = {  # nothing listens there: the stage records the failure
+        "endpoint": "http://127.0.0.1:9/v1",
+        "labels": LABELS,
+        "max_attempts": 1,
+        "connect_timeout_s": 0.5,
+        "request_timeout_s": 2.0,
+        "total_timeout_s": 2.0,
+        "max_concurrency": 8,
+    }
+    args["cascades"]["colour"]["vlm_replicas"] = 2
+    args["policies"] = {"privacy": {"faces": "keep", "text": "keep"}}  # no detectors to load here
+    analyzer = BatchAnalyzer(parse_app_config(args), actors=4)
+    vlm = analyzer.service.analyze.vlm_tiers["colour"].stage
+    assert vlm.config.max_concurrency == 4  # 8 slots x 2 replicas over 4 actors
+    (tmp_path / "grey.png").write_bytes(solid_png((128, 128, 128)))  # 1/3 each: escalated
+    record = asyncio.run(
+        analyzer.analyze_rows(
+            [
+                {
+                    "id": "grey",
+                    "row": 1,
+                    "source": str(tmp_path / "grey.png"),
+                    "kind": "path",
+                    "tenant": "",
+                    "task": "",
+                    "error": "",
+                    "error_field": "",
+                }
+            ]
+        )
+    )[0]
+    steps = {s["stage"]: s for s in record["trace"]["steps"]}
+    assert steps["policy:thresholds"]["decision"] == "escalate"
+    assert steps["vlm"]["error"] and record["decision"] == "review" and record["review_item_id"]
