@@ -63,6 +63,14 @@ BUDGETS = [
         "cap_units": 10,
         "degrade": "reject",
     },
+    {  # room for one request: a resend under its X-Request-Id must not take a second unit
+        "name": "retries",
+        "tenant": "retries",
+        "tiers": ["onnx"],
+        "window_s": LOADTEST_WINDOW_S,
+        "cap_units": 1,
+        "degrade": "reject",
+    },
     {
         "name": "to-review",
         "tenant": "broke-review",
@@ -221,6 +229,26 @@ def test_fifty_concurrent_requests_never_overspend_a_small_budget(service, photo
     metrics = httpx.get(service.url + "/metrics", headers=key()).text
     assert 'visionroute_cost_units_total{feature="classify",tenant="loadtest",tier="onnx"} 10.0' in metrics
     assert 'visionroute_budget_refusals_total{budget="loadtest",degrade="reject"} 40.0' in metrics
+
+
+def test_a_resent_request_is_charged_once(service, photos_png):
+    request_id = "retry-" + uuid.uuid4().hex[:8]
+
+    def send(rid: str) -> httpx.Response:
+        return httpx.post(
+            service.url + "/v1/analyze",
+            files={"image": ("c.png", photos_png["coffee"], "image/png")},
+            data={"tenant": "retries"},
+            headers={**key(), "x-request-id": rid},
+            timeout=60,
+        )
+
+    first, resent = send(request_id), send(request_id)
+    assert (first.status_code, resent.status_code) == (200, 200), resent.text
+    assert resent.json()["request_id"] == request_id
+    assert send(request_id + "-other").status_code == 429  # a new request id is a new charge
+    budget = next(b for b in service.policy()["budgets"] if b["name"] == "retries")
+    assert budget["used_units"] == 1.0
 
 
 def test_degrade_modes_review_and_accept_degraded(service, photos_png):
