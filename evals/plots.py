@@ -170,23 +170,37 @@ def routing_shares(path, panels: dict, *, title: str) -> Path:
 
 
 def router_frontier(path, *, certified: dict, sweeps: dict, points: dict, alpha: float, title: str) -> Path:
-    """Cost per item (log) against the accuracy of accepted answers.
+    """Cost per item (log) against the accuracy of accepted answers, one colour per router.
 
-    ``certified``: {router: (costs, accuracies, alphas)}, one point per alpha (lines with
-    markers, the plan's alpha marked); ``sweeps``: {router: (costs, accuracies)}, two-model
-    threshold sweeps (thin lines); ``points``: {name: (cost, accuracy)}; a dotted line at
-    1 - ``alpha``, the bench's target."""
+    ``certified``: {router: (costs, accuracies, alphas)}, one point per alpha (thick lines with
+    markers, the bench's alpha circled); ``sweeps``: {router: (costs, accuracies)}, the router's
+    two-model threshold sweep (thin lines, same colour); ``points``: {name: (cost, accuracy)}
+    (squares); a dotted line at 1 - ``alpha``."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 5))
-    for label, (x, y) in sweeps.items():
-        ax.plot(x, y, linewidth=0.9, alpha=0.6, label=f"{label} (sweep, all accepted)")
-    for label, (x, y, alphas) in certified.items():
-        (line,) = ax.plot(x, y, marker="o", markersize=4, linewidth=2, label=f"{label} (per alpha)")
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colour = {name: palette[i % len(palette)] for i, name in enumerate(dict.fromkeys([*certified, *sweeps]))}
+    for name, (x, y) in sweeps.items():
+        ax.plot(
+            x, y, color=colour[name], linewidth=0.9, alpha=0.55, label=f"{name}: sweep, every answer accepted"
+        )
+    for name, (x, y, alphas) in certified.items():
+        ax.plot(
+            x,
+            y,
+            color=colour[name],
+            marker="o",
+            markersize=4,
+            linewidth=2,
+            label=f"{name}: per alpha",
+        )
         for xi, yi, a in zip(x, y, alphas):
             if abs(a - alpha) < 1e-12:
-                ax.scatter([xi], [yi], s=90, facecolors="none", edgecolors=line.get_color(), zorder=4)
-    for label, (x, y) in points.items():
-        ax.scatter([x], [y], marker="s", zorder=3, label=label)
+                ax.scatter([xi], [yi], s=90, facecolors="none", edgecolors=colour[name], zorder=4)
+    for i, (label, (x, y)) in enumerate(points.items()):
+        ax.scatter(
+            [x], [y], marker="s", color=palette[(len(colour) + i) % len(palette)], zorder=3, label=label
+        )
     ax.axhline(1 - alpha, color="black", linestyle=":", linewidth=1, label=f"1 - alpha ({1 - alpha:g})")
     ax.set_xscale("log")
     ax.set_xlabel("cost units per item (cheap 1, VLM 10, review 100; log scale)")

@@ -21,8 +21,9 @@ and applied to the rest, where every figure is measured (``evals.routing``):
 - **random (alpha-tuned)**: the least random VLM share whose expected accepted error <= alpha;
 - **confidence-certified** (today): the plan on the cheap tier's top-1 probability;
 - **learned-certified**: the router (``cascades.learned_router.fit_router``: a logistic score on
-  the cheap output, its log-odds, and the k nearest labelled neighbours' agreement, distances and
-  class vote) fitted on the fit share only. Its reference index holds the fit share (scored
+  the cheap output's top-3, margin and entropy and the 10 nearest labelled neighbours' agreement
+  and distances; ``--votes`` adds the neighbours' class vote and the output's log-odds) fitted on
+  the fit share only. Its reference index holds the fit share (scored
   leave-one-out) and the task's reference items (for the digits, the tiers' 718 training
   digits); never a certification item. The fit share's out-of-fold scores order the candidates;
   the certification share (never seen by the learner or the index) tests them. Its cheap price
@@ -103,13 +104,9 @@ RANKED = {  # rows whose routing curve (APGR, CPT) is a ranking of the items
 }
 N_FIT, N_CERT = 270, 270
 FRONTIER_ALPHAS = (0.01, 0.02, 0.03, 0.04, 0.05, 0.07, 0.1, 0.15)
-DEFAULT_SPEC = {
-    "top_k": 3,
-    "use_input": False,
-    "neighbours_k": 10,
-    "neighbour_votes": True,
-    "output_log_odds": True,
-}
+# the features kept (see docs/routing_figures.md): the cheap output and 10 neighbours; the
+# neighbours' vote and the output log-odds (--votes) did not lower the digits' cost, and cost 15 us
+DEFAULT_SPEC = {"top_k": 3, "neighbours_k": 10}
 
 
 def default_work_dir() -> Path:
@@ -678,13 +675,13 @@ def _sweeps(task: RouterTask, draw: Draw, feature_units: float) -> dict[str, Any
     cheap_ok = (task.cheap_answer == task.labels)[rest]
     vlm_ok = (np.asarray(task.vlm_answers) == task.labels)[rest]
     curves = {
-        "confidence ranking": (routing_curve(task.cheap_score[rest], cheap_ok, vlm_ok), 1.0),
-        "learned ranking (features priced)": (
+        "confidence": (routing_curve(task.cheap_score[rest], cheap_ok, vlm_ok), 1.0),
+        "learned (features priced)": (
             routing_curve(draw.router_score[rest], cheap_ok, vlm_ok),
             1.0 + feature_units,
         ),
-        "random routing": (random_routing_curve(cheap_ok, vlm_ok), 1.0),
-        "oracle (RouteLLM optimal)": (oracle_routing_curve(cheap_ok, vlm_ok), 1.0),
+        "random": (random_routing_curve(cheap_ok, vlm_ok), 1.0),
+        "oracle": (oracle_routing_curve(cheap_ok, vlm_ok), 1.0),
     }
     return {
         name: {"cost": (cheap + 10.0 * x).tolist(), "accuracy": acc.tolist()}
@@ -700,8 +697,14 @@ def plot_task(figures: dict[str, Any], path: Path) -> Path:
         name: (table[name]["cost_per_1000"]["median"] / 1000, table[name]["accepted_accuracy"]["median"])
         for name in ("cheap only", "VLM only", "random (alpha-tuned)")
     }
+    family = {  # the same colour for a router's certified curve and its sweep
+        "confidence-certified": "confidence",
+        "learned-certified": "learned (features priced)",
+        "certified oracle": "oracle",
+        "alpha-oracle": "alpha-oracle (no certificate)",
+    }
     certified = {
-        name: (
+        family[name]: (
             [p["cost_per_1000"] / 1000 for p in rows],
             [p["accepted_accuracy"] for p in rows],
             [p["alpha"] for p in rows],
@@ -733,7 +736,13 @@ def run(args) -> int:
     for name in tasks:
         task_loader(name)  # a bad name fails before any training
     work_dir = Path(args.work_dir) if args.work_dir else default_work_dir()
-    spec = FeatureSpec(**{**DEFAULT_SPEC, "use_input": bool(args.input_features)})
+    votes = bool(getattr(args, "votes", False))
+    spec = FeatureSpec(
+        **DEFAULT_SPEC,
+        use_input=bool(args.input_features),
+        neighbour_votes=votes,
+        output_log_odds=votes,
+    )
     out: dict[str, Any] = {}
     for name in tasks:
         figures = run_task(

@@ -176,6 +176,7 @@ def test_the_bench_prints_every_row_and_writes_the_plot_and_per_item_json(tmp_pa
         seeds="0,1",
         draws=2,
         frontier_draws=1,
+        votes=True,
         alpha=0.1,
         delta=0.1,
         work_dir=str(tmp_path),
@@ -204,6 +205,18 @@ def test_the_bench_prints_every_row_and_writes_the_plot_and_per_item_json(tmp_pa
     assert fields <= set(items[0])
     assert all(0.0 <= item["router_score"] <= 1.0 for item in items)
     assert {p["alpha"] for p in figures["frontier"]["learned-certified"]} == set(bench.FRONTIER_ALPHAS)
+
+
+def test_the_command_takes_its_flags(capsys):
+    from visionroute.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "router", "--help"])
+    usage = capsys.readouterr().out
+    flags = ["--task", "--seeds", "--draws", "--frontier-draws", "--json", "--plot-dir", "--votes", "--alpha"]
+    assert [flag for flag in flags if flag not in usage] == []
+    args = build_parser().parse_args(["bench", "router"])
+    assert len(args.seeds.split(",")) * args.draws >= 500  # the default is a figure, not a smoke run
 
 
 def test_a_task_is_named_from_the_registry_or_as_module_function():

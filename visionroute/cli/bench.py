@@ -152,7 +152,7 @@ def _add_router(bench) -> None:
     router.add_argument(
         "--frontier-draws",
         type=int,
-        default=10,
+        default=5,
         help="draws per seed that also certify at every frontier alpha, for the plot (0: no plot)",
     )
     router.add_argument("--alpha", type=float, default=0.04)
@@ -166,6 +166,9 @@ def _add_router(bench) -> None:
     )
     router.add_argument(
         "--input-features", action="store_true", help="add the shift guard's input statistics to the features"
+    )
+    router.add_argument(
+        "--votes", action="store_true", help="add the neighbours' class vote and the output's log-odds"
     )
     router.set_defaults(func=_runner("router"))
 
