@@ -80,7 +80,7 @@ def test_uploads_and_embeddings_have_the_documented_shapes():
     with pytest.raises(ValueError, match="images"):
         textures.rendered(np.full((1, 32, 32), 2.0))
     vectors = textures.embeddings(split.images_pool[:5])
-    assert vectors.shape == (5, 28)
+    assert vectors.shape == (5, 20)
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
 
 
@@ -93,6 +93,9 @@ def test_the_embedding_finds_neighbours_of_the_same_texture():
     nearest = (pool @ train.T).argmax(1)
     agreement = (split.labels_train[nearest] == split.labels_pool[:300]).mean()
     assert agreement > 0.4
+    # a constant patch has one code everywhere (every neighbour >= the centre: 8 set bits)
+    flat = textures.embeddings(np.full((1, 32, 32), 0.5))
+    assert np.flatnonzero(flat[0]).tolist() == [8, 18]  # bin 8 of each radius's 10
 
 
 # --------------------------------------------------------------------------- the cheap tier
@@ -195,18 +198,14 @@ def test_tier_data_has_the_digits_structure(stand_in_vlm, cheap_model, tmp_path)
     np.testing.assert_array_equal(calibrated.argmax(1), data.cheap_probabilities.argmax(1))
 
 
-def test_the_router_bench_task_validates(stand_in_vlm, cheap_model, tmp_path):
+def test_the_router_bench_task_validates(stand_in_vlm, cheap_model, tmp_path, monkeypatch):
     router = pytest.importorskip("evals.benchmarks.router")
     if not hasattr(router, "RouterTask"):
         pytest.skip("this bench has no task registry (RouterTask) yet")
-    (tmp_path / "models").mkdir()
-    for suffix in (".onnx", ".json"):
-        (tmp_path / "models" / cheap_model.with_suffix(suffix).name).write_bytes(
-            cheap_model.with_suffix(suffix).read_bytes()
-        )
+    monkeypatch.setattr(textures, "cache_dir", lambda: cheap_model.parent)
     task = textures.router_task(0, tmp_path)
     assert isinstance(task, router.RouterTask)  # its __post_init__ checks every shape
-    assert task.embeddings.shape == (1229, 28)
-    assert task.reference_embeddings.shape == (819, 28)
+    assert task.embeddings.shape == (1229, 20)
+    assert task.reference_embeddings.shape == (819, 20)
     assert task.input_statistics.shape == (1229, 5)
     assert task.cheap_stage_us() > 0 and task.embed_us() > 0
