@@ -6,7 +6,8 @@ training seeds, with the figures the routing literature reports (issue 22).
 elsewhere). A task's loader has the ``TaskLoader`` signature, ``load(seed, work_dir) ->
 RouterTask``: per training seed, the population (labelled items the tiers never saw) with both
 tiers' answers, the embeddings of its reference index, labelled reference items outside the
-population, and the cheap tier's latency. ``digits`` (``digits_task``): scikit-learn's digits
+population, and the cheap tier's latency. ``textures`` is ``examples.textures:router_task``
+(docs/second_task.md). ``digits`` (``digits_task``): scikit-learn's digits
 with tiers trained here per seed (``cascades.digits``: the cheap tier is the linear model on
 4x4-pooled pixels that ships as ``digits_cheap``; the second tier is the digits CNN, which
 **stands in for the VLM**, priced as a VLM call; there is no recorded-answers path for the LLaVA
@@ -187,7 +188,10 @@ class TaskLoader(Protocol):
     def __call__(self, seed: int, work_dir: Path) -> RouterTask: ...
 
 
-TASKS: dict[str, str] = {"digits": "evals.benchmarks.router:digits_task"}
+TASKS: dict[str, str] = {
+    "digits": "evals.benchmarks.router:digits_task",
+    "textures": "examples.textures:router_task",  # scikit-image's photographs as texture patches
+}
 
 
 def task_loader(name: str) -> TaskLoader:
@@ -539,7 +543,7 @@ def format_table(figures: dict[str, Any]) -> str:
         f"{fu['score']:.0f}); cheap stage {figures['cheap_stage_us']:.0f} us -> +{figures['feature_units']:.3f} "
         "units on the learned router's cheap tier",
         "",
-        f"{'router':<24}{'cost/1000':>10}{'IQR':>14}{'viol.':>7}{'acc.':>7}{'cheap':>7}{'VLM':>7}"
+        f"{'router':<24}{'cost/1000':>10}{'IQR':>18}{'viol.':>7}{'acc.':>7}{'cheap':>7}{'VLM':>7}"
         f"{'human':>7}{'APGR':>7}{'CPT50':>7}{'CPT80':>7}{'CPT95':>7}",
     ]
     for name in METHODS:
@@ -549,7 +553,7 @@ def format_table(figures: dict[str, Any]) -> str:
         apgr = row["apgr"]["median"] if row["apgr"] else None
         cpt = {k: v["median"] for k, v in row["cpt"].items()} if row["cpt"] else {}
         lines.append(
-            f"{name:<24}{c['median']:>10,.0f}{iqr:>14}{row['violation_rate']:>7.3f}"
+            f"{name:<24}{c['median']:>10,.0f}{iqr:>18}{row['violation_rate']:>7.3f}"
             f"{_fmt(row['accepted_accuracy']['median'], '.3f'):>7}"
             f"{s['cheap']:>7.3f}{s['vlm']:>7.3f}{s['human']:>7.3f}{_fmt(apgr, '.3f'):>7}"
             + "".join(f"{_fmt(cpt.get(k), '.3f'):>7}" for k in ("50%", "80%", "95%"))

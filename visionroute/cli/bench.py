@@ -141,7 +141,7 @@ def _add_router(bench) -> None:
     )
     router.add_argument(
         "--task",
-        default="digits",
+        default="digits,textures",
         help="comma list of tasks: registered names (evals.benchmarks.router.TASKS) or module:function "
         "loaders (default: %(default)s)",
     )
