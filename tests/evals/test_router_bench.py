@@ -169,6 +169,7 @@ def synthetic_task(seed: int, work_dir) -> bench.RouterTask:
     )
 
 
+@pytest.mark.slow
 def test_the_bench_prints_every_row_and_writes_the_plot_and_per_item_json(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(bench, "task_loader", lambda name: synthetic_task)
     args = argparse.Namespace(
@@ -237,7 +238,6 @@ def test_a_task_with_mismatched_shapes_names_the_field():
 # --------------------------------------------------------------------------- the direction
 
 
-@pytest.mark.slow
 def test_learned_certified_cost_is_below_confidence_certified_over_draws():
     alpha, delta, prices = 0.05, 0.1, TierCosts()
     learned, confidence = [], []
