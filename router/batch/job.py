@@ -25,6 +25,7 @@ from router.batch.inputs import BatchItem, read_items
 from router.batch.output import ResultWriter, finished_ids, reconcile
 from router.batch.worker import RESULT_COLUMN, BatchAnalyzer
 from router.config import AppConfig
+from visionroute.errors import ConfigError
 
 log = logging.getLogger("visionroute.batch")
 
@@ -112,7 +113,14 @@ def _connect(address: str | None, ray_init: dict[str, Any]) -> bool:
 
     if ray.is_initialized():
         return False
-    ray.init(address=address, **ray_init)
+    try:
+        ray.init(address=address, **ray_init)
+    except (ConnectionError, SystemExit) as exc:  # Ray exits when no GCS answers there
+        raise ConfigError(
+            f"no Ray cluster answered at {address!r} ({type(exc).__name__}: {exc}); give 'local', "
+            "'auto' (the cluster started on this machine) or the head's HOST:PORT",
+            field="address",
+        ) from None
     return True
 
 
