@@ -470,11 +470,10 @@ def _quantiles(values, *, nan_as: float | None = None) -> dict[str, float]:
     v = np.where(np.isnan(v), nan_as, v) if nan_as is not None else v[np.isfinite(v)]
     if len(v) == 0:
         return {"median": math.nan, "q25": math.nan, "q75": math.nan}
-    return {
-        "median": float(np.median(v)),
-        "q25": float(np.quantile(v, 0.25)),
-        "q75": float(np.quantile(v, 0.75)),
-    }
+    # with infinities, quantiles that are sample values (interpolating with inf gives NaN)
+    method = "linear" if np.isfinite(v).all() else "inverted_cdf"
+    q25, median, q75 = np.quantile(v, [0.25, 0.5, 0.75], method=method)
+    return {"median": float(median), "q25": float(q25), "q75": float(q75)}
 
 
 def summarise(draws: list[Draw]) -> dict[str, dict[str, Any]]:

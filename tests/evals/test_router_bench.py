@@ -220,6 +220,12 @@ def test_the_command_takes_its_flags(capsys):
     assert len(args.seeds.split(",")) * args.draws >= 500  # the default is a figure, not a smoke run
 
 
+def test_a_cpt_never_reached_counts_as_infinitely_many_calls():
+    q = bench._quantiles([0.1, math.nan, math.nan, 0.2, math.nan], nan_as=math.inf)
+    assert q["median"] == math.inf and q["q25"] == pytest.approx(0.2)  # never NaN, never dropped
+    assert bench._quantiles([0.1, math.nan, 0.3])["median"] == pytest.approx(0.2)  # costs: NaN dropped
+
+
 def test_a_task_is_named_from_the_registry_or_as_module_function():
     assert bench.task_loader("digits") is bench.digits_task
     assert bench.task_loader("evals.benchmarks.router:digits_task") is bench.digits_task
