@@ -4,7 +4,9 @@ The actor runs a Ray Data batch's analyses concurrently; each reaches ``predict`
 decode. Waiting a fixed time for company (as serve.batch does) either wastes that time or cuts
 batches short, but here the actor knows how many analyses may still come: it ``expect``s them,
 each either calls ``predict`` or ``leave``s (failed before the tier, or served by another one),
-and a batch runs as soon as it is full or nobody else can join it.
+and a batch runs as soon as it is full or nobody else can join it. An image never waits longer
+than ``max_wait_s`` for company: an analysis held up before the tier (the decode budget's wait
+for pixels in flight) cannot hold the others back.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ _reached_tier: contextvars.ContextVar[bool] = contextvars.ContextVar("reached_ti
 class GatheredOnnxTier:
     """A ``CheapTierClient`` over one ONNX stage whose concurrent calls share ONNX Runtime runs."""
 
-    def __init__(self, stage_config: dict[str, Any], models_dir: Path, max_batch_size: int) -> None:
+    def __init__(
+        self, stage_config: dict[str, Any], models_dir: Path, max_batch_size: int, max_wait_s: float = 0.1
+    ) -> None:
         from cascades.onnx_stage import OnnxStage, OnnxStageConfig
 
         self.stage = OnnxStage(OnnxStageConfig(**stage_config), models_dir=Path(models_dir))
@@ -33,6 +37,8 @@ class GatheredOnnxTier:
         self._waiting: list[tuple[np.ndarray, asyncio.Future]] = []
         self._expected = 0  # analyses that may still call predict
         self._running: set[asyncio.Task] = set()  # asyncio holds tasks weakly: these are ours
+        self.max_wait_s = max_wait_s
+        self._timer: asyncio.TimerHandle | None = None  # runs what waits, at most max_wait_s on
         self.runs = 0  # ONNX Runtime calls made (the tests and the summary read it)
 
     # -- the actor's side ----------------------------------------------------------------------
@@ -66,12 +72,22 @@ class GatheredOnnxTier:
 
     # -- batching ------------------------------------------------------------------------------
 
-    def _flush_if_ready(self) -> None:
-        while self._waiting and (len(self._waiting) >= self.max_batch_size or self._expected <= 0):
+    def _flush_if_ready(self, force: bool = False) -> None:
+        loop = asyncio.get_running_loop()
+        while self._waiting and (force or len(self._waiting) >= self.max_batch_size or self._expected <= 0):
             batch, self._waiting = self._waiting[: self.max_batch_size], self._waiting[self.max_batch_size :]
-            task = asyncio.get_running_loop().create_task(self._run(batch))
+            task = loop.create_task(self._run(batch))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
+        if self._waiting and self._timer is None:
+            self._timer = loop.call_later(self.max_wait_s, self._waited_enough)
+        elif not self._waiting and self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _waited_enough(self) -> None:
+        self._timer = None
+        self._flush_if_ready(force=True)
 
     async def _run(self, batch: list[tuple[np.ndarray, asyncio.Future]]) -> None:
         self.runs += 1

@@ -181,6 +181,13 @@ def test_the_gathered_tier_runs_concurrent_images_together_and_never_waits_for_o
     ]
     assert tier.runs == 1
 
+    async def one_of_two_held_up():  # the other never comes (say, it waits for decode budget)
+        tier.expect(2)
+        return await asyncio.wait_for(tier.predict(blue), 10)
+
+    alone = asyncio.run(one_of_two_held_up()).detections
+    assert alone.class_names[int(alone.class_id[0])] == "blue" and tier.runs == 2
+
 
 def test_the_actor_runs_the_services_pipeline_on_a_numpy_batch(tmp_path):
     folder = photo_folder(tmp_path)
