@@ -3,7 +3,8 @@
 1. a folder of ``--images`` JPEG files (seeded crops of scikit-image's photos, 384x288), or
    ``--folder``;
 2. raw: in this process, each file decoded as the service decodes it, then the classify stage
-   (ONNX Runtime + pre/post-processing) over batches of ``max_batch_size``: images/s;
+   (ONNX Runtime + pre/post-processing) over batches of ``max_batch_size``: images/s, one batch
+   at a time and 4 batches at a time in threads; the faster is the baseline;
 3. the batch job (router/batch/) over the same folder on a local Ray: the shipped serve
    config's classify cascade through the whole analyse pipeline, its thresholds set so every
    image is answered by the cheap tier (``--shipped-thresholds``: as shipped, review writes
@@ -55,8 +56,15 @@ def generate_folder(folder: Path, count: int, seed: int = 0) -> list[Path]:
     return paths
 
 
-def measure_raw(stage: Any, files: list[Path], batch_size: int, limits: Any) -> dict[str, float]:
-    """Read + decode (as the service does) + ONNX Runtime over batches, in this process."""
+def measure_raw(
+    stage: Any, files: list[Path], batch_size: int, limits: Any, threads: int = 4
+) -> dict[str, float]:
+    """Read + decode (as the service does) + ONNX Runtime over batches, in this process: one batch
+    after another, then ``threads`` batches at a time (decoding beside inference, as the job's
+    actor does; on a shared machine more runnable threads also get a larger share of the CPUs).
+    The faster of the two is the baseline."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from cascades.images import decode_image
 
     def decoded(path: Path) -> np.ndarray:
@@ -64,12 +72,25 @@ def measure_raw(stage: Any, files: list[Path], batch_size: int, limits: Any) -> 
             path.read_bytes(), max_bytes=limits.max_body_bytes, max_pixels=limits.max_pixels
         ).rgb
 
-    stage.predict([decoded(path) for path in files[:batch_size]])  # warm-up
+    def one_batch(chunk: list[Path]) -> None:
+        stage.predict([decoded(path) for path in chunk])
+
+    chunks = [files[start : start + batch_size] for start in range(0, len(files), batch_size)]
+    one_batch(chunks[0])  # warm-up
     started = time.perf_counter()
-    for start in range(0, len(files), batch_size):
-        stage.predict([decoded(path) for path in files[start : start + batch_size]])
-    seconds = time.perf_counter() - started
-    return {"images": len(files), "seconds": seconds, "images_per_s": len(files) / seconds}
+    for chunk in chunks:
+        one_batch(chunk)
+    sequential_s = time.perf_counter() - started
+    started = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:  # as the actor does: decode beside a running batch
+        list(pool.map(one_batch, chunks))
+    threaded_s = time.perf_counter() - started
+    return {
+        "images": len(files),
+        "sequential_images_per_s": len(files) / sequential_s,
+        "threaded_images_per_s": len(files) / threaded_s,
+        "images_per_s": len(files) / min(sequential_s, threaded_s),  # the better one is the baseline
+    }
 
 
 def bench_config(config_path: Path, models_dir: Path, workdir: Path, shipped_thresholds: bool) -> Any:
@@ -136,7 +157,8 @@ def run(args) -> int:
         del stage
         print(
             f"raw ONNX Runtime, batched x{cascade.max_batch_size}, read + decode included: "
-            f"{raw['images_per_s']:.1f} images/s ({raw['seconds']:.1f} s; {_load()})"
+            f"{raw['images_per_s']:.1f} images/s (one batch at a time {raw['sequential_images_per_s']:.1f}, "
+            f"4 threads {raw['threaded_images_per_s']:.1f}; {_load()})"
         )
         ray.init(address="local", num_cpus=args.local_cpus, include_dashboard=False)
         try:
@@ -152,23 +174,15 @@ def run(args) -> int:
         finally:
             ray.shutdown()
     job = summary.images_per_s
-    steady_items = summary.done + summary.errors
-    steady = (
-        steady_items / (summary.seconds - summary.first_result_s)
-        if summary.first_result_s is not None and summary.seconds > summary.first_result_s
-        else job
-    )
     decisions = ", ".join(f"{k} {v}" for k, v in sorted(summary.decisions.items()))
     print(
         f"batch job (Ray Data, {args.actors} actor(s), the service's pipeline; {decisions}; "
-        f"{summary.errors} errors): {job:.1f} images/s ({summary.seconds:.1f} s, first record after "
-        f"{summary.first_result_s or 0:.1f} s); after the first record {steady:.1f} images/s; {_load()}"
+        f"{summary.errors} errors): {job:.1f} images/s ({summary.seconds:.1f} s, the first records after "
+        f"{summary.first_result_s or 0:.1f} s: actor start-up; {_load()})"
     )
     ratio = job / raw["images_per_s"]
     verdict = "met" if ratio >= TARGET_RATIO else "NOT met"
-    print(
-        f"batch job / raw: {ratio:.2f}x (target >= {TARGET_RATIO}x: {verdict}); steady state {steady / raw['images_per_s']:.2f}x"
-    )
+    print(f"batch job / raw: {ratio:.2f}x (target >= {TARGET_RATIO}x: {verdict})")
     return 0
 
 

@@ -39,6 +39,7 @@ class GatheredOnnxTier:
         self._running: set[asyncio.Task] = set()  # asyncio holds tasks weakly: these are ours
         self.max_wait_s = max_wait_s
         self._timer: asyncio.TimerHandle | None = None  # runs what waits, at most max_wait_s on
+        self._one_run: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
         self.runs = 0  # ONNX Runtime calls made (the tests and the summary read it)
 
     # -- the actor's side ----------------------------------------------------------------------
@@ -89,13 +90,22 @@ class GatheredOnnxTier:
         self._timer = None
         self._flush_if_ready(force=True)
 
+    def _run_lock(self) -> asyncio.Lock:
+        """One ONNX Runtime run at a time (its intra-op threads already use the cores; as
+        serve.batch runs one batch at a time per replica); one lock per event loop."""
+        loop = asyncio.get_running_loop()
+        if self._one_run is None or self._one_run[0] is not loop:
+            self._one_run = (loop, asyncio.Lock())
+        return self._one_run[1]
+
     async def _run(self, batch: list[tuple[np.ndarray, asyncio.Future]]) -> None:
         self.runs += 1
         try:
-            # ONNX Runtime releases the GIL: the next images decode while this batch runs
-            detections, latency_ms = await asyncio.to_thread(
-                self.stage.predict, [image for image, _ in batch]
-            )
+            async with self._run_lock():
+                # ONNX Runtime releases the GIL: the next images decode while this batch runs
+                detections, latency_ms = await asyncio.to_thread(
+                    self.stage.predict, [image for image, _ in batch]
+                )
         except Exception as exc:  # every image of the batch fails the way a lone one would
             for _, future in batch:
                 if not future.done():
