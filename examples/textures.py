@@ -24,10 +24,11 @@ the VLM's answers differ at their first token (``examples.textures_vlm``).
 
 The tiers, as for the digits (``cascades.digits``, ``evals.harness.digits_tier_data``):
 
-- ``cheap``: filter energies (6 learned 5x5 filters, their mean absolute and log mean squared
-  responses over the patch, its mean and deviation, a linear layer: 276 weights), trained here
-  in torch and exported to ONNX (opset 17), run through the service's ``OnnxModel``. Its calibration is a temperature fitted on a fit share
-  (``fit_cheap_calibration``; the harness and the benches fit their own on their fit share).
+- ``cheap``: filter energies (4 learned 5x5 filters, their mean absolute and log mean squared
+  responses over the patch, its mean and deviation, a linear layer: 192 weights), trained here
+  in torch and exported to ONNX (opset 17), run through the service's ``OnnxModel``. Its
+  calibration is a temperature fitted on a fit share (``fit_cheap_calibration``; the harness and
+  the benches fit their own on their fit share).
 - ``strong``: the tiny LLaVA (``examples.textures_vlm``) trained here on the same training share
   to answer the service's classify prompt; its class probabilities come from its answer logits
   in-process (no vLLM server is needed for the figures).
@@ -219,9 +220,9 @@ def embeddings(images: np.ndarray) -> np.ndarray:
 
 
 def _cheap_network():
-    """Texture energy: 6 learned 5x5 filters (stride 2); per filter the mean absolute response
+    """Texture energy: 4 learned 5x5 filters (stride 2); per filter the mean absolute response
     and the log mean energy over the patch, with the patch's mean and standard deviation, into a
-    linear layer (276 weights). A global-average-pooled ReLU CNN of the same size reached only
+    linear layer (192 weights). A global-average-pooled ReLU CNN of the same size reached only
     ~0.6 on the pool: textures are told apart by how strongly filters respond, not where."""
     import torch
     from torch import nn

@@ -2,14 +2,18 @@
 
 The architecture is ``examples.tiny_llava``'s (CLIP vision tower, MLP projector, 2-layer Llama,
 the byte-level BPE and chat template), as ``examples.train_digits`` trains it on the digits, with
-a larger vision input: the 32x32 patch is cut into 16 patches of 8 px (16 image tokens) instead of
-the digits' single token, because a texture is a statistic over positions, which one token of
-the whole patch would have to learn from 819 images. It is trained on the request the VLM stage
-sends (``cascades.vlm.prompts``: the classify prompt over ``CLASS_NAMES``) to answer
-``{"label":"brick"}`` then end of sequence, in two seeded stages on one torch thread (as the
-digits: the vision tower and projector with a throw-away linear head, then the whole model on
-the answer tokens). Augmentation: horizontal and vertical flips, a JPEG round trip half the
-time (the stage sends JPEG by default).
+a larger vision input: the 32x32 patch is cut into 16 patches of 8 px (16 image tokens) instead
+of the digits' single token, because a texture is a statistic over positions, which one token of
+the whole patch would have to learn from 819 images; and a vision tower twice as wide (hidden
+64). It is trained on the request the VLM stage sends (``cascades.vlm.prompts``: the classify
+prompt over ``CLASS_NAMES``) to answer ``{"label":"brick"}`` then end of sequence, in two seeded
+stages on one torch thread: the vision tower and projector with a throw-away linear head (as the
+digits), then the projector and the language model on the answer tokens with the vision tower
+frozen. Augmentation: flips and quarter turns, a JPEG round trip half the time (the stage sends
+JPEG by default). Measured on seed 0 (2 shared cores, one torch thread): about 2 minutes (70
+CPU-seconds), 0.88 accuracy on the pool against the cheap tier's 0.76. Without the augmentation
+the vision stage alone reached 0.80; with hidden 32 and 30 epochs 0.81; training the vision
+tower in the second stage too, 0.83.
 
 Its class probabilities are computed in-process, which needs no vLLM server: the labels start
 with distinct letters, so the answers differ first at one token, and P(label | image, prompt) is
@@ -41,19 +45,18 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-BUILD_VERSION = "textures-llava-1"  # change with the recipe: ensure_vlm retrains
+BUILD_VERSION = "textures-llava-2"  # change with the recipe: ensure_vlm retrains
 SERVED_MODEL_NAME = "textures-llava"
 IMAGE_SIZE = 32
 PATCH_SIZE = 8  # 16 image tokens
 VISION_HIDDEN_SIZE = 64
 TORCH_THREADS = 1
 BATCH_SIZE = 32
-VISION_EPOCHS = 60
+VISION_EPOCHS = 100
 VISION_LR = 3e-3
 ANSWER_EPOCHS = 8
 ANSWER_LR = 3e-3
 JPEG_PROBABILITY = 0.5
-ROTATE = True
 PROBABILITIES = "probabilities.npz"  # beside the model: P(label) for every row of load_textures()
 
 
@@ -77,7 +80,7 @@ def inputs_sha256(
 
 
 class _Augmenter:
-    """Seeded flips and JPEG round trip on the RGB uploads."""
+    """Seeded flips, quarter turns and JPEG round trip on the RGB uploads."""
 
     def __init__(self, seed: int) -> None:
         self.rng = np.random.default_rng(seed)
@@ -89,8 +92,7 @@ class _Augmenter:
             rgb = rgb[:, ::-1]
         if self.rng.random() < 0.5:
             rgb = rgb[::-1]
-        if ROTATE:
-            rgb = np.rot90(rgb, int(self.rng.integers(4)))
+        rgb = np.rot90(rgb, int(self.rng.integers(4)))
         rgb = np.ascontiguousarray(rgb)
         if self.rng.random() < JPEG_PROBABILITY:
             buffer = io.BytesIO()
@@ -222,8 +224,13 @@ def train(
             say(f"vision epoch {epoch + 1}/{vision_epochs}: loss {total / len(y):.4f}")
         vision_loss = total / len(y)
 
-        # Stage 2: the whole model answers the prompt; loss on the answer tokens only.
-        optimiser = torch.optim.AdamW(model.parameters(), lr=ANSWER_LR, weight_decay=0.01)
+        # Stage 2: the projector and the LM learn to answer the prompt (loss on the answer tokens
+        # only); the vision tower stays as stage 1 left it (training it here too lost accuracy:
+        # 0.83 on seed 0's pool against 0.88 frozen, and it costs a backward pass through it).
+        for parameter in model.model.vision_tower.parameters():
+            parameter.requires_grad_(False)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimiser = torch.optim.AdamW(trainable, lr=ANSWER_LR, weight_decay=0.01)
         schedule = torch.optim.lr_scheduler.OneCycleLR(
             optimiser, max_lr=ANSWER_LR, total_steps=answer_epochs * steps_per_epoch, pct_start=0.15
         )
@@ -285,7 +292,8 @@ def train(
             "vision_lr": VISION_LR,
             "answer_epochs": answer_epochs,
             "answer_lr": ANSWER_LR,
-            "augmentation": {"flips": True, "jpeg_probability": JPEG_PROBABILITY},
+            "augmentation": {"flips": True, "quarter_turns": True, "jpeg_probability": JPEG_PROBABILITY},
+            "vision_frozen_in_answer_stage": True,
         },
         "final_vision_loss": round(vision_loss, 5),
         "final_answer_loss": round(answer_loss, 5),
