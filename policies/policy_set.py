@@ -39,6 +39,20 @@ class ReviewPolicy(BaseModel):
     image_ttl_s: float = Field(
         30 * 86400.0, gt=0, description="stored images are deleted after this; labels stay"
     )
+    double_label_fraction: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="share of queued items labelled by two different reviewers (0: off; "
+        "policies/review/double_labels.py)",
+    )
+    reviewer_error_limit: float = Field(
+        0.1,
+        gt=0.0,
+        lt=1.0,
+        description="a reviewer whose estimated error rate is above this (its lower bound) is flagged "
+        "to admins and their labels are left out of recertification (policies/reviewer_quality.py)",
+    )
 
     @model_validator(mode="after")
     def _non_negative(self) -> ReviewPolicy:

@@ -12,6 +12,7 @@ within the tenant's scope (policies/review/blobs.py); ``image_sha256`` names the
 - ``intake``: ``enqueue``, durable and idempotent on (tenant, request id, kind);
 - ``leases``: claim, release and lease expiry (no item is ever held by two reviewers);
 - ``labels``: label sets and labelling under a live lease;
+- ``double_labels``: items labelled by two reviewers, and adjudication when they disagree;
 - ``images``: the image a reviewer sees, and retention (``purge_images``);
 - ``erasure``: a data subject's items, found and erased;
 - ``export``: reviewed items as a labelled set (``export_calibration``);
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from policies.review.blobs import BlobRef, BlobStore, DatabaseBlobs
+from policies.review.double_labels import JudgedLabel, judged_labels
 from policies.review.erasure import Erasure
 from policies.review.export import Export
 from policies.review.images import Images
@@ -116,6 +118,7 @@ class ReviewQueue:
         image_withheld: str | None = None,
         audit_source: str | None = None,
         inclusion_probability: float | None = None,
+        double_label_fraction: float = 0.0,
     ) -> ReviewItem:
         """Queue an item with its image (``intake.Intake.enqueue``); a retry returns the item
         it queued, another request under the same id is a Conflict."""
@@ -136,6 +139,7 @@ class ReviewQueue:
             image_withheld=image_withheld,
             audit_source=audit_source,
             inclusion_probability=inclusion_probability,
+            double_label_fraction=double_label_fraction,
         )
 
     def claim(
@@ -145,10 +149,19 @@ class ReviewQueue:
         item_id: str | None = None,
         tenant: str | None = None,
         lease_s: float | None = None,
+        adjudicator: bool = False,
     ) -> ReviewItem | None:
-        """Lease the given item, or the most valuable unleased pending one; None if none waits."""
+        """Lease the given item, or the most valuable unleased pending one; None if none waits.
+        ``adjudicator`` (an admin) may also take an item whose two labels disagree."""
         lease_s = self.default_lease_s if lease_s is None else lease_s
-        return self._leases.claim(reviewer, lease_s=lease_s, now=time.time(), item_id=item_id, tenant=tenant)
+        return self._leases.claim(
+            reviewer,
+            lease_s=lease_s,
+            now=time.time(),
+            item_id=item_id,
+            tenant=tenant,
+            adjudicator=adjudicator,
+        )
 
     def release(self, item_id: str, *, reviewer: str, lease_token: str) -> ReviewItem:
         """Give a leased item back unlabelled (a reviewer skips it)."""
@@ -162,10 +175,18 @@ class ReviewQueue:
         lease_token: str,
         label: dict[str, Any],
         tenant: str | None = None,
+        adjudicator: bool = False,
     ) -> ReviewItem:
-        """Record a label under a live lease. Repeating the same label is a no-op success."""
+        """Record a label under a live lease. Repeating the same label is a no-op success; the
+        first of two labels leaves the item pending (``policies/review/double_labels.py``)."""
         return self._labels.submit(
-            item_id, reviewer=reviewer, lease_token=lease_token, label=label, now=time.time(), tenant=tenant
+            item_id,
+            reviewer=reviewer,
+            lease_token=lease_token,
+            label=label,
+            now=time.time(),
+            tenant=tenant,
+            adjudicator=adjudicator,
         )
 
     def label_set(self, task: str) -> list[str] | None:
@@ -225,6 +246,11 @@ class ReviewQueue:
     def stats(self, *, tenant: str | None = None) -> dict[str, float]:
         """Pending depth, oldest age, overdue and leased counts: of one tenant, or of all (None)."""
         return self._reads.stats(tenant=tenant)
+
+    def judged_labels(self, *, tenant: str | None = None) -> list[JudgedLabel]:
+        """Every label with what decided its item (``policies.reviewer_quality`` reads them)."""
+        with self.database.read() as db:
+            return judged_labels(db, tenant)
 
     def audit_outcomes(self, task: str, window_items: int, *, tenant: str | None = None) -> tuple[int, int]:
         """(errors, labelled) over the latest ``window_items`` labelled audit samples of a task."""

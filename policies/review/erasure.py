@@ -95,6 +95,7 @@ class Erasure:
             deleted = sum(self.blobs.delete(ref, db) for ref in sorted(refs))
             for item in items:
                 db.execute("DELETE FROM items WHERE id = ?", (item.id,))
+                db.execute("DELETE FROM item_labels WHERE item_id = ?", (item.id,))  # its reviewers' labels
                 db.execute(
                     "UPDATE audit SET previous_json = NULL, new_json = NULL WHERE item_id = ?", (item.id,)
                 )

@@ -19,6 +19,7 @@ from typing import Any
 
 from policies.audit_sampling import AUDIT_SOURCES
 from policies.review.blobs import BlobRef, BlobStore, DatabaseBlobs, blob_scope, check_sha256
+from policies.review.double_labels import wants_two_labels
 from policies.review.items import KINDS, ReviewItem, audit, read_item
 from policies.review.labels import register_label_set
 from visionroute.errors import Conflict, InputError
@@ -28,8 +29,8 @@ LOOKUP = "SELECT * FROM items WHERE tenant = ? AND request_id = ? AND kind = ?"
 INSERT = (
     "INSERT INTO items (id, request_id, tenant, task, image_sha256, created_at, priority, reason,"
     " proposed_json, trace_json, kind, sla_due_at, stored_sha256, image_withheld, original_kept,"
-    " audit_source, inclusion_probability)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " audit_source, inclusion_probability, labels_wanted)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
     " ON CONFLICT (tenant, request_id, kind) DO NOTHING RETURNING id"
 )
 
@@ -58,6 +59,7 @@ class Intake:
         image_withheld: str | None = None,
         audit_source: str | None = None,
         inclusion_probability: float | None = None,
+        double_label_fraction: float = 0.0,
     ) -> ReviewItem:
         """Store the image, then the row; returns the existing item on a retry (the same tenant,
         request id and kind, with the same image and task); Conflict when those differ.
@@ -70,6 +72,8 @@ class Intake:
         ``label_set`` (the model's class names) registers what labels the task accepts.
         ``audit_source`` / ``inclusion_probability``: who sampled the item and its chance of
         being queued (``policies.audit_sampling.inclusion_probability``); None: unknown.
+        ``double_label_fraction`` (``review.double_label_fraction``): the share of items drawn
+        for two reviewers' labels (``policies/review/double_labels.py``).
         """
         check_request(kind, image_sha256, image_bytes, original_bytes, image_withheld)
         check_provenance(audit_source, inclusion_probability)
@@ -113,6 +117,7 @@ class Intake:
                     int(original_bytes is not None),
                     audit_source,
                     inclusion_probability,
+                    2 if wants_two_labels(request_id, double_label_fraction) else 1,
                 ),
             ).fetchone()
             if inserted is None:  # a concurrent retry won the race

@@ -47,6 +47,8 @@ class ReviewItem:
     original_kept: bool = False  # the unredacted file is stored too (privacy keep_original)
     audit_source: str | None = None  # policy | rollout | none (not an audit); None: unknown (old row)
     inclusion_probability: float | None = None  # P(this item was queued): 1 for a review; None: unknown
+    labels_wanted: int = 1  # 2: drawn for double labelling (policies/review/double_labels.py)
+    needs_adjudication: bool = False  # its two labels disagreed: an admin's label decides
 
     @classmethod
     def from_row(cls, row: Row | sqlite3.Row) -> ReviewItem:
@@ -76,6 +78,8 @@ class ReviewItem:
             original_kept=bool(row["original_kept"]),
             audit_source=row["audit_source"],
             inclusion_probability=row["inclusion_probability"],
+            labels_wanted=int(row["labels_wanted"]),
+            needs_adjudication=bool(row["needs_adjudication"]),
         )
 
     @property

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from policies.review.double_labels import labels_of, record_double, store_label
 from policies.review.items import ReviewItem, audit, locked_row, read_item
 from policies.review.leases import require_live_lease
 from visionroute.errors import Conflict, InputError, NotFound
@@ -61,13 +62,23 @@ class Labels:
         label: dict[str, Any],
         now: float,
         tenant: str | None = None,
+        adjudicator: bool = False,
     ) -> ReviewItem:
-        """Record a label under a live lease. Repeating the same label is a no-op success."""
+        """Record a label under a live lease. Repeating the same label is a no-op success.
+
+        ``adjudicator``: the reviewer may decide an item whose two labels disagree (an admin)."""
         with self.database.write() as db:
             row = locked_row(db, item_id)
             if row is None or (tenant is not None and row["tenant"] != tenant):
                 raise NotFound(f"no review item {item_id!r}", field="item_id")
             item = ReviewItem.from_row(row)
+            given = labels_of(db, item_id).get(reviewer) if item.labels_wanted > 1 else None
+            if given is not None:  # this reviewer's label of a double-labelled item is in
+                if given[1] == label:
+                    return item  # idempotent retry
+                raise Conflict(
+                    f"reviewer {reviewer!r} already labelled item {item_id} {given[1]}", field="label"
+                )
             if item.status == "labelled":
                 if item.label == label:
                     return item  # idempotent retry
@@ -81,10 +92,14 @@ class Labels:
                 )
             validate_label(db, item.task, label)
             require_live_lease(item, reviewer, lease_token, now)
+            if item.labels_wanted > 1:
+                record_double(db, item, reviewer, label, now, adjudicator=adjudicator)
+                return read_item(db, item_id)
             db.execute(
                 "UPDATE items SET status = 'labelled', label_json = ?, labelled_by = ?, labelled_at = ?,"
                 " lease_token = NULL, lease_expires_at = NULL WHERE id = ?",
                 (json.dumps(label), reviewer, now, item_id),
             )
+            store_label(db, item_id, reviewer, label, "single", now)
             audit(db, item_id, reviewer, "label", item.label, label)
             return read_item(db, item_id)

@@ -5,6 +5,9 @@ back in the queue (with a ``lease_expired`` audit event). No item is ever held b
 reviewers: SQLite serialises every writer; on PostgreSQL the rows a claim reads are locked
 (``FOR UPDATE``; the "next item" skips rows another node is claiming, ``SKIP LOCKED``).
 
+Double labels (``policies/review/double_labels.py``): a reviewer never claims an item they
+already labelled, and an item whose two labels disagree goes only to an adjudicator (an admin).
+
 Order of the next item: overdue items (past their SLA) first, then by priority (the value of a
 review: ``policies.costs.review_value``), then oldest first.
 """
@@ -14,8 +17,9 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+from policies.review.double_labels import labels_of
 from policies.review.items import ReviewItem, audit, locked_row, read_item
-from visionroute.errors import Conflict, InputError, NotFound
+from visionroute.errors import Conflict, InputError, NotFound, PermissionDenied
 from visionroute.state import Connection, Database
 
 MAX_LEASE_S = 86400.0
@@ -53,17 +57,20 @@ class Leases:
         now: float,
         item_id: str | None = None,
         tenant: str | None = None,
+        adjudicator: bool = False,
     ) -> ReviewItem | None:
-        """Lease the given item, or the most valuable unleased pending one; None if none waits."""
+        """Lease the given item, or the most valuable unleased pending one; None if none waits.
+
+        ``adjudicator`` (an admin) may also take items whose two labels disagree."""
         if not reviewer:
             raise InputError("reviewer must be a non-empty name", field="reviewer")
         check_lease_s(lease_s)
         with self.database.write() as db:
             requeue_expired(db, now)
             if item_id is not None:
-                item = self._claimable(db, item_id, reviewer, tenant, now)
+                item = self._claimable(db, item_id, reviewer, tenant, now, adjudicator)
             else:
-                item = next_claimable(db, now, tenant)
+                item = next_claimable(db, now, tenant, reviewer, adjudicator)
                 if item is None:
                     return None
             token = uuid.uuid4().hex
@@ -75,8 +82,11 @@ class Leases:
             return read_item(db, item.id)
 
     @staticmethod
-    def _claimable(db: Connection, item_id: str, reviewer: str, tenant: str | None, now: float) -> ReviewItem:
-        """The named item, locked, if ``reviewer`` may claim it: pending, and not leased by another."""
+    def _claimable(
+        db: Connection, item_id: str, reviewer: str, tenant: str | None, now: float, adjudicator: bool = False
+    ) -> ReviewItem:
+        """The named item, locked, if ``reviewer`` may claim it: pending, not leased by another,
+        not labelled by them already, and (two labels in dispute) only for an adjudicator."""
         row = locked_row(db, item_id)
         if row is None or (tenant is not None and row["tenant"] != tenant):
             raise NotFound(f"no review item {item_id!r}", field="item_id")
@@ -89,6 +99,18 @@ class Leases:
                 f"{item.lease_expires_at - now:.0f} s",
                 field="item_id",
             )
+        if item.labels_wanted > 1:
+            if reviewer in labels_of(db, item_id):
+                raise Conflict(
+                    f"reviewer {reviewer!r} already labelled item {item_id}; its next label must be another"
+                    " reviewer's",
+                    field="item_id",
+                )
+            if item.needs_adjudication and not adjudicator:
+                raise PermissionDenied(
+                    f"item {item_id}'s two labels disagree: only an admin may claim it to decide",
+                    field="item_id",
+                )
         return item
 
     def release(self, item_id: str, *, reviewer: str, lease_token: str) -> ReviewItem:
@@ -110,9 +132,12 @@ class Leases:
             return read_item(db, item_id)
 
 
-def next_claimable(db: Connection, now: float, tenant: str | None) -> ReviewItem | None:
+def next_claimable(
+    db: Connection, now: float, tenant: str | None, reviewer: str | None = None, adjudicator: bool = False
+) -> ReviewItem | None:
     """The most valuable unleased pending item, locked; on PostgreSQL an item another node is
-    claiming right now is passed over (SKIP LOCKED), so concurrent claimers get different items."""
+    claiming right now is passed over (SKIP LOCKED), so concurrent claimers get different items.
+    Never one ``reviewer`` labelled already; one in dispute only for an ``adjudicator``."""
     query = (
         "SELECT * FROM items WHERE status = 'pending' AND (lease_expires_at IS NULL OR lease_expires_at <= ?)"
     )
@@ -120,6 +145,11 @@ def next_claimable(db: Connection, now: float, tenant: str | None) -> ReviewItem
     if tenant is not None:
         query += " AND tenant = ?"
         params.append(tenant)
+    if reviewer is not None:
+        query += " AND NOT EXISTS (SELECT 1 FROM item_labels l WHERE l.item_id = items.id AND l.reviewer = ?)"
+        params.append(reviewer)
+    if not adjudicator:
+        query += " AND needs_adjudication = 0"
     order = " ORDER BY (sla_due_at IS NOT NULL AND sla_due_at <= ?) DESC, priority DESC, created_at LIMIT 1"
     row = db.execute(query + order + db.dialect.skip_locked, [*params, now]).fetchone()
     return None if row is None else ReviewItem.from_row(row)

@@ -144,6 +144,30 @@ MIGRATIONS = (
         ALTER TABLE items ADD COLUMN inclusion_probability REAL;
         """,
     ),
+    Migration(
+        6,
+        "double labels: every label an item gets, one row per reviewer (item_labels); items that want two",
+        # labels_wanted: 2 for an item drawn for double labelling (review.double_label_fraction);
+        # needs_adjudication: its two labels disagreed and an admin's label decides
+        # (policies/review/double_labels.py). Labels given before this version are copied in.
+        """
+        ALTER TABLE items ADD COLUMN labels_wanted INTEGER NOT NULL DEFAULT 1;
+        ALTER TABLE items ADD COLUMN needs_adjudication INTEGER NOT NULL DEFAULT 0;
+        CREATE TABLE item_labels (
+            item_id TEXT NOT NULL,
+            reviewer TEXT NOT NULL,
+            label_json TEXT NOT NULL,
+            labelled_at REAL NOT NULL,
+            role TEXT NOT NULL,
+            PRIMARY KEY (item_id, reviewer)
+        );
+        CREATE INDEX item_labels_reviewer ON item_labels (reviewer);
+        INSERT INTO item_labels (item_id, reviewer, label_json, labelled_at, role)
+            SELECT id, labelled_by, label_json, labelled_at, 'single' FROM items
+            WHERE status = 'labelled' AND labelled_by IS NOT NULL AND label_json IS NOT NULL
+            AND labelled_at IS NOT NULL;
+        """,
+    ),
 )
 
 # Columns added before the schema was versioned (the first release lacked them): a database

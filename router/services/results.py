@@ -96,6 +96,8 @@ class ReviewItemView(Result):
     is_leased: bool
     is_overdue: bool
     image_available: bool
+    labels_wanted: int = 1  # 2: labelled by two reviewers (policies/review/double_labels.py)
+    needs_adjudication: bool = False  # its two labels disagree: an admin's label decides
 
     @classmethod
     def from_item(cls, item: ReviewItem, now: float | None = None) -> ReviewItemView:
