@@ -655,7 +655,7 @@ class QueueSample:
     left_out: dict[str, int]
 
 
-def sample_from_items(items: Any, *, task: str | None = None) -> QueueSample:
+def sample_from_items(items: Any, *, task: str | None = None, distrusted_reviewers: Any = ()) -> QueueSample:
     """The production sample a window of review items gives (``ReviewItem``s of one task).
 
     Left out: shadow items (a candidate's unserved answers: another population), items queued
@@ -665,6 +665,10 @@ def sample_from_items(items: Any, *, task: str | None = None) -> QueueSample:
     VLM's answer (``strong_error``, the step's score as ``strong_score``) and the cheap answer's
     correctness is unknown (NaN: counted as wrong wherever a candidate accepts it). Rows come
     out in the order the items were queued (``created_at``).
+
+    ``distrusted_reviewers`` (the flagged ones: ``policies.reviewer_quality.flagged_reviewers``):
+    a label they gave (``labelled_by``) counts as no label, i.e. non-response, an error wherever a
+    candidate accepts: a noisy label can only make the certificate more conservative.
     """
     from policies.audit_sampling import is_error
 
@@ -687,7 +691,8 @@ def sample_from_items(items: Any, *, task: str | None = None) -> QueueSample:
             left_out["no_score"] += 1
             continue
         vlm = [s for s in steps if str(s.get("stage", "")).startswith("vlm")]
-        wrong = float(is_error(item.label, item.proposed)) if item.status == "labelled" else math.nan
+        trusted = item.status == "labelled" and getattr(item, "labelled_by", None) not in distrusted_reviewers
+        wrong = float(is_error(item.label, item.proposed)) if trusted else math.nan
         if vlm:
             vlm_score = next((s.get("score") for s in reversed(vlm) if s.get("score") is not None), None)
             strong_score = math.nan if vlm_score is None else float(vlm_score)
