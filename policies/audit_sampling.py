@@ -23,7 +23,7 @@ import logging
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 log = logging.getLogger("visionroute.audit")
 
@@ -43,10 +43,40 @@ class AuditConfig(BaseModel):
         1000, ge=1, description="the estimate uses the latest this many labelled audits"
     )
     alert_when: Literal["lower_bound_above_alpha", "upper_bound_above_alpha"] = "lower_bound_above_alpha"
+    shift_fraction: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="the audit fraction while a drift monitor alarms for the task, so recertification "
+        "gets labels sooner (0: no raise; capped at max_fraction; router/drift/audit_raise.py)",
+    )
+    max_fraction: float = Field(
+        1.0,
+        gt=0.0,
+        le=1.0,
+        description="the audit budget: the share of auto-accepts sent to review never exceeds this, "
+        "raised or not",
+    )
+
+    @model_validator(mode="after")
+    def _within_budget(self) -> AuditConfig:
+        if self.fraction > self.max_fraction:
+            raise ValueError(
+                f"fraction {self.fraction} is above the audit budget max_fraction {self.max_fraction}"
+            )
+        return self
+
+    def fraction_under_shift(self, alarmed: bool) -> float:
+        """The audit fraction in force: ``shift_fraction`` while the task's drift monitors alarm
+        (never below ``fraction``, never above the budget ``max_fraction``), else ``fraction``."""
+        if not alarmed:
+            return self.fraction
+        return min(max(self.fraction, self.shift_fraction), self.max_fraction)
 
 
 def is_sampled(request_id: str, fraction: float) -> bool:
-    """Deterministic Bernoulli(fraction) draw keyed by the request id."""
+    """Deterministic Bernoulli(fraction) draw keyed by the request id. Monotone in the fraction:
+    an accept sampled at the base fraction is sampled at any raised one too."""
     if fraction <= 0.0:
         return False
     draw = int.from_bytes(hashlib.sha256(request_id.encode()).digest()[:8], "big") / 2.0**64

@@ -14,6 +14,9 @@ their benchmark live there) from live traffic, per task, in this ingress replica
 - ``embeddings``: image embeddings, when something calls ``observe_embedding``;
 - ``verdicts``: reviewers' verdicts (confirm / correct / reject).
 
+While any monitor of a task alarms, its audit fraction is raised (``audit_fraction``;
+router/drift/audit_raise.py) and the report shows the fraction in force per task.
+
 Artefacts hold no scores, embeddings or verdicts, so those references are the first
 ``reference_size`` observations after this replica started. Each monitor then keeps a sliding
 window of the latest ``window_size`` observations and tests it every ``every`` new ones.
@@ -45,6 +48,8 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
+from policies.audit_sampling import AuditConfig
+from router.drift.audit_raise import AuditFraction, audit_fraction
 from router.drift.config import DriftConfig
 from router.drift.monitors import (
     INPUT_STATISTICS,
@@ -181,6 +186,7 @@ class DriftReport:
     config: DriftConfig
     dropped_requests: int
     monitors: list[DriftMonitorRow]
+    audit_fractions: list[AuditFraction] = field(default_factory=list)  # per task, when asked with one
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -190,6 +196,7 @@ class DriftReport:
             "config": self.config.model_dump(),
             "dropped_requests": self.dropped_requests,
             "monitors": [row.to_json() for row in self.monitors],
+            "audit_fractions": [fraction.to_json() for fraction in self.audit_fractions],
         }
 
 
@@ -219,6 +226,7 @@ class DriftService:
         self._statistics: dict[str, Callable[[np.ndarray], np.ndarray] | None] = {}
         self._monitors: dict[tuple[str, str], _Monitor] = {}
         self._embedding_dimensions: dict[str, int] = {}
+        self._audit_raised: set[str] = set()  # tasks whose audit fraction is raised (for the log)
         for task in self.tasks:
             self._add_task(task, (calibrations or {}).get(task))
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="drift")
@@ -509,8 +517,9 @@ class DriftService:
         with self._lock:
             return {key: entry.latest for key, entry in self._monitors.items() if entry.latest is not None}
 
-    def report(self) -> DriftReport:
-        """What ``GET /v1/drift`` returns (``DriftReport.to_json``): every monitor of every watched task."""
+    def report(self, audit: AuditConfig | None = None) -> DriftReport:
+        """What ``GET /v1/drift`` returns (``DriftReport.to_json``): every monitor of every watched
+        task, and with the policy's ``audit`` each task's audit fraction in force (raised or not)."""
         with self._lock:
             rows = [self._row(entry) for entry in self._monitors.values()]
             dropped = self.dropped
@@ -521,7 +530,37 @@ class DriftService:
             config=self.config,
             dropped_requests=dropped,
             monitors=rows,
+            audit_fractions=[]
+            if audit is None
+            else [audit_fraction(audit, t, self.alarms(t)) for t in self.tasks],
         )
+
+    def alarms(self, task: str) -> tuple[str, ...]:
+        """The task's monitors in alarm now."""
+        with self._lock:
+            return tuple(
+                e.name for (t, _), e in self._monitors.items() if t == task and e.alarm_since is not None
+            )
+
+    def audit_fraction(self, task: str, audit: AuditConfig) -> AuditFraction:
+        """The task's audit fraction in force (router/drift/audit_raise.py); a raise and its end
+        are logged once each."""
+        result = audit_fraction(audit, task, self.alarms(task))
+        with self._lock:
+            changed = result.raised != (task in self._audit_raised)
+            if changed:
+                (self._audit_raised.add if result.raised else self._audit_raised.discard)(task)
+        if changed and result.raised:
+            log.warning(
+                "audit fraction of task %s raised %.1f%% -> %.1f%% (drift alarm on %s)",
+                task,
+                100 * result.base,
+                100 * result.fraction,
+                ", ".join(result.alarms),
+            )
+        elif changed:
+            log.info("audit fraction of task %s back to %.1f%%: no drift alarm", task, 100 * result.base)
+        return result
 
     def _row(self, entry: _Monitor) -> DriftMonitorRow:
         latest = entry.latest

@@ -41,6 +41,7 @@ ROUTE_ROLES: tuple[tuple[str, Role], ...] = (
     ("/v1/analyze", "client"),
     ("/v1/search", "client"),
     ("/v1/models", "client"),  # model cards: what answers a client's requests, and its limits
+    ("/v1/review/reviewers", "admin"),  # reviewers' error rates judge people: admins only
     ("/v1/review", "reviewer"),
     ("/v1/session", "reviewer"),
     ("/review", "reviewer"),

@@ -18,7 +18,9 @@ router = APIRouter(prefix="/v1/drift", tags=["drift"])
 
 @router.get("", summary="Drift monitors of this replica: reference, window, latest test, alarm")
 async def drift_report(request: Request) -> dict[str, Any]:
-    drift = getattr(service_of(request), "drift", None)
+    service = service_of(request)
+    drift = getattr(service, "drift", None)
     if drift is None:
         raise BackendUnavailable("the drift monitors are not running on this replica", field="drift")
-    return drift.report().to_json()
+    review = getattr(service, "review", None)  # its live policy: each task's audit fraction in force
+    return drift.report(review.policies.current.audit if review is not None else None).to_json()

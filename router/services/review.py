@@ -1,4 +1,4 @@
-"""The human-review operations: list, read, claim, release, label, label sets, stats.
+"""The human-review operations: list, read, claim, release, label, label sets, stats, reviewers.
 
 Every storage call runs in a worker thread (the SQLite queue blocks); every read is scoped
 to the caller's tenant, so another tenant's item answers exactly like a missing one, and the
@@ -10,6 +10,10 @@ names anyone else is refused (403, ``field: reviewer``), for admins too: nobody 
 someone else's name, so the audit log and the lease checks always name the key that acted
 (a stuck lease simply runs out). With auth off (local development) the field names the
 reviewer, as before, and is required.
+
+Double labels (policies/review/double_labels.py): an admin (or anyone with auth off) is an
+adjudicator, who may claim and decide an item whose two labels disagree. ``reviewers`` (admin
+only) is each reviewer's estimated error rate and flag (policies/reviewer_quality.py).
 """
 
 from __future__ import annotations
@@ -17,12 +21,14 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image
 
 from policies.audit_sampling import estimate
 from policies.review_queue import ReviewQueue
+from policies.reviewer_quality import ReviewerQuality, reviewer_quality
 from policies.runtime import PolicyRuntime
 from router.auth.principal import Principal, tenant_scope
 from router.config import AppConfig
@@ -34,6 +40,7 @@ from router.services.results import (
     Claim,
     LabelSet,
     QueueStats,
+    Result,
     ReviewItemView,
     ReviewPage,
     ReviewStats,
@@ -65,6 +72,28 @@ def acting_reviewer(caller: Principal | None, requested: str | None) -> str:
             field="reviewer",
         )
     return identity
+
+
+def is_adjudicator(caller: Principal | None) -> bool:
+    """Who may decide an item whose two labels disagree: an admin (anyone with auth off)."""
+    return caller is None or caller.role == "admin"
+
+
+@dataclass(frozen=True)
+class ReviewerReport(Result):
+    """``GET /v1/review/reviewers``: each reviewer's labels, estimated error rate and flag."""
+
+    limit: float
+    double_label_fraction: float
+    reviewers: list[ReviewerQuality]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "limit": self.limit,
+            "double_label_fraction": self.double_label_fraction,
+            "flagged": [row.reviewer for row in self.reviewers if row.flagged],
+            "reviewers": [row.to_dict() for row in self.reviewers],
+        }
 
 
 def label_from(request: LabelRequest, proposed: list[dict[str, Any]]) -> dict[str, Any]:
@@ -149,6 +178,7 @@ class ReviewService:
             item_id=request.item_id,
             tenant=tenant_scope(caller),
             lease_s=request.lease_s,
+            adjudicator=is_adjudicator(caller),
         )
         if item is None:
             return Claim(item=None, lease_token=None)
@@ -176,20 +206,25 @@ class ReviewService:
                 reviewer=reviewer,
                 lease_token=request.lease_token,
                 label=label_from(request, item.proposed),
+                adjudicator=is_adjudicator(caller),
             )
-            if item.kind == "audit":  # a new audited outcome: refresh the accepted-error estimate
+            if (
+                item.kind == "audit" and item.status == "labelled"
+            ):  # a new audited outcome: refresh the estimate
                 self.policies.audit_estimate(self.queue, item.task)
             return item
 
         item = await asyncio.to_thread(write)
-        if self.drift is not None and item.kind != "audit" and item.label:  # audits: a separate mix
+        if (
+            self.drift is not None and item.kind != "audit" and item.label and item.status == "labelled"
+        ):  # audits: a separate mix
             self.drift.observe_verdict(item.task, item.label["verdict"])
         if self.rollouts is not None:
             try:  # the label is stored either way; a rollout item's label is also the test's evidence
                 await self.rollouts.observe_label(item)
             except Exception as exc:
                 log.error("label of %s not added to its rollout's evidence: %s", item.id, exc)
-        if self.search is not None and self.config.retrieval.index_analysed:
+        if self.search is not None and self.config.retrieval.index_analysed and item.label:
             try:  # the label is stored either way; the search tags follow when they can
                 await asyncio.wait_for(
                     self.search.call("apply_review_label", item.id, item.label, tenant=item.tenant), 30
@@ -226,3 +261,20 @@ class ReviewService:
             return ReviewStats(stats, self.policies.current.review.sla_s, audits)
 
         return await asyncio.to_thread(read)
+
+    async def reviewers(self, caller: Principal | None) -> ReviewerReport:
+        """Each reviewer's estimated error rate (admins only: it judges people)."""
+        if caller is not None and caller.role != "admin":
+            raise PermissionDenied("reviewer error rates are for admins", field="role")
+        policy = self.policies.current
+        labels = await asyncio.to_thread(self.queue.judged_labels)
+        rows = reviewer_quality(
+            labels,
+            limit=policy.review.reviewer_error_limit,
+            alpha=policy.audit.alpha,
+            confidence=policy.audit.confidence,
+        )
+        for row in rows:
+            if row.flagged:
+                log.warning("reviewer %s flagged: %s", row.reviewer, row.reason)
+        return ReviewerReport(policy.review.reviewer_error_limit, policy.review.double_label_fraction, rows)

@@ -44,6 +44,7 @@ HTTP_ONLY = {
     ("GET", "/review/{asset}"): "the reviewers' web page, for a browser",
     ("POST", "/v1/session/login"): "the review page's cookie login, for a browser (gRPC sends a key)",
     ("GET", "/v1/session"): "the review page's cookie session, for a browser",
+    ("GET", "/v1/review/reviewers"): "admin report on reviewers' error rates (issue 23), read over HTTP",
     ("GET", "/v1/rollouts"): "operator admin API, driven by `visionroute rollout` over HTTP",
     ("POST", "/v1/rollouts"): "operator admin API, driven by `visionroute rollout` over HTTP",
     ("GET", "/v1/rollouts/{rollout_id}"): "operator admin API, driven by `visionroute rollout` over HTTP",

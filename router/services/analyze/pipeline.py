@@ -60,7 +60,7 @@ def analyze_pipeline(service: AnalyzeService) -> Pipeline:
                 budget.paid_calls("vlm", VlmStage()),
             ),
             FilePixelsStage(),
-            QueueSelectStage(service.policies),
+            QueueSelectStage(service.policies, service.drift),
             queue_write,
             SearchIndexStage(service.indexer),
             MetricsStage(service.metrics),

@@ -19,6 +19,7 @@ from policies.review_queue import ReviewQueue
 from policies.runtime import PolicyRuntime
 from router.auth.principal import resolve_tenant
 from router.config import AppConfig
+from router.drift.audit_raise import audit_fraction_now
 from router.metrics import IngressMetrics
 from router.services.analyze.context import QueueTicket, RequestContext
 from router.services.backends import CheapTierClient, SearchBackend, VlmTierClient
@@ -156,8 +157,9 @@ class QueueSelectStage:
 
     name = "review_select"
 
-    def __init__(self, policies: PolicyRuntime) -> None:
+    def __init__(self, policies: PolicyRuntime, drift: Any = None) -> None:
         self.policies = policies
+        self.drift = drift  # a drift alarm raises the task's audit fraction (router/drift/audit_raise.py)
 
     async def run(self, ctx: RequestContext) -> None:
         analysis = ctx.analysis
@@ -165,9 +167,10 @@ class QueueSelectStage:
             degraded = any(step.stage == "policy:budget" for step in analysis.trace)
             ctx.ticket = QueueTicket("budget" if degraded else "review")
         else:  # either source may sample an accept: its chance is the union's
-            chance = inclusion_probability(ctx.policy.audit.fraction, rollout_audit_fraction(ctx.arm.choice))
-            if self.policies.audit_sampled(ctx.policy, analysis):
-                ctx.ticket = QueueTicket("audit", None, "policy", chance)
+            audit = audit_fraction_now(ctx.policy.audit, self.drift, analysis.task)
+            chance = inclusion_probability(audit.fraction, rollout_audit_fraction(ctx.arm.choice))
+            if analysis.decision is Decision.ACCEPT and is_sampled(analysis.trace.request_id, audit.fraction):
+                ctx.ticket = QueueTicket("audit", audit.reason, "policy", chance)
             elif (reason := ctx.arm.audit_sample_reason(analysis)) is not None:
                 ctx.ticket = QueueTicket("audit", reason, "rollout", chance)
 
@@ -246,6 +249,7 @@ class StoreStage:
                 label_set=label_set,
                 audit_source=ticket.audit_source,
                 inclusion_probability=ticket.inclusion_probability,
+                double_label_fraction=policy.review.double_label_fraction,
             )
         except RouterError:  # the caller's own mistake (a request id reused for another image): 409
             raise
