@@ -35,6 +35,7 @@ from router.http.drift import router as drift_router
 from router.http.inputs import image_and_fields, read_body_limited
 from router.http.models import router as models_router
 from router.http.review_page import REVIEW_ASSETS, review_asset
+from router.http.reviewers import router as reviewers_router
 from router.http.rollouts import router as rollouts_router
 from router.http.search import router as search_router
 from router.http.session import router as session_router
@@ -79,6 +80,7 @@ app = FastAPI(
 app.router.route_class = CheckedJsonRoute
 app.include_router(search_router)
 app.include_router(rollouts_router)
+app.include_router(reviewers_router)
 app.include_router(drift_router)
 app.include_router(models_router)
 app.include_router(session_router)
