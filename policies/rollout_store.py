@@ -1,7 +1,8 @@
 """Durable rollout state shared by every replica: the rollouts, their evidence and their audit log.
 
-A rollout runs a candidate (a model declared under ``cascades.<task>.candidates``, a policy set, or
-both) beside the task's incumbent, in ``shadow`` or ``canary`` mode. Its statistical state is a
+A rollout runs a candidate (a model declared under ``cascades.<task>.candidates``, a policy set, a
+calibration artefact stored by a recalibration job (``artefact``: its sha256), or a combination)
+beside the task's incumbent, in ``shadow`` or ``canary`` mode. Its statistical state is a
 ``policies.sequential.RolloutMonitor`` serialised into the row; every change to it (an audit label,
 a batch of cost observations, an operator's decision) happens inside one write transaction that
 holds the rollout's lock, reads the row, updates the monitor and writes it back, so replicas on
@@ -95,6 +96,11 @@ CREATE TABLE IF NOT EXISTS rollout_labels (
 );
 """,
     ),
+    Migration(
+        2,
+        "a rollout may name a stored calibration artefact (policies/artefact_store.py) by its sha256",
+        "ALTER TABLE rollouts ADD COLUMN artefact TEXT;",
+    ),
 )
 
 
@@ -116,6 +122,7 @@ class Rollout:
     created_by: str
     reason: str
     updated_at: float
+    artefact: str | None = None  # sha256 of a stored calibration artefact: the candidate's thresholds
 
     @property
     def in_effect(self) -> bool:
@@ -131,6 +138,7 @@ class Rollout:
             "id": self.id,
             "task": self.task,
             "candidate": self.candidate,
+            "artefact": self.artefact,
             "policy_version": (self.policy or {}).get("version"),
             "mode": self.mode,
             "fraction": self.fraction,
@@ -174,6 +182,7 @@ def _rollout(row: Any) -> Rollout:
         created_by=row["created_by"],
         reason=row["reason"],
         updated_at=float(row["updated_at"]),
+        artefact=row["artefact"],
     )
 
 
@@ -277,6 +286,7 @@ class RolloutStore:
         config: RolloutConfig,
         actor: str,
         reason: str,
+        artefact: str | None = None,
     ) -> Rollout:
         """A new running rollout; Conflict (409) while another one is in effect for the task."""
         now = time.time()
@@ -297,8 +307,8 @@ class RolloutStore:
                 )
             tx.execute(
                 "INSERT INTO rollouts (id, task, candidate, policy_json, mode, fraction, sticky_by, audit_fraction,"
-                " status, monitor_json, created_at, created_by, reason, updated_at, active_task)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'running', ?, ?, ?, ?, ?, ?)",
+                " status, monitor_json, created_at, created_by, reason, updated_at, active_task, artefact)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'running', ?, ?, ?, ?, ?, ?, ?)",
                 (
                     rollout_id,
                     task,
@@ -314,6 +324,7 @@ class RolloutStore:
                     reason,
                     now,
                     task,
+                    artefact,
                 ),
             )
             self._event(tx, rollout_id, actor, "start", reason, monitor, now)

@@ -34,6 +34,7 @@ from router.http.docs import install_docs
 from router.http.drift import router as drift_router
 from router.http.inputs import image_and_fields, read_body_limited
 from router.http.models import router as models_router
+from router.http.recalibrations import router as recalibrations_router
 from router.http.review_page import REVIEW_ASSETS, review_asset
 from router.http.reviewers import router as reviewers_router
 from router.http.rollouts import router as rollouts_router
@@ -81,6 +82,7 @@ app.router.route_class = CheckedJsonRoute
 app.include_router(search_router)
 app.include_router(rollouts_router)
 app.include_router(reviewers_router)
+app.include_router(recalibrations_router)
 app.include_router(drift_router)
 app.include_router(models_router)
 app.include_router(session_router)

@@ -38,6 +38,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from policies.artefact_store import ArtefactCorrupted, ArtefactStore
 from policies.audit_sampling import is_error, is_sampled
 from policies.policy_set import PolicySet
 from policies.rollout_store import Rollout, RolloutStore
@@ -70,6 +71,12 @@ class RolloutRequest(BaseModel):
     policy: dict[str, Any] | None = Field(
         None, description="a candidate policy set (same schema as /v1/policy)"
     )
+    artefact: str | None = Field(
+        None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="the sha256 of a stored calibration artefact (a recalibration job's, "
+        "docs/recertification.md): its certified thresholds, loaded by every replica at run time",
+    )
     mode: Literal["shadow", "canary"] = Field(
         "shadow", description="shadow: recorded, never served; canary: served to a share"
     )
@@ -92,9 +99,10 @@ class RolloutRequest(BaseModel):
 
     @model_validator(mode="after")
     def _something_to_try(self) -> RolloutRequest:
-        if self.candidate is None and self.policy is None:
+        if self.candidate is None and self.policy is None and self.artefact is None:
             raise ValueError(
-                "name a candidate (cascades.<task>.candidates) or give a candidate policy set, or both"
+                "name a candidate (cascades.<task>.candidates), a candidate policy set or a stored "
+                "calibration artefact (its sha256), or several"
             )
         return self
 
@@ -151,6 +159,7 @@ class ArmChoice:
                 "mode": rollout.mode,
                 "status": rollout.status,
                 "candidate": rollout.candidate,
+                "candidate_artefact": rollout.artefact,
                 "candidate_policy_version": (rollout.policy or {}).get("version"),
                 "shadow": self.shadow,
             },
@@ -229,6 +238,31 @@ class RolloutService:
         # Called with the task when this replica first sees its rollout promoted (the drift
         # monitors restart their confidence reference: the candidate's scores are the new normal).
         self.on_promotion: Callable[[str], None] | None = None
+        # Calibration artefacts a rollout names (policies/artefact_store.py), opened on first use;
+        # their thresholds are loaded (sha256-checked) when the rollout is read, never on a request.
+        self._artefacts: ArtefactStore | None = None
+        self._artefact_thresholds: dict[str, ThresholdPolicy] = {}
+
+    @property
+    def artefacts(self) -> ArtefactStore:
+        if self._artefacts is None:
+            self._artefacts = ArtefactStore(
+                self.config.review.path / "artefacts.sqlite3", state=self.config.state
+            )
+        return self._artefacts
+
+    def artefact_thresholds(self, sha256: str, task: str) -> ThresholdPolicy:
+        """The thresholds of a stored artefact of ``task`` (sha256-checked; cached: it never changes)."""
+        cached = self._artefact_thresholds.get(sha256)
+        if cached is None:
+            body = self.artefacts.get(sha256)
+            if body.get("task") != task:
+                raise InputError(
+                    f"calibration artefact {sha256[:12]} is for task {body.get('task')!r}, not {task!r}",
+                    field="artefact",
+                )
+            cached = self._artefact_thresholds[sha256] = ThresholdPolicy.model_validate(body["thresholds"])
+        return cached
 
     # -- which rollouts are in effect --------------------------------------------------------
 
@@ -257,6 +291,18 @@ class RolloutService:
                     rollout.candidate,
                 )
                 continue
+            if rollout.artefact is not None:
+                try:
+                    await asyncio.to_thread(self.artefact_thresholds, rollout.artefact, rollout.task)
+                except Exception as exc:  # gone, corrupted or unreadable: never serve a guess
+                    log.error(
+                        "rollout %s names calibration artefact %s, which could not be loaded (%s): "
+                        "the incumbent serves",
+                        rollout.id,
+                        rollout.artefact,
+                        exc,
+                    )
+                    continue
             usable[rollout.task] = rollout
         newly_promoted = [
             task
@@ -351,6 +397,8 @@ class RolloutService:
         self, choice: ArmChoice | None, policy: PolicySet, task: str, *, candidate: bool = False
     ) -> ThresholdPolicy:
         rollout = choice.rollout if choice is not None else None
+        if rollout is not None and rollout.artefact is not None and (candidate or choice.arm == "candidate"):
+            return self._artefact_thresholds[rollout.artefact]  # loaded by refresh() before it is in effect
         if rollout is None or rollout.candidate is None or not (candidate or choice.arm == "candidate"):
             return self.policies.thresholds(policy, task)
         base = self.config.cascades[task].candidates[rollout.candidate].policy
@@ -475,6 +523,16 @@ class RolloutService:
                 f"candidate {request.candidate!r} is declared but not deployed in this replica",
                 field="candidate",
             )
+        if request.artefact is not None:
+            try:
+                await asyncio.to_thread(self.artefact_thresholds, request.artefact, request.task)
+            except NotFound:
+                raise InputError(
+                    f"no stored calibration artefact {request.artefact[:12]}... (see GET /v1/admin/recalibrations)",
+                    field="artefact",
+                ) from None
+            except ArtefactCorrupted as exc:
+                raise InputError(str(exc), field="artefact") from None
         policy = None
         if request.policy is not None:
             try:
@@ -511,6 +569,7 @@ class RolloutService:
             config=config,
             actor=actor_of(caller),
             reason=request.reason or "started",
+            artefact=request.artefact,
         )
         self._read_at = 0.0
         log.info("rollout %s started by %s: %s", rollout.id, actor_of(caller), rollout.to_dict()["serving"])

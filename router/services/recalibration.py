@@ -1,0 +1,387 @@
+"""Recalibration from production labels: a new certified calibration artefact, proposed as a rollout.
+
+One job (``Recalibration.run``; ``visionroute calibrate --from-production``, ``POST
+/v1/admin/recalibrations``) for one task, optionally one tenant:
+
+1. takes the job lock (policies/artefact_store.py: a session-level advisory lock on PostgreSQL
+   held for the whole job, a lease row on SQLite), so one node runs it;
+2. reads the review queue's items of the task (and tenant): audit-sampled accepts with their
+   inclusion probabilities and reviewed escalations (``policies.production_certify.
+   sample_from_items``). Erased subjects never enter: ``privacy erase`` deletes their items, and
+   an item that lost its image because it shared the erased subject's file (``image_erased``
+   in its audit log) is left out too;
+3. certifies the thresholds on that sample (Horvitz-Thompson betting test, docs/
+   recertification.md): one accept threshold, or the three-tier plan when the task has a VLM.
+   Too few labels is a refusal saying how many more are needed (``TooFewLabels``); labels that
+   show no threshold is safe are a refusal too: never a weaker certificate, never a candidate
+   that accepts nothing;
+4. checks again that no item it used was erased meanwhile, then writes the artefact to the
+   shared store under its sha256, and proposes it as a shadow rollout (``artefact: <sha256>``),
+   which the existing sequential test promotes or rolls back.
+
+Every outcome is the job's status (running, succeeded, refused with the reason, failed with the
+reason). A database outage fails the job and leaves the running version in place: nothing is
+served from an artefact until a rollout names it, and a rollout only starts after the artefact
+is stored.
+
+The calibrator is the incumbent's (its calibrated score is what the traces record and what the
+thresholds act on; a monotone refit would not change which items a threshold accepts), and a
+task with a learned router is refused for now: its decisions come from the router's own
+certified plan, which this job does not refit (its frozen reference index stays as deployed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import sqlite3
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from policies.artefact_store import ArtefactStore
+from policies.production_certify import (
+    TooFewLabels,
+    certify_production,
+    certify_production_plan,
+    sample_from_items,
+)
+from policies.risk_control import TierCosts
+from policies.rollout_store import RolloutStore
+from policies.sequential import RolloutConfig
+from policies.thresholds import ThresholdPolicy
+from visionroute.errors import BackendUnavailable, Conflict, InputError
+
+log = logging.getLogger("visionroute.recalibration")
+
+ARTEFACT_KIND = "production-recalibration"
+ERASURE_ACTIONS = ("erased", "image_erased")
+
+
+class RecalibrationRequest(BaseModel):
+    """``POST /v1/admin/recalibrations`` and ``visionroute calibrate --from-production``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task: str
+    tenant: str | None = Field(None, description="recertify on this tenant's items only")
+    alpha: float = Field(0.05, gt=0.0, lt=1.0, description="accepted-error risk to certify")
+    delta: float = Field(0.05, gt=0.0, lt=1.0, description="the certificate's error level")
+    propose: bool = Field(True, description="start a shadow rollout of the new artefact")
+    shadow_fraction: float = Field(0.1, gt=0.0, le=1.0, description="the rollout's shadow share")
+    audit_fraction: float = Field(0.1, gt=0.0, le=1.0, description="the rollout's audit share")
+    min_cost_observations: int = Field(30, ge=1, le=1_000_000, description="per arm, before promotion")
+    costs: TierCosts = Field(default_factory=TierCosts, description="the three-tier plan's prices")
+    reason: str = Field("", max_length=500)
+
+
+def recalibration_request(body: Any) -> RecalibrationRequest:
+    if not isinstance(body, dict):
+        raise InputError("the body must be a JSON object", field="body")
+    try:
+        return RecalibrationRequest.model_validate(body)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(p) for p in error["loc"]) or "body"
+        message = f"unknown field {where!r}" if error["type"] == "extra_forbidden" else error["msg"]
+        raise InputError(f"{where}: {message}", field=where) from None
+
+
+class Refused(Exception):
+    """The job ends without an artefact; the running version stays. ``reason`` says why."""
+
+    def __init__(self, reason: str, **details: Any) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.details = details
+
+
+@dataclass(frozen=True)
+class Built:
+    artefact: dict[str, Any]
+    item_ids: tuple[str, ...]
+
+
+def erased_item_ids(queue: Any) -> set[str]:
+    """Items an erasure removed or took the image of (the review queue's audit log keeps who did
+    what, and when, after the rows are gone)."""
+    marks = ", ".join("?" for _ in ERASURE_ACTIONS)
+    with queue.database.read() as conn:
+        rows = conn.execute(
+            f"SELECT DISTINCT item_id FROM audit WHERE action IN ({marks})", ERASURE_ACTIONS
+        ).fetchall()
+    return {row["item_id"] for row in rows}
+
+
+def build_artefact(
+    items: Iterable[Any],
+    *,
+    request: RecalibrationRequest,
+    incumbent: ThresholdPolicy,
+    has_vlm: bool,
+    erased: set[str],
+    calibration: str | None = None,
+) -> Built:
+    """The artefact certified on the task's production items (``ReviewItem``s), or Refused /
+    TooFewLabels. Pure: no store is touched."""
+    task, tenant = request.task, request.tenant
+    chosen, erased_left_out = [], 0
+    for item in items:
+        if item.task != task or (tenant is not None and item.tenant != tenant):
+            continue
+        if item.id in erased:
+            erased_left_out += 1
+            continue
+        chosen.append(item)
+    if not chosen:
+        where = f"task {task!r}" + (f", tenant {tenant!r}" if tenant else "")
+        raise Refused(f"no review items of {where}: nothing to recertify on; the running version stays")
+    queued = sample_from_items(chosen, task=task)
+    sample = queued.sample
+    if has_vlm:
+        plan = certify_production_plan(sample, costs=request.costs, alpha=request.alpha, delta=request.delta)
+        certificate = plan.certificate
+        accept, review = plan.accept_threshold, plan.review_threshold
+        plan_view = {
+            "accept_threshold": accept,
+            "review_threshold": review,
+            "vlm_accept_threshold": plan.vlm_accept_threshold,
+            "expected_cost_units": plan.expected_cost_units,
+            "rates": plan.rates,
+            "costs": request.costs.model_dump(),
+        }
+    else:
+        certificate = certify_production(sample, alpha=request.alpha, delta=request.delta)
+        accept, review, plan_view = certificate.threshold, None, None
+    if not certificate.is_feasible:
+        raise Refused(
+            f"the labels show no threshold keeps the accepted error <= {request.alpha:g} at "
+            f"delta={request.delta:g} ({certificate.n} test items): nothing to propose; the running version stays",
+            certificate=certificate.to_dict(),
+        )
+    clip = lambda value: min(1.0, max(0.0, float(value)))  # noqa: E731  (+-inf: the certificate's ends)
+    accept_threshold = clip(accept)
+    escalate = incumbent.escalate_threshold if review is None else clip(review)
+    labels = {
+        "sampled_items": len(sample),
+        "unlabelled_items": sample.n_unlabelled,
+        "left_out": {**queued.left_out, "erased": erased_left_out},
+        "item_ids_sha256": hashlib.sha256("\n".join(sorted(i.id for i in chosen)).encode()).hexdigest(),
+        "window": [min(i.created_at for i in chosen), max(i.created_at for i in chosen)],
+    }
+    body: dict[str, Any] = {
+        "kind": ARTEFACT_KIND,
+        "task": task,
+        "tenant": tenant,
+        "created_at": time.time(),
+        "alpha": request.alpha,
+        "delta": request.delta,
+        "parent_version": incumbent.version,
+        "calibrator": {
+            "kind": "incumbent",
+            "calibration": calibration,
+            "why": "the thresholds act on the incumbent's calibrated score, as the traces record it",
+        },
+        "certificate": certificate.to_dict(),
+        "plan": plan_view,
+        "labels": labels,
+    }
+    digest = hashlib.sha256(repr(sorted((k, repr(v)) for k, v in body.items())).encode()).hexdigest()
+    body["thresholds"] = incumbent.model_copy(
+        update={
+            "accept_threshold": accept_threshold,
+            "escalate_threshold": min(escalate, accept_threshold),
+            "version": f"{incumbent.version}+prod-{digest[:12]}",
+        }
+    ).model_dump(mode="json")
+    body["version"] = body["thresholds"]["version"]
+    return Built(body, tuple(sorted(i.id for i in chosen)))
+
+
+class Recalibration:
+    """The job, over the stores every replica shares (usable from the service and the CLI)."""
+
+    def __init__(
+        self,
+        *,
+        queue: Any,
+        artefacts: ArtefactStore,
+        rollouts: RolloutStore,
+        cascades: dict[str, Any],
+        incumbent_thresholds: Callable[[str], ThresholdPolicy],
+        on_proposed: Callable[[], None] | None = None,
+    ) -> None:
+        self.queue = queue
+        self.artefacts = artefacts
+        self.rollouts = rollouts
+        self.cascades = cascades
+        self.incumbent_thresholds = incumbent_thresholds
+        self.on_proposed = on_proposed
+
+    def check(self, request: RecalibrationRequest) -> None:
+        cascade = self.cascades.get(request.task)
+        if cascade is None:
+            raise InputError(
+                f"unknown task {request.task!r}; expected one of {sorted(self.cascades)}", field="task"
+            )
+
+    def open_job(self, request: RecalibrationRequest, actor: str) -> str:
+        """The job's status row ('running'); StateUnavailable when the database is down."""
+        self.check(request)
+        return self.artefacts.create_job(task=request.task, tenant=request.tenant, actor=actor)
+
+    def run(self, request: RecalibrationRequest, actor: str, job_id: str | None = None) -> dict[str, Any]:
+        """Run the job to its end; returns its status row (never raises for a refusal or an outage
+        once the job row exists)."""
+        job_id = job_id or self.open_job(request, actor)
+        try:
+            with self.artefacts.job_lock(f"{request.task}:{request.tenant or '*'}"):
+                status, reason, extra = self._run_locked(request, actor, job_id)
+        except Conflict as exc:
+            status, reason, extra = "refused", str(exc), {}
+        except TooFewLabels as exc:
+            status, reason, extra = "refused", exc.reason, {"needed_more": exc.needed_more}
+        except Refused as exc:
+            status, reason, extra = "refused", exc.reason, exc.details
+        except (BackendUnavailable, sqlite3.Error) as exc:
+            status, extra = "failed", {}
+            reason = f"the state database failed during the job ({exc}); the running version stays"
+        except Exception as exc:  # a bug must not leave the job 'running' forever
+            log.exception("recalibration job %s failed", job_id)
+            status, reason, extra = "failed", f"{type(exc).__name__}: {exc}; the running version stays", {}
+        log.log(
+            logging.INFO if status == "succeeded" else logging.WARNING,
+            "recalibration %s of %s: %s (%s)",
+            job_id,
+            request.task,
+            status,
+            reason,
+        )
+        try:
+            self.artefacts.finish_job(
+                job_id,
+                status,
+                reason,
+                artefact_sha256=extra.pop("artefact_sha256", None),
+                rollout_id=extra.pop("rollout_id", None),
+                details=extra,
+            )
+        except Exception as exc:  # the database is still down: the log holds the outcome
+            log.error(
+                "recalibration job %s ended %s but its status could not be written: %s", job_id, status, exc
+            )
+            return {"id": job_id, "task": request.task, "status": status, "reason": reason, "details": extra}
+        return self.artefacts.job(job_id)
+
+    def _run_locked(self, request: RecalibrationRequest, actor: str, job_id: str):
+        cascade = self.cascades[request.task]
+        if getattr(cascade, "router", None) is not None:
+            raise Refused(
+                f"task {request.task!r} routes with a learned router, whose certified plan this job "
+                "does not refit yet (docs/recertification.md); the running version stays"
+            )
+        items = list(self.queue.iter_all())
+        built = build_artefact(
+            items,
+            request=request,
+            incumbent=self.incumbent_thresholds(request.task),
+            has_vlm=getattr(cascade, "vlm", None) is not None,
+            erased=erased_item_ids(self.queue),
+            calibration=str(cascade.tier.calibration) if cascade.tier.calibration else None,
+        )
+        # an erasure may have landed while the job certified: no artefact is built from its items
+        late = erased_item_ids(self.queue).intersection(built.item_ids)
+        if late:
+            raise Refused(
+                f"{len(late)} item(s) the job used were erased while it ran; run it again "
+                "(they will be left out); the running version stays"
+            )
+        sha = self.artefacts.put(built.artefact, actor=f"recalibration {job_id} ({actor})")
+        extra: dict[str, Any] = {
+            "artefact_sha256": sha,
+            "version": built.artefact["version"],
+            "thresholds": built.artefact["thresholds"],
+            "certificate": built.artefact["certificate"]["statement"],
+            "labels": built.artefact["labels"],
+        }
+        if not request.propose:
+            return "succeeded", f"artefact {sha[:12]} stored (not proposed)", extra
+        try:
+            rollout = self.rollouts.start(
+                task=request.task,
+                candidate=None,
+                policy=None,
+                mode="shadow",
+                fraction=request.shadow_fraction,
+                sticky_by="request",
+                audit_fraction=request.audit_fraction,
+                config=RolloutConfig(
+                    alpha=request.alpha,
+                    delta=request.delta,
+                    min_cost_observations=request.min_cost_observations,
+                ),
+                actor=f"recalibration {job_id} ({actor})",
+                reason=request.reason or f"recertified from production labels: artefact {sha[:12]}",
+                artefact=sha,
+            )
+        except Conflict as exc:
+            raise Refused(
+                f"artefact {sha[:12]} stored, but not proposed: {exc}; start it later with "
+                f'POST /v1/rollouts {{"task": "{request.task}", "artefact": "{sha}"}}',
+                **extra,
+            ) from None
+        extra["rollout_id"] = rollout.id
+        if self.on_proposed is not None:
+            self.on_proposed()
+        return "succeeded", f"artefact {sha[:12]} proposed as shadow rollout {rollout.id}", extra
+
+
+class RecalibrationService:
+    """The admin API over one replica's stores: start a job (it runs off the request), read it."""
+
+    def __init__(self, job: Recalibration) -> None:
+        self.job = job
+        self._running: set[asyncio.Task] = set()
+
+    @classmethod
+    def of(cls, service: Any) -> RecalibrationService:
+        """The service's recalibration (built on first use from its queue and rollout stores)."""
+        existing = getattr(service.rollouts, "recalibration", None)
+        if existing is None:
+            rollouts = service.rollouts
+            policies = rollouts.policies
+            existing = cls(
+                Recalibration(
+                    queue=service.review.queue,
+                    artefacts=rollouts.artefacts,
+                    rollouts=rollouts.store,
+                    cascades=service.config.cascades,
+                    incumbent_thresholds=lambda task: policies.thresholds(policies.current, task),
+                    on_proposed=lambda: setattr(rollouts, "_read_at", 0.0),
+                )
+            )
+            rollouts.recalibration = existing
+        return existing
+
+    async def start(self, actor: str, body: Any) -> dict[str, Any]:
+        request = recalibration_request(body)
+        job_id = await asyncio.to_thread(self.job.open_job, request, actor)
+        task = asyncio.get_running_loop().create_task(asyncio.to_thread(self.job.run, request, actor, job_id))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+        return await asyncio.to_thread(self.job.artefacts.job, job_id)
+
+    async def status(self, job_id: str) -> dict[str, Any]:
+        return await asyncio.to_thread(self.job.artefacts.job, job_id)
+
+    async def list(self, task: str | None = None) -> dict[str, Any]:
+        jobs = await asyncio.to_thread(self.job.artefacts.jobs, task)
+        return {"jobs": jobs}
+
+    async def drain(self) -> None:
+        while self._running:
+            await asyncio.gather(*list(self._running), return_exceptions=True)

@@ -1,0 +1,193 @@
+"""Recalibration from production labels through the service core (no Ray): reviewers' labels ->
+a new certified artefact in the shared store -> a shadow rollout naming it by sha256 -> the
+sequential test promotes it -> a later request's trace carries the artefact's version.
+
+The incumbent's accept threshold (0.9999) is above every answer of the colour model, so it accepts
+nothing and every request goes to review (inclusion probability 1); the labels show the model is
+right, so the recertified threshold is lower and the candidate accepts what the incumbent did not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from policies.artefact_store import ArtefactStore
+from router.services.recalibration import RecalibrationRequest, RecalibrationService, build_artefact
+from tests.router.test_rollouts import ADMIN, build, review_everything, rollout_config, steps, traffic, truths
+from visionroute.errors import InputError
+
+JOB = {
+    "task": "colour",
+    "alpha": 0.2,
+    "delta": 0.2,
+    "shadow_fraction": 1.0,
+    "audit_fraction": 1.0,
+    "min_cost_observations": 5,
+}
+
+
+def strict_config(tmp_path):
+    config = rollout_config(tmp_path)
+    cascade = config.cascades["colour"]
+    strict = cascade.policy.model_copy(update={"accept_threshold": 0.9999, "escalate_threshold": 0.5})
+    return config.model_copy(
+        update={"cascades": {"colour": cascade.model_copy(update={"policy": strict, "candidates": {}})}}
+    )
+
+
+@pytest.fixture
+def service(tmp_path):
+    return build(strict_config(tmp_path))
+
+
+def run(coroutine):
+    return asyncio.run(coroutine)
+
+
+async def labelled_traffic(service, n: int, prefix: str) -> list[dict]:
+    answers = await traffic(service, n, prefix)
+    await review_everything(service, truths(answers))
+    return answers
+
+
+async def finished_job(recalibration: RecalibrationService, job: dict) -> dict:
+    await recalibration.drain()
+    return await recalibration.status(job["id"])
+
+
+def job_of(recalibration: RecalibrationService, body: dict) -> dict:
+    """Start a job and wait for its end, on one event loop (the job runs off the request)."""
+
+    async def started_and_finished():
+        return await finished_job(recalibration, await recalibration.start("alice@ops", body))
+
+    return run(started_and_finished())
+
+
+def test_labels_become_an_artefact_that_shadows_is_promoted_and_serves_later_requests(service):
+    recalibration = RecalibrationService.of(service)
+
+    async def scenario():
+        answers = await labelled_traffic(service, 70, "day1")
+        assert all(a["analysis"].decision.value == "review" for a in answers)  # the incumbent accepts nothing
+        job = await recalibration.start("alice@ops", JOB)
+        assert job["status"] == "running"
+        job = await finished_job(recalibration, job)
+        assert job["status"] == "succeeded", job["reason"]
+        sha, rollout_id = job["artefact_sha256"], job["rollout_id"]
+        artefact = service.rollouts.artefacts.get(sha)  # sha256-checked
+        assert artefact["task"] == "colour" and artefact["labels"]["sampled_items"] == 70
+        assert artefact["certificate"]["risk_upper_bound"] <= 0.2 + 1e-9
+        assert artefact["thresholds"]["accept_threshold"] < 0.9999
+        started = (await service.rollouts.status(rollout_id)).to_json()
+        assert started["mode"] == "shadow" and started["artefact"] == sha
+        assert started["events"][0]["actor"].startswith(f"recalibration {job['id']}")
+        # shadow: the incumbent still serves; the candidate's accepts are audited and labelled
+        shadowed = await traffic(service, 40, "day2")
+        for a in shadowed:
+            (step,) = steps(a["analysis"], "rollout")
+            assert step.details["candidate_artefact"] == sha and step.details["arm"] == "incumbent"
+            assert a["analysis"].decision.value == "review"
+        await review_everything(service, truths(shadowed))
+        await service.rollouts.flush_costs()
+        return sha, rollout_id, artefact["version"]
+
+    sha, rollout_id, version = run(scenario())
+    status = run(service.rollouts.status(rollout_id)).to_json()
+    assert status["status"] == "promoted", status["test"]
+    assert [e["action"] for e in status["events"]] == ["start", "promote"]
+    assert status["events"][1]["actor"] == "sequential-test"  # the test's evidence, not an operator
+    later = run(traffic(service, 3, "day3"))
+    for a in later:  # the trace of a later request carries the new version
+        (step,) = steps(a["analysis"], "rollout")
+        assert step.details["arm"] == "candidate" and step.details["candidate_artefact"] == sha
+        (thresholds,) = steps(a["analysis"], "policy:thresholds")
+        assert thresholds.policy_version == version
+        assert a["analysis"].decision.value == "accept"
+
+
+def test_too_few_labels_is_a_refusal_saying_how_many_more_and_nothing_is_proposed(service):
+    recalibration = RecalibrationService.of(service)
+
+    async def scenario():
+        await labelled_traffic(service, 6, "few")
+        return await finished_job(recalibration, await recalibration.start("alice@ops", JOB))
+
+    job = run(scenario())
+    assert job["status"] == "refused" and job["artefact_sha256"] is None and job["rollout_id"] is None
+    assert job["details"]["needed_more"] > 0 and "more" in job["reason"]
+    assert run(service.rollouts.list("colour")).to_json()["rollouts"] == []
+    no_tenant = job_of(recalibration, {**JOB, "tenant": "nobody"})
+    assert no_tenant["status"] == "refused" and "no review items" in no_tenant["reason"]
+
+
+def test_erased_subjects_never_enter_an_artefact(service):
+    async def scenario():
+        answers = await labelled_traffic(service, 70, "erase")
+        return answers
+
+    answers = run(scenario())
+    queue = service.review.queue
+    victim = answers[0]["analysis"].trace.request_id
+    (item,) = queue.find_items("t0", request_key=victim)
+    queue.erase([item.id], actor="dpo", reason="subject request")
+    recalibration = RecalibrationService.of(service)
+    job = job_of(recalibration, {**JOB, "propose": False})
+    assert job["status"] == "succeeded", job["reason"]
+    artefact = service.rollouts.artefacts.get(job["artefact_sha256"])
+    assert artefact["labels"]["sampled_items"] == 69
+    # an erasure that lands while the job runs refuses the artefact
+    request = RecalibrationRequest.model_validate(JOB)
+    items = list(queue.iter_all())
+    built = build_artefact(
+        items,
+        request=request,
+        incumbent=service.rollouts.policies.thresholds(service.rollouts.policies.current, "colour"),
+        has_vlm=False,
+        erased={items[1].id},
+    )
+    assert items[1].id not in built.item_ids and len(built.item_ids) == 68
+
+
+def test_a_database_outage_fails_the_job_and_the_running_version_stays(service, monkeypatch):
+    run(labelled_traffic(service, 70, "outage"))
+    recalibration = RecalibrationService.of(service)
+    from visionroute.state import StateUnavailable
+
+    def down(*args, **kwargs):
+        raise StateUnavailable("state database unreachable", field="state")
+
+    monkeypatch.setattr(recalibration.job.artefacts, "put", down)
+    job = job_of(recalibration, JOB)
+    assert job["status"] == "failed" and "running version stays" in job["reason"]
+    assert run(service.rollouts.list("colour")).to_json()["rollouts"] == []
+    later = run(traffic(service, 1, "after-outage"))[0]["analysis"]
+    assert not steps(later, "rollout") and later.decision.value == "review"
+
+
+def test_a_rollout_naming_a_missing_or_tampered_artefact_is_refused(service, tmp_path):
+    with pytest.raises(InputError) as missing:
+        run(service.rollouts.start(ADMIN, {"task": "colour", "artefact": "0" * 64}))
+    assert missing.value.field == "artefact"
+    store: ArtefactStore = service.rollouts.artefacts
+    body = {"task": "colour", "version": "v", "thresholds": {"version": "v"}}
+    sha = store.put(body, actor="test")
+    with store.database.write() as tx:
+        tx.execute("UPDATE calibration_artefacts SET body = ? WHERE sha256 = ?", ('{"task":"colour"}', sha))
+    with pytest.raises(InputError) as tampered:
+        run(service.rollouts.start(ADMIN, {"task": "colour", "artefact": sha}))
+    assert tampered.value.field == "artefact" and "sha256" in str(tampered.value)
+
+
+def test_one_job_at_a_time_per_task(service):
+    store: ArtefactStore = service.rollouts.artefacts
+    from visionroute.errors import Conflict
+
+    with store.job_lock("colour:*"):
+        with pytest.raises(Conflict):
+            with store.job_lock("colour:*"):
+                pass
+    with store.job_lock("colour:*"):  # released after the job
+        pass
