@@ -191,3 +191,38 @@ def test_one_job_at_a_time_per_task(service):
                 pass
     with store.job_lock("colour:*"):  # released after the job
         pass
+
+
+def test_the_cli_runs_one_job_over_the_serve_configs_stores(service, tmp_path, capsys):
+    import yaml
+
+    from visionroute.cli import main
+
+    run(labelled_traffic(service, 70, "cli"))
+    cascade = service.config.cascades["colour"]
+    args = {
+        "models_dir": str(tmp_path),
+        "default_task": "colour",
+        "cascades": {
+            "colour": {
+                "tier": cascade.tier.model_dump(mode="json", exclude_defaults=True),
+                "policy": cascade.policy.model_dump(mode="json"),
+            }
+        },
+        "review": {"path": str(service.config.review.path)},
+        "retrieval": {"enabled": False},
+    }
+    path = tmp_path / "serve.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {"applications": [{"name": "vr", "import_path": "router.app:build_app", "args": args}]}
+        )
+    )
+    common = ["calibrate", "--from-production", "--task", "colour", "--config", str(path)]
+    assert main([*common, "--alpha", "0.2", "--delta", "0.2"]) == 0
+    out = capsys.readouterr().out
+    assert "succeeded" in out and "artefact_sha256" in out and "rollout_id" in out
+    (rollout,) = run(service.rollouts.list("colour")).to_json()["rollouts"]
+    assert rollout["mode"] == "shadow" and rollout["artefact"] in out
+    assert main([*common, "--tenant", "nobody"]) == 2  # a tenant with no data: refused, exit 2
+    assert "no review items" in capsys.readouterr().out

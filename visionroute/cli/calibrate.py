@@ -71,7 +71,77 @@ def _calibrate_data(args, data):
     return calibration, splits, certificate
 
 
+def _cmd_from_production(args) -> int:
+    """``calibrate --from-production``: one recalibration job over the service's own stores
+    (router/services/recalibration.py): the task's production labels -> a certified artefact in
+    the shared store -> a shadow rollout naming it. Exit 0 succeeded, 2 refused, 1 failed."""
+    from policies.artefact_store import ArtefactStore
+    from policies.review_queue import ReviewQueue
+    from policies.rollout_store import RolloutStore
+    from router.serve_config import app_config
+    from router.services.recalibration import Recalibration, recalibration_request
+    from visionroute.errors import InputError
+
+    if not args.task:
+        raise ConfigError("--from-production needs --task (a cascade of the serve config)", field="task")
+    from router.serve_config import REPO_CONFIG
+
+    config = app_config(Path(args.config) if args.config else REPO_CONFIG)
+    body = {
+        "task": args.task,
+        "tenant": args.tenant,
+        "alpha": args.alpha,
+        "delta": args.delta,
+        "propose": not args.no_propose,
+        "shadow_fraction": args.shadow_fraction,
+        "audit_fraction": args.rollout_audit_fraction,
+        "costs": _costs(args.costs).model_dump(),
+    }
+    try:
+        request = recalibration_request(body)
+    except InputError as exc:
+        raise ConfigError(str(exc), field=exc.field) from None
+    home = config.review.path
+    queue = ReviewQueue(home, default_lease_s=config.review.lease_s, state=config.state)
+    artefacts = ArtefactStore(home / "artefacts.sqlite3", state=config.state)
+    rollouts = RolloutStore(home / "rollouts.sqlite3", state=config.state)
+    try:
+        job = Recalibration(
+            queue=queue,
+            artefacts=artefacts,
+            rollouts=rollouts,
+            cascades=config.cascades,
+            incumbent_thresholds=lambda task: config.policies.threshold_policy(
+                task, config.cascades[task].policy
+            ),
+        )
+        try:
+            job.check(request)
+        except InputError as exc:
+            raise ConfigError(str(exc), field=exc.field) from None
+        status = job.run(request, "cli (calibrate --from-production)")
+    finally:
+        for store in (queue, artefacts, rollouts):
+            store.close()
+    print(f"recalibration {status['id']} of {args.task}: {status['status']}: {status['reason']}")
+    for key in ("artefact_sha256", "rollout_id"):
+        if status.get(key):
+            print(f"  {key}: {status[key]}")
+    details = status.get("details") or {}
+    if details.get("thresholds"):
+        t = details["thresholds"]
+        print(
+            f"  thresholds {t['version']}: accept >= {t['accept_threshold']:.6g}, escalate >= {t['escalate_threshold']:.6g}"
+        )
+        print(f"  {details.get('certificate', '')}")
+    if details.get("needed_more") is not None:
+        print(f"  needed: at least {details['needed_more']} more audit labels")
+    return {"succeeded": 0, "refused": 2}.get(status["status"], 1)
+
+
 def _cmd_calibrate(args) -> int:
+    if args.from_production:
+        return _cmd_from_production(args)
     if args.plan:
         return _cmd_plan(args)
     if args.router:
@@ -622,6 +692,35 @@ def register(subparsers, bench) -> None:
         type=int,
         default=5,
         help="answer rows the served classifier keeps (its decoder's top_k) (default: %(default)s)",
+    )
+    production = calibrate.add_argument_group(
+        "from production (--from-production): recertify --task from the service's own labels "
+        "(audit samples and reviews), store the artefact, propose it as a shadow rollout "
+        "(docs/recertification.md, From production to a rollout); uses --alpha, --delta, --costs"
+    )
+    production.add_argument(
+        "--from-production",
+        action="store_true",
+        help="run one recalibration job over the serve config's stores",
+    )
+    production.add_argument(
+        "--config",
+        default="serve_config.yaml",
+        help="the Ray Serve config whose stores to read (default: %(default)s)",
+    )
+    production.add_argument("--tenant", help="recertify on this tenant's items only")
+    production.add_argument("--no-propose", action="store_true", help="store the artefact, start no rollout")
+    production.add_argument(
+        "--shadow-fraction",
+        type=float,
+        default=0.1,
+        help="the proposed rollout's shadow share (default: %(default)s)",
+    )
+    production.add_argument(
+        "--rollout-audit-fraction",
+        type=float,
+        default=0.1,
+        help="the proposed rollout's audit share of each arm's accepts (default: %(default)s)",
     )
     calibrate.set_defaults(func=_cmd_calibrate)
 
