@@ -342,5 +342,6 @@ def register(subparsers, bench) -> None:
     _add_privacy(bench)
     importlib.import_module("evals.benchmarks.state").register(bench)
     importlib.import_module("evals.benchmarks.batch").register(bench)
+    importlib.import_module("evals.benchmarks.soak").register(bench)
     _add_serve(bench)
     _add_decode(bench)
