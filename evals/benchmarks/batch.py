@@ -180,6 +180,8 @@ def run(args) -> int:
         f"{summary.errors} errors): {job:.1f} images/s ({summary.seconds:.1f} s, the first records after "
         f"{summary.first_result_s or 0:.1f} s: actor start-up; {_load()})"
     )
+    for where, reason in sorted(summary.first_errors.items()):
+        print(f"  {summary.error_fields[where]} errors at {where}, the first: {reason}")
     ratio = job / raw["images_per_s"]
     verdict = "met" if ratio >= TARGET_RATIO else "NOT met"
     print(f"batch job / raw: {ratio:.2f}x (target >= {TARGET_RATIO}x: {verdict})")

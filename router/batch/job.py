@@ -41,6 +41,7 @@ class BatchSummary:
     errors: int = 0
     decisions: Counter = field(default_factory=Counter)
     error_fields: Counter = field(default_factory=Counter)  # field (or kind) -> rows
+    first_errors: dict[str, str] = field(default_factory=dict)  # field (or kind) -> its first reason
     review_items: int = 0
     seconds: float = 0.0  # from submitting the dataset to the last record written
     first_result_s: float | None = None  # when the first record arrived (actor start-up included)
@@ -56,7 +57,9 @@ class BatchSummary:
             self.review_items += record.get("review_item_id") is not None
         else:
             self.errors += 1
-            self.error_fields[record.get("error_field") or record.get("error_kind") or "unknown"] += 1
+            where = record.get("error_field") or record.get("error_kind") or "unknown"
+            self.error_fields[where] += 1
+            self.first_errors.setdefault(where, f"{record.get('error_kind')}: {record.get('error')}")
 
     def lines(self) -> list[str]:
         decisions = ", ".join(f"{k} {v}" for k, v in sorted(self.decisions.items())) or "none"
@@ -64,6 +67,7 @@ class BatchSummary:
         return [
             f"items: {self.total} in the input, {self.skipped} finished before (skipped), "
             f"{self.done} analysed, {self.errors} errors" + (f" ({errors})" if errors else ""),
+            *(f"  first {where} error: {reason}" for where, reason in sorted(self.first_errors.items())),
             f"decisions: {decisions}; review items: {self.review_items}",
             f"time: {self.seconds:.1f} s, {self.images_per_s:.1f} items/s",
             f"output: {self.out}/results.jsonl and {self.out}/parquet/",
