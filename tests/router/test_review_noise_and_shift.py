@@ -11,6 +11,8 @@ import asyncio
 import pytest
 from fastapi.testclient import TestClient
 
+from policies.audit_sampling import AuditConfig
+from policies.policy_set import parse_policy_set
 from router.auth.keys import Authenticator, SecurityConfig, hash_key
 from router.config import parse_app_config
 from router.http.api import app
@@ -19,7 +21,7 @@ from router.schemas import ClaimRequest, LabelRequest
 from router.services import ImageRequest, VisionRouteService
 from router.services.backends import LocalOnnxTier
 from tests.router.colour_model import LABELS, solid_png, write_colour_model
-from visionroute.errors import Conflict, PermissionDenied
+from visionroute.errors import ConfigError, Conflict, PermissionDenied
 
 RED, GREY = solid_png((255, 0, 0)), solid_png((128, 128, 128))  # accepted; sent to review
 KEYS = {  # name -> (tenant, role, key name, plain key)
@@ -143,3 +145,12 @@ def test_disputes_go_to_an_admin_and_the_overruled_reviewer_is_flagged_to_admins
     assert (rows["bob"]["double_errors"], rows["bob"]["flagged"]) == (0, False)
     with pytest.raises(PermissionDenied):
         run(service.review.reviewers(principal("bob")))
+
+
+def test_the_audit_budget_caps_the_raise_and_a_fraction_above_it_is_refused():
+    config = AuditConfig(fraction=0.05, shift_fraction=0.3, max_fraction=0.2)
+    assert config.fraction_under_shift(False) == 0.05 and config.fraction_under_shift(True) == 0.2
+    assert AuditConfig(fraction=0.1).fraction_under_shift(True) == 0.1  # no shift_fraction: no raise
+    with pytest.raises(ConfigError) as error:
+        parse_policy_set({"audit": {"fraction": 0.3, "max_fraction": 0.2}})
+    assert error.value.field == "audit" and "max_fraction" in str(error.value)
