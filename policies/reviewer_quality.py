@@ -128,3 +128,15 @@ def _row(
 def flagged_reviewers(rows: Iterable[ReviewerQuality]) -> frozenset[str]:
     """The reviewers whose labels recertification leaves out."""
     return frozenset(row.reviewer for row in rows if row.flagged)
+
+
+def distrusted_reviewers(queue: Any, policy: Any, *, tenant: str | None = None) -> frozenset[str]:
+    """The flagged reviewers under a policy set (``PolicySet``), read from a ``ReviewQueue``: what
+    a recalibration passes as ``sample_from_items(distrusted_reviewers=...)``."""
+    rows = reviewer_quality(
+        queue.judged_labels(tenant=tenant),
+        limit=policy.review.reviewer_error_limit,
+        alpha=policy.audit.alpha,
+        confidence=policy.audit.confidence,
+    )
+    return flagged_reviewers(rows)

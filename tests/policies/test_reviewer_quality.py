@@ -135,3 +135,16 @@ def test_recertification_reads_a_flagged_reviewers_label_as_no_label():
     discounted = sample_from_items(items, distrusted_reviewers={"noisy"}).sample
     assert discounted.cheap_error[0] == 0.0 and math.isnan(discounted.cheap_error[1])
     assert discounted.n_unlabelled == 1  # non-response: counted as an error wherever a rule accepts
+
+
+def test_the_flagged_reviewers_of_a_queue_under_a_policy_set():
+    from policies.policy_set import parse_policy_set
+    from policies.reviewer_quality import distrusted_reviewers
+
+    class Queue:
+        def judged_labels(self, tenant=None):
+            return simulate()
+
+    policy = parse_policy_set({"review": {"reviewer_error_limit": 0.1}})
+    assert distrusted_reviewers(Queue(), policy) == {"noisy"}
+    assert distrusted_reviewers(Queue(), parse_policy_set({"review": {"reviewer_error_limit": 0.5}})) == set()
