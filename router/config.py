@@ -212,6 +212,18 @@ def default_cascades() -> dict[str, CascadeConfig]:
     }
 
 
+class RecalibrationSchedule(Strict):
+    """Recertify from production labels on a schedule and propose the artefact as a shadow rollout
+    (router/services/recalibration.py; docs/recertification.md). Off unless ``every_s`` is set."""
+
+    every_s: float | None = Field(None, gt=0, description="how often; every replica tries, one node runs it")
+    tasks: list[str] = Field(default_factory=list, description="default: every task without a learned router")
+    alpha: float = Field(0.05, gt=0, lt=1)
+    delta: float = Field(0.05, gt=0, lt=1)
+    shadow_fraction: float = Field(0.1, gt=0, le=1)
+    audit_fraction: float = Field(0.1, gt=0, le=1)
+
+
 class RolloutSettings(Strict):
     """How replicas follow the shared rollout state (policies/rollout_store.py)."""
 
@@ -221,6 +233,7 @@ class RolloutSettings(Strict):
     cost_flush_s: float = Field(
         2.0, gt=0, le=300, description="each replica adds its served requests' costs to the test this often"
     )
+    recalibrate: RecalibrationSchedule = Field(default_factory=RecalibrationSchedule)
 
 
 class AppConfig(Strict):

@@ -26,6 +26,7 @@ from router.services.backends import CheapTierClient, SearchBackend, VlmTierClie
 from router.services.batch import BatchService
 from router.services.model_cards import ModelCards
 from router.services.operations import Operations
+from router.services.recalibration import RecalibrationService
 from router.services.retention import RetentionTask
 from router.services.review import ReviewService
 from router.services.rollouts import RolloutService
@@ -92,7 +93,7 @@ class VisionRouteService:
             drift=drift,
         )
         read_search = analyze.searched_after_indexing(search)  # sees this replica's queued indexing
-        return cls(
+        service = cls(
             config=config,
             analyze=analyze,
             review=ReviewService(
@@ -114,3 +115,6 @@ class VisionRouteService:
             retention=retention,
             batch=BatchService(analyze, config.limits),
         )
+        # recertification on a schedule (rollouts.recalibrate; off by default): on this replica's loop
+        RecalibrationService.of(service).start_schedule(config.rollouts.recalibrate, config.cascades)
+        return service

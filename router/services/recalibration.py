@@ -54,7 +54,7 @@ from policies.risk_control import TierCosts
 from policies.rollout_store import RolloutStore
 from policies.sequential import RolloutConfig
 from policies.thresholds import ThresholdPolicy
-from visionroute.errors import BackendUnavailable, Conflict, InputError
+from visionroute.errors import BackendUnavailable, ConfigError, Conflict, InputError
 
 log = logging.getLogger("visionroute.recalibration")
 
@@ -239,20 +239,67 @@ class Recalibration:
         once the job row exists)."""
         job_id = job_id or self.open_job(request, actor)
         try:
-            with self.artefacts.job_lock(f"{request.task}:{request.tenant or '*'}"):
-                status, reason, extra = self._run_locked(request, actor, job_id)
+            with self.artefacts.job_lock(self.lock_name(request)):
+                outcome = self._outcome(request, actor, job_id)
         except Conflict as exc:
-            status, reason, extra = "refused", str(exc), {}
-        except TooFewLabels as exc:
-            status, reason, extra = "refused", exc.reason, {"needed_more": exc.needed_more}
-        except Refused as exc:
-            status, reason, extra = "refused", exc.reason, exc.details
+            outcome = ("refused", str(exc), {})
+        except Exception as exc:
+            outcome = self._failure(job_id, exc)
+        return self._finish(request, job_id, *outcome)
+
+    def run_if_due(self, request: RecalibrationRequest, every_s: float) -> dict[str, Any] | None:
+        """The scheduled run on one replica: None (nothing done) when another node holds the job's
+        lock, when a job of this task and tenant started less than ``every_s`` ago, or while a
+        rollout is in effect for the task; else the finished job. A database outage is logged
+        and nothing else changes (the running version stays)."""
+        try:
+            with self.artefacts.job_lock(self.lock_name(request)):
+                latest = [
+                    j for j in self.artefacts.jobs(request.task, limit=20) if j["tenant"] == request.tenant
+                ]
+                if latest and time.time() - latest[0]["created_at"] < every_s:
+                    return None
+                if any(r.task == request.task for r in self.rollouts.in_effect()):
+                    log.info("scheduled recalibration of %s waits: a rollout is in effect", request.task)
+                    return None
+                job_id = self.open_job(request, "scheduler")
+                try:
+                    outcome = self._outcome(request, "scheduler", job_id)
+                except Exception as exc:
+                    outcome = self._failure(job_id, exc)
+                return self._finish(request, job_id, *outcome)
+        except Conflict:
+            return None  # another node runs it now
         except (BackendUnavailable, sqlite3.Error) as exc:
-            status, extra = "failed", {}
-            reason = f"the state database failed during the job ({exc}); the running version stays"
-        except Exception as exc:  # a bug must not leave the job 'running' forever
-            log.exception("recalibration job %s failed", job_id)
-            status, reason, extra = "failed", f"{type(exc).__name__}: {exc}; the running version stays", {}
+            log.warning(
+                "scheduled recalibration of %s skipped: the state database failed (%s)", request.task, exc
+            )
+            return None
+
+    @staticmethod
+    def lock_name(request: RecalibrationRequest) -> str:
+        return f"{request.task}:{request.tenant or '*'}"
+
+    def _outcome(self, request: RecalibrationRequest, actor: str, job_id: str) -> tuple[str, str, dict]:
+        try:
+            return self._run_locked(request, actor, job_id)
+        except TooFewLabels as exc:
+            return "refused", exc.reason, {"needed_more": exc.needed_more}
+        except Refused as exc:
+            return "refused", exc.reason, exc.details
+
+    @staticmethod
+    def _failure(job_id: str, exc: Exception) -> tuple[str, str, dict]:
+        if isinstance(exc, (BackendUnavailable, sqlite3.Error)):
+            return (
+                "failed",
+                f"the state database failed during the job ({exc}); the running version stays",
+                {},
+            )
+        log.exception("recalibration job %s failed", job_id)  # a bug must not leave the job 'running'
+        return "failed", f"{type(exc).__name__}: {exc}; the running version stays", {}
+
+    def _finish(self, request: RecalibrationRequest, job_id: str, status: str, reason: str, extra: dict):
         log.log(
             logging.INFO if status == "succeeded" else logging.WARNING,
             "recalibration %s of %s: %s (%s)",
@@ -346,6 +393,7 @@ class RecalibrationService:
     def __init__(self, job: Recalibration) -> None:
         self.job = job
         self._running: set[asyncio.Task] = set()
+        self._schedule: asyncio.Task | None = None
 
     @classmethod
     def of(cls, service: Any) -> RecalibrationService:
@@ -385,3 +433,47 @@ class RecalibrationService:
     async def drain(self) -> None:
         while self._running:
             await asyncio.gather(*list(self._running), return_exceptions=True)
+
+    # -- the schedule (``recalibration`` in the app config) ----------------------------------
+
+    def start_schedule(self, schedule: Any, cascades: dict[str, Any]) -> bool:
+        """Run ``run_if_due`` for each scheduled task every ``schedule.every_s`` on this replica's
+        event loop (every replica tries; the lock and the last job's time make one node run
+        each due job). False when off or outside an event loop."""
+        if schedule is None or schedule.every_s is None:
+            return False
+        unknown = sorted(set(schedule.tasks) - set(cascades))
+        if unknown:
+            raise ConfigError(
+                f"unknown tasks {unknown}; expected some of {sorted(cascades)}",
+                field="rollouts.recalibrate.tasks",
+            )
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        tasks = schedule.tasks or [t for t, c in cascades.items() if getattr(c, "router", None) is None]
+        requests = [
+            RecalibrationRequest(
+                task=task,
+                alpha=schedule.alpha,
+                delta=schedule.delta,
+                shadow_fraction=schedule.shadow_fraction,
+                audit_fraction=schedule.audit_fraction,
+                reason="scheduled recertification from production labels",
+            )
+            for task in tasks
+        ]
+        task = loop.create_task(self._scheduled(requests, schedule.every_s), name="visionroute-recalibration")
+        # kept (asyncio holds tasks weakly); not drained: it runs until the replica stops
+        self._schedule = task
+        return True
+
+    async def _scheduled(self, requests: list[RecalibrationRequest], every_s: float) -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            for request in requests:
+                try:
+                    await asyncio.to_thread(self.job.run_if_due, request, every_s)
+                except Exception:  # the schedule outlives any one run
+                    log.exception("scheduled recalibration of %s", request.task)

@@ -226,3 +226,30 @@ def test_the_cli_runs_one_job_over_the_serve_configs_stores(service, tmp_path, c
     assert rollout["mode"] == "shadow" and rollout["artefact"] in out
     assert main([*common, "--tenant", "nobody"]) == 2  # a tenant with no data: refused, exit 2
     assert "no review items" in capsys.readouterr().out
+
+
+def test_the_scheduled_job_runs_once_per_interval_on_one_node_and_survives_an_outage(service, monkeypatch):
+    from router.config import RecalibrationSchedule
+    from visionroute.errors import ConfigError
+    from visionroute.state import StateUnavailable
+
+    run(labelled_traffic(service, 70, "sched"))
+    job = RecalibrationService.of(service).job
+    request = RecalibrationRequest.model_validate({**JOB, "propose": False})
+    with job.artefacts.job_lock(job.lock_name(request)):  # another node runs it now: nothing here
+        assert job.run_if_due(request, every_s=3600) is None
+    first = job.run_if_due(request, every_s=3600)
+    assert first is not None and first["status"] == "succeeded" and first["actor"] == "scheduler"
+    assert job.run_if_due(request, every_s=3600) is None  # not due again within the interval
+    assert len(job.artefacts.jobs("colour")) == 1
+
+    def down(*args, **kwargs):
+        raise StateUnavailable("state database unreachable", field="state")
+
+    monkeypatch.setattr(job.artefacts, "jobs", down)  # an outage: logged, nothing changes
+    assert job.run_if_due(request, every_s=0.001) is None
+    with pytest.raises(ConfigError) as bad:
+        RecalibrationService.of(service).start_schedule(
+            RecalibrationSchedule(every_s=60, tasks=["nope"]), service.config.cascades
+        )
+    assert bad.value.field == "rollouts.recalibrate.tasks"
