@@ -253,3 +253,51 @@ def test_the_scheduled_job_runs_once_per_interval_on_one_node_and_survives_an_ou
             RecalibrationSchedule(every_s=60, tasks=["nope"]), service.config.cascades
         )
     assert bad.value.field == "rollouts.recalibrate.tasks"
+
+
+def test_a_task_with_a_vlm_gets_the_three_tier_plan_from_weighted_labels():
+    """Synthetic queue items: reviews (pi 1) below 0.8, VLM answers in [0.6, 0.7), audited cheap
+    accepts (pi 0.6) above; every label right. The plan's thresholds become the served policy's."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from policies.thresholds import ThresholdPolicy
+
+    rng = np.random.default_rng(0)
+    items = []
+    for i, score in enumerate(rng.uniform(0.0, 1.0, 900)):
+        audited = score >= 0.8
+        if audited and rng.random() > 0.6:
+            continue  # an accept the audit did not draw: never queued
+        steps = [{"stage": "policy:thresholds", "score": float(score)}]
+        if 0.6 <= score < 0.7:
+            steps.append({"stage": "vlm:colour", "score": float(rng.uniform(0.6, 1.0))})
+        items.append(
+            SimpleNamespace(
+                id=f"it{i}",
+                task="colour",
+                tenant="t0",
+                kind="audit" if audited else "review",
+                inclusion_probability=0.6 if audited else 1.0,
+                trace={"steps": steps},
+                status="labelled",
+                label={"verdict": "confirm"},
+                proposed=[{"label": "red"}],
+                created_at=float(i),
+            )
+        )
+    incumbent = ThresholdPolicy(version="colour-v1", accept_threshold=0.8, escalate_threshold=0.5)
+    request = RecalibrationRequest.model_validate({"task": "colour", "alpha": 0.1, "delta": 0.1})
+    built = build_artefact(items, request=request, incumbent=incumbent, has_vlm=True, erased=set())
+    plan, thresholds = built.artefact["plan"], built.artefact["thresholds"]
+    assert plan is not None and set(plan["rates"]) >= {"accept", "escalate", "review"}
+    assert (
+        thresholds["version"].startswith("colour-v1+prod-")
+        and thresholds["version"] == built.artefact["version"]
+    )
+    assert 0.0 <= thresholds["escalate_threshold"] <= thresholds["accept_threshold"] <= 1.0
+    assert built.artefact["certificate"]["feasible"] and built.artefact["certificate"]["alpha"] == 0.1
+    from policies.artefact_store import canonical
+
+    assert canonical(built.artefact)
