@@ -92,12 +92,12 @@ class ReviewItemView(Result):
     original_kept: bool
     audit_source: str | None  # policy | rollout | none (not an audit); None: queued before it was kept
     inclusion_probability: float | None  # the chance the item was queued (1 for a review)
+    labels_wanted: int  # 2: labelled by two reviewers (policies/review/double_labels.py)
+    needs_adjudication: bool  # its two labels disagree: an admin's label decides
     age_s: float
     is_leased: bool
     is_overdue: bool
     image_available: bool
-    labels_wanted: int = 1  # 2: labelled by two reviewers (policies/review/double_labels.py)
-    needs_adjudication: bool = False  # its two labels disagree: an admin's label decides
 
     @classmethod
     def from_item(cls, item: ReviewItem, now: float | None = None) -> ReviewItemView:
