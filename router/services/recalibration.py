@@ -357,6 +357,13 @@ class Recalibration:
         }
         if not request.propose:
             return "succeeded", f"artefact {sha[:12]} stored (not proposed)", extra
+        if request.tenant is not None:  # a rollout acts on every tenant of the task
+            return (
+                "succeeded",
+                f"artefact {sha[:12]} stored; not proposed: it is certified on tenant {request.tenant!r}'s "
+                "labels only, and a rollout acts on the whole task",
+                extra,
+            )
         try:
             rollout = self.rollouts.start(
                 task=request.task,

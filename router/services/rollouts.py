@@ -261,6 +261,12 @@ class RolloutService:
                     f"calibration artefact {sha256[:12]} is for task {body.get('task')!r}, not {task!r}",
                     field="artefact",
                 )
+            if body.get("tenant") is not None:  # certified on one tenant's labels: not for the whole task
+                raise InputError(
+                    f"calibration artefact {sha256[:12]} is certified on tenant {body['tenant']!r}'s labels "
+                    "only; a rollout acts on every tenant of the task",
+                    field="artefact",
+                )
             cached = self._artefact_thresholds[sha256] = ThresholdPolicy.model_validate(body["thresholds"])
         return cached
 

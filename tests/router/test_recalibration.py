@@ -70,7 +70,7 @@ def test_labels_become_an_artefact_that_shadows_is_promoted_and_serves_later_req
     recalibration = RecalibrationService.of(service)
 
     async def scenario():
-        answers = await labelled_traffic(service, 70, "day1")
+        answers = await labelled_traffic(service, 50, "day1")
         assert all(a["analysis"].decision.value == "review" for a in answers)  # the incumbent accepts nothing
         job = await recalibration.start("alice@ops", JOB)
         assert job["status"] == "running"
@@ -78,7 +78,7 @@ def test_labels_become_an_artefact_that_shadows_is_promoted_and_serves_later_req
         assert job["status"] == "succeeded", job["reason"]
         sha, rollout_id = job["artefact_sha256"], job["rollout_id"]
         artefact = service.rollouts.artefacts.get(sha)  # sha256-checked
-        assert artefact["task"] == "colour" and artefact["labels"]["sampled_items"] == 70
+        assert artefact["task"] == "colour" and artefact["labels"]["sampled_items"] == 50
         assert artefact["certificate"]["risk_upper_bound"] <= 0.2 + 1e-9
         assert artefact["thresholds"]["accept_threshold"] < 0.9999
         started = (await service.rollouts.status(rollout_id)).to_json()
@@ -301,3 +301,13 @@ def test_a_task_with_a_vlm_gets_the_three_tier_plan_from_weighted_labels():
     from policies.artefact_store import canonical
 
     assert canonical(built.artefact)
+
+
+def test_a_tenants_artefact_is_stored_but_never_rolled_out_to_the_whole_task(service):
+    run(labelled_traffic(service, 70, "tenant"))
+    job = job_of(RecalibrationService.of(service), {**JOB, "tenant": "t0"})
+    assert job["status"] == "succeeded" and job["rollout_id"] is None and "not proposed" in job["reason"]
+    assert service.rollouts.artefacts.get(job["artefact_sha256"])["tenant"] == "t0"
+    with pytest.raises(InputError) as refused:
+        run(service.rollouts.start(ADMIN, {"task": "colour", "artefact": job["artefact_sha256"]}))
+    assert refused.value.field == "artefact" and "tenant" in str(refused.value)
