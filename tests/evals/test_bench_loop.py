@@ -1,0 +1,130 @@
+"""``bench loop`` on a synthetic replay: a tiny seeded run gives every table row and JSON field, and
+under a strong shift the static plan's accepted error rises above alpha and above the closed loop's."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from evals.benchmarks import loop as bench
+from visionroute.errors import ConfigError
+
+CLASSES = 4
+
+
+def _tier(rng, labels, confidence, correct):
+    """(n, C) probabilities whose top class (the label when ``correct``) has ``confidence``."""
+    n = len(labels)
+    wrong = (labels + rng.integers(1, CLASSES, n)) % CLASSES
+    top = np.where(correct, labels, wrong)
+    probabilities = np.tile(((1 - confidence) / (CLASSES - 1))[:, None], (1, CLASSES))
+    probabilities[np.arange(n), top] = confidence
+    return probabilities
+
+
+def synthetic_replay(n: int = 1200, seed: int = 0) -> bench.Replay:
+    """Level 0 clean, level 1 shifted: the cheap tier keeps its confidence but is right only half as
+    often; the second tier stays good and its confidence separates its errors; one input statistic
+    moves by 4 standard deviations (the guard sees it)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, CLASSES, n)
+    confidence = rng.uniform(0.4, 1.0, n)
+    cheap, strong, stats = [], [], []
+    for cheap_skill, strong_error, moved in ((1.0, 0.03, 0.0), (0.5, 0.05, 4.0)):
+        cheap.append(_tier(rng, labels, confidence, rng.random(n) < confidence * cheap_skill))
+        strong_wrong = rng.random(n) < strong_error
+        strong.append(_tier(rng, labels, np.where(strong_wrong, 0.5, 0.95), ~strong_wrong))
+        level_stats = rng.normal(0.0, 1.0, (n, 5))
+        level_stats[:, 3] += moved
+        stats.append(level_stats)
+    order = rng.permutation(n)
+    third = n // 4
+    return bench.Replay(
+        np.stack(cheap),
+        np.stack(strong),
+        np.stack(stats),
+        labels,
+        tuple(map(str, range(CLASSES))),
+        order[:third],
+        order[third : 2 * third],
+        order[2 * third :],
+        "synthetic",
+    )
+
+
+CONFIG = bench.LoopConfig(
+    items=4000,
+    window=500,
+    shift_start=0.4,
+    ramp=0.1,
+    max_severity=1,
+    alpha=0.1,
+    audit_fraction=0.3,
+    audit_budget=0.5,
+    alarm_factor=1.5,
+    label_windows=2,
+    n_points=12,
+    guard_stride=50,
+    seed=3,
+)
+
+
+@pytest.fixture(scope="module")
+def result():
+    return bench.simulate(synthetic_replay(), CONFIG)
+
+
+def test_tiny_run_gives_every_row_and_field(result, tmp_path):
+    table = bench.format_result(result)
+    for policy in bench.POLICIES:
+        assert set(result["phases"][policy]) == set(bench.PHASES)
+        assert len(result["windows"][policy]) == CONFIG.items // CONFIG.window
+        for phase in bench.PHASES:
+            assert any(line.split()[:2] == [policy, phase] for line in table.splitlines())
+    for key in ("audit_fraction", "alarm_audit_fraction", "static_plan", "recertifications", "seconds"):
+        assert key in result
+    assert set(result["targets"]) >= {
+        "loop_windows_above_alpha",
+        "lag_bound_windows",
+        "accepted_error_within_alpha_outside_lag",
+        "loop_cost_ratio_to_shifted_calibration",
+        "cost_within_1_2x",
+    }
+    baseline = result["shifted_baseline"]
+    assert baseline["available"] and baseline["labels"] > 0 and baseline["cost_per_1000"] > 0
+    row = result["phases"]["loop"]["settled"]
+    assert {"cost_per_1000", "accepted_error", "worst_window_error", "audit_labels", "coverage"} <= set(row)
+    # labels spent: the loop audits more once the guard alarms (here from the ramp on)
+    windows = result["windows"]["loop"]
+    assert any(w["drift_alarm"] for w in windows)
+    assert max(w["audit_fraction"] for w in windows) > result["audit_fraction"]
+    json.loads(json.dumps(result, default=float))
+    assert bench.plot(result, tmp_path / "loop.png").stat().st_size > 0
+
+
+def test_under_a_strong_shift_the_static_plan_breaks_and_the_loop_does_not(result):
+    settled = {policy: result["phases"][policy]["settled"] for policy in bench.POLICIES}
+    assert settled["static"]["accepted_error"] > CONFIG.alpha
+    assert settled["loop"]["accepted_error"] < settled["static"]["accepted_error"]
+    assert settled["loop"]["accepted_error"] <= CONFIG.alpha
+    assert result["recertifications"] >= 1
+    # before the shift every policy serves the same offline plan without breaking it
+    clean = {
+        policy: result["phases"][policy]["clean"]["accepted_error"] for policy in ("static", "static+guard")
+    }
+    assert clean["static"] == pytest.approx(clean["static+guard"], abs=0.02)
+
+
+def test_a_severity_the_replay_lacks_is_a_config_error():
+    with pytest.raises(ConfigError) as error:
+        bench.simulate(synthetic_replay(n=200), bench.LoopConfig(items=4000, window=500, max_severity=3))
+    assert error.value.field == "max_severity"
+
+
+def test_the_schedule_ramps_from_clean_to_the_max():
+    config = bench.LoopConfig(items=1000, window=100, shift_start=0.5, ramp=0.2, max_severity=4)
+    level = bench.severity_schedule(config)
+    assert (level[:500] == 0).all() and (level[700:] == 4).all()
+    assert (np.diff(level) >= 0).all() and set(level[500:700]) == {1, 2, 3, 4}
