@@ -115,6 +115,6 @@ class VisionRouteService:
             retention=retention,
             batch=BatchService(analyze, config.limits),
         )
-        # recertification on a schedule (rollouts.recalibrate; off by default): on this replica's loop
-        RecalibrationService.of(service).start_schedule(config.rollouts.recalibrate, config.cascades)
+        if config.rollouts.recalibrate.every_s is not None:  # recertify on a schedule (off by default)
+            RecalibrationService.of(service).start_schedule(config.rollouts.recalibrate, config.cascades)
         return service

@@ -311,3 +311,25 @@ def test_a_tenants_artefact_is_stored_but_never_rolled_out_to_the_whole_task(ser
     with pytest.raises(InputError) as refused:
         run(service.rollouts.start(ADMIN, {"task": "colour", "artefact": job["artefact_sha256"]}))
     assert refused.value.field == "artefact" and "tenant" in str(refused.value)
+
+
+def test_the_schedule_runs_the_job_on_the_replicas_event_loop(service):
+    from router.config import RecalibrationSchedule
+
+    run(labelled_traffic(service, 50, "loop"))
+    recalibration = RecalibrationService.of(service)
+    schedule = RecalibrationSchedule(every_s=0.1, tasks=["colour"], alpha=0.2, delta=0.2)
+
+    async def scheduled():
+        assert recalibration.start_schedule(schedule, service.config.cascades)
+        for _ in range(200):
+            await asyncio.sleep(0.1)
+            jobs = await recalibration.list("colour")
+            if jobs["jobs"] and jobs["jobs"][0]["status"] != "running":
+                break
+        recalibration._schedule.cancel()
+        return jobs["jobs"]
+
+    jobs = run(scheduled())
+    assert jobs and jobs[0]["actor"] == "scheduler" and jobs[0]["status"] == "succeeded", jobs
+    assert jobs[0]["rollout_id"] is not None  # proposed as a shadow rollout
