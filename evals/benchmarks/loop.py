@@ -23,7 +23,10 @@ random) with probability ``--reviewer-error``; an audit goes unlabelled with pro
   certificate is feasible, deployed for the next window together with a new input reference (the
   inputs it was certified on, so the guard now asks "unlike the data of this certificate?"); a
   drift alarm (the guard flags more than ``ALARM_SHARE`` of a window) raises the audit fraction
-  ``--alarm-factor`` fold, within the audit budget, until the guard is quiet again.
+  ``--alarm-factor`` fold, within the audit budget, until the guard is quiet and a
+  recertification has succeeded; at a new alarm the label window restarts (older labels
+  describe the inputs before the shift). A refused or infeasible recertification leaves the
+  running plan in place (as the service's job does).
 
 The baseline for the cost after the shift: a calibration fitted on the shifted data (iid, the
 same number of labels as the loop's last certificate used; ``evals.harness.calibrate``,
@@ -424,12 +427,17 @@ def simulate(replay: Replay, config: LoopConfig, *, progress=None) -> dict[str, 
         routed = route(loop_plan, stream.score[s], stream.strong_score[s], flagged)
         queue = _queue(stream, routed, fraction, start, stop, ask_labelled=True)
         row = _window_row(stream, routed, flagged, costs, start, stop, extra_calls=queue["extra_calls"])
+        drifting = bool(flagged.mean() > ALARM_SHARE)
+        if drifting and not alarm:  # a new alarm: the labels before it describe the old inputs
+            queues, fractions = [], []
         queues, fractions = (
             (queues + [queue])[-config.label_windows :],
             (fractions + [fraction])[-config.label_windows :],
         )
-        alarm = bool(flagged.mean() > ALARM_SHARE)
         new_plan, labels, outcome = _recertify(queues, fractions, costs, config, seed=config.seed * 1000 + w)
+        # the alarm (and the raised audit fraction) holds until the guard is quiet and a
+        # certificate of the new inputs exists
+        alarm = drifting or (alarm and new_plan is None)
         last_labels = labels
         if new_plan is not None:
             loop_plan = new_plan
