@@ -50,6 +50,7 @@ from policies.production_certify import (
     certify_production_plan,
     sample_from_items,
 )
+from policies.reviewer_quality import distrusted_reviewers
 from policies.risk_control import TierCosts
 from policies.rollout_store import RolloutStore
 from policies.sequential import RolloutConfig
@@ -125,6 +126,7 @@ def build_artefact(
     has_vlm: bool,
     erased: set[str],
     calibration: str | None = None,
+    distrusted_reviewers: frozenset[str] = frozenset(),
 ) -> Built:
     """The artefact certified on the task's production items (``ReviewItem``s), or Refused /
     TooFewLabels. Pure: no store is touched."""
@@ -140,7 +142,8 @@ def build_artefact(
     if not chosen:
         where = f"task {task!r}" + (f", tenant {tenant!r}" if tenant else "")
         raise Refused(f"no review items of {where}: nothing to recertify on; the running version stays")
-    queued = sample_from_items(chosen, task=task)
+    # a flagged reviewer's label counts as no label (non-response: an error wherever accepted)
+    queued = sample_from_items(chosen, task=task, distrusted_reviewers=distrusted_reviewers)
     sample = queued.sample
     if has_vlm:
         plan = certify_production_plan(sample, costs=request.costs, alpha=request.alpha, delta=request.delta)
@@ -170,6 +173,7 @@ def build_artefact(
         "sampled_items": len(sample),
         "unlabelled_items": sample.n_unlabelled,
         "left_out": {**queued.left_out, "erased": erased_left_out},
+        "distrusted_reviewers": len(distrusted_reviewers),
         "item_ids_sha256": hashlib.sha256("\n".join(sorted(i.id for i in chosen)).encode()).hexdigest(),
         "window": [min(i.created_at for i in chosen), max(i.created_at for i in chosen)],
     }
@@ -214,6 +218,7 @@ class Recalibration:
         cascades: dict[str, Any],
         incumbent_thresholds: Callable[[str], ThresholdPolicy],
         on_proposed: Callable[[], None] | None = None,
+        distrusted_reviewers: Callable[[str | None], frozenset[str]] | None = None,
     ) -> None:
         self.queue = queue
         self.artefacts = artefacts
@@ -221,6 +226,7 @@ class Recalibration:
         self.cascades = cascades
         self.incumbent_thresholds = incumbent_thresholds
         self.on_proposed = on_proposed
+        self.distrusted_reviewers = distrusted_reviewers  # tenant -> the flagged reviewers
 
     def check(self, request: RecalibrationRequest) -> None:
         cascade = self.cascades.get(request.task)
@@ -339,6 +345,11 @@ class Recalibration:
             has_vlm=getattr(cascade, "vlm", None) is not None,
             erased=erased_item_ids(self.queue),
             calibration=str(cascade.tier.calibration) if cascade.tier.calibration else None,
+            distrusted_reviewers=(
+                frozenset(self.distrusted_reviewers(request.tenant))
+                if self.distrusted_reviewers
+                else frozenset()
+            ),
         )
         # an erasure may have landed while the job certified: no artefact is built from its items
         late = erased_item_ids(self.queue).intersection(built.item_ids)
@@ -417,6 +428,9 @@ class RecalibrationService:
                     cascades=service.config.cascades,
                     incumbent_thresholds=lambda task: policies.thresholds(policies.current, task),
                     on_proposed=lambda: setattr(rollouts, "_read_at", 0.0),
+                    distrusted_reviewers=lambda tenant: distrusted_reviewers(
+                        service.review.queue, policies.current, tenant=tenant
+                    ),
                 )
             )
             rollouts.recalibration = existing

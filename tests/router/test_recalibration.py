@@ -14,7 +14,7 @@ import asyncio
 import pytest
 
 from policies.artefact_store import ArtefactStore
-from router.services.recalibration import RecalibrationRequest, RecalibrationService, build_artefact
+from router.services.recalibration import RecalibrationRequest, RecalibrationService, Refused, build_artefact
 from tests.router.test_rollouts import ADMIN, build, review_everything, rollout_config, steps, traffic, truths
 from visionroute.errors import InputError
 
@@ -301,6 +301,17 @@ def test_a_task_with_a_vlm_gets_the_three_tier_plan_from_weighted_labels():
     from policies.artefact_store import canonical
 
     assert canonical(built.artefact)
+    for item in items:  # every label from one reviewer whom the error rates flagged
+        item.labelled_by = "rita"
+    with pytest.raises(Refused, match="no threshold"):  # their labels count as none (errors): no certificate
+        build_artefact(
+            items,
+            request=request,
+            incumbent=incumbent,
+            has_vlm=True,
+            erased=set(),
+            distrusted_reviewers={"rita"},
+        )
 
 
 def test_a_tenants_artefact_is_stored_but_never_rolled_out_to_the_whole_task(service):

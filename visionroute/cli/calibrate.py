@@ -77,6 +77,7 @@ def _cmd_from_production(args) -> int:
     the shared store -> a shadow rollout naming it. Exit 0 succeeded, 2 refused, 1 failed."""
     from policies.artefact_store import ArtefactStore
     from policies.review_queue import ReviewQueue
+    from policies.reviewer_quality import distrusted_reviewers
     from policies.rollout_store import RolloutStore
     from router.serve_config import app_config
     from router.services.recalibration import Recalibration, recalibration_request
@@ -114,6 +115,7 @@ def _cmd_from_production(args) -> int:
             incumbent_thresholds=lambda task: config.policies.threshold_policy(
                 task, config.cascades[task].policy
             ),
+            distrusted_reviewers=lambda tenant: distrusted_reviewers(queue, config.policies, tenant=tenant),
         )
         try:
             job.check(request)
