@@ -233,7 +233,7 @@ class SoakService:
         return sorted(
             pid
             for pid, cmdline in session_processes(self.process.pid).items()
-            if f"ServeReplica:{APP}:{deployment} " in cmdline + " "
+            if f"ServeReplica:{APP}:" in cmdline and role_of(cmdline) == f"replica:{deployment}"
         )
 
 
@@ -286,7 +286,7 @@ def role_of(cmdline: str) -> str:
     if not argv:
         return "?"
     name = Path(argv[0]).name
-    if name.startswith("python") and len(argv) > 1 and argv[1] == "-c":
+    if name.startswith("python") and "-c" in argv:
         return "python -c"
     if name.startswith("python") and len(argv) > 1:
         script = next((a for a in argv[1:] if not a.startswith("-")), argv[1])
@@ -900,9 +900,12 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def run(args) -> int:
+    import logging
+
     from visionroute import pg_local
     from visionroute.errors import ConfigError
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would bury the report
     models_dir = Path(args.models_dir)
     if not models_dir.is_dir() or not any(models_dir.iterdir()):
         raise ConfigError(
