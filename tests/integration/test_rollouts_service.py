@@ -24,6 +24,7 @@ from tests.integration.serve_process import REPO, ServeProcess
 from tests.router.colour_model import LABELS, solid_png, write_colour_model
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
+RECALIBRATED = "colour_recalibrated"
 COLOURS = {"red": (230, 20, 20), "green": (20, 230, 20), "blue": (20, 20, 230)}
 
 
@@ -46,12 +47,19 @@ def service(tmp_path_factory):
             "cheaper": {"tier": {"model": str(incumbent), **tier, "cost_units": 0.5}, "placement": "ingress"},
         },
     }
+    # The recalibration test's task: the incumbent's accept threshold (0.9999) is above every
+    # answer of the colour model, so every request goes to review until recertified.
+    recalibrated = {
+        "tier": {"model": str(incumbent), **tier, "cost_units": 1.0},
+        "policy": {"version": "colour-v1", "accept_threshold": 0.9999, "escalate_threshold": 0.5},
+        "placement": "ingress",
+    }
     process = ServeProcess(
         workdir,
         models,
         extra_args={
             "default_task": "colour",
-            "cascades": {"colour": cascade},
+            "cascades": {"colour": cascade, RECALIBRATED: recalibrated},
             "retrieval": {"enabled": False},
             "rollouts": {"refresh_s": 0.2, "cost_flush_s": 0.2},
         },
@@ -68,7 +76,7 @@ def cli(service, *args: str) -> subprocess.CompletedProcess:
     )
 
 
-def send(client: httpx.Client, n: int, prefix: str) -> dict[str, tuple[str, dict]]:
+def send(client: httpx.Client, n: int, prefix: str, task: str | None = None) -> dict[str, tuple[str, dict]]:
     rng = np.random.default_rng(n)
     sent = {}
     for i in range(n):
@@ -77,6 +85,7 @@ def send(client: httpx.Client, n: int, prefix: str) -> dict[str, tuple[str, dict
         response = client.post(
             "/v1/analyze",
             files={"image": ("x.png", solid_png(colour), "image/png")},
+            data={"task": task} if task else None,
             headers={"x-request-id": f"{prefix}-{i}"},
         )
         assert response.status_code == 200, response.text
@@ -92,6 +101,13 @@ def review_all(client: httpx.Client, truth_of: dict[str, str], expect: int, dead
         item = claim["item"]
         if item is None:
             time.sleep(0.3)
+            continue
+        if item["request_id"] not in truth_of:  # another test's item (both tasks share the queue)
+            response = client.post(
+                f"/v1/review/items/{item['id']}/label",
+                json={"reviewer": "rita", "lease_token": claim["lease_token"], "verdict": "reject"},
+            )
+            assert response.status_code == 200, response.text
             continue
         proposed = item["proposed"][0]["label"] if item["proposed"] else None
         truth = truth_of[item["request_id"]]
@@ -217,3 +233,64 @@ def test_cards_and_drift_reports_are_served(service):
         assert drift.status_code == 200 and "colour" in json.dumps(drift.json())
         metrics = client.get("/metrics").text
         assert "visionroute_drift_alarm" in metrics
+
+
+def finished_job(client: httpx.Client, job_id: str, deadline_s: float = 60.0) -> dict:
+    deadline = time.monotonic() + deadline_s
+    while True:
+        job = client.get(f"/v1/admin/recalibrations/{job_id}").json()
+        if job["status"] != "running" or time.monotonic() > deadline:
+            return job
+        time.sleep(0.3)
+
+
+def truths(sent: dict) -> dict[str, str]:
+    return {rid: truth for rid, (truth, _) in sent.items()}
+
+
+# --------------------------------------------------------------------------- recalibration
+# reviewers' labels -> POST /v1/admin/recalibrations -> a certified artefact in the shared store ->
+# a shadow rollout naming it by sha256 -> the sequential test promotes it -> the trace of a later
+# request carries the artefact's version. No redeploy: the replicas load it from the store.
+
+
+def test_labels_become_a_new_artefact_that_shadows_is_promoted_and_traces_carry_it(service):
+    job_body = {
+        "task": RECALIBRATED,
+        "alpha": 0.2,
+        "delta": 0.2,
+        "shadow_fraction": 1.0,
+        "audit_fraction": 1.0,
+    }
+    with httpx.Client(base_url=service.url, timeout=120) as client:
+        sent = send(client, 60, "day1", RECALIBRATED)
+        assert all(response["decision"] == "review" for _, response in sent.values())
+        assert review_all(client, truths(sent), expect=60) == 60
+        started = client.post("/v1/admin/recalibrations", json={**job_body, "min_cost_observations": 5})
+        assert started.status_code == 202, started.text
+        job = finished_job(client, started.json()["id"])
+        assert job["status"] == "succeeded", job["reason"]
+        sha, rollout_id = job["artefact_sha256"], job["rollout_id"]
+        version = job["details"]["version"]
+        assert client.get(f"/v1/rollouts/{rollout_id}").json()["artefact"] == sha
+        time.sleep(0.5)  # every replica re-reads the rollouts within refresh_s
+        shadowed = send(client, 30, "day2", RECALIBRATED)
+        for _, response in shadowed.values():  # the incumbent still serves
+            (step,) = rollout_steps(response)
+            assert step["details"]["candidate_artefact"] == sha and step["details"]["arm"] == "incumbent"
+        review_all(client, truths(shadowed), expect=60)
+        time.sleep(0.5)
+        send(client, 4, "flush", RECALIBRATED)  # costs are flushed every cost_flush_s, on the next request
+        status = wait_for_status(client, rollout_id, "promoted")
+        assert status["status"] == "promoted", status["test"]
+        assert [(e["action"], e["actor"]) for e in status["events"]][1] == ("promote", "sequential-test")
+        time.sleep(0.5)
+        later = send(client, 2, "later", RECALIBRATED)
+        for _, response in later.values():  # the trace of a later request carries the new version
+            assert response["decision"] == "accept"
+            (step,) = rollout_steps(response)
+            assert step["details"]["arm"] == "candidate" and step["details"]["candidate_artefact"] == sha
+            (thresholds,) = [s for s in response["trace"]["steps"] if s["stage"] == "policy:thresholds"]
+            assert thresholds["policy_version"] == version
+        bad = client.post("/v1/admin/recalibrations", json={"task": "nope"})
+        assert bad.status_code == 400 and bad.json()["field"] == "task"
