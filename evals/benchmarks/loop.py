@@ -24,8 +24,12 @@ random) with probability ``--reviewer-error``; an audit goes unlabelled with pro
   inputs it was certified on, so the guard now asks "unlike the data of this certificate?"); a
   drift alarm (the guard flags more than ``ALARM_SHARE`` of a window) raises the audit fraction
   ``--alarm-factor`` fold, within the audit budget, until the guard is quiet and a
-  recertification has succeeded; at a new alarm the label window restarts (older labels
-  describe the inputs before the shift). A refused or infeasible recertification leaves the
+  recertification has succeeded. The label window restarts whenever a window's inputs differ
+  from the label window's before it (the guard with those inputs as its reference flags more
+  than ``ALARM_SHARE``): older labels describe other inputs, and a certificate on a mixture
+  holds for neither. From then until a recertification succeeds, no certificate covers the
+  inputs the guard flags, the second tier's answers on them included: the loop sends them to
+  review (the service's guard, as in ``static+guard``, escalates them). A refused or infeasible recertification leaves the
   running plan in place (as the service's job does).
 
 The baseline for the cost after the shift: a calibration fitted on the shifted data (iid, the
@@ -202,12 +206,17 @@ class Routed:
     reviewed: np.ndarray
 
 
-def route(plan, score: np.ndarray, strong_score: np.ndarray, flagged: np.ndarray) -> Routed:
+def route(
+    plan, score: np.ndarray, strong_score: np.ndarray, flagged: np.ndarray, *, flagged_to_review: bool = False
+) -> Routed:
     """``TierPlan.decide`` / ``decide_vlm`` over arrays, after the guard (``guarded_decision``: a
-    flagged would-be accept is escalated)."""
+    flagged would-be accept is escalated). ``flagged_to_review``: every flagged item goes to a
+    human instead (no certificate covers its inputs, the second tier's answer included)."""
     would_accept = score >= plan.accept_threshold
     cheap_ok = would_accept & ~flagged
     asked = ~cheap_ok & ((score >= plan.review_threshold) | would_accept)
+    if flagged_to_review:
+        asked &= ~flagged
     vlm_t = plan.vlm_accept_threshold
     vlm_ok = asked if vlm_t is None else asked & (strong_score >= vlm_t)
     return Routed(cheap_ok, asked, vlm_ok, ~(cheap_ok | vlm_ok))
@@ -273,6 +282,14 @@ def _flags(guard, stats: np.ndarray, start: int, stop: int, stride: int) -> np.n
     lead = max(0, start - (guard.window - 1)) if guard.window else start
     flagged = guard.flags(stats[lead:stop], stride=stride)["shifted"]
     return flagged[start - lead :]
+
+
+def _moved(stats: np.ndarray, first: int, start: int, stop: int, rng, config: LoopConfig) -> bool:
+    """Do this window's inputs (start..stop) differ from the label window's before it
+    (first..start)? The guard, with those earlier inputs as its reference, flags more than
+    ``ALARM_SHARE`` of this window."""
+    guard = _guard(_reference(stats[first:start], rng, "the label window"), config)
+    return bool(_flags(guard, stats, start, stop, config.guard_stride).mean() > ALARM_SHARE)
 
 
 def _reference(stats: np.ndarray, rng: np.random.Generator, source: str):
@@ -398,6 +415,7 @@ def simulate(replay: Replay, config: LoopConfig, *, progress=None) -> dict[str, 
     windows: dict[str, list[dict[str, Any]]] = {p: [] for p in POLICIES}
     static_guard = _guard(offline_reference, config)
     loop_plan, loop_guard = static_plan, _guard(offline_reference, config)
+    covered = True  # the running certificate was computed on inputs like the current ones
     queues: list[dict] = []
     fractions: list[float] = []
     alarm, recertified, last_labels = False, 0, None
@@ -424,12 +442,15 @@ def simulate(replay: Replay, config: LoopConfig, *, progress=None) -> dict[str, 
         # the closed loop
         fraction = alarm_fraction if alarm else base_fraction
         flagged = _flags(loop_guard, stream.stats, start, stop, config.guard_stride)
-        routed = route(loop_plan, stream.score[s], stream.strong_score[s], flagged)
+        routed = route(
+            loop_plan, stream.score[s], stream.strong_score[s], flagged, flagged_to_review=not covered
+        )
         queue = _queue(stream, routed, fraction, start, stop, ask_labelled=True)
         row = _window_row(stream, routed, flagged, costs, start, stop, extra_calls=queue["extra_calls"])
         drifting = bool(flagged.mean() > ALARM_SHARE)
-        if drifting and not alarm:  # a new alarm: the labels before it describe the old inputs
-            queues, fractions = [], []
+        if queues and _moved(stream.stats, start - len(queues) * config.window, start, stop, rng, config):
+            queues, fractions = [], []  # the labels before describe other inputs than this window's
+            covered = False  # nor does the running certificate: flagged inputs go to review until one does
         queues, fractions = (
             (queues + [queue])[-config.label_windows :],
             (fractions + [fraction])[-config.label_windows :],
@@ -442,7 +463,8 @@ def simulate(replay: Replay, config: LoopConfig, *, progress=None) -> dict[str, 
         if new_plan is not None:
             loop_plan = new_plan
             recertified += 1
-            first = max(0, stop - config.label_windows * config.window)
+            covered = True
+            first = stop - len(queues) * config.window
             loop_guard = _guard(_reference(stream.stats[first:stop], rng, f"windows {first}..{stop}"), config)
         windows["loop"].append(
             common
