@@ -85,9 +85,12 @@ async def batch_images(
             *(_json_image(value, max_image_bytes, url_fetch) for value in payload.images)
         )
         return list(images), payload.task, payload.tenant
+    limit = batch.limits.batch_max_images
     try:
-        form = await request.form(max_files=batch.limits.batch_max_images + 1)
-    except Exception as exc:  # starlette raises its own multipart errors (too many files among them)
+        form = await request.form(max_files=limit + 1)  # one more: the count's own error names it
+    except Exception as exc:  # starlette raises its own multipart errors
+        if "too many files" in str(exc).lower():
+            batch.check_count(limit + 1, "image")
         raise InputError(f"malformed multipart body: {failure_summary(exc)}", field="body") from None
     parts = form.getlist("image")
     batch.check_count(len(parts), "image")

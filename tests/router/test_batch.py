@@ -134,6 +134,7 @@ def test_http_batch_multipart_and_json(client):
     "send, field",
     [
         ({"files": [("image", ("a.png", RED, "image/png"))] * 5}, "image"),
+        ({"files": [("image", ("a.png", b"x", "image/png"))] * 50}, "image"),
         ({"json": {"images": [{"image_base64": "eA=="}] * 5}}, "images"),
         ({"json": {"images": []}}, "images"),
         ({"json": {"images": [{"image_base64": "eA=="}], "task": "nope"}}, "task"),
