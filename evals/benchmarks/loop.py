@@ -448,7 +448,11 @@ def simulate(replay: Replay, config: LoopConfig, *, progress=None) -> dict[str, 
         queue = _queue(stream, routed, fraction, start, stop, ask_labelled=True)
         row = _window_row(stream, routed, flagged, costs, start, stop, extra_calls=queue["extra_calls"])
         drifting = bool(flagged.mean() > ALARM_SHARE)
-        if queues and _moved(stream.stats, start - len(queues) * config.window, start, stop, rng, config):
+        flagged_to_review = not covered
+        restarted = bool(queues) and _moved(
+            stream.stats, start - len(queues) * config.window, start, stop, rng, config
+        )
+        if restarted:
             queues, fractions = [], []  # the labels before describe other inputs than this window's
             covered = False  # nor does the running certificate: flagged inputs go to review until one does
         queues, fractions = (
@@ -475,6 +479,8 @@ def simulate(replay: Replay, config: LoopConfig, *, progress=None) -> dict[str, 
                 "drift_alarm": alarm,
                 "recertified": new_plan is not None,
                 "recertification": outcome,
+                "flagged_to_review": flagged_to_review,
+                "label_window_restarted": restarted,
                 "labels_in_certificate": labels,
                 "plan": _plan_summary(loop_plan),
             }

@@ -110,6 +110,9 @@ def test_under_a_strong_shift_the_static_plan_breaks_and_the_loop_does_not(resul
     assert settled["loop"]["accepted_error"] < settled["static"]["accepted_error"]
     assert settled["loop"]["accepted_error"] <= CONFIG.alpha
     assert result["recertifications"] >= 1
+    # the shift restarted the label window: the labels before it describe the clean inputs
+    windows = result["windows"]["loop"]
+    assert any(w["label_window_restarted"] for w in windows if w["phase"] in ("ramp", "relearning"))
     # before the shift every policy serves the same offline plan without breaking it
     clean = {
         policy: result["phases"][policy]["clean"]["accepted_error"] for policy in ("static", "static+guard")
@@ -128,3 +131,18 @@ def test_the_schedule_ramps_from_clean_to_the_max():
     level = bench.severity_schedule(config)
     assert (level[:500] == 0).all() and (level[700:] == 4).all()
     assert (np.diff(level) >= 0).all() and set(level[500:700]) == {1, 2, 3, 4}
+
+
+def test_the_guard_escalates_a_flagged_accept_or_sends_it_to_review():
+    from types import SimpleNamespace
+
+    plan = SimpleNamespace(accept_threshold=0.9, review_threshold=0.5, vlm_accept_threshold=0.7)
+    score = np.array([0.95, 0.95, 0.6, 0.6, 0.2])
+    strong = np.array([0.8, 0.8, 0.8, 0.6, 0.9])
+    flagged = np.array([False, True, False, True, True])
+    service = bench.route(plan, score, strong, flagged)
+    assert service.cheap_ok.tolist() == [True, False, False, False, False]
+    assert service.asked.tolist() == [False, True, True, True, False]
+    assert service.vlm_ok.tolist() == [False, True, True, False, False]
+    uncovered = bench.route(plan, score, strong, flagged, flagged_to_review=True)
+    assert uncovered.reviewed.tolist() == [False, True, False, True, True]
