@@ -35,7 +35,9 @@ The tiers, as for the digits (``cascades.digits``, ``evals.harness.digits_tier_d
 
 The split is fixed by ``seed``: 40% trains the tiers, the rest (the pool) is what calibration,
 certification and evaluation share among themselves. Trained artefacts are cached under
-``$VISIONROUTE_HOME/cache/textures`` (``cache_dir()``), keyed by recipe version and seed.
+``$VISIONROUTE_HOME/cache/textures`` (``cache_dir()``), keyed by recipe version and seed. What
+the evaluations read, ``tier_data`` (a ``TierData``) and ``router_task`` (``bench router``'s
+loader), is in ``evals.textures``: the examples layer sits below evals. docs/second_task.md.
 """
 
 from __future__ import annotations
@@ -47,7 +49,6 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -173,11 +174,9 @@ def load_split(seed: int = SEED) -> TexturesSplit:
 def rendered(images: np.ndarray) -> list[np.ndarray]:
     """Grey patches ((n, 32, 32) or (n, 1, 32, 32) in [0, 1]) as the RGB uint8 uploads a client
     sends (what the VLM is trained on and what the shift guard's statistics see)."""
-    pixels = np.asarray(images, np.float32).reshape(-1, PATCH, PATCH)
-    if not np.isfinite(pixels).all() or pixels.min() < 0.0 or pixels.max() > 1.0:
-        raise ValueError("images: expected finite grey values in [0, 1]")
-    grey = np.round(pixels * 255.0).astype(np.uint8)
-    return [np.repeat(patch[:, :, None], 3, axis=2) for patch in grey]
+    from examples.textures_vlm import grey_uploads
+
+    return grey_uploads(np.asarray(images, np.float32).reshape(-1, PATCH, PATCH))
 
 
 def _uniform_codes() -> np.ndarray:
@@ -342,54 +341,31 @@ def fit_cheap_calibration(data, fit_rows: np.ndarray, out_path: Path | None = No
     return calibrator
 
 
-# --------------------------------------------------------------------------- what the benches read
+# --------------------------------------------------------------------------- the VLM tier
 
 
-def _brightness_bucket(image: np.ndarray) -> str:
-    from evals.slicing import bucket
-
-    return bucket(float(image.mean()), [0.25, 0.5], ["dark", "medium", "bright"])
-
-
-def tier_data(seed: int = SEED, models_dir: Path | None = None):
-    """Both tiers on the pool (items never used in training), as ``evals.harness.TierData``:
-    the same signature and return type as ``evals.harness.digits_tier_data``. Trains (and caches
-    under ``models_dir``, default ``cache_dir()``) whatever is missing: the cheap tier in
-    seconds, the VLM in a few CPU-minutes."""
-    from scipy.special import softmax
-
-    from cascades.onnx_runner import file_sha256
-    from evals.harness import TierData
+def prepare_vlm(*, seed: int = SEED, cache: Path | None = None, progress=None):
+    """The textures LLaVA of ``seed`` (``examples.textures_vlm``), trained on the training share
+    unless ``cache`` (default ``cache_dir()``) holds it, with its label probabilities on every
+    row of ``load_textures()``: an ``examples.textures_vlm.VlmTier``."""
     from examples import textures_vlm
 
-    models_dir = Path(models_dir or cache_dir())
     split = load_split(seed)
-    cheap_path = prepare_cheap(models_dir, seed=seed)
-    vlm = textures_vlm.ensure_vlm(seed=seed, cache=models_dir)
-    metadata = [
-        {
-            "texture": CLASS_NAMES[int(label)],
-            "brightness": _brightness_bucket(image),
-            "source": f"skimage.data.{dict(SOURCES)[CLASS_NAMES[int(label)]]}",
-        }
-        for image, label in zip(split.images_pool, split.labels_pool)
-    ]
-    models = {
-        "cheap": {"name": cheap_path.stem, "sha256": file_sha256(cheap_path)},
-        "strong": {"name": vlm.model_dir.name, "sha256": vlm.weights_sha256},
-    }
-    return TierData(
-        softmax(cheap_logits(cheap_path, split.images_pool).astype(np.float64), axis=1),
-        vlm.probabilities[split.pool_index],
-        split.labels_pool,
+    return textures_vlm.ensure_vlm(
+        Path(cache or cache_dir()) / f"{textures_vlm.BUILD_VERSION}-seed{seed}",
+        split.images_train[:, 0],
+        split.labels_train,
         CLASS_NAMES,
-        metadata,
-        f"textures(seed={seed})",
-        models,
+        score_images=load_textures().images,
+        seed=seed,
+        progress=progress,
     )
 
 
-def _cheap_tier_us(path: Path, uploads: list[np.ndarray]) -> float:
+# --------------------------------------------------------------------------- timing, for the benches
+
+
+def cheap_tier_us(path: Path, uploads: list[np.ndarray]) -> float:
     """Median microseconds of the cheap tier on one upload: the RGB upload to the grey (1, 1, 32,
     32) input, then the ONNX model (no ``OnnxStage`` model config exists for this task)."""
     import time
@@ -411,7 +387,7 @@ def _cheap_tier_us(path: Path, uploads: list[np.ndarray]) -> float:
     return float(np.median(times))
 
 
-def _embed_us(uploads: list[np.ndarray]) -> float:
+def embed_us(uploads: list[np.ndarray]) -> float:
     """Median microseconds of ``embeddings`` on one upload (grey conversion included)."""
     import time
 
@@ -421,38 +397,3 @@ def _embed_us(uploads: list[np.ndarray]) -> float:
         embeddings(upload.astype(np.float32).mean(axis=2) / 255.0)
         times.append((time.perf_counter() - started) * 1e6)
     return float(np.median(times))
-
-
-def router_task(seed: int, work_dir: Path) -> Any:
-    """``bench router``'s task loader (``evals.benchmarks.router.TaskLoader``: ``--task
-    examples.textures:router_task``), as ``digits_task`` builds the digits: the pool as the
-    population, the VLM's in-process answers and confidences as the second tier, ``embeddings``
-    for the reference index with the training share as its reference items. The tiers come from
-    ``cache_dir()``, not ``work_dir`` (the VLM takes minutes to train; cached artefacts are keyed
-    by recipe version, seed and inputs, so every bench run can share them)."""
-    from cascades.router_features import input_features
-    from evals.benchmarks.router import RouterTask
-
-    data = tier_data(seed)
-    split = load_split(seed)
-    uploads = rendered(split.images_pool)
-    strong = data.strong_probabilities
-    cheap_path = prepare_cheap(seed=seed)
-    return RouterTask(
-        name=TASK,
-        seed=seed,
-        class_names=CLASS_NAMES,
-        labels=split.labels_pool,
-        cheap_probabilities=data.cheap_probabilities,
-        vlm_answers=strong.argmax(1),
-        vlm_scores=strong.max(1),
-        embeddings=embeddings(split.images_pool),
-        reference_embeddings=embeddings(split.images_train),
-        reference_labels=split.labels_train,
-        item_ids=split.pool_index,
-        cheap_stage_us=lambda: _cheap_tier_us(cheap_path, uploads[:300]),
-        embedding=EMBEDDING,
-        second_tier="the textures LLaVA (examples.textures_vlm), answer probabilities in-process",
-        embed_us=lambda: _embed_us(uploads[:300]),
-        input_statistics=input_features(uploads),
-    )

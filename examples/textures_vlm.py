@@ -6,7 +6,7 @@ a larger vision input: the 32x32 patch is cut into 16 patches of 8 px (16 image 
 of the digits' single token, because a texture is a statistic over positions, which one token of
 the whole patch would have to learn from 819 images; and a vision tower twice as wide (hidden
 64). It is trained on the request the VLM stage sends (``cascades.vlm.prompts``: the classify
-prompt over ``CLASS_NAMES``) to answer ``{"label":"brick"}`` then end of sequence, in two seeded
+prompt over the task's labels) to answer ``{"label":"brick"}`` then end of sequence, in two seeded
 stages on one torch thread: the vision tower and projector with a throw-away linear head (as the
 digits), then the projector and the language model on the answer tokens with the vision tower
 frozen. Augmentation: flips and quarter turns, a JPEG round trip half the time (the stage sends
@@ -22,8 +22,9 @@ reports with structured outputs (logprobs after the grammar's mask; the later to
 answer are forced). The model is saved for vLLM as the digits LLaVA is (``save_for_vllm``), but
 with this venv's transformers; serving it needs the vLLM venv to read those files.
 
-``ensure_vlm`` trains once per seed and recipe, caches the model and its probabilities on every
-item of ``load_textures()``, and reuses them.
+``ensure_vlm`` trains once per recipe and inputs, caches the model and its probabilities on the
+images it is asked to score, and reuses them; ``examples.textures.prepare_vlm`` calls it per seed
+(this module never imports that one).
 """
 
 from __future__ import annotations
@@ -57,16 +58,26 @@ VISION_LR = 3e-3
 ANSWER_EPOCHS = 8
 ANSWER_LR = 3e-3
 JPEG_PROBABILITY = 0.5
-PROBABILITIES = "probabilities.npz"  # beside the model: P(label) for every row of load_textures()
+PROBABILITIES = "probabilities.npz"  # beside the model: P(label) for every score image
 
 
-def classify_prompt() -> str:
-    """The VLM stage's classify prompt over the texture labels."""
+def classify_prompt(class_names: tuple[str, ...]) -> str:
+    """The VLM stage's classify prompt over these labels."""
     from cascades.vlm.config import VlmConfig
     from cascades.vlm.prompts import TASKS
-    from examples.textures import CLASS_NAMES
 
-    return TASKS["classify"].prompt(VlmConfig(task="classify", labels=CLASS_NAMES), {})
+    return TASKS["classify"].prompt(VlmConfig(task="classify", labels=tuple(class_names)), {})
+
+
+def grey_uploads(images: np.ndarray) -> list[np.ndarray]:
+    """Grey patches ((n, H, W) or (n, 1, H, W) in [0, 1]) as the RGB uint8 uploads a client
+    sends: what the VLM is trained on and answers."""
+    pixels = np.asarray(images, np.float32)
+    pixels = pixels.reshape(-1, *pixels.shape[-2:])
+    if not np.isfinite(pixels).all() or pixels.min() < 0.0 or pixels.max() > 1.0:
+        raise ValueError("images: expected finite grey values in [0, 1]")
+    grey = np.round(pixels * 255.0).astype(np.uint8)
+    return [np.repeat(patch[:, :, None], 3, axis=2) for patch in grey]
 
 
 def inputs_sha256(
@@ -146,6 +157,7 @@ def label_probabilities(model, prompt_ids, answer_inputs, position: int, pixel_v
 def train(
     images: np.ndarray,
     labels: np.ndarray,
+    class_names: tuple[str, ...],
     out_dir: Path,
     *,
     seed: int = 0,
@@ -154,7 +166,8 @@ def train(
     score_images: np.ndarray | None = None,
     progress=None,
 ) -> dict[str, Any]:
-    """Train on ``images`` (n, 32, 32) grey in [0, 1] and ``labels``, save for vLLM into
+    """Train on ``images`` (n, 32, 32) grey in [0, 1] and ``labels`` (ids into ``class_names``,
+    whose first letters must differ), save for vLLM into
     ``out_dir`` with ``visionroute_build.json``, and when ``score_images`` is given write their
     label probabilities to ``PROBABILITIES``. Returns the manifest."""
     import torch
@@ -163,16 +176,17 @@ def train(
     from transformers import LlavaForConditionalGeneration
 
     from examples import tiny_llava
-    from examples.textures import CLASS_NAMES, rendered
     from examples.train_digits import _Pixels, _prompt_ids
+
+    class_names = tuple(class_names)
 
     labels = np.asarray(labels, np.int64)
     if len(images) != len(labels) or len(labels) == 0:
         raise ValueError(
             f"images and labels: expected equal, non-zero lengths, got {len(images)} and {len(labels)}"
         )
-    if labels.min() < 0 or labels.max() >= len(CLASS_NAMES):
-        raise ValueError(f"labels: expected class ids in 0..{len(CLASS_NAMES) - 1}")
+    if labels.min() < 0 or labels.max() >= len(class_names):
+        raise ValueError(f"labels: expected class ids in 0..{len(class_names) - 1}")
     if vision_epochs < 1 or answer_epochs < 1:
         raise ValueError(f"epochs: expected at least 1 of each, got {vision_epochs} and {answer_epochs}")
     say = progress or (lambda message: None)
@@ -181,26 +195,26 @@ def train(
     torch.set_num_threads(TORCH_THREADS)
     try:
         torch.manual_seed(seed)
-        prompt = classify_prompt()
+        prompt = classify_prompt(class_names)
         tokenizer = tiny_llava.build_tokenizer(out_dir)
         config = tiny_llava.llava_config(
             tokenizer, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, vision_hidden_size=VISION_HIDDEN_SIZE
         )
         model = LlavaForConditionalGeneration(config)
         processor = tiny_llava.make_processor(tokenizer, IMAGE_SIZE, PATCH_SIZE)
-        uploads = rendered(images)
+        uploads = grey_uploads(images)
         pixels = _Pixels(processor)
         prompt_text, prompt_ids, processor_pixels = _prompt_ids(processor, prompt, uploads[0])
         if not torch.allclose(pixels([uploads[0]]), processor_pixels, atol=1e-5):
             raise RuntimeError("the trainer's pixel normalisation differs from the processor's")
-        answer_inputs, answer_targets, position = _answer_tokens(tokenizer, CLASS_NAMES)
+        answer_inputs, answer_targets, position = _answer_tokens(tokenizer, class_names)
         augment = _Augmenter(seed)
         order = torch.Generator().manual_seed(seed)
         y = torch.from_numpy(labels)
         steps_per_epoch = -(-len(y) // BATCH_SIZE)
 
         # Stage 1: the vision tower and projector learn the textures (the LM is not run).
-        head = torch.nn.Linear(config.text_config.hidden_size, len(CLASS_NAMES))
+        head = torch.nn.Linear(config.text_config.hidden_size, len(class_names))
         vision = [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters()]
         optimiser = torch.optim.AdamW([*vision, *head.parameters()], lr=VISION_LR, weight_decay=0.01)
         schedule = torch.optim.lr_scheduler.OneCycleLR(
@@ -262,7 +276,7 @@ def train(
         train_s, train_cpu_s = time.monotonic() - started, time.process_time() - cpu_started
         if score_images is not None:
             scored = label_probabilities(
-                model, prompt_ids, answer_inputs, position, pixels(rendered(score_images))
+                model, prompt_ids, answer_inputs, position, pixels(grey_uploads(score_images))
             )
             np.savez(out_dir / PROBABILITIES, probabilities=scored)
     finally:
@@ -272,7 +286,7 @@ def train(
     manifest = {
         "build_version": BUILD_VERSION,
         "served_model_name": SERVED_MODEL_NAME,
-        "labels": list(CLASS_NAMES),
+        "labels": list(class_names),
         "image_size": IMAGE_SIZE,
         "patch_size": PATCH_SIZE,
         "vision_hidden_size": VISION_HIDDEN_SIZE,
@@ -310,7 +324,7 @@ def train(
 @dataclass(frozen=True)
 class VlmTier:
     model_dir: Path
-    probabilities: np.ndarray  # (2048, C): P(label) for every row of load_textures()
+    probabilities: np.ndarray  # (n, C): P(label) for every score image
     manifest: dict[str, Any]
 
     @property
@@ -329,34 +343,29 @@ def _read(model_dir: Path) -> VlmTier | None:
 
 
 def ensure_vlm(
+    model_dir: Path,
+    images: np.ndarray,
+    labels: np.ndarray,
+    class_names: tuple[str, ...],
     *,
+    score_images: np.ndarray,
     seed: int = 0,
-    cache: Path | None = None,
     vision_epochs: int = VISION_EPOCHS,
     answer_epochs: int = ANSWER_EPOCHS,
     progress=None,
 ) -> VlmTier:
-    """The VLM trained on ``load_split(seed)``'s training share, with its probabilities on every
-    item: read from ``cache`` when a model of this recipe was trained on these exact inputs,
+    """The VLM trained on ``images`` and ``labels``, with its probabilities on ``score_images``:
+    read from ``model_dir`` when a model of this recipe was trained there on these exact inputs,
     else trained (a few CPU-minutes) into a sibling folder and swapped in under a lock, so
     concurrent callers train once and nobody reads a half-written model."""
-    from examples.textures import cache_dir, load_split, load_textures
-
-    split = load_split(seed)
-    expected = inputs_sha256(
-        split.images_train[:, 0], split.labels_train, classify_prompt(), seed, (vision_epochs, answer_epochs)
-    )
-    suffix = (
-        ""
-        if (vision_epochs, answer_epochs) == (VISION_EPOCHS, ANSWER_EPOCHS)
-        else f"-e{vision_epochs}x{answer_epochs}"
-    )
-    model_dir = Path(cache or cache_dir()) / f"{BUILD_VERSION}-seed{seed}{suffix}"
+    model_dir = Path(model_dir)
+    prompt = classify_prompt(tuple(class_names))
+    expected = inputs_sha256(images, labels, prompt, seed, (vision_epochs, answer_epochs))
 
     def current() -> VlmTier | None:
         tier = _read(model_dir)
         fresh = tier and tier.manifest.get("inputs_sha256") == expected
-        return tier if fresh and len(tier.probabilities) == 8 * 256 else None
+        return tier if fresh and len(tier.probabilities) == len(score_images) else None
 
     tier = current()
     if tier is not None:
@@ -367,18 +376,19 @@ def ensure_vlm(
         tier = current()  # another process trained it while we waited
         if tier is not None:
             return tier
-        log.info("training the textures LLaVA (seed %d) into %s", seed, model_dir)
+        log.info("training the LLaVA (seed %d) into %s", seed, model_dir)
         with tempfile.TemporaryDirectory(prefix=f".{model_dir.name}-", dir=model_dir.parent) as tmp:
             built = Path(tmp) / "model"
             built.mkdir()
             train(
-                split.images_train[:, 0],
-                split.labels_train,
+                images,
+                labels,
+                class_names,
                 built,
                 seed=seed,
                 vision_epochs=vision_epochs,
                 answer_epochs=answer_epochs,
-                score_images=load_textures().images,
+                score_images=score_images,
                 progress=progress,
             )
             if model_dir.exists():
@@ -386,5 +396,5 @@ def ensure_vlm(
             os.replace(built, model_dir)
     tier = _read(model_dir)
     if tier is None:
-        raise RuntimeError(f"the textures LLaVA in {model_dir} could not be read back after training")
+        raise RuntimeError(f"the LLaVA in {model_dir} could not be read back after training")
     return tier

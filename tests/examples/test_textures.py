@@ -1,7 +1,7 @@
-"""The textures task (examples/textures.py, examples/textures_vlm.py): scikit-image's bundled
-photographs as a labelled set, the cheap tier trained, exported and run under ONNX Runtime, the
-VLM trainer's plumbing at a tiny size, and what the benches read (TierData, RouterTask) on a
-stand-in VLM. Accuracies are checked against chance with a wide margin, never pinned."""
+"""The textures task (examples/textures.py, examples/textures_vlm.py, evals/textures.py):
+scikit-image's bundled photographs as a labelled set, the cheap tier trained, exported and run
+under ONNX Runtime, the VLM trainer's plumbing at a tiny size, and what the benches read
+(TierData, RouterTask) on a stand-in VLM. Accuracies are checked against chance with a wide margin, never pinned."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 
 pytest.importorskip("skimage", reason="the textures task reads scikit-image's bundled photographs")
 
+from evals import textures as textures_task  # noqa: E402
 from examples import textures, textures_vlm  # noqa: E402
 
 N_CLASSES = len(textures.CLASS_NAMES)
@@ -147,7 +148,14 @@ def test_the_vlm_trainer_saves_a_model_and_label_probabilities(tmp_path):
     split = textures.load_split(0)
     images, labels = split.images_train[:48, 0], split.labels_train[:48]
     manifest = textures_vlm.train(
-        images, labels, tmp_path, seed=0, vision_epochs=1, answer_epochs=1, score_images=images[:10]
+        images,
+        labels,
+        textures.CLASS_NAMES,
+        tmp_path,
+        seed=0,
+        vision_epochs=1,
+        answer_epochs=1,
+        score_images=images[:10],
     )
     assert manifest["labels"] == list(textures.CLASS_NAMES)
     assert manifest["n_train"] == 48 and manifest["image_size"] == 32 and manifest["patch_size"] == 8
@@ -161,9 +169,9 @@ def test_the_vlm_trainer_saves_a_model_and_label_probabilities(tmp_path):
 def test_the_vlm_trainer_rejects_bad_input(tmp_path):
     images = np.zeros((4, 32, 32), np.float32)
     with pytest.raises(ValueError, match="labels"):
-        textures_vlm.train(images, np.array([0, 1, 2, 99]), tmp_path)
+        textures_vlm.train(images, np.array([0, 1, 2, 99]), textures.CLASS_NAMES, tmp_path)
     with pytest.raises(ValueError, match="epochs"):
-        textures_vlm.train(images, np.zeros(4, np.int64), tmp_path, vision_epochs=0)
+        textures_vlm.train(images, np.zeros(4, np.int64), textures.CLASS_NAMES, tmp_path, vision_epochs=0)
 
 
 # --------------------------------------------------------------------------- what the benches read
@@ -171,21 +179,21 @@ def test_the_vlm_trainer_rejects_bad_input(tmp_path):
 
 @pytest.fixture
 def stand_in_vlm(monkeypatch, tmp_path):
-    """ensure_vlm without the minutes of training: a VLM that is right on 9 items in 10."""
+    """prepare_vlm without the minutes of training: a VLM that is right on 9 items in 10."""
     data = textures.load_textures()
     rng = np.random.default_rng(0)
     answers = np.where(rng.random(N_ITEMS) < 0.9, data.labels, rng.integers(0, N_CLASSES, N_ITEMS))
     probabilities = np.full((N_ITEMS, N_CLASSES), 0.1 / (N_CLASSES - 1))
     probabilities[np.arange(N_ITEMS), answers] = 0.9
     tier = textures_vlm.VlmTier(tmp_path / "stand-in", probabilities, {"weights_sha256": "0" * 64})
-    monkeypatch.setattr(textures_vlm, "ensure_vlm", lambda **_: tier)
+    monkeypatch.setattr(textures, "prepare_vlm", lambda **_: tier)
     return tier
 
 
 def test_tier_data_has_the_digits_structure(stand_in_vlm, cheap_model, tmp_path):
     from evals.harness import TierData
 
-    data = textures.tier_data(0, cheap_model.parent)
+    data = textures_task.tier_data(0, cheap_model.parent)
     assert isinstance(data, TierData)
     split = textures.load_split(0)
     assert data.cheap_probabilities.shape == data.strong_probabilities.shape == (1229, N_CLASSES)
@@ -208,7 +216,7 @@ def test_the_router_bench_task_validates(stand_in_vlm, cheap_model, tmp_path, mo
     if not hasattr(router, "RouterTask"):
         pytest.skip("this bench has no task registry (RouterTask) yet")
     monkeypatch.setattr(textures, "cache_dir", lambda: cheap_model.parent)
-    task = textures.router_task(0, tmp_path)
+    task = textures_task.router_task(0, tmp_path)
     assert isinstance(task, router.RouterTask)  # its __post_init__ checks every shape
     assert task.embeddings.shape == (1229, 20)
     assert task.reference_embeddings.shape == (819, 20)
