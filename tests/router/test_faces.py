@@ -58,6 +58,9 @@ HTTP_ONLY = {
     ): "documentation for people (JSON and Markdown), read by `visionroute card` too",
     ("GET", "/v1/drift"): "operator report, read by `visionroute drift report`; alerts come from /metrics",
     ("POST", "/v1/session/logout"): "the review page's cookie session, for a browser",
+    ("POST", "/v1/admin/recalibrations"): "operator admin API (`visionroute calibrate --from-production`)",
+    ("GET", "/v1/admin/recalibrations"): "operator admin API: recalibration jobs' status",
+    ("GET", "/v1/admin/recalibrations/{job_id}"): "operator admin API: one recalibration job's status",
 }
 
 
