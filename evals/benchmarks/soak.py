@@ -308,16 +308,17 @@ def process_figures(pid: int) -> tuple[float, int | None] | None:
     return rss_kib / 1024.0, fds
 
 
-def database_connections(dsn: str) -> int | None:
+def database_connections(dsn: str) -> dict[str, int] | None:
+    """The service's connections to its database by state (idle, active, ...); None if unreachable."""
     import psycopg
 
     try:
         with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
-            row = conn.execute(
-                "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database()"
-                " AND pid <> pg_backend_pid()"
-            ).fetchone()
-        return int(row[0])
+            rows = conn.execute(
+                "SELECT COALESCE(state, 'unknown'), COUNT(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid() GROUP BY 1 ORDER BY 1"
+            ).fetchall()
+        return {state: int(n) for state, n in rows}
     except psycopg.Error:
         return None
 
@@ -337,12 +338,14 @@ def resource_snapshot(service: SoakService, pg_data_dir: Path | None) -> dict[st
         row["rss_mib"] = round(row["rss_mib"] + figures[0], 1)
         row["fds"] += figures[1] or 0
     service_roles = [row for role, row in roles.items() if role != "postgres"]
+    connections = database_connections(service.dsn)
     return {
         "at": time.time(),
         "roles": dict(sorted(roles.items())),
         "service_rss_mib": round(sum(r["rss_mib"] for r in service_roles), 1),
         "service_fds": sum(r["fds"] for r in service_roles),
-        "db_connections": database_connections(service.dsn),
+        "db_connections": sum(connections.values()) if connections is not None else None,
+        "db_connections_by_state": connections,
     }
 
 
@@ -894,6 +897,10 @@ def format_report(report: dict[str, Any]) -> str:
         f"{'db connections':<24} "
         + " ".join(f"{snaps[k]['db_connections']}".rjust(15) for k in ("start", "after_warmup", "end"))
         + f" {pct(t['db_connections']):>15}"
+    )
+    lines.append(
+        "db connections by state: "
+        + "; ".join(f"{k} {snaps[k]['db_connections_by_state']}" for k in ("start", "after_warmup", "end"))
     )
     lines.append(f"growth after warm-up within {100 * grow['limit']:.0f}%: {grow['within_limit']}")
     return "\n".join(lines)
