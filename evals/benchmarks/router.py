@@ -6,7 +6,7 @@ training seeds, with the figures the routing literature reports (issue 22).
 elsewhere). A task's loader has the ``TaskLoader`` signature, ``load(seed, work_dir) ->
 RouterTask``: per training seed, the population (labelled items the tiers never saw) with both
 tiers' answers, the embeddings of its reference index, labelled reference items outside the
-population, and the cheap tier's latency. ``textures`` is ``examples.textures:router_task``
+population, and the cheap tier's latency. ``textures`` is ``evals.textures:router_task``
 (docs/second_task.md). ``digits`` (``digits_task``): scikit-learn's digits
 with tiers trained here per seed (``cascades.digits``: the cheap tier is the linear model on
 4x4-pooled pixels that ships as ``digits_cheap``; the second tier is the digits CNN, which
@@ -190,7 +190,7 @@ class TaskLoader(Protocol):
 
 TASKS: dict[str, str] = {
     "digits": "evals.benchmarks.router:digits_task",
-    "textures": "examples.textures:router_task",  # scikit-image's photographs as texture patches
+    "textures": "evals.textures:router_task",  # scikit-image's photographs as texture patches
 }
 
 
