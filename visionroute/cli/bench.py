@@ -37,6 +37,8 @@ def _bench_serve(args) -> int:
         quick=args.quick,
         json_path=Path(args.json) if args.json else None,
         batch_images=args.batch_images,
+        routers={"both": (False, True), "off": (False,), "on": (True,)}[args.router],
+        work_dir=Path(args.work_dir) if args.work_dir else None,
     )
     return 0
 
@@ -312,6 +314,16 @@ def _add_serve(bench) -> None:
         default=16,
         help="images per POST /v1/analyze/batch: its per-image throughput against the single-image "
         "API's over HTTP at --clients clients (0: not measured; default: %(default)s)",
+    )
+    serve_bench.add_argument(
+        "--router",
+        choices=("off", "on", "both"),
+        default="off",
+        help="the classify cascade's learned router (issue 22): without, with a router fitted for it "
+        "at bench time, or both in turn (the router stage's p50 and the cheap path off vs on)",
+    )
+    serve_bench.add_argument(
+        "--work-dir", default=None, help="where the fitted router is cached (default: a temporary folder)"
     )
     serve_bench.add_argument("--json", help="also write the figures as JSON here")
     serve_bench.set_defaults(func=_bench_serve)
