@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from evals.benchmarks.serve import breakdown, service_args
+from evals.benchmarks.serve import _router_lines, breakdown, cheap_path, service_args
 from visionroute.cli import build_parser, main
 
 
@@ -17,7 +17,7 @@ def test_bench_serve_flags(capsys):
         build_parser().parse_args(["bench", "serve", "--help"])
     usage = capsys.readouterr().out
     flags = ["--placement", "--indexing", "--faces", "--intra-op-threads", "--quick", "--json", "--requests"]
-    flags.append("--batch-images")
+    flags += ["--batch-images", "--router", "--work-dir"]
     assert [flag for flag in flags if flag not in usage] == []
 
 
@@ -54,6 +54,51 @@ def test_service_args_follow_the_shipped_config(tmp_path):
     assert on["retrieval"] == {**on["retrieval"], "enabled": True, "index_analysed": True}
     assert on["review"]["path"] == str(tmp_path / "review")
     assert on["cascades"]["classify"]["tier"]["model"] == "efficientnet_lite0"
+
+
+def test_service_args_serve_the_router_with_the_calibration_it_was_fitted_on(tmp_path):
+    router, calibration = tmp_path / "router.json", tmp_path / "calibration.json"
+    args = service_args(tmp_path / "m", tmp_path, "ingress", False, 8, None, router=(router, calibration))
+    classify = args["cascades"]["classify"]
+    assert classify["router"] == {"path": str(router)}
+    assert classify["tier"]["calibration"] == str(calibration)
+    assert (
+        "router"
+        not in service_args(tmp_path / "m", tmp_path, "ingress", False, 8, None)["cascades"]["classify"]
+    )
+
+
+def _body(decision, router_ms=None):
+    steps = [{"stage": "onnx:classify", "latency_ms": 9.0}]
+    if router_ms is not None:
+        steps.append(
+            {
+                "stage": "router",
+                "latency_ms": router_ms + 0.5,
+                "details": {"pricing": {"features_ms": router_ms}},
+            }
+        )
+    return {"decision": decision, "trace": {"steps": steps}}
+
+
+def test_cheap_path_and_router_lines_compare_off_with_on():
+    off = [(10.0, _body("accept")), (12.0, _body("accept")), (90.0, _body("review"))]
+    on = [(13.0, _body("accept", 2.5)), (15.0, _body("accept", 3.5)), (95.0, _body("review", 3.0))]
+    assert cheap_path(off) == {"accept_p50_ms": 11.0, "accepted": 2}
+    assert cheap_path(on)["router_features_p50_ms"] == 3.0
+
+    def entry(samples, rate):
+        return {"http": {"breakdown": breakdown(samples), "requests_per_s": rate, **cheap_path(samples)}}
+
+    results = {
+        "service": {
+            "ingress/indexing off": entry(off, 20.0),
+            "ingress/indexing off/router on": entry(on, 19.0),
+        }
+    }
+    [line] = _router_lines(results)
+    assert "router stage p50 3.50 ms (<= 2: NOT met)" in line
+    assert "cheap path (accepted) p50 off/on 11.0/14.0 ms (+3.0" in line and "20.0/19.0 req/s" in line
 
 
 @pytest.mark.slow
