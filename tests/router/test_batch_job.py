@@ -216,6 +216,8 @@ def test_the_actor_runs_the_services_pipeline_on_a_numpy_batch(tmp_path):
 def local_ray():
     import ray
 
+    if ray.is_initialized():  # left up by an earlier test in this process (a Ray API that auto-inits)
+        ray.shutdown()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
