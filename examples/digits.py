@@ -196,6 +196,11 @@ class ExampleBuild:
     # What the plan was certified from (policies.risk_control.TierOutcomes), per split: re-plan
     # at another alpha or cost with choose_tier_thresholds without asking the VLM again.
     outcomes: dict[str, Any] = field(default_factory=dict)  # "calibration", "certification"
+    # Both tiers' raw answers on the same calibration + certification digits, for fitting a
+    # learned router with the served VLM (evals/benchmarks/cascade_learned.py): "rows" (of
+    # digits_vlm_split(seed)), "n_fit", "seed", "labels", "probabilities" (the cheap model's,
+    # uncalibrated), "vlm_answers" (class id, -1: none), "vlm_scores" (calibrated, NaN: none).
+    answers: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> str:
         plan = self.plan
@@ -253,8 +258,9 @@ def build_example(
     # scores exactly as the service computes them (the stage applies the artefact).
     uncalibrated = cheap_stage(models_dir)
     cheap_info = {"name": DIGITS_NAME, "version": uncalibrated.version}
+    probabilities = cheap_probabilities(uncalibrated, images)
     cheap_calibrator = fit_classifier(
-        "temperature", cheap_probabilities(uncalibrated, images)[fit], labels[fit], LABELS, model=cheap_info
+        "temperature", probabilities[fit], labels[fit], LABELS, model=cheap_info
     )
     cheap_path = cheap_calibrator.save(work_dir / CHEAP_ARTEFACT)
     cheap_score, cheap_predicted = cheap_answers(cheap_stage(models_dir, cheap_path), images)
@@ -310,6 +316,15 @@ def build_example(
         split.sizes(),
         {"cheap": float((~cheap_error).mean()), "vlm": float((~strong_error).mean())},
         {"calibration": outcomes.subset(fit), "certification": outcomes.subset(test)},
+        {
+            "rows": rows,
+            "n_fit": n_fit,
+            "seed": split.seed,
+            "labels": labels,
+            "probabilities": probabilities,
+            "vlm_answers": vlm_predicted,
+            "vlm_scores": strong_score,
+        },
     )
 
 

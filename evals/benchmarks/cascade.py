@@ -52,6 +52,7 @@ from visionroute import paths
 log = logging.getLogger(__name__)
 
 PATHS = ("cheap", "vlm", "review")  # how the service answered an item
+CI_CONFIDENCE = 0.95  # the accepted error's two-sided interval (Clopper-Pearson)
 NO_ANSWER = -1
 
 
@@ -89,6 +90,13 @@ class ItemRecord:
     cheap_cost_units: float = 0.0  # per step, as the trace charged them
     vlm_cost_units: float = 0.0
     review_cost_units: float = 0.0
+    # The learned router's step (a service with ``cascades.digits.router``): its score (NaN:
+    # no router, or it fell back), whether the confidence-only fallback plan decided, what its
+    # features were charged (in the cheap tier's units) and took.
+    router_score: float = math.nan
+    router_fallback: bool = False
+    router_cost_units: float = 0.0
+    router_features_ms: float = math.nan
 
 
 @dataclass(frozen=True)
@@ -144,8 +152,10 @@ class Records:
         self.vlm_valid = column("vlm_answer", np.int64) != NO_ANSWER
         self.vlm_ok = column("vlm_answer", np.int64) == self.label
         self.step_costs = {
-            tier: column(f"{tier}_cost_units", np.float64) for tier in ("cheap", "vlm", "review")
+            tier: column(f"{tier}_cost_units", np.float64) for tier in ("cheap", "vlm", "review", "router")
         }
+        self.router_score = column("router_score", np.float64)
+        self.router_fallback = column("router_fallback", bool)
 
 
 def service_prices(records: Records, *, review_default: float) -> Prices:
@@ -173,17 +183,20 @@ def _row(
     service_prices: Prices,
     pays_cheap: bool = True,
     charged_per_1000: float | None = None,
+    features_in_cheap_units: float = 0.0,
 ) -> PolicyRow:
     """Figures of a routing given per item (possibly fractional, for expectations): the weight
     of the cheap and the VLM answer (the rest goes to a human), the chance the VLM is called,
-    and whether the automatic answer is right."""
+    and whether the automatic answer is right. ``features_in_cheap_units``: a learned router's
+    features per item as a share of the cheap tier's cost, paid on top of it."""
     n = records.n
     w_human = 1.0 - w_cheap - w_vlm
     n_auto = float((w_cheap + w_vlm).sum())
     n_correct = float(correct.sum())
 
     def cost_per_1000(p: Prices) -> float:
-        total = (p.cheap * n if pays_cheap else 0.0) + p.vlm * vlm_called.sum() + p.review * w_human.sum()
+        cheap = p.cheap * n * (1.0 + features_in_cheap_units) if pays_cheap else 0.0
+        total = cheap + p.vlm * vlm_called.sum() + p.review * w_human.sum()
         return 1000.0 * float(total) / n
 
     return PolicyRow(
@@ -350,6 +363,15 @@ def replay_agreement(records: Records, plan) -> int:
     return agree
 
 
+def accepted_error_ci(errors: int, accepted: int, confidence: float = CI_CONFIDENCE) -> tuple[float, float]:
+    """Two-sided exact (Clopper-Pearson) interval of the accepted error rate."""
+    from policies.audit_sampling import clopper_pearson
+
+    if accepted == 0:
+        return 0.0, 1.0
+    return clopper_pearson(errors, accepted, 1.0 - (1.0 - confidence) / 2.0)
+
+
 def accepted_error(records: Records) -> tuple[int, int]:
     """(wrong, accepted) among the items the service answered without a human."""
     accepted = records.path != "review"
@@ -406,8 +428,14 @@ def format_report(figures: dict[str, Any]) -> str:
         f"{figures['replay_agreement']}/{figures['n_items']} items",
         "",
         f"  accepted error through the service: {err['rate']:.4f} ({err['errors']} wrong of {err['accepted']} "
-        f"accepted) vs alpha {err['alpha']:g}; certificate (certification split, delta {err['delta']:g}): "
+        f"accepted){_ci_text(err)} vs alpha {err['alpha']:g}; certificate (certification split, delta {err['delta']:g}): "
         f"empirical {err['certified_empirical']:.4f}, upper bound {err['certified_upper_bound']:.4f}",
+    ]
+    if figures.get("learned"):
+        from evals.benchmarks.cascade_learned import report_lines
+
+        lines += report_lines(figures["learned"])
+    lines += [
         "",
         f"  latency through the service ({figures['concurrency']} clients, client-side):",
     ]
@@ -415,6 +443,12 @@ def format_report(figures: dict[str, Any]) -> str:
         f = lat[path]
         lines.append(f"    {label:<15} n={f['n']:<4} p50 {f['p50_ms']:8.1f} ms   p95 {f['p95_ms']:8.1f} ms")
     return "\n".join(lines)
+
+
+def _ci_text(err: dict[str, Any]) -> str:
+    if "ci" not in err:
+        return ""
+    return f", {err['ci_confidence']:.0%} CI [{err['ci'][0]:.4f}, {err['ci'][1]:.4f}]"
 
 
 def plot_frontier(path: Path, records: Records, rows: list[PolicyRow], prices: Prices) -> Path:
@@ -498,6 +532,14 @@ def record_from_response(body: dict[str, Any], label: int, latency_ms: float, ta
         vlm_answer = _label_id(vlm["details"].get("answer"))
         vlm_score = float(vlm["details"].get("calibrated_score", math.nan))
     cheap_ok = onnx is not None and onnx.get("error") is None
+    router = _step(body, "router")
+    applied = router is not None and (router.get("details") or {}).get("applied", False)
+    router_details = (router or {}).get("details") or {}
+    fallback = bool(applied and router_details.get("fallback"))
+    cheap_score = float(policy["score"]) if policy and policy.get("score") is not None else math.nan
+    if applied and not fallback:  # the policy decided on the router's score, not the cheap top-1
+        cheap_score = float(onnx["score"]) if cheap_ok and onnx.get("score") is not None else math.nan
+    features_ms = (router_details.get("pricing") or {}).get("features_ms")
     return ItemRecord(
         label=int(label),
         path=path,
@@ -506,13 +548,17 @@ def record_from_response(body: dict[str, Any], label: int, latency_ms: float, ta
         cost_units=float(body["cost_units"]),
         latency_ms=latency_ms,
         cheap_answer=_label_id(onnx["details"]["label"]) if cheap_ok else NO_ANSWER,
-        cheap_score=float(policy["score"]) if policy and policy.get("score") is not None else math.nan,
+        cheap_score=cheap_score,
         vlm_answer=vlm_answer,
         vlm_score=vlm_score,
         vlm_source="service",
         cheap_cost_units=float(onnx["cost_units"]) if onnx else 0.0,
         vlm_cost_units=float(vlm["cost_units"]) if vlm else 0.0,
         review_cost_units=float(review["cost_units"]) if review else 0.0,
+        router_score=float(router["score"]) if applied and router.get("score") is not None else math.nan,
+        router_fallback=fallback,
+        router_cost_units=float(router.get("cost_units") or 0.0) if applied else 0.0,
+        router_features_ms=float(features_ms) if features_ms is not None else math.nan,
     )
 
 
@@ -577,6 +623,38 @@ def with_direct_vlm_answers(
 # --------------------------------------------------------------------------- the command
 
 
+def measure_learned(
+    build, url: str, figures: dict[str, Any], learned, *, limit, concurrency: int
+) -> dict[str, Any]:
+    """The held-out digits (the same ones, in the same order) through the learned router's
+    service; adds its row to ``figures["rows"]`` and its figures under ``"learned"``."""
+    from evals.benchmarks.cascade_learned import learned_figures
+    from examples.digits import TASK, digits_vlm_split, rendered
+    from examples.train_digits import SEED
+
+    split = digits_vlm_split(SEED)
+    held_out = split.held_out[:limit]
+    warm = split.calibration[:concurrency]
+    send_through_service(
+        url, rendered(split.images[warm]), split.labels[warm], task=TASK, concurrency=concurrency
+    )
+    started = time.perf_counter()
+    items = send_through_service(
+        url, rendered(split.images[held_out]), split.labels[held_out], task=TASK, concurrency=concurrency
+    )
+    records = Records(items)
+    learned_part = learned_figures(
+        records, learned, prices=figures["prices"], service=figures["service_prices"]
+    )
+    rows = list(figures["rows"])
+    rows.insert(4, learned_part["row"])  # beside the confidence-certified row
+    return figures | {
+        "rows": rows,
+        "learned": learned_part | {"service_url": url, "service_seconds": time.perf_counter() - started},
+        "learned_records": records,
+    }
+
+
 def measure(build, url: str, *, vlm_endpoint: str, vlm_model: str, vlm_version: str, limit, concurrency: int):
     """Steps 1-3 of the module docstring against a running service; the figures as a dict."""
     from examples.digits import TASK, digits_vlm_split, rendered
@@ -610,6 +688,7 @@ def measure(build, url: str, *, vlm_endpoint: str, vlm_model: str, vlm_version: 
     service = service_prices(records, review_default=CostModel().review_units)
     rows = policy_rows(records, accept_threshold=plan.accept_threshold, prices=prices, service=service)
     wrong, accepted = accepted_error(records)
+    ci = accepted_error_ci(wrong, accepted)
     return {
         "n_items": records.n,
         "service_url": url,
@@ -635,6 +714,8 @@ def measure(build, url: str, *, vlm_endpoint: str, vlm_model: str, vlm_version: 
             "delta": cert.delta,
             "certified_empirical": cert.empirical_risk,
             "certified_upper_bound": cert.risk_upper_bound,
+            "ci": list(ci),
+            "ci_confidence": CI_CONFIDENCE,
         },
         "latency": latency_by_path(records),
         "routing": routing_figures(records),
@@ -691,6 +772,12 @@ def run(args) -> int:
                     limit=args.limit,
                     concurrency=args.concurrency,
                 )
+            if not getattr(args, "no_learned", False):
+                try:
+                    figures = _learned_pass(build, document, figures, work_dir, args)
+                except BaseException:  # keep the confidence-certified figures already measured
+                    print(format_report(figures), flush=True)
+                    raise
     finally:
         signal.signal(signal.SIGTERM, previous)
     print(format_report(figures))
@@ -703,12 +790,53 @@ def run(args) -> int:
     return 0
 
 
+def _learned_pass(
+    build, document: dict[str, Any], figures: dict[str, Any], work_dir: Path, args
+) -> dict[str, Any]:
+    """The learned-certified row: fit and certify the router on the build's own answers, serve
+    the same build with it (a second service, the same vLLM server), send the same held-out
+    digits (evals/benchmarks/cascade_learned.py)."""
+    from evals.benchmarks.cascade_learned import fit_learned_router, learned_serve_document
+    from examples import vllm_server
+    from examples.digits import write_serve_config
+
+    learned = fit_learned_router(build, work_dir)
+    plan = learned.learned_plan
+    print(
+        f"learned router {learned.result.artefact.version}: cheap accept >= {plan.accept_threshold:.4g}, "
+        f"review below {plan.escalate_threshold:.4g}, VLM accept >= {plan.vlm_accept_threshold}",
+        flush=True,
+    )
+    learned_document = learned_serve_document(document, learned)
+    learned_document["http_options"]["port"] = vllm_server.free_port()
+    config = write_serve_config(learned_document, work_dir / "serve_config.learned.yaml")
+    with running_service(config, work_dir / "serve.learned.log") as url:
+        print(f"learned-router service ready on {url}; sending the held-out digits", flush=True)
+        return measure_learned(build, url, figures, learned, limit=args.limit, concurrency=args.concurrency)
+
+
 def to_json(figures: dict[str, Any]) -> dict[str, Any]:
     records: Records = figures["records"]
-    out = {k: v for k, v in figures.items() if k not in ("records", "rows", "prices", "service_prices")}
+    skip = ("records", "rows", "prices", "service_prices", "learned", "learned_records")
+    out = {k: v for k, v in figures.items() if k not in skip}
+    items = [asdict(item) for item in records.items]
+    learned: Records | None = figures.get("learned_records")
+    if learned is not None:  # per item the router's score and path through the learned service
+        out["learned"] = {k: v for k, v in figures["learned"].items() if k != "row"} | {
+            "row": asdict(figures["learned"]["row"])
+        }
+        for item, other in zip(items, learned.items):
+            item.update(
+                router_score=other.router_score,
+                router_fallback=other.router_fallback,
+                router_cost_units=other.router_cost_units,
+                learned_path=other.path,
+                learned_answer=other.answer,
+                learned_cost_units=other.cost_units,
+            )
     return out | {
         "prices": asdict(figures["prices"]),
         "service_prices": asdict(figures["service_prices"]),
         "rows": [asdict(row) for row in figures["rows"]],
-        "items": [asdict(item) for item in records.items],
+        "items": items,
     }
