@@ -30,9 +30,10 @@ from router.services.results import (
     SearchItem,
     SearchResponse,
 )
-from visionroute.client import calls, results
 from visionroute.client import grpc_replies as replies
+from visionroute.client import results
 from visionroute.client.grpc_transport import generated
+from visionroute.client.operations import Operations
 from visionroute.records import Decision, Step, Trace
 
 pb, _ = generated()
@@ -203,11 +204,17 @@ def test_the_policy_view_reads_back_equal():
     assert results.policy_view(view.to_json()) == view
 
 
+class Built(Operations):
+    """Each operation's ``Call`` as built, not sent."""
+
+    def _execute(self, call, request_id):
+        return call
+
+
 def test_the_grpc_requests_read_as_the_http_bodies():
+    calls = Built()
     filters = {"tenant": "acme", "tags_any": ["dock"], "in_review": True, "created_after": 1.0}
-    search = calls.search(
-        text="a dock", image=None, item_id=None, k=3, filters=filters, params={"exact": True}, tenant=None
-    )
+    search = calls.search("a dock", k=3, filters=filters, params={"exact": True})
     message = search.grpc.message(pb)
     assert message.query_text == "a dock" and message.k == 3 and search.http.json["filters"] == filters
     assert messages.search_filters(message.filters) == {**filters, "tenant": ["acme"]}  # a list of one
@@ -230,7 +237,7 @@ def test_the_grpc_requests_read_as_the_http_bodies():
     assert request.image == b"bytes" and messages.metadata_fields(request.metadata) == metadata
     assert json.loads(index.http.data["metadata"]) == metadata and not index.idempotent
 
-    claim_next, claim_one = calls.claim("ann", None, None), calls.claim("ann", "item-1", 60.0)
+    claim_next, claim_one = calls.claim("ann"), calls.claim("ann", item_id="item-1", lease_s=60.0)
     assert not claim_next.idempotent and claim_one.idempotent  # a lost answer's retry must not lease twice
     assert claim_one.grpc.message(pb).lease_s == 60.0 and claim_one.http.json == {
         "reviewer": "ann",

@@ -4,7 +4,8 @@ Both faces answer a refusal with one body, ``{"error", "field", "reason", "reque
 HTTP body, or the gRPC status details: router/errors.py), so a caller reads the same fields from
 either transport: ``status`` (the HTTP status; over gRPC the one the same error has over HTTP),
 ``error`` (the service's error name), ``field``, ``reason``, ``request_id`` and, on 429 and 503,
-``retry_after_s``. Each error is also an instance of the project's error of that status
+``retry_after_s``; ``proxy_answer`` when the answer was not the service's own error body (Ray
+Serve's plain text, a proxy's page). Each error is also an instance of the project's error of that status
 (``NotFound``, ``Conflict``, ``BudgetExceeded``, ...), so ``except NotFound`` works remotely as it
 does in-process. ``ServiceUnreachable``: no answer at all (connection refused or reset, a timeout).
 """
@@ -71,6 +72,7 @@ class ServiceError(RouterError):
         request_id: str | None = None,
         retry_after_s: float | None = None,
         grpc_code: str | None = None,
+        proxy_answer: bool = False,
     ) -> None:
         where = f" {grpc_code}" if grpc_code else ""
         answered = f"answered {status}{where} {error}" if status is not None else f"failed: {error}"
@@ -86,6 +88,9 @@ class ServiceError(RouterError):
         self.request_id = request_id
         self.retry_after_s = retry_after_s
         self.grpc_code = grpc_code
+        # not the service's error body: Ray Serve's own answer (its plain-text 500 when the
+        # replica died under the request, its 503 when overloaded) or a proxy's
+        self.proxy_answer = proxy_answer
 
 
 class ServiceUnreachable(ServiceError):

@@ -77,6 +77,38 @@ def analysis(r: Any) -> dict[str, Any]:
     }
 
 
+def analyze_batch(r: Any) -> dict[str, Any]:
+    return {
+        "request_id": r.request_id,
+        "succeeded": r.succeeded,
+        "failed": r.failed,
+        "results": [batch_item(item) for item in r.results],
+    }
+
+
+def batch_item(item: Any) -> dict[str, Any]:
+    """One image's result; its error as HTTP's body (``http_status`` is HTTP's ``status``)."""
+    if item.WhichOneof("outcome") == "response":
+        status, response, error = 200, analysis(item.response), None
+    else:
+        e = item.error
+        status, response = e.http_status, None
+        error = {
+            "error": e.error,
+            "field": e.field or None,
+            "reason": e.reason,
+            "request_id": item.request_id,
+            "retry_after_s": e.retry_after_s or None,
+        }
+    return {
+        "index": item.index,
+        "request_id": item.request_id,
+        "status": status,
+        "response": response,
+        "error": error,
+    }
+
+
 # -- search ---------------------------------------------------------------------------------------
 
 

@@ -23,6 +23,8 @@ from visionroute.errors import InputError
 NO_ANSWER = {"DEADLINE_EXCEEDED": "timeout_s", "CANCELLED": "url"}
 # what gRPC's UNAVAILABLE says when the request never left (no connection could be made)
 NEVER_SENT = ("failed to connect", "connection refused", "dns resolution failed")
+# a batch's answer (up to limits.batch_max_images traces) can pass gRPC's 4 MiB default
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20)]
 
 
 def generated() -> tuple[Any, Any]:
@@ -79,8 +81,10 @@ def error_of(call: Call, exc: Any, target: str, timeout_s: float, request_id: st
         body = json.loads(details)
         if not isinstance(body, dict) or "error" not in body:
             raise ValueError("not the service's error body")
-    except ValueError:
+        proxy_answer = False
+    except ValueError:  # Ray Serve's own text (an actor that died under the call: INTERNAL/UNKNOWN)
         body = {"error": code, "field": None, "reason": details[:200]}
+        proxy_answer = True
     wait = trailers.get("retry-after")
     return service_error(
         operation=call.name,
@@ -91,6 +95,7 @@ def error_of(call: Call, exc: Any, target: str, timeout_s: float, request_id: st
         request_id=body.get("request_id") or request_id,
         retry_after_s=float(wait) if wait is not None else None,
         grpc_code=code,
+        proxy_answer=proxy_answer,
     )
 
 
@@ -101,45 +106,7 @@ def _channel_target(url: str) -> tuple[str, bool]:
 
 
 class GrpcTransport:
-    """Blocking gRPC over one channel."""
-
-    def __init__(
-        self, url: str, api_key: str | None, timeout_s: float, application: str | None, channel: Any = None
-    ):
-        import grpc
-
-        self.url = url
-        self.target, tls = _channel_target(url)
-        self.api_key, self.application, self.timeout_s = api_key, application, timeout_s
-        self.pb, stubs = generated()
-        self.owned = channel is None
-        if channel is None:
-            credentials = grpc.ssl_channel_credentials() if tls else None
-            channel = (
-                grpc.secure_channel(self.target, credentials) if tls else grpc.insecure_channel(self.target)
-            )
-        self.channel = channel
-        self.stub = stubs.VisionRouteStub(channel)
-
-    def send(self, call: Call, request_id: str) -> Any:
-        import grpc
-
-        message = request_message(call, self.pb)
-        try:
-            reply = getattr(self.stub, call.grpc.method)(
-                message, metadata=metadata(self.api_key, self.application, request_id), timeout=self.timeout_s
-            )
-        except grpc.RpcError as exc:
-            raise error_of(call, exc, self.target, self.timeout_s, request_id) from None
-        return call.grpc.reply(reply)
-
-    def close(self) -> None:
-        if self.owned:
-            self.channel.close()
-
-
-class AsyncGrpcTransport:
-    """asyncio gRPC (``grpc.aio``) over one channel, opened on the first call's event loop."""
+    """Blocking gRPC over one channel (``channel``: send through this one instead)."""
 
     def __init__(
         self, url: str, api_key: str | None, timeout_s: float, application: str | None, channel: Any = None
@@ -152,25 +119,47 @@ class AsyncGrpcTransport:
         self.channel = channel
         self.stub = self.stubs.VisionRouteStub(channel) if channel is not None else None
 
-    def _open(self) -> Any:
+    def _open(self, channels: Any) -> Any:
+        """The stub, over a channel opened on first use (``channels``: ``grpc`` or ``grpc.aio``)."""
         if self.stub is None:
             import grpc
 
-            credentials = grpc.ssl_channel_credentials() if self.tls else None
             self.channel = (
-                grpc.aio.secure_channel(self.target, credentials)
+                channels.secure_channel(self.target, grpc.ssl_channel_credentials(), options=CHANNEL_OPTIONS)
                 if self.tls
-                else grpc.aio.insecure_channel(self.target)
+                else channels.insecure_channel(self.target, options=CHANNEL_OPTIONS)
             )
             self.stub = self.stubs.VisionRouteStub(self.channel)
         return self.stub
+
+    def send(self, call: Call, request_id: str) -> Any:
+        import grpc
+
+        message = request_message(call, self.pb)
+        method = getattr(self._open(grpc), call.grpc.method)
+        try:
+            reply = method(
+                message, metadata=metadata(self.api_key, self.application, request_id), timeout=self.timeout_s
+            )
+        except grpc.RpcError as exc:
+            raise error_of(call, exc, self.target, self.timeout_s, request_id) from None
+        return call.grpc.reply(reply)
+
+    def close(self) -> None:
+        if self.owned and self.channel is not None:
+            self.channel.close()
+
+
+class AsyncGrpcTransport(GrpcTransport):
+    """asyncio gRPC (``grpc.aio``) over one channel, opened on the first call's event loop."""
 
     async def send(self, call: Call, request_id: str) -> Any:
         import grpc
 
         message = request_message(call, self.pb)
+        method = getattr(self._open(grpc.aio), call.grpc.method)
         try:
-            reply = await getattr(self._open(), call.grpc.method)(
+            reply = await method(
                 message, metadata=metadata(self.api_key, self.application, request_id), timeout=self.timeout_s
             )
         except grpc.RpcError as exc:

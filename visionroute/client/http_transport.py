@@ -58,11 +58,12 @@ def retry_after_s(value: str | None) -> float | None:
 
 
 def answer(call: Call, response: Any, request_id: str) -> Any:
-    """The answer's JSON (or ``(bytes, media type)`` for a file), or the ServiceError it is."""
+    """The answer's JSON (or ``(bytes, media type)`` for a file); a refusal raises its ServiceError."""
     if response.status_code < 400:
         if call.http is not None and call.http.binary:
             return response.content, response.headers.get("content-type", "application/octet-stream")
         return response.json()
+    proxy_answer = False
     try:
         body = response.json()
         if not isinstance(body, dict) or "error" not in body:
@@ -74,7 +75,8 @@ def answer(call: Call, response: Any, request_id: str) -> Any:
             "field": None,
             "reason": text or response.reason_phrase,
         }
-    return service_error(
+        proxy_answer = True
+    raise service_error(
         operation=call.name,
         status=response.status_code,
         error=str(body.get("error")),
@@ -82,6 +84,7 @@ def answer(call: Call, response: Any, request_id: str) -> Any:
         reason=str(body.get("reason")),
         request_id=body.get("request_id") or request_id,
         retry_after_s=retry_after_s(response.headers.get("retry-after")),
+        proxy_answer=proxy_answer,
     )
 
 
@@ -103,19 +106,19 @@ def unreachable(
 class HttpTransport:
     """Blocking HTTP; ``client``: an ``httpx.Client`` to send through instead (FastAPI's TestClient)."""
 
+    client_class = "Client"  # httpx's
+
     def __init__(self, url: str, api_key: str | None, timeout_s: float, user_agent: str, client: Any = None):
         import httpx
 
         self.url = url.rstrip("/")
         self.timeout_s = timeout_s
         self.owned = client is None
-        self.client = (
-            client
-            if client is not None
-            else httpx.Client(
+        if client is None:
+            client = getattr(httpx, self.client_class)(
                 base_url=self.url, headers=headers(api_key, user_agent), timeout=timeout_s, trust_env=False
             )
-        )
+        self.client = client
 
     def send(self, call: Call, request_id: str) -> Any:
         import httpx
@@ -124,32 +127,17 @@ class HttpTransport:
             response = self.client.request(**request_kwargs(call, request_id))
         except httpx.HTTPError as exc:
             raise unreachable(call, exc, self.url, self.timeout_s, request_id) from None
-        result = answer(call, response, request_id)
-        if isinstance(result, ServiceError):
-            raise result
-        return result
+        return answer(call, response, request_id)
 
     def close(self) -> None:
         if self.owned:
             self.client.close()
 
 
-class AsyncHttpTransport:
+class AsyncHttpTransport(HttpTransport):
     """asyncio HTTP; ``client``: an ``httpx.AsyncClient`` to send through instead."""
 
-    def __init__(self, url: str, api_key: str | None, timeout_s: float, user_agent: str, client: Any = None):
-        import httpx
-
-        self.url = url.rstrip("/")
-        self.timeout_s = timeout_s
-        self.owned = client is None
-        self.client = (
-            client
-            if client is not None
-            else httpx.AsyncClient(
-                base_url=self.url, headers=headers(api_key, user_agent), timeout=timeout_s, trust_env=False
-            )
-        )
+    client_class = "AsyncClient"
 
     async def send(self, call: Call, request_id: str) -> Any:
         import httpx
@@ -158,10 +146,7 @@ class AsyncHttpTransport:
             response = await self.client.request(**request_kwargs(call, request_id))
         except httpx.HTTPError as exc:
             raise unreachable(call, exc, self.url, self.timeout_s, request_id) from None
-        result = answer(call, response, request_id)
-        if isinstance(result, ServiceError):
-            raise result
-        return result
+        return answer(call, response, request_id)
 
     async def close(self) -> None:
         if self.owned:

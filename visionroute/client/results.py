@@ -10,7 +10,10 @@ A field the service added after this client was written is ignored; one it no lo
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
+
+from visionroute.client.errors import ServiceError, service_error
 
 if TYPE_CHECKING:
     from router.schemas import AnalyzeResponse
@@ -41,6 +44,81 @@ def analysis(body: dict[str, Any]) -> AnalyzeResponse:
     from router.schemas import AnalyzeResponse
 
     return AnalyzeResponse.model_validate(body)
+
+
+@dataclass(frozen=True)
+class BatchItemResult:
+    """One image of a batch: its ``response`` when ``status`` is 200, else its ``error`` (the
+    ``ServiceError`` ``analyze`` would have raised for it). ``request_id``: the image's own id;
+    ``analyze(image, request_id=item.request_id)`` resends it alone as the same request."""
+
+    index: int  # its position in the list given
+    request_id: str
+    status: int
+    response: AnalyzeResponse | None
+    error: ServiceError | None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def unwrap(self) -> AnalyzeResponse:
+        """The response, or its error raised."""
+        if self.error is not None:
+            raise self.error
+        return self.response  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class AnalyzeBatchResult:
+    """Every image's ``BatchItemResult``, in the order given (``items``; also iterable, indexable)."""
+
+    request_id: str
+    items: tuple[BatchItemResult, ...]
+
+    @property
+    def succeeded(self) -> int:
+        return sum(item.ok for item in self.items)
+
+    @property
+    def failed(self) -> int:
+        return len(self.items) - self.succeeded
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def __getitem__(self, index: int) -> BatchItemResult:
+        return self.items[index]
+
+
+def batch_items(body: dict[str, Any]) -> list[BatchItemResult]:
+    """A batch answer's results (router/http/batch.py ``batch_json``), numbered as in its request."""
+    return [batch_item(result) for result in body["results"]]
+
+
+def batch_item(body: dict[str, Any]) -> BatchItemResult:
+    error = body.get("error")
+    response = body.get("response")
+    return BatchItemResult(
+        index=body["index"],
+        request_id=body["request_id"],
+        status=body["status"],
+        response=analysis(response) if response is not None else None,
+        error=service_error(
+            operation="analyze (batch image)",
+            status=body["status"],
+            error=str(error.get("error")),
+            field=error.get("field"),
+            reason=str(error.get("reason")),
+            request_id=error.get("request_id") or body["request_id"],
+            retry_after_s=error.get("retry_after_s"),
+        )
+        if error is not None
+        else None,
+    )
 
 
 def search_response(body: dict[str, Any]) -> SearchResponse:

@@ -1,11 +1,18 @@
 """When a call is tried again, and how long the client waits first (tenacity).
 
-A call is retried when the service said "not now": 429 and 503 (with the wait its Retry-After
-names), 502 and 504 (a proxy's or gateway's); and when no answer came. A call that may have
-reached the service without an answer (a read timeout, a dropped connection) is retried only if
-it is idempotent: every attempt carries the same request id, which the service keys its review
-items on (policies/review/intake.py), so an analyse retried after a lost answer never makes a
-second review item. A claim or an index write is not retried then: it could take a second item.
+Two kinds of failed attempt are sent again:
+
+- "not now": 429 and 503 (the service's, or Ray Serve's own overload answer), after the wait
+  their Retry-After names; and a connection that could not be made. The request was not worked
+  on, so any call may be sent again.
+- "no answer": the attempt may have reached the service and been worked on, but no answer came
+  back: a read timeout, a dropped connection, a gateway's 502 or 504, and a 500 that is not the
+  service's own error body (Ray Serve's plain-text 500, gRPC INTERNAL/UNKNOWN, when the replica
+  died under the request). Only an idempotent call is sent again then: every attempt carries the
+  same request id, on which the service keys its budget reservations and review items
+  (policies/review/intake.py), so an analyse or a read sent again never charges twice or makes
+  a second review item. A claim of the next item or an index write is not: it could take a
+  second item. The service's own 500 (its JSON body: a bug) is never retried: it would repeat.
 
 A Retry-After above ``max_retry_after_s`` (a budget whose window resets in an hour) is not
 waited out: the error is raised at once with ``retry_after_s``, for the caller to decide.
@@ -19,7 +26,8 @@ from dataclasses import dataclass
 from visionroute.client.errors import ServiceError, ServiceUnreachable
 from visionroute.errors import ConfigError
 
-RETRY_STATUSES = (429, 502, 503, 504)
+RETRY_STATUSES = (429, 503)  # not now: any call
+RESEND_STATUSES = (500, 502, 504)  # maybe worked on: an idempotent call (a 500: not the service's own)
 
 
 @dataclass(frozen=True)
@@ -32,6 +40,7 @@ class RetryPolicy:
     backoff_s: float = 0.25
     backoff_max_s: float = 4.0
     statuses: tuple[int, ...] = RETRY_STATUSES
+    resend_statuses: tuple[int, ...] = RESEND_STATUSES
 
     def __post_init__(self) -> None:
         if not isinstance(self.attempts, int) or self.attempts < 1:
@@ -46,9 +55,13 @@ class RetryPolicy:
     def should_retry(self, error: BaseException, idempotent: bool) -> bool:
         if isinstance(error, ServiceUnreachable):
             return idempotent or not error.sent
-        if not isinstance(error, ServiceError) or error.status not in self.statuses:
+        if not isinstance(error, ServiceError):
             return False
-        return error.retry_after_s is None or error.retry_after_s <= self.max_retry_after_s
+        if error.status in self.statuses:
+            return error.retry_after_s is None or error.retry_after_s <= self.max_retry_after_s
+        if error.status in self.resend_statuses and idempotent:
+            return error.status != 500 or error.proxy_answer
+        return False
 
     def wait_s(self, error: BaseException | None, attempt: int) -> float:
         """Seconds before attempt ``attempt + 1``: the service's Retry-After, else backoff."""
