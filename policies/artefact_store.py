@@ -12,6 +12,12 @@ failed with the reason) for admins. ``job_lock`` makes one node run a task's job
 session-level advisory lock on PostgreSQL (``pg_try_advisory_lock`` on a connection held for the
 whole job, released with it or when that connection dies), a lease row on SQLite (one node, but
 several replica processes).
+
+The incumbents table names, per task, the artefact that a promoted rollout made the task's
+incumbent (``adopt``): every replica serves its thresholds in place of the configured ones they
+were certified from, across restarts, and the next recalibration certifies against it
+(router/services/recalibration.py ``incumbent_artefact``). A later rollout's artefact replaces
+it; an earlier one never does (``started_at`` orders them), so replicas that adopt late agree.
 """
 
 from __future__ import annotations
@@ -68,6 +74,20 @@ CREATE TABLE IF NOT EXISTS job_leases (
     name TEXT PRIMARY KEY,
     holder TEXT NOT NULL,
     expires_at REAL NOT NULL
+);
+""",
+    ),
+    Migration(
+        2,
+        "the artefact each task's promoted rollout made its incumbent",
+        """
+CREATE TABLE IF NOT EXISTS incumbent_artefacts (
+    task TEXT PRIMARY KEY,
+    sha256 TEXT NOT NULL,
+    rollout_id TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    adopted_at REAL NOT NULL,
+    adopted_by TEXT NOT NULL
 );
 """,
     ),
@@ -144,6 +164,32 @@ class ArtefactStore:
         with self.database.read() as conn:
             rows = conn.execute(sql + " ORDER BY created_at DESC LIMIT ?", (*params, limit)).fetchall()
         return [{key: row[key] for key in row.keys()} for row in rows]
+
+    # -- incumbents ---------------------------------------------------------------------------
+
+    def adopt(self, task: str, sha256: str, *, rollout_id: str, started_at: float, actor: str) -> None:
+        """Make a stored artefact of ``task`` its incumbent (a promoted rollout's). Idempotent; an
+        artefact of a rollout started before the current incumbent's never replaces it."""
+        body = self.get(sha256)  # stored and sha256-checked, or NotFound / ArtefactCorrupted
+        if body.get("task") != task:
+            raise ValueError(
+                f"calibration artefact {sha256[:12]} is for task {body.get('task')!r}, not {task!r}"
+            )
+        with self.database.write() as tx:
+            tx.execute(
+                "INSERT INTO incumbent_artefacts (task, sha256, rollout_id, started_at, adopted_at, adopted_by)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (task) DO UPDATE SET sha256 = excluded.sha256,"
+                " rollout_id = excluded.rollout_id, started_at = excluded.started_at,"
+                " adopted_at = excluded.adopted_at, adopted_by = excluded.adopted_by"
+                " WHERE incumbent_artefacts.started_at < excluded.started_at",
+                (task, sha256, rollout_id, started_at, time.time(), actor),
+            )
+
+    def incumbents(self) -> dict[str, dict[str, Any]]:
+        """task -> its incumbent artefact's row (sha256, rollout_id, started_at, adopted_at, adopted_by)."""
+        with self.database.read() as conn:
+            rows = conn.execute("SELECT * FROM incumbent_artefacts").fetchall()
+        return {row["task"]: {key: row[key] for key in row.keys()} for row in rows}
 
     # -- jobs ---------------------------------------------------------------------------------
 

@@ -24,6 +24,13 @@ reason). A database outage fails the job and leaves the running version in place
 served from an artefact until a rollout names it, and a rollout only starts after the artefact
 is stored.
 
+The incumbent is what serves the task now: the configured thresholds, or the artefact a
+promoted rollout made the task's incumbent (``incumbent_artefact``; policies/artefact_store.py
+``adopt``), which stands in for the configured thresholds it descends from (the same version
+root: ``<configured version>+prod-<digest>``) while the tier's model and calibration are the
+ones it was certified on. A new job certifies against that incumbent (``parent_version``,
+``parent_artefact``).
+
 The calibrator is the incumbent's (its calibrated score is what the traces record and what the
 thresholds act on; a monotone refit would not change which items a threshold accepts), and a
 task with a learned router is refused for now: its decisions come from the router's own
@@ -35,13 +42,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import sqlite3
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from policies.artefact_store import ArtefactStore
 from policies.production_certify import (
@@ -55,11 +63,13 @@ from policies.risk_control import TierCosts
 from policies.rollout_store import RolloutStore
 from policies.sequential import RolloutConfig
 from policies.thresholds import ThresholdPolicy
+from router.services.common import TENANT_PATTERN
 from visionroute.errors import BackendUnavailable, ConfigError, Conflict, InputError
 
 log = logging.getLogger("visionroute.recalibration")
 
 ARTEFACT_KIND = "production-recalibration"
+PRODUCTION_VERSION = "+prod-"  # <configured thresholds version>+prod-<digest>
 ERASURE_ACTIONS = ("erased", "image_erased")
 
 
@@ -69,7 +79,9 @@ class RecalibrationRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     task: str
-    tenant: str | None = Field(None, description="recertify on this tenant's items only")
+    tenant: str | None = Field(
+        None, pattern=TENANT_PATTERN.pattern, description="recertify on this tenant's items only"
+    )
     alpha: float = Field(0.05, gt=0.0, lt=1.0, description="accepted-error risk to certify")
     delta: float = Field(0.05, gt=0.0, lt=1.0, description="the certificate's error level")
     propose: bool = Field(True, description="start a shadow rollout of the new artefact")
@@ -78,6 +90,15 @@ class RecalibrationRequest(BaseModel):
     min_cost_observations: int = Field(30, ge=1, le=1_000_000, description="per arm, before promotion")
     costs: TierCosts = Field(default_factory=TierCosts, description="the three-tier plan's prices")
     reason: str = Field("", max_length=500)
+
+    @field_validator("costs")
+    @classmethod
+    def _finite_costs(cls, costs: TierCosts) -> TierCosts:
+        # the plan compares expected costs: an infinite price makes every plan equally infinite
+        for tier, value in costs.model_dump().items():
+            if not math.isfinite(value):
+                raise ValueError(f"costs.{tier} must be a finite number, got {value}")
+        return costs
 
 
 def recalibration_request(body: Any) -> RecalibrationRequest:
@@ -127,6 +148,8 @@ def build_artefact(
     erased: set[str],
     calibration: str | None = None,
     distrusted_reviewers: frozenset[str] = frozenset(),
+    model: str | None = None,
+    parent_artefact: str | None = None,
 ) -> Built:
     """The artefact certified on the task's production items (``ReviewItem``s), or Refused /
     TooFewLabels. Pure: no store is touched."""
@@ -185,9 +208,11 @@ def build_artefact(
         "alpha": request.alpha,
         "delta": request.delta,
         "parent_version": incumbent.version,
+        "parent_artefact": parent_artefact,
         "calibrator": {
             "kind": "incumbent",
             "calibration": calibration,
+            "model": model,
             "why": "the thresholds act on the incumbent's calibrated score, as the traces record it",
         },
         "certificate": certificate.to_dict(),
@@ -199,11 +224,51 @@ def build_artefact(
         update={
             "accept_threshold": accept_threshold,
             "escalate_threshold": min(escalate, accept_threshold),
-            "version": f"{incumbent.version}+prod-{digest[:12]}",
+            "version": f"{configured_version(incumbent.version)}{PRODUCTION_VERSION}{digest[:12]}",
         }
     ).model_dump(mode="json")
     body["version"] = body["thresholds"]["version"]
     return Built(body, tuple(sorted(i.id for i in chosen)))
+
+
+def configured_version(version: str) -> str:
+    """The configured thresholds version an artefact's (or any) version descends from."""
+    return version.split(PRODUCTION_VERSION, 1)[0]
+
+
+def why_not_incumbent(body: dict[str, Any], cascade: Any, configured: ThresholdPolicy) -> str | None:
+    """Why a stored incumbent artefact no longer stands in for the task's configured thresholds
+    (a redeploy changed them, or the tier's model or calibration: its thresholds act on another
+    score), or None when it does."""
+    version = body.get("version", "")
+    if configured_version(version) != configured.version:
+        return (
+            f"it descends from thresholds {configured_version(version)!r}, but {configured.version!r} are "
+            "configured now (a config or policy set naming other thresholds replaces it)"
+        )
+    calibrator = body.get("calibrator") or {}
+    calibration = str(cascade.tier.calibration) if cascade.tier.calibration else None
+    if calibrator.get("calibration") != calibration:
+        return f"it was certified on calibration {calibrator.get('calibration')!r}, the tier now has {calibration!r}"
+    if "model" in calibrator and calibrator["model"] != str(cascade.tier.model):
+        return f"it was certified on model {calibrator['model']!r}, the tier now runs {cascade.tier.model!r}"
+    return None
+
+
+def incumbent_artefact(
+    artefacts: ArtefactStore, task: str, cascade: Any, configured: ThresholdPolicy
+) -> tuple[ThresholdPolicy, str | None]:
+    """The thresholds serving ``task`` and the sha256 of the incumbent artefact they come from
+    (None: the configured thresholds serve)."""
+    row = artefacts.incumbents().get(task)
+    if row is None:
+        return configured, None
+    body = artefacts.get(row["sha256"])
+    problem = why_not_incumbent(body, cascade, configured)
+    if problem is not None:
+        log.warning("incumbent artefact %s of %s is not served: %s", row["sha256"][:12], task, problem)
+        return configured, None
+    return ThresholdPolicy.model_validate(body["thresholds"]), row["sha256"]
 
 
 class Recalibration:
@@ -338,13 +403,18 @@ class Recalibration:
                 "does not refit yet (docs/recertification.md); the running version stays"
             )
         items = list(self.queue.iter_all())
+        incumbent, parent_artefact = incumbent_artefact(
+            self.artefacts, request.task, cascade, self.incumbent_thresholds(request.task)
+        )
         built = build_artefact(
             items,
             request=request,
-            incumbent=self.incumbent_thresholds(request.task),
+            incumbent=incumbent,
             has_vlm=getattr(cascade, "vlm", None) is not None,
             erased=erased_item_ids(self.queue),
             calibration=str(cascade.tier.calibration) if cascade.tier.calibration else None,
+            model=str(cascade.tier.model),
+            parent_artefact=parent_artefact,
             distrusted_reviewers=(
                 frozenset(self.distrusted_reviewers(request.tenant))
                 if self.distrusted_reviewers

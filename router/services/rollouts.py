@@ -13,7 +13,10 @@ replica that quickly, with no restart and no redeploy.
   and thresholds only (no VLM call: an escalation is recorded as one, costed at the VLM's
   reserve units).
 - **promoted**: the candidate serves every request of the task until the operator deploys it
-  as the incumbent and finishes the rollout.
+  as the incumbent and finishes the rollout. A calibration artefact needs no deploy: at its
+  promotion it becomes the task's incumbent in the shared store (``adopt_artefact``) and the
+  rollout finishes itself; every replica then serves the artefact's thresholds as the
+  incumbent's, across restarts, and the next recalibration certifies against it.
 
 Labels: both arms' accepts are audit-sampled at the rollout's ``audit_fraction`` (a hash of the
 request id, so each arm's labelled accepts are a uniform sample of its accepts); a shadow accept
@@ -29,6 +32,7 @@ where the request's evidence is gathered (router/services/analyze/rollout.py).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import time
@@ -48,8 +52,9 @@ from policies.thresholds import ThresholdPolicy
 from router.auth.principal import Principal
 from router.config import AppConfig
 from router.services.backends import CheapTierClient
+from router.services.recalibration import configured_version, why_not_incumbent
 from router.services.results import RolloutList, RolloutView
-from visionroute.errors import ConfigError, InputError, NotFound
+from visionroute.errors import ConfigError, Conflict, InputError, NotFound
 from visionroute.records import Analysis, Decision, Step
 from visionroute.redaction import shown
 
@@ -242,6 +247,11 @@ class RolloutService:
         # their thresholds are loaded (sha256-checked) when the rollout is read, never on a request.
         self._artefacts: ArtefactStore | None = None
         self._artefact_thresholds: dict[str, ThresholdPolicy] = {}
+        # task -> (sha256, thresholds) of the artefact a promoted rollout made its incumbent
+        # (read with the rollouts; None before the first read)
+        self._incumbents: dict[str, tuple[str, ThresholdPolicy]] | None = None
+        self._incumbent_bodies: dict[str, dict[str, Any]] = {}
+        self._incumbents_refused: set[str] = set()
 
     @property
     def artefacts(self) -> ArtefactStore:
@@ -270,6 +280,65 @@ class RolloutService:
             cached = self._artefact_thresholds[sha256] = ThresholdPolicy.model_validate(body["thresholds"])
         return cached
 
+    # -- the incumbent artefacts ----------------------------------------------------------------
+
+    def read_incumbents(self) -> dict[str, tuple[str, ThresholdPolicy]]:
+        """task -> (sha256, thresholds) of each task's incumbent artefact that still stands in
+        for its configured thresholds (router/services/recalibration.py ``incumbent_artefact``)."""
+        found = {}
+        for task, row in self.artefacts.incumbents().items():
+            cascade, sha = self.config.cascades.get(task), row["sha256"]
+            if cascade is None:
+                continue
+            body = self._incumbent_bodies.get(sha)
+            if body is None:
+                body = self._incumbent_bodies[sha] = self.artefacts.get(sha)  # sha256-checked, once
+            problem = why_not_incumbent(body, cascade, self.policies.thresholds(self.policies.current, task))
+            if problem is None:
+                found[task] = (sha, ThresholdPolicy.model_validate(body["thresholds"]))
+            elif sha not in self._incumbents_refused:
+                self._incumbents_refused.add(sha)
+                log.error("incumbent artefact %s of %s is not served: %s", sha[:12], task, problem)
+        return found
+
+    def incumbent_thresholds(self, policy: PolicySet, task: str) -> ThresholdPolicy:
+        """The incumbent's thresholds under ``policy``: its incumbent artefact's where one stands in
+        for the thresholds this policy set configures, else the configured ones."""
+        configured = self.policies.thresholds(policy, task)
+        adopted = (self._incumbents or {}).get(task)
+        if adopted is not None and configured_version(adopted[1].version) == configured.version:
+            return adopted[1]
+        return configured
+
+    def adopt_artefact(self, rollout: Rollout, actor: str) -> Rollout:
+        """A promoted (or finished) rollout's artefact becomes the task's incumbent in the shared
+        store; a rollout of an artefact alone then finishes (nothing to deploy), audited. Every
+        replica may call it for the same promotion: the second call changes nothing."""
+        if rollout.artefact is None or rollout.status not in ("promoted", "finished"):
+            return rollout
+        self.artefacts.adopt(
+            rollout.task, rollout.artefact, rollout_id=rollout.id, started_at=rollout.created_at, actor=actor
+        )
+        self._read_at = 0.0
+        log.warning(
+            "rollout %s: calibration artefact %s is now the incumbent of %s",
+            rollout.id,
+            rollout.artefact[:12],
+            rollout.task,
+        )
+        if rollout.status != "promoted" or rollout.candidate is not None or rollout.policy is not None:
+            return rollout  # a model or policy set still needs its deploy (then `finish`)
+        try:
+            return self.store.decide(
+                rollout.id,
+                "finish",
+                actor=actor,
+                reason=f"calibration artefact {rollout.artefact[:12]} is now the task's incumbent "
+                "(stored, served by every replica across restarts; nothing to deploy)",
+            )
+        except Conflict:  # another replica finished it first
+            return self.store.get(rollout.id)
+
     # -- which rollouts are in effect --------------------------------------------------------
 
     async def in_effect(self, task: str) -> Rollout | None:
@@ -282,10 +351,22 @@ class RolloutService:
     async def refresh(self) -> None:
         try:
             rollouts = await asyncio.to_thread(self.store.in_effect)
+            for rollout in rollouts:  # a promotion whose adoption did not happen (the replica stopped)
+                if rollout.status == "promoted" and rollout.artefact is not None:
+                    await asyncio.to_thread(self.adopt_artefact, rollout, "artefact-adoption")
+            if any(r.status == "promoted" and r.artefact is not None for r in rollouts):
+                rollouts = await asyncio.to_thread(self.store.in_effect)
+            incumbents = await asyncio.to_thread(self.read_incumbents)
         except Exception as exc:  # the state database is down: keep the last view, retry next time
             log.warning("rollout state could not be read, keeping the last view: %s", exc)
             self._read_at = time.monotonic()
             return
+        changed = [
+            task
+            for task, (sha, _) in incumbents.items()
+            if self._incumbents is not None and (self._incumbents.get(task) or ("",))[0] != sha
+        ]
+        self._incumbents = incumbents
         usable = {}
         for rollout in rollouts:
             if rollout.candidate is not None and rollout.candidate not in self.candidate_tiers.get(
@@ -321,7 +402,7 @@ class RolloutService:
             )
         ]
         self._in_effect, self._read_at = usable, time.monotonic()
-        for task in newly_promoted:
+        for task in sorted(set(newly_promoted) | set(changed)):
             if self.on_promotion is not None:
                 try:
                     self.on_promotion(task)
@@ -347,6 +428,9 @@ class RolloutService:
         """The arm that serves this request: the incumbent outside a rollout, else the arm the
         task's rollout chooses (its policy, cheap tier, thresholds and price)."""
         choice = self.choose(await self.in_effect(task), request_id, tenant)
+        thresholds = self.incumbent_thresholds(incumbent.policy, task)
+        if thresholds is not incumbent.thresholds:
+            incumbent = dataclasses.replace(incumbent, thresholds=thresholds)
         if choice is None:
             return incumbent
         policy = self.policy_for(choice, incumbent.policy)
@@ -406,7 +490,7 @@ class RolloutService:
         if rollout is not None and rollout.artefact is not None and (candidate or choice.arm == "candidate"):
             return self._artefact_thresholds[rollout.artefact]  # loaded by refresh() before it is in effect
         if rollout is None or rollout.candidate is None or not (candidate or choice.arm == "candidate"):
-            return self.policies.thresholds(policy, task)
+            return self.incumbent_thresholds(policy, task)
         base = self.config.cascades[task].candidates[rollout.candidate].policy
         return policy.threshold_policy(task, base or self.policies.base_thresholds[task])
 
@@ -427,9 +511,10 @@ class RolloutService:
         pending, self._costs = self._costs, {}
         for (rollout_id, arm), (total, count) in pending.items():
             try:
-                await asyncio.to_thread(
+                rollout = await asyncio.to_thread(
                     self.store.observe, rollout_id, arm, cost_total=total, cost_count=int(count)
                 )
+                await asyncio.to_thread(self.adopt_artefact, rollout, "sequential-test")
             except NotFound:
                 continue
             except Exception as exc:  # costs are point estimates: a lost batch only delays the test
@@ -450,6 +535,7 @@ class RolloutService:
         )
         if rollout.status in ("promoted", "rolled_back"):
             self._read_at = 0.0
+            rollout = await asyncio.to_thread(self.adopt_artefact, rollout, "sequential-test")
         log.info(
             "rollout %s: label on %s item %s (%s): %s",
             rollout.id,
@@ -617,6 +703,7 @@ class RolloutService:
         log.warning(
             "rollout %s: %s by %s (%s)", rollout.id, action, actor_of(caller), reason or "no reason given"
         )
+        rollout = await asyncio.to_thread(self.adopt_artefact, rollout, actor_of(caller))
         return await self.status(rollout.id)
 
 

@@ -250,8 +250,9 @@ def truths(sent: dict) -> dict[str, str]:
 
 # --------------------------------------------------------------------------- recalibration
 # reviewers' labels -> POST /v1/admin/recalibrations -> a certified artefact in the shared store ->
-# a shadow rollout naming it by sha256 -> the sequential test promotes it -> the trace of a later
-# request carries the artefact's version. No redeploy: the replicas load it from the store.
+# a shadow rollout naming it by sha256 -> the sequential test promotes it -> it becomes the task's
+# incumbent -> the trace of a later request carries the artefact's version. No redeploy: the
+# replicas load it from the store.
 
 
 def test_labels_become_a_new_artefact_that_shadows_is_promoted_and_traces_carry_it(service):
@@ -281,15 +282,14 @@ def test_labels_become_a_new_artefact_that_shadows_is_promoted_and_traces_carry_
         review_all(client, truths(shadowed), expect=60)
         time.sleep(0.5)
         send(client, 4, "flush", RECALIBRATED)  # costs are flushed every cost_flush_s, on the next request
-        status = wait_for_status(client, rollout_id, "promoted")
-        assert status["status"] == "promoted", status["test"]
+        # promoted by the test, then the artefact became the task's incumbent and the rollout finished
+        status = wait_for_status(client, rollout_id, "finished")
+        assert status["status"] == "finished", status["test"]
         assert [(e["action"], e["actor"]) for e in status["events"]][1] == ("promote", "sequential-test")
         time.sleep(0.5)
         later = send(client, 2, "later", RECALIBRATED)
         for _, response in later.values():  # the trace of a later request carries the new version
-            assert response["decision"] == "accept"
-            (step,) = rollout_steps(response)
-            assert step["details"]["arm"] == "candidate" and step["details"]["candidate_artefact"] == sha
+            assert response["decision"] == "accept" and rollout_steps(response) == []
             (thresholds,) = [s for s in response["trace"]["steps"] if s["stage"] == "policy:thresholds"]
             assert thresholds["policy_version"] == version
         bad = client.post("/v1/admin/recalibrations", json={"task": "nope"})

@@ -96,16 +96,54 @@ def test_labels_become_an_artefact_that_shadows_is_promoted_and_serves_later_req
 
     sha, rollout_id, version = run(scenario())
     status = run(service.rollouts.status(rollout_id)).to_json()
-    assert status["status"] == "promoted", status["test"]
-    assert [e["action"] for e in status["events"]] == ["start", "promote"]
-    assert status["events"][1]["actor"] == "sequential-test"  # the test's evidence, not an operator
+    # promoted by the test's evidence (not an operator), then the artefact became the incumbent
+    # (nothing to deploy) and the rollout finished itself
+    assert status["status"] == "finished", status["test"]
+    assert [(e["action"], e["actor"]) for e in status["events"]] == [
+        ("start", status["events"][0]["actor"]),
+        ("promote", "sequential-test"),
+        ("finish", "sequential-test"),
+    ]
+    assert "incumbent" in status["events"][2]["reason"]
+    assert service.rollouts.artefacts.incumbents()["colour"]["sha256"] == sha
     later = run(traffic(service, 3, "day3"))
-    for a in later:  # the trace of a later request carries the new version
-        (step,) = steps(a["analysis"], "rollout")
-        assert step.details["arm"] == "candidate" and step.details["candidate_artefact"] == sha
+    for a in later:  # the trace of a later request carries the new version, as the incumbent's
+        assert steps(a["analysis"], "rollout") == []
         (thresholds,) = steps(a["analysis"], "policy:thresholds")
         assert thresholds.policy_version == version
         assert a["analysis"].decision.value == "accept"
+
+
+def test_a_promoted_artefact_is_the_incumbent_after_a_restart_and_the_next_job_certifies_against_it(tmp_path):
+    config = strict_config(tmp_path)
+    first = build(config)
+    run(labelled_traffic(first, 50, "day1"))
+    job = job_of(RecalibrationService.of(first), JOB)
+    sha, version = job["artefact_sha256"], job["details"]["version"]
+    # promoted, and the replica stopped before it adopted the artefact: the next read adopts it
+    first.rollouts.store.decide(job["rollout_id"], "promote", actor="alice@ops", reason="by hand")
+    restarted = build(config)  # a restart: a new service over the same shared stores
+    for a in run(traffic(restarted, 3, "day2")):  # served as the incumbent, not the config's 0.9999
+        assert steps(a["analysis"], "rollout") == []
+        (thresholds,) = steps(a["analysis"], "policy:thresholds")
+        assert thresholds.policy_version == version and a["analysis"].decision.value == "accept"
+    status = run(restarted.rollouts.status(job["rollout_id"])).to_json()
+    assert status["status"] == "finished" and status["events"][-1]["actor"] == "artefact-adoption"
+    # the next job certifies against the incumbent artefact; versions do not grow a chain
+    second = job_of(RecalibrationService.of(restarted), {**JOB, "propose": False})
+    assert second["status"] == "succeeded", second["reason"]
+    artefact = restarted.rollouts.artefacts.get(second["artefact_sha256"])
+    assert artefact["parent_version"] == version and artefact["parent_artefact"] == sha
+    assert artefact["version"].startswith("colour-v1+prod-") and artefact["version"].count("+prod-") == 1
+    # a redeploy that configures other thresholds replaces the incumbent artefact
+    cascade = config.cascades["colour"]
+    v2 = cascade.policy.model_copy(update={"version": "colour-v2"})
+    redeployed = build(
+        config.model_copy(update={"cascades": {"colour": cascade.model_copy(update={"policy": v2})}})
+    )
+    (a,) = run(traffic(redeployed, 1, "day3"))
+    (thresholds,) = steps(a["analysis"], "policy:thresholds")
+    assert thresholds.policy_version == "colour-v2" and a["analysis"].decision.value == "review"
 
 
 def test_too_few_labels_is_a_refusal_saying_how_many_more_and_nothing_is_proposed(service):

@@ -78,3 +78,20 @@ def test_a_rollout_names_an_artefact(tmp_path, state):
         assert store.in_effect()[0].to_dict()["artefact"] == "a" * 64
     finally:
         store.close()
+
+
+def test_the_incumbent_is_the_latest_promoted_rollouts_artefact_on_every_node(stores):
+    one, other = stores
+    older = one.put(BODY, actor="job")
+    newer = one.put({**BODY, "version": "colour-v1+prod-def"}, actor="job")
+    assert other.incumbents() == {}
+    one.adopt("colour", newer, rollout_id="ro_2", started_at=200.0, actor="sequential-test")
+    other.adopt("colour", newer, rollout_id="ro_2", started_at=200.0, actor="another replica")  # no-op
+    # a replica that adopts an earlier rollout's artefact late never replaces a later one
+    other.adopt("colour", older, rollout_id="ro_1", started_at=100.0, actor="late replica")
+    seen = other.incumbents()["colour"]
+    assert (seen["sha256"], seen["rollout_id"], seen["adopted_by"]) == (newer, "ro_2", "sequential-test")
+    with pytest.raises(NotFound):  # only a stored (certified) artefact becomes an incumbent
+        one.adopt("colour", "0" * 64, rollout_id="ro_3", started_at=300.0, actor="x")
+    with pytest.raises(ValueError):
+        one.adopt("digits", newer, rollout_id="ro_3", started_at=300.0, actor="x")

@@ -70,6 +70,37 @@ def _policy_file(path: Path) -> dict[str, Any]:
     return data
 
 
+def _artefact(value: str) -> str:
+    """The sha256 a rollout names: given as is, or computed from an artefact's JSON file (the
+    canonical text's digest, as the store keys it). The service serves only artefacts a
+    recalibration job stored, so a file names one and never uploads thresholds."""
+    import re
+
+    from policies.artefact_store import canonical, sha256_of
+    from visionroute.errors import ConfigError
+
+    if re.fullmatch(r"[0-9a-f]{64}", value):
+        return value
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise ConfigError(
+            f"--artefact {value!r} is neither a sha256 (64 lowercase hex digits) nor an artefact file",
+            field="artefact",
+        )
+    try:
+        body = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(
+            f"artefact file {str(path)!r} is not readable JSON: {exc}", field="artefact"
+        ) from None
+    if not isinstance(body, dict) or "task" not in body or "version" not in body:
+        raise ConfigError(
+            f"artefact file {str(path)!r} must hold a calibration artefact (an object with task and version)",
+            field="artefact",
+        )
+    return sha256_of(canonical(body))
+
+
 def _start(args) -> int:
     body: dict[str, Any] = {
         "task": args.task,
@@ -85,6 +116,8 @@ def _start(args) -> int:
         body["candidate"] = args.candidate
     if args.policy:
         body["policy"] = _policy_file(Path(args.policy))
+    if args.artefact:
+        body["artefact"] = _artefact(args.artefact)
     return _show(args, _client(args).call("POST", "/v1/rollouts", json=body))
 
 
@@ -125,11 +158,17 @@ def register(subparsers, bench) -> None:
         "start",
         help="run a candidate beside the incumbent (shadow or canary)",
         description="The candidate is a tier declared under cascades.<task>.candidates (deployed with "
-        "`serve deploy`), a policy set file, or both. The sequential test promotes or rolls it back.",
+        "`serve deploy`), a policy set file, a stored calibration artefact, or a combination. The "
+        "sequential test promotes or rolls it back; a promoted artefact becomes the task's incumbent.",
     )
     start.add_argument("--task", required=True)
     start.add_argument("--candidate", help="a name under cascades.<task>.candidates")
     start.add_argument("--policy", help="a candidate policy set (YAML or JSON file)")
+    start.add_argument(
+        "--artefact",
+        help="a calibration artefact a recalibration job stored: its sha256, or its JSON file "
+        "(docs/recertification.md; e.g. an earlier incumbent's, to go back to it)",
+    )
     start.add_argument("--mode", choices=["shadow", "canary"], default="shadow")
     start.add_argument("--fraction", type=float, default=0.1, help="share of traffic, in (0, 1]")
     start.add_argument("--sticky-by", choices=["tenant", "request"], default="tenant")
