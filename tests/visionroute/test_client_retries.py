@@ -189,17 +189,52 @@ def test_a_retry_after_beyond_the_clients_limit_is_raised_at_once_with_the_servi
     assert isinstance(error, BudgetExceeded) and "analyze answered 429 BudgetExhausted" in str(error)
 
 
-def test_a_500_is_not_retried_and_a_proxys_502_is():
+def test_the_services_own_500_is_not_retried_and_a_proxys_502_is_for_an_idempotent_call():
     broken = Answer(500, error_body("InternalError", None, "internal error; it is logged"))
     with HttpStub(broken) as stub, VisionRouteClient(stub.url, retry=FAST) as client:
         with pytest.raises(ServiceError) as raised:
             client.analyze(IMAGE)
     assert len(stub.seen) == 1 and raised.value.status == 500 and raised.value.error == "InternalError"
+    assert not raised.value.proxy_answer  # a bug of the service's: sending it again would repeat it
 
     gateway = Answer(502, "<html>Bad Gateway</html>")
     with HttpStub(gateway, Answer()) as stub, VisionRouteClient(stub.url, retry=FAST) as client:
         assert client.analyze(IMAGE).decision == "accept"
     assert len(set(stub.request_ids())) == 1 and len(stub.seen) == 2
+
+    with HttpStub(gateway, Answer(body={"id": 7})) as stub, VisionRouteClient(stub.url, retry=FAST) as client:
+        with pytest.raises(ServiceError) as raised:  # the write may have happened behind the gateway
+            client.index_item(IMAGE)
+    assert len(stub.seen) == 1 and raised.value.status == 502 and raised.value.proxy_answer
+
+
+def test_ray_serves_plain_500_at_a_replica_death_is_resent_only_when_that_is_safe():
+    died = Answer(500, "Internal Server Error")  # Ray Serve's answer when the replica died under it
+    with HttpStub(died, Answer()) as stub, VisionRouteClient(stub.url, retry=FAST) as client:
+        result = client.analyze(IMAGE, request_id="upload-7")  # the ledger and queue key on the id
+    assert stub.request_ids() == ["upload-7", "upload-7"] and result.request_id == "upload-7"
+
+    with (
+        HttpStub(died, Answer(body={"task": "classify", "labels": None})) as stub,
+        VisionRouteClient(stub.url, retry=FAST) as client,
+    ):
+        assert client.review_labels("classify").task == "classify"  # a read: resent
+    assert len(stub.seen) == 2
+
+    unsafe = [
+        lambda client: client.index_item(IMAGE),
+        lambda client: client.claim("ann"),  # the next item: a second send could lease another
+        lambda client: client.release("item-1", lease_token="t"),
+    ]
+    for send in unsafe:
+        with (
+            HttpStub(died, Answer(body={"id": 7})) as stub,
+            VisionRouteClient(stub.url, retry=FAST) as client,
+        ):
+            with pytest.raises(ServiceError) as raised:
+                send(client)
+        assert len(stub.seen) == 1 and raised.value.status == 500 and raised.value.proxy_answer
+        assert raised.value.reason == "Internal Server Error"
 
 
 def test_attempts_run_out_and_the_last_refusal_is_raised():
@@ -300,9 +335,16 @@ def test_retry_after_reads_seconds_and_http_dates():
 
 class GrpcStub:
     """A loopback gRPC server with the project's stubs: Analyze refuses ``refusals`` times
-    (RESOURCE_EXHAUSTED, the service's JSON details, a ``retry-after`` trailer), then answers."""
+    (by default RESOURCE_EXHAUSTED, the service's JSON details, a ``retry-after`` trailer), then
+    answers."""
 
-    def __init__(self, refusals: int, retry_after: str) -> None:
+    def __init__(
+        self,
+        refusals: int,
+        retry_after: str | None,
+        code: grpc.StatusCode = grpc.StatusCode.RESOURCE_EXHAUSTED,
+        details: str = json.dumps(error_body("BudgetExhausted", "budget:ten", "spent")),
+    ) -> None:
         pb, stubs = generated()
         self.seen: list[tuple[float, dict]] = []
         stub = self
@@ -312,9 +354,9 @@ class GrpcStub:
                 metadata = dict(context.invocation_metadata())
                 stub.seen.append((time.monotonic(), metadata))
                 if len(stub.seen) <= refusals:
-                    context.set_trailing_metadata([("retry-after", retry_after)])
-                    details = error_body("BudgetExhausted", "budget:ten", "spent")
-                    context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, json.dumps(details))
+                    if retry_after is not None:
+                        context.set_trailing_metadata([("retry-after", retry_after)])
+                    context.abort(code, details)
                 return pb.AnalyzeResponse(
                     request_id=metadata["request_id"],
                     task="classify",
@@ -360,3 +402,24 @@ def test_grpc_retries_honour_the_retry_after_trailer_and_send_one_request_id():
     error = raised.value
     assert len(stub.seen) == 1 and error.grpc_code == "RESOURCE_EXHAUSTED" and error.status == 429
     assert error.field == "budget:ten" and error.retry_after_s == 3600
+
+
+def test_grpc_resends_an_analyse_whose_replica_died_under_it():
+    died = (
+        "The actor died unexpectedly before finishing this task. class_name: ServeReplica:visionroute:Ingress"
+    )
+    for code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
+        with GrpcStub(1, None, code, died) as stub, VisionRouteClient(stub.url, retry=FAST) as client:
+            result = client.analyze(IMAGE, request_id="grpc-died-1")
+        assert [m["request_id"] for _, m in stub.seen] == [
+            "grpc-died-1"
+        ] * 2 and result.request_id == "grpc-died-1"
+
+    own = json.dumps(error_body("InternalError", None, "internal error; it is logged"))
+    with (
+        GrpcStub(1, None, grpc.StatusCode.INTERNAL, own) as stub,
+        VisionRouteClient(stub.url, retry=FAST) as client,
+    ):
+        with pytest.raises(ServiceError) as raised:
+            client.analyze(IMAGE)
+    assert len(stub.seen) == 1 and raised.value.status == 500 and not raised.value.proxy_answer
