@@ -10,8 +10,9 @@ probabilities, the VLM's answers and confidences, optionally the images) and one
    the top-k answer rows, the calibrator, the completed probability vector), so the router is
    fitted on exactly what it will be served, for any number of classes;
 3. the router (``fit_router``) is fitted on the fit share: output features, and with images the
-   shift guard's input statistics and the neighbours in a reference index of the fit share's
-   pixel embeddings (``router_stage.pixel_embedder``, the served embedding);
+   input statistics (``FeatureSpec.input_statistics``, the function the served stage calls) and
+   the neighbours in a reference index of the fit share's pixel embeddings
+   (``router_stage.pixel_embedder``, the served embedding);
 4. both plans are certified on the certification share (``certify_router_plans``): the learned
    plan on the router's score, the fallback on the calibrated top-1 confidence, each with the
    VLM's accept threshold and, with ``max_review_share``, the review-capacity constraint;
@@ -31,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from cascades.learned_router import CertifiedThresholds, RouterArtefact, certify_router_plans, fit_router
-from cascades.router_features import NEIGHBOURS_K, OUTPUT_TOP_K, FeatureSpec, input_features
+from cascades.router_features import NEIGHBOURS_K, OUTPUT_TOP_K, FeatureSpec
 from cascades.router_stage import SERVED_ROWS, pixel_embedder, served_output
 from policies.risk_control import TierCosts, TierOutcomes
 from visionroute.errors import ConfigError
@@ -174,7 +175,8 @@ def calibrate_router(
     served, answers, top1 = served_output(
         data.probabilities, data.class_names, calibrator=calibrator, top_k=served_rows
     )
-    statistics = input_features([_rgb(image) for image in data.images]) if spec.use_input else None
+    # the spec's input definition, which the served stage computes too (FeatureSpec.input_statistics)
+    statistics = spec.input_statistics([_rgb(image) for image in data.images]) if spec.use_input else None
     embeddings, embedding = None, ""
     if spec.neighbours_k > 0:
         embed = pixel_embedder(embedding_dim, field="embedding-dim")

@@ -62,6 +62,10 @@ ROUTER_STAGE = "router"
 VLM_ACCEPT_KEY = "router_vlm_accept"
 # The served classifier's answer rows (cascades.decoders.classifier: top_k)
 SERVED_ROWS = 5
+# Features that typically take less than this run on the event loop: the asyncio.to_thread hop
+# costs about 0.4 ms (docs/routing_figures.md), as much as the features of a photo themselves.
+INLINE_BELOW_MS = 1.0
+INLINE_SMOOTHING = 0.2  # the newest request's weight in the running estimate of the features' time
 
 
 def _finite(value: float | None) -> float | None:
@@ -76,9 +80,11 @@ def output_probabilities(detections: Detections, n_classes: int) -> np.ndarray:
     if len(ids) and (ids.min() < 0 or ids.max() >= n_classes):
         raise InputError(f"answer class ids outside [0, {n_classes})", field="detections.class_id")
     p[ids] = np.asarray(detections.confidence, np.float64)
-    missing = np.setdiff1d(np.arange(n_classes), ids)
-    if len(missing):
-        p[missing] = max(0.0, 1.0 - float(p.sum())) / len(missing)
+    missing = np.ones(n_classes, bool)  # a mask, not np.setdiff1d: no sort of 1,000 class ids
+    missing[ids] = False
+    n_missing = int(missing.sum())
+    if n_missing:
+        p[missing] = max(0.0, 1.0 - float(p.sum())) / n_missing
     return p.reshape(1, -1)
 
 
@@ -142,7 +148,7 @@ def pixel_embedder(
     def embed(image_rgb: np.ndarray) -> np.ndarray:
         image = np.asarray(image_rgb)
         if channels == 1 and image.ndim == 3:
-            image = cv2.cvtColor(image.astype(np.uint8), cv2.COLOR_RGB2GRAY)
+            image = cv2.cvtColor(image.astype(np.uint8, copy=False), cv2.COLOR_RGB2GRAY)
         small = cv2.resize(image.astype(np.float32), (side, side), interpolation=cv2.INTER_AREA)
         return small.reshape(1, -1)
 
@@ -248,11 +254,8 @@ class ServedRouter:
         else:
             output = [np.asarray(detections.confidence, np.float64)]
             answer = np.asarray([int(detections.class_id[0]) if len(detections) else -1], np.int64)
-        statistics = None
-        if spec.use_input:
-            from policies.shift_guard import input_statistics
-
-            statistics = np.asarray(input_statistics(analysis.image_rgb), np.float64).reshape(1, -1)
+        # the input block under the artefact's definition: the function calibration computed it with
+        statistics = spec.input_statistics([analysis.image_rgb]) if spec.use_input else None
         embeddings = None if self.embed is None else self.embed(analysis.image_rgb)
         return artefact.features(
             output=output, cheap_answers=answer, input_statistics=statistics, embeddings=embeddings
@@ -293,6 +296,7 @@ class RouterScoreStage:
 
     def __init__(self, routers: Mapping[str, ServedRouter]) -> None:
         self.routers = dict(routers)
+        self._typical_ms: dict[str, float] = {}  # per task, the features' recent time (smoothed)
 
     async def run(self, state: CascadeState) -> None:
         analysis = state.analysis
@@ -320,7 +324,7 @@ class RouterScoreStage:
             )
             return
         try:
-            features, score, features_ms = await self._scored(router, analysis)
+            features, score, features_ms, inline = await self._scored(router, analysis)
         except Exception as exc:  # any feature failure: the certified confidence-only plan decides
             error = failure_summary(exc)
             top1 = answer_score(detections, "top1")
@@ -349,19 +353,38 @@ class RouterScoreStage:
                 reason="the router's score; the thresholds certified on it decide",
                 cost_units=cost_units,
                 pricing=pricing,
+                ran="inline" if inline else "thread",
             )
         )
 
-    @staticmethod
-    async def _scored(router: ServedRouter, analysis: Analysis) -> tuple[np.ndarray, float, float]:
-        """``router.scored`` off the event loop, within the router's time limit, if it has one."""
-        work = asyncio.to_thread(router.scored, analysis)
-        if router.timeout_s is None:
-            return await work
-        try:
-            return await asyncio.wait_for(work, router.timeout_s)
-        except asyncio.TimeoutError:
-            raise TimeoutError(f"the features took longer than {router.timeout_s * 1000.0:g} ms") from None
+    async def _scored(
+        self, router: ServedRouter, analysis: Analysis
+    ) -> tuple[np.ndarray, float, float, bool]:
+        """``router.scored`` and whether it ran on the event loop: there while this task's features
+        typically take under ``INLINE_BELOW_MS`` and the router has no time limit (the loop cannot
+        interrupt its own work; a limit is enforced by waiting on a thread); else in a thread,
+        within the limit, so slow features (large uploads, a version 1 input block) never hold
+        the replica's other requests."""
+        task = analysis.task
+        inline = router.timeout_s is None and self._typical_ms.get(task, 0.0) < INLINE_BELOW_MS
+        if inline:
+            result = router.scored(analysis)
+        else:
+            work = asyncio.to_thread(router.scored, analysis)
+            if router.timeout_s is None:
+                result = await work
+            else:
+                try:
+                    result = await asyncio.wait_for(work, router.timeout_s)
+                except asyncio.TimeoutError:
+                    raise TimeoutError(
+                        f"the features took longer than {router.timeout_s * 1000.0:g} ms"
+                    ) from None
+        typical, features_ms = self._typical_ms.get(task), result[2]
+        self._typical_ms[task] = (
+            features_ms if typical is None else typical + INLINE_SMOOTHING * (features_ms - typical)
+        )
+        return (*result, inline)
 
     @staticmethod
     def _route(state: CascadeState, route: Route) -> None:
@@ -383,6 +406,7 @@ class RouterScoreStage:
         fallback: bool = False,
         cost_units: float = 0.0,
         pricing: dict[str, Any] | None = None,
+        ran: str | None = None,
     ) -> Step:
         plans = router.artefact.plans
         plan = plans.fallback if fallback else plans.learned
@@ -412,5 +436,6 @@ class RouterScoreStage:
                 "delta": plans.delta,
                 "reference_index_sha256": router.index_sha256,
                 "pricing": pricing,
+                "ran": ran,  # "inline" (on the event loop) or "thread"; None: no features computed
             },
         )
