@@ -9,6 +9,15 @@ Importing the same file again is a no-op: an item already holding the same label
 reviewer answers ``unchanged``. The stored label has the shape the review page gives
 (``router/services/review.py`` ``label_from``): ``confirm`` when the annotation equals the
 cascade's answer, else ``correct`` (or ``reject``), so audits and exports read both alike.
+
+An imported label takes the queue's own label path (policies/review/double_labels.py): it is a
+row of ``item_labels`` (role ``single``, or ``first``/``second`` of a double-labelled item), so
+reviewer error rates (policies/reviewer_quality.py) count it like a label given in the queue. On
+a double-labelled item the first label leaves the item pending for a second, different reviewer
+(in the queue or a later import); the second labels the item when it agrees and sends it to an
+admin when it does not. An import never adjudicates: an item whose two labels disagree is
+refused (an admin decides it in the queue), and a reviewer's second, different label of the same
+item is refused.
 """
 
 from __future__ import annotations
@@ -19,7 +28,8 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from policies.review.items import ReviewItem, audit, locked_row
+from policies.review.double_labels import labels_of, record_double, store_label
+from policies.review.items import ReviewItem, audit, locked_row, read_item
 from policies.review.label_studio import BOXES, Outcome, StudioAnnotation, item_version
 from policies.review.labels import validate_label
 from visionroute.errors import InputError
@@ -129,7 +139,8 @@ class LabelImport:
                     )
                 item = ReviewItem.from_row(row)
                 label = label_of(annotation, item, _label_set(db, item.task))
-                if (
+                given = labels_of(db, item.id).get(annotation.reviewer)
+                if (given is not None and given[1] == label) or (
                     item.status == "labelled"
                     and item.label == label
                     and item.labelled_by == annotation.reviewer
@@ -137,6 +148,12 @@ class LabelImport:
                     return Outcome(
                         "unchanged", annotation.task_id, item.id, reviewer=annotation.reviewer
                     )  # imported before: re-importing the same file changes nothing
+                if given is not None:
+                    return refused(
+                        "completed_by",
+                        f"{annotation.reviewer!r} already labelled item {item.id} {given[1]}; "
+                        "a reviewer gives one label per item",
+                    )
                 current = item_version(item)
                 if current != annotation.item_version:
                     return refused(
@@ -157,12 +174,30 @@ class LabelImport:
                         f"item {item.id} is claimed by {item.lease_owner} in the review queue for another"
                         f" {item.lease_expires_at - now:.0f} s; import again once they label or release it",
                     )
+                if item.needs_adjudication:
+                    return refused(
+                        "data.visionroute_item_id",
+                        f"item {item.id}'s two labels disagree: an admin decides it in the review queue",
+                    )
                 validate_label(db, item.task, label)
-                db.execute(
-                    "UPDATE items SET status = 'labelled', label_json = ?, labelled_by = ?, labelled_at = ?,"
-                    " lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL WHERE id = ?",
-                    (json.dumps(label), annotation.reviewer, now, item.id),
-                )
+                note = None
+                if item.labels_wanted > 1:
+                    record_double(db, item, annotation.reviewer, label, now, adjudicator=False)
+                    after = read_item(db, item.id)
+                    note = (
+                        "the second of two labels; they agree"
+                        if after.status == "labelled"
+                        else "the second of two labels; they disagree: an admin decides"
+                        if after.needs_adjudication
+                        else "the first of two labels; a second reviewer labels it next"
+                    )
+                else:
+                    db.execute(
+                        "UPDATE items SET status = 'labelled', label_json = ?, labelled_by = ?, labelled_at = ?,"
+                        " lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL WHERE id = ?",
+                        (json.dumps(label), annotation.reviewer, now, item.id),
+                    )
+                    store_label(db, item.id, annotation.reviewer, label, "single", now)
                 audit(
                     db,
                     item.id,
@@ -176,7 +211,9 @@ class LabelImport:
                         "annotation_id": annotation.annotation_id,
                     },
                 )
-                return Outcome("imported", annotation.task_id, item.id, reviewer=annotation.reviewer)
+                return Outcome(
+                    "imported", annotation.task_id, item.id, reason=note, reviewer=annotation.reviewer
+                )
         except InputError as exc:
             return refused(exc.field, exc.reason)
 

@@ -153,3 +153,52 @@ def test_labels_given_before_the_migration_are_copied_in(tmp_path):
         )
     finally:
         queue.close()
+
+
+def annotation(item, reviewer: str, chosen: str, task_id: int = 1):
+    from policies.review.label_studio import CHOICES, StudioAnnotation, item_version
+
+    return StudioAnnotation(
+        task_id=task_id,
+        annotation_id=task_id,
+        item_id=item.id,
+        item_version=item_version(item),
+        kind=CHOICES,
+        reviewer=reviewer,
+        classes=(chosen,),
+        boxes=(),
+        rejected=False,
+    )
+
+
+def test_label_studio_imports_take_the_double_label_path_and_count_for_reviewer_quality(queue):
+    from policies.review.label_import import LabelImport
+    from policies.reviewer_quality import reviewer_quality
+
+    imports = LabelImport(queue.database)
+    single, double = enqueue(queue, "s", fraction=0.0, kind="audit"), enqueue(queue, "d")
+    # a single-label item: labelled at once, and the label is a row of item_labels like the queue's
+    assert imports.record(annotation(single, "ann", "cat")).status == "imported"
+    assert queue.get(single.id).status == "labelled"
+    # a double-labelled item: the first import leaves it pending for a second, different reviewer
+    first = imports.record(annotation(double, "ann", "cat"))
+    assert first.status == "imported" and "first of two" in first.reason
+    assert queue.get(double.id).status == "pending"
+    assert imports.record(annotation(double, "ann", "cat")).status == "unchanged"  # re-imported
+    changed_mind = imports.record(annotation(double, "ann", "dog"))
+    assert changed_mind.status == "refused" and changed_mind.field == "completed_by"
+    with pytest.raises(Conflict):  # nor may she label it again in the queue
+        queue.claim("ann", item_id=double.id)
+    second = imports.record(annotation(double, "bob", "dog"))  # disagrees: an admin decides
+    assert second.status == "imported" and "disagree" in second.reason
+    assert queue.get(double.id).needs_adjudication
+    third = imports.record(annotation(double, "cy", "cat"))  # an import never adjudicates
+    assert third.status == "refused" and "admin" in third.reason
+    label(queue, "admin", double.id, DOG, adjudicator=True)
+    assert queue.get(double.id).label == DOG
+    rows = {
+        row.reviewer: row
+        for row in reviewer_quality(queue.judged_labels(), limit=0.2, alpha=0.05, confidence=0.9)
+    }
+    assert (rows["ann"].labels, rows["ann"].double_judged, rows["ann"].double_errors) == (2, 1, 1)
+    assert (rows["ann"].audits_judged, rows["bob"].double_errors) == (1, 0)
