@@ -19,8 +19,13 @@ from router.http.deps import attach
 from router.services import VisionRouteService
 from router.services.sharded_search import ShardedSearch
 from router.tiers import BatchedOnnxTier, InProcessTier, RemoteSearch, RemoteTier, RemoteVlmTier
+from visionroute.redaction import failure_summary
 
 log = logging.getLogger("visionroute.ingress")
+
+# Ray Serve force-kills a stopping replica after graceful_shutdown_timeout_s (20 s), counted
+# from the stop; its drain of ongoing requests takes >= graceful_shutdown_wait_loop_s (2 s).
+STOP_WAIT_S = 10.0
 
 
 def _tier(config: AppConfig, cheap: Any, handle: DeploymentHandle | None) -> Any:
@@ -85,6 +90,29 @@ class Ingress(GrpcEndpoints):  # + the gRPC methods (router/grpc/ingress.py)
         )
         self.authenticator = attach(self.service, config.security)
         log.info("ingress ready: tasks %s, review queue %s", sorted(config.cascades), config.review.path)
+
+    async def __del__(self) -> None:
+        """Ray Serve's shutdown hook: it runs once this replica's requests have drained and
+        before Serve removes the deployments this one calls (callers go first), so the work
+        after responses (indexing, drift samples, shadow runs) is stopped while the search
+        deployment still answers; what cannot finish in STOP_WAIT_S is dropped and logged."""
+        service = getattr(self, "service", None)  # None: the constructor did not finish
+        if service is None:
+            return
+        try:
+            dropped, abandoned = await service.analyze.stop(STOP_WAIT_S)
+            if service.retention is not None:
+                await service.retention.stop()
+        except Exception as exc:  # shutting down: one line, never a traceback
+            log.warning(
+                "ingress stopping: after-response work did not stop cleanly: %s", failure_summary(exc)
+            )
+            return
+        log.info(
+            "ingress stopped its after-response work (%d images not indexed, %d tasks abandoned)",
+            dropped,
+            abandoned,
+        )
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Ray Serve calls this with the Ingress ``user_config`` (a PolicySet) on every change,

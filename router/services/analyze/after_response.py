@@ -9,6 +9,12 @@
   max_pending`` images; a full queue sheds the indexing and counts it.
 
 Both count what they shed in ``visionroute_after_response_shed_total{work}``.
+
+Both stop with their replica (``stop``, from the Ingress's ``__del__``, which Ray Serve runs
+after the replica's requests drained and before it removes the deployments the ingress calls):
+from then on nothing new is admitted; what is queued or running gets a bounded wait; what is
+left after it is dropped, counted and named in one log line (eventual indexing: the images'
+requests were long answered; ``visionroute_search_index_dropped_total``).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from visionroute.redaction import failure_summary
 log = logging.getLogger("visionroute.service.analyze")
 
 FLUSH_WAIT_S = 5.0  # a read waits at most this long for the replica's acknowledged index writes
+STOPPED = "not indexed: the replica stopped before its batch was written"
 
 
 class AfterResponseMetrics:
@@ -53,6 +60,11 @@ class AfterResponseMetrics:
             "analysed images whose batched index write failed (not indexed; the request was served)",
             registry=registry,
         )
+        self.index_dropped = Counter(
+            "visionroute_search_index_dropped",
+            "analysed images still queued for the search index when their replica stopped (not indexed)",
+            registry=registry,
+        )
 
 
 def _work_name(coroutine: Coroutine[Any, Any, Any]) -> str:
@@ -72,14 +84,17 @@ class AfterResponseWork:
         self.metrics = metrics
         self.inner = inner
         self.in_flight = 0
+        self.accepting = True  # False once the replica stops: nothing new starts
         self._tasks: set[asyncio.Task] = set()
+        self._idle: asyncio.Event | None = None  # set when in_flight reaches 0 (``stop``)
 
     def spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
-        if self.in_flight >= self.limit:
+        if self.in_flight >= self.limit or not self.accepting:
             work = _work_name(coroutine)
             coroutine.close()  # never started: nothing half-done
             self.metrics.shed.labels(work).inc()
-            log.debug("after-response work %s shed: %d in flight (the limit)", work, self.in_flight)
+            why = "the replica is stopping" if not self.accepting else "the limit"
+            log.debug("after-response work %s shed: %d in flight (%s)", work, self.in_flight, why)
             return
         self.in_flight += 1
 
@@ -88,6 +103,8 @@ class AfterResponseWork:
                 await coroutine
             finally:
                 self.in_flight -= 1
+                if self.in_flight == 0 and self._idle is not None:
+                    self._idle.set()
 
         if self.inner is not None:
             self.inner(counted())
@@ -100,6 +117,30 @@ class AfterResponseWork:
         """Wait for the work spawned so far (tests, shutdown)."""
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    def close(self) -> None:
+        """Admit nothing more (what is spawned from now on is shed, counted, never run)."""
+        self.accepting = False
+
+    async def stop(self, timeout_s: float) -> int:
+        """``close``, then wait at most ``timeout_s`` for the work in flight; this object's own
+        tasks still running after that are cancelled. Returns how many were still in flight."""
+        self.close()
+        if self.in_flight:
+            self._idle = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._idle.wait(), timeout_s)
+            except asyncio.TimeoutError:
+                pass
+        left = self.in_flight
+        if left:
+            for task in list(self._tasks):
+                task.cancel()  # work spawned into ``inner`` is left to its owner's drain
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+            log.warning(
+                "stopping: %d after-response tasks still running after %.0f s were abandoned", left, timeout_s
+            )
+        return left
 
 
 @dataclass(frozen=True)
@@ -116,7 +157,7 @@ class IndexQueue:
     ``submit`` never waits: it returns a future of the image's ``Indexed`` (never an exception),
     or None when the queue is full (shed, counted). The worker takes up to ``max_batch`` images
     per ``index_analyses`` call, in submission order, so a future resolving means every image
-    submitted before it is written too (``flushed``)."""
+    submitted before it is written too (``flushed``). ``stop`` ends it with the replica."""
 
     def __init__(
         self, search: SearchBackend | None, config: RetrievalConfig, metrics: AfterResponseMetrics
@@ -128,7 +169,9 @@ class IndexQueue:
         self.max_batch = config.index_queue.max_batch
         self.metrics = metrics
         self._pending: deque[tuple[Analysis, asyncio.Future]] = deque()
+        self._writing: list[tuple[Analysis, asyncio.Future]] = []  # the batch being written
         self._worker: asyncio.Task | None = None
+        self.accepting = True  # False once the replica stops (``stop``)
         self._last: asyncio.Future | None = None  # the newest submitted image's future
 
     @property
@@ -136,7 +179,7 @@ class IndexQueue:
         return len(self._pending)
 
     def submit(self, analysis: Analysis) -> asyncio.Future | None:
-        if len(self._pending) >= self.max_pending:
+        if len(self._pending) >= self.max_pending or not self.accepting:
             self.metrics.shed.labels("search_index").inc()
             return None
         loop = asyncio.get_running_loop()
@@ -152,18 +195,54 @@ class IndexQueue:
     async def _write_batches(self) -> None:
         while self._pending:
             batch = [self._pending.popleft() for _ in range(min(self.max_batch, len(self._pending)))]
+            self._writing = batch
             self.metrics.index_pending.set(len(self._pending))
             try:
                 ids = await self.search.call("index_analyses", [analysis for analysis, _ in batch])
                 outcomes = [Indexed(None if i is None else int(i)) for i in ids]
             except Exception as exc:  # the requests are long answered: recorded, counted, logged
                 error = failure_summary(exc)
-                log.warning("indexing %d analysed images for search failed: %s", len(batch), error)
+                when = " while the replica stops" if not self.accepting else ""
+                log.warning("indexing %d analysed images for search failed%s: %s", len(batch), when, error)
                 self.metrics.index_failed.inc(len(batch))
                 outcomes = [Indexed(None, error)] * len(batch)
+            self._writing = []
             for (_, future), outcome in zip(batch, outcomes):
                 if not future.done():
                     future.set_result(outcome)
+
+    async def stop(self, timeout_s: float) -> int:
+        """Stop with the replica: admit nothing more (``submit`` sheds), give the worker at most
+        ``timeout_s`` to write what is queued, then cancel it. Every image not written by then
+        gets ``Indexed(None, STOPPED)``, is counted in ``index_dropped`` and its request id is
+        logged on one line (eventual: its request was answered ``queued``; the image is
+        searchable once indexed again, e.g. by analysing it again). Returns how many."""
+        self.accepting = False
+        worker = self._worker
+        if worker is not None and not worker.done() and worker.get_loop() is asyncio.get_running_loop():
+            done, _ = await asyncio.wait({worker}, timeout=timeout_s)
+            if not done:
+                worker.cancel()  # its search call is cancelled with it; never awaited past this
+                await asyncio.wait({worker}, timeout=1.0)
+        dropped = [entry for entry in (*self._writing, *self._pending) if not entry[1].done()]
+        self._writing = []
+        self._pending.clear()
+        self.metrics.index_pending.set(0)
+        for _, future in dropped:
+            future.set_result(Indexed(None, STOPPED))
+        if dropped:
+            self.metrics.index_dropped.inc(len(dropped))
+            ids = [analysis.trace.request_id for analysis, _ in dropped]
+            shown = ", ".join(ids[:20]) + (f" (+{len(ids) - 20} more)" if len(ids) > 20 else "")
+            log.warning(
+                "stopping: %d analysed images queued for search were not indexed (%s mode, waited %.0f s): "
+                "requests %s",
+                len(dropped),
+                self.mode,
+                timeout_s,
+                shown,
+            )
+        return len(dropped)
 
     async def flushed(self, timeout_s: float = FLUSH_WAIT_S) -> None:
         """Wait (at most ``timeout_s``) until every image submitted so far is written or failed:

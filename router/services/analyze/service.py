@@ -6,6 +6,7 @@ No FastAPI and no Ray here: the faces hand in bytes and the caller, and get back
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -83,6 +84,17 @@ class AnalyzeService:
         pixels count against this replica's decode budget until the answer is made."""
         async with self.decode_budget.session() as session:
             return await self.pipeline.run(RequestContext(request, caller, session))
+
+    async def stop(self, timeout_s: float) -> tuple[int, int]:
+        """Stop the work after responses before the deployments it calls go away (the Ingress's
+        ``__del__``): nothing new is admitted; queued indexing is written, then the spawned work
+        (a drift sample may wait for its image's write) finishes, all within ``timeout_s``.
+        Returns (images not indexed, after-response tasks abandoned)."""
+        deadline = time.monotonic() + timeout_s
+        self.after_response.close()
+        dropped = await self.indexer.stop(timeout_s)
+        abandoned = await self.after_response.stop(max(0.0, deadline - time.monotonic()))
+        return dropped, abandoned
 
 
 def _after_response_metrics(metrics: IngressMetrics) -> AfterResponseMetrics:
