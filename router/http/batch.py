@@ -13,17 +13,17 @@ import asyncio
 from typing import Any
 
 from fastapi import Request
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, model_validator
 from starlette.datastructures import UploadFile
 
 from router.errors import error_body, http_status, retry_after_s, unexpected_error
-from router.http.inputs import decoded_base64, parsed, read_body_limited
+from router.http.inputs import image_body, json_image, parsed, validated
 from router.schemas import AnalyzeResponse, Edge
 from router.services import response_body
 from router.services.batch import BatchImage, BatchItem, BatchResult, BatchService
-from router.url_fetch import UrlFetchConfig, fetch_image_url
-from visionroute.errors import InputError, RouterError, UnsupportedMediaType
-from visionroute.redaction import failure_summary, shown
+from router.url_fetch import UrlFetchConfig
+from visionroute.errors import InputError, RouterError
+from visionroute.redaction import failure_summary
 
 
 class AnalyzeBatchJson(Edge):
@@ -68,16 +68,11 @@ async def batch_images(
 ) -> tuple[list[BatchImage], str | None, str | None]:
     """(the images, task, tenant) of a batch request; the count is checked before any image is
     decoded or fetched."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type not in ("multipart/form-data", "application/json"):
-        raise UnsupportedMediaType(
-            f"content type {shown(content_type or 'none')} is not accepted; send multipart/form-data "
-            "with one 'image' file per image or application/json with 'images'",
-            field="content-type",
-        )
-    body = await read_body_limited(request, max_bytes)
-    if not body:
-        raise InputError("request body is empty", field="body")
+    content_type, body = await image_body(
+        request,
+        max_bytes,
+        "multipart/form-data with one 'image' file per image or application/json with 'images'",
+    )
     if content_type == "application/json":
         payload = parsed(AnalyzeBatchJson, body)
         batch.check_count(len(payload.images), "images")
@@ -124,14 +119,8 @@ async def _json_image(value: Any, max_bytes: int, url_fetch: UrlFetchConfig) -> 
                 f"each image must be an object with image_base64 or image_url, got {type(value).__name__}",
                 field="image",
             )
-        try:
-            item = _ImageJson.model_validate(value)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            raise InputError(first["msg"], field=".".join(map(str, first["loc"])) or "image") from None
-        if item.image_url is not None:
-            return BatchImage(await fetch_image_url(item.image_url, url_fetch, max_bytes))
-        return BatchImage(decoded_base64(item.image_base64, "image_base64"))
+        item = validated(_ImageJson, value, "image")
+        return BatchImage(await json_image(item.image_base64, item.image_url, max_bytes, url_fetch))
     except RouterError as error:
         return BatchImage(error=error)
 

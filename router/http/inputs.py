@@ -23,12 +23,17 @@ def parsed(model: type[BaseModel], body: bytes) -> Any:
     field: not UTF-8 or not JSON (``body``), too deep, a lone surrogate, a wrong value."""
     if not body:
         raise InputError("request body is empty; send a JSON object", field="body")
-    value = parsed_json(body, "body")
+    return validated(model, parsed_json(body, "body"), "body")
+
+
+def validated(model: type[BaseModel], value: Any, field: str) -> Any:
+    """``value`` validated into ``model``; the first problem an InputError naming its field
+    (``field`` when the problem is the whole value's)."""
     try:
         return model.model_validate(value)
     except ValidationError as exc:
         first = exc.errors()[0]
-        raise InputError(first["msg"], field=".".join(map(str, first["loc"])) or "body") from None
+        raise InputError(first["msg"], field=".".join(map(str, first["loc"])) or field) from None
 
 
 def decoded_base64(value: str, field: str) -> bytes:
@@ -51,26 +56,41 @@ async def read_body_limited(request: Request, max_bytes: int) -> bytes:
     return body
 
 
-async def image_and_fields(
-    request: Request, max_bytes: int, url_fetch: UrlFetchConfig | None = None
-) -> tuple[bytes, str | None, str | None]:
-    """(image bytes, task, tenant) from a multipart upload or a JSON body."""
+async def image_body(request: Request, max_bytes: int, send: str) -> tuple[str, bytes]:
+    """(content type, body) of an image request: multipart or JSON, within ``max_bytes``, not
+    empty. ``send``: what each content type should carry, for the error."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type not in ("multipart/form-data", "application/json"):
         raise UnsupportedMediaType(
-            f"content type {shown(content_type or 'none')} is not accepted; send multipart/form-data "
-            "with an 'image' file or application/json with 'image_base64'",
-            field="content-type",
+            f"content type {shown(content_type or 'none')} is not accepted; send {send}", field="content-type"
         )
     body = await read_body_limited(request, max_bytes)
     if not body:
         raise InputError("request body is empty", field="body")
+    return content_type, body
+
+
+async def json_image(
+    image_base64: str | None, image_url: str | None, max_bytes: int, url_fetch: UrlFetchConfig
+) -> bytes:
+    """A JSON body's image (one of the two, checked by its model): fetched, or decoded."""
+    if image_url is not None:
+        return await fetch_image_url(image_url, url_fetch, max_bytes)
+    return decoded_base64(image_base64, "image_base64")
+
+
+async def image_and_fields(
+    request: Request, max_bytes: int, url_fetch: UrlFetchConfig | None = None
+) -> tuple[bytes, str | None, str | None]:
+    """(image bytes, task, tenant) from a multipart upload or a JSON body."""
+    content_type, body = await image_body(
+        request, max_bytes, "multipart/form-data with an 'image' file or application/json with 'image_base64'"
+    )
     if content_type == "application/json":
         payload = parsed(AnalyzeJson, body)
-        if payload.image_url is not None:
-            image = await fetch_image_url(payload.image_url, url_fetch or UrlFetchConfig(), max_bytes)
-        else:
-            image = decoded_base64(payload.image_base64, "image_base64")
+        image = await json_image(
+            payload.image_base64, payload.image_url, max_bytes, url_fetch or UrlFetchConfig()
+        )
         return image, payload.task, payload.tenant
     try:
         form = await request.form()
