@@ -33,6 +33,7 @@ from visionroute.errors import InputError
 CHOICES, BOXES = "choices", "boxes"  # the answer kinds: a class for the whole image, or boxes
 IMAGE_NAME, LABEL_NAME, VERDICT_NAME = "image", "label", "verdict"  # the labelling config's tag names
 REJECT = "reject"
+MAX_REVIEWER_CHARS = 128
 WHOLE_IMAGE_TOLERANCE_PX = 1.0
 # What a label depends on: any change to these after an export makes the exported task stale.
 VERSION_FIELDS = (
@@ -234,6 +235,11 @@ def reviewer_of(annotation: Mapping[str, Any], reviewers: Mapping[str, str] | No
     who = annotation.get("completed_by")
     if isinstance(who, Mapping):
         user_id, email = who.get("id"), who.get("email") or None
+        if not _is_scalar(user_id) or not (email is None or isinstance(email, str)):
+            raise InputError(
+                "completed_by's id must be a number or a string and its email a string",
+                field="completed_by",
+            )
     elif isinstance(who, (int, str)) and not isinstance(who, bool) and str(who).strip():
         user_id, email = who, None
     else:
@@ -254,12 +260,40 @@ def reviewer_of(annotation: Mapping[str, Any], reviewers: Mapping[str, str] | No
             " add them to it, or leave the map out to record Label Studio's own names",
             field="completed_by",
         )
-    return email or f"label-studio:{user_id}"
+    name = email or f"label-studio:{user_id}"
+    if len(name) > MAX_REVIEWER_CHARS:  # the queue's reviewer names (router/schemas.py ReviewerField)
+        raise InputError(
+            f"completed_by names a reviewer of {len(name)} characters; at most {MAX_REVIEWER_CHARS}",
+            field="completed_by",
+        )
+    return name
+
+
+def _is_scalar(value: Any) -> bool:
+    return value is None or (isinstance(value, (int, str)) and not isinstance(value, bool))
+
+
+def _listed(value: Any, field: str) -> list[Any]:
+    """A JSON list field that may be absent (None); anything else is refused naming ``field``."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise InputError(f"{field} must be a list, got {type(value).__name__}", field=field)
+    return value
+
+
+def _object(value: Any, field: str) -> Mapping[str, Any]:
+    """A JSON object field that may be absent (None); anything else is refused naming ``field``."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise InputError(f"{field} must be an object, got {type(value).__name__}", field=field)
+    return value
 
 
 def _chosen_annotation(task_json: Mapping[str, Any]) -> Mapping[str, Any] | None:
     """The annotation to import: a ground-truth one first, then the most recently updated."""
-    annotations = [a for a in task_json.get("annotations") or [] if isinstance(a, Mapping)]
+    annotations = [a for a in _listed(task_json.get("annotations"), "annotations") if isinstance(a, Mapping)]
     kept = [(n, a) for n, a in enumerate(annotations) if not a.get("was_cancelled")]
     if not kept:
         return None
@@ -272,7 +306,7 @@ def _chosen_annotation(task_json: Mapping[str, Any]) -> Mapping[str, Any] | None
 def _finite(value: Any, field: str) -> float:
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an integer past float's range
         number = math.nan
     if not math.isfinite(number):
         raise InputError(f"{field} must be a number, got {value!r}", field=field)
@@ -281,9 +315,9 @@ def _finite(value: Any, field: str) -> float:
 
 def _box(result: Mapping[str, Any], data: Mapping[str, Any]) -> tuple[str, tuple[float, float, float, float]]:
     """A ``rectanglelabels`` result as (label, xyxy in the image's pixels)."""
-    value = result.get("value") or {}
-    labels = value.get("rectanglelabels") or []
-    if len(labels) != 1:
+    value = _object(result.get("value"), "result.value")
+    labels = _listed(value.get("rectanglelabels"), "result.value.rectanglelabels")
+    if len(labels) != 1 or not isinstance(labels[0], str):
         raise InputError(
             f"a box needs exactly one label, got {labels!r}", field="result.value.rectanglelabels"
         )
@@ -302,6 +336,10 @@ def _box(result: Mapping[str, Any], data: Mapping[str, Any]) -> tuple[str, tuple
     width, height = _finite(width, "result.original_width"), _finite(height, "result.original_height")
     x, y, w, h = (_finite(value.get(key), f"result.value.{key}") for key in ("x", "y", "width", "height"))
     xyxy = (x * width / 100.0, y * height / 100.0, (x + w) * width / 100.0, (y + h) * height / 100.0)
+    if not all(math.isfinite(v) for v in xyxy):  # finite inputs whose product overflows
+        raise InputError(
+            "the box's pixel coordinates overflow; check x, y, width, height", field="result.value"
+        )
     return str(labels[0]), tuple(round(v, 2) for v in xyxy)  # type: ignore[return-value]
 
 
@@ -314,6 +352,8 @@ def read_task(
     if not isinstance(data, Mapping):
         return Outcome("refused", task_id, None, "data", "a Label Studio task needs a 'data' object")
     item_id = data.get("visionroute_item_id")
+    if not isinstance(item_id, str):  # the export writes the item id as a string
+        item_id = None
     if not item_id:
         return Outcome(
             "refused",
@@ -324,6 +364,8 @@ def read_task(
             " --format label-studio` wrote",
         )
     version = data.get("visionroute_item_version")
+    if not isinstance(version, str):
+        version = None
     if not version:
         return Outcome(
             "refused",
@@ -332,7 +374,10 @@ def read_task(
             "data.visionroute_item_version",
             "the task carries no item version",
         )
-    annotation = _chosen_annotation(task_json)
+    try:
+        annotation = _chosen_annotation(task_json)
+    except InputError as exc:
+        return Outcome("refused", task_id, str(item_id), exc.field, exc.reason)
     if annotation is None:
         cancelled = bool(task_json.get("annotations"))
         reason = "every annotation was skipped in Label Studio" if cancelled else "not annotated yet"
@@ -342,10 +387,11 @@ def read_task(
         classes: list[str] = []
         boxes: list[tuple[str, tuple[float, float, float, float]]] = []
         rejected = False
-        for result in annotation.get("result") or []:
+        for result in _listed(annotation.get("result"), "result"):
             kind = result.get("type") if isinstance(result, Mapping) else None
             if kind == "choices":
-                chosen = [str(c) for c in (result.get("value") or {}).get("choices") or []]
+                value = _object(result.get("value"), "result.value")
+                chosen = [str(c) for c in _listed(value.get("choices"), "result.value.choices")]
                 if result.get("from_name") == VERDICT_NAME:
                     rejected = rejected or REJECT in chosen
                 else:
@@ -353,6 +399,7 @@ def read_task(
             elif kind == "rectanglelabels":
                 boxes.append(_box(result, data))
             else:
+                kind = kind if _is_scalar(kind) else type(kind).__name__
                 raise InputError(
                     f"result type {kind!r} is not one VisionRoute reads; expected 'choices' or 'rectanglelabels'",
                     field="result.type",

@@ -6,8 +6,9 @@ under its own request id ``<batch id>:<index>``, so a retried batch with the sam
 per-image requests again (a review item is never made twice). One image's failure (bytes that
 are not an image, a budget refusal, a queue that cannot store) is that image's error with the
 field and reason, never the batch's; only what is wrong with the batch itself (no images, more
-than ``limits.batch_max_images``, an unknown task or tenant) fails the request. The faces read
-the images and translate the ``BatchResult``; no FastAPI or Ray here.
+than ``limits.batch_max_images``, an unknown task, a malformed tenant or one the key may not act
+for) fails the request. The faces read the images and translate the ``BatchResult``; no FastAPI
+or Ray here.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from router.auth.principal import Principal
+from router.auth.principal import Principal, resolve_tenant
 from router.config import LimitsConfig
 from router.services.analyze import AnalyzeService, ImageRequest
 from router.services.common import checked_tenant
@@ -114,7 +115,8 @@ class BatchService:
         tasks = self.analyze.tiers
         if task is not None and task not in tasks:
             raise InputError(f"unknown task {task!r}; expected one of {sorted(tasks)}", field="task")
-        checked_tenant(tenant)
+        # another tenant's name fails the batch (403 naming tenant), not each image one by one
+        resolve_tenant(caller, checked_tenant(tenant))
         slots = asyncio.Semaphore(min(self.limits.batch_concurrency, len(images)))
 
         async def one(index: int, image: BatchImage) -> BatchItem:

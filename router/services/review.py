@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +33,7 @@ from policies.reviewer_quality import ReviewerQuality, reviewer_quality
 from policies.runtime import PolicyRuntime
 from router.auth.principal import Principal, tenant_scope
 from router.config import AppConfig
-from router.schemas import ClaimRequest, LabelRequest, ReleaseRequest
+from router.schemas import ClaimRequest, DetectionOut, LabelRequest, ReleaseRequest
 from router.services.backends import SearchBackend
 from router.services.results import (
     AuditEvent,
@@ -46,6 +47,7 @@ from router.services.results import (
     ReviewStats,
 )
 from visionroute.errors import InputError, NotFound, PermissionDenied
+from visionroute.redaction import shown
 
 log = logging.getLogger("visionroute.service.review")
 
@@ -96,6 +98,33 @@ class ReviewerReport(Result):
         }
 
 
+MAX_LABEL_BOXES = 1000  # far above any detector's answer; a label is stored and echoed whole
+CLASS_ID_RANGE = (-1, 2**31 - 1)  # -1: no class id (label_import); the gRPC Detection is int32
+
+
+def checked_boxes(boxes: list[DetectionOut]) -> None:
+    """A reviewer's boxes as every reader can take them back (JSON, gRPC, exports): at most
+    MAX_LABEL_BOXES, each with four finite coordinates, a confidence in [0, 1] and a class id
+    in CLASS_ID_RANGE; else an InputError naming the box's field."""
+    if len(boxes) > MAX_LABEL_BOXES:
+        raise InputError(f"at most {MAX_LABEL_BOXES} boxes per label, got {len(boxes)}", field="boxes")
+    low, high = CLASS_ID_RANGE
+    for n, box in enumerate(boxes):
+        if not low <= box.class_id <= high:
+            raise InputError(
+                f"class_id must be in [{low}, {high}], got {shown(box.class_id)}", field=f"boxes.{n}.class_id"
+            )
+        if not (math.isfinite(box.confidence) and 0.0 <= box.confidence <= 1.0):
+            raise InputError(
+                f"confidence must be a number in [0, 1], got {box.confidence}", field=f"boxes.{n}.confidence"
+            )
+        if len(box.xyxy) != 4 or not all(math.isfinite(v) for v in box.xyxy):
+            raise InputError(
+                f"xyxy must be four finite numbers (x1, y1, x2, y2), got {shown(box.xyxy)}",
+                field=f"boxes.{n}.xyxy",
+            )
+
+
 def label_from(request: LabelRequest, proposed: list[dict[str, Any]]) -> dict[str, Any]:
     """The stored label for a verdict: confirm takes the proposed answer, correct needs one."""
     if request.verdict == "confirm":
@@ -103,6 +132,7 @@ def label_from(request: LabelRequest, proposed: list[dict[str, Any]]) -> dict[st
     elif request.verdict == "correct":
         if request.label is None and request.boxes is None:
             raise InputError("a 'correct' verdict needs 'label' or 'boxes'", field="label")
+        checked_boxes(request.boxes or [])
         label = {
             "verdict": "correct",
             "label": request.label,

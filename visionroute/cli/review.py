@@ -95,14 +95,16 @@ def _cmd_import_label_studio(args) -> int:
 
 
 def _read_json(path: str, field: str):
+    """The file's JSON, checked as a request body is (router/services/common.py ``parsed_json``:
+    UTF-8, nesting bounded, no NaN or lone surrogates), or an InputError naming ``field``."""
+    from router.services.common import parsed_json
     from visionroute.errors import InputError
 
     try:
-        return json.loads(Path(path).expanduser().read_text())
+        data = Path(path).expanduser().read_bytes()
     except OSError as exc:
         raise InputError(f"cannot read {path}: {exc.strerror}", field=field) from None
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{path} is not JSON: {exc}", field=field) from None
+    return parsed_json(data, field)
 
 
 def _cmd_purge(args) -> int:
