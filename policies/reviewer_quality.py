@@ -36,7 +36,7 @@ from policies.review.double_labels import JudgedLabel, same_answer
 @dataclass(frozen=True)
 class ReviewerQuality:
     reviewer: str
-    labels: int  # every label they gave through the queue
+    labels: int  # every label they gave through the queue or a Label Studio import
     double_judged: int  # their labels of double-labelled items that agreed or were adjudicated
     double_errors: int  # of those, labels the adjudication overruled
     disputes_pending: int  # their labels in a dispute no admin has decided yet

@@ -221,6 +221,20 @@ def rollout_step(trace: Mapping[str, Any] | None) -> dict[str, Any] | None:
     return None
 
 
+def rollout_evidence(item: Any) -> tuple[str, str, bool] | None:
+    """(rollout id, arm, is the answer wrong) when a labelled item is one observation for a
+    rollout arm (an audit or shadow item of a rollout), else None. The queue's labels
+    (``RolloutService.observe_label``) and Label Studio imports (``visionroute review
+    import-label-studio``) both feed the test through it."""
+    if item.kind not in ("audit", "shadow") or not item.label or item.status != "labelled":
+        return None
+    details = rollout_step(item.trace)
+    if details is None:
+        return None
+    arm = "candidate" if item.kind == "shadow" else details["arm"]
+    return details["rollout_id"], arm, is_error(item.label, item.proposed)
+
+
 class RolloutService:
     def __init__(
         self,
@@ -523,15 +537,12 @@ class RolloutService:
 
     async def observe_label(self, item: Any) -> None:
         """A reviewer's label on an audit or shadow item of a rollout arm: one observation."""
-        if item.kind not in ("audit", "shadow") or not item.label:
+        evidence = rollout_evidence(item)
+        if evidence is None:
             return
-        details = rollout_step(item.trace)
-        if details is None:
-            return
-        arm = "candidate" if item.kind == "shadow" else details["arm"]
-        wrong = is_error(item.label, item.proposed)
+        rollout_id, arm, wrong = evidence
         rollout = await asyncio.to_thread(
-            self.store.observe, details["rollout_id"], arm, is_error=wrong, item_id=item.id
+            self.store.observe, rollout_id, arm, is_error=wrong, item_id=item.id
         )
         if rollout.status in ("promoted", "rolled_back"):
             self._read_at = 0.0

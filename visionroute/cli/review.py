@@ -87,11 +87,37 @@ def _cmd_import_label_studio(args) -> int:
     queue = _queue(args)
     try:
         outcomes = LabelImport(queue.database).apply(read, tenant=args.tenant)
+        observed = _rollout_evidence(args, queue, [o.item_id for o in outcomes if o.status == "imported"])
     finally:
         queue.close()
-    result = summary(outcomes)
+    result = {**summary(outcomes), "rollout_labels": observed}
     print(json.dumps(result, indent=2))
     return 1 if result["refused"] else 0
+
+
+def _rollout_evidence(args, queue, item_ids: list[str]) -> int:
+    """Imported labels of a rollout's audit or shadow items are its sequential test's evidence,
+    as labels given in the queue are (each item counts once); returns how many were added. A
+    promotion it causes is adopted by the service's next read of the rollouts."""
+    from policies.rollout_store import RolloutStore
+    from router.services.rollouts import rollout_evidence
+    from visionroute.errors import NotFound
+
+    evidence = [(item_id, rollout_evidence(queue.get(item_id))) for item_id in item_ids]
+    evidence = [(item_id, found) for item_id, found in evidence if found is not None]
+    if not evidence:
+        return 0
+    path, state = _where(args)
+    store = RolloutStore(path / "rollouts.sqlite3", state=state)
+    try:
+        for item_id, (rollout_id, arm, wrong) in evidence:
+            try:
+                store.observe(rollout_id, arm, is_error=wrong, item_id=item_id)
+            except NotFound:  # the rollout is gone: the label stays, as in the queue
+                continue
+    finally:
+        store.close()
+    return len(evidence)
 
 
 def _read_json(path: str, field: str):
