@@ -186,7 +186,11 @@ def review_item(item: ReviewItemView) -> pb.ReviewItem:
         is_leased=item.is_leased,
         is_overdue=item.is_overdue,
         image_available=item.image_available,
+        labels_wanted=item.labels_wanted,
+        needs_adjudication=item.needs_adjudication,
         **_optional(
+            audit_source=item.audit_source,
+            inclusion_probability=item.inclusion_probability,
             lease_owner=item.lease_owner,
             lease_expires_at=item.lease_expires_at,
             label=review_label(item.label) if item.label is not None else None,

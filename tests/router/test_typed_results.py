@@ -235,6 +235,14 @@ def test_grpc_replies_carry_typed_fields_beside_the_deprecated_json(faces):
     assert [s.stage for s in item.trace.steps] == [s["stage"] for s in as_json["trace"]["steps"]]
     assert [d.label for d in item.proposed] == [d["label"] for d in as_json["proposed"]]
     assert not item.HasField("label") and not item.HasField("lease_owner")
+    # every field of the HTTP item is typed too (issue 23's provenance and double-label fields)
+    assert set(as_json) <= set(pb.ReviewItem.DESCRIPTOR.fields_by_name)
+    typed = {
+        name: getattr(item, name) if item.HasField(name) else None
+        for name in ("audit_source", "inclusion_probability")
+    }
+    assert typed == {name: as_json[name] for name in typed} and as_json["inclusion_probability"] == 1.0
+    assert (item.labels_wanted, item.needs_adjudication) == (as_json["labels_wanted"], False)
 
     code, claim = rpc("ClaimReviewItem", pb.ClaimReviewItemRequest(item_id=item_id), "ann")
     assert code == "OK" and claim.item.lease_owner == "ann" and claim.lease_token
