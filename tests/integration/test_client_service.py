@@ -1,7 +1,7 @@
 """The Python client (visionroute/client/) against the real running service, both faces, both clients.
 
 One scenario (analyse, the same request id again, index and search, review: claim, label,
-audit, a refusal) runs four times: HTTP and gRPC, blocking and asyncio. The scenario is written
+audit, a batch in chunks, a refusal) runs four times: HTTP and gRPC, blocking and asyncio. The scenario is written
 once as a coroutine; ``answer`` awaits what the asyncio client returns and passes the blocking
 client's result through. On the shared services (tests/integration/conftest.py): the no-key one
 in a tenant of its own, the keyed one for the API key, roles and the typed admin answers.
@@ -94,6 +94,23 @@ async def analyse_search_and_review(client, tenant: str, photos: dict[str, bytes
     assert isinstance(audit, AuditLog)
     actions = [e.action for e in audit.events]
     assert actions[0] == "enqueue" and actions[-2:] == ["claim", "label"]
+
+    # a batch in two chunks: each image its own answer or error, in order; the same ids again
+    # are the same requests (the astronaut's review item is not made twice)
+    images = [photos["coffee"], photos["astronaut"], b"these bytes are no image"]
+    seen = []
+    batch_id = "client-batch-" + uuid.uuid4().hex
+    batch = await answer(
+        client.analyze_batch(
+            images, tenant=tenant, request_id=batch_id, batch_size=2, on_progress=seen.append
+        )
+    )
+    assert [item.index for item in batch] == [0, 1, 2] and [p.done for p in seen] == [2, 3]
+    assert [item.request_id for item in batch] == [f"{batch_id}.0:0", f"{batch_id}.0:1", f"{batch_id}.2:0"]
+    assert batch[0].response.answer[0].label == "espresso" and batch[1].response.review_item_id
+    assert not batch[2].ok and batch[2].error.field == "images[2]" and isinstance(batch[2].error, InputError)
+    again = await answer(client.analyze_batch(images, tenant=tenant, request_id=batch_id, batch_size=2))
+    assert again[1].response.review_item_id == batch[1].response.review_item_id
 
     # a refusal: the service's status, error, field and reason, as the project's error kind
     with pytest.raises(ServiceError) as refused:

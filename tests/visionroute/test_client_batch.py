@@ -84,6 +84,10 @@ def test_a_long_list_goes_in_chunks_in_order_with_each_images_error_and_progress
             i.response.review_item_id for i in result if i.ok
         ]
 
+        # an image's error names its place in the caller's list, not in its chunk
+        late = client.analyze_batch([RED, RED, RED, NOT_AN_IMAGE], batch_size=SERVICE_LIMIT)
+        assert late[3].error.field == "images[3]" and late[3].request_id.endswith(".3:0")
+
         # a list that fits one request goes under the call's own id, as the service numbers it
         one = client.analyze_batch([RED, GREY], request_id="small-1")
         assert [i.request_id for i in one] == ["small-1:0", "small-1:1"] and one.failed == 0

@@ -5,7 +5,8 @@
 file, named ``images[i]`` when not), plans the chunks (at most ``batch_size`` images and
 ``max_batch_bytes`` each; an image larger than that goes alone and the service decides), builds
 each chunk's ``Call`` when it is sent (a file is read then, not all at once), and gathers the
-results, numbered in the caller's list, reporting progress after each chunk. The clients only
+results, numbered in the caller's list (an image's error field too: ``images[40]``, not the
+chunk's ``images[8]``), reporting progress after each chunk. The clients only
 loop: send each chunk, ``add`` its answer.
 
 Request ids: the service gives image ``i`` of a batch sent as ``R`` the id ``R:i`` and keys its
@@ -17,7 +18,6 @@ same per-image requests: nothing charged or queued twice, whatever was lost in b
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,13 +122,12 @@ class BatchRun:
         for start, stop in self.bounds:
             yield Chunk(start, self.chunk_request_id(start), self._call(start, stop))
 
-    def add(self, chunk: Chunk, items: Sequence[BatchItemResult]) -> None:
-        """A chunk's answer: its results numbered in the caller's list; progress reported."""
-        numbered = tuple(dataclasses.replace(item, index=chunk.start + item.index) for item in items)
-        self.items.extend(numbered)
+    def add(self, items: Sequence[BatchItemResult]) -> None:
+        """A chunk's answer (its results already numbered in the caller's list); progress reported."""
+        self.items.extend(items)
         if self.on_progress is not None:
-            failed = sum(item.error is not None for item in self.items)
-            self.on_progress(BatchProgress(len(self.items), self.total, failed, numbered))
+            failed = sum(not item.ok for item in self.items)
+            self.on_progress(BatchProgress(len(self.items), self.total, failed, tuple(items)))
 
     def result(self) -> AnalyzeBatchResult:
         return AnalyzeBatchResult(self.request_id, tuple(self.items))
@@ -158,7 +157,7 @@ class BatchRun:
             "analyze batch",
             http,
             GrpcRequest("AnalyzeBatch", message, replies.analyze_batch),
-            results.batch_items,
+            lambda body: results.batch_items(body, first_index=start),
         )
 
 

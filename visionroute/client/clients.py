@@ -100,7 +100,7 @@ class VisionRouteClient(ClientBase):
 
     def _run_batch(self, run: BatchRun) -> AnalyzeBatchResult:
         for chunk in run.chunks():
-            run.add(chunk, self._execute(chunk.call, chunk.request_id))
+            run.add(self._execute(chunk.call, chunk.request_id))
         return run.result()
 
     def close(self) -> None:
@@ -130,7 +130,7 @@ class AsyncVisionRouteClient(ClientBase):
 
     async def _run_batch(self, run: BatchRun) -> AnalyzeBatchResult:
         for chunk in run.chunks():
-            run.add(chunk, await self._execute(chunk.call, chunk.request_id))
+            run.add(await self._execute(chunk.call, chunk.request_id))
         return run.result()
 
     async def close(self) -> None:

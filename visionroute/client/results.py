@@ -94,16 +94,18 @@ class AnalyzeBatchResult:
         return self.items[index]
 
 
-def batch_items(body: dict[str, Any]) -> list[BatchItemResult]:
-    """A batch answer's results (router/http/batch.py ``batch_json``), numbered as in its request."""
-    return [batch_item(result) for result in body["results"]]
+def batch_items(body: dict[str, Any], first_index: int = 0) -> list[BatchItemResult]:
+    """A batch answer's results (router/http/batch.py ``batch_json``), numbered from
+    ``first_index``: a chunk's images as they stand in the caller's list."""
+    return [batch_item(result, first_index) for result in body["results"]]
 
 
-def batch_item(body: dict[str, Any]) -> BatchItemResult:
+def batch_item(body: dict[str, Any], first_index: int = 0) -> BatchItemResult:
     error = body.get("error")
     response = body.get("response")
+    index = first_index + body["index"]
     return BatchItemResult(
-        index=body["index"],
+        index=index,
         request_id=body["request_id"],
         status=body["status"],
         response=analysis(response) if response is not None else None,
@@ -111,7 +113,7 @@ def batch_item(body: dict[str, Any]) -> BatchItemResult:
             operation="analyze (batch image)",
             status=body["status"],
             error=str(error.get("error")),
-            field=error.get("field"),
+            field=_renumbered(error.get("field"), body["index"], index),
             reason=str(error.get("reason")),
             request_id=error.get("request_id") or body["request_id"],
             retry_after_s=error.get("retry_after_s"),
@@ -119,6 +121,15 @@ def batch_item(body: dict[str, Any]) -> BatchItemResult:
         if error is not None
         else None,
     )
+
+
+def _renumbered(field: str | None, sent_index: int, index: int) -> str | None:
+    """The service names an image's field by its place in the request (``images[0]``,
+    ``images[0].image_url``); the caller's list has it at ``index``."""
+    sent = f"images[{sent_index}]"
+    if field is not None and field.startswith(sent):
+        return f"images[{index}]{field[len(sent) :]}"
+    return field
 
 
 def search_response(body: dict[str, Any]) -> SearchResponse:
