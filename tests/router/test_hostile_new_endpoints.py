@@ -743,3 +743,92 @@ def test_an_export_for_one_tenant_carries_none_of_anothers_items(client, service
         with pytest.raises(InputError) as error:
             export.export(tmp_path / "bad", **{"status": "pending", **bad})
         assert error.value.field in ("format", "status")
+
+
+# -- more of the same over gRPC, and races ---------------------------------------------------------
+
+
+def grpc_call(servicer, method: str, who: str, request):
+    context = Context(who)
+    reply = asyncio.run(getattr(servicer, method)(request, context))
+    code = context.code.name if context.code else "OK"
+    check_grpc_status(code, context.details, dict(context.trailers))
+    return code, (json.loads(context.details) if context.details else None), reply
+
+
+def test_grpc_review_calls_keep_tenants_apart_and_refuse_hostile_labels(world):
+    service, client, servicer = world
+    item_id = queued(client, "acme_app", GREY, "grpc-dl")
+    code, _, _ = grpc_call(servicer, "ClaimReviewItem", "gus", pb.ClaimReviewItemRequest(item_id=item_id))
+    assert code == "NOT_FOUND"
+    for lease_s in (float("nan"), float("inf"), -1.0, 1e300):
+        request = pb.ClaimReviewItemRequest(item_id=item_id, lease_s=lease_s)
+        code, details, _ = grpc_call(servicer, "ClaimReviewItem", "ann", request)
+        assert (code, details["field"]) == ("INVALID_ARGUMENT", "lease_s"), lease_s
+    code, _, reply = grpc_call(servicer, "ClaimReviewItem", "ann", pb.ClaimReviewItemRequest(item_id=item_id))
+    token = reply.lease_token
+    bad_box = {"label": "red", "class_id": 2**31, "confidence": 1.0, "xyxy": [0, 0, 1, 1]}
+    for who, label_json, expected in (
+        ("gus", {"lease_token": token, "verdict": "confirm"}, ("NOT_FOUND", "item_id")),
+        ("ann", {"lease_token": token, "verdict": "correct", "boxes": [bad_box]}, ("INVALID_ARGUMENT", None)),
+        (
+            "ann",
+            {"lease_token": token, "verdict": "correct", "label": "x" * 10_000},
+            ("INVALID_ARGUMENT", None),
+        ),
+    ):
+        request = pb.LabelReviewItemRequest(item_id=item_id, label_json=json.dumps(label_json))
+        code, details, _ = grpc_call(servicer, "LabelReviewItem", who, request)
+        assert code == expected[0] and (expected[1] is None or details["field"] == expected[1]), details
+    request = pb.LabelReviewItemRequest(item_id=item_id, label_json='{"verdict": "confirm", "x": 1e999}')
+    assert grpc_call(servicer, "LabelReviewItem", "ann", request)[0] == "INVALID_ARGUMENT"
+    request = pb.LabelReviewItemRequest(item_id=item_id, label_json=deep(10_000))
+    assert grpc_call(servicer, "LabelReviewItem", "ann", request)[1]["field"] == "label_json"
+    assert item_labels(service, item_id) == []
+
+
+def test_the_same_batch_sent_twice_at_once_makes_each_item_once(service):
+    from router.auth.keys import Authenticator
+    from router.services.batch import BatchImage
+
+    caller = Authenticator(SECURITY).authenticate(KEYS["acme_app"][2], None, client="127.0.0.1")
+    before = item_count(service)
+    images = [BatchImage(GREY), BatchImage(DARK_GREY), BatchImage(b"junk")]
+
+    async def twice():
+        return await asyncio.gather(
+            *(service.batch.analyze_batch(images, "race-1", caller) for _ in range(2))
+        )
+
+    first, second = asyncio.run(twice())
+    ids = [item.analysis.review_item_id for item in first.items if item.analysis is not None]
+    assert len(ids) == 2 and ids == [
+        i.analysis.review_item_id for i in second.items if i.analysis is not None
+    ]
+    assert first.items[2].error.field == "images[2]" and item_count(service) == before + 2
+
+
+def test_oversized_and_overfull_requests_are_refused_whole(client, service):
+    before = len(jobs(service))
+    response = client.post(
+        "/v1/admin/recalibrations",
+        content=b'{"task": "colour"}',
+        headers=auth("root", **{"content-type": "application/json", "content-length": str(2**63)}),
+    )
+    check_http(response.status_code, dict(response.headers), response.text)
+    assert 400 <= response.status_code < 500 and len(jobs(service)) == before
+    many_fields = {f"f{n}": "x" for n in range(2000)}
+    response = client.post(
+        "/v1/analyze/batch",
+        files=[("image", ("a.png", RED, "image/png"))],
+        data=many_fields,
+        headers=auth("acme_app"),
+    )
+    refused(response, 400, "body")
+    response = client.post(
+        "/v1/analyze/batch",
+        files=[("image", ("a.png", RED, "image/png"))],
+        data={"tenant": "t" * 10_000},
+        headers=auth("acme_app"),
+    )
+    refused(response, 400, "tenant")
