@@ -31,8 +31,11 @@ root: ``<configured version>+prod-<digest>``) while the tier's model and calibra
 ones it was certified on. A new job certifies against that incumbent (``parent_version``,
 ``parent_artefact``).
 
-The calibrator is the incumbent's (its calibrated score is what the traces record and what the
-thresholds act on; a monotone refit would not change which items a threshold accepts), and a
+The calibrator that serves is the incumbent's (its calibrated score is what the traces record and
+what the thresholds act on; a monotone refit would not change which items a threshold accepts).
+The job refits it from the same labels, weighted by 1 / inclusion probability, and reports the
+refit in the artefact and the job's details (``calibrator_report``: weighted ECE and Brier of the
+incumbent's score and of the cross-fitted refit, and the accept threshold as P(right)). A
 task with a learned router is refused for now: its decisions come from the router's own
 certified plan, which this job does not refit (its frozen reference index stays as deployed).
 """
@@ -49,9 +52,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from policies.artefact_store import ArtefactStore
+from policies.production_calibration import MIN_LABELS, refit_calibration
 from policies.production_certify import (
     TooFewLabels,
     certify_production,
@@ -209,12 +214,7 @@ def build_artefact(
         "delta": request.delta,
         "parent_version": incumbent.version,
         "parent_artefact": parent_artefact,
-        "calibrator": {
-            "kind": "incumbent",
-            "calibration": calibration,
-            "model": model,
-            "why": "the thresholds act on the incumbent's calibrated score, as the traces record it",
-        },
+        "calibrator": calibrator_report(sample, accept_threshold, calibration=calibration, model=model),
         "certificate": certificate.to_dict(),
         "plan": plan_view,
         "labels": labels,
@@ -269,6 +269,42 @@ def incumbent_artefact(
         log.warning("incumbent artefact %s of %s is not served: %s", row["sha256"][:12], task, problem)
         return configured, None
     return ThresholdPolicy.model_validate(body["thresholds"]), row["sha256"]
+
+
+def calibrator_report(
+    sample: Any, accept_threshold: float, *, calibration: str | None, model: str | None
+) -> dict[str, Any]:
+    """The artefact's ``calibrator``: the incumbent's, which serves (its calibrated score is what
+    the traces record and what the thresholds act on), and its refit from the same production
+    labels weighted by 1 / inclusion probability (policies/production_calibration.py), which
+    says how far that score is from a probability in production and what the accept threshold
+    means as one. The refit is monotone, so it would accept the same items: it is reported, not
+    served (serving it would change the confidences answers carry, a change of the tier)."""
+    refit = refit_calibration(sample)
+    report: dict[str, Any] = {
+        "kind": "incumbent",
+        "calibration": calibration,
+        "model": model,
+        "why": "the thresholds act on the incumbent's calibrated score, as the traces record it",
+    }
+    if refit is None:
+        labelled = int((~np.isnan(sample.cheap_error)).sum())
+        report["production_refit"] = None
+        report["statement"] = (
+            f"calibrator not refit: {labelled} production labels of the cheap tier's answer, "
+            f"fewer than {MIN_LABELS}"
+        )
+        return report
+    report["production_refit"] = {
+        **refit.to_dict(),
+        "accept_threshold_p_correct": refit.p_correct_at(accept_threshold),
+        "served": False,
+    }
+    report["statement"] = (
+        f"{refit.statement()}; the accept threshold {accept_threshold:.4g} is P(right) "
+        f"{refit.p_correct_at(accept_threshold):.3f} under the refit (reported, not served)"
+    )
+    return report
 
 
 class Recalibration:
@@ -434,6 +470,7 @@ class Recalibration:
             "version": built.artefact["version"],
             "thresholds": built.artefact["thresholds"],
             "certificate": built.artefact["certificate"]["statement"],
+            "calibrator": built.artefact["calibrator"]["statement"],
             "labels": built.artefact["labels"],
         }
         if not request.propose:

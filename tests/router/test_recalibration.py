@@ -81,6 +81,10 @@ def test_labels_become_an_artefact_that_shadows_is_promoted_and_serves_later_req
         assert artefact["task"] == "colour" and artefact["labels"]["sampled_items"] == 50
         assert artefact["certificate"]["risk_upper_bound"] <= 0.2 + 1e-9
         assert artefact["thresholds"]["accept_threshold"] < 0.9999
+        # the calibrator is refit from the same labels, weighted by 1 / inclusion probability, and said so
+        refit = artefact["calibrator"]["production_refit"]
+        assert refit["labelled"] == 50 and refit["served"] is False and 0 <= refit["ece_refit"] <= 1
+        assert job["details"]["calibrator"].startswith("calibrator refit on 50 production labels")
         started = (await service.rollouts.status(rollout_id)).to_json()
         assert started["mode"] == "shadow" and started["artefact"] == sha
         assert started["events"][0]["actor"].startswith(f"recalibration {job['id']}")
