@@ -62,10 +62,14 @@ ROUTER_STAGE = "router"
 VLM_ACCEPT_KEY = "router_vlm_accept"
 # The served classifier's answer rows (cascades.decoders.classifier: top_k)
 SERVED_ROWS = 5
-# Features that typically take less than this run on the event loop: the asyncio.to_thread hop
-# costs about 0.4 ms (docs/routing_figures.md), as much as the features of a photo themselves.
-INLINE_BELOW_MS = 1.0
+# Features that typically take less than this (the stage's budget, issue 22) run on the event
+# loop: the asyncio.to_thread hop costs about 0.4 ms (docs/routing_figures.md), as much as the
+# features of a photo themselves; slower ones run in a thread, so they never hold the loop long.
+INLINE_BELOW_MS = 2.0
 INLINE_SMOOTHING = 0.2  # the newest request's weight in the running estimate of the features' time
+# One request counts as at most this in the estimate: a cold first request or a pause moves it
+# little, a router that is always slow crosses INLINE_BELOW_MS on its second request.
+INLINE_SAMPLE_CAP_MS = 4 * INLINE_BELOW_MS
 
 
 def _finite(value: float | None) -> float | None:
@@ -380,10 +384,8 @@ class RouterScoreStage:
                     raise TimeoutError(
                         f"the features took longer than {router.timeout_s * 1000.0:g} ms"
                     ) from None
-        typical, features_ms = self._typical_ms.get(task), result[2]
-        self._typical_ms[task] = (
-            features_ms if typical is None else typical + INLINE_SMOOTHING * (features_ms - typical)
-        )
+        typical, sample = self._typical_ms.get(task, 0.0), min(result[2], INLINE_SAMPLE_CAP_MS)
+        self._typical_ms[task] = typical + INLINE_SMOOTHING * (sample - typical)
         return (*result, inline)
 
     @staticmethod

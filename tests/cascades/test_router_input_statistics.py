@@ -200,7 +200,7 @@ def test_each_artefact_is_served_the_input_block_it_was_fitted_on(tmp_path, phot
 # -- where the stage runs the features ------------------------------------------------------------
 
 
-def test_the_features_run_on_the_event_loop_only_while_cheap_and_unbounded(photos):
+def test_the_features_run_on_the_event_loop_only_while_cheap_and_unbounded(photos, monkeypatch):
     router = ServedRouter.from_artefact(router_artefact(FeatureSpec(neighbours_k=0)))
     stage = RouterScoreStage({"t": router})
 
@@ -221,6 +221,12 @@ def test_the_features_run_on_the_event_loop_only_while_cheap_and_unbounded(photo
     assert stage._typical_ms["t"] < 10 * INLINE_BELOW_MS
     limited = dataclasses.replace(router, timeout_s=30.0)  # a time limit is enforced from a thread
     assert ran(RouterScoreStage({}), limited, task="u") == "thread"
+
+    # features that always take 500 ms: one such request (a cold start) keeps the loop, two do not
+    measured = ServedRouter.scored
+    monkeypatch.setattr(ServedRouter, "scored", lambda self, a: (*measured(self, a)[:2], 500.0))
+    slow = RouterScoreStage({})
+    assert [ran(slow, router) for _ in range(4)] == ["inline", "inline", "thread", "thread"]
 
 
 def test_a_single_row_over_many_classes_equals_its_batch_row():
