@@ -264,6 +264,7 @@ def test_the_cli_runs_one_job_over_the_serve_configs_stores(service, tmp_path, c
     assert main([*common, "--alpha", "0.2", "--delta", "0.2"]) == 0
     out = capsys.readouterr().out
     assert "succeeded" in out and "artefact_sha256" in out and "rollout_id" in out
+    assert "calibrator refit on 70 production labels" in out
     (rollout,) = run(service.rollouts.list("colour")).to_json()["rollouts"]
     assert rollout["mode"] == "shadow" and rollout["artefact"] in out
     assert main([*common, "--tenant", "nobody"]) == 2  # a tenant with no data: refused, exit 2

@@ -136,6 +136,8 @@ def _cmd_from_production(args) -> int:
             f"  thresholds {t['version']}: accept >= {t['accept_threshold']:.6g}, escalate >= {t['escalate_threshold']:.6g}"
         )
         print(f"  {details.get('certificate', '')}")
+        if details.get("calibrator"):
+            print(f"  {details['calibrator']}")
     if details.get("needed_more") is not None:
         print(f"  needed: at least {details['needed_more']} more audit labels")
     return {"succeeded": 0, "refused": 2}.get(status["status"], 1)
