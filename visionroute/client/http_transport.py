@@ -4,7 +4,8 @@ Every attempt sends the API key (``x-api-key``) and the call's request id (``X-R
 service answers with it and keys its review items on it). A refusal's body is the service's
 error body (router/errors.py ``error_body``); Retry-After (seconds, or an HTTP date) becomes
 ``retry_after_s``. A body that is not ours (a proxy's 502, Ray Serve's own 503 text) still gives
-the status and its first 200 characters as the reason.
+the status and its first 200 characters as the reason, with ``proxy_answer`` set (retry.py
+resends Ray Serve's plain-text 500 for a call that is safe to send again).
 """
 
 from __future__ import annotations
