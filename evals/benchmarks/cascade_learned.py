@@ -128,12 +128,21 @@ def learned_serve_document(
     return out
 
 
+def _feature_shares(records: Records) -> np.ndarray:
+    cheap, router = records.step_costs["cheap"], records.step_costs["router"]
+    return np.divide(router, cheap, out=np.zeros_like(router), where=cheap > 0)
+
+
 def features_in_cheap_units(records: Records) -> float:
     """Mean per item of the router step's charged units over the cheap step's: the features'
     price as a share of the cheap tier's (0 where the cheap tier charged nothing)."""
-    cheap, router = records.step_costs["cheap"], records.step_costs["router"]
-    share = np.divide(router, cheap, out=np.zeros_like(router), where=cheap > 0)
-    return float(share.mean())
+    return float(_feature_shares(records).mean())
+
+
+def features_in_cheap_units_median(records: Records) -> float:
+    """The median of the same per-item shares: the service prices each request's features by
+    its own timing, so a stalled request on a busy machine charges many times the typical."""
+    return float(np.median(_feature_shares(records)))
 
 
 def learned_row(records: Records, *, prices: Prices, service: Prices) -> PolicyRow:
@@ -191,6 +200,7 @@ def learned_figures(
         "router_version": learned.result.artefact.sha256,
         "features": list(learned.result.artefact.spec.names),
         "features_in_cheap_units": features_in_cheap_units(records),
+        "features_in_cheap_units_median": features_in_cheap_units_median(records),
         "features_ms_p50": float(np.median(features_ms[scored])) if scored.any() else math.nan,
         "fallback": int(records.router_fallback.sum()),
         "sizes": learned.result.sizes,
@@ -207,7 +217,8 @@ def report_lines(figures: dict[str, Any]) -> list[str]:
         "with the served LLaVA's answers",
         f"    thresholds on the router's score: cheap accept >= {t['accept']:.4g}, review below {t['escalate']:.4g}, "
         f"VLM accept >= {t['vlm_accept'] if t['vlm_accept'] is None else format(t['vlm_accept'], '.4g')}",
-        f"    features' cost {figures['features_in_cheap_units']:.3f} x the cheap tier's per item (p50 "
+        f"    features' cost {figures['features_in_cheap_units']:.3f} x the cheap tier's per item as charged "
+        f"(median {figures.get('features_in_cheap_units_median', math.nan):.3f}; features p50 "
         f"{figures['features_ms_p50']:.2f} ms), counted in its cost/1000; fallback plan decided "
         f"{figures['fallback']} items",
         f"    accepted error through the service: {err['rate']:.4f} ({err['errors']} wrong of {err['accepted']}), "

@@ -25,6 +25,7 @@ from evals.benchmarks.cascade import (
 )
 from evals.benchmarks.cascade_learned import (
     features_in_cheap_units,
+    features_in_cheap_units_median,
     fit_learned_router,
     learned_figures,
     learned_row,
@@ -83,6 +84,7 @@ def test_the_learned_row_is_what_its_service_did_plus_the_features_cost():
     assert row.n_auto == accepted and row.accuracy == pytest.approx(1 - wrong / accepted)
     features = records.step_costs["router"].mean()  # the cheap tier charged 1 unit per item
     assert features_in_cheap_units(records) == pytest.approx(features) and features > 0
+    assert features_in_cheap_units_median(records) == pytest.approx(np.median(records.step_costs["router"]))
     expected = (
         records.n * (1 + features) + 10 * records.escalated.sum() + 100 * (records.path == "review").sum()
     )
