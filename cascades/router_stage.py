@@ -2,7 +2,8 @@
 the cheap tier and the decision, in-process (no Ray hop).
 
 From the cheap tier's answer (``analysis.detections``), the image's statistics (the shift guard's
-``input_statistics``) and the artefact's frozen reference index, it computes the router's
+five, under the artefact's definition: ``FeatureSpec.input_statistics``, the function calibration
+used) and the artefact's frozen reference index, it computes the router's
 features and score (``cascades.learned_router.RouterArtefact``), and hands ``DecideStage`` a
 ``Route``: that score with the thresholds certified on it (``RouterArtefact.plans.learned``).
 Its ``router`` step records the score, the feature vector (names and values) and the router's
@@ -34,6 +35,11 @@ measured time on this request over the cheap tier's, times the cheap tier's pric
 (``cost_units = cheap_cost_units * features_ms / cheap_latency_ms``); a configured price
 (``cascades.<task>.router.cost_units``) replaces it with a fixed one. ``timeout_ms`` bounds the
 features: a request whose features take longer takes the fallback plan (0: every request does).
+
+Where they run: on the event loop while this task's features typically take under
+``INLINE_BELOW_MS`` (about 1 ms for a photo with the bounded input block; a thread hop would cost
+0.4 ms more), else in a thread, and always in a thread under a ``timeout_ms`` (the loop cannot
+interrupt its own work). The step says which (``details.ran``).
 """
 
 from __future__ import annotations
