@@ -221,6 +221,11 @@ def rollout_step(trace: Mapping[str, Any] | None) -> dict[str, Any] | None:
     return None
 
 
+def _artefact_only(rollout: Rollout) -> bool:
+    """A rollout of a calibration artefact alone: its promotion needs no deploy."""
+    return rollout.artefact is not None and rollout.candidate is None and rollout.policy is None
+
+
 def rollout_evidence(item: Any) -> tuple[str, str, bool] | None:
     """(rollout id, arm, is the answer wrong) when a labelled item is one observation for a
     rollout arm (an audit or shadow item of a rollout), else None. The queue's labels
@@ -325,10 +330,14 @@ class RolloutService:
         return configured
 
     def adopt_artefact(self, rollout: Rollout, actor: str) -> Rollout:
-        """A promoted (or finished) rollout's artefact becomes the task's incumbent in the shared
-        store; a rollout of an artefact alone then finishes (nothing to deploy), audited. Every
-        replica may call it for the same promotion: the second call changes nothing."""
-        if rollout.artefact is None or rollout.status not in ("promoted", "finished"):
+        """A promoted rollout of an artefact alone makes it the task's incumbent in the shared store
+        and finishes (nothing to deploy), audited; an artefact beside a model or a policy set
+        becomes the incumbent when the operator finishes the rollout after their deploy (until
+        then it may still be rolled back). Every replica may call it for the same promotion: the
+        second call changes nothing."""
+        if rollout.artefact is None:
+            return rollout
+        if not (rollout.status == "finished" or (rollout.status == "promoted" and _artefact_only(rollout))):
             return rollout
         self.artefacts.adopt(
             rollout.task, rollout.artefact, rollout_id=rollout.id, started_at=rollout.created_at, actor=actor
@@ -340,8 +349,8 @@ class RolloutService:
             rollout.artefact[:12],
             rollout.task,
         )
-        if rollout.status != "promoted" or rollout.candidate is not None or rollout.policy is not None:
-            return rollout  # a model or policy set still needs its deploy (then `finish`)
+        if rollout.status != "promoted":
+            return rollout
         try:
             return self.store.decide(
                 rollout.id,
@@ -365,10 +374,10 @@ class RolloutService:
     async def refresh(self) -> None:
         try:
             rollouts = await asyncio.to_thread(self.store.in_effect)
-            for rollout in rollouts:  # a promotion whose adoption did not happen (the replica stopped)
-                if rollout.status == "promoted" and rollout.artefact is not None:
-                    await asyncio.to_thread(self.adopt_artefact, rollout, "artefact-adoption")
-            if any(r.status == "promoted" and r.artefact is not None for r in rollouts):
+            unadopted = [r for r in rollouts if r.status == "promoted" and _artefact_only(r)]
+            for rollout in unadopted:  # a promotion whose adoption did not happen (the replica stopped)
+                await asyncio.to_thread(self.adopt_artefact, rollout, "artefact-adoption")
+            if unadopted:
                 rollouts = await asyncio.to_thread(self.store.in_effect)
             incumbents = await asyncio.to_thread(self.read_incumbents)
         except Exception as exc:  # the state database is down: keep the last view, retry next time
