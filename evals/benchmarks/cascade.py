@@ -14,8 +14,12 @@ examples/digits.py), starts that service (``serve run``: Ray Serve), then:
    VLM by confidence (the certified cheap accept threshold only, every VLM answer accepted);
    the certified three-tier policy (what the service did); random routing at the service's VLM
    share (expected value); an oracle router (cheap when it is right, else the VLM when it is
-   right, else a human). Only the certified row is measured through the service; the others
-   are computed from the same items' recorded answers.
+   right, else a human). Only the certified rows are measured through the service; the others
+   are computed from the same items' recorded answers;
+4. **learned-certified** (issue 22): a learned router fitted and certified on the build's own
+   answers (the served LLaVA's) on the calibration/certification digits, served by a second
+   service from the same build; the same held-out digits through it give its row, priced with
+   the features' cost in the cheap tier's (evals/benchmarks/cascade_learned.py).
 
 Costs per item follow the cascade's cost model (policies.risk_control.TierCosts): every item
 pays the cheap tier (VLM only excepted), each VLM call pays the VLM, each human review pays the
@@ -23,7 +27,8 @@ review. Two price lists: the certificate's (the costs the three-tier plan was ch
 read from the artefact) and the units the service charged (read from the traces: the digits
 config prices VLM tokens at 0 and a review at the policy set's ``review_units``).
 
-Also: the accepted error on held-out items against alpha and the certificate's bound,
+Also: the accepted error on held-out items against alpha (95% Clopper-Pearson interval) and the
+certificate's bound, for both certified rows,
 RouteLLM's APGR and CPT(50%, 80%, 95%) of the confidence ranking beside random and optimal
 routing (``routing_figures``), and latency p50/p95 per path. docs/vlm.md, "bench cascade".
 """
