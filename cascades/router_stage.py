@@ -37,8 +37,8 @@ measured time on this request over the cheap tier's, times the cheap tier's pric
 features: a request whose features take longer takes the fallback plan (0: every request does).
 
 Where they run: on the event loop while this task's features typically take under
-``INLINE_BELOW_MS`` (about 1 ms for a photo with the bounded input block; a thread hop would cost
-0.4 ms more), else in a thread, and always in a thread under a ``timeout_ms`` (the loop cannot
+``INLINE_BELOW_MS`` (5 ms; a photo's features with the bounded input block take about 1 ms, a
+thread hop 0.4 ms more), else in a thread, and always in a thread under a ``timeout_ms`` (the loop cannot
 interrupt its own work). The step says which (``details.ran``).
 """
 
@@ -68,10 +68,11 @@ ROUTER_STAGE = "router"
 VLM_ACCEPT_KEY = "router_vlm_accept"
 # The served classifier's answer rows (cascades.decoders.classifier: top_k)
 SERVED_ROWS = 5
-# Features that typically take less than this (the stage's budget, issue 22) run on the event
-# loop: the asyncio.to_thread hop costs about 0.4 ms (docs/routing_figures.md), as much as the
-# features of a photo themselves; slower ones run in a thread, so they never hold the loop long.
-INLINE_BELOW_MS = 2.0
+# Features that typically take less than this run on the event loop: the asyncio.to_thread hop
+# costs about 0.4 ms (docs/routing_figures.md), as much as the features of a photo themselves
+# (about 1 ms on a quiet 2-core machine, 2-3 ms on a busy one); slower ones (a version 1 input
+# block on a large upload) run in a thread, so they never hold the loop long.
+INLINE_BELOW_MS = 5.0
 INLINE_SMOOTHING = 0.2  # the newest request's weight in the running estimate of the features' time
 # One request counts as at most this in the estimate: a cold first request or a pause moves it
 # little, a router that is always slow crosses INLINE_BELOW_MS on its second request.
@@ -249,6 +250,14 @@ class ServedRouter:
         return self.artefact.sha256
 
     @functools.cached_property
+    def _shares_grey(self) -> bool:
+        """Whether the input block (version 2) and the embedding (grey pixels) start from one
+        grey conversion."""
+        spec, index = self.artefact.spec, self.artefact.index
+        grey_embedding = index is not None and math.isqrt(index.dim) ** 2 == index.dim
+        return spec.use_input and spec.input_version == 2 and grey_embedding
+
+    @functools.cached_property
     def index_sha256(self) -> str | None:
         return None if self.artefact.index is None else self.artefact.index.sha256
 
@@ -264,9 +273,16 @@ class ServedRouter:
         else:
             output = [np.asarray(detections.confidence, np.float64)]
             answer = np.asarray([int(detections.class_id[0]) if len(detections) else -1], np.int64)
+        image = analysis.image_rgb
+        if self._shares_grey and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3:
+            import cv2
+
+            # the bounded input block and a grey embedding both begin with this conversion of an
+            # RGB upload, and give the same numbers when handed its result: it is done once
+            image = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY)
         # the input block under the artefact's definition: the function calibration computed it with
-        statistics = spec.input_statistics([analysis.image_rgb]) if spec.use_input else None
-        embeddings = None if self.embed is None else self.embed(analysis.image_rgb)
+        statistics = spec.input_statistics([image]) if spec.use_input else None
+        embeddings = None if self.embed is None else self.embed(image)
         return artefact.features(
             output=output, cheap_answers=answer, input_statistics=statistics, embeddings=embeddings
         )

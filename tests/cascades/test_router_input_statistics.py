@@ -29,7 +29,13 @@ from cascades.router_features import (
     input_statistics,
     window_blockiness,
 )
-from cascades.router_stage import INLINE_BELOW_MS, RouterScoreStage, ServedRouter
+from cascades.router_stage import (
+    INLINE_BELOW_MS,
+    RouterScoreStage,
+    ServedRouter,
+    output_probabilities,
+    pixel_embedder,
+)
 from policies.shift_guard import _blockiness
 from policies.shift_guard import input_statistics as guard_statistics
 from policies.thresholds import ThresholdPolicy
@@ -126,10 +132,12 @@ def test_the_spec_stores_its_input_version():
 
 
 def router_artefact(spec: FeatureSpec) -> RouterArtefact:
-    """A served router on output and input features (no neighbours), fitted on noisy 32 px colours."""
+    """A served router on output, input and (with ``spec.neighbours_k``) 8x8 grey pixel
+    neighbour features, fitted on noisy 32 px colours."""
     rng = np.random.default_rng(3)
     n = 60
     images = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(n)]
+    embed = pixel_embedder(64)
     probabilities = rng.dirichlet(np.ones(3), n)
     answers = probabilities.argmax(1)
     labels = np.where(rng.random(n) < 0.3, (answers + 1) % 3, answers)
@@ -140,6 +148,7 @@ def router_artefact(spec: FeatureSpec) -> RouterArtefact:
         cheap_answers=answers,
         labels=labels,
         input_statistics=spec.input_statistics(images),
+        embeddings=np.vstack([embed(image) for image in images]) if spec.neighbours_k else None,
     )
 
     def plan(score, accept, escalate):
@@ -177,6 +186,17 @@ def test_each_artefact_is_served_the_input_block_it_was_fitted_on(tmp_path, phot
     np.testing.assert_array_equal(
         input_block(served, photo), served.artefact.spec.input_statistics([photo])[0]
     )
+
+    # with grey pixel neighbours too (the stage converts the upload to grey once for both)
+    with_neighbours = ServedRouter.from_artefact(router_artefact(FeatureSpec(neighbours_k=3)))
+    analysis = analysis_of(photo)
+    offline = with_neighbours.artefact.features(
+        output=output_probabilities(analysis.detections, len(CLASSES)),
+        cheap_answers=np.asarray(analysis.detections.class_id[:1], np.int64),
+        input_statistics=with_neighbours.artefact.spec.input_statistics([photo]),
+        embeddings=pixel_embedder(64)(photo),
+    )
+    np.testing.assert_array_equal(with_neighbours.features(analysis), offline)
 
     # a router stored before the version existed: fitted on the guard's full-resolution block
     old = router_artefact(FeatureSpec(neighbours_k=0, input_version=1))
