@@ -107,30 +107,44 @@ def figures(service):
     print("\nreliability figures:", json.dumps(collected, indent=2))
 
 
+# Step lengths for the suite (issue 21: suite time; were 4, 8 and 4 s). At twice the sustainable
+# rate the bounded queue fills within seconds (seen: a 4 s step at 2x shed 10 of 80 requests),
+# so 5 s still shows shedding instead of timeouts; sustained load with faults over minutes is
+# `visionroute bench soak` (docs/soak.md).
+STEP_S, OVERLOAD_S, RECOVERY_S = 2.5, 5.0, 3.0
+
+
 def test_load_sheds_at_twice_the_sustainable_rate_and_recovers(service, photos_png, figures):
     image = jpeg(photos_png["coffee"])
     asyncio.run(open_loop(service.url, image, 5, 2.0))  # warm-up: first batches, connections
     # The sustainable rate is measured, never asserted: the highest step served whole with p99
-    # under 500 ms, or on a machine too busy for that, the highest step served whole.
+    # under 500 ms (the steps stop at the first one over it), or on a machine too busy for
+    # that, the highest step served whole.
     sustainable, served_whole, steps = 0.0, 0.0, []
     for rate in (5, 10, 20, 30, 45, 60):
-        step = summary(asyncio.run(open_loop(service.url, image, rate, 4.0)), rate)
+        step = summary(asyncio.run(open_loop(service.url, image, rate, STEP_S)), rate)
         steps.append(step)
         if step["ok"] != step["requests"]:
             break
         served_whole = rate
         if step["p99_ms"] < 500:
             sustainable = rate
+        elif sustainable:
+            break  # past the knee: higher steps only queue longer
     sustainable = sustainable or served_whole
     assert sustainable >= 5, steps  # 5 requests/s are served, if slowly
-    time.sleep(2)
-    overload = summary(asyncio.run(open_loop(service.url, image, 2 * sustainable, 8.0)), 2 * sustainable)
+    time.sleep(1)
+    overload = summary(
+        asyncio.run(open_loop(service.url, image, 2 * sustainable, OVERLOAD_S)), 2 * sustainable
+    )
     figures.update({"steps": steps, "sustainable_rps": sustainable, "at_2x": overload})
     assert overload["other"] == [], overload  # no timeouts, no 500s: served or shed
     results_ok = overload["ok"] + overload["shed"] == overload["requests"]
     assert results_ok and overload["p99_all_ms"] < 10_000, overload
-    time.sleep(3)
-    recovered = summary(asyncio.run(open_loop(service.url, image, sustainable / 2, 4.0)), sustainable / 2)
+    time.sleep(2)
+    recovered = summary(
+        asyncio.run(open_loop(service.url, image, sustainable / 2, RECOVERY_S)), sustainable / 2
+    )
     figures["recovered"] = recovered
     # recovered: every request served again, none shed (its latency is in the figures only)
     assert recovered["ok"] == recovered["requests"] and recovered["shed"] == 0, recovered
@@ -221,8 +235,9 @@ def test_kill_9_while_enqueuing_keeps_every_acknowledged_item_exactly_once(
         os.killpg(first.process.pid, signal.SIGKILL)
 
     try:
-        results = asyncio.run(open_loop(first.url, image, 2, 3.0))  # acknowledged before the storm
-        results += asyncio.run(open_loop(first.url, image, 10, 6.0, during=kill))
+        results = asyncio.run(open_loop(first.url, image, 2, 1.5))  # acknowledged before the storm
+        # 10 requests/s, the kill after the first half (1.5 s): requests are in flight at once
+        results += asyncio.run(open_loop(first.url, image, 10, 3.0, during=kill))
     finally:
         first.stop(signal.SIGKILL)
         first.process.wait(timeout=30)
