@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from evals.benchmarks.cascade import (
+from evals.benchmarks.cascade_rows import (
     CI_CONFIDENCE,
     PolicyRow,
     Prices,
