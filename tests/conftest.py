@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -25,14 +26,37 @@ settings.register_profile(
 )
 settings.load_profile("visionroute")
 
+# How the suite splits over pytest-xdist workers (scripts/test.sh runs two): tests/support/lanes.py.
+# (tests/test_exit_hook.py runs copies of this file where the package is not importable.)
+try:
+    import tests.support.lanes  # noqa: F401
+except ModuleNotFoundError:
+    pass
+else:
+    pytest_plugins = ("tests.support.lanes",)
+
 
 @pytest.fixture(scope="session")
 def prepared_models_dir(tmp_path_factory) -> Path:
     """The embedded default models, prepared once per session exactly as the CLI does."""
     from cascades.models import prepare_models
 
-    models_dir = tmp_path_factory.mktemp("models")
-    prepare_models(models_dir)
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        models_dir = tmp_path_factory.mktemp("models")
+        prepare_models(models_dir)
+        return models_dir
+    # Under xdist the run's workers share one copy (their base temp dirs have one parent): the
+    # first to take the lock prepares it (about 15 s of CPU), the others wait and reuse it.
+    from filelock import FileLock
+
+    models_dir = tmp_path_factory.getbasetemp().parent / "prepared-models"
+    done = models_dir / ".prepared"
+    with FileLock(f"{models_dir}.lock"):
+        if not done.exists():
+            shutil.rmtree(models_dir, ignore_errors=True)  # a worker that died half-way
+            models_dir.mkdir()
+            prepare_models(models_dir)
+            done.touch()
     return models_dir
 
 
@@ -130,7 +154,9 @@ def postgres_dsn(postgres_server, monkeypatch) -> str:
 
 
 def _in_xdist_worker(config: pytest.Config) -> bool:
-    return hasattr(config, "workerinput") or "PYTEST_XDIST_WORKER" in os.environ
+    # config.workerinput only: a pytest run from inside a worker (tests/test_exit_hook.py) inherits
+    # PYTEST_XDIST_WORKER but is no worker, and must end itself
+    return hasattr(config, "workerinput")
 
 
 def _end_process(code: int) -> None:

@@ -37,6 +37,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.lanes import grouped_run
+
 # fixture name -> the running server it yielded (anything with .stop()), until stopped below
 _stop_after_last_use: dict[str, object] = {}
 
@@ -59,6 +61,8 @@ def pytest_collection_modifyitems(session, config, items):
     (first user to last) spans only its users: the no-key service's users first, the module that
     uses all three in the middle, the keyed service's after it, every other module later in its
     usual order. Whole modules move, never single tests; nothing outside this folder moves."""
+    if grouped_run(config):
+        return  # split over xdist workers: tests/support/lanes.py orders the modules (the same way)
     here = Path(__file__).parent
     mine = [i for i, item in enumerate(items) if here in Path(str(item.path)).parents]
     if not mine or mine != list(range(mine[0], mine[-1] + 1)):
