@@ -180,11 +180,11 @@ def bounded_input_statistics(image: np.ndarray) -> np.ndarray:
         work = cv2.resize(
             work[: height // k * k, : width // k * k], (width // k, height // k), interpolation=cv2.INTER_AREA
         )
-    work = work.astype(np.float32) * np.float32(scale)
     if min(work.shape) > WORKING_SIDE:
         factor = WORKING_SIDE / min(work.shape)
         size = (max(1, round(work.shape[1] * factor)), max(1, round(work.shape[0] * factor)))
         work = cv2.resize(work, size, interpolation=cv2.INTER_LINEAR)
+    work = work.astype(np.float32) * np.float32(scale)  # float only at the working size
     mean, std = (float(v) for v in np.ravel(cv2.meanStdDev(work)))
     laplacian_std = float(np.ravel(cv2.meanStdDev(cv2.Laplacian(work, cv2.CV_32F)))[1])
     top = max(0, (height - BLOCKINESS_WINDOW) // 2) // BLOCK * BLOCK
@@ -196,26 +196,31 @@ def bounded_input_statistics(image: np.ndarray) -> np.ndarray:
             mean,
             std,
             float(np.log10(laplacian_std**2 + 1e-8)),
-            window_blockiness(window.astype(np.float32) * np.float32(scale)),
+            window_blockiness(window, scale),
         ]
     )
 
 
-def window_blockiness(grey: np.ndarray) -> float:
+def window_blockiness(grey: np.ndarray, scale: float = 1.0) -> float:
     """The shift guard's blockiness (``policies.shift_guard._blockiness``: log of the mean step
     across 8-pixel block edges over the mean step inside blocks; 0 below 16 pixels) of a grey
-    window whose corner is on the JPEG grid, with the edge columns read as a strided view."""
+    window (uint8 or float32) whose corner is on the JPEG grid, on grey levels ``grey * scale``.
+    The steps are taken by ``cv2.absdiff`` in the window's own type (exact for uint8) and the
+    edge columns read as a strided view: a few small arrays instead of the guard's masks."""
+    import cv2
+
     from policies.shift_guard import BLOCK
 
     ratios = []
-    for steps in (np.abs(np.diff(grey, axis=1)), np.abs(np.diff(grey, axis=0)).T):
-        if steps.shape[1] < 2 * BLOCK - 1:
+    for image in (grey, np.ascontiguousarray(grey.T)):  # steps along rows, then along columns
+        if image.shape[1] < 2 * BLOCK:
             continue
-        edge = steps[:, BLOCK - 1 :: BLOCK]  # step j sits between pixels j and j + 1
+        steps = cv2.absdiff(image[:, 1:], image[:, :-1])  # step j sits between pixels j and j + 1
+        edge = steps[:, BLOCK - 1 :: BLOCK]
         edge_sum, total = float(edge.sum(dtype=np.float64)), float(steps.sum(dtype=np.float64))
         n_edge = edge.size
         inside = (total - edge_sum) / (steps.size - n_edge)
-        ratios.append((edge_sum / n_edge + 1e-3) / (inside + 1e-3))
+        ratios.append((edge_sum / n_edge * scale + 1e-3) / (inside * scale + 1e-3))
     return float(np.log(np.mean(ratios))) if ratios else 0.0
 
 

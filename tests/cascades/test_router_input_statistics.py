@@ -85,9 +85,13 @@ def test_version_2_sees_blur_and_heavy_jpeg(photos):
 
 def test_the_blockiness_window_is_the_guards_formula(photos):
     grey = cv2.cvtColor(photos["astronaut"], cv2.COLOR_RGB2GRAY).astype(np.float32) / 255.0
+    grey8 = cv2.cvtColor(photos["astronaut"], cv2.COLOR_RGB2GRAY)
     for height, width in ((128, 128), (40, 17), (16, 16), (15, 15), (128, 100)):
         window = grey[:height, :width]
         assert window_blockiness(window) == pytest.approx(_blockiness(window), abs=1e-5)
+        window8 = grey8[:height, :width]  # uint8 steps, on grey levels / 255
+        expected = _blockiness(window8.astype(np.float32) / 255.0)
+        assert window_blockiness(window8, 1 / 255) == pytest.approx(expected, abs=1e-5)
 
 
 def test_grey_uploads_small_images_and_floats(photos):
