@@ -1,14 +1,15 @@
-"""Pydantic request and response models shared by the core and its faces.
+"""The HTTP edge's request bodies and documented responses (router/http/). Pydantic only.
 
-The review requests (``ClaimRequest``, ``LabelRequest``, ``ReleaseRequest``) are what the service
-core (router/services/review.py) takes from both faces; the others are the HTTP edge's bodies
-and documented responses (router/http/). Transport-free: pydantic only."""
+The review requests the core takes from both faces (claim, release, label) live in the core,
+router/services/review_requests.py."""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from router.services.review_requests import DetectionOut
 
 
 class Edge(BaseModel):
@@ -36,13 +37,6 @@ class AnalyzeJson(Edge):
         return self
 
 
-class DetectionOut(BaseModel):
-    label: str | None
-    class_id: int
-    confidence: float
-    xyxy: list[float]
-
-
 class AnalyzeResponse(BaseModel):
     request_id: str
     task: str
@@ -55,41 +49,6 @@ class AnalyzeResponse(BaseModel):
     trace: dict[str, Any]
     policy_version: str = Field(..., description="the policy set that decided this request")
     degraded: bool = Field(..., description="answered in a degraded mode (an exhausted budget)")
-
-
-REVIEWER_DESCRIPTION = (
-    "who acts. With API keys the key is the reviewer (its name, or key:<key id> when it has none):"
-    " leave this out or send that name; another name is 403. Without keys (local development) it"
-    " is required and names the reviewer."
-)
-
-
-class ReviewerField(Edge):
-    reviewer: str | None = Field(None, min_length=1, max_length=128, description=REVIEWER_DESCRIPTION)
-
-    @field_validator("reviewer", mode="before")
-    @classmethod
-    def _empty_is_absent(cls, value: object) -> object:
-        return None if value == "" else value  # proto3 sends "" for a field left out
-
-
-class ClaimRequest(ReviewerField):
-    item_id: str | None = None
-    lease_s: float | None = Field(None, gt=0, le=86400)
-
-
-class ReleaseRequest(ReviewerField):
-    lease_token: str = Field(..., min_length=1)
-
-
-class LabelRequest(ReviewerField):
-    lease_token: str = Field(..., min_length=1)
-    verdict: Literal["confirm", "correct", "reject"] = Field(
-        ..., description="confirm the proposed answer, correct it, or reject the image"
-    )
-    label: str | None = Field(None, description="the right class (required for 'correct' on classify tasks)")
-    boxes: list[DetectionOut] | None = Field(None, description="corrected boxes for detection tasks")
-    note: str | None = Field(None, max_length=2000)
 
 
 class SearchRequest(Edge):

@@ -261,7 +261,7 @@ def reviewer_of(annotation: Mapping[str, Any], reviewers: Mapping[str, str] | No
             field="completed_by",
         )
     name = email or f"label-studio:{user_id}"
-    if len(name) > MAX_REVIEWER_CHARS:  # the queue's reviewer names (router/schemas.py ReviewerField)
+    if len(name) > MAX_REVIEWER_CHARS:  # the queue's limit (ReviewerField, services/review_requests.py)
         raise InputError(
             f"completed_by names a reviewer of {len(name)} characters; at most {MAX_REVIEWER_CHARS}",
             field="completed_by",

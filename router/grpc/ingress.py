@@ -33,10 +33,10 @@ from router.errors import error_body, grpc_code_name, retry_after_s, unexpected_
 from router.grpc import messages
 from router.grpc.batch import batch_image, batch_response
 from router.grpc.build import ensure_generated
-from router.schemas import ClaimRequest, LabelRequest, ReleaseRequest
 from router.serve_context import serve_request_id
 from router.services import ImageRequest, response_body
 from router.services.common import checked_page, checked_request_id, parsed_json
+from router.services.review_requests import ClaimRequest, LabelRequest, ReleaseRequest
 from visionroute.errors import InputError, NotFound, RouterError
 from visionroute.redaction import cut, shown
 

@@ -40,10 +40,11 @@ from router.http.reviewers import router as reviewers_router
 from router.http.rollouts import router as rollouts_router
 from router.http.search import router as search_router
 from router.http.session import router as session_router
-from router.schemas import AnalyzeResponse, ClaimRequest, LabelRequest, ReleaseRequest
+from router.schemas import AnalyzeResponse
 from router.serve_context import serving_node
 from router.services import ImageRequest, response_body
 from router.services.common import checked_page, checked_request_id, parsed_json
+from router.services.review_requests import ClaimRequest, LabelRequest, ReleaseRequest
 from visionroute import __version__
 from visionroute.errors import InputError, NotFound, RouterError
 from visionroute.redaction import shown

@@ -33,7 +33,6 @@ from policies.reviewer_quality import ReviewerQuality, reviewer_quality
 from policies.runtime import PolicyRuntime
 from router.auth.principal import Principal, tenant_scope
 from router.config import AppConfig
-from router.schemas import ClaimRequest, DetectionOut, LabelRequest, ReleaseRequest
 from router.services.backends import SearchBackend
 from router.services.results import (
     AuditEvent,
@@ -46,6 +45,7 @@ from router.services.results import (
     ReviewPage,
     ReviewStats,
 )
+from router.services.review_requests import ClaimRequest, DetectionOut, LabelRequest, ReleaseRequest
 from visionroute.errors import InputError, NotFound, PermissionDenied
 from visionroute.redaction import shown
 

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from router.schemas import ClaimRequest, LabelRequest
 from router.services import ImageRequest, VisionRouteService, response_body
 from router.services.backends import LocalOnnxTier
+from router.services.review_requests import ClaimRequest, LabelRequest
 from tests.router.colour_model import colour_app_config, solid_png
 from visionroute.errors import NotFound
 

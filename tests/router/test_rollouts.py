@@ -15,9 +15,9 @@ import pytest
 
 from router.auth.principal import Principal
 from router.config import parse_app_config
-from router.schemas import ClaimRequest, LabelRequest
 from router.services import ImageRequest, VisionRouteService
 from router.services.backends import LocalOnnxTier
+from router.services.review_requests import ClaimRequest, LabelRequest
 from tests.router.colour_model import LABELS, solid_png, write_colour_model
 from visionroute.errors import Conflict, InputError, NotFound
 

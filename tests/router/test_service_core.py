@@ -9,9 +9,10 @@ import time
 import pytest
 
 from router.auth.principal import Principal
-from router.schemas import AnalyzeResponse, ClaimRequest, LabelRequest, ReleaseRequest
+from router.schemas import AnalyzeResponse
 from router.services import ImageRequest, VisionRouteService, response_body
 from router.services.backends import LocalOnnxTier
+from router.services.review_requests import ClaimRequest, LabelRequest, ReleaseRequest
 from tests.router.colour_model import colour_app_config, solid_png
 from visionroute.errors import (
     BackendUnavailable,

@@ -17,9 +17,9 @@ from router.auth.principal import Principal
 from router.config import parse_app_config
 from router.http.api import app
 from router.http.deps import attach
-from router.schemas import ClaimRequest, LabelRequest, ReleaseRequest
 from router.services import ImageRequest, VisionRouteService
 from router.services.backends import LocalOnnxTier, LocalSearch
+from router.services.review_requests import ClaimRequest, LabelRequest, ReleaseRequest
 from tests.router.colour_model import LABELS, solid_png, write_colour_model
 from visionroute.errors import Conflict, InputError, PermissionDenied
 
