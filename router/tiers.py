@@ -43,6 +43,11 @@ class BatchedOnnxTier:
     async def predict(self, images: list[np.ndarray]) -> list[TierResult]:
         # ONNX Runtime releases the GIL; a thread keeps this replica's loop free to gather
         # the next batch while this one runs.
+        return await self.predict_many(images)
+
+    async def predict_many(self, images: list[np.ndarray]) -> list[TierResult]:
+        """One batch request's images at once (router/services/analyze/tier_calls.py): one
+        call, the stage stacks them up to the model's batch size."""
         detections, latency_ms = await asyncio.to_thread(self.stage.predict, images)
         info = self.stage.describe()
         return [
@@ -93,6 +98,9 @@ class RemoteTier:
     async def predict(self, image_rgb: np.ndarray) -> TierResult:
         return await self.handle.predict.remote(image_rgb)
 
+    async def predict_many(self, images: list[np.ndarray]) -> list[TierResult]:
+        return await self.handle.predict_many.remote(images)
+
     async def describe(self) -> dict[str, Any]:
         return await _described("the cheap tier", self.handle.describe.remote())
 
@@ -139,6 +147,9 @@ class InProcessTier:
 
     async def predict(self, image_rgb: np.ndarray) -> TierResult:
         return await self.tier.predict(image_rgb)
+
+    async def predict_many(self, images: list[np.ndarray]) -> list[TierResult]:
+        return await self.tier.predict_many(images)
 
     async def describe(self) -> dict[str, Any]:
         return {**self.tier.describe(), "placement": "ingress"}

@@ -44,16 +44,23 @@ class LocalOnnxTier:
         self.stage = OnnxStage(OnnxStageConfig(**stage_config), models_dir=Path(models_dir))
 
     async def predict(self, image_rgb: np.ndarray) -> TierResult:
-        detections, latency_ms = await asyncio.to_thread(self.stage.predict, [image_rgb])
+        return (await self.predict_many([image_rgb]))[0]
+
+    async def predict_many(self, images: list[np.ndarray]) -> list[TierResult]:
+        """Several images in one call (a batch request's: router/services/analyze/tier_calls.py)."""
+        detections, latency_ms = await asyncio.to_thread(self.stage.predict, images)
         info = self.stage.describe()
-        return TierResult(
-            detections=detections[0],
-            model=info["model"],
-            model_version=info["model_version"],
-            latency_ms=latency_ms,
-            cost_units=self.stage.config.cost_units,
-            calibration=info["calibration"],
-        )
+        return [
+            TierResult(
+                detections=found,
+                model=info["model"],
+                model_version=info["model_version"],
+                latency_ms=latency_ms,
+                cost_units=self.stage.config.cost_units,
+                calibration=info["calibration"],
+            )
+            for found in detections
+        ]
 
     async def describe(self) -> dict[str, Any]:
         return {**self.stage.describe(), "placement": "local"}

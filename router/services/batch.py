@@ -1,7 +1,9 @@
 """Analyse many images in one request: each through the same analyse pipeline, concurrently
 (at most ``limits.batch_concurrency`` at once), answered in order (docs/api.md, batch).
 
-Each image is its own analyse request: its own decision, budget charge, review item and trace,
+The images' cheap-tier calls are gathered into one call (one handle hop, one ONNX Runtime run
+of the stacked images: router/services/analyze/tier_calls.py). Each image is its own analyse
+request otherwise: its own decision, budget charge, review item and trace,
 under its own request id ``<batch id>:<index>``, so a retried batch with the same id is the same
 per-image requests again (a review item is never made twice). One image's failure (bytes that
 are not an image, a budget refusal, a queue that cannot store) is that image's error with the
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 from router.auth.principal import Principal, resolve_tenant
 from router.config import LimitsConfig
 from router.services.analyze import AnalyzeService, ImageRequest
+from router.services.analyze.tier_calls import TierCalls
 from router.services.common import checked_tenant
 from visionroute.errors import InputError, RouterError
 from visionroute.records import Analysis
@@ -118,21 +121,27 @@ class BatchService:
         # another tenant's name fails the batch (403 naming tenant), not each image one by one
         resolve_tenant(caller, checked_tenant(tenant))
         slots = asyncio.Semaphore(min(self.limits.batch_concurrency, len(images)))
+        gathered = TierCalls(max_images=len(images))  # the images' cheap-tier calls, as one call
 
         async def one(index: int, image: BatchImage) -> BatchItem:
             item_id = f"{request_id}:{index}"
             if image.error is not None:
                 return BatchItem(index, item_id, error=_for_image(index, image.error))
             async with slots:
+                lane = gathered.enter()
                 try:
                     analysis = await self.analyze.analyze(
-                        ImageRequest(image.image_bytes or b"", item_id, task=task, tenant=tenant), caller
+                        ImageRequest(image.image_bytes or b"", item_id, task=task, tenant=tenant),
+                        caller,
+                        lane,
                     )
                 except RouterError as error:
                     return BatchItem(index, item_id, error=_for_image(index, error))
                 except Exception as exc:  # a bug or a dead backend: this image's, logged here
                     log.exception("batch %s: image %d failed", request_id, index)
                     return BatchItem(index, item_id, error=exc)
+                finally:
+                    lane.leave()
             return BatchItem(index, item_id, analysis=analysis)
 
         items = await asyncio.gather(*(one(index, image) for index, image in enumerate(images)))

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from policies.shift_guard import ShiftGuard
     from policies.thresholds import ThresholdPolicy
     from router.auth.principal import Principal
+    from router.services.analyze.tier_calls import Lane
     from router.services.rollouts import Arm
     from visionroute.records import Analysis
 
@@ -66,6 +67,7 @@ class RequestContext:
     request: ImageRequest
     caller: Principal | None
     decode_session: BudgetSession | None = None  # this replica's decode budget, held to the answer
+    lane: Lane | None = None  # a batch request's image: its cheap-tier call joins the others' (tier_calls.py)
     tenant: str = field(init=False)  # DecodeStage: the tenant the request acts for
     task: str = field(init=False)  # DecodeStage
     decoded: DecodedImage = field(init=False)  # DecodeStage: the pixels, maybe decoded smaller
@@ -90,7 +92,8 @@ class RequestContext:
 
     @property
     def cheap_tier(self) -> CheapTier:
-        return self.arm.cheap_tier.predict
+        tier = self.arm.cheap_tier
+        return self.lane.bound(tier) if self.lane is not None else tier.predict
 
     @property
     def thresholds(self) -> ThresholdPolicy:

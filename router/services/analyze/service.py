@@ -29,6 +29,7 @@ from router.services.backends import CheapTierClient, SearchBackend, VlmTierClie
 from visionroute.records import Analysis
 
 if TYPE_CHECKING:
+    from router.services.analyze.tier_calls import Lane
     from router.services.rollouts import RolloutService
 
 
@@ -79,11 +80,14 @@ class AnalyzeService:
             return search  # durable: every acknowledged image is written before its response
         return ReadYourWrites(search, self.indexer)
 
-    async def analyze(self, request: ImageRequest, caller: Principal | None) -> Analysis:
+    async def analyze(
+        self, request: ImageRequest, caller: Principal | None, lane: Lane | None = None
+    ) -> Analysis:
         """The pipeline for one image, under one policy version from start to end; its decoded
-        pixels count against this replica's decode budget until the answer is made."""
+        pixels count against this replica's decode budget until the answer is made. ``lane``: an
+        image of a batch request, whose cheap-tier call is gathered with the others' (tier_calls.py)."""
         async with self.decode_budget.session() as session:
-            return await self.pipeline.run(RequestContext(request, caller, session))
+            return await self.pipeline.run(RequestContext(request, caller, session, lane))
 
     async def stop(self, timeout_s: float) -> tuple[int, int]:
         """Stop the work after responses before the deployments it calls go away (the Ingress's
