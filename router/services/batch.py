@@ -1,5 +1,5 @@
 """Analyse many images in one request: each through the same analyse pipeline, concurrently
-(at most ``limits.batch_concurrency`` at once), answered in order (docs/api.md, batch).
+(in waves of ``limits.batch_concurrency``), answered in order (docs/api.md, batch).
 
 The images' cheap-tier calls are gathered into one call (one handle hop, one ONNX Runtime run
 of the stacked images: router/services/analyze/tier_calls.py). Each image is its own analyse
@@ -120,31 +120,33 @@ class BatchService:
             raise InputError(f"unknown task {task!r}; expected one of {sorted(tasks)}", field="task")
         # another tenant's name fails the batch (403 naming tenant), not each image one by one
         resolve_tenant(caller, checked_tenant(tenant))
-        slots = asyncio.Semaphore(min(self.limits.batch_concurrency, len(images)))
-        gathered = TierCalls(max_images=len(images))  # the images' cheap-tier calls, as one call
+        wave = min(self.limits.batch_concurrency, len(images))
 
-        async def one(index: int, image: BatchImage) -> BatchItem:
+        async def one(index: int, image: BatchImage, gathered: TierCalls) -> BatchItem:
             item_id = f"{request_id}:{index}"
             if image.error is not None:
                 return BatchItem(index, item_id, error=_for_image(index, image.error))
-            async with slots:
-                lane = gathered.enter()
-                try:
-                    analysis = await self.analyze.analyze(
-                        ImageRequest(image.image_bytes or b"", item_id, task=task, tenant=tenant),
-                        caller,
-                        lane,
-                    )
-                except RouterError as error:
-                    return BatchItem(index, item_id, error=_for_image(index, error))
-                except Exception as exc:  # a bug or a dead backend: this image's, logged here
-                    log.exception("batch %s: image %d failed", request_id, index)
-                    return BatchItem(index, item_id, error=exc)
-                finally:
-                    lane.leave()
+            lane = gathered.enter()
+            try:
+                analysis = await self.analyze.analyze(
+                    ImageRequest(image.image_bytes or b"", item_id, task=task, tenant=tenant), caller, lane
+                )
+            except RouterError as error:
+                return BatchItem(index, item_id, error=_for_image(index, error))
+            except Exception as exc:  # a bug or a dead backend: this image's, logged here
+                log.exception("batch %s: image %d failed", request_id, index)
+                return BatchItem(index, item_id, error=exc)
+            finally:
+                lane.leave()
             return BatchItem(index, item_id, analysis=analysis)
 
-        items = await asyncio.gather(*(one(index, image) for index, image in enumerate(images)))
+        # Waves of ``batch_concurrency`` images: each wave's cheap-tier calls are one call (a
+        # sliding window would free one slot at a time and send the next images one by one).
+        items: list[BatchItem] = []
+        for start in range(0, len(images), wave):
+            gathered = TierCalls(max_images=wave)
+            chunk = enumerate(images[start : start + wave], start)
+            items += await asyncio.gather(*(one(index, image, gathered) for index, image in chunk))
         return BatchResult(request_id, tuple(items))
 
 
