@@ -14,7 +14,7 @@ from router.url_fetch import UrlFetchConfig, fetch_image_url
 from visionroute.errors import InputError, RouterError
 
 ensure_generated()
-from router.proto import visionroute_pb2 as pb  # noqa: E402  (generated just above)
+from router.grpc.proto import visionroute_pb2 as pb  # noqa: E402  (generated just above)
 
 
 async def batch_image(image: pb.BatchImage, max_bytes: int, url_fetch: UrlFetchConfig) -> BatchImage:

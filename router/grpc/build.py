@@ -1,6 +1,6 @@
-"""Generate the gRPC Python code from ``router/proto/visionroute.proto`` with grpcio-tools.
+"""Generate the gRPC Python code from ``router/grpc/proto/visionroute.proto`` with grpcio-tools.
 
-The generated ``router/proto/visionroute_pb2*.py`` are build outputs (gitignored), never
+The generated ``router/grpc/proto/visionroute_pb2*.py`` are build outputs (gitignored), never
 edited by hand. ``ensure_generated()`` runs protoc when they are missing or older than the
 .proto, so ``serve run``, the tests and ``visionroute grpc-build`` all get fresh code; it
 writes to a temporary folder first and renames, so concurrent replicas never import a
@@ -16,7 +16,7 @@ from pathlib import Path
 from visionroute.errors import ConfigError
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # holds router/
-PROTO = PACKAGE_ROOT / "router" / "proto" / "visionroute.proto"
+PROTO = PACKAGE_ROOT / "router" / "grpc" / "proto" / "visionroute.proto"
 OUTPUTS = ("visionroute_pb2.py", "visionroute_pb2.pyi", "visionroute_pb2_grpc.py")
 
 

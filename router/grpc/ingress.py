@@ -1,4 +1,4 @@
-"""The gRPC face: the RPCs of ``router/proto/visionroute.proto`` and grpc.health.v1.
+"""The gRPC face: the RPCs of ``router/grpc/proto/visionroute.proto`` and grpc.health.v1.
 
 ``serve_config.yaml`` names ``router.grpc.ingress.add_VisionRouteServicer_to_server`` in
 ``grpc_options.grpc_servicer_functions`` (``router.grpc_ingress`` still works for one release).
@@ -41,12 +41,12 @@ from visionroute.errors import InputError, NotFound, RouterError
 from visionroute.redaction import cut, shown
 
 ensure_generated()
-from router.proto import visionroute_pb2 as pb  # noqa: E402  (generated just above)
-from router.proto import visionroute_pb2_grpc  # noqa: E402
+from router.grpc.proto import visionroute_pb2 as pb  # noqa: E402  (generated just above)
+from router.grpc.proto import visionroute_pb2_grpc  # noqa: E402
 
 log = logging.getLogger("visionroute.grpc")
 
-# gRPC methods of router/proto/visionroute.proto and grpc.health.v1.
+# gRPC methods of router/grpc/proto/visionroute.proto and grpc.health.v1.
 GRPC_ROLES: dict[str, Role | None] = {
     "Analyze": "client",
     "AnalyzeBatch": "client",

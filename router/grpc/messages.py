@@ -36,7 +36,7 @@ from router.services.results import (
 from visionroute.errors import InputError
 
 ensure_generated()
-from router.proto import visionroute_pb2 as pb  # noqa: E402  (generated just above)
+from router.grpc.proto import visionroute_pb2 as pb  # noqa: E402  (generated just above)
 
 # -- JSON values ----------------------------------------------------------------------------------
 

@@ -6,7 +6,7 @@ where the domain already has one (retrieval's ``SearchResponse`` and ``ItemMetad
 
 - HTTP answers ``result.to_json()``: the JSON object the API has always answered, key for key
   and in the same order (tests/integration/golden_responses.json holds it);
-- gRPC fills the typed messages of router/proto/visionroute.proto from the fields
+- gRPC fills the typed messages of router/grpc/proto/visionroute.proto from the fields
   (router/grpc/messages.py) and, for one release, the deprecated ``*_json`` fields from
   ``to_json()``.
 

@@ -32,7 +32,7 @@ def generated() -> tuple[Any, Any]:
     from router.grpc.build import ensure_generated
 
     ensure_generated()
-    from router.proto import visionroute_pb2, visionroute_pb2_grpc
+    from router.grpc.proto import visionroute_pb2, visionroute_pb2_grpc
 
     return visionroute_pb2, visionroute_pb2_grpc
 
