@@ -61,16 +61,12 @@ class BudgetGuard:
     ) -> Reservation | None:
         """The reservation, or None when a budget refused and its degrade mode let the request
         go on (its ``policy:budget`` step is in the trace); a ``reject`` raises (HTTP 429)."""
-        if under_budgets:
+        if under_budgets and _gated(policy, analysis, tier):
             reservation = await asyncio.to_thread(self.policies.reserve, policy, analysis, tier, units)
-        else:  # no budget gates it; its cost is still recorded
-            reservation = await asyncio.to_thread(
-                self.policies.ledger.reserve,
-                [],
-                tenant=analysis.tenant,
-                feature=analysis.task,
-                tier=tier,
-                units=units,
+        else:  # no budget gates it: the ledger writes nothing yet (settle records the cost), so
+            # no worker-thread hop; the reservation itself is the same
+            reservation = self.policies.ledger.reserve(
+                [], tenant=analysis.tenant, feature=analysis.task, tier=tier, units=units
             )
         if isinstance(reservation, Refusal):
             self.degrade(analysis, policy, reservation)
@@ -112,6 +108,12 @@ class BudgetGuard:
         if refusal.mode == "accept_degraded":
             refusal.error.reason += "; degrade mode accept_degraded has no cheap answer to give yet"
         raise refusal.error
+
+
+def _gated(policy: PolicySet, analysis: Analysis, tier: str) -> bool:
+    """Whether a budget rule of ``policy`` covers this call (else the ledger reads and writes
+    nothing when it reserves: policies/budgets.py ``BudgetLedger.reserve``)."""
+    return any(rule.matches(analysis.tenant, analysis.task, tier) for rule in policy.budgets)
 
 
 class PaidCheapTier:
