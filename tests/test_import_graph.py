@@ -79,12 +79,9 @@ TRANSPORT = (
 NOT_TRANSPORT_FREE = ("visionroute.cli", "visionroute.client")  # under visionroute/ but on top
 # old path -> where it moved; removed in the next release
 SHIMS = {
-    "router.security": "router.auth (keys, roles, Principal) and router.http.auth (middleware, cookies)",
-    "router.grpc_ingress": "router.grpc.ingress",
-    "policies.image_redaction": "cascades.image_redaction",
-    "cascades.vlm.server": "examples.vllm_server",
-    "cascades.vlm.example_digits": "examples.digits",
-    "cascades.vlm.train_digits": "examples.train_digits",
+    "router.grpc_ingress": "router.grpc.ingress",  # serve configs name its servicer function
+    "cascades.vlm.server": "examples.vllm_server",  # `python -m cascades.vlm.server`
+    "cascades.vlm.train_digits": "examples.train_digits",  # `python cascades/vlm/train_digits.py`
 }
 
 
