@@ -36,6 +36,7 @@ import dataclasses
 import hashlib
 import logging
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -254,7 +255,9 @@ class RolloutService:
         self.candidate_tiers = {task: dict(tiers) for task, tiers in candidate_tiers.items()}
         self._in_effect: dict[str, Rollout] = {}
         self._read_at = 0.0
-        self._refresh_lock = asyncio.Lock()
+        # one lock per event loop: a service core shared by several loops (the gRPC and HTTP test
+        # clients each run their own) must not hand one loop's lock to another
+        self._refresh_locks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._candidate_policies: dict[str, PolicySet] = {}
         self._costs: dict[tuple[str, str], list[float]] = {}
         self._flushed_at = time.monotonic()
@@ -366,7 +369,8 @@ class RolloutService:
 
     async def in_effect(self, task: str) -> Rollout | None:
         if time.monotonic() - self._read_at >= self.config.rollouts.refresh_s:
-            async with self._refresh_lock:
+            loop = asyncio.get_running_loop()
+            async with self._refresh_locks.setdefault(loop, asyncio.Lock()):
                 if time.monotonic() - self._read_at >= self.config.rollouts.refresh_s:
                     await self.refresh()
         return self._in_effect.get(task)
