@@ -7,7 +7,7 @@ of the digits' single token, because a texture is a statistic over positions, wh
 the whole patch would have to learn from 819 images; and a vision tower twice as wide (hidden
 64). It is trained on the request the VLM stage sends (``cascades.vlm.prompts``: the classify
 prompt over the task's labels) to answer ``{"label":"brick"}`` then end of sequence, in two seeded
-stages on one torch thread: the vision tower and projector with a throw-away linear head (as the
+stages on one torch thread (``examples.llava_training``): the vision tower and projector with a throw-away linear head (as the
 digits), then the projector and the language model on the answer tokens with the vision tower
 frozen. Augmentation: flips and quarter turns, a JPEG round trip half the time (the stage sends
 JPEG by default). Measured on seed 0 (2 shared cores, one torch thread): about 2 minutes (70
@@ -30,19 +30,19 @@ images it is asked to score, and reuses them; ``examples.textures.prepare_vlm`` 
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import io
 import json
 import logging
 import os
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from examples import llava_training
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +83,9 @@ def grey_uploads(images: np.ndarray) -> list[np.ndarray]:
 def inputs_sha256(
     images: np.ndarray, labels: np.ndarray, prompt: str, seed: int, epochs: tuple[int, int]
 ) -> str:
-    digest = hashlib.sha256(f"{BUILD_VERSION}:seed={seed}:epochs={epochs}".encode())
-    digest.update(np.ascontiguousarray(images, dtype=np.float32).tobytes())
-    digest.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
-    digest.update(prompt.encode("utf-8"))
-    return digest.hexdigest()
+    return llava_training.inputs_sha256(
+        f"{BUILD_VERSION}:seed={seed}:epochs={epochs}", images, labels, prompt
+    )
 
 
 class _Augmenter:
@@ -112,46 +110,25 @@ class _Augmenter:
         return rgb
 
 
-def _answer_tokens(tokenizer, class_names) -> tuple[Any, Any, int]:
-    """The answers as token ids, right-padded: (inputs (C, L) padded with the pad token, targets
-    (C, L) padded with -100, the position where they first differ). Checks that each answer has
-    its own token there (the in-process probabilities rely on it)."""
-    import torch
-
-    from examples.train_digits import answer_json
-
-    rows = [
-        tokenizer(answer_json(label), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        for label in class_names
-    ]
-    length = max(map(len, rows))
-    inputs = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
-    targets = torch.full((len(rows), length), -100, dtype=torch.long)
-    for i, row in enumerate(rows):
-        inputs[i, : len(row)] = torch.tensor(row)
-        targets[i, : len(row)] = torch.tensor(row)
-    shortest = min(map(len, rows))
-    differing = [p for p in range(shortest) if len({row[p] for row in rows}) > 1]
-    if not differing or len({row[differing[0]] for row in rows}) != len(rows):
-        raise RuntimeError("the labels' answers must differ first at a token of their own; rename the labels")
-    return inputs, targets, differing[0]
-
-
-def label_probabilities(model, prompt_ids, answer_inputs, position: int, pixel_values, *, batch: int = 64):
-    """(n, C) P(label | image, prompt): the softmax over the labels' own tokens at ``position``
-    after the answers' common prefix (what vLLM reports after the grammar's mask)."""
-    import torch
-
-    prefix = answer_inputs[0, :position]
-    choices = answer_inputs[:, position]
-    rows = []
-    with torch.no_grad():
-        for start in range(0, len(pixel_values), batch):
-            pixels = pixel_values[start : start + batch]
-            ids = torch.cat([prompt_ids, prefix]).expand(len(pixels), -1)
-            logits = model(input_ids=ids, pixel_values=pixels, logits_to_keep=1).logits[:, -1]
-            rows.append(logits[:, choices].softmax(-1))
-    return torch.cat(rows).double().numpy()
+def recipe(
+    *, vision_epochs: int = VISION_EPOCHS, answer_epochs: int = ANSWER_EPOCHS
+) -> llava_training.Recipe:
+    """The textures recipe for ``llava_training``: 16 patches, a wider vision tower, frozen in
+    the answer stage."""
+    return llava_training.Recipe(
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
+        vision_hidden_size=VISION_HIDDEN_SIZE,
+        batch_size=BATCH_SIZE,
+        vision_epochs=vision_epochs,
+        vision_lr=VISION_LR,
+        answer_epochs=answer_epochs,
+        answer_lr=ANSWER_LR,
+        torch_threads=TORCH_THREADS,
+        # training the vision tower in the answer stage too lost accuracy (0.83 on seed 0's pool
+        # against 0.88 frozen), and it costs a backward pass through it
+        freeze_vision_in_answer_stage=True,
+    )
 
 
 def train(
@@ -170,155 +147,42 @@ def train(
     whose first letters must differ), save for vLLM into
     ``out_dir`` with ``visionroute_build.json``, and when ``score_images`` is given write their
     label probabilities to ``PROBABILITIES``. Returns the manifest."""
-    import torch
-    import transformers
-    from torch.nn import functional
-    from transformers import LlavaForConditionalGeneration
-
     from examples import tiny_llava
-    from examples.train_digits import _Pixels, _prompt_ids
 
     class_names = tuple(class_names)
-
     labels = np.asarray(labels, np.int64)
-    if len(images) != len(labels) or len(labels) == 0:
-        raise ValueError(
-            f"images and labels: expected equal, non-zero lengths, got {len(images)} and {len(labels)}"
+    llava_training.check_inputs(len(images), labels, len(class_names), vision_epochs, answer_epochs)
+    prompt = classify_prompt(class_names)
+    textures = recipe(vision_epochs=vision_epochs, answer_epochs=answer_epochs)
+    with llava_training.torch_threads(TORCH_THREADS):
+        trained = llava_training.train(
+            tiny_llava,
+            grey_uploads(images),
+            labels,
+            class_names,
+            prompt,
+            out_dir,
+            recipe=textures,
+            augment=_Augmenter(seed),
+            seed=seed,
+            progress=progress,
         )
-    if labels.min() < 0 or labels.max() >= len(class_names):
-        raise ValueError(f"labels: expected class ids in 0..{len(class_names) - 1}")
-    if vision_epochs < 1 or answer_epochs < 1:
-        raise ValueError(f"epochs: expected at least 1 of each, got {vision_epochs} and {answer_epochs}")
-    say = progress or (lambda message: None)
-    started, cpu_started = time.monotonic(), time.process_time()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(TORCH_THREADS)
-    try:
-        torch.manual_seed(seed)
-        prompt = classify_prompt(class_names)
-        tokenizer = tiny_llava.build_tokenizer(out_dir)
-        config = tiny_llava.llava_config(
-            tokenizer, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, vision_hidden_size=VISION_HIDDEN_SIZE
-        )
-        model = LlavaForConditionalGeneration(config)
-        processor = tiny_llava.make_processor(tokenizer, IMAGE_SIZE, PATCH_SIZE)
-        uploads = grey_uploads(images)
-        pixels = _Pixels(processor)
-        prompt_text, prompt_ids, processor_pixels = _prompt_ids(processor, prompt, uploads[0])
-        if not torch.allclose(pixels([uploads[0]]), processor_pixels, atol=1e-5):
-            raise RuntimeError("the trainer's pixel normalisation differs from the processor's")
-        answer_inputs, answer_targets, position = _answer_tokens(tokenizer, class_names)
-        augment = _Augmenter(seed)
-        order = torch.Generator().manual_seed(seed)
-        y = torch.from_numpy(labels)
-        steps_per_epoch = -(-len(y) // BATCH_SIZE)
-
-        # Stage 1: the vision tower and projector learn the textures (the LM is not run).
-        head = torch.nn.Linear(config.text_config.hidden_size, len(class_names))
-        vision = [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters()]
-        optimiser = torch.optim.AdamW([*vision, *head.parameters()], lr=VISION_LR, weight_decay=0.01)
-        schedule = torch.optim.lr_scheduler.OneCycleLR(
-            optimiser, max_lr=VISION_LR, total_steps=vision_epochs * steps_per_epoch, pct_start=0.15
-        )
-        model.train()
-        for epoch in range(vision_epochs):
-            total = 0.0
-            for batch in torch.randperm(len(y), generator=order).split(BATCH_SIZE):
-                features = model.model.get_image_features(
-                    pixel_values=pixels([augment(uploads[i]) for i in batch.tolist()]),
-                    vision_feature_layer=config.vision_feature_layer,
-                    vision_feature_select_strategy=config.vision_feature_select_strategy,
-                ).pooler_output
-                loss = functional.cross_entropy(head(torch.stack(list(features)).mean(1)), y[batch])
-                optimiser.zero_grad()
-                loss.backward()
-                optimiser.step()
-                schedule.step()
-                total += loss.item() * len(batch)
-            say(f"vision epoch {epoch + 1}/{vision_epochs}: loss {total / len(y):.4f}")
-        vision_loss = total / len(y)
-
-        # Stage 2: the projector and the LM learn to answer the prompt (loss on the answer tokens
-        # only); the vision tower stays as stage 1 left it (training it here too lost accuracy:
-        # 0.83 on seed 0's pool against 0.88 frozen, and it costs a backward pass through it).
-        for parameter in model.model.vision_tower.parameters():
-            parameter.requires_grad_(False)
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        optimiser = torch.optim.AdamW(trainable, lr=ANSWER_LR, weight_decay=0.01)
-        schedule = torch.optim.lr_scheduler.OneCycleLR(
-            optimiser, max_lr=ANSWER_LR, total_steps=answer_epochs * steps_per_epoch, pct_start=0.15
-        )
-        length = answer_inputs.shape[1]
-        for epoch in range(answer_epochs):
-            total = 0.0
-            for batch in torch.randperm(len(y), generator=order).split(BATCH_SIZE):
-                ids = torch.cat([prompt_ids.expand(len(batch), -1), answer_inputs[y[batch]]], dim=1)
-                # logits at the last prompt position and the answer's: each predicts the next token
-                logits = model(
-                    input_ids=ids,
-                    pixel_values=pixels([augment(uploads[i]) for i in batch.tolist()]),
-                    logits_to_keep=length + 1,
-                ).logits[:, :-1]
-                target = answer_targets[y[batch]]
-                loss = functional.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100
-                )
-                optimiser.zero_grad()
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                optimiser.step()
-                schedule.step()
-                total += loss.item() * len(batch)
-            say(f"answer epoch {epoch + 1}/{answer_epochs}: loss {total / len(y):.4f}")
-        answer_loss = total / len(y)
-        model.eval()
-        train_probabilities = label_probabilities(model, prompt_ids, answer_inputs, position, pixels(uploads))
-        train_s, train_cpu_s = time.monotonic() - started, time.process_time() - cpu_started
         if score_images is not None:
-            scored = label_probabilities(
-                model, prompt_ids, answer_inputs, position, pixels(grey_uploads(score_images))
-            )
+            scored = trained.label_probabilities(grey_uploads(score_images))
             np.savez(out_dir / PROBABILITIES, probabilities=scored)
-    finally:
-        torch.set_num_threads(threads)
-
-    renamed = tiny_llava.save_for_vllm(model, tokenizer, out_dir)
-    manifest = {
-        "build_version": BUILD_VERSION,
-        "served_model_name": SERVED_MODEL_NAME,
-        "labels": list(class_names),
-        "image_size": IMAGE_SIZE,
-        "patch_size": PATCH_SIZE,
-        "vision_hidden_size": VISION_HIDDEN_SIZE,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "vocab_size": len(tokenizer),
-        "image_token_id": config.image_token_id,
-        "renamed_vision_keys": renamed,
-        "seed": seed,
-        "n_train": len(labels),
-        "prompt_text": prompt_text,
-        "prompt_token_ids": prompt_ids.tolist(),
-        "inputs_sha256": inputs_sha256(images, labels, prompt, seed, (vision_epochs, answer_epochs)),
-        "recipe": {
-            "torch_threads": TORCH_THREADS,
-            "batch_size": BATCH_SIZE,
-            "vision_epochs": vision_epochs,
-            "vision_lr": VISION_LR,
-            "answer_epochs": answer_epochs,
-            "answer_lr": ANSWER_LR,
-            "augmentation": {"flips": True, "quarter_turns": True, "jpeg_probability": JPEG_PROBABILITY},
-            "vision_frozen_in_answer_stage": True,
-        },
-        "final_vision_loss": round(vision_loss, 5),
-        "final_answer_loss": round(answer_loss, 5),
-        "train_accuracy": round(float((train_probabilities.argmax(1) == labels).mean()), 5),
-        "train_seconds": round(train_s, 2),
-        "train_cpu_seconds": round(train_cpu_s, 2),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-        "weights_sha256": tiny_llava.weights_sha256(out_dir),
-    }
-    (out_dir / "visionroute_build.json").write_text(json.dumps(manifest, indent=2))
-    return manifest
+    return llava_training.save(
+        tiny_llava,
+        trained,
+        out_dir,
+        recipe=textures,
+        build_version=BUILD_VERSION,
+        served_model_name=SERVED_MODEL_NAME,
+        label_names=class_names,
+        seed=seed,
+        n_train=len(labels),
+        inputs_sha256=inputs_sha256(images, labels, prompt, seed, (vision_epochs, answer_epochs)),
+        augmentation={"flips": True, "quarter_turns": True, "jpeg_probability": JPEG_PROBABILITY},
+    )
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,8 @@ structured outputs produce with whitespace disabled, ``{"label":"7"}``, then end
 The caller passes the prompt, so the model and the stage cannot drift apart unnoticed: the
 prompt is part of ``inputs_sha256`` in the manifest.
 
-Two seeded stages on CPU (one torch thread: reproducible, and it leaves a core to the rest):
+Two seeded stages on CPU (``examples.llava_training``, shared with the textures LLaVA; one torch
+thread: reproducible, and it leaves a core to the rest):
 1. the vision tower and projector, with a throw-away linear head on the image token, learn
    the digits (about 10 CPU-seconds: 2 tokens per image);
 2. the whole model learns to answer the prompt (cross-entropy on the answer tokens only).
@@ -30,14 +31,13 @@ you. Only the standard library is imported at module level.
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
-# Change this (or the training recipe below) and ensure_digits_llava() retrains.
+# Change this (or the recipe below, or llava_training.py) and ensure_digits_llava() retrains.
 BUILD_VERSION = "digits-llava-1"
 SERVED_MODEL_NAME = "digits-llava"
 LABELS = tuple(str(d) for d in range(10))
@@ -53,11 +53,6 @@ ANSWER_LR = 3e-3
 MAX_ROTATION_DEG = 10.0
 MAX_SHIFT_PX = 2  # at 28 px, about half an original pixel
 JPEG_PROBABILITY = 0.5
-
-
-def answer_json(label: str) -> str:
-    """The answer exactly as vLLM's structured outputs spell it (no whitespace)."""
-    return json.dumps({"label": label}, separators=(",", ":"))
 
 
 def render_digit(image):
@@ -79,28 +74,31 @@ def render_digit(image):
     return np.array(grey.convert("RGB"))  # a writable copy (torch warns on read-only arrays)
 
 
-def _tiny_llava():
-    """tiny_llava, whether this file runs as a script (no package) or is imported."""
+@functools.cache
+def _sibling(name: str):
+    """A module of this folder (``llava_training``, ``tiny_llava``), whether this file runs as a
+    script (no package) or is imported."""
     if __package__:
-        from examples import tiny_llava
-    else:
-        import importlib.util
+        import importlib
 
-        spec = importlib.util.spec_from_file_location("tiny_llava", Path(__file__).with_name("tiny_llava.py"))
-        tiny_llava = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(tiny_llava)
-    return tiny_llava
+        return importlib.import_module(f"{__package__}.{name}")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # before it runs: its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def answer_json(label: str) -> str:
+    """The answer exactly as vLLM's structured outputs spell it (no whitespace)."""
+    return _sibling("llava_training").answer_json(label)
 
 
 def inputs_sha256(images, labels, prompt: str, seed: int) -> str:
     """What the model was trained on: images, labels, prompt and seed (and the recipe's version)."""
-    import numpy as np
-
-    digest = hashlib.sha256(f"{BUILD_VERSION}:seed={seed}".encode())
-    digest.update(np.ascontiguousarray(images, dtype=np.float32).tobytes())
-    digest.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
-    digest.update(prompt.encode("utf-8"))
-    return digest.hexdigest()
+    return _sibling("llava_training").inputs_sha256(f"{BUILD_VERSION}:seed={seed}", images, labels, prompt)
 
 
 class _Augmenter:
@@ -130,36 +128,18 @@ class _Augmenter:
         return np.array(image)
 
 
-class _Pixels:
-    """CLIP normalisation as the processor does it; checked against the processor once."""
-
-    def __init__(self, processor) -> None:
-        import torch
-
-        image_processor = processor.image_processor
-        self.mean = torch.tensor(image_processor.image_mean).view(1, 3, 1, 1)
-        self.std = torch.tensor(image_processor.image_std).view(1, 3, 1, 1)
-
-    def __call__(self, rgb_batch):
-        import numpy as np
-        import torch
-
-        pixels = torch.from_numpy(np.stack(rgb_batch).astype(np.float32) / 255.0).permute(0, 3, 1, 2)
-        return (pixels - self.mean) / self.std
-
-
-def _prompt_ids(processor, prompt: str, example_rgb):
-    """Token ids of the chat prompt as vLLM builds it (image placeholder expanded), and a check
-    that our pixel path equals the processor's."""
-    messages = [
-        {
-            "role": "user",
-            "content": [{"type": "image_url", "image_url": {"url": "-"}}, {"type": "text", "text": prompt}],
-        }
-    ]
-    text = processor.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    encoded = processor(text=text, images=[example_rgb], return_tensors="pt")
-    return text, encoded["input_ids"][0], encoded["pixel_values"]
+def recipe(*, vision_epochs: int = VISION_EPOCHS, answer_epochs: int = ANSWER_EPOCHS):
+    """The digits recipe for ``llava_training``: one 28 px patch, every weight trained in both stages."""
+    return _sibling("llava_training").Recipe(
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
+        batch_size=BATCH_SIZE,
+        vision_epochs=vision_epochs,
+        vision_lr=VISION_LR,
+        answer_epochs=answer_epochs,
+        answer_lr=ANSWER_LR,
+        torch_threads=TORCH_THREADS,
+    )
 
 
 def train(
@@ -179,160 +159,43 @@ def train(
     model always uses the defaults (the manifest records what was used).
     """
     import numpy as np
-    import torch
-    import transformers
-    from torch.nn import functional
-    from transformers import LlavaForConditionalGeneration
 
-    started, cpu_started = time.monotonic(), time.process_time()
+    training = _sibling("llava_training")
+    tiny_llava = _sibling("tiny_llava")
     images = np.asarray(images, dtype=np.float32).reshape(-1, 8, 8)
     labels = np.asarray(labels, dtype=np.int64)
-    if len(images) != len(labels) or len(labels) == 0:
-        raise ValueError(
-            f"images and labels: expected equal, non-zero lengths, got {len(images)} and {len(labels)}"
+    training.check_inputs(len(images), labels, len(LABELS), vision_epochs, answer_epochs)
+    digits = recipe(vision_epochs=vision_epochs, answer_epochs=answer_epochs)
+    with training.torch_threads(TORCH_THREADS):
+        trained = training.train(
+            tiny_llava,
+            [render_digit(image) for image in images],
+            labels,
+            LABELS,
+            prompt,
+            out_dir,
+            recipe=digits,
+            augment=_Augmenter(seed),
+            seed=seed,
+            progress=progress,
         )
-    if labels.min() < 0 or labels.max() >= len(LABELS):
-        raise ValueError(f"labels: expected values in 0..{len(LABELS) - 1}")
-    if vision_epochs < 1 or answer_epochs < 1:
-        raise ValueError(f"epochs: expected at least 1 of each, got {vision_epochs} and {answer_epochs}")
-    say = progress or (lambda message: None)
-    torch.set_num_threads(TORCH_THREADS)
-    torch.manual_seed(seed)
-    tiny = _tiny_llava()
-    tokenizer = tiny.build_tokenizer(out_dir)
-    config = tiny.llava_config(tokenizer, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE)
-    model = LlavaForConditionalGeneration(config)
-    processor = tiny.make_processor(tokenizer, IMAGE_SIZE, PATCH_SIZE)
-
-    rendered = [render_digit(image) for image in images]
-    pixels = _Pixels(processor)
-    prompt_text, prompt_ids, processor_pixels = _prompt_ids(processor, prompt, rendered[0])
-    if not torch.allclose(pixels([rendered[0]]), processor_pixels, atol=1e-5):
-        raise RuntimeError("the trainer's pixel normalisation differs from the processor's; fix _Pixels")
-    answers = torch.tensor(
-        [
-            tokenizer(answer_json(label), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-            for label in LABELS
-        ]
-    )
-    if len({tuple(row.tolist()) for row in answers}) != len(LABELS):
-        raise RuntimeError("the answers must tokenise to distinct sequences")
-    augment = _Augmenter(seed)
-    order = torch.Generator().manual_seed(seed)
-    y = torch.from_numpy(labels)
-
-    # Stage 1: the vision tower and projector learn the digits (the LM is not run).
-    head = torch.nn.Linear(config.text_config.hidden_size, len(LABELS))
-    vision_params = [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters()]
-    optimiser = torch.optim.AdamW([*vision_params, *head.parameters()], lr=VISION_LR, weight_decay=0.01)
-    steps = vision_epochs * -(-len(y) // BATCH_SIZE)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimiser, max_lr=VISION_LR, total_steps=steps, pct_start=0.15
-    )
-    model.train()
-    for epoch in range(vision_epochs):
-        total = 0.0
-        for batch in torch.randperm(len(y), generator=order).split(BATCH_SIZE):
-            features = model.model.get_image_features(
-                pixel_values=pixels([augment(rendered[i]) for i in batch.tolist()]),
-                vision_feature_layer=config.vision_feature_layer,
-                vision_feature_select_strategy=config.vision_feature_select_strategy,
-            ).pooler_output
-            loss = functional.cross_entropy(head(torch.stack(list(features)).mean(1)), y[batch])
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            schedule.step()
-            total += loss.item() * len(batch)
-        say(f"vision epoch {epoch + 1}/{vision_epochs}: loss {total / len(y):.4f}")
-    vision_loss = total / len(y)
-
-    # Stage 2: the whole model answers the prompt; loss on the answer tokens only.
-    optimiser = torch.optim.AdamW(model.parameters(), lr=ANSWER_LR, weight_decay=0.01)
-    steps = answer_epochs * -(-len(y) // BATCH_SIZE)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimiser, max_lr=ANSWER_LR, total_steps=steps, pct_start=0.15
-    )
-    answer_length = answers.shape[1]
-    for epoch in range(answer_epochs):
-        total = 0.0
-        for batch in torch.randperm(len(y), generator=order).split(BATCH_SIZE):
-            target = answers[y[batch]]
-            input_ids = torch.cat([prompt_ids.expand(len(batch), -1), target], dim=1)
-            # logits at the last prompt position and the answer's: each predicts the next token
-            logits = model(
-                input_ids=input_ids,
-                pixel_values=pixels([augment(rendered[i]) for i in batch.tolist()]),
-                logits_to_keep=answer_length + 1,
-            ).logits[:, :-1]
-            loss = functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
-            optimiser.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimiser.step()
-            schedule.step()
-            total += loss.item() * len(batch)
-        say(f"answer epoch {epoch + 1}/{answer_epochs}: loss {total / len(y):.4f}")
-    answer_loss = total / len(y)
-    model.eval()
-    train_accuracy = float(
-        (digit_probabilities(model, prompt_ids, answers, pixels(rendered)).argmax(1) == y).float().mean()
-    )
-    train_s, train_cpu_s = time.monotonic() - started, time.process_time() - cpu_started
-
-    renamed = tiny.save_for_vllm(model, tokenizer, out_dir)
-    manifest = {
-        "build_version": BUILD_VERSION,
-        "served_model_name": SERVED_MODEL_NAME,
-        "labels": list(LABELS),
-        "image_size": IMAGE_SIZE,
-        "patch_size": PATCH_SIZE,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "vocab_size": len(tokenizer),
-        "image_token_id": config.image_token_id,
-        "renamed_vision_keys": renamed,
-        "seed": seed,
-        "n_train": len(labels),
-        "prompt_text": prompt_text,
-        "prompt_token_ids": prompt_ids.tolist(),  # what vLLM must build from the stage's request
-        "inputs_sha256": inputs_sha256(images, labels, prompt, seed),
-        "recipe": {
-            "torch_threads": TORCH_THREADS,
-            "batch_size": BATCH_SIZE,
-            "vision_epochs": vision_epochs,
-            "vision_lr": VISION_LR,
-            "answer_epochs": answer_epochs,
-            "answer_lr": ANSWER_LR,
-            "augmentation": {
-                "max_rotation_deg": MAX_ROTATION_DEG,
-                "max_shift_px": MAX_SHIFT_PX,
-                "jpeg_probability": JPEG_PROBABILITY,
-            },
+    return training.save(
+        tiny_llava,
+        trained,
+        out_dir,
+        recipe=digits,
+        build_version=BUILD_VERSION,
+        served_model_name=SERVED_MODEL_NAME,
+        label_names=LABELS,
+        seed=seed,
+        n_train=len(labels),
+        inputs_sha256=inputs_sha256(images, labels, prompt, seed),
+        augmentation={
+            "max_rotation_deg": MAX_ROTATION_DEG,
+            "max_shift_px": MAX_SHIFT_PX,
+            "jpeg_probability": JPEG_PROBABILITY,
         },
-        "final_vision_loss": round(vision_loss, 5),
-        "final_answer_loss": round(answer_loss, 5),
-        "train_accuracy": round(train_accuracy, 5),
-        "train_seconds": round(train_s, 2),
-        "train_cpu_seconds": round(train_cpu_s, 2),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-        "weights_sha256": tiny.weights_sha256(out_dir),
-    }
-    (out_dir / "visionroute_build.json").write_text(json.dumps(manifest, indent=2))
-    return manifest
-
-
-def digit_probabilities(model, prompt_ids, answers, pixel_values):
-    """P(digit | image, prompt) at the answer's digit position, renormalised over the 10 digits
-    (what vLLM reports when its logprobs come after the grammar's mask)."""
-    import torch
-
-    # The answer tokens differ only at one position: the digit.
-    position = int((answers != answers[0]).any(0).nonzero()[0])
-    prefix = answers[0, :position].expand(len(pixel_values), -1)
-    with torch.no_grad():
-        input_ids = torch.cat([prompt_ids.expand(len(pixel_values), -1), prefix], dim=1)
-        logits = model(input_ids=input_ids, pixel_values=pixel_values, logits_to_keep=1).logits[:, -1]
-    return logits[:, answers[:, position]].softmax(-1)
+    )
 
 
 def main(argv: list[str]) -> int:
