@@ -600,8 +600,7 @@ class FeatureSpec:
         # a router stored without the key was fitted on version 1 (it is served with version 1);
         # one without the input block has no input statistics to define
         version = document.get("input_version", 1 if document.get("use_input", True) else INPUT_VERSION)
-        check_input_version(version, f"{field}.input_version")
-        return cls(**{**document, "input_version": version})
+        return cls(**{**document, "input_version": check_input_version(version, f"{field}.input_version")})
 
     def input_statistics(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """(n, 5) input block of ``images`` under this spec's definition (``input_features``)."""
