@@ -22,6 +22,7 @@ within the tenant's scope (policies/review/blobs.py); ``image_sha256`` names the
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
@@ -99,48 +100,10 @@ class ReviewQueue:
 
     # -- writers (intake, leases, labels) -----------------------------------------------------
 
-    def enqueue(
-        self,
-        *,
-        request_id: str,
-        image_bytes: bytes | None,
-        image_sha256: str,
-        tenant: str,
-        task: str,
-        reason: str,
-        proposed: list[dict[str, Any]],
-        trace: dict[str, Any],
-        priority: float = 0.0,
-        kind: str = "review",
-        sla_s: float | None = None,
-        label_set: tuple[str, ...] | list[str] | None = None,
-        original_bytes: bytes | None = None,
-        image_withheld: str | None = None,
-        audit_source: str | None = None,
-        inclusion_probability: float | None = None,
-        double_label_fraction: float = 0.0,
-    ) -> ReviewItem:
-        """Queue an item with its image (``intake.Intake.enqueue``); a retry returns the item
-        it queued, another request under the same id is a Conflict."""
-        return self._intake.enqueue(
-            request_id=request_id,
-            image_bytes=image_bytes,
-            image_sha256=image_sha256,
-            tenant=tenant,
-            task=task,
-            reason=reason,
-            proposed=proposed,
-            trace=trace,
-            priority=priority,
-            kind=kind,
-            sla_s=sla_s,
-            label_set=label_set,
-            original_bytes=original_bytes,
-            image_withheld=image_withheld,
-            audit_source=audit_source,
-            inclusion_probability=inclusion_probability,
-            double_label_fraction=double_label_fraction,
-        )
+    # Intake's own signature and docstring (functools.wraps), so the facade cannot drift from it.
+    @functools.wraps(Intake.enqueue)
+    def enqueue(self, **item: Any) -> ReviewItem:
+        return self._intake.enqueue(**item)
 
     def claim(
         self,

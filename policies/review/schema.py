@@ -17,16 +17,10 @@ ITEM_COLUMNS = (
     " status, lease_owner, lease_token, lease_expires_at, label_json, labelled_by, labelled_at, kind,"
     " sla_due_at, image_deleted_at"
 )
-# The schema, one version at a time (visionroute/migrations.py applies them at open). Plain SQL;
-# a new version is a new entry at the end, never an edit of one already released.
-MIGRATIONS = (
-    Migration(
-        1,
-        "items, label sets and the audit log (request_id unique across all tenants)",
-        """
-        CREATE TABLE IF NOT EXISTS items (
-            id TEXT PRIMARY KEY,
-            request_id TEXT UNIQUE NOT NULL,
+# The columns versions 1 and 2 create ``items`` with after ``request_id`` (version 2 rebuilds the
+# table to change that column's uniqueness). Released SQL: never edit; a new column is a new
+# version's ALTER TABLE.
+_ITEM_COLUMNS_AFTER_REQUEST_ID = """\
             tenant TEXT NOT NULL,
             task TEXT NOT NULL,
             image_sha256 TEXT NOT NULL,
@@ -44,7 +38,19 @@ MIGRATIONS = (
             labelled_at REAL,
             kind TEXT NOT NULL DEFAULT 'review',
             sla_due_at REAL,
-            image_deleted_at REAL
+            image_deleted_at REAL"""
+
+# The schema, one version at a time (visionroute/migrations.py applies them at open). Plain SQL;
+# a new version is a new entry at the end, never an edit of one already released.
+MIGRATIONS = (
+    Migration(
+        1,
+        "items, label sets and the audit log (request_id unique across all tenants)",
+        f"""
+        CREATE TABLE IF NOT EXISTS items (
+            id TEXT PRIMARY KEY,
+            request_id TEXT UNIQUE NOT NULL,
+{_ITEM_COLUMNS_AFTER_REQUEST_ID}
         );
         CREATE INDEX IF NOT EXISTS items_queue ON items (status, priority DESC, created_at);
         CREATE TABLE IF NOT EXISTS label_sets (
@@ -71,24 +77,7 @@ MIGRATIONS = (
         CREATE TABLE items_v2 (
             id TEXT PRIMARY KEY,
             request_id TEXT NOT NULL,
-            tenant TEXT NOT NULL,
-            task TEXT NOT NULL,
-            image_sha256 TEXT NOT NULL,
-            created_at REAL NOT NULL,
-            priority REAL NOT NULL DEFAULT 0,
-            reason TEXT NOT NULL,
-            proposed_json TEXT NOT NULL,
-            trace_json TEXT NOT NULL,
-            status TEXT NOT NULL DEFAULT 'pending',
-            lease_owner TEXT,
-            lease_token TEXT,
-            lease_expires_at REAL,
-            label_json TEXT,
-            labelled_by TEXT,
-            labelled_at REAL,
-            kind TEXT NOT NULL DEFAULT 'review',
-            sla_due_at REAL,
-            image_deleted_at REAL,
+{_ITEM_COLUMNS_AFTER_REQUEST_ID},
             UNIQUE (tenant, request_id, kind)
         );
         INSERT INTO items_v2 ({ITEM_COLUMNS}) SELECT {ITEM_COLUMNS} FROM items;
