@@ -752,7 +752,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--audit-budget", type=float, default=d.audit_budget, help="the largest audit fraction"
     )
     parser.add_argument("--label-windows", type=int, default=d.label_windows)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="the stream, reviewers, audit coins and splits")
+    parser.add_argument(
+        "--replay-seed",
+        type=int,
+        default=None,
+        help="the digits split the tiers' recorded outputs come from (default: --seed); reusing one "
+        "skips the ~5 min tier replay for a new --seed",
+    )
     parser.add_argument(
         "--out-dir", default=None, help="loop.json and loop.png (default: data dir/bench-loop)"
     )
@@ -785,10 +792,12 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     started = time.perf_counter()
-    replay = digits_replay(args.corruption, seed=args.seed)
+    replay_seed = args.seed if args.replay_seed is None else args.replay_seed
+    replay = digits_replay(args.corruption, seed=replay_seed)
     replayed = time.perf_counter() - started
     result = simulate(replay, config, progress=lambda line: print(line, flush=True))
     result["replay_seconds"] = round(replayed, 1)
+    result["replay_seed"] = replay_seed
     out = Path(args.out_dir or paths.data_dir() / "bench-loop")
     out.mkdir(parents=True, exist_ok=True)
     result["plot"] = str(plot(result, out / "loop.png"))

@@ -185,3 +185,30 @@ def test_simulation_of_the_three_tier_plan_weighted_against_naive():
     result = recert_validity_plan(alpha=0.1, delta=0.1, runs=6, scenario=Scenario(items=30_000), seed=3)
     assert result["weighted"]["violation_rate"] <= 1 / 6 and result["weighted"]["certified_share"] > 0
     assert result["naive"]["violation_rate"] >= 0.5
+
+
+def test_a_uniform_sample_takes_the_exact_binomial_test_and_keeps_delta():
+    # every item sampled at one inclusion probability: the binomial test (far more powerful than
+    # the betting mixture at a few hundred labels), and still P(true risk > alpha) <= delta over
+    # many production windows drawn from one traffic whose risk curve is known
+    rng = np.random.default_rng(11)
+    alpha, delta, runs = 0.1, 0.1, 120
+    traffic_score, traffic_wrong = population(rng, 200_000)
+    order = np.argsort(-traffic_score)
+    risk_above = np.cumsum(traffic_wrong[order]) / np.arange(1, len(order) + 1)  # risk at each threshold
+    violations = certified = 0
+    for run in range(runs):
+        pick = rng.choice(len(traffic_score), 400, replace=False)
+        sample = ProductionSample(traffic_score[pick], traffic_wrong[pick].astype(float), np.full(400, 0.05))
+        cert = certify_production(sample, alpha=alpha, delta=delta, seed=run)
+        assert cert.p_value_method == "binomial"
+        if cert.is_feasible:
+            certified += 1
+            accepted = np.searchsorted(-traffic_score[order], -cert.threshold, side="right")
+            violations += risk_above[accepted - 1] > alpha
+    assert certified / runs >= 0.8  # it certifies: no violation is not by abstaining
+    assert violations / runs <= delta + 0.05  # delta, with room for the runs' noise
+    mixed = ProductionSample(
+        traffic_score[:400], traffic_wrong[:400].astype(float), np.where(np.arange(400) < 200, 0.05, 0.2)
+    )
+    assert certify_production(mixed, alpha=alpha, delta=delta).p_value_method == "ht_betting"
