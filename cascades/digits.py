@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cascades.classifier_training import export_classifier_onnx, fit_classifier
 from cascades.onnx_runner import OnnxModel
 from visionroute.paths import models_dir
 
@@ -78,44 +79,18 @@ def _build(tier: str):
 
 
 def train_tier(tier: str, split: DigitsSplit, *, seed: int = 0, epochs: int = 40):
-    """Full-batch-ish Adam training; deterministic for a given seed on CPU."""
+    """Full-batch-ish Adam training (``classifier_training``); deterministic for a given seed on CPU."""
     import torch
-    from torch import nn
 
     torch.manual_seed(seed)
     model = _build(tier)
-    x = torch.from_numpy(split.images_train)
-    y = torch.from_numpy(split.labels_train)
-    # No weight decay or label smoothing: the raw confidences are whatever training left
-    # (the linear tier comes out under-confident, the CNN over-confident); calibration fixes that.
-    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3 if tier == "strong" else 3e-2)
-    loss_fn = nn.CrossEntropyLoss()
-    generator = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(epochs):
-        for batch in torch.randperm(len(y), generator=generator).split(64):
-            optimiser.zero_grad()
-            loss_fn(model(x[batch]), y[batch]).backward()
-            optimiser.step()
-    model.eval()
-    return model
+    lr = 3e-3 if tier == "strong" else 3e-2
+    return fit_classifier(model, split.images_train, split.labels_train, lr=lr, epochs=epochs, seed=seed)
 
 
 def export_onnx(model, path: Path, *, tier: str, seed: int) -> Path:
-    import torch
-
     path.parent.mkdir(parents=True, exist_ok=True)
-    dummy = torch.zeros(1, 1, 8, 8)
-    torch.onnx.export(
-        model,
-        (dummy,),
-        str(path),
-        dynamo=False,
-        opset_version=17,
-        input_names=["image"],
-        output_names=["logits"],
-        dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
-    )
+    export_classifier_onnx(model, path, (1, 1, 8, 8))
     sidecar = {
         "name": f"digits-{tier}",
         "task": "classify",

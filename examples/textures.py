@@ -249,25 +249,16 @@ def train_cheap(split: TexturesSplit, *, seed: int = SEED, epochs: int = CHEAP_E
     """Adam on the training share, minibatches of 64; deterministic for a seed on CPU (one
     torch thread while it trains)."""
     import torch
-    from torch import nn
+
+    from cascades.classifier_training import fit_classifier
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         torch.manual_seed(seed)
-        model = _cheap_network()
-        x = torch.from_numpy(np.ascontiguousarray(split.images_train, np.float32))
-        y = torch.from_numpy(split.labels_train)
-        optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
-        loss_fn = nn.CrossEntropyLoss()
-        generator = torch.Generator().manual_seed(seed)
-        model.train()
-        for _ in range(epochs):
-            for batch in torch.randperm(len(y), generator=generator).split(64):
-                optimiser.zero_grad()
-                loss_fn(model(x[batch]), y[batch]).backward()
-                optimiser.step()
-        model.eval()
+        model = fit_classifier(
+            _cheap_network(), split.images_train, split.labels_train, lr=1e-2, epochs=epochs, seed=seed
+        )
     finally:
         torch.set_num_threads(threads)
     return model
@@ -276,22 +267,13 @@ def train_cheap(split: TexturesSplit, *, seed: int = SEED, epochs: int = CHEAP_E
 def export_cheap(model, path: Path, *, seed: int) -> Path:
     """ONNX (opset 17, the TorchScript exporter, as the digits tiers) and its sidecar, written
     to a temporary name first so a concurrent reader never sees half a file."""
-    import torch
+    from cascades.classifier_training import export_classifier_onnx
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.stem}-") as tmp:
         staged = Path(tmp) / path.name
-        torch.onnx.export(
-            model,
-            (torch.zeros(1, 1, PATCH, PATCH),),
-            str(staged),
-            dynamo=False,
-            opset_version=17,
-            input_names=["image"],
-            output_names=["logits"],
-            dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
-        )
+        export_classifier_onnx(model, staged, (1, 1, PATCH, PATCH))
         sidecar = {
             "name": "textures-cheap",
             "task": "classify",
