@@ -8,7 +8,7 @@ from typing import Any
 
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 
 from router.limits import read_limited
 from router.schemas import AnalyzeJson
@@ -79,6 +79,18 @@ async def json_image(
     return decoded_base64(image_base64, "image_base64")
 
 
+async def multipart_image(request: Request) -> tuple[FormData, bytes]:
+    """A multipart body's form and the bytes of its ``image`` file part."""
+    try:
+        form = await request.form()
+    except Exception as exc:  # starlette raises its own multipart errors
+        raise InputError(f"malformed multipart body: {failure_summary(exc)}", field="body") from None
+    upload = form.get("image")
+    if not isinstance(upload, UploadFile):
+        raise InputError("multipart body has no 'image' file field", field="image")
+    return form, await upload.read()
+
+
 async def image_and_fields(
     request: Request, max_bytes: int, url_fetch: UrlFetchConfig | None = None
 ) -> tuple[bytes, str | None, str | None]:
@@ -92,14 +104,7 @@ async def image_and_fields(
             payload.image_base64, payload.image_url, max_bytes, url_fetch or UrlFetchConfig()
         )
         return image, payload.task, payload.tenant
-    try:
-        form = await request.form()
-    except Exception as exc:  # starlette raises its own multipart errors
-        raise InputError(f"malformed multipart body: {failure_summary(exc)}", field="body") from None
-    upload = form.get("image")
-    if not isinstance(upload, UploadFile):
-        raise InputError("multipart body has no 'image' file field", field="image")
-    image = await upload.read()
+    form, image = await multipart_image(request)
     tenant = str(form.get("tenant")) if form.get("tenant") else None  # None: the API key's tenant
     task = form.get("task")
     return image, (str(task) if task else None), tenant

@@ -10,11 +10,11 @@ from starlette.datastructures import UploadFile
 
 from router.auth.principal import current_principal
 from router.http.deps import service_of
-from router.http.inputs import decoded_base64, parsed, read_body_limited
+from router.http.inputs import decoded_base64, multipart_image, parsed, read_body_limited
 from router.schemas import IndexRequest, SearchRequest
 from router.services.common import parsed_json
 from visionroute.errors import InputError
-from visionroute.redaction import failure_summary, shown
+from visionroute.redaction import shown
 
 router = APIRouter(prefix="/v1/search", tags=["search"])
 
@@ -62,14 +62,7 @@ async def index_item(request: Request) -> dict[str, Any]:
         body = parsed(IndexRequest, raw)
         image, metadata = decoded_base64(body.image_base64, "image_base64"), body.metadata
     else:
-        try:
-            form = await request.form()
-        except Exception as exc:  # starlette raises its own multipart errors
-            raise InputError(f"malformed multipart body: {failure_summary(exc)}", field="body") from None
-        upload = form.get("image")
-        if not isinstance(upload, UploadFile):
-            raise InputError("multipart body has no 'image' file field", field="image")
-        image = await upload.read()
+        form, image = await multipart_image(request)
         field = form.get("metadata")
         if isinstance(field, UploadFile):
             field = await field.read()  # a metadata file part: its bytes are the JSON
