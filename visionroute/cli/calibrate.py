@@ -569,20 +569,16 @@ def _replay_report(args) -> dict:
             review_cost=costs.review,
             slice_keys=_keys(args),
         )
-        return {
-            "dataset": {"name": Path(args.traces).stem, "n_test": len(items)},
-            "replay": result,
-            "metrics": {"replay": result["slices"]},
-        }
-    result = replay(
-        items,
-        accept_threshold=args.accept_threshold,
-        escalate_threshold=args.escalate_threshold,
-        cheap_cost=costs.cheap,
-        vlm_cost=costs.escalate,
-        review_cost=costs.review,
-        slice_keys=_keys(args),
-    )
+    else:
+        result = replay(
+            items,
+            accept_threshold=args.accept_threshold,
+            escalate_threshold=args.escalate_threshold,
+            cheap_cost=costs.cheap,
+            vlm_cost=costs.escalate,
+            review_cost=costs.review,
+            slice_keys=_keys(args),
+        )
     # Expose the slices as a "replay" suite so the regression gate can compare them.
     return {
         "dataset": {"name": Path(args.traces).stem, "n_test": len(items)},
