@@ -193,7 +193,7 @@ def test_a_uniform_sample_takes_the_exact_binomial_test_and_keeps_delta():
     # many production windows drawn from one traffic whose risk curve is known
     rng = np.random.default_rng(11)
     alpha, delta, runs = 0.1, 0.1, 120
-    traffic_score, traffic_wrong = population(rng, 200_000)
+    traffic_score, traffic_wrong = population(rng, 200_000, intercept=3.0)  # alpha binds: ~91% accepted
     order = np.argsort(-traffic_score)
     risk_above = np.cumsum(traffic_wrong[order]) / np.arange(1, len(order) + 1)  # risk at each threshold
     violations = certified = 0
