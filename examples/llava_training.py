@@ -257,6 +257,19 @@ def _one_cycle(optimiser, lr: float, epochs: int, batches: _Batches):
     )
 
 
+def _step(loss, optimiser, schedule, *, clip=None) -> None:
+    """One optimiser and schedule step on ``loss``; ``clip``: parameters whose gradient norm is
+    clipped to 1 first."""
+    import torch
+
+    optimiser.zero_grad()
+    loss.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(clip, 1.0)
+    optimiser.step()
+    schedule.step()
+
+
 def _fit_vision(model, config, views, y, batches: _Batches, recipe: Recipe, n_labels: int, say) -> float:
     """Stage 1: the vision tower and projector learn the labels through a throw-away head."""
     import torch
@@ -276,10 +289,7 @@ def _fit_vision(model, config, views, y, batches: _Batches, recipe: Recipe, n_la
                 vision_feature_select_strategy=config.vision_feature_select_strategy,
             ).pooler_output
             loss = functional.cross_entropy(head(torch.stack(list(features)).mean(1)), y[batch])
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            schedule.step()
+            _step(loss, optimiser, schedule)
             total += loss.item() * len(batch)
         say(f"vision epoch {epoch + 1}/{recipe.vision_epochs}: loss {total / len(y):.4f}")
     return total / len(y)
@@ -309,11 +319,7 @@ def _fit_answers(
             loss = functional.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100
             )
-            optimiser.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimiser.step()
-            schedule.step()
+            _step(loss, optimiser, schedule, clip=model.parameters())
             total += loss.item() * len(batch)
         say(f"answer epoch {epoch + 1}/{recipe.answer_epochs}: loss {total / len(y):.4f}")
     return total / len(y)
