@@ -56,7 +56,7 @@ class ServeProcess:
         self.grpc_target = f"127.0.0.1:{self.grpc_port}"
         self.process: subprocess.Popen | None = None
 
-    def start(self, timeout_s: float = 180.0, warm_up_headers: dict[str, str] | None = None) -> ServeProcess:
+    def start(self, timeout_s: float = 420.0, warm_up_headers: dict[str, str] | None = None) -> ServeProcess:
         """Start, wait for /readyz, then warm up with real read-only requests (tests/support/service.py).
 
         ``warm_up_headers``: credentials for the warm-up when the config has API keys (an admin key).
