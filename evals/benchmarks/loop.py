@@ -30,7 +30,9 @@ random) with probability ``--reviewer-error``; an audit goes unlabelled with pro
   holds for neither. From then until a recertification succeeds, no certificate covers the
   inputs the guard flags, the second tier's answers on them included: the loop sends them to
   review (the service's guard, as in ``static+guard``, escalates them). A refused or infeasible recertification leaves the
-  running plan in place (as the service's job does).
+  running plan in place (as the service's job does); so does one on a label window that restarted
+  in this very window (its inputs were still moving: the certificate would describe inputs
+  already gone).
 
 The baseline for the cost after the shift: a calibration fitted on the shifted data (iid, the
 same number of labels as the loop's last certificate used; ``evals.harness.calibrate``,
@@ -460,6 +462,10 @@ def simulate(replay: Replay, config: LoopConfig, *, progress=None) -> dict[str, 
             (fractions + [fraction])[-config.label_windows :],
         )
         new_plan, labels, outcome = _recertify(queues, fractions, costs, config, seed=config.seed * 1000 + w)
+        if restarted and new_plan is not None:
+            # labels of one window whose inputs were still moving describe inputs already gone
+            # (a ramp window certified on 101 labels at severities 1-3 ran at 0.17 on 4-5)
+            new_plan, outcome = None, "certified, not deployed: the label window restarted (inputs moving)"
         # the alarm (and the raised audit fraction) holds until the guard is quiet and a
         # certificate of the new inputs exists
         alarm = drifting or (alarm and new_plan is None)

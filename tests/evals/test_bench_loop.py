@@ -113,6 +113,8 @@ def test_under_a_strong_shift_the_static_plan_breaks_and_the_loop_does_not(resul
     # the shift restarted the label window: the labels before it describe the clean inputs
     windows = result["windows"]["loop"]
     assert any(w["label_window_restarted"] for w in windows if w["phase"] in ("ramp", "relearning"))
+    # and a certificate on the labels of a window whose inputs were still moving is never deployed
+    assert not any(w["recertified"] for w in windows if w["label_window_restarted"])
     # before the shift every policy serves the same offline plan without breaking it
     clean = {
         policy: result["phases"][policy]["clean"]["accepted_error"] for policy in ("static", "static+guard")
