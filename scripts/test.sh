@@ -4,7 +4,7 @@
 # pytest. Extra arguments go to pytest:
 #   ./scripts/test.sh                               # everything (what CI runs)
 #   ./scripts/test.sh -m "not slow and not server"  # the fast part, no servers, ~2 min
-#   VISIONROUTE_TEST_WORKERS=0 ./scripts/test.sh tests/x.py  # one process (pdb, -s, print debugging)
+#   VISIONROUTE_TEST_WORKERS=4 ./scripts/test.sh             # pytest-xdist workers (more cores)
 # The full run sets VISIONROUTE_REQUIRE_SERVERS=1: a missing PostgreSQL or Chromium is then a
 # failure (of this script, or of the tests that need it), never a skip. Set it to 0 to let
 # those tests skip on a machine that cannot install them.
@@ -47,10 +47,12 @@ fi
 "$ruff" format --check --quiet . || { echo "test.sh: unformatted files (ruff format . formats them)" >&2; exit 1; }
 
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled} HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
-# Two pytest-xdist workers: most of the suite is servers starting and tests waiting on them, which
-# overlap well even on 2 cores. Modules sharing a server run on one worker, long lanes first
-# (tests/support/lanes.py). VISIONROUTE_TEST_WORKERS=0 runs everything in one process.
-workers=${VISIONROUTE_TEST_WORKERS:-2}
+# One process by default: on 2 cores, two pytest-xdist workers ran the suite slower (31:51 against
+# 23:17, 2026-12-07: the digits LLaVA training, two vLLM servers and three Ray clusters at once
+# oversubscribe the CPUs) and a load-sensitive test failed. VISIONROUTE_TEST_WORKERS=N runs N
+# workers, modules sharing a server on one of them, long lanes first (tests/support/lanes.py):
+# for machines with more cores.
+workers=${VISIONROUTE_TEST_WORKERS:-0}
 parallel=()
 if [[ $workers != 0 ]]; then
   parallel=(-n "$workers" --dist loadgroup --no-loadscope-reorder)

@@ -27,7 +27,7 @@ settings.register_profile(
 )
 settings.load_profile("visionroute")
 
-# How the suite splits over pytest-xdist workers (scripts/test.sh runs two): tests/support/lanes.py.
+# How the suite splits over pytest-xdist workers (VISIONROUTE_TEST_WORKERS=N): tests/support/lanes.py.
 # (tests/test_exit_hook.py runs copies of this file where the package is not importable.)
 try:
     _lanes_found = importlib.util.find_spec("tests.support.lanes") is not None

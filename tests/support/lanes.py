@@ -1,4 +1,5 @@
-"""How the suite splits over pytest-xdist workers (``scripts/test.sh`` runs ``-n 2 --dist loadgroup``).
+"""How the suite splits over pytest-xdist workers (``VISIONROUTE_TEST_WORKERS=N scripts/test.sh``:
+``-n N --dist loadgroup``; the default is one process, see scripts/test.sh).
 
 Most of the suite's time is servers starting and tests waiting on them (Ray Serve, vLLM,
 PostgreSQL), which overlap well even on 2 cores. Three rules keep that safe and cheap:
