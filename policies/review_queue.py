@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +104,10 @@ class ReviewQueue:
     @functools.wraps(Intake.enqueue)
     def enqueue(self, **item: Any) -> ReviewItem:
         return self._intake.enqueue(**item)
+
+    @functools.wraps(Intake.enqueue_many)
+    def enqueue_many(self, items: Sequence[Mapping[str, Any]]) -> list[ReviewItem | Exception]:
+        return self._intake.enqueue_many(items)
 
     def claim(
         self,

@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from policies.audit_sampling import AUDIT_SOURCES
@@ -33,6 +36,8 @@ INSERT = (
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
     " ON CONFLICT (tenant, request_id, kind) DO NOTHING RETURNING id"
 )
+
+log = logging.getLogger("visionroute.review")
 
 
 class Intake:
@@ -75,66 +80,196 @@ class Intake:
         ``double_label_fraction`` (``review.double_label_fraction``): the share of items drawn
         for two reviewers' labels (``policies/review/double_labels.py``).
         """
-        check_request(kind, image_sha256, image_bytes, original_bytes, image_withheld)
-        check_provenance(audit_source, inclusion_probability)
-        key = (tenant, request_id, kind)
+        return self._enqueue(_Pending.checked(**_arguments(locals())))
+
+    def enqueue_many(self, items: Sequence[Mapping[str, Any]]) -> list[ReviewItem | Exception]:
+        """``enqueue`` for each of ``items`` (its keyword arguments) with one write transaction
+        for the new ones: one commit (one fsync of SQLite's log) instead of one per item, which
+        is most of what an enqueue costs. Each result is the item, or the exception ``enqueue``
+        would have raised for it alone (a bad argument, a 409). Durability is ``enqueue``'s:
+        every image durable and every row committed before this returns. If the shared
+        transaction fails, each item is written on its own, so one item's failure stays its own."""
+        results: list[ReviewItem | Exception | None] = [None] * len(items)
+        fresh: dict[int, _Pending] = {}
+        for index, item in enumerate(items):
+            try:
+                fresh[index] = _Pending.checked(**item)
+            except Exception as exc:  # this item's own error (an InputError naming the field)
+                results[index] = exc
+        if fresh:
+            with self.database.read() as db:
+                for index, pending in list(fresh.items()):
+                    existing = db.execute(LOOKUP, pending.key).fetchone()
+                    if existing is not None:  # a retry: nothing to write
+                        results[index] = _outcome(retried, existing, pending.image_sha256, pending.task)
+                        del fresh[index]
+        if len(fresh) > 1:
+            try:
+                for pending in fresh.values():
+                    self._files_first(pending)
+                with self.database.write() as db:
+                    _lock(db, [ref for pending in fresh.values() for ref in pending.blobs])
+                    written = {index: self._write(db, pending) for index, pending in fresh.items()}
+            except Exception as exc:  # rolled back: each item on its own below
+                log.info(
+                    "one transaction for %d review items failed (%s); writing each alone", len(fresh), exc
+                )
+            else:
+                for index, item in written.items():
+                    results[index] = item
+                fresh = {}
+        for index, pending in fresh.items():
+            results[index] = _outcome(self._enqueue, pending)
+        return [result if result is not None else RuntimeError("not enqueued") for result in results]
+
+    def _enqueue(self, pending: _Pending) -> ReviewItem:
         with self.database.read() as db:
-            existing = db.execute(LOOKUP, key).fetchone()
+            existing = db.execute(LOOKUP, pending.key).fetchone()
         if existing is not None:  # a retry: nothing to write
-            return retried(existing, image_sha256, task)
-        stored_sha256 = None if image_bytes is None else hashlib.sha256(image_bytes).hexdigest()
-        blobs = blobs_to_store(tenant, image_bytes, stored_sha256, original_bytes, image_sha256)
+            return retried(existing, pending.image_sha256, pending.task)
+        self._files_first(pending)
+        with self.database.write() as db:
+            _lock(db, pending.blobs)
+            return self._write(db, pending)
+
+    def _files_first(self, pending: _Pending) -> None:
+        """The file's fsync outside SQLite's one write lock, so enqueues do not queue behind
+        each other's disk flushes; the put inside the transaction then only finds it there (or
+        rewrites it, if a purge removed it in between)."""
+        if isinstance(self.blobs, BlobStore):
+            for ref, data in pending.blobs.items():
+                self.blobs.put(ref, data)
+
+    def _write(self, db: Any, pending: _Pending) -> ReviewItem:
+        """The item's row, blobs, label set and audit event inside ``db``'s write transaction
+        (the caller has locked the blobs' keys); the existing item if a concurrent retry won."""
+        tenant, request_id, kind = pending.key
         item_id = uuid.uuid4().hex
         now = time.time()
-        if isinstance(self.blobs, BlobStore):
-            # The file's fsync outside SQLite's one write lock, so enqueues do not queue behind
-            # each other's disk flushes; the put inside the transaction then only finds it there
-            # (or rewrites it, if a purge removed it in between).
-            for ref, data in blobs.items():
-                self.blobs.put(ref, data)
-        with self.database.write() as db:
-            for ref in sorted(blobs):
-                db.dialect.lock(db, ref.lock_key())
-            # ON CONFLICT, not a check first: on PostgreSQL a concurrent retry on another node
-            # may insert between a check and this insert.
-            inserted = db.execute(
-                INSERT,
-                (
-                    item_id,
-                    request_id,
-                    tenant,
-                    task,
-                    image_sha256,
-                    now,
-                    priority,
-                    reason,
-                    json.dumps(proposed),
-                    json.dumps(trace),
-                    kind,
-                    now + sla_s if sla_s else None,
-                    stored_sha256,
-                    image_withheld if image_bytes is None else None,
-                    int(original_bytes is not None),
-                    audit_source,
-                    inclusion_probability,
-                    2 if wants_two_labels(request_id, double_label_fraction) else 1,
-                ),
-            ).fetchone()
-            if inserted is None:  # a concurrent retry won the race
-                return retried(db.execute(LOOKUP, key).fetchone(), image_sha256, task)
-            for ref, data in blobs.items():
-                self.blobs.put(ref, data, db)  # durable before the row commits
-            if label_set:
-                register_label_set(db, task, list(label_set), now)
-            audit(
-                db,
+        # ON CONFLICT, not a check first: on PostgreSQL a concurrent retry on another node
+        # may insert between a check and this insert.
+        inserted = db.execute(
+            INSERT,
+            (
                 item_id,
-                "service",
-                "enqueue",
-                None,
-                {"reason": reason, "kind": kind, "priority": priority},
-            )
-            return read_item(db, item_id)
+                request_id,
+                tenant,
+                pending.task,
+                pending.image_sha256,
+                now,
+                pending.priority,
+                pending.reason,
+                json.dumps(pending.proposed),
+                json.dumps(pending.trace),
+                kind,
+                now + pending.sla_s if pending.sla_s else None,
+                pending.stored_sha256,
+                pending.image_withheld,
+                int(pending.original_kept),
+                pending.audit_source,
+                pending.inclusion_probability,
+                pending.labels_wanted,
+            ),
+        ).fetchone()
+        if inserted is None:  # a concurrent retry won the race
+            return retried(db.execute(LOOKUP, pending.key).fetchone(), pending.image_sha256, pending.task)
+        for ref, data in pending.blobs.items():
+            self.blobs.put(ref, data, db)  # durable before the row commits
+        if pending.label_set:
+            register_label_set(db, pending.task, list(pending.label_set), now)
+        audit(
+            db,
+            item_id,
+            "service",
+            "enqueue",
+            None,
+            {"reason": pending.reason, "kind": kind, "priority": pending.priority},
+        )
+        return read_item(db, item_id)
+
+
+def _arguments(scope: dict[str, Any]) -> dict[str, Any]:
+    """``enqueue``'s keyword arguments from its ``locals()`` (taken first thing: only them)."""
+    return {name: value for name, value in scope.items() if name != "self"}
+
+
+def _lock(db: Any, refs: Iterable[BlobRef]) -> None:
+    """The blobs' keys, sorted (no deadlock between transactions taking several)."""
+    for ref in sorted(set(refs)):
+        db.dialect.lock(db, ref.lock_key())
+
+
+def _outcome(function: Callable[..., ReviewItem], *args: Any) -> ReviewItem | Exception:
+    try:
+        return function(*args)
+    except Exception as exc:
+        return exc
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """One item checked and ready to write: ``enqueue``'s arguments as its row needs them."""
+
+    key: tuple[str, str, str]  # (tenant, request_id, kind): what makes a retry
+    image_sha256: str
+    task: str
+    blobs: dict[BlobRef, bytes]
+    stored_sha256: str | None
+    reason: str
+    proposed: list[dict[str, Any]]
+    trace: dict[str, Any]
+    priority: float
+    sla_s: float | None
+    label_set: tuple[str, ...] | list[str] | None
+    image_withheld: str | None
+    original_kept: bool
+    audit_source: str | None
+    inclusion_probability: float | None
+    labels_wanted: int
+
+    @classmethod
+    def checked(
+        cls,
+        *,
+        request_id: str,
+        image_bytes: bytes | None,
+        image_sha256: str,
+        tenant: str,
+        task: str,
+        reason: str,
+        proposed: list[dict[str, Any]],
+        trace: dict[str, Any],
+        priority: float = 0.0,
+        kind: str = "review",
+        sla_s: float | None = None,
+        label_set: tuple[str, ...] | list[str] | None = None,
+        original_bytes: bytes | None = None,
+        image_withheld: str | None = None,
+        audit_source: str | None = None,
+        inclusion_probability: float | None = None,
+        double_label_fraction: float = 0.0,
+    ) -> _Pending:
+        check_request(kind, image_sha256, image_bytes, original_bytes, image_withheld)
+        check_provenance(audit_source, inclusion_probability)
+        stored_sha256 = None if image_bytes is None else hashlib.sha256(image_bytes).hexdigest()
+        return cls(
+            key=(tenant, request_id, kind),
+            image_sha256=image_sha256,
+            task=task,
+            blobs=blobs_to_store(tenant, image_bytes, stored_sha256, original_bytes, image_sha256),
+            stored_sha256=stored_sha256,
+            reason=reason,
+            proposed=proposed,
+            trace=trace,
+            priority=priority,
+            sla_s=sla_s,
+            label_set=label_set,
+            image_withheld=image_withheld if image_bytes is None else None,
+            original_kept=original_bytes is not None,
+            audit_source=audit_source,
+            inclusion_probability=inclusion_probability,
+            labels_wanted=2 if wants_two_labels(request_id, double_label_fraction) else 1,
+        )
 
 
 def check_request(

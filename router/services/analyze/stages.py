@@ -22,6 +22,7 @@ from router.config import AppConfig
 from router.drift.audit_raise import audit_fraction_now
 from router.metrics import IngressMetrics
 from router.services.analyze.context import QueueTicket, RequestContext
+from router.services.analyze.review_writes import ReviewWrites
 from router.services.backends import CheapTierClient, SearchBackend, VlmTierClient
 from router.services.common import checked_tenant
 from router.services.rollouts import Arm
@@ -208,6 +209,7 @@ class StoreStage:
 
     def __init__(self, queue: ReviewQueue) -> None:
         self.queue = queue
+        self.writes = ReviewWrites(queue)  # concurrent requests' items share a commit
         self._label_sets_stored: set[str] = set()  # tasks whose label set the queue has
 
     async def run(self, ctx: RequestContext) -> None:
@@ -231,8 +233,7 @@ class StoreStage:
         if stored.withheld:
             reason += f"; image not stored: {stored.withheld}"
         try:
-            item = await asyncio.to_thread(
-                self.queue.enqueue,
+            item = await self.writes.enqueue(
                 request_id=analysis.trace.request_id,
                 image_bytes=stored.data,
                 original_bytes=stored.original,
