@@ -34,7 +34,8 @@ try:
 except ModuleNotFoundError:
     _lanes_found = False
 if _lanes_found:
-    pytest_plugins = ("tests.support.lanes",)
+    # and the model builds started in the background right after collection: tests/support/prefetch.py
+    pytest_plugins = ("tests.support.lanes", "tests.support.prefetch")
 
 
 @pytest.fixture(scope="session")
