@@ -36,9 +36,20 @@ from typing import Any
 
 import numpy as np
 
+from evals.benchmarks.soak_vlm import (
+    VLM_MIX,
+    VLM_TASK,
+    VlmServerFault,
+    format_vlm,
+    vlm_cascade,
+    vlm_outcome,
+    vlm_summary,
+)
+
 REPO = Path(__file__).resolve().parents[2]
 APP = "visionroute"
-FAULTS = ("postgres", "ingress", "search")
+FAULTS = ("postgres", "ingress", "search")  # the default rotation
+KNOWN_FAULTS = (*FAULTS, "vlm")  # vlm: only with the VLM tier (--vlm; evals/benchmarks/soak_vlm.py)
 REPLICA_OF_FAULT = {"ingress": "Ingress", "search": "search"}
 METERED_TENANT = "soak-metered"
 BUDGET_NAME = "soak-metered"
@@ -70,6 +81,7 @@ class SoakOptions:
     search_replicas: int = 2
     budget_cap_units: float = 20.0
     seed: int = 0
+    vlm: bool = False  # a VLM tier on a real vLLM server the soak starts (soak_vlm.py)
 
     def __post_init__(self) -> None:
         from visionroute.errors import ConfigError
@@ -80,9 +92,13 @@ class SoakOptions:
             raise ConfigError(
                 f"rate must be > 0 and clients >= 1, got {self.rate_per_s}, {self.clients}", field="rate"
             )
-        unknown = sorted(set(self.faults) - set(FAULTS))
+        unknown = sorted(set(self.faults) - set(KNOWN_FAULTS))
         if unknown:
-            raise ConfigError(f"unknown faults {unknown}; expected some of {list(FAULTS)}", field="faults")
+            raise ConfigError(
+                f"unknown faults {unknown}; expected some of {list(KNOWN_FAULTS)}", field="faults"
+            )
+        if "vlm" in self.faults and not self.vlm:
+            raise ConfigError("the vlm fault needs the VLM tier (vlm=True, --vlm)", field="faults")
         if "ingress" in self.faults and self.ingress_replicas < 2:
             raise ConfigError(
                 "killing an ingress replica needs ingress_replicas >= 2", field="ingress_replicas"
@@ -119,8 +135,11 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def soak_document(models_dir: Path, workdir: Path, options: SoakOptions) -> dict[str, Any]:
-    """The shipped serve_config.yaml with the soak's state, replicas, budget and indexing."""
+def soak_document(
+    models_dir: Path, workdir: Path, options: SoakOptions, vlm_endpoint: str | None = None
+) -> dict[str, Any]:
+    """The shipped serve_config.yaml with the soak's state, replicas, budget and indexing; with
+    ``vlm_endpoint``, a second task whose escalations go to the VLM there."""
     import yaml
 
     document = yaml.safe_load((REPO / "serve_config.yaml").read_text())
@@ -132,6 +151,8 @@ def soak_document(models_dir: Path, workdir: Path, options: SoakOptions) -> dict
     # random-noise images land between the thresholds: every analysed image is a review item
     classify["policy"] = {**classify["policy"], "accept_threshold": 0.99, "escalate_threshold": 0.0}
     args["cascades"] = {"classify": classify}  # the text tier adds start time, not faults
+    if vlm_endpoint is not None:
+        args["cascades"][VLM_TASK] = vlm_cascade(classify, vlm_endpoint)
     args["models_dir"] = str(models_dir)
     args["review"] = {"path": str(workdir / "review"), "lease_s": 60}
     args["state"] = {"backend": "postgres", "connect_timeout_s": 3}
@@ -163,12 +184,14 @@ class SoakService:
     """``serve run`` of the soak config in its own session (its pid is the session id every
     replica process carries), on the given PostgreSQL database."""
 
-    def __init__(self, models_dir: Path, workdir: Path, dsn: str, options: SoakOptions) -> None:
+    def __init__(
+        self, models_dir: Path, workdir: Path, dsn: str, options: SoakOptions, vlm_endpoint: str | None = None
+    ) -> None:
         import yaml
 
         self.workdir = workdir
         self.dsn = dsn
-        document = soak_document(models_dir, workdir, options)
+        document = soak_document(models_dir, workdir, options, vlm_endpoint)
         self.http_port = document["http_options"]["port"]
         self.grpc_port = document["grpc_options"]["port"]
         self.url = f"http://127.0.0.1:{self.http_port}"
@@ -323,11 +346,16 @@ def database_connections(dsn: str) -> dict[str, int] | None:
         return None
 
 
-def resource_snapshot(service: SoakService, pg_data_dir: Path | None) -> dict[str, Any]:
-    """Per role: processes, RSS (MiB), open fds; totals; the database's connections."""
+def resource_snapshot(
+    service: SoakService, pg_data_dir: Path | None, vlm_session: int | None = None
+) -> dict[str, Any]:
+    """Per role: processes, RSS (MiB), open fds; totals (the Ray service's; the vLLM server's
+    apart: it is restarted as a fault); the database's connections."""
     processes = {pid: role_of(cmd) for pid, cmd in session_processes(service.process.pid).items()}
     if pg_data_dir is not None:
         processes.update(postgres_processes(pg_data_dir))
+    if vlm_session is not None:
+        processes.update({pid: "vllm:" + role_of(cmd) for pid, cmd in session_processes(vlm_session).items()})
     roles: dict[str, dict[str, Any]] = {}
     for pid, role in processes.items():
         figures = process_figures(pid)
@@ -337,13 +365,18 @@ def resource_snapshot(service: SoakService, pg_data_dir: Path | None) -> dict[st
         row["processes"] += 1
         row["rss_mib"] = round(row["rss_mib"] + figures[0], 1)
         row["fds"] += figures[1] or 0
-    service_roles = [row for role, row in roles.items() if role != "postgres"]
+    service_roles = [
+        row for role, row in roles.items() if role != "postgres" and not role.startswith("vllm:")
+    ]
+    vllm_roles = [row for role, row in roles.items() if role.startswith("vllm:")]
     connections = database_connections(service.dsn)
     return {
         "at": time.time(),
         "roles": dict(sorted(roles.items())),
         "service_rss_mib": round(sum(r["rss_mib"] for r in service_roles), 1),
         "service_fds": sum(r["fds"] for r in service_roles),
+        "vllm_rss_mib": round(sum(r["rss_mib"] for r in vllm_roles), 1) if vlm_session is not None else None,
+        "vllm_fds": sum(r["fds"] for r in vllm_roles) if vlm_session is not None else None,
         "db_connections": sum(connections.values()) if connections is not None else None,
         "db_connections_by_state": connections,
     }
@@ -406,6 +439,9 @@ class Ledger:
     labelled: set[str] = field(default_factory=set)
     metered_units: float = 0.0
     calls: Counter = field(default_factory=Counter)  # (op, face, outcome)
+    vlm_outcomes: list[tuple[float, str]] = field(
+        default_factory=list
+    )  # (s after the start, soak_vlm outcome)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add(self, attempt: Attempt) -> None:
@@ -459,7 +495,8 @@ class Traffic:
         from visionroute.client import NO_RETRY, VisionRouteClient
 
         rng = random.Random(self.options.seed * 1000 + n)
-        ops, weights = [(op, face) for op, face, _ in MIX], [w for *_, w in MIX]
+        mix = MIX + VLM_MIX if self.options.vlm else MIX
+        ops, weights = [(op, face) for op, face, _ in mix], [w for *_, w in mix]
         interval = self.options.clients / self.options.rate_per_s
         clients = {
             "http": VisionRouteClient(self.service.url, timeout_s=30, retry=NO_RETRY),
@@ -528,6 +565,20 @@ class Traffic:
         if body is not None:
             self.ledger.analysed(body, tenant)
 
+    def _analyze_vlm(self, client, face: str, rng: random.Random) -> None:
+        """An analysis on the VLM task: a VLM answer, or (VLM down) a recorded review item."""
+        tenant = f"soak-{rng.randrange(4)}"
+        image = noise_png(self.next_seed())
+        body = self._call(
+            "analyze_vlm",
+            face,
+            lambda rid: client.analyze(image, task=VLM_TASK, tenant=tenant, request_id=rid),
+        )
+        if body is not None:
+            self.ledger.analysed(body, tenant)
+            with self.ledger.lock:
+                self.ledger.vlm_outcomes.append((time.monotonic() - self.started, vlm_outcome(body)))
+
     def _batch(self, client, face: str, rng: random.Random) -> None:
         from router.schemas import AnalyzeResponse
 
@@ -595,9 +646,15 @@ class Faults:
     service had what it had before (a replica count back, PostgreSQL answering)."""
 
     def __init__(
-        self, service: SoakService, pg: Any, schedule: list[tuple[float, str]], started: float
+        self,
+        service: SoakService,
+        pg: Any,
+        schedule: list[tuple[float, str]],
+        started: float,
+        vlm: VlmServerFault | None = None,
     ) -> None:
         self.service = service
+        self.vlm = vlm
         self.pg = pg
         self.schedule = schedule
         self.started = started
@@ -621,6 +678,8 @@ class Faults:
                 if fault == "postgres":
                     self.pg.restart(down_s=4.0)
                     event["recovered_after_s"] = round(time.monotonic() - event["at_monotonic"], 1)
+                elif fault == "vlm":
+                    self.vlm.inject(event, self.started)  # restarts in the background: minutes
                 else:
                     self._kill_replica(REPLICA_OF_FAULT[fault], event)
             except Exception as error:  # reported: a fault that did not happen is not a pass
@@ -792,27 +851,35 @@ def run_soak(
     """Start the service on ``dsn`` (a database on ``pg``, a ``LocalPostgres``: restarted as a
     fault), run the traffic and the faults for ``options.minutes``, check, stop; the report."""
     workdir.mkdir(parents=True, exist_ok=True)
-    service = SoakService(models_dir, workdir, dsn, options)
-    pg_data = Path(pg.dir) / "db" if getattr(pg, "dir", None) else None
     boot = time.monotonic()
-    service.start()
+    vlm = None
+    if options.vlm:
+        vlm = VlmServerFault.start()  # minutes on a loaded machine: before the service's clock
+        log(f"soak: vLLM server warm in {time.monotonic() - boot:.0f} s at {vlm.endpoint}")
+    service = SoakService(models_dir, workdir, dsn, options, vlm.endpoint if vlm else None)
+    pg_data = Path(pg.dir) / "db" if getattr(pg, "dir", None) else None
+
+    def snapshot() -> dict[str, Any]:
+        return resource_snapshot(service, pg_data, vlm.session_id() if vlm else None)
+
     try:
+        service.start()
         log(f"soak: service ready in {time.monotonic() - boot:.0f} s at {service.url} ({service.grpc_url})")
         wait_until_serving(service)
         warm_up_analysis(service)
-        snapshots = {"start": resource_snapshot(service, pg_data)}
+        snapshots = {"start": snapshot()}
         ledger = Ledger()
         started = time.monotonic()
         schedule = options.schedule()
         traffic = Traffic(service, options, ledger, started)
-        faults = Faults(service, pg, schedule, started)
+        faults = Faults(service, pg, schedule, started, vlm)
         traffic.start()
         faults.thread.start()
         log(
             f"soak: {options.minutes:g} min at {options.rate_per_s:g} calls/s; faults at {[(round(t), f) for t, f in schedule]}"
         )
         time.sleep(options.warmup_s)
-        snapshots["after_warmup"] = resource_snapshot(service, pg_data)
+        snapshots["after_warmup"] = snapshot()
         while time.monotonic() - started < options.duration_s:
             time.sleep(min(10.0, options.duration_s - (time.monotonic() - started)) or 0.1)
             done = len(ledger.attempts)
@@ -824,7 +891,9 @@ def run_soak(
         faults.thread.join(timeout=150)
         ran_s = time.monotonic() - started
         settle_s = wait_until_serving(service)
-        snapshots["end"] = resource_snapshot(service, pg_data)
+        if vlm is not None:
+            vlm.wait_restarted(600.0)  # the end snapshot counts the vLLM server that is back
+        snapshots["end"] = snapshot()
         checks = verify(dsn, ledger, options.budget_cap_units)
         report = {
             "options": {**options.__dict__, "faults": list(options.faults)},
@@ -832,8 +901,9 @@ def run_soak(
             "ran_s": round(ran_s, 1),
             "settled_after_s": round(settle_s, 1),
             "faults": [{k: v for k, v in e.items() if k != "at_monotonic"} for e in faults.events],
-            "faults_not_run": {"vlm": "the soak config has no VLM tier (neither has the shipped config)"},
+            "faults_not_run": {} if vlm else {"vlm": "no VLM tier in this run (--vlm adds it)"},
             "statuses": statuses(ledger, faults.kill_times()),
+            "vlm": vlm_summary(ledger.vlm_outcomes, faults.events, ran_s) if vlm else None,
             **checks,
             "resources": snapshots,
             "growth_after_warmup": growth(snapshots["after_warmup"], snapshots["end"]),
@@ -841,6 +911,8 @@ def run_soak(
         return report
     finally:
         service.stop()
+        if vlm is not None:
+            vlm.stop()
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -902,7 +974,18 @@ def format_report(report: dict[str, Any]) -> str:
         "db connections by state: "
         + "; ".join(f"{k} {snaps[k]['db_connections_by_state']}" for k in ("start", "after_warmup", "end"))
     )
+    if snaps["start"].get("vllm_rss_mib") is not None:
+        lines.append(
+            f"{'vLLM server total':<24} "
+            + " ".join(
+                f"{snaps[k]['vllm_rss_mib']:.0f}/{snaps[k]['vllm_fds']:>5}".rjust(15)
+                for k in ("start", "after_warmup", "end")
+            )
+            + "  (restarted as a fault: end is a new process)"
+        )
     lines.append(f"growth after warm-up within {100 * grow['limit']:.0f}%: {grow['within_limit']}")
+    if report.get("vlm"):
+        lines += ["", *format_vlm(report["vlm"])]
     return "\n".join(lines)
 
 
@@ -922,7 +1005,9 @@ def run(args) -> int:
         minutes=args.minutes,
         rate_per_s=args.rate,
         clients=args.clients,
-        faults=tuple(f for f in args.faults.split(",") if f),
+        faults=tuple(f for f in args.faults.split(",") if f)
+        + (("vlm",) if args.vlm and args.faults == ",".join(FAULTS) else ()),
+        vlm=args.vlm,
         fault_every_s=args.fault_every_s,
         search_replicas=args.search_replicas,
         budget_cap_units=args.budget_cap_units,
@@ -947,6 +1032,7 @@ def run(args) -> int:
         and not report["duplicate_review_items"]
         and report["budget"]["overspend_units"] == 0
         and not any("error" in e for e in report["faults"])
+        and (report["vlm"] is None or report["vlm"]["healthy"])
     )
     return 0 if healthy else 1
 
@@ -965,7 +1051,14 @@ def register(bench) -> None:
     soak.add_argument("--rate", type=float, default=4.0, help="calls per second, all clients together")
     soak.add_argument("--clients", type=int, default=4)
     soak.add_argument(
-        "--faults", default=",".join(FAULTS), help=f"comma list of {', '.join(FAULTS)} (empty: none)"
+        "--faults",
+        default=",".join(FAULTS),
+        help=f"comma list of {', '.join(KNOWN_FAULTS)} (empty: none; vlm needs --vlm)",
+    )
+    soak.add_argument(
+        "--vlm",
+        action="store_true",
+        help="add a VLM tier on the tiny local vLLM server (started here) and the vlm fault to the rotation",
     )
     soak.add_argument("--fault-every-s", type=float, default=60.0, help="seconds between faults (about)")
     soak.add_argument("--search-replicas", type=int, default=2)
