@@ -682,6 +682,7 @@ class QueueSample:
 
     sample: ProductionSample
     left_out: dict[str, int]
+    items: tuple[Any, ...] = ()  # the kept items, one per row, in row order
 
 
 def sample_from_items(items: Any, *, task: str | None = None, distrusted_reviewers: Any = ()) -> QueueSample:
@@ -702,6 +703,7 @@ def sample_from_items(items: Any, *, task: str | None = None, distrusted_reviewe
     from policies.audit_sampling import is_error
 
     rows: list[tuple[float, float, float, float, float]] = []
+    kept: list[Any] = []
     left_out = {"shadow": 0, "unknown_inclusion_probability": 0, "no_score": 0, "other_task": 0}
     # in the order they were queued: the predictable bets may only look back in time
     for item in sorted(items, key=lambda i: getattr(i, "created_at", 0.0)):
@@ -728,6 +730,7 @@ def sample_from_items(items: Any, *, task: str | None = None, distrusted_reviewe
             rows.append((float(cheap), math.nan, float(item.inclusion_probability), wrong, strong_score))
         else:
             rows.append((float(cheap), wrong, float(item.inclusion_probability), math.nan, math.nan))
+        kept.append(item)
     table = np.array(rows, np.float64).reshape(-1, 5)
     sample = ProductionSample(table[:, 0], table[:, 1], table[:, 2], table[:, 3], table[:, 4])
-    return QueueSample(sample, left_out)
+    return QueueSample(sample, left_out, tuple(kept))

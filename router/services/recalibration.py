@@ -63,11 +63,13 @@ from policies.production_certify import (
     certify_production_plan,
     sample_from_items,
 )
+from policies.production_router import RefitRefused, refit_router
 from policies.reviewer_quality import distrusted_reviewers
 from policies.risk_control import TierCosts
 from policies.rollout_store import RolloutStore
 from policies.sequential import RolloutConfig
 from policies.thresholds import ThresholdPolicy
+from router.config import served_router
 from router.services.common import TENANT_PATTERN
 from visionroute.errors import BackendUnavailable, ConfigError, Conflict, InputError
 
@@ -159,17 +161,7 @@ def build_artefact(
     """The artefact certified on the task's production items (``ReviewItem``s), or Refused /
     TooFewLabels. Pure: no store is touched."""
     task, tenant = request.task, request.tenant
-    chosen, erased_left_out = [], 0
-    for item in items:
-        if item.task != task or (tenant is not None and item.tenant != tenant):
-            continue
-        if item.id in erased:
-            erased_left_out += 1
-            continue
-        chosen.append(item)
-    if not chosen:
-        where = f"task {task!r}" + (f", tenant {tenant!r}" if tenant else "")
-        raise Refused(f"no review items of {where}: nothing to recertify on; the running version stays")
+    chosen, erased_left_out = _window(items, request, erased)
     # a flagged reviewer's label counts as no label (non-response: an error wherever accepted)
     queued = sample_from_items(chosen, task=task, distrusted_reviewers=distrusted_reviewers)
     sample = queued.sample
@@ -219,16 +211,112 @@ def build_artefact(
         "plan": plan_view,
         "labels": labels,
     }
-    digest = hashlib.sha256(repr(sorted((k, repr(v)) for k, v in body.items())).encode()).hexdigest()
-    body["thresholds"] = incumbent.model_copy(
-        update={
-            "accept_threshold": accept_threshold,
-            "escalate_threshold": min(escalate, accept_threshold),
-            "version": f"{configured_version(incumbent.version)}{PRODUCTION_VERSION}{digest[:12]}",
-        }
-    ).model_dump(mode="json")
-    body["version"] = body["thresholds"]["version"]
+    body = _finish_body(
+        body,
+        incumbent,
+        {"accept_threshold": accept_threshold, "escalate_threshold": min(escalate, accept_threshold)},
+    )
     return Built(body, tuple(sorted(i.id for i in chosen)))
+
+
+def _window(items: Iterable[Any], request: RecalibrationRequest, erased: set[str]) -> tuple[list[Any], int]:
+    """The task's (and tenant's) items, erased ones left out (and counted); Refused when none."""
+    task, tenant = request.task, request.tenant
+    chosen, erased_left_out = [], 0
+    for item in items:
+        if item.task != task or (tenant is not None and item.tenant != tenant):
+            continue
+        if item.id in erased:
+            erased_left_out += 1
+            continue
+        chosen.append(item)
+    if not chosen:
+        where = f"task {task!r}" + (f", tenant {tenant!r}" if tenant else "")
+        raise Refused(f"no review items of {where}: nothing to recertify on; the running version stays")
+    return chosen, erased_left_out
+
+
+def _finish_body(body: dict[str, Any], incumbent: ThresholdPolicy, updates: dict[str, Any]) -> dict[str, Any]:
+    """The artefact's version (from the digest of its body) and its thresholds."""
+    digest = hashlib.sha256(repr(sorted((k, repr(v)) for k, v in body.items())).encode()).hexdigest()
+    version = f"{configured_version(incumbent.version)}{PRODUCTION_VERSION}{digest[:12]}"
+    body["thresholds"] = incumbent.model_copy(update={**updates, "version": version}).model_dump(mode="json")
+    body["version"] = version
+    return body
+
+
+def build_router_artefact(
+    items: Iterable[Any],
+    *,
+    request: RecalibrationRequest,
+    incumbent: ThresholdPolicy,
+    router: Any,
+    has_vlm: bool,
+    erased: set[str],
+    embed: Callable[[Any], np.ndarray | None] | None,
+    known_versions: Iterable[str] = (),
+    distrusted_reviewers: frozenset[str] = frozenset(),
+    parent_artefact: str | None = None,
+) -> Built:
+    """The artefact of a task served by a learned router (``router``: its ``RouterArtefact``):
+    the router refit from the production items and both its plans certified on items the
+    refit never saw (policies/production_router.py). Refused / TooFewLabels otherwise. Pure:
+    no store is touched; ``embed(item)``: the embedding of the image the item was served on."""
+    chosen, erased_left_out = _window(items, request, erased)
+    try:
+        refit = refit_router(
+            chosen,
+            task=request.task,
+            incumbent=router,
+            known_versions=known_versions,
+            embed=embed,
+            alpha=request.alpha,
+            delta=request.delta,
+            costs=request.costs,
+            salt=router.sha256[:16],  # fixed before any label is read
+            has_vlm=has_vlm,
+            distrusted_reviewers=distrusted_reviewers,
+        )
+    except RefitRefused as exc:
+        raise Refused(f"{exc.reason}; the running version stays", **exc.details) from None
+    learned = refit.artefact.plans.learned
+    labels = {
+        **{k: refit.report[k] for k in ("items", "fit_items", "certification_items", "left_out")},
+        "left_out": {**refit.report["left_out"], "erased": erased_left_out},
+        "distrusted_reviewers": len(distrusted_reviewers),
+        "item_ids_sha256": hashlib.sha256("\n".join(sorted(i.id for i in chosen)).encode()).hexdigest(),
+        "certification_item_ids_sha256": hashlib.sha256(
+            "\n".join(sorted(refit.certification_item_ids)).encode()
+        ).hexdigest(),
+        "window": [min(i.created_at for i in chosen), max(i.created_at for i in chosen)],
+    }
+    body: dict[str, Any] = {
+        "kind": ARTEFACT_KIND,
+        "task": request.task,
+        "tenant": request.tenant,
+        "created_at": time.time(),
+        "alpha": request.alpha,
+        "delta": request.delta,
+        "parent_version": incumbent.version,
+        "parent_artefact": parent_artefact,
+        "calibrator": {
+            "kind": "incumbent",
+            "production_refit": None,
+            "statement": "calibrator not refit: the task decides on the learned router's score, refit here",
+        },
+        "certificate": learned.document["certificate"],
+        "plan": {
+            k: learned.document.get(k)
+            for k in ("accept_threshold", "review_threshold", "vlm_accept_threshold", "rates")
+        },
+        "labels": labels,
+        "router": {**refit.artefact.to_document(), "sha256": refit.artefact.sha256},
+        "router_refit": refit.report,
+    }
+    # the thresholds stay the incumbent's: they decide only when the router is off
+    body = _finish_body(body, incumbent, {})
+    used = tuple(sorted(refit.fit_item_ids + refit.certification_item_ids))
+    return Built(body, used)
 
 
 def configured_version(version: str) -> str:
@@ -383,6 +471,22 @@ class Recalibration:
             )
             return None
 
+    def _embedder(self, served: Any) -> Callable[[Any], np.ndarray | None] | None:
+        """item -> the served embedding of its stored image (None: no image, or not decodable);
+        the refit checks it against the logged neighbours before it trusts it."""
+        if served.embed is None:
+            return None
+        from cascades.images import decode_image
+
+        def embed(item: Any) -> np.ndarray | None:
+            try:
+                return served.embed(decode_image(self.queue.image(item.id)).rgb)
+            except Exception as exc:  # gone, withheld, or unreadable: the item has no router score
+                log.info("recalibration: no embedding for item %s (%s)", item.id, exc)
+                return None
+
+        return embed
+
     @staticmethod
     def lock_name(request: RecalibrationRequest) -> str:
         return f"{request.task}:{request.tenant or '*'}"
@@ -433,30 +537,39 @@ class Recalibration:
 
     def _run_locked(self, request: RecalibrationRequest, actor: str, job_id: str):
         cascade = self.cascades[request.task]
-        if getattr(cascade, "router", None) is not None:
-            raise Refused(
-                f"task {request.task!r} routes with a learned router, whose certified plan this job "
-                "does not refit yet (docs/recertification.md); the running version stays"
-            )
         items = list(self.queue.iter_all())
         incumbent, parent_artefact = incumbent_artefact(
             self.artefacts, request.task, cascade, self.incumbent_thresholds(request.task)
         )
-        built = build_artefact(
-            items,
-            request=request,
-            incumbent=incumbent,
-            has_vlm=getattr(cascade, "vlm", None) is not None,
-            erased=erased_item_ids(self.queue),
-            calibration=str(cascade.tier.calibration) if cascade.tier.calibration else None,
-            model=str(cascade.tier.model),
-            parent_artefact=parent_artefact,
-            distrusted_reviewers=(
-                frozenset(self.distrusted_reviewers(request.tenant))
-                if self.distrusted_reviewers
-                else frozenset()
-            ),
+        distrusted = (
+            frozenset(self.distrusted_reviewers(request.tenant)) if self.distrusted_reviewers else frozenset()
         )
+        has_vlm = getattr(cascade, "vlm", None) is not None
+        if getattr(cascade, "router", None) is not None:
+            served = served_router(request.task, cascade)
+            built = build_router_artefact(
+                items,
+                request=request,
+                incumbent=incumbent,
+                router=served.artefact,
+                has_vlm=has_vlm,
+                erased=erased_item_ids(self.queue),
+                embed=self._embedder(served),
+                distrusted_reviewers=distrusted,
+                parent_artefact=parent_artefact,
+            )
+        else:
+            built = build_artefact(
+                items,
+                request=request,
+                incumbent=incumbent,
+                has_vlm=has_vlm,
+                erased=erased_item_ids(self.queue),
+                calibration=str(cascade.tier.calibration) if cascade.tier.calibration else None,
+                model=str(cascade.tier.model),
+                parent_artefact=parent_artefact,
+                distrusted_reviewers=distrusted,
+            )
         # an erasure may have landed while the job certified: no artefact is built from its items
         late = erased_item_ids(self.queue).intersection(built.item_ids)
         if late:
@@ -473,8 +586,19 @@ class Recalibration:
             "calibrator": built.artefact["calibrator"]["statement"],
             "labels": built.artefact["labels"],
         }
+        if "router" in built.artefact:
+            extra["router"] = built.artefact["router"]["sha256"]
+            extra["router_refit"] = built.artefact["router_refit"]
         if not request.propose:
             return "succeeded", f"artefact {sha[:12]} stored (not proposed)", extra
+        if "router" in built.artefact:  # a rollout arm serves an artefact's thresholds, not its router
+            return (
+                "succeeded",
+                f"artefact {sha[:12]} stored with refit router {extra['router'][:12]}; not proposed: a rollout "
+                "arm cannot serve a refit router yet (docs/recertification.md), and proposing it would test "
+                "the confidence thresholds instead",
+                extra,
+            )
         if request.tenant is not None:  # a rollout acts on every tenant of the task
             return (
                 "succeeded",
