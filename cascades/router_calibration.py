@@ -179,7 +179,7 @@ def calibrate_router(
     statistics = spec.input_statistics([_rgb(image) for image in data.images]) if spec.use_input else None
     embeddings, embedding = None, ""
     if spec.neighbours_k > 0:
-        embed = pixel_embedder(embedding_dim, field="embedding-dim")
+        embed = pixel_embedder(embedding_dim, version=spec.embedding_version, field="embedding-dim")
         embeddings = np.vstack([embed(_rgb(image)) for image in data.images])
         embedding = (
             f"input pixels resized to dimension {embedding_dim} (cascades.router_stage.pixel_embedder)"

@@ -36,7 +36,12 @@ rows see the index as a new request would and certification items and live reque
 same index.
 
 The embedding is the caller's: the search embedder's where it fits the task, else the cheap
-tier's own input or features (for the 8x8 digits, the 64 pixels the cheap tier reads). Rows are
+tier's own input or features (for the 8x8 digits, the 64 pixels the cheap tier reads). The
+served stage's pixel embedding (``router_stage.pixel_embedder``) has a version in the artefact
+as the input block has (``FeatureSpec.embedding_version``): version 2 (new routers) resizes the
+upload's bounded copy, for a grey embedding the very copy the input block reads
+(``bounded_grey``), so a request makes one reduced copy for both; version 1 (routers stored
+before it) the whole upload. Rows are
 L2-normalised once here (clip-retrieval's rule), and the search is exact (``IndexFlatL2``): a
 reference index is a few hundred to a few thousand items, where exact search costs microseconds.
 """
@@ -145,25 +150,49 @@ INPUT_VERSION = 2  # what new routers are fitted with
 BLOCKINESS_WINDOW = 128  # version 2 measures JPEG blockiness in a central window this size
 
 
-def bounded_input_statistics(image: np.ndarray) -> np.ndarray:
-    """The shift guard's five statistics (``INPUT_NAMES`` order) at a cost bounded by the
-    working size rather than the upload's (input block version 2):
+@dataclass(frozen=True, eq=False)
+class BoundedCopy:
+    """An upload reduced once for the features whose cost is bounded by the working size (input
+    block version 2, pixel embedding version 2): ``full`` the upload in its own resolution
+    (uint8 kept uint8; grey for a grey copy), ``work`` its float32 copy with a shorter side of at
+    most ``WORKING_SIDE`` on the scale ``full * scale`` ([0, 1] for uint8)."""
 
-    - ``log2_pixels`` of the whole upload;
-    - brightness, contrast and sharpness on grey levels shrunk to a shorter side of
-      ``WORKING_SIDE`` (224, as the guard), but in two cheap steps: an exact k x k box average
-      (k = shorter side // 224) and then bilinear to 224 (a factor below 2, so no pixel is
-      skipped), instead of one fractional area resize of the whole image;
-    - blockiness (the guard's formula, ``window_blockiness``) on a central ``BLOCKINESS_WINDOW``
-      square of the full-resolution grey image, its corner on the 8-pixel JPEG grid (the centre
-      is usually textured, where block edges show; the guard reads the top-left 512 x 512).
+    full: np.ndarray
+    work: np.ndarray
+    scale: float
 
-    Means and deviations are accumulated in float64 (``cv2.meanStdDev``).
-    uint8 uploads (what the service decodes) stay uint8 through the box average; float [0, 1]
-    images take the guard's grey conversion."""
+
+def bounded_copy(array: np.ndarray) -> BoundedCopy:
+    """``array`` ((H, W) grey or (H, W, C), uint8 or float) shrunk to a shorter side of
+    ``WORKING_SIDE`` in two cheap steps: an exact k x k box average (k = shorter side // 224; uint8
+    stays uint8) and then bilinear to 224 (a factor below 2, so no pixel is skipped), instead of
+    one fractional area resize of the whole image; float only at the working size."""
     import cv2
 
-    from policies.shift_guard import BLOCK, WORKING_SIDE, _grey
+    from policies.shift_guard import WORKING_SIDE
+
+    height, width = array.shape[:2]
+    work = array
+    k = min(height, width) // WORKING_SIDE
+    if k > 1:  # an exact box average: OpenCV's integer area path, on whole k x k blocks
+        work = cv2.resize(
+            work[: height // k * k, : width // k * k], (width // k, height // k), interpolation=cv2.INTER_AREA
+        )
+    if min(work.shape[:2]) > WORKING_SIDE:
+        factor = WORKING_SIDE / min(work.shape[:2])
+        size = (max(1, round(work.shape[1] * factor)), max(1, round(work.shape[0] * factor)))
+        work = cv2.resize(work, size, interpolation=cv2.INTER_LINEAR)
+    scale = 1.0 / 255.0 if array.dtype == np.uint8 else 1.0
+    return BoundedCopy(array, work.astype(np.float32) * np.float32(scale), scale)
+
+
+def bounded_grey(image: np.ndarray) -> BoundedCopy:
+    """The grey ``bounded_copy`` of an upload: the one the input block (version 2) and a grey
+    pixel embedding (version 2) both read, so the stage makes it once per request.
+    uint8 uploads take OpenCV's grey conversion; float [0, 1] images take the guard's."""
+    import cv2
+
+    from policies.shift_guard import _grey
 
     array = np.asarray(image)
     if array.dtype == np.uint8 and array.ndim == 3 and array.shape[2] >= 3 and min(array.shape[:2]) >= 1:
@@ -172,19 +201,29 @@ def bounded_input_statistics(image: np.ndarray) -> np.ndarray:
         grey = array
     else:  # other layouts and float images: the guard's conversion, which also rejects bad input
         grey = _grey(array)
-    scale = 1.0 / 255.0 if grey.dtype == np.uint8 else 1.0
+    return bounded_copy(grey)
+
+
+def bounded_input_statistics(image: np.ndarray | BoundedCopy) -> np.ndarray:
+    """The shift guard's five statistics (``INPUT_NAMES`` order) at a cost bounded by the
+    working size rather than the upload's (input block version 2):
+
+    - ``log2_pixels`` of the whole upload;
+    - brightness, contrast and sharpness on the grey ``bounded_copy`` (shorter side
+      ``WORKING_SIDE``, 224, as the guard; the guard itself takes one fractional area resize);
+    - blockiness (the guard's formula, ``window_blockiness``) on a central ``BLOCKINESS_WINDOW``
+      square of the full-resolution grey image, its corner on the 8-pixel JPEG grid (the centre
+      is usually textured, where block edges show; the guard reads the top-left 512 x 512).
+
+    Means and deviations are accumulated in float64 (``cv2.meanStdDev``). ``image`` may be the
+    upload's ``bounded_grey`` copy already made (the same numbers)."""
+    import cv2
+
+    from policies.shift_guard import BLOCK
+
+    copy = image if isinstance(image, BoundedCopy) else bounded_grey(image)
+    grey, work = copy.full, copy.work
     height, width = grey.shape
-    work = grey
-    k = min(height, width) // WORKING_SIDE
-    if k > 1:  # an exact box average: OpenCV's integer area path, on whole k x k blocks
-        work = cv2.resize(
-            work[: height // k * k, : width // k * k], (width // k, height // k), interpolation=cv2.INTER_AREA
-        )
-    if min(work.shape) > WORKING_SIDE:
-        factor = WORKING_SIDE / min(work.shape)
-        size = (max(1, round(work.shape[1] * factor)), max(1, round(work.shape[0] * factor)))
-        work = cv2.resize(work, size, interpolation=cv2.INTER_LINEAR)
-    work = work.astype(np.float32) * np.float32(scale)  # float only at the working size
     mean, std = (float(v) for v in np.ravel(cv2.meanStdDev(work)))
     laplacian_std = float(np.ravel(cv2.meanStdDev(cv2.Laplacian(work, cv2.CV_32F)))[1])
     top = max(0, (height - BLOCKINESS_WINDOW) // 2) // BLOCK * BLOCK
@@ -196,7 +235,7 @@ def bounded_input_statistics(image: np.ndarray) -> np.ndarray:
             mean,
             std,
             float(np.log10(laplacian_std**2 + 1e-8)),
-            window_blockiness(window, scale),
+            window_blockiness(window, copy.scale),
         ]
     )
 
@@ -224,6 +263,24 @@ def window_blockiness(grey: np.ndarray, scale: float = 1.0) -> float:
     return float(np.log(np.mean(ratios))) if ratios else 0.0
 
 
+# The pixel embedding's definitions (``FeatureSpec.embedding_version``; the artefact stores it):
+# 1: the whole upload in float, area-resized to s x s (grey or RGB; ~0.3 ms for a 512 px photo);
+# 2: the upload's bounded copy (``bounded_grey``, the input block's own copy, for a grey
+#    embedding; ``bounded_copy`` of the RGB upload for an RGB one), area-resized to s x s.
+EMBEDDING_VERSIONS = (1, 2)
+EMBEDDING_VERSION = 2  # what new routers are fitted with
+
+
+def check_embedding_version(version: Any, field: str = "features.embedding_version") -> int:
+    if isinstance(version, bool) or version not in EMBEDDING_VERSIONS:
+        raise ConfigError(
+            f"{field} is {version!r}; this build computes the pixel embeddings of versions "
+            f"{list(EMBEDDING_VERSIONS)} (refit the router with this build)",
+            field=field,
+        )
+    return int(version)
+
+
 def check_input_version(version: Any, field: str = "features.input_version") -> int:
     if isinstance(version, bool) or version not in INPUT_VERSIONS:
         raise ConfigError(
@@ -234,14 +291,17 @@ def check_input_version(version: Any, field: str = "features.input_version") -> 
     return int(version)
 
 
-def input_statistics(image: np.ndarray, version: int = INPUT_VERSION) -> np.ndarray:
+def input_statistics(
+    image: np.ndarray, version: int = INPUT_VERSION, *, grey: BoundedCopy | None = None
+) -> np.ndarray:
     """One image's input block (``INPUT_NAMES`` order) under definition ``version``: the one
-    function calibration and the served stage both compute it with."""
+    function calibration and the served stage both compute it with. ``grey``: the image's
+    ``bounded_grey`` copy when the caller has made it (version 2 reads it; the same numbers)."""
     if check_input_version(version) == 1:
         from policies.shift_guard import input_statistics as full_resolution
 
         return full_resolution(image)
-    return bounded_input_statistics(image)
+    return bounded_input_statistics(image if grey is None else grey)
 
 
 def input_features(images: Sequence[np.ndarray], version: int = INPUT_VERSION) -> np.ndarray:
@@ -533,9 +593,11 @@ class FeatureSpec:
     neighbour_votes: bool = False  # the neighbours' class vote (VOTE_NAMES); classifiers only
     output_log_odds: bool = False  # LOG_ODDS_NAMES after the output block; classifiers only
     input_version: int = INPUT_VERSION  # the input block's definition (``input_statistics``)
+    embedding_version: int = EMBEDDING_VERSION  # the pixel embedding's (router_stage.pixel_embedder)
 
     def __post_init__(self) -> None:
         check_input_version(self.input_version)
+        check_embedding_version(self.embedding_version)
         if self.output not in ("classifier", "detector"):
             raise ConfigError(
                 f"unknown output kind {self.output!r}; expected one of ['classifier', 'detector']",
@@ -577,6 +639,8 @@ class FeatureSpec:
                 document[flag] = True
         if self.use_input and self.input_version != 1:  # absent: version 1, as stored before it
             document["input_version"] = self.input_version
+        if self.neighbours_k > 0 and self.embedding_version != 1:  # the same rule
+            document["embedding_version"] = self.embedding_version
         return document
 
     @classmethod
@@ -591,6 +655,7 @@ class FeatureSpec:
             "neighbour_votes",
             "output_log_odds",
             "input_version",
+            "embedding_version",
         }
         unknown = set(document) - known
         if unknown:
@@ -600,7 +665,17 @@ class FeatureSpec:
         # a router stored without the key was fitted on version 1 (it is served with version 1);
         # one without the input block has no input statistics to define
         version = document.get("input_version", 1 if document.get("use_input", True) else INPUT_VERSION)
-        return cls(**{**document, "input_version": check_input_version(version, f"{field}.input_version")})
+        # likewise a router with neighbours stored without an embedding version embeds with version 1
+        neighbours = document.get("neighbours_k", NEIGHBOURS_K)
+        stored_before = not isinstance(neighbours, int) or neighbours > 0
+        embedding = document.get("embedding_version", 1 if stored_before else EMBEDDING_VERSION)
+        return cls(
+            **{
+                **document,
+                "input_version": check_input_version(version, f"{field}.input_version"),
+                "embedding_version": check_embedding_version(embedding, f"{field}.embedding_version"),
+            }
+        )
 
     def input_statistics(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """(n, 5) input block of ``images`` under this spec's definition (``input_features``)."""

@@ -55,6 +55,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cascades.learned_router import CertifiedThresholds, RouterArtefact
+from cascades.router_features import (
+    EMBEDDING_VERSION,
+    BoundedCopy,
+    bounded_copy,
+    bounded_grey,
+    check_embedding_version,
+    input_statistics,
+)
 from policies.thresholds import answer_score, decide
 from visionroute.errors import ConfigError, InputError
 from visionroute.records import Analysis, Detections, Step
@@ -139,12 +147,16 @@ def vlm_accept_threshold(plan: CertifiedThresholds) -> float | None:
 
 
 def pixel_embedder(
-    dim: int, *, field: str = "router.reference_index.dim"
-) -> Callable[[np.ndarray], np.ndarray]:
+    dim: int, *, version: int = EMBEDDING_VERSION, field: str = "router.reference_index.dim"
+) -> Callable[..., np.ndarray]:
     """Image (H, W, 3) -> (1, dim): the pixels resized to s x s (grey when dim = s^2, RGB when
-    dim = 3 s^2)."""
+    dim = 3 s^2) under the embedding's definition ``version`` (``FeatureSpec.embedding_version``):
+    1, the whole upload in float, area-resized; 2, its bounded copy (``bounded_copy``; for grey,
+    ``bounded_grey``, which the caller may hand in as ``grey=``: the same numbers), area-resized.
+    Calibration and the served stage both embed with this function."""
     import cv2
 
+    check_embedding_version(version, "features.embedding_version")
     side = math.isqrt(dim)
     if side * side == dim:
         channels = 1
@@ -156,7 +168,13 @@ def pixel_embedder(
             field=field,
         )
 
-    def embed(image_rgb: np.ndarray) -> np.ndarray:
+    def embed(image_rgb: np.ndarray, *, grey: BoundedCopy | None = None) -> np.ndarray:
+        if version == 2:
+            if channels == 1:
+                work = (grey if grey is not None else bounded_grey(image_rgb)).work
+            else:
+                work = bounded_copy(np.asarray(image_rgb)).work
+            return cv2.resize(work, (side, side), interpolation=cv2.INTER_AREA).reshape(1, -1)
         image = np.asarray(image_rgb)
         if channels == 1 and image.ndim == 3:
             image = cv2.cvtColor(image.astype(np.uint8, copy=False), cv2.COLOR_RGB2GRAY)
@@ -242,7 +260,11 @@ class ServedRouter:
             )
         embed = None
         if artefact.index is not None:
-            embed = pixel_embedder(artefact.index.dim, field=f"{field}.reference_index.dim")
+            embed = pixel_embedder(
+                artefact.index.dim,
+                version=artefact.spec.embedding_version,
+                field=f"{field}.reference_index.dim",
+            )
         return cls(artefact, embed, cost_units, timeout_s)
 
     @functools.cached_property
@@ -250,12 +272,34 @@ class ServedRouter:
         return self.artefact.sha256
 
     @functools.cached_property
+    def _grey_embedding(self) -> bool:
+        index = self.artefact.index
+        return index is not None and math.isqrt(index.dim) ** 2 == index.dim
+
+    @functools.cached_property
+    def _reads_bounded_grey(self) -> bool:
+        """Whether this request's features read the upload's ``bounded_grey`` copy (the input
+        block version 2, a grey embedding version 2): it is made once for both."""
+        spec = self.artefact.spec
+        return (spec.use_input and spec.input_version == 2) or (
+            self._grey_embedding and spec.embedding_version == 2
+        )
+
+    @functools.cached_property
     def _shares_grey(self) -> bool:
-        """Whether the input block (version 2) and the embedding (grey pixels) start from one
-        grey conversion."""
-        spec, index = self.artefact.spec, self.artefact.index
-        grey_embedding = index is not None and math.isqrt(index.dim) ** 2 == index.dim
-        return spec.use_input and spec.input_version == 2 and grey_embedding
+        """Whether the input block (version 2) and a version 1 grey embedding start from one grey
+        conversion (a router fitted before embedding version 2)."""
+        spec = self.artefact.spec
+        return (
+            spec.use_input
+            and spec.input_version == 2
+            and self._grey_embedding
+            and spec.embedding_version == 1
+        )
+
+    @functools.cached_property
+    def feature_names(self) -> tuple[str, ...]:  # built once, not per request
+        return self.artefact.spec.names
 
     @functools.cached_property
     def index_sha256(self) -> str | None:
@@ -274,31 +318,47 @@ class ServedRouter:
             output = [np.asarray(detections.confidence, np.float64)]
             answer = np.asarray([int(detections.class_id[0]) if len(detections) else -1], np.int64)
         image = analysis.image_rgb
-        if self._shares_grey and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3:
-            import cv2
-
-            # the bounded input block and a grey embedding both begin with this conversion of an
-            # RGB upload, and give the same numbers when handed its result: it is done once
-            image = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY)
+        # the upload's bounded grey copy, made once for the input block and a grey embedding
+        grey = bounded_grey(image) if self._reads_bounded_grey else None
         # the input block under the artefact's definition: the function calibration computed it with
-        statistics = spec.input_statistics([image]) if spec.use_input else None
-        embeddings = None if self.embed is None else self.embed(image)
+        statistics = None
+        if spec.use_input:
+            statistics = input_statistics(image, spec.input_version, grey=grey).reshape(1, -1)
+        embeddings = None
+        if self.embed is not None:
+            if spec.embedding_version == 2:
+                embeddings = self.embed(image, grey=grey if self._grey_embedding else None)
+            elif self._shares_grey and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3:
+                # a version 1 grey embedding begins with the grey conversion the copy holds
+                embeddings = self.embed(grey.full)
+            else:
+                embeddings = self.embed(image)
         return artefact.features(
             output=output, cheap_answers=answer, input_statistics=statistics, embeddings=embeddings
         )
 
-    def scored(self, analysis: Analysis) -> tuple[np.ndarray, float, float]:
-        """(features (1, d), score, milliseconds both took) of this request; raises on a feature
-        that cannot be computed or a score that is not finite."""
-        started = time.perf_counter()
+    def scored(self, analysis: Analysis) -> tuple[np.ndarray, float, float, float]:
+        """(features (1, d), score, milliseconds both took, CPU milliseconds this thread spent on
+        them) of this request; raises on a feature that cannot be computed or a score that is not
+        finite. The CPU time is the features' own work: it leaves out the time the thread waited
+        for a core (other processes, ONNX Runtime's threads), which the wall time includes."""
+        started, cpu_started = time.perf_counter(), time.thread_time()
         features = self.features(analysis)
         score = float(self.artefact.learner.score(features)[0])
         if not math.isfinite(score):
             raise ValueError("the router's score is not finite")
-        return features, score, (time.perf_counter() - started) * 1000.0
+        return (
+            features,
+            score,
+            (time.perf_counter() - started) * 1000.0,
+            (time.thread_time() - cpu_started) * 1000.0,
+        )
 
-    def price(self, features_ms: float, cheap: Step | None) -> tuple[float, dict[str, Any]]:
-        """The features' cost units on this request and how they were priced (module docstring)."""
+    def price(
+        self, features_ms: float, cheap: Step | None, *, features_cpu_ms: float | None = None
+    ) -> tuple[float, dict[str, Any]]:
+        """The features' cost units on this request and how they were priced (module docstring);
+        a measured price also records the features' own CPU time (``scored``)."""
         if self.cost_units is not None:
             return self.cost_units, {"rule": "configured", "cost_units": self.cost_units}
         if cheap is None or not cheap.latency_ms or cheap.latency_ms <= 0:
@@ -307,6 +367,7 @@ class ServedRouter:
         return units, {
             "rule": "measured",
             "features_ms": features_ms,
+            "features_cpu_ms": features_cpu_ms,
             "cheap_latency_ms": cheap.latency_ms,
             "cheap_cost_units": cheap.cost_units,
         }
@@ -350,7 +411,7 @@ class RouterScoreStage:
             )
             return
         try:
-            features, score, features_ms, inline = await self._scored(router, analysis)
+            features, score, features_ms, features_cpu_ms, inline = await self._scored(router, analysis)
         except Exception as exc:  # any feature failure: the certified confidence-only plan decides
             error = failure_summary(exc)
             top1 = answer_score(detections, "top1")
@@ -369,12 +430,12 @@ class RouterScoreStage:
             return
         self._route(state, Route(score, plans.learned, router.sha256, fallback=False))
         cheap = next((s for s in reversed(analysis.trace.steps) if s.stage.startswith("onnx:")), None)
-        cost_units, pricing = router.price(features_ms, cheap)
+        cost_units, pricing = router.price(features_ms, cheap, features_cpu_ms=features_cpu_ms)
         analysis.trace.append(
             self._step(
                 router,
                 score,
-                dict(zip(router.artefact.spec.names, (float(v) for v in features[0]))),
+                dict(zip(router.feature_names, features[0].tolist())),
                 started,
                 reason="the router's score; the thresholds certified on it decide",
                 cost_units=cost_units,
@@ -385,7 +446,7 @@ class RouterScoreStage:
 
     async def _scored(
         self, router: ServedRouter, analysis: Analysis
-    ) -> tuple[np.ndarray, float, float, bool]:
+    ) -> tuple[np.ndarray, float, float, float, bool]:
         """``router.scored`` and whether it ran on the event loop: there while this task's features
         typically take under ``INLINE_BELOW_MS`` and the router has no time limit (the loop cannot
         interrupt its own work; a limit is enforced by waiting on a thread); else in a thread,
@@ -406,7 +467,9 @@ class RouterScoreStage:
                     raise TimeoutError(
                         f"the features took longer than {router.timeout_s * 1000.0:g} ms"
                     ) from None
-        typical, sample = self._typical_ms.get(task, 0.0), min(result[2], INLINE_SAMPLE_CAP_MS)
+        # the estimate is of the features' own CPU time: a request whose thread waited for a core
+        # (a loaded machine) would send the next ones to a thread, where they wait longer still
+        typical, sample = self._typical_ms.get(task, 0.0), min(result[3], INLINE_SAMPLE_CAP_MS)
         self._typical_ms[task] = typical + INLINE_SMOOTHING * (sample - typical)
         return (*result, inline)
 
@@ -450,7 +513,7 @@ class RouterScoreStage:
                 "plan": "fallback" if fallback else "learned",
                 "score_source": plan.score,
                 "features": features,
-                "feature_names": list(router.artefact.spec.names),
+                "feature_names": list(router.feature_names),
                 "thresholds": {
                     "accept": _finite(plan.accept_threshold),
                     "escalate": _finite(plan.escalate_threshold),

@@ -346,13 +346,13 @@ def classify_router(
 
     from cascades.onnx_stage import OnnxStage, OnnxStageConfig
     from cascades.router_calibration import RouterData, calibrate_router
-    from cascades.router_features import INPUT_VERSION
+    from cascades.router_features import EMBEDDING_VERSION, INPUT_VERSION
     from policies.certify import split_indices
     from policies.risk_control import TierCosts
 
     # the input block's definition is in the name: a router cached by an older build (input
     # version 1, the full-resolution statistics) would still serve, and time the old features
-    tag = f"n{n}-s{seed}-a0.3-in{INPUT_VERSION}"
+    tag = f"n{n}-s{seed}-a0.3-in{INPUT_VERSION}-emb{EMBEDDING_VERSION}"
     router_path = Path(work_dir) / f"classify-router-{tag}.json"
     calibration_path = Path(work_dir) / f"classify-calibration-{tag}.json"
     if router_path.is_file() and calibration_path.is_file():

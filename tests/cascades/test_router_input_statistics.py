@@ -248,7 +248,7 @@ def test_the_features_run_on_the_event_loop_only_while_cheap_and_unbounded(photo
 
     # features that always take 500 ms: one such request (a cold start) keeps the loop, two do not
     measured = ServedRouter.scored
-    monkeypatch.setattr(ServedRouter, "scored", lambda self, a: (*measured(self, a)[:2], 500.0))
+    monkeypatch.setattr(ServedRouter, "scored", lambda self, a: (*measured(self, a)[:2], 500.0, 500.0))
     slow = RouterScoreStage({})
     assert [ran(slow, router) for _ in range(4)] == ["inline", "inline", "thread", "thread"]
 

@@ -74,7 +74,7 @@ def test_one_request_output_features_and_score_equal_the_batch():
 
 
 def test_the_spec_writes_the_new_flags_only_when_on():
-    plain = FeatureSpec(use_input=False)
+    plain = FeatureSpec(use_input=False, embedding_version=1)  # the definitions stored before keys
     assert set(plain.to_document()) == {"output", "top_k", "use_input", "neighbours_k"}
     rich = FeatureSpec(use_input=False, neighbour_votes=True, output_log_odds=True)
     assert FeatureSpec.from_document(rich.to_document()) == rich
