@@ -252,3 +252,48 @@ def _monotone(shares: list[float]) -> list[float]:
         float(x)
         for x in IsotonicRegression(y_min=0.0, y_max=1.0).fit_transform(np.arange(len(shares)), shares)
     ]
+
+
+# --------------------------------------------------------------------------- the running plan
+
+
+@dataclass(frozen=True)
+class PlanCheck:
+    """A deployed plan judged on a labelled sample: its p-value of accepted error <= alpha (the
+    production certificate's test, unknown errors counted as errors) and its Horvitz-Thompson
+    cost per item (no labels needed for the cost)."""
+
+    p_value: float
+    certified: bool
+    cost_per_item: float
+    accepted: int  # sampled items it accepts automatically
+
+
+def check_plan(plan, sample: ProductionSample, *, costs: TierCosts, alpha: float, delta: float) -> PlanCheck:
+    """``plan`` (a ``TierPlan``, or anything with its three thresholds) on ``sample``, by the
+    service's rule (``TierPlan.decide`` / ``decide_vlm``) and the certificate's worst case: an
+    unlabelled item is wrong, an escalated item without a VLM answer passes and is wrong.
+
+    A recertification loop uses it to keep its incumbent: on labels that arrived after the
+    incumbent was deployed (chosen without them, so the test is valid at ``delta``) and, for the
+    cost, on the same sample as a new certificate (a paired comparison)."""
+    from policies.production_certify import test_p_values
+
+    if len(sample) == 0:
+        return PlanCheck(1.0, False, math.nan, 0)
+    outcomes = sample.worst_case()
+    score = outcomes.cheap_score
+    cheap_ok = score >= plan.accept_threshold
+    escalated = ~cheap_ok & (score >= plan.review_threshold)
+    vlm_ok = escalated
+    if plan.vlm_accept_threshold is not None and outcomes.strong_score is not None:
+        with np.errstate(invalid="ignore"):  # NaN: no VLM answer, never passes
+            vlm_ok = escalated & (outcomes.strong_score >= plan.vlm_accept_threshold)
+    auto = cheap_ok | vlm_ok
+    wrong = (cheap_ok & outcomes.cheap_error) | (vlm_ok & outcomes.strong_error)
+    p = float(test_p_values(auto[None, :], wrong[None, :], sample.unit_weight, alpha)[0])
+    weight = 1.0 / sample.inclusion_probability
+    cost = (
+        costs.cheap + (costs.escalate * (escalated @ weight) + costs.review * (~auto @ weight)) / weight.sum()
+    )
+    return PlanCheck(p, p <= delta, float(cost), int(auto.sum()))

@@ -32,7 +32,14 @@ random) with probability ``--reviewer-error``; an audit goes unlabelled with pro
   review (the service's guard, as in ``static+guard``, escalates them). A refused or infeasible recertification leaves the
   running plan in place (as the service's job does); so does one on a label window that restarted
   in this very window (its inputs were still moving: the certificate would describe inputs
-  already gone).
+  already gone). A new certificate of the same inputs as the running plan replaces it only when
+  it is cheaper on the label window (both plans on the same sampled items) or when the labels
+  that arrived since the running plan was deployed no longer certify it (``--no-keep-incumbent``:
+  every certificate replaces it). The first certificate of new inputs re-plans the loop's audit
+  fraction (``plan_audit_fraction`` on its labels; ``--no-replan``: the clean pilot's stays).
+
+Labels are not in cost/1000: an answered audit is a human label of an accepted item; the
+``+labels`` column and the ``*_with_labels`` fields add them at the review cost.
 
 The baseline for the cost after the shift: a calibration fitted on the shifted data (iid, the
 same number of labels as the loop's last certificate used; ``evals.harness.calibrate``,
@@ -105,6 +112,10 @@ class LoopConfig:
     audit_budget: float = 0.3  # the largest audit fraction reviewers can pay for
     alarm_factor: float = 3.0
     label_windows: int = 4
+    keep_cheaper_incumbent: bool = True  # a new certificate replaces a still-certified, cheaper plan? no
+    # the label plan again on the first certificate of new inputs (with audit_fraction None: a
+    # configured fraction stays)
+    replan_after_shift: bool = True
     false_alarm_rate: float = 0.01
     guard_window: int = 50
     guard_stride: int = 10  # the guard's window test is recomputed every this many items
@@ -339,12 +350,12 @@ def _queue(
     }
 
 
-def _recertify(queues: list[dict], fractions: list[float], costs, config: LoopConfig, seed: int):
-    """The production certificate on the last windows' queue; None when it refuses or is infeasible."""
-    from policies.production_certify import ProductionSample, TooFewLabels, certify_production_plan
+def _sample(queues: list[dict], fractions: list[float]):
+    """The windows' queues as one ``ProductionSample``, in the order they were queued."""
+    from policies.production_certify import ProductionSample
 
     join = lambda key: np.concatenate([q[key] for q in queues])  # noqa: E731
-    sample = ProductionSample(
+    return ProductionSample(
         join("score"),
         join("cheap_error"),
         join("pi"),
@@ -352,6 +363,13 @@ def _recertify(queues: list[dict], fractions: list[float], costs, config: LoopCo
         join("strong_score"),
         min_inclusion_probability=min(fractions),
     )
+
+
+def _recertify(queues: list[dict], fractions: list[float], costs, config: LoopConfig, seed: int):
+    """The production certificate on the last windows' queue; None when it refuses or is infeasible."""
+    from policies.production_certify import TooFewLabels, certify_production_plan
+
+    sample = _sample(queues, fractions)
     labelled = int((~(np.isnan(sample.cheap_error) & np.isnan(sample.strong_error))).sum())
     try:
         plan = certify_production_plan(
@@ -362,6 +380,81 @@ def _recertify(queues: list[dict], fractions: list[float], costs, config: LoopCo
     if not plan.certificate.is_feasible:
         return None, labelled, "infeasible (no candidate certified)"
     return plan, labelled, "certified"
+
+
+def _keep_incumbent(
+    incumbent, candidate, queues, fractions, queued_in, deployed_at: int, costs, config: LoopConfig
+) -> tuple[bool, str]:
+    """Keep the running plan instead of a new certificate of the same inputs? Only when the labels
+    that arrived after it was deployed still certify it (a test at delta on labels its choice never
+    saw) and it costs no more than the new plan on the label window (both on the same items). A
+    new certificate is one draw of the front from a few hundred labels: deploying every one let the
+    cost swing 26,000-86,000 per 1,000 between windows of the same inputs (seed 2, severity 4)."""
+    from policies.recert_plan import check_plan
+
+    fresh = [k for k, window in enumerate(queued_in) if window >= deployed_at]
+    if not fresh:
+        return False, "deployed: no labels since the running plan was deployed"
+    since = check_plan(
+        incumbent,
+        _sample([queues[k] for k in fresh], [fractions[k] for k in fresh]),
+        costs=costs,
+        alpha=config.alpha,
+        delta=config.delta,
+    )
+    if not since.certified:
+        return (
+            False,
+            f"deployed: the running plan is not certified by the labels since (p={since.p_value:.3f})",
+        )
+    sample = _sample(queues, fractions)
+    old = check_plan(incumbent, sample, costs=costs, alpha=config.alpha, delta=config.delta).cost_per_item
+    new = check_plan(candidate, sample, costs=costs, alpha=config.alpha, delta=config.delta).cost_per_item
+    if old > new:
+        return (
+            False,
+            f"deployed: cheaper ({1000 * new:.0f} against {1000 * old:.0f} per 1000 on the label window)",
+        )
+    return True, (
+        f"running plan kept: certified again by the labels since its deployment (p={since.p_value:.3f}), "
+        f"no dearer ({1000 * old:.0f} against {1000 * new:.0f} per 1000 on the label window)"
+    )
+
+
+def _replanned_fraction(sample, plan, costs, config: LoopConfig, current: float):
+    """The label plan (``plan_audit_fraction``) on the first certificate's labels of new inputs:
+    the traffic it stands for is the shifted one, whose accepted share (and so audit labels a
+    window) the clean pilot overstated. Falls back to ``current`` when the pilot is too thin."""
+    from policies.certify import CertifyInputError
+    from policies.recert_plan import plan_audit_fraction
+
+    labelled = ~np.isnan(sample.cheap_error)
+    strong = np.where(np.isnan(sample.strong_score), -np.inf, sample.strong_score)
+    routed = route(plan, sample.cheap_score, strong, np.zeros(len(sample), bool))
+    accepted = ~routed.reviewed
+    weight = 1.0 / sample.inclusion_probability
+    accepted_share = float(weight[accepted].sum() / weight.sum())
+    try:
+        audit_plan = plan_audit_fraction(
+            sample,
+            alpha=config.alpha,
+            delta=config.delta,
+            items_per_day=config.window,
+            review_budget_per_day=config.audit_budget * accepted_share * config.window,
+            accepted=accepted,
+            days=config.label_windows,
+            nonresponse=config.nonresponse,
+            plan="three_tier",
+            costs=costs,
+            reps=10,
+            min_fraction=0.01,
+            n_points=15,
+            seed=config.seed,
+        )
+    except CertifyInputError as refusal:
+        return current, {"refused": str(refusal), "labelled": int(labelled.sum())}
+    fraction = audit_plan.audit_fraction if audit_plan.audit_fraction is not None else config.audit_budget
+    return float(fraction), audit_plan.to_dict()
 
 
 def _window_row(
@@ -420,6 +513,10 @@ def simulate(replay: Replay, config: LoopConfig, *, progress=None) -> dict[str, 
     covered = True  # the running certificate was computed on inputs like the current ones
     queues: list[dict] = []
     fractions: list[float] = []
+    queued_in: list[int] = []  # the window of each queue
+    deployed_at = 0  # the first window the running plan served
+    loop_fraction = base_fraction  # the loop's audit fraction without an alarm (re-planned after a shift)
+    replans: list[dict[str, Any]] = []
     alarm, recertified, last_labels = False, 0, None
     for w in range(n_windows):
         start, stop = w * config.window, (w + 1) * config.window
@@ -442,7 +539,7 @@ def simulate(replay: Replay, config: LoopConfig, *, progress=None) -> dict[str, 
                 common | row | {"audit_labels": queue["audit_labels"], "audit_fraction": base_fraction}
             )
         # the closed loop
-        fraction = alarm_fraction if alarm else base_fraction
+        fraction = alarm_fraction if alarm else loop_fraction
         flagged = _flags(loop_guard, stream.stats, start, stop, config.guard_stride)
         routed = route(
             loop_plan, stream.score[s], stream.strong_score[s], flagged, flagged_to_review=not covered
@@ -455,23 +552,40 @@ def simulate(replay: Replay, config: LoopConfig, *, progress=None) -> dict[str, 
             stream.stats, start - len(queues) * config.window, start, stop, rng, config
         )
         if restarted:
-            queues, fractions = [], []  # the labels before describe other inputs than this window's
+            # the labels before describe other inputs than this window's
+            queues, fractions, queued_in = [], [], []
             covered = False  # nor does the running certificate: flagged inputs go to review until one does
-        queues, fractions = (
+        queues, fractions, queued_in = (
             (queues + [queue])[-config.label_windows :],
             (fractions + [fraction])[-config.label_windows :],
+            (queued_in + [w])[-config.label_windows :],
         )
         new_plan, labels, outcome = _recertify(queues, fractions, costs, config, seed=config.seed * 1000 + w)
         if restarted and new_plan is not None:
             # labels of one window whose inputs were still moving describe inputs already gone
             # (a ramp window certified on 101 labels at severities 1-3 ran at 0.17 on 4-5)
             new_plan, outcome = None, "certified, not deployed: the label window restarted (inputs moving)"
+        kept = False
+        if new_plan is not None and covered and config.keep_cheaper_incumbent:
+            kept, why = _keep_incumbent(
+                loop_plan, new_plan, queues, fractions, queued_in, deployed_at, costs, config
+            )
+            outcome = f"certified; {why}"
+            if kept:
+                new_plan = None
         # the alarm (and the raised audit fraction) holds until the guard is quiet and a
         # certificate of the new inputs exists
-        alarm = drifting or (alarm and new_plan is None)
+        alarm = drifting or (alarm and new_plan is None and not kept)
         last_labels = labels
         if new_plan is not None:
+            if not covered and config.replan_after_shift and config.audit_fraction is None:
+                # the first certificate of new inputs: the label plan again, on their labels
+                loop_fraction, replanned = _replanned_fraction(
+                    _sample(queues, fractions), new_plan, costs, config, loop_fraction
+                )
+                replans.append({"window": w, "audit_fraction": loop_fraction, "label_plan": replanned})
             loop_plan = new_plan
+            deployed_at = w + 1
             recertified += 1
             covered = True
             first = stop - len(queues) * config.window
@@ -489,6 +603,7 @@ def simulate(replay: Replay, config: LoopConfig, *, progress=None) -> dict[str, 
                 "label_window_restarted": restarted,
                 "labels_in_certificate": labels,
                 "plan": _plan_summary(loop_plan),
+                "plan_certified_cost_per_1000": 1000 * float(loop_plan.expected_cost_units),
             }
         )
         say(
@@ -508,6 +623,7 @@ def simulate(replay: Replay, config: LoopConfig, *, progress=None) -> dict[str, 
         "label_plan": label_plan,
         "static_plan": _plan_summary(static_plan),
         "recertifications": recertified,
+        "audit_fraction_replans": replans,
         "windows": windows,
         "phases": _phases(windows),
         "shifted_baseline": baseline,
@@ -602,6 +718,12 @@ def _shifted_baseline(replay, stream, config, costs, labels, loop_windows) -> di
     routed = route(calibration.plan, score, stream.strong_score[s], np.zeros(stop - start, bool))
     row = _window_row(stream, routed, np.zeros(1), costs, start, stop)
     loop_cost = float(np.mean([w["cost_per_1000"] for w in settled]))
+    # with labels: the loop's audit labels in the settled windows; the baseline's labels, bought
+    # once, spread over the same settled items
+    loop_with_labels = loop_cost + _labels_per_1000(
+        sum(w["audit_labels"] for w in settled), stop - start, config
+    )
+    baseline_with_labels = row["cost_per_1000"] + _labels_per_1000(labels, stop - start, config)
     return {
         "available": True,
         "labels": int(labels),
@@ -611,6 +733,10 @@ def _shifted_baseline(replay, stream, config, costs, labels, loop_windows) -> di
         "accepted_error": row["accepted_error"],
         "loop_cost_per_1000": loop_cost,
         "loop_cost_ratio": loop_cost / row["cost_per_1000"] if row["cost_per_1000"] else None,
+        "labels_in_cost": "no: cost_per_1000 and the ratio leave labels out; the *_with_labels fields add them at the review cost",
+        "cost_with_labels_per_1000": baseline_with_labels,
+        "loop_cost_with_labels_per_1000": loop_with_labels,
+        "loop_cost_ratio_with_labels": loop_with_labels / baseline_with_labels,
         "plan": _plan_summary(calibration.plan),
     }
 
@@ -638,6 +764,12 @@ def _phases(windows: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, dic
     return out
 
 
+def _labels_per_1000(labels: int, items: int, config: LoopConfig) -> float:
+    """Audit labels as cost: each one is a human review of an item the plan accepted (the reviews
+    the plan asks for are in cost/1000 already)."""
+    return 1000 * config.costs["review"] * labels / items
+
+
 def _targets(result: dict[str, Any], config: LoopConfig) -> dict[str, Any]:
     alpha = config.alpha
     for policy, rows in result["windows"].items():
@@ -645,6 +777,9 @@ def _targets(result: dict[str, Any], config: LoopConfig) -> dict[str, Any]:
             chosen = [r for r in rows if r["phase"] == phase]
             summary["windows_above_alpha"] = sum(r["accepted_error"] > alpha for r in chosen)
             summary["coverage"] = sum(r["accepted"] for r in chosen) / (len(chosen) * config.window)
+            summary["cost_with_labels_per_1000"] = summary["cost_per_1000"] + _labels_per_1000(
+                summary["audit_labels"], len(chosen) * config.window, config
+            )
     loop = result["windows"]["loop"]
     above = [r["window"] for r in loop if r["accepted_error"] > alpha]
     shift_window = int(config.shift_start * config.items) // config.window
@@ -677,13 +812,16 @@ def format_result(result: dict[str, Any]) -> str:
         f"alpha={result['alpha']}, delta={result['delta']}; reviewers wrong {config['reviewer_error']:.0%}, "
         f"audits unanswered {config['nonresponse']:.0%}; audit fraction {result['audit_fraction']:.3f} "
         f"({result['alarm_audit_fraction']:.3f} on a drift alarm); {result['seconds']} s",
-        f"{'policy':<13} {'phase':<11} {'windows':>7} {'cost/1000':>9} {'acc.err':>7} {'worst':>6} "
+        f"cost/1000 leaves the audit labels out; +labels adds each answered audit label at the review cost "
+        f"({config['costs']['review']:g}; the reviews the plans ask for are in both)",
+        f"{'policy':<13} {'phase':<11} {'windows':>7} {'cost/1000':>9} {'+labels':>7} {'acc.err':>7} {'worst':>6} "
         f"{'>alpha':>6} {'coverage':>8} {'audits':>7} {'reviews':>7}",
     ]
     for policy in POLICIES:
         for phase, row in result["phases"][policy].items():
             lines.append(
                 f"{policy:<13} {phase:<11} {row['windows']:>7} {row['cost_per_1000']:>9.0f} "
+                f"{row['cost_with_labels_per_1000']:>7.0f} "
                 f"{row['accepted_error']:>7.3f} {row['worst_window_error']:>6.3f} {row['windows_above_alpha']:>6} "
                 f"{row['coverage']:>8.1%} {row['audit_labels']:>7} {row['reviews']:>7}"
             )
@@ -693,7 +831,9 @@ def format_result(result: dict[str, Any]) -> str:
             f"calibration fitted on the shifted data ({baseline['labels']} iid labels): cost/1000 "
             f"{baseline['cost_per_1000']:.0f}, accepted error {baseline['accepted_error']:.3f}; the loop settled: "
             f"{baseline['loop_cost_per_1000']:.0f} ({baseline['loop_cost_ratio']:.2f}x; target <= 1.2x: "
-            f"{'met' if targets['cost_within_1_2x'] else 'NOT met'})"
+            f"{'met' if targets['cost_within_1_2x'] else 'NOT met'}; labels not in cost). With labels at the "
+            f"review cost (the baseline's spread over the settled items): {baseline['cost_with_labels_per_1000']:.0f} "
+            f"against {baseline['loop_cost_with_labels_per_1000']:.0f} ({baseline['loop_cost_ratio_with_labels']:.2f}x)"
         )
     else:
         lines.append(f"calibration fitted on the shifted data: not available ({baseline['reason']})")
@@ -758,6 +898,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--audit-budget", type=float, default=d.audit_budget, help="the largest audit fraction"
     )
     parser.add_argument("--label-windows", type=int, default=d.label_windows)
+    parser.add_argument(
+        "--no-keep-incumbent",
+        action="store_true",
+        help="deploy every new certificate (default: keep a running plan that is still certified and no dearer)",
+    )
+    parser.add_argument(
+        "--no-replan",
+        action="store_true",
+        help="keep the clean pilot's audit fraction after a shift (default: the label plan again on the shifted labels)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="the stream, reviewers, audit coins and splits")
     parser.add_argument(
         "--replay-seed",
@@ -795,6 +945,8 @@ def run(args: argparse.Namespace) -> int:
         audit_fraction=args.audit_fraction,
         audit_budget=args.audit_budget,
         label_windows=args.label_windows,
+        keep_cheaper_incumbent=not args.no_keep_incumbent,
+        replan_after_shift=not args.no_replan,
         seed=args.seed,
     )
     started = time.perf_counter()

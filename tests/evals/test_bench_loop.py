@@ -3,6 +3,7 @@ under a strong shift the static plan's accepted error rises above alpha and abov
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -102,6 +103,62 @@ def test_tiny_run_gives_every_row_and_field(result, tmp_path):
     assert max(w["audit_fraction"] for w in windows) > result["audit_fraction"]
     json.loads(json.dumps(result, default=float))
     assert bench.plot(result, tmp_path / "loop.png").stat().st_size > 0
+
+
+@pytest.fixture(scope="module")
+def planned():
+    """The same stream with the audit fraction from the label plan (re-planned after the shift)."""
+    return bench.simulate(synthetic_replay(), dataclasses.replace(CONFIG, audit_fraction=None))
+
+
+def test_labels_are_a_separate_cost_column(result):
+    table = bench.format_result(result)
+    assert "+labels" in table and "cost/1000 leaves the audit labels out" in table
+    review = CONFIG.costs["review"]
+    for policy in bench.POLICIES:
+        for row in result["phases"][policy].values():
+            items = row["windows"] * CONFIG.window
+            expected = row["cost_per_1000"] + 1000 * review * row["audit_labels"] / items
+            assert row["cost_with_labels_per_1000"] == pytest.approx(expected)
+    baseline = result["shifted_baseline"]
+    assert baseline["cost_with_labels_per_1000"] > baseline["cost_per_1000"]
+    assert baseline["loop_cost_ratio_with_labels"] == pytest.approx(
+        baseline["loop_cost_with_labels_per_1000"] / baseline["cost_with_labels_per_1000"]
+    )
+
+
+def test_a_running_plan_stays_only_while_fresh_labels_certify_it_and_it_is_no_dearer(planned):
+    windows = planned["windows"]["loop"]
+    kept = [w for w in windows if "running plan kept" in w["recertification"]]
+    assert kept, "the seeded stream keeps its running plan at least once"
+    for w in kept:
+        assert not w["recertified"] and w["plan"] == windows[w["window"] - 1]["plan"]
+    for w in windows:
+        if "deployed:" in w["recertification"]:
+            assert w["recertified"]
+
+
+def test_the_first_certificate_of_shifted_inputs_replans_the_audit_fraction(planned):
+    (replan,) = planned["audit_fraction_replans"]
+    shift_window = int(CONFIG.shift_start * CONFIG.items) // CONFIG.window
+    assert replan["window"] >= shift_window and 0 < replan["audit_fraction"] <= CONFIG.audit_budget
+    assert _fractions_without_alarm(planned, after=replan["window"]) == {replan["audit_fraction"]}
+
+
+def test_a_configured_audit_fraction_is_never_replanned(result):
+    assert result["audit_fraction_replans"] == []
+    assert _fractions_without_alarm(result) == {CONFIG.audit_fraction}
+
+
+def _fractions_without_alarm(result, after: int = -1) -> set[float]:
+    """The audit fractions of the loop's windows that began without a drift alarm (a window's
+    ``drift_alarm`` is the state at its end)."""
+    windows = result["windows"]["loop"]
+    return {
+        w["audit_fraction"]
+        for before, w in zip(windows, windows[1:])
+        if w["window"] > after and not before["drift_alarm"]
+    }
 
 
 def test_under_a_strong_shift_the_static_plan_breaks_and_the_loop_does_not(result):
