@@ -38,10 +38,11 @@ tier and so never match a key: a retry that straddles the upgrade is charged onc
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,8 @@ from policies.costs import TIERS, Tier
 from visionroute.errors import BudgetExceeded, InputError
 from visionroute.migrations import Migration, migrate
 from visionroute.state import Connection, SqliteDatabase, StateConfig, open_database
+
+log = logging.getLogger("visionroute.budgets")
 
 DegradeMode = Literal["accept_degraded", "review", "reject"]
 _EPS = 1e-9  # float slack when comparing sums of units with the cap
@@ -320,6 +323,38 @@ class BudgetLedger:
             )
             self._add_usage(conn, reservation, actual)
         reservation.done = True
+
+    def settle_many(self, settles: Sequence[tuple[Reservation, float | None]]) -> list[Exception | None]:
+        """``settle(reservation, actual_units)`` for each, the ones no budget rule covers in one
+        usage transaction (one commit instead of one each; the same rows, added one by one);
+        the others each on their own. Each result is None, or the exception its settle alone
+        would have raised; a failed shared transaction is retried settle by settle."""
+        outcomes: list[Exception | None] = [None] * len(settles)
+        shared = [
+            i
+            for i, (reservation, _) in enumerate(settles)
+            if not reservation.done and not reservation.budgets
+        ]
+        if len(shared) > 1:
+            try:
+                with self._usage_transaction() as conn:
+                    for i in shared:
+                        reservation, actual_units = settles[i]
+                        actual = reservation.units if actual_units is None else float(actual_units)
+                        self._add_usage(conn, reservation, actual)
+            except Exception as exc:  # rolled back: each on its own below
+                log.info(
+                    "one usage transaction for %d settles failed (%s); settling each alone", len(shared), exc
+                )
+            else:
+                for i in shared:
+                    settles[i][0].done = True
+        for i, (reservation, actual_units) in enumerate(settles):
+            try:
+                self.settle(reservation, actual_units)  # done already: nothing to write
+            except Exception as exc:
+                outcomes[i] = exc
+        return outcomes
 
     @contextmanager
     def _usage_transaction(self) -> Iterator[Connection]:

@@ -1,12 +1,12 @@
 """Many review items in one write (``ReviewQueue.enqueue_many``) and the service's grouping of
-concurrent enqueues (router/services/analyze/review_writes.py): each item is what ``enqueue``
+concurrent enqueues (router/services/analyze/grouped_writes.py): each item is what ``enqueue``
 alone would have made, and one item's failure stays its own."""
 
 import asyncio
 import hashlib
 
 from policies.review_queue import ReviewQueue
-from router.services.analyze.review_writes import ReviewWrites
+from router.services.analyze.grouped_writes import review_writes
 from visionroute.errors import Conflict, InputError
 
 
@@ -62,12 +62,12 @@ def test_a_failing_item_does_not_fail_the_others_in_its_write(tmp_path):
 
 def test_concurrent_enqueues_share_writes_and_each_gets_its_own_item(tmp_path):
     queue = ReviewQueue(tmp_path)
-    writes = ReviewWrites(queue)
+    writes = review_writes(queue)
 
     async def many():
         requests = [fields(f"r{i}", f"img{i}".encode()) for i in range(12)]
         requests[5] = fields("r5", kind="nonsense")
-        return await asyncio.gather(*(writes.enqueue(**r) for r in requests), return_exceptions=True)
+        return await asyncio.gather(*(writes.write(r) for r in requests), return_exceptions=True)
 
     results = asyncio.run(many())
     assert isinstance(results[5], InputError)
@@ -76,5 +76,5 @@ def test_concurrent_enqueues_share_writes_and_each_gets_its_own_item(tmp_path):
     assert len({item.id for item in written}) == 11 == queue.stats()["depth"]
     # the first goes alone at once; the others arrived while it was written and go together
     assert writes.transactions < 12
-    again = asyncio.run(writes.enqueue(**fields("r0", b"img0")))  # a retry, in another event loop
+    again = asyncio.run(writes.write(fields("r0", b"img0")))  # a retry, in another event loop
     assert again.id == written[0].id and queue.stats()["depth"] == 11

@@ -19,12 +19,14 @@ this: the pipeline's declaration wraps the paid ones.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from policies.costs import costs_by_tier
 from policies.runtime import PolicyRuntime, Refusal
 from router.metrics import IngressMetrics
 from router.services.analyze.context import RequestContext, Stage
+from router.services.analyze.grouped_writes import GroupedWrites
 from visionroute.records import Analysis, Decision
 
 if TYPE_CHECKING:
@@ -37,6 +39,8 @@ class BudgetGuard:
     def __init__(self, policies: PolicyRuntime, metrics: IngressMetrics) -> None:
         self.policies = policies
         self.metrics = metrics
+        # concurrent requests' settles that no rule covers share one usage commit
+        self._usage_settles = GroupedWrites(self._settle_one, self._settle_many)
 
     # -- the wrappers the pipeline declares ------------------------------------------------------
 
@@ -75,7 +79,16 @@ class BudgetGuard:
 
     async def settle(self, reservation: Reservation, units: float | None = None) -> None:
         """Charge ``units`` (default: the whole reservation)."""
-        await asyncio.to_thread(self.policies.ledger.settle, reservation, units)
+        if reservation.budgets:  # a cap reads it: its own fully durable transaction
+            await asyncio.to_thread(self.policies.ledger.settle, reservation, units)
+        else:
+            await self._usage_settles.write((reservation, units))
+
+    def _settle_one(self, settle: tuple[Reservation, float | None]) -> None:
+        self.policies.ledger.settle(*settle)
+
+    def _settle_many(self, settles: Sequence[tuple[Reservation, float | None]]) -> list[Exception | None]:
+        return self.policies.ledger.settle_many(settles)
 
     async def release(self, reservation: Reservation) -> None:
         """The call did not run: give the units back."""

@@ -22,7 +22,7 @@ from router.config import AppConfig
 from router.drift.audit_raise import audit_fraction_now
 from router.metrics import IngressMetrics
 from router.services.analyze.context import QueueTicket, RequestContext
-from router.services.analyze.review_writes import ReviewWrites
+from router.services.analyze.grouped_writes import review_writes
 from router.services.backends import CheapTierClient, SearchBackend, VlmTierClient
 from router.services.common import checked_tenant
 from router.services.rollouts import Arm
@@ -209,7 +209,7 @@ class StoreStage:
 
     def __init__(self, queue: ReviewQueue) -> None:
         self.queue = queue
-        self.writes = ReviewWrites(queue)  # concurrent requests' items share a commit
+        self.writes = review_writes(queue)  # concurrent requests' items share a commit
         self._label_sets_stored: set[str] = set()  # tasks whose label set the queue has
 
     async def run(self, ctx: RequestContext) -> None:
@@ -233,24 +233,26 @@ class StoreStage:
         if stored.withheld:
             reason += f"; image not stored: {stored.withheld}"
         try:
-            item = await self.writes.enqueue(
-                request_id=analysis.trace.request_id,
-                image_bytes=stored.data,
-                original_bytes=stored.original,
-                image_withheld=stored.withheld,
-                image_sha256=analysis.image_sha256,
-                tenant=analysis.tenant,
-                task=analysis.task,
-                reason=reason,
-                proposed=detections.to_dicts() if detections is not None else [],
-                trace=analysis.trace.to_dict(),
-                priority=review_value(last_score(analysis), policy.review.error_cost(analysis.task)),
-                kind=kind,
-                sla_s=policy.review.sla_s,
-                label_set=label_set,
-                audit_source=ticket.audit_source,
-                inclusion_probability=ticket.inclusion_probability,
-                double_label_fraction=policy.review.double_label_fraction,
+            item = await self.writes.write(
+                dict(
+                    request_id=analysis.trace.request_id,
+                    image_bytes=stored.data,
+                    original_bytes=stored.original,
+                    image_withheld=stored.withheld,
+                    image_sha256=analysis.image_sha256,
+                    tenant=analysis.tenant,
+                    task=analysis.task,
+                    reason=reason,
+                    proposed=detections.to_dicts() if detections is not None else [],
+                    trace=analysis.trace.to_dict(),
+                    priority=review_value(last_score(analysis), policy.review.error_cost(analysis.task)),
+                    kind=kind,
+                    sla_s=policy.review.sla_s,
+                    label_set=label_set,
+                    audit_source=ticket.audit_source,
+                    inclusion_probability=ticket.inclusion_probability,
+                    double_label_fraction=policy.review.double_label_fraction,
+                )
             )
         except RouterError:  # the caller's own mistake (a request id reused for another image): 409
             raise
