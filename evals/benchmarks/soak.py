@@ -923,6 +923,7 @@ def format_report(report: dict[str, Any]) -> str:
             f"{e['fault']}@{e['at_s']:.0f}s"
             + (f" (back in {e['recovered_after_s']:.0f} s)" if "recovered_after_s" in e else "")
             + (f" ERROR {e['error']}" if "error" in e else "")
+            + (" (skipped: the last restart not ready)" if "skipped" in e else "")
             for e in report["faults"]
         ),
         "",

@@ -84,9 +84,15 @@ class VlmServerFault:
 
     @classmethod
     def start(cls) -> VlmServerFault:
-        from tests.support.vllm import start_warm_tiny_vllm_server
+        from examples.vllm_server import start_tiny_vllm_server
 
-        return cls(server=start_warm_tiny_vllm_server())
+        server = start_tiny_vllm_server()
+        try:
+            warm_up(server)
+        except BaseException:
+            server.stop()
+            raise
+        return cls(server=server)
 
     @property
     def endpoint(self) -> str:
@@ -115,7 +121,6 @@ class VlmServerFault:
 
     def _restart(self, old: Any, event: dict[str, Any], started: float) -> None:
         from examples.vllm_server import start_vllm_server
-        from tests.support.vllm import warm_up
 
         begun = time.monotonic()
         try:
@@ -140,6 +145,57 @@ class VlmServerFault:
         with self.lock:
             if self.server is not None:
                 self.server.stop()
+
+
+def warm_up(server: Any, deadline_s: float = 600.0) -> float:
+    """One chat completion shaped like the tier's (an image, the labels' JSON schema, logprobs)
+    until it answers 200: a fresh server's first one is slow (lazy multimodal and grammar set-up),
+    and the tier's 20 s timeout would make it a fallback. Returns the seconds it took."""
+    import base64
+
+    import httpx
+
+    from evals.benchmarks.soak import noise_png
+
+    image = "data:image/png;base64," + base64.b64encode(noise_png(0)).decode("ascii")
+    schema = {
+        "type": "object",
+        "properties": {"label": {"type": "string", "enum": VLM_LABELS}},
+        "required": ["label"],
+        "additionalProperties": False,
+    }
+    request = {
+        "model": server.model,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": image}},
+                    {"type": "text", "text": f"Which one is in the image: {', '.join(VLM_LABELS)}?"},
+                ],
+            }
+        ],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "label", "schema": schema}},
+        "max_tokens": 16,
+        "temperature": 0.0,
+        "logprobs": True,
+    }
+    started = time.monotonic()
+    last = "no attempt"
+    while time.monotonic() - started < deadline_s:
+        if not server.is_running():
+            raise RuntimeError(
+                f"vLLM server exited during warm-up; log {server.log_path}:\n{server.log_tail()}"
+            )
+        try:
+            response = httpx.post(f"{server.base_url}/chat/completions", json=request, timeout=180)
+            if response.status_code == 200:
+                return time.monotonic() - started
+            last = f"HTTP {response.status_code}: {response.text[:200]}"
+        except httpx.HTTPError as error:
+            last = f"{type(error).__name__}: {error}"
+        time.sleep(1.0)
+    raise RuntimeError(f"vLLM server at {server.base_url} not warm after {deadline_s:g} s (last: {last})")
 
 
 def phases(
