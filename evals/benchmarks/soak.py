@@ -7,7 +7,9 @@ a promise). Client threads drive HTTP and gRPC through the project's client
 (visionroute/client): analyse, batch (HTTP), search, index writes, review claims and labels,
 each logical call retried with its one request id after a 503/429 Retry-After, as a caller would.
 Faults on a schedule after the warm-up: PostgreSQL restarted, an ingress replica's process
-killed (SIGKILL, as a crash or the OOM killer does; Ray restarts it), a search replica killed.
+killed (SIGKILL, as a crash or the OOM killer does; Ray restarts it), a search replica killed;
+with ``--vlm``, a VLM tier on a real vLLM server whose process group is killed and restarted
+(evals/benchmarks/soak_vlm.py).
 
 Reported: every attempt by status (allowed: 200, 4xx, 429, 503 with Retry-After; anything else
 listed, and marked when it was in flight at a replica kill), acknowledged items lost (review
