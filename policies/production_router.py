@@ -118,7 +118,7 @@ def label_class(item: Any, class_names: Sequence[str]) -> int | None:
         return None
     if label.get("verdict") == "confirm":
         name = item.proposed[0].get("label") if item.proposed else None
-    elif label.get("verdict") == "correct" and label.get("boxes") is None:
+    elif label.get("verdict") == "correct":
         name = label.get("label")
     else:
         return None
@@ -236,7 +236,7 @@ def refit_router(
             f"no review item of task {task!r} carries the router's feature vector of a known version "
             f"(versions {sorted(v[:12] for v in known)}, features {list(names)}); the items carry "
             f"{seen}. The router cannot be refit from logged features: collect labels under the "
-            "current router",
+            "current router; the running version stays",
             left_out=left_out,
         )
     n = len(rows)

@@ -278,7 +278,7 @@ def build_router_artefact(
             distrusted_reviewers=distrusted_reviewers,
         )
     except RefitRefused as exc:
-        raise Refused(f"{exc.reason}; the running version stays", **exc.details) from None
+        raise Refused(exc.reason, **exc.details) from None
     learned = refit.artefact.plans.learned
     labels = {
         **{k: refit.report[k] for k in ("items", "fit_items", "certification_items", "left_out")},
