@@ -111,10 +111,13 @@ def router_step(item: Any) -> dict[str, Any] | None:
     )
 
 
-def label_class(item: Any, class_names: Sequence[str]) -> int | None:
-    """The class the reviewer's label names (None: no label, a reject, or a class not the router's)."""
+def label_class(
+    item: Any, class_names: Sequence[str], distrusted: frozenset[str] = frozenset()
+) -> int | None:
+    """The class the reviewer's label names (None: no label, a flagged reviewer's, a reject, or a
+    class not the router's): what the item adds to the reference index."""
     label = item.label or {}
-    if item.status != "labelled" or not label:
+    if item.status != "labelled" or not label or getattr(item, "labelled_by", None) in distrusted:
         return None
     if label.get("verdict") == "confirm":
         name = item.proposed[0].get("label") if item.proposed else None
@@ -201,7 +204,7 @@ def refit_router(
             other_versions[key] = other_versions.get(key, 0) + 1
             continue
         rows.append(r)
-        classes.append(label_class(item, incumbent.class_names))
+        classes.append(label_class(item, incumbent.class_names, distrusted_reviewers))
         answer = int(item.proposed[0]["class_id"]) if item.proposed else -1
         answers.append(answer)
         logged = details.get("features")

@@ -85,7 +85,7 @@ def test_too_few_labels_is_a_refusal_saying_how_many_more(incumbent):
     assert caught.value.needed_more > 0 and f"{caught.value.needed_more} more" in caught.value.reason
 
 
-def test_an_image_that_is_not_the_one_served_or_a_fallback_row_gets_no_router_score(incumbent):
+def test_an_image_not_as_served_a_fallback_row_or_a_flagged_label_never_enters_the_index(incumbent):
     items, embeddings = sim.window(incumbent, 3000, np.random.default_rng(7))
     altered = {item.id for item in items[::40]}
     stored = {k: (v + 0.5 if k in altered else v) for k, v in embeddings.items()}  # a redacted copy
@@ -93,9 +93,12 @@ def test_an_image_that_is_not_the_one_served_or_a_fallback_row_gets_no_router_sc
     step, *rest = fallback.trace["steps"]
     failed = {**step, "details": {**step["details"], "fallback": True, "features": None}}
     fallback.trace = {"steps": [failed, *rest]}
-    result = refit(items, incumbent, stored, alpha=0.15)
+    flagged = next(i for i in items[8:] if in_fit_share(i.id, "test") and i.id not in altered)
+    flagged.labelled_by = "noisy"
+    result = refit(items, incumbent, stored, alpha=0.15, distrusted_reviewers=frozenset({"noisy"}))
     assert result.report["no_router_score"] == {"fallback": 1, "image_unusable": len(altered)}
-    assert not (altered | {fallback.id}) & set(result.indexed_item_ids)
+    # neither reaches the index, nor does a flagged reviewer's label
+    assert not (altered | {fallback.id, flagged.id}) & set(result.indexed_item_ids)
 
 
 def test_a_weighted_learner_fit_checks_its_weights():
