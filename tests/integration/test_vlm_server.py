@@ -282,8 +282,18 @@ def _requests_on_server(server) -> float:
     return sum(float(v) for v in values)
 
 
-def test_killing_the_server_mid_request_puts_the_item_in_the_review_queue(tmp_path):
-    victim = start_warm_tiny_vllm_server(max_num_seqs=2)
+def _victim(request):
+    """The session's server when no later test needs it (the integration conftest runs this test
+    after its other users), else a server of its own: a vLLM start is half a minute or more."""
+    later = request.session.items[request.session.items.index(request.node) + 1 :]
+    if any("vllm_server" in item.fixturenames for item in later):
+        return start_warm_tiny_vllm_server(max_num_seqs=2)
+    return request.getfixturevalue("vllm_server")
+
+
+@pytest.mark.kills_shared_server("vllm_server")
+def test_killing_the_server_mid_request_puts_the_item_in_the_review_queue(request, tmp_path):
+    victim = _victim(request)
     try:
         # A long reading keeps the request in flight long enough to kill the server under it.
         config = config_for(

@@ -1,4 +1,6 @@
 """Model builds a later test needs, started in the background as soon as the run is collected.
+(The shared servers themselves start early too, on a thread: tests/support/early_start.py; the
+tiny LLaVA is built there, by the vLLM server's start, since its builder takes no lock.)
 
 On a fresh clone the digits LLaVA is trained once (examples/train_digits.py: one to two
 minutes of CPU), and its first user, the three-tier digits module, runs minutes into the suite.
@@ -9,8 +11,8 @@ right after collection in a process of its own and the fixture that needs it
 finished model in). Nothing else changes: a build that fails here is simply built again by the
 fixture, which reports the error as it always did.
 
-Only builds go here, never servers: a server started early would sit in memory and on the CPUs
-through every test before its users. ``VISIONROUTE_TEST_PREFETCH=0`` turns this off.
+Only builds that lock against a concurrent build go here (the fixture may ask while one runs).
+``VISIONROUTE_TEST_PREFETCH=0`` turns this off.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ import pytest
 # session fixture -> the build it waits for (run in a process of its own, from the repository root)
 BUILDS = {
     "digits_llava_dir": "from examples import vllm_server as v; v.ensure_digits_llava(python=v.ensure_vllm_venv())",
-    "vllm_server": "from examples import vllm_server as v; v.ensure_tiny_llava(python=v.ensure_vllm_venv())",
 }
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

@@ -1,0 +1,105 @@
+"""Shared servers started in the background (tests/support/early_start.py): started in order, taken
+by their fixtures (errors included), stopped when nobody took them; never when the first test
+needs one; and the integration folder runs last so the starts overlap the rest of the suite."""
+
+from __future__ import annotations
+
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from tests.support import early_start
+
+
+class Server:
+    def __init__(self, name: str, log: list[str]) -> None:
+        self.name, self.log = name, log
+        log.append(f"start {name}")
+
+    def stop(self) -> None:
+        self.log.append(f"stop {self.name}")
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    monkeypatch.setattr(early_start, "RECIPES", {"a_service": None, "b_service": None, "c_server": None})
+    monkeypatch.setattr(early_start, "_futures", {})
+    monkeypatch.setattr(early_start, "_thread", None)
+
+
+def item(*fixtures: str) -> SimpleNamespace:
+    return SimpleNamespace(fixturenames=list(fixtures))
+
+
+def test_only_servers_later_tests_use_are_wanted_and_none_when_the_first_test_uses_one(registry):
+    items = [item("tmp_path"), item("b_service"), item("a_service", "b_service")]
+    assert early_start.wanted(items) == ["a_service", "b_service"]  # registration order
+    assert early_start.wanted([item("a_service"), *items]) == []
+    assert early_start.wanted([]) == []
+
+
+def test_servers_start_in_order_on_one_thread_and_each_fixture_takes_its_own(registry):
+    log: list[str] = []
+    threads: set[str] = set()
+
+    def start(name):
+        def run():
+            threads.add(threading.current_thread().name)
+            return Server(name, log)
+
+        return run
+
+    early_start.begin([("a_service", start("a")), ("b_service", start("b"))])
+    b = early_start.take("b_service")
+    a = early_start.take("a_service")
+    assert (a.name, b.name) == ("a", "b") and log == ["start a", "start b"]
+    assert threads == {"early-server-starts"}
+    assert early_start.take("a_service") is None  # taken once; a server never started early: None
+    early_start.end()
+    assert log == ["start a", "start b"]  # taken servers belong to their fixtures: not stopped here
+
+
+def test_a_failed_start_is_raised_by_the_fixture_that_takes_it(registry):
+    def broken():
+        raise RuntimeError("service not ready after 420 s")
+
+    early_start.begin([("a_service", broken)])
+    with pytest.raises(RuntimeError, match="not ready"):
+        early_start.take("a_service")
+    early_start.end()
+
+
+def test_servers_nobody_took_are_stopped_and_starts_not_begun_are_cancelled(registry):
+    log: list[str] = []
+
+    def slow():  # still starting when the run ends (a run stopped by -x)
+        b_future = early_start._futures["b_service"]  # begin() made both futures first
+        deadline = time.monotonic() + 30
+        while not b_future.cancelled() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return Server("a", log)
+
+    early_start.begin([("a_service", slow), ("b_service", lambda: Server("b", log))])
+    early_start.end()
+    assert log == ["start a", "stop a"]  # a finished starting and was stopped; b never began
+
+
+def test_the_integration_folder_runs_after_everything_else(tmp_path):
+    def at(path):
+        return SimpleNamespace(path=tmp_path / path)
+
+    items = [
+        at("test_a.py"),
+        at("integration/test_z.py"),
+        at("integration/test_y.py"),
+        at("router/test_b.py"),
+    ]
+    ordered = early_start.integration_last(items, tmp_path / "integration")
+    assert [str(i.path.relative_to(tmp_path)) for i in ordered] == [
+        "test_a.py",
+        "router/test_b.py",
+        "integration/test_z.py",  # its own order kept
+        "integration/test_y.py",
+    ]
