@@ -35,9 +35,13 @@ The calibrator that serves is the incumbent's (its calibrated score is what the 
 what the thresholds act on; a monotone refit would not change which items a threshold accepts).
 The job refits it from the same labels, weighted by 1 / inclusion probability, and reports the
 refit in the artefact and the job's details (``calibrator_report``: weighted ECE and Brier of the
-incumbent's score and of the cross-fitted refit, and the accept threshold as P(right)). A
-task with a learned router is refused for now: its decisions come from the router's own
-certified plan, which this job does not refit (its frozen reference index stays as deployed).
+incumbent's score and of the cross-fitted refit, and the accept threshold as P(right)).
+
+A task with a learned router gets its router refit from the same labels
+(``build_router_artefact``, policies/production_router.py: logged features at the router's
+feature version, the reference index extended with the fit share, both plans certified on the
+certification share). That artefact is stored, not proposed: a rollout arm serves an artefact's
+thresholds, not its router (docs/recertification.md says what serving it needs).
 """
 
 from __future__ import annotations
