@@ -267,6 +267,16 @@ class PlanCheck:
     certified: bool
     cost_per_item: float
     accepted: int  # sampled items it accepts automatically
+    wrong: int  # of those, wrong (or unknown)
+    p_above_alpha: float  # one-sided binomial p-value of "risk > alpha is not shown": small = shown
+
+
+def above_alpha_p_value(wrong: int, accepted: int, alpha: float) -> float:
+    """P(X >= wrong) for X ~ Binomial(accepted, alpha): small when the labels show the accepted
+    error above alpha. A monitor of a running plan, not a certificate."""
+    from scipy.stats import binom
+
+    return float(binom.sf(wrong - 1, accepted, alpha)) if accepted else 1.0
 
 
 def check_plan(plan, sample: ProductionSample, *, costs: TierCosts, alpha: float, delta: float) -> PlanCheck:
@@ -275,12 +285,13 @@ def check_plan(plan, sample: ProductionSample, *, costs: TierCosts, alpha: float
     unlabelled item is wrong, an escalated item without a VLM answer passes and is wrong.
 
     A recertification loop uses it to keep its incumbent: on labels that arrived after the
-    incumbent was deployed (chosen without them, so the test is valid at ``delta``) and, for the
-    cost, on the same sample as a new certificate (a paired comparison)."""
+    incumbent was deployed (chosen without them, so either test is valid at ``delta``) and, for
+    the cost, on the same sample as a new certificate (a paired comparison). ``p_above_alpha``
+    counts items (exact on a sample at one inclusion probability)."""
     from policies.production_certify import test_p_values
 
     if len(sample) == 0:
-        return PlanCheck(1.0, False, math.nan, 0)
+        return PlanCheck(1.0, False, math.nan, 0, 0, 1.0)
     outcomes = sample.worst_case()
     score = outcomes.cheap_score
     cheap_ok = score >= plan.accept_threshold
@@ -296,4 +307,5 @@ def check_plan(plan, sample: ProductionSample, *, costs: TierCosts, alpha: float
     cost = (
         costs.cheap + (costs.escalate * (escalated @ weight) + costs.review * (~auto @ weight)) / weight.sum()
     )
-    return PlanCheck(p, p <= delta, float(cost), int(auto.sum()))
+    n_auto, n_wrong = int(auto.sum()), int(wrong.sum())
+    return PlanCheck(p, p <= delta, float(cost), n_auto, n_wrong, above_alpha_p_value(n_wrong, n_auto, alpha))

@@ -34,8 +34,8 @@ random) with probability ``--reviewer-error``; an audit goes unlabelled with pro
   in this very window (its inputs were still moving: the certificate would describe inputs
   already gone). A new certificate of the same inputs as the running plan replaces it only when
   it is cheaper on the label window (both plans on the same sampled items) or when the labels
-  that arrived since the running plan was deployed no longer certify it (``--no-keep-incumbent``:
-  every certificate replaces it). The first certificate of new inputs re-plans the loop's audit
+  that arrived since the running plan was deployed show its accepted error above alpha
+  (``--no-keep-incumbent``: every certificate replaces it). The first certificate of new inputs re-plans the loop's audit
   fraction (``plan_audit_fraction`` on its labels; ``--no-replan``: the clean pilot's stays).
 
 Labels are not in cost/1000: an answered audit is a human label of an accepted item; the
@@ -385,11 +385,14 @@ def _recertify(queues: list[dict], fractions: list[float], costs, config: LoopCo
 def _keep_incumbent(
     incumbent, candidate, queues, fractions, queued_in, deployed_at: int, costs, config: LoopConfig
 ) -> tuple[bool, str]:
-    """Keep the running plan instead of a new certificate of the same inputs? Only when the labels
-    that arrived after it was deployed still certify it (a test at delta on labels its choice never
-    saw) and it costs no more than the new plan on the label window (both on the same items). A
-    new certificate is one draw of the front from a few hundred labels: deploying every one let the
-    cost swing 26,000-86,000 per 1,000 between windows of the same inputs (seed 2, severity 4)."""
+    """Keep the running plan instead of a new certificate of the same inputs? When it costs no
+    more than the new plan on the label window (both on the same sampled items) and the labels that
+    arrived since it was deployed do not show its accepted error above alpha (a one-sided binomial
+    test at delta; the guard watches its inputs). A new certificate is one draw of the front from a
+    few hundred labels: deploying every one let the cost swing 26,000-86,000 per 1,000 between
+    windows of the same inputs (seed 2, severity 4). Requiring the fresh labels to certify the
+    running plan again was too strict: a certified plan sits near the edge, and about half its
+    fresh tests failed (p 0.16-0.76) with its accepted error at 0.04-0.05."""
     from policies.recert_plan import check_plan
 
     fresh = [k for k, window in enumerate(queued_in) if window >= deployed_at]
@@ -402,10 +405,10 @@ def _keep_incumbent(
         alpha=config.alpha,
         delta=config.delta,
     )
-    if not since.certified:
-        return (
-            False,
-            f"deployed: the running plan is not certified by the labels since (p={since.p_value:.3f})",
+    if since.p_above_alpha <= config.delta:
+        return False, (
+            f"deployed: the labels since show the running plan above alpha ({since.wrong} of "
+            f"{since.accepted} accepts wrong, p={since.p_above_alpha:.3f})"
         )
     sample = _sample(queues, fractions)
     old = check_plan(incumbent, sample, costs=costs, alpha=config.alpha, delta=config.delta).cost_per_item
@@ -416,8 +419,8 @@ def _keep_incumbent(
             f"deployed: cheaper ({1000 * new:.0f} against {1000 * old:.0f} per 1000 on the label window)",
         )
     return True, (
-        f"running plan kept: certified again by the labels since its deployment (p={since.p_value:.3f}), "
-        f"no dearer ({1000 * old:.0f} against {1000 * new:.0f} per 1000 on the label window)"
+        f"running plan kept: no dearer ({1000 * old:.0f} against {1000 * new:.0f} per 1000 on the label "
+        f"window), its {since.accepted} accepts since show no excess ({since.wrong} wrong, p={since.p_above_alpha:.3f})"
     )
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from policies.production_certify import ProductionSample
-from policies.recert_plan import check_plan
+from policies.recert_plan import above_alpha_p_value, check_plan
 from policies.risk_control import TierCosts
 
 COSTS = TierCosts(cheap=1.0, escalate=10.0, review=100.0)
@@ -32,6 +32,18 @@ def test_a_plan_whose_accepts_are_right_is_certified_and_a_wrong_one_is_not():
     bad = check_plan(plan(0.5), audits(rng, 400, 0.25), costs=COSTS, alpha=0.1, delta=0.1)
     assert good.certified and good.p_value <= 0.1 and good.accepted == 400
     assert not bad.certified and bad.p_value > 0.1
+    # the monitor's side: the bad plan's labels show its error above alpha, the good one's do not
+    assert bad.p_above_alpha <= 0.1 < good.p_above_alpha
+    assert bad.wrong > good.wrong
+
+
+def test_near_alpha_neither_certified_nor_shown_above():
+    """A plan right at the edge on a few dozen labels: no evidence either way, so a loop keeps it
+    (its own certificate stands) instead of taking a dearer one."""
+    sample = ProductionSample(np.full(50, 0.9), (np.arange(50) < 4).astype(float), np.full(50, 0.1))
+    check = check_plan(plan(0.5), sample, costs=COSTS, alpha=0.1, delta=0.1)
+    assert not check.certified and check.p_above_alpha > 0.1
+    assert check.p_above_alpha == pytest.approx(above_alpha_p_value(4, 50, 0.1))
 
 
 def test_an_unlabelled_accept_counts_as_an_error():
