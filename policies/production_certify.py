@@ -588,6 +588,7 @@ def certify_production_plan(
     seed: int = 0,
     n_points: int = 40,
     max_review_share: float | None = None,
+    score_name: str | None = None,
 ) -> TierPlan:
     """The three-tier plan (``policies.risk_control.TierPlan``: accept, escalate and, with the
     VLM's scores, VLM-accept thresholds) of least expected cost whose automatically accepted
@@ -595,7 +596,8 @@ def certify_production_plan(
     ``choose_tier_thresholds``' (fit-share quantiles), ordered on the fit share's weighted
     risk-cost front; a VLM answer the sample lacks (the VLM was not asked, or the item went
     unlabelled) counts as accepted and wrong wherever a candidate escalates the item. ``max_review_share``: the review capacity, as in
-    ``choose_tier_thresholds``. Raises ``TooFewLabels`` like ``certify_production``."""
+    ``choose_tier_thresholds``. ``score_name``: what ``cheap_score`` is, for the certificate's
+    statement (default: the cheap tier's calibrated confidence). Raises ``TooFewLabels`` like ``certify_production``."""
     _check_targets(alpha, delta)
     if max_review_share is not None and not 0.0 <= max_review_share <= 1.0:
         raise _fail("max_review_share", f"must be in [0, 1], got {max_review_share}")
@@ -624,7 +626,7 @@ def certify_production_plan(
         extra |= {"accept_threshold": float(chosen[0][best]), "review_threshold": float(chosen[1][best])}
         if chosen[2] is not None:
             extra["vlm_accept_threshold"] = float(chosen[2][best])
-    score = "cheap tier's calibrated confidence (accepted by the cheap tier or the VLM)"
+    score = (score_name or "cheap tier's calibrated confidence") + " (accepted by the cheap tier or the VLM)"
     cert = _certificate(run, alpha=alpha, delta=delta, score=score, extra=extra, sample=sample)
     if best is None:
         never_vlm = np.inf if sample.strong_score is not None else None

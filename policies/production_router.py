@@ -308,9 +308,15 @@ def refit_router(
 
     def certified(values, error, what):
         sample = ProductionSample(values, error, pi[cert], strong_error, strong_score, min_pi)
+        name = "the refit router's score" if what == "learned" else "cheap tier's calibrated top-1 confidence"
         try:
             return certify_production_plan(
-                sample, costs=costs, alpha=alpha, delta=delta, max_review_share=max_review_share
+                sample,
+                costs=costs,
+                alpha=alpha,
+                delta=delta,
+                max_review_share=max_review_share,
+                score_name=name,
             )
         except TooFewLabels as exc:
             more = math.ceil(exc.needed_more / (1.0 - FIT_SHARE))

@@ -58,6 +58,7 @@ def test_the_refit_learns_from_the_fit_share_indexes_it_and_certifies_on_the_res
     assert new.learner.sha256 != incumbent.learner.sha256 and new.spec == incumbent.spec
     assert new.plans.learned.feasible and new.plans.alpha == 0.1 and new.plans.delta == 0.1
     assert new.plans.learned.document["certificate"]["n"] <= len(cert)
+    assert "refit router's score" in new.plans.learned.document["certificate"]["score"]
     assert RouterArtefact.from_document({**new.to_document(), "sha256": new.sha256}).sha256 == new.sha256
     assert result.report["parent_router"] == incumbent.sha256
     # the split is the coin's, fixed before any label: about FIT_SHARE of the items
