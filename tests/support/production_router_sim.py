@@ -172,17 +172,18 @@ def simulate(draws: int, *, n_traffic: int = 3000, alpha: float = 0.1, delta: fl
     return out
 
 
-if __name__ == "__main__":  # python -m tests.support.production_router_sim [draws]
+if __name__ == "__main__":  # python -m tests.support.production_router_sim [draws [alpha]]
     import sys
     import time
 
     started = time.perf_counter()
     draws = int(sys.argv[1]) if len(sys.argv) > 1 else 200
-    rows = simulate(draws)
+    alpha = float(sys.argv[2]) if len(sys.argv) > 2 else 0.1
+    rows = simulate(draws, alpha=alpha)
     done = [r for r in rows if "error" in r]
     errors = np.array([r["error"] for r in done])
     print(
-        f"{draws} draws ({len(rows) - len(done)} refused), alpha 0.1, delta 0.1: violation rate "
+        f"{draws} draws ({len(rows) - len(done)} refused), alpha {alpha:g}, delta 0.1: violation rate "
         f"{np.mean([r['violation'] for r in done]):.3f}; true accepted error median {np.median(errors):.4f} "
         f"(max {errors.max():.4f}); accepted share median {np.median([r['accepted'] for r in done]):.3f}; "
         f"{time.perf_counter() - started:.0f} s"
