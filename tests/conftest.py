@@ -34,25 +34,9 @@ try:
 except ModuleNotFoundError:
     _lanes_found = False
 if _lanes_found:
-    # and the model builds started in the background right after collection: tests/support/prefetch.py
-    pytest_plugins = ("tests.support.lanes", "tests.support.prefetch")
-
-
-@pytest.hookimpl(trylast=True)
-def pytest_collection_modifyitems(session, config, items):
-    """The integration folder runs last: its shared servers start in the background while the
-    rest of the suite runs (tests/support/early_start.py). Its own order inside is kept."""
-    from tests.support.early_start import integration_last
-
-    items[:] = integration_last(items, Path(__file__).parent / "integration")
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _shared_servers_started_early(request):
-    """Begins the background starts of the servers later tests share; see early_start.py."""
-    from tests.support import early_start
-
-    yield from early_start.session(request)
+    # and what starts in the background while the suite runs: model builds right after collection
+    # (tests/support/prefetch.py), the integration folder's shared servers (early_start.py)
+    pytest_plugins = ("tests.support.lanes", "tests.support.prefetch", "tests.support.early_start")
 
 
 @pytest.fixture(scope="session")

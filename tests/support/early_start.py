@@ -7,7 +7,7 @@ cores) are started meanwhile, one after another on a background thread, in the o
 users run. A server's fixture then takes the one started for it (waiting if it is still starting)
 instead of starting it; any error of the start is raised there, as if the fixture had started it.
 
-The integration conftest registers a *recipe* per server: called on the main thread with the
+This module is a pytest plugin (tests/conftest.py loads it). The integration conftest registers a *recipe* per server: called on the main thread with the
 pytest request (it may take fixtures: the prepared models, a temp dir), it returns the function
 that starts the server, which runs on the background thread. Servers started early but never
 taken (a run stopped with -x) are stopped when the session ends.
@@ -102,8 +102,18 @@ def enabled(config: pytest.Config) -> bool:
     )
 
 
-def session(request: pytest.FixtureRequest):
-    """The root conftest's autouse session fixture: begin the starts, end them after the run."""
+INTEGRATION = Path(__file__).resolve().parents[1] / "integration"
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(session, config, items):
+    """The integration folder runs last, so its servers start while the rest of the suite runs."""
+    items[:] = integration_last(items, INTEGRATION)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_servers_started_early(request):
+    """Begin the starts before the first test; end them (stop what nobody took) after the run."""
     names = wanted(request.session.items) if enabled(request.config) else []
     if names:
         begin([(name, RECIPES[name](request)) for name in names])
