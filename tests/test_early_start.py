@@ -35,7 +35,7 @@ def item(*fixtures: str) -> SimpleNamespace:
 
 def test_only_servers_later_tests_use_are_wanted_and_none_when_the_first_test_uses_one(registry):
     items = [item("tmp_path"), item("b_service"), item("a_service", "b_service")]
-    assert early_start.wanted(items) == ["a_service", "b_service"]  # registration order
+    assert early_start.wanted(items) == ["b_service", "a_service"]  # the order of their first users
     assert early_start.wanted([item("a_service"), *items]) == []
     assert early_start.wanted([]) == []
 

@@ -153,12 +153,32 @@ def _starts_vllm_server(request):
     return start_warm_tiny_vllm_server
 
 
-# In the order their first users run (pytest_collection_modifyitems above), for
-# tests/support/early_start.py: started in the background while the rest of the suite runs.
+def _starts_digits_vllm_server(request):
+    def start():
+        from examples import vllm_server
+        from examples.train_digits import SERVED_MODEL_NAME
+        from tests.support.vllm import warm_up
+
+        # trained by then, or training in the background (tests/support/prefetch.py): waits for it
+        model_dir = vllm_server.ensure_digits_llava(python=vllm_server.ensure_vllm_venv())
+        running = vllm_server.start_vllm_server(model_dir, served_model_name=SERVED_MODEL_NAME)
+        try:
+            warm_up(running)
+        except BaseException:
+            running.stop()
+            raise
+        return running
+
+    return start
+
+
+# For tests/support/early_start.py: started in the background, in the order of their first users,
+# while the rest of the suite runs.
 early_start.RECIPES.update(
     default_service=_starts_default_service,
     keyed_service=_starts_keyed_service,
     vllm_server=_starts_vllm_server,
+    digits_vllm_server=_starts_digits_vllm_server,
 )
 
 
@@ -218,19 +238,10 @@ def digits_llava_dir():
 
 
 @pytest.fixture(scope="session")
-def digits_vllm_server(digits_llava_dir):
+def digits_vllm_server(request, digits_llava_dir):
     """One real vLLM server for the digits LLaVA, warmed up like ``vllm_server``; stopped after
     the last test that uses it."""
-    from examples import vllm_server
-    from examples.train_digits import SERVED_MODEL_NAME
-    from tests.support.vllm import warm_up
-
-    running = vllm_server.start_vllm_server(digits_llava_dir, served_model_name=SERVED_MODEL_NAME)
-    try:
-        warm_up(running)
-    except BaseException:
-        running.stop()
-        raise
+    running = early_start.take("digits_vllm_server") or _starts_digits_vllm_server(request)()
     yield from _shared("digits_vllm_server", running)
 
 

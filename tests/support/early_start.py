@@ -30,7 +30,7 @@ import pytest
 
 log = logging.getLogger(__name__)
 
-# server fixture name -> recipe (request -> start function), in the order the servers are needed
+# server fixture name -> recipe (request -> start function)
 RECIPES: dict[str, Callable[[pytest.FixtureRequest], Callable[[], object]]] = {}
 
 _futures: dict[str, Future] = {}
@@ -38,15 +38,16 @@ _thread: threading.Thread | None = None
 
 
 def wanted(items) -> list[str]:
-    """The registered servers some collected test uses, in registration order; none when the
-    first test already uses one (nothing would run beside the starts)."""
-    if not items:
+    """The registered servers some collected test uses, in the order of their first users; none
+    when the first test already uses one (nothing would run beside the starts)."""
+    first_use: dict[str, int] = {}
+    for index, item in enumerate(items):
+        for name in RECIPES:
+            if name in getattr(item, "fixturenames", ()):
+                first_use.setdefault(name, index)
+    if 0 in first_use.values():
         return []
-    used = {name for item in items for name in getattr(item, "fixturenames", ())}
-    names = [name for name in RECIPES if name in used]
-    if set(getattr(items[0], "fixturenames", ())) & set(names):
-        return []
-    return names
+    return sorted(first_use, key=first_use.get)
 
 
 def begin(starts: list[tuple[str, Callable[[], object]]]) -> None:
