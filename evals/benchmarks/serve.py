@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import tempfile
 import threading
 import time
@@ -302,6 +303,15 @@ def cheap_path(samples: list[tuple[float, dict[str, Any]]]) -> dict[str, Any]:
     out: dict[str, Any] = {"accept_p50_ms": percentile(accepted, 50), "accepted": len(accepted)}
     if features_ms:
         out["router_features_p50_ms"] = percentile(features_ms, 50)
+    cpu_ms = [  # the features' CPU time: their own work, without waits for a core (router_stage.scored)
+        float(step["details"]["pricing"]["features_cpu_ms"])
+        for _, body in samples
+        for step in (body.get("trace") or {}).get("steps", [])
+        if step.get("stage") == "router"
+        and ((step.get("details") or {}).get("pricing") or {}).get("features_cpu_ms") is not None
+    ]
+    if cpu_ms:
+        out["router_features_cpu_p50_ms"] = percentile(cpu_ms, 50)
     return out
 
 
@@ -410,6 +420,7 @@ def _router_lines(results: dict[str, Any]) -> list[str]:
             )
             text += (
                 f", its features' own time p50 {on_face.get('router_features_p50_ms', float('nan')):.2f} ms"
+                f" (CPU {on_face.get('router_features_cpu_p50_ms', float('nan')):.2f} ms)"
             )
             if face in off:
                 seq_off, seq_on = off[face]["accept_p50_ms"], on_face["accept_p50_ms"]
@@ -418,7 +429,7 @@ def _router_lines(results: dict[str, Any]) -> list[str]:
                     f"{off[face]['accepted']}/{on_face['accepted']} accepted), "
                     f"throughput off/on {off[face]['requests_per_s']:.1f}/{on_face['requests_per_s']:.1f} req/s"
                 )
-            lines.append(text)
+            lines.append(text + "; load average now {:.1f}, {:.1f}, {:.1f}".format(*os.getloadavg()))
     return lines
 
 
@@ -583,7 +594,7 @@ def run_bench(
         f"raw ONNX Runtime (in-process): p50 {raw['p50_ms']:.1f} ms, p95 {raw['p95_ms']:.1f} ms, "
         f"p99 {raw['p99_ms']:.1f} ms; batched x8 {raw['batched_images_per_s']:.1f} images/s"
     )
-    results: dict[str, Any] = {"raw": raw, "service": {}}
+    results: dict[str, Any] = {"raw": raw, "service": {}, "load_average": {"start": os.getloadavg()[0]}}
     router_files, scratch = None, None
     if True in routers:
         if work_dir is None:
@@ -656,6 +667,10 @@ def run_bench(
         if scratch is not None:
             scratch.cleanup()
     results["targets"] = _targets(results) + _router_lines(results)
+    # others' work on the machine moves every figure: the 1-minute load average, start and end
+    results["load_average"]["end"] = os.getloadavg()[0]
+    load = results["load_average"]
+    print(f"load average (1 min) at start {load['start']:.1f}, at end {load['end']:.1f}")
     print("targets (sequential p50; throughput under load):")
     for line in results["targets"]:
         print(line)
