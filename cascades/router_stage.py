@@ -23,7 +23,10 @@ What is served is what was fitted, with two choices stated here:
   features served for an image are the features fitted for it, for any number of classes;
 - the reference index's embedding is the input pixels, resized to the index's dimension (grey
   ``s x s`` for d = s^2, RGB for d = 3 s^2; rows are L2-normalised by the index), the embedding
-  the digits router is fitted on. Another embedding is a ConfigError at start-up.
+  the digits router is fitted on, under the artefact's ``features.embedding_version``
+  (``pixel_embedder``: 2, the upload's bounded copy, for grey the one the input block reads, so
+  a request reduces its upload once for both; 1, the whole upload, for artefacts stored before
+  the key). Another embedding is a ConfigError at start-up.
 
 The plan decides the VLM's answer too: when the plan certified a VLM accept threshold, the stage
 hands it to the VLM stage with the request (``analysis.metadata[VLM_ACCEPT_KEY]``), which applies
@@ -37,9 +40,14 @@ measured time on this request over the cheap tier's, times the cheap tier's pric
 features: a request whose features take longer takes the fallback plan (0: every request does).
 
 Where they run: on the event loop while this task's features typically take under
-``INLINE_BELOW_MS`` (5 ms; a photo's features with the bounded input block take about 1 ms, a
+``INLINE_BELOW_MS`` of CPU (5 ms; a photo's features with both bounded blocks take about 1 ms, a
 thread hop 0.4 ms more), else in a thread, and always in a thread under a ``timeout_ms`` (the loop cannot
-interrupt its own work). The step says which (``details.ran``).
+interrupt its own work). The step says which (``details.ran``). The estimate reads the
+features' CPU time (``time.thread_time``), not their wall time: on a loaded machine a request
+whose thread waited for a core would otherwise send the next ones to a thread, where the hop
+and the wait for the loop come on top. The step's ``latency_ms`` stays the wall time the request
+spent in the stage; ``pricing.features_ms`` and ``pricing.features_cpu_ms`` are the features'
+wall and CPU time (their own work; OpenCV's helper threads, if it uses any, are not counted).
 """
 
 from __future__ import annotations
