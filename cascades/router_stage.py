@@ -62,6 +62,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from cascades.arm_router import arm_router
 from cascades.learned_router import CertifiedThresholds, RouterArtefact
 from cascades.router_features import (
     EMBEDDING_VERSION,
@@ -398,8 +399,9 @@ class RouterScoreStage:
         router = self.routers.get(analysis.task)
         if router is None or state.cheap_tier_failed:
             return
-        choice = getattr(getattr(state, "arm", None), "choice", None)
-        if choice is not None and choice.arm == "candidate":
+        # a rollout arm's refit router, or the adopted incumbent's (cascades/arm_router.py)
+        router, stands_aside = arm_router(getattr(state, "arm", None), router)
+        if stands_aside:
             analysis.trace.append(
                 Step(
                     stage=ROUTER_STAGE,
