@@ -40,8 +40,9 @@ incumbent's score and of the cross-fitted refit, and the accept threshold as P(r
 A task with a learned router gets its router refit from the same labels
 (``build_router_artefact``, policies/production_router.py: logged features at the router's
 feature version, the reference index extended with the fit share, both plans certified on the
-certification share). That artefact is stored, not proposed: a rollout arm serves an artefact's
-thresholds, not its router (docs/recertification.md says what serving it needs).
+certification share). That artefact is proposed like any other: a rollout arm of it scores with
+the refit router (router/services/rollouts.py ``router_for``, cascades/arm_router.py), and its
+promotion makes the refit router the incumbent's (docs/recertification.md).
 """
 
 from __future__ import annotations
@@ -595,14 +596,6 @@ class Recalibration:
             extra["router_refit"] = built.artefact["router_refit"]
         if not request.propose:
             return "succeeded", f"artefact {sha[:12]} stored (not proposed)", extra
-        if "router" in built.artefact:  # a rollout arm serves an artefact's thresholds, not its router
-            return (
-                "succeeded",
-                f"artefact {sha[:12]} stored with refit router {extra['router'][:12]}; not proposed: a rollout "
-                "arm cannot serve a refit router yet (docs/recertification.md), and proposing it would test "
-                "the confidence thresholds instead",
-                extra,
-            )
         if request.tenant is not None:  # a rollout acts on every tenant of the task
             return (
                 "succeeded",
@@ -637,7 +630,8 @@ class Recalibration:
         extra["rollout_id"] = rollout.id
         if self.on_proposed is not None:
             self.on_proposed()
-        return "succeeded", f"artefact {sha[:12]} proposed as shadow rollout {rollout.id}", extra
+        router = f" (refit router {extra['router'][:12]})" if "router" in extra else ""
+        return "succeeded", f"artefact {sha[:12]}{router} proposed as shadow rollout {rollout.id}", extra
 
 
 class RecalibrationService:
@@ -708,7 +702,7 @@ class RecalibrationService:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return False
-        tasks = schedule.tasks or [t for t, c in cascades.items() if getattr(c, "router", None) is None]
+        tasks = schedule.tasks or list(cascades)  # a routed task's rollout serves its refit router
         requests = [
             RecalibrationRequest(
                 task=task,

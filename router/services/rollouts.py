@@ -183,6 +183,10 @@ class Arm:
     thresholds: ThresholdPolicy
     cost_units: float  # what one cheap-tier call reserves on the budgets
     choice: ArmChoice | None = None
+    # the learned router this arm scores with (cascades.router_stage.ServedRouter): a rollout
+    # artefact's refit router, or the adopted incumbent artefact's; None: the configured one
+    # (a candidate arm without one is left to its thresholds: cascades/arm_router.py)
+    router: Any = None
 
     def step(self) -> Step | None:
         """The ``rollout`` step naming the rollout and the arm, or None outside a rollout."""
@@ -269,6 +273,10 @@ class RolloutService:
         # their thresholds are loaded (sha256-checked) when the rollout is read, never on a request.
         self._artefacts: ArtefactStore | None = None
         self._artefact_thresholds: dict[str, ThresholdPolicy] = {}
+        # sha256 -> the artefact's refit router, loaded and checked against the task's configured
+        # router beside its thresholds (absent: the artefact carries no router)
+        self._artefact_routers: dict[str, Any] = {}
+        self._configured_routers: dict[str, Any] = {}
         # task -> (sha256, thresholds) of the artefact a promoted rollout made its incumbent
         # (read with the rollouts; None before the first read)
         self._incumbents: dict[str, tuple[str, ThresholdPolicy]] | None = None
@@ -299,8 +307,33 @@ class RolloutService:
                     "only; a rollout acts on every tenant of the task",
                     field="artefact",
                 )
+            if body.get("router") is not None:
+                try:
+                    self._artefact_routers[sha256] = self.artefact_router(body, task)
+                except ConfigError as exc:
+                    raise InputError(
+                        f"calibration artefact {sha256[:12]}: {exc.reason}",
+                        field=exc.field or "artefact.router",
+                    ) from None
             cached = self._artefact_thresholds[sha256] = ThresholdPolicy.model_validate(body["thresholds"])
         return cached
+
+    def artefact_router(self, body: dict[str, Any], task: str) -> Any:
+        """An artefact's refit router (``body["router"]``), checked against the task's configured
+        router (labels, feature names and definitions) and loaded for serving; ConfigError
+        naming ``artefact.router.<field>`` when it does not fit."""
+        from cascades.arm_router import rollout_router
+        from router.config import served_router
+
+        if task not in self._configured_routers:
+            self._configured_routers[task] = served_router(task, self.config.cascades[task])
+        configured = self._configured_routers[task]
+        if configured is None:
+            raise ConfigError(
+                f"it carries a learned router, but task {task!r} serves none (cascades.{task}.router)",
+                field="artefact.router",
+            )
+        return rollout_router(body["router"], configured, field="artefact.router")
 
     # -- the incumbent artefacts ----------------------------------------------------------------
 
@@ -316,6 +349,11 @@ class RolloutService:
             if body is None:
                 body = self._incumbent_bodies[sha] = self.artefacts.get(sha)  # sha256-checked, once
             problem = why_not_incumbent(body, cascade, self.policies.thresholds(self.policies.current, task))
+            if problem is None and body.get("router") is not None and sha not in self._artefact_routers:
+                try:
+                    self._artefact_routers[sha] = self.artefact_router(body, task)
+                except ConfigError as exc:  # the configured router changed under it: never a guess
+                    problem = f"its router does not fit the configured one: {exc.reason}"
             if problem is None:
                 found[task] = (sha, ThresholdPolicy.model_validate(body["thresholds"]))
             elif sha not in self._incumbents_refused:
@@ -331,6 +369,22 @@ class RolloutService:
         if adopted is not None and configured_version(adopted[1].version) == configured.version:
             return adopted[1]
         return configured
+
+    def incumbent_router(self, policy: PolicySet, task: str) -> Any:
+        """The incumbent artefact's refit router where that artefact serves (``incumbent_thresholds``),
+        else None (the configured router scores)."""
+        adopted = (self._incumbents or {}).get(task)
+        if adopted is None or self.incumbent_thresholds(policy, task) is not adopted[1]:
+            return None
+        return self._artefact_routers.get(adopted[0])
+
+    def router_for(self, choice: ArmChoice | None, incumbent: Any, *, candidate: bool = False) -> Any:
+        """The router an arm scores with: the rollout artefact's refit router on its candidate arm
+        (None there without one: that arm's thresholds decide), else the incumbent's."""
+        rollout = choice.rollout if choice is not None else None
+        if rollout is None or not (candidate or choice.arm == "candidate"):
+            return incumbent
+        return self._artefact_routers.get(rollout.artefact) if rollout.artefact is not None else None
 
     def adopt_artefact(self, rollout: Rollout, actor: str) -> Rollout:
         """A promoted rollout of an artefact alone makes it the task's incumbent in the shared store
@@ -456,8 +510,9 @@ class RolloutService:
         task's rollout chooses (its policy, cheap tier, thresholds and price)."""
         choice = self.choose(await self.in_effect(task), request_id, tenant)
         thresholds = self.incumbent_thresholds(incumbent.policy, task)
-        if thresholds is not incumbent.thresholds:
-            incumbent = dataclasses.replace(incumbent, thresholds=thresholds)
+        router = self.incumbent_router(incumbent.policy, task)
+        if thresholds is not incumbent.thresholds or router is not incumbent.router:
+            incumbent = dataclasses.replace(incumbent, thresholds=thresholds, router=router)
         if choice is None:
             return incumbent
         policy = self.policy_for(choice, incumbent.policy)
@@ -470,6 +525,7 @@ class RolloutService:
             self.thresholds_for(choice, policy, task),
             cost_units,
             choice,
+            self.router_for(choice, incumbent.router),
         )
 
     def shadow_arm(self, served: Arm, task: str) -> Arm:
@@ -489,6 +545,7 @@ class RolloutService:
             self.thresholds_for(choice, policy, task, candidate=True),
             cost_units,
             candidate,
+            self.router_for(choice, None, candidate=True),
         )
 
     def policy_for(self, choice: ArmChoice | None, incumbent: PolicySet) -> PolicySet:
@@ -649,6 +706,12 @@ class RolloutService:
                 ) from None
             except ArtefactCorrupted as exc:
                 raise InputError(str(exc), field="artefact") from None
+            if request.candidate is not None and request.artefact in self._artefact_routers:
+                raise InputError(
+                    f"calibration artefact {request.artefact[:12]} carries a router refit on the task's tier; "
+                    f"it cannot serve beside candidate tier {request.candidate!r} (roll it out alone)",
+                    field="artefact",
+                )
         policy = None
         if request.policy is not None:
             try:

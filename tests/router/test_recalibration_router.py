@@ -17,11 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cascades.learned_router import RouterArtefact
 from router.services import ImageRequest
 from router.services.recalibration import (
     RecalibrationRequest,
-    RecalibrationService,
     Refused,
     build_router_artefact,
 )
@@ -51,28 +49,8 @@ async def labelled_traffic(service, n: int) -> dict[str, str]:
     return truth_of
 
 
-@pytest.mark.slow
-def test_a_routed_task_gets_a_refit_router_certified_on_items_it_never_saw(tmp_path):
-    incumbent = fitted_artefact(learned=(0.9999, 0.0))
-    service = service_for(colour_config(tmp_path, incumbent.save(tmp_path / "router.json")))
-    asyncio.run(labelled_traffic(service, 260))
-    recalibration = RecalibrationService.of(service)
-    job = recalibration.job.run(RecalibrationRequest(task="colour", alpha=0.2, delta=0.2), "alice")
-    assert job["status"] == "succeeded", job["reason"]
-    assert "not proposed" in job["reason"] and job["rollout_id"] is None
-    report = job["details"]["router_refit"]
-    # every stored image gave back the logged neighbour features: the served embedding
-    assert report["no_router_score"] == {"fallback": 0, "image_unusable": 0}
-    assert report["left_out"]["other_feature_version"] == 0
-    body = recalibration.job.artefacts.get(job["artefact_sha256"])
-    refit = RouterArtefact.from_document(body["router"], class_names=LABELS)
-    assert refit.sha256 == job["details"]["router"] != incumbent.sha256
-    assert len(refit.index) == len(incumbent.index) + report["index_rows"]["added"] > len(incumbent.index)
-    assert report["index_rows"]["added"] <= report["fit_items"]
-    assert refit.plans.learned.feasible and refit.plans.alpha == 0.2
-    assert body["certificate"]["n"] <= report["certification_items"]
-    # the thresholds (used only with the router off) stay the incumbent's, under a new version
-    assert body["thresholds"]["accept_threshold"] == 0.9 and "+prod-" in body["version"]
+# The refit router certified on items it never saw, proposed, shadowed, promoted and served:
+# tests/router/test_rollout_router.py (one run of 260 labelled requests for both).
 
 
 def test_a_routed_task_without_its_feature_vectors_is_refused_saying_what_is_missing(tmp_path):

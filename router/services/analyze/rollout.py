@@ -3,8 +3,8 @@
 The arm that served the request was chosen at its start (``ArmStage``); what the rollout learns
 from it is gathered here, off the request's path: a canary arm's served cost, and on a
 shadow-sampled request the candidate's own run on the same decoded image, recorded beside the
-served answer and never served (its cheap tier and thresholds only: an escalation is costed at
-the VLM's reserve units, never paid for). A shadow accept may be queued as a ``shadow`` audit
+served answer and never served (its cheap tier, its refit router if it carries one, and its
+thresholds: an escalation is costed at the VLM's reserve units, never paid for). A shadow accept may be queued as a ``shadow`` audit
 item, through the same privacy and queue-write stages as the served request's items.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from cascades.arm_router import routed_cascade
 from cascades.pipeline import run_cascade
 from policies.runtime import PolicyRuntime
 from router.services.analyze.context import QueueTicket, RequestContext, Stage
@@ -69,13 +70,23 @@ class RolloutEvidenceStage:
             policy_version=arm.policy.version,
         )
         shadow.trace.append(arm.step())
-        shadow = await run_cascade(
-            shadow,
-            cheap_tier=arm.cheap_tier.predict,
-            policy=arm.thresholds,
-            vlm=None,  # the shadow never pays for a VLM call: an escalation is costed at its reserve
-            shift_guard=PolicyRuntime.shift_guard(arm.policy, ctx.task),
-        )
+        shift_guard = PolicyRuntime.shift_guard(arm.policy, ctx.task)
+        if arm.router is not None:  # a refit router: it scores the shadow run as it would the served one
+            shadow = await routed_cascade(
+                shadow,
+                cheap_tier=arm.cheap_tier.predict,
+                policy=arm.thresholds,
+                router=arm.router,
+                shift_guard=shift_guard,
+            )
+        else:
+            shadow = await run_cascade(
+                shadow,
+                cheap_tier=arm.cheap_tier.predict,
+                policy=arm.thresholds,
+                vlm=None,  # the shadow never pays for a VLM call: an escalation is costed at its reserve
+                shift_guard=shift_guard,
+            )
         costs = arm.policy.costs
         candidate_cost = shadow.trace.cost_units + {
             Decision.ESCALATE: costs.vlm_reserve_units,

@@ -1,0 +1,230 @@
+"""A refit learned router served through the rollout path (issue 23), through the service core
+(no Ray): production labels -> the recalibration job refits the router and proposes the artefact
+as a shadow rollout -> the shadow runs score with the refit router -> the sequential test promotes
+it -> it becomes the incumbent and a later request's ``router`` step carries its sha256.
+
+Also: a refit router that does not fit its tier is refused naming the field, a feature failure on
+a candidate arm falls back to that arm's own confidence-only plan, and a candidate arm without a
+router is left to its thresholds as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cascades.arm_router import arm_router, rollout_router
+from cascades.learned_router import RouterArtefact
+from cascades.router_stage import RouterScoreStage, ServedRouter
+from router.config import parse_app_config
+from router.services import ImageRequest, VisionRouteService
+from router.services.backends import LocalOnnxTier
+from router.services.recalibration import RecalibrationRequest, RecalibrationService
+from tests.router.colour_model import LABELS, write_colour_model
+from tests.router.test_rollouts import review_everything
+from tests.router.test_router_stage import fitted_artefact
+from visionroute.errors import ConfigError
+from visionroute.records import Analysis, Detections, Trace
+
+
+def routed_config(tmp_path, router_path):
+    model = write_colour_model(tmp_path / "colour.onnx")
+    return parse_app_config(
+        {
+            "models_dir": str(tmp_path),
+            "default_task": "colour",
+            "cascades": {
+                "colour": {
+                    "tier": {"model": str(model), "decoder": "classifier", "labels": LABELS, "size_hw": 32},
+                    "policy": {"version": "colour-v1", "accept_threshold": 0.9, "escalate_threshold": 0.2},
+                    "router": {"path": str(router_path)},
+                }
+            },
+            "review": {"path": str(tmp_path / "review")},
+            "retrieval": {"enabled": False},
+            "rollouts": {"refresh_s": 0.05, "cost_flush_s": 0.05},
+        }
+    )
+
+
+def service_for(config) -> VisionRouteService:
+    tier = LocalOnnxTier(config.cascades["colour"].tier.model_dump(), config.models_dir)
+    return VisionRouteService.build(config, tiers={"colour": tier})
+
+
+def png(rgb: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+async def labelled_traffic(service, n: int, prefix: str, seed: int) -> list[Analysis]:
+    """``n`` noisy colours; the truth disagrees with the colour model on its unsure answers
+    (top-1 below 0.6), so a router can learn when it is right and a plan certified on it accepts
+    few wrong answers (the sequential test can show its risk below alpha). Every pending audit
+    and shadow item is labelled."""
+    rng = np.random.default_rng(seed)
+    truth_of, served = {}, []
+    for i in range(n):
+        image = np.clip(rng.integers(0, 256, 3)[None, None, :] + rng.normal(0, 8, (48, 48, 3)), 0, 255)
+        request_id = f"{prefix}-{i}"
+        analysis = await service.analyze.analyze(ImageRequest(png(image.astype(np.uint8)), request_id), None)
+        answer = analysis.detections.labels[0] if len(analysis.detections) else LABELS[0]
+        confidence = float(analysis.detections.confidence[0]) if len(analysis.detections) else 0.0
+        flip = confidence < 0.6
+        truth_of[request_id] = LABELS[(LABELS.index(answer) + 1) % 3] if flip else answer
+        served.append(analysis)
+    await service.rollouts.drain()
+    await review_everything(service, truth_of)
+    await service.rollouts.flush_costs()
+    return served
+
+
+def step_of(analysis_or_trace, stage: str):
+    steps = analysis_or_trace.trace if isinstance(analysis_or_trace, Analysis) else analysis_or_trace["steps"]
+    found = [s for s in steps if (s.stage if hasattr(s, "stage") else s["stage"]) == stage]
+    return found[0] if found else None
+
+
+@pytest.mark.slow
+def test_a_refit_router_is_proposed_shadowed_promoted_and_later_traces_carry_its_version(tmp_path):
+    incumbent = fitted_artefact(learned=(0.9999, 0.0))  # accepts nothing: every request is reviewed
+    service = service_for(routed_config(tmp_path, incumbent.save(tmp_path / "router.json")))
+    recalibration = RecalibrationService.of(service)
+
+    async def scenario():
+        await labelled_traffic(service, 260, "day1", seed=11)
+        request = RecalibrationRequest(
+            task="colour",
+            alpha=0.2,
+            delta=0.2,
+            shadow_fraction=1.0,
+            audit_fraction=1.0,
+            min_cost_observations=5,
+        )
+        job = await asyncio.to_thread(recalibration.job.run, request, "alice@ops")
+        assert job["status"] == "succeeded", job["reason"]
+        refit_sha, rollout_id = job["details"]["router"], job["rollout_id"]
+        assert rollout_id is not None and refit_sha[:12] in job["reason"]
+        report = job["details"]["router_refit"]
+        # every stored image gave back the logged neighbour features: the served embedding
+        assert report["no_router_score"] == {"fallback": 0, "image_unusable": 0}
+        assert report["left_out"]["other_feature_version"] == 0
+        body = service.rollouts.artefacts.get(job["artefact_sha256"])
+        refit = RouterArtefact.from_document(body["router"], class_names=LABELS)
+        assert refit.sha256 == refit_sha != incumbent.sha256
+        assert len(refit.index) == len(incumbent.index) + report["index_rows"]["added"] > len(incumbent.index)
+        assert report["index_rows"]["added"] <= report["fit_items"]
+        assert refit.plans.learned.feasible and refit.plans.alpha == 0.2
+        assert body["certificate"]["n"] <= report["certification_items"]
+        # the thresholds (used only with the router off) stay the incumbent's, under a new version
+        assert body["thresholds"]["accept_threshold"] == 0.9 and "+prod-" in body["version"]
+        started = (await service.rollouts.status(rollout_id)).to_json()
+        assert started["mode"] == "shadow" and started["artefact"] == job["artefact_sha256"]
+        service.rollouts._read_at = 0.0
+        # shadow: the incumbent (and its router) serves; the candidate's run scores with the refit router
+        shadowed = await labelled_traffic(service, 80, "day2", seed=12)
+        for analysis in shadowed:
+            assert step_of(analysis, "rollout").details["arm"] == "incumbent"
+            assert step_of(analysis, "router").details["version"] == incumbent.sha256
+        shadow_items = [i for i in service.review.queue.iter_all() if i.kind == "shadow"]
+        assert shadow_items, "the refit router's learned plan accepted nothing in shadow"
+        for item in shadow_items:
+            router_step = step_of(item.trace, "router")
+            assert router_step["details"]["version"] == refit_sha and router_step["details"]["applied"]
+        return job, refit_sha, rollout_id
+
+    job, refit_sha, rollout_id = asyncio.run(scenario())
+    status = asyncio.run(service.rollouts.status(rollout_id)).to_json()
+    # promoted by the test's evidence, then the artefact (and its router) became the incumbent
+    assert status["status"] == "finished", status["test"]
+    assert [(e["action"], e["actor"]) for e in status["events"]][1:] == [
+        ("promote", "sequential-test"),
+        ("finish", "sequential-test"),
+    ]
+    assert service.rollouts.artefacts.incumbents()["colour"]["sha256"] == job["artefact_sha256"]
+
+    async def later():
+        service.rollouts._read_at = 0.0
+        return await labelled_traffic(service, 3, "day3", seed=13)
+
+    for analysis in asyncio.run(later()):  # a later request's trace carries the refit router
+        assert step_of(analysis, "rollout") is None
+        assert step_of(analysis, "router").details["version"] == refit_sha
+        assert step_of(analysis, "policy:thresholds").details["router_version"] == refit_sha
+
+
+# -- a refit router must fit its tier ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def configured() -> ServedRouter:
+    return ServedRouter.from_artefact(fitted_artefact(), cost_units=0.25)
+
+
+def document_of(artefact) -> dict:
+    return {**artefact.to_document(), "sha256": artefact.sha256}
+
+
+def test_a_fitting_refit_router_is_served_with_the_configured_price(configured):
+    refit = fitted_artefact(learned=(0.6, 0.1))
+    served = rollout_router(document_of(refit), configured)
+    assert served.sha256 == refit.sha256 != configured.sha256 and served.cost_units == 0.25
+
+
+def test_a_refit_router_for_other_labels_or_features_or_altered_is_refused_naming_the_field(configured):
+    other_labels = fitted_artefact(class_names=("cyan", "magenta", "yellow"))
+    with pytest.raises(ConfigError) as caught:
+        rollout_router(document_of(other_labels), configured)
+    assert caught.value.field == "artefact.router.class_names"
+    document = document_of(fitted_artefact())
+    document["features"] = {**document["features"], "embedding_version": 1}
+    with pytest.raises(ConfigError) as caught:
+        rollout_router(document, configured)
+    assert caught.value.field.startswith("artefact.router.")
+    altered = {**document_of(fitted_artefact()), "sha256": "0" * 64}
+    with pytest.raises(ConfigError) as caught:
+        rollout_router(altered, configured)
+    assert caught.value.field == "artefact.router.sha256"
+    with pytest.raises(ConfigError) as caught:
+        rollout_router("not a router", configured)
+    assert caught.value.field == "artefact.router"
+
+
+# -- which router scores an arm -----------------------------------------------------------------
+
+
+def test_an_arm_scores_with_its_own_router_and_a_candidate_without_one_stands_aside(configured):
+    candidate = SimpleNamespace(arm="candidate")
+    refit = ServedRouter.from_artefact(fitted_artefact(learned=(0.6, 0.1)))
+    assert arm_router(None, configured) == (configured, False)
+    assert arm_router(SimpleNamespace(router=None, choice=None), configured) == (configured, False)
+    assert arm_router(SimpleNamespace(router=refit, choice=candidate), configured) == (refit, False)
+    assert arm_router(SimpleNamespace(router=None, choice=candidate), configured) == (configured, True)
+
+
+def test_a_feature_failure_on_a_candidate_arm_falls_back_to_that_arms_certified_thresholds(configured):
+    refit = ServedRouter.from_artefact(fitted_artefact(learned=(0.6, 0.1), fallback=(0.97, 0.4)))
+    analysis = Analysis(
+        image_rgb=np.zeros((8, 8, 3), np.uint8), image_sha256="0" * 64, task="colour", trace=Trace("r-1")
+    )
+    # the answer's labels are not the router's: the features cannot be computed
+    analysis.detections = Detections.from_class_probabilities(
+        np.array([0.7, 0.2, 0.1]), ["a", "b", "c"], width=8, height=8
+    )
+    state = SimpleNamespace(
+        analysis=analysis,
+        cheap_tier_failed=False,
+        route=None,
+        arm=SimpleNamespace(router=refit, choice=SimpleNamespace(arm="candidate")),
+    )
+    asyncio.run(RouterScoreStage({"colour": configured}).run(state))
+    assert state.route.fallback and state.route.router_version == refit.sha256
+    assert state.route.thresholds == refit.artefact.plans.fallback
+    step = step_of(analysis, "router")
+    assert step.details["fallback"] and step.details["version"] == refit.sha256 and step.error
