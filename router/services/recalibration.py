@@ -38,7 +38,7 @@ refit in the artefact and the job's details (``calibrator_report``: weighted ECE
 incumbent's score and of the cross-fitted refit, and the accept threshold as P(right)).
 
 A task with a learned router gets its router refit from the same labels
-(``build_router_artefact``, policies/production_router.py: logged features at the router's
+(``build_router_artefact``, cascades/router_refit.py: logged features at the router's
 feature version, the reference index extended with the fit share, both plans certified on the
 certification share). That artefact is proposed like any other: a rollout arm of it scores with
 the refit router (router/services/rollouts.py ``router_for``, cascades/arm_router.py), and its
@@ -60,6 +60,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from cascades.router_refit import RefitRefused, refit_router
 from policies.artefact_store import ArtefactStore
 from policies.production_calibration import MIN_LABELS, refit_calibration
 from policies.production_certify import (
@@ -68,7 +69,6 @@ from policies.production_certify import (
     certify_production_plan,
     sample_from_items,
 )
-from policies.production_router import RefitRefused, refit_router
 from policies.reviewer_quality import distrusted_reviewers
 from policies.risk_control import TierCosts
 from policies.rollout_store import RolloutStore
@@ -265,7 +265,7 @@ def build_router_artefact(
 ) -> Built:
     """The artefact of a task served by a learned router (``router``: its ``RouterArtefact``):
     the router refit from the production items and both its plans certified on items the
-    refit never saw (policies/production_router.py). Refused / TooFewLabels otherwise. Pure:
+    refit never saw (cascades/router_refit.py). Refused / TooFewLabels otherwise. Pure:
     no store is touched; ``embed(item)``: the embedding of the image the item was served on."""
     chosen, erased_left_out = _window(items, request, erased)
     try:

@@ -137,8 +137,8 @@ def simulate(draws: int, *, n_traffic: int = 3000, alpha: float = 0.1, delta: fl
     """Refit the incumbent on ``draws`` independent windows; per draw the learned plan's true
     accepted error (fresh population), its accepted share, and whether it exceeds alpha. A
     refusal (too few labels, infeasible) counts as no violation and is reported."""
+    from cascades.router_refit import RefitRefused, refit_router
     from policies.production_certify import TooFewLabels
-    from policies.production_router import RefitRefused, refit_router
     from policies.risk_control import TierCosts
 
     router = incumbent(seed)

@@ -1,4 +1,4 @@
-"""The learned router refit from production labels (policies/production_router.py): logged
+"""The learned router refit from production labels (cascades/router_refit.py): logged
 features reused only at the router's feature version, the reference index extended with the fit
 share alone, both plans certified on items the refit never saw, refusals that say what is missing."""
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from cascades.learned_router import RouterArtefact
+from cascades.router_refit import FIT_SHARE, RefitRefused, in_fit_share, refit_router
 from policies.production_certify import TooFewLabels
-from policies.production_router import FIT_SHARE, RefitRefused, in_fit_share, refit_router
 from policies.risk_control import TierCosts
 from policies.router_learner import LearnedScore
 from tests.support import production_router_sim as sim
