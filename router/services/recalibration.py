@@ -60,6 +60,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from cascades.arm_router import rollout_router
 from cascades.router_refit import RefitRefused, refit_router
 from policies.artefact_store import ArtefactStore
 from policies.production_calibration import MIN_LABELS, refit_calibration
@@ -552,11 +553,16 @@ class Recalibration:
         has_vlm = getattr(cascade, "vlm", None) is not None
         if getattr(cascade, "router", None) is not None:
             served = served_router(request.task, cascade)
+            router, known = served.artefact, ()
+            parent_router = self.artefacts.get(parent_artefact).get("router") if parent_artefact else None
+            if parent_router is not None:  # a promoted refit router serves: refit it, reading both traces
+                router, known = rollout_router(parent_router, served).artefact, (served.sha256,)
             built = build_router_artefact(
                 items,
                 request=request,
                 incumbent=incumbent,
-                router=served.artefact,
+                router=router,
+                known_versions=known,
                 has_vlm=has_vlm,
                 erased=erased_item_ids(self.queue),
                 embed=self._embedder(served),

@@ -25,10 +25,10 @@ from router.config import parse_app_config
 from router.services import ImageRequest, VisionRouteService
 from router.services.backends import LocalOnnxTier
 from router.services.recalibration import RecalibrationRequest, RecalibrationService
+from router.services.review_requests import ClaimRequest, LabelRequest
 from tests.router.colour_model import LABELS, write_colour_model
-from tests.router.test_rollouts import review_everything
 from tests.router.test_router_stage import fitted_artefact
-from visionroute.errors import ConfigError
+from visionroute.errors import ConfigError, InputError
 from visionroute.records import Analysis, Detections, Trace
 
 
@@ -65,9 +65,10 @@ def png(rgb: np.ndarray) -> bytes:
 
 async def labelled_traffic(service, n: int, prefix: str, seed: int) -> list[Analysis]:
     """``n`` noisy colours; the truth disagrees with the colour model on its unsure answers
-    (top-1 below 0.6), so a router can learn when it is right and a plan certified on it accepts
-    few wrong answers (the sequential test can show its risk below alpha). Every pending audit
-    and shadow item is labelled."""
+    (top-1 below 0.55, about 12% of them), so a router can learn when it is right, and even a plan
+    that accepts everything is wrong well below alpha 0.3: the sequential test can show it in a
+    few dozen labels (a plan certified at alpha accepts errors up to it, which no test could
+    tell from alpha). Every pending audit and shadow item is labelled."""
     rng = np.random.default_rng(seed)
     truth_of, served = {}, []
     for i in range(n):
@@ -76,13 +77,32 @@ async def labelled_traffic(service, n: int, prefix: str, seed: int) -> list[Anal
         analysis = await service.analyze.analyze(ImageRequest(png(image.astype(np.uint8)), request_id), None)
         answer = analysis.detections.labels[0] if len(analysis.detections) else LABELS[0]
         confidence = float(analysis.detections.confidence[0]) if len(analysis.detections) else 0.0
-        flip = confidence < 0.6
+        flip = confidence < 0.55
         truth_of[request_id] = LABELS[(LABELS.index(answer) + 1) % 3] if flip else answer
         served.append(analysis)
     await service.rollouts.drain()
-    await review_everything(service, truth_of)
+    await review_in_arrival_order(service, truth_of)
     await service.rollouts.flush_costs()
     return served
+
+
+async def review_in_arrival_order(service, truth_of: dict[str, str]) -> None:
+    """A reviewer who knows the truth labels every pending item in the order it arrived. Not
+    the queue's claim order: that serves the least confident answers first, and the sequential
+    test's confidence sequences assume labels that arrive in no order of their error."""
+    for item in list(service.review.queue.iter_all()):
+        if item.status != "pending":
+            continue
+        claim = await service.review.claim(None, ClaimRequest(reviewer="rita", item_id=item.id))
+        truth = truth_of[item.request_id]
+        proposed = item.proposed[0]["label"] if item.proposed else None
+        verdict = "confirm" if proposed == truth else "correct"
+        label = None if verdict == "confirm" else truth
+        await service.review.label(
+            None,
+            item.id,
+            LabelRequest(reviewer="rita", lease_token=claim.lease_token, verdict=verdict, label=label),
+        )
 
 
 def step_of(analysis_or_trace, stage: str):
@@ -101,7 +121,7 @@ def test_a_refit_router_is_proposed_shadowed_promoted_and_later_traces_carry_its
         await labelled_traffic(service, 260, "day1", seed=11)
         request = RecalibrationRequest(
             task="colour",
-            alpha=0.2,
+            alpha=0.3,
             delta=0.2,
             shadow_fraction=1.0,
             audit_fraction=1.0,
@@ -120,7 +140,7 @@ def test_a_refit_router_is_proposed_shadowed_promoted_and_later_traces_carry_its
         assert refit.sha256 == refit_sha != incumbent.sha256
         assert len(refit.index) == len(incumbent.index) + report["index_rows"]["added"] > len(incumbent.index)
         assert report["index_rows"]["added"] <= report["fit_items"]
-        assert refit.plans.learned.feasible and refit.plans.alpha == 0.2
+        assert refit.plans.learned.feasible and refit.plans.alpha == 0.3
         assert body["certificate"]["n"] <= report["certification_items"]
         # the thresholds (used only with the router off) stay the incumbent's, under a new version
         assert body["thresholds"]["accept_threshold"] == 0.9 and "+prod-" in body["version"]
@@ -157,6 +177,13 @@ def test_a_refit_router_is_proposed_shadowed_promoted_and_later_traces_carry_its
         assert step_of(analysis, "rollout") is None
         assert step_of(analysis, "router").details["version"] == refit_sha
         assert step_of(analysis, "policy:thresholds").details["router_version"] == refit_sha
+    body = service.rollouts.artefacts.get(job["artefact_sha256"])
+    # a stored artefact whose router does not fit the tier is refused at the rollout's start
+    misfit = {**body, "router": {**body["router"], "class_names": ["cyan", "magenta", "yellow"]}}
+    misfit_sha = service.rollouts.artefacts.put(misfit, actor="test")
+    with pytest.raises(InputError) as caught:
+        asyncio.run(service.rollouts.start(None, {"task": "colour", "artefact": misfit_sha}))
+    assert caught.value.field == "artefact.router.class_names"
 
 
 # -- a refit router must fit its tier ----------------------------------------------------------
