@@ -800,6 +800,10 @@ def _targets(result: dict[str, Any], config: LoopConfig) -> dict[str, Any]:
             "alone stands between the stale plan and the accepts"
         ),
         "accepted_error_within_alpha_outside_lag": not late,
+        # the two sides apart: before the shift only the offline certificate (or the loop's
+        # first recertifications) can break alpha; after it, the lag bound is the promise
+        "windows_above_alpha_before_shift": [w for w in above if w < shift_window],
+        "windows_above_alpha_after_lag": [w for w in above if w >= shift_window + lag_bound],
         "loop_cost_ratio_to_shifted_calibration": ratio,
         "cost_within_1_2x": None if ratio is None else bool(ratio <= 1.2),
     }
@@ -844,7 +848,9 @@ def format_result(result: dict[str, Any]) -> str:
     lines.append(
         f"loop windows above alpha: {targets['loop_windows_above_alpha'] or 'none'}; lag bound "
         f"{targets['lag_bound_windows']} windows from the shift; outside it within alpha: "
-        f"{'yes' if targets['accepted_error_within_alpha_outside_lag'] else 'NO'}; "
+        f"{'yes' if targets['accepted_error_within_alpha_outside_lag'] else 'NO'} (before the shift: "
+        f"{targets['windows_above_alpha_before_shift'] or 'none'}; after the lag: "
+        f"{targets['windows_above_alpha_after_lag'] or 'none'}); "
         f"recertifications: {result['recertifications']}"
     )
     return "\n".join(lines)

@@ -90,9 +90,15 @@ def test_tiny_run_gives_every_row_and_field(result, tmp_path):
         "loop_windows_above_alpha",
         "lag_bound_windows",
         "accepted_error_within_alpha_outside_lag",
+        "windows_above_alpha_before_shift",
+        "windows_above_alpha_after_lag",
         "loop_cost_ratio_to_shifted_calibration",
         "cost_within_1_2x",
     }
+    targets = result["targets"]
+    split = targets["windows_above_alpha_before_shift"] + targets["windows_above_alpha_after_lag"]
+    assert set(split) <= set(targets["loop_windows_above_alpha"])
+    assert targets["accepted_error_within_alpha_outside_lag"] == (not split)
     baseline = result["shifted_baseline"]
     assert baseline["available"] and baseline["labels"] > 0 and baseline["cost_per_1000"] > 0
     row = result["phases"]["loop"]["settled"]
