@@ -20,7 +20,6 @@ docs/soak.md says how to read it.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import random
@@ -36,8 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from evals.benchmarks.soak_images import noise_png
 from evals.benchmarks.soak_vlm import (
     VLM_MIX,
     VLM_TASK,
@@ -408,16 +406,6 @@ def growth(warm: dict[str, Any], end: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- traffic ---------------------------------------------------------------------------------------
-
-
-def noise_png(seed: int, size: int = 64) -> bytes:
-    """A unique image per seed: every analysis is its own review item and search entry."""
-    from PIL import Image
-
-    pixels = (np.random.default_rng(seed).random((size, size, 3)) * 255).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @dataclass

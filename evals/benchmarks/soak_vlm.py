@@ -155,7 +155,7 @@ def warm_up(server: Any, deadline_s: float = 600.0) -> float:
 
     import httpx
 
-    from evals.benchmarks.soak import noise_png
+    from evals.benchmarks.soak_images import noise_png
 
     image = "data:image/png;base64," + base64.b64encode(noise_png(0)).decode("ascii")
     schema = {
