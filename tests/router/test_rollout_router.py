@@ -184,6 +184,31 @@ def test_a_refit_router_is_proposed_shadowed_promoted_and_later_traces_carry_its
     with pytest.raises(InputError) as caught:
         asyncio.run(service.rollouts.start(None, {"task": "colour", "artefact": misfit_sha}))
     assert caught.value.field == "artefact.router.class_names"
+    # canary: the candidate arm serves with its artefact's router (here the first router again)
+    back = {**body, "router": {**incumbent.to_document(), "sha256": incumbent.sha256}}
+    back_sha = service.rollouts.artefacts.put(back, actor="test")
+    canary = {
+        "task": "colour",
+        "artefact": back_sha,
+        "mode": "canary",
+        "fraction": 1.0,
+        "sticky_by": "request",
+    }
+    canary_id = asyncio.run(service.rollouts.start(None, canary)).to_json()["id"]
+
+    async def canary_traffic(prefix: str):
+        service.rollouts._read_at = 0.0
+        return await labelled_traffic(service, 2, prefix, seed=14)
+
+    for analysis in asyncio.run(canary_traffic("day4")):
+        assert step_of(analysis, "rollout").details["arm"] == "candidate"
+        assert step_of(analysis, "router").details["version"] == incumbent.sha256
+    # an operator stops it: the incumbent (the promoted refit router) serves again, audited
+    stopped = asyncio.run(service.rollouts.decide(None, canary_id, "rollback", {"reason": "stop"})).to_json()
+    assert stopped["status"] == "rolled_back" and stopped["events"][-1]["reason"] == "stop"
+    for analysis in asyncio.run(canary_traffic("day5")):
+        assert step_of(analysis, "rollout") is None
+        assert step_of(analysis, "router").details["version"] == refit_sha
 
 
 # -- a refit router must fit its tier ----------------------------------------------------------
