@@ -9,14 +9,15 @@ replica that quickly, with no restart and no redeploy.
   hash(rollout id, tenant or request id) space. The trace names the arm.
 - **shadow**: the incumbent serves; on a sampled ``fraction`` of requests the candidate also
   runs (after the response is made, off the request's path), its decision, score and cost are
-  recorded beside the incumbent's and never served. The shadow runs the candidate's cheap tier
-  and thresholds only (no VLM call: an escalation is recorded as one, costed at the VLM's
-  reserve units).
+  recorded beside the incumbent's and never served. The shadow runs the candidate's cheap tier,
+  its artefact's refit router if it carries one, and its thresholds (no VLM call: an escalation
+  is recorded as one, costed at the VLM's reserve units).
 - **promoted**: the candidate serves every request of the task until the operator deploys it
   as the incumbent and finishes the rollout. A calibration artefact needs no deploy: at its
   promotion it becomes the task's incumbent in the shared store (``adopt_artefact``) and the
-  rollout finishes itself; every replica then serves the artefact's thresholds as the
-  incumbent's, across restarts, and the next recalibration certifies against it.
+  rollout finishes itself; every replica then serves the artefact's thresholds (and its refit
+  router, if it carries one) as the incumbent's, across restarts, and the next recalibration
+  certifies against it.
 
 Labels: both arms' accepts are audit-sampled at the rollout's ``audit_fraction`` (a hash of the
 request id, so each arm's labelled accepts are a uniform sample of its accepts); a shadow accept
