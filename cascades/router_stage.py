@@ -385,8 +385,9 @@ class ServedRouter:
 class RouterScoreStage:
     """The router's score and the thresholds certified on it, for ``DecideStage`` (``state.route``);
     step ``router``: score, features (names and values), version, or the fallback and its error.
-    Tasks without a router, a failed cheap tier, and a rollout's candidate arm (a tier the router
-    was not fitted for) are left to the thresholds as today."""
+    Tasks without a router, a failed cheap tier, and a rollout's candidate arm without a router of
+    its own (a tier the router was not fitted for) are left to the thresholds as today; an arm that
+    carries a refit router scores with it (cascades/arm_router.py)."""
 
     name = ROUTER_STAGE
 

@@ -371,11 +371,11 @@ class RolloutService:
             return adopted[1]
         return configured
 
-    def incumbent_router(self, policy: PolicySet, task: str) -> Any:
-        """The incumbent artefact's refit router where that artefact serves (``incumbent_thresholds``),
-        else None (the configured router scores)."""
+    def incumbent_router(self, task: str, thresholds: ThresholdPolicy) -> Any:
+        """The incumbent artefact's refit router where that artefact serves (``thresholds``: what
+        ``incumbent_thresholds`` gave), else None (the configured router scores)."""
         adopted = (self._incumbents or {}).get(task)
-        if adopted is None or self.incumbent_thresholds(policy, task) is not adopted[1]:
+        if adopted is None or thresholds is not adopted[1]:
             return None
         return self._artefact_routers.get(adopted[0])
 
@@ -511,7 +511,7 @@ class RolloutService:
         task's rollout chooses (its policy, cheap tier, thresholds and price)."""
         choice = self.choose(await self.in_effect(task), request_id, tenant)
         thresholds = self.incumbent_thresholds(incumbent.policy, task)
-        router = self.incumbent_router(incumbent.policy, task)
+        router = self.incumbent_router(task, thresholds)
         if thresholds is not incumbent.thresholds or router is not incumbent.router:
             incumbent = dataclasses.replace(incumbent, thresholds=thresholds, router=router)
         if choice is None:
