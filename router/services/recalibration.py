@@ -263,6 +263,8 @@ def build_router_artefact(
     known_versions: Iterable[str] = (),
     distrusted_reviewers: frozenset[str] = frozenset(),
     parent_artefact: str | None = None,
+    calibration: str | None = None,
+    model: str | None = None,
 ) -> Built:
     """The artefact of a task served by a learned router (``router``: its ``RouterArtefact``):
     the router refit from the production items and both its plans certified on items the
@@ -309,6 +311,10 @@ def build_router_artefact(
             "kind": "incumbent",
             "production_refit": None,
             "statement": "calibrator not refit: the task decides on the learned router's score, refit here",
+            # the tier it was certified on: an adopted artefact stands in only while the tier is this
+            # one (``why_not_incumbent``), and a calibrated tier's artefact must say so to be adopted
+            "calibration": calibration,
+            **({"model": model} if model is not None else {}),
         },
         "certificate": learned.document["certificate"],
         "plan": {
@@ -563,6 +569,8 @@ class Recalibration:
                 incumbent=incumbent,
                 router=router,
                 known_versions=known,
+                calibration=str(cascade.tier.calibration) if cascade.tier.calibration else None,
+                model=str(cascade.tier.model),
                 has_vlm=has_vlm,
                 erased=erased_item_ids(self.queue),
                 embed=self._embedder(served),

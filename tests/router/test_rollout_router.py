@@ -144,6 +144,9 @@ def test_a_refit_router_is_proposed_shadowed_promoted_and_later_traces_carry_its
         assert body["certificate"]["n"] <= report["certification_items"]
         # the thresholds (used only with the router off) stay the incumbent's, under a new version
         assert body["thresholds"]["accept_threshold"] == 0.9 and "+prod-" in body["version"]
+        # the tier it was certified on, so that the promoted artefact can stand in for it
+        tier = service.config.cascades["colour"].tier
+        assert body["calibrator"]["calibration"] is None and body["calibrator"]["model"] == str(tier.model)
         started = (await service.rollouts.status(rollout_id)).to_json()
         assert started["mode"] == "shadow" and started["artefact"] == job["artefact_sha256"]
         service.rollouts._read_at = 0.0
