@@ -60,7 +60,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from cascades.arm_router import rollout_router
+from cascades.rollout_router import rollout_router
 from cascades.router_refit import RefitRefused, refit_router
 from policies.artefact_store import ArtefactStore
 from policies.production_calibration import MIN_LABELS, refit_calibration

@@ -323,7 +323,7 @@ class RolloutService:
         """An artefact's refit router (``body["router"]``), checked against the task's configured
         router (labels, feature names and definitions) and loaded for serving; ConfigError
         naming ``artefact.router.<field>`` when it does not fit."""
-        from cascades.arm_router import rollout_router
+        from cascades.rollout_router import rollout_router
         from router.config import served_router
 
         if task not in self._configured_routers:

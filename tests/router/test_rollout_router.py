@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cascades.arm_router import arm_router, rollout_router
+from cascades.arm_router import arm_router
 from cascades.learned_router import RouterArtefact
+from cascades.rollout_router import rollout_router
 from cascades.router_stage import RouterScoreStage, ServedRouter
 from router.config import parse_app_config
 from router.services import ImageRequest, VisionRouteService

@@ -13,8 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from cascades.arm_router import routed_cascade
 from cascades.pipeline import run_cascade
+from cascades.rollout_router import routed_cascade
 from policies.runtime import PolicyRuntime
 from router.services.analyze.context import QueueTicket, RequestContext, Stage
 from router.services.analyze.stages import last_score
