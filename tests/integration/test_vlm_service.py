@@ -82,7 +82,8 @@ def test_an_escalated_image_gets_a_vlm_answer_with_tokens_cost_and_latency(servi
     assert body["answer"][0]["label"] in LABELS  # the schema holds even for a random model
     ready = httpx.get(service.url + "/readyz").json()
     assert (
-        ready["checks"]["vlm:classify"]["model"] == "tiny-llava" and ready["checks"]["vlm:classify"]["reachable"]
+        ready["checks"]["vlm:classify"]["model"] == "tiny-llava"
+        and ready["checks"]["vlm:classify"]["reachable"]
     )
     metrics = httpx.get(service.url + "/metrics").text
     assert (
