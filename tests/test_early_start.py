@@ -4,8 +4,10 @@ needs one; and the integration folder runs last so the starts overlap the rest o
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -103,3 +105,23 @@ def test_the_integration_folder_runs_after_everything_else(tmp_path):
         "integration/test_z.py",  # its own order kept
         "integration/test_y.py",
     ]
+
+
+def test_early_starts_need_the_memory_to_hold_every_server_at_once(monkeypatch):
+    config = SimpleNamespace(option=SimpleNamespace(collectonly=False))
+    monkeypatch.delenv("VISIONROUTE_TEST_EARLY_START", raising=False)
+    monkeypatch.setattr(early_start, "available_memory_gib", lambda: early_start.MIN_AVAILABLE_GIB + 1)
+    assert early_start.enabled(config)
+    monkeypatch.setattr(early_start, "available_memory_gib", lambda: early_start.MIN_AVAILABLE_GIB - 1)
+    assert not early_start.enabled(config)  # each server then starts when its first user needs it
+    monkeypatch.setattr(early_start, "available_memory_gib", lambda: None)  # not Linux: unknown
+    assert not early_start.enabled(config)
+    monkeypatch.setattr(early_start, "available_memory_gib", lambda: early_start.MIN_AVAILABLE_GIB + 1)
+    monkeypatch.setenv("VISIONROUTE_TEST_EARLY_START", "0")
+    assert not early_start.enabled(config)
+
+
+@pytest.mark.skipif(not Path("/proc/meminfo").exists(), reason="MemAvailable is read from Linux's /proc")
+def test_this_machines_free_memory_is_read():
+    total_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    assert 0 < early_start.available_memory_gib() <= total_gib

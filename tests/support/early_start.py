@@ -12,7 +12,8 @@ pytest request (it may take fixtures: the prepared models, a temp dir), it retur
 that starts the server, which runs on the background thread. Servers started early but never
 taken (a run stopped with -x) are stopped when the session ends.
 
-Only when it helps and is safe: one process (not an xdist worker), and the run's first test uses
+Only when it helps and is safe: one process (not an xdist worker), at least ``MIN_AVAILABLE_GIB``
+of memory free, and the run's first test uses
 none of these servers (a developer running one integration module starts them as before, never
 under a test that measures load). ``VISIONROUTE_TEST_EARLY_START=0`` turns it off.
 """
@@ -95,11 +96,31 @@ def integration_last(items: list, folder: Path) -> list:
     return [item for item in items if folder not in Path(str(item.path)).parents] + inside
 
 
+# Everything started early is up at once while the rest of the suite runs: three Ray Serve
+# services and two vLLM servers took about 10 GiB beside the suite's own 2-3 (2026-12-07, 24 GiB
+# machine). A machine with less memory free starts each server when its first user needs it.
+MIN_AVAILABLE_GIB = 14.0
+
+
+def available_memory_gib() -> float | None:
+    """MemAvailable from /proc/meminfo (Linux), None where it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2**20
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def enabled(config: pytest.Config) -> bool:
+    available = available_memory_gib()
     return (
         os.environ.get("VISIONROUTE_TEST_EARLY_START", "1") != "0"
         and not hasattr(config, "workerinput")  # an xdist worker: its lanes order the servers
         and not config.option.collectonly
+        and available is not None
+        and available >= MIN_AVAILABLE_GIB
     )
 
 
