@@ -121,7 +121,10 @@ def test_early_starts_need_the_memory_to_hold_every_server_at_once(monkeypatch):
     assert not early_start.enabled(config)
 
 
-@pytest.mark.skipif(not Path("/proc/meminfo").exists(), reason="MemAvailable is read from Linux's /proc")
-def test_this_machines_free_memory_is_read():
+def test_this_machines_free_memory_is_read_or_unknown_where_there_is_no_proc():
+    free = early_start.available_memory_gib()
+    if not Path("/proc/meminfo").exists():  # not Linux: unknown, so no early starts
+        assert free is None
+        return
     total_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    assert 0 < early_start.available_memory_gib() <= total_gib
+    assert 0 < free <= total_gib
