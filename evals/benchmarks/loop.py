@@ -425,12 +425,34 @@ def _keep_incumbent(
     )
 
 
+def _plan_audit(sample, accepted, accepted_share: float, costs, config: LoopConfig):
+    """``plan_audit_fraction`` for the three-tier plan within the audit budget: the clean
+    pilot's plan and the shifted inputs' re-plan alike."""
+    from policies.recert_plan import plan_audit_fraction
+
+    return plan_audit_fraction(
+        sample,
+        alpha=config.alpha,
+        delta=config.delta,
+        items_per_day=config.window,
+        review_budget_per_day=config.audit_budget * accepted_share * config.window,
+        accepted=accepted,
+        days=config.label_windows,
+        nonresponse=config.nonresponse,
+        plan="three_tier",
+        costs=costs,
+        reps=10,
+        min_fraction=0.01,
+        n_points=15,
+        seed=config.seed,
+    )
+
+
 def _replanned_fraction(sample, plan, costs, config: LoopConfig, current: float):
     """The label plan (``plan_audit_fraction``) on the first certificate's labels of new inputs:
     the traffic it stands for is the shifted one, whose accepted share (and so audit labels a
     window) the clean pilot overstated. Falls back to ``current`` when the pilot is too thin."""
     from policies.certify import CertifyInputError
-    from policies.recert_plan import plan_audit_fraction
 
     labelled = ~np.isnan(sample.cheap_error)
     strong = np.where(np.isnan(sample.strong_score), -np.inf, sample.strong_score)
@@ -439,22 +461,7 @@ def _replanned_fraction(sample, plan, costs, config: LoopConfig, current: float)
     weight = 1.0 / sample.inclusion_probability
     accepted_share = float(weight[accepted].sum() / weight.sum())
     try:
-        audit_plan = plan_audit_fraction(
-            sample,
-            alpha=config.alpha,
-            delta=config.delta,
-            items_per_day=config.window,
-            review_budget_per_day=config.audit_budget * accepted_share * config.window,
-            accepted=accepted,
-            days=config.label_windows,
-            nonresponse=config.nonresponse,
-            plan="three_tier",
-            costs=costs,
-            reps=10,
-            min_fraction=0.01,
-            n_points=15,
-            seed=config.seed,
-        )
+        audit_plan = _plan_audit(sample, accepted, accepted_share, costs, config)
     except CertifyInputError as refusal:
         return current, {"refused": str(refusal), "labelled": int(labelled.sum())}
     fraction = audit_plan.audit_fraction if audit_plan.audit_fraction is not None else config.audit_budget
@@ -648,7 +655,6 @@ def _audit_fraction(replay: Replay, calibrator, plan, costs, config: LoopConfig)
     if config.audit_fraction is not None:
         return config.audit_fraction, None
     from policies.production_certify import ProductionSample
-    from policies.recert_plan import plan_audit_fraction
 
     rows = replay.certify_rows
     cheap, strong, labels = replay.cheap[0, rows], replay.strong[0, rows], replay.labels[rows]
@@ -664,22 +670,7 @@ def _audit_fraction(replay: Replay, calibrator, plan, costs, config: LoopConfig)
         strong_score,
     )
     accepted_share = float((~routed.reviewed).mean())
-    audit_plan = plan_audit_fraction(
-        pilot,
-        alpha=config.alpha,
-        delta=config.delta,
-        items_per_day=config.window,
-        review_budget_per_day=config.audit_budget * accepted_share * config.window,
-        accepted=~routed.reviewed,
-        days=config.label_windows,
-        nonresponse=config.nonresponse,
-        plan="three_tier",
-        costs=costs,
-        reps=10,
-        min_fraction=0.01,
-        n_points=15,
-        seed=config.seed,
-    )
+    audit_plan = _plan_audit(pilot, ~routed.reviewed, accepted_share, costs, config)
     fraction = audit_plan.audit_fraction if audit_plan.audit_fraction is not None else config.audit_budget
     return float(fraction), audit_plan.to_dict()
 
