@@ -206,7 +206,26 @@ class RouterArtefact:
     @classmethod
     def from_document(cls, document: Any, *, class_names: Sequence[str] | None = None) -> RouterArtefact:
         """Check and rebuild; ``class_names``: the labels of the tier this router is deployed with
-        (a mismatch is a ConfigError naming ``router.class_names``)."""
+        (a mismatch is a ConfigError naming ``router.class_names``). A document of some other
+        shape than the checks below name (a list nested thousands deep, a number where a list
+        belongs) is a ConfigError naming ``router``, never a crash."""
+        try:
+            return cls._from_document(document, class_names=class_names)
+        except (
+            TypeError,
+            ValueError,
+            KeyError,
+            IndexError,
+            AttributeError,
+            OverflowError,
+            RecursionError,
+        ) as exc:
+            raise ConfigError(
+                f"router: not a router document ({type(exc).__name__}: {str(exc)[:200]})", field="router"
+            ) from None
+
+    @classmethod
+    def _from_document(cls, document: Any, *, class_names: Sequence[str] | None = None) -> RouterArtefact:
         if not isinstance(document, dict):
             raise ConfigError("router: expected an object", field="router")
         for key in ("format", "class_names", "features", "learner"):
@@ -216,7 +235,11 @@ class RouterArtefact:
             raise ConfigError(
                 f"router.format is {document['format']!r}; expected {FORMAT!r}", field="router.format"
             )
-        names = tuple(str(n) for n in document["class_names"])
+        if not isinstance(document["class_names"], list) or not all(
+            isinstance(n, str) for n in document["class_names"]
+        ):
+            raise ConfigError("router.class_names must be a list of strings", field="router.class_names")
+        names = tuple(document["class_names"])
         if class_names is not None and names != tuple(class_names):
             raise ConfigError(
                 f"router.class_names {list(names)} do not match the cheap tier's labels {list(class_names)}",

@@ -61,6 +61,9 @@ from visionroute.errors import ConfigError, InputError
 
 OUTPUT_TOP_K = 3
 NEIGHBOURS_K = 10
+# bounds a stored spec is checked against (far above any fitted router's)
+MAX_TOP_K = 1000
+MAX_NEIGHBOURS_K = 1000
 NO_NEIGHBOUR_DISTANCE = 2.0  # the largest distance between two unit vectors
 INPUT_NAMES = ("log2_pixels", "brightness", "contrast", "sharpness", "blockiness")  # shift guard's order
 DETECTOR_NAMES = ("box_count", "box_score_max", "box_score_mean", "box_score_std", "box_count_above_half")
@@ -596,9 +599,21 @@ class FeatureSpec:
     embedding_version: int = EMBEDDING_VERSION  # the pixel embedding's (router_stage.pixel_embedder)
 
     def __post_init__(self) -> None:
+        # types and sizes first: a stored document is read back from disk or an upload, and a
+        # top_k of 2**70 would otherwise ask for that many feature names
+        for name, low, high in (("top_k", 1, MAX_TOP_K), ("neighbours_k", 0, MAX_NEIGHBOURS_K)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ConfigError(
+                    f"features.{name} must be an integer in [{low}, {high}], got {str(value)[:40]!r}",
+                    field=f"features.{name}",
+                )
+        for name in ("use_input", "neighbour_votes", "output_log_odds"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"features.{name} must be true or false", field=f"features.{name}")
         check_input_version(self.input_version)
         check_embedding_version(self.embedding_version)
-        if self.output not in ("classifier", "detector"):
+        if not isinstance(self.output, str) or self.output not in ("classifier", "detector"):
             raise ConfigError(
                 f"unknown output kind {self.output!r}; expected one of ['classifier', 'detector']",
                 field="features.output",
@@ -669,13 +684,18 @@ class FeatureSpec:
         neighbours = document.get("neighbours_k", NEIGHBOURS_K)
         stored_before = not isinstance(neighbours, int) or neighbours > 0
         embedding = document.get("embedding_version", 1 if stored_before else EMBEDDING_VERSION)
-        return cls(
-            **{
-                **document,
-                "input_version": check_input_version(version, f"{field}.input_version"),
-                "embedding_version": check_embedding_version(embedding, f"{field}.embedding_version"),
-            }
-        )
+        try:
+            return cls(
+                **{
+                    **document,
+                    "input_version": check_input_version(version, f"{field}.input_version"),
+                    "embedding_version": check_embedding_version(embedding, f"{field}.embedding_version"),
+                }
+            )
+        except ConfigError as exc:  # the spec's own checks name "features.<key>": name it where it was read
+            if exc.field and exc.field.startswith("features") and field != "features":
+                raise ConfigError(exc.reason, field=field + exc.field.removeprefix("features")) from None
+            raise
 
     def input_statistics(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """(n, 5) input block of ``images`` under this spec's definition (``input_features``)."""

@@ -108,7 +108,7 @@ def test_artefact_round_trips_through_json(tmp_path):
         (lambda d: d.pop("reference_index"), "router.reference_index"),
         (lambda d: d["reference_index"].update(sha256="0" * 64), "router.reference_index.sha256"),
         (lambda d: d["learner"].update(coef=[1.0]), "router.learner.coef"),
-        (lambda d: d.update(features={"output": "segmenter"}), "features.output"),
+        (lambda d: d.update(features={"output": "segmenter"}), "router.features.output"),
     ],
 )
 def test_a_mismatched_artefact_is_a_config_error_naming_the_field(edit, field):
