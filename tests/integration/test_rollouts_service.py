@@ -25,6 +25,7 @@ from tests.router.colour_model import LABELS, solid_png, write_colour_model
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 RECALIBRATED = "colour_recalibrated"
+ROUTED = "colour_routed"
 COLOURS = {"red": (230, 20, 20), "green": (20, 230, 20), "blue": (20, 20, 230)}
 
 
@@ -54,12 +55,19 @@ def service(tmp_path_factory):
         "policy": {"version": "colour-v1", "accept_threshold": 0.9999, "escalate_threshold": 0.5},
         "placement": "ingress",
     }
+    # The routed task: a learned router whose certified plan (accept at 0.9999) sends every request
+    # to review until a recalibration refits it. A fixed router price keeps both arms' costs
+    # independent of timing (measured prices made the cost comparison a coin toss on busy cores).
+    from tests.router.test_router_stage import fitted_artefact
+
+    router = fitted_artefact(learned=(0.9999, 0.0)).save(workdir / "router.json")
+    routed = {**recalibrated, "router": {"path": str(router), "cost_units": 0.1}}
     process = ServeProcess(
         workdir,
         models,
         extra_args={
             "default_task": "colour",
-            "cascades": {"colour": cascade, RECALIBRATED: recalibrated},
+            "cascades": {"colour": cascade, RECALIBRATED: recalibrated, ROUTED: routed},
             "retrieval": {"enabled": False},
             "rollouts": {"refresh_s": 0.2, "cost_flush_s": 0.2},
         },
@@ -294,3 +302,134 @@ def test_labels_become_a_new_artefact_that_shadows_is_promoted_and_traces_carry_
             assert thresholds["policy_version"] == version
         bad = client.post("/v1/admin/recalibrations", json={"task": "nope"})
         assert bad.status_code == 400 and bad.json()["field"] == "task"
+
+
+# --------------------------------------------------------------------------- a refit router
+# The same loop for a task with a learned router: its labels refit the router (router_refit.py),
+# the artefact carries it, the shadow runs score with it, and once promoted every request does.
+
+
+def noisy_pngs(n: int, seed: int) -> list[bytes]:
+    """Noisy random colours (as tests/router/test_rollout_router.py): some sure, some not."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    images = []
+    for _ in range(n):
+        pixels = np.clip(rng.integers(0, 256, 3)[None, None, :] + rng.normal(0, 8, (48, 48, 3)), 0, 255)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels.astype(np.uint8)).save(buffer, format="PNG")
+        images.append(buffer.getvalue())
+    return images
+
+
+def send_batches(client: httpx.Client, n: int, prefix: str, seed: int) -> dict[str, dict]:
+    """``n`` images to the routed task through the batch API (32 a request); request id -> body."""
+    images, sent = noisy_pngs(n, seed), {}
+    for start in range(0, n, 32):
+        batch = [
+            ("image", (f"{i}.png", data, "image/png")) for i, data in enumerate(images[start : start + 32])
+        ]
+        response = client.post(
+            "/v1/analyze/batch",
+            files=batch,
+            data={"task": ROUTED},
+            headers={"x-request-id": f"{prefix}-{start}"},
+        )
+        assert response.status_code == 200 and response.json()["failed"] == 0, response.text
+        sent |= {result["request_id"]: result["response"] for result in response.json()["results"]}
+    return sent
+
+
+def routed_truth(sent: dict[str, dict]) -> dict[str, str]:
+    """The reviewer's truth: the model's answer, but the next colour where it is unsure (top-1
+    below 0.55, about one answer in eight), so a router can learn where it is wrong."""
+    truth = {}
+    for request_id, body in sent.items():
+        label, confidence = body["answer"][0]["label"], body["answer"][0]["confidence"]
+        truth[request_id] = LABELS[(LABELS.index(label) + 1) % 3] if confidence < 0.55 else label
+    return truth
+
+
+def label_pending(client: httpx.Client, truth_of: dict[str, str], quiet_s: float = 1.0) -> int:
+    """Label every pending item, in the queue's claim order, until none has come for ``quiet_s``
+    (shadow items are queued just after the responses)."""
+    labelled, idle_since = 0, time.monotonic()
+    while time.monotonic() - idle_since < quiet_s:
+        claim = client.post("/v1/review/claim", json={"reviewer": "rita"}).json()
+        item = claim["item"]
+        if item is None:
+            time.sleep(0.2)
+            continue
+        idle_since = time.monotonic()
+        truth = truth_of.get(item["request_id"])
+        proposed = item["proposed"][0]["label"] if item["proposed"] else None
+        if truth is None:  # another test's item (the tasks share the queue)
+            verdict = {"verdict": "reject"}
+        else:
+            verdict = {"verdict": "confirm"} if proposed == truth else {"verdict": "correct", "label": truth}
+            labelled += 1
+        response = client.post(
+            f"/v1/review/items/{item['id']}/label",
+            json={"reviewer": "rita", "lease_token": claim["lease_token"], **verdict},
+        )
+        assert response.status_code == 200, response.text
+    return labelled
+
+
+def step_named(body: dict, stage: str) -> dict | None:
+    return next((s for s in body["trace"]["steps"] if s["stage"] == stage), None)
+
+
+def test_labels_refit_the_router_whose_rollout_is_shadowed_promoted_and_later_traces_carry_it(service):
+    started_at = time.monotonic()
+    with httpx.Client(base_url=service.url, timeout=120) as client:
+        day1 = send_batches(client, 120, "routed1", seed=11)
+        assert all(body["decision"] == "review" for body in day1.values())
+        incumbent = step_named(next(iter(day1.values())), "router")["details"]["version"]
+        assert label_pending(client, routed_truth(day1)) == 120
+        # alpha 0.4: the candidate's error (about 12%) is shown below it in a few dozen labels
+        job_body = {"task": ROUTED, "alpha": 0.4, "delta": 0.2, "shadow_fraction": 1.0, "audit_fraction": 1.0}
+        started = client.post("/v1/admin/recalibrations", json={**job_body, "min_cost_observations": 5})
+        assert started.status_code == 202, started.text
+        job = finished_job(client, started.json()["id"])
+        assert job["status"] == "succeeded", job["reason"]
+        refit, rollout_id = job["details"]["router"], job["rollout_id"]
+        assert refit != incumbent and refit[:12] in job["reason"]
+        rollout = client.get(f"/v1/rollouts/{rollout_id}").json()
+        assert rollout["artefact"] == job["artefact_sha256"] and rollout["mode"] == "shadow"
+        time.sleep(0.5)  # every replica re-reads the rollouts within refresh_s
+        status, day2 = rollout, {}
+        for round_ in range(3):  # the candidate's labels until the test decides (a few dozen)
+            sent = send_batches(client, 32, f"routed2-{round_}", seed=12 + round_)
+            for body in sent.values():  # the incumbent serves, with its own router
+                assert step_named(body, "rollout")["details"]["arm"] == "incumbent"
+                assert step_named(body, "router")["details"]["version"] == incumbent
+            day2 |= sent
+            label_pending(client, routed_truth(day2))
+            time.sleep(0.3)
+            send_batches(client, 2, f"flush-{round_}", seed=99)  # costs are flushed on the next request
+            status = wait_for_status(client, rollout_id, "finished", deadline_s=5)
+            if status["status"] != "running":
+                break
+        assert status["status"] == "finished", status["test"]
+        events = [(e["action"], e["actor"]) for e in status["events"]]
+        assert events[1:] == [("promote", "sequential-test"), ("finish", "sequential-test")]
+        assert status["shadow"]["candidate_accepts"] > 0
+        # the shadow items were scored by the refit router
+        shadow = client.get("/v1/review/items", params={"status": "labelled", "limit": 1000}).json()["items"]
+        shadowed = [i for i in shadow if i["kind"] == "shadow" and i["request_id"] in day2]
+        assert shadowed and all(step_named(i, "router")["details"]["version"] == refit for i in shadowed)
+        time.sleep(0.5)
+        later = send_batches(client, 2, "routed3", seed=20)
+        for body in later.values():  # the trace of a later request carries the refit router
+            assert step_named(body, "rollout") is None
+            assert step_named(body, "router")["details"]["version"] == refit
+            thresholds = step_named(body, "policy:thresholds")
+            assert thresholds["details"]["router_version"] == refit
+            assert thresholds["policy_version"] == f"router@{refit[:12]}:learned"
+    print(
+        f"routed rollout end to end: {time.monotonic() - started_at:.1f} s, {len(day1) + len(day2)} requests"
+    )
