@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -437,6 +437,9 @@ class OnnxStage:
                     detections = self.decoder.decode(
                         [out[row : row + 1] for out in outputs], prepared[index][1]
                     )
+                    if detections.class_probabilities is not None:  # name the file that made them
+                        made_by = replace(detections.class_probabilities, model_sha256=self.model.sha256)
+                        detections = replace(detections, class_probabilities=made_by)
                     if self.calibrator is not None:
                         detections = self.calibrator.apply(detections)
                     results[index] = detections

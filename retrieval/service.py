@@ -67,6 +67,7 @@ class SearchService:
             replica_id=replica_id,
             **sharding,
         )
+        self.reused_embeddings = 0  # analysed images embedded from the cheap tier's probabilities
         log.info("search service on %s: %s", replica_dir or self.config.index_dir, self.index.stats())
 
     # inputs -----------------------------------------------------------------------------------
@@ -171,9 +172,27 @@ class SearchService:
             metadatas.append(_analysis_metadata(analysis))
             same = self.index.find(SearchFilters(tenant=analysis.tenant, image_sha256=analysis.image_sha256))
             item_ids.append(same[0] if same else None)
-        ids = self.index_images([analyses[p].image_rgb for p in written], metadatas, item_ids=item_ids)
+        vectors = self._analysis_vectors([analyses[p] for p in written])
+        ids = self.index.upsert_many(vectors, metadatas, item_ids)
         id_of = {key: ids[written.index(position)] for key, position in last_of.items()}
         return [id_of[(a.tenant, a.image_sha256)] for a in analyses]
+
+    def _analysis_vectors(self, analyses: Sequence[Analysis]) -> np.ndarray:
+        """One embedding per analysed image, in order: from the cheap tier's class probabilities
+        where the embedder would compute exactly those (ConSE over the same classifier file,
+        preprocessed the same way: no second classifier run), from the pixels otherwise."""
+        reuses = getattr(self.embedder, "reuses", None)
+        given = [None if a.detections is None else a.detections.class_probabilities for a in analyses]
+        reused = [i for i, p in enumerate(given) if reuses is not None and reuses(p)]
+        embedded = sorted(set(range(len(analyses))) - set(reused))
+        vectors = np.zeros((len(analyses), self.embedder.dim), np.float32)
+        if reused:
+            vectors[reused] = self.embedder.embed_probabilities(np.stack([given[i].values for i in reused]))
+        if embedded:
+            pixels = [self._image(analyses[i].image_rgb, "image")[0] for i in embedded]
+            vectors[embedded] = self.embedder.embed_images(pixels)
+        self.reused_embeddings += len(reused)
+        return vectors
 
     def apply_review_label(self, review_item_id: str, label: dict, *, tenant: str | None) -> list[int]:
         """Labels flow back: tag the indexed images of a reviewed item with the human's verdict

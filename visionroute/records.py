@@ -36,6 +36,18 @@ def _as_array(name: str, value: Any, dtype: Any, shape_tail: tuple[int, ...]) ->
     return array
 
 
+@dataclass(frozen=True, eq=False)
+class ClassProbabilities:
+    """A classifier's raw softmax over all its classes for one image (before any calibration)
+    and what made it: the model file's sha256 and the decoder's preprocessing. A consumer that
+    would run the same file the same way (the search embedder, retrieval/embedders/conse.py)
+    reuses them instead of running the model again; any other source is recomputed."""
+
+    values: np.ndarray  # (C,) float64, sums to 1
+    preprocessing: str  # ClassifierDecoder.preprocessing: resize, size, mean, std, channels, outputs
+    model_sha256: str | None = None  # set by the ONNX stage that ran the model
+
+
 @dataclass(frozen=True)
 class Detections:
     """Boxes (or whole-image classes) with confidences and class ids, as parallel arrays.
@@ -48,6 +60,8 @@ class Detections:
     class_id: np.ndarray  # (n,) int64; -1 when the model has no classes (text boxes)
     class_names: tuple[str, ...] = ()  # the model's label set; index with class_id
     is_calibrated: bool = False
+    # a classifier's whole softmax (not only the top-k rows), for reuse by the search embedder
+    class_probabilities: ClassProbabilities | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "xyxy", _as_array("xyxy", self.xyxy, np.float32, (4,)))

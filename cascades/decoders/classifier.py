@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -10,7 +11,7 @@ from PIL import Image
 
 from cascades.decoders import check_channels, normalise_chw
 from visionroute.errors import ConfigError
-from visionroute.records import Detections
+from visionroute.records import ClassProbabilities, Detections
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -49,6 +50,15 @@ class ClassifierDecoder:
         self.top_k, self.channels = top_k, check_channels(channels)
         self.crop_fraction = crop_fraction
 
+    @property
+    def preprocessing(self) -> str:
+        """Everything that decides the probabilities besides the model file (ClassProbabilities)."""
+        crop = f":crop={self.crop_fraction}" if self.resize == "center_crop" else ""
+        return (
+            f"{self.resize}{crop}:{self.size_hw[0]}x{self.size_hw[1]}:mean={list(map(float, self.mean))}"
+            f":std={list(map(float, self.std))}:{self.channels}:{self.outputs}"
+        )
+
     def preprocess(self, image_rgb: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
         height, width = image_rgb.shape[:2]
         out_h, out_w = self.size_hw
@@ -74,6 +84,8 @@ class ClassifierDecoder:
                 field="labels",
             )
         probabilities = softmax(scores) if self.outputs == "logits" else scores
-        return Detections.from_class_probabilities(
+        detections = Detections.from_class_probabilities(
             probabilities, self.labels, width=meta["width"], height=meta["height"], top_k=self.top_k
         )
+        whole = ClassProbabilities(probabilities, self.preprocessing)  # the search embedder reuses them
+        return dataclasses.replace(detections, class_probabilities=whole)

@@ -17,12 +17,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
+from cascades.decoders.classifier import ClassifierDecoder, softmax
 from cascades.onnx_runner import OnnxModel
 from retrieval.config import ConseConfig
 from retrieval.embedders.base import check_rgb, l2_normalise
 from visionroute.errors import ConfigError
+from visionroute.records import ClassProbabilities
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +73,15 @@ class ConseEmbedder:
             )
         preprocess = self.classifier.metadata.get("preprocess", {})
         self.size_hw = tuple(preprocess.get("size_hw") or self.classifier.input_hw or (224, 224))
-        self.mean = np.asarray(preprocess.get("mean", [0.5, 0.5, 0.5]), np.float32)
-        self.std = np.asarray(preprocess.get("std", [0.5, 0.5, 0.5]), np.float32)
+        # The classify tier's own decoder, always stretching: the same code makes the same
+        # tensor, so a tier that runs this file this way hands us probabilities to reuse.
+        self.decoder = ClassifierDecoder(
+            labels=tuple(self.labels),
+            size_hw=self.size_hw,
+            resize="stretch",
+            mean=preprocess.get("mean", [0.5, 0.5, 0.5]),
+            std=preprocess.get("std", [0.5, 0.5, 0.5]),
+        )
         text_path = self.config.text_model_path or packaged_text_model_path()
         self.text_model = load_sentence_model(text_path, self.config.device)
         get_dim = (
@@ -108,24 +116,33 @@ class ConseEmbedder:
 
     def preprocess(self, images_rgb: Sequence[np.ndarray]) -> np.ndarray:
         """Stretch-resize to the classifier's input, (x/255 - mean)/std, NCHW float32."""
-        height, width = self.size_hw
-        batch = np.empty((len(images_rgb), 3, height, width), np.float32)
-        for i, image in enumerate(images_rgb):
-            resized = Image.fromarray(check_rgb(image, i)).resize((width, height), Image.BILINEAR)
-            pixels = np.asarray(resized, np.float32) / 255.0
-            batch[i] = ((pixels - self.mean) / self.std).transpose(2, 0, 1)
-        return batch
+        batch = [self.decoder.preprocess(check_rgb(image, i))[0] for i, image in enumerate(images_rgb)]
+        return np.concatenate(batch) if batch else np.zeros((0, 3, *self.size_hw), np.float32)
 
     def class_probabilities(self, images_rgb: Sequence[np.ndarray]) -> np.ndarray:
         logits = self.classifier.run(self.preprocess(images_rgb))[0].astype(np.float64)
-        logits -= logits.max(axis=1, keepdims=True)
-        probabilities = np.exp(logits)
-        return probabilities / probabilities.sum(axis=1, keepdims=True)
+        return softmax(logits)
+
+    def reuses(self, probabilities: ClassProbabilities | None) -> bool:
+        """Whether a tier's probabilities are what ``class_probabilities`` would compute: the
+        same model file (sha256), preprocessed the same way, over the same classes."""
+        return (
+            probabilities is not None
+            and probabilities.model_sha256 == self.classifier.sha256
+            and probabilities.preprocessing == self.decoder.preprocessing
+            and np.shape(probabilities.values) == (len(self.labels),)
+        )
 
     def embed_images(self, images_rgb: Sequence[np.ndarray]) -> np.ndarray:
         if len(images_rgb) == 0:
             return np.zeros((0, self.dim), np.float32)
-        probabilities = self.class_probabilities(images_rgb)
+        return self.embed_probabilities(self.class_probabilities(images_rgb))
+
+    def embed_probabilities(self, probabilities: np.ndarray) -> np.ndarray:
+        """(n, classes) softmax rows -> (n, dim) embeddings: no classifier run (``reuses``)."""
+        probabilities = np.asarray(probabilities, np.float64)
+        if len(probabilities) == 0:
+            return np.zeros((0, self.dim), np.float32)
         top = np.argsort(-probabilities, axis=1)[:, : self.config.top_k]
         weights = np.take_along_axis(probabilities, top, axis=1)
         weights /= weights.sum(axis=1, keepdims=True)
