@@ -203,8 +203,15 @@ class VlmStage:
                     reason="the VLM tier could not be reached; a human decides",
                     error=_step_error(analysis, "VLM tier", exc),
                     latency_ms=(time.perf_counter() - started) * 1000.0,
+                    # the same key the VLM stage's own failures carry: metrics and the soak count by it
+                    details={"failure": _host_failure(exc)},
                 )
             )
+
+
+def _host_failure(exc: BaseException) -> str:
+    """The ``failure`` of a VLM tier whose host failed (its replica died, its call timed out)."""
+    return "timeout" if isinstance(exc, (TimeoutError, asyncio.TimeoutError)) else "tier_unavailable"
 
 
 CASCADE_STAGES = (CheapTierStage(), DecideStage(), ShiftGuardStage(), VlmStage())

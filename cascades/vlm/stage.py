@@ -183,6 +183,7 @@ class VlmStage:
         except InvalidAnswer as exc:
             if completion is not None and completion.finish_reason == "length":
                 exc = InvalidAnswer(f"{exc} (output cut at max_tokens={config.max_tokens})")
+            details.update(failure="invalid_output")
             outcome = VlmOutcome(None, None, invalid_reason=str(exc))
         except Exception as exc:  # a bug or an unforeseen backend behaviour must still end in review
             log.exception("VLM stage failed unexpectedly")
