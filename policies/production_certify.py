@@ -343,13 +343,23 @@ def _weighted_fit_stats(fit: _Outcomes, fit_u: np.ndarray, candidates, costs: Ti
     return risk, cost, auto, wrong, best_case
 
 
-def split(sample: ProductionSample, seed: int) -> tuple[ProductionSample, ProductionSample]:
-    """Fit and test shares by an independent coin per item (probability q: 10% of the items,
-    20 to 200 expected), so that, given the fit share, the test share is again a Bernoulli
-    sample of the traffic, with inclusion probabilities pi (1 - q) / (1 - pi q): a review
-    (pi = 1) not in the fit share is in the test share for sure."""
+def fit_items(n: int, fit_share: float | None = None) -> float:
+    """Expected fit-share items of ``n``: 10% (20 to 200) by default, as ``policies.certify``;
+    ``fit_share`` in (0, 1): that share of the items, at least ``MIN_FIT``, no cap."""
+    if fit_share is None:
+        return min(MAX_FIT, max(MIN_FIT, FIT_FRACTION * n))
+    return min(float(n), max(MIN_FIT, fit_share * n))
+
+
+def split(
+    sample: ProductionSample, seed: int, fit_share: float | None = None
+) -> tuple[ProductionSample, ProductionSample]:
+    """Fit and test shares by an independent coin per item (probability q: ``fit_items``, 10%
+    of the items, 20 to 200 expected, by default), so that, given the fit share, the test share
+    is again a Bernoulli sample of the traffic, with inclusion probabilities pi (1 - q) /
+    (1 - pi q): a review (pi = 1) not in the fit share is in the test share for sure."""
     n = len(sample)
-    q = min(MAX_FIT, max(MIN_FIT, FIT_FRACTION * n)) / n
+    q = fit_items(n, fit_share) / n
     rng = np.random.default_rng(seed)
     in_fit = rng.random(n) < q
     while in_fit.sum() < 2:  # a grid needs two items (the coins again, independent of the labels)
@@ -364,13 +374,15 @@ def split(sample: ProductionSample, seed: int) -> tuple[ProductionSample, Produc
     return fit, test
 
 
-def _refuse_if_too_few(sample: ProductionSample, alpha: float, delta: float, field: str) -> None:
+def _refuse_if_too_few(
+    sample: ProductionSample, alpha: float, delta: float, field: str, fit_share: float | None = None
+) -> None:
     """Could the test share certify if every sampled item were accepted and right? Every bet
     is at most c = 1, so K <= prod(1 + u alpha / (1 - alpha)) over the test share: below
     1 / delta no outcome certifies, and the refusal says how many more labels lift it there."""
     bar = math.log(1.0 / delta)
     n = len(sample)
-    n_fit = int(min(MAX_FIT, max(MIN_FIT, round(FIT_FRACTION * n))))
+    n_fit = int(round(fit_items(n, fit_share))) if n else MIN_FIT
     u = sample.unit_weight if n else np.ones(0)
     gain = lambda x: np.log1p(x * alpha / (1 - alpha))  # noqa: E731
     have = float(np.sort(gain(u))[::-1][: max(n - n_fit, 0)].sum())  # the best test share possible
@@ -405,12 +417,13 @@ def _certify_candidates(
     seed: int,
     max_review_share: float | None,
     descending: bool = False,
+    fit_share: float | None = None,
 ):
     """The shared engine: split, order on fit, test in fixed sequence. Returns what the front
     ends need to build their results. ``descending`` (one threshold): test downwards from the
     threshold where the fit share predicts the most evidence (more accepted items add evidence
     until the error among them nears alpha), instead of along the Pareto front."""
-    fit, test = split(sample, seed)
+    fit, test = split(sample, seed, fit_share)
     fit_out, test_out = fit.worst_case(), test.worst_case()
     candidates = candidates_of(fit_out)
     risk, cost, fit_auto, fit_wrong, best_case = _weighted_fit_stats(
@@ -589,6 +602,7 @@ def certify_production_plan(
     n_points: int = 40,
     max_review_share: float | None = None,
     score_name: str | None = None,
+    fit_share: float | None = None,
 ) -> TierPlan:
     """The three-tier plan (``policies.risk_control.TierPlan``: accept, escalate and, with the
     VLM's scores, VLM-accept thresholds) of least expected cost whose automatically accepted
@@ -597,13 +611,17 @@ def certify_production_plan(
     risk-cost front; a VLM answer the sample lacks (the VLM was not asked, or the item went
     unlabelled) counts as accepted and wrong wherever a candidate escalates the item. ``max_review_share``: the review capacity, as in
     ``choose_tier_thresholds``. ``score_name``: what ``cheap_score`` is, for the certificate's
-    statement (default: the cheap tier's calibrated confidence). Raises ``TooFewLabels`` like ``certify_production``."""
+    statement (default: the cheap tier's calibrated confidence). ``fit_share``: the share of the
+    sample that places and orders the candidates (``fit_items``; default 10%, at most 200 items).
+    Raises ``TooFewLabels`` like ``certify_production``."""
     _check_targets(alpha, delta)
+    if fit_share is not None and not 0.0 < fit_share < 1.0:
+        raise _fail("fit_share", f"must be in (0, 1), got {fit_share}")
     if max_review_share is not None and not 0.0 <= max_review_share <= 1.0:
         raise _fail("max_review_share", f"must be in [0, 1], got {max_review_share}")
     if sample.strong_error is None:
         raise _fail("strong_error", "the three-tier plan needs the VLM answers' errors (NaN where not asked)")
-    _refuse_if_too_few(sample, alpha, delta, "cheap_error")
+    _refuse_if_too_few(sample, alpha, delta, "cheap_error", fit_share)
     run = _certify_candidates(
         sample,
         lambda fit: _candidate_thresholds(fit, n_points),
@@ -612,6 +630,7 @@ def certify_production_plan(
         delta=delta,
         seed=seed,
         max_review_share=max_review_share,
+        fit_share=fit_share,
     )
     best, chosen = run["best"], run["chosen"]
     capacity = None

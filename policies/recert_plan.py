@@ -127,6 +127,7 @@ def plan_audit_fraction(
     min_fraction: float = 0.005,
     n_points: int = 20,
     seed: int = 0,
+    fit_share: float | None = None,
 ) -> AuditPlan:
     """The smallest audit fraction with which production certification over a window of
     ``days`` succeeds with at least ``probability``, if the pilot is representative; None (and
@@ -138,6 +139,8 @@ def plan_audit_fraction(
     ``review_budget_per_day``: audit labels reviewers can give a day beyond the reviews.
     ``plan``: certify one threshold or the three-tier plan (needs the pilot's VLM errors;
     ``n_points`` quantiles per threshold, fewer than offline: the plan runs it many times).
+    ``fit_share``: the three-tier certificate's (``certify_production_plan``), so the plan
+    simulates the certificate that will be run.
     """
     for name, value in (("alpha", alpha), ("delta", delta), ("probability", probability)):
         if not 0 < value < 1:
@@ -173,7 +176,13 @@ def plan_audit_fraction(
         try:
             if plan == "three_tier":
                 return certify_production_plan(
-                    sample, costs=costs or TierCosts(), alpha=alpha, delta=delta, seed=rep, n_points=n_points
+                    sample,
+                    costs=costs or TierCosts(),
+                    alpha=alpha,
+                    delta=delta,
+                    seed=rep,
+                    n_points=n_points,
+                    fit_share=fit_share,
                 ).certificate.is_feasible
             return certify_production(sample, alpha=alpha, delta=delta, seed=rep).is_feasible
         except TooFewLabels:
@@ -255,6 +264,27 @@ def _monotone(shares: list[float]) -> list[float]:
 
 
 # --------------------------------------------------------------------------- the running plan
+
+
+def per_certificate_delta(delta: float, *, keeps_incumbent: bool) -> float:
+    """The level each certificate of a recertification loop is computed at, so that the plan
+    it deploys keeps the promise at ``delta``.
+
+    A loop that may keep its running plan (the incumbent I) instead of a new certificate C
+    deploys D in {I, C}, chosen on labels. Whatever the rule, D's accepted error exceeds alpha
+    only if I's certificate or C's was wrong:
+
+        P(risk(D) > alpha) <= P(I certified and risk(I) > alpha) + P(C certified and risk(C) > alpha)
+
+    Each term is at most the level its certificate was computed at, so certifying every plan
+    the loop may deploy (the first one included) at delta / 2 keeps D's promise at delta; at
+    delta each, it held at 2 delta only. A loop that deploys every certificate chooses nothing:
+    delta itself. (The alternative, choosing between I and C on labels disjoint from those that
+    certify the chosen one, needs labels no earlier certificate saw; with a sliding label window
+    every label serves several certificates. docs/recertification.md, "The figure".)"""
+    if not 0 < delta < 1:
+        raise _fail("delta", f"must be in (0, 1), got {delta!r}")
+    return delta / 2 if keeps_incumbent else delta
 
 
 @dataclass(frozen=True)

@@ -73,8 +73,33 @@ CONFIG = bench.LoopConfig(
 
 
 @pytest.fixture(scope="module")
-def result():
-    return bench.simulate(synthetic_replay(), CONFIG)
+def certified_with():
+    """The (delta, fit_share) of every production certificate the loop computed."""
+    return []
+
+
+@pytest.fixture(scope="module")
+def result(certified_with):
+    import policies.production_certify as production_certify
+
+    certify = production_certify.certify_production_plan
+
+    def recording(*args, **kwargs):
+        certified_with.append((kwargs["delta"], kwargs.get("fit_share")))
+        return certify(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(production_certify, "certify_production_plan", recording)
+        return bench.simulate(synthetic_replay(), CONFIG)
+
+
+def test_every_plan_the_loop_may_deploy_is_certified_at_half_delta(result, certified_with):
+    """The loop keeps its running plan or deploys a new certificate: two certified plans, one
+    chosen on labels; at delta / 2 each, the deployed one's promise holds at delta."""
+    assert result["certificate_delta"] == pytest.approx(CONFIG.delta / 2)
+    assert certified_with and set(certified_with) == {(CONFIG.delta / 2, CONFIG.fit_share)}
+    every = dataclasses.replace(CONFIG, keep_cheaper_incumbent=False)
+    assert every.certificate_delta == CONFIG.delta
 
 
 def test_tiny_run_gives_every_row_and_field(result, tmp_path):
@@ -140,7 +165,7 @@ def test_a_running_plan_stays_only_while_fresh_labels_certify_it_and_it_is_no_de
     for w in kept:
         assert not w["recertified"] and w["plan"] == windows[w["window"] - 1]["plan"]
     for w in windows:
-        if "deployed:" in w["recertification"]:
+        if "; deployed:" in w["recertification"]:
             assert w["recertified"]
 
 
@@ -183,6 +208,15 @@ def test_under_a_strong_shift_the_static_plan_breaks_and_the_loop_does_not(resul
         policy: result["phases"][policy]["clean"]["accepted_error"] for policy in ("static", "static+guard")
     }
     assert clean["static"] == pytest.approx(clean["static+guard"], abs=0.02)
+
+
+def test_an_unknown_task_or_fit_share_is_a_config_error():
+    with pytest.raises(ConfigError) as error:
+        bench.load_replay("faces", "gaussian_noise", seed=0)
+    assert error.value.field == "task"
+    with pytest.raises(ConfigError) as error:
+        dataclasses.replace(CONFIG, fit_share=1.0).check(levels=2)
+    assert error.value.field == "fit_share"
 
 
 def test_a_severity_the_replay_lacks_is_a_config_error():

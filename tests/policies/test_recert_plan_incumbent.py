@@ -84,3 +84,15 @@ def test_no_labels_certify_nothing():
     empty = ProductionSample(np.zeros(0), np.zeros(0), np.zeros(0))
     check = check_plan(plan(0.5), empty, costs=COSTS, alpha=0.1, delta=0.1)
     assert not check.certified and check.accepted == 0
+
+
+def test_a_loop_that_may_keep_its_running_plan_certifies_each_plan_at_half_delta():
+    from policies.certify import CertifyInputError
+    from policies.recert_plan import per_certificate_delta
+
+    # two certified plans, the deployed one chosen on labels: a union bound over both
+    assert per_certificate_delta(0.1, keeps_incumbent=True) == pytest.approx(0.05)
+    assert per_certificate_delta(0.1, keeps_incumbent=False) == pytest.approx(0.1)
+    with pytest.raises(CertifyInputError) as error:
+        per_certificate_delta(1.0, keeps_incumbent=True)
+    assert error.value.field == "delta"
