@@ -103,3 +103,44 @@ def test_index_analyses_reuses_the_tier_and_embeds_the_rest(
         np.testing.assert_allclose(stored, recomputed, rtol=0, atol=1e-6)
         hits = service.search_text("a cup of coffee", k=1, filters={"tenant": "reuse"}).hits
         assert [h.id for h in hits] == [ids[0]]
+
+
+def test_the_service_indexes_from_the_tiers_probabilities(
+    tmp_path, classifier_path, conse_config, conse_embedder, monkeypatch
+):
+    """Through the analyse pipeline (the shipped config's classify cascade, tier and search in
+    process): the tier's probabilities ride on the request's answer to the index, which runs no
+    classifier of its own, and the stored vector is the one the pixels give."""
+    import asyncio
+    import io
+
+    from PIL import Image
+    from skimage import data
+
+    from evals.benchmarks.serve import service_args
+    from router.config import parse_app_config
+    from router.services import ImageRequest, VisionRouteService
+    from router.services.backends import LocalOnnxTier, LocalSearch
+
+    args = service_args(classifier_path.parent, tmp_path, "ingress", True, 8, None)
+    args["cascades"] = {"classify": args["cascades"]["classify"]}
+    args["retrieval"].update(embedder=conse_config.model_dump(mode="json"), index_queue={"mode": "durable"})
+    config = parse_app_config(args)
+    tier = LocalOnnxTier(config.cascades["classify"].tier.model_dump(), config.models_dir)
+    search = SearchService(config.retrieval, embedder=conse_embedder)
+    service = VisionRouteService.build(config, tiers={"classify": tier}, search=LocalSearch(search))
+    runs: list[int] = []
+    run = conse_embedder.classifier.run
+    monkeypatch.setattr(conse_embedder.classifier, "run", lambda batch: runs.append(len(batch)) or run(batch))
+    jpeg = io.BytesIO()
+    Image.fromarray(data.coffee()).save(jpeg, format="JPEG", quality=90)
+
+    analysis = asyncio.run(service.analyze.analyze(ImageRequest(jpeg.getvalue(), "reuse-1"), None))
+    step = next(s for s in analysis.trace if s.stage == "retrieval:index")
+    assert step.details["search_index"] == {"mode": "durable", "status": "indexed"}
+    assert runs == [] and search.reused_embeddings == 1
+    stored = search.index.get(step.details["search_id"])[1]
+    np.testing.assert_allclose(
+        stored, conse_embedder.embed_images([analysis.image_rgb])[0], rtol=0, atol=1e-6
+    )
+    search.close()
