@@ -36,6 +36,7 @@ import asyncio
 import dataclasses
 import hashlib
 import logging
+import secrets
 import time
 import weakref
 from collections.abc import Callable, Mapping
@@ -46,6 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from policies.artefact_store import ArtefactCorrupted, ArtefactStore
 from policies.audit_sampling import is_error, is_sampled
+from policies.costs import review_value
 from policies.policy_set import PolicySet
 from policies.rollout_store import Rollout, RolloutStore
 from policies.runtime import PolicyRuntime
@@ -217,6 +219,37 @@ def is_arm_audit_sampled(choice: ArmChoice | None, analysis: Analysis) -> bool:
         and analysis.decision is Decision.ACCEPT
         and is_sampled(f"{choice.rollout.id}:{analysis.trace.request_id}", choice.rollout.audit_fraction)
     )
+
+
+EVIDENCE_KINDS = ("audit", "shadow")  # the queue items whose labels feed a rollout's test
+
+
+def _uniform_key() -> float:
+    """A uniform [0, 1) key from the OS's randomness: independent of the image and its answer."""
+    return secrets.randbits(53) / 2.0**53
+
+
+def queue_priority(
+    choice: ArmChoice | None,
+    kind: str,
+    score: float | None,
+    error_cost_units: float,
+    *,
+    draw: Callable[[], float] = _uniform_key,
+) -> float:
+    """The review queue's claim priority of a new item (claimed highest first).
+
+    An item that will be a running rollout's evidence (an audit or shadow item of one of its arms)
+    gets ``draw() * error_cost_units``: a random key drawn at enqueue, in the range every item's
+    value lies in. Any other item gets its value (``policies.costs.review_value``: the least
+    confident answer first). Ordered by value, an arm's audits would be labelled worst first, and
+    the sequential test, whose confidence sequences assume labels that come in no order related
+    to their error, would see a run of errors before the rest (one run rolled back a candidate
+    that met alpha after its first 9 labels). Under the random key the order in which an arm's
+    labels arrive depends on when items came and on the key alone (docs/rollouts.md)."""
+    if kind in EVIDENCE_KINDS and choice is not None and choice.rollout.status == "running":
+        return draw() * error_cost_units
+    return review_value(score, error_cost_units)
 
 
 def rollout_step(trace: Mapping[str, Any] | None) -> dict[str, Any] | None:

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 from cascades.decode_budget import InputNeed, in_file_pixels
 from cascades.image_redaction import Redactor
 from policies.audit_sampling import inclusion_probability, is_sampled, rollout_audit_fraction
-from policies.costs import review_value
 from policies.review_queue import ReviewQueue
 from policies.runtime import PolicyRuntime
 from router.auth.principal import resolve_tenant
@@ -25,7 +24,7 @@ from router.services.analyze.context import QueueTicket, RequestContext
 from router.services.analyze.grouped_writes import review_writes
 from router.services.backends import CheapTierClient, SearchBackend, VlmTierClient
 from router.services.common import checked_tenant
-from router.services.rollouts import Arm
+from router.services.rollouts import Arm, queue_priority
 from visionroute.errors import BackendUnavailable, InputError, RouterError
 from visionroute.records import Analysis, Decision, Step, Trace
 from visionroute.redaction import failure_summary
@@ -245,7 +244,13 @@ class StoreStage:
                     reason=reason,
                     proposed=detections.to_dicts() if detections is not None else [],
                     trace=analysis.trace.to_dict(),
-                    priority=review_value(last_score(analysis), policy.review.error_cost(analysis.task)),
+                    # a rollout's evidence is claimed in a random order (rollouts.py queue_priority)
+                    priority=queue_priority(
+                        ctx.arm.choice,
+                        kind,
+                        last_score(analysis),
+                        policy.review.error_cost(analysis.task),
+                    ),
                     kind=kind,
                     sla_s=policy.review.sla_s,
                     label_set=label_set,
