@@ -33,29 +33,40 @@ from visionroute.errors import ConfigError, InputError
 from visionroute.records import Analysis, Detections, Trace
 
 
-def routed_config(tmp_path, router_path):
+def routed_config(tmp_path, router_path, candidates: dict | None = None):
     model = write_colour_model(tmp_path / "colour.onnx")
+    tier = {"model": str(model), "decoder": "classifier", "labels": LABELS, "size_hw": 32}
     return parse_app_config(
         {
             "models_dir": str(tmp_path),
             "default_task": "colour",
             "cascades": {
                 "colour": {
-                    "tier": {"model": str(model), "decoder": "classifier", "labels": LABELS, "size_hw": 32},
+                    "tier": tier,
                     "policy": {"version": "colour-v1", "accept_threshold": 0.9, "escalate_threshold": 0.2},
                     "router": {"path": str(router_path)},
+                    "candidates": {name: {"tier": {**tier, **c}} for name, c in (candidates or {}).items()},
                 }
             },
             "review": {"path": str(tmp_path / "review")},
             "retrieval": {"enabled": False},
             "rollouts": {"refresh_s": 0.05, "cost_flush_s": 0.05},
+            # no face detector to load (its first load took ~30 s on a busy machine): no images of people
+            "policies": {"privacy": {"faces": "keep", "text": "keep"}},
         }
     )
 
 
 def service_for(config) -> VisionRouteService:
-    tier = LocalOnnxTier(config.cascades["colour"].tier.model_dump(), config.models_dir)
-    return VisionRouteService.build(config, tiers={"colour": tier})
+    cascade = config.cascades["colour"]
+
+    def tier(stage):
+        return LocalOnnxTier(stage.model_dump(), config.models_dir)
+
+    candidates = {name: tier(c.tier) for name, c in cascade.candidates.items()}
+    return VisionRouteService.build(
+        config, tiers={"colour": tier(cascade.tier)}, candidate_tiers={"colour": candidates}
+    )
 
 
 def png(rgb: np.ndarray) -> bytes:
@@ -284,3 +295,73 @@ def test_a_feature_failure_on_a_candidate_arm_falls_back_to_that_arms_certified_
     assert state.route.thresholds == refit.artefact.plans.fallback
     step = step_of(analysis, "router")
     assert step.details["fallback"] and step.details["version"] == refit.sha256 and step.error
+
+
+# -- an adopted refit router, and a router beside a candidate tier ------------------------------
+
+
+def stored_router_artefact(service, router: RouterArtefact, suffix: str) -> str:
+    """A stored calibration artefact of the routed task carrying ``router``, as a recalibration
+    job leaves one (the configured thresholds under a production version, the tier it was
+    certified on); returns its sha256."""
+    rollouts = service.rollouts
+    configured = rollouts.policies.thresholds(rollouts.policies.current, "colour")
+    version = f"{configured.version}+prod-{suffix}"
+    body = {
+        "kind": "production-recalibration",
+        "task": "colour",
+        "tenant": None,
+        "version": version,
+        "thresholds": configured.model_copy(update={"version": version}).model_dump(mode="json"),
+        "calibrator": {
+            "kind": "incumbent",
+            "calibration": None,
+            "model": str(service.config.cascades["colour"].tier.model),
+        },
+        "router": {**router.to_document(), "sha256": router.sha256},
+    }
+    return rollouts.artefacts.put(body, actor="test")
+
+
+def test_the_next_job_refits_the_adopted_router_from_the_traces_of_both_versions(tmp_path):
+    configured = fitted_artefact(learned=(0.9999, 0.0))  # both routers review everything
+    adopted = fitted_artefact(learned=(0.9999, 0.0), fallback=(0.96, 0.5))
+    service = service_for(routed_config(tmp_path, configured.save(tmp_path / "router.json")))
+    recalibration = RecalibrationService.of(service)
+
+    async def traffic():
+        before = await labelled_traffic(service, 60, "before", seed=11)
+        sha = stored_router_artefact(service, adopted, "adopted")
+        service.rollouts.artefacts.adopt("colour", sha, rollout_id="ro_earlier", started_at=0.0, actor="test")
+        service.rollouts._read_at = 0.0
+        after = await labelled_traffic(service, 60, "after", seed=12)
+        return sha, before, after
+
+    adopted_sha, before, after = asyncio.run(traffic())
+    assert {step_of(a, "router").details["version"] for a in before} == {configured.sha256}
+    assert {step_of(a, "router").details["version"] for a in after} == {adopted.sha256}
+    request = RecalibrationRequest(task="colour", alpha=0.4, delta=0.2, propose=False)
+    job = recalibration.job.run(request, "alice@ops")
+    assert job["status"] == "succeeded", job["reason"]
+    body = service.rollouts.artefacts.get(job["artefact_sha256"])
+    report = body["router_refit"]
+    # refit from the adopted router (not the configured one), on the items of both versions
+    assert body["parent_artefact"] == adopted_sha and report["parent_router"] == adopted.sha256
+    assert report["items"] == 120 and report["left_out"]["other_feature_version"] == 0
+    assert job["details"]["router"] not in (configured.sha256, adopted.sha256)
+
+
+def test_an_artefact_carrying_a_router_is_refused_beside_a_candidate_tier(tmp_path):
+    configured = fitted_artefact()
+    config = routed_config(
+        tmp_path, configured.save(tmp_path / "router.json"), {"cheaper": {"cost_units": 0.5}}
+    )
+    service = service_for(config)
+    sha = stored_router_artefact(service, fitted_artefact(learned=(0.6, 0.1)), "refit")
+    with pytest.raises(InputError) as refused:
+        asyncio.run(service.rollouts.start(None, {"task": "colour", "candidate": "cheaper", "artefact": sha}))
+    assert refused.value.field == "artefact" and "candidate tier 'cheaper'" in refused.value.reason
+    assert asyncio.run(service.rollouts.list("colour")).rollouts == ()
+    # either alone is a rollout
+    alone = asyncio.run(service.rollouts.start(None, {"task": "colour", "artefact": sha})).to_json()
+    assert alone["artefact"] == sha and alone["candidate"] is None
