@@ -38,6 +38,7 @@ class BatchedOnnxTier:
         self.cost_units = self.stage.config.cost_units
         self.predict.set_max_batch_size(max_batch_size)
         self.predict.set_batch_wait_timeout_s(batch_wait_timeout_ms / 1000.0)
+        self.stage.model.warm_up(max_batch_size)  # RSS steady from the first request (docs/soak.md)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def predict(self, images: list[np.ndarray]) -> list[TierResult]:
