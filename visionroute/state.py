@@ -70,6 +70,12 @@ class StateConfig(BaseModel):
     )
     pool_min: int = Field(1, ge=0, le=64, description="connections each store's pool keeps open")
     pool_max: int = Field(4, ge=1, le=256, description="most connections each store's pool opens")
+    pool_max_idle_s: float = Field(
+        600.0,
+        gt=0,
+        le=86400,
+        description="a connection above pool_min unused this long is closed (one per pool per period)",
+    )
     connect_timeout_s: float = Field(
         5.0, gt=0, le=120, description="how long a request waits for a connection"
     )
@@ -314,7 +320,9 @@ class PostgresDatabase(Database):
                 "row_factory": _row_factory,
                 "options": f"-c search_path={schema}",
                 "connect_timeout": max(1, int(config.connect_timeout_s)),
+                **_application_name(dsn, schema),
             },
+            max_idle=config.pool_max_idle_s,
             check=ConnectionPool.check_connection,  # a connection the server dropped is replaced
             open=False,
             name=schema,
@@ -368,6 +376,16 @@ class PostgresDatabase(Database):
 
     def close(self) -> None:
         self.pool.close()
+
+
+def _application_name(dsn: str, schema: str) -> dict[str, str]:
+    """``application_name`` naming the store and this process (what pg_stat_activity shows, so
+    an operator or the soak can tell each pool's connections apart); a DSN's own name wins."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    if conninfo_to_dict(dsn).get("application_name"):
+        return {}
+    return {"application_name": f"visionroute pid={os.getpid()} store={schema}"[:63]}
 
 
 def _first_line(error: Exception) -> str:
