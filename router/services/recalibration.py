@@ -48,6 +48,7 @@ promotion makes the refit router the incumbent's (docs/recertification.md).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import math
@@ -61,7 +62,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cascades.rollout_router import rollout_router
-from cascades.router_refit import RefitRefused, refit_router
+from cascades.router_refit import RefitRefused, in_fit_share, refit_router
+from cascades.served_calibration import ServedCalibration
 from policies.artefact_store import ArtefactStore
 from policies.production_calibration import MIN_LABELS, refit_calibration
 from policies.production_certify import (
@@ -74,7 +76,7 @@ from policies.reviewer_quality import distrusted_reviewers
 from policies.risk_control import TierCosts
 from policies.rollout_store import RolloutStore
 from policies.sequential import RolloutConfig
-from policies.thresholds import ThresholdPolicy
+from policies.thresholds import ThresholdPolicy, answer_score
 from router.config import served_router
 from router.services.common import TENANT_PATTERN
 from visionroute.errors import BackendUnavailable, ConfigError, Conflict, InputError
@@ -84,6 +86,7 @@ log = logging.getLogger("visionroute.recalibration")
 ARTEFACT_KIND = "production-recalibration"
 PRODUCTION_VERSION = "+prod-"  # <configured thresholds version>+prod-<digest>
 ERASURE_ACTIONS = ("erased", "image_erased")
+CALIBRATOR_FIT_SHARE = 0.3  # of the window's items, with serve_calibrator: the map; the rest certify
 
 
 class RecalibrationRequest(BaseModel):
@@ -102,6 +105,11 @@ class RecalibrationRequest(BaseModel):
     audit_fraction: float = Field(0.1, gt=0.0, le=1.0, description="the rollout's audit share")
     min_cost_observations: int = Field(30, ge=1, le=1_000_000, description="per arm, before promotion")
     costs: TierCosts = Field(default_factory=TierCosts, description="the three-tier plan's prices")
+    serve_calibrator: bool = Field(
+        False,
+        description="serve the calibrator refit from these labels: fitted on one share of the items, the "
+        "thresholds certified after it on the rest (docs/recertification.md); not for a routed task",
+    )
     reason: str = Field("", max_length=500)
 
     @field_validator("costs")
@@ -163,13 +171,21 @@ def build_artefact(
     distrusted_reviewers: frozenset[str] = frozenset(),
     model: str | None = None,
     parent_artefact: str | None = None,
+    served: ServedCalibration | None = None,
 ) -> Built:
     """The artefact certified on the task's production items (``ReviewItem``s), or Refused /
-    TooFewLabels. Pure: no store is touched."""
+    TooFewLabels. Pure: no store is touched. ``served``: the calibration chain the incumbent
+    serves (the items' scores are on its scale: ``on_served_scale``); the artefact serves it too,
+    followed by the refit when ``request.serve_calibrator``."""
     task, tenant = request.task, request.tenant
     chosen, erased_left_out = _window(items, request, erased)
+    served = served or ServedCalibration()
+    certified_on, served_refit = chosen, None
+    if request.serve_calibrator:
+        certified_on, served_refit = _served_refit(chosen, request, incumbent, distrusted_reviewers)
+        served = served.then(served_refit[0].scores, served_refit[0].p_correct)
     # a flagged reviewer's label counts as no label (non-response: an error wherever accepted)
-    queued = sample_from_items(chosen, task=task, distrusted_reviewers=distrusted_reviewers)
+    queued = sample_from_items(certified_on, task=task, distrusted_reviewers=distrusted_reviewers)
     sample = queued.sample
     if has_vlm:
         plan = certify_production_plan(sample, costs=request.costs, alpha=request.alpha, delta=request.delta)
@@ -212,17 +228,122 @@ def build_artefact(
         "delta": request.delta,
         "parent_version": incumbent.version,
         "parent_artefact": parent_artefact,
-        "calibrator": calibrator_report(sample, accept_threshold, calibration=calibration, model=model),
+        "calibrator": (
+            calibrator_report(sample, accept_threshold, calibration=calibration, model=model)
+            if served_refit is None
+            else served_calibrator_report(
+                *served_refit, accept_threshold, calibration=calibration, model=model
+            )
+        ),
         "certificate": certificate.to_dict(),
         "plan": plan_view,
         "labels": labels,
     }
+    if served.maps:  # the scale the thresholds act on: every arm serving the artefact maps to it
+        body["calibrator"]["served"] = served.to_document()
     body = _finish_body(
         body,
         incumbent,
         {"accept_threshold": accept_threshold, "escalate_threshold": min(escalate, accept_threshold)},
     )
     return Built(body, tuple(sorted(i.id for i in chosen)))
+
+
+def _served_refit(
+    chosen: list[Any], request: RecalibrationRequest, incumbent: ThresholdPolicy, distrusted: frozenset[str]
+) -> tuple[list[Any], tuple[Any, int]]:
+    """``serve_calibrator``: the map fitted on the fit share (a coin per item id, independent of
+    its label), and the other items rescored through it, on which the thresholds are certified.
+    The coin makes the certification items a Bernoulli subsample whatever their labels, and the
+    map is fixed before any of their labels is read: the certificate is on a fixed score, as
+    served (docs/recertification.md)."""
+    salt = f"calibrator:{request.task}"
+    fit = [i for i in chosen if in_fit_share(i.id, salt, CALIBRATOR_FIT_SHARE)]
+    refit = refit_calibration(
+        sample_from_items(fit, task=request.task, distrusted_reviewers=distrusted).sample
+    )
+    if refit is None:
+        more = math.ceil(MIN_LABELS / CALIBRATOR_FIT_SHARE)
+        raise TooFewLabels(
+            f"serve_calibrator: the calibrator's refit needs at least {MIN_LABELS} labelled cheap answers in "
+            f"its fit share ({CALIBRATOR_FIT_SHARE:.0%} of the items, by item id); it has fewer. About {more} "
+            "labelled items in all are needed; or recertify without serve_calibrator",
+            field="serve_calibrator",
+            needed_more=more,
+        )
+    new_map = ServedCalibration().then(refit.scores, refit.p_correct)
+    rest = [
+        rescored(i, new_map, incumbent.score)
+        for i in chosen
+        if not in_fit_share(i.id, salt, CALIBRATOR_FIT_SHARE)
+    ]
+    return rest, (refit, len(fit))
+
+
+def served_calibrator_report(
+    refit: Any, fit_items: int, accept_threshold: float, *, calibration: str | None, model: str | None
+) -> dict[str, Any]:
+    """The artefact's ``calibrator`` when it serves the production refit."""
+    return {
+        "kind": "production_refit",
+        "calibration": calibration,
+        "model": model,
+        "why": "served: the thresholds are certified on the refit's score, on items it was not fitted on",
+        "production_refit": {**refit.to_dict(), "served": True, "fit_items": fit_items},
+        "statement": (
+            f"{refit.statement()}; served (fitted on {fit_items} items, {CALIBRATOR_FIT_SHARE:.0%} by item id): "
+            f"the accept threshold {accept_threshold:.4g} is on its score, certified on the other items"
+        ),
+    }
+
+
+def rescored(item: Any, maps: ServedCalibration, rule: str) -> Any:
+    """``item`` with its ``policy:thresholds`` score as ``maps`` would have served it: the recorded
+    confidences (the cheap tier's step, float32 exactly) through the maps, then the score rule."""
+    if not maps.maps or not isinstance(item.trace, dict):
+        return item
+    steps = item.trace.get("steps", [])
+    cheap = next(
+        (
+            s
+            for s in steps
+            if str(s.get("stage", "")).startswith("onnx:")
+            and (s.get("details") or {}).get("confidences") is not None
+        ),
+        None,
+    )
+    if cheap is None:
+        return item
+    score = answer_score(maps.apply(cheap["details"]["confidences"]), rule)
+    steps = [{**s, "score": score} if s.get("stage") == "policy:thresholds" else s for s in steps]
+    return dataclasses.replace(item, trace={**item.trace, "steps": steps})
+
+
+def on_served_scale(
+    items: Iterable[Any],
+    served: ServedCalibration,
+    chain_of: Callable[[str], ServedCalibration | None],
+    rule: str,
+) -> tuple[list[Any], int]:
+    """The items with their scores on the scale ``served`` gives (the incumbent's chain): an item
+    scored under a prefix of it (the tier's own score, or an earlier artefact's chain) is mapped
+    on through the rest, exactly as served; one scored under another chain (a rolled-back
+    candidate's canary, ``chain_of(version)`` None: unknown) is left out and counted. Which chain
+    scored an item depends on when it came and on its request's arm, never on its label."""
+    kept, other = [], 0
+    for item in items:
+        steps = item.trace.get("steps", []) if isinstance(item.trace, dict) else []
+        decided = next((s for s in steps if s.get("stage") == "policy:thresholds"), None)
+        if decided is None:
+            kept.append(item)  # no score: left out by the sample, counted there
+            continue
+        chain = chain_of(str(decided.get("policy_version") or ""))
+        rest = None if chain is None else served.after(chain)
+        if rest is None:
+            other += 1
+            continue
+        kept.append(rescored(item, rest, rule))
+    return kept, other
 
 
 def _window(items: Iterable[Any], request: RecalibrationRequest, erased: set[str]) -> tuple[list[Any], int]:
@@ -435,6 +556,12 @@ class Recalibration:
             raise InputError(
                 f"unknown task {request.task!r}; expected one of {sorted(self.cascades)}", field="task"
             )
+        if request.serve_calibrator and getattr(cascade, "router", None) is not None:
+            raise InputError(
+                f"serve_calibrator: task {request.task!r} decides on its learned router's score, which the "
+                "recalibration refits instead (the router's features read the tier's own confidences)",
+                field="serve_calibrator",
+            )
 
     def open_job(self, request: RecalibrationRequest, actor: str) -> str:
         """The job's status row ('running'); StateUnavailable when the database is down."""
@@ -482,6 +609,34 @@ class Recalibration:
                 "scheduled recalibration of %s skipped: the state database failed (%s)", request.task, exc
             )
             return None
+
+    def served_chain(self, sha256: str | None) -> ServedCalibration:
+        """The calibration chain artefact ``sha256`` serves (none, or no artefact: the identity)."""
+        if sha256 is None:
+            return ServedCalibration()
+        served = (self.artefacts.get(sha256).get("calibrator") or {}).get("served")
+        return ServedCalibration.from_document(served, field="artefact.calibrator.served")
+
+    def chains(self, task: str) -> Callable[[str], ServedCalibration | None]:
+        """thresholds version -> the chain that scored a request decided under it: the identity for
+        a configured version, the artefact's chain for a production one (None: no such artefact)."""
+        versions: dict[str, str] | None = None
+        found: dict[str, ServedCalibration | None] = {}
+
+        def chain_of(version: str) -> ServedCalibration | None:
+            nonlocal versions
+            if PRODUCTION_VERSION not in version:
+                return ServedCalibration()
+            if version not in found:
+                if versions is None:
+                    versions = {
+                        row["version"]: row["sha256"] for row in self.artefacts.list(task, limit=100_000)
+                    }
+                sha = versions.get(version)
+                found[version] = None if sha is None else self.served_chain(sha)
+            return found[version]
+
+        return chain_of
 
     def _embedder(self, served: Any) -> Callable[[Any], np.ndarray | None] | None:
         """item -> the served embedding of its stored image (None: no image, or not decodable);
@@ -578,6 +733,9 @@ class Recalibration:
                 parent_artefact=parent_artefact,
             )
         else:
+            served = self.served_chain(parent_artefact)
+            mine = [i for i in items if i.task == request.task]
+            items, other_scale = on_served_scale(mine, served, self.chains(request.task), incumbent.score)
             built = build_artefact(
                 items,
                 request=request,
@@ -588,7 +746,9 @@ class Recalibration:
                 model=str(cascade.tier.model),
                 parent_artefact=parent_artefact,
                 distrusted_reviewers=distrusted,
+                served=served,
             )
+            built.artefact["labels"]["left_out"]["other_calibration"] = other_scale
         # an erasure may have landed while the job certified: no artefact is built from its items
         late = erased_item_ids(self.queue).intersection(built.item_ids)
         if late:

@@ -310,6 +310,10 @@ class RolloutService:
         # sha256 -> the artefact's refit router, loaded and checked against the task's configured
         # router beside its thresholds (absent: the artefact carries no router)
         self._artefact_routers: dict[str, Any] = {}
+        # sha256 -> the artefact's served calibration chain (cascades/served_calibration.py), when it
+        # carries one; the cheap tier of every arm serving the artefact maps its confidences through it
+        self._artefact_calibrations: dict[str, Any] = {}
+        self._calibrated_tiers: dict[tuple[int, str], Any] = {}
         self._configured_routers: dict[str, Any] = {}
         # task -> (sha256, thresholds) of the artefact a promoted rollout made its incumbent
         # (read with the rollouts; None before the first read)
@@ -349,8 +353,39 @@ class RolloutService:
                         f"calibration artefact {sha256[:12]}: {exc.reason}",
                         field=exc.field or "artefact.router",
                     ) from None
+            self._load_calibration(sha256, body)
             cached = self._artefact_thresholds[sha256] = ThresholdPolicy.model_validate(body["thresholds"])
         return cached
+
+    def _load_calibration(self, sha256: str, body: dict[str, Any]) -> None:
+        """The artefact's served calibration chain, checked (InputError naming the field)."""
+        from cascades.served_calibration import ServedCalibration
+
+        served = (body.get("calibrator") or {}).get("served")
+        if served is None:
+            return
+        try:
+            self._artefact_calibrations[sha256] = ServedCalibration.from_document(
+                served, field="artefact.calibrator.served"
+            )
+        except ConfigError as exc:
+            raise InputError(f"calibration artefact {sha256[:12]}: {exc.reason}", field=exc.field) from None
+
+    def calibrated_tier(self, tier: CheapTierClient, sha256: str | None) -> CheapTierClient:
+        """``tier`` (the configured one, never an already calibrated one) as an arm serving artefact
+        ``sha256`` runs it: through the artefact's served calibration when it carries one. One
+        wrapper per tier and artefact, so a batch's calls to it still group into one."""
+        base = getattr(tier, "inner", tier)
+        chain = self._artefact_calibrations.get(sha256) if sha256 is not None else None
+        if chain is None:
+            return base
+        from cascades.served_calibration import CalibratedTier
+
+        key = (id(base), sha256)
+        wrapped = self._calibrated_tiers.get(key)
+        if wrapped is None:
+            wrapped = self._calibrated_tiers[key] = CalibratedTier(base, chain)
+        return wrapped
 
     def artefact_router(self, body: dict[str, Any], task: str) -> Any:
         """An artefact's refit router (``body["router"]``), checked against the task's configured
@@ -383,6 +418,11 @@ class RolloutService:
             if body is None:
                 body = self._incumbent_bodies[sha] = self.artefacts.get(sha)  # sha256-checked, once
             problem = why_not_incumbent(body, cascade, self.policies.thresholds(self.policies.current, task))
+            if problem is None and sha not in self._artefact_calibrations:
+                try:
+                    self._load_calibration(sha, body)
+                except InputError as exc:  # never a guess: the configured thresholds serve
+                    problem = f"its served calibration is unreadable: {exc.reason}"
             if problem is None and body.get("router") is not None and sha not in self._artefact_routers:
                 try:
                     self._artefact_routers[sha] = self.artefact_router(body, task)
@@ -403,6 +443,11 @@ class RolloutService:
         if adopted is not None and configured_version(adopted[1].version) == configured.version:
             return adopted[1]
         return configured
+
+    def incumbent_artefact(self, task: str, thresholds: ThresholdPolicy) -> str | None:
+        """The sha256 of the incumbent artefact that serves (``thresholds`` are its), else None."""
+        adopted = (self._incumbents or {}).get(task)
+        return adopted[0] if adopted is not None and thresholds is adopted[1] else None
 
     def incumbent_router(self, task: str, thresholds: ThresholdPolicy) -> Any:
         """The incumbent artefact's refit router where that artefact serves (``thresholds``: what
@@ -545,8 +590,13 @@ class RolloutService:
         choice = self.choose(await self.in_effect(task), request_id, tenant)
         thresholds = self.incumbent_thresholds(incumbent.policy, task)
         router = self.incumbent_router(task, thresholds)
-        if thresholds is not incumbent.thresholds or router is not incumbent.router:
-            incumbent = dataclasses.replace(incumbent, thresholds=thresholds, router=router)
+        tier = self.calibrated_tier(incumbent.cheap_tier, self.incumbent_artefact(task, thresholds))
+        if (
+            thresholds is not incumbent.thresholds
+            or router is not incumbent.router
+            or tier is not incumbent.cheap_tier
+        ):
+            incumbent = dataclasses.replace(incumbent, thresholds=thresholds, router=router, cheap_tier=tier)
         if choice is None:
             return incumbent
         policy = self.policy_for(choice, incumbent.policy)
@@ -596,10 +646,17 @@ class RolloutService:
         return cached
 
     def tier_for(self, choice: ArmChoice | None, incumbent: CheapTierClient, *, candidate: bool = False):
+        """The cheap tier an arm runs: the candidate tier on a rollout's candidate arm, and the
+        configured one through the rollout artefact's served calibration when it carries one
+        (never beside a candidate tier: ``start`` refuses it); else the incumbent's."""
         rollout = choice.rollout if choice is not None else None
-        if rollout is None or rollout.candidate is None or not (candidate or choice.arm == "candidate"):
+        if rollout is None or not (candidate or choice.arm == "candidate"):
             return incumbent
-        return self.candidate_tiers[rollout.task][rollout.candidate]
+        if rollout.candidate is not None:
+            return self.candidate_tiers[rollout.task][rollout.candidate]
+        if rollout.artefact is not None:  # its thresholds act on the scale it carries (none: the tier's)
+            return self.calibrated_tier(incumbent, rollout.artefact)
+        return incumbent
 
     def thresholds_for(
         self, choice: ArmChoice | None, policy: PolicySet, task: str, *, candidate: bool = False
@@ -740,6 +797,12 @@ class RolloutService:
                 ) from None
             except ArtefactCorrupted as exc:
                 raise InputError(str(exc), field="artefact") from None
+            if request.candidate is not None and request.artefact in self._artefact_calibrations:
+                raise InputError(
+                    f"calibration artefact {request.artefact[:12]} serves a calibrator refit on the task's tier; "
+                    f"it cannot serve beside candidate tier {request.candidate!r} (roll it out alone)",
+                    field="artefact",
+                )
             if request.candidate is not None and request.artefact in self._artefact_routers:
                 raise InputError(
                     f"calibration artefact {request.artefact[:12]} carries a router refit on the task's tier; "
