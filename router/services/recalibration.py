@@ -35,7 +35,12 @@ The calibrator that serves is the incumbent's (its calibrated score is what the 
 what the thresholds act on; a monotone refit would not change which items a threshold accepts).
 The job refits it from the same labels, weighted by 1 / inclusion probability, and reports the
 refit in the artefact and the job's details (``calibrator_report``: weighted ECE and Brier of the
-incumbent's score and of the cross-fitted refit, and the accept threshold as P(right)).
+incumbent's score and of the cross-fitted refit, and the accept threshold as P(right)). Asked to
+serve it (``serve_calibrator``), the job fits the map on a share of the items chosen by item id
+and certifies the thresholds after the map on the rest; the artefact's ``calibrator.served``
+chain is then what every arm serving it maps the cheap tier's confidences through
+(cascades/served_calibration.py), and the next job reads the items on that chain's scale
+(``on_served_scale``). docs/recertification.md, "Serving the refit calibrator".
 
 A task with a learned router gets its router refit from the same labels
 (``build_router_artefact``, cascades/router_refit.py: logged features at the router's

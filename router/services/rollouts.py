@@ -9,8 +9,9 @@ replica that quickly, with no restart and no redeploy.
   hash(rollout id, tenant or request id) space. The trace names the arm.
 - **shadow**: the incumbent serves; on a sampled ``fraction`` of requests the candidate also
   runs (after the response is made, off the request's path), its decision, score and cost are
-  recorded beside the incumbent's and never served. The shadow runs the candidate's cheap tier,
-  its artefact's refit router if it carries one, and its thresholds (no VLM call: an escalation
+  recorded beside the incumbent's and never served. The shadow runs the candidate's cheap tier
+  (through its artefact's served calibration if it carries one), its artefact's refit router if
+  it carries one, and its thresholds (no VLM call: an escalation
   is recorded as one, costed at the VLM's reserve units).
 - **promoted**: the candidate serves every request of the task until the operator deploys it
   as the incumbent and finishes the rollout. A calibration artefact needs no deploy: at its
