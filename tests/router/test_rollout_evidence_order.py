@@ -24,8 +24,17 @@ from tests.router.colour_model import solid_png
 from tests.router.test_rollouts import ADMIN, build, rollout_config, run
 
 
+def config_keeping_faces(tmp_path):
+    """The rollout tests' colour service with no face detector to load (~30 s cold on a busy machine)."""
+    config = rollout_config(tmp_path)
+    policies = config.policies.model_copy(
+        update={"privacy": config.policies.privacy.model_copy(update={"faces": "keep", "text": "keep"})}
+    )
+    return config.model_copy(update={"policies": policies})
+
+
 def test_a_rollouts_audits_are_claimed_in_a_random_order_and_reviews_by_their_value(tmp_path):
-    service = build(rollout_config(tmp_path))
+    service = build(config_keeping_faces(tmp_path))
     canary = {"task": "colour", "candidate": "cheaper", "mode": "canary", "fraction": 1.0}
     run(service.rollouts.start(ADMIN, {**canary, "sticky_by": "request", "audit_fraction": 1.0}))
     error_cost = service.rollouts.policies.current.review.error_cost("colour")
@@ -59,7 +68,7 @@ def test_a_rollouts_audits_are_claimed_in_a_random_order_and_reviews_by_their_va
 
 
 def test_only_a_running_rollouts_audit_and_shadow_items_get_the_random_key(tmp_path):
-    service = build(rollout_config(tmp_path))
+    service = build(config_keeping_faces(tmp_path))
     rollout = run(service.rollouts.start(ADMIN, {"task": "colour", "candidate": "cheaper"}))
     running = service.rollouts.store.get(rollout.to_json()["id"])
     choice = ArmChoice(running, "incumbent", shadow=True)
