@@ -46,6 +46,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from cascades.served_calibration import CalibratedTier, ServedCalibration
 from policies.artefact_store import ArtefactCorrupted, ArtefactStore
 from policies.audit_sampling import is_error, is_sampled
 from policies.costs import review_value
@@ -360,8 +361,6 @@ class RolloutService:
 
     def _load_calibration(self, sha256: str, body: dict[str, Any]) -> None:
         """The artefact's served calibration chain, checked (InputError naming the field)."""
-        from cascades.served_calibration import ServedCalibration
-
         served = (body.get("calibrator") or {}).get("served")
         if served is None:
             return
@@ -376,12 +375,10 @@ class RolloutService:
         """``tier`` (the configured one, never an already calibrated one) as an arm serving artefact
         ``sha256`` runs it: through the artefact's served calibration when it carries one. One
         wrapper per tier and artefact, so a batch's calls to it still group into one."""
-        base = getattr(tier, "inner", tier)
+        base = tier.inner if isinstance(tier, CalibratedTier) else tier
         chain = self._artefact_calibrations.get(sha256) if sha256 is not None else None
         if chain is None:
             return base
-        from cascades.served_calibration import CalibratedTier
-
         key = (id(base), sha256)
         wrapped = self._calibrated_tiers.get(key)
         if wrapped is None:
