@@ -101,9 +101,9 @@ async def labelled_traffic(service, n: int, prefix: str, seed: int) -> list[Anal
 
 
 async def review_in_arrival_order(service, truth_of: dict[str, str]) -> None:
-    """A reviewer who knows the truth labels every pending item in the order it arrived. Not
-    the queue's claim order: that serves the least confident answers first, and the sequential
-    test's confidence sequences assume labels that arrive in no order of their error."""
+    """A reviewer who knows the truth labels every pending item in the order it arrived: the same
+    order on every run (the queue claims a rollout's evidence by a random key drawn at enqueue,
+    router/services/rollouts.py ``queue_priority``, and everything else least confident first)."""
     for item in list(service.review.queue.iter_all()):
         if item.status != "pending":
             continue
