@@ -353,17 +353,23 @@ def routed_truth(sent: dict[str, dict]) -> dict[str, str]:
     return truth
 
 
-def label_pending(client: httpx.Client, truth_of: dict[str, str], quiet_s: float = 1.0) -> int:
-    """Label every pending item, in the queue's claim order, until none has come for ``quiet_s``
-    (shadow items are queued just after the responses)."""
-    labelled, idle_since = 0, time.monotonic()
-    while time.monotonic() - idle_since < quiet_s:
+def label_pending(
+    client: httpx.Client, truth_of: dict[str, str], expect: int | None = None, quiet_s: float = 2.0
+) -> int:
+    """Label pending items in the queue's claim order until ``expect`` of ``truth_of``'s are
+    labelled, or the queue has stayed empty for ``quiet_s`` (shadow items are queued just after
+    the responses, later on a busy machine)."""
+    labelled, empty_since = 0, None
+    while expect is None or labelled < expect:
         claim = client.post("/v1/review/claim", json={"reviewer": "rita"}).json()
         item = claim["item"]
         if item is None:
+            empty_since = empty_since or time.monotonic()
+            if time.monotonic() - empty_since >= quiet_s:
+                break
             time.sleep(0.2)
             continue
-        idle_since = time.monotonic()
+        empty_since = None
         truth = truth_of.get(item["request_id"])
         proposed = item["proposed"][0]["label"] if item["proposed"] else None
         if truth is None:  # another test's item (the tasks share the queue)
@@ -389,7 +395,7 @@ def test_labels_refit_the_router_whose_rollout_is_shadowed_promoted_and_later_tr
         day1 = send_batches(client, 120, "routed1", seed=11)
         assert all(body["decision"] == "review" for body in day1.values())
         incumbent = step_named(next(iter(day1.values())), "router")["details"]["version"]
-        assert label_pending(client, routed_truth(day1)) == 120
+        assert label_pending(client, routed_truth(day1), expect=120) == 120
         # alpha 0.4: the candidate's error (about 12%) is shown below it in a few dozen labels
         job_body = {"task": ROUTED, "alpha": 0.4, "delta": 0.2, "shadow_fraction": 1.0, "audit_fraction": 1.0}
         started = client.post("/v1/admin/recalibrations", json={**job_body, "min_cost_observations": 5})
@@ -402,7 +408,7 @@ def test_labels_refit_the_router_whose_rollout_is_shadowed_promoted_and_later_tr
         assert rollout["artefact"] == job["artefact_sha256"] and rollout["mode"] == "shadow"
         time.sleep(0.5)  # every replica re-reads the rollouts within refresh_s
         status, day2 = rollout, {}
-        for round_ in range(3):  # the candidate's labels until the test decides (a few dozen)
+        for round_ in range(4):  # the candidate's labels until the test decides (a few dozen)
             sent = send_batches(client, 32, f"routed2-{round_}", seed=12 + round_)
             for body in sent.values():  # the incumbent serves, with its own router
                 assert step_named(body, "rollout")["details"]["arm"] == "incumbent"
@@ -410,7 +416,7 @@ def test_labels_refit_the_router_whose_rollout_is_shadowed_promoted_and_later_tr
             day2 |= sent
             label_pending(client, routed_truth(day2))
             time.sleep(0.3)
-            send_batches(client, 2, f"flush-{round_}", seed=99)  # costs are flushed on the next request
+            day2 |= send_batches(client, 2, f"flush-{round_}", seed=99 + round_)  # costs flush on a request
             status = wait_for_status(client, rollout_id, "finished", deadline_s=5)
             if status["status"] != "running":
                 break
