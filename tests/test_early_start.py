@@ -128,3 +128,15 @@ def test_this_machines_free_memory_is_read_or_unknown_where_there_is_no_proc():
         return
     total_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     assert 0 < free <= total_gib
+
+
+def test_the_recipes_are_the_integration_servers_with_one_vllm_server_and_each_has_a_lane():
+    """What the integration conftest registers: its shared session fixtures, one recipe each, the
+    suite's one vLLM server among them, and each a lane fixture (xdist keeps its users together)."""
+    from tests.integration import conftest
+    from tests.support.lanes import LANE_FIXTURES
+
+    assert set(early_start.RECIPES) >= {"default_service", "keyed_service", "restartable_service"}
+    assert [name for name in early_start.RECIPES if "vllm" in name] == ["digits_vllm_server"]
+    for name in early_start.RECIPES:
+        assert name in LANE_FIXTURES and callable(getattr(conftest, name)), name

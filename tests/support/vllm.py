@@ -1,5 +1,11 @@
 """The real vLLM server in tests: started, then warmed up before any test talks to it.
 
+The suite starts one: the LLaVA trained on the digits (``start_warm_digits_vllm_server``). The
+tests that assert only the protocol, schema and routing (test_vlm_server.py, test_vlm_service.py)
+use it too: structured outputs make any model's answer schema-valid, and a vLLM start costs
+~40-80 CPU-seconds on 2 cores. The tiny random-weight LLaVA stays what ``visionroute vlm
+serve-tiny``, the docs and the soak serve (examples/vllm_server.py ``start_tiny_vllm_server``).
+
 A freshly started vLLM server answers its first request much more slowly than the rest: the
 first multimodal forward pass and the structured-output (xgrammar) machinery are set up lazily,
 and on a loaded 2-core machine that took longer than a test's 20 s request timeout. So every
@@ -20,7 +26,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from examples.vllm_server import VllmServer, start_tiny_vllm_server
+from examples.vllm_server import VllmServer, start_digits_vllm_server
 
 log = logging.getLogger(__name__)
 
@@ -113,12 +119,19 @@ def warm_up(server: VllmServer, *, deadline_s: float = 300.0, request_timeout_s:
             time.sleep(1.0)
 
 
-def start_warm_tiny_vllm_server(**kwargs) -> VllmServer:
-    """``start_tiny_vllm_server`` (venv, model, server), then one warm-up request; stops it on failure."""
-    server = start_tiny_vllm_server(**kwargs)
+def start_warm_digits_vllm_server(**kwargs) -> VllmServer:
+    """``start_digits_vllm_server`` (venv, trained model, server), then one warm-up request; stops
+    it on failure. It counts the requests it holds (``GET /load``): the crash test kills it with
+    one inside."""
+    server = start_digits_vllm_server(extra_args=("--enable-server-load-tracking",), **kwargs)
     try:
         warm_up(server)
     except BaseException:
         server.stop()
         raise
     return server
+
+
+def requests_held(server: VllmServer) -> int:
+    """Requests the server's API process holds now, answered or not (``--enable-server-load-tracking``)."""
+    return int(httpx.get(f"http://127.0.0.1:{server.port}/load", timeout=5).json()["server_load"])
