@@ -29,6 +29,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from cascades.vlm import VlmConfig, VlmStage
+from examples.tiny_llava import weights_sha256 as tiny_llava_weights_sha256
 from examples.train_digits import SERVED_MODEL_NAME
 from policies.review_queue import ReviewQueue
 from tests.support.ports import free_port
@@ -280,6 +281,33 @@ def test_the_concurrency_limit_turns_excess_into_overloaded_reviews(proxy):
     step = stage.run(escalated()).trace.steps[-1]  # the only slot is held by the hanging request
     holder.join()
     assert step.decision is Decision.REVIEW and step.details["failure"] == "overloaded" and proxy.seen == 1
+
+
+# -- the tiny LLaVA (served by the docs, the soak and ``visionroute vlm serve-tiny``, not here) -----
+
+
+def _safetensors_keys(path: Path) -> list[str]:
+    with path.open("rb") as file:
+        header = json.loads(file.read(int.from_bytes(file.read(8), "little")))
+    return [key for key in header if key != "__metadata__"]
+
+
+def test_the_tiny_llava_builds_in_the_layout_vllm_loads_and_a_current_build_is_reused(tmp_path):
+    from examples import vllm_server
+    from examples.tiny_llava import BUILD_VERSION
+
+    built = vllm_server.ensure_tiny_llava(tmp_path / "tiny-llava", python=vllm_server.ensure_vllm_venv())
+    manifest = json.loads((built / "visionroute_build.json").read_text())
+    assert manifest["build_version"] == BUILD_VERSION and manifest["served_model_name"] == "tiny-llava"
+    assert manifest["weights_sha256"] == tiny_llava_weights_sha256(built)
+    keys = [key for path in built.glob("*.safetensors") for key in _safetensors_keys(path)]
+    vision = [key for key in keys if key.startswith("vision_tower.")]
+    # vLLM loads CLIP vision weights only under vision_tower.vision_model.* (transformers 5 saves
+    # vision_tower.embeddings...); the build renames them
+    assert vision and all(key.startswith("vision_tower.vision_model.") for key in vision)
+    assert manifest["renamed_vision_keys"] == len(vision)
+    # /bin/false as the builder's python: a rebuild would fail loudly
+    assert vllm_server.ensure_tiny_llava(built, python=Path("/bin/false")) == built
 
 
 # -- a real crash ---------------------------------------------------------------------------------
