@@ -164,6 +164,12 @@ def test_the_vlm_trainer_saves_a_model_and_label_probabilities(tmp_path):
     probabilities = np.load(tmp_path / textures_vlm.PROBABILITIES)["probabilities"]
     assert probabilities.shape == (10, N_CLASSES)
     np.testing.assert_allclose(probabilities.sum(1), 1.0, rtol=1e-6)
+    # read back from the saved files, the model scores as it did when training returned it
+    # (bench loop --task textures scores the corrupted patches so: examples.llava_scoring)
+    from examples import llava_scoring
+
+    again = llava_scoring.load(tmp_path).label_probabilities(textures_vlm.grey_uploads(images[:10]))
+    np.testing.assert_allclose(again, probabilities, rtol=1e-5, atol=1e-6)
 
 
 def test_the_vlm_trainer_rejects_bad_input(tmp_path):
