@@ -5,14 +5,17 @@ ramps up from clean to ``--max-severity`` and stays there. The service answers a
 so the stream replays the tiers' recorded outputs instead: every held-out digit is run once
 through the real cheap and second tiers (``evals.robustness_sets.digits_set``, ONNX) at every
 severity of the corruption, with the shift guard's input statistics, and cached; a stream item
-is a held-out digit drawn at random, at the severity in force at its position.
+is a held-out digit drawn at random, at the severity in force at its position. ``--task
+textures`` replays the second task's tiers instead (``replay.textures_replay``).
 
 Every item goes through the same rules as the service: the three-tier plan (accept the cheap
 answer, escalate to the second tier, review), the shift guard (``policies.shift_guard``: a
 flagged would-be accept is escalated), the audit sampling of accepts at the audit fraction (the
 label plan's, ``policies.recert_plan.plan_audit_fraction``), and the production certificate
 (``policies.production_certify.certify_production_plan``: Horvitz-Thompson weighted, unlabelled
-audits counted as errors). Reviewers have a known noise: a label is wrong (another class, at
+audits counted as errors; in the loop at ``LoopConfig.certificate_delta``, delta / 2 while it may
+keep its running plan, so the deployed one of the two keeps delta, with ``--fit-share`` of the
+labels placing the candidates). Reviewers have a known noise: a label is wrong (another class, at
 random) with probability ``--reviewer-error``; an audit goes unlabelled with probability
 ``--nonresponse``. Three ways to run it, over the same stream:
 
