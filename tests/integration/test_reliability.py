@@ -2,79 +2,32 @@
 
 - a replica killed under load: Ray restarts it; each request succeeded or got a retryable
   error; every acknowledged review item is stored;
-- the whole service killed with SIGKILL while items are enqueued: after a restart every
-  acknowledged item is in the queue exactly once;
 - an open-loop load test: the sustainable rate (p99 < 500 ms), then twice that: the service
   sheds (503 + Retry-After) instead of timing out, and recovers when the load drops.
 
-Figures are printed (run with -s) and written to <tmp>/reliability.json.
+Figures are printed (run with -s) and written to <tmp>/reliability.json. The whole service
+killed with SIGKILL while items are enqueued (after a restart every acknowledged item is in the
+queue exactly once) is in test_serve_start.py, which shares its one restart with the other
+restart checks.
 """
 
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import os
 import signal
 import time
-import uuid
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
 
+from tests.integration.open_loop import RETRYABLE, jpeg, open_loop
 from tests.integration.serve_process import ServeProcess
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
-RETRYABLE = {503, 429}
-
-
-def jpeg(png: bytes, size: int = 224) -> bytes:
-    buffer = io.BytesIO()
-    Image.open(io.BytesIO(png)).convert("RGB").resize((size, size)).save(buffer, format="JPEG", quality=90)
-    return buffer.getvalue()
-
-
-async def one(client: httpx.AsyncClient, image: bytes, request_id: str) -> dict:
-    started = time.perf_counter()
-    try:
-        response = await client.post(
-            "/v1/analyze",
-            files={"image": ("x.jpg", image, "image/jpeg")},
-            headers={"x-request-id": request_id},
-        )
-        body = response.json() if response.status_code == 200 else {}
-        return {
-            "status": response.status_code,
-            "latency_s": time.perf_counter() - started,
-            "retry_after": response.headers.get("retry-after"),
-            "item": body.get("review_item_id"),
-            "request_id": request_id,
-        }
-    except httpx.HTTPError as exc:
-        return {
-            "status": type(exc).__name__,
-            "latency_s": time.perf_counter() - started,
-            "request_id": request_id,
-        }
-
-
-async def open_loop(url: str, image: bytes, rate_per_s: float, duration_s: float, during=None) -> list[dict]:
-    """Requests started at a fixed rate whatever the answers (open loop: overload shows)."""
-    limits = httpx.Limits(max_connections=400, max_keepalive_connections=400)
-    async with httpx.AsyncClient(base_url=url, timeout=30.0, limits=limits) as client:
-        tasks, started = [], time.perf_counter()
-        for i in range(int(rate_per_s * duration_s)):
-            delay = started + i / rate_per_s - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            if during is not None and i == int(rate_per_s * duration_s) // 2:
-                during()
-            tasks.append(asyncio.create_task(one(client, image, f"load-{uuid.uuid4().hex}")))
-        return list(await asyncio.gather(*tasks))
 
 
 def summary(results: list[dict], rate: float) -> dict:
@@ -95,7 +48,7 @@ def summary(results: list[dict], rate: float) -> dict:
 
 @pytest.fixture(scope="module")
 def service(default_service):
-    """The session's shared service (tests/integration/conftest.py); the kill -9 test starts its own."""
+    """The session's shared service (tests/integration/conftest.py)."""
     return default_service
 
 
@@ -209,51 +162,3 @@ def test_a_replica_killed_under_load_loses_nothing_acknowledged(service, photos_
         httpx.post(service.url + "/v1/analyze", files={"image": ("x.jpg", image)}, timeout=60).status_code
         == 200
     )
-
-
-def listed_items(url: str) -> list[dict]:
-    """Every review item the service lists (all statuses), page by page."""
-    items: list[dict] = []
-    while True:
-        page = httpx.get(
-            url + "/v1/review/items", params={"status": "all", "limit": 1000, "offset": len(items)}
-        )
-        if not page.json()["items"]:
-            return items
-        items += page.json()["items"]
-
-
-def test_kill_9_while_enqueuing_keeps_every_acknowledged_item_exactly_once(
-    restartable_service, photos_png, figures
-):
-    image = jpeg(photos_png["astronaut"])
-    first = restartable_service.running()  # the restart tests' own service, not the shared one
-    killed_at = {}
-
-    def kill() -> None:
-        killed_at["t"] = time.monotonic()
-        os.killpg(first.process.pid, signal.SIGKILL)
-
-    try:
-        results = asyncio.run(open_loop(first.url, image, 2, 1.5))  # acknowledged before the storm
-        # 10 requests/s, the kill after the first half (1.5 s): requests are in flight at once
-        results += asyncio.run(open_loop(first.url, image, 10, 3.0, during=kill))
-    finally:
-        first.stop(signal.SIGKILL)
-        first.process.wait(timeout=30)
-    acknowledged = {r["request_id"]: r["item"] for r in results if r["status"] == 200}
-    assert acknowledged and len(acknowledged) < len(results)  # some before the kill, some cut off
-    second = restartable_service.restart()  # a new `serve run` on the killed one's work dir
-    listed = listed_items(second.url)  # with what earlier restart tests left (other request ids)
-    by_request: dict[str, list[str]] = {}
-    for item in listed:
-        by_request.setdefault(item["request_id"], []).append(item["id"])
-    sent = {r["request_id"] for r in results}
-    figures["kill_9"] = {
-        "sent": len(results),
-        "acknowledged": len(acknowledged),
-        "stored_after_restart": sum(len(by_request.get(request_id, [])) for request_id in sent),
-    }
-    for request_id, item_id in acknowledged.items():
-        assert by_request.get(request_id) == [item_id], request_id
-    assert all(len(ids) == 1 for ids in by_request.values())

@@ -1,31 +1,35 @@
-"""``visionroute serve`` as the README starts it: loopback only, a ready line, a clean SIGTERM.
+"""``visionroute serve`` as the README starts it: loopback only, a ready line, a kill -9 and a
+restart that lose nothing acknowledged, a clean SIGTERM.
 
-One real service for the module (Ray Serve from a copy of serve_config.yaml, real models).
-It also serves the newcomer paths that need a running service: /docs offline and the CLI's
-``index`` / ``retrieval search|stats`` going through HTTP instead of fighting for the index.
+One service start and one restart for the module (issue 21: each start is a new Ray cluster,
+20-40 CPU-seconds): the session's ``restartable_service`` (tests/integration/serve_process.py
+``VisionRouteServe``: Ray Serve from a copy of serve_config.yaml, real models, Ray's token auth).
+The first start serves the start checks and the newcomer paths that need a running service
+(/docs offline, the CLI's ``index`` / ``retrieval search|stats`` going through HTTP instead of
+fighting for the index); then a review item is created, the whole service is killed with
+SIGKILL while items are enqueued, and the one restart serves both the review-queue-survives and
+the exactly-once checks; the SIGTERM test stops the restarted service last.
 """
 
 from __future__ import annotations
 
+import asyncio
 import io
 import ipaddress
+import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 from PIL import Image
 
-from tests.support.ports import free_port
+from tests.integration.open_loop import jpeg, listed_items, open_loop
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -84,84 +88,10 @@ def is_loopback(address: str) -> bool:
     return (mapped or ip).is_loopback
 
 
-class Started:
-    def __init__(self, tmp: Path, models_dir: Path) -> None:
-        self.port, self.grpc_port = free_port(), free_port()
-        config = yaml.safe_load((REPO / "serve_config.yaml").read_text())
-        config["http_options"]["port"] = self.port
-        config["grpc_options"]["port"] = self.grpc_port
-        args = config["applications"][0]["args"]
-        args["models_dir"] = str(models_dir)
-        args["review"]["path"] = str(tmp / "review")
-        args["retrieval"]["index_dir"] = str(tmp / "index")
-        self.config_path = tmp / "serve_config.yaml"
-        self.config_path.write_text(yaml.safe_dump(config))
-        token = tmp / "ray_token"
-        token.write_text("0123456789abcdef" * 4)
-        self.ray_tmp = tempfile.mkdtemp(prefix="vr", dir="/tmp")  # short: Ray's socket paths
-        env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
-        env.update(
-            VISIONROUTE_HOME=str(tmp / "home"),
-            PYTHONPATH=str(REPO),
-            RAY_TMPDIR=self.ray_tmp,
-            RAY_AUTH_TOKEN_PATH=str(token),  # token auth on (the default) without touching ~/.ray
-        )
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.lines: list[str] = []
-        self.ready_at: float | None = None
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "visionroute.cli", "serve", "--config", str(self.config_path)],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        for line in self.process.stdout:
-            self.lines.append(line.rstrip("\n"))
-            if line.startswith("VisionRoute ready on") and self.ready_at is None:
-                self.ready_at = time.monotonic()
-
-    def wait_ready(self, timeout_s: float = 300.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while self.ready_at is None:
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError("visionroute serve did not get ready:\n" + "\n".join(self.lines[-60:]))
-            time.sleep(0.5)
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                for pid in descendants(self.process.pid):
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except OSError:
-                        pass
-                self.process.wait(timeout=30)
-        self.reader.join(timeout=10)
-        return self.process.returncode
-
-    def output(self) -> str:
-        return "\n".join(self.lines)
-
-
-@pytest.fixture(scope="module")
-def started(prepared_models_dir, tmp_path_factory):
-    service = Started(tmp_path_factory.mktemp("serve_start"), prepared_models_dir)
-    try:
-        service.wait_ready()
-        yield service
-    finally:
-        service.stop()
-        shutil.rmtree(service.ray_tmp, ignore_errors=True)
+@pytest.fixture
+def started(restartable_service):
+    """The module's running service: the first start until the kill -9, the restart after it."""
+    return restartable_service.running()
 
 
 def test_a_ready_line_names_both_ports_once_the_service_answers(started):
@@ -296,7 +226,74 @@ def analysed_and_queued_for_search(url: str, count: int) -> None:
             assert index["details"]["search_index"]["mode"] == "eventual", index
 
 
-def test_sigterm_stops_serve_cleanly_and_leaves_nothing_running(started):
+@pytest.fixture(scope="module")
+def unsure_item(restartable_service, photos_png) -> dict:
+    """A review item created before the kill -9 and the restart: its id and the image a
+    reviewer gets (face blurred)."""
+    service = restartable_service.running()
+    response = httpx.post(
+        service.url + "/v1/analyze",
+        files={"image": ("x.png", photos_png["astronaut"], "image/png")},
+        timeout=60,
+    )
+    item_id = response.json()["review_item_id"]
+    assert item_id, response.text
+    image = httpx.get(f"{service.url}/v1/review/items/{item_id}/image", timeout=60)
+    assert image.status_code == 200, image.text
+    return {"id": item_id, "image": image.content}
+
+
+@pytest.fixture(scope="module")
+def killed_while_enqueuing(restartable_service, unsure_item, photos_png) -> list[dict]:
+    """The whole service (``serve run``'s session: its Ray cluster) killed with SIGKILL while
+    items are enqueued, then one restart on its work dir; every request's outcome. The module's
+    only restart: the review-queue check shares it (kill -9 is the harder case for both)."""
+    image = jpeg(photos_png["astronaut"])  # unsure: every success is a review item
+    first = restartable_service.running()
+    try:
+        results = asyncio.run(open_loop(first.url, image, 2, 1.5))  # acknowledged before the storm
+        # 10 requests/s, the kill after the first half (1.5 s): requests are in flight at once
+        results += asyncio.run(open_loop(first.url, image, 10, 3.0, during=first.kill))
+    finally:
+        restartable_service.stop(signal.SIGKILL)  # waits for it (kills it if the storm failed first)
+    restartable_service.running()  # a new `visionroute serve` on the killed one's work dir
+    return results
+
+
+def test_review_queue_survives_a_restart(restartable_service, unsure_item, killed_while_enqueuing):
+    after = restartable_service.running()
+    item = httpx.get(f"{after.url}/v1/review/items/{unsure_item['id']}", timeout=60)
+    assert item.status_code == 200 and item.json()["status"] == "pending", item.text
+    image = httpx.get(f"{after.url}/v1/review/items/{unsure_item['id']}/image", timeout=60)
+    assert image.content == unsure_item["image"]
+
+
+def test_kill_9_while_enqueuing_keeps_every_acknowledged_item_exactly_once(
+    restartable_service, killed_while_enqueuing
+):
+    results = killed_while_enqueuing
+    acknowledged = {r["request_id"]: r["item"] for r in results if r["status"] == 200}
+    assert acknowledged and len(acknowledged) < len(results)  # some before the kill, some cut off
+    listed = listed_items(restartable_service.running().url)  # with the module's other items
+    by_request: dict[str, list[str]] = {}
+    for item in listed:
+        by_request.setdefault(item["request_id"], []).append(item["id"])
+    sent = {r["request_id"] for r in results}
+    figures = {
+        "sent": len(results),
+        "acknowledged": len(acknowledged),
+        "stored_after_restart": sum(len(by_request.get(request_id, [])) for request_id in sent),
+    }
+    (restartable_service.workdir / "kill_9.json").write_text(json.dumps(figures, indent=2))
+    print("\nkill -9 figures:", figures)
+    for request_id, item_id in acknowledged.items():
+        assert by_request.get(request_id) == [item_id], request_id
+    assert all(len(ids) == 1 for ids in by_request.values())
+
+
+def test_sigterm_stops_serve_cleanly_and_leaves_nothing_running(restartable_service, unsure_item):
+    """Last: the module's service (restarted after the kill -9 when the module runs whole)."""
+    started = restartable_service.running()
     tree = descendants(started.process.pid)
     analysed_and_queued_for_search(started.url, 6)  # the stop comes right after: work is in flight
     returncode = started.stop()
@@ -313,3 +310,13 @@ def test_sigterm_stops_serve_cleanly_and_leaves_nothing_running(started):
         time.sleep(1)
     alive = [pid for pid in tree if Path(f"/proc/{pid}").exists()]
     assert not alive, alive
+    # The clean stop keeps the queue: the item made before it, read from the stopped service's
+    # own folder (no restart needed to look).
+    from policies.review_queue import ReviewQueue
+
+    queue = ReviewQueue(restartable_service.workdir / "review")
+    try:
+        assert queue.get(unsure_item["id"]).status == "pending"
+        assert queue.image(unsure_item["id"]) == unsure_item["image"]
+    finally:
+        queue.close()

@@ -212,17 +212,6 @@ def test_openapi_docs_and_readiness(service):
     assert ready["ready"] and ready["checks"]["review_queue"]["writable"]
 
 
-def test_review_queue_survives_a_restart(restartable_service, photos_png):
-    first = restartable_service.running()  # the restart tests' own service, not the shared one
-    item_id = analyze(first, photos_png["astronaut"]).json()["review_item_id"]
-    assert item_id
-    stored = httpx.get(f"{first.url}/v1/review/items/{item_id}/image").content  # face blurred
-    second = restartable_service.restart()  # SIGTERM, then a new `serve run` on the same work dir
-    item = httpx.get(f"{second.url}/v1/review/items/{item_id}")
-    assert item.status_code == 200 and item.json()["status"] == "pending"
-    assert httpx.get(f"{second.url}/v1/review/items/{item_id}/image").content == stored
-
-
 def test_the_classifier_can_run_inside_the_ingress(keyed_service, photos_png):
     """placement: ingress (no hop to a tier deployment) gives the same answers and trace. The
     session's keyed service places the classifier so (tests/integration/conftest.py)."""
