@@ -55,3 +55,8 @@ def test_traffic_under_faults_loses_nothing_and_answers_only_allowed_statuses(
     assert report["duplicate_review_items"] == []
     budget = report["budget"]
     assert budget["overspend_units"] == 0 and budget["ledger_units"] <= budget["cap_units"], budget
+    # every connection is a live process's pool, each within its fixed size (the killed ingress
+    # replica's connections went with it); the count itself is printed, not asserted
+    owners = report["resources"]["end"]["db_connections_by_owner"]
+    assert owners["of_processes_gone"] == 0, owners
+    assert 0 < owners["largest_pool"] <= options.pool_size, owners
