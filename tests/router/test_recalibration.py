@@ -269,6 +269,11 @@ def test_the_cli_runs_one_job_over_the_serve_configs_stores(service, tmp_path, c
     assert rollout["mode"] == "shadow" and rollout["artefact"] in out
     assert main([*common, "--tenant", "nobody"]) == 2  # a tenant with no data: refused, exit 2
     assert "no review items" in capsys.readouterr().out
+    # --serve-calibrator reaches the job: the refit map is fitted on a share, the rest certifies
+    code = main([*common, "--alpha", "0.2", "--delta", "0.2", "--no-propose", "--serve-calibrator"])
+    out = capsys.readouterr().out
+    assert code == 0 and "(not proposed)" in out
+    assert "served (fitted on" in out and "certified on the other items" in out
 
 
 def test_the_scheduled_job_runs_once_per_interval_on_one_node_and_survives_an_outage(service, monkeypatch):

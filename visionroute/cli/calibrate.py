@@ -97,6 +97,7 @@ def _cmd_from_production(args) -> int:
         "shadow_fraction": args.shadow_fraction,
         "audit_fraction": args.rollout_audit_fraction,
         "costs": _costs(args.costs).model_dump(),
+        "serve_calibrator": args.serve_calibrator,
     }
     try:
         request = recalibration_request(body)
@@ -710,6 +711,12 @@ def register(subparsers, bench) -> None:
     )
     production.add_argument("--tenant", help="recertify on this tenant's items only")
     production.add_argument("--no-propose", action="store_true", help="store the artefact, start no rollout")
+    production.add_argument(
+        "--serve-calibrator",
+        action="store_true",
+        help="serve the calibrator refit from these labels too: fitted on 30%% of the items, the "
+        "thresholds certified after it on the rest (not for a task with a learned router)",
+    )
     production.add_argument(
         "--shadow-fraction",
         type=float,
