@@ -107,8 +107,15 @@ def pytest_runtest_teardown(item, nextitem):
         return
     later = item.session.items[item.session.items.index(item) + 1 :]
     for name in used:
-        if not any(name in other.fixturenames for other in later):
+        if not any(_uses(other, name) for other in later):
             _stop_after_last_use.pop(name).stop()
+
+
+def _uses(item, name: str) -> bool:
+    """Whether ``item`` takes the session server ``name``: as a fixture, or as the server its
+    ``kills_shared_server`` mark kills (it takes it with ``request.getfixturevalue``)."""
+    killer = item.get_closest_marker("kills_shared_server")
+    return name in item.fixturenames or (killer is not None and killer.args == (name,))
 
 
 @pytest.fixture
