@@ -245,3 +245,93 @@ def test_the_guard_escalates_a_flagged_accept_or_sends_it_to_review():
     assert service.vlm_ok.tolist() == [False, True, True, False, False]
     uncovered = bench.route(plan, score, strong, flagged, flagged_to_review=True)
     assert uncovered.reviewed.tolist() == [False, True, False, True, True]
+    # per item: from an alarm on (here the fourth item), flagged items go to review
+    from_alarm = np.array([False, False, False, True, True])
+    after_alarm = bench.route(plan, score, strong, flagged, flagged_to_review=from_alarm)
+    assert after_alarm.reviewed.tolist() == [False, False, False, True, True]
+
+
+def mixed_shift_replay(n: int = 1200, seed: int = 1) -> bench.Replay:
+    """Level 1 shifts half the items: one input statistic 8 standard deviations away, the cheap
+    tier at its usual confidence but wrong, the second tier confidently wrong half the time (as the
+    textures LLaVA under noise: its stale accept threshold takes those answers); the other half
+    are the clean items. A shifted window holds both, so its accepted error shows where its
+    flagged items went."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, CLASSES, n)
+    confidence = rng.uniform(0.4, 1.0, n)
+    strong_wrong = rng.random(n) < 0.03
+    cheap = _tier(rng, labels, confidence, rng.random(n) < confidence)
+    strong = _tier(rng, labels, np.where(strong_wrong, 0.5, 0.95), ~strong_wrong)
+    stats = rng.normal(0.0, 1.0, (n, 5))
+    moved = rng.random(n) < 0.5
+    cheap_shifted, strong_shifted, stats_shifted = cheap.copy(), strong.copy(), stats.copy()
+    cheap_shifted[moved] = _tier(rng, labels[moved], confidence[moved], np.zeros(moved.sum(), bool))
+    strong_shifted[moved] = _tier(
+        rng, labels[moved], np.full(moved.sum(), 0.95), rng.random(moved.sum()) < 0.5
+    )
+    stats_shifted[moved, 2] += 8.0
+    order = rng.permutation(n)
+    third = n // 4
+    return bench.Replay(
+        np.stack([cheap, cheap_shifted]),
+        np.stack([strong, strong_shifted]),
+        np.stack([stats, stats_shifted]),
+        labels,
+        tuple(map(str, range(CLASSES))),
+        order[:third],
+        order[third : 2 * third],
+        order[2 * third :],
+        "mixed shift",
+    )
+
+
+# the shift at item 1,000 at once; the guard's per-request rule alone (its window rule would
+# flag the clean half of a shifted window too)
+MIXED = dataclasses.replace(
+    CONFIG, items=2000, shift_start=0.5, ramp=0.0, guard_window=0, alarm_check_every=100
+)
+
+
+def test_a_drift_alarm_within_a_window_sends_the_rest_of_its_flagged_items_to_review():
+    replay = mixed_shift_replay()
+    at_end = bench.simulate(replay, dataclasses.replace(MIXED, alarm_check_every=MIXED.window))
+    running = bench.simulate(replay, MIXED)
+    first = int(MIXED.shift_start * MIXED.items) // MIXED.window
+    before, after = at_end["windows"]["loop"][first], running["windows"]["loop"][first]
+    # the running certificate covered the window's start; the alarm fired at the first check
+    # (the guard flags about half the items) instead of at the window's end
+    assert not after["flagged_to_review"] and not before["flagged_to_review"]
+    assert before["drift_alarm_at_item"] == MIXED.window
+    assert after["drift_alarm_at_item"] == MIXED.alarm_check_every
+    assert before["accepted_error"] > MIXED.alpha  # the second tier's stale threshold at work
+    assert after["accepted_error"] < before["accepted_error"]
+    assert after["reviews"] > before["reviews"] and after["escalations"] < before["escalations"]
+    # while the guard is quiet the running check changes nothing
+    for old, new in zip(at_end["windows"]["loop"][:first], running["windows"]["loop"][:first]):
+        if new["drift_alarm_at_item"] is None:
+            assert {k: v for k, v in new.items() if k != "drift_alarm_at_item"} == {
+                k: v for k, v in old.items() if k != "drift_alarm_at_item"
+            }
+    # the other arms route as before: static has no guard, static + guard escalates what it flags
+    for policy in ("static", "static+guard"):
+        assert at_end["windows"][policy] == running["windows"][policy]
+
+
+def test_the_drift_alarm_fires_at_the_first_check_where_the_running_share_is_above_alarm_share():
+    flagged = np.zeros(1000, bool)
+    assert bench.alarm_position(flagged, 100) is None
+    flagged[:5] = True  # 5 of the first 100: not above 5%
+    assert bench.alarm_position(flagged, 100) is None
+    flagged[5] = True
+    assert bench.alarm_position(flagged, 100) == 100
+    late = np.zeros(1000, bool)
+    late[250:] = True  # 0 of 200, then 50 of 300
+    assert bench.alarm_position(late, 100) == 300
+    assert bench.alarm_position(late, 1000) == 1000  # checked at the window's end only
+    tail = np.zeros(250, bool)
+    tail[230:] = True  # a window that is no multiple of the check: its end is checked too
+    assert bench.alarm_position(tail, 100) == 250
+    with pytest.raises(ConfigError) as error:
+        dataclasses.replace(CONFIG, alarm_check_every=0).check(levels=2)
+    assert error.value.field == "alarm_check_every"

@@ -32,7 +32,10 @@ random) with probability ``--reviewer-error``; an audit goes unlabelled with pro
   than ``ALARM_SHARE``): older labels describe other inputs, and a certificate on a mixture
   holds for neither. From then until a recertification succeeds, no certificate covers the
   inputs the guard flags, the second tier's answers on them included: the loop sends them to
-  review (the service's guard, as in ``static+guard``, escalates them). A refused or infeasible recertification leaves the
+  review (the service's guard, as in ``static+guard``, escalates them). Within a window the
+  loop acts at once: the drift alarm is also checked on the running count of the window's items
+  (every ``--alarm-check-every`` items, ``stream.alarm_position``), and from the check that fires
+  the rest of the window's flagged items go to review. A refused or infeasible recertification leaves the
   running plan in place (as the service's job does); so does one on a label window that restarted
   in this very window (its inputs were still moving: the certificate would describe inputs
   already gone). A new certificate of the same inputs as the running plan replaces it only when
@@ -70,7 +73,7 @@ from evals.benchmarks.loop.config import (
 from evals.benchmarks.loop.replay import REPLAYS, Replay, digits_replay, load_replay, textures_replay
 from evals.benchmarks.loop.report import format_result, plot
 from evals.benchmarks.loop.simulate import simulate
-from evals.benchmarks.loop.stream import Routed, route
+from evals.benchmarks.loop.stream import Routed, alarm_position, route
 
 __all__ = [
     "ALARM_SHARE",
@@ -81,6 +84,7 @@ __all__ = [
     "Replay",
     "Routed",
     "add_arguments",
+    "alarm_position",
     "digits_replay",
     "format_result",
     "load_replay",

@@ -51,6 +51,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="keep the clean pilot's audit fraction after a shift (default: the label plan again on the shifted labels)",
     )
     parser.add_argument(
+        "--alarm-check-every",
+        type=int,
+        default=d.alarm_check_every,
+        help="the loop checks its drift alarm on a window's running count every this many items and sends "
+        "the rest of the window's flagged items to review once it fires (--window: at the window's end only)",
+    )
+    parser.add_argument(
         "--fit-share",
         type=float,
         default=d.fit_share,
@@ -96,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
         keep_cheaper_incumbent=not args.no_keep_incumbent,
         replan_after_shift=not args.no_replan,
         fit_share=args.fit_share or None,
+        alarm_check_every=args.alarm_check_every,
         seed=args.seed,
     )
     started = time.perf_counter()

@@ -12,6 +12,9 @@ from visionroute.errors import ConfigError
 POLICIES = ("static", "static+guard", "loop")
 PHASES = ("clean", "ramp", "relearning", "settled")
 ALARM_SHARE = 0.05  # a window where the guard flags more than this is a drift alarm
+# The loop checks that alarm on the running count of a window's items every this many items
+# (LoopConfig.alarm_check_every): per item, the first flagged item would be 1 of 1 > 5%.
+ALARM_CHECK_EVERY = 100
 REFERENCE_SIZE = 400  # input statistics kept per side (fit, held-out) for a refreshed reference
 
 
@@ -37,6 +40,10 @@ class LoopConfig:
     false_alarm_rate: float = 0.01
     guard_window: int = 50
     guard_stride: int = 10  # the guard's window test is recomputed every this many items
+    # the loop's drift alarm on the running count of a window's items, checked every this many:
+    # from the check that fires, the rest of the window's flagged items go to review (the window
+    # size: checked at the window's end only, as before)
+    alarm_check_every: int = ALARM_CHECK_EVERY
     n_points: int = 30  # threshold quantiles per tier in recertification
     # the share of a label window that places and orders the candidates (None: the service's
     # default, 10% and at most 200 items)
@@ -72,6 +79,11 @@ class LoopConfig:
         for name in ("alpha", "delta"):
             if not 0 < getattr(self, name) < 1:
                 raise bad(name, f"must be in (0, 1), got {getattr(self, name)}")
+        if not 1 <= self.alarm_check_every <= self.window:
+            raise bad(
+                "alarm_check_every",
+                f"must be in 1..window={self.window} items, got {self.alarm_check_every}",
+            )
         if self.fit_share is not None and not 0 < self.fit_share < 1:
             raise bad("fit_share", f"must be in (0, 1), got {self.fit_share}")
         for name in ("reviewer_error", "nonresponse"):

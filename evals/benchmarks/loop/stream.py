@@ -21,16 +21,21 @@ class Routed:
 
 
 def route(
-    plan, score: np.ndarray, strong_score: np.ndarray, flagged: np.ndarray, *, flagged_to_review: bool = False
+    plan,
+    score: np.ndarray,
+    strong_score: np.ndarray,
+    flagged: np.ndarray,
+    *,
+    flagged_to_review: bool | np.ndarray = False,
 ) -> Routed:
     """``TierPlan.decide`` / ``decide_vlm`` over arrays, after the guard (``guarded_decision``: a
-    flagged would-be accept is escalated). ``flagged_to_review``: every flagged item goes to a
-    human instead (no certificate covers its inputs, the second tier's answer included)."""
+    flagged would-be accept is escalated). ``flagged_to_review`` (for every item, or per item):
+    a flagged item goes to a human instead (no certificate covers its inputs, the second tier's
+    answer included)."""
     would_accept = score >= plan.accept_threshold
     cheap_ok = would_accept & ~flagged
     asked = ~cheap_ok & ((score >= plan.review_threshold) | would_accept)
-    if flagged_to_review:
-        asked &= ~flagged
+    asked &= ~(flagged & flagged_to_review)
     vlm_t = plan.vlm_accept_threshold
     vlm_ok = asked if vlm_t is None else asked & (strong_score >= vlm_t)
     return Routed(cheap_ok, asked, vlm_ok, ~(cheap_ok | vlm_ok))
@@ -72,6 +77,21 @@ def guard_flags(guard, stats: np.ndarray, start: int, stop: int, stride: int) ->
     lead = max(0, start - (guard.window - 1)) if guard.window else start
     flagged = guard.flags(stats[lead:stop], stride=stride)["shifted"]
     return flagged[start - lead :]
+
+
+def alarm_position(flagged: np.ndarray, every: int) -> int | None:
+    """The drift alarm on the running count of a window's items: the first check (after every
+    ``every`` items, and at the window's end) at which the guard has flagged more than
+    ``ALARM_SHARE`` of the items so far; None when it never fires. The last check is the
+    end-of-window rule, so a window that alarms at its end alarms here too, at the latest there.
+    Items from the returned position on come after the alarm."""
+    n = len(flagged)
+    if not n:
+        return None
+    checks = np.unique(np.append(np.arange(every, n + 1, every), n))
+    share = np.cumsum(flagged)[checks - 1] / checks
+    fired = np.flatnonzero(share > ALARM_SHARE)
+    return int(checks[fired[0]]) if len(fired) else None
 
 
 def inputs_moved(stats: np.ndarray, first: int, start: int, stop: int, rng, config: LoopConfig) -> bool:
