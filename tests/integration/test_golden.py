@@ -56,6 +56,24 @@ def test_model_versions_are_checked_against_the_served_files(tmp_path):
     assert other[:16] not in text.replace(other, "")
 
 
+def test_only_a_running_rollouts_random_claim_key_is_normalised():
+    """A rollout's audit and shadow items get a claim key drawn at random at enqueue
+    (router/services/rollouts.py queue_priority); every other priority is behaviour and stays."""
+    from tests.integration.golden import RANDOM_KEY, Normaliser
+
+    def step(reason, kind):
+        return {"reason": reason, "details": {"item_id": "i", "kind": kind, "priority": 0.4321}}
+
+    rollout_audit = step("rollout audit sample (100.0% of the candidate's accepts): item i", "audit")
+    rollout_shadow = step("rollout abc: shadow candidate's accept, audit sample (10.0%)", "shadow")
+    policy_audit = step("audit sample (5.0% of auto-accepts)", "audit")
+    review = step("rollout abc: something else", "review")
+    priorities = [
+        Normaliser()(s)["details"]["priority"] for s in (rollout_audit, rollout_shadow, policy_audit, review)
+    ]
+    assert priorities == [RANDOM_KEY, RANDOM_KEY, 0.432, 0.432]
+
+
 @pytest.mark.server
 @pytest.mark.slow
 def test_http_and_grpc_answers_match_the_golden_responses(prepared_models_dir, tmp_path, monkeypatch):
