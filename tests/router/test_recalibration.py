@@ -269,7 +269,9 @@ def test_the_cli_runs_one_job_over_the_serve_configs_stores(service, tmp_path, c
     assert rollout["mode"] == "shadow" and rollout["artefact"] in out
     assert main([*common, "--tenant", "nobody"]) == 2  # a tenant with no data: refused, exit 2
     assert "no review items" in capsys.readouterr().out
-    # --serve-calibrator reaches the job: the refit map is fitted on a share, the rest certifies
+    # --serve-calibrator reaches the job: the refit map is fitted on a share (30% by item id), the
+    # rest certifies; 60 more labels make its 20-label minimum all but certain (about 40 expected)
+    run(labelled_traffic(service, 60, "cli-calibrator"))
     code = main([*common, "--alpha", "0.2", "--delta", "0.2", "--no-propose", "--serve-calibrator"])
     out = capsys.readouterr().out
     assert code == 0 and "(not proposed)" in out
