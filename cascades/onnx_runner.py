@@ -160,8 +160,11 @@ class OnnxModel:
         hw, channels = self.input_hw, self.input_channels
         if hw is None or channels is None:
             return
-        for rows in range(1, min(max_batch_size, self.max_batch_size) + 1):
-            self.run(np.zeros((rows, channels, *hw), np.float32))
+        try:
+            for rows in range(1, min(max_batch_size, self.max_batch_size) + 1):
+                self.run(np.zeros((rows, channels, *hw), np.float32))
+        except Exception as exc:  # noqa: BLE001 - an optimisation: a model with another input type still serves
+            log.warning("warm-up of %s skipped: %s", self.path.name, exc)
 
     def run(self, batch: np.ndarray) -> list[np.ndarray]:
         """Run a (n, c, h, w) batch, in chunks of ``max_batch_size``; returns every output."""

@@ -51,3 +51,21 @@ def test_warm_up_leaves_a_model_without_a_fixed_image_size_alone(tmp_path):
     sizes = recorded_batch_sizes(model)
     model.warm_up(8)
     assert sizes == []
+
+
+def test_a_warm_up_that_onnx_runtime_refuses_is_logged_not_raised(tmp_path, caplog):
+    """A third-party file whose input is not float (uint8 here): ONNX Runtime refuses the zeros;
+    the warm-up is an optimisation, so the tier's start logs it and goes on to report the
+    model's own errors on real requests, as before the warm-up existed."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.UINT8, ["n", 3, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.UINT8, ["n", 3, 8, 8])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "identity", [x], [y])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    onnx.save(proto, tmp_path / "u8.onnx")
+    model = OnnxModel(tmp_path / "u8.onnx")
+    model.warm_up(4)
+    assert "warm-up of u8.onnx skipped" in caplog.text and "uint8" in caplog.text
