@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from cascades.images import decode_image
+from retrieval.analysed import AnalysedImage
 from retrieval.config import RetrievalConfig
 from retrieval.embedders import Embedder, build_embedder
 from retrieval.index import SearchResult, VectorIndex
@@ -160,36 +161,51 @@ class SearchService:
         """``index_analysis`` for many: one embedding pass and one durable write for them all;
         their ids in order (None each when ``index_analysed`` is off). The same image of the
         same tenant twice in one batch is one entry (the later analysis's metadata wins)."""
-        if not self.config.index_analysed or not analyses:
-            return [None] * len(analyses)
-        last_of: dict[tuple[str | None, str | None], int] = {}
-        for position, analysis in enumerate(analyses):
-            last_of[(analysis.tenant, analysis.image_sha256)] = position
-        written = sorted(last_of.values())
-        metadatas, item_ids = [], []
-        for position in written:
-            analysis = analyses[position]
-            metadatas.append(_analysis_metadata(analysis))
-            same = self.index.find(SearchFilters(tenant=analysis.tenant, image_sha256=analysis.image_sha256))
-            item_ids.append(same[0] if same else None)
-        vectors = self._analysis_vectors([analyses[p] for p in written])
-        ids = self.index.upsert_many(vectors, metadatas, item_ids)
-        id_of = {key: ids[written.index(position)] for key, position in last_of.items()}
-        return [id_of[(a.tenant, a.image_sha256)] for a in analyses]
+        return self.index_analysed([AnalysedImage.from_analysis(a) for a in analyses])["ids"]
 
-    def _analysis_vectors(self, analyses: Sequence[Analysis]) -> np.ndarray:
+    def index_analysed(self, images: Sequence[AnalysedImage]) -> dict[str, Any]:
+        """``index_analyses`` for what the ingress sends (retrieval/analysed.py: the outcome and
+        the class probabilities, pixels only where they are needed). Answers ``{"ids": [...],
+        "vectors": (n, dim) float32}``: each image's id and stored embedding, in order (None and
+        None when ``index_analysed`` is off); or, when an image without pixels has probabilities
+        this embedder cannot reuse, ``{"pixels_needed": [positions]}`` and nothing is written:
+        the caller sends the batch again with those images' pixels."""
+        if not self.config.index_analysed or not images:
+            return {"ids": [None] * len(images), "vectors": None}
+        reuses = getattr(self.embedder, "reuses", None)
+        reusable = [reuses is not None and reuses(image.probabilities) for image in images]
+        missing = [i for i, image in enumerate(images) if not reusable[i] and image.image_rgb is None]
+        if missing:
+            return {"pixels_needed": missing}
+        row_of: dict[tuple[str, str], int] = {}  # (tenant, image) -> its position in ``written``
+        last_of: dict[tuple[str, str], int] = {}
+        for position, image in enumerate(images):
+            last_of[(image.tenant, image.image_sha256)] = position
+        written = sorted(last_of.values())
+        for row, position in enumerate(written):
+            row_of[(images[position].tenant, images[position].image_sha256)] = row
+        # One lookup for the batch: the same image of the same tenant is replaced, not doubled.
+        existing = self.index.find_images([(images[p].tenant, images[p].image_sha256) for p in written])
+        item_ids = [existing.get((images[p].tenant, images[p].image_sha256)) for p in written]
+        metadatas = [_analysis_metadata(images[p]) for p in written]
+        vectors = self._analysis_vectors([images[p] for p in written], [reusable[p] for p in written])
+        ids = self.index.upsert_many(vectors, metadatas, item_ids)
+        rows = [row_of[(image.tenant, image.image_sha256)] for image in images]
+        return {"ids": [ids[row] for row in rows], "vectors": vectors[rows]}
+
+    def _analysis_vectors(self, images: Sequence[AnalysedImage], reusable: Sequence[bool]) -> np.ndarray:
         """One embedding per analysed image, in order: from the cheap tier's class probabilities
         where the embedder would compute exactly those (ConSE over the same classifier file,
         preprocessed the same way: no second classifier run), from the pixels otherwise."""
-        reuses = getattr(self.embedder, "reuses", None)
-        given = [None if a.detections is None else a.detections.class_probabilities for a in analyses]
-        reused = [i for i, p in enumerate(given) if reuses is not None and reuses(p)]
-        embedded = sorted(set(range(len(analyses))) - set(reused))
-        vectors = np.zeros((len(analyses), self.embedder.dim), np.float32)
+        reused = [i for i, ok in enumerate(reusable) if ok]
+        embedded = [i for i, ok in enumerate(reusable) if not ok]
+        vectors = np.zeros((len(images), self.embedder.dim), np.float32)
         if reused:
-            vectors[reused] = self.embedder.embed_probabilities(np.stack([given[i].values for i in reused]))
+            vectors[reused] = self.embedder.embed_probabilities(
+                np.stack([images[i].probabilities.values for i in reused])
+            )
         if embedded:
-            pixels = [self._image(analyses[i].image_rgb, "image")[0] for i in embedded]
+            pixels = [self._image(images[i].image_rgb, "image")[0] for i in embedded]
             vectors[embedded] = self.embedder.embed_images(pixels)
         self.reused_embeddings += len(reused)
         return vectors
@@ -347,18 +363,17 @@ class SearchService:
         self.close()
 
 
-def _analysis_metadata(analysis: Analysis) -> ItemMetadata:
+def _analysis_metadata(image: AnalysedImage) -> ItemMetadata:
     """An analysed image's search metadata: its outcome as tags, its tenant, review item and request."""
-    tags = [f"task:{analysis.task}"]
-    if analysis.decision is not None:
-        tags.append(f"decision:{analysis.decision.value}")
-    if analysis.detections is not None and len(analysis.detections):
-        tags.extend(sorted({f"label:{label}" for label in analysis.detections.labels if label}))
+    tags = [f"task:{image.task}"]
+    if image.decision is not None:
+        tags.append(f"decision:{image.decision}")
+    tags.extend(sorted({f"label:{label}" for label in image.labels if label}))
     return ItemMetadata(
-        tenant=analysis.tenant,
+        tenant=image.tenant,
         tags=tags,
-        source=f"cascade:{analysis.task}",
-        image_sha256=analysis.image_sha256,
-        review_item_id=analysis.review_item_id,
-        extra={"request_id": analysis.trace.request_id},
+        source=f"cascade:{image.task}",
+        image_sha256=image.image_sha256,
+        review_item_id=image.review_item_id,
+        extra={"request_id": image.request_id},
     )

@@ -318,6 +318,22 @@ class StoreReader:
         where, args = _where(filters)
         return [int(r[0]) for r in self.conn.execute(f"SELECT id FROM items WHERE {where} ORDER BY id", args)]
 
+    def ids_of_images(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], int]:
+        """The lowest item id of each (tenant, image_sha256) stored, in one query for them all."""
+        shas = sorted({sha for _, sha in keys if sha is not None})
+        if not shas:
+            return {}
+        wanted = set(keys)
+        found: dict[tuple[str, str], int] = {}
+        marks = ",".join("?" * len(shas))
+        rows = self.conn.execute(
+            f"SELECT tenant, image_sha256, id FROM items WHERE image_sha256 IN ({marks}) ORDER BY id", shas
+        )
+        for tenant, sha, item_id in rows:
+            if (tenant, sha) in wanted:
+                found.setdefault((tenant, sha), int(item_id))
+        return found
+
     def count_matching(self, filters: SearchFilters) -> int:
         where, args = _where(filters)
         return int(self.conn.execute(f"SELECT COUNT(*) FROM items WHERE {where}", args).fetchone()[0])
@@ -587,6 +603,10 @@ class MetadataStore:
     def item_ids(self, filters: SearchFilters) -> list[int]:
         with self._reader() as reader:
             return reader.item_ids(filters)
+
+    def ids_of_images(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], int]:
+        with self._reader() as reader:
+            return reader.ids_of_images(keys)
 
     def count_matching(self, filters: SearchFilters) -> int:
         with self._reader() as reader:

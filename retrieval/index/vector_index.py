@@ -456,6 +456,12 @@ class VectorIndex:
         with self._lock:
             return self.store.item_ids(filters)
 
+    def find_images(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], int]:
+        """The id stored for each (tenant, image_sha256) that has one (the lowest, as ``find``'s
+        first), in one query: what an analysed batch replaces instead of doubling."""
+        with self._lock:
+            return self.store.ids_of_images(keys)
+
     # search ---------------------------------------------------------------------------------
     def check_k(self, k: int) -> int:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= self.config.max_k:

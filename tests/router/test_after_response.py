@@ -51,7 +51,7 @@ def retrieval(tmp_path, mode: str = "eventual", **queue) -> RetrievalConfig:
 
 
 class GatedSearch:
-    """Records each index_analyses batch; holds every write until ``gate`` is set."""
+    """Records each index_analysed batch; holds every write until ``gate`` is set."""
 
     def __init__(self) -> None:
         self.batches: list[list[str]] = []
@@ -59,12 +59,12 @@ class GatedSearch:
         self.next_id = 0
 
     async def call(self, method, *args):
-        assert method == "index_analyses"
+        assert method == "index_analysed"
         await self.gate.wait()
-        self.batches.append([a.trace.request_id for a in args[0]])
+        self.batches.append([a.request_id for a in args[0]])
         ids = list(range(self.next_id, self.next_id + len(args[0])))
         self.next_id += len(args[0])
-        return ids
+        return {"ids": ids, "vectors": None}
 
 
 def shed_count(registry: CollectorRegistry, work: str) -> float:
@@ -75,7 +75,7 @@ def test_eventual_indexing_never_waits_batches_the_backlog_and_sheds_when_full(t
     registry = CollectorRegistry()
     metrics = AfterResponseMetrics(registry)
     search = GatedSearch()
-    queue = IndexQueue(search, retrieval(tmp_path, max_pending=4, max_batch=8), metrics)
+    queue = IndexQueue(search, retrieval(tmp_path, max_pending=4, max_batch=8, linger_ms=0), metrics)
     stage = SearchIndexStage(queue)
 
     async def scenario():

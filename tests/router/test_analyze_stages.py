@@ -467,7 +467,7 @@ class FakeSearch:
         self.calls.append(method)
         if self.fails:
             raise ConnectionError("search replica gone")
-        return [7] * len(args[0]) if method == "index_analyses" else 7
+        return {"ids": [7] * len(args[0])} if method == "index_analysed" else 7
 
 
 def test_search_index_records_the_id_or_the_failure_and_never_decides(tmp_path):

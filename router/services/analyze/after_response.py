@@ -23,11 +23,13 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from retrieval.analysed import AnalysedImage, ProbabilitiesSource
 from retrieval.config import RetrievalConfig
 from router.services.analyze.context import Spawn
 from router.services.backends import SearchBackend
@@ -145,10 +147,11 @@ class AfterResponseWork:
 
 @dataclass(frozen=True)
 class Indexed:
-    """What became of one queued image: its search id, or why it has none."""
+    """What became of one queued image: its search id and stored embedding, or why it has none."""
 
     search_id: int | None
     error: str | None = None
+    vector: np.ndarray | None = field(default=None, compare=False, repr=False)  # (dim,) float32
 
 
 class IndexQueue:
@@ -156,8 +159,15 @@ class IndexQueue:
 
     ``submit`` never waits: it returns a future of the image's ``Indexed`` (never an exception),
     or None when the queue is full (shed, counted). The worker takes up to ``max_batch`` images
-    per ``index_analyses`` call, in submission order, so a future resolving means every image
-    submitted before it is written too (``flushed``). ``stop`` ends it with the replica."""
+    per ``index_analysed`` call, in submission order, so a future resolving means every image
+    submitted before it is written too (``flushed``). In ``eventual`` mode a batch that is not
+    full waits ``linger_ms`` for more first (``flushed`` and ``stop`` cut the wait short).
+    ``stop`` ends it with the replica.
+
+    What crosses the hop is an ``AnalysedImage`` per image (retrieval/analysed.py): its outcome
+    and class probabilities, without the pixels unless the search tier cannot reuse those
+    probabilities (it answers ``pixels_needed`` once per kind of source; from then on this
+    queue sends the pixels of images from that source)."""
 
     def __init__(
         self, search: SearchBackend | None, config: RetrievalConfig, metrics: AfterResponseMetrics
@@ -167,12 +177,17 @@ class IndexQueue:
         self.mode = config.index_queue.mode
         self.max_pending = config.index_queue.max_pending
         self.max_batch = config.index_queue.max_batch
+        # Durable responses wait for their batch: they never linger.
+        self.linger_s = config.index_queue.linger_ms / 1000.0 if self.mode == "eventual" else 0.0
         self.metrics = metrics
         self._pending: deque[tuple[Analysis, asyncio.Future]] = deque()
         self._writing: list[tuple[Analysis, asyncio.Future]] = []  # the batch being written
         self._worker: asyncio.Task | None = None
+        self._wake: asyncio.Event | None = None  # the worker's linger: set to write at once
         self.accepting = True  # False once the replica stops (``stop``)
         self._last: asyncio.Future | None = None  # the newest submitted image's future
+        self._pixels_for: set[ProbabilitiesSource] = set()  # sources the search tier cannot reuse
+        self._readers = 0  # ``flushed`` calls waiting now
 
     @property
     def pending(self) -> int:
@@ -189,17 +204,44 @@ class IndexQueue:
         self.metrics.index_pending.set(len(self._pending))
         worker = self._worker
         if worker is None or worker.done() or worker.get_loop() is not loop:
+            self._wake = asyncio.Event()
             self._worker = loop.create_task(self._write_batches())
+        elif len(self._pending) >= self.max_batch:
+            self._write_now()
         return future
+
+    def _write_now(self) -> None:
+        """End the worker's linger (a full batch, a read waiting for it, the replica stopping)."""
+        if self._wake is not None:
+            self._wake.set()
+
+    async def _linger(self) -> None:
+        if (
+            self.linger_s <= 0
+            or len(self._pending) >= self.max_batch
+            or not self.accepting
+            or self._readers  # a read waits for what is queued
+        ):
+            return
+        self._wake.clear()  # every reason to write at once is checked above; a new one sets it
+        try:
+            await asyncio.wait_for(self._wake.wait(), self.linger_s)
+        except asyncio.TimeoutError:
+            pass
 
     async def _write_batches(self) -> None:
         while self._pending:
+            await self._linger()
             batch = [self._pending.popleft() for _ in range(min(self.max_batch, len(self._pending)))]
             self._writing = batch
             self.metrics.index_pending.set(len(self._pending))
             try:
-                ids = await self.search.call("index_analyses", [analysis for analysis, _ in batch])
-                outcomes = [Indexed(None if i is None else int(i)) for i in ids]
+                answer = await self._index([analysis for analysis, _ in batch])
+                vectors = answer.get("vectors")
+                outcomes = [
+                    Indexed(None if i is None else int(i), vector=None if vectors is None else vectors[n])
+                    for n, i in enumerate(answer["ids"])
+                ]
             except Exception as exc:  # the requests are long answered: recorded, counted, logged
                 error = failure_summary(exc)
                 when = " while the replica stops" if not self.accepting else ""
@@ -211,6 +253,27 @@ class IndexQueue:
                 if not future.done():
                     future.set_result(outcome)
 
+    def _compact(self, analysis: Analysis) -> AnalysedImage:
+        image = AnalysedImage.from_analysis(analysis, with_pixels=False)
+        if image.image_rgb is None and image.source in self._pixels_for:
+            return AnalysedImage.from_analysis(analysis, with_pixels=True)
+        return image
+
+    async def _index(self, analyses: list[Analysis]) -> dict[str, Any]:
+        """One batch through ``SearchService.index_analysed``: ``{"ids", "vectors"}``."""
+        images = [self._compact(analysis) for analysis in analyses]
+        answer = await self.search.call("index_analysed", images)
+        needed = answer.get("pixels_needed")
+        if needed:
+            sources = {images[i].source for i in needed}
+            log.info("the search tier embeds images from %s from their pixels: sending them", sorted(sources))
+            self._pixels_for |= sources
+            images = [self._compact(analysis) for analysis in analyses]
+            answer = await self.search.call("index_analysed", images)
+            if answer.get("pixels_needed"):
+                raise RuntimeError(f"the search tier still asks for pixels: {answer['pixels_needed']}")
+        return answer
+
     async def stop(self, timeout_s: float) -> int:
         """Stop with the replica: admit nothing more (``submit`` sheds), give the worker at most
         ``timeout_s`` to write what is queued, then cancel it. Every image not written by then
@@ -218,6 +281,7 @@ class IndexQueue:
         logged on one line (eventual: its request was answered ``queued``; the image is
         searchable once indexed again, e.g. by analysing it again). Returns how many."""
         self.accepting = False
+        self._write_now()  # a lingering batch is written now
         worker = self._worker
         if worker is not None and not worker.done() and worker.get_loop() is asyncio.get_running_loop():
             done, _ = await asyncio.wait({worker}, timeout=timeout_s)
@@ -252,10 +316,14 @@ class IndexQueue:
             return
         if last.get_loop() is not asyncio.get_running_loop():
             return  # another loop's queue (tests); nothing to wait for here
+        self._readers += 1  # no batch lingers while a read waits for it
+        self._write_now()
         try:
             await asyncio.wait_for(asyncio.shield(last), timeout_s)
         except asyncio.TimeoutError:
             log.warning("search read went ahead with %d images still waiting to be indexed", self.pending)
+        finally:
+            self._readers -= 1
 
 
 class ReadYourWrites:

@@ -374,7 +374,7 @@ class DriftStage:
 class DriftEmbeddingStage:
     """After the response: a sampled share (``drift.embedding_fraction``) of the indexed images'
     embeddings, read back from the search tier (which computed them) for the embeddings monitor;
-    an image indexed eventually is read once its batch is written."""
+    an image indexed eventually takes the embedding its batch's write answered with (no hop)."""
 
     name = "drift_embedding"
 
@@ -391,13 +391,15 @@ class DriftEmbeddingStage:
         )
 
     async def run(self, ctx: RequestContext) -> None:
-        search_id = ctx.search_id
+        search_id, vector = ctx.search_id, None
         if search_id is None and ctx.search_indexed is not None:
-            search_id = (await ctx.search_indexed).search_id
+            indexed = await ctx.search_indexed
+            search_id, vector = indexed.search_id, indexed.vector  # the write's answer: no read back
         if search_id is None:
             return  # shed or failed: no embedding to read
         try:
-            asked = await self.search.call("query_vector", "search_by_id", search_id, 1)
-            self.drift.observe_embedding(ctx.analysis.task, asked["vector"])
+            if vector is None:
+                vector = (await self.search.call("query_vector", "search_by_id", search_id, 1))["vector"]
+            self.drift.observe_embedding(ctx.analysis.task, vector)
         except Exception as exc:  # e.g. another shard holds the item: this sample is skipped
             log.debug("no embedding for drift from search item %s: %s", search_id, exc)
