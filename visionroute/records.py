@@ -151,9 +151,25 @@ class Step:
             raise ValueError(f"step {self.stage!r} failed ({self.error}) and cannot accept")
 
     def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["decision"] = self.decision.value if self.decision else None
-        return out
+        """The step as JSON-ready data, field by field in declaration order; its containers
+        (``threshold``, ``details``) are copies, so a caller's edit never reaches the trace.
+        Built directly: ``dataclasses.asdict`` deep-copies every value, even the strings, and
+        this runs for every step of every response and queued item."""
+        return {
+            "stage": self.stage,
+            "decision": self.decision.value if self.decision is not None else None,
+            "reason": self.reason,
+            "model": self.model,
+            "model_version": self.model_version,
+            "policy_version": self.policy_version,
+            "score": self.score,
+            "threshold": _plain(self.threshold),
+            "cost_units": self.cost_units,
+            "latency_ms": self.latency_ms,
+            "error": self.error,
+            "details": _plain(self.details),
+            "at_unix": self.at_unix,
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Step:
@@ -161,6 +177,28 @@ class Step:
         if data.get("decision") is not None:
             data["decision"] = Decision(data["decision"])
         return cls(**data)
+
+
+_LEAVES = frozenset({str, int, float, bool, type(None)})
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with every dict, list and tuple copied and dataclasses as dicts (what
+    ``dataclasses.asdict`` gives), without its deep copy of each leaf: the leaves a step holds
+    (strings, numbers, enums) are never edited in place."""
+    kind = type(value)
+    if kind in _LEAVES:
+        return value
+    if kind is dict:
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        items = [_plain(item) for item in value]
+        return kind(*items) if hasattr(value, "_fields") else kind(items)  # a namedtuple takes fields
+    if isinstance(value, dict):
+        return kind((key, _plain(item)) for key, item in value.items())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    return value
 
 
 class Trace:

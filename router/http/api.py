@@ -19,6 +19,7 @@ import logging
 import time
 from typing import Any
 
+import pydantic_core
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -196,6 +197,15 @@ async def _http_error(request: Request, error: StarletteHTTPException) -> JSONRe
 # -- analyse -----------------------------------------------------------------------------------
 
 
+class AnswerJSON(JSONResponse):
+    """The analyse answers' JSON, encoded in one pass by pydantic's Rust encoder
+    (``pydantic_core.to_json``): compact UTF-8 like Starlette's ``json.dumps``, about a quarter
+    of its CPU on a trace. A NaN or infinity (JSON has neither) is sent as null, never a 500."""
+
+    def render(self, content: Any) -> bytes:
+        return pydantic_core.to_json(content, inf_nan_mode="null")
+
+
 @app.post("/v1/analyze", response_model=AnalyzeResponse, summary="Analyse one image")
 async def analyze(request: Request) -> JSONResponse:
     """Send ``multipart/form-data`` (``image`` file, optional ``task``, ``tenant``) or JSON
@@ -208,7 +218,7 @@ async def analyze(request: Request) -> JSONResponse:
     analysis = await service.analyze.analyze(
         ImageRequest(image, request_id, task=task, tenant=tenant), current_principal()
     )
-    response = JSONResponse(response_body(analysis))
+    response = AnswerJSON(response_body(analysis))
     # time inside this handler (body read to JSON encoded): `bench serve` splits it from transport
     response.headers["server-timing"] = f"app;dur={(time.perf_counter() - started) * 1000.0:.2f}"
     return response
@@ -230,7 +240,7 @@ async def analyze_batch(request: Request) -> JSONResponse:
     result = await service.batch.analyze_batch(
         images, request_id, current_principal(), task=task, tenant=tenant
     )
-    response = JSONResponse(batch_json(result))
+    response = AnswerJSON(batch_json(result))
     response.headers["server-timing"] = f"app;dur={(time.perf_counter() - started) * 1000.0:.2f}"
     return response
 

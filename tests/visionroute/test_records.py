@@ -44,3 +44,35 @@ def test_trace_is_append_only_and_round_trips():
     assert isinstance(trace.steps, tuple)  # callers cannot edit the list in place
     again = Trace.from_dict(trace.to_dict())
     assert again.to_dict() == trace.to_dict()
+
+
+def test_a_step_as_data_is_what_asdict_gives_and_shares_no_container_with_the_step():
+    """``Step.to_dict`` is built field by field (no deep copy): it must still give every field, in
+    declaration order, with what ``dataclasses.asdict`` gives, and copies a caller may edit."""
+    import dataclasses
+    from collections import namedtuple
+
+    @dataclasses.dataclass(frozen=True)
+    class Inner:
+        name: str
+        sizes: tuple[int, ...]
+
+    Pair = namedtuple("Pair", "a b")
+    step = Step(
+        stage="onnx:classify",
+        decision=Decision.ACCEPT,
+        threshold={"accept": 0.7, "escalate": 0.3},
+        details={
+            "nested": {"list": [1, {"x": 2.5}], "tuple": (1, "a")},
+            "inner": Inner("n", (1, 2)),
+            "pair": Pair(1, [2]),
+        },
+    )
+    expected = dataclasses.asdict(step)
+    expected["decision"] = "accept"
+    data = step.to_dict()
+    assert list(data) == [f.name for f in dataclasses.fields(Step)]  # a new field is never left out
+    assert data == expected and type(data["details"]["pair"]) is Pair
+    data["details"]["nested"]["list"].append(3)
+    data["threshold"]["accept"] = 0.0
+    assert step.details["nested"]["list"] == [1, {"x": 2.5}] and step.threshold["accept"] == 0.7
