@@ -34,12 +34,18 @@ A key lasts as long as its rows: after ``prune`` drops its window, or after an e
 its request id (router/services/erasure.py, deliberately), a retry is a new charge. Without a
 request id every call is charged. Rows written at schema version 1 carry no tenant, feature or
 tier and so never match a key: a retry that straddles the upgrade is charged once more.
+
+Usage totals (per tenant, feature and tier: reports and /metrics; no cap reads them) of a call no
+rule covers are deferred on the request path (``settle_later``): added in memory and written for
+all calls within ``USAGE_FLUSH_S`` in one transaction, so such a call writes nothing while its
+request waits. A kill -9 may lose that last second of totals; every reservation row stays durable.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -59,6 +65,7 @@ log = logging.getLogger("visionroute.budgets")
 
 DegradeMode = Literal["accept_degraded", "review", "reject"]
 _EPS = 1e-9  # float slack when comparing sums of units with the cap
+USAGE_FLUSH_S = 1.0  # a deferred usage total (``settle_later``) is written within this long
 
 STORE = "budget_ledger"
 # The ledger's schema, one version at a time (visionroute/migrations.py applies them at open).
@@ -177,8 +184,24 @@ class BudgetLedger:
         # Usage-only settles commit without waiting for fsync (see settle): on SQLite through a
         # second set of per-thread connections, so the relaxed setting never touches a reservation.
         self._usage_database = SqliteDatabase(self.path) if self.database.dialect.name == "sqlite" else None
+        # usage totals of settles no rule covers, not yet written (settle_later): (tenant,
+        # feature, tier) -> [units, calls]; bounded by the keys, not by the calls
+        self._pending_usage: dict[tuple[str, str, str], list[float]] = {}
+        self._pending_lock = threading.Lock()
+        self._flush_lock = threading.Lock()  # held while a flush moves totals from memory to rows
+        self._flush_timer: threading.Timer | None = None
+        self.usage_flush_s = USAGE_FLUSH_S
 
     def close(self) -> None:
+        """Write the deferred usage totals (``settle_later``), then close the databases."""
+        with self._pending_lock:
+            timer, self._flush_timer = self._flush_timer, None
+        if timer is not None:
+            timer.cancel()
+        try:
+            self.flush_usage()
+        except Exception as exc:
+            log.warning("budget ledger closing: deferred usage totals not written: %s", exc)
         self.database.close()
         if self._usage_database is not None:
             self._usage_database.close()
@@ -324,6 +347,70 @@ class BudgetLedger:
             self._add_usage(conn, reservation, actual)
         reservation.done = True
 
+    def settle_later(self, reservation: Reservation, actual_units: float | None = None) -> None:
+        """``settle`` for the request path. A reservation no budget rule covers only adds to the
+        usage totals, and no cap reads them (caps read reservation rows), so its total is added in
+        memory and written with the others within ``usage_flush_s`` in one transaction (a timer
+        thread), instead of a write transaction per call: the calls a rule covers, and every
+        reservation row, are written as ``settle`` writes them. Readers in this process
+        (``usage``) see deferred totals at once, other processes within ``usage_flush_s``. What
+        a kill -9 may lose: the last ``usage_flush_s`` of those totals (a graceful stop writes
+        them: ``close``, ``flush_usage``), as a power loss already could (``_usage_transaction``)."""
+        if reservation.done:
+            return
+        if reservation.budgets:
+            self.settle(reservation, actual_units)
+            return
+        actual = reservation.units if actual_units is None else float(actual_units)
+        key = (reservation.tenant, reservation.feature, reservation.tier)
+        with self._pending_lock:
+            totals = self._pending_usage.setdefault(key, [0.0, 0])
+            totals[0] += actual
+            totals[1] += 1
+            if self._flush_timer is None:
+                self._start_flush_timer()
+        reservation.done = True
+
+    def flush_usage(self) -> None:
+        """Write the deferred usage totals now, in one transaction; on failure they stay
+        pending (and the error is raised)."""
+        with self._flush_lock:  # usage() sees these totals either pending or written, never both
+            with self._pending_lock:
+                pending, self._pending_usage = self._pending_usage, {}
+            if not pending:
+                return
+            try:
+                with self._usage_transaction() as conn:
+                    for (tenant, feature, tier), (units, calls) in pending.items():
+                        self._add_totals(conn, tenant, feature, tier, units, int(calls))
+            except BaseException:
+                with self._pending_lock:  # back in, with what arrived meanwhile
+                    for key, (units, calls) in pending.items():
+                        totals = self._pending_usage.setdefault(key, [0.0, 0])
+                        totals[0] += units
+                        totals[1] += calls
+                raise
+
+    def _start_flush_timer(self) -> None:
+        """(Under the pending lock.) One timer at a time; it writes what is pending then."""
+        timer = threading.Timer(self.usage_flush_s, self._flush_on_timer)
+        timer.daemon = True  # the process's exit never waits for it (close writes what is left)
+        self._flush_timer = timer
+        timer.start()
+
+    def _flush_on_timer(self) -> None:
+        with self._pending_lock:
+            self._flush_timer = None
+        try:
+            self.flush_usage()
+        except Exception as exc:  # the store is down: kept, tried again after another period
+            log.warning(
+                "deferred budget usage totals not written (retried in %g s): %s", self.usage_flush_s, exc
+            )
+            with self._pending_lock:
+                if self._pending_usage and self._flush_timer is None:
+                    self._start_flush_timer()
+
     def settle_many(self, settles: Sequence[tuple[Reservation, float | None]]) -> list[Exception | None]:
         """``settle(reservation, actual_units)`` for each, the ones no budget rule covers in one
         usage transaction (one commit instead of one each; the same rows, added one by one);
@@ -372,13 +459,17 @@ class BudgetLedger:
         with self._usage_database.write() as conn:
             yield conn
 
+    @classmethod
+    def _add_usage(cls, conn: Connection, reservation: Reservation, actual: float) -> None:
+        cls._add_totals(conn, reservation.tenant, reservation.feature, reservation.tier, actual, 1)
+
     @staticmethod
-    def _add_usage(conn: Connection, reservation: Reservation, actual: float) -> None:
+    def _add_totals(conn: Connection, tenant: str, feature: str, tier: str, units: float, calls: int) -> None:
         conn.execute(
-            "INSERT INTO usage (tenant, feature, tier, units, calls) VALUES (?, ?, ?, ?, 1)"
+            "INSERT INTO usage (tenant, feature, tier, units, calls) VALUES (?, ?, ?, ?, ?)"
             " ON CONFLICT (tenant, feature, tier) DO UPDATE"
-            " SET units = usage.units + excluded.units, calls = usage.calls + 1",
-            (reservation.tenant, reservation.feature, reservation.tier, actual),
+            " SET units = usage.units + excluded.units, calls = usage.calls + excluded.calls",
+            (tenant, feature, tier, units, calls),
         )
 
     def release(self, reservation: Reservation) -> None:
@@ -410,11 +501,23 @@ class BudgetLedger:
         return out
 
     def usage(self) -> list[dict[str, Any]]:
-        with self.database.read() as conn:
-            rows = conn.execute(
-                "SELECT tenant, feature, tier, units, calls FROM usage ORDER BY tenant, feature, tier"
-            ).fetchall()
-        return [dict(zip(("tenant", "feature", "tier", "units", "calls"), row)) for row in rows]
+        """The usage totals per tenant, feature and tier, this process's deferred ones included."""
+        with self._flush_lock:
+            with self.database.read() as conn:
+                rows = conn.execute(
+                    "SELECT tenant, feature, tier, units, calls FROM usage ORDER BY tenant, feature, tier"
+                ).fetchall()
+            with self._pending_lock:
+                pending = {key: tuple(totals) for key, totals in self._pending_usage.items()}
+        totals = {(row[0], row[1], row[2]): [row[3], row[4]] for row in rows}
+        for key, (units, calls) in pending.items():
+            found = totals.setdefault(key, [0.0, 0])
+            found[0] += units
+            found[1] += int(calls)
+        return [
+            dict(zip(("tenant", "feature", "tier", "units", "calls"), (*key, *totals[key])))
+            for key in sorted(totals)
+        ]
 
     def prune(self, older_than_s: float, now: float | None = None) -> int:
         """Drop reservations of windows that ended more than ``older_than_s`` ago (usage totals stay)."""

@@ -8,6 +8,9 @@ this: the pipeline's declaration wraps the paid ones.
 - ``guard.paid("onnx", *stages)``: the cheap tier and what judges its answer, under one
   reservation of the arm's ``cost_units``, settled at the cheap tier's cost when they end. A
   refusal skips them (``review``: the request goes to the queue unanswered).
+- A call no budget rule covers writes nothing on the request path: its reservation is only in
+  memory and its settle adds to usage totals the ledger writes within a second for all calls
+  (``BudgetLedger.settle_later``); a covered call's reservation and settle are durable rows.
 - ``guard.paid_calls("vlm", stage)``: each VLM call reserves ``vlm_reserve_units`` when it is
   made, inside the VLM stage, so a refusal or a failing reservation is handled like any VLM
   failure; a call that raised is charged its whole reservation (it may have run).
@@ -19,14 +22,12 @@ this: the pipeline's declaration wraps the paid ones.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from policies.costs import costs_by_tier
 from policies.runtime import PolicyRuntime, Refusal
 from router.metrics import IngressMetrics
 from router.services.analyze.context import RequestContext, Stage
-from router.services.analyze.grouped_writes import GroupedWrites
 from visionroute.records import Analysis, Decision
 
 if TYPE_CHECKING:
@@ -39,8 +40,6 @@ class BudgetGuard:
     def __init__(self, policies: PolicyRuntime, metrics: IngressMetrics) -> None:
         self.policies = policies
         self.metrics = metrics
-        # concurrent requests' settles that no rule covers share one usage commit
-        self._usage_settles = GroupedWrites(self._settle_one, self._settle_many)
 
     # -- the wrappers the pipeline declares ------------------------------------------------------
 
@@ -81,14 +80,8 @@ class BudgetGuard:
         """Charge ``units`` (default: the whole reservation)."""
         if reservation.budgets:  # a cap reads it: its own fully durable transaction
             await asyncio.to_thread(self.policies.ledger.settle, reservation, units)
-        else:
-            await self._usage_settles.write((reservation, units))
-
-    def _settle_one(self, settle: tuple[Reservation, float | None]) -> None:
-        self.policies.ledger.settle(*settle)
-
-    def _settle_many(self, settles: Sequence[tuple[Reservation, float | None]]) -> list[Exception | None]:
-        return self.policies.ledger.settle_many(settles)
+        else:  # only the usage totals: added in memory, written within a second for all calls
+            self.policies.ledger.settle_later(reservation, units)
 
     async def release(self, reservation: Reservation) -> None:
         """The call did not run: give the units back."""

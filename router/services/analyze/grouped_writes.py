@@ -1,8 +1,8 @@
 """Writes of one replica, grouped (group commit): the writes that arrive while one is in
 flight go together in the next one (one transaction, one commit, instead of one each; a
 commit, and on SQLite its write lock, is most of what a small write costs). Used for the
-review queue's items (``ReviewQueue.enqueue_many``) and the budget ledger's usage settles
-(``BudgetLedger.settle_many``).
+review queue's items (``ReviewQueue.enqueue_many``); the budget ledger's usage-only settles
+are deferred in memory instead (``BudgetLedger.settle_later``).
 
 Nothing waits for company: a write that finds none in flight starts at once, alone. Each
 caller still hears its own outcome, or its own error, only once its write is committed (a

@@ -6,6 +6,8 @@ No FastAPI and no Ray here: the faces hand in bytes and the caller, and get back
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -27,6 +29,8 @@ from router.services.analyze.context import ImageRequest, RequestContext
 from router.services.analyze.pipeline import analyze_pipeline
 from router.services.backends import CheapTierClient, SearchBackend, VlmTierClient
 from visionroute.records import Analysis
+
+log = logging.getLogger("visionroute.service.analyze")
 
 if TYPE_CHECKING:
     from router.services.analyze.tier_calls import Lane
@@ -98,6 +102,10 @@ class AnalyzeService:
         self.after_response.close()
         dropped = await self.indexer.stop(timeout_s)
         abandoned = await self.after_response.stop(max(0.0, deadline - time.monotonic()))
+        try:  # the budget ledger's deferred usage totals (BudgetLedger.settle_later)
+            await asyncio.to_thread(self.policies.ledger.flush_usage)
+        except Exception as exc:
+            log.warning("stopping: deferred budget usage totals not written: %s", exc)
         return dropped, abandoned
 
 
