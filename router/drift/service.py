@@ -22,9 +22,9 @@ Artefacts hold no scores, embeddings or verdicts, so those references are the fi
 window of the latest ``window_size`` observations and tests it every ``every`` new ones.
 
 Cost on the request path: ``observe_request`` reads the score from the trace, the JPEG
-quantisation tables from the file header (no decode) and hands the decoded pixels to one
-worker thread, which computes the statistics and runs the tests; the request never waits for
-either. Observations whose pixels would push the worker's backlog past
+quantisation tables from the file header's bytes (no decode, no image object) and hands the
+decoded pixels to one worker thread, which computes the statistics and runs the tests; the
+request never waits for either. Observations whose pixels would push the worker's backlog past
 ``MAX_PENDING_PIXELS`` are dropped (and counted), so a slow worker cannot hold images in memory.
 All state changes happen on that worker; readers take a lock.
 """
@@ -32,7 +32,6 @@ All state changes happen on that worker; readers take a lock.
 from __future__ import annotations
 
 import dataclasses
-import io
 import logging
 import math
 import os
@@ -63,7 +62,7 @@ from router.drift.monitors import (
     InputDriftMonitor,
     VerdictDriftMonitor,
     drift_metric_families,
-    estimate_jpeg_quality,
+    jpeg_file_quality,
 )
 from visionroute.errors import ConfigError
 from visionroute.records import Analysis
@@ -343,13 +342,7 @@ class DriftService:
         height = int(details.get("height", analysis.height))
         quality = math.nan
         if self._statistics[task] is None and image_bytes and details.get("format") == "JPEG":
-            from PIL import Image
-
-            try:
-                with Image.open(io.BytesIO(image_bytes)) as header:  # tables are parsed, pixels are not
-                    quality = estimate_jpeg_quality(header)
-            except Exception:  # the cascade decoded it already; a header we cannot read is no drift
-                quality = math.nan
+            quality = jpeg_file_quality(image_bytes)  # the tables from the header: no image opened
         image = analysis.image_rgb
         pixels = int(image.shape[0] * image.shape[1])
         with self._lock:
