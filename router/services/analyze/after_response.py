@@ -6,7 +6,9 @@
 - ``IndexQueue``: analysed images on their way into the search index, written in batches (one
   ``SearchService.index_analyses`` call: one embedding pass and one durable write for many
   images) by one worker per replica, behind a queue of at most ``retrieval.index_queue.
-  max_pending`` images; a full queue sheds the indexing and counts it.
+  max_pending`` images; a full queue sheds the indexing and counts it. In ``eventual`` mode a
+  batch lingers ``linger_ms`` for more images (a write costs a hop and a commit whatever its
+  size); only the image's outcome and class probabilities cross to the search tier.
 
 Both count what they shed in ``visionroute_after_response_shed_total{work}``.
 
@@ -266,7 +268,7 @@ class IndexQueue:
         needed = answer.get("pixels_needed")
         if needed:
             sources = {images[i].source for i in needed}
-            log.info("the search tier embeds images from %s from their pixels: sending them", sorted(sources))
+            log.info("the search tier embeds images from %s from their pixels: sending them", list(sources))
             self._pixels_for |= sources
             images = [self._compact(analysis) for analysis in analyses]
             answer = await self.search.call("index_analysed", images)
