@@ -15,6 +15,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+import pydantic_core
 from google.protobuf import struct_pb2
 
 from router.grpc.build import ensure_generated
@@ -72,8 +73,9 @@ def struct(data: Mapping[str, Any] | None) -> struct_pb2.Struct:
 
 
 def json_text(data: Any) -> str:
-    """A deprecated ``*_json`` field: the HTTP body, as JSON text."""
-    return json.dumps(data)
+    """A deprecated ``*_json`` field: the HTTP body, as JSON text, encoded as HTTP's answers are
+    (pydantic's Rust encoder, a quarter of ``json.dumps``' CPU; NaN and infinities as null)."""
+    return pydantic_core.to_json(data, inf_nan_mode="null").decode()
 
 
 def _optional(**fields: Any) -> dict[str, Any]:
