@@ -107,7 +107,7 @@ def run_soak(
             "settled_after_s": round(settle_s, 1),
             "faults": [{k: v for k, v in e.items() if k != "at_monotonic"} for e in faults.events],
             "faults_not_run": {} if vlm else {"vlm": "no VLM tier in this run (--vlm adds it)"},
-            "statuses": statuses(ledger, faults.kill_times()),
+            "statuses": statuses(ledger, faults.kill_times(), started, faults.events),
             "vlm": vlm_summary(ledger.vlm_outcomes, faults.events, ran_s) if vlm else None,
             **checks,
             "resources": snapshots,

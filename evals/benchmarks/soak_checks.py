@@ -81,9 +81,13 @@ def verify(dsn: str, ledger: Ledger, cap_units: float) -> dict[str, Any]:
     }
 
 
-def statuses(ledger: Ledger, kill_times: list[float]) -> dict[str, Any]:
+def statuses(
+    ledger: Ledger, kill_times: list[float], started: float | None = None, faults: list[dict] | None = None
+) -> dict[str, Any]:
     """Attempts by status; the disallowed ones listed, each marked when it was in flight at a
-    replica kill (sent before, answered after: what a request on a killed replica gets)."""
+    replica kill (sent before, answered after: what a request on a killed replica gets), with
+    when it was sent (seconds into the traffic) and the last fault before it, so an unexplained
+    one can be placed against the schedule."""
     by_status = Counter(str(a.status) for a in ledger.attempts)
     unexpected = []
     for a in ledger.attempts:
@@ -95,15 +99,22 @@ def statuses(ledger: Ledger, kill_times: list[float]) -> dict[str, Any]:
         if allowed:
             continue
         in_flight = any(a.started <= t <= a.ended for t in kill_times)
-        unexpected.append(
-            {
-                "op": a.op,
-                "face": a.face,
-                "status": str(a.status),
-                "in_flight_at_kill": in_flight,
-                "reason": a.reason,
-            }
-        )
+        entry = {
+            "op": a.op,
+            "face": a.face,
+            "status": str(a.status),
+            "in_flight_at_kill": in_flight,
+            "reason": a.reason,
+        }
+        if started is not None:
+            entry["sent_at_s"] = round(a.started - started, 1)
+            entry["answered_after_s"] = round(a.ended - a.started, 1)
+            before = [e for e in faults or [] if e["at_monotonic"] <= a.started]
+            if before:
+                entry["after_fault"] = (
+                    f"{before[-1]['fault']} {a.started - before[-1]['at_monotonic']:.1f} s before"
+                )
+        unexpected.append(entry)
     return {
         "attempts": len(ledger.attempts),
         "by_status": dict(sorted(by_status.items())),

@@ -60,3 +60,30 @@ def test_the_pool_name_matches_what_the_state_layer_sets(monkeypatch):
     name = _application_name("postgresql://u@127.0.0.1:5432/db", "visionroute_review")["application_name"]
     owners = connections_by_owner([(name, "idle", 1)], {os.getpid(): "me"})
     assert owners["by_role"] == {"me": 1}
+
+
+def test_a_disallowed_status_is_placed_against_the_fault_schedule():
+    from evals.benchmarks.soak_checks import statuses
+    from evals.benchmarks.soak_traffic import Attempt, Ledger
+
+    ledger = Ledger()
+    ledger.add(Attempt("analyze", "http", 200, 101.0, 101.1, False))
+    ledger.add(Attempt("analyze", "grpc", 503, 102.0, 102.1, True))
+    ledger.add(Attempt("analyze", "grpc", 500, 109.0, 111.0, False, "actor died"))  # the kill at 110
+    ledger.add(Attempt("search", "grpc", "no answer", 112.5, 142.5, False, "no answer within 30 s"))
+    faults = [
+        {"fault": "postgres", "at_monotonic": 105.0},
+        {"fault": "ingress", "at_monotonic": 110.0, "pid": 7},
+    ]
+    report = statuses(ledger, [110.0], started=100.0, faults=faults)
+    assert report["by_status"] == {"200": 1, "500": 1, "503": 1, "no answer": 1}
+    killed, unexplained = report["not_allowed"]
+    assert (
+        killed["in_flight_at_kill"]
+        and killed["sent_at_s"] == 9.0
+        and killed["after_fault"] == "postgres 4.0 s before"
+    )
+    assert not unexplained["in_flight_at_kill"]
+    assert unexplained["sent_at_s"] == 12.5 and unexplained["answered_after_s"] == 30.0
+    assert unexplained["after_fault"] == "ingress 2.5 s before"
+    assert report["not_allowed_unexplained"] == [unexplained]
