@@ -71,7 +71,12 @@ def fuzz(n: int):
 @pytest.fixture(scope="module")
 def core(tmp_path_factory):
     """The service core with search on: tiny ONNX classifier, tiny open_clip, real index."""
+    # Ray's request context, which both faces read per request (router/serve_context.py), is
+    # imported here, before any thread runs: imported first on a TestClient thread while OpenCV's
+    # first import swaps sys.path on a worker thread, Ray lost its vendored psutil path and
+    # failed, and every later call tried the import again (most of this module's CPU, 2 runs of 3).
     import open_clip
+    import ray.serve.context  # noqa: F401
     import torch
 
     from retrieval.config import OpenClipConfig
