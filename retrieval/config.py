@@ -151,8 +151,10 @@ class IndexQueueConfig(_Strict):
     max_batch: int = Field(32, ge=1, le=1024)  # images per embedding pass and durable write
     # ``eventual`` only: a batch waits this long for more images before its write (a full batch,
     # a read through the same ingress replica or the replica's stop write at once). Each write
-    # costs a hop to the search tier and a commit whatever its size: fewer, larger batches.
-    linger_ms: float = Field(50.0, ge=0.0, le=5000.0)
+    # costs a hop to the search tier and a commit whatever its size: fewer, larger batches
+    # (8 CPU ms a hop on 2 cores, evals/benchmarks/index_cpu.py). Other search replicas see a
+    # write within their follow_interval_s (1 s) anyway.
+    linger_ms: float = Field(100.0, ge=0.0, le=5000.0)
 
 
 class RetrievalConfig(_Strict):
