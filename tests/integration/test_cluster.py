@@ -161,7 +161,7 @@ def cluster_service(prepared_models_dir, tmp_path_factory, postgres_server):
         deadline = time.monotonic() + 300
         status = "?"
         while time.monotonic() < deadline:
-            time.sleep(1)
+            time.sleep(0.25)
             app_status = serve.status().applications.get("visionroute")
             status = app_status.status if app_status else "?"
             if status == "RUNNING":
@@ -294,30 +294,55 @@ class Sent:
     answer: httpx.Response | httpx.HTTPError
 
 
-def _load(service: ClusterService, stop: threading.Event, tenant: str, seed0: int) -> list[Sent]:
-    """Analyse requests from 4 threads until ``stop``; every answer (or transport error) kept."""
-    sent: list[Sent] = []
-    lock = threading.Lock()
+class Load:
+    """Analyse requests from 4 threads until ``stop()``; every answer (or transport error) kept in
+    ``sent`` as it comes, so a test waits for what it needs to have seen instead of sleeping."""
 
-    def worker(offset: int) -> None:
-        i = 0
-        while not stop.is_set():
+    def __init__(self, service: ClusterService, tenant: str, seed0: int) -> None:
+        self.sent: list[Sent] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._worker, args=(service, tenant, seed0 + n * 10_000), daemon=True)
+            for n in range(4)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def _worker(self, service: ClusterService, tenant: str, seed: int) -> None:
+        while not self._stop.is_set():
             started = time.monotonic()
             try:
-                answer = service.analyze(seed0 + offset * 10_000 + i, tenant, timeout=60)
+                answer = service.analyze(seed, tenant, timeout=60)
             except httpx.HTTPError as error:
                 answer = error
-            with lock:
-                sent.append(Sent(started, time.monotonic(), answer))
-            i += 1
+            with self._lock:
+                self.sent.append(Sent(started, time.monotonic(), answer))
+            seed += 1
 
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
-    for thread in threads:
-        thread.start()
-    stop.wait()
-    for thread in threads:
-        thread.join(timeout=120)
-    return sent
+    def wait_for(self, what: str, enough, timeout_s: float = 120) -> None:
+        """Until ``enough(sent)`` holds (polled every 0.1 s); fails naming ``what`` after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self._lock:
+                sent = list(self.sent)
+            if enough(sent):
+                return
+            if time.monotonic() > deadline:
+                self._stop.set()
+                raise AssertionError(f"{what}: not within {timeout_s:g} s ({len(sent)} answers)")
+            time.sleep(0.1)
+
+    def stop(self) -> list[Sent]:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=120)
+        assert not any(t.is_alive() for t in self._threads), "the load did not stop: a request hung"
+        return self.sent
+
+
+def served(s: Sent) -> bool:
+    return isinstance(s.answer, httpx.Response) and s.answer.status_code == 200
 
 
 def _assert_each_present_once(service: ClusterService, sent: list[Sent], since: float) -> None:
@@ -346,21 +371,17 @@ def _assert_each_present_once(service: ClusterService, sent: list[Sent], since: 
 def test_postgres_restart_under_load_answers_503_never_500_and_loses_nothing(
     cluster_service, postgres_server
 ):
-    stop = threading.Event()
-    sent: list[Sent] = []
-    loader = threading.Thread(target=lambda: sent.extend(_load(cluster_service, stop, "ops", 20_000)))
-    loader.start()
-    time.sleep(3)
+    load = Load(cluster_service, "ops", 20_000)
+    load.wait_for("served before the restart", lambda sent: sum(map(served, sent)) >= 4)
     restarted_at = time.monotonic()
     postgres_server.restart(down_s=4)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:  # until the service answers again after the restart
-        if cluster_service.analyze(99_999, "ops").status_code == 200:
-            break
-        time.sleep(1)
-    time.sleep(2)
-    stop.set()
-    loader.join(timeout=180)
+    back_at = time.monotonic()
+    # until requests sent after PostgreSQL is back are served again (a few, as the load runs)
+    load.wait_for(
+        "served again after the restart",
+        lambda sent: sum(served(s) for s in sent if s.started > back_at) >= 4,
+    )
+    sent = load.stop()
     result = [s.answer for s in sent]
     responses = [a for a in result if isinstance(a, httpx.Response)]
     statuses = {a.status_code for a in responses}
@@ -373,11 +394,8 @@ def test_postgres_restart_under_load_answers_503_never_500_and_loses_nothing(
 def test_a_worker_node_killed_under_load_loses_no_acknowledged_item(cluster_service):
     import ray
 
-    stop = threading.Event()
-    sent: list[Sent] = []
-    loader = threading.Thread(target=lambda: sent.extend(_load(cluster_service, stop, "ops", 40_000)))
-    loader.start()
-    time.sleep(4)
+    load = Load(cluster_service, "ops", 40_000)
+    load.wait_for("served before the kill", lambda sent: sum(map(served, sent)) >= 4)
     killed_at = time.monotonic()
     worker_id = cluster_service.worker.node_id
     cluster_service.cluster.remove_node(cluster_service.worker, allow_graceful=False)  # kill -9 its processes
@@ -386,10 +404,13 @@ def test_a_worker_node_killed_under_load_loses_no_acknowledged_item(cluster_serv
         assert time.monotonic() < deadline, "Ray never marked the killed node dead"
         time.sleep(0.2)
     dead_at = time.monotonic()  # the cluster knows: from here on every request gets an answer
-    time.sleep(max(8 - (dead_at - killed_at), 6))
-    stop.set()
-    loader.join(timeout=180)
-    assert not loader.is_alive(), "the load did not stop: a request hung past its timeout"
+    # Load after that for at least 4 s and 12 answers (was a fixed 6 s or more), so the
+    # surviving node's answers, and any wrong one, show.
+    load.wait_for(
+        "answers to requests sent after the node was marked dead",
+        lambda sent: time.monotonic() - dead_at >= 4 and sum(s.started >= dead_at for s in sent) >= 12,
+    )
+    sent = load.stop()
 
     def described(s: Sent) -> tuple:  # (sent, ended: s after the kill; status or error; body)
         answer = s.answer
@@ -432,7 +453,7 @@ def test_a_worker_node_killed_under_load_loses_no_acknowledged_item(cluster_serv
         if answer.answer.status_code == 200:
             break
         assert time.monotonic() < deadline, "the service did not recover on the surviving node"
-        time.sleep(1)
+        time.sleep(0.25)
     later = [Sent(0, 0, cluster_service.analyze(78_000 + i, "ops")) for i in range(8)]
     assert all(s.answer.status_code == 200 for s in later), [described(s) for s in later]
     print(
