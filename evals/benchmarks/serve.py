@@ -108,7 +108,14 @@ def measure_raw(stage, photos: dict[str, bytes], requests: int, batch_s: float) 
 # -- the floor: the same ONNX Runtime call behind Ray Serve, nothing else ------------------------
 
 
-@serve.deployment(name="Floor", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.5})
+# graceful_shutdown_wait_loop_s: the replica's idle check before it stops (2 s by default) is all
+# the wait its delete has: every request has been answered by then.
+@serve.deployment(
+    name="Floor",
+    max_ongoing_requests=64,
+    ray_actor_options={"num_cpus": 0.5},
+    graceful_shutdown_wait_loop_s=0.1,
+)
 class Floor:
     """Reads the JPEG body, decodes it as the service does, batches, runs the same stage."""
 
@@ -546,6 +553,13 @@ def _targets(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+# ``quick`` (the smoke run the tests make): what each part is cut to. Every part still runs and
+# every figure is still measured (two clients still overlap), on fewer requests, and the service
+# is the classify cascade alone: the bench sends nothing else, so the other tasks' replicas
+# would only add their start (a process, a model load and its warm-up) to a smoke run.
+QUICK = {"clients": 2, "batch_images": 4, "batch_s": 0.25}
+
+
 def run_bench(
     models_dir: Path,
     requests: int = 200,
@@ -573,10 +587,10 @@ def run_bench(
     from router.app import build_app
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
-    if quick:  # a smoke run: every part once, few requests
+    if quick:  # a smoke run: every part once, few requests (see QUICK)
         requests, placements, indexing = min(requests, 12), placements[:1], indexing[:1]
-        batch_images = min(batch_images, 4)
-    prepare_models(models_dir, ["efficientnet_lite0", "ppocr_det"])
+        clients, batch_images = min(clients, QUICK["clients"]), min(batch_images, QUICK["batch_images"])
+    prepare_models(models_dir, ["efficientnet_lite0"] if quick else ["efficientnet_lite0", "ppocr_det"])
     photos = bench_photos()
     print(f"images: {len(photos)} skimage photos as JPEG; {requests} requests per phase, {clients} clients")
     print("all figures from this one run; ratios are the comparable part on a shared machine")
@@ -588,7 +602,7 @@ def run_bench(
         OnnxStageConfig(model="efficientnet_lite0", intra_op_threads=intra_op_threads or 0),
         models_dir=models_dir,
     )
-    raw = measure_raw(stage, photos, requests, batch_s=1.0 if quick else 5.0)
+    raw = measure_raw(stage, photos, requests, batch_s=QUICK["batch_s"] if quick else 5.0)
     del stage
     print(
         f"raw ONNX Runtime (in-process): p50 {raw['p50_ms']:.1f} ms, p95 {raw['p95_ms']:.1f} ms, "
@@ -639,6 +653,8 @@ def run_bench(
                     redaction,
                     router_files if router_on else None,
                 )
+                if quick:  # the bench only sends classify requests: no replica for the other tasks
+                    args["cascades"] = {"classify": args["cascades"]["classify"]}
                 serve.run(build_app(args), name=APP_NAME, route_prefix="/")
                 try:
                     entry = {}
@@ -660,7 +676,8 @@ def run_bench(
                         )
                     results["service"][key] = entry
                 finally:
-                    serve.delete(APP_NAME)
+                    if (placement, index_on, router_on) != phases[-1]:
+                        serve.delete(APP_NAME)  # the last one goes with serve.shutdown below, without a wait
     finally:
         serve.shutdown()
         ray.shutdown()

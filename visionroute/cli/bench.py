@@ -306,7 +306,8 @@ def _add_serve(bench) -> None:
     serve_bench.add_argument(
         "--quick",
         action="store_true",
-        help="smoke run: few requests, the first placement and indexing setting only",
+        help="smoke run: few requests from at most 2 clients, the first placement and indexing setting "
+        "only, the service with the classify cascade alone",
     )
     serve_bench.add_argument(
         "--batch-images",
