@@ -14,7 +14,12 @@ service, starts its own (tests/integration/serve_process.py ``ServeProcess``):
   tests/support/router_artefact.py), which the shipped tasks do not have;
 - ``restartable_service``: the shipped config on a work dir of its own, for the tests that stop,
   kill and restart the service (each restart a new ``serve run`` on that work dir); the next such
-  test takes the service the previous one restarted instead of starting two of its own.
+  test takes the service the previous one restarted instead of starting two of its own;
+- ``colour_service``: the tiny colour classifier under several tasks (rollout candidates,
+  recalibration, a learned router, certified thresholds: tests/integration/colour_service.py),
+  retrieval off, for the modules that need a colour task of their own;
+- ``unused_default_service``: ``default_service`` before any test has used it, for a test that
+  reads the whole service (test_golden.py); its module runs first among the service's users.
 
 A shared service carries what earlier tests left in it (review items, search entries, spent
 leases): a test on one must not depend on an empty queue or index. It scopes what it asserts to
@@ -33,6 +38,7 @@ through the rest of the suite.
 from __future__ import annotations
 
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -42,6 +48,8 @@ from tests.support.lanes import grouped_run
 
 # fixture name -> the running server it yielded (anything with .stop()), until stopped below
 _stop_after_last_use: dict[str, object] = {}
+# fixture name -> how many tests that took that session server have run (unused_default_service)
+_tests_run_on: Counter[str] = Counter()
 
 
 def _shared(name: str, server):
@@ -54,14 +62,15 @@ def _shared(name: str, server):
             server.stop()
 
 
-_SHARED_SERVICES = ("default_service", "keyed_service", "restartable_service")
+_SHARED_SERVICES = ("default_service", "keyed_service", "restartable_service", "colour_service")
 
 
 def pytest_collection_modifyitems(session, config, items):
     """Run the modules that use a shared service next to each other, so each service's life
-    (first user to last) spans only its users: the no-key service's users first, the module that
-    uses all three in the middle, the keyed service's after it, every other module later in its
-    usual order. Whole modules move, never single tests; nothing outside this folder moves."""
+    (first user to last) spans only its users: the no-key service's users first (the one that
+    needs it unused before them), the module that uses both in the middle, the keyed service's
+    after it, then the colour service's, every other module later in its usual order. Whole
+    modules move, never single tests; nothing outside this folder moves."""
     if grouped_run(config):
         return  # split over xdist workers: tests/support/lanes.py orders the modules (the same way)
     here = Path(__file__).parent
@@ -73,12 +82,15 @@ def pytest_collection_modifyitems(session, config, items):
         modules.setdefault(Path(str(item.path)), []).append(item)
 
     def rank(path: Path) -> tuple[int, int]:
-        used = {name for item in modules[path] for name in _SHARED_SERVICES if name in item.fixturenames}
+        names = {name for item in modules[path] for name in item.fixturenames}
+        used = names.intersection(_SHARED_SERVICES)
         if not used:
-            return (3, 0)
+            return (4, 0)
+        if "unused_default_service" in names:
+            return (0, -1)
         if "default_service" in used:
             return (1 if "keyed_service" in used else 0, "restartable_service" in used)
-        return (2, 0)
+        return (2, 0) if "keyed_service" in used else (3, 0)
 
     ordered = sorted(modules, key=rank)  # stable: alphabetical within a rank
     block = [item for path in ordered for item in modules[path]]
@@ -99,7 +111,10 @@ def after_other_users_of_what_they_kill(items: list) -> list:
 
 
 def pytest_runtest_teardown(item, nextitem):
-    """Stop a shared server after the last test that uses it."""
+    """Count the test's use of each session server it took; stop a shared server after the last
+    test that uses it."""
+    taken = getattr(item, "funcargs", {})
+    _tests_run_on.update(name for name in _SHARED_SERVICES if name in taken)
     if not _stop_after_last_use:
         return
     used = [name for name in _stop_after_last_use if name in item.fixturenames]
@@ -178,6 +193,35 @@ def keyed_service(request):
     placement but the one that checks it (test_service.py)."""
     process = early_start.take("keyed_service") or _starts_keyed_service(request)()
     yield from _shared("keyed_service", process)
+
+
+@pytest.fixture
+def unused_default_service(request, default_service):
+    """``default_service`` as a start leaves it (only the warm-up's requests in it) when no test
+    has used it yet, for a test that reads the whole service, not only what it created
+    (test_golden.py: the review list, the next claim, search ids, the task's rollouts). Its module
+    runs first among the service's users (``pytest_collection_modifyitems``), so in a whole run
+    it is the shared one; after another user (a run in another order) it is a start of the same
+    config of its own, stopped after the test."""
+    if not _tests_run_on["default_service"]:
+        yield default_service
+        return
+    process = _starts_default_service(request)()
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+@pytest.fixture(scope="session")
+def colour_service(tmp_path_factory):
+    """The colour classifier under the tasks of tests/integration/colour_service.py (rollout
+    candidates, recalibration, a learned router, certified thresholds), retrieval off: one start
+    for test_rollouts_service.py and test_certified_service.py."""
+    from tests.integration.colour_service import colour_service as service
+
+    process = service(tmp_path_factory.mktemp("colour-service")).start(timeout_s=300)
+    yield from _shared("colour_service", process)
 
 
 def _starts_restartable_service(request):

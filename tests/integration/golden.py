@@ -512,6 +512,15 @@ def exchange(url: str, grpc_target: str) -> list[dict[str, Any]]:
     return out
 
 
+def roll_back_running_rollouts(url: str) -> None:
+    """Roll back the exchange's rollout if it is still running (an exchange that failed half-way):
+    the service is shared, and a canary for every tenant would serve the next tests."""
+    with httpx.Client(base_url=url, timeout=120) as client:
+        for rollout in client.get("/v1/rollouts", params={"task": "classify"}).json().get("rollouts", []):
+            if rollout.get("status") == "running" and rollout.get("reason", "").startswith("golden:"):
+                client.post(f"/v1/rollouts/{rollout['id']}/rollback", json={"reason": "golden: test ended"})
+
+
 def normalised(
     results: list[dict[str, Any]], models_dir: Path | None = None, workdir: Path | None = None
 ) -> list[dict[str, Any]]:

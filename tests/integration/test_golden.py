@@ -21,8 +21,8 @@ from tests.integration.golden import (
     exchange,
     model_version_mismatches,
     normalised,
+    roll_back_running_rollouts,
 )
-from tests.integration.serve_process import ServeProcess
 
 
 def test_model_versions_are_checked_against_the_served_files(tmp_path):
@@ -76,14 +76,15 @@ def test_only_a_running_rollouts_random_claim_key_is_normalised():
 
 @pytest.mark.server
 @pytest.mark.slow
-def test_http_and_grpc_answers_match_the_golden_responses(prepared_models_dir, tmp_path, monkeypatch):
-    # a fresh local Ray, never a cluster another process left in /tmp/ray/ray_current_cluster
-    monkeypatch.setenv("RAY_ADDRESS", "local")
-    service = ServeProcess(tmp_path, prepared_models_dir).start()
+def test_http_and_grpc_answers_match_the_golden_responses(unused_default_service, prepared_models_dir):
+    # The shipped config no test has used yet (the session's service before its other users, or
+    # a start of its own): the file pins whole-service reads (the review list, the next claim,
+    # search ids, the task's rollouts) as they are on a fresh service.
+    service = unused_default_service
     try:
         raw = exchange(service.url, service.grpc_target)
     finally:
-        service.stop()
+        roll_back_running_rollouts(service.url)
 
     # A user can reproduce each model version from the file: the classifier, the text detector
     # (traces and cards) and the face detector (redaction steps) are all named and all match.
@@ -95,7 +96,7 @@ def test_http_and_grpc_answers_match_the_golden_responses(prepared_models_dir, t
         "facenet-pytorch==2.6.0",
     } <= seen, seen
 
-    results = normalised(raw, prepared_models_dir, tmp_path)
+    results = normalised(raw, prepared_models_dir, service.workdir)
     expected = json.loads(GOLDEN_FILE.read_text())
     assert [r["name"] for r in results] == [r["name"] for r in expected]
     got = json.dumps(results, indent=1, sort_keys=True).splitlines()

@@ -1,6 +1,7 @@
 """Rollouts through the running service (`serve run`, Ray Serve, HTTP, the CLI): a worse candidate
 in shadow is rolled back by the sequential test, an equal and cheaper one in canary is promoted;
-model cards and drift reports are served by the same service.
+model cards and drift reports are served by the same service (the session's colour service,
+tests/integration/colour_service.py, which test_certified_service.py shares).
 
 The candidates are real ONNX models deployed beside the incumbent: ``swapped`` (its own Ray
 Serve deployment) answers every colour confidently and wrongly; ``cheaper`` (inside the
@@ -20,61 +21,19 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.integration.serve_process import REPO, ServeProcess
-from tests.router.colour_model import LABELS, solid_png, write_colour_model
+from tests.integration.colour_service import RECALIBRATED, ROUTED
+from tests.integration.serve_process import REPO
+from tests.router.colour_model import LABELS, solid_png
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
-RECALIBRATED = "colour_recalibrated"
-ROUTED = "colour_routed"
 COLOURS = {"red": (230, 20, 20), "green": (20, 230, 20), "blue": (20, 20, 230)}
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("rollouts")
-    models = workdir / "models"
-    incumbent = write_colour_model(models / "colour.onnx")
-    swapped = write_colour_model(models / "colour_swapped.onnx", np.roll(4.0 * np.eye(3), 1, axis=1))
-    tier = {"decoder": "classifier", "labels": LABELS, "size_hw": 32}
-    cascade = {
-        "tier": {"model": str(incumbent), **tier, "cost_units": 1.0},
-        "policy": {"version": "colour-v1", "accept_threshold": 0.9, "escalate_threshold": 0.2},
-        "placement": "ingress",
-        "candidates": {
-            "swapped": {
-                "tier": {"model": str(swapped), **tier, "cost_units": 1.0},
-                "placement": "deployment",
-            },
-            "cheaper": {"tier": {"model": str(incumbent), **tier, "cost_units": 0.5}, "placement": "ingress"},
-        },
-    }
-    # The recalibration test's task: the incumbent's accept threshold (0.9999) is above every
-    # answer of the colour model, so every request goes to review until recertified.
-    recalibrated = {
-        "tier": {"model": str(incumbent), **tier, "cost_units": 1.0},
-        "policy": {"version": "colour-v1", "accept_threshold": 0.9999, "escalate_threshold": 0.5},
-        "placement": "ingress",
-    }
-    # The routed task: a learned router whose certified plan (accept at 0.9999) sends every request
-    # to review until a recalibration refits it. A fixed router price keeps both arms' costs
-    # independent of timing (measured prices made the cost comparison a coin toss on busy cores).
-    from tests.router.test_router_stage import fitted_artefact
-
-    router = fitted_artefact(learned=(0.9999, 0.0)).save(workdir / "router.json")
-    routed = {**recalibrated, "router": {"path": str(router), "cost_units": 0.1}}
-    process = ServeProcess(
-        workdir,
-        models,
-        extra_args={
-            "default_task": "colour",
-            "cascades": {"colour": cascade, RECALIBRATED: recalibrated, ROUTED: routed},
-            "retrieval": {"enabled": False},
-            "rollouts": {"refresh_s": 0.2, "cost_flush_s": 0.2},
-        },
-    )
-    process.start(timeout_s=300)
-    yield process
-    process.stop()
+def service(colour_service):
+    """The session's colour service (tests/integration/colour_service.py): ``colour`` with its two
+    candidates, ``colour_recalibrated`` and ``colour_routed``; rollouts re-read every 0.2 s."""
+    return colour_service
 
 
 def cli(service, *args: str) -> subprocess.CompletedProcess:

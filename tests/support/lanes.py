@@ -36,8 +36,10 @@ import pytest
 # Session fixtures worth starting once: each is a server or minutes of work.
 LANE_FIXTURES = (
     "default_service",
+    "unused_default_service",  # test_golden.py: runs first among default_service's users
     "keyed_service",
     "restartable_service",
+    "colour_service",
     "digits_llava_dir",
     "digits_vllm_server",
     "digits_models_dir",
@@ -54,6 +56,8 @@ def grouped_run(config: pytest.Config) -> bool:
 
 
 def _module_order_in_lane(fixtures: set[str]) -> tuple[int, int]:
+    if "unused_default_service" in fixtures:
+        return (0, -1)
     if "default_service" in fixtures:
         return (1 if "keyed_service" in fixtures else 0, int("restartable_service" in fixtures))
     return (2, 0) if "keyed_service" in fixtures else (3, 0)
