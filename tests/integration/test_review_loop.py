@@ -174,6 +174,7 @@ def service(prepared_models_dir, tmp_path_factory):
         },
         "policies": policy_set(),
         "ingress_num_cpus": 0.25,
+        "retrieval": {"enabled": False},  # no test here searches: a search replica less to start
         "security": {
             "api_keys": [
                 {"sha256": hash_key(k), "tenant": t, "role": r, "name": n} for n, (t, r, k) in KEYS.items()
@@ -185,13 +186,12 @@ def service(prepared_models_dir, tmp_path_factory):
     svc = Service(port, args)
     svc.workdir = workdir
     assert svc.deploy() == "RUNNING"
-    for _ in range(60):
+    for _ in range(240):
         if httpx.get(svc.url + "/readyz", timeout=10).status_code == 200:
             break
-        time.sleep(1)
-    warm_up_service(
-        svc.url, headers=key()
-    )  # real read-only requests: the first one through a fresh app is slow
+        time.sleep(0.25)
+    # real read-only requests: the first one through a fresh app is slow
+    warm_up_service(svc.url, search=False, headers=key())
     yield svc
     serve.shutdown()
     ray.shutdown()

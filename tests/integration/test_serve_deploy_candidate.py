@@ -174,7 +174,7 @@ def test_serve_deploy_adds_a_candidate_in_place_and_it_rolls_out_without_a_resta
                     break
             except httpx.HTTPError:
                 pass
-            time.sleep(1)
+            time.sleep(0.25)
         else:
             pytest.fail("the first deploy never answered")
         refused = client.post("/v1/rollouts", json={"task": "colour", "candidate": "cheaper"})
@@ -211,7 +211,7 @@ def test_serve_deploy_adds_a_candidate_in_place_and_it_rolls_out_without_a_resta
                 )
                 if started.status_code == 200:
                     break
-                time.sleep(1)
+                time.sleep(0.25)
             assert started.status_code == 200, started.text
             time.sleep(1.0)
         finally:
