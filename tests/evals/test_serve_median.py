@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from evals.benchmarks.serve_median import main, median_table, ratios
+from evals.benchmarks.serve_median import SHIPPED, main, median_table, ratios, shipped_key
 from visionroute.errors import InputError
 
 
@@ -13,9 +13,7 @@ def run(floor_p50, floor_rps, http_p50, http_rps, batch_vs_single, load=(4.0, 6.
     face = {"sequential": {"p50_ms": http_p50}, "requests_per_s": http_rps}
     return {
         "floor": {"sequential": {"p50_ms": floor_p50}, "requests_per_s": floor_rps},
-        "service": {
-            "deployment/indexing on": {"http": face, "grpc": face, "batch": {"vs_single": batch_vs_single}}
-        },
+        "service": {SHIPPED: {"http": face, "grpc": face, "batch": {"vs_single": batch_vs_single}}},
         "load_average": {"start": load[0], "end": load[1]},
     }
 
@@ -40,3 +38,22 @@ def test_a_run_without_the_shipped_config_is_named(tmp_path):
     path = tmp_path / "bench-1.json"
     path.write_text(json.dumps(run(50.0, 20.0, 60.0, 10.0, 1.9)))
     assert main([str(path)]) == 0
+
+
+def test_the_shipped_config_is_read_from_serve_config_and_another_can_be_judged(tmp_path):
+    config = tmp_path / "serve_config.yaml"
+    config.write_text(
+        "applications:\n  - args:\n      cascades: {classify: {placement: ingress}}\n"
+        "      retrieval: {enabled: true, index_analysed: true}\n"
+    )
+    assert shipped_key(config) == "ingress/indexing on"
+    config.write_text("applications:\n  - args:\n      cascades: {classify: {}}\n")
+    assert shipped_key(config) == "deployment/indexing off"
+    other = run(50.0, 20.0, 60.0, 10.0, 1.9)
+    other["service"] = {"ingress/indexing off": other["service"][SHIPPED]}
+    assert "config: ingress/indexing off" in median_table([("x", other)], "ingress/indexing off")
+    path = tmp_path / "bench-1.json"
+    path.write_text(json.dumps(other))
+    assert main(["--config", "ingress/indexing off", str(path)]) == 0
+    with pytest.raises(InputError, match="--placement ingress"):
+        main(["--config", "ingress/indexing on", str(path)])
