@@ -3,7 +3,9 @@
 One service serves both cases (a service start is most of what a test here costs): ``classify``
 escalates to the real server (the suite's one: the digits LLaVA, asked about photos it was never
 trained on, so only the protocol, schema and routing are asserted), ``classify_down`` to a port
-nothing listens on.
+nothing listens on. The service is the lightest that shows this: both cheap tiers inside the
+ingress (``placement: ingress``; the shared services test the tier deployments) and search off,
+so it starts three replicas (the ingress and each task's VLM tier) instead of six.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ LABELS = ["astronaut", "bobsled", "football helmet", "rocket", "cat"]
 def vlm_cascade(endpoint: str, **overrides) -> dict:
     return {
         "tier": {"model": "efficientnet_lite0"},
+        "placement": "ingress",
         # The astronaut photo (top-1 0.28) falls between these: it escalates.
         "policy": {"version": "classify-vlm-v1", "accept_threshold": 0.7, "escalate_threshold": 0.1},
         "vlm": {
@@ -54,6 +57,7 @@ def service(digits_vllm_server, prepared_models_dir, tmp_path_factory):
             "classify": vlm_cascade(digits_vllm_server.base_url),
             "classify_down": vlm_cascade(dead_endpoint, request_timeout_s=5.0, total_timeout_s=5.0),
         },
+        "retrieval": {"enabled": False},
     }
     process = ServeProcess(tmp_path_factory.mktemp("vlm-service"), prepared_models_dir, args).start()
     yield process
