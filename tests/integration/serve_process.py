@@ -92,7 +92,7 @@ class ServeProcess:
                     break
             except httpx.HTTPError:
                 pass
-            time.sleep(1.0)
+            time.sleep(0.25)  # a poll, not a wait: every shared service's start passes here
         else:
             self.stop()
             raise RuntimeError(f"service not ready after {timeout_s} s:\n{self.log_tail()}")
