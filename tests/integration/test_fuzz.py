@@ -20,7 +20,7 @@ import grpc
 import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from router.grpc.ingress import MAX_DETAILS_CHARS, pb, visionroute_pb2_grpc
@@ -33,6 +33,7 @@ from tests.support.fuzz import (
     deep,
     documented_operations,
     dumps,
+    fuzz,
     ids,
     json_values,
     path_values,
@@ -43,16 +44,6 @@ from tests.support.fuzz import (
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 CASES = Cases()
 PNG = solid_png((200, 40, 40), 48)
-
-
-def fuzz(n: int):
-    return settings(
-        max_examples=n,
-        deadline=None,
-        suppress_health_check=list(HealthCheck),
-        derandomize=True,
-        database=None,
-    )
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import json
 
 import pytest
 from fastapi.testclient import TestClient
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from router.auth.keys import SecurityConfig, hash_key
@@ -36,6 +36,7 @@ from tests.support.fuzz import (
     deep,
     documented_operations,
     dumps,
+    fuzz,
     ids,
     json_values,
     path_values,
@@ -56,16 +57,6 @@ TINY_CLIP = {
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
 }
 RED, GREY = solid_png((255, 0, 0), 32), solid_png((128, 128, 128), 32)
-
-
-def fuzz(n: int):
-    return settings(
-        max_examples=n,
-        deadline=None,
-        suppress_health_check=list(HealthCheck),
-        derandomize=True,
-        database=None,
-    )
 
 
 @pytest.fixture(scope="module")

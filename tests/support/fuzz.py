@@ -11,11 +11,45 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import string
 from collections import Counter
 
+from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
+
+# Each fuzz test's example count is its share of issue 11's floor (at least 10,000 cases against
+# the Ray-free core, 1,000 through the real proxies, in CI): the suite runs exactly that; a longer
+# hunt multiplies it (VISIONROUTE_FUZZ_SCALE=10: ten times as many, a new seed each run).
+FUZZ_SCALE = "VISIONROUTE_FUZZ_SCALE"
+
+
+def fuzz_scale() -> float:
+    raw = os.environ.get(FUZZ_SCALE, "").strip() or "1"
+    try:
+        scale = float(raw)
+    except ValueError:
+        scale = float("nan")
+    if not scale >= 1:  # also NaN
+        from visionroute.errors import ConfigError
+
+        raise ConfigError(f"{FUZZ_SCALE} must be a number >= 1, got {raw!r}", field=FUZZ_SCALE)
+    return scale
+
+
+def fuzz(n: int) -> settings:
+    """Hypothesis settings for a fuzz test of ``n`` examples (times VISIONROUTE_FUZZ_SCALE):
+    derandomized, so the suite's cases are the same on every run, unless the scale is raised."""
+    scale = fuzz_scale()
+    return settings(
+        max_examples=round(n * scale),
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        derandomize=scale == 1,
+        database=None,
+    )
+
 
 # What only a leaked traceback or Ray error text contains (never what a caller sent: the
 # generated text below cannot form these).
