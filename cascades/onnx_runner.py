@@ -75,7 +75,7 @@ class OnnxModel:
         providers: Sequence[str] | None = None,
         intra_op_threads: int = 0,
         max_batch_size: int = 32,
-        thread_spinning: bool = True,
+        thread_spinning: bool = False,
     ) -> None:
         self.path = Path(path).expanduser()
         if not self.path.is_file():
@@ -90,6 +90,10 @@ class OnnxModel:
         if not thread_spinning:
             # ORT's worker threads busy-wait between inferences by default; sleeping instead
             # frees those cores for other work on a shared machine, at some wake-up latency.
+            # Off by default: on the 2-core build machine beside other processes, 2 spinning
+            # threads took 63-65 ms of CPU per efficientnet_lite0 inference against 19-24 ms
+            # sleeping, and their wall p50 was 144-267 ms against 27-43 ms (1 thread: no
+            # worker to spin, the same either way); python -m evals.benchmarks.ort_threads.
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         self.providers = choose_providers(providers)

@@ -66,10 +66,12 @@ class OnnxStageConfig(BaseModel):
         description="ONNX Runtime threads per inference; 0 = one per core (Ray's OMP_NUM_THREADS does not apply)",
     )
     thread_spinning: bool = Field(
-        True,
-        description="ONNX Runtime's idle threads spin for work (its default). Off, they sleep: on the 2-core "
-        "build machine that cost 3 ms raw and 6 ms per request and bought no throughput (bench serve), but "
-        "on a machine shared with other services it frees the cores spinning would take",
+        False,
+        description="ONNX Runtime's idle threads spin for work (ORT's own default) or sleep (ours). On the "
+        "2-core build machine shared with other processes, 2 spinning threads took ~3x the CPU per "
+        "inference and 3-10x the wall time (evals/benchmarks/ort_threads.py); on it quiet, spinning "
+        "saved 3 ms raw and 6-8 ms per request at the same throughput (bench serve): turn it on "
+        "only where the replica has its cores to itself",
     )
     calibration: str | None = Field(None, description="path to a calibration artefact JSON")
     cost_units: float = Field(1.0, ge=0, description="cost of one inference in cost units")

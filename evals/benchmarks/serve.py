@@ -119,11 +119,15 @@ def measure_raw(stage, photos: dict[str, bytes], requests: int, batch_s: float) 
 class Floor:
     """Reads the JPEG body, decodes it as the service does, batches, runs the same stage."""
 
-    def __init__(self, models_dir: str, max_batch_size: int, intra_op_threads: int) -> None:
+    def __init__(
+        self, models_dir: str, max_batch_size: int, intra_op_threads: int, thread_spinning: bool
+    ) -> None:
         from cascades.onnx_stage import OnnxStage, OnnxStageConfig
 
         self.stage = OnnxStage(
-            OnnxStageConfig(model="efficientnet_lite0", intra_op_threads=intra_op_threads),
+            OnnxStageConfig(
+                model="efficientnet_lite0", intra_op_threads=intra_op_threads, thread_spinning=thread_spinning
+            ),
             models_dir=Path(models_dir),
         )
         self.min_size = _min_size(self.stage)
@@ -443,6 +447,18 @@ def _router_lines(results: dict[str, Any]) -> list[str]:
 # -- the run ----------------------------------------------------------------------------------
 
 
+def shipped_thread_spinning() -> bool:
+    """The classify tier's ``thread_spinning`` as serve_config.yaml ships it (or its default)."""
+    import yaml
+
+    from cascades.onnx_stage import OnnxStageConfig
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[2] / "serve_config.yaml").read_text())
+    return OnnxStageConfig(
+        **config["applications"][0]["args"]["cascades"]["classify"]["tier"]
+    ).thread_spinning
+
+
 def service_args(
     models_dir: Path,
     workdir: Path,
@@ -598,8 +614,12 @@ def run_bench(
         "privacy redaction of stored review images: "
         + ("as configured" if redaction else "off (faces/text keep; its cost: `visionroute bench privacy`)")
     )
+    # Raw, floor and service on the ONNX Runtime session options serve_config.yaml ships.
+    spinning = shipped_thread_spinning()
     stage = OnnxStage(
-        OnnxStageConfig(model="efficientnet_lite0", intra_op_threads=intra_op_threads or 0),
+        OnnxStageConfig(
+            model="efficientnet_lite0", intra_op_threads=intra_op_threads or 0, thread_spinning=spinning
+        ),
         models_dir=models_dir,
     )
     raw = measure_raw(stage, photos, requests, batch_s=QUICK["batch_s"] if quick else 5.0)
@@ -631,7 +651,7 @@ def run_bench(
         )
         url = f"http://127.0.0.1:{port}"
         serve.run(
-            Floor.bind(str(models_dir), max_batch_size, intra_op_threads or 0),
+            Floor.bind(str(models_dir), max_batch_size, intra_op_threads or 0, spinning),
             name=APP_NAME,
             route_prefix="/",
         )

@@ -22,3 +22,14 @@ def test_thread_spinning_reaches_the_session(tmp_path, spinning, expected):
     for key in ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning"):
         # unset: ONNX Runtime's default (its threads spin); "0": they sleep between inferences
         assert config_entry(options, key) in ((expected,) if expected else (None, "", "1"))
+
+
+def test_threads_sleep_between_inferences_by_default(tmp_path):
+    # Spinning threads cost ~3x the CPU per inference on a shared 2-core machine
+    # (evals/benchmarks/ort_threads.py): the session and the tier's config both default to off.
+    from cascades.onnx_stage import OnnxStageConfig
+
+    model = OnnxModel(write_colour_model(tmp_path / "colour.onnx"))
+    options = model.session.get_session_options()
+    assert config_entry(options, "session.intra_op.allow_spinning") == "0"
+    assert OnnxStageConfig(model="colour").thread_spinning is False

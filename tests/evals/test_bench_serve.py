@@ -139,3 +139,13 @@ def test_bench_serve_quick_runs_end_to_end(prepared_models_dir, tmp_path, capsys
     assert "ingress other (parse, budget, trace, JSON)" in ours["http"]["breakdown"]  # Server-Timing
     printed = capsys.readouterr().out
     assert "floor: minimal Serve app" in printed and "targets" in printed
+
+
+def test_raw_and_floor_run_the_services_thread_spinning(tmp_path):
+    # raw ONNX Runtime, the floor and the service on one session setting: a fair comparison
+    from cascades.onnx_stage import OnnxStageConfig
+    from evals.benchmarks.serve import shipped_thread_spinning
+
+    args = service_args(tmp_path / "models", tmp_path, "deployment", False, 8, None)
+    service = OnnxStageConfig(**args["cascades"]["classify"]["tier"])
+    assert shipped_thread_spinning() is service.thread_spinning
