@@ -14,8 +14,9 @@ What is asserted holds on any machine, whatever the tiers trained there learned:
   confidence in [0.45, 0.99] and the rest wrong with confidence in [0.05, 0.50]. Accepting every
   VLM answer is then far from alpha and reviewing every escalation costs 10x more than a
   VLM threshold, so the certified plan uses all three tiers (a finite VLM threshold, held-out
-  digits on both sides of it) by construction. The fault-injection cascades share its tier and
-  thresholds, with a stub that answers 500 (``digits_failing``) or "3" at 0.05 (``digits_unsure``).
+  digits on both sides of it) by construction. The fault tests send an escalated digit to the same
+  cascade while the stub answers 500 or "3" at 0.05 (``injected``): its tier, thresholds and VLM
+  replica, no cascade (and no replica) of their own.
 - Validity of the certificate, for both: the calibrators stay fitted on the calibration split
   (as the example fits them) and the certification set is redrawn ``N_SPLITS`` times from the
   certification + held-out digits; each redrawn plan violates its promise when its accepted
@@ -34,6 +35,7 @@ test_vlm_digits.py uses too (tests/integration/conftest.py); one service for the
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import math
@@ -60,13 +62,13 @@ from examples.digits import (
     serve_document,
     vlm_answers,
 )
-from examples.train_digits import SERVED_MODEL_NAME
+from examples.train_digits import LABELS, SERVED_MODEL_NAME
 from tests.integration.serve_process import ServeProcess
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 KNOWN = f"{TASK}_known"  # the cascade whose VLM answers are known by construction
-UNSURE_CONFIDENCE = 0.05  # the digits_unsure stub's answer confidence, below every known one
+UNSURE_CONFIDENCE = 0.05  # the "unsure" fault's answer confidence, below every known one
 KNOWN_WRONG_SHARE = 0.2
 N_SPLITS = 200
 N_POINTS = 20  # threshold candidates per tier in the validity draws (the build uses 40: 15x slower)
@@ -109,8 +111,8 @@ def _image_url(body: dict) -> str:
 
 
 class _StubVlm(BaseHTTPRequestHandler):
-    """/known/v1/...: ``KnownVlm``'s answer. /fail/v1/...: HTTP 500. /unsure/v1/...: "3" at
-    ``UNSURE_CONFIDENCE``."""
+    """``KnownVlm``'s answer; while a fault is injected (``injected``), "fail": HTTP 500, "unsure":
+    "3" at ``UNSURE_CONFIDENCE``."""
 
     def log_message(self, *args) -> None:  # quiet
         pass
@@ -128,13 +130,13 @@ class _StubVlm(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))) or b"{}")
-        if self.path.startswith("/fail/"):
+        if self.server.fault == "fail":
             self._send(500, {"error": {"message": "injected fault", "type": "InternalServerError"}})
             return
-        if self.path.startswith("/known/"):
-            answer, confidence = self.server.known.answer(_image_url(body))
-        else:
+        if self.server.fault == "unsure":
             answer, confidence = "3", UNSURE_CONFIDENCE
+        else:
+            answer, confidence = self.server.known.answer(_image_url(body))
         pieces = [('{"label":"', 0.0), (answer, math.log(confidence)), ('"}', 0.0)]
         logprobs = [
             {"token": p, "logprob": lp, "bytes": list(p.encode()), "top_logprobs": []} for p, lp in pieces
@@ -168,14 +170,31 @@ def split():
 
 
 @pytest.fixture(scope="module")
-def stub_vlm(split):
+def stub_server(split):
     pool = np.concatenate([split.calibration, split.certification, split.held_out])
     server = ThreadingHTTPServer(("127.0.0.1", 0), _StubVlm)
     server.known = KnownVlm(rendered(split.images[pool]), split.labels[pool])
+    server.fault = None
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
+    yield server
     server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def stub_vlm(stub_server):
+    return f"http://127.0.0.1:{stub_server.server_address[1]}"
+
+
+@contextlib.contextmanager
+def injected(stub_server, fault: str):
+    """The known stub answers with ``fault`` ("fail" or "unsure") inside the block. Only the fault
+    tests send to the known cascade then (the held-out traffic has been answered)."""
+    stub_server.fault = fault
+    try:
+        yield
+    finally:
+        stub_server.fault = None
 
 
 @pytest.fixture(scope="module")
@@ -229,10 +248,6 @@ def service(builds, digits_vllm, stub_vlm, work):
         vlm_model_version="known-confidences",
     )["applications"][0]["args"]["cascades"][TASK]
     args["cascades"][KNOWN] = known
-    for name, path in (("digits_failing", "fail"), ("digits_unsure", "unsure")):
-        fault = json.loads(json.dumps(known))
-        fault["vlm"] |= {"endpoint": f"{stub_vlm}/{path}/v1", "max_attempts": 1}
-        args["cascades"][name] = fault
 
     def use_example_config(config: dict) -> None:
         config.pop("grpc_options", None)
@@ -283,9 +298,10 @@ ACCEPTED_SAMPLE = 60  # cheap accepts sent through the service beside every othe
 @pytest.fixture(scope="module")
 def held_out(builds, service, split, held_out_images):
     """Held-out digits through each cascade of the service (8 at a time): per cascade, (labels,
-    cheap scores, response bodies, images) of every digit the plan does not accept at the cheap
-    tier (the escalations and reviews, where the tiers differ) and of ``ACCEPTED_SAMPLE`` cheap
-    accepts (the most confident among them, then a seeded sample), aligned by position."""
+    cheap scores, response bodies, images, positions in the held-out split) of every digit the
+    plan does not accept at the cheap tier (the escalations and reviews, where the tiers differ)
+    and of ``ACCEPTED_SAMPLE`` cheap accepts (the most confident among them, then a seeded
+    sample), aligned by position."""
     labels = split.labels[split.held_out]
     rng = np.random.default_rng(0)
     out = {}
@@ -300,14 +316,31 @@ def held_out(builds, service, split, held_out_images):
         images = [held_out_images[i] for i in chosen]
         with ThreadPoolExecutor(8) as pool:
             bodies = list(pool.map(lambda image, t=task: analyze(service, image, t), images))
-        out[task] = (labels[chosen], scores[chosen], bodies, images)
+        out[task] = (labels[chosen], scores[chosen], bodies, images, chosen)
     return out
 
 
+def answers_in_traces(held_out_of_task) -> dict[int, tuple[float, int]]:
+    """{position in the held-out split: (raw confidence, class id)} of the digits the service's
+    VLM answered: the same request (image bytes, prompt, schema) ``vlm_answers`` sends, to the
+    same server at temperature 0, so its answer is the one ``vlm_answers`` would get."""
+    _, _, bodies, _, chosen = held_out_of_task
+    answers = {}
+    for position, body in zip(chosen, bodies):
+        vlm = step(body, "vlm")
+        details = {} if vlm is None or vlm["error"] is not None else vlm["details"]
+        if details.get("answer") not in LABELS or details.get("raw_score") is None:
+            continue  # not escalated, or no valid answer: vlm_answers asks again
+        answers[int(position)] = (float(details["raw_score"]), LABELS.index(details["answer"]))
+    return answers
+
+
 @pytest.fixture(scope="module")
-def held_out_outcomes(builds, digits_vllm, stub_vlm, split, held_out_images):
+def held_out_outcomes(builds, digits_vllm, stub_vlm, split, held_out_images, held_out):
     """Per cascade, the held-out digits' ``TierOutcomes`` as the build computes them for the
-    calibration and certification digits: calibrated scores, and whether each tier is wrong."""
+    calibration and certification digits: calibrated scores, and whether each tier is wrong.
+    The VLM's answers to the digits the service escalated are read from its traces (the same
+    requests to the same server: ``answers_in_traces``); only the others are asked here."""
     from cascades.calibration import load_calibration
     from policies.risk_control import TierOutcomes
 
@@ -322,7 +355,12 @@ def held_out_outcomes(builds, digits_vllm, stub_vlm, split, held_out_images):
         cheap_score, cheap_predicted = cheap_answers(
             cheap_stage(build.models_dir, build.cheap_calibration), held_out_images
         )
-        raw, predicted = vlm_answers(*endpoints[task], held_out_images)
+        raw, predicted = np.full(len(labels), np.nan), np.full(len(labels), -1, np.int64)
+        known = answers_in_traces(held_out[task])
+        for position, (score, answer) in known.items():
+            raw[position], predicted[position] = score, answer
+        asked = np.array([i for i in range(len(labels)) if i not in known], np.int64)
+        raw[asked], predicted[asked] = vlm_answers(*endpoints[task], [held_out_images[i] for i in asked])
         answered = ~np.isnan(raw)
         strong_score = np.full(len(labels), np.nan)
         strong_score[answered] = load_calibration(build.vlm_calibration).calibrate_scores(
@@ -386,7 +424,7 @@ def test_the_service_routes_every_held_out_digit_as_its_plan(builds, held_out):
     does: the service's decision is the certified plan's (the
     cheap tier's calibrated score, then the VLM's calibrated confidence), with the plan's
     thresholds in the trace."""
-    for task, (_, scores, bodies, _) in held_out.items():
+    for task, (_, scores, bodies, _, _) in held_out.items():
         plan = builds[task].plan
         for body, score in zip(bodies, scores):
             policy, vlm = step(body, "policy:thresholds"), step(body, "vlm")
@@ -404,7 +442,7 @@ def test_the_service_routes_every_held_out_digit_as_its_plan(builds, held_out):
 
 
 def test_an_easy_digit_is_accepted_by_the_cheap_tier(builds, held_out):
-    labels, scores, bodies, _ = held_out[KNOWN]
+    labels, scores, bodies, _, _ = held_out[KNOWN]
     plan = builds[KNOWN].plan
     easy = [i for i in np.argsort(-scores) if scores[i] >= plan.accept_threshold][:5]
     assert easy, "no held-out digit reaches the certified cheap accept threshold"
@@ -432,7 +470,7 @@ def test_the_trained_vlm_answers_the_digits_the_cheap_tier_could_not(builds, hel
 def test_an_escalated_digit_reaches_the_real_vlm(builds, held_out):
     """In the ``digits`` cascade every escalated digit is answered by the real server through the
     service's VLM client: answer, raw and calibrated confidence in the trace."""
-    _, scores, bodies, _ = held_out[TASK]
+    _, scores, bodies, _, _ = held_out[TASK]
     plan = builds[TASK].plan
     escalated = [b for b, s in zip(bodies, scores) if plan.decide(s) == "escalate"]
     for body in escalated:
@@ -448,7 +486,7 @@ def test_a_low_confidence_vlm_answer_goes_to_review_and_a_confident_one_is_answe
     """Held-out digits escalated to the known VLM: those whose calibrated VLM confidence is below
     the certified VLM threshold go to a human, with the reason and the threshold in the trace;
     those at or above it are answered by the VLM. Both happen by construction."""
-    _, scores, bodies, _ = held_out[KNOWN]
+    _, scores, bodies, _, _ = held_out[KNOWN]
     plan = builds[KNOWN].plan
     threshold = plan.vlm_accept_threshold
     escalated = [(b, step(b, "vlm")) for b, s in zip(bodies, scores) if plan.decide(s) == "escalate"]
@@ -466,21 +504,22 @@ def test_a_low_confidence_vlm_answer_goes_to_review_and_a_confident_one_is_answe
         assert body["review_item_id"] is None and answered_label(body) == int(vlm["details"]["answer"])
 
 
-def _escalated_image(builds, held_out, held_out_images):
-    _, scores, _, images = held_out[KNOWN]
+def _escalated_image(builds, held_out):
+    _, scores, _, images, _ = held_out[KNOWN]
     plan = builds[KNOWN].plan
     return images[next(i for i, s in enumerate(scores) if plan.decide(s) == "escalate")]
 
 
-def test_a_failing_vlm_sends_the_escalation_to_review(builds, held_out, held_out_images, service):
-    body = analyze(service, _escalated_image(builds, held_out, held_out_images), task="digits_failing")
+def test_a_failing_vlm_sends_the_escalation_to_review(builds, held_out, stub_server, service):
+    with injected(stub_server, "fail"):
+        body = analyze(service, _escalated_image(builds, held_out), task=KNOWN)
     vlm = step(body, "vlm")
     assert vlm["decision"] == "review" and vlm["error"] and vlm["details"]["status_code"] == 500
     assert body["decision"] == "review" and body["review_item_id"]
 
 
 def test_a_low_confidence_vlm_answer_is_judged_by_the_certified_threshold(
-    builds, held_out, held_out_images, service
+    builds, held_out, stub_server, service
 ):
     """The stub answers "3" at 0.05, below every confidence the known VLM was certified on: the
     service calibrates it with the VLM's artefact and compares it with the certificate's VLM
@@ -489,7 +528,8 @@ def test_a_low_confidence_vlm_answer_is_judged_by_the_certified_threshold(
     from cascades.vlm.calibration import calibrated_confidence
 
     plan = builds[KNOWN].plan
-    body = analyze(service, _escalated_image(builds, held_out, held_out_images), task="digits_unsure")
+    with injected(stub_server, "unsure"):
+        body = analyze(service, _escalated_image(builds, held_out), task=KNOWN)
     vlm = step(body, "vlm")
     details = vlm["details"]
     assert details["answer"] == "3" and details["raw_score"] == pytest.approx(UNSURE_CONFIDENCE)
