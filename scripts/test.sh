@@ -47,6 +47,12 @@ fi
 "$ruff" format --check --quiet . || { echo "test.sh: unformatted files (ruff format . formats them)" >&2; exit 1; }
 
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled} HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
+# OpenMP threads (torch's intra-op pool: the MiniLM text embedder, open_clip, MTCNN, training)
+# sleep when idle instead of spinning. Beside other work on 2 cores, 2 spinning torch threads took
+# 236 ms of CPU per one-sentence MiniLM encode against 24 ms passive (1 thread: 20 ms), and the
+# retrieval/privacy test modules 32.8-35.4 CPU-s against 19.6-21.2 (2026-12-08, load 5-15); the
+# computation is the same. Children (Ray workers, the vLLM server) inherit it.
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 # One process by default: on 2 cores, two pytest-xdist workers ran the suite slower (31:51 against
 # 23:17, 2026-12-07: the digits LLaVA training, two vLLM servers and three Ray clusters at once
 # oversubscribe the CPUs) and a load-sensitive test failed. VISIONROUTE_TEST_WORKERS=N runs N
