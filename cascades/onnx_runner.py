@@ -90,10 +90,11 @@ class OnnxModel:
         if not thread_spinning:
             # ORT's worker threads busy-wait between inferences by default; sleeping instead
             # frees those cores for other work on a shared machine, at some wake-up latency.
-            # Off by default: on the 2-core build machine beside other processes, 2 spinning
-            # threads took 63-65 ms of CPU per efficientnet_lite0 inference against 19-24 ms
-            # sleeping, and their wall p50 was 144-267 ms against 27-43 ms (1 thread: no
-            # worker to spin, the same either way); python -m evals.benchmarks.ort_threads.
+            # Off by default: on the 2-core build machine beside other processes (load 6-9),
+            # 2 spinning threads took 63-65 ms of CPU per efficientnet_lite0 inference against
+            # 19-24 ms sleeping, at a wall p50 of 144-267 against 27-43 ms; at load 2-3, 38 vs
+            # 20 ms CPU and 22 vs 16 ms wall (1 thread has no worker to spin: the same either
+            # way). python -m evals.benchmarks.ort_threads
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         self.providers = choose_providers(providers)
