@@ -12,6 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
+# OpenMP threads (torch's) sleep when idle instead of spinning, as scripts/test.sh sets it, also
+# for a bare `pytest`: set before numpy or torch load their thread pools (figures: scripts/test.sh).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
