@@ -142,11 +142,16 @@ def fresh_tenant() -> str:
 
 
 def _starts_default_service(request):
-    from tests.integration.serve_process import ServeProcess
+    from tests.integration.serve_process import ServeProcess, shipped_args
 
+    cascades = shipped_args()["cascades"]
+    # the config's other placement, so the tier-deployment path (the hop, a tier replica killed
+    # under load: test_reliability.py) runs too; keyed_service runs the shipped placement
+    cascades["classify"]["placement"] = "deployment"
     process = ServeProcess(
         request.getfixturevalue("tmp_path_factory").mktemp("default-service"),
         request.getfixturevalue("prepared_models_dir"),
+        extra_args={"cascades": cascades},
     )
     return process.start
 
@@ -157,8 +162,7 @@ def _starts_keyed_service(request):
     from tests.support.router_artefact import routed_cascades
 
     tmp_path_factory = request.getfixturevalue("tmp_path_factory")
-    cascades = shipped_args()["cascades"]
-    cascades["classify"]["placement"] = "ingress"
+    cascades = shipped_args()["cascades"]  # the shipped placement: ingress
     # two small tasks with a learned router (test_router_service.py); the shipped ones have none
     cascades.update(routed_cascades(tmp_path_factory.mktemp("router")))
     process = ServeProcess(
@@ -180,17 +184,18 @@ def _starts_digits_vllm_server(request):
 @pytest.fixture(scope="session")
 def default_service(request):
     """``serve run`` of the shipped serve_config.yaml on free ports, with the prepared default
-    models: one per session, warm before the first test uses it."""
+    models and the classifier as its own deployment (``placement: deployment``, the config's
+    other placement): one per session, warm before the first test uses it."""
     process = early_start.take("default_service") or _starts_default_service(request)()
     yield from _shared("default_service", process)
 
 
 @pytest.fixture(scope="session")
 def keyed_service(request):
-    """The shipped config with API keys on (tests/support/keys.py ``KEYS``) and the classifier
-    placed inside the ingress (``placement: ingress``, the config's other placement; the
-    default service keeps its own deployment): one per session. No test on it depends on the
-    placement but the one that checks it (test_service.py)."""
+    """The shipped config with API keys on (tests/support/keys.py ``KEYS``), the classifier
+    inside the ingress as shipped (``placement: ingress``; the default service runs it as its
+    own deployment): one per session. No test on it depends on the placement but the one that
+    checks it (test_service.py)."""
     process = early_start.take("keyed_service") or _starts_keyed_service(request)()
     yield from _shared("keyed_service", process)
 
