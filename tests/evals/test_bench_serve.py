@@ -149,3 +149,20 @@ def test_raw_and_floor_run_the_services_thread_spinning(tmp_path):
     args = service_args(tmp_path / "models", tmp_path, "deployment", False, 8, None)
     service = OnnxStageConfig(**args["cascades"]["classify"]["tier"])
     assert shipped_thread_spinning() is service.thread_spinning
+
+
+def test_only_the_shipped_config_is_labelled_shipped_in_the_targets():
+    from evals.benchmarks.serve import _targets
+    from evals.benchmarks.serve_median import SHIPPED
+
+    face = {"sequential": {"p50_ms": 48.0}, "requests_per_s": 36.0}
+    results = {
+        "raw": {"p50_ms": 12.0},
+        "floor": {"sequential": {"p50_ms": 40.0}, "requests_per_s": 40.0},
+        "service": {key: {"http": face} for key in ("ingress/indexing on", "deployment/indexing on")},
+    }
+    lines = _targets(results)
+    shipped = [line for line in lines if "(shipped)" in line]
+    assert len(shipped) == 1 and shipped[0].strip().startswith(f"{SHIPPED} (shipped), HTTP")
+    assert "p50 / floor = 1.20 (<= 1.2: met); throughput / floor = 0.90 (>= 0.9: met)" in shipped[0]
+    assert len([line for line in lines if "p50 / floor" in line]) == 2
