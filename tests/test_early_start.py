@@ -132,11 +132,18 @@ def test_this_machines_free_memory_is_read_or_unknown_where_there_is_no_proc():
 
 def test_the_recipes_are_the_integration_servers_with_one_vllm_server_and_each_has_a_lane():
     """What the integration conftest registers: its shared session fixtures, one recipe each, the
-    suite's one vLLM server among them, and each a lane fixture (xdist keeps its users together)."""
+    suite's one vLLM server among them, and each a lane fixture (xdist keeps its users together).
+    A test module may register a recipe for a fixture of its own (test_soak.py's background
+    soak): that fixture lives in the module that registers it, whose tests are its only users."""
+    import sys
+
     from tests.integration import conftest
     from tests.support.lanes import LANE_FIXTURES
 
     assert set(early_start.RECIPES) >= {"default_service", "keyed_service", "restartable_service"}
     assert [name for name in early_start.RECIPES if "vllm" in name] == ["digits_vllm_server"]
-    for name in early_start.RECIPES:
-        assert name in LANE_FIXTURES and callable(getattr(conftest, name)), name
+    for name, recipe in early_start.RECIPES.items():
+        if recipe.__module__ == conftest.__name__:
+            assert name in LANE_FIXTURES and callable(getattr(conftest, name)), name
+        else:
+            assert callable(getattr(sys.modules[recipe.__module__], name, None)), name
