@@ -133,6 +133,19 @@ def config_copy(workdir: Path, models_dir: Path, http_port: int, grpc_port: int)
     return path
 
 
+def session_pids(sid: int) -> list[int]:
+    """The processes of session ``sid`` (/proc: Linux only, like the CI machines)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getsid(int(entry)) == sid:
+                    found.append(int(entry))
+            except OSError:
+                continue
+    return found
+
+
 def child_pids(pid: int) -> list[int]:
     """The processes whose parent is ``pid`` (/proc: Linux only, like the CI machines)."""
     found = []
@@ -214,12 +227,16 @@ class VisionRouteServe:
 
     def kill(self) -> None:
         """SIGKILL to everything at once, without waiting: ``serve run``'s session (its Ray
-        cluster) first, so it never sees its parent die and shut down cleanly, then the parent."""
+        cluster) first, so it never sees its parent die and shut down cleanly, then the parent.
+        Every process of the session, not only its process group: Ray puts workers (the proxy,
+        the replicas) in groups of their own, and they would answer for seconds after the rest
+        died (a kill -9 test saw every request sent after the kill answered 200)."""
         if self.serve_run_pid is not None:
-            try:
-                os.killpg(self.serve_run_pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            for pid in [self.serve_run_pid, *session_pids(self.serve_run_pid)]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
 
