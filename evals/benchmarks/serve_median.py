@@ -111,5 +111,13 @@ def main(argv: Sequence[str]) -> int:
     return 0
 
 
+def _main_with_clear_errors(argv: Sequence[str]) -> int:
+    try:
+        return main(argv)
+    except InputError as error:
+        print(f"serve_median: {error.field}: {error}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(_main_with_clear_errors(sys.argv[1:]))

@@ -57,3 +57,14 @@ def test_the_shipped_config_is_read_from_serve_config_and_another_can_be_judged(
     assert main(["--config", "ingress/indexing off", str(path)]) == 0
     with pytest.raises(InputError, match="--placement ingress"):
         main(["--config", "ingress/indexing on", str(path)])
+
+
+def test_the_command_line_names_a_bad_argument_without_a_traceback(tmp_path, capsys):
+    from evals.benchmarks.serve_median import _main_with_clear_errors
+
+    assert _main_with_clear_errors(["--config"]) == 2
+    assert "serve_median: config: --config needs a key" in capsys.readouterr().err
+    path = tmp_path / "bench-1.json"
+    path.write_text(json.dumps({"floor": {}, "service": {}}))
+    assert _main_with_clear_errors([str(path)]) == 2
+    assert "bench-1: bench-1 has no floor or no" in capsys.readouterr().err
