@@ -13,7 +13,10 @@ Images above ``limits.decode.reduce_above_pixels`` are decoded no larger than th
 needs: a JPEG at 1/2, 1/4 or 1/8 scale by the JPEG decoder itself (DCT scaling), other formats
 decoded whole and then reduced by an integer factor. The answer's boxes are mapped back to the
 file's own pixels, and the trace's input step records both sizes. Tasks with a VLM keep the
-full image (a VLM may need the detail).
+full image (a VLM may need the detail). A JPEG of any size is decoded at the tier's size
+too when that is half its size or less (``limits.decode.jpeg_at_model_size``, on by default):
+the JPEG decoder's DCT scaling costs less CPU than a full decode, and the tier resizes the image
+to its input anyway (the answers it changes: python -m evals.benchmarks.decode_agreement).
 
 No FastAPI or Ray here: the service core (router/services/analyze.py) calls it.
 """
@@ -56,6 +59,13 @@ class DecodeBudgetConfig(BaseModel):
         4_194_304,
         ge=0,
         description="images larger than this are decoded no larger than the cheap tier needs; 0: never",
+    )
+    jpeg_at_model_size: bool = Field(
+        True,
+        description="a JPEG of any size at least twice the cheap tier's input in both sides is decoded at 1/2, "
+        "1/4 or 1/8 scale by the JPEG decoder (DCT scaling: less CPU, other pixels; every accept of "
+        "python -m evals.benchmarks.decode_agreement unchanged, docs/operations.md); false: only above "
+        "reduce_above_pixels",
     )
 
 
@@ -191,7 +201,10 @@ class BudgetSession:
         header = probe_image(data, **limits)
         config = self.budget.config
         min_size = None
-        if need is not None and config.reduce_above_pixels and header.pixels > config.reduce_above_pixels:
+        if need is not None and (
+            (config.reduce_above_pixels and header.pixels > config.reduce_above_pixels)
+            or (config.jpeg_at_model_size and header.format == "JPEG")
+        ):  # decode_image reduces only by a factor of 2 or more, so a small image stays whole
             min_size = need.min_size(header.width, header.height)
         self.held += await self.budget.acquire(
             header.pixels, what=f"this {header.width}x{header.height} {header.format}", field=field

@@ -82,15 +82,28 @@ def summary(latencies_ms: list[float]) -> dict[str, float]:
     return {f"p{q}_ms": percentile(latencies_ms, q) for q in (50, 95, 99)}
 
 
-def _min_size(stage) -> tuple[int, int] | None:
+def _min_size(stage, jpeg_at_model_size: bool = True) -> tuple[int, int] | None:
+    """The size the floor and raw decode at: the model's input (a JPEG twice that or more is
+    DCT-scaled, as the service does with ``limits.decode.jpeg_at_model_size``), or None: whole."""
     size_hw = stage.describe().get("input_hw")
-    return (int(size_hw[1]), int(size_hw[0])) if size_hw else None
+    return (int(size_hw[1]), int(size_hw[0])) if size_hw and jpeg_at_model_size else None
+
+
+def shipped_jpeg_at_model_size() -> bool:
+    """``limits.decode.jpeg_at_model_size`` as serve_config.yaml ships it (or its default)."""
+    import yaml
+
+    from cascades.decode_budget import DecodeBudgetConfig
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[2] / "serve_config.yaml").read_text())
+    limits = config["applications"][0]["args"].get("limits") or {}
+    return DecodeBudgetConfig(**(limits.get("decode") or {})).jpeg_at_model_size
 
 
 def measure_raw(stage, photos: dict[str, bytes], requests: int, batch_s: float) -> dict[str, float]:
     from cascades.images import decode_image
 
-    min_size = _min_size(stage)
+    min_size = _min_size(stage, shipped_jpeg_at_model_size())
     decoded = [decode_image(data, min_size=min_size).rgb for data in photos.values()]
     for image in decoded:  # warm-up
         stage.predict([image])
@@ -132,7 +145,7 @@ class Floor:
             ),
             models_dir=Path(models_dir),
         )
-        self.min_size = _min_size(self.stage)
+        self.min_size = _min_size(self.stage, shipped_jpeg_at_model_size())  # as the service decodes
         self.predict.set_max_batch_size(max_batch_size)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
