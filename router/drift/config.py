@@ -29,6 +29,14 @@ class DriftConfig(BaseModel):
         description="alarm when a window's p-value is below this (false alarms per window)",
     )
     tasks: list[str] | None = Field(None, description="tasks to watch (default: every task)")
+    input_fraction: float = Field(
+        0.25,
+        gt=0.0,
+        le=1.0,
+        description="share of analysed requests whose image statistics feed the inputs monitor (a random "
+        "sample keyed by the request id; its reference and window count sampled requests, so a window spans "
+        "about window_size / input_fraction requests); the confidence monitor sees every request",
+    )
     embedding_fraction: float = Field(
         0.2,
         ge=0.0,

@@ -567,11 +567,12 @@ def drift_metric_families(results: Iterable[DriftResult]) -> list[GaugeMetricFam
     """The same three gauges from stored results, for a collector that reads shared state at
     scrape time (router/metrics.py's SharedStateCollector.collect: ``yield from
     drift_metric_families(latest_results)``), so every replica reports the same numbers."""
+    window = "the latest window (monitor inputs: of a sample of requests, drift.input_fraction)"
     score = GaugeMetricFamily(
-        "visionroute_drift_score", "drift test statistic of the latest window", labels=["task", "monitor"]
+        "visionroute_drift_score", f"drift test statistic of {window}", labels=["task", "monitor"]
     )
     p_value = GaugeMetricFamily(
-        "visionroute_drift_p_value", "drift test p-value of the latest window", labels=["task", "monitor"]
+        "visionroute_drift_p_value", f"drift test p-value of {window}", labels=["task", "monitor"]
     )
     alarm = GaugeMetricFamily(
         "visionroute_drift_alarm",

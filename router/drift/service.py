@@ -4,7 +4,8 @@
 their benchmark live there) from live traffic, per task, in this ingress replica's memory:
 
 - ``confidence``: the cheap tier's score (the ``onnx:<task>`` step of each trace);
-- ``inputs``: per-request image statistics. Where the task's calibration artefact stores an
+- ``inputs``: image statistics of a sample of requests (``drift.input_fraction``, 1 in 4 by
+  default, keyed by the request id: its reference and window count sampled requests). Where the task's calibration artefact stores an
   ``input_reference`` (policies/shift_guard.py: the statistics of its held-out calibration
   images), that is the reference, and live requests are measured the same way
   (``shift_guard.input_statistics``: log2 pixels, brightness, contrast, sharpness, JPEG
@@ -21,9 +22,9 @@ Artefacts hold no scores, embeddings or verdicts, so those references are the fi
 ``reference_size`` observations after this replica started. Each monitor then keeps a sliding
 window of the latest ``window_size`` observations and tests it every ``every`` new ones.
 
-Cost on the request path: ``observe_request`` reads the score from the trace, the JPEG
-quantisation tables from the file header's bytes (no decode, no image object) and hands the
-decoded pixels to one worker thread, which computes the statistics and runs the tests; the
+Cost on the request path: ``observe_request`` reads the score from the trace and, for a
+sampled request, the JPEG quantisation tables from the file header's bytes (no decode, no image
+object) and hands the decoded pixels to one worker thread, which computes the statistics and runs the tests; the
 request never waits for either. Observations whose pixels would push the worker's backlog past
 ``MAX_PENDING_PIXELS`` are dropped (and counted), so a slow worker cannot hold images in memory.
 All state changes happen on that worker; readers take a lock.
@@ -47,7 +48,7 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
-from policies.audit_sampling import AuditConfig
+from policies.audit_sampling import AuditConfig, is_sampled
 from router.drift.audit_raise import AuditFraction, audit_fraction
 from router.drift.config import DriftConfig
 from router.drift.monitors import (
@@ -341,6 +342,10 @@ class DriftService:
         width = int(details.get("width", analysis.width))
         height = int(details.get("height", analysis.height))
         quality = math.nan
+        if not self._input_sampled(analysis.trace.request_id):
+            if score is not None:  # the inputs monitor skips this request: no statistics, no pixels held
+                self._submit(self._append, task, "confidence", score)
+            return
         if self._statistics[task] is None and image_bytes and details.get("format") == "JPEG":
             quality = jpeg_file_quality(image_bytes)  # the tables from the header: no image opened
         image = analysis.image_rgb
@@ -352,6 +357,12 @@ class DriftService:
             else:
                 self._pending_pixels += pixels
         self._submit(self._on_request, task, score, image, pixels, width * height, quality)
+
+    def _input_sampled(self, request_id: str) -> bool:
+        """Whether this request's image statistics feed the inputs monitor: ``drift.input_fraction``
+        of requests, a draw keyed by the request id (the statistics are ~1-2 ms of CPU each)."""
+        fraction = self.config.input_fraction
+        return fraction >= 1.0 or is_sampled(f"drift-inputs:{request_id}", fraction)
 
     def observe_embedding(self, task: str, vector) -> None:
         """One image embedding of ``task`` (e.g. from search indexing)."""

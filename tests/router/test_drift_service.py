@@ -24,7 +24,8 @@ from visionroute.errors import ConfigError
 from visionroute.records import Analysis, Step, Trace
 
 TASK = "digits"
-CONFIG = DriftConfig(reference_size=200, window_size=100, every=50, level=0.01)
+# every request's inputs (input_fraction 1): the windows below are counted in requests
+CONFIG = DriftConfig(reference_size=200, window_size=100, every=50, level=0.01, input_fraction=1.0)
 
 
 @functools.cache
@@ -127,6 +128,27 @@ def test_blur_alarms_on_the_inputs_sharpness(service):
     assert inputs["alarm"]
     sharpness = inputs["details"]["statistics"]["sharpness"]
     assert sharpness["window_median"] < sharpness["reference_median"]
+
+
+def test_inputs_on_a_sample_of_requests_still_alarm_on_noise_and_not_on_clean_traffic():
+    """``input_fraction`` 1 in 4: the inputs monitor sees the sampled requests only (keyed by the
+    request id), the confidence monitor every request; the sample's windows still tell clean
+    traffic from noisy."""
+    from policies.audit_sampling import is_sampled
+
+    config = DriftConfig(reference_size=60, window_size=30, every=10, level=0.01, input_fraction=0.25)
+    drift = DriftService(config, tasks=[TASK])
+    _, pool, _ = _digits()
+    _feed(drift, pool[:600])
+    rows = _rows(drift)
+    sampled = sum(is_sampled(f"drift-inputs:r{i}", 0.25) for i in pool[:600])
+    assert 100 < sampled < 200 and rows["inputs"]["observed"] == sampled
+    assert rows["confidence"]["observed"] == 600
+    assert rows["inputs"]["status"] == "ok" and rows["inputs"]["tests"] >= 5
+    assert not any(test["alarm"] for test in rows["inputs"]["history"])
+    _feed(drift, pool[600:800], ("gaussian_noise", 3))  # about 50 sampled: the window is all noise
+    assert _rows(drift)["inputs"]["alarm"]
+    drift.close()
 
 
 def _artefact(tmp_path, *, with_reference: bool):
