@@ -260,9 +260,9 @@ def restartable_service(request):
 
 
 # The suite's one vLLM server: the LLaVA trained on the digits, for test_vlm_digits.py and
-# test_three_tier_digits.py, which check what it answers, and for test_vlm_server.py and
-# test_vlm_service.py, which check only the protocol, schema and routing (any real LLaVA does:
-# structured outputs make its answers schema-valid). A vLLM start is ~40-80 CPU-seconds on 2
+# test_three_tier_digits.py, which check what it answers, and for test_vlm_server.py and the
+# photo tasks of test_three_tier_digits.py, which check only the protocol, schema and routing
+# (any real LLaVA does: structured outputs make its answers schema-valid). A vLLM start is ~40-80 CPU-seconds on 2
 # cores, so the suite starts one; the tiny random-weight LLaVA serves the docs and the soak only.
 
 
@@ -271,8 +271,9 @@ def digits_llava_dir():
     """The LLaVA trained on the digits (examples/train_digits.py): trained once per machine
     (CI has no cache: about 2 minutes, here), reused while its inputs and build version match."""
     from examples import vllm_server
+    from tests.support.vllm import vllm_python
 
-    return vllm_server.ensure_digits_llava(python=vllm_server.ensure_vllm_venv())
+    return vllm_server.ensure_digits_llava(python=vllm_python())
 
 
 @pytest.fixture(scope="session")

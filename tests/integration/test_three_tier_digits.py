@@ -28,8 +28,14 @@ What is asserted holds on any machine, whatever the tiers trained there learned:
   draws run the build's procedure (``choose_tier_thresholds``) on a coarser candidate grid
   (``N_POINTS``) to stay fast; its guarantee does not depend on the grid.
 
-The trained model, its vLLM server and the prepared cheap tier are the session fixtures
-test_vlm_digits.py uses too (tests/integration/conftest.py); one service for the module.
+The same service also serves two photo tasks (``photo_vlm_cascade``: the photo classifier inside
+the ingress): ``classify`` escalates to the real server (the digits LLaVA, asked about photos it
+was never trained on, so only the protocol, schema and routing are asserted), ``classify_down`` to
+a port nothing listens on. A service start is most of what a test here costs: one for the module.
+
+The trained model and its vLLM server are the session fixtures test_vlm_digits.py and
+test_vlm_server.py use too (tests/integration/conftest.py); the models are the session's
+prepared ones (``prepared_models_dir``: digits_cheap and the photo classifier).
 """
 
 from __future__ import annotations
@@ -73,6 +79,8 @@ KNOWN_WRONG_SHARE = 0.2
 N_SPLITS = 200
 N_POINTS = 20  # threshold candidates per tier in the validity draws (the build uses 40: 15x slower)
 FALSE_ALARM = 1e-3  # chance that a valid certificate fails the validity test
+PHOTO, PHOTO_DOWN = "classify", "classify_down"  # photo tasks: the real server, and a dead port
+PHOTO_LABELS = ["astronaut", "bobsled", "football helmet", "rocket", "cat"]
 
 
 # --------------------------------------------------------------------------- the stub VLMs
@@ -202,16 +210,45 @@ def digits_vllm(digits_vllm_server):
     return digits_vllm_server, vllm_server.model_version(digits_vllm_server.model_dir)
 
 
+def photo_vlm_cascade(endpoint: str, **overrides) -> dict:
+    """The photo classifier inside the ingress, escalating to the VLM at ``endpoint``: the digits
+    LLaVA asked about photos it was never trained on, so only the protocol, schema and routing
+    are asserted on it (``test_an_escalated_photo_...``, ``test_a_vlm_that_is_down_...``)."""
+    return {
+        "tier": {"model": "efficientnet_lite0"},
+        "placement": "ingress",
+        # The astronaut photo (top-1 0.28) falls between these: it escalates.
+        "policy": {"version": "classify-vlm-v1", "accept_threshold": 0.7, "escalate_threshold": 0.1},
+        "vlm": {
+            "endpoint": endpoint,
+            "model": SERVED_MODEL_NAME,
+            "labels": PHOTO_LABELS,
+            "accept_threshold": 0.0,  # off its task the model is never confident; accept valid answers
+            "disagreement_margin": 1.0,
+            "cost_per_1k_prompt_tokens": 0.5,
+            "cost_per_1k_completion_tokens": 1.5,
+            # generous: a loaded machine makes the first calls slow (the server is warm, but
+            # this config's JSON schema is compiled on its first use)
+            "request_timeout_s": 60.0,
+            "total_timeout_s": 120.0,
+            "max_attempts": 2,
+            "backoff_initial_s": 0.05,
+            **overrides,
+        },
+    }
+
+
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     return tmp_path_factory.mktemp("three-tier")
 
 
 @pytest.fixture(scope="module")
-def builds(digits_vllm, stub_vlm, digits_models_dir, work):
+def builds(digits_vllm, stub_vlm, prepared_models_dir, work):
     """The example built against the real vLLM server, and against the known stub."""
     running, version = digits_vllm
-    common = {"models_dir": digits_models_dir, "alpha": ALPHA, "delta": DELTA}
+    # prepared_models_dir holds digits_cheap and the photo classifier the classify tasks use
+    common = {"models_dir": prepared_models_dir, "alpha": ALPHA, "delta": DELTA}
     real = build_example(
         work / "real",
         vlm_endpoint=running.base_url,
@@ -231,6 +268,10 @@ def builds(digits_vllm, stub_vlm, digits_models_dir, work):
 
 @pytest.fixture(scope="module")
 def service(builds, digits_vllm, stub_vlm, work):
+    """One ``serve run`` for every test here: the two digits cascades (the example's config) and
+    the photo classifier's ``classify`` / ``classify_down`` tasks (``photo_vlm_cascade``)."""
+    from tests.support.ports import free_port
+
     running, version = digits_vllm
     document = serve_document(
         builds[TASK],
@@ -248,6 +289,11 @@ def service(builds, digits_vllm, stub_vlm, work):
         vlm_model_version="known-confidences",
     )["applications"][0]["args"]["cascades"][TASK]
     args["cascades"][KNOWN] = known
+    dead_endpoint = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens here
+    args["cascades"][PHOTO] = photo_vlm_cascade(running.base_url)
+    args["cascades"][PHOTO_DOWN] = photo_vlm_cascade(
+        dead_endpoint, request_timeout_s=5.0, total_timeout_s=5.0
+    )
 
     def use_example_config(config: dict) -> None:
         config.pop("grpc_options", None)
@@ -539,6 +585,64 @@ def test_a_low_confidence_vlm_answer_is_judged_by_the_certified_threshold(
     assert calibrated < plan.vlm_accept_threshold and plan.decide_vlm(calibrated) == "review"
     assert vlm["decision"] == "review" and body["decision"] == "review" and body["review_item_id"]
     assert "< accept threshold" in vlm["reason"]
+
+
+# --------------------------------------------------------------------------- photos to the real server
+
+
+def analyze_photo(service: ServeProcess, image: bytes, task: str = PHOTO) -> dict:
+    response = httpx.post(
+        service.url + "/v1/analyze",
+        files={"image": ("a.png", image, "image/png")},
+        data={"task": task},
+        timeout=180,
+    )
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_an_escalated_photo_gets_a_vlm_answer_with_tokens_cost_and_latency(service, photos_png):
+    body = analyze_photo(service, photos_png["astronaut"])
+    stages = [step["stage"] for step in body["trace"]["steps"]]
+    assert stages[:4] == ["input", "onnx:classify", "policy:thresholds", "vlm"], stages
+    escalation, vlm = body["trace"]["steps"][2], body["trace"]["steps"][3]
+    assert escalation["decision"] == "escalate"
+    assert vlm["error"] is None, vlm
+    assert vlm["model"] == SERVED_MODEL_NAME and vlm["latency_ms"] > 0
+    assert vlm["details"]["prompt_tokens"] > 0 and vlm["details"]["completion_tokens"] > 0
+    assert vlm["cost_units"] > 0 and body["cost_units"] == pytest.approx(1.0 + vlm["cost_units"])
+    assert vlm["decision"] == "accept" and body["decision"] == "accept"
+    assert body["answer"][0]["label"] in PHOTO_LABELS  # the schema holds even off the model's task
+    ready = httpx.get(service.url + "/readyz").json()
+    assert (
+        ready["checks"]["vlm:classify"]["model"] == SERVED_MODEL_NAME
+        and ready["checks"]["vlm:classify"]["reachable"]
+    )
+    metrics = httpx.get(service.url + "/metrics").text
+    assert (
+        'visionroute_stage_decisions_total{decision="escalate",stage="policy:thresholds",task="classify"}'
+        in metrics
+    )
+    assert 'visionroute_stage_latency_seconds_count{stage="vlm",task="classify"}' in metrics
+    # A clear photo never reaches the VLM.
+    coffee = analyze_photo(service, photos_png["coffee"])
+    assert "vlm" not in [s["stage"] for s in coffee["trace"]["steps"]]
+
+
+def test_a_vlm_that_is_down_sends_escalations_to_review_with_the_reason(service, photos_png):
+    body = analyze_photo(service, photos_png["astronaut"], task=PHOTO_DOWN)
+    vlm = next(step for step in body["trace"]["steps"] if step["stage"] == "vlm")
+    assert vlm["decision"] == "review" and vlm["error"]
+    assert vlm["details"]["failure"] == "connection"
+    assert body["decision"] == "review" and body["review_item_id"]
+    item = httpx.get(f"{service.url}/v1/review/items/{body['review_item_id']}").json()
+    assert item["status"] == "pending" and item["reason"] == vlm["reason"]
+    assert "vlm" in [s["stage"] for s in item["trace"]["steps"]]
+    # one task's VLM down leaves the service ready, and says which VLM is unreachable
+    ready = httpx.get(service.url + "/readyz")
+    assert ready.status_code == 200 and ready.json()["checks"]["vlm:classify_down"]["reachable"] is False
+    metrics = httpx.get(service.url + "/metrics").text
+    assert 'visionroute_stage_errors_total{failure="connection",stage="vlm",task="classify_down"}' in metrics
 
 
 # --------------------------------------------------------------------------- validity

@@ -6,9 +6,9 @@ How far above the cheap tier, and how calibrated, are figures for ``visionroute 
 vlm-digits``, not assertions here.
 
 The model and its vLLM server are session fixtures (tests/integration/conftest.py), shared with
-test_three_tier_digits.py, test_vlm_server.py and test_vlm_service.py: trained when missing or
-stale (about 2 CPU-minutes, once; CI has no cache), and the suite's one vLLM server started for
-all four modules (~40-80 s on 2 cores).
+test_three_tier_digits.py and test_vlm_server.py: trained when missing or stale (about 2
+CPU-minutes, once; CI has no cache), and the suite's one vLLM server started for all three
+modules (~40-80 s on 2 cores).
 """
 
 from __future__ import annotations

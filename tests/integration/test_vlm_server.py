@@ -33,7 +33,7 @@ from examples.tiny_llava import weights_sha256 as tiny_llava_weights_sha256
 from examples.train_digits import SERVED_MODEL_NAME
 from policies.review_queue import ReviewQueue
 from tests.support.ports import free_port
-from tests.support.vllm import model_version, requests_held, start_warm_digits_vllm_server
+from tests.support.vllm import model_version, requests_held, start_warm_digits_vllm_server, vllm_python
 from visionroute.records import Analysis, Decision, Detections
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
@@ -296,7 +296,7 @@ def test_the_tiny_llava_builds_in_the_layout_vllm_loads_and_a_current_build_is_r
     from examples import vllm_server
     from examples.tiny_llava import BUILD_VERSION
 
-    built = vllm_server.ensure_tiny_llava(tmp_path / "tiny-llava", python=vllm_server.ensure_vllm_venv())
+    built = vllm_server.ensure_tiny_llava(tmp_path / "tiny-llava", python=vllm_python())
     manifest = json.loads((built / "visionroute_build.json").read_text())
     assert manifest["build_version"] == BUILD_VERSION and manifest["served_model_name"] == "tiny-llava"
     assert manifest["weights_sha256"] == tiny_llava_weights_sha256(built)

@@ -1,8 +1,8 @@
 """The real vLLM server in tests: started, then warmed up before any test talks to it.
 
 The suite starts one: the LLaVA trained on the digits (``start_warm_digits_vllm_server``). The
-tests that assert only the protocol, schema and routing (test_vlm_server.py, test_vlm_service.py)
-use it too: structured outputs make any model's answer schema-valid, and a vLLM start costs
+tests that assert only the protocol, schema and routing (test_vlm_server.py, the photo tasks of
+test_three_tier_digits.py) use it too: structured outputs make any model's answer schema-valid, and a vLLM start costs
 ~40-80 CPU-seconds on 2 cores. The tiny random-weight LLaVA stays what ``visionroute vlm
 serve-tiny``, the docs and the soak serve (examples/vllm_server.py ``start_tiny_vllm_server``).
 
@@ -19,6 +19,7 @@ import base64
 import io
 import json
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -26,7 +27,8 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from examples.vllm_server import VllmServer, start_digits_vllm_server
+from examples import vllm_server
+from examples.vllm_server import VllmServer
 
 log = logging.getLogger(__name__)
 
@@ -119,11 +121,35 @@ def warm_up(server: VllmServer, *, deadline_s: float = 300.0, request_timeout_s:
             time.sleep(1.0)
 
 
+_venv_lock = threading.Lock()
+_venv_python: Path | None = None
+
+
+def vllm_python() -> Path:
+    """The vLLM venv's python, ``scripts/vllm_env.sh`` run once per test process: its readiness
+    check imports vllm and torchvision (~4 CPU-s), and the digits fixtures, the early-started
+    server and the tiny LLaVA's test each asked for it."""
+    global _venv_python
+    with _venv_lock:  # the early start asks from a thread of its own
+        if _venv_python is None:
+            _venv_python = vllm_server.ensure_vllm_venv()
+        return _venv_python
+
+
 def start_warm_digits_vllm_server(**kwargs) -> VllmServer:
-    """``start_digits_vllm_server`` (venv, trained model, server), then one warm-up request; stops
-    it on failure. It counts the requests it holds (``GET /load``): the crash test kills it with
-    one inside."""
-    server = start_digits_vllm_server(extra_args=("--enable-server-load-tracking",), **kwargs)
+    """``start_digits_vllm_server`` (venv, trained model, server) with the venv checked once
+    (``vllm_python``), then one warm-up request; stops it on failure. It counts the requests it
+    holds (``GET /load``): the crash test kills it with one inside."""
+    from examples.train_digits import SERVED_MODEL_NAME
+
+    python = vllm_python()
+    server = vllm_server.start_vllm_server(
+        vllm_server.ensure_digits_llava(python=python),
+        served_model_name=SERVED_MODEL_NAME,
+        python=python,
+        extra_args=("--enable-server-load-tracking",),
+        **kwargs,
+    )
     try:
         warm_up(server)
     except BaseException:
