@@ -209,7 +209,9 @@ class BudgetSession:
         self.held += await self.budget.acquire(
             header.pixels, what=f"this {header.width}x{header.height} {header.format}", field=field
         )
-        decoded = await asyncio.to_thread(decode_image, data, min_size=min_size, **limits)
+        decoded = await asyncio.to_thread(
+            decode_image, data, min_size=min_size, opened=header.opened, **limits
+        )
         working = min(int(decoded.rgb.shape[0]) * int(decoded.rgb.shape[1]), self.budget.capacity)
         await self.budget.release(self.held - working)
         self.held = working

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import warnings
@@ -44,6 +45,9 @@ class ImageHeader:
     width: int
     height: int
     format: str
+    opened: Image.Image | None = dataclasses.field(
+        default=None, compare=False, repr=False
+    )  # decode_image reuses it
 
     @property
     def pixels(self) -> int:
@@ -60,7 +64,7 @@ def probe_image(
 ) -> ImageHeader:
     """Size and format from the header alone, with every limit checked; no pixel is decoded."""
     image = _opened(data, field, max_bytes, max_pixels, allowed_formats)
-    return ImageHeader(image.size[0], image.size[1], image.format)
+    return ImageHeader(image.size[0], image.size[1], image.format, image)
 
 
 def reduction_factor(size: tuple[int, int], min_size: tuple[int, int] | None) -> int:
@@ -78,8 +82,12 @@ def decode_image(
     max_pixels: int = 40_000_000,
     allowed_formats: tuple[str, ...] = DEFAULT_FORMATS,
     min_size: tuple[int, int] | None = None,
+    opened: Image.Image | None = None,
 ) -> DecodedImage:
     """Validate and decode; every failure names ``field`` and the reason.
+
+    ``opened``: what ``probe_image(data, ...).opened`` read from the same bytes under the same
+    limits (its header is parsed once, not twice).
 
     ``min_size`` (width, height): the smallest image the caller needs. A JPEG is then decoded
     at 1/2, 1/4 or 1/8 scale by the decoder itself (DCT scaling, PIL's ``draft``), so the full
@@ -87,7 +95,7 @@ def decode_image(
     factor (box filter) right away. Either way the result stays at least ``min_size``, and
     ``original_size`` keeps the file's own size.
     """
-    image = _opened(data, field, max_bytes, max_pixels, allowed_formats)
+    image = opened if opened is not None else _opened(data, field, max_bytes, max_pixels, allowed_formats)
     original_size, file_format = image.size, image.format
     try:
         with warnings.catch_warnings():

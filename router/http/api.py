@@ -338,3 +338,10 @@ def healthz() -> dict[str, str]:
 async def readyz(request: Request) -> JSONResponse:
     readiness = await service_of(request).operations.readiness(current_principal())
     return JSONResponse(readiness.to_json(), status_code=200 if readiness.ready else 503)
+
+
+# The analyse routes are tried first: Starlette tries routes in order, and the seven included
+# routers before them (each its own match pass) cost ~0.5 ms of CPU per analyse request (issue 24).
+# No other route's path can match theirs, so the order changes nothing else.
+HOT_PATHS = ("/v1/analyze", "/v1/analyze/batch")
+app.router.routes.sort(key=lambda route: getattr(route, "path", None) not in HOT_PATHS)
