@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 
 import pytest
 
@@ -14,6 +13,11 @@ from router.services import ImageRequest, VisionRouteService, response_body
 from router.services.backends import LocalOnnxTier
 from router.services.review_requests import ClaimRequest, LabelRequest, ReleaseRequest
 from tests.router.colour_model import colour_app_config, solid_png
+from tests.support.pg_outage import (
+    OUTAGE_CONNECT_TIMEOUT_S,
+    quick_reconnect,  # noqa: F401 (a fixture)
+    wait_until,
+)
 from visionroute.errors import (
     BackendUnavailable,
     BudgetExceeded,
@@ -188,13 +192,16 @@ def test_search_without_an_index_is_unavailable_not_a_crash(service):
         run(service.search.search(None, text="a cat"))
 
 
+@pytest.mark.usefixtures("quick_reconnect")
 def test_on_postgresql_an_outage_is_a_503_and_not_ready_and_nothing_acknowledged_is_lost(
     tmp_path, postgres_server, postgres_dsn
 ):
     from visionroute.errors import BackendUnavailable
 
     config = make_config(tmp_path)
-    config.state = config.state.model_copy(update={"backend": "postgres", "connect_timeout_s": 1})
+    config.state = config.state.model_copy(
+        update={"backend": "postgres", "connect_timeout_s": OUTAGE_CONNECT_TIMEOUT_S}
+    )
     service = build(config)
     before = analyze(service, GREY, ACME, request_id="before")  # unsure: a review item
     assert before.review_item_id and run(service.operations.readiness()).ready
@@ -208,10 +215,7 @@ def test_on_postgresql_an_outage_is_a_503_and_not_ready_and_nothing_acknowledged
         assert readiness.checks["budget_ledger"] == {"reachable": False}
     finally:
         postgres_server.start_server()
-    deadline = time.monotonic() + 60
-    while not run(service.operations.readiness()).ready:  # the pools reconnect by themselves
-        assert time.monotonic() < deadline
-        time.sleep(0.5)
+    wait_until(lambda: run(service.operations.readiness()).ready, "the pools reconnect by themselves")
     item = run(service.review.get(ACME_REVIEWER, before.review_item_id))
     assert item.id == before.review_item_id  # acknowledged before the outage: still there
     assert analyze(service, GREY, ACME, request_id="after").review_item_id

@@ -11,6 +11,10 @@ import threading
 import pytest
 
 from policies.budgets import BudgetExhausted, BudgetLedger, BudgetRule
+from tests.support.pg_outage import (
+    OUTAGE_CONNECT_TIMEOUT_S,
+    quick_reconnect,  # noqa: F401 (a fixture)
+)
 from visionroute.errors import BudgetExceeded, InputError
 from visionroute.state import StateConfig, StateUnavailable
 
@@ -191,10 +195,12 @@ def test_replicas_racing_for_the_last_units_never_overspend(open_ledger):
     assert used(replicas[0], rules[0]) == 10.0
 
 
+@pytest.mark.usefixtures("quick_reconnect")
 def test_a_postgres_outage_refuses_with_state_unavailable_then_recovers(
     tmp_path, postgres_server, postgres_dsn
 ):
-    ledger, rules = BudgetLedger(tmp_path / "budgets.sqlite3", postgres_state()), [rule()]
+    state = postgres_state().model_copy(update={"connect_timeout_s": OUTAGE_CONNECT_TIMEOUT_S})
+    ledger, rules = BudgetLedger(tmp_path / "budgets.sqlite3", state), [rule()]
     try:
         reserve(ledger, rules, 3)
         try:

@@ -13,6 +13,10 @@ from collections import Counter
 import pytest
 
 from policies.review_queue import ReviewQueue
+from tests.support.pg_outage import (
+    OUTAGE_CONNECT_TIMEOUT_S,
+    quick_reconnect,  # noqa: F401 (a fixture)
+)
 from visionroute.errors import Conflict, InputError, NotFound
 from visionroute.state import StateConfig, StateUnavailable
 
@@ -259,10 +263,13 @@ def test_another_node_sees_every_item_and_image(tmp_path, postgres):
         node_b.close()
 
 
+@pytest.mark.usefixtures("quick_reconnect")
 def test_a_database_outage_refuses_requests_and_loses_nothing_acknowledged(
     tmp_path, postgres, postgres_server
 ):
-    queue = ReviewQueue(tmp_path, state=postgres)
+    queue = ReviewQueue(
+        tmp_path, state=postgres.model_copy(update={"connect_timeout_s": OUTAGE_CONNECT_TIMEOUT_S})
+    )
     try:
         kept = enqueue(queue, "before")
         claimed = queue.claim("ann")
@@ -294,4 +301,4 @@ def enqueue_when_back(queue: ReviewQueue, request_id: str, wait_s: float = 60.0)
         except StateUnavailable:
             if time.monotonic() > deadline:
                 raise
-            time.sleep(0.5)
+            time.sleep(0.05)
