@@ -132,6 +132,9 @@ class DecodeBudget:
     async def acquire(self, pixels: int, *, what: str = "image", field: str = "image") -> int:
         """Take ``pixels`` (at most the whole budget) or raise BackendUnavailable after wait_s."""
         pixels = min(pixels, self.capacity)
+        if not self._queue and self.in_flight + pixels <= self.capacity:
+            self.in_flight += pixels  # room and nobody waiting: no wait (one event loop, no await)
+            return pixels
         condition = self._cond()
         ticket = object()
         async with condition:
@@ -161,6 +164,9 @@ class DecodeBudget:
 
     async def release(self, pixels: int) -> None:
         if pixels <= 0:
+            return
+        if not self._queue:  # nobody waiting to wake
+            self.in_flight = max(0, self.in_flight - pixels)
             return
         condition = self._cond()
         async with condition:
