@@ -16,7 +16,9 @@ file's own pixels, and the trace's input step records both sizes. Tasks with a V
 full image (a VLM may need the detail). A JPEG of any size is decoded at the tier's size
 too when that is half its size or less (``limits.decode.jpeg_at_model_size``, on by default):
 the JPEG decoder's DCT scaling costs less CPU than a full decode, and the tier resizes the image
-to its input anyway (the answers it changes: python -m evals.benchmarks.decode_agreement).
+to its input anyway (the answers it changes: python -m evals.benchmarks.decode_agreement). Not
+for a tenant whose privacy rule redacts: its review items' redaction needs the file's own pixels
+and would decode the file a second time.
 
 No FastAPI or Ray here: the service core (router/services/analyze.py) calls it.
 """
@@ -64,8 +66,8 @@ class DecodeBudgetConfig(BaseModel):
         True,
         description="a JPEG of any size at least twice the cheap tier's input in both sides is decoded at 1/2, "
         "1/4 or 1/8 scale by the JPEG decoder (DCT scaling: less CPU, other pixels; every accept of "
-        "python -m evals.benchmarks.decode_agreement unchanged, docs/operations.md); false: only above "
-        "reduce_above_pixels",
+        "python -m evals.benchmarks.decode_agreement unchanged, docs/operations.md), unless the tenant's privacy "
+        "rule redacts (a review item's redaction would decode it again); false: only above reduce_above_pixels",
     )
 
 
@@ -198,9 +200,12 @@ class BudgetSession:
         max_bytes: int = 20 << 20,
         max_pixels: int = 40_000_000,
         allowed_formats: tuple[str, ...] | None = None,
+        jpeg_at_model_size: bool = True,
     ) -> DecodedImage:
         """Check the header (4xx before any wait), wait for room, decode in a worker thread at
-        the size ``need`` allows, then keep only the working image's pixels reserved."""
+        the size ``need`` allows, then keep only the working image's pixels reserved.
+        ``jpeg_at_model_size`` False: this request keeps a JPEG below ``reduce_above_pixels``
+        whole, whatever the config says (the caller will need its pixels)."""
         limits: dict[str, Any] = {"field": field, "max_bytes": max_bytes, "max_pixels": max_pixels}
         if allowed_formats is not None:
             limits["allowed_formats"] = allowed_formats
@@ -209,7 +214,7 @@ class BudgetSession:
         min_size = None
         if need is not None and (
             (config.reduce_above_pixels and header.pixels > config.reduce_above_pixels)
-            or (config.jpeg_at_model_size and header.format == "JPEG")
+            or (config.jpeg_at_model_size and jpeg_at_model_size and header.format == "JPEG")
         ):  # decode_image reduces only by a factor of 2 or more, so a small image stays whole
             min_size = need.min_size(header.width, header.height)
         self.held += await self.budget.acquire(

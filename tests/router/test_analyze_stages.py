@@ -219,6 +219,37 @@ def test_decode_checks_the_task_first_then_decodes_and_starts_the_trace(tmp_path
     assert ctx.analysis.trace.request_id == "r2" and ctx.analysis.image_rgb.shape == (40, 40, 3)
 
 
+def test_a_jpeg_twice_the_models_input_decodes_at_its_size_unless_the_tenant_redacts(tmp_path):
+    """``limits.decode.jpeg_at_model_size``: DCT scaling, never below the model's input; a tenant
+    whose privacy rule redacts keeps the whole image (its review item's redaction needs it)."""
+    import io
+
+    from PIL import Image
+
+    from cascades.decode_budget import InputNeed
+
+    config = colour_app_config(tmp_path)
+    assert config.limits.decode.jpeg_at_model_size  # the default
+    policies = runtime(
+        tmp_path, privacy={"faces": "keep", "text": "keep", "tenants": {"acme": {"faces": "blur"}}}
+    )
+    stage = DecodeStage(config, {"colour"}, {"colour": InputNeed(side=32)}, policies)
+    buffer = io.BytesIO()
+    Image.new("RGB", (200, 100), (200, 30, 30)).save(buffer, format="JPEG", quality=90)
+
+    async def decode(tenant: str) -> RequestContext:
+        async with DecodeBudget(config.limits.decode).session() as session:
+            ctx = RequestContext(ImageRequest(buffer.getvalue(), "r", tenant=tenant), None, session)
+            await stage.run(ctx)
+            return ctx
+
+    reduced, whole = run(decode("default")), run(decode("acme"))
+    assert reduced.analysis.image_rgb.shape == (50, 100, 3)  # 1/2: 1/4 would be below 32 px
+    details = reduced.analysis.trace.steps[0].details
+    assert (details["width"], details["height"], details["decoded_width"]) == (200, 100, 100)
+    assert whole.analysis.image_rgb.shape == (100, 200, 3) and not whole.decoded.is_reduced
+
+
 def test_the_arm_is_the_incumbent_outside_a_rollout(tmp_path):
     config = colour_app_config(tmp_path)
     policies = runtime(tmp_path, version="p-7")

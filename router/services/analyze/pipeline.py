@@ -49,7 +49,7 @@ def analyze_pipeline(service: AnalyzeService) -> Pipeline:
     rollouts = service.rollouts
     return Pipeline(
         stages=(
-            DecodeStage(service.config, set(service.tiers), service.input_needs),
+            DecodeStage(service.config, set(service.tiers), service.input_needs, service.policies),
             ArmStage(service.config, service.policies, service.tiers, service.vlm_tiers, rollouts),
             budget.paid(
                 "onnx",

@@ -49,10 +49,26 @@ class DecodeStage:
 
     name = "input"
 
-    def __init__(self, config: AppConfig, tasks: Set[str], input_needs: Mapping[str, InputNeed]) -> None:
+    def __init__(
+        self,
+        config: AppConfig,
+        tasks: Set[str],
+        input_needs: Mapping[str, InputNeed],
+        policies: PolicyRuntime | None = None,
+    ) -> None:
         self.config = config
         self.tasks = frozenset(tasks)
         self.input_needs = dict(input_needs)
+        self.policies = policies
+
+    def _may_decode_small(self, tenant: str) -> bool:
+        """Whether a JPEG below ``reduce_above_pixels`` may be decoded at the model's size
+        (``limits.decode.jpeg_at_model_size``): not when the tenant's privacy rule redacts, as a
+        review item's redaction then decodes the file again (correct either way: the privacy
+        stage takes the file's own pixels, but twice the decode CPU)."""
+        if self.policies is None:
+            return True
+        return not self.policies.current.privacy.for_tenant(tenant).redacts
 
     async def run(self, ctx: RequestContext) -> None:
         request, limits = ctx.request, self.config.limits
@@ -67,6 +83,7 @@ class DecodeStage:
             max_bytes=limits.max_body_bytes,
             max_pixels=limits.max_pixels,
             allowed_formats=tuple(limits.allowed_formats),
+            jpeg_at_model_size=self._may_decode_small(ctx.tenant),
         )
         ctx.analysis = analysis = Analysis(
             image_rgb=decoded.rgb,
