@@ -35,6 +35,11 @@ RAY_STYLE_TEXT = (
     '_private/replica.py", line 1820, in handle_request\nOverflowError: Python int too large'
 )
 
+# No keys, and no Serve to ask for its bind: without allow_insecure_bind the bind check looks for
+# Serve's controller, and that look-up started a local Ray instance (seconds of CPU, and daemons
+# left running for the rest of the session) only to find none.
+NO_KEYS = SecurityConfig(allow_insecure_bind=True)
+
 
 class FakeIndex:
     """Stands in for SearchService behind LocalSearch: records calls, fails on demand."""
@@ -66,7 +71,7 @@ def make_client(tmp_path, index=None, security=None):
     service = VisionRouteService.build(
         config, tiers={"colour": tier}, search=LocalSearch(index) if index is not None else None
     )
-    attach(service, security or SecurityConfig())
+    attach(service, security or NO_KEYS)
     return service, TestClient(app)
 
 
@@ -241,7 +246,7 @@ class Context:
 def servicer(tmp_path, index):
     service, _ = make_client(tmp_path, index)
     endpoints = GrpcEndpoints()
-    endpoints.service, endpoints.authenticator = service, make_authenticator(SecurityConfig())
+    endpoints.service, endpoints.authenticator = service, make_authenticator(NO_KEYS)
     return endpoints
 
 
