@@ -89,21 +89,28 @@ def _min_size(stage, jpeg_at_model_size: bool = True) -> tuple[int, int] | None:
     return (int(size_hw[1]), int(size_hw[0])) if size_hw and jpeg_at_model_size else None
 
 
-def shipped_jpeg_at_model_size() -> bool:
-    """``limits.decode.jpeg_at_model_size`` as serve_config.yaml ships it (or its default)."""
+def shipped_jpeg_at_model_size(redaction: bool = False) -> bool:
+    """Whether the service DCT-scales the bench's JPEGs: ``limits.decode.jpeg_at_model_size`` as
+    serve_config.yaml ships it (or its default), and not where its privacy rule redacts (bench
+    ``redaction`` on: the policy as configured; off: faces and text kept)."""
     import yaml
 
     from cascades.decode_budget import DecodeBudgetConfig
+    from policies.privacy import PrivacyPolicy
 
     config = yaml.safe_load((Path(__file__).resolve().parents[2] / "serve_config.yaml").read_text())
-    limits = config["applications"][0]["args"].get("limits") or {}
-    return DecodeBudgetConfig(**(limits.get("decode") or {})).jpeg_at_model_size
+    args = config["applications"][0]["args"]
+    decode = DecodeBudgetConfig(**((args.get("limits") or {}).get("decode") or {}))
+    privacy = PrivacyPolicy(**((args.get("policies") or {}).get("privacy") or {}))
+    return decode.jpeg_at_model_size and not (redaction and privacy.for_tenant("default").redacts)
 
 
-def measure_raw(stage, photos: dict[str, bytes], requests: int, batch_s: float) -> dict[str, float]:
+def measure_raw(
+    stage, photos: dict[str, bytes], requests: int, batch_s: float, redaction: bool = False
+) -> dict[str, float]:
     from cascades.images import decode_image
 
-    min_size = _min_size(stage, shipped_jpeg_at_model_size())
+    min_size = _min_size(stage, shipped_jpeg_at_model_size(redaction))
     decoded = [decode_image(data, min_size=min_size).rgb for data in photos.values()]
     for image in decoded:  # warm-up
         stage.predict([image])
@@ -135,7 +142,12 @@ class Floor:
     """Reads the JPEG body, decodes it as the service does, batches, runs the same stage."""
 
     def __init__(
-        self, models_dir: str, max_batch_size: int, intra_op_threads: int, thread_spinning: bool
+        self,
+        models_dir: str,
+        max_batch_size: int,
+        intra_op_threads: int,
+        thread_spinning: bool,
+        reduced_decode: bool = True,
     ) -> None:
         from cascades.onnx_stage import OnnxStage, OnnxStageConfig
 
@@ -145,7 +157,7 @@ class Floor:
             ),
             models_dir=Path(models_dir),
         )
-        self.min_size = _min_size(self.stage, shipped_jpeg_at_model_size())  # as the service decodes
+        self.min_size = _min_size(self.stage, reduced_decode)  # as the service decodes
         self.predict.set_max_batch_size(max_batch_size)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
@@ -638,7 +650,7 @@ def run_bench(
         ),
         models_dir=models_dir,
     )
-    raw = measure_raw(stage, photos, requests, batch_s=QUICK["batch_s"] if quick else 5.0)
+    raw = measure_raw(stage, photos, requests, QUICK["batch_s"] if quick else 5.0, redaction)
     del stage
     print(
         f"raw ONNX Runtime (in-process): p50 {raw['p50_ms']:.1f} ms, p95 {raw['p95_ms']:.1f} ms, "
@@ -667,7 +679,13 @@ def run_bench(
         )
         url = f"http://127.0.0.1:{port}"
         serve.run(
-            Floor.bind(str(models_dir), max_batch_size, intra_op_threads or 0, spinning),
+            Floor.bind(
+                str(models_dir),
+                max_batch_size,
+                intra_op_threads or 0,
+                spinning,
+                shipped_jpeg_at_model_size(redaction),
+            ),
             name=APP_NAME,
             route_prefix="/",
         )

@@ -151,6 +151,19 @@ def test_raw_and_floor_run_the_services_thread_spinning(tmp_path):
     assert shipped_thread_spinning() is service.thread_spinning
 
 
+def test_raw_and_floor_decode_the_bench_jpegs_as_the_service_does(tmp_path):
+    # jpeg_at_model_size: DCT-scaled for the service with privacy keep, so for the floor too;
+    # with redaction as configured (faces blurred) the service decodes them whole, and so the floor
+    from evals.benchmarks.serve import shipped_jpeg_at_model_size
+    from router.config import parse_app_config
+
+    args = service_args(tmp_path / "models", tmp_path, "ingress", False, 8, None)
+    config = parse_app_config(args)
+    assert not config.policies.privacy.for_tenant("default").redacts
+    assert shipped_jpeg_at_model_size() is config.limits.decode.jpeg_at_model_size
+    assert shipped_jpeg_at_model_size(redaction=True) is False
+
+
 def test_only_the_shipped_config_is_labelled_shipped_in_the_targets():
     from evals.benchmarks.serve import _targets
     from evals.benchmarks.serve_median import SHIPPED
