@@ -60,6 +60,7 @@ class DecodeStage:
         self.tasks = frozenset(tasks)
         self.input_needs = dict(input_needs)
         self.policies = policies
+        self._redacts: tuple[Any, dict[str, bool]] = (None, {})  # (privacy policy, tenant -> redacts)
 
     def _may_decode_small(self, tenant: str) -> bool:
         """Whether a JPEG below ``reduce_above_pixels`` may be decoded at the model's size
@@ -68,7 +69,14 @@ class DecodeStage:
         stage takes the file's own pixels, but twice the decode CPU)."""
         if self.policies is None:
             return True
-        return not self.policies.current.privacy.for_tenant(tenant).redacts
+        privacy = self.policies.current.privacy
+        # a new policy set (or many tenants: the callers name them): its rules, looked up once per tenant
+        if self._redacts[0] is not privacy or len(self._redacts[1]) >= 1024:
+            self._redacts = (privacy, {})
+        known = self._redacts[1]
+        if tenant not in known:
+            known[tenant] = privacy.for_tenant(tenant).redacts
+        return not known[tenant]
 
     async def run(self, ctx: RequestContext) -> None:
         request, limits = ctx.request, self.config.limits
