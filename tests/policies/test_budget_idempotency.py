@@ -14,6 +14,7 @@ import threading
 import pytest
 
 from policies.budgets import MIGRATIONS, STORE, BudgetExhausted, BudgetLedger, BudgetRule
+from tests.support.race_workers import reserve_at_the_barrier
 from visionroute.migrations import migrate
 from visionroute.state import open_database
 
@@ -149,26 +150,25 @@ def test_replicas_racing_with_one_request_id_charge_it_once(open_ledger):
     assert used(replicas[0], rules[0]) == 3.0
 
 
-def _retry_at_the_barrier(path: str, state, barrier, out) -> None:
-    """One process: open the ledger, wait for the others, reserve req-1, report (id, replayed)."""
-    try:
-        ledger = BudgetLedger(path, state)
-        barrier.wait(timeout=120)
-        got = reserve(ledger, [rule(cap_units=100.0)], request_id="req-1", units=3.0)
-        out.put(("ok", got.id, got.replayed))
-        ledger.close()
-    except BaseException as error:  # reported in the parent
-        out.put(("error", repr(error), None))
-
-
 def test_processes_retrying_one_request_at_a_barrier_charge_it_once(tmp_path, state, open_ledger):
     path = str(tmp_path / "budgets.sqlite3")
     ledger = open_ledger()  # migrated before the race, so the processes race on the reservation
     n = 4
     ctx = mp.get_context("spawn")
     barrier, out = ctx.Barrier(n), ctx.Queue()
+    # each opens the ledger, waits for the others, then reserves req-1 (3 units)
+    rules = [rule(cap_units=100.0)]
+    resend = {
+        "tenant": "acme",
+        "feature": "classify",
+        "tier": "onnx",
+        "units": 3.0,
+        "request_id": "req-1",
+        "now": NOW,
+    }
     processes = [
-        ctx.Process(target=_retry_at_the_barrier, args=(path, state, barrier, out)) for _ in range(n)
+        ctx.Process(target=reserve_at_the_barrier, args=(path, state, rules, resend, barrier, out))
+        for _ in range(n)
     ]
     for process in processes:
         process.start()

@@ -11,6 +11,7 @@ import pytest
 
 from policies.budgets import BudgetExhausted, BudgetLedger, BudgetRule
 from policies.policy_set import parse_policy_set
+from tests.support.race_workers import reserve_repeatedly
 from visionroute.errors import BudgetExceeded, ConfigError
 
 
@@ -90,24 +91,14 @@ def test_fifty_concurrent_threads_never_overspend(tmp_path):
     assert ledger.status(rules)[0]["used_units"] == pytest.approx(7.0)
 
 
-def _process_worker(path: str, n: int, out) -> None:
-    ledger, rules = BudgetLedger(path), [rule(cap_units=5.0)]
-    ok = 0
-    for _ in range(n):
-        try:
-            ledger.reserve(rules, tenant="t", feature="classify", tier="onnx", units=1)
-            ok += 1
-        except BudgetExhausted:
-            pass
-    out.put(ok)
-
-
 def test_processes_sharing_the_file_never_overspend(tmp_path):
     path = str(tmp_path / "b.sqlite3")
     BudgetLedger(path)
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    procs = [ctx.Process(target=_process_worker, args=(path, 10, out)) for _ in range(4)]
+    procs = [
+        ctx.Process(target=reserve_repeatedly, args=(path, [rule(cap_units=5.0)], 10, out)) for _ in range(4)
+    ]
     for p in procs:
         p.start()
     granted = sum(out.get(timeout=60) for _ in procs)

@@ -8,13 +8,13 @@ import hashlib
 import json
 import multiprocessing as mp
 import sqlite3
-from pathlib import Path
 
 import pytest
 
 from policies.budgets import MIGRATIONS as BUDGET_MIGRATIONS
 from policies.budgets import BudgetLedger
 from policies.review_queue import ITEM_COLUMNS, MIGRATIONS, STORE, ReviewQueue
+from tests.support.race_workers import open_queue_at_the_barrier
 from visionroute.errors import ConfigError
 from visionroute.migrations import Migration, migrate, schema_version, sql_statements
 from visionroute.state import Database, PostgresDatabase, SqliteDatabase, StateConfig
@@ -297,24 +297,12 @@ def test_scripts_split_into_statements_but_not_inside_strings_or_triggers():
     assert db.execute("SELECT note FROM t").fetchall() == [("x;y",)]  # the trigger ran whole
 
 
-def _open_queue_at_the_barrier(root: str, state, barrier, out) -> None:
-    """One process: wait for the others, open the queue (migrating it if no one has), report
-    the migrations it applied, or its error."""
-    try:
-        barrier.wait(timeout=120)
-        queue = ReviewQueue(Path(root), state=state)
-        out.put(("applied", list(queue.schema.applied)))
-        queue.close()
-    except BaseException as error:  # reported in the parent
-        out.put(("error", repr(error)))
-
-
 def test_many_processes_opening_a_new_queue_at_once_migrate_it_once(tmp_path, state):
     n = 6
     ctx = mp.get_context("spawn")  # real processes, each its own interpreter and connections
     barrier, out = ctx.Barrier(n), ctx.Queue()
     processes = [
-        ctx.Process(target=_open_queue_at_the_barrier, args=(str(tmp_path / "review"), state, barrier, out))
+        ctx.Process(target=open_queue_at_the_barrier, args=(str(tmp_path / "review"), state, barrier, out))
         for _ in range(n)
     ]
     for process in processes:
