@@ -17,8 +17,9 @@ full image (a VLM may need the detail). A JPEG of any size is decoded at the tie
 too when that is half its size or less (``limits.decode.jpeg_at_model_size``, on by default):
 the JPEG decoder's DCT scaling costs less CPU than a full decode, and the tier resizes the image
 to its input anyway (the answers it changes: python -m evals.benchmarks.decode_agreement). Not
-for a tenant whose privacy rule redacts: its review items' redaction needs the file's own pixels
-and would decode the file a second time.
+for a tenant whose privacy rule redacts (its review items' redaction needs the file's own pixels
+and would decode the file a second time), nor for a task with a shift guard or a learned router
+(their references were measured on whole decodes): router/services/analyze/stages.py decides.
 
 No FastAPI or Ray here: the service core (router/services/analyze.py) calls it.
 """
@@ -67,7 +68,8 @@ class DecodeBudgetConfig(BaseModel):
         description="a JPEG of any size at least twice the cheap tier's input in both sides is decoded at 1/2, "
         "1/4 or 1/8 scale by the JPEG decoder (DCT scaling: less CPU, other pixels; every accept of "
         "python -m evals.benchmarks.decode_agreement unchanged, docs/operations.md), unless the tenant's privacy "
-        "rule redacts (a review item's redaction would decode it again); false: only above reduce_above_pixels",
+        "rule redacts (a review item's redaction would decode it again) or the task has a shift guard or a learned "
+        "router (references measured on whole decodes); false: only above reduce_above_pixels",
     )
 
 

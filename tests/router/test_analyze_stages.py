@@ -221,7 +221,8 @@ def test_decode_checks_the_task_first_then_decodes_and_starts_the_trace(tmp_path
 
 def test_a_jpeg_twice_the_models_input_decodes_at_its_size_unless_the_tenant_redacts(tmp_path):
     """``limits.decode.jpeg_at_model_size``: DCT scaling, never below the model's input; a tenant
-    whose privacy rule redacts keeps the whole image (its review item's redaction needs it)."""
+    whose privacy rule redacts keeps the whole image (its review item's redaction needs it), and
+    so does a task with a learned router."""
     import io
 
     from PIL import Image
@@ -237,7 +238,7 @@ def test_a_jpeg_twice_the_models_input_decodes_at_its_size_unless_the_tenant_red
     buffer = io.BytesIO()
     Image.new("RGB", (200, 100), (200, 30, 30)).save(buffer, format="JPEG", quality=90)
 
-    async def decode(tenant: str) -> RequestContext:
+    async def decode(tenant: str, stage: DecodeStage = stage) -> RequestContext:
         async with DecodeBudget(config.limits.decode).session() as session:
             ctx = RequestContext(ImageRequest(buffer.getvalue(), "r", tenant=tenant), None, session)
             await stage.run(ctx)
@@ -248,6 +249,9 @@ def test_a_jpeg_twice_the_models_input_decodes_at_its_size_unless_the_tenant_red
     details = reduced.analysis.trace.steps[0].details
     assert (details["width"], details["height"], details["decoded_width"]) == (200, 100, 100)
     assert whole.analysis.image_rgb.shape == (100, 200, 3) and not whole.decoded.is_reduced
+    # a learned router's features were fitted on whole decodes: its task keeps the whole image
+    routed = DecodeStage(config, {"colour"}, {"colour": InputNeed(side=32)}, policies, {"colour"})
+    assert not run(decode("default", routed)).decoded.is_reduced
 
 
 def test_the_arm_is_the_incumbent_outside_a_rollout(tmp_path):

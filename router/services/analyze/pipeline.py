@@ -49,7 +49,13 @@ def analyze_pipeline(service: AnalyzeService) -> Pipeline:
     rollouts = service.rollouts
     return Pipeline(
         stages=(
-            DecodeStage(service.config, set(service.tiers), service.input_needs, service.policies),
+            DecodeStage(
+                service.config,
+                set(service.tiers),
+                service.input_needs,
+                service.policies,
+                set(service.routers),
+            ),
             ArmStage(service.config, service.policies, service.tiers, service.vlm_tiers, rollouts),
             budget.paid(
                 "onnx",

@@ -55,28 +55,35 @@ class DecodeStage:
         tasks: Set[str],
         input_needs: Mapping[str, InputNeed],
         policies: PolicyRuntime | None = None,
+        routed_tasks: Set[str] = frozenset(),
     ) -> None:
         self.config = config
         self.tasks = frozenset(tasks)
         self.input_needs = dict(input_needs)
         self.policies = policies
-        self._redacts: tuple[Any, dict[str, bool]] = (None, {})  # (privacy policy, tenant -> redacts)
+        self.routed_tasks = frozenset(routed_tasks)  # tasks with a learned router (its features)
+        self._small: tuple[Any, dict[tuple[str, str], bool]] = (None, {})  # (policy set, answers)
 
-    def _may_decode_small(self, tenant: str) -> bool:
+    def _may_decode_small(self, tenant: str, task: str) -> bool:
         """Whether a JPEG below ``reduce_above_pixels`` may be decoded at the model's size
-        (``limits.decode.jpeg_at_model_size``): not when the tenant's privacy rule redacts, as a
-        review item's redaction then decodes the file again (correct either way: the privacy
-        stage takes the file's own pixels, but twice the decode CPU)."""
+        (``limits.decode.jpeg_at_model_size``). Not when something else needs the file's own
+        pixels: the tenant's privacy rule redacts (a review item's redaction would decode the
+        file again), or the task's shift guard or learned router compares statistics measured
+        on whole decodes (pixel count, JPEG blockiness, sharpness) with this image's."""
         if self.policies is None:
-            return True
-        privacy = self.policies.current.privacy
-        # a new policy set (or many tenants: the callers name them): its rules, looked up once per tenant
-        if self._redacts[0] is not privacy or len(self._redacts[1]) >= 1024:
-            self._redacts = (privacy, {})
-        known = self._redacts[1]
-        if tenant not in known:
-            known[tenant] = privacy.for_tenant(tenant).redacts
-        return not known[tenant]
+            return task not in self.routed_tasks
+        policy = self.policies.current
+        # a new policy set (or many tenants: the callers name them): looked up once per tenant
+        if self._small[0] is not policy or len(self._small[1]) >= 1024:
+            self._small = (policy, {})
+        known = self._small[1]
+        if (tenant, task) not in known:
+            known[(tenant, task)] = not (
+                policy.privacy.for_tenant(tenant).redacts
+                or PolicyRuntime.shift_guard(policy, task) is not None
+                or task in self.routed_tasks
+            )
+        return known[(tenant, task)]
 
     async def run(self, ctx: RequestContext) -> None:
         request, limits = ctx.request, self.config.limits
@@ -91,7 +98,7 @@ class DecodeStage:
             max_bytes=limits.max_body_bytes,
             max_pixels=limits.max_pixels,
             allowed_formats=tuple(limits.allowed_formats),
-            jpeg_at_model_size=self._may_decode_small(ctx.tenant),
+            jpeg_at_model_size=self._may_decode_small(ctx.tenant, task),
         )
         ctx.analysis = analysis = Analysis(
             image_rgb=decoded.rgb,
