@@ -364,6 +364,11 @@ class DriftService:
         fraction = self.config.input_fraction
         return fraction >= 1.0 or is_sampled(f"drift-inputs:{request_id}", fraction)
 
+    def whole_image_tasks(self) -> set[str]:
+        """Tasks whose inputs monitor compares with a calibration artefact's reference: measured
+        on whole decodes, so their requests' images must not be decoded smaller."""
+        return {task for task, measure in self._statistics.items() if measure is not None}
+
     def observe_embedding(self, task: str, vector) -> None:
         """One image embedding of ``task`` (e.g. from search indexing)."""
         if task not in self._statistics:

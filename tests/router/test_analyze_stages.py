@@ -249,7 +249,7 @@ def test_a_jpeg_twice_the_models_input_decodes_at_its_size_unless_the_tenant_red
     details = reduced.analysis.trace.steps[0].details
     assert (details["width"], details["height"], details["decoded_width"]) == (200, 100, 100)
     assert whole.analysis.image_rgb.shape == (100, 200, 3) and not whole.decoded.is_reduced
-    # a learned router's features were fitted on whole decodes: its task keeps the whole image
+    # a learned router's features (or a drift input reference) came from whole decodes: kept whole
     routed = DecodeStage(config, {"colour"}, {"colour": InputNeed(side=32)}, policies, {"colour"})
     assert not run(decode("default", routed)).decoded.is_reduced
 

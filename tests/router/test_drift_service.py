@@ -175,6 +175,7 @@ def test_the_inputs_reference_comes_from_the_calibration_artefact(tmp_path):
     _feed(drift, pool[:150])  # no reference to collect: tests start once the window is full
     inputs = _rows(drift)["inputs"]
     assert "calibration artefact" in inputs["reference_source"] and inputs["n_reference"] == 150
+    assert drift.whole_image_tasks() == {TASK}  # its reference: whole decodes
     assert inputs["tests"] == 2 and inputs["status"] == "ok"
     assert set(inputs["details"]["statistics"]) >= {"log2_pixels", "sharpness", "blockiness"}
     assert _rows(drift)["confidence"]["status"] == "collecting reference"  # artefacts hold no scores

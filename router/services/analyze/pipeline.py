@@ -54,7 +54,7 @@ def analyze_pipeline(service: AnalyzeService) -> Pipeline:
                 set(service.tiers),
                 service.input_needs,
                 service.policies,
-                set(service.routers),
+                set(service.routers) | (service.drift.whole_image_tasks() if service.drift else set()),
             ),
             ArmStage(service.config, service.policies, service.tiers, service.vlm_tiers, rollouts),
             budget.paid(

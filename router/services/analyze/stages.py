@@ -55,23 +55,25 @@ class DecodeStage:
         tasks: Set[str],
         input_needs: Mapping[str, InputNeed],
         policies: PolicyRuntime | None = None,
-        routed_tasks: Set[str] = frozenset(),
+        whole_image_tasks: Set[str] = frozenset(),
     ) -> None:
         self.config = config
         self.tasks = frozenset(tasks)
         self.input_needs = dict(input_needs)
         self.policies = policies
-        self.routed_tasks = frozenset(routed_tasks)  # tasks with a learned router (its features)
+        # tasks whose learned router or drift input reference was measured on whole decodes
+        self.whole_image_tasks = frozenset(whole_image_tasks)
         self._small: tuple[Any, dict[tuple[str, str], bool]] = (None, {})  # (policy set, answers)
 
     def _may_decode_small(self, tenant: str, task: str) -> bool:
         """Whether a JPEG below ``reduce_above_pixels`` may be decoded at the model's size
         (``limits.decode.jpeg_at_model_size``). Not when something else needs the file's own
         pixels: the tenant's privacy rule redacts (a review item's redaction would decode the
-        file again), or the task's shift guard or learned router compares statistics measured
-        on whole decodes (pixel count, JPEG blockiness, sharpness) with this image's."""
+        file again), or the task's shift guard, learned router or drift input reference compares
+        statistics measured on whole decodes (pixel count, JPEG blockiness, sharpness) with this
+        image's."""
         if self.policies is None:
-            return task not in self.routed_tasks
+            return task not in self.whole_image_tasks
         policy = self.policies.current
         # a new policy set (or many tenants: the callers name them): looked up once per tenant
         if self._small[0] is not policy or len(self._small[1]) >= 1024:
@@ -81,7 +83,7 @@ class DecodeStage:
             known[(tenant, task)] = not (
                 policy.privacy.for_tenant(tenant).redacts
                 or PolicyRuntime.shift_guard(policy, task) is not None
-                or task in self.routed_tasks
+                or task in self.whole_image_tasks
             )
         return known[(tenant, task)]
 
