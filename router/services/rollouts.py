@@ -498,6 +498,12 @@ class RolloutService:
 
     # -- which rollouts are in effect --------------------------------------------------------
 
+    def may_change_arm(self, task: str) -> bool:
+        """Whether ``task`` has a rollout in effect or an adopted incumbent artefact, as last
+        read (no store read): its arm may serve another model, router or calibration than the
+        configured ones (the decode stage then keeps the whole image)."""
+        return task in self._in_effect or task in (self._incumbents or {}) or not self._read_at
+
     async def in_effect(self, task: str) -> Rollout | None:
         if time.monotonic() - self._read_at >= self.config.rollouts.refresh_s:
             loop = asyncio.get_running_loop()

@@ -222,7 +222,7 @@ def test_decode_checks_the_task_first_then_decodes_and_starts_the_trace(tmp_path
 def test_a_jpeg_twice_the_models_input_decodes_at_its_size_unless_the_tenant_redacts(tmp_path):
     """``limits.decode.jpeg_at_model_size``: DCT scaling, never below the model's input; a tenant
     whose privacy rule redacts keeps the whole image (its review item's redaction needs it), and
-    so does a task with a learned router."""
+    so does a task with a learned router or a rollout."""
     import io
 
     from PIL import Image
@@ -252,6 +252,10 @@ def test_a_jpeg_twice_the_models_input_decodes_at_its_size_unless_the_tenant_red
     # a learned router's features (or a drift input reference) came from whole decodes: kept whole
     routed = DecodeStage(config, {"colour"}, {"colour": InputNeed(side=32)}, policies, {"colour"})
     assert not run(decode("default", routed)).decoded.is_reduced
+    # a rollout in effect (or an adopted artefact) may serve another model: kept whole too
+    rolling = SimpleNamespace(may_change_arm=lambda task: task == "colour")
+    in_rollout = DecodeStage(config, {"colour"}, {"colour": InputNeed(side=32)}, policies, rollouts=rolling)
+    assert not run(decode("default", in_rollout)).decoded.is_reduced
 
 
 def test_the_arm_is_the_incumbent_outside_a_rollout(tmp_path):

@@ -55,6 +55,7 @@ def analyze_pipeline(service: AnalyzeService) -> Pipeline:
                 service.input_needs,
                 service.policies,
                 set(service.routers) | (service.drift.whole_image_tasks() if service.drift else set()),
+                rollouts,
             ),
             ArmStage(service.config, service.policies, service.tiers, service.vlm_tiers, rollouts),
             budget.paid(

@@ -56,8 +56,10 @@ class DecodeStage:
         input_needs: Mapping[str, InputNeed],
         policies: PolicyRuntime | None = None,
         whole_image_tasks: Set[str] = frozenset(),
+        rollouts: RolloutService | None = None,
     ) -> None:
         self.config = config
+        self.rollouts = rollouts  # a rollout's arm may serve another model, router or calibration
         self.tasks = frozenset(tasks)
         self.input_needs = dict(input_needs)
         self.policies = policies
@@ -69,9 +71,11 @@ class DecodeStage:
         """Whether a JPEG below ``reduce_above_pixels`` may be decoded at the model's size
         (``limits.decode.jpeg_at_model_size``). Not when something else needs the file's own
         pixels: the tenant's privacy rule redacts (a review item's redaction would decode the
-        file again), or the task's shift guard, learned router or drift input reference compares
+        file again), the task's shift guard, learned router or drift input reference compares
         statistics measured on whole decodes (pixel count, JPEG blockiness, sharpness) with this
-        image's."""
+        image's, or a rollout (or an adopted artefact) may serve the task otherwise."""
+        if self.rollouts is not None and self.rollouts.may_change_arm(task):
+            return False
         if self.policies is None:
             return task not in self.whole_image_tasks
         policy = self.policies.current
