@@ -288,16 +288,6 @@ def digits_vllm_server(request, digits_llava_dir):
     yield from _shared("digits_vllm_server", running)
 
 
-@pytest.fixture(scope="session")
-def digits_models_dir(tmp_path_factory):
-    """``digits_cheap`` (the cheap digits tier) prepared once for both digits modules."""
-    from cascades.models import DIGITS_NAME, prepare_models
-
-    path = tmp_path_factory.mktemp("digits-models")
-    prepare_models(path, [DIGITS_NAME])
-    return path
-
-
 # For tests/support/early_start.py: started in the background, in the order of their first users,
 # while the rest of the suite runs.
 early_start.RECIPES.update(

@@ -189,12 +189,12 @@ def test_an_answer_outside_the_label_set_goes_to_review_with_the_raw_output(digi
     assert step.details["answer"] is None and step.score is None
 
 
-def test_the_benchmark_figures_come_out_of_one_small_run(digits_server, split, digits_models_dir):
+def test_the_benchmark_figures_come_out_of_one_small_run(digits_server, split, prepared_models_dir):
     result = run_vlm_digits(
         digits_server.base_url,
         digits_server.model,
         split=split,
-        models_dir=digits_models_dir,
+        models_dir=prepared_models_dir,  # the session's: digits_cheap among them
         n_calibration=40,
         n_held_out=40,
         concurrency=4,

@@ -42,7 +42,6 @@ LANE_FIXTURES = (
     "colour_service",
     "digits_llava_dir",
     "digits_vllm_server",
-    "digits_models_dir",
 )
 
 
