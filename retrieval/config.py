@@ -152,9 +152,12 @@ class IndexQueueConfig(_Strict):
     # ``eventual`` only: a batch waits this long for more images before its write (a full batch,
     # a read through the same ingress replica or the replica's stop write at once). Each write
     # costs a hop to the search tier and a commit whatever its size: fewer, larger batches
-    # (8 CPU ms a hop on 2 cores, evals/benchmarks/index_cpu.py). Other search replicas see a
-    # write within their follow_interval_s (1 s) anyway.
-    linger_ms: float = Field(100.0, ge=0.0, le=5000.0)
+    # (8 CPU ms a hop on 2 cores, evals/benchmarks/index_cpu.py; the search replica's own work
+    # is ~0.3 ms an image, the rest of its CPU is Ray Serve's per call). 300 ms, not 100: the
+    # search replica's CPU per request 4.2 -> 2.4 ms at 8 clients (serve_cpu --linger-ms 100
+    # 300, docs/operations.md); an image is searchable from other ingress replicas up to ~0.2 s
+    # later. Other search replicas see a write within their follow_interval_s (1 s) anyway.
+    linger_ms: float = Field(300.0, ge=0.0, le=5000.0)
 
 
 class RetrievalConfig(_Strict):
