@@ -23,6 +23,15 @@ from hypothesis import HealthCheck, settings
 # Ray writes an auth token on first init; without this, later `serve` CLI calls fail.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Ray's start in tests (issue 21): what no test reads, off for every Ray cluster the suite starts;
+# `serve run`, `visionroute serve`, `ray start` and an in-process ray.init all inherit it. Usage
+# stats (its reporter and prompt), Ray's own metrics (the service's /metrics is prometheus_client's,
+# not Ray's; no test reads Ray's) and task events (the state API's and dashboard's: none used).
+# The product keeps Ray's defaults. tests/support/serve_run.py turns the dashboard off for the
+# tests' `serve run`; figures there.
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_enable_metrics_collection", "0")
+os.environ.setdefault("RAY_task_events_report_interval_ms", "0")
 
 # Property tests assert behaviour, never speed: on a busy 2-core CI machine an example may take
 # longer than hypothesis's 200 ms default deadline, or generate slowly, without anything wrong.

@@ -74,9 +74,9 @@ class ServeProcess:
             "PYTHONPATH": str(REPO),
         }
         log = open(self.workdir / "serve.log", "ab")
-        serve_cli = Path(sys.executable).with_name("serve")
+        # `serve run` with Ray's dashboard off, which no test reads (tests/support/serve_run.py)
         self.process = subprocess.Popen(
-            [str(serve_cli), "run", str(self.config_path)],
+            [sys.executable, "-m", "tests.support.serve_run", "run", str(self.config_path)],
             cwd=REPO,
             env=env,
             stdout=log,
