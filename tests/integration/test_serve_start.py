@@ -251,9 +251,11 @@ def killed_while_enqueuing(restartable_service, unsure_item, photos_png) -> list
     image = jpeg(photos_png["astronaut"])  # unsure: every success is a review item
     first = restartable_service.running()
     try:
-        results = asyncio.run(open_loop(first.url, image, 2, 1.5))  # acknowledged before the storm
-        # 10 requests/s, the kill after the first half (1.5 s): requests are in flight at once
-        results += asyncio.run(open_loop(first.url, image, 10, 3.0, during=first.kill))
+        results = asyncio.run(open_loop(first.url, image, 2, 1.0))  # acknowledged before the storm
+        # 10 requests/s, the kill after the first half (1 s): requests are in flight at once
+        # (issue 21: 1 + 2 s of requests, were 1.5 + 3 s; the claim needs some acknowledged
+        # before the kill and some cut off by it, not more of either)
+        results += asyncio.run(open_loop(first.url, image, 10, 2.0, during=first.kill))
     finally:
         restartable_service.stop(signal.SIGKILL)  # waits for it (kills it if the storm failed first)
     restartable_service.running()  # a new `visionroute serve` on the killed one's work dir
@@ -307,7 +309,7 @@ def test_sigterm_stops_serve_cleanly_and_leaves_nothing_running(restartable_serv
         httpx.get(started.url + "/healthz", timeout=2)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in tree):
-        time.sleep(1)
+        time.sleep(0.2)
     alive = [pid for pid in tree if Path(f"/proc/{pid}").exists()]
     assert not alive, alive
     # The clean stop keeps the queue: the item made before it, read from the stopped service's
