@@ -1,18 +1,20 @@
 """Hostile input against both faces over the Ray-free service core: never a 500, never a leak.
 
 The HTTP face is router.http.api.app under FastAPI's TestClient; the gRPC face is the real
-servicer (router.grpc.ingress.GrpcEndpoints) called with a recording context. Behind both is
-the real core (tests/router/test_service_core.py's tiny ONNX classifier, SQLite review queue
-and budget ledger) with visual search through a real LocalSearch over a real SearchService
-(FAISS + SQLite index, a tiny open_clip model built here). Hypothesis generates the inputs
-(tests/support/fuzz.py); every answer must pass tests/support/fuzz.py's checks, and anything
-accepted must be readable afterwards. The case count is printed (at least 10,000 in all).
+servicer (router.grpc.ingress.GrpcEndpoints) called with a recording context on one event loop
+(``loop``). Behind both is the real core (tests/router/test_service_core.py's tiny ONNX
+classifier, SQLite review queue and budget ledger) with visual search through a real LocalSearch
+over a real SearchService (FAISS + SQLite index, a tiny open_clip model built here). Hypothesis
+generates the inputs (tests/support/fuzz.py); every answer must pass tests/support/fuzz.py's
+checks, and anything accepted must be readable afterwards. The case count is printed (at least
+10,000 in all).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import dataclass
 
 import pytest
 from fastapi.testclient import TestClient
@@ -123,6 +125,18 @@ def security():
         rate_limit=None,
         lockout=None,
     )
+
+
+@pytest.fixture(scope="module")
+def loop():
+    """One event loop for the module's RPCs (a replica serves them all on one loop). Per call,
+    ``asyncio.run`` built and tore down a loop and its executor threads: about half of the gRPC
+    tests' CPU. (The HTTP face stays under TestClient: httpx's ASGI transport on this loop made
+    the search requests several times slower.)"""
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.run_until_complete(loop.shutdown_default_executor())
+    loop.close()
 
 
 @pytest.fixture(scope="module")
@@ -274,6 +288,17 @@ def test_search_items_by_arbitrary_id(client, item_id, method, headers):
 # -- every operation, analyse, review ---------------------------------------------------------
 
 
+# Built once, not per example (building and validating them was a tenth of the test's CPU).
+query_params = st.dictionaries(
+    st.sampled_from(["status", "limit", "offset", "k", "q"]), texts | st.builds(str, ids), max_size=3
+)
+operation_bodies = json_values | st.dictionaries(
+    st.sampled_from(["reviewer", "lease_token", "verdict", "label", "boxes", "note", "item_id", "lease_s"]),
+    json_values,
+    max_size=5,
+)
+
+
 @fuzz(1400)
 @given(data=st.data())
 def test_every_openapi_operation_with_generated_values(client, operations, data):
@@ -281,26 +306,11 @@ def test_every_openapi_operation_with_generated_values(client, operations, data)
     path = template
     for name in [p[1:-1] for p in template.split("/") if p.startswith("{")]:
         path = path.replace("{" + name + "}", data.draw(path_values))
-    query = data.draw(
-        st.dictionaries(
-            st.sampled_from(["status", "limit", "offset", "k", "q"]),
-            texts | st.builds(str, ids),
-            max_size=3,
-        )
-    )
+    query = data.draw(query_params)
     query = {k: v.encode("utf-8", "surrogatepass").decode("utf-8", "replace") for k, v in query.items()}
     headers = data.draw(keys)
     if method == "POST":
-        body = data.draw(
-            json_values
-            | st.dictionaries(
-                st.sampled_from(
-                    ["reviewer", "lease_token", "verdict", "label", "boxes", "note", "item_id", "lease_s"]
-                ),
-                json_values,
-                max_size=5,
-            )
-        )
+        body = data.draw(operation_bodies)
         http(
             client,
             method,
@@ -441,20 +451,26 @@ class RecordingContext:
         self.trailers = trailers
 
 
+@dataclass
+class Servicer:
+    endpoints: GrpcEndpoints
+    loop: asyncio.AbstractEventLoop
+
+
 @pytest.fixture(scope="module")
-def servicer(client, core, security):
+def servicer(client, core, security, loop):
     endpoints = GrpcEndpoints()
     endpoints.service = core
     endpoints.authenticator = make_authenticator(security)
-    return endpoints
+    return Servicer(endpoints, loop)
 
 
-def rpc(servicer, method: str, request, key: str = "admin"):
+def rpc(servicer: Servicer, method: str, request, key: str = "admin"):
     CASES.add(f"grpc {method}")
     context = RecordingContext([("x-api-key", KEYS[key][2])])
 
     async def call():
-        result = getattr(servicer, method)(request, context)
+        result = getattr(servicer.endpoints, method)(request, context)
         if hasattr(result, "__aiter__"):  # Health/Watch streams: its first answer
             replies = []
             async for reply in result:
@@ -464,7 +480,7 @@ def rpc(servicer, method: str, request, key: str = "admin"):
             return replies
         return await result
 
-    reply = asyncio.run(call())
+    reply = servicer.loop.run_until_complete(call())
     code = context.code.name if context.code is not None else "OK"
     check_grpc_status(code, context.details, dict(context.trailers), where=method)
     return code, reply
