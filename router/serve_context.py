@@ -64,8 +64,11 @@ def check_serve_bind(security: SecurityConfig) -> None:
     """check_bind against the proxies the running Serve instance was started with."""
     if security.enabled or security.allow_insecure_bind:
         return
+    import ray
+
+    if not ray.is_initialized():  # not inside Serve; _get_global_client would start a local Ray
+        return
     try:
-        import ray
         from ray.serve.context import _get_global_client
 
         controller = _get_global_client()._controller  # no public API exposes the proxy options
