@@ -6,10 +6,11 @@ tests pass no runtime env) but with ``include_dashboard=False``: the CLI has no 
 Ray reads no environment variable for it. ``serve run`` then finds Ray initialised and deploys
 to it. No test reads that dashboard (``serve run`` talks to Serve's controller; ``serve deploy``
 needs one, and its test starts a head of its own with ``ray start``). What it saves, per start of
-the shipped config with 10 analyses (2026-12-08, 2 cores, load 15-40): the dashboard's 9 module
-processes and its forkserver, 11 of 26 processes; the dashboard's CPU 4.5-7.5 s -> 1.1 s, Ray's
-own processes (not the app's actors) 10.4-17.9 CPU-s -> 6.1-7.7 with tests/conftest.py's Ray
-settings. The README's ``visionroute serve`` keeps Ray's defaults, dashboard included.
+the shipped config with 10 analyses (2026-12-08, 2 cores): the dashboard's 9 module processes and
+its forkserver, 11 of 26 processes; with tests/conftest.py's Ray settings, Ray's own processes
+(not the app's actors) 8.1-8.2 -> 4.8-5.1 CPU-s at load 2-5 (the whole tree 42.7-43.0 -> 39.6-40.5),
+10.4-17.9 -> 6.1-7.7 at load 15-40; the start's wall did not change measurably.
+The README's ``visionroute serve`` keeps Ray's defaults, dashboard included.
 """
 
 from __future__ import annotations
