@@ -16,6 +16,12 @@ from typing import NoReturn
 # for a bare `pytest`: set before numpy or torch load their thread pools (figures: scripts/test.sh).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+# OpenCV's first import saves sys.path, edits it and puts the saved copy back, so a path another
+# thread adds meanwhile is lost: Ray's vendored psutil (ray/thirdparty_files) went missing when a
+# fixture imported ray while a background thread (early starts, prefetch) first imported cv2
+# ("No module named 'psutil'", "partially initialized module 'ray'"). Imported here, on the main
+# thread before any test thread runs, it swaps nothing later (80 ms).
+import cv2  # noqa: F401
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
