@@ -295,7 +295,10 @@ def breakdown(samples: list[tuple[float, dict[str, Any]]]) -> dict[str, float]:
     return {"total_p50_ms": total, **parts}
 
 
-def measure(face: Face, photos: dict[str, bytes], requests: int, clients: int) -> dict[str, Any]:
+def measure(
+    face: Face, photos: dict[str, bytes], requests: int, clients: int, warmup: int | None = None
+) -> dict[str, Any]:
+    """``warmup``: requests before the measured ones (default: one per photo)."""
     encoded = list(photos.items())
     decisions: dict[str, int] = {}
     lock = threading.Lock()
@@ -308,7 +311,7 @@ def measure(face: Face, photos: dict[str, bytes], requests: int, clients: int) -
             decisions[decision] = decisions.get(decision, 0) + 1
         return elapsed, body
 
-    for n in range(len(encoded)):  # warm-up
+    for n in range(len(encoded) if warmup is None else warmup):  # warm-up
         one(n)
     sequential = [one(n) for n in range(requests)]
     with ThreadPoolExecutor(clients) as pool:
@@ -600,8 +603,13 @@ def _targets(results: dict[str, Any]) -> list[str]:
 # ``quick`` (the smoke run the tests make): what each part is cut to. Every part still runs and
 # every figure is still measured (two clients still overlap), on fewer requests, and the service
 # is the classify cascade alone: the bench sends nothing else, so the other tasks' replicas
-# would only add their start (a process, a model load and its warm-up) to a smoke run.
-QUICK = {"clients": 2, "batch_images": 4, "batch_s": 0.25}
+# would only add their start (a process, a model load and its warm-up) to a smoke run. The floor
+# and the service start side by side (the floor on its own route prefix) instead of one after the
+# other, so the floor is measured while the service may still be starting (quick figures are not
+# comparable ones), each face is warmed up by one request, not one per photo, and the run's own
+# Ray cluster goes with everything on it (no graceful stop of each app first).
+QUICK = {"clients": 2, "batch_images": 4, "batch_s": 0.25, "warmup": 1}
+FLOOR_APP, FLOOR_PREFIX = "floor", "/floor"  # quick mode: the floor beside the service
 
 
 def run_bench(
@@ -668,6 +676,26 @@ def run_bench(
             "fitted for the stage's cost only, labels simulated: see classify_router)"
         )
     port, grpc_port = _free_port(), _free_port()
+    phases = [(p, i, r) for p in placements for i in indexing for r in routers]
+    warmup = QUICK["warmup"] if quick else None
+
+    def service_app(phase: tuple[str, bool, bool], tmp: str):
+        placement, index_on, router_on = phase
+        args = service_args(
+            models_dir,
+            Path(tmp),
+            placement,
+            index_on,
+            max_batch_size,
+            intra_op_threads,
+            redaction,
+            router_files if router_on else None,
+        )
+        if quick:  # the bench only sends classify requests: no replica for the other tasks
+            args["cascades"] = {"classify": args["cascades"]["classify"]}
+        return build_app(args)
+
+    early = None  # quick mode: the service app's temporary folder, started beside the floor
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(
@@ -678,6 +706,9 @@ def run_bench(
             },
         )
         url = f"http://127.0.0.1:{port}"
+        if quick:  # the (one) service app starts now, beside the floor; awaited before its phase
+            early = tempfile.TemporaryDirectory()
+            serve._run(service_app(phases[0], early.name), name=APP_NAME, route_prefix="/", _blocking=False)
         serve.run(
             Floor.bind(
                 str(models_dir),
@@ -686,34 +717,30 @@ def run_bench(
                 spinning,
                 shipped_jpeg_at_model_size(redaction),
             ),
-            name=APP_NAME,
-            route_prefix="/",
+            name=FLOOR_APP if quick else APP_NAME,
+            route_prefix=FLOOR_PREFIX if quick else "/",
         )
-        floor = measure(Face("floor", url), photos, requests, clients)
-        serve.delete(APP_NAME)
+        floor = measure(
+            Face("floor", url + FLOOR_PREFIX if quick else url), photos, requests, clients, warmup
+        )
+        if not quick:  # quick: the floor stays beside the service and goes with serve.shutdown
+            serve.delete(APP_NAME)
         results["floor"] = floor
         print(_line("floor: minimal Serve app, same ORT call (HTTP)", floor, raw, None))
-        phases = [(p, i, r) for p in placements for i in indexing for r in routers]
         for placement, index_on, router_on in phases:
             key = f"{placement}/indexing {'on' if index_on else 'off'}" + ("/router on" if router_on else "")
             with tempfile.TemporaryDirectory() as tmp:
-                args = service_args(
-                    models_dir,
-                    Path(tmp),
-                    placement,
-                    index_on,
-                    max_batch_size,
-                    intra_op_threads,
-                    redaction,
-                    router_files if router_on else None,
-                )
-                if quick:  # the bench only sends classify requests: no replica for the other tasks
-                    args["cascades"] = {"classify": args["cascades"]["classify"]}
-                serve.run(build_app(args), name=APP_NAME, route_prefix="/")
+                if early is not None and (placement, index_on, router_on) == phases[0]:
+                    serve.context._get_global_client()._wait_for_application_running(APP_NAME)
+                else:
+                    serve.run(
+                        service_app((placement, index_on, router_on), tmp), name=APP_NAME, route_prefix="/"
+                    )
                 try:
                     entry = {}
                     for face in faces:
-                        result = measure(Face(face, url, f"127.0.0.1:{grpc_port}"), photos, requests, clients)
+                        face_at = Face(face, url, f"127.0.0.1:{grpc_port}")
+                        result = measure(face_at, photos, requests, clients, warmup)
                         entry[face] = result
                         print(_line(f"ours {key}, {face.upper()}", result, raw, floor))
                         parts = ", ".join(f"{k} {v:.1f}" for k, v in result["breakdown"].items())
@@ -731,10 +758,15 @@ def run_bench(
                     results["service"][key] = entry
                 finally:
                     if (placement, index_on, router_on) != phases[-1]:
-                        serve.delete(APP_NAME)  # the last one goes with serve.shutdown below, without a wait
+                        serve.delete(APP_NAME)  # the last one goes with the shutdown below, without a wait
     finally:
-        serve.shutdown()
+        if quick:  # the cluster is this run's own: ray.shutdown stops Serve with it, with no graceful stop
+            serve.context._disconnect()
+        else:
+            serve.shutdown()
         ray.shutdown()
+        if early is not None:
+            early.cleanup()
         if scratch is not None:
             scratch.cleanup()
     results["targets"] = _targets(results) + _router_lines(results)
